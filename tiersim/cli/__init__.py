@@ -1,0 +1,1 @@
+"""Command-line interface (typer). Each command lives in its own module under this package."""

@@ -1,0 +1,1 @@
+"""Placeholder until the simulator presets land: `tiersim presets`."""

@@ -1,0 +1,15 @@
+"""Console-script entry point: import every command module so it registers on the app."""
+
+from __future__ import annotations
+
+from tiersim.cli.app import app, run
+
+# One line per command module; each module registers its commands on `app`.
+from tiersim.cli import cmd_presets  # noqa: F401,E402
+
+
+def main() -> None:
+    run()
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,641 @@
+"""TieredCache: a transformers ``Cache`` that keeps each layer's KV in four tiers.
+
+Per layer the retained tokens (everything not evicted) keep their original order; each tier
+stores its own tokens and the slot they occupy in that order:
+
+* HBM: a device tensor, new tokens appended to it.
+* DDR: host-memory chunks (pinned when the model is on CUDA). Every step the chunks of layer
+  l+1 are copied into a device staging buffer on a side stream while layer l computes (two
+  buffers, alternating), so the layer's attention sees them at full precision.
+* compressed: KIVI-style int8/int4 codes on the device, dequantized for attention.
+* evicted: gone; only a count remains.
+
+``update`` reassembles the layer's keys and values in original order (a scatter of each tier
+into one buffer): with ``compressed = evict = 0`` the tensor attention sees is element for
+element the one ``DynamicCache`` would give, so generation is bit-identical whatever the HBM
+ratio. The attention probabilities come back through ``observe_attention`` (see
+:mod:`tiersim.hierarchy.scoring`); they accumulate into each token's score, and at the policy's
+re-tiering points the layer is re-tiered right after its attention, so the next forward's mask
+already sees the new length. Only newly demoted tokens are copied down to DDR.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from tiersim.errors import TiersimError
+from tiersim.hierarchy import scoring
+from tiersim.hierarchy.config import TIERS, TierConfig
+from tiersim.hierarchy.policy import COMPRESSED, DDR, EVICTED, HBM, LayerView, assign_tiers, make_policy
+from tiersim.hierarchy.quant import QuantizedKV, quantize_kv
+
+# Chunks of the DDR tier are compacted when padding/holes exceed this share, or when there are too many.
+_COMPACT_WASTE = 0.25
+_MAX_DDR_CHUNKS = 4
+
+
+def _rows(batch: int, device) -> torch.Tensor:
+    return torch.arange(batch, device=device)[:, None]
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, H, N, D] at per-row token indices [B, m] -> [B, H, m, D] (a copy)."""
+    if x.shape[0] == 1:
+        return x.index_select(2, index[0])
+    return x[_rows(x.shape[0], x.device), :, index].permute(0, 2, 1, 3)
+
+
+def masked_index(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the True entries of each row ([B, N] bool, ``count`` per row), ascending: [B, count]."""
+    # A stable sort of (not mask) puts each row's True entries first, in order.
+    return torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :count]
+
+
+def padded_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row indices of True entries when rows have different counts: ([B, m_max], valid [B, m_max]).
+
+    Padding repeats the row's first index (or 0), so padded entries are harmless duplicates.
+    """
+    counts = mask.sum(dim=1)
+    m_max = int(counts.max()) if mask.numel() else 0
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[:, :m_max]
+    valid = torch.arange(m_max, device=mask.device)[None, :] < counts[:, None]
+    first = order[:, :1].expand_as(order) if m_max else order
+    return torch.where(valid, order, first), valid
+
+
+@dataclass
+class DDRChunk:
+    """Tokens of one demotion batch in host memory, [B, H, m, D]; ragged rows padded (``valid``)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor  # [B, m] bool, on the compute device
+    slot: torch.Tensor  # [B, m] long, slot in the retained order (garbage where not valid)
+    ready: torch.cuda.Event | None = None  # D2H finished (CUDA only)
+    flat_rows: torch.Tensor | None = None
+    flat_cols: torch.Tensor | None = None
+    flat_slots: torch.Tensor | None = None
+
+    def refresh_index(self) -> None:
+        """Precompute the scatter indices of the valid entries (once per re-tiering, not per step)."""
+        rows, cols = torch.nonzero(self.valid, as_tuple=True)
+        self.flat_rows, self.flat_cols = rows, cols
+        self.flat_slots = self.slot[rows, cols]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+
+@dataclass
+class TieredLayer(CacheLayerMixin):
+    """One layer's tiers and the per-token bookkeeping the policy needs."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    hbm_k: torch.Tensor | None = None
+    hbm_v: torch.Tensor | None = None
+    hbm_slot: torch.Tensor | None = None  # [B, n_hbm]
+    ddr: list = field(default_factory=list)  # list[DDRChunk]
+    comp: QuantizedKV | None = None
+    comp_slot: torch.Tensor | None = None  # [B, n_comp]
+    positions: torch.Tensor | None = None  # [B, N]
+    tiers: torch.Tensor | None = None  # [B, N] uint8
+    cumulative: torch.Tensor | None = None  # [B, N] float32
+    recent: torch.Tensor | None = None  # [B, Hq, r, N] float32
+    n_evicted: int = 0
+    context_len: int = 0
+    prompt_len: int = 0
+    step: int = 0
+    awaiting_scores: bool = False
+    last_full: tuple | None = None
+    staged: list | None = None  # device copies of the DDR chunks for this step (CUDA)
+    prefetch_event: object | None = None
+
+    def __post_init__(self):
+        CacheLayerMixin.__init__(self)
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        batch, heads, _, dim = key_states.shape
+        empty = key_states.new_empty((batch, heads, 0, dim))
+        self.hbm_k, self.hbm_v = empty, empty.clone()
+        self.keys, self.values = self.hbm_k, self.hbm_v
+        long_empty = torch.empty((batch, 0), dtype=torch.long, device=self.device)
+        self.hbm_slot = long_empty
+        self.comp_slot = long_empty
+        self.positions = long_empty
+        self.tiers = torch.empty((batch, 0), dtype=torch.uint8, device=self.device)
+        self.cumulative = torch.empty((batch, 0), dtype=torch.float32, device=self.device)
+        self.is_initialized = True
+
+    # -- sizes -------------------------------------------------------------------------------
+    @property
+    def num_retained(self) -> int:
+        return 0 if self.positions is None else self.positions.shape[1]
+
+    @property
+    def num_ddr(self) -> int:
+        return sum(int(c.valid[0].sum()) for c in self.ddr) if self.ddr else 0
+
+    @property
+    def num_compressed(self) -> int:
+        return 0 if self.comp is None else self.comp.num_tokens
+
+    def get_seq_length(self) -> int:
+        return self.num_retained
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.num_retained + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def update(self, key_states, value_states, *args, **kwargs):  # pragma: no cover - the cache drives layers
+        raise TiersimError("TieredLayer is driven by TieredCache.update")
+
+
+class TieredCache(Cache):
+    """A transformers Cache placing each layer's tokens in HBM / DDR / compressed / evicted tiers.
+
+    Usage: ``model.generate(ids, past_key_values=TieredCache(TierConfig(hbm=0.5, ddr=0.5)))``.
+    The model must use the ``"tiersim"`` attention implementation (``tiersim.models.load_model``
+    sets it) whenever tokens leave HBM, since the policy ranks by attention scores.
+
+    ``recorder``, when given, is called after every layer's attention with a dict describing the
+    step (tier counts, moves, attention mass per tier): trace capture uses it.
+    """
+
+    def __init__(
+        self,
+        config: TierConfig | None = None,
+        model=None,
+        recorder: Callable[[dict], None] | None = None,
+    ):
+        super().__init__(layers=[])
+        self.config = config if config is not None else TierConfig()
+        if not isinstance(self.config, TierConfig):
+            raise TiersimError(f"TieredCache needs a TierConfig, got {type(self.config).__name__}")
+        self.policy = make_policy(self.config)
+        self.recorder = recorder
+        self.needs_scores = self.config.offloads or recorder is not None or self.config.policy != "hierarchy"
+        if model is not None:
+            check_model_supported(getattr(model, "config", model))
+        self.bytes_h2d = 0
+        self.bytes_d2h = 0
+        self.tokens_moved = {"hbm_to_ddr": 0, "ddr_to_hbm": 0, "to_compressed": 0, "from_compressed": 0, "evicted": 0}
+        self.retiers = 0
+        self._prefetch_stream = None
+        self._staging: list[list[torch.Tensor] | None] = [None, None]
+        self._pending_moves: dict[int, dict] = {}
+
+    # -- transformers Cache API --------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        while len(self.layers) <= layer_idx:
+            self.layers.append(TieredLayer())
+        layer = self.layers[layer_idx]
+        if not layer.is_initialized:
+            layer.lazy_initialization(key_states, value_states)
+        if layer.awaiting_scores and self.needs_scores:
+            raise TiersimError(
+                "TieredCache got no attention scores: load the model with attn_implementation='tiersim' "
+                "(tiersim.models.load_model does; or call tiersim.hierarchy.enable_scoring(model))"
+            )
+        if self.needs_scores:
+            scoring.set_listener(self)
+            layer.awaiting_scores = True
+        self._append(layer, key_states, value_states)
+        staged = self._wait_for_prefetch(layer, layer_idx)
+        keys, values = self._assemble(layer, staged)
+        if self.needs_scores:
+            layer.last_full = (keys, values, staged)
+        self._account_prefetch(layer)
+        self._prefetch_next(layer_idx)
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        if layer_idx >= len(self.layers):
+            return 0
+        return self.layers[layer_idx].num_retained
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        if layer_idx >= len(self.layers):
+            return query_length, 0
+        return self.layers[layer_idx].get_mask_sizes(query_length)
+
+    def reorder_cache(self, beam_idx):
+        raise TiersimError("TieredCache does not support beam search (num_beams > 1); use greedy or sampling")
+
+    def batch_repeat_interleave(self, repeats: int):
+        raise TiersimError("TieredCache does not support num_return_sequences > 1 or beam expansion")
+
+    def batch_select_indices(self, indices):
+        raise TiersimError("TieredCache does not support batch selection (contrastive search, beams)")
+
+    def crop(self, tokens_to_remove: int):
+        raise TiersimError("TieredCache cannot be cropped (assisted/speculative decoding is not supported)")
+
+    # -- the scoring hook ----------------------------------------------------------------------
+    def queries_to_score(self, layer_idx: int | None, q_len: int) -> int:
+        """How many of this forward's queries the scoring attention should return probabilities for."""
+        if not self.needs_scores or layer_idx is None or layer_idx >= len(self.layers):
+            return 0
+        layer = self.layers[layer_idx]
+        if not layer.awaiting_scores:
+            return 0
+        if layer.step == 0:
+            wanted = self.policy.prefill_queries
+            wanted = q_len if wanted is None else wanted
+            return max(min(q_len, max(wanted, self.policy.recent_queries)), 1)
+        return max(min(q_len, max(1, self.policy.recent_queries)), 1)
+
+    def observe_attention(self, layer_idx: int, probs: torch.Tensor) -> None:
+        """Accumulate this step's attention into the scores; re-tier the layer when the policy says so."""
+        layer = self.layers[layer_idx]
+        if not layer.awaiting_scores:
+            return
+        layer.awaiting_scores = False
+        n = layer.num_retained
+        probs = probs[..., :n]
+        step = layer.step
+        if step == 0:
+            window = self.policy.prefill_queries
+            scored = probs if window is None else probs[:, :, -window:, :]
+            layer.cumulative += scored.mean(dim=1).sum(dim=1)
+            last = probs[:, :, -1, :].mean(dim=1)
+        else:
+            last = probs[:, :, -1, :].mean(dim=1)
+            layer.cumulative += last
+        if self.policy.recent_queries:
+            self._remember_queries(layer, probs)
+        mass = self._mass_by_tier(layer, last) if self.recorder is not None else None
+        moves = None
+        if self.config.offloads or self.config.policy != "hierarchy":
+            if self.policy.due(step):
+                moves = self._retier(layer)
+        layer.last_full = None
+        if self.recorder is not None:
+            self.recorder(self._record(layer_idx, layer, step, mass, moves))
+        layer.step += 1
+
+    # -- public inspection -------------------------------------------------------------------
+    def tier_counts(self, layer_idx: int) -> dict[str, int]:
+        """Tokens per tier for one layer (batch row 0; every row has the same counts)."""
+        if layer_idx >= len(self.layers) or not self.layers[layer_idx].is_initialized:
+            return {t: 0 for t in TIERS}
+        layer = self.layers[layer_idx]
+        tiers = layer.tiers[0]
+        return {
+            "hbm": int((tiers == HBM).sum()),
+            "ddr": int((tiers == DDR).sum()),
+            "compressed": int((tiers == COMPRESSED).sum()),
+            "evicted": layer.n_evicted,
+        }
+
+    def stats(self) -> dict:
+        """Bytes held per tier now (whole batch, all layers) and bytes moved so far."""
+        held = {"hbm": 0, "ddr": 0, "compressed": 0, "staging": 0}
+        for layer in self.layers:
+            if not layer.is_initialized:
+                continue
+            held["hbm"] += 2 * layer.hbm_k.numel() * layer.hbm_k.element_size()
+            held["ddr"] += sum(c.nbytes for c in layer.ddr)
+            held["compressed"] += layer.comp.nbytes() if layer.comp is not None else 0
+        for buffers in self._staging:
+            if buffers is not None:
+                held["staging"] += sum(b.numel() * b.element_size() for b in buffers)
+        return {
+            "bytes": held,
+            "bytes_h2d": self.bytes_h2d,
+            "bytes_d2h": self.bytes_d2h,
+            "tokens_moved": dict(self.tokens_moved),
+            "retiers": self.retiers,
+            "context_len": self.layers[0].context_len if self.layers else 0,
+        }
+
+    # -- internals: appending and assembling -----------------------------------------------------
+    def _append(self, layer: TieredLayer, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, _, q_len, _ = key_states.shape
+        n = layer.num_retained
+        device = layer.device
+        if layer.hbm_k.shape[2] == 0:
+            layer.hbm_k, layer.hbm_v = key_states, value_states
+        else:
+            layer.hbm_k = torch.cat((layer.hbm_k, key_states), dim=2)
+            layer.hbm_v = torch.cat((layer.hbm_v, value_states), dim=2)
+        new_slots = torch.arange(n, n + q_len, device=device).expand(batch, q_len)
+        new_pos = torch.arange(layer.context_len, layer.context_len + q_len, device=device).expand(batch, q_len)
+        layer.hbm_slot = torch.cat((layer.hbm_slot, new_slots), dim=1)
+        layer.positions = torch.cat((layer.positions, new_pos), dim=1)
+        layer.tiers = torch.cat((layer.tiers, torch.zeros((batch, q_len), dtype=torch.uint8, device=device)), dim=1)
+        layer.cumulative = torch.cat(
+            (layer.cumulative, torch.zeros((batch, q_len), dtype=torch.float32, device=device)), dim=1
+        )
+        if layer.recent is not None:
+            pad = layer.recent.new_zeros((*layer.recent.shape[:3], q_len))
+            layer.recent = torch.cat((layer.recent, pad), dim=3)
+        if layer.step == 0:
+            layer.prompt_len += q_len
+        layer.context_len += q_len
+        layer.keys, layer.values = layer.hbm_k, layer.hbm_v
+
+    def _assemble(self, layer: TieredLayer, staged: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's retained keys/values in original order, every tier at its slot."""
+        n = layer.num_retained
+        if layer.hbm_k.shape[2] == n:
+            # Everything is in HBM and HBM is in slot order: nothing to reassemble.
+            return layer.hbm_k, layer.hbm_v
+        batch, heads, _, dim = layer.hbm_k.shape
+        keys = layer.hbm_k.new_empty((batch, heads, n, dim))
+        values = layer.hbm_v.new_empty((batch, heads, n, dim))
+        self._scatter(keys, values, layer.hbm_slot, layer.hbm_k, layer.hbm_v)
+        if layer.comp is not None and layer.comp.num_tokens:
+            ck, cv = layer.comp.dequantize()
+            self._scatter(keys, values, layer.comp_slot, ck.to(keys.dtype), cv.to(values.dtype))
+        for chunk, (sk, sv) in zip(layer.ddr, staged):
+            keys[chunk.flat_rows, :, chunk.flat_slots] = sk[chunk.flat_rows, :, chunk.flat_cols]
+            values[chunk.flat_rows, :, chunk.flat_slots] = sv[chunk.flat_rows, :, chunk.flat_cols]
+        return keys, values
+
+    @staticmethod
+    def _scatter(keys, values, slot, src_k, src_v) -> None:
+        if src_k.shape[2] == 0:
+            return
+        if keys.shape[0] == 1:
+            keys.index_copy_(2, slot[0], src_k)
+            values.index_copy_(2, slot[0], src_v)
+            return
+        rows = _rows(keys.shape[0], keys.device)
+        keys[rows, :, slot] = src_k.permute(0, 2, 1, 3)
+        values[rows, :, slot] = src_v.permute(0, 2, 1, 3)
+
+    # -- internals: DDR prefetch ----------------------------------------------------------------
+    def _wait_for_prefetch(self, layer: TieredLayer, layer_idx: int) -> list:
+        """Device copies of the layer's DDR chunks: staged by the prefetch on CUDA, the chunks on CPU."""
+        if not layer.ddr:
+            return []
+        if layer.device.type != "cuda":
+            return [(c.keys, c.values) for c in layer.ddr]
+        if layer.staged is None:  # first use or after a re-tier: nothing was prefetched
+            self._issue_prefetch(layer_idx)
+        torch.cuda.current_stream(layer.device).wait_event(layer.prefetch_event)
+        staged, layer.staged = layer.staged, None
+        return staged
+
+    def _prefetch_next(self, layer_idx: int) -> None:
+        if not self.layers or self.layers[layer_idx].device.type != "cuda":
+            return
+        nxt = layer_idx + 1 if layer_idx + 1 < len(self.layers) else 0
+        if nxt != layer_idx and self.layers[nxt].ddr:
+            self._issue_prefetch(nxt)
+
+    def _issue_prefetch(self, layer_idx: int) -> None:
+        """Copy the layer's DDR chunks into staging buffer ``layer_idx % 2`` on the side stream."""
+        layer = self.layers[layer_idx]
+        device = layer.device
+        if self._prefetch_stream is None:
+            self._prefetch_stream = torch.cuda.Stream(device=device)
+        stream = self._prefetch_stream
+        # The staging buffer was last read by the layer before last; the new DDR chunk may still be
+        # on its way down on the compute stream: wait for both.
+        stream.wait_stream(torch.cuda.current_stream(device))
+        total = sum(c.keys.shape[2] for c in layer.ddr)
+        batch, heads, _, dim = layer.ddr[0].keys.shape
+        slot = layer_idx % 2
+        buffers = self._staging[slot]
+        if buffers is None or buffers[0].shape[2] < total or buffers[0].shape[:2] != (batch, heads):
+            capacity = max(total, int(total * 1.25) + 1)
+            buffers = [torch.empty((batch, heads, capacity, dim), dtype=layer.dtype, device=device) for _ in range(2)]
+            self._staging[slot] = buffers
+        staged, offset = [], 0
+        with torch.cuda.stream(stream):
+            for chunk in layer.ddr:
+                m = chunk.keys.shape[2]
+                sk = buffers[0][:, :, offset : offset + m]
+                sv = buffers[1][:, :, offset : offset + m]
+                sk.copy_(chunk.keys, non_blocking=True)
+                sv.copy_(chunk.values, non_blocking=True)
+                staged.append((sk, sv))
+                offset += m
+            event = torch.cuda.Event()
+            event.record(stream)
+        layer.staged, layer.prefetch_event = staged, event
+
+    def _account_prefetch(self, layer: TieredLayer) -> None:
+        # Every step the DDR tier crosses the link once (on CPU this counts what a GPU would move).
+        self.bytes_h2d += sum(c.nbytes for c in layer.ddr)
+
+    # -- internals: scores ----------------------------------------------------------------------
+    def _remember_queries(self, layer: TieredLayer, probs: torch.Tensor) -> None:
+        r = self.policy.recent_queries
+        rows = probs[:, :, -r:, :].float()
+        if layer.recent is None or layer.step == 0:
+            layer.recent = rows
+        else:
+            layer.recent = torch.cat((layer.recent, rows), dim=2)[:, :, -r:, :]
+
+    @staticmethod
+    def _mass_by_tier(layer: TieredLayer, last: torch.Tensor) -> dict:
+        tiers = layer.tiers[0]
+        p = last[0]
+        ddr_p = p[tiers == DDR]
+        mass = {
+            "mass_hbm": float(p[tiers == HBM].sum()),
+            "mass_ddr": float(ddr_p.sum()),
+            "mass_compressed": float(p[tiers == COMPRESSED].sum()),
+        }
+        cover90 = cover99 = 0
+        if ddr_p.numel():
+            sorted_p = torch.sort(ddr_p, descending=True).values
+            cum = torch.cumsum(sorted_p.double(), 0)
+            total = cum[-1]
+            if total > 0:
+                cover90 = int(torch.searchsorted(cum, 0.9 * total)) + 1
+                cover99 = int(torch.searchsorted(cum, 0.99 * total)) + 1
+                cover90, cover99 = min(cover90, ddr_p.numel()), min(cover99, ddr_p.numel())
+        mass["ddr_cover90"], mass["ddr_cover99"] = cover90, cover99
+        return mass
+
+    def _record(self, layer_idx: int, layer: TieredLayer, step: int, mass: dict, moves: dict | None) -> dict:
+        counts = self.tier_counts(layer_idx)
+        moves = moves or {k: 0 for k in self.tokens_moved}
+        return {
+            "step": step,
+            "layer": layer_idx,
+            "context_len": layer.context_len,
+            "n_hbm": counts["hbm"],
+            "n_ddr": counts["ddr"],
+            "n_compressed": counts["compressed"],
+            "n_evicted": counts["evicted"],
+            "hbm_to_ddr": moves["hbm_to_ddr"],
+            "ddr_to_hbm": moves["ddr_to_hbm"],
+            "to_compressed": moves["to_compressed"],
+            "from_compressed": moves["from_compressed"],
+            "newly_evicted": moves["evicted"],
+            **mass,
+        }
+
+    # -- internals: re-tiering ------------------------------------------------------------------
+    def _retier(self, layer: TieredLayer) -> dict:
+        """Move tokens between tiers per the policy; returns the moves (batch row 0)."""
+        keys, values, staged = layer.last_full
+        view = LayerView(
+            positions=layer.positions,
+            cumulative=layer.cumulative,
+            recent_probs=layer.recent,
+            keys=keys if self.policy.needs_keys else None,
+            context_len=layer.context_len,
+            prompt_len=layer.prompt_len,
+            step=layer.step,
+            num_kv_heads=keys.shape[1],
+        )
+        old = layer.tiers
+        new = assign_tiers(self.policy, view, layer.n_evicted)
+        moves = {
+            "hbm_to_ddr": int(((old[0] == HBM) & (new[0] == DDR)).sum()),
+            "ddr_to_hbm": int(((old[0] == DDR) & (new[0] == HBM)).sum()),
+            "to_compressed": int(((old[0] != COMPRESSED) & (new[0] == COMPRESSED)).sum()),
+            "from_compressed": int(((old[0] == COMPRESSED) & (new[0] != COMPRESSED) & (new[0] != EVICTED)).sum()),
+            "evicted": int((new[0] == EVICTED).sum()),
+        }
+        if torch.equal(old, new):
+            return moves
+        self.retiers += 1
+        for key, value in moves.items():
+            self.tokens_moved[key] += value * old.shape[0]
+        keep = new != EVICTED
+        n_keep = int(keep[0].sum())
+        new_slot_of_old = torch.cumsum(keep, dim=1) - 1
+
+        # HBM: gathered from the assembled view (promotions arrived with this step's prefetch).
+        hbm_idx = masked_index(new == HBM, int((new[0] == HBM).sum()))
+        layer.hbm_k = gather_tokens(keys, hbm_idx)
+        layer.hbm_v = gather_tokens(values, hbm_idx)
+        layer.hbm_slot = new_slot_of_old.gather(1, hbm_idx)
+
+        self._retier_compressed(layer, keys, values, old, new, new_slot_of_old)
+        self._retier_ddr(layer, keys, values, old, new, new_slot_of_old)
+
+        layer.positions = layer.positions[keep].view(-1, n_keep)
+        layer.cumulative = layer.cumulative[keep].view(-1, n_keep)
+        if layer.recent is not None:
+            b, h, r, _ = layer.recent.shape
+            layer.recent = layer.recent.permute(0, 3, 1, 2)[keep].view(b, n_keep, h, r).permute(0, 2, 3, 1)
+        layer.tiers = new[keep].view(-1, n_keep)
+        layer.n_evicted += moves["evicted"]
+        layer.keys, layer.values = layer.hbm_k, layer.hbm_v
+        return moves
+
+    def _retier_compressed(self, layer, keys, values, old, new, new_slot_of_old) -> None:
+        n_comp = int((new[0] == COMPRESSED).sum())
+        if n_comp == 0:
+            layer.comp, layer.comp_slot = None, new_slot_of_old[:, :0]
+            return
+        arriving, arriving_valid = padded_index((new == COMPRESSED) & (old != COMPRESSED))
+        combined, combined_slots, combined_valid = layer.comp, layer.comp_slot, None
+        if layer.comp is not None and layer.comp.num_tokens:
+            combined_valid = new.gather(1, layer.comp_slot) == COMPRESSED
+        if arriving.shape[1]:
+            fresh = quantize_kv(
+                gather_tokens(keys, arriving),
+                gather_tokens(values, arriving),
+                bits=self.config.compressed_bits,
+                group=self.config.quant_group,
+            )
+            combined = QuantizedKV.concat(combined if combined_valid is not None else None, fresh)
+            if combined_valid is not None:
+                combined_slots = torch.cat((layer.comp_slot, arriving), dim=1)
+                combined_valid = torch.cat((combined_valid, arriving_valid), dim=1)
+            else:
+                combined_slots, combined_valid = arriving, arriving_valid
+        select = masked_index(combined_valid, n_comp)
+        layer.comp = combined.select(select)
+        layer.comp_slot = new_slot_of_old.gather(1, combined_slots.gather(1, select))
+
+    def _retier_ddr(self, layer, keys, values, old, new, new_slot_of_old) -> None:
+        chunks = []
+        for chunk in layer.ddr:
+            safe_slot = torch.where(chunk.valid, chunk.slot, torch.zeros_like(chunk.slot))
+            chunk.valid = chunk.valid & (new.gather(1, safe_slot) == DDR)
+            chunk.slot = new_slot_of_old.gather(1, safe_slot)
+            if bool(chunk.valid.any()):
+                chunks.append(chunk)
+        arriving, arriving_valid = padded_index((new == DDR) & (old != DDR))
+        if arriving.shape[1]:
+            dk = gather_tokens(keys, arriving)
+            dv = gather_tokens(values, arriving)
+            host_k, host_v, ready = self._to_host(dk, dv)
+            chunk = DDRChunk(host_k, host_v, arriving_valid, new_slot_of_old.gather(1, arriving), ready)
+            self.bytes_d2h += chunk.nbytes
+            chunks.append(chunk)
+        chunks = self._compact(chunks)
+        for chunk in chunks:
+            chunk.refresh_index()
+        layer.ddr = chunks
+        layer.staged = None  # the next step prefetches the new chunks
+
+    @staticmethod
+    def _to_host(dk: torch.Tensor, dv: torch.Tensor):
+        if dk.device.type != "cuda":
+            return dk.contiguous(), dv.contiguous(), None
+        host_k = torch.empty(dk.shape, dtype=dk.dtype, pin_memory=True)
+        host_v = torch.empty(dv.shape, dtype=dv.dtype, pin_memory=True)
+        host_k.copy_(dk, non_blocking=True)
+        host_v.copy_(dv, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(dk.device))
+        return host_k, host_v, ready
+
+    @staticmethod
+    def _compact(chunks: list) -> list:
+        """Merge all but the newest chunk into one when holes/padding or chunk count grow too large."""
+        if len(chunks) < 2:
+            return chunks
+        stored = sum(c.keys.shape[2] for c in chunks)
+        live = sum(int(c.valid[0].sum()) for c in chunks)
+        if len(chunks) <= _MAX_DDR_CHUNKS and stored - live <= _COMPACT_WASTE * max(live, 1):
+            return chunks
+        old, newest = chunks[:-1], chunks[-1]
+        for chunk in old:
+            if chunk.ready is not None:
+                chunk.ready.synchronize()  # written R steps ago: long finished
+        all_k = torch.cat([c.keys for c in old], dim=2)
+        all_v = torch.cat([c.values for c in old], dim=2)
+        valid = torch.cat([c.valid for c in old], dim=1)
+        slots = torch.cat([c.slot for c in old], dim=1)
+        index, index_valid = padded_index(valid)
+        host_index = index.to(all_k.device)
+        merged_k = gather_tokens(all_k, host_index).contiguous()
+        merged_v = gather_tokens(all_v, host_index).contiguous()
+        if old[0].keys.is_pinned():
+            merged_k, merged_v = merged_k.pin_memory(), merged_v.pin_memory()
+        merged = DDRChunk(merged_k, merged_v, index_valid, slots.gather(1, index))
+        return [merged, newest]
+
+
+def check_model_supported(model_config) -> None:
+    """Refuse layer types whose cache is not one growing full-attention KV (sliding windows, linear attention)."""
+    text_config = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
+    layer_types = getattr(text_config, "layer_types", None) or []
+    odd = sorted({t for t in layer_types if t != "full_attention"})
+    if odd:
+        raise TiersimError(
+            f"unsupported model: layer types {', '.join(odd)} (TieredCache supports full-attention decoders only)"
+        )
+    window = getattr(text_config, "sliding_window", None)
+    uses_window = getattr(text_config, "use_sliding_window", window is not None)
+    if window is not None and uses_window:
+        raise TiersimError(
+            f"unsupported model: sliding-window attention (sliding_window={window}); "
+            "TieredCache supports full-attention decoders only"
+        )
+    if getattr(text_config, "attention_chunk_size", None):
+        raise TiersimError("unsupported model: chunked attention; TieredCache supports full-attention decoders only")

@@ -1,0 +1,100 @@
+"""TierConfig: the experiment's knobs, validated once so every consumer can trust them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tiersim.errors import ConfigError
+
+TIERS = ("hbm", "ddr", "compressed", "evicted")
+RATIO_FIELDS = ("hbm", "ddr", "compressed", "evict")
+POLICIES = ("hierarchy", "streamingllm", "h2o", "snapkv", "rkv")
+SUM_TOLERANCE = 1e-6
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """Share of the context (all tokens seen so far) that each tier holds; the four ratios sum to 1.
+
+    ``sink_tokens`` first tokens and the ``recent_window`` newest tokens always stay in HBM;
+    tokens are re-ranked every ``retier_every`` decode steps. ``compressed_bits`` (8 or 4) and
+    ``quant_group`` set the KIVI-style quantization of the compressed tier. ``policy`` picks the
+    ranking rule: the hierarchy's cumulative attention score, or an eviction baseline.
+    """
+
+    hbm: float = 1.0
+    ddr: float = 0.0
+    compressed: float = 0.0
+    evict: float = 0.0
+    sink_tokens: int = 4
+    recent_window: int = 64
+    retier_every: int = 16
+    compressed_bits: int = 4
+    quant_group: int = 32
+    prefill_score_window: int = 32
+    policy: str = "hierarchy"
+    policy_options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self) -> None:
+        for name in RATIO_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"TierConfig.{name} must be a number in [0, 1], got {value!r}")
+            if not math.isfinite(value) or value < 0.0 or value > 1.0:
+                raise ConfigError(f"TierConfig.{name} must be in [0, 1], got {value!r}")
+        total = sum(getattr(self, name) for name in RATIO_FIELDS)
+        if abs(total - 1.0) > SUM_TOLERANCE:
+            parts = ", ".join(f"{n}={getattr(self, n)!r}" for n in RATIO_FIELDS)
+            raise ConfigError(f"TierConfig ratios must sum to 1 (got {total!r}: {parts})")
+        for name in ("sink_tokens", "recent_window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"TierConfig.{name} must be an integer >= 0, got {value!r}")
+        for name in ("retier_every", "prefill_score_window"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"TierConfig.{name} must be an integer >= 1, got {value!r}")
+        if self.compressed_bits not in (4, 8):
+            raise ConfigError(f"TierConfig.compressed_bits must be 4 or 8, got {self.compressed_bits!r}")
+        if isinstance(self.quant_group, bool) or not isinstance(self.quant_group, int) or self.quant_group < 1:
+            raise ConfigError(f"TierConfig.quant_group must be an integer >= 1, got {self.quant_group!r}")
+        if self.policy not in POLICIES:
+            raise ConfigError(f"TierConfig.policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+
+    @property
+    def offloads(self) -> bool:
+        """True when some of the context leaves HBM."""
+        return self.hbm < 1.0 - SUM_TOLERANCE
+
+    @property
+    def is_lossless(self) -> bool:
+        """Zero-approximation-error offloading: nothing compressed, nothing evicted."""
+        return self.compressed == 0.0 and self.evict == 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TierConfig":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def tier_targets(config: TierConfig, context_len: int, protected: int) -> dict[str, int]:
+    """Token counts per tier for a context of ``context_len`` tokens, ``protected`` of them pinned to HBM.
+
+    Tiers are filled from the bottom (evicted, then compressed, then DDR) with ``floor(ratio * T)``
+    tokens each, capped by the unprotected tokens still available; HBM takes the rest. So the
+    eviction ratio, the quality knob, is honoured first, and the pinned sinks and recent window
+    squeeze DDR before anything else when the context is short.
+    """
+    available = max(context_len - protected, 0)
+    counts: dict[str, int] = {}
+    for tier, ratio in (("evicted", config.evict), ("compressed", config.compressed), ("ddr", config.ddr)):
+        n = min(int(math.floor(ratio * context_len + 1e-9)), available)
+        counts[tier] = n
+        available -= n
+    counts["hbm"] = context_len - counts["evicted"] - counts["compressed"] - counts["ddr"]
+    return {t: counts[t] for t in TIERS}

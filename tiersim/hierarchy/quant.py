@@ -1,0 +1,181 @@
+"""KIVI-style asymmetric uniform quantization for the compressed tier.
+
+Keys are quantized per channel (each channel of a group of ``group`` consecutive tokens shares one
+scale and minimum: key outliers live in fixed channels), values per token (each token's channels
+in groups of ``group``). 4-bit codes are packed two per byte so the byte counts are the real ones.
+Every value is reconstructed within half a quantization step of the original: |x - x̂| <= scale/2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def _levels(bits: int) -> int:
+    return (1 << bits) - 1
+
+
+def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [..., D] -> bytes; 4-bit codes go two per byte (D must be even)."""
+    if bits == 8:
+        return codes
+    if codes.shape[-1] % 2:
+        raise ValueError(f"4-bit packing needs an even last dimension, got {codes.shape[-1]}")
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return packed
+    low = packed & 0x0F
+    high = packed >> 4
+    return torch.stack((low, high), dim=-1).flatten(-2)
+
+
+def _quantize(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int):
+    """Codes and (scale, minimum) for x given broadcastable per-group lo/hi."""
+    levels = _levels(bits)
+    scale = (hi - lo) / levels
+    # A constant group has scale 0; any positive scale reconstructs it exactly (code 0 -> lo).
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round((x - lo) / safe).clamp_(0, levels).to(torch.uint8)
+    return codes, scale, lo
+
+
+@dataclass
+class QuantizedKV:
+    """One layer's compressed tier: tokens [B, H, n, D] held as codes + scales.
+
+    ``key_group`` [B, n] maps each stored token to its key scale group, so tokens can leave the
+    tier (promotion, eviction) without re-quantizing the others (no drift from re-quantization).
+    """
+
+    bits: int
+    group: int
+    key_codes: torch.Tensor  # uint8 [B, H, n, D or D/2]
+    key_scale: torch.Tensor  # [B, H, G, D]
+    key_min: torch.Tensor  # [B, H, G, D]
+    key_group: torch.Tensor  # long [B, n]
+    value_codes: torch.Tensor  # uint8 [B, H, n, D or D/2]
+    value_scale: torch.Tensor  # [B, H, n, D/group]
+    value_min: torch.Tensor  # [B, H, n, D/group]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.key_codes.shape[2]
+
+    def nbytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for t in (self.key_codes, self.key_scale, self.key_min, self.value_codes, self.value_scale, self.value_min)
+        )
+
+    def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-precision approximations of the keys and values, [B, H, n, D] each."""
+        batch = self.key_group.shape[0]
+        rows = torch.arange(batch, device=self.key_group.device)[:, None]
+        k_scale = self.key_scale[rows, :, self.key_group].permute(0, 2, 1, 3)  # [B, H, n, D]
+        k_min = self.key_min[rows, :, self.key_group].permute(0, 2, 1, 3)
+        keys = _unpack(self.key_codes, self.bits).to(k_scale.dtype) * k_scale + k_min
+        v_codes = _unpack(self.value_codes, self.bits).to(self.value_scale.dtype)
+        shape = v_codes.shape
+        v = v_codes.reshape(*shape[:-1], -1, self.group)
+        values = (v * self.value_scale.unsqueeze(-1) + self.value_min.unsqueeze(-1)).reshape(shape)
+        return keys, values
+
+    def select(self, index: torch.Tensor) -> "QuantizedKV":
+        """Keep only stored tokens ``index`` ([B, m], per row): promotion/eviction leaves the rest as is."""
+        rows = torch.arange(index.shape[0], device=index.device)[:, None]
+
+        def take(t: torch.Tensor) -> torch.Tensor:
+            return t[rows, :, index].permute(0, 2, 1, 3).contiguous()
+
+        return QuantizedKV(
+            self.bits,
+            self.group,
+            take(self.key_codes),
+            self.key_scale,
+            self.key_min,
+            self.key_group[rows, index],
+            take(self.value_codes),
+            take(self.value_scale),
+            take(self.value_min),
+        )
+
+    @staticmethod
+    def concat(a: "QuantizedKV | None", b: "QuantizedKV") -> "QuantizedKV":
+        """Append b's tokens after a's, keeping both sets of key scales."""
+        if a is None or a.num_tokens == 0 and a.key_scale.shape[2] == 0:
+            return b
+        offset = a.key_scale.shape[2]
+        return QuantizedKV(
+            a.bits,
+            a.group,
+            torch.cat((a.key_codes, b.key_codes), dim=2),
+            torch.cat((a.key_scale, b.key_scale), dim=2),
+            torch.cat((a.key_min, b.key_min), dim=2),
+            torch.cat((a.key_group, b.key_group + offset), dim=1),
+            torch.cat((a.value_codes, b.value_codes), dim=2),
+            torch.cat((a.value_scale, b.value_scale), dim=2),
+            torch.cat((a.value_min, b.value_min), dim=2),
+        )
+
+
+def quantize_kv(keys: torch.Tensor, values: torch.Tensor, bits: int = 4, group: int = 32) -> QuantizedKV:
+    """Quantize keys [B, H, n, D] per channel (token groups) and values per token (channel groups)."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    batch, heads, n, dim = keys.shape
+    if dim % group and group < dim:
+        raise ValueError(f"head_dim {dim} is not a multiple of the quantization group {group}")
+    value_group = min(group, dim)
+    # Keys: per channel over groups of `group` tokens. Pad the token axis by repeating the last
+    # token so every group is full; padding never widens a group's range.
+    n_groups = max(-(-n // group), 0)
+    pad = n_groups * group - n
+    k = keys
+    if pad and n:
+        k = torch.cat((keys, keys[:, :, -1:, :].expand(batch, heads, pad, dim)), dim=2)
+    kg = k.reshape(batch, heads, n_groups, group, dim)
+    k_lo = kg.amin(dim=3)
+    k_hi = kg.amax(dim=3)
+    key_group = (torch.arange(n, device=keys.device) // group).expand(batch, n).contiguous()
+    k_codes, k_scale, k_min = _quantize(
+        keys,
+        k_lo.repeat_interleave(group, dim=2)[:, :, :n],
+        k_hi.repeat_interleave(group, dim=2)[:, :, :n],
+        bits,
+    )
+    # Values: per token over groups of channels.
+    vg = values.reshape(batch, heads, n, dim // value_group, value_group)
+    v_lo = vg.amin(dim=-1)
+    v_hi = vg.amax(dim=-1)
+    v_codes, v_scale, v_min = _quantize(vg, v_lo.unsqueeze(-1), v_hi.unsqueeze(-1), bits)
+    return QuantizedKV(
+        bits,
+        value_group,
+        _pack(k_codes, bits),
+        (k_hi - k_lo) / _levels(bits),
+        k_lo,
+        key_group,
+        _pack(v_codes.reshape(batch, heads, n, dim), bits),
+        v_scale.squeeze(-1),
+        v_min.squeeze(-1),
+    )
+
+
+def error_bound(x: torch.Tensor, bits: int, group: int, per: str) -> torch.Tensor:
+    """Half a quantization step for every element of x: the scheme's promised worst-case error."""
+    batch, heads, n, dim = x.shape
+    if per == "channel":
+        n_groups = -(-n // group)
+        pad = n_groups * group - n
+        xp = torch.cat((x, x[:, :, -1:, :].expand(batch, heads, pad, dim)), dim=2) if pad else x
+        g = xp.reshape(batch, heads, n_groups, group, dim)
+        step = (g.amax(3) - g.amin(3)) / _levels(bits)
+        return (step.repeat_interleave(group, dim=2)[:, :, :n]) / 2
+    g = x.reshape(batch, heads, n, dim // min(group, dim), min(group, dim))
+    step = (g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True)) / _levels(bits)
+    return (step.expand_as(g) / 2).reshape(x.shape)

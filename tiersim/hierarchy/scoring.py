@@ -1,0 +1,98 @@
+"""Attention scores beside the stock SDPA output: the signal the policy ranks tokens by.
+
+SDPA returns no attention weights, so tiersim registers its own attention implementation,
+``"tiersim"``: it computes the output with transformers' own SDPA function (so logits are
+bit-identical to ``attn_implementation="sdpa"``) and, when a :class:`~tiersim.hierarchy.cache.TieredCache`
+is listening, the float32 attention probabilities of the step's queries, which it hands to the
+cache. The cache registers itself as the listener in ``update`` (called just before attention
+for the same layer), so no model code changes.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTN_IMPLEMENTATION = "tiersim"
+
+_listener = threading.local()
+
+
+def set_listener(cache) -> None:
+    """Route the next attention call's probabilities to ``cache.observe_attention``."""
+    _listener.cache = cache
+
+
+def clear_listener() -> None:
+    _listener.cache = None
+
+
+def attention_probabilities(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    n_queries: int | None = None,
+) -> torch.Tensor:
+    """Softmax probabilities of the last ``n_queries`` queries, float32, shape [B, Hq, q, kv].
+
+    Grouped-query heads are matched to their KV head by reshaping, without copying the keys.
+    The causal mask is applied when the model passed none (SDPA's is_causal shortcut).
+    """
+    batch, q_heads, q_len, head_dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    if n_queries is not None and n_queries < q_len:
+        query = query[:, :, q_len - n_queries :, :]
+        if attention_mask is not None and attention_mask.shape[-2] == q_len:
+            attention_mask = attention_mask[..., q_len - n_queries :, :]
+    q_used = query.shape[2]
+    group = q_heads // kv_heads
+    q = query.float().reshape(batch, kv_heads, group * q_used, head_dim)
+    logits = torch.matmul(q, key.float().transpose(-1, -2)).mul_(scaling)
+    logits = logits.reshape(batch, q_heads, q_used, kv_len)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            logits = logits.masked_fill(~attention_mask, float("-inf"))
+        else:
+            logits = logits + attention_mask.float()
+    elif q_used > 1 or q_len > 1:
+        # Causal: query i (absolute index kv_len - q_len + i) sees keys up to itself.
+        first = kv_len - q_len + (q_len - q_used)
+        rows = torch.arange(first, first + q_used, device=key.device)[:, None]
+        cols = torch.arange(kv_len, device=key.device)[None, :]
+        logits = logits.masked_fill(cols > rows, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+def tiersim_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """SDPA output, plus the probabilities handed to the listening cache (if any)."""
+    output = sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
+    cache = getattr(_listener, "cache", None)
+    if cache is not None:
+        layer_idx = getattr(module, "layer_idx", None)
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5
+        n_queries = cache.queries_to_score(layer_idx, query.shape[2])
+        if n_queries:
+            probs = attention_probabilities(query, key, attention_mask, scaling, n_queries)
+            cache.observe_attention(layer_idx, probs)
+    return output
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, tiersim_attention_forward)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+
+
+def enable_scoring(model) -> None:
+    """Switch a loaded model to the scoring attention (same output as SDPA)."""
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is not None:
+        setter(ATTN_IMPLEMENTATION)
+    else:  # pragma: no cover - older transformers
+        model.config._attn_implementation = ATTN_IMPLEMENTATION
