@@ -1,0 +1,109 @@
+"""Capture: run a real model under the tier policy and record what every layer did at every step.
+
+The cache's recorder hook hands one row per (step, layer) to :class:`StepRecorder`; the rows of
+all prompts become the trace's ``steps`` table. Capture uses greedy decoding so a rerun with the
+same inputs gives the same trace.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import pandas as pd
+
+from tiersim.hierarchy.config import TierConfig
+from tiersim.traces.format import COLUMNS, Trace, new_meta
+
+
+@dataclass
+class StepRecorder:
+    """Collects the cache's per-(step, layer) rows for one sequence at a time."""
+
+    rows: list[dict] = field(default_factory=list)
+    seq_id: int = 0
+
+    def __call__(self, row: dict) -> None:
+        row["seq_id"] = self.seq_id
+        self.rows.append(row)
+
+    def frame(self) -> pd.DataFrame:
+        if not self.rows:
+            return pd.DataFrame({c: pd.Series(dtype=t) for c, t in COLUMNS.items()})
+        return pd.DataFrame(self.rows)
+
+
+@dataclass
+class SequenceResult:
+    seq_id: int
+    prompt_id: str
+    prompt_len: int
+    new_tokens: int
+    text: str
+    seconds: float
+
+
+def generate_one(model, tokenizer, text: str, config: TierConfig, max_new_tokens: int, recorder=None):
+    """Greedy generation of one prompt with a TieredCache; returns (input_ids, new_token_ids, cache)."""
+    import torch
+
+    from tiersim.hierarchy.cache import TieredCache
+    from tiersim.models import format_prompt, generation_kwargs
+
+    input_ids = format_prompt(tokenizer, text).to(model.device)
+    cache = TieredCache(config, recorder=recorder)
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            past_key_values=cache,
+            max_new_tokens=max_new_tokens,
+            **generation_kwargs(tokenizer),
+        )
+    return input_ids, out[0, input_ids.shape[1] :], cache
+
+
+def capture(
+    model,
+    tokenizer,
+    prompts: Iterable,
+    config: TierConfig,
+    max_new_tokens: int,
+    model_info: dict,
+    device: str = "cpu",
+    prompts_source: str = "bundled",
+    on_sequence: Callable[[SequenceResult], None] | None = None,
+) -> Trace:
+    """Run every prompt under ``config`` and return the trace (not yet written)."""
+    recorder = StepRecorder()
+    sequences: list[dict] = []
+    for seq_id, prompt in enumerate(prompts):
+        recorder.seq_id = seq_id
+        start = time.perf_counter()
+        input_ids, new_ids, _ = generate_one(model, tokenizer, prompt.prompt, config, max_new_tokens, recorder)
+        seconds = time.perf_counter() - start
+        text = tokenizer.decode(new_ids, skip_special_tokens=True)
+        result = SequenceResult(seq_id, prompt.id, int(input_ids.shape[1]), int(new_ids.shape[0]), text, seconds)
+        sequences.append(
+            {
+                "seq_id": seq_id,
+                "prompt_id": prompt.id,
+                "prompt_len": result.prompt_len,
+                "new_tokens": result.new_tokens,
+                "text": text,
+                "answer": prompt.answer,
+            }
+        )
+        if on_sequence is not None:
+            on_sequence(result)
+    steps = recorder.frame()
+    meta = new_meta(
+        model=model_info,
+        policy=config.to_dict(),
+        sequences=sequences,
+        device=device,
+        prompts_source=prompts_source,
+        max_new_tokens=max_new_tokens,
+    )
+    return Trace(meta=meta, steps=steps.astype(COLUMNS)[list(COLUMNS)])

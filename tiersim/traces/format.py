@@ -1,0 +1,147 @@
+"""The trace file: per (sequence, step, layer) tier counts, moves and attention mass, in Parquet.
+
+The metadata (model shape, policy, prompts, versions) travels inside the Parquet schema under the
+``tiersim`` key, so one file is the whole record. Readers refuse foreign, truncated and newer
+files with a :class:`~tiersim.errors.TraceError` (one clear line), never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tiersim import __version__
+from tiersim.atomic import atomic_path
+from tiersim.errors import TraceError
+
+SCHEMA_VERSION = 1
+KIND = "trace"
+META_KEY = b"tiersim"
+BUNDLED_TRACE = "default-trace.parquet"
+
+INT_COLUMNS = {
+    "seq_id": "int32",
+    "step": "int32",
+    "layer": "int16",
+    "context_len": "int32",
+    "n_hbm": "int32",
+    "n_ddr": "int32",
+    "n_compressed": "int32",
+    "n_evicted": "int32",
+    "hbm_to_ddr": "int32",
+    "ddr_to_hbm": "int32",
+    "to_compressed": "int32",
+    "from_compressed": "int32",
+    "newly_evicted": "int32",
+    "ddr_cover90": "int32",
+    "ddr_cover99": "int32",
+}
+FLOAT_COLUMNS = {"mass_hbm": "float32", "mass_ddr": "float32", "mass_compressed": "float32"}
+COLUMNS = {**INT_COLUMNS, **FLOAT_COLUMNS}
+REQUIRED_META = ("kind", "schema_version", "model", "policy", "sequences")
+
+
+@dataclass
+class Trace:
+    """A loaded trace: ``meta`` (dict) and ``steps`` (one row per sequence, step and layer)."""
+
+    meta: dict[str, Any]
+    steps: pd.DataFrame
+    path: Path | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.meta["model"]["num_layers"])
+
+    def per_step(self) -> pd.DataFrame:
+        """Sum over layers of each (sequence, step): what one token's forward moved in the whole model."""
+        return self.steps.groupby(["seq_id", "step"], sort=True).sum(numeric_only=True).reset_index()
+
+
+def new_meta(model: dict, policy: dict, sequences: list[dict], **extra: Any) -> dict[str, Any]:
+    """The metadata block every trace carries."""
+    return {
+        "kind": KIND,
+        "schema_version": SCHEMA_VERSION,
+        "tiersim_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": model,
+        "policy": policy,
+        "sequences": sequences,
+        "mode": "summary",
+        **extra,
+    }
+
+
+def write(path: str | Path, steps: pd.DataFrame, meta: dict[str, Any]) -> Path:
+    """Validate and write a trace atomically; returns the path."""
+    missing = [c for c in COLUMNS if c not in steps.columns]
+    if missing:
+        raise TraceError(f"trace table lacks columns: {', '.join(missing)}")
+    for key in REQUIRED_META:
+        if key not in meta:
+            raise TraceError(f"trace metadata lacks {key!r}")
+    frame = steps[list(COLUMNS) + [c for c in steps.columns if c not in COLUMNS]].astype(COLUMNS)
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(meta).encode()})
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    return path
+
+
+def read(path: str | Path) -> Trace:
+    """Load a trace, refusing anything that is not a complete tiersim trace of a known schema."""
+    path = Path(path)
+    if not path.exists():
+        raise TraceError(f"trace not found: {path}")
+    if path.is_dir():
+        raise TraceError(f"trace path is a directory, not a file: {path}")
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises several types for truncated / foreign files
+        raise TraceError(f"not a readable Parquet trace (truncated or foreign file?): {path}: {_short(exc)}") from None
+    raw = (parquet.schema_arrow.metadata or {}).get(META_KEY)
+    if raw is None:
+        raise TraceError(f"not a tiersim trace (no tiersim metadata): {path}")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise TraceError(f"trace metadata is corrupt: {path}") from None
+    if meta.get("kind") != KIND:
+        raise TraceError(f"not a trace: {path} holds a tiersim {meta.get('kind')!r} file")
+    version = meta.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise TraceError(
+            f"trace schema version {version!r} is newer than this tiersim understands ({SCHEMA_VERSION}): "
+            f"upgrade tiersim to read {path}"
+        )
+    missing_meta = [k for k in REQUIRED_META if k not in meta]
+    if missing_meta:
+        raise TraceError(f"trace metadata lacks {', '.join(missing_meta)}: {path}")
+    try:
+        steps = parquet.read().to_pandas()
+    except Exception as exc:
+        raise TraceError(f"trace data is unreadable (truncated?): {path}: {_short(exc)}") from None
+    missing = [c for c in COLUMNS if c not in steps.columns]
+    if missing:
+        raise TraceError(f"trace lacks columns {', '.join(missing)}: {path}")
+    return Trace(meta=meta, steps=steps, path=path)
+
+
+def default_trace_path() -> Path:
+    """The bundled real SmolLM2 trace shipped with the package."""
+    return Path(str(resources.files("tiersim") / "data" / BUNDLED_TRACE))
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else exc.__class__.__name__
