@@ -80,9 +80,14 @@ class DDRChunk:
     flat_rows: torch.Tensor | None = None
     flat_cols: torch.Tensor | None = None
     flat_slots: torch.Tensor | None = None
+    dense_slots: torch.Tensor | None = None  # [m] when one row and no padding: a plain index_copy
 
     def refresh_index(self) -> None:
         """Precompute the scatter indices of the valid entries (once per re-tiering, not per step)."""
+        if self.valid.shape[0] == 1 and bool(self.valid.all()):
+            self.dense_slots = self.slot[0].contiguous()
+            return
+        self.dense_slots = None
         rows, cols = torch.nonzero(self.valid, as_tuple=True)
         self.flat_rows, self.flat_cols = rows, cols
         self.flat_slots = self.slot[rows, cols]
@@ -361,6 +366,10 @@ class TieredCache(Cache):
             ck, cv = layer.comp.dequantize()
             self._scatter(keys, values, layer.comp_slot, ck.to(keys.dtype), cv.to(values.dtype))
         for chunk, (sk, sv) in zip(layer.ddr, staged):
+            if chunk.dense_slots is not None:
+                keys.index_copy_(2, chunk.dense_slots, sk)
+                values.index_copy_(2, chunk.dense_slots, sv)
+                continue
             keys[chunk.flat_rows, :, chunk.flat_slots] = sk[chunk.flat_rows, :, chunk.flat_cols]
             values[chunk.flat_rows, :, chunk.flat_slots] = sv[chunk.flat_rows, :, chunk.flat_cols]
         return keys, values
