@@ -94,7 +94,14 @@ class DDRChunk:
 
     @property
     def nbytes(self) -> int:
+        """Bytes allocated (and copied by a prefetch), padding and holes included."""
         return 2 * self.keys.numel() * self.keys.element_size()
+
+    @property
+    def live_nbytes(self) -> int:
+        """Bytes of the tokens that are really in the DDR tier now."""
+        per_token = 2 * self.keys.shape[1] * self.keys.shape[3] * self.keys.element_size()
+        return int(self.valid.sum()) * per_token
 
 
 @dataclass
@@ -306,13 +313,18 @@ class TieredCache(Cache):
         }
 
     def stats(self) -> dict:
-        """Bytes held per tier now (whole batch, all layers) and bytes moved so far."""
-        held = {"hbm": 0, "ddr": 0, "compressed": 0, "staging": 0}
+        """Bytes held per tier now (whole batch, all layers) and bytes moved so far.
+
+        ``ddr`` counts the tokens in the DDR tier; ``ddr_allocated`` adds the holes left by
+        promotions until the chunks are compacted (the prefetch copies those too).
+        """
+        held = {"hbm": 0, "ddr": 0, "ddr_allocated": 0, "compressed": 0, "staging": 0}
         for layer in self.layers:
             if not layer.is_initialized:
                 continue
             held["hbm"] += 2 * layer.hbm_k.numel() * layer.hbm_k.element_size()
-            held["ddr"] += sum(c.nbytes for c in layer.ddr)
+            held["ddr"] += sum(c.live_nbytes for c in layer.ddr)
+            held["ddr_allocated"] += sum(c.nbytes for c in layer.ddr)
             held["compressed"] += layer.comp.nbytes() if layer.comp is not None else 0
         for buffers in self._staging:
             if buffers is not None:

@@ -1,0 +1,102 @@
+"""`tiersim capture` and `tiersim synth`: make traces from real runs, or extrapolate them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from tiersim.cli.app import app, console, err_console
+from tiersim.errors import TiersimError
+
+# The paper's headline configuration: half the context in HBM, 3% evicted, the rest in DDR.
+HEADLINE = {"hbm": 0.5, "ddr": 0.47, "compressed": 0.0, "evict": 0.03}
+
+
+@app.command()
+def capture(
+    model: str = typer.Option("smollm2", help="'smollm2' (bundled) or a local transformers model directory"),
+    prompts: Path = typer.Option(None, help="JSONL with a 'prompt' field per line (default: bundled prompts)"),
+    n: int = typer.Option(8, help="number of prompts to run"),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="tokens generated per prompt"),
+    hbm: float = typer.Option(HEADLINE["hbm"], help="share of the context kept in HBM"),
+    ddr: float = typer.Option(HEADLINE["ddr"], help="share offloaded to DDR (exact, prefetched)"),
+    compressed: float = typer.Option(HEADLINE["compressed"], help="share held quantized"),
+    evict: float = typer.Option(HEADLINE["evict"], help="share evicted for good"),
+    sink_tokens: int = typer.Option(4, "--sink-tokens"),
+    recent_window: int = typer.Option(64, "--recent-window"),
+    retier_every: int = typer.Option(16, "--retier-every"),
+    compressed_bits: int = typer.Option(4, "--compressed-bits", help="4 or 8"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    dtype: str = typer.Option("float32", help="float32 (exact on CPU), bfloat16 or float16"),
+    out: Path = typer.Option(Path("trace.parquet"), help="output Parquet trace"),
+) -> None:
+    """Run a real model under the tier policy and write a trace (per step, per layer)."""
+    from tiersim.hierarchy.config import TierConfig
+    from tiersim.prompts import load_prompts
+
+    if max_new_tokens < 1:
+        raise TiersimError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if device not in ("cpu", "cuda"):
+        raise TiersimError(f"--device must be cpu or cuda, got {device!r}")
+    config = TierConfig(
+        hbm=hbm, ddr=ddr, compressed=compressed, evict=evict, sink_tokens=sink_tokens,
+        recent_window=recent_window, retier_every=retier_every, compressed_bits=compressed_bits,
+    )
+    items = load_prompts(str(prompts) if prompts else None, n)
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise TiersimError("--device cuda: no CUDA device is available here")
+    from tiersim.models import describe_model, load_model
+    from tiersim.traces import write
+    from tiersim.traces.capture import capture as run_capture
+
+    with console.status(f"loading {model} ..."):
+        mdl, tokenizer = load_model(model, device=device, dtype=dtype)
+    progress = Progress(
+        TextColumn("[bold]capture"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(), console=err_console,
+    )
+    with progress:
+        task = progress.add_task("capture", total=len(items), rate="")
+
+        def advance(result):
+            rate = result.new_tokens / max(result.seconds, 1e-9)
+            progress.update(task, advance=1, rate=f"{result.prompt_id}: {rate:.1f} tok/s")
+
+        trace = run_capture(
+            mdl, tokenizer, items, config, max_new_tokens, describe_model(mdl), device=device,
+            prompts_source=str(prompts) if prompts else "bundled", on_sequence=advance,
+        )
+    write(out, trace.steps, trace.meta)
+    console.print(
+        f"wrote {out} ({len(items)} sequences, {len(trace.steps):,} rows, "
+        f"{out.stat().st_size / 1e6:.2f} MB)", highlight=False,
+    )
+
+
+@app.command()
+def synth(
+    trace: Path = typer.Option(None, help="captured trace to fit (default: the bundled trace)"),
+    lengths: str = typer.Option("math500", help="mean generated tokens: a number or gsm8k/math500/amc23/gpqa/aime"),
+    n: int = typer.Option(4, help="number of synthetic sequences"),
+    layers: int = typer.Option(None, help="layers of the synthetic model (default: the trace's)"),
+    sigma: float = typer.Option(0.35, help="log-normal spread of the lengths"),
+    seed: int = typer.Option(0),
+    out: Path = typer.Option(Path("synthetic.parquet"), help="output Parquet trace"),
+) -> None:
+    """Extrapolate a captured trace's statistics to reasoning lengths no CPU capture reaches."""
+    from tiersim.traces import default_trace_path, read, write
+    from tiersim.traces.synth import fit, parse_lengths, synthesize
+
+    if layers is not None and layers < 1:
+        raise TiersimError(f"--layers must be >= 1, got {layers}")
+    if sigma < 0:
+        raise TiersimError(f"--sigma must be >= 0, got {sigma}")
+    source = read(trace or default_trace_path())
+    result = synthesize(fit(source), n=n, mean_length=parse_lengths(lengths), sigma=sigma, num_layers=layers, seed=seed)
+    write(out, result.steps, result.meta)
+    console.print(f"wrote {out} ({n} sequences, {len(result.steps):,} rows)", highlight=False)

