@@ -92,6 +92,9 @@ def load_model(name_or_path: str | None = None, device: str = "cpu", dtype="floa
     """(model, tokenizer) in eval mode, scoring attention enabled, never touching a hub."""
     import tiersim.hierarchy.scoring  # noqa: F401  (registers the "tiersim" attention)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # tiersim shows its own progress
 
     from tiersim.hierarchy.cache import check_model_supported
 
