@@ -115,13 +115,14 @@ class TieredLayer(CacheLayerMixin):
 
     hbm_k: torch.Tensor | None = None
     hbm_v: torch.Tensor | None = None
-    hbm_slot: torch.Tensor | None = None  # [B, n_hbm]
     ddr: list = field(default_factory=list)  # list[DDRChunk]
     comp: QuantizedKV | None = None
     comp_slot: torch.Tensor | None = None  # [B, n_comp]
-    positions: torch.Tensor | None = None  # [B, N]
-    tiers: torch.Tensor | None = None  # [B, N] uint8
-    cumulative: torch.Tensor | None = None  # [B, N] float32
+    # Per-token columns live in buffers with spare capacity, so a decode step writes one column
+    # in place instead of reallocating four tensors: positions [B, N] long, tiers [B, N] uint8,
+    # cumulative [B, N] float32 (retained order) and hbm_slot [B, n_hbm] long.
+    columns: dict = field(default_factory=dict)
+    lengths: dict = field(default_factory=dict)
     recent: torch.Tensor | None = None  # [B, Hq, r, N] float32
     n_evicted: int = 0
     context_len: int = 0
@@ -142,17 +143,47 @@ class TieredLayer(CacheLayerMixin):
         self.hbm_k, self.hbm_v = empty, empty.clone()
         self.keys, self.values = self.hbm_k, self.hbm_v
         long_empty = torch.empty((batch, 0), dtype=torch.long, device=self.device)
-        self.hbm_slot = long_empty
         self.comp_slot = long_empty
+        self.hbm_slot = long_empty
         self.positions = long_empty
         self.tiers = torch.empty((batch, 0), dtype=torch.uint8, device=self.device)
         self.cumulative = torch.empty((batch, 0), dtype=torch.float32, device=self.device)
         self.is_initialized = True
 
+    # -- growable per-token columns --------------------------------------------------------------
+    def _get(self, name: str) -> torch.Tensor:
+        return self.columns[name][:, : self.lengths[name]]
+
+    def _set(self, name: str, value: torch.Tensor) -> None:
+        self.columns[name] = value
+        self.lengths[name] = value.shape[1]
+
+    def extend(self, name: str, count: int, fill) -> None:
+        """Append ``count`` columns holding ``fill`` (a scalar, or a start value when fill is a range)."""
+        buf, n = self.columns[name], self.lengths[name]
+        if n + count > buf.shape[1]:
+            grown = buf.new_empty((buf.shape[0], max(2 * buf.shape[1], n + count, 64)))
+            grown[:, :n] = buf[:, :n]
+            self.columns[name] = buf = grown
+        target = buf[:, n : n + count]
+        if isinstance(fill, range):
+            if count == 1:
+                target.fill_(fill.start)
+            else:
+                target.copy_(torch.arange(fill.start, fill.start + count, device=buf.device).expand_as(target))
+        else:
+            target.fill_(fill)
+        self.lengths[name] = n + count
+
+    positions = property(lambda self: self._get("positions"), lambda self, v: self._set("positions", v))
+    tiers = property(lambda self: self._get("tiers"), lambda self, v: self._set("tiers", v))
+    cumulative = property(lambda self: self._get("cumulative"), lambda self, v: self._set("cumulative", v))
+    hbm_slot = property(lambda self: self._get("hbm_slot"), lambda self, v: self._set("hbm_slot", v))
+
     # -- sizes -------------------------------------------------------------------------------
     @property
     def num_retained(self) -> int:
-        return 0 if self.positions is None else self.positions.shape[1]
+        return self.lengths.get("positions", 0)
 
     @property
     def num_ddr(self) -> int:
@@ -281,11 +312,11 @@ class TieredCache(Cache):
         if step == 0:
             window = self.policy.prefill_queries
             scored = probs if window is None else probs[:, :, -window:, :]
-            layer.cumulative += scored.mean(dim=1).sum(dim=1)
+            layer.cumulative.add_(scored.mean(dim=1).sum(dim=1))
             last = probs[:, :, -1, :].mean(dim=1)
         else:
             last = probs[:, :, -1, :].mean(dim=1)
-            layer.cumulative += last
+            layer.cumulative.add_(last)
         if self.policy.recent_queries:
             self._remember_queries(layer, probs)
         mass = self._mass_by_tier(layer, last) if self.recorder is not None else None
@@ -340,22 +371,17 @@ class TieredCache(Cache):
 
     # -- internals: appending and assembling -----------------------------------------------------
     def _append(self, layer: TieredLayer, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        batch, _, q_len, _ = key_states.shape
+        q_len = key_states.shape[2]
         n = layer.num_retained
-        device = layer.device
         if layer.hbm_k.shape[2] == 0:
             layer.hbm_k, layer.hbm_v = key_states, value_states
         else:
             layer.hbm_k = torch.cat((layer.hbm_k, key_states), dim=2)
             layer.hbm_v = torch.cat((layer.hbm_v, value_states), dim=2)
-        new_slots = torch.arange(n, n + q_len, device=device).expand(batch, q_len)
-        new_pos = torch.arange(layer.context_len, layer.context_len + q_len, device=device).expand(batch, q_len)
-        layer.hbm_slot = torch.cat((layer.hbm_slot, new_slots), dim=1)
-        layer.positions = torch.cat((layer.positions, new_pos), dim=1)
-        layer.tiers = torch.cat((layer.tiers, torch.zeros((batch, q_len), dtype=torch.uint8, device=device)), dim=1)
-        layer.cumulative = torch.cat(
-            (layer.cumulative, torch.zeros((batch, q_len), dtype=torch.float32, device=device)), dim=1
-        )
+        layer.extend("hbm_slot", q_len, range(n, n + q_len))
+        layer.extend("positions", q_len, range(layer.context_len, layer.context_len + q_len))
+        layer.extend("tiers", q_len, HBM)
+        layer.extend("cumulative", q_len, 0.0)
         if layer.recent is not None:
             pad = layer.recent.new_zeros((*layer.recent.shape[:3], q_len))
             layer.recent = torch.cat((layer.recent, pad), dim=3)
