@@ -25,6 +25,8 @@ app = typer.Typer(
 )
 
 console = Console()
+if not console.is_terminal:  # piped or captured: wide tables beat truncated ones
+    console = Console(width=160)
 err_console = Console(stderr=True)
 
 EXPECTED_ERRORS = (TiersimError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError)

@@ -1,1 +1,39 @@
-"""Placeholder until the simulator presets land: `tiersim presets`."""
+"""`tiersim presets`: the GPU and model presets the simulator knows."""
+
+from __future__ import annotations
+
+import json
+
+import typer
+from rich.table import Table
+
+from tiersim.cli.app import app, console
+
+
+@app.command()
+def presets(fmt: str = typer.Option("table", "--format", help="table or json")) -> None:
+    """List GPU and model presets (any transformers config.json also works via --model-config)."""
+    from tiersim.errors import TiersimError
+    from tiersim.simulator.presets import GB, GPUS, MODELS
+
+    if fmt == "json":
+        print(json.dumps({"gpus": {k: g.to_dict() for k, g in GPUS.items()},
+                          "models": {k: m.to_dict() for k, m in MODELS.items()}}, indent=2))
+        return
+    if fmt != "table":
+        raise TiersimError(f"--format must be table or json, got {fmt!r}")
+    gpus = Table(title="GPU presets")
+    for col in ("name", "HBM GB", "HBM TB/s", "H2D GB/s", "D2H GB/s", "both GB/s", "copy µs", "bf16 TFLOP/s", "note"):
+        gpus.add_column(col)
+    for g in GPUS.values():
+        gpus.add_row(g.name, f"{g.hbm_bytes / GB:.0f}", f"{g.hbm_bw / 1e12:.2f}", f"{g.h2d_bw / GB:.0f}",
+                     f"{g.d2h_bw / GB:.0f}", f"{g.bidir_bw / GB:.0f}", f"{g.copy_latency * 1e6:.0f}",
+                     f"{g.peak_flops / 1e12:.0f}", g.note)
+    models = Table(title="Model presets")
+    for col in ("name", "layers", "KV heads", "head dim", "hidden", "params (B)", "KV bytes/token (bf16)"):
+        models.add_column(col)
+    for m in MODELS.values():
+        models.add_row(m.name, str(m.num_layers), str(m.num_kv_heads), str(m.head_dim), str(m.hidden_size),
+                       f"{m.params / 1e9:.2f}", f"{m.kv_bytes_per_token:,.0f}")
+    console.print(gpus)
+    console.print(models)

@@ -7,6 +7,7 @@ from tiersim.cli.app import app, run
 # One line per command module; each module registers its commands on `app`.
 from tiersim.cli import cmd_presets  # noqa: F401,E402
 from tiersim.cli import cmd_capture  # noqa: F401,E402
+from tiersim.cli import cmd_simulate  # noqa: F401,E402
 
 
 def main() -> None:

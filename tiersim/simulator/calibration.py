@@ -1,0 +1,64 @@
+"""Reading a calibration file written by the validator; stdlib only.
+
+A calibration measured on a real GPU overrides the preset's link (bandwidth per direction, the
+shared bidirectional ceiling, per-copy latency) and compute numbers (achieved HBM bandwidth,
+matrix throughput, per-layer overhead).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tiersim.errors import TiersimError
+from tiersim.simulator.presets import GB, GPU, with_overrides
+
+KIND = "calibration"
+SCHEMA_VERSION = 1
+
+
+def load_calibration(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TiersimError(f"calibration file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise TiersimError(f"calibration file is not JSON: {path}") from None
+    if not isinstance(data, dict) or data.get("kind") != KIND:
+        raise TiersimError(f"not a tiersim calibration file (kind != 'calibration'): {path}")
+    version = data.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise TiersimError(f"calibration schema version {version!r} is newer than this tiersim understands: {path}")
+    return data
+
+
+def apply_calibration(gpu: GPU, calibration: dict) -> GPU:
+    """The preset with every number the calibration measured replaced by the measurement."""
+    link = calibration.get("link") or {}
+    compute = calibration.get("compute") or {}
+
+    def num(section: dict, key: str, scale: float):
+        value = section.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, (int, float)) or value <= 0:
+            raise TiersimError(f"calibration: {key} must be a positive number, got {value!r}")
+        return float(value) * scale
+
+    hbm_bw = num(compute, "hbm_bw_gbps", GB)
+    peak = num(compute, "peak_tflops", 1e12)
+    return with_overrides(
+        gpu,
+        h2d_bw=num(link, "h2d_gbps", GB),
+        d2h_bw=num(link, "d2h_gbps", GB),
+        bidir_bw=num(link, "bidir_total_gbps", GB),
+        copy_latency=num(link, "copy_latency_us", 1e-6),
+        # Measured rates are achieved rates: use them as the datasheet figure at 100% efficiency.
+        hbm_bw=hbm_bw,
+        hbm_efficiency=1.0 if hbm_bw else None,
+        peak_flops=peak,
+        flops_efficiency=1.0 if peak else None,
+        layer_overhead=num(compute, "layer_overhead_us", 1e-6),
+        name=f"{gpu.name} (calibrated: {calibration.get('device', {}).get('name', 'unknown device')})",
+    )

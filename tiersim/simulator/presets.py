@@ -1,0 +1,146 @@
+"""Hardware and model presets (public figures from docs/design.md); stdlib only.
+
+The GPU machine that runs the validator has no simpy or plotly, so this module, ``calibration``
+and ``analytic`` import nothing beyond the standard library and numpy.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from tiersim.errors import TiersimError
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class GPU:
+    """One accelerator and its host link. Bandwidths in bytes/s, latency in seconds."""
+
+    name: str
+    hbm_bytes: float
+    hbm_bw: float
+    h2d_bw: float  # host->device, one direction, measured-class DMA rate
+    d2h_bw: float
+    bidir_bw: float  # shared ceiling when both directions run at once
+    copy_latency: float  # per cudaMemcpyAsync call
+    peak_flops: float  # dense bf16
+    reserved_bytes: float = 2.5 * GB  # CUDA context, allocator slack, workspace: not usable for KV
+    hbm_efficiency: float = 0.80  # achieved / datasheet HBM bandwidth in decode kernels
+    flops_efficiency: float = 0.60
+    layer_overhead: float = 12e-6  # kernel launches and small ops per decoder layer
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Model:
+    """A decoder's shape. KV bytes are for bf16 unless ``kv_dtype_bytes`` says otherwise."""
+
+    name: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    num_attention_heads: int
+    params: float
+    param_bytes: float = 2.0
+    kv_dtype_bytes: int = 2
+
+    @property
+    def weight_bytes(self) -> float:
+        return self.params * self.param_bytes
+
+    @property
+    def kv_bytes_per_token_layer(self) -> float:
+        return 2 * self.num_kv_heads * self.head_dim * self.kv_dtype_bytes
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        return self.kv_bytes_per_token_layer * self.num_layers
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "kv_bytes_per_token": self.kv_bytes_per_token}
+
+
+GPUS: dict[str, GPU] = {
+    g.name: g
+    for g in [
+        GPU("h100-sxm", 80 * GB, 3.35e12, 50 * GB, 50 * GB, 83 * GB, 5e-6, 989e12,
+            note="PCIe Gen5 x16: 63 GB/s theory, ~50 measured per direction, ~83 both ways"),
+        GPU("h100-pcie", 80 * GB, 2.0e12, 50 * GB, 50 * GB, 83 * GB, 5e-6, 756e12, note="PCIe Gen5 x16"),
+        GPU("h200", 141 * GB, 4.8e12, 50 * GB, 50 * GB, 83 * GB, 5e-6, 989e12,
+            note="PCIe Gen5; link not published, H100 figures assumed"),
+        GPU("a100-80g", 80 * GB, 2.04e12, 25 * GB, 25 * GB, 42 * GB, 5e-6, 312e12,
+            note="PCIe Gen4 x16: 32 theory, ~25 measured"),
+        GPU("gh200", 96 * GB, 4.0e12, 380 * GB, 380 * GB, 700 * GB, 3e-6, 989e12,
+            note="NVLink-C2C 450 GB/s theory per direction; 85% assumed achievable"),
+    ]
+}
+
+MODELS: dict[str, Model] = {
+    m.name: m
+    for m in [
+        Model("r1-distill-qwen-1.5b", 28, 2, 128, 1536, 12, 1.78e9),
+        Model("r1-distill-qwen-7b", 28, 4, 128, 3584, 28, 7.62e9),
+        Model("r1-distill-qwen-14b", 48, 8, 128, 5120, 40, 14.8e9),
+        Model("r1-distill-qwen-32b", 64, 8, 128, 5120, 40, 32.8e9),
+        Model("qwq-32b", 64, 8, 128, 5120, 40, 32.8e9),
+        Model("qwen3-8b", 36, 8, 128, 4096, 32, 8.19e9),
+        Model("llama-3.1-8b", 32, 8, 128, 4096, 32, 8.03e9),
+        Model("llama-3.1-70b", 80, 8, 128, 8192, 64, 70.6e9),
+    ]
+}
+
+
+def get_gpu(name: str) -> GPU:
+    if name not in GPUS:
+        raise TiersimError(f"unknown GPU preset {name!r}: choose one of {', '.join(GPUS)} (see `tiersim presets`)")
+    return GPUS[name]
+
+
+def get_model(name: str) -> Model:
+    if name not in MODELS:
+        raise TiersimError(
+            f"unknown model preset {name!r}: choose one of {', '.join(MODELS)} or pass --model-config config.json"
+        )
+    return MODELS[name]
+
+
+def model_from_config(path: str | Path) -> Model:
+    """A model preset from a transformers ``config.json`` (parameter count estimated from the shape)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TiersimError(f"--model-config: file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise TiersimError(f"--model-config: not a JSON file: {path}") from None
+    cfg = cfg.get("text_config", cfg)
+    try:
+        layers = int(cfg["num_hidden_layers"])
+        hidden = int(cfg["hidden_size"])
+        heads = int(cfg["num_attention_heads"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TiersimError(f"--model-config: {path} lacks {exc} (num_hidden_layers, hidden_size, num_attention_heads)") from None
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    inter = int(cfg.get("intermediate_size") or 4 * hidden)
+    vocab = int(cfg.get("vocab_size") or 32000)
+    attn = hidden * head_dim * (heads + 2 * kv_heads) + heads * head_dim * hidden
+    mlp = 3 * hidden * inter
+    embed = vocab * hidden * (1 if cfg.get("tie_word_embeddings") else 2)
+    params = layers * (attn + mlp) + embed
+    name = cfg.get("_name_or_path") or path.parent.name or "custom"
+    return Model(str(name), layers, kv_heads, head_dim, hidden, heads, float(params))
+
+
+def with_overrides(gpu: GPU, **changes) -> GPU:
+    """A copy of ``gpu`` with some numbers replaced (calibration, what-if bandwidths)."""
+    return replace(gpu, **{k: v for k, v in changes.items() if v is not None})
