@@ -50,3 +50,17 @@ def test_targets_follow_ratios_and_fill_from_the_bottom():
 def test_round_trip_dict():
     cfg = TierConfig(hbm=0.25, ddr=0.75, retier_every=4)
     assert TierConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_vectorised_targets_equal_the_scalar_rule():
+    import numpy as np
+
+    from tiersim.hierarchy.config import tier_targets_array
+
+    for cfg in (TierConfig(hbm=0.5, ddr=0.47, evict=0.03), TierConfig(hbm=0.2, ddr=0.3, compressed=0.4, evict=0.1),
+                TierConfig(hbm=0.7, ddr=0.3, sink_tokens=0, recent_window=0)):
+        lengths = np.arange(0, 400)
+        vec = tier_targets_array(cfg, lengths)
+        for t in lengths:
+            scalar = tier_targets(cfg, int(t), min(int(t), cfg.sink_tokens + cfg.recent_window))
+            assert {k: int(v[t]) for k, v in vec.items()} == scalar

@@ -98,3 +98,22 @@ def tier_targets(config: TierConfig, context_len: int, protected: int) -> dict[s
         available -= n
     counts["hbm"] = context_len - counts["evicted"] - counts["compressed"] - counts["ddr"]
     return {t: counts[t] for t in TIERS}
+
+
+def tier_targets_array(policy, context_len):
+    """:func:`tier_targets` over an array of context lengths (numpy), for traces and the simulator.
+
+    ``policy`` is anything with the ratio attributes and ``sink_tokens`` / ``recent_window``
+    (a TierConfig, or the simulator's numpy-only Policy); pinned = sinks + recent window.
+    """
+    import numpy as np
+
+    t = np.asarray(context_len, dtype=float)
+    available = t - np.minimum(t, policy.sink_tokens + policy.recent_window)
+    counts = {}
+    for tier, ratio in (("evicted", policy.evict), ("compressed", policy.compressed), ("ddr", policy.ddr)):
+        n = np.minimum(np.floor(ratio * t + 1e-9), available)
+        counts[tier] = n
+        available = available - n
+    counts["hbm"] = t - counts["evicted"] - counts["compressed"] - counts["ddr"]
+    return counts

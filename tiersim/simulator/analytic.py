@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from tiersim.hierarchy.config import tier_targets_array
 from tiersim.simulator.presets import GB, GPU, Model
 
 #: Bits per element of the compressed tier including one fp16 scale and minimum per group of 32.
@@ -61,19 +62,6 @@ class Workload:
         return float(self.full_context.mean() / self.batch)
 
 
-def _targets(policy: Policy, t: np.ndarray) -> dict[str, np.ndarray]:
-    """Vectorised tier_targets: fill evicted, compressed, DDR from the unpinned tokens; HBM the rest."""
-    protected = np.minimum(t, policy.sink_tokens + policy.recent_window)
-    available = t - protected
-    out = {}
-    for tier, ratio in (("evicted", policy.evict), ("compressed", policy.compressed), ("ddr", policy.ddr)):
-        n = np.minimum(np.floor(ratio * t + 1e-9), available)
-        out[tier] = n
-        available = available - n
-    out["hbm"] = t - out["evicted"] - out["compressed"] - out["ddr"]
-    return out
-
-
 def sample_lengths(batch: int, mean_length: float, sigma: float, rng: np.random.Generator) -> np.ndarray:
     """Generated lengths per slot, log-normal with the given mean."""
     mu = np.log(mean_length) - sigma**2 / 2
@@ -104,10 +92,10 @@ def build_workload(
     t = (prompt_len + pos).astype(float)
     r = policy.retier_every
     last = pos - pos % r
-    tg = _targets(policy, (prompt_len + last).astype(float))
+    tg = tier_targets_array(policy, (prompt_len + last).astype(float))
     hbm = tg["hbm"] + (pos - last)
     at_retier = pos % r == 0
-    prev = _targets(policy, np.maximum(prompt_len + last - r, prompt_len).astype(float))
+    prev = tier_targets_array(policy, np.maximum(prompt_len + last - r, prompt_len).astype(float))
     a, b = churn
     swap = np.where(at_retier, np.minimum(np.round(a * t**b * t), prev["ddr"]), 0.0)
     demoted = np.where(at_retier, np.maximum(tg["ddr"] - prev["ddr"], 0.0), 0.0) + swap
@@ -167,7 +155,7 @@ def sequence_bytes(model: Model, policy: Policy, context: float) -> float:
     """HBM one sequence of ``context`` tokens needs under ``policy`` (for the largest-batch search)."""
     per_token = model.kv_bytes_per_token
     comp_ratio = COMPRESSED_BITS[policy.compressed_bits] / (8 * model.kv_dtype_bytes)
-    tg = _targets(policy, np.array([float(context)]))
+    tg = tier_targets_array(policy, np.array([float(context)]))
     kv = tg["hbm"][0] * per_token + tg["compressed"][0] * per_token * comp_ratio
     staging = 2 * tg["ddr"][0] * model.kv_bytes_per_token_layer
     act = ACTIVATION_HIDDEN_MULTIPLE * model.hidden_size * 2 + LOGITS_BYTES_PER_SEQUENCE

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from tiersim.errors import TiersimError
-from tiersim.hierarchy.config import TierConfig
+from tiersim.hierarchy.config import TierConfig, tier_targets_array
 from tiersim.traces.format import COLUMNS, Trace, new_meta
 
 MOVES = ("hbm_ddr", "compressed")
@@ -100,19 +100,6 @@ def fit(trace: Trace) -> TraceProfile:
     return TraceProfile(trace.meta["policy"], trace.meta["model"], prompt_len, churn, mass_rho, cover)
 
 
-def _targets(cfg: TierConfig, t: np.ndarray) -> dict[str, np.ndarray]:
-    """Vectorised :func:`tier_targets` (same rule, fill from the bottom)."""
-    protected = np.minimum(t, cfg.sink_tokens + cfg.recent_window)
-    available = t - protected
-    out = {}
-    for tier, ratio in (("evicted", cfg.evict), ("compressed", cfg.compressed), ("ddr", cfg.ddr)):
-        n = np.minimum(np.floor(ratio * t + 1e-9), available)
-        out[tier] = n
-        available = available - n
-    out["hbm"] = t - out["evicted"] - out["compressed"] - out["ddr"]
-    return out
-
-
 def synthesize_sequence(profile: TraceProfile, prompt_len: int, new_tokens: int, num_layers: int,
                         rng: np.random.Generator, seq_id: int = 0) -> pd.DataFrame:
     """One synthetic sequence: rows for steps 0..new_tokens-1 and every layer."""
@@ -122,7 +109,7 @@ def synthesize_sequence(profile: TraceProfile, prompt_len: int, new_tokens: int,
     t = t.astype(float)
     last_retier = steps - steps % cfg.retier_every
     t_at = prompt_len + last_retier
-    tg = _targets(cfg, t_at.astype(float))
+    tg = tier_targets_array(cfg, t_at.astype(float))
     n_hbm = tg["hbm"] + (steps - last_retier)
     is_retier = steps % cfg.retier_every == 0
     prev = {k: np.concatenate(([0.0], v[:-1])) for k, v in tg.items()}
