@@ -454,24 +454,27 @@ class TieredCache(Cache):
         # The staging buffer was last read by the layer before last; the new DDR chunk may still be
         # on its way down on the compute stream: wait for both.
         stream.wait_stream(torch.cuda.current_stream(device))
-        total = sum(c.keys.shape[2] for c in layer.ddr)
-        batch, heads, _, dim = layer.ddr[0].keys.shape
+        # Flat buffers: each chunk lands in one contiguous region (one DMA per tensor, no
+        # strided copy), and the buffer grows by 25% headroom when the tier outgrows it.
+        need = sum(c.keys.numel() for c in layer.ddr)
         slot = layer_idx % 2
         buffers = self._staging[slot]
-        if buffers is None or buffers[0].shape[2] < total or buffers[0].shape[:2] != (batch, heads):
-            capacity = max(total, int(total * 1.25) + 1)
-            buffers = [torch.empty((batch, heads, capacity, dim), dtype=layer.dtype, device=device) for _ in range(2)]
+        if buffers is None or buffers[0].numel() < need or buffers[0].dtype != layer.dtype:
+            capacity = int(need * 1.25) + 1
+            buffers = [torch.empty(capacity, dtype=layer.dtype, device=device) for _ in range(2)]
+            for buffer in buffers:
+                buffer.record_stream(stream)  # written on the side stream, read on the compute stream
             self._staging[slot] = buffers
         staged, offset = [], 0
         with torch.cuda.stream(stream):
             for chunk in layer.ddr:
-                m = chunk.keys.shape[2]
-                sk = buffers[0][:, :, offset : offset + m]
-                sv = buffers[1][:, :, offset : offset + m]
+                n = chunk.keys.numel()
+                sk = buffers[0][offset : offset + n].view(chunk.keys.shape)
+                sv = buffers[1][offset : offset + n].view(chunk.values.shape)
                 sk.copy_(chunk.keys, non_blocking=True)
                 sv.copy_(chunk.values, non_blocking=True)
                 staged.append((sk, sv))
-                offset += m
+                offset += n
             event = torch.cuda.Event()
             event.record(stream)
         layer.staged, layer.prefetch_event = staged, event
