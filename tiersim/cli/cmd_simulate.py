@@ -81,7 +81,15 @@ def simulate(
     if out:
         _write_timeline(out, timeline, meta)
     if report:
-        _write_report([meta | {"timeline": timeline}], report)
+        if out:
+            _write_report([out], report)
+        else:  # the report reads the same file `--out` would write
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                timeline_path = Path(tmp) / "simulation.parquet"
+                _write_timeline(timeline_path, timeline, meta)
+                _write_report([timeline_path], report)
     if fmt == "json":
         print(json.dumps({"rows": [row]}, indent=2, default=float))
         return
