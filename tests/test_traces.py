@@ -208,3 +208,22 @@ def test_synth_extrapolates_to_reasoning_lengths(captured):
     assert steps.context_len.max() > 600
     assert ((steps.n_hbm + steps.n_ddr + steps.n_compressed + steps.n_evicted) == steps.context_len).all()
     assert json.dumps(trace.meta)  # metadata stays JSON
+
+
+@pytest.mark.slow
+def test_full_mode_keeps_replayable_attention_rows(smollm2, tmp_path):
+    from tiersim.models import describe_model
+
+    model, tokenizer = smollm2
+    cfg = TierConfig(hbm=0.5, ddr=0.5, **SMALL)
+    trace = capture(model, tokenizer, load_prompts(None, 1), cfg, 8, describe_model(model), full=True)
+    path = write(tmp_path / "full.parquet", trace.steps, trace.meta)
+    back = read(path)
+    assert back.meta["mode"] == "full"
+    for _, row in back.steps.iterrows():
+        positions, probs = np.asarray(row.attn_positions), np.asarray(row.attn_probs)
+        retained = row.context_len - row.n_evicted
+        assert len(positions) == len(probs) == retained
+        assert probs.sum() == pytest.approx(1.0, abs=1e-4) and (np.diff(positions) > 0).all()
+    decode = back.steps[back.steps.step > 0]
+    assert (decode.mass_hbm + decode.mass_ddr).between(0.999, 1.001).all()

@@ -30,6 +30,7 @@ def capture(
     compressed_bits: int = typer.Option(4, "--compressed-bits", help="4 or 8"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     dtype: str = typer.Option("float32", help="float32 (exact on CPU), bfloat16 or float16"),
+    full: bool = typer.Option(False, "--full", help="also keep every step's attention row (large; for offline replay)"),
     out: Path = typer.Option(Path("trace.parquet"), help="output Parquet trace"),
 ) -> None:
     """Run a real model under the tier policy and write a trace (per step, per layer)."""
@@ -69,7 +70,7 @@ def capture(
 
         trace = run_capture(
             mdl, tokenizer, items, config, max_new_tokens, describe_model(mdl), device=device,
-            prompts_source=str(prompts) if prompts else "bundled", on_sequence=advance,
+            prompts_source=str(prompts) if prompts else "bundled", on_sequence=advance, full=full,
         )
     write(out, trace.steps, trace.meta)
     console.print(

@@ -214,7 +214,9 @@ class TieredCache(Cache):
     sets it) whenever tokens leave HBM, since the policy ranks by attention scores.
 
     ``recorder``, when given, is called after every layer's attention with a dict describing the
-    step (tier counts, moves, attention mass per tier): trace capture uses it.
+    step (tier counts, moves, attention mass per tier): trace capture uses it. With
+    ``record_attention`` the dict also carries the step's attention row (positions and
+    probabilities of the retained tokens, batch row 0) so other policies can be replayed offline.
     """
 
     def __init__(
@@ -222,6 +224,7 @@ class TieredCache(Cache):
         config: TierConfig | None = None,
         model=None,
         recorder: Callable[[dict], None] | None = None,
+        record_attention: bool = False,
     ):
         super().__init__(layers=[])
         self.config = config if config is not None else TierConfig()
@@ -229,6 +232,7 @@ class TieredCache(Cache):
             raise TiersimError(f"TieredCache needs a TierConfig, got {type(self.config).__name__}")
         self.policy = make_policy(self.config)
         self.recorder = recorder
+        self.record_attention = record_attention and recorder is not None
         self.needs_scores = self.config.offloads or recorder is not None or self.config.policy != "hierarchy"
         if model is not None:
             check_model_supported(getattr(model, "config", model))
@@ -320,6 +324,9 @@ class TieredCache(Cache):
         if self.policy.recent_queries:
             self._remember_queries(layer, probs)
         mass = self._mass_by_tier(layer, last) if self.recorder is not None else None
+        if self.record_attention:
+            mass["attn_positions"] = layer.positions[0].tolist()
+            mass["attn_probs"] = last[0].tolist()
         moves = None
         if self.config.offloads or self.config.policy != "hierarchy":
             if self.policy.due(step):

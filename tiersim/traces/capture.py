@@ -44,7 +44,8 @@ class SequenceResult:
     seconds: float
 
 
-def generate_one(model, tokenizer, text: str, config: TierConfig, max_new_tokens: int, recorder=None):
+def generate_one(model, tokenizer, text: str, config: TierConfig, max_new_tokens: int, recorder=None,
+                 full: bool = False):
     """Greedy generation of one prompt with a TieredCache; returns (input_ids, new_token_ids, cache)."""
     import torch
 
@@ -52,7 +53,7 @@ def generate_one(model, tokenizer, text: str, config: TierConfig, max_new_tokens
     from tiersim.models import format_prompt, generation_kwargs
 
     input_ids = format_prompt(tokenizer, text).to(model.device)
-    cache = TieredCache(config, recorder=recorder)
+    cache = TieredCache(config, recorder=recorder, record_attention=full)
     with torch.inference_mode():
         out = model.generate(
             input_ids,
@@ -74,14 +75,19 @@ def capture(
     device: str = "cpu",
     prompts_source: str = "bundled",
     on_sequence: Callable[[SequenceResult], None] | None = None,
+    full: bool = False,
 ) -> Trace:
-    """Run every prompt under ``config`` and return the trace (not yet written)."""
+    """Run every prompt under ``config`` and return the trace (not yet written).
+
+    ``full`` keeps each step's attention row (``attn_positions``, ``attn_probs`` list columns):
+    large, but enough to replay other policies offline without rerunning the model.
+    """
     recorder = StepRecorder()
     sequences: list[dict] = []
     for seq_id, prompt in enumerate(prompts):
         recorder.seq_id = seq_id
         start = time.perf_counter()
-        input_ids, new_ids, _ = generate_one(model, tokenizer, prompt.prompt, config, max_new_tokens, recorder)
+        input_ids, new_ids, _ = generate_one(model, tokenizer, prompt.prompt, config, max_new_tokens, recorder, full)
         seconds = time.perf_counter() - start
         text = tokenizer.decode(new_ids, skip_special_tokens=True)
         result = SequenceResult(seq_id, prompt.id, int(input_ids.shape[1]), int(new_ids.shape[0]), text, seconds)
@@ -106,4 +112,6 @@ def capture(
         prompts_source=prompts_source,
         max_new_tokens=max_new_tokens,
     )
-    return Trace(meta=meta, steps=steps.astype(COLUMNS)[list(COLUMNS)])
+    meta["mode"] = "full" if full else "summary"
+    extra = [c for c in ("attn_positions", "attn_probs") if full and c in steps.columns]
+    return Trace(meta=meta, steps=steps.astype(COLUMNS)[list(COLUMNS) + extra])
