@@ -227,3 +227,53 @@ def test_full_mode_keeps_replayable_attention_rows(smollm2, tmp_path):
         assert probs.sum() == pytest.approx(1.0, abs=1e-4) and (np.diff(positions) > 0).all()
     decode = back.steps[back.steps.step > 0]
     assert (decode.mass_hbm + decode.mass_ddr).between(0.999, 1.001).all()
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--model", "/no/such/model"], "not found"),
+        (["--hbm", "0.5", "--ddr", "0.6", "--evict", "0"], "sum to 1"),
+        (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--n", "0"], "--n"),
+        (["--prompts", "/no/such.jsonl"], "prompts file not found"),
+        (["--device", "tpu"], "--device"),
+    ],
+)
+def test_capture_bad_input_is_one_line(tmp_path, args, needle):
+    out = tmp_path / "t.parquet"
+    proc = subprocess.run([sys.executable, "-m", "tiersim", "capture", *args, "--out", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_user_prompt_files_are_checked(tmp_path):
+    from tiersim.errors import TiersimError
+
+    good = tmp_path / "p.jsonl"
+    good.write_text('{"prompt": "What is 2+2?", "answer": "4"}\n\n{"id": "x", "prompt": "Name a color."}\n')
+    prompts = load_prompts(good)
+    assert [p.id for p in prompts] == ["1", "x"] and prompts[0].answer == "4" and prompts[1].answer is None
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"prompt": \n')
+    with pytest.raises(TiersimError, match="line 2"):
+        load_prompts(bad)
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text('{"question": "no prompt field"}\n')
+    with pytest.raises(TiersimError, match="'prompt'"):
+        load_prompts(missing)
+
+
+def test_bundled_prompts_are_complete():
+    from tiersim.prompts import answers_match, extract_answer
+
+    prompts = load_prompts()
+    assert len(prompts) >= 30 and len({p.id for p in prompts}) == len(prompts)
+    assert all(p.answer for p in prompts)
+    assert extract_answer("so 3 + 4 = 7. Answer: 1,250.50 dollars") == "1250.5"
+    assert extract_answer("The result is 12 and then 15") == "15"
+    assert extract_answer("Answer: Ben") == "ben" and answers_match("ben", "Ben")
+    assert answers_match("22.10", "22.1") and not answers_match("22", "22.1") and not answers_match(None, "1")
