@@ -277,3 +277,17 @@ def test_bundled_prompts_are_complete():
     assert extract_answer("The result is 12 and then 15") == "15"
     assert extract_answer("Answer: Ben") == "ben" and answers_match("ben", "Ben")
     assert answers_match("22.10", "22.1") and not answers_match("22", "22.1") and not answers_match(None, "1")
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from tiersim.atomic import write_text
+
+    umask = os.umask(0o022)
+    try:
+        write_text(tmp_path / "x.txt", "hi")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "x.txt").stat().st_mode) == 0o644
