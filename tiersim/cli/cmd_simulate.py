@@ -74,7 +74,10 @@ def simulate(
     baseline, _ = run(scenario, scenario.policy(1.0, 0.0, 0.0, 0.0))
     row, timeline = run(scenario, policy)
     row = with_overhead(row, baseline)
-    meta = {"kind": "simulation", "schema_version": 1, "model": scenario.model.to_dict(),
+    from tiersim import __version__
+
+    meta = {"kind": "simulation", "schema_version": 1, "tiersim_version": __version__,
+            "model": scenario.model.to_dict(),
             "gpu": scenario.gpu.to_dict(), "trace": scenario.trace_label, "batch": batch,
             "config": {"hbm": hbm, "ddr": ddr, "compressed": compressed, "evict": evict},
             "mean_length": scenario.mean_length, "summary": row}

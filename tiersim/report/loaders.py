@@ -1,0 +1,189 @@
+"""Read every input kind the report draws into tidy pandas frames.
+
+The kind is taken from the file's own ``kind`` field (JSON body or the Parquet ``tiersim``
+metadata), never from the file name, so a renamed file still works and a foreign one is refused
+with one line. Producers' in-memory dicts (``--report`` on simulate/capacity/grid) go through the
+same checks as files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from tiersim.errors import TiersimError
+
+SCHEMA_VERSION = 1  # the newest schema of each input kind this reader understands
+META_KEY = b"tiersim"
+PARQUET_MAGIC = b"PAR1"
+
+# The columns each table must have (docs/file-formats.md); extra columns are kept.
+REQUIRED: dict[str, dict[str, tuple[str, ...]]] = {
+    "simulation": {
+        "timeline": ("step", "weights_gb", "kv_hbm_gb", "staging_gb", "free_gb", "hbm_capacity_gb",
+                     "h2d_gb", "d2h_gb", "compute_ms", "stall_ms", "step_ms"),
+    },
+    "capacity": {
+        "rows": ("hbm", "ddr", "compressed", "evict", "hbm_saved_gb", "overhead_pct", "fits"),
+        "batch_sweep": ("batch", "hbm", "ddr", "evict", "hbm_saved_gb", "overhead_pct", "fits"),
+    },
+    "quality-grid": {
+        "rows": ("method", "hbm", "ddr", "compressed", "evict", "exact_match"),
+    },
+    "calibration": {
+        "points": ("measured_step_ms", "simulated_step_ms"),
+        "sweep": ("bytes", "direction", "gbps"),
+    },
+}
+KINDS = tuple(REQUIRED)
+HINTS = {
+    "trace": "simulate it first: tiersim simulate --trace FILE --out result.parquet",
+}
+
+
+@dataclass
+class ReportInput:
+    """One input: its kind, where it came from, its metadata and its tables (tidy frames)."""
+
+    kind: str
+    source: str
+    meta: dict[str, Any]
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+    def provenance(self) -> dict[str, str]:
+        """Model, GPU, trace and tiersim version, as printed in the page header."""
+        meta = self.meta
+        model = _name(meta.get("model"))
+        gpu = _name(meta.get("gpu"))
+        trace = meta.get("trace")
+        if self.kind == "quality-grid":
+            gpu = meta.get("device") or gpu
+            trace = trace or _prompts_label(meta)
+        if self.kind == "calibration":
+            gpu = _name(meta.get("device"))
+            trace = trace or "measured on the GPU"
+            shapes = self.tables["points"].get("model_shape")
+            model = model or (", ".join(sorted({str(s) for s in shapes.dropna()})) if shapes is not None else None)
+        return {
+            "model": model or "not recorded",
+            "gpu": gpu or "not recorded",
+            "trace": str(trace) if trace else "not recorded",
+            "tiersim_version": str(meta.get("tiersim_version") or "not recorded"),
+        }
+
+
+def _name(value: Any) -> str | None:
+    if isinstance(value, Mapping):
+        return value.get("name") or value.get("id")
+    return str(value) if value else None
+
+
+def _prompts_label(meta: dict) -> str | None:
+    n, t = meta.get("n_prompts"), meta.get("max_new_tokens")
+    source = meta.get("prompts_source", "prompts")
+    return f"{source} prompts: {n} × {t} tokens" if n is not None else None
+
+
+def load_input(item: str | os.PathLike | Mapping) -> ReportInput:
+    """A file path or a producer's dict -> a checked :class:`ReportInput`."""
+    if isinstance(item, Mapping):
+        from tiersim import __version__
+
+        # A dict comes from a producer running in this very process: its version is ours.
+        return _from_document({"tiersim_version": __version__, **item}, "<in memory>")
+    if isinstance(item, ReportInput):
+        return item
+    path = Path(item)
+    if not path.exists():
+        raise TiersimError(f"report input not found: {path}")
+    if not path.is_file():
+        raise TiersimError(f"report input is not a file: {path}")
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    document = _read_parquet(path) if head == PARQUET_MAGIC else _read_json(path)
+    return _from_document(document, str(path))
+
+
+def _read_parquet(path: Path) -> dict:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for truncated or foreign files
+        raise TiersimError(f"report input {path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+    raw = (table.schema.metadata or {}).get(META_KEY)
+    if raw is None:
+        raise TiersimError(f"report input {path}: Parquet file without tiersim metadata (not written by tiersim)")
+    try:
+        document = json.loads(raw)
+    except json.JSONDecodeError:
+        raise TiersimError(f"report input {path}: its tiersim metadata is not JSON") from None
+    if not isinstance(document, dict):
+        raise TiersimError(f"report input {path}: its tiersim metadata is not a JSON object")
+    frame = table.to_pandas()
+    # Parquet carries one table: the timeline of a simulation, the rows of anything else.
+    document["timeline" if document.get("kind") == "simulation" else "rows"] = frame
+    return document
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise TiersimError(f"report input {path}: neither Parquet nor JSON") from None
+    except json.JSONDecodeError as exc:
+        raise TiersimError(f"report input {path}: neither Parquet nor valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(document, dict):
+        raise TiersimError(f"report input {path}: expected a JSON object with a 'kind', got {type(document).__name__}")
+    return document
+
+
+def _from_document(document: dict, source: str) -> ReportInput:
+    kind = document.get("kind")
+    if kind not in REQUIRED:
+        hint = f"; {HINTS[kind]}" if kind in HINTS else ""
+        raise TiersimError(f"report input {source}: kind {kind!r} is not drawable "
+                           f"(expected one of {', '.join(KINDS)}){hint}")
+    version = document.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise TiersimError(f"report input {source}: schema_version must be an integer, got {version!r}")
+    if version > SCHEMA_VERSION:
+        raise TiersimError(f"report input {source}: {kind} schema_version {version} is newer than this tiersim "
+                           f"reads ({SCHEMA_VERSION}); upgrade tiersim")
+    tables = {name: _frame(document, name, source) for name in _table_names(kind)}
+    meta = {k: v for k, v in document.items() if k not in tables and k != "link"}
+    if kind == "calibration":
+        meta["link"] = {k: v for k, v in (document.get("link") or {}).items() if k != "sweep"}
+    for name, columns in REQUIRED[kind].items():
+        frame = tables[name]
+        if frame.empty and name in ("batch_sweep", "sweep", "points"):
+            continue  # optional sections: the figure is left out, the rest of the report is drawn
+        if frame.empty:
+            raise TiersimError(f"report input {source}: {kind} {name} has no rows")
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise TiersimError(f"report input {source}: {kind} {name} lacks column {missing[0]!r}")
+    return ReportInput(kind, source, meta, tables)
+
+
+def _table_names(kind: str) -> tuple[str, ...]:
+    return tuple(REQUIRED[kind])
+
+
+def _frame(document: dict, name: str, source: str) -> pd.DataFrame:
+    raw = (document.get("link") or {}).get("sweep") if name == "sweep" else document.get(name)
+    if raw is None:
+        return pd.DataFrame()
+    if isinstance(raw, pd.DataFrame):
+        return raw.reset_index(drop=True)
+    try:
+        frame = pd.DataFrame(raw)  # list of row dicts, or dict of equal-length columns (numpy arrays)
+    except (ValueError, TypeError) as exc:
+        raise TiersimError(f"report input {source}: {name} is not a table ({exc})") from None
+    return frame
