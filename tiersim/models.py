@@ -11,8 +11,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tiersim.errors import TiersimError
+
+if TYPE_CHECKING:  # torch and transformers load lazily: the simulator and report never need them
+    import torch
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -87,32 +91,77 @@ def resolve_model_dir(name_or_path: str | None) -> tuple[Path, str]:
     )
 
 
-def load_model(name_or_path: str | None = None, device: str = "cpu", dtype="float32",
+def load_model(name_or_path: str | None = None, device: str = "cpu", dtype: str | torch.dtype = "float32",
                attn_implementation: str = "tiersim"):
-    """(model, tokenizer) in eval mode, scoring attention enabled, never touching a hub."""
+    """(model, tokenizer) in eval mode, scoring attention enabled, never touching a hub.
+
+    The config is checked before the weights are read, so an unsupported model fails in a second.
+    """
     import tiersim.hierarchy.scoring  # noqa: F401  (registers the "tiersim" attention)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # tiersim shows its own progress
 
-    from tiersim.hierarchy.cache import check_model_supported
-
-    directory, model_id = resolve_model_dir(name_or_path)
     torch_dtype = _torch_dtype(dtype)
+    torch_device = _torch_device(device)
+    directory, model_id = resolve_model_dir(name_or_path)
     try:
+        check_supported(AutoConfig.from_pretrained(directory, local_files_only=True))
         model = AutoModelForCausalLM.from_pretrained(
             directory, dtype=torch_dtype, attn_implementation=attn_implementation, local_files_only=True
         )
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise TiersimError(f"could not load model from {directory}: {str(exc).splitlines()[0]}") from None
-    check_model_supported(model.config)
-    model.to(device)
+    except (OSError, ValueError, KeyError) as exc:
+        raise TiersimError(f"could not load model from {directory}: {_first_line(exc)}") from None
+    check_supported(model)
+    try:
+        model.to(torch_device)
+    except (RuntimeError, AssertionError) as exc:
+        raise TiersimError(f"--device {device!r} cannot hold the model: {_first_line(exc)}") from None
     model.eval()
     model.name_or_path = model_id
     _quiet_generation_config(model)
     return model, tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _torch_device(device: str):
+    """A torch.device, refusing names torch does not know and CUDA where there is none."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise TiersimError(f"--device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise TiersimError(f"--device {device!r}: CUDA is not available on this machine")
+    return parsed
+
+
+def check_supported(model_or_config) -> None:
+    """Refuse models the tiered cache cannot hold: non-decoders and windowed / chunked / linear attention.
+
+    Every layer must keep one growing full-attention KV per token, else the tiers have nothing to rank.
+    The layer-type rule lives with the cache (``check_model_supported``); this adds the decoder check.
+    """
+    from tiersim.hierarchy.cache import check_model_supported
+
+    config = getattr(model_or_config, "config", model_or_config)
+    if getattr(config, "is_encoder_decoder", False):
+        raise TiersimError(
+            f"unsupported model: {config.model_type} is an encoder-decoder; tiersim needs a decoder-only causal LM"
+        )
+    architectures = getattr(config, "architectures", None) or []
+    if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        raise TiersimError(
+            f"unsupported model: architecture {architectures[0]} is not a decoder-only causal LM"
+        )
+    check_model_supported(config)
 
 
 def _quiet_generation_config(model) -> None:

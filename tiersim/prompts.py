@@ -33,6 +33,7 @@ def load_prompts(path: str | Path | None = None, n: int | None = None) -> list[P
             raise TiersimError(f"prompts file not found: {file}")
         text, label = file.read_text(encoding="utf-8"), str(file)
     prompts: list[Prompt] = []
+    seen: set[str] = set()
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -43,25 +44,37 @@ def load_prompts(path: str | Path | None = None, n: int | None = None) -> list[P
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
             raise TiersimError(f"{label}: line {number} has no 'prompt' text field")
         answer = item.get("answer")
-        prompts.append(Prompt(str(item.get("id", number)), item["prompt"], None if answer is None else str(answer)))
+        prompt_id = str(item.get("id", number))
+        if prompt_id in seen:
+            raise TiersimError(f"{label}: line {number} repeats id {prompt_id!r}")
+        seen.add(prompt_id)
+        prompts.append(Prompt(prompt_id, item["prompt"], None if answer is None else str(answer)))
     if not prompts:
         raise TiersimError(f"{label}: no prompts found")
     return prompts[:n] if n is not None else prompts
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_FILLER = {"the", "a", "an", "is", "it", "its", "answer", "final"}
 
 
 def extract_answer(text: str) -> str | None:
-    """The final answer: what follows the last 'Answer:' (else the last number), normalised."""
-    tail = text.rsplit("Answer:", 1)[1] if "Answer:" in text else None
-    source = tail if tail is not None else text
-    numbers = _NUMBER.findall(source)
-    if tail is not None:
+    """The final answer: what follows the last 'Answer:' (else the last number), normalised.
+
+    Small models write "Answer: $1,250.50 dollars" or "**Answer:** The green box": the first number
+    after the marker wins (units and currency dropped), else its first meaningful word, lowercased.
+    With no usable marker the last number in the text is the model's best guess.
+    """
+    if "Answer:" in text:
+        tail = text.rsplit("Answer:", 1)[1]
+        numbers = _NUMBER.findall(tail)
         if numbers:
             return _normalise_number(numbers[0])
-        words = re.findall(r"[A-Za-z]+", tail)
-        return words[0].lower() if words else None
+        words = [w.lower() for w in re.findall(r"[A-Za-z]+", tail)]
+        words = [w for w in words if w not in _FILLER]
+        if words:
+            return words[0]
+    numbers = _NUMBER.findall(text)
     return _normalise_number(numbers[-1]) if numbers else None
 
 
@@ -69,14 +82,15 @@ def _normalise_number(token: str) -> str:
     token = token.replace(",", "")
     if "." in token:
         token = token.rstrip("0").rstrip(".")
-    return token
+    return "0" if token in ("-0", "") else token
 
 
 def answers_match(predicted: str | None, truth: str | None) -> bool:
-    """Numeric answers compare with a small tolerance; words compare case-insensitively."""
+    """Numeric answers compare with a small relative tolerance; words compare case-insensitively."""
     if predicted is None or truth is None:
         return False
     try:
-        return abs(float(predicted) - float(truth.replace(",", ""))) <= 1e-6 * max(1.0, abs(float(truth)))
+        pred, want = float(predicted.replace(",", "")), float(truth.replace(",", ""))
     except ValueError:
         return predicted.strip().lower() == truth.strip().lower()
+    return abs(pred - want) <= 1e-6 * max(1.0, abs(want))

