@@ -62,7 +62,10 @@ def parse_int_list(text: str, name: str) -> list[int]:
 def run() -> None:
     """Entry point: run the app, mapping expected errors to one line and a non-zero exit."""
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns a command's `typer.Exit` code instead of exiting.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code != 0:
+            sys.exit(code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:

@@ -1,0 +1,9 @@
+"""The GPU validator: run the tiered cache with real pinned-memory transfers and calibrate the simulator.
+
+Imports only torch, numpy, transformers and the standard library (plus the numpy-only parts of
+``tiersim.simulator``), because the GPU machine has no simpy, plotly or rich. Entry points:
+``python -m tiersim.validator`` (no typer needed) and ``tiersim validate`` (the typer wrapper).
+Submodules are imported on use so that ``import tiersim.validator`` stays cheap.
+"""
+
+__all__ = ["calibrate", "compare", "compute", "decode", "fit", "link", "shapes", "timing"]

@@ -1,0 +1,385 @@
+"""One validation run: link sweep, decode grid, compute fit, simulator predictions, calibration JSON.
+
+The JSON follows docs/file-formats.md (kind ``calibration``). ``link`` and ``compute`` are what the
+simulator's ``apply_calibration`` reads; every measured point carries the calibrated simulator's
+closed-form prediction and its error, so one file says both what the GPU did and how far the
+model of it is off. Only torch, numpy and the numpy-only parts of the simulator are imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+import tiersim
+from tiersim.atomic import write_json
+from tiersim.errors import TiersimError
+
+KIND = "calibration"
+SCHEMA_VERSION = 1
+DEFAULT_BATCHES = (1, 8, 32)
+DEFAULT_CONTEXTS = (2048, 8192)
+DEFAULT_HBM = (1.0, 0.5, 0.25)
+
+
+class NoDeviceError(TiersimError):
+    """CUDA was asked for (the default) and torch sees no CUDA device."""
+
+
+def resolve_device(device: str | None):
+    """``cuda`` (the default) or ``cpu`` (smoke mode); a clear error when CUDA is missing."""
+    import torch
+
+    name = (device or "cuda").strip().lower()
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise NoDeviceError(
+                f"no CUDA device: torch {torch.__version__} sees none; run on a GPU machine "
+                "(scripts/gpu_validate.sh) or pass --device cpu for the smoke mode"
+            )
+        dev = torch.device(name)
+        return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
+    if name == "cpu":
+        return torch.device("cpu")
+    raise TiersimError(f"--device must be 'cuda', 'cuda:N' or 'cpu', got {device!r}")
+
+
+def device_info(device) -> dict:
+    import torch
+
+    info = {"name": None, "driver": None, "torch": torch.__version__, "cuda": torch.version.cuda,
+            "python": platform.python_version()}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover - the validator needs it anyway
+        pass
+    if device.type == "cuda":
+        info["name"] = torch.cuda.get_device_name(device)
+        props = torch.cuda.get_device_properties(device)
+        info["memory_gb"] = props.total_memory / 1e9
+        info["driver"] = _nvidia_driver()
+    else:
+        info["name"] = f"cpu ({platform.processor() or platform.machine()})"
+    return info
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True, text=True, timeout=10, check=True,
+        )
+        return out.stdout.strip().splitlines()[0] or None
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+def base_gpu_preset(device_name: str | None) -> str:
+    """The simulator preset whose unmeasured numbers (capacity, reserve) fit this device best."""
+    name = (device_name or "").lower()
+    if "gh200" in name:
+        return "gh200"
+    if "h200" in name:
+        return "h200"
+    if "h100" in name:
+        return "h100-pcie" if "pcie" in name else "h100-sxm"
+    if "a100" in name:
+        return "a100-80g"
+    return "h100-sxm"
+
+
+def check_grid(batches, contexts, hbms, steps: int, warmup: int, prefill: str, budget_s: float | None = None) -> None:
+    """Refuse a bad grid before any GPU time is spent; messages name the option and the value."""
+    from tiersim.validator.decode import PREFILLS
+
+    for name, values, low in (("batch", batches, 1), ("context", contexts, 2)):
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise TiersimError(f"--{name}: values must be integers >= {low}, got {v!r}")
+    for h in hbms:
+        if not (0.0 < float(h) <= 1.0):
+            raise TiersimError(f"--hbm: ratios must be in (0, 1], got {h!r}")
+    if steps < 1:
+        raise TiersimError(f"--steps must be >= 1, got {steps!r}")
+    if budget_s is not None and not budget_s > 0:
+        raise TiersimError(f"--budget-s must be > 0 seconds, got {budget_s!r}")
+    if warmup < 1:
+        raise TiersimError(f"--warmup must be >= 1 (the first decode step after prefill is cold), got {warmup!r}")
+    if prefill not in PREFILLS:
+        raise TiersimError(f"--prefill must be one of {', '.join(PREFILLS)}, got {prefill!r}")
+
+
+def check_out(out) -> None:
+    """Refuse an unwritable ``--out`` before the run, not after minutes of GPU time."""
+    if out is None:
+        return
+    path = Path(out)
+    if path.is_dir():
+        raise TiersimError(f"--out: {path} is a directory; give a file name such as {path / 'h100.json'}")
+    if path.suffix.lower() != ".json":
+        raise TiersimError(f"--out: the calibration file must end in .json, got {str(path)!r}")
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise TiersimError(f"--out: cannot create {path} (no writable folder {parent})")
+
+
+# -- simulator predictions -------------------------------------------------------------------------
+def sim_model(shape, params: float):
+    """The simulator's Model for ``shape``, with the built model's exact parameter count."""
+    from tiersim.simulator.presets import Model
+
+    return Model(shape.name, shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.hidden_size,
+                 shape.num_attention_heads, float(params))
+
+
+def effective_context(context: int, warmup: int, steps: int) -> float:
+    """Mean context during the timed steps (the cache grows one token per step)."""
+    return context + warmup + steps / 2
+
+
+def layer_bytes(model, batch: int, context: float) -> float:
+    """Bytes one decoder layer reads per all-in-HBM decode step, by the simulator's own accounting."""
+    return model.weight_bytes / model.num_layers + batch * context * model.kv_bytes_per_token_layer
+
+
+def predict(model, gpu, policy: dict, batch: int, context: float, hbm: float) -> dict:
+    """The simulator's closed-form step time and stall for one steady (non re-tiering) decode step."""
+    from tiersim.hierarchy.config import tier_targets_array
+    from tiersim.simulator.analytic import Policy, Workload, closed_form, layer_costs
+
+    pol = Policy(hbm=hbm, ddr=1.0 - hbm, compressed=0.0, evict=0.0, **policy)
+    tg = tier_targets_array(pol, np.array([float(context)]))
+    one = np.array([float(batch * context)])
+    work = Workload(batch=batch, steps=np.array([0]), context=one, full_context=one,
+                    hbm=tg["hbm"] * batch, ddr=tg["ddr"] * batch, compressed=np.zeros(1), demoted=np.zeros(1))
+    step, stall = closed_form(layer_costs(model, gpu, pol, work), model.num_layers)
+    return {"step_ms": float(step[0]) * 1e3, "stall_ms": float(stall[0]) * 1e3}
+
+
+def add_predictions(doc: dict, model, policy: dict, settings: dict) -> None:
+    """Fill ``simulated_step_ms`` / ``sim_error_pct`` per point from the calibrated simulator (in place)."""
+    try:
+        from tiersim.simulator.calibration import apply_calibration
+        from tiersim.simulator.presets import get_gpu
+    except ImportError:  # pragma: no cover - the simulator's numpy-only modules are part of tiersim
+        return
+    gpu = apply_calibration(get_gpu(doc["gpu_preset"]), doc)
+    for point in doc["points"]:
+        if point.get("measured_step_ms") is None:
+            continue
+        ctx = effective_context(point["context"], settings["warmup"], settings["steps"])
+        pred = predict(model, gpu, policy, point["batch"], ctx, point["hbm"])
+        point["simulated_step_ms"] = pred["step_ms"]
+        point["simulated_stall_ms"] = pred["stall_ms"]
+        point["sim_error_pct"] = 100.0 * (pred["step_ms"] - point["measured_step_ms"]) / point["measured_step_ms"]
+
+
+# -- the run -----------------------------------------------------------------------------------
+def run_validation(
+    shape_name: str = "r1-distill-qwen-7b",
+    batches=DEFAULT_BATCHES,
+    contexts=DEFAULT_CONTEXTS,
+    hbms=DEFAULT_HBM,
+    device: str | None = "cuda",
+    steps: int = 24,
+    warmup: int = 4,
+    prefill: str = "synthetic",
+    out=None,
+    sweep_sizes=None,
+    command: str | None = None,
+    log: Callable[[str], None] = lambda _msg: None,
+    budget_s: float | None = None,
+) -> dict:
+    """Measure everything, predict every point, write ``out`` atomically (when given); return the document.
+
+    ``budget_s`` bounds the decode grid: once it is spent the remaining points are listed as skipped,
+    so a run on a borrowed GPU always ends with a file rather than being killed with nothing.
+    """
+    from tiersim.validator.shapes import get_shape
+
+    batches, contexts = [int(b) for b in batches], [int(c) for c in contexts]
+    hbms = [float(h) for h in hbms]
+    shape = get_shape(shape_name)
+    check_grid(batches, contexts, hbms, steps, warmup, prefill, budget_s)
+    check_out(out)
+    dev = resolve_device(device)
+    with single_threaded_cpu(dev):
+        doc = _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_sizes, command, log,
+                       budget_s)
+    if out is not None:
+        write_json(out, doc)
+        log(f"wrote {out}")
+    return doc
+
+
+@contextlib.contextmanager
+def single_threaded_cpu(dev):
+    """CPU smoke mode runs torch on one thread (restored afterwards).
+
+    Tiny tensors gain nothing from intra-op threads, and on a busy machine every parallel region
+    can stall for milliseconds waiting for a descheduled worker: two orders of magnitude slower.
+    """
+    import torch
+
+    if dev.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_sizes, command, log,
+             budget_s) -> dict:
+    import torch
+
+    from tiersim.hierarchy.config import TierConfig
+    from tiersim.validator import compute, decode, link
+    from tiersim.validator.shapes import build_model
+
+    info = device_info(dev)
+    log(f"device: {info['name']} (torch {info['torch']}, CUDA {info['cuda']}, driver {info['driver']})")
+
+    log("link sweep: pinned H2D / D2H / both, 4 KiB .. 64 MiB")
+    link_doc = link.summarize_link(link.sweep(dev, sweep_sizes or link.SIZES))
+    log(f"  h2d {link_doc['h2d_gbps']:.1f} GB/s, d2h {link_doc['d2h_gbps']:.1f} GB/s, "
+        f"both {link_doc['bidir_total_gbps']:.1f} GB/s, latency {link_doc['copy_latency_us'] or 0:.2f} us")
+    tflops, copy_rate = compute.matmul_tflops(dev), compute.copy_gbps(dev)
+    log(f"compute: matmul {tflops:.1f} TFLOP/s, device copy {copy_rate:.0f} GB/s")
+
+    log(f"building {shape.name} with random weights on {dev}")
+    model = build_model(shape, dev)
+    params = sum(p.numel() for p in model.parameters())
+    defaults = TierConfig()
+    policy = {"sink_tokens": defaults.sink_tokens, "recent_window": defaults.recent_window,
+              "retier_every": defaults.retier_every}
+
+    points, baselines = [], []
+    started = time.monotonic()
+    for batch in batches:
+        for context in contexts:
+            baseline = None
+            for hbm in [1.0] + [h for h in hbms if h != 1.0]:
+                if budget_s is not None and time.monotonic() - started > budget_s:
+                    m, why = None, f"skipped: time budget of {budget_s:g} s spent"
+                else:
+                    log(f"decode: batch {batch}, context {context}, hbm {hbm}")
+                    m, why = _run_point_or_oom(decode, model, batch, context, hbm, steps, warmup, prefill)
+                if why:
+                    log(f"  {why}")
+                if hbm == 1.0:
+                    baseline = m
+                    if m:
+                        baselines.append(m)
+                if hbm not in hbms:
+                    continue
+                points.append(_point(shape.name, batch, context, hbm, m, baseline, why))
+                if m:
+                    log(f"  step {m['step_ms']:.3f} ms (baseline {baseline['step_ms'] if baseline else float('nan'):.3f}),"
+                        f" stall {m['stall_ms'] if m['stall_ms'] is not None else float('nan'):.3f} ms,"
+                        f" H2D {m['h2d_bytes'] / 1e6:.1f} MB/step")
+
+    model_doc = sim_model(shape, params)
+    probe = min(8, steps) if dev.type == "cuda" else 0
+    settings = {"steps": steps, "warmup": warmup, "probe_steps": probe, "prefill": prefill, "budget_s": budget_s,
+                **policy}
+    fit = compute.fit_layer_model(
+        [layer_bytes(model_doc, b["batch"], effective_context(b["context"], warmup, steps)) for b in baselines],
+        [b["step_ms"] / 1e3 / shape.num_layers for b in baselines],
+        fallback_gbps=copy_rate,
+    )
+    doc = {
+        "kind": KIND,
+        "schema_version": SCHEMA_VERSION,
+        "tiersim_version": tiersim.__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "device": info,
+        "gpu_preset": base_gpu_preset(info["name"] if dev.type == "cuda" else None),
+        "model_shape": {**shape.to_dict(), "params": params},
+        "settings": settings,
+        "link": link_doc,
+        "compute": {
+            "hbm_bw_gbps": fit["hbm_bw_gbps"],
+            "peak_tflops": tflops,
+            "layer_overhead_us": fit["layer_overhead_us"],
+            "copy_gbps": copy_rate,
+            "method": fit["method"],
+        },
+        "points": points,
+    }
+    add_predictions(doc, model_doc, policy, settings)
+    finish(doc)
+    return doc
+
+
+def _run_point_or_oom(decode, model, batch, context, hbm, steps, warmup, prefill):
+    """(measurement, None), or (None, why) when the device or pinned host memory ran out."""
+    import torch
+
+    try:
+        return decode.run_point(model, batch, context, hbm, steps=steps, warmup=warmup, prefill=prefill), None
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:  # cudaHostAlloc failures are RuntimeErrors
+        if "out of memory" not in str(exc).lower():
+            raise
+        return None, "out of memory: point skipped"
+
+
+def _point(shape: str, batch: int, context: int, hbm: float, m: dict | None, baseline: dict | None,
+           why: str | None) -> dict:
+    measured = m["step_ms"] if m else None
+    base = baseline["step_ms"] if baseline else None
+    return {
+        "model_shape": shape,
+        "batch": batch,
+        "context": context,
+        "hbm": hbm,
+        "measured_step_ms": measured,
+        "baseline_step_ms": base,
+        "stall_ms": m["stall_ms"] if m else None,
+        "h2d_bytes": m["h2d_bytes"] if m else None,
+        "d2h_bytes": m["d2h_bytes"] if m else None,
+        "overhead_pct": 100.0 * (measured - base) / base if measured is not None and base else None,
+        "simulated_step_ms": None,
+        "simulated_stall_ms": None,
+        "sim_error_pct": None,
+        "measured_step_ms_mean": m["step_ms_mean"] if m else None,
+        "measured_step_ms_p90": m["step_ms_p90"] if m else None,
+        "prefetch_gbps": m["prefetch_gbps"] if m else None,
+        "retiers": m["retiers"] if m else None,
+        "tier_bytes": m["tier_bytes"] if m else None,
+        "error": why if not m else None,
+    }
+
+
+def finish(doc: dict) -> None:
+    """The top-level lists and the summary against the issue's targets (in place)."""
+    points = doc["points"]
+    doc["sim_error_pct"] = [p["sim_error_pct"] for p in points if p["sim_error_pct"] is not None]
+    doc["overhead_pct"] = [p["overhead_pct"] for p in points if p["overhead_pct"] is not None]
+    errors = [abs(e) for e in doc["sim_error_pct"]]
+    offloaded = [p for p in points if p["hbm"] < 1.0 and p["measured_step_ms"] is not None]
+    prefetch = [p["prefetch_gbps"] for p in offloaded if p.get("prefetch_gbps")]
+    peak = (doc.get("link") or {}).get("fit", {}).get("h2d", {}).get("peak_gbps")
+    best_prefetch = max(prefetch) if prefetch else None
+    doc["summary"] = {
+        "median_abs_sim_error_pct": statistics.median(errors) if errors else None,
+        "max_abs_sim_error_pct": max(errors) if errors else None,
+        "max_overhead_pct": max((p["overhead_pct"] for p in offloaded), default=None),
+        "prefetch_gbps_max": best_prefetch,
+        "prefetch_share_of_peak_h2d": best_prefetch / peak if best_prefetch and peak else None,
+    }

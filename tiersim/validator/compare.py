@@ -1,0 +1,87 @@
+"""Measured versus simulated, side by side: the rows and a plain-text rendering.
+
+The rows are plain data so that ``tiersim validate --compare`` can draw them with rich and
+``python -m tiersim.validator --compare`` (on a machine without rich) as aligned text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+COLUMNS = ("shape", "batch", "context", "hbm", "measured ms", "simulated ms", "error %",
+           "baseline ms", "overhead %", "stall ms", "sim stall ms", "H2D MB/step", "prefetch GB/s")
+
+
+def load(path: str | Path) -> dict:
+    """A calibration document, refused with one clear line when it is not one."""
+    from tiersim.errors import TiersimError
+    from tiersim.simulator.calibration import load_calibration
+
+    doc = load_calibration(path)
+    if not isinstance(doc.get("points"), list):
+        raise TiersimError(f"calibration file has no 'points' list: {path}")
+    return doc
+
+
+def _num(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _signed(value, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:+.{digits}f}"
+
+
+def rows(doc: dict) -> list[list[str]]:
+    """One row of strings per measured point, in ``COLUMNS`` order."""
+    out = []
+    for p in doc["points"]:
+        h2d = p.get("h2d_bytes")
+        out.append([
+            str(p.get("model_shape", "")),
+            str(p["batch"]),
+            str(p["context"]),
+            f"{p['hbm']:g}",
+            _num(p.get("measured_step_ms"), 3),
+            _num(p.get("simulated_step_ms"), 3),
+            _signed(p.get("sim_error_pct")),
+            _num(p.get("baseline_step_ms"), 3),
+            _signed(p.get("overhead_pct")),
+            _num(p.get("stall_ms"), 3),
+            _num(p.get("simulated_stall_ms"), 3),
+            _num(None if h2d is None else h2d / 1e6, 3),
+            _num(p.get("prefetch_gbps"), 1),
+        ])
+    return out
+
+
+def summary_lines(doc: dict) -> list[str]:
+    """The device, the link and compute calibration, and the errors against the issue's targets."""
+    dev = doc.get("device") or {}
+    link = doc.get("link") or {}
+    comp = doc.get("compute") or {}
+    s = doc.get("summary") or {}
+    lines = [
+        f"device: {dev.get('name')} | torch {dev.get('torch')} | CUDA {dev.get('cuda')} | driver {dev.get('driver')}",
+        f"link: H2D {_num(link.get('h2d_gbps'), 1)} GB/s, D2H {_num(link.get('d2h_gbps'), 1)} GB/s, "
+        f"both {_num(link.get('bidir_total_gbps'), 1)} GB/s, per-copy latency {_num(link.get('copy_latency_us'), 2)} us",
+        f"compute: HBM {_num(comp.get('hbm_bw_gbps'), 1)} GB/s (decode fit), matmul {_num(comp.get('peak_tflops'), 1)} "
+        f"TFLOP/s, layer overhead {_num(comp.get('layer_overhead_us'), 1)} us",
+    ]
+    if s:
+        share = s.get("prefetch_share_of_peak_h2d")
+        lines.append(
+            f"simulator error: median |err| {_num(s.get('median_abs_sim_error_pct'), 1)}% "
+            f"(target < 10%), max {_num(s.get('max_abs_sim_error_pct'), 1)}%; "
+            f"max transfer overhead {_num(s.get('max_overhead_pct'), 1)}%; "
+            f"prefetch reaches {_num(None if share is None else 100 * share, 0)}% of peak H2D (target >= 85%)"
+        )
+    return lines
+
+
+def format_text(doc: dict) -> str:
+    """An aligned plain-text table plus the summary lines."""
+    table = [list(COLUMNS)] + rows(doc)
+    widths = [max(len(r[i]) for r in table) for i in range(len(COLUMNS))]
+    text = ["  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in table]
+    text.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(text + [""] + summary_lines(doc))

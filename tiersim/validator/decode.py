@@ -1,0 +1,195 @@
+"""Timing decode steps of a model with the TieredCache at one (batch, context, HBM ratio) point.
+
+Each point builds a fresh cache, fills it with ``context`` tokens, runs a few warm-up decode
+steps (the first one pays the prefetch that the prefill's re-tiering left cold) and then times
+``steps`` decode steps with CUDA events; the median is the headline. On CUDA a few more probe
+steps follow, in which the :class:`InstrumentedCache` also times its own prefetch copies on the
+side stream (achieved H2D bandwidth) and how long the compute stream waits for them (the stall).
+"""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from tiersim.hierarchy import scoring
+from tiersim.hierarchy.cache import TieredCache
+from tiersim.hierarchy.config import TierConfig
+from tiersim.validator.timing import Stopwatch, summarize
+
+PREFILLS = ("synthetic", "model")
+
+
+class InstrumentedCache(TieredCache):
+    """A TieredCache that records CUDA events around its prefetch copies and the waits for them.
+
+    It wraps two internals of :class:`TieredCache` (``_issue_prefetch``, ``_wait_for_prefetch``)
+    without changing what they do; recording is on only while ``step_index >= 0``.
+    """
+
+    def __init__(self, config: TierConfig) -> None:
+        super().__init__(config)
+        self.step_index = -1
+        self.copies: list[tuple] = []  # (step, start event, end event, bytes)
+        self.waits: list[tuple] = []  # (step, start event, end event)
+
+    def _recording(self, layer) -> bool:
+        return self.step_index >= 0 and layer.device.type == "cuda"
+
+    def _wait_for_prefetch(self, layer, layer_idx):
+        if not (layer.ddr and self._recording(layer)):
+            return super()._wait_for_prefetch(layer, layer_idx)
+        stream = torch.cuda.current_stream(layer.device)
+        start = torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        staged = super()._wait_for_prefetch(layer, layer_idx)
+        end = torch.cuda.Event(enable_timing=True)
+        end.record(stream)
+        self.waits.append((self.step_index, start, end))
+        return staged
+
+    def _issue_prefetch(self, layer_idx: int) -> None:
+        layer = self.layers[layer_idx]
+        if not self._recording(layer):
+            return super()._issue_prefetch(layer_idx)
+        if self._prefetch_stream is None:
+            self._prefetch_stream = torch.cuda.Stream(device=layer.device)
+        stream = self._prefetch_stream
+        # Start the clock when the copies may start (the cache makes the stream wait the same way).
+        stream.wait_stream(torch.cuda.current_stream(layer.device))
+        start = torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        super()._issue_prefetch(layer_idx)
+        end = torch.cuda.Event(enable_timing=True)
+        end.record(stream)
+        self.copies.append((self.step_index, start, end, sum(c.nbytes for c in layer.ddr)))
+
+
+def tier_config(hbm: float, **policy) -> TierConfig:
+    """Lossless offloading: what leaves HBM goes to DDR (nothing compressed, nothing evicted)."""
+    return TierConfig(hbm=hbm, ddr=1.0 - hbm, **policy)
+
+
+def synthetic_prefill(model, cache: TieredCache, batch: int, context: int, generator: torch.Generator) -> None:
+    """Fill every layer with ``context`` random K/V and random causal attention rows, without a forward.
+
+    Decode cost depends on the cache's sizes, not on where its values came from, and this costs
+    no prefill compute or activation memory (a 32 x 8K prefill of a 7B model would need tens of
+    GB of MLP activations). The cache receives exactly what a prefill would hand it: K/V per
+    layer through ``update`` and the prompt's attention probabilities through ``observe_attention``.
+    """
+    cfg = model.config
+    device, dtype = model.device, model.dtype
+    heads = cfg.num_attention_heads
+    kv_heads = cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    for layer_idx in range(cfg.num_hidden_layers):
+        shape = (batch, kv_heads, context, head_dim)
+        keys = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        values = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        cache.update(keys, values, layer_idx)
+        n_queries = cache.queries_to_score(layer_idx, context)
+        if n_queries:
+            logits = torch.randn((batch, heads, n_queries, context), generator=generator, device=device)
+            logits.mul_(3.0)  # peaked rows, like trained attention, so the ranking is not a tie
+            rows = torch.arange(context - n_queries, context, device=device)[:, None]
+            logits.masked_fill_(torch.arange(context, device=device)[None, :] > rows, float("-inf"))
+            cache.observe_attention(layer_idx, torch.softmax(logits, dim=-1))
+    scoring.clear_listener()
+
+
+def model_prefill(model, cache: TieredCache, batch: int, context: int, generator: torch.Generator) -> None:
+    """A real prefill forward of ``context`` random tokens (one forward: small shapes only)."""
+    ids = torch.randint(model.config.vocab_size, (batch, context), generator=generator, device=model.device)
+    model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    scoring.clear_listener()
+
+
+def run_point(
+    model,
+    batch: int,
+    context: int,
+    hbm: float,
+    steps: int = 24,
+    warmup: int = 4,
+    prefill: str = "synthetic",
+    seed: int = 0,
+    policy: dict | None = None,
+    probe_steps: int | None = None,
+) -> dict:
+    """Time ``steps`` decode steps after ``warmup``; returns step-time statistics, stall and bytes moved.
+
+    The timed steps run uninstrumented: recording events around every layer's prefetch costs host
+    time, which a launch-bound step would show as overhead. ``probe_steps`` further steps (CUDA
+    only, default ``min(8, steps)``) record the prefetch copies and waits for ``stall_ms`` and
+    ``prefetch_gbps``.
+    """
+    device = model.device
+    config = tier_config(hbm, **(policy or {}))
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    watch = Stopwatch(device)
+    if probe_steps is None:
+        probe_steps = min(8, steps) if watch.cuda else 0
+    cache = InstrumentedCache(config)
+    total = warmup + steps + probe_steps
+    marks = []
+    try:
+        with torch.inference_mode():
+            (synthetic_prefill if prefill == "synthetic" else model_prefill)(model, cache, batch, context, generator)
+            tokens = torch.randint(model.config.vocab_size, (total, batch, 1), generator=generator, device=device)
+            for i in range(total):
+                if i == warmup:
+                    watch.sync()
+                    before = cache.stats()
+                if i == warmup + steps:
+                    watch.sync()
+                    after = cache.stats()
+                cache.step_index = i - warmup - steps  # >= 0 only in the probe steps
+                start = watch.mark()
+                model(input_ids=tokens[i], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                end = watch.mark()
+                if warmup <= i < warmup + steps:
+                    marks.append((start, end))
+            cache.step_index = -1
+            watch.sync()
+            if not probe_steps:
+                after = cache.stats()
+            scoring.clear_listener()
+        step_ms = [watch.elapsed_ms(a, b) for a, b in marks]
+        stall = _per_step(cache.waits, probe_steps, watch) if probe_steps else None
+        copied = sum(c[3] for c in cache.copies)
+        copy_s = sum(watch.elapsed_ms(c[1], c[2]) for c in cache.copies) / 1e3
+        stats = summarize(step_ms)
+        return {
+            "batch": batch,
+            "context": context,
+            "hbm": hbm,
+            "step_ms": stats["median"],
+            "step_ms_mean": stats["mean"],
+            "step_ms_p90": stats["p90"],
+            "stall_ms": summarize(stall)["median"] if stall is not None else None,
+            "h2d_bytes": (after["bytes_h2d"] - before["bytes_h2d"]) // steps,
+            "d2h_bytes": (after["bytes_d2h"] - before["bytes_d2h"]) // steps,
+            "prefetch_gbps": copied / copy_s / 1e9 if copy_s > 0 and copied else None,
+            "tier_bytes": after["bytes"],
+            "retiers": after["retiers"] - before["retiers"],
+            "steps": steps,
+            "warmup": warmup,
+            "probe_steps": probe_steps,
+        }
+    finally:
+        del cache
+        gc.collect()
+        if watch.cuda:
+            torch.cuda.empty_cache()
+
+
+def _per_step(waits: list, steps: int, watch: Stopwatch) -> list[float]:
+    """Milliseconds the compute stream spent waiting for prefetches, summed per timed step."""
+    totals = [0.0] * steps
+    for step, start, end in waits:
+        if 0 <= step < steps:
+            totals[step] += watch.elapsed_ms(start, end)
+    return totals
