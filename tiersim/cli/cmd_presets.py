@@ -23,12 +23,13 @@ def presets(fmt: str = typer.Option("table", "--format", help="table or json")) 
     if fmt != "table":
         raise TiersimError(f"--format must be table or json, got {fmt!r}")
     gpus = Table(title="GPU presets")
-    for col in ("name", "HBM GB", "HBM TB/s", "H2D GB/s", "D2H GB/s", "both GB/s", "copy µs", "bf16 TFLOP/s", "note"):
+    for col in ("name", "HBM GB", "HBM TB/s", "H2D GB/s", "D2H GB/s", "both GB/s", "copy µs", "bf16 TFLOP/s",
+                "host GB", "note"):
         gpus.add_column(col)
     for g in GPUS.values():
         gpus.add_row(g.name, f"{g.hbm_bytes / GB:.0f}", f"{g.hbm_bw / 1e12:.2f}", f"{g.h2d_bw / GB:.0f}",
                      f"{g.d2h_bw / GB:.0f}", f"{g.bidir_bw / GB:.0f}", f"{g.copy_latency * 1e6:.0f}",
-                     f"{g.peak_flops / 1e12:.0f}", g.note)
+                     f"{g.peak_flops / 1e12:.0f}", f"{g.host_bytes / GB:.0f}", g.note)
     models = Table(title="Model presets")
     for col in ("name", "layers", "KV heads", "head dim", "hidden", "params (B)", "KV bytes/token (bf16)"):
         models.add_column(col)

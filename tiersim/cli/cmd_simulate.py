@@ -15,21 +15,37 @@ from tiersim.errors import TiersimError
 FORMATS = ("table", "json")
 
 
-def _scenario(trace, model, model_config, gpu, batch, lengths, steps, seed, calibration):
+def _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch, steps, seed, calibration):
     from tiersim.simulator.calibration import apply_calibration, load_calibration
-    from tiersim.simulator.capacity import load_trace, scenario_from_trace
+    from tiersim.simulator.capacity import PREFETCH_MODES, SYNTHETIC_LABEL, load_trace, scenario_from_trace
     from tiersim.simulator.presets import get_gpu, get_model, model_from_config
     from tiersim.traces.synth import parse_lengths
 
     if batch < 1:
         raise TiersimError(f"--batch must be >= 1, got {batch}")
+    if steps < 1:
+        raise TiersimError(f"--steps must be >= 1, got {steps}")
+    if context is not None and context < 1:
+        raise TiersimError(f"--context must be >= 1, got {context}")
+    if context is not None and lengths is not None:
+        raise TiersimError(f"use either --context ({context}) or --lengths ({lengths}), not both")
+    if prefetch not in PREFETCH_MODES:
+        raise TiersimError(f"--prefetch must be one of {', '.join(PREFETCH_MODES)}, got {prefetch!r}")
+    lengths = lengths or "math500"
+    mean_length = None if lengths.strip().lower() == "trace" else parse_lengths(lengths)
     mdl = model_from_config(model_config) if model_config else get_model(model)
     hw = get_gpu(gpu)
     if calibration:
         hw = apply_calibration(hw, load_calibration(calibration))
-    mean_length = None if lengths == "trace" else parse_lengths(lengths)
-    label = str(trace) if trace else "bundled"
-    return scenario_from_trace(load_trace(trace), mdl, hw, batch, mean_length, steps=steps, seed=seed, label=label)
+    loaded = load_trace(trace)
+    if loaded is None:
+        if mean_length is None:
+            raise TiersimError("--lengths trace: no trace to take lengths from (the bundled trace is missing)")
+        err_console.print("[yellow]note:[/] the bundled trace is missing from this install; using the synthetic "
+                          "profile documented in docs/simulator.md", highlight=False)
+    label = str(trace) if trace else ("bundled" if loaded is not None else SYNTHETIC_LABEL)
+    return scenario_from_trace(loaded, mdl, hw, batch, mean_length, steps=steps, seed=seed, label=label,
+                               context=context, prefetch=prefetch)
 
 
 def _check_format(fmt: str) -> None:
@@ -45,7 +61,11 @@ def _progress(total: int, label: str) -> Progress:
 
 
 TRACE_HELP = "trace to project from (default: the bundled SmolLM2 capture)"
-LENGTHS_HELP = "mean generated tokens: a number, gsm8k/math500/amc23/gpqa/aime, or 'trace'"
+LENGTHS_HELP = ("mean generated tokens (log-normal, staggered batch): a number, gsm8k/math500/amc23/gpqa/aime, "
+                "or 'trace' [default: math500]")
+CONTEXT_HELP = "instead of --lengths: a lockstep batch decoding from this many context tokens"
+PREFETCH_HELP = ("DDR tokens fetched per step: all (exact), or cover99/cover90: an oracle selective prefetch of the "
+                 "trace's tokens holding 99%/90% of the DDR tier's attention (not exact)")
 
 
 @app.command()
@@ -57,7 +77,9 @@ def simulate(
     batch: int = typer.Option(64, help="sequences decoded together"),
     hbm: float = typer.Option(0.5), ddr: float = typer.Option(0.5),
     compressed: float = typer.Option(0.0), evict: float = typer.Option(0.0),
-    lengths: str = typer.Option("math500", help=LENGTHS_HELP),
+    lengths: str = typer.Option(None, help=LENGTHS_HELP),
+    context: int = typer.Option(None, help=CONTEXT_HELP),
+    prefetch: str = typer.Option("all", help=PREFETCH_HELP),
     steps: int = typer.Option(256, help="decode steps simulated (steady state, staggered batch)"),
     seed: int = typer.Option(0),
     calibration: Path = typer.Option(None, help="calibration JSON from `tiersim validate`"),
@@ -66,23 +88,18 @@ def simulate(
     report: Path = typer.Option(None, help="also write an HTML report"),
 ) -> None:
     """Simulate one tier config: HBM use, PCIe traffic, stalls and throughput."""
-    from tiersim.simulator.capacity import run, with_overhead
+    from tiersim.simulator.capacity import baseline_policy, run, with_overhead
+    from tiersim.simulator.results import simulation_meta, write_timeline
 
     _check_format(fmt)
-    scenario = _scenario(trace, model, model_config, gpu, batch, lengths, steps, seed, calibration)
+    scenario = _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch, steps, seed, calibration)
     policy = scenario.policy(hbm, ddr, compressed, evict)
-    baseline, _ = run(scenario, scenario.policy(1.0, 0.0, 0.0, 0.0))
+    baseline, _ = run(scenario, baseline_policy(scenario))
     row, timeline = run(scenario, policy)
     row = with_overhead(row, baseline)
-    from tiersim import __version__
-
-    meta = {"kind": "simulation", "schema_version": 1, "tiersim_version": __version__,
-            "model": scenario.model.to_dict(),
-            "gpu": scenario.gpu.to_dict(), "trace": scenario.trace_label, "batch": batch,
-            "config": {"hbm": hbm, "ddr": ddr, "compressed": compressed, "evict": evict},
-            "mean_length": scenario.mean_length, "summary": row}
+    meta = simulation_meta(scenario, {"hbm": hbm, "ddr": ddr, "compressed": compressed, "evict": evict}, row)
     if out:
-        _write_timeline(out, timeline, meta)
+        write_timeline(out, timeline, meta)
     if report:
         if out:
             _write_report([out], report)
@@ -91,13 +108,13 @@ def simulate(
 
             with tempfile.TemporaryDirectory() as tmp:
                 timeline_path = Path(tmp) / "simulation.parquet"
-                _write_timeline(timeline_path, timeline, meta)
+                write_timeline(timeline_path, timeline, meta)
                 _write_report([timeline_path], report)
     if fmt == "json":
-        print(json.dumps({"rows": [row]}, indent=2, default=float))
+        print(json.dumps({**meta, "baseline": baseline, "rows": [row]}, indent=2, default=float))
         return
     table = _rows_table([row], f"{scenario.model.name} on {scenario.gpu.name}, batch {batch}, "
-                               f"~{scenario.mean_length:.0f} generated tokens ({scenario.trace_label} trace)")
+                               f"{_workload_words(scenario)} ({scenario.trace_label} trace)")
     console.print(table)
     if not baseline["fits"]:
         console.print(f"[yellow]note:[/] the all-in-HBM baseline needs {baseline['peak_hbm_gb']:.1f} GB "
@@ -113,7 +130,9 @@ def capacity(
     model_config: Path = typer.Option(None, "--model-config", help="a transformers config.json instead of a preset"),
     gpu: str = typer.Option("h100-sxm", help="GPU preset"),
     trace: Path = typer.Option(None, help=TRACE_HELP),
-    lengths: str = typer.Option("math500", help=LENGTHS_HELP),
+    lengths: str = typer.Option(None, help=LENGTHS_HELP),
+    context: int = typer.Option(None, help=CONTEXT_HELP),
+    prefetch: str = typer.Option("all", help=PREFETCH_HELP),
     max_overhead: float = typer.Option(10.0, "--max-overhead", help="overhead budget, percent of step time"),
     steps: int = typer.Option(256, help="decode steps simulated per config"),
     seed: int = typer.Option(0),
@@ -124,13 +143,13 @@ def capacity(
 ) -> None:
     """Plan HBM: a grid of tier configs at one batch size, the best config and the largest batches."""
     from tiersim.atomic import write_json
-    from tiersim.simulator.capacity import GRID_HBM, SWEEP_BATCHES, capacity as plan, grid_policies
+    from tiersim.simulator.capacity import capacity as plan, grid_policies, sweep_batches
 
     _check_format(fmt)
     if max_overhead < 0:
         raise TiersimError(f"--max-overhead must be >= 0, got {max_overhead}")
-    scenario = _scenario(trace, model, model_config, gpu, batch, lengths, steps, seed, calibration)
-    total = 1 + len(grid_policies(scenario)) + len(set(SWEEP_BATCHES) | {batch})
+    scenario = _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch, steps, seed, calibration)
+    total = 1 + len(grid_policies(scenario)) + len(sweep_batches(batch))
     with _progress(total, "simulating") as progress:
         task = progress.tasks[0].id
         result = plan(scenario, max_overhead, progress=lambda: progress.advance(task))
@@ -141,7 +160,7 @@ def capacity(
     if fmt == "json":
         print(json.dumps(result, default=float))
         return
-    _print_capacity(result, scenario, len(GRID_HBM))
+    _print_capacity(result, scenario)
 
 
 def _rows_table(rows: list[dict], title: str) -> Table:
@@ -153,41 +172,62 @@ def _rows_table(rows: list[dict], title: str) -> Table:
         table.add_row(
             f"{r['hbm']:.2f} / {r['ddr']:.2f} / {r['compressed']:.2f} / {r['evict']:.2f}",
             f"{r['kv_full_gb']:.1f}→{r['kv_hbm_gb']:.1f}", f"{r['staging_gb']:.2f}", f"{r['hbm_saved_gb']:.1f}",
-            f"{r['peak_hbm_gb']:.1f}", "[green]yes[/]" if r["fits"] else "[red]no[/]", f"{r['step_ms']:.1f}",
+            f"{r['peak_hbm_gb']:.1f}", _fits_cell(r), f"{r['step_ms']:.1f}",
             f"{r['stall_ms']:.1f}", f"{r['overhead_pct']:+.1f}%", f"{r['tokens_per_s']:,.0f}", str(r["max_batch"]),
         )
     return table
 
 
-def _print_capacity(result: dict, scenario, _n_hbm: int) -> None:
-    title = (f"{result['model']} on {result['gpu']}, batch {result['batch']}, ~{result['mean_length']:.0f} "
-             f"generated tokens per sequence ({result['trace']} trace)")
+def _print_capacity(result: dict, scenario) -> None:
+    title = (f"{result['model']} on {result['gpu']}, batch {result['batch']}, {_workload_words(scenario)} "
+             f"({result['trace']} trace)")
     console.print(_rows_table(result["rows"], title))
+    console.print(_sweep_table(result["batch_sweep"]))
     base = result["baseline"]
-    fits = "fits" if base["fits"] else "[red]does NOT fit[/]"
-    console.print(f"All in HBM (the overhead baseline): {base['peak_hbm_gb']:.1f} GB peak, {fits}; "
-                  f"{base['step_ms']:.1f} ms/step. Largest batch with the full cache: {result['max_batch_full_cache']}.")
-    best = result["best"]
-    if best:
-        console.print(f"[bold]Best within {result['max_overhead_pct']:g}% overhead:[/] hbm {best['hbm']:.2f} / ddr "
-                      f"{best['ddr']:.2f} / evict {best['evict']:.2f} saves {best['hbm_saved_gb']:.1f} GB at "
-                      f"{best['overhead_pct']:+.1f}% (largest batch {best['max_batch']}).")
-    else:
-        console.print(f"[yellow]No config saves HBM within {result['max_overhead_pct']:g}% overhead[/] "
-                      "(raise --max-overhead, or the link is the bottleneck at this batch).")
+    fits = "fits" if base["fits"] else "[red]does NOT fit[/] (overheads are against it anyway)"
+    console.print(f"All in HBM (the overhead baseline): {base['peak_hbm_gb']:.1f} GB peak of "
+                  f"{base['hbm_capacity_gb']:.0f} GB, {fits}; {base['step_ms']:.1f} ms/step. "
+                  f"Largest batch with the full cache: {result['max_batch_full_cache']}.", highlight=False)
+    budget = result["max_overhead_pct"]
+    for label, best in (("Best", result["best"]), ("Best lossless (no eviction)", result.get("best_lossless"))):
+        if best:
+            console.print(f"[bold]{label} within {budget:g}% overhead:[/] hbm {best['hbm']:.2f} / ddr {best['ddr']:.2f} "
+                          f"/ evict {best['evict']:.2f} saves {best['hbm_saved_gb']:.1f} GB at "
+                          f"{best['overhead_pct']:+.1f}% (largest batch {best['max_batch']}).", highlight=False)
+        else:
+            console.print(f"[yellow]{label}: no config saves HBM within {budget:g}% overhead[/] "
+                          "(raise --max-overhead, or the link is the bottleneck at this batch).", highlight=False)
 
 
-def _write_timeline(path: Path, timeline: dict, meta: dict) -> None:
-    import pandas as pd
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def _fits_cell(row: dict) -> str:
+    if row["fits"]:
+        return "[green]yes[/]"
+    return "[red]no (host)[/]" if row.get("hbm_fits", False) else "[red]no[/]"
 
-    from tiersim.atomic import atomic_path
 
-    table = pa.Table.from_pandas(pd.DataFrame(timeline), preserve_index=False)
-    table = table.replace_schema_metadata({b"tiersim": json.dumps(meta, default=float).encode()})
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+def _sweep_table(sweep: list[dict]) -> Table:
+    """Overhead and savings of the lossless configs per batch size: where the link starts to bind."""
+    hbms = sorted({r["hbm"] for r in sweep}, reverse=True)
+    table = Table(title="Batch sweep (no eviction): overhead / HBM saved", title_justify="left")
+    table.add_column("batch", justify="right")
+    for h in hbms:
+        table.add_column(f"hbm {h:.2f}", justify="right")
+    for batch in sorted({r["batch"] for r in sweep}):
+        cells = []
+        for h in hbms:
+            r = next(x for x in sweep if x["batch"] == batch and x["hbm"] == h)
+            cell = f"{r['overhead_pct']:+.0f}% / {r['hbm_saved_gb']:.1f} GB"
+            cells.append(cell if r["fits"] else f"[red]{cell} (no fit)[/]")
+        table.add_row(str(batch), *cells)
+    return table
+
+
+def _workload_words(scenario) -> str:
+    words = (f"lockstep from {scenario.context:,} context tokens" if scenario.context is not None
+             else f"~{scenario.mean_length:,.0f} generated tokens per sequence")
+    if scenario.prefetch != "all":
+        words += f", {scenario.prefetch} prefetch ({scenario.prefetch_share():.0%} of DDR, not exact)"
+    return words
 
 
 def _write_report(inputs: list, path: Path) -> None:

@@ -41,6 +41,9 @@ class Policy:
     recent_window: int = 64
     retier_every: int = 16
     compressed_bits: int = 4
+    #: Share of the DDR tier fetched before each layer's attention: 1.0 is the exact hierarchy; less
+    #: is an oracle selective prefetch (the trace's DDR cover counts), which drops attention mass.
+    prefetch: float = 1.0
 
 
 @dataclass
@@ -76,18 +79,42 @@ def build_workload(
     steps: int,
     churn: tuple[float, float] = (0.0, 0.0),
     seed: int = 0,
+    lockstep: bool = False,
 ) -> Workload:
     """Staggered batch of ``batch`` slots over ``steps`` decode steps.
 
     ``lengths`` holds each slot's generated length (cycled: a finished slot starts a new sequence
     of the same length). ``churn = (a, b)`` adds ``a * T**b * T`` swapped tokens per slot at each
-    re-tiering point on top of the net count change (fitted on a captured trace).
+    re-tiering point on top of the net count change (fitted on a captured trace). ``lockstep``
+    starts every slot at its first decode step together (a static batch: fixed-context runs and
+    the validator's measurements), so step s holds ``prompt_len + 1 + s`` tokens, instead of at a
+    random phase.
     """
     rng = np.random.default_rng(seed)
     lengths = np.asarray(lengths, dtype=np.int64)
-    phase = (rng.random(batch) * lengths).astype(np.int64)
+    if lockstep:
+        phase = np.ones(batch, dtype=np.int64)
+    else:
+        phase = (rng.random(batch) * lengths).astype(np.int64)
     s = np.arange(steps)
-    pos = (phase[:, None] + s[None, :]) % lengths[:, None]  # [B, S] decode index within the sequence
+    totals = {k: np.zeros(steps) for k in ("context", "full_context", "hbm", "ddr", "compressed", "demoted")}
+    # Slots in chunks: memory stays bounded (~CHUNK_CELLS per array) whatever batch x steps is.
+    rows = max(1, CHUNK_CELLS // max(steps, 1))
+    for lo in range(0, batch, rows):
+        part = _slot_counts(policy, phase[lo:lo + rows], lengths[lo:lo + rows], prompt_len, s, churn)
+        for key, value in part.items():
+            totals[key] += value
+    return Workload(batch=batch, steps=s, lengths=lengths, **totals)
+
+
+#: Cells (slots x steps) the workload builder holds at once.
+CHUNK_CELLS = 1 << 21
+
+
+def _slot_counts(policy: Policy, phase: np.ndarray, lengths: np.ndarray, prompt_len: int, s: np.ndarray,
+                 churn: tuple[float, float]) -> dict[str, np.ndarray]:
+    """Per-step sums over a group of slots: tokens per tier (per layer) and demotions."""
+    pos = (phase[:, None] + s[None, :]) % lengths[:, None]  # [slots, S] decode index within the sequence
     pos = np.maximum(pos, 1)  # step 0 of a slot is its prefill; decode starts at 1
     t = (prompt_len + pos).astype(float)
     r = policy.retier_every
@@ -100,22 +127,19 @@ def build_workload(
     swap = np.where(at_retier, np.minimum(np.round(a * t**b * t), prev["ddr"]), 0.0)
     demoted = np.where(at_retier, np.maximum(tg["ddr"] - prev["ddr"], 0.0), 0.0) + swap
     retained = t - tg["evicted"]
-    return Workload(
-        batch=batch,
-        steps=s,
-        context=retained.sum(0),
-        full_context=t.sum(0),
-        hbm=hbm.sum(0),
-        ddr=tg["ddr"].sum(0),
-        compressed=tg["compressed"].sum(0),
-        demoted=demoted.sum(0),
-        lengths=lengths,
-    )
+    return {
+        "context": retained.sum(0),
+        "full_context": t.sum(0),
+        "hbm": hbm.sum(0),
+        "ddr": tg["ddr"].sum(0),
+        "compressed": tg["compressed"].sum(0),
+        "demoted": demoted.sum(0),
+    }
 
 
 @dataclass
 class Memory:
-    """Peak HBM use and its parts, bytes."""
+    """Peak HBM use and its parts, and the DDR tier in host memory; bytes."""
 
     weights: float
     kv_full: float
@@ -124,6 +148,7 @@ class Memory:
     staging: float
     activations: float
     reserved: float
+    ddr: float = 0.0  # pinned host memory the DDR tier occupies at peak
 
     @property
     def peak(self) -> float:
@@ -144,10 +169,11 @@ def memory(model: Model, gpu: GPU, policy: Policy, work: Workload) -> Memory:
         kv_full=float(work.full_context.max()) * per_token,
         kv_hbm=float(work.hbm.max()) * per_token,
         compressed=float(work.compressed.max()) * per_token * comp_ratio,
-        # Double-buffered staging for one layer's DDR tier (the batch's).
-        staging=2 * float(work.ddr.max()) * per_layer,
+        # Double-buffered staging for one layer's fetched DDR tokens (the batch's).
+        staging=2 * float(work.ddr.max()) * policy.prefetch * per_layer,
         activations=work.batch * (ACTIVATION_HIDDEN_MULTIPLE * model.hidden_size * 2 + LOGITS_BYTES_PER_SEQUENCE),
         reserved=gpu.reserved_bytes,
+        ddr=float(work.ddr.max()) * per_token,
     )
 
 
@@ -157,17 +183,21 @@ def sequence_bytes(model: Model, policy: Policy, context: float) -> float:
     comp_ratio = COMPRESSED_BITS[policy.compressed_bits] / (8 * model.kv_dtype_bytes)
     tg = tier_targets_array(policy, np.array([float(context)]))
     kv = tg["hbm"][0] * per_token + tg["compressed"][0] * per_token * comp_ratio
-    staging = 2 * tg["ddr"][0] * model.kv_bytes_per_token_layer
+    staging = 2 * tg["ddr"][0] * policy.prefetch * model.kv_bytes_per_token_layer
     act = ACTIVATION_HIDDEN_MULTIPLE * model.hidden_size * 2 + LOGITS_BYTES_PER_SEQUENCE
     return kv + staging + act
 
 
 def max_batch(model: Model, gpu: GPU, policy: Policy, context: float, limit: int = 1 << 16) -> int:
-    """Largest batch whose peak HBM fits, every sequence at ``context`` tokens (a conservative peak)."""
+    """Largest batch whose peak HBM (and DDR tier in host memory) fits, every sequence at ``context`` tokens."""
     free = gpu.hbm_bytes - gpu.reserved_bytes - model.weight_bytes
     if free <= 0:
         return 0
-    return int(min(free // sequence_bytes(model, policy, context), limit))
+    best = min(free // sequence_bytes(model, policy, context), limit)
+    ddr_per_sequence = tier_targets_array(policy, np.array([float(context)]))["ddr"][0] * model.kv_bytes_per_token
+    if ddr_per_sequence > 0:
+        best = min(best, gpu.host_bytes // ddr_per_sequence)
+    return int(best)
 
 
 @dataclass
@@ -188,12 +218,12 @@ def layer_costs(model: Model, gpu: GPU, policy: Policy, work: Workload) -> Layer
     weight_bytes = model.weight_bytes / model.num_layers
     # KV read by attention: HBM tier + staged DDR (read from the staging buffer) + compressed codes,
     # plus the dequantized copy written and read back (no fused dequant-attention kernel assumed).
-    kv_bytes = (work.hbm + work.ddr) * per_layer + work.compressed * per_layer * (comp_ratio + 2.0)
+    kv_bytes = (work.hbm + work.ddr * policy.prefetch) * per_layer + work.compressed * per_layer * (comp_ratio + 2.0)
     flops = 2 * (model.params / model.num_layers) * work.batch + 4 * work.context * model.num_attention_heads * model.head_dim
     t_mem = (weight_bytes + kv_bytes) / (gpu.hbm_bw * gpu.hbm_efficiency)
     t_flop = flops / (gpu.peak_flops * gpu.flops_efficiency)
     compute = np.maximum(t_mem, t_flop) + gpu.layer_overhead
-    h2d_bytes = work.ddr * per_layer
+    h2d_bytes = work.ddr * policy.prefetch * per_layer
     d2h_bytes = work.demoted * per_layer
     h2d = np.where(h2d_bytes > 0, COPY_CALLS_PER_LAYER * gpu.copy_latency + h2d_bytes / gpu.h2d_bw, 0.0)
     d2h = np.where(d2h_bytes > 0, COPY_CALLS_PER_LAYER * gpu.copy_latency + d2h_bytes / gpu.d2h_bw, 0.0)

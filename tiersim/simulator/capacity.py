@@ -1,14 +1,15 @@
 """Planning: one config through the engine (`simulate`), and the grid behind `tiersim capacity`.
 
-Inputs come from a trace (the policy's churn and the prompt length; the bundled SmolLM2 trace by
-default) and a reasoning-length distribution (MATH-500-like by default), projected onto a model
-and GPU preset. Overhead is measured against the same batch with everything in HBM, which may
-not fit: rows say so instead of hiding it.
+Inputs come from a trace (the policy's structure, churn, prompt length and DDR cover fractions;
+the bundled SmolLM2 trace by default) and a reasoning-length distribution (MATH-500-like by
+default) or a fixed context, projected onto a model and GPU preset. Overhead is measured against
+the same batch with everything in HBM, which may not fit: rows say so instead of hiding it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,21 @@ from tiersim.simulator.presets import GPU, Model
 GRID_HBM = (1.0, 0.75, 0.5, 0.25)
 GRID_EVICT = (0.0, 0.03, 0.1)
 SWEEP_BATCHES = (1, 8, 16, 32, 64, 128, 256)
+PREFETCH_MODES = ("all", "cover99", "cover90")
+MAX_BATCH = 1 << 16  # far beyond any batch that fits; keeps the workload arrays and time bounded
+MAX_STEPS = 1_000_000
+MAX_TOKENS = 10_000_000
+
+#: What the simulator uses when no trace is available (the bundled one missing from an install).
+#: Rounded from the bundled SmolLM2 capture; documented in docs/simulator.md.
+SYNTHETIC_PROFILE = {
+    "prompt_len": 128,
+    "churn": (0.01, 0.0),  # 1% of the context swapped HBM <-> DDR at each re-tiering point
+    "structure": {"sink_tokens": 4, "recent_window": 64, "retier_every": 16, "compressed_bits": 4},
+    "cover": {"cover90": 0.5, "cover99": 0.8},  # share of the DDR tier holding 90% / 99% of its mass
+    "mean_length": 3900.0,
+}
+SYNTHETIC_LABEL = "synthetic (bundled trace missing)"
 
 
 @dataclass
@@ -40,6 +56,15 @@ class Scenario:
     sigma: float = 0.35
     seed: int = 0
     trace_label: str = "bundled"
+    context: int | None = None  # fixed context: a lockstep batch starting at this many tokens
+    cover: dict = field(default_factory=lambda: dict(SYNTHETIC_PROFILE["cover"]))
+    prefetch: str = "all"
+
+    def prefetch_share(self) -> float:
+        """Share of the DDR tier fetched per step under ``self.prefetch``."""
+        if self.prefetch not in PREFETCH_MODES:
+            raise TiersimError(f"--prefetch must be one of {', '.join(PREFETCH_MODES)}, got {self.prefetch!r}")
+        return 1.0 if self.prefetch == "all" else float(self.cover[self.prefetch])
 
     def policy(self, hbm: float, ddr: float, compressed: float, evict: float) -> Policy:
         for name, value in (("hbm", hbm), ("ddr", ddr), ("compressed", compressed), ("evict", evict)):
@@ -50,36 +75,67 @@ class Scenario:
             raise TiersimError(
                 f"tier ratios must sum to 1 (hbm={hbm} + ddr={ddr} + compressed={compressed} + evict={evict} = {total:g})"
             )
-        return Policy(hbm, ddr, compressed, evict, **self.structure)
+        return Policy(hbm, ddr, compressed, evict, **self.structure, prefetch=self.prefetch_share())
 
 
 def scenario_from_trace(trace, model: Model, gpu: GPU, batch: int, mean_length: float | None,
-                        steps: int = 256, seed: int = 0, label: str = "bundled") -> Scenario:
-    """Fit churn on ``trace`` and take its policy structure and prompt length."""
+                        steps: int = 256, seed: int = 0, label: str = "bundled", context: int | None = None,
+                        prefetch: str = "all") -> Scenario:
+    """Fit churn and DDR cover on ``trace`` and take its policy structure and prompt length.
+
+    ``trace=None`` uses :data:`SYNTHETIC_PROFILE` (the label then says so). ``mean_length=None``
+    takes the trace's own generated lengths.
+    """
+    if not 1 <= batch <= MAX_BATCH:
+        raise TiersimError(f"--batch must be between 1 and {MAX_BATCH}, got {batch}")
+    if not 1 <= steps <= MAX_STEPS:
+        raise TiersimError(f"--steps must be between 1 and {MAX_STEPS}, got {steps}")
+    if context is not None and not 1 <= context <= MAX_TOKENS:
+        raise TiersimError(f"--context must be between 1 and {MAX_TOKENS}, got {context}")
+    if mean_length is not None and not (math.isfinite(mean_length) and 2 <= mean_length <= MAX_TOKENS):
+        raise TiersimError(f"--lengths: mean length must be between 2 and {MAX_TOKENS} tokens, got {mean_length}")
+    if prefetch not in PREFETCH_MODES:
+        raise TiersimError(f"--prefetch must be one of {', '.join(PREFETCH_MODES)}, got {prefetch!r}")
+    if trace is None:
+        prof = SYNTHETIC_PROFILE
+        return Scenario(model, gpu, batch, float(mean_length or prof["mean_length"]), prof["prompt_len"],
+                        prof["churn"], dict(prof["structure"]), steps=steps, seed=seed, trace_label=SYNTHETIC_LABEL,
+                        context=context, cover=dict(prof["cover"]), prefetch=prefetch)
     from tiersim.traces.synth import fit
 
-    if batch < 1:
-        raise TiersimError(f"--batch must be >= 1, got {batch}")
-    if steps < 1:
-        raise TiersimError(f"--steps must be >= 1, got {steps}")
     profile = fit(trace)
     policy = trace.meta["policy"]
     structure = {k: int(policy[k]) for k in ("sink_tokens", "recent_window", "retier_every", "compressed_bits")}
-    sequences = trace.meta["sequences"]
     if mean_length is None:  # the trace's own lengths
-        mean_length = float(np.mean([s["new_tokens"] for s in sequences]))
+        mean_length = float(np.mean([s["new_tokens"] for s in trace.meta["sequences"]]))
     a, b, _ = profile.churn["hbm_ddr"]
+    cover = np.array(profile.cover, dtype=float)  # per layer: c90 mean, c90 std, c99 mean, c99 std
+    has = cover[:, 2] > 0  # layers whose DDR tier was ever non-empty
+    if has.any():
+        shares = {"cover90": float(cover[has, 0].mean()), "cover99": float(cover[has, 2].mean())}
+    else:
+        shares = dict(SYNTHETIC_PROFILE["cover"])
     return Scenario(model, gpu, batch, mean_length, max(int(round(profile.prompt_len)), 1), (a, b), structure,
-                    steps=steps, seed=seed, trace_label=label)
+                    steps=steps, seed=seed, trace_label=label, context=context, cover=shares, prefetch=prefetch)
+
+
+def workload(scenario: Scenario, policy: Policy, batch: int, steps: int) -> analytic.Workload:
+    """The batch's token counts per step: staggered reasoning lengths, or a lockstep fixed context."""
+    if scenario.context is not None:
+        # Every slot holds `context + s` tokens at step s; none finishes within the run.
+        lengths = np.full(batch, steps + 2, dtype=np.int64)
+        return analytic.build_workload(policy, batch, lengths, scenario.context - 1, steps,
+                                       churn=scenario.churn, seed=scenario.seed, lockstep=True)
+    rng = np.random.default_rng(scenario.seed)
+    lengths = analytic.sample_lengths(batch, scenario.mean_length, scenario.sigma, rng)
+    return analytic.build_workload(policy, batch, lengths, scenario.prompt_len, steps,
+                                   churn=scenario.churn, seed=scenario.seed)
 
 
 def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int | None = None):
     """One config: (summary row without overhead, per-step timeline dict)."""
     batch = batch or scenario.batch
-    rng = np.random.default_rng(scenario.seed)
-    lengths = analytic.sample_lengths(batch, scenario.mean_length, scenario.sigma, rng)
-    work = analytic.build_workload(policy, batch, lengths, scenario.prompt_len, steps or scenario.steps,
-                                   churn=scenario.churn, seed=scenario.seed)
+    work = workload(scenario, policy, batch, steps or scenario.steps)
     model, gpu = scenario.model, scenario.gpu
     costs = analytic.layer_costs(model, gpu, policy, work)
     result = simulate(costs, model.num_layers, gpu)
@@ -87,6 +143,7 @@ def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int
     step = result.step_time
     row = {
         "hbm": policy.hbm, "ddr": policy.ddr, "compressed": policy.compressed, "evict": policy.evict,
+        "prefetch": policy.prefetch,
         "batch": batch,
         "context_tokens_mean": round(work.context_mean, 1),
         "kv_full_gb": mem.kv_full / GB,
@@ -96,11 +153,16 @@ def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int
         "hbm_saved_gb": mem.saved / GB,
         "peak_hbm_gb": mem.peak / GB,
         "hbm_capacity_gb": gpu.hbm_bytes / GB,
-        "fits": bool(mem.peak <= gpu.hbm_bytes),
+        "ddr_gb": mem.ddr / GB,
+        "host_capacity_gb": gpu.host_bytes / GB,
+        "fits": bool(mem.peak <= gpu.hbm_bytes and mem.ddr <= gpu.host_bytes),
+        "hbm_fits": bool(mem.peak <= gpu.hbm_bytes),
+        "ddr_fits": bool(mem.ddr <= gpu.host_bytes),
         "step_ms": float(step.mean() * 1e3),
         "step_p50_ms": float(np.percentile(step, 50) * 1e3),
         "step_p99_ms": float(np.percentile(step, 99) * 1e3),
         "stall_ms": float(result.stall.mean() * 1e3),
+        "stall_p99_ms": float(np.percentile(result.stall, 99) * 1e3),
         "compute_ms": float(result.compute.mean() * 1e3),
         "h2d_gb_per_step": float(result.h2d_bytes.mean() / GB),
         "d2h_gb_per_step": float(result.d2h_bytes.mean() / GB),
@@ -114,15 +176,16 @@ def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int
     comp_ratio = analytic.COMPRESSED_BITS[policy.compressed_bits] / (8 * model.kv_dtype_bytes)
     kv_hbm = work.hbm * per_token + work.compressed * per_token * comp_ratio
     staging = mem.staging / GB
+    n = len(step)
     timeline = {
         "step": work.steps,
         "context_tokens_mean": work.full_context / batch,
-        "weights_gb": np.full(len(step), weights),
+        "weights_gb": np.full(n, weights),
         "kv_hbm_gb": kv_hbm,
-        "staging_gb": np.full(len(step), staging),
-        "activations_gb": np.full(len(step), reserved),
+        "staging_gb": np.full(n, staging),
+        "activations_gb": np.full(n, reserved),
         "free_gb": gpu.hbm_bytes / GB - weights - kv_hbm - staging - reserved,
-        "hbm_capacity_gb": np.full(len(step), gpu.hbm_bytes / GB),
+        "hbm_capacity_gb": np.full(n, gpu.hbm_bytes / GB),
         "h2d_gb": result.h2d_bytes / GB,
         "d2h_gb": result.d2h_bytes / GB,
         "compute_ms": result.compute * 1e3,
@@ -134,7 +197,8 @@ def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int
 
 def with_overhead(row: dict, baseline: dict) -> dict:
     row = dict(row)
-    row["overhead_pct"] = (row["step_ms"] / baseline["step_ms"] - 1.0) * 100.0
+    # Rounded far below any reported digit, so float noise between event orders is not "-0.0%".
+    row["overhead_pct"] = round((row["step_ms"] / baseline["step_ms"] - 1.0) * 100.0, 9) + 0.0
     row["baseline_fits"] = baseline["fits"]
     return row
 
@@ -152,28 +216,33 @@ def grid_policies(scenario: Scenario, hbm_ratios=GRID_HBM, evicts=GRID_EVICT) ->
     return out
 
 
+def baseline_policy(scenario: Scenario) -> Policy:
+    """Everything in HBM: the reference every overhead is measured against."""
+    return scenario.policy(1.0, 0.0, 0.0, 0.0)
+
+
 def capacity(scenario: Scenario, max_overhead: float = 10.0, progress=None) -> dict:
     """The grid at the scenario's batch, the best config, the largest batches and a batch sweep."""
-    baseline_policy = scenario.policy(1.0, 0.0, 0.0, 0.0)
+    base_policy = baseline_policy(scenario)
     policies = grid_policies(scenario)
     tick = progress or (lambda: None)
-    baseline, _ = run(scenario, baseline_policy)
+    baseline, _ = run(scenario, base_policy)
     tick()
     rows = []
     for policy in policies:
-        row, _ = (baseline, None) if policy == baseline_policy else run(scenario, policy)
+        row, _ = (baseline, None) if policy == base_policy else run(scenario, policy)
         rows.append(with_overhead(row, baseline))
         tick()
-    eligible = [r for r in rows if r["fits"] and r["overhead_pct"] <= max_overhead and r["hbm_saved_gb"] > 0]
-    best = max(eligible, key=lambda r: r["hbm_saved_gb"]) if eligible else None
+    best = best_row(rows, max_overhead)
+    best_lossless = best_row([r for r in rows if r["evict"] == 0 and r["compressed"] == 0], max_overhead)
     sweep = []
     sweep_steps = max(32, scenario.steps // 4)
-    for batch in sorted(set(SWEEP_BATCHES) | {scenario.batch}):
-        base, _ = run(scenario, baseline_policy, batch=batch, steps=sweep_steps)
+    for batch in sweep_batches(scenario.batch):
+        base, _ = run(scenario, base_policy, batch=batch, steps=sweep_steps)
         for policy in policies:
             if policy.evict != 0.0:
                 continue
-            row = base if policy == baseline_policy else run(scenario, policy, batch=batch, steps=sweep_steps)[0]
+            row = base if policy == base_policy else run(scenario, policy, batch=batch, steps=sweep_steps)[0]
             row = with_overhead(row, base)
             sweep.append({k: row[k] for k in ("batch", "hbm", "ddr", "evict", "hbm_saved_gb", "peak_hbm_gb",
                                               "overhead_pct", "stall_ms", "step_ms", "fits")})
@@ -187,18 +256,35 @@ def capacity(scenario: Scenario, max_overhead: float = 10.0, progress=None) -> d
         "batch": scenario.batch,
         "trace": scenario.trace_label,
         "mean_length": scenario.mean_length,
+        "context": scenario.context,
         "prompt_len": scenario.prompt_len,
+        "prefetch": scenario.prefetch,
         "max_overhead_pct": max_overhead,
         "rows": rows,
         "max_batch_full_cache": baseline["max_batch"],
         "baseline": baseline,
         "best": best,
+        "best_lossless": best_lossless,
         "batch_sweep": sweep,
     }
 
 
+def best_row(rows: list[dict], max_overhead: float) -> dict | None:
+    """The row that saves the most HBM among those that fit within the overhead budget."""
+    eligible = [r for r in rows if r["fits"] and r["overhead_pct"] <= max_overhead and r["hbm_saved_gb"] > 0]
+    return max(eligible, key=lambda r: r["hbm_saved_gb"]) if eligible else None
+
+
+def sweep_batches(batch: int) -> list[int]:
+    return sorted(set(SWEEP_BATCHES) | {batch})
+
+
 def load_trace(path: str | Path | None):
-    """The trace to project from: ``path`` or the bundled SmolLM2 capture."""
+    """The trace to project from: ``path``, else the bundled SmolLM2 capture, else None (an install
+    without the package data: callers fall back to :data:`SYNTHETIC_PROFILE` and say so)."""
     from tiersim.traces import default_trace_path, read
 
-    return read(path if path else default_trace_path())
+    if path:
+        return read(path)
+    bundled = default_trace_path()
+    return read(bundled) if bundled.exists() else None

@@ -4,16 +4,24 @@ Per decode step the compute stream walks the layers. When layer l starts, the pr
 l+1's DDR tier is queued on the H2D copy engine into the free one of two staging buffers (the
 last layer prefetches layer 0 of the next step); layer l+1 cannot start before its prefetch
 lands: that wait is the stall. After its attention, layer l's newly demoted tokens go down on
-the D2H engine. Both directions share one PCIe link: each is capped at its own bandwidth and
-together at the bidirectional ceiling, and the link is processor-shared, rates recomputed
-whenever a transfer starts or ends (remaining bytes compared relatively, so time always moves).
+the D2H engine. Each copy engine runs one copy at a time, in order; a copy pays its per-call
+latency (link idle) and then moves its bytes on the link.
+
+Both directions share one PCIe link: each is capped at its own bandwidth and together at the
+bidirectional ceiling. The link is processor-shared: rates are recomputed whenever a transfer
+starts or ends, and the next completion is a timer stamped with a generation number, so a timer
+made stale by a later change is ignored. The transfer a valid timer was set for completes
+exactly then, whatever float residue its byte count carries: time cannot stop advancing.
 
 Events per step are O(layers), independent of the batch size: the batch's bytes are aggregated
-per layer (see ``analytic.build_workload``).
+per layer (see ``analytic.build_workload``). Copies and the link run on event callbacks rather
+than processes: at most eight events per layer and step (prefetch call and link, demotion call and
+link, compute), and a step with no copies at all is a single timeout.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +30,18 @@ import simpy
 from tiersim.simulator.analytic import COPY_CALLS_PER_LAYER, LayerCosts
 from tiersim.simulator.presets import GPU
 
-_DONE = 1e-9  # a transfer is complete when this share of its bytes remains
+_SIMULTANEOUS = 1e-9  # transfers within this relative share of the next finish time end together
+
+
+class _Transfer:
+    __slots__ = ("direction", "remaining", "size", "done", "rate")
+
+    def __init__(self, direction: str, nbytes: float, done: simpy.Event):
+        self.direction = direction
+        self.remaining = nbytes
+        self.size = nbytes
+        self.done = done
+        self.rate = 0.0
 
 
 class Link:
@@ -32,65 +51,113 @@ class Link:
         self.env = env
         self.caps = {"h2d": gpu.h2d_bw, "d2h": gpu.d2h_bw}
         self.ceiling = gpu.bidir_bw
-        self.active: dict[int, list] = {}  # id -> [direction, remaining, size, event]
-        self._next_id = 0
-        self._last = 0.0
-        self._wake = env.event()
+        self.active: list[_Transfer] = []
         self.bytes = {"h2d": 0.0, "d2h": 0.0}
-        env.process(self._run())
+        self._last = env.now
+        self._generation = 0
+        self._shares: dict[tuple, dict[str, float]] = {}  # per-transfer rate by transfers per direction
 
-    def transfer(self, direction: str, nbytes: float) -> simpy.Event:
-        done = self.env.event()
+    def transfer(self, direction: str, nbytes: float, done: simpy.Event | None = None) -> simpy.Event:
+        """Start moving ``nbytes``; the returned event (``done`` if given) fires when they have landed."""
+        if direction not in self.caps:
+            raise ValueError(f"link direction must be h2d or d2h, got {direction!r}")
+        done = done if done is not None else self.env.event()
         if nbytes <= 0:
             done.succeed()
             return done
         self._advance()
-        self.active[self._next_id] = [direction, float(nbytes), float(nbytes), done]
-        self._next_id += 1
+        self.active.append(_Transfer(direction, float(nbytes), done))
         self.bytes[direction] += nbytes
-        self._poke()
+        self._reschedule()
         return done
 
-    def rates(self) -> dict[int, float]:
-        """Max-min fair shares: each direction's cap split among its transfers, the sum under the ceiling."""
-        by_dir: dict[str, list[int]] = {}
-        for tid, (direction, *_rest) in self.active.items():
-            by_dir.setdefault(direction, []).append(tid)
-        want = {d: self.caps[d] for d in by_dir}
-        total = sum(want.values())
-        if total > self.ceiling:
-            fair = self.ceiling / len(want)
-            low = {d: w for d, w in want.items() if w <= fair}
-            left = self.ceiling - sum(low.values())
-            high = [d for d in want if d not in low]
-            want = {**low, **{d: left / len(high) for d in high}}
-        return {tid: want[d] / len(ids) for d, ids in by_dir.items() for tid in ids}
+    def rates(self) -> list[float]:
+        """Max-min fair shares for ``self.active``: each direction's cap split among its transfers,
+        the directions' sum held under the shared ceiling."""
+        count: dict[str, int] = {}
+        for tr in self.active:
+            count[tr.direction] = count.get(tr.direction, 0) + 1
+        key = tuple(sorted(count.items()))
+        share = self._shares.get(key)
+        if share is None:
+            want = {d: self.caps[d] for d in count}
+            if sum(want.values()) > self.ceiling:
+                fair = self.ceiling / len(want)
+                low = {d: w for d, w in want.items() if w <= fair}
+                high = [d for d in want if d not in low]
+                left = self.ceiling - sum(low.values())
+                want = {**low, **{d: left / len(high) for d in high}}
+            share = self._shares[key] = {d: want[d] / n for d, n in count.items()}
+        return [share[tr.direction] for tr in self.active]
 
     def _advance(self) -> None:
+        """Move every active transfer on by the time since the last change, at the rates then set."""
         dt = self.env.now - self._last
         self._last = self.env.now
-        if dt <= 0 or not self.active:
+        if dt > 0:
+            for tr in self.active:
+                tr.remaining -= tr.rate * dt
+
+    def _reschedule(self) -> None:
+        self._generation += 1
+        if not self.active:
             return
-        for tid, rate in self.rates().items():
-            self.active[tid][1] -= rate * dt
+        for tr, rate in zip(self.active, self.rates()):
+            tr.rate = rate
+        horizon = min(max(tr.remaining, 0.0) / tr.rate for tr in self.active)
+        generation = self._generation
+        timer = self.env.timeout(horizon)
+        timer.callbacks.append(lambda _event: self._finish(generation, horizon))
 
-    def _poke(self) -> None:
-        if not self._wake.triggered:
-            self._wake.succeed()
+    def _finish(self, generation: int, horizon: float) -> None:
+        if generation != self._generation:  # a start or finish since re-shared the link
+            return
+        self._advance()
+        # The transfer this timer was set for is done by construction, whatever float residue its
+        # byte count carries; any other within a relative hair of it finishes with it.
+        target = min(self.active, key=lambda tr: tr.remaining / tr.rate)
+        finished = [tr for tr in self.active if tr is target or tr.remaining <= _SIMULTANEOUS * tr.size
+                    or max(tr.remaining, 0.0) / tr.rate <= _SIMULTANEOUS * horizon]
+        for tr in finished:
+            self.active.remove(tr)
+            tr.done.succeed()
+        self._reschedule()
 
-    def _run(self):
-        while True:
-            if not self.active:
-                self._wake = self.env.event()
-                yield self._wake
-                continue
-            rates = self.rates()
-            horizon = min(self.active[t][1] / r for t, r in rates.items())
-            self._wake = self.env.event()
-            yield self.env.timeout(max(horizon, 0.0)) | self._wake
-            self._advance()
-            for tid in [t for t, (_, rem, size, _) in self.active.items() if rem <= _DONE * size or rem < 1.0]:
-                self.active.pop(tid)[3].succeed()
+
+class CopyEngine:
+    """One DMA engine: copies run one at a time in arrival order, each paying its per-call latency
+    before its bytes go on the link."""
+
+    def __init__(self, env: simpy.Environment, link: Link, direction: str, latency: float, done: simpy.Event):
+        self.env = env
+        self.link = link
+        self.direction = direction
+        self.latency = latency
+        self.queue: deque = deque()
+        self.busy = False
+        self._done = done  # an already-processed event, returned for empty copies
+
+    def copy(self, nbytes: float) -> simpy.Event:
+        if nbytes <= 0:
+            return self._done
+        done = self.env.event()
+        self.queue.append((float(nbytes), done))
+        if not self.busy:
+            self._start_next()
+        return done
+
+    def _start_next(self, _event=None) -> None:
+        if not self.queue:
+            self.busy = False
+            return
+        self.busy = True
+        nbytes, done = self.queue.popleft()
+        done.callbacks.append(self._start_next)
+        if self.latency > 0:
+            call = self.env.timeout(self.latency)
+            call.callbacks.append(lambda _event: self.link.transfer(self.direction, nbytes, done))
+        else:
+            self.link.transfer(self.direction, nbytes, done)
 
 
 class CountingEnvironment(simpy.Environment):
@@ -115,62 +182,59 @@ class StepResult:
     h2d_bytes: np.ndarray
     d2h_bytes: np.ndarray
     events: int
+    wall_time: float = 0.0  # simulated time at the end, prefetch warm-up and trailing demotions included
 
 
 def simulate(costs: LayerCosts, num_layers: int, gpu: GPU) -> StepResult:
     """Run the decode steps described by ``costs`` through the event model."""
     env = CountingEnvironment()
     link = Link(env, gpu)
-    h2d_engine = simpy.Resource(env, capacity=1)
-    d2h_engine = simpy.Resource(env, capacity=1)
+    empty = env.event()
+    empty.succeed()
+    latency = COPY_CALLS_PER_LAYER * gpu.copy_latency
+    h2d = CopyEngine(env, link, "h2d", latency, empty)
+    d2h = CopyEngine(env, link, "d2h", latency, empty)
     steps = len(costs.compute)
     step_time = np.zeros(steps)
     stall = np.zeros(steps)
-    latency = COPY_CALLS_PER_LAYER * gpu.copy_latency
-
-    def copy(engine: simpy.Resource, direction: str, nbytes: float, done: simpy.Event):
-        with engine.request() as slot:
-            yield slot
-            yield env.timeout(latency)
-            yield link.transfer(direction, nbytes)
-        done.succeed()
-
-    def prefetch(step: int) -> simpy.Event:
-        done = env.event()
-        if step >= steps or costs.h2d_bytes[step] <= 0:
-            done.succeed()
-        else:
-            env.process(copy(h2d_engine, "h2d", costs.h2d_bytes[step], done))
-        return done
+    # Plain floats: numpy scalars in the inner loop cost more than the events themselves.
+    compute = [float(x) for x in costs.compute]
+    up = [float(x) for x in costs.h2d_bytes] + [0.0]  # step S prefetches nothing
+    down = [float(x) for x in costs.d2h_bytes]
 
     def compute_stream():
         # Layer 0 of the first step has nothing to overlap with: its prefetch counts as warm-up.
-        ready = prefetch(0)
+        ready = h2d.copy(up[0])
         yield ready
         for s in range(steps):
             start = env.now
             waited = 0.0
+            c = compute[s]
+            if up[s] <= 0 and up[s + 1] <= 0 and down[s] <= 0:  # no copies: the layers just run
+                yield env.timeout(c * num_layers)
+                step_time[s] = env.now - start
+                continue
             for layer in range(num_layers):
                 if not ready.triggered:
                     t0 = env.now
                     yield ready
                     waited += env.now - t0
                 # Queue the next layer's prefetch (the last layer queues layer 0 of the next step).
-                ready = prefetch(s if layer + 1 < num_layers else s + 1)
-                yield env.timeout(costs.compute[s])
-                if costs.d2h_bytes[s] > 0:
-                    env.process(copy(d2h_engine, "d2h", costs.d2h_bytes[s], env.event()))
+                ready = h2d.copy(up[s] if layer + 1 < num_layers else up[s + 1])
+                yield env.timeout(c)
+                if down[s] > 0:
+                    d2h.copy(down[s])
             step_time[s] = env.now - start
             stall[s] = waited
 
     env.process(compute_stream())
     env.run()
-    events = env.scheduled
     return StepResult(
         step_time=step_time,
         stall=stall,
         compute=costs.compute * num_layers,
         h2d_bytes=costs.h2d_bytes * num_layers,
         d2h_bytes=costs.d2h_bytes * num_layers,
-        events=events,
+        events=env.scheduled,
+        wall_time=float(env.now),
     )

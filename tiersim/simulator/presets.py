@@ -31,6 +31,7 @@ class GPU:
     hbm_efficiency: float = 0.80  # achieved / datasheet HBM bandwidth in decode kernels
     flops_efficiency: float = 0.60
     layer_overhead: float = 12e-6  # kernel launches and small ops per decoder layer
+    host_bytes: float = 256 * GB  # pinned host memory for this GPU's DDR tier (a DGX-class 2 TB / 8 GPUs)
     note: str = ""
 
     def to_dict(self) -> dict:
@@ -77,8 +78,8 @@ GPUS: dict[str, GPU] = {
             note="PCIe Gen5; link not published, H100 figures assumed"),
         GPU("a100-80g", 80 * GB, 2.04e12, 25 * GB, 25 * GB, 42 * GB, 5e-6, 312e12,
             note="PCIe Gen4 x16: 32 theory, ~25 measured"),
-        GPU("gh200", 96 * GB, 4.0e12, 380 * GB, 380 * GB, 700 * GB, 3e-6, 989e12,
-            note="NVLink-C2C 450 GB/s theory per direction; 85% assumed achievable"),
+        GPU("gh200", 96 * GB, 4.0e12, 380 * GB, 380 * GB, 700 * GB, 3e-6, 989e12, host_bytes=480 * GB,
+            note="NVLink-C2C 450 GB/s theory per direction; 85% assumed achievable; 480 GB LPDDR5X"),
     ]
 }
 

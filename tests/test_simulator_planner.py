@@ -1,0 +1,186 @@
+"""The planner around the engine: fixed contexts, selective prefetch, the synthetic fallback,
+the result file and the capacity answers."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from tiersim.simulator import capacity as cap
+from tiersim.simulator.capacity import SYNTHETIC_PROFILE, load_trace, run, scenario_from_trace
+from tiersim.simulator.presets import get_gpu, get_model
+from tiersim.simulator.results import read_timeline, simulation_meta, write_timeline
+
+MODEL = get_model("r1-distill-qwen-7b")
+H100 = get_gpu("h100-sxm")
+
+
+@pytest.fixture(scope="module")
+def trace():
+    return load_trace(None)
+
+
+def _tiersim(*args):
+    return subprocess.run([sys.executable, "-m", "tiersim", *args], capture_output=True, text=True)
+
+
+def test_fixed_context_holds_exactly_that_many_tokens(trace):
+    sc = scenario_from_trace(trace, MODEL, H100, 16, None, steps=40, context=8192)
+    row, timeline = run(sc, sc.policy(0.5, 0.5, 0.0, 0.0))
+    assert timeline["context_tokens_mean"][0] == 8192 and timeline["context_tokens_mean"][-1] == 8192 + 39
+    assert row["kv_full_gb"] == pytest.approx(16 * (8192 + 39) * MODEL.kv_bytes_per_token / 1e9, rel=1e-12)
+    # Lockstep: every slot re-tiers at the same steps, so demotions come in bursts.
+    assert np.count_nonzero(timeline["d2h_gb"]) == len(range(16, 40 + 1, 16))
+
+
+def test_selective_prefetch_moves_the_traces_cover_share(trace):
+    full = scenario_from_trace(trace, MODEL, H100, 32, 3000.0, steps=48)
+    sel = scenario_from_trace(trace, MODEL, H100, 32, 3000.0, steps=48, prefetch="cover99")
+    # The share comes from the trace: the DDR tokens holding 99% of the DDR tier's attention mass.
+    steps = trace.steps[(trace.steps["step"] > 0) & (trace.steps["n_ddr"] > 0)]
+    observed = float((steps["ddr_cover99"] / steps["n_ddr"]).mean())
+    assert sel.cover["cover99"] == pytest.approx(observed, abs=0.05)
+    assert 0 < sel.cover["cover90"] < sel.cover["cover99"] < 1
+    a, _ = run(full, full.policy(0.5, 0.5, 0.0, 0.0))
+    b, _ = run(sel, sel.policy(0.5, 0.5, 0.0, 0.0))
+    assert b["h2d_gb_per_step"] == pytest.approx(a["h2d_gb_per_step"] * sel.cover["cover99"], rel=1e-9)
+    assert b["staging_gb"] == pytest.approx(a["staging_gb"] * sel.cover["cover99"], rel=1e-9)
+    assert b["stall_ms"] < a["stall_ms"] and b["hbm_saved_gb"] > a["hbm_saved_gb"]
+
+
+def test_workload_is_the_same_in_any_number_of_chunks(monkeypatch):
+    from tiersim.simulator import analytic
+
+    policy = analytic.Policy(0.5, 0.4, 0.05, 0.05)
+    lengths = analytic.sample_lengths(300, 1500, 0.35, np.random.default_rng(2))
+    whole = analytic.build_workload(policy, 300, lengths, 80, 64, churn=(0.05, -0.2), seed=2)
+    monkeypatch.setattr(analytic, "CHUNK_CELLS", 64 * 7)  # 7 slots at a time, the last chunk partial
+    chunked = analytic.build_workload(policy, 300, lengths, 80, 64, churn=(0.05, -0.2), seed=2)
+    for key in ("context", "full_context", "hbm", "ddr", "compressed", "demoted"):
+        assert np.array_equal(getattr(whole, key), getattr(chunked, key)), key
+    assert whole.demoted.sum() > 0 and whole.compressed.sum() > 0
+
+
+def test_without_a_trace_the_synthetic_profile_is_used_and_named():
+    sc = scenario_from_trace(None, MODEL, H100, 8, None, steps=32)
+    assert sc.trace_label == cap.SYNTHETIC_LABEL
+    assert sc.mean_length == SYNTHETIC_PROFILE["mean_length"] and sc.churn == SYNTHETIC_PROFILE["churn"]
+    row, _ = run(sc, sc.policy(0.5, 0.5, 0.0, 0.0))
+    assert row["hbm_saved_gb"] > 0
+
+
+def test_capacity_falls_back_with_a_note_when_the_bundled_trace_is_missing(monkeypatch, tmp_path):
+    import tiersim.traces
+
+    monkeypatch.setattr(tiersim.traces, "default_trace_path", lambda: tmp_path / "gone.parquet")
+    from tiersim.cli.main import app
+
+    result = CliRunner().invoke(app, ["capacity", "--batch", "8", "--steps", "32", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)  # stdout is only the JSON; the note goes to stderr
+    assert doc["trace"] == cap.SYNTHETIC_LABEL
+    assert "synthetic" in result.stderr
+
+
+def test_timeline_round_trip_and_contract(trace, tmp_path):
+    sc = scenario_from_trace(trace, MODEL, H100, 8, 2000.0, steps=24)
+    row, timeline = run(sc, sc.policy(0.5, 0.5, 0.0, 0.0))
+    meta = simulation_meta(sc, {"hbm": 0.5, "ddr": 0.5, "compressed": 0.0, "evict": 0.0}, row)
+    path = write_timeline(tmp_path / "sim.parquet", timeline, meta)
+    back, frame = read_timeline(path)
+    for key in ("kind", "schema_version", "tiersim_version", "model", "gpu", "trace", "batch", "config", "summary"):
+        assert key in back
+    assert back["kind"] == "simulation" and back["summary"]["step_ms"] == row["step_ms"]
+    assert list(frame.columns) == ["step", "context_tokens_mean", "weights_gb", "kv_hbm_gb", "staging_gb",
+                                   "activations_gb", "free_gb", "hbm_capacity_gb", "h2d_gb", "d2h_gb",
+                                   "compute_ms", "stall_ms", "step_ms"]
+    # HBM occupancy adds up to the capacity every step.
+    parts = frame[["weights_gb", "kv_hbm_gb", "staging_gb", "activations_gb", "free_gb"]].sum(axis=1)
+    assert np.allclose(parts, frame["hbm_capacity_gb"])
+    assert np.allclose(frame["step_ms"], np.maximum(frame["compute_ms"], frame["step_ms"]))
+
+
+def test_reading_a_trace_as_a_result_is_one_clear_error(trace):
+    from tiersim.errors import TiersimError
+
+    with pytest.raises(TiersimError, match="not a tiersim simulation result"):
+        read_timeline(trace.path)
+
+
+def test_simulate_out_is_bit_for_bit_reproducible(tmp_path):
+    files = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.parquet"
+        proc = _tiersim("simulate", "--batch", "16", "--hbm", "0.6", "--ddr", "0.37", "--evict", "0.03",
+                        "--steps", "32", "--seed", "5", "--out", str(out), "--format", "json")
+        assert proc.returncode == 0, proc.stderr
+        files.append((out.read_bytes(), proc.stdout))
+    assert files[0] == files[1]
+    json.loads(files[0][1])
+
+
+def test_capacity_answers_largest_batches_and_best_lossless(trace):
+    sc = scenario_from_trace(trace, MODEL, H100, 32, 3900.0, steps=32)
+    result = cap.capacity(sc, max_overhead=300.0)
+    rows = result["rows"]
+    full = result["max_batch_full_cache"]
+    for r in rows:
+        # Offloading only ever frees HBM per sequence (staging is one layer's share, doubled).
+        assert r["max_batch"] >= full
+        if r["hbm"] < 1.0 and r["evict"] == 0.0:
+            assert r["max_batch"] > full
+    lossless = result["best_lossless"]
+    assert lossless is not None and lossless["evict"] == 0.0 and lossless["overhead_pct"] <= 300.0
+    assert lossless["hbm_saved_gb"] == max(r["hbm_saved_gb"] for r in rows if r["evict"] == 0.0 and r["fits"]
+                                           and r["overhead_pct"] <= 300.0)
+    # A full-cache batch beyond the largest that fits really does not fit.
+    over = run(sc, sc.policy(1.0, 0.0, 0.0, 0.0), batch=full + 64, steps=8)[0]
+    assert not over["fits"]
+
+
+def test_host_memory_bounds_the_ddr_tier(trace):
+    from dataclasses import replace
+
+    small_host = replace(H100, host_bytes=2e9)
+    sc = scenario_from_trace(trace, MODEL, small_host, 64, 3900.0, steps=16)
+    roomy = scenario_from_trace(trace, MODEL, H100, 64, 3900.0, steps=16)
+    policy = sc.policy(0.25, 0.75, 0.0, 0.0)
+    row, _ = run(sc, policy)
+    ok, _ = run(roomy, policy)
+    assert row["ddr_gb"] > 2.0 and not row["ddr_fits"] and row["hbm_fits"] and not row["fits"]
+    assert ok["ddr_fits"] and ok["fits"] and ok["ddr_gb"] == row["ddr_gb"]
+    # DDR tier per sequence ~ 0.75 x 2K tokens x 57 KB: about 2e9 / 88 MB sequences fit in host memory.
+    per_sequence = row["ddr_gb"] * 1e9 / 64
+    assert row["max_batch"] < ok["max_batch"]
+    assert abs(row["max_batch"] - 2e9 / per_sequence) <= 0.05 * row["max_batch"] + 1
+
+
+def test_capacity_says_when_the_baseline_does_not_fit():
+    proc = _tiersim("capacity", "--model", "qwq-32b", "--lengths", "aime", "--batch", "64", "--steps", "32")
+    assert proc.returncode == 0, proc.stderr
+    assert "does NOT fit" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["simulate", "--context", "4096", "--lengths", "gsm8k"], "--context"),
+        (["simulate", "--context", "0"], "--context"),
+        (["capacity", "--prefetch", "half"], "--prefetch"),
+        (["capacity", "--steps", "0"], "--steps"),
+        (["simulate", "--hbm", "1.5", "--ddr", "-0.5"], "--hbm"),
+        (["capacity", "--max-overhead", "-1"], "--max-overhead"),
+        (["simulate", "--model-config", "/nonexistent/config.json"], "--model-config"),
+        (["simulate", "--calibration", "/nonexistent/cal.json"], "calibration"),
+        (["simulate", "--lengths", "inf"], "--lengths"),
+        (["capacity", "--batch", "100000000"], "--batch"),
+    ],
+)
+def test_more_bad_input_is_one_clear_line(args, needle):
+    proc = _tiersim(*args)
+    assert proc.returncode == 2
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
