@@ -26,6 +26,11 @@ COMPRESSED_BITS = {4: 4 + 32 / 32, 8: 8 + 32 / 32}
 #: attention and MLP intermediates live briefly; logits are counted separately).
 ACTIVATION_HIDDEN_MULTIPLE = 48
 LOGITS_BYTES_PER_SEQUENCE = 152_064 * 4  # a Qwen-sized vocabulary in float32
+#: Extra passes over a layer's retained KV that tiersim's own TieredCache makes once tokens leave
+#: HBM: the scatter into one ordered buffer (read the tiers, write the buffer: 2 passes) and the
+#: float32 scoring of every key (half the KV: 0.5). A kernel attending over the tiers in place
+#: would not pay them; the validator measures the cache as it is, so the simulator charges them.
+ASSEMBLY_KV_PASSES = 2.5
 COPY_CALLS_PER_LAYER = 2  # keys and values, each gathered into one contiguous staging region
 
 
@@ -219,6 +224,8 @@ def layer_costs(model: Model, gpu: GPU, policy: Policy, work: Workload) -> Layer
     # KV read by attention: HBM tier + staged DDR (read from the staging buffer) + compressed codes,
     # plus the dequantized copy written and read back (no fused dequant-attention kernel assumed).
     kv_bytes = (work.hbm + work.ddr * policy.prefetch) * per_layer + work.compressed * per_layer * (comp_ratio + 2.0)
+    if policy.hbm < 1.0:  # tokens left HBM: the cache reassembles and scores the layer every step
+        kv_bytes = kv_bytes + ASSEMBLY_KV_PASSES * work.context * per_layer
     flops = 2 * (model.params / model.num_layers) * work.batch + 4 * work.context * model.num_attention_heads * model.head_dim
     t_mem = (weight_bytes + kv_bytes) / (gpu.hbm_bw * gpu.hbm_efficiency)
     t_flop = flops / (gpu.peak_flops * gpu.flops_efficiency)
