@@ -8,6 +8,7 @@ from tiersim.cli.app import app, run
 from tiersim.cli import cmd_presets  # noqa: F401,E402
 from tiersim.cli import cmd_validate  # noqa: F401,E402
 from tiersim.cli import cmd_report  # noqa: F401,E402
+from tiersim.cli import cmd_grid  # noqa: F401,E402
 from tiersim.cli import cmd_capture  # noqa: F401,E402
 from tiersim.cli import cmd_simulate  # noqa: F401,E402
 

@@ -1,0 +1,159 @@
+"""`tiersim grid`: output quality over HBM ratio x eviction ratio, against the eviction baselines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from tiersim.cli.app import app, console, err_console, parse_float_list
+from tiersim.errors import TiersimError
+
+DEFAULT_BASELINES = "h2o,rkv,snapkv,streamingllm"
+
+
+def parse_baselines(text: str) -> list[str]:
+    """'h2o,rkv' -> names; '' or 'none' -> no baselines (names are checked when the cells are built)."""
+    names = [part.strip().lower() for part in text.split(",") if part.strip()]
+    return [] if names in ([], ["none"]) else names
+
+
+@app.command()
+def grid(
+    model: str = typer.Option("smollm2", help="'smollm2' (bundled) or a local transformers model directory"),
+    prompts: Path = typer.Option(None, help="JSONL with a 'prompt' (and optional 'answer') per line; default: bundled"),
+    n: int = typer.Option(10, help="number of prompts"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="tokens generated per prompt and cell"),
+    hbm: str = typer.Option("1.0,0.5,0.25", help="HBM ratios (grid rows; baselines' budgets)"),
+    evict: str = typer.Option("0,0.03,0.1", help="eviction ratios (grid columns)"),
+    compressed: str = typer.Option("0", help="compressed-tier ratios"),
+    baselines: str = typer.Option(DEFAULT_BASELINES, help="eviction baselines to compare ('none' for none)"),
+    output_format: str = typer.Option("table", "--format", help="table or json (json prints only JSON)"),
+    out: Path = typer.Option(None, help="also write the grid to .json or .parquet (kind quality-grid)"),
+    report: Path = typer.Option(None, help="also write an HTML report with the grid's heatmap"),
+    sink_tokens: int = typer.Option(4, "--sink-tokens", help="hierarchy: first tokens pinned to HBM"),
+    recent_window: int = typer.Option(64, "--recent-window", help="hierarchy: newest tokens pinned to HBM"),
+    retier_every: int = typer.Option(16, "--retier-every", help="re-tiering interval (hierarchy and SnapKV)"),
+    compressed_bits: int = typer.Option(4, "--compressed-bits", help="4 or 8"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    dtype: str = typer.Option("float32", help="float32 (exact on CPU), bfloat16 or float16"),
+) -> None:
+    """Run the full cache and every cell on the same prompts; score each cell against the full cache."""
+    from tiersim.prompts import load_prompts
+    from tiersim.quality.grid import build_cells
+    from tiersim.quality.store import grid_document, write_grid
+
+    if output_format not in ("table", "json"):
+        raise TiersimError(f"--format must be table or json, got {output_format!r}")
+    if out is not None and out.suffix.lower() not in (".json", ".parquet"):
+        raise TiersimError(f"--out must end in .json or .parquet, got {str(out)!r}")
+    if report is not None and report.suffix.lower() not in (".html", ".htm"):
+        raise TiersimError(f"--report must end in .html, got {str(report)!r}")
+    if max_new_tokens < 1:
+        raise TiersimError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if device not in ("cpu", "cuda"):
+        raise TiersimError(f"--device must be cpu or cuda, got {device!r}")
+    cells = build_cells(
+        parse_float_list(hbm, "hbm"),
+        parse_float_list(evict, "evict"),
+        parse_float_list(compressed, "compressed"),
+        parse_baselines(baselines),
+        sink_tokens=sink_tokens,
+        recent_window=recent_window,
+        retier_every=retier_every,
+        compressed_bits=compressed_bits,
+    )
+    items = load_prompts(str(prompts) if prompts else None, n)
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise TiersimError("--device cuda: no CUDA device is available here")
+
+    rows, summary, model_id = _run(model, device, dtype, items, cells, max_new_tokens)
+    document = grid_document(
+        rows,
+        model=model_id,
+        n_prompts=len(items),
+        max_new_tokens=max_new_tokens,
+        prompts_source=str(prompts) if prompts else "bundled",
+        prompt_ids=[p.id for p in items],
+        device=device,
+        dtype=dtype,
+        policy={"sink_tokens": sink_tokens, "recent_window": recent_window, "retier_every": retier_every,
+                "compressed_bits": compressed_bits},
+        full_cache=summary,
+    )
+    if out is not None:
+        write_grid(out, document)
+    if report is not None:
+        from tiersim.report import write_report
+
+        write_report([document], report)
+    if output_format == "json":
+        typer.echo(json.dumps(document, indent=2))
+        return
+    console.print(grid_table(document))
+    for path in (out, report):
+        if path is not None:
+            console.print(f"wrote {path}", highlight=False)
+
+
+def _run(model_name, device, dtype, items, cells, max_new_tokens):
+    """Load the model and run the grid under a progress bar (on stderr, so JSON stdout stays clean)."""
+    from tiersim.models import generation_kwargs, load_model
+    from tiersim.quality.grid import prepare_samples, run_grid
+
+    with err_console.status(f"loading {model_name} ..."):
+        mdl, tokenizer = load_model(model_name, device=device, dtype=dtype)
+    samples = prepare_samples(tokenizer, items, device=device)
+    progress = Progress(
+        TextColumn("[bold]grid"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
+    )
+    with progress:
+        task = progress.add_task("grid", total=len(samples) * (len(cells) + 1), rate="")
+
+        def advance(run) -> None:
+            what = run.cell.label if run.cell is not None else "full cache"
+            progress.update(task, advance=1, rate=f"{run.sample_id} {what}: {run.tokens_per_s:.1f} tok/s")
+
+        rows, summary = run_grid(
+            mdl, samples, cells, max_new_tokens,
+            decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+            generation_kwargs=generation_kwargs(tokenizer), on_run=advance,
+        )
+    return rows, summary, getattr(mdl, "name_or_path", model_name)
+
+
+def _pct(value) -> str:
+    return "—" if value is None else f"{100 * value:.0f}%"
+
+
+def _hbm(row: dict) -> str:
+    """The HBM ratio asked for, and the one that ran when eviction left less."""
+    effective = row.get("hbm_effective", row["hbm"])
+    return f"{row['hbm']:g}" if abs(effective - row["hbm"]) < 1e-9 else f"{row['hbm']:g} ({effective:g})"
+
+
+def grid_table(document: dict) -> Table:
+    """The grid as a rich table: one row per cell, the full cache's accuracy in the title."""
+    full = document.get("full_cache", {})
+    title = (
+        f"quality vs full cache — {document['model']}, {document['n_prompts']} prompts x "
+        f"{document['max_new_tokens']} tokens (full-cache accuracy {_pct(full.get('accuracy'))})"
+    )
+    table = Table(title=title)
+    for header in ("method", "hbm", "ddr", "compressed", "evict", "exact match", "tokens to divergence",
+                   "answer agreement", "accuracy", "tok/s"):
+        table.add_column(header, justify="left" if header == "method" else "right")
+    for row in document["rows"]:
+        table.add_row(
+            row["method"], _hbm(row), f"{row['ddr']:g}", f"{row['compressed']:g}", f"{row['evict']:g}",
+            _pct(row["exact_match"]), f"{row['mean_tokens_to_divergence']:.1f}", _pct(row["answer_agreement"]),
+            _pct(row["accuracy"]), f"{row['tokens_per_s']:.1f}",
+        )
+    return table

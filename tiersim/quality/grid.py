@@ -1,0 +1,228 @@
+"""Run the quality grid: the full cache once per prompt, then every cell, each scored against it.
+
+A cell is one policy configuration: the hierarchy at an (HBM ratio, eviction ratio, compressed
+ratio) point, or an eviction baseline whose budget is an HBM ratio of the grid (like for like:
+a baseline keeps in HBM everything it keeps). Decoding is greedy, so the full cache's output is
+the reference every cell is measured against.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+from tiersim.errors import ConfigError
+from tiersim.hierarchy.config import TierConfig
+from tiersim.quality import metrics
+
+HIERARCHY = "hierarchy"
+FULL_CACHE = "full"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One configuration of the grid.
+
+    ``hbm`` is the grid coordinate asked for; ``config.hbm`` may be lower when the eviction and
+    compressed ratios leave less than that (hbm 1.0 with 3% evicted keeps 97% in HBM, none in DDR).
+    """
+
+    method: str
+    hbm: float
+    config: TierConfig
+
+    @property
+    def label(self) -> str:
+        c = self.config
+        if self.method == HIERARCHY:
+            text = f"hbm {self.hbm:g} evict {c.evict:g}"
+            return text + (f" comp {c.compressed:g}" if c.compressed else "")
+        return f"{self.method} hbm {self.hbm:g}"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One tokenized prompt: input ids [1, L] and its ground-truth answer, if any."""
+
+    id: str
+    input_ids: object  # torch.Tensor; typed loosely so this module imports without torch
+    answer: str | None = None
+
+
+@dataclass
+class Run:
+    """One generation: a sample under the full cache or a cell."""
+
+    sample_id: str
+    method: str
+    cell: Cell | None
+    token_ids: list[int]
+    text: str
+    answer: str | None
+    seconds: float
+    tier_counts: dict = field(default_factory=dict)  # layer 0 at the end (TieredCache only)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.token_ids) / max(self.seconds, 1e-9)
+
+
+def _unique(values: Iterable) -> list:
+    return list(dict.fromkeys(values))  # order kept, repeats dropped
+
+
+def _checked(values: Iterable[float], name: str, ok: Callable[[float], bool], allowed: str) -> list[float]:
+    """Deduplicated ratios, each inside its allowed range (NaN never is)."""
+    checked = []
+    for value in _unique(values):
+        if value != value or not ok(value):
+            raise ConfigError(f"--{name}: each value must be in {allowed}, got {value!r}")
+        checked.append(float(value))
+    return checked
+
+
+def build_cells(
+    hbm: Sequence[float],
+    evict: Sequence[float],
+    compressed: Sequence[float] = (0.0,),
+    baselines: Sequence[str] = (),
+    **options,
+) -> list[Cell]:
+    """The hierarchy's cells (every hbm x compressed x evict) then each baseline at every hbm < 1.
+
+    DDR takes what HBM, compressed and evicted leave; when they leave less than the HBM ratio
+    asked for, HBM shrinks instead (nothing in DDR). ``options`` are further TierConfig fields
+    (sink_tokens, recent_window, retier_every, compressed_bits, ...), the same for every cell.
+    """
+    from tiersim.hierarchy.baselines import BASELINES
+
+    hbm = _checked(hbm, "hbm", lambda v: 0.0 < v <= 1.0, "(0, 1]")
+    evict = _checked(evict, "evict", lambda v: 0.0 <= v < 1.0, "[0, 1)")
+    compressed = _checked(compressed, "compressed", lambda v: 0.0 <= v < 1.0, "[0, 1)")
+    for name in baselines:
+        if name not in BASELINES:
+            raise ConfigError(f"--baselines: unknown baseline {name!r} (choose from {', '.join(sorted(BASELINES))})")
+    cells: list[Cell] = []
+    for h in hbm:
+        for c in compressed:
+            for e in evict:
+                if c + e >= 1.0 - 1e-9:
+                    raise ConfigError(f"--compressed {c:g} + --evict {e:g} leave nothing for HBM (must sum below 1)")
+                ddr = max(round(1.0 - h - c - e, 12), 0.0)
+                hbm_eff = round(1.0 - ddr - c - e, 12)
+                config = TierConfig(hbm=hbm_eff, ddr=ddr, compressed=c, evict=e, **options)
+                cells.append(Cell(HIERARCHY, h, config))
+    for name in _unique(baselines):
+        for h in hbm:
+            if h < 1.0:  # a budget of the whole context is the full cache
+                config = TierConfig(hbm=h, evict=round(1.0 - h, 12), policy=name, **options)
+                cells.append(Cell(name, h, config))
+    return cells
+
+
+def prepare_samples(tokenizer, prompts: Sequence, device="cpu") -> list[Sample]:
+    """Tokenize prompts (``tiersim.prompts.Prompt``) with the model's chat template."""
+    from tiersim.models import format_prompt
+
+    return [Sample(p.id, format_prompt(tokenizer, p.prompt).to(device), p.answer) for p in prompts]
+
+
+def generate(model, input_ids, cache, max_new_tokens: int, generation_kwargs: dict | None = None) -> list[int]:
+    """Greedy generation of one sample with the given cache; the new token ids."""
+    import torch
+
+    kwargs = {"do_sample": False, **(generation_kwargs or {})}
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            past_key_values=cache,
+            max_new_tokens=max_new_tokens,
+            **kwargs,
+        )
+    return out[0, input_ids.shape[1] :].tolist()
+
+
+def _ids_text(ids: Sequence[int]) -> str:
+    return " ".join(map(str, ids))
+
+
+def run_grid(
+    model,
+    samples: Sequence[Sample],
+    cells: Sequence[Cell],
+    max_new_tokens: int,
+    decode: Callable[[Sequence[int]], str] = _ids_text,
+    generation_kwargs: dict | None = None,
+    on_run: Callable[[Run], None] | None = None,
+) -> tuple[list[dict], dict]:
+    """Run the full cache and every cell on every sample; returns (rows, full-cache summary).
+
+    ``decode`` turns token ids into the text that exact match and answer extraction read;
+    ``on_run`` sees every generation as it finishes (progress, inspection).
+    """
+    from transformers import DynamicCache
+
+    from tiersim.hierarchy.cache import TieredCache
+    from tiersim.prompts import extract_answer
+
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    if not samples:
+        raise ConfigError("the grid needs at least one prompt")
+
+    def one(sample: Sample, cell: Cell | None) -> Run:
+        cache = DynamicCache() if cell is None else TieredCache(cell.config)
+        start = time.perf_counter()
+        ids = generate(model, sample.input_ids, cache, max_new_tokens, generation_kwargs)
+        seconds = time.perf_counter() - start
+        text = decode(ids)
+        counts = cache.tier_counts(0) if cell is not None else {}
+        run = Run(sample.id, FULL_CACHE if cell is None else cell.method, cell, ids, text,
+                  extract_answer(text), seconds, counts)
+        if on_run is not None:
+            on_run(run)
+        return run
+
+    full: list[Run] = []
+    per_cell: list[list[Run]] = [[] for _ in cells]
+    for sample in samples:
+        full.append(one(sample, None))
+        for index, cell in enumerate(cells):
+            per_cell[index].append(one(sample, cell))
+
+    truths = [s.answer for s in samples]
+    full_accuracy = metrics.accuracy([r.answer for r in full], truths)
+    rows = [_row(cell, runs, full, truths, full_accuracy) for cell, runs in zip(cells, per_cell)]
+    summary = {"accuracy": full_accuracy, "tokens_per_s": _rate(full), "mean_new_tokens": _mean_len(full)}
+    return rows, summary
+
+
+def _rate(runs: Sequence[Run]) -> float:
+    return sum(len(r.token_ids) for r in runs) / max(sum(r.seconds for r in runs), 1e-9)
+
+
+def _mean_len(runs: Sequence[Run]) -> float:
+    return sum(len(r.token_ids) for r in runs) / len(runs)
+
+
+def _row(cell: Cell, runs: list[Run], full: list[Run], truths: list, full_accuracy: float | None) -> dict:
+    c = cell.config
+    return {
+        "method": cell.method,
+        "hbm": cell.hbm,
+        "ddr": c.ddr,
+        "compressed": c.compressed,
+        "evict": c.evict,
+        "hbm_effective": c.hbm,
+        "exact_match": metrics.exact_match([r.text for r in full], [r.text for r in runs]),
+        "mean_tokens_to_divergence": metrics.mean_tokens_to_divergence(
+            [r.token_ids for r in full], [r.token_ids for r in runs]
+        ),
+        "answer_agreement": metrics.answer_agreement([r.answer for r in full], [r.answer for r in runs]),
+        "accuracy": metrics.accuracy([r.answer for r in runs], truths),
+        "full_cache_accuracy": full_accuracy,
+        "mean_new_tokens": _mean_len(runs),
+        "tokens_per_s": _rate(runs),
+    }
