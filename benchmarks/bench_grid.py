@@ -2,7 +2,7 @@
 
 Target (issue #6): hbm {1, 0.5, 0.25} x evict {0, 0.03, 0.1} + H2O and R-KV, 10 prompts x 64 new
 tokens, under 10 minutes on CPU (model load included).
-Run: python benchmarks/bench_grid.py [--n 10] [--tokens 64]   (writes docs/benchmarks-grid.md)
+Run: python benchmarks/bench_grid.py [--n 10] [--tokens 64]   (rewrites its section of docs/benchmarks.md)
 """
 
 from __future__ import annotations
@@ -11,18 +11,15 @@ import argparse
 import sys
 import time
 from collections import defaultdict
-from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _table import machine, markdown_table  # noqa: E402
-from tiersim.atomic import write_text  # noqa: E402
+from _table import markdown_table, write_section  # noqa: E402
 from tiersim.models import generation_kwargs, load_model  # noqa: E402
 from tiersim.prompts import load_prompts  # noqa: E402
 from tiersim.quality.grid import build_cells, prepare_samples, run_grid  # noqa: E402
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "benchmarks-grid.md"
 TARGET_S = 600.0
 
 
@@ -30,7 +27,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n", type=int, default=10)
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--doc", type=Path, default=DOC)
     args = parser.parse_args()
 
     start = time.perf_counter()
@@ -66,10 +62,7 @@ def main() -> None:
         [[r["method"], f"{r['hbm']:g}", f"{r['evict']:g}", f"{r['exact_match']:.2f}",
           f"{r['mean_tokens_to_divergence']:.1f}", f"{r['answer_agreement']:.2f}"] for r in rows],
     )
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     body = (
-        "# Benchmark: the quality grid (CPU)\n\n"
-        f"`python benchmarks/bench_grid.py --n {args.n} --tokens {args.tokens}` — {stamp}, {machine()}\n\n"
         f"SmolLM2-135M-Instruct, float32, {len(samples)} bundled prompts x {args.tokens} new tokens (greedy); "
         f"grid hbm {{1, 0.5, 0.25}} x evict {{0, 0.03, 0.1}} (9 cells) + H2O and R-KV at hbm 0.5 and 0.25 "
         f"(4 cells) + the full cache: {runs} generations. Target: under {TARGET_S / 60:.0f} minutes, "
@@ -77,8 +70,8 @@ def main() -> None:
         "make fewer tokens, so tokens/s, not tokens, compares the parts.\n\n"
         f"{timing}\n\nThe quality numbers of this run (not the documented grid, see docs/quality.md):\n\n{quality}\n"
     )
-    write_text(args.doc, body)
     print(body)
+    write_section("Quality grid (CPU)", f"python benchmarks/bench_grid.py --n {args.n} --tokens {args.tokens}", body)
 
 
 def _count(cells, key: str) -> int:
