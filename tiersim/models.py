@@ -242,3 +242,22 @@ def generation_kwargs(tokenizer=None) -> dict:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         kwargs["pad_token_id"] = pad
     return kwargs
+
+
+def generate_greedy(model, input_ids, cache, max_new_tokens: int, generation_kwargs: dict | None = None) -> list[int]:
+    """Greedy generation of one prompt with the given cache (TieredCache or DynamicCache); new token ids.
+
+    The one place capture and the quality grid generate, so both decode the same way.
+    """
+    import torch
+
+    kwargs = {"do_sample": False, **(generation_kwargs or {})}
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            past_key_values=cache,
+            max_new_tokens=max_new_tokens,
+            **kwargs,
+        )
+    return out[0, input_ids.shape[1] :].tolist()

@@ -130,18 +130,9 @@ def prepare_samples(tokenizer, prompts: Sequence, device="cpu") -> list[Sample]:
 
 def generate(model, input_ids, cache, max_new_tokens: int, generation_kwargs: dict | None = None) -> list[int]:
     """Greedy generation of one sample with the given cache; the new token ids."""
-    import torch
+    from tiersim.models import generate_greedy
 
-    kwargs = {"do_sample": False, **(generation_kwargs or {})}
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            past_key_values=cache,
-            max_new_tokens=max_new_tokens,
-            **kwargs,
-        )
-    return out[0, input_ids.shape[1] :].tolist()
+    return generate_greedy(model, input_ids, cache, max_new_tokens, generation_kwargs)
 
 
 def _ids_text(ids: Sequence[int]) -> str:

@@ -50,19 +50,12 @@ def generate_one(model, tokenizer, text: str, config: TierConfig, max_new_tokens
     import torch
 
     from tiersim.hierarchy.cache import TieredCache
-    from tiersim.models import format_prompt, generation_kwargs
+    from tiersim.models import format_prompt, generate_greedy, generation_kwargs
 
     input_ids = format_prompt(tokenizer, text).to(model.device)
     cache = TieredCache(config, recorder=recorder, record_attention=full)
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            past_key_values=cache,
-            max_new_tokens=max_new_tokens,
-            **generation_kwargs(tokenizer),
-        )
-    return input_ids, out[0, input_ids.shape[1] :], cache
+    new_ids = generate_greedy(model, input_ids, cache, max_new_tokens, generation_kwargs(tokenizer))
+    return input_ids, torch.tensor(new_ids, dtype=torch.long), cache
 
 
 def capture(
