@@ -239,3 +239,10 @@ def test_unreadable_trace_is_one_clear_line(tmp_path):
     bad.write_text("not a trace")
     proc = _tiersim("capacity", "--trace", str(bad))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "trace" in proc.stderr
+
+
+@pytest.mark.parametrize("args", [["capacity", "--batch", "many"], ["capacity", "--no-such-option"], ["nosuchcommand"]])
+def test_usage_errors_are_one_line(args):
+    proc = _tiersim(*args)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
+
+try:  # typer >= 0.2x vendors its own click; its exceptions are not click's
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - older typer runs on click itself
+    from click import ClickException
 from rich.console import Console
 
 from tiersim.errors import TiersimError
@@ -66,13 +70,13 @@ def run() -> None:
         code = app(standalone_mode=False)
         if isinstance(code, int) and code != 0:
             sys.exit(code)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except typer.Abort:
         err_console.print("[bold red]aborted[/]")
         sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
+    except ClickException as exc:  # usage errors: unknown option, a number that is not one, ...
+        err_console.print(f"[bold red]error:[/] {exc.format_message()}  (see --help)", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/] (no partial output was written)")

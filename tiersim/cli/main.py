@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from tiersim.cli.app import app, run
 
-# One line per command module; each module registers its commands on `app`.
+# One line per command module; each registers its commands on `app` (help lists them in this order).
+from tiersim.cli import cmd_simulate  # noqa: F401,E402  (simulate, capacity)
 from tiersim.cli import cmd_presets  # noqa: F401,E402
+from tiersim.cli import cmd_capture  # noqa: F401,E402  (capture, synth)
+from tiersim.cli import cmd_grid  # noqa: F401,E402
 from tiersim.cli import cmd_validate  # noqa: F401,E402
 from tiersim.cli import cmd_report  # noqa: F401,E402
-from tiersim.cli import cmd_grid  # noqa: F401,E402
-from tiersim.cli import cmd_capture  # noqa: F401,E402
-from tiersim.cli import cmd_simulate  # noqa: F401,E402
 
 
 def main() -> None:

@@ -224,8 +224,10 @@ def layer_costs(model: Model, gpu: GPU, policy: Policy, work: Workload) -> Layer
     # KV read by attention: HBM tier + staged DDR (read from the staging buffer) + compressed codes,
     # plus the dequantized copy written and read back (no fused dequant-attention kernel assumed).
     kv_bytes = (work.hbm + work.ddr * policy.prefetch) * per_layer + work.compressed * per_layer * (comp_ratio + 2.0)
-    if policy.hbm < 1.0:  # tokens left HBM: the cache reassembles and scores the layer every step
-        kv_bytes = kv_bytes + ASSEMBLY_KV_PASSES * work.context * per_layer
+    if policy.hbm < 1.0:  # the cache scores every key once tokens may leave HBM (0.5 pass) ...
+        passes = 0.5 + (ASSEMBLY_KV_PASSES - 0.5 if policy.ddr > 0 or policy.compressed > 0 else 0.0)
+        # ... and reassembles the layer in token order when some of it is not in HBM (2 passes).
+        kv_bytes = kv_bytes + passes * work.context * per_layer
     flops = 2 * (model.params / model.num_layers) * work.batch + 4 * work.context * model.num_attention_heads * model.head_dim
     t_mem = (weight_bytes + kv_bytes) / (gpu.hbm_bw * gpu.hbm_efficiency)
     t_flop = flops / (gpu.peak_flops * gpu.flops_efficiency)
