@@ -7,7 +7,6 @@ the schema metadata key ``tiersim`` (like traces), so either reads back into the
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +19,10 @@ META_KEY = b"tiersim"
 
 def grid_document(rows: list[dict], *, model: str, n_prompts: int, max_new_tokens: int, **extra: Any) -> dict:
     """The document every output (table, JSON, Parquet, report) is made from."""
-    from tiersim import __version__
+    from tiersim.provenance import header
 
     return {
-        "kind": KIND,
-        "schema_version": SCHEMA_VERSION,
-        "tiersim_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **header(KIND, SCHEMA_VERSION),
         "model": model,
         "n_prompts": n_prompts,
         "max_new_tokens": max_new_tokens,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tiersim import __version__
 from tiersim.atomic import atomic_path
+from tiersim.provenance import header
 from tiersim.errors import TraceError
 
 SCHEMA_VERSION = 1
@@ -69,10 +68,7 @@ class Trace:
 def new_meta(model: dict, policy: dict, sequences: list[dict], **extra: Any) -> dict[str, Any]:
     """The metadata block every trace carries."""
     return {
-        "kind": KIND,
-        "schema_version": SCHEMA_VERSION,
-        "tiersim_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **header(KIND, SCHEMA_VERSION),
         "model": model,
         "policy": policy,
         "sequences": sequences,
