@@ -257,7 +257,7 @@ class TieredCache(Cache):
                 "(tiersim.models.load_model does; or call tiersim.hierarchy.enable_scoring(model))"
             )
         if self.needs_scores:
-            scoring.set_listener(self)
+            scoring.set_listener(self, layer_idx)
             layer.awaiting_scores = True
         self._append(layer, key_states, value_states)
         staged = self._wait_for_prefetch(layer, layer_idx)
@@ -307,7 +307,7 @@ class TieredCache(Cache):
     def observe_attention(self, layer_idx: int, probs: torch.Tensor) -> None:
         """Accumulate this step's attention into the scores; re-tier the layer when the policy says so."""
         layer = self.layers[layer_idx]
-        if not layer.awaiting_scores:
+        if not layer.awaiting_scores or probs.shape[-1] != layer.num_retained:
             return
         layer.awaiting_scores = False
         n = layer.num_retained

@@ -22,13 +22,18 @@ ATTN_IMPLEMENTATION = "tiersim"
 _listener = threading.local()
 
 
-def set_listener(cache) -> None:
-    """Route the next attention call's probabilities to ``cache.observe_attention``."""
-    _listener.cache = cache
+def set_listener(cache, layer_idx: int) -> None:
+    """Route the next attention call of ``layer_idx`` to ``cache.observe_attention`` (once).
+
+    The cache calls this in ``update``, right before the same layer's attention runs. The
+    attention consumes it, so a later forward with another cache (or none) never reports to a
+    stale cache, even when a previous forward stopped halfway.
+    """
+    _listener.target = (cache, layer_idx)
 
 
 def clear_listener() -> None:
-    _listener.cache = None
+    _listener.target = None
 
 
 def attention_probabilities(
@@ -73,9 +78,11 @@ def tiersim_attention_forward(module, query, key, value, attention_mask, dropout
     output = sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
     )
-    cache = getattr(_listener, "cache", None)
-    if cache is not None:
-        layer_idx = getattr(module, "layer_idx", None)
+    target = getattr(_listener, "target", None)
+    _listener.target = None
+    layer_idx = getattr(module, "layer_idx", None)
+    if target is not None and target[1] == layer_idx:
+        cache = target[0]
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
         n_queries = cache.queries_to_score(layer_idx, query.shape[2])
