@@ -186,3 +186,21 @@ def test_sliding_window_models_are_refused():
 def test_rejects_non_config():
     with pytest.raises(TiersimError, match="TierConfig"):
         TieredCache({"hbm": 0.5})
+
+
+def test_a_stopped_generation_never_receives_another_forwards_scores(tiny_llama):
+    # A generation that fails mid-forward leaves its cache registered as the scores' listener;
+    # the next forward, with another cache, must neither report to it nor break.
+    tiny_llama.set_attn_implementation("sdpa")
+    stale = TieredCache(TierConfig(hbm=0.5, ddr=0.5))
+    try:
+        with pytest.raises(TiersimError):
+            _generate(tiny_llama, _random_prompt(tiny_llama, 10), stale, 4)
+    finally:
+        tiny_llama.set_attn_implementation("tiersim")
+    before = stale.layers[0].cumulative.clone()
+    ids = _random_prompt(tiny_llama, 7, seed=5)
+    ref = _generate(tiny_llama, ids, DynamicCache(), 5)
+    out = _generate(tiny_llama, ids, TieredCache(TierConfig(hbm=0.5, ddr=0.5, **SMALL)), 5)
+    _assert_identical(out, ref)
+    assert torch.equal(stale.layers[0].cumulative, before)
