@@ -18,6 +18,7 @@ import torch  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 from _table import markdown_table, write_section  # noqa: E402
+from tiersim.compat import cache_kwargs  # noqa: E402
 from tiersim.hierarchy import TierConfig  # noqa: E402
 from tiersim.hierarchy.cache import TieredCache  # noqa: E402
 from tiersim.models import format_prompt, load_model  # noqa: E402
@@ -29,7 +30,7 @@ def decode_rate(model, ids, make_cache, tokens: int) -> float:
     def run(n):
         start = time.perf_counter()
         with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=make_cache(),
+            model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, make_cache()),
                            max_new_tokens=n, min_new_tokens=n, do_sample=False)
         return time.perf_counter() - start
 

@@ -17,6 +17,7 @@ import torch  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 from _table import markdown_table, write_section  # noqa: E402
+from tiersim.compat import cache_kwargs  # noqa: E402
 from tiersim.cli.cmd_capture import HEADLINE  # noqa: E402
 from tiersim.hierarchy import TierConfig  # noqa: E402
 from tiersim.models import describe_model, format_prompt, load_model  # noqa: E402
@@ -38,7 +39,7 @@ def main() -> None:
         for p in prompts:
             ids = format_prompt(tokenizer, p.prompt)
             with torch.inference_mode():
-                model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=DynamicCache(),
+                model.generate(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, DynamicCache()),
                                max_new_tokens=args.tokens, do_sample=False)
         return time.perf_counter() - start
 

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from tiersim.compat import cache_kwargs
 from tiersim.errors import ConfigError
 from tiersim.hierarchy.baselines import BASELINES, H2O, RKV, SnapKV, StreamingLLM, rkv_importance, rkv_redundancy
 from tiersim.hierarchy.config import TierConfig
@@ -216,7 +217,7 @@ def run_generate(model, name: str, hbm: float, prompt_len: int = 40, new_tokens:
     ids = torch.randint(1, 256, (1, prompt_len), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=new_tokens,
+            ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache), max_new_tokens=new_tokens,
             do_sample=False, pad_token_id=0,
         )
     assert out.shape[1] == prompt_len + new_tokens

@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from tiersim.compat import cache_kwargs
 from tiersim.errors import TiersimError
 from tiersim.hierarchy import TierConfig
 from tiersim.hierarchy.cache import TieredCache, check_model_supported
@@ -18,7 +19,7 @@ def _generate(model, ids, cache, new_tokens):
         return model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
-            past_key_values=cache,
+            **cache_kwargs(model, cache),
             max_new_tokens=new_tokens,
             do_sample=False,
             output_logits=True,

@@ -3,15 +3,18 @@
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
 
+from tiersim.compat import cache_kwargs
 from tiersim.errors import TiersimError
 from tiersim.models import (
     check_supported,
     describe_model,
     format_prompt,
+    generate_greedy,
     generation_kwargs,
     load_model,
     smollm2_dir,
@@ -165,6 +168,33 @@ def test_greedy_generation_is_argmax_decoding(tiny_llama):
             manual = torch.cat([manual, tiny_llama(manual).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(out, manual)
 
+
+
+def test_cache_keyword_follows_the_installed_transformers():
+    """transformers 5.24 renamed ``past_key_values`` to ``cache``; older 5.x knows only the old name."""
+
+    class New:
+        def forward(self, input_ids, cache=None):
+            pass
+
+    class Old:
+        def forward(self, input_ids, past_key_values=None):
+            pass
+
+    sentinel = object()
+    assert cache_kwargs(New(), sentinel) == {"cache": sentinel}
+    assert cache_kwargs(Old(), sentinel) == {"past_key_values": sentinel}
+
+
+def test_generation_uses_the_current_cache_keyword(tiny_llama):
+    """No deprecation warning from generate_greedy: the next transformers major drops the old name."""
+    from transformers import DynamicCache
+
+    ids = torch.tensor([[7, 3, 99, 42, 5]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        tokens = generate_greedy(tiny_llama, ids, DynamicCache(), 4, generation_kwargs())
+    assert len(tokens) == 4
 
 # --- local model directories ------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tiersim.compat import cache_kwargs
 from tiersim.errors import TiersimError
 
 if TYPE_CHECKING:  # torch and transformers load lazily: the simulator and report never need them
@@ -256,7 +257,7 @@ def generate_greedy(model, input_ids, cache, max_new_tokens: int, generation_kwa
         out = model.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),
-            past_key_values=cache,
+            **cache_kwargs(model, cache),
             max_new_tokens=max_new_tokens,
             **kwargs,
         )

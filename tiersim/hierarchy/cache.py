@@ -209,7 +209,8 @@ class TieredLayer(CacheLayerMixin):
 class TieredCache(Cache):
     """A transformers Cache placing each layer's tokens in HBM / DDR / compressed / evicted tiers.
 
-    Usage: ``model.generate(ids, past_key_values=TieredCache(TierConfig(hbm=0.5, ddr=0.5)))``.
+    Usage: ``model.generate(ids, cache=TieredCache(TierConfig(hbm=0.5, ddr=0.5)))`` (``past_key_values=``
+    before transformers 5.24; ``tiersim.compat.cache_kwargs`` picks the name).
     The model must use the ``"tiersim"`` attention implementation (``tiersim.models.load_model``
     sets it) whenever tokens leave HBM, since the policy ranks by attention scores.
 

@@ -13,6 +13,7 @@ import gc
 
 import torch
 
+from tiersim.compat import cache_kwargs
 from tiersim.hierarchy import scoring
 from tiersim.hierarchy.cache import TieredCache
 from tiersim.hierarchy.config import TierConfig
@@ -102,7 +103,7 @@ def synthetic_prefill(model, cache: TieredCache, batch: int, context: int, gener
 def model_prefill(model, cache: TieredCache, batch: int, context: int, generator: torch.Generator) -> None:
     """A real prefill forward of ``context`` random tokens (one forward: small shapes only)."""
     ids = torch.randint(model.config.vocab_size, (batch, context), generator=generator, device=model.device)
-    model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     scoring.clear_listener()
 
 
@@ -133,6 +134,7 @@ def run_point(
     if probe_steps is None:
         probe_steps = min(8, steps) if watch.cuda else 0
     cache = InstrumentedCache(config)
+    cache_arg = cache_kwargs(model, cache)  # looked up once: the timed loop stays lean
     total = warmup + steps + probe_steps
     marks = []
     try:
@@ -148,7 +150,7 @@ def run_point(
                     after = cache.stats()
                 cache.step_index = i - warmup - steps  # >= 0 only in the probe steps
                 start = watch.mark()
-                model(input_ids=tokens[i], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                model(input_ids=tokens[i], **cache_arg, use_cache=True, logits_to_keep=1)
                 end = watch.mark()
                 if warmup <= i < warmup + steps:
                     marks.append((start, end))
