@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from tiersim.cli.app import app, console, err_console
+from tiersim.cli.app import app, console
+from tiersim.cli.progress import meter
 from tiersim.errors import TiersimError
 
 # The paper's headline configuration: half the context in HBM, 3% evicted, the rest in DDR.
@@ -57,16 +57,11 @@ def capture(
 
     with console.status(f"loading {model} ..."):
         mdl, tokenizer = load_model(model, device=device, dtype=dtype)
-    progress = Progress(
-        TextColumn("[bold]capture"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(), console=err_console,
-    )
-    with progress:
-        task = progress.add_task("capture", total=len(items), rate="")
+    with meter("capture", len(items), eta=False) as progress:
 
         def advance(result):
             rate = result.new_tokens / max(result.seconds, 1e-9)
-            progress.update(task, advance=1, rate=f"{result.prompt_id}: {rate:.1f} tok/s")
+            progress.advance(f"{result.prompt_id}: {rate:.1f} tok/s")
 
         trace = run_capture(
             mdl, tokenizer, items, config, max_new_tokens, describe_model(mdl), device=device,

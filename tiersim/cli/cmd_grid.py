@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from tiersim.cli.app import app, console, err_console, parse_float_list
+from tiersim.cli.progress import meter
 from tiersim.errors import TiersimError
 
 DEFAULT_BASELINES = "h2o,rkv,snapkv,streamingllm"
@@ -110,16 +110,11 @@ def _run(model_name, device, dtype, items, cells, max_new_tokens):
     with err_console.status(f"loading {model_name} ..."):
         mdl, tokenizer = load_model(model_name, device=device, dtype=dtype)
     samples = prepare_samples(tokenizer, items, device=device)
-    progress = Progress(
-        TextColumn("[bold]grid"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
-    )
-    with progress:
-        task = progress.add_task("grid", total=len(samples) * (len(cells) + 1), rate="")
+    with meter("grid", len(samples) * (len(cells) + 1)) as progress:
 
         def advance(run) -> None:
             what = run.cell.label if run.cell is not None else "full cache"
-            progress.update(task, advance=1, rate=f"{run.sample_id} {what}: {run.tokens_per_s:.1f} tok/s")
+            progress.advance(f"{run.sample_id} {what}: {run.tokens_per_s:.1f} tok/s")
 
         rows, summary = run_grid(
             mdl, samples, cells, max_new_tokens,

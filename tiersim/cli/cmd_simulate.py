@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from tiersim.cli.app import app, console, err_console
+from tiersim.cli.progress import meter
 from tiersim.errors import TiersimError
 
 FORMATS = ("table", "json")
@@ -51,13 +51,6 @@ def _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch
 def _check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         raise TiersimError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-
-
-def _progress(total: int, label: str) -> Progress:
-    progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=err_console, transient=True)
-    progress.add_task(label, total=total)
-    return progress
 
 
 TRACE_HELP = "trace to project from (default: the bundled SmolLM2 capture)"
@@ -150,9 +143,8 @@ def capacity(
         raise TiersimError(f"--max-overhead must be >= 0, got {max_overhead}")
     scenario = _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch, steps, seed, calibration)
     total = 1 + len(grid_policies(scenario)) + len(sweep_batches(batch))
-    with _progress(total, "simulating") as progress:
-        task = progress.tasks[0].id
-        result = plan(scenario, max_overhead, progress=lambda: progress.advance(task))
+    with meter("simulating", total, eta=False, transient=True) as progress:
+        result = plan(scenario, max_overhead, progress=progress.advance)
     if out:
         write_json(out, result)
     if report:
