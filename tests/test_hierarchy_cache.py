@@ -67,6 +67,37 @@ def test_lossless_offloading_is_bit_identical_with_a_batch(tiny_llama):
     assert not torch.equal(tiers[0], tiers[1]), "rows should place different tokens in DDR"
 
 
+
+def _left_padded(model):
+    """Two prompts of 30 and 22 tokens, the shorter one left-padded, as a tokenizer would pad them."""
+    ids = _random_prompt(model, 30, seed=5, batch=2)
+    mask = torch.ones_like(ids)
+    ids[1, :8], mask[1, :8] = 0, 0
+    return ids, mask
+
+
+def _generate_masked(model, ids, mask, cache, new_tokens):
+    with torch.inference_mode():
+        return model.generate(ids, attention_mask=mask, **cache_kwargs(model, cache), max_new_tokens=new_tokens,
+                              do_sample=False, pad_token_id=0)
+
+
+def test_left_padded_batch_offloading_is_bit_identical(tiny_llama):
+    ids, mask = _left_padded(tiny_llama)
+    ref = _generate_masked(tiny_llama, ids, mask, DynamicCache(), 24)
+    out = _generate_masked(tiny_llama, ids, mask, TieredCache(TierConfig(hbm=0.3, ddr=0.7, **SMALL)), 24)
+    assert torch.equal(out, ref)
+
+
+def test_left_padded_batch_with_eviction_is_refused(tiny_llama):
+    # The padding mask is read by slot; after eviction the slots no longer match it (silent garbage).
+    ids, mask = _left_padded(tiny_llama)
+    cache = TieredCache(TierConfig(hbm=0.5, ddr=0.3, evict=0.2, **SMALL))
+    with pytest.raises(TiersimError, match="padded batch cannot evict"):
+        _generate_masked(tiny_llama, ids, mask, cache, 24)
+    # An unpadded batch with the same eviction runs.
+    _generate_masked(tiny_llama, ids, torch.ones_like(ids), TieredCache(TierConfig(hbm=0.5, ddr=0.3, evict=0.2, **SMALL)), 24)
+
 @pytest.mark.slow
 @pytest.mark.parametrize("hbm", [1.0, 0.5, 0.1])
 def test_lossless_offloading_is_bit_identical_on_smollm2(smollm2, hbm):

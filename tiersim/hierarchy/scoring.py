@@ -17,6 +17,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from tiersim.errors import TiersimError
+
 ATTN_IMPLEMENTATION = "tiersim"
 
 _listener = threading.local()
@@ -93,7 +95,29 @@ def tiersim_attention_forward(module, query, key, value, attention_mask, dropout
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, tiersim_attention_forward)
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+def tiersim_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
+    """SDPA's mask, refusing a padded batch once the cache has evicted tokens.
+
+    transformers reads the 2D padding mask by slot (slot i = the i-th token seen); after eviction a
+    layer's slots are a per-layer subset of the tokens seen, so the padding columns would land on the
+    wrong tokens and generation would be silently wrong. Unpadded batches, and any batch whose
+    cache only offloads (DDR, compressed), keep one slot per token seen and are unaffected.
+    """
+    kv_length, kv_offset = kwargs.get("kv_length"), kwargs.get("kv_offset", 0)
+    if (
+        attention_mask is not None
+        and kv_length is not None
+        and attention_mask.shape[-1] > kv_offset + kv_length
+        and not bool(attention_mask.all())
+    ):
+        raise TiersimError(
+            "a padded batch cannot evict tokens (the padding mask no longer lines up with the retained "
+            "tokens): generate these prompts one at a time, or with evict=0"
+        )
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, tiersim_mask)
 
 
 def enable_scoring(model) -> None:
