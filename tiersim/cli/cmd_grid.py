@@ -40,6 +40,9 @@ def grid(
     compressed_bits: int = typer.Option(4, "--compressed-bits", help="4 or 8"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     dtype: str = typer.Option("float32", help="float32 (exact on CPU), bfloat16 or float16"),
+    resume: bool = typer.Option(True, "--resume/--no-resume",
+                                help="with --out: keep finished runs in OUT.runs.jsonl and reuse them when the "
+                                     "same command runs again after an interruption"),
 ) -> None:
     """Run the full cache and every cell on the same prompts; score each cell against the full cache."""
     from tiersim.prompts import load_prompts
@@ -73,7 +76,15 @@ def grid(
         if not torch.cuda.is_available():
             raise TiersimError("--device cuda: no CUDA device is available here")
 
-    rows, summary, model_id = _run(model, device, dtype, items, cells, max_new_tokens)
+    journal = _journal(out, model, device, dtype, resume)
+    try:
+        rows, summary, model_id = _run(model, device, dtype, items, cells, max_new_tokens, journal)
+    except BaseException:
+        if journal is not None and len(journal):
+            journal.close()
+            err_console.print(f"{len(journal)} finished runs are kept in {journal.path}: run the same command "
+                              "again to resume", highlight=False)
+        raise
     document = grid_document(
         rows,
         model=model_id,
@@ -89,6 +100,7 @@ def grid(
     )
     if out is not None:
         write_grid(out, document)
+        journal.discard()  # --out holds everything now
     if report is not None:
         from tiersim.report import write_report
 
@@ -102,7 +114,29 @@ def grid(
             console.print(f"wrote {path}", highlight=False)
 
 
-def _run(model_name, device, dtype, items, cells, max_new_tokens):
+def _journal(out, model_name, device, dtype, resume):
+    """The run journal beside ``--out`` (none without it), keyed by what decides the generated tokens."""
+    if out is None:
+        return None
+    import torch
+    import transformers
+
+    import tiersim
+    from tiersim.quality.journal import RunJournal, journal_path
+
+    model_id = str(Path(model_name).resolve()) if Path(model_name).is_dir() else model_name
+    context = {"model": model_id, "device": device, "dtype": dtype, "tiersim": tiersim.__version__,
+               "torch": torch.__version__, "transformers": transformers.__version__}
+    journal = RunJournal(journal_path(out), context)
+    if not resume:
+        journal.discard()
+    elif len(journal):
+        err_console.print(f"resuming from {journal.path} ({len(journal)} finished runs recorded; those with "
+                          "the same settings are reused)", highlight=False)
+    return journal
+
+
+def _run(model_name, device, dtype, items, cells, max_new_tokens, journal=None):
     """Load the model and run the grid under a progress bar (on stderr, so JSON stdout stays clean)."""
     from tiersim.models import generation_kwargs, load_model
     from tiersim.quality.grid import prepare_samples, run_grid
@@ -114,12 +148,13 @@ def _run(model_name, device, dtype, items, cells, max_new_tokens):
 
         def advance(run) -> None:
             what = run.cell.label if run.cell is not None else "full cache"
-            progress.advance(f"{run.sample_id} {what}: {run.tokens_per_s:.1f} tok/s")
+            speed = "resumed" if run.resumed else f"{run.tokens_per_s:.1f} tok/s"
+            progress.advance(f"{run.sample_id} {what}: {speed}")
 
         rows, summary = run_grid(
             mdl, samples, cells, max_new_tokens,
             decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-            generation_kwargs=generation_kwargs(tokenizer), on_run=advance,
+            generation_kwargs=generation_kwargs(tokenizer), on_run=advance, journal=journal,
         )
     return rows, summary, getattr(mdl, "name_or_path", model_name)
 

@@ -62,6 +62,7 @@ class Run:
     answer: str | None
     seconds: float
     tier_counts: dict = field(default_factory=dict)  # layer 0 at the end (TieredCache only)
+    resumed: bool = False  # read back from the journal, not generated now
 
     @property
     def tokens_per_s(self) -> float:
@@ -147,11 +148,14 @@ def run_grid(
     decode: Callable[[Sequence[int]], str] = _ids_text,
     generation_kwargs: dict | None = None,
     on_run: Callable[[Run], None] | None = None,
+    journal=None,
 ) -> tuple[list[dict], dict]:
     """Run the full cache and every cell on every sample; returns (rows, full-cache summary).
 
     ``decode`` turns token ids into the text that exact match and answer extraction read;
-    ``on_run`` sees every generation as it finishes (progress, inspection).
+    ``on_run`` sees every generation as it finishes (progress, inspection). With a ``journal``
+    (:class:`tiersim.quality.journal.RunJournal`) runs it already holds are reused, not generated,
+    and every new run is recorded in it the moment it finishes.
     """
     from transformers import DynamicCache
 
@@ -164,14 +168,21 @@ def run_grid(
         raise ConfigError("the grid needs at least one prompt")
 
     def one(sample: Sample, cell: Cell | None) -> Run:
-        cache = DynamicCache() if cell is None else TieredCache(cell.config)
-        start = time.perf_counter()
-        ids = generate(model, sample.input_ids, cache, max_new_tokens, generation_kwargs)
-        seconds = time.perf_counter() - start
+        key = journal.key(sample, cell, max_new_tokens, generation_kwargs) if journal is not None else None
+        stored = journal.get(key) if journal is not None else None
+        if stored is not None:
+            ids, seconds, counts = stored["token_ids"], stored["seconds"], stored["tier_counts"]
+        else:
+            cache = DynamicCache() if cell is None else TieredCache(cell.config)
+            start = time.perf_counter()
+            ids = generate(model, sample.input_ids, cache, max_new_tokens, generation_kwargs)
+            seconds = time.perf_counter() - start
+            counts = cache.tier_counts(0) if cell is not None else {}
+            if journal is not None:
+                journal.add(key, ids, seconds, counts)
         text = decode(ids)
-        counts = cache.tier_counts(0) if cell is not None else {}
         run = Run(sample.id, FULL_CACHE if cell is None else cell.method, cell, ids, text,
-                  extract_answer(text), seconds, counts)
+                  extract_answer(text), seconds, counts, resumed=stored is not None)
         if on_run is not None:
             on_run(run)
         return run

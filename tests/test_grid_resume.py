@@ -1,0 +1,132 @@
+"""An interrupted grid resumes from its run journal and ends with the rows an uninterrupted grid gives."""
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tiersim.quality import grid as grid_module
+from tiersim.quality.grid import Sample, build_cells, run_grid
+from tiersim.quality.journal import RunJournal, journal_path
+from tiersim.quality.store import read_grid
+
+CONTEXT = {"model": "tiny-llama", "device": "cpu", "dtype": "float32"}
+GENERATION = {"pad_token_id": 0}
+
+
+def _samples(count: int = 2) -> list[Sample]:
+    gen = torch.Generator().manual_seed(7)
+    return [Sample(f"s{i}", torch.randint(1, 256, (1, 40), generator=gen), None) for i in range(count)]
+
+
+def _cells():
+    return build_cells([0.5], [0, 0.2], [0.0], ["h2o"], recent_window=4, retier_every=4)
+
+
+def _without_timing(rows):
+    return [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in rows]
+
+
+@pytest.fixture
+def count_generations(monkeypatch):
+    calls = []
+    real = grid_module.generate
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(grid_module, "generate", counting)
+    return calls
+
+
+def test_an_interrupted_grid_resumes_with_identical_rows(tiny_llama, tmp_path, count_generations):
+    samples, cells = _samples(), _cells()
+    total = len(samples) * (len(cells) + 1)
+    reference, _ = run_grid(tiny_llama, samples, cells, 10, generation_kwargs=GENERATION)
+
+    path = tmp_path / "grid.json.runs.jsonl"
+    journal = RunJournal(path, CONTEXT)
+    finished = []
+
+    def stop_after_four(run):
+        finished.append(run)
+        if len(finished) == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(tiny_llama, samples, cells, 10, generation_kwargs=GENERATION, on_run=stop_after_four, journal=journal)
+    journal.close()
+    assert len(path.read_text().splitlines()) == 4
+
+    count_generations.clear()
+    resumed_runs = []
+    rows, _ = run_grid(tiny_llama, samples, cells, 10, generation_kwargs=GENERATION, on_run=resumed_runs.append,
+                       journal=RunJournal(path, CONTEXT))
+    assert len(count_generations) == total - 4
+    assert [r.resumed for r in resumed_runs] == [True] * 4 + [False] * (total - 4)
+    assert _without_timing(rows) == _without_timing(reference)
+
+    count_generations.clear()
+    again, _ = run_grid(tiny_llama, samples, cells, 10, generation_kwargs=GENERATION, journal=RunJournal(path, CONTEXT))
+    assert count_generations == [] and again == rows  # stored seconds too: the same document
+
+
+def test_a_run_is_reused_only_under_the_same_settings(tmp_path):
+    journal = RunJournal(tmp_path / "j.jsonl", CONTEXT)
+    sample, cells = _samples(1)[0], _cells()
+    base = journal.key(sample, cells[0], 10, GENERATION)
+    assert base == RunJournal(tmp_path / "other.jsonl", dict(CONTEXT)).key(sample, cells[0], 10, GENERATION)
+    changed = [
+        journal.key(sample, cells[1], 10, GENERATION),  # another cell
+        journal.key(sample, None, 10, GENERATION),  # the full cache
+        journal.key(sample, cells[0], 11, GENERATION),  # max_new_tokens
+        journal.key(sample, cells[0], 10, {"pad_token_id": 1}),
+        journal.key(Sample("s0", sample.input_ids + 1, None), cells[0], 10, GENERATION),  # same id, other tokens
+        journal.key(sample, build_cells([0.5], [0], retier_every=8)[0], 10, GENERATION),  # a policy option
+        RunJournal(tmp_path / "j2.jsonl", {**CONTEXT, "dtype": "bfloat16"}).key(sample, cells[0], 10, GENERATION),
+    ]
+    assert base not in changed and len(set(changed)) == len(changed)
+
+
+def test_a_torn_last_line_is_ignored(tmp_path):
+    path = tmp_path / "j.jsonl"
+    journal = RunJournal(path, CONTEXT)
+    journal.add("a", [1, 2], 0.5, {})
+    journal.add("b", [3], 0.25, {"hbm": 3})
+    journal.close()
+    with open(path, "a") as f:
+        f.write('{"schema": 1, "key": "c", "token_ids": [4')  # killed mid-write
+    back = RunJournal(path, CONTEXT)
+    assert len(back) == 2 and back.get("b")["tier_counts"] == {"hbm": 3} and back.get("c") is None
+    back.discard()
+    assert not path.exists()
+
+
+def test_cli_keeps_finished_runs_and_resumes(tmp_path, smollm2, monkeypatch):
+    from tiersim.cli.main import app
+
+    out = tmp_path / "grid.json"
+    args = ["grid", "--n", "2", "--max-new-tokens", "3", "--hbm", "0.5", "--evict", "0", "--baselines", "none",
+            "--out", str(out)]
+    calls = []
+    real = grid_module.generate
+
+    def interrupted(*a, **k):
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(grid_module, "generate", interrupted)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0 and not out.exists()
+    assert "3 finished runs are kept in" in result.stderr
+    assert len(journal_path(out).read_text().splitlines()) == 3
+
+    calls.clear()
+    monkeypatch.setattr(grid_module, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "resuming from" in result.stderr and len(calls) == 1  # 2 prompts x (full + 1 cell) = 4 runs
+    assert read_grid(out)["rows"][0]["exact_match"] == 1.0
+    assert not journal_path(out).exists()  # --out holds everything now

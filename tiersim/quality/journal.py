@@ -1,0 +1,91 @@
+"""An append-only record of finished grid runs, so an interrupted grid resumes where it stopped.
+
+A grid on a real model runs for an hour on a laptop and longer on a 32B model; losing it to a killed
+job is the costliest failure the tool has. Every finished generation is appended as one JSON line
+(flushed and fsynced) beside the ``--out`` file; running the same command again reads the lines back
+and generates only what is missing. A line is reused only when everything that decides its tokens is
+equal (model, device, dtype, library versions, the prompt's token ids, the cell's full configuration,
+``max_new_tokens``, generation settings), so a changed setting regenerates instead of mixing results.
+A torn last line (the job killed mid-write) is ignored. The CLI removes the journal once ``--out`` is
+written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+JOURNAL_SCHEMA = 1
+
+
+def journal_path(out: Path) -> Path:
+    """Where the grid writing ``out`` keeps its finished runs."""
+    out = Path(out)
+    return out.with_name(out.name + ".runs.jsonl")
+
+
+def _digest(payload) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class RunJournal:
+    """Finished runs by key; ``get`` a stored one, ``add`` a new one (written through at once)."""
+
+    def __init__(self, path: Path, context: dict):
+        self.path = Path(path)
+        self.context = context
+        self._runs: dict[str, dict] = {}
+        self._file = None
+        if self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a torn write: that run is simply done again
+                if isinstance(record, dict) and record.get("schema") == JOURNAL_SCHEMA and "key" in record:
+                    self._runs[record["key"]] = record
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def key(self, sample, cell, max_new_tokens: int, generation_kwargs: dict | None) -> str:
+        """What decides a run's tokens, hashed; ``cell`` None is the full cache."""
+        ids = sample.input_ids.reshape(-1).tolist()
+        config = None if cell is None else {"method": cell.method, "hbm": cell.hbm,
+                                            "config": dataclasses.asdict(cell.config)}
+        return _digest({
+            "context": self.context, "sample": sample.id, "input_ids": _digest(ids), "cell": config,
+            "max_new_tokens": max_new_tokens, "generation": generation_kwargs or {},
+        })
+
+    def get(self, key: str) -> dict | None:
+        return self._runs.get(key)
+
+    def add(self, key: str, token_ids: list[int], seconds: float, tier_counts: dict) -> None:
+        record = {"schema": JOURNAL_SCHEMA, "key": key, "token_ids": list(token_ids), "seconds": seconds,
+                  "tier_counts": tier_counts}
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._runs[key] = record
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def discard(self) -> None:
+        """Forget every run and delete the file (the grid finished, or the user asked to start over)."""
+        self.close()
+        self._runs.clear()
+        self.path.unlink(missing_ok=True)
