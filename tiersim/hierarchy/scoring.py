@@ -94,7 +94,6 @@ def tiersim_attention_forward(module, query, key, value, attention_mask, dropout
     return output
 
 
-AttentionInterface.register(ATTN_IMPLEMENTATION, tiersim_attention_forward)
 def tiersim_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
     """SDPA's mask, refusing a padded batch once the cache has evicted tokens.
 
@@ -117,6 +116,7 @@ def tiersim_mask(*args, attention_mask: torch.Tensor | None = None, **kwargs):
     return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
+AttentionInterface.register(ATTN_IMPLEMENTATION, tiersim_attention_forward)
 AttentionMaskInterface.register(ATTN_IMPLEMENTATION, tiersim_mask)
 
 
