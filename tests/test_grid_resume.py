@@ -98,6 +98,9 @@ def test_a_torn_last_line_is_ignored(tmp_path):
         f.write('{"schema": 1, "key": "c", "token_ids": [4')  # killed mid-write
     back = RunJournal(path, CONTEXT)
     assert len(back) == 2 and back.get("b")["tier_counts"] == {"hbm": 3} and back.get("c") is None
+    back.add("d", [5], 0.1, {})  # the resumed run appends after the torn line, not onto it
+    back.close()
+    assert len(RunJournal(path, CONTEXT)) == 3
     back.discard()
     assert not path.exists()
 

@@ -73,11 +73,21 @@ class RunJournal:
                   "tier_counts": tier_counts}
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            torn = self._ends_torn()
             self._file = open(self.path, "a", encoding="utf-8")
+            if torn:  # end the torn line, so this record does not join it and get lost with it
+                self._file.write("\n")
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
         self._runs[key] = record
+
+    def _ends_torn(self) -> bool:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return False
+        with open(self.path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
 
     def close(self) -> None:
         if self._file is not None:
