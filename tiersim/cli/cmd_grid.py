@@ -83,7 +83,7 @@ def grid(
         if journal is not None and len(journal):
             journal.close()
             err_console.print(f"{len(journal)} finished runs are kept in {journal.path}: run the same command "
-                              "again to resume", highlight=False)
+                              "again to resume", highlight=False, markup=False)
         raise
     document = grid_document(
         rows,
@@ -111,7 +111,7 @@ def grid(
     console.print(grid_table(document))
     for path in (out, report):
         if path is not None:
-            console.print(f"wrote {path}", highlight=False)
+            console.print(f"wrote {path}", highlight=False, markup=False)
 
 
 def _journal(out, model_name, device, dtype, resume):
@@ -132,7 +132,7 @@ def _journal(out, model_name, device, dtype, resume):
         journal.discard()
     elif len(journal):
         err_console.print(f"resuming from {journal.path} ({len(journal)} finished runs recorded; those with "
-                          "the same settings are reused)", highlight=False)
+                          "the same settings are reused)", highlight=False, markup=False)
     return journal
 
 

@@ -24,4 +24,4 @@ def report(
     with console.status("drawing report ..."):
         path = write_report(inputs, out, title=title)
     size_mb = path.stat().st_size / 1e6
-    console.print(f"wrote {path} ({size_mb:.1f} MB, opens offline)", highlight=False)
+    console.print(f"wrote {path} ({size_mb:.1f} MB, opens offline)", highlight=False, markup=False)

@@ -113,7 +113,7 @@ def simulate(
         console.print(f"[yellow]note:[/] the all-in-HBM baseline needs {baseline['peak_hbm_gb']:.1f} GB "
                       f"and does not fit in {scenario.gpu.hbm_bytes / 1e9:.0f} GB; overhead is against it anyway.")
     if out:
-        console.print(f"wrote {out}")
+        console.print(f"wrote {out}", highlight=False, markup=False)
 
 
 @app.command()
@@ -228,4 +228,4 @@ def _write_report(inputs: list, path: Path) -> None:
     except ImportError:
         raise TiersimError("--report needs tiersim.report, which this installation lacks") from None
     write_report(inputs, path)
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}", highlight=False, markup=False)
