@@ -169,7 +169,6 @@ def test_greedy_generation_is_argmax_decoding(tiny_llama):
     assert torch.equal(out, manual)
 
 
-
 def test_cache_keyword_follows_the_installed_transformers():
     """transformers 5.24 renamed ``past_key_values`` to ``cache``; older 5.x knows only the old name."""
 
@@ -195,6 +194,7 @@ def test_generation_uses_the_current_cache_keyword(tiny_llama):
         warnings.simplefilter("error", FutureWarning)
         tokens = generate_greedy(tiny_llama, ids, DynamicCache(), 4, generation_kwargs())
     assert len(tokens) == 4
+
 
 # --- local model directories ------------------------------------------------------------------------
 
