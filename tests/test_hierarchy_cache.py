@@ -172,6 +172,22 @@ def test_eviction_is_real_and_changes_output(tiny_llama):
     assert not torch.equal(out.sequences, ref.sequences)
 
 
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_qwen2"])
+def test_with_eviction_the_hbm_share_still_changes_nothing(request, arch):
+    # The grid's central claim beyond evict 0: the evicted set, and so the output, does not depend on
+    # how the retained tokens split between HBM and DDR.
+    model = request.getfixturevalue(arch)
+    ids = _random_prompt(model, 40, seed=2)
+    caches = [TieredCache(TierConfig(hbm=h, ddr=round(0.8 - h, 6), evict=0.2, **SMALL)) for h in (0.8, 0.4, 0.1)]
+    outs = [_generate(model, ids, cache, 40) for cache in caches]
+    for out, cache in zip(outs[1:], caches[1:]):
+        _assert_identical(out, outs[0])
+        assert cache.tier_counts(0)["ddr"] > 0
+        for layer, ref in zip(cache.layers, caches[0].layers):
+            assert torch.equal(layer.positions, ref.positions)  # the same tokens retained
+    assert caches[0].tier_counts(0)["evicted"] > 0
+
+
 def test_eviction_is_permanent(tiny_llama):
     cache = TieredCache(TierConfig(hbm=0.7, evict=0.3, **SMALL))
     _generate(tiny_llama, _random_prompt(tiny_llama, 40), cache, 20)
