@@ -15,8 +15,10 @@ def test_every_step_is_logged_with_detail_and_eta_when_due(capsys):
     with meter("work", 3, log_every=0) as progress:
         for i in range(3):
             progress.advance(f"item {i}")
-    lines = _lines(capsys.readouterr().err)
+    err = capsys.readouterr().err
+    lines = _lines(err)
     assert [LINE.match(line).group(1) for line in lines] == ["1", "2", "3"]
+    assert err.strip().splitlines() == lines  # nothing else: no final rich bar repeating the last line
     assert "item 0" in lines[0] and "eta" in lines[0] and "elapsed" in lines[0]
     assert "item 2" in lines[-1] and "eta" not in lines[-1]  # finished: no estimate left to give
 

