@@ -11,11 +11,7 @@ from __future__ import annotations
 import inspect
 
 
-def cache_argument_name(model) -> str:
-    """``'cache'`` where the model's ``forward`` takes it, else ``'past_key_values'``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def cache_kwargs(model, cache) -> dict:
     """The keyword argument that hands ``cache`` to this model's ``forward`` or ``generate``."""
-    return {cache_argument_name(model): cache}
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
