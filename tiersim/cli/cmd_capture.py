@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from tiersim.cli.app import app, console
+from tiersim.cli.app import THREADS_HELP, app, apply_threads, check_output_path, console
 from tiersim.cli.progress import meter
 from tiersim.errors import TiersimError
 
@@ -32,6 +32,7 @@ def capture(
     dtype: str = typer.Option("float32", help="float32 (exact on CPU), bfloat16 or float16"),
     full: bool = typer.Option(False, "--full", help="also keep every step's attention row (large; for offline replay)"),
     out: Path = typer.Option(Path("trace.parquet"), help="output Parquet trace"),
+    threads: int = typer.Option(0, help=THREADS_HELP),
 ) -> None:
     """Run a real model under the tier policy and write a trace (per step, per layer)."""
     from tiersim.hierarchy.config import TierConfig
@@ -41,6 +42,7 @@ def capture(
         raise TiersimError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if device not in ("cpu", "cuda"):
         raise TiersimError(f"--device must be cpu or cuda, got {device!r}")
+    check_output_path(out, "--out", (".parquet",))
     config = TierConfig(
         hbm=hbm, ddr=ddr, compressed=compressed, evict=evict, sink_tokens=sink_tokens,
         recent_window=recent_window, retier_every=retier_every, compressed_bits=compressed_bits,
@@ -55,7 +57,8 @@ def capture(
     from tiersim.traces import write
     from tiersim.traces.capture import capture as run_capture
 
-    with console.status(f"loading {model} ..."):
+    used = apply_threads(threads)
+    with console.status(f"loading {model} ({used} CPU thread{'s' * (used > 1)}) ..."):
         mdl, tokenizer = load_model(model, device=device, dtype=dtype)
     with meter("capture", len(items), eta=False) as progress:
 
@@ -92,6 +95,7 @@ def synth(
         raise TiersimError(f"--layers must be >= 1, got {layers}")
     if sigma < 0:
         raise TiersimError(f"--sigma must be >= 0, got {sigma}")
+    check_output_path(out, "--out", (".parquet",))
     source = read(trace or default_trace_path())
     result = synthesize(fit(source), n=n, mean_length=parse_lengths(lengths), sigma=sigma, num_layers=layers, seed=seed)
     write(out, result.steps, result.meta)

@@ -8,7 +8,10 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from tiersim.cli.app import app, console, err_console, parse_float_list
+from tiersim.cli.app import (
+    THREADS_HELP, add_columns, app, apply_threads, check_output_path, compact_table, console, err_console,
+    parse_float_list,
+)
 from tiersim.cli.progress import meter
 from tiersim.errors import TiersimError
 
@@ -43,6 +46,7 @@ def grid(
     resume: bool = typer.Option(True, "--resume/--no-resume",
                                 help="with --out: keep finished runs in OUT.runs.jsonl and reuse them when the "
                                      "same command runs again after an interruption"),
+    threads: int = typer.Option(0, help=THREADS_HELP),
 ) -> None:
     """Run the full cache and every cell on the same prompts; score each cell against the full cache."""
     from tiersim.prompts import load_prompts
@@ -51,10 +55,8 @@ def grid(
 
     if output_format not in ("table", "json"):
         raise TiersimError(f"--format must be table or json, got {output_format!r}")
-    if out is not None and out.suffix.lower() not in (".json", ".parquet"):
-        raise TiersimError(f"--out must end in .json or .parquet, got {str(out)!r}")
-    if report is not None and report.suffix.lower() not in (".html", ".htm"):
-        raise TiersimError(f"--report must end in .html, got {str(report)!r}")
+    check_output_path(out, "--out", (".json", ".parquet"))
+    check_output_path(report, "--report", (".html", ".htm"))
     if max_new_tokens < 1:
         raise TiersimError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if device not in ("cpu", "cuda"):
@@ -76,6 +78,7 @@ def grid(
         if not torch.cuda.is_available():
             raise TiersimError("--device cuda: no CUDA device is available here")
 
+    apply_threads(threads)
     journal = _journal(out, model, device, dtype, resume)
     try:
         rows, summary, model_id = _run(model, device, dtype, items, cells, max_new_tokens, journal)
@@ -176,10 +179,9 @@ def grid_table(document: dict) -> Table:
         f"quality vs full cache — {document['model']}, {document['n_prompts']} prompts x "
         f"{document['max_new_tokens']} tokens (full-cache accuracy {_pct(full.get('accuracy'))})"
     )
-    table = Table(title=title)
-    for header in ("method", "hbm", "ddr", "compressed", "evict", "exact match", "tokens to divergence",
-                   "answer agreement", "accuracy", "tok/s"):
-        table.add_column(header, justify="left" if header == "method" else "right")
+    table = compact_table(title, caption="exact: texts equal to the full cache's; diverge: mean tokens before the "
+                                          "first difference; agree: same final answer")
+    add_columns(table, ("method", "hbm", "ddr", "compr.", "evict", "exact", "diverge", "agree", "accuracy", "tok/s"))
     for row in document["rows"]:
         table.add_row(
             row["method"], _hbm(row), f"{row['ddr']:g}", f"{row['compressed']:g}", f"{row['evict']:g}",

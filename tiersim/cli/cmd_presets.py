@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 
 import typer
-from rich.table import Table
-
-from tiersim.cli.app import app, console
+from tiersim.cli.app import add_columns, app, compact_table, console
 
 
 @app.command()
@@ -22,17 +20,15 @@ def presets(fmt: str = typer.Option("table", "--format", help="table or json")) 
         return
     if fmt != "table":
         raise TiersimError(f"--format must be table or json, got {fmt!r}")
-    gpus = Table(title="GPU presets")
-    for col in ("name", "HBM GB", "HBM TB/s", "H2D GB/s", "D2H GB/s", "both GB/s", "copy µs", "bf16 TFLOP/s",
-                "host GB", "note"):
-        gpus.add_column(col)
+    gpus = compact_table("GPU presets (link figures in GB/s)")
+    add_columns(gpus, ("name", "HBM GB", "HBM TB/s", "H2D", "D2H", "both", "copy µs", "TFLOP/s", "host GB", "note"))
+    gpus.columns[-1].justify = "left"
     for g in GPUS.values():
         gpus.add_row(g.name, f"{g.hbm_bytes / GB:.0f}", f"{g.hbm_bw / 1e12:.2f}", f"{g.h2d_bw / GB:.0f}",
                      f"{g.d2h_bw / GB:.0f}", f"{g.bidir_bw / GB:.0f}", f"{g.copy_latency * 1e6:.0f}",
                      f"{g.peak_flops / 1e12:.0f}", f"{g.host_bytes / GB:.0f}", g.note)
-    models = Table(title="Model presets")
-    for col in ("name", "layers", "KV heads", "head dim", "hidden", "params (B)", "KV bytes/token (bf16)"):
-        models.add_column(col)
+    models = compact_table("Model presets")
+    add_columns(models, ("name", "layers", "KV heads", "head dim", "hidden", "params (B)", "KV bytes/token (bf16)"))
     for m in MODELS.values():
         models.add_row(m.name, str(m.num_layers), str(m.num_kv_heads), str(m.head_dim), str(m.hidden_size),
                        f"{m.params / 1e9:.2f}", f"{m.kv_bytes_per_token:,.0f}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from tiersim.cli.app import app, console, err_console
+from tiersim.cli.app import add_columns, app, check_output_path, compact_table, console, err_console, wrote
 from tiersim.cli.progress import meter
 from tiersim.errors import TiersimError
 
@@ -55,7 +55,7 @@ def _check_format(fmt: str) -> None:
 
 TRACE_HELP = "trace to project from (default: the bundled SmolLM2 capture)"
 LENGTHS_HELP = ("mean generated tokens (log-normal, staggered batch): a number, gsm8k/math500/amc23/gpqa/aime, "
-                "or 'trace' [default: math500]")
+                "or 'trace' (default: math500)")
 CONTEXT_HELP = "instead of --lengths: a lockstep batch decoding from this many context tokens"
 PREFETCH_HELP = ("DDR tokens fetched per step: all (exact), or cover99/cover90: an oracle selective prefetch of the "
                  "trace's tokens holding 99%/90% of the DDR tier's attention (not exact)")
@@ -85,6 +85,8 @@ def simulate(
     from tiersim.simulator.results import simulation_meta, write_timeline
 
     _check_format(fmt)
+    check_output_path(out, "--out", (".parquet",))
+    check_output_path(report, "--report", (".html", ".htm"))
     scenario = _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch, steps, seed, calibration)
     policy = scenario.policy(hbm, ddr, compressed, evict)
     baseline, _ = run(scenario, baseline_policy(scenario))
@@ -93,6 +95,7 @@ def simulate(
     meta = simulation_meta(scenario, {"hbm": hbm, "ddr": ddr, "compressed": compressed, "evict": evict}, row)
     if out:
         write_timeline(out, timeline, meta)
+        wrote(out)
     if report:
         if out:
             _write_report([out], report)
@@ -112,8 +115,6 @@ def simulate(
     if not baseline["fits"]:
         console.print(f"[yellow]note:[/] the all-in-HBM baseline needs {baseline['peak_hbm_gb']:.1f} GB "
                       f"and does not fit in {scenario.gpu.hbm_bytes / 1e9:.0f} GB; overhead is against it anyway.")
-    if out:
-        console.print(f"wrote {out}", highlight=False, markup=False)
 
 
 @app.command()
@@ -141,12 +142,15 @@ def capacity(
     _check_format(fmt)
     if max_overhead < 0:
         raise TiersimError(f"--max-overhead must be >= 0, got {max_overhead}")
+    check_output_path(out, "--out", (".json",))
+    check_output_path(report, "--report", (".html", ".htm"))
     scenario = _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch, steps, seed, calibration)
     total = 1 + len(grid_policies(scenario)) + len(sweep_batches(batch))
     with meter("simulating", total, eta=False, transient=True) as progress:
         result = plan(scenario, max_overhead, progress=progress.advance)
     if out:
         write_json(out, result)
+        wrote(out)
     if report:
         _write_report([result], report)
     if fmt == "json":
@@ -156,14 +160,14 @@ def capacity(
 
 
 def _rows_table(rows: list[dict], title: str) -> Table:
-    table = Table(title=title, title_justify="left")
-    for col in ("HBM / DDR / comp / evict", "KV full→HBM GB", "staging GB", "saved GB", "peak GB", "fits",
-                "step ms", "stall ms", "overhead", "tok/s", "max batch"):
-        table.add_column(col, justify="left" if col.startswith("HBM") else "right")
+    table = compact_table(title)
+    # The staging buffers and every other field are in --format json / --out.
+    add_columns(table, ("hbm/ddr/cmp/evict", "KV GB", "saved", "peak GB", "fits", "step ms", "stall ms",
+                        "overhead", "tok/s", "max B"))
     for r in rows:
         table.add_row(
-            f"{r['hbm']:.2f} / {r['ddr']:.2f} / {r['compressed']:.2f} / {r['evict']:.2f}",
-            f"{r['kv_full_gb']:.1f}→{r['kv_hbm_gb']:.1f}", f"{r['staging_gb']:.2f}", f"{r['hbm_saved_gb']:.1f}",
+            "/".join(f"{r[k]:.2f}" for k in ("hbm", "ddr", "compressed", "evict")),
+            f"{r['kv_full_gb']:.1f}→{r['kv_hbm_gb']:.1f}", f"{r['hbm_saved_gb']:.1f}",
             f"{r['peak_hbm_gb']:.1f}", _fits_cell(r), f"{r['step_ms']:.1f}",
             f"{r['stall_ms']:.1f}", f"{r['overhead_pct']:+.1f}%", f"{r['tokens_per_s']:,.0f}", str(r["max_batch"]),
         )
@@ -194,16 +198,14 @@ def _print_capacity(result: dict, scenario) -> None:
 def _fits_cell(row: dict) -> str:
     if row["fits"]:
         return "[green]yes[/]"
-    return "[red]no (host)[/]" if row.get("hbm_fits", False) else "[red]no[/]"
+    return "[red]host[/]" if row.get("hbm_fits", False) else "[red]no[/]"
 
 
 def _sweep_table(sweep: list[dict]) -> Table:
     """Overhead and savings of the lossless configs per batch size: where the link starts to bind."""
     hbms = sorted({r["hbm"] for r in sweep}, reverse=True)
-    table = Table(title="Batch sweep (no eviction): overhead / HBM saved", title_justify="left")
-    table.add_column("batch", justify="right")
-    for h in hbms:
-        table.add_column(f"hbm {h:.2f}", justify="right")
+    table = compact_table("Batch sweep (no eviction): overhead / HBM saved")
+    add_columns(table, ["batch", *(f"hbm {h:.2f}" for h in hbms)], left=0)
     for batch in sorted({r["batch"] for r in sweep}):
         cells = []
         for h in hbms:
@@ -228,4 +230,4 @@ def _write_report(inputs: list, path: Path) -> None:
     except ImportError:
         raise TiersimError("--report needs tiersim.report, which this installation lacks") from None
     write_report(inputs, path)
-    console.print(f"wrote {path}", highlight=False, markup=False)
+    wrote(path)

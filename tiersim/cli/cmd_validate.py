@@ -9,17 +9,17 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from tiersim.cli.app import app, console, err_console, parse_float_list, parse_int_list
+from tiersim.cli.app import add_columns, app, compact_table, console, err_console, parse_float_list, parse_int_list
 
-SHAPE_HELP = "model shape built with random bf16 weights (see tiersim.validator.shapes; 'tiny' for smoke runs)"
+SHAPE_HELP = ("model shape built with random bf16 weights (see tiersim.validator.shapes); default: "
+              "r1-distill-qwen-7b on CUDA, tiny with --device cpu")
 
 
 def _table(doc: dict) -> Table:
     from tiersim.validator import compare
 
-    table = Table(title="measured vs simulated (calibrated closed form)")
-    for i, column in enumerate(compare.COLUMNS):
-        table.add_column(column, justify="left" if i == 0 else "right")
+    table = compact_table("measured vs simulated (calibrated closed form)")
+    add_columns(table, compare.COLUMNS)
     for row in compare.rows(doc):
         table.add_row(*row)
     return table
@@ -35,7 +35,7 @@ def _show(doc: dict) -> None:
 
 @app.command()
 def validate(
-    model_shape: str = typer.Option("r1-distill-qwen-7b", "--model-shape", help=SHAPE_HELP),
+    model_shape: str = typer.Option(None, "--model-shape", help=SHAPE_HELP, show_default=False),
     batch: str = typer.Option("1,8,32", help="batch sizes, comma-separated"),
     context: str = typer.Option("2048,8192", help="context lengths (tokens in the cache before decoding)"),
     hbm: str = typer.Option("1.0,0.5,0.25", help="HBM ratios; the rest of the context goes to DDR"),

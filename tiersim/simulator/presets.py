@@ -112,8 +112,41 @@ def get_model(name: str) -> Model:
     return MODELS[name]
 
 
+#: Field -> (upper bound, what it is). Bounds are far above any real model and keep arithmetic sane.
+CONFIG_FIELDS = {
+    "num_hidden_layers": (4096, "decoder layers"),
+    "hidden_size": (1 << 20, "model width"),
+    "num_attention_heads": (1 << 14, "query heads"),
+    "num_key_value_heads": (1 << 14, "KV heads"),
+    "head_dim": (1 << 14, "head dimension"),
+    "intermediate_size": (1 << 22, "MLP width"),
+    "vocab_size": (1 << 24, "vocabulary"),
+}
+
+
+def _config_int(cfg: dict, name: str, path: Path, default=None) -> int:
+    """One integer field of a config, or one line naming the field, what was found and what is expected."""
+    value = cfg.get(name)
+    if value is None:
+        if default is None:
+            raise TiersimError(f"--model-config {path}: {name} is missing; expected a positive integer "
+                               f"({CONFIG_FIELDS[name][1]})")
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    upper = CONFIG_FIELDS[name][0]
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper:
+        raise TiersimError(f"--model-config {path}: {name} must be an integer from 1 to {upper:,} "
+                           f"({CONFIG_FIELDS[name][1]}), got {json.dumps(value)[:40]}")
+    return value
+
+
 def model_from_config(path: str | Path) -> Model:
-    """A model preset from a transformers ``config.json`` (parameter count estimated from the shape)."""
+    """A model preset from a transformers ``config.json`` (parameter count estimated from the shape).
+
+    Every field is checked, since a user's file is the one input nobody else validated: a wrong value
+    gets one line naming the field, never a traceback or a silent default.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
@@ -121,19 +154,28 @@ def model_from_config(path: str | Path) -> Model:
         cfg = json.loads(path.read_text())
     except FileNotFoundError:
         raise TiersimError(f"--model-config: file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise TiersimError(f"--model-config: not a JSON file: {path}") from None
-    cfg = cfg.get("text_config", cfg)
-    try:
-        layers = int(cfg["num_hidden_layers"])
-        hidden = int(cfg["hidden_size"])
-        heads = int(cfg["num_attention_heads"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise TiersimError(f"--model-config: {path} lacks {exc} (num_hidden_layers, hidden_size, num_attention_heads)") from None
-    kv_heads = int(cfg.get("num_key_value_heads") or heads)
-    head_dim = int(cfg.get("head_dim") or hidden // heads)
-    inter = int(cfg.get("intermediate_size") or 4 * hidden)
-    vocab = int(cfg.get("vocab_size") or 32000)
+    except OSError as exc:
+        raise TiersimError(f"--model-config: cannot read {path}: {exc.strerror or exc}") from None
+    if not isinstance(cfg, dict):
+        raise TiersimError(f"--model-config {path}: expected a JSON object (a transformers config.json), "
+                           f"got a {type(cfg).__name__}")
+    text = cfg.get("text_config")
+    if text is not None:
+        if not isinstance(text, dict):
+            raise TiersimError(f"--model-config {path}: text_config must be an object, got {json.dumps(text)[:40]}")
+        cfg = text
+    layers = _config_int(cfg, "num_hidden_layers", path)
+    hidden = _config_int(cfg, "hidden_size", path)
+    heads = _config_int(cfg, "num_attention_heads", path)
+    kv_heads = _config_int(cfg, "num_key_value_heads", path, default=heads)
+    if heads % kv_heads:
+        raise TiersimError(f"--model-config {path}: num_attention_heads ({heads}) must be a multiple of "
+                           f"num_key_value_heads ({kv_heads})")
+    head_dim = _config_int(cfg, "head_dim", path, default=max(1, hidden // heads))
+    inter = _config_int(cfg, "intermediate_size", path, default=4 * hidden)
+    vocab = _config_int(cfg, "vocab_size", path, default=32000)
     attn = hidden * head_dim * (heads + 2 * kv_heads) + heads * head_dim * hidden
     mlp = 3 * hidden * inter
     embed = vocab * hidden * (1 if cfg.get("tie_word_embeddings") else 2)

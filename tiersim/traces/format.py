@@ -110,8 +110,10 @@ def read(path: str | Path) -> Trace:
         raise TraceError(f"not a tiersim trace (no tiersim metadata): {path}")
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise TraceError(f"trace metadata is corrupt: {path}") from None
+    if not isinstance(meta, dict):
+        raise TraceError(f"trace metadata is corrupt (not an object): {path}")
     if meta.get("kind") != KIND:
         raise TraceError(f"not a trace: {path} holds a tiersim {meta.get('kind')!r} file")
     version = meta.get("schema_version")
@@ -130,7 +132,53 @@ def read(path: str | Path) -> Trace:
     missing = [c for c in COLUMNS if c not in steps.columns]
     if missing:
         raise TraceError(f"trace lacks columns {', '.join(missing)}: {path}")
+    _check_meta(meta, path)
+    _check_steps(steps, path)
     return Trace(meta=meta, steps=steps, path=path)
+
+
+def _check_meta(meta: dict, path: Path) -> None:
+    """The metadata fields the simulator and synthesizer read, with the types they need."""
+    from tiersim.hierarchy.config import TierConfig
+
+    def bad(what: str) -> TraceError:
+        return TraceError(f"trace metadata: {what}: {path}")
+
+    model, policy, sequences = meta["model"], meta["policy"], meta["sequences"]
+    if not isinstance(model, dict) or not _count(model.get("num_layers"), minimum=1):
+        raise bad("model.num_layers must be a positive integer")
+    if not isinstance(policy, dict):
+        raise bad("policy must be an object")
+    try:
+        TierConfig.from_dict(policy)
+    except (ValueError, TypeError) as exc:  # TiersimError is a ValueError
+        raise bad(f"policy is invalid ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if not isinstance(sequences, list) or not sequences:
+        raise bad("sequences must be a non-empty list")
+    for item in sequences:
+        if not isinstance(item, dict) or not all(_count(item.get(k)) for k in ("prompt_len", "new_tokens")):
+            raise bad("each sequence needs non-negative integer prompt_len and new_tokens")
+
+
+def _count(value, minimum: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _check_steps(steps: pd.DataFrame, path: Path) -> None:
+    """Counts are non-negative, masses are shares in [0, 1]: anything else would corrupt every projection."""
+    if steps.empty:
+        raise TraceError(f"trace has no rows: {path}")
+    for column in INT_COLUMNS:
+        values = steps[column]
+        if not pd.api.types.is_integer_dtype(values) or (values < 0).any():
+            raise TraceError(f"trace column {column} must hold non-negative integers: {path}")
+    for column in FLOAT_COLUMNS:
+        values = steps[column].to_numpy(dtype=float, na_value=float("nan"))
+        if not ((values >= -1e-6) & (values <= 1 + 1e-3)).all():
+            raise TraceError(f"trace column {column} must hold attention shares in [0, 1]: {path}")
+    tiers = steps["n_hbm"] + steps["n_ddr"] + steps["n_compressed"]
+    if (tiers > steps["context_len"]).any():
+        raise TraceError(f"trace rows hold more tokens in their tiers than their context_len: {path}")
 
 
 def default_trace_path() -> Path:

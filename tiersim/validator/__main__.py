@@ -30,7 +30,8 @@ def parser() -> argparse.ArgumentParser:
     from tiersim.validator import calibrate
 
     p = argparse.ArgumentParser(prog="python -m tiersim.validator", description=__doc__.splitlines()[0])
-    p.add_argument("--model-shape", default="r1-distill-qwen-7b", help="shape from tiersim.validator.shapes.SHAPES")
+    p.add_argument("--model-shape", default=None,
+                   help="shape from tiersim.validator.shapes.SHAPES (default: r1-distill-qwen-7b on CUDA, tiny on cpu)")
     p.add_argument("--batch", type=_list(int), default=list(calibrate.DEFAULT_BATCHES))
     p.add_argument("--context", type=_list(int), default=list(calibrate.DEFAULT_CONTEXTS))
     p.add_argument("--hbm", type=_list(float), default=list(calibrate.DEFAULT_HBM))

@@ -29,6 +29,9 @@ SCHEMA_VERSION = 1
 DEFAULT_BATCHES = (1, 8, 32)
 DEFAULT_CONTEXTS = (2048, 8192)
 DEFAULT_HBM = (1.0, 0.5, 0.25)
+DEFAULT_SHAPE = {"cuda": "r1-distill-qwen-7b", "cpu": "tiny"}
+#: The CPU smoke mode proves the code path; a real model's shape there needs tens of GB and hours.
+CPU_MAX_PARAMS = 200_000_000
 
 
 class NoDeviceError(TiersimError):
@@ -187,7 +190,7 @@ def add_predictions(doc: dict, model, policy: dict, settings: dict) -> None:
 
 # -- the run -----------------------------------------------------------------------------------
 def run_validation(
-    shape_name: str = "r1-distill-qwen-7b",
+    shape_name: str | None = None,
     batches=DEFAULT_BATCHES,
     contexts=DEFAULT_CONTEXTS,
     hbms=DEFAULT_HBM,
@@ -203,17 +206,23 @@ def run_validation(
 ) -> dict:
     """Measure everything, predict every point, write ``out`` atomically (when given); return the document.
 
+    ``shape_name`` defaults to the 7B shape on CUDA and to ``tiny`` on the CPU (the smoke mode).
     ``budget_s`` bounds the decode grid: once it is spent the remaining points are listed as skipped,
     so a run on a borrowed GPU always ends with a file rather than being killed with nothing.
     """
-    from tiersim.validator.shapes import get_shape
+    from tiersim.validator.shapes import get_shape, parameter_count
 
     batches, contexts = [int(b) for b in batches], [int(c) for c in contexts]
     hbms = [float(h) for h in hbms]
-    shape = get_shape(shape_name)
+    dev = resolve_device(device)
+    shape = get_shape(shape_name or DEFAULT_SHAPE[dev.type])
+    if dev.type == "cpu" and parameter_count(shape) > CPU_MAX_PARAMS:
+        raise TiersimError(
+            f"--model-shape {shape.name} has {parameter_count(shape) / 1e9:.1f}B parameters: far too large for the "
+            "CPU smoke mode, which only proves the code path; use --model-shape tiny (its default) on a CPU"
+        )
     check_grid(batches, contexts, hbms, steps, warmup, prefill, budget_s)
     check_out(out)
-    dev = resolve_device(device)
     with single_threaded_cpu(dev):
         doc = _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_sizes, command, log,
                        budget_s)
