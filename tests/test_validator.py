@@ -353,6 +353,18 @@ def test_a_spent_time_budget_still_ends_with_a_file(tmp_path):
     assert "tiny" in format_text(doc)  # the table shows skipped points as dashes
 
 
+def test_cpu_smoke_mode_defaults_to_the_tiny_shape_and_refuses_real_sizes(tmp_path):
+    """`tiersim validate --device cpu` once built the 7B shape on the CPU and died of memory."""
+    from tiersim.errors import TiersimError
+    from tiersim.validator.calibrate import run_validation
+
+    doc = run_validation(None, [1], [96], [1.0], device="cpu", steps=1, warmup=1, sweep_sizes=(4096, 1 << 16),
+                         budget_s=1e-9)
+    assert doc["model_shape"]["name"] == "tiny"
+    with pytest.raises(TiersimError, match="too large for the CPU smoke mode"):
+        run_validation("r1-distill-qwen-7b", [1], [96], [1.0], device="cpu")
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
 def test_every_architecture_of_the_table_builds_and_decodes(arch):
     from dataclasses import replace
