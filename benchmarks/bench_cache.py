@@ -8,21 +8,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from transformers import DynamicCache
 
-import torch  # noqa: E402
-from transformers import DynamicCache  # noqa: E402
-
-from _table import markdown_table, write_section  # noqa: E402
-from tiersim.compat import cache_kwargs  # noqa: E402
-from tiersim.hierarchy import TierConfig  # noqa: E402
-from tiersim.hierarchy.cache import TieredCache  # noqa: E402
-from tiersim.models import format_prompt, load_model  # noqa: E402
-from tiersim.prompts import load_prompts  # noqa: E402
+from _table import markdown_table, write_section
+from tiersim.compat import cache_kwargs
+from tiersim.hierarchy import TierConfig
+from tiersim.hierarchy.cache import TieredCache
+from tiersim.models import format_prompt, load_model
+from tiersim.prompts import load_prompts
 
 
 def decode_rate(model, ids, make_cache, tokens: int) -> float:

@@ -7,22 +7,18 @@ Run: python benchmarks/bench_capture.py [--n 4] [--tokens 128]
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from transformers import DynamicCache
 
-import torch  # noqa: E402
-from transformers import DynamicCache  # noqa: E402
-
-from _table import markdown_table, write_section  # noqa: E402
-from tiersim.compat import cache_kwargs  # noqa: E402
-from tiersim.cli.cmd_capture import HEADLINE  # noqa: E402
-from tiersim.hierarchy import TierConfig  # noqa: E402
-from tiersim.models import describe_model, format_prompt, load_model  # noqa: E402
-from tiersim.prompts import load_prompts  # noqa: E402
-from tiersim.traces.capture import capture  # noqa: E402
+from _table import markdown_table, write_section
+from tiersim.compat import cache_kwargs
+from tiersim.cli.cmd_capture import HEADLINE
+from tiersim.hierarchy import TierConfig
+from tiersim.models import describe_model, format_prompt, load_model
+from tiersim.prompts import load_prompts
+from tiersim.traces.capture import capture
 
 
 def main() -> None:

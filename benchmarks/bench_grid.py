@@ -8,17 +8,13 @@ Run: python benchmarks/bench_grid.py [--n 10] [--tokens 64]   (rewrites its sect
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _table import markdown_table, write_section  # noqa: E402
-from tiersim.models import generation_kwargs, load_model  # noqa: E402
-from tiersim.prompts import load_prompts  # noqa: E402
-from tiersim.quality.grid import build_cells, prepare_samples, run_grid  # noqa: E402
+from _table import markdown_table, write_section
+from tiersim.models import generation_kwargs, load_model
+from tiersim.prompts import load_prompts
+from tiersim.quality.grid import build_cells, prepare_samples, run_grid
 
 TARGET_S = 600.0
 

@@ -14,10 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _table import markdown_table, write_section  # noqa: E402
+from _table import markdown_table, write_section
 
-from tiersim.report import build_report, write_report  # noqa: E402
+from tiersim.report import build_report, write_report
 
 
 def produce(folder: Path, steps: int) -> list[Path]:

@@ -13,16 +13,13 @@ import subprocess
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from _table import markdown_table, write_section  # noqa: E402
-from tiersim.simulator import analytic  # noqa: E402
-from tiersim.simulator.engine import simulate  # noqa: E402
-from tiersim.simulator.presets import get_gpu, get_model  # noqa: E402
+from _table import markdown_table, write_section
+from tiersim.simulator import analytic
+from tiersim.simulator.engine import simulate
+from tiersim.simulator.presets import get_gpu, get_model
 
 
 def engine_run(model_name: str, batch: int, steps: int, mean_length: float, contention: bool = True):

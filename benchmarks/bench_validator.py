@@ -10,13 +10,10 @@ Run: python benchmarks/bench_validator.py [--calibration docs/validation/<gpu>.j
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from _table import markdown_table, write_section  # noqa: E402
+from _table import markdown_table, write_section
 
 
 def _fmt(value, digits=1, suffix=""):
