@@ -8,6 +8,7 @@ It sits at the bottom of the layering: the grid (quality) and the capacity sweep
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
@@ -31,8 +32,10 @@ def import_ray():
 def connect(address: str | None = None) -> Iterator[object]:
     """Ray, connected for the duration of the block.
 
-    ``address`` None follows Ray's own rule (``RAY_ADDRESS`` if set, else a fresh Ray on this machine);
-    'auto' joins the cluster ``ray start`` runs on this machine; 'HOST:PORT' joins that head node.
+    ``address`` None is ``RAY_ADDRESS`` if set, else a fresh Ray on this machine (never Ray's guess of a
+    cluster from the address file ``ray start`` leaves, which outlives a killed cluster and then hangs the
+    connection for minutes); 'auto' joins the cluster ``ray start`` runs on this machine; 'HOST:PORT' joins
+    that head node.
     A Ray the caller already initialized (a notebook, a test) is used as it is and left running.
     """
     ray = import_ray()
@@ -41,11 +44,14 @@ def connect(address: str | None = None) -> Iterator[object]:
         return
     try:
         # Worker output stays in Ray's session logs: the CLI's stdout may be JSON.
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         text = str(exc).strip().splitlines()
+        hint = ""
+        if address not in (None, "auto") and "RAY_AUTH_MODE" not in os.environ:
+            hint = " (a cluster with token authentication, Ray's default, also needs RAY_AUTH_MODE=token here)"
         raise TiersimError(f"could not connect to Ray at {address or 'a new local instance'}: "
-                           f"{text[0] if text else type(exc).__name__}") from None
+                           f"{text[0] if text else type(exc).__name__}{hint}") from None
     try:
         yield ray
     finally:

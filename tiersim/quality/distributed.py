@@ -25,12 +25,12 @@ DEPTH = 2
 class GridWorker:
     """A Ray actor (see :class:`RayRunner`): the model, loaded once, generating one run per call."""
 
-    def __init__(self, load: Callable[[], object]):
-        self.model = load()
+    def __init__(self, load: Callable[[], tuple]):
+        self.model = load()[0]
         self.pid = os.getpid()
 
-    def ready(self) -> int:
-        return self.pid
+    def ready(self) -> tuple[int, dict]:
+        return self.pid, versions()
 
     def run(self, index: int, input_ids, cell, max_new_tokens: int, generation_kwargs: dict | None):
         device = getattr(self.model, "device", None)
@@ -39,11 +39,14 @@ class GridWorker:
         return index, ids, seconds, counts, self.pid
 
 
-def load_model_only(name: str, device: str, dtype: str):
-    """What each actor runs once: the model of :func:`tiersim.models.load_model` (the driver keeps the tokenizer)."""
-    from tiersim.models import load_model
+def versions() -> dict:
+    """The library versions that decide a run's tokens (the journal keys runs by the driver's)."""
+    import torch
+    import transformers
 
-    return load_model(name, device=device, dtype=dtype)[0]
+    import tiersim
+
+    return {"tiersim": tiersim.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def default_workers(ray, gpu: bool) -> int:
@@ -58,7 +61,10 @@ def default_workers(ray, gpu: bool) -> int:
 class RayRunner:
     """A :data:`tiersim.quality.grid.Runner` on Ray; ``status()`` says how many workers are up."""
 
-    def __init__(self, ray, load: Callable[[], object], workers: int, gpu: bool = False):
+    def __init__(self, ray, load: Callable[[], tuple], workers: int, gpu: bool = False):
+        """``load`` builds (model, tokenizer) in each actor, like :func:`tiersim.models.load_model` (it is
+        pickled to the workers: a library function or a partial of one); ``workers`` actors are started,
+        each holding one CPU, or one GPU with ``gpu``."""
         if workers < 1:
             raise TiersimError(f"--ray-workers must be >= 1, got {workers}")
         self.ray = ray
@@ -88,7 +94,9 @@ class RayRunner:
                 done, _ = ray.wait(list(starting) + list(running), num_returns=1)
                 ref = done[0]
                 if ref in starting:
-                    self.pids[starting.pop(ref)] = _get(ray, ref)
+                    pid, found = _get(ray, ref)
+                    _check_versions(found)
+                    self.pids[starting.pop(ref)] = pid
                     finished = None
                 else:
                     n = running.pop(ref)
@@ -110,6 +118,14 @@ class RayRunner:
             for actor in actors:
                 ray.kill(actor)
             self.pids.clear()
+
+
+def _check_versions(found: dict) -> None:
+    """Refuse a worker whose libraries differ from the driver's: its tokens could differ, under the same key."""
+    here = versions()
+    if found != here:
+        diff = ", ".join(f"{k} {found.get(k)} (driver: {v})" for k, v in here.items() if found.get(k) != v)
+        raise TiersimError(f"a Ray worker runs {diff}: install the same versions on every node")
 
 
 def _get(ray, ref):
