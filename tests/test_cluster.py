@@ -16,15 +16,13 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import ray  # the `cluster` extra; `dev` installs it, so missing it fails these tests instead of skipping them
 import torch
 
 from tiersim.models import tiny_model
+from tiersim.quality.distributed import RayRunner
 from tiersim.quality.grid import Sample, build_cells, run_grid
 from tiersim.quality.journal import RunJournal
-
-ray = pytest.importorskip("ray")  # the `cluster` extra; `dev` installs it, so CI runs these
-
-from tiersim.quality.distributed import RayRunner  # noqa: E402
 
 GENERATION = {"pad_token_id": 0}
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
@@ -55,6 +53,13 @@ def test_without_ray_the_flag_names_the_extra(args, tmp_path):
                           cwd=tmp_path)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "pip install 'tiersim[cluster]'" in proc.stderr
+
+
+def test_without_the_flag_ray_is_never_imported(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", NO_RAY, "capacity", "--batch", "4", "--steps", "32", "--format",
+                           "json"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["kind"] == "capacity"
 
 
 @pytest.fixture
@@ -185,3 +190,12 @@ def test_capacity_on_ray_equals_serial(local_ray):
                       map_runs=lambda fn, jobs, tick: map_tasks(local_ray, fn, jobs, on_done=tick))
     assert len(ticks) == len(capacity_jobs(scenario))
     assert json.dumps(on_ray, default=float) == json.dumps(capacity(scenario), default=float)
+
+
+def test_a_worker_that_cannot_load_the_model_fails_in_one_line(local_ray):
+    from tiersim.errors import TiersimError
+    from tiersim.models import resolve_model_dir
+
+    runner = RayRunner(local_ray, partial(resolve_model_dir, "/nonexistent-model"), workers=1)
+    with pytest.raises(TiersimError, match=r"^a Ray worker failed: model '/nonexistent-model' not found"):
+        run_grid(None, _samples(1), _cells(), 3, runner=runner)

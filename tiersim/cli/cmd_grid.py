@@ -191,8 +191,9 @@ def _run_on_ray(model_name, device, dtype, items, cells, max_new_tokens, journal
         model_name = str(Path(model_name).resolve())
     with connect(address) as ray:
         gpu = device == "cuda"
+        available = default_workers(ray, gpu)  # also refuses a cluster without GPUs for --device cuda
         runner = RayRunner(ray, partial(load_model, model_name, device=device, dtype=dtype),
-                           workers or default_workers(ray, gpu), gpu=gpu)
+                           workers or available, gpu=gpu)
         with meter("grid", len(samples) * (len(cells) + 1)) as progress:
 
             def advance(run) -> None:

@@ -137,4 +137,8 @@ def _get(ray, ref):
         if isinstance(cause, TiersimError):
             raise TiersimError(str(cause)) from None
         lines = [line for line in str(cause or exc).splitlines() if line.strip()]
-        raise TiersimError(f"a Ray worker failed: {lines[-1] if lines else type(exc).__name__}") from None
+        last = lines[-1] if lines else type(exc).__name__
+        prefix = "tiersim.errors."  # a worker's own one-line error, raised in the actor: keep just its text
+        if last.startswith(prefix) and ": " in last:
+            last = last.split(": ", 1)[1]
+        raise TiersimError(f"a Ray worker failed: {last}") from None
