@@ -132,10 +132,65 @@ def workload(scenario: Scenario, policy: Policy, batch: int, steps: int) -> anal
                                    churn=scenario.churn, seed=scenario.seed)
 
 
-def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int | None = None):
-    """One config: (summary row without overhead, per-step timeline dict)."""
-    batch = batch or scenario.batch
+def fits(mem: analytic.Memory, gpu: GPU) -> bool:
+    """The one definition of "fits": peak HBM within the GPU's HBM and the DDR tier within the host
+    memory lent to this GPU, both over the simulated steps of the staggered batch."""
+    return bool(mem.peak <= gpu.hbm_bytes and mem.ddr <= gpu.host_bytes)
+
+
+def fits_at(scenario: Scenario, policy: Policy, batch: int, steps: int | None = None) -> bool:
+    """Whether ``batch`` slots fit: the same workload `run` simulates (seed, lengths, steps)."""
     work = workload(scenario, policy, batch, steps or scenario.steps)
+    return fits(analytic.memory(scenario.model, scenario.gpu, policy, work), scenario.gpu)
+
+
+def largest_batch(scenario: Scenario, policy: Policy, steps: int | None = None) -> int:
+    """The one definition of "largest batch": the largest B for which :func:`fits_at` holds while
+    B + 1 does not (0 when one sequence does not fit; capped at MAX_BATCH).
+
+    A larger batch adds slots to the same ones (lengths and phases are drawn slot by slot from the
+    seed), so its token counts only grow and the search is a bisection. It starts from the static
+    estimate (every sequence at the run's peak mean context) and gallops out from there.
+    """
+    steps = steps or scenario.steps
+    ok = lambda b: fits_at(scenario, policy, b, steps)  # noqa: E731
+    if not ok(1):
+        return 0
+    probe = workload(scenario, policy, 1, steps)
+    guess = analytic.max_batch(scenario.model, scenario.gpu, policy, float(probe.full_context.max()))
+    guess = min(max(int(guess), 1), MAX_BATCH)
+    if ok(guess):
+        lo, hi = guess, None
+        while lo < MAX_BATCH:
+            nxt = min(MAX_BATCH, max(lo + 1, int(lo * 1.1)))
+            if not ok(nxt):
+                hi = nxt
+                break
+            lo = nxt
+        if hi is None:
+            return MAX_BATCH
+    else:
+        lo, hi = 1, guess
+        while (nxt := int(hi / 1.1)) > 1:
+            if ok(nxt):
+                lo = nxt
+                break
+            hi = nxt
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int | None = None,
+        largest: bool = True):
+    """One config: (summary row without overhead, per-step timeline dict).
+
+    ``largest=False`` skips the largest-batch search (``max_batch`` is then None).
+    """
+    batch = batch or scenario.batch
+    steps = steps or scenario.steps
+    work = workload(scenario, policy, batch, steps)
     model, gpu = scenario.model, scenario.gpu
     costs = analytic.layer_costs(model, gpu, policy, work)
     result = simulate(costs, model.num_layers, gpu)
@@ -144,8 +199,11 @@ def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int
     row = {
         "hbm": policy.hbm, "ddr": policy.ddr, "compressed": policy.compressed, "evict": policy.evict,
         "prefetch": policy.prefetch,
+        "strategy": "prefetch" if policy.prefetch >= 1.0 else "selective",
         "batch": batch,
+        "steps": steps,
         "context_tokens_mean": round(work.context_mean, 1),
+        "context_tokens_peak": round(float(work.full_context.max()) / batch, 1),
         "kv_full_gb": mem.kv_full / GB,
         "kv_hbm_gb": mem.kv_hbm / GB,
         "compressed_gb": mem.compressed / GB,
@@ -155,7 +213,7 @@ def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int
         "hbm_capacity_gb": gpu.hbm_bytes / GB,
         "ddr_gb": mem.ddr / GB,
         "host_capacity_gb": gpu.host_bytes / GB,
-        "fits": bool(mem.peak <= gpu.hbm_bytes and mem.ddr <= gpu.host_bytes),
+        "fits": fits(mem, gpu),
         "hbm_fits": bool(mem.peak <= gpu.hbm_bytes),
         "ddr_fits": bool(mem.ddr <= gpu.host_bytes),
         "step_ms": float(step.mean() * 1e3),
@@ -167,7 +225,7 @@ def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int
         "h2d_gb_per_step": float(result.h2d_bytes.mean() / GB),
         "d2h_gb_per_step": float(result.d2h_bytes.mean() / GB),
         "tokens_per_s": float(batch / step.mean()),
-        "max_batch": analytic.max_batch(model, gpu, policy, work.full_context.max() / batch),
+        "max_batch": largest_batch(scenario, policy, steps) if largest else None,
         "events": result.events,
     }
     weights = mem.weights / GB
@@ -236,16 +294,24 @@ def capacity(scenario: Scenario, max_overhead: float = 10.0, progress=None) -> d
     best = best_row(rows, max_overhead)
     best_lossless = best_row([r for r in rows if r["evict"] == 0 and r["compressed"] == 0], max_overhead)
     sweep = []
-    sweep_steps = max(32, scenario.steps // 4)
+    # The sweep runs as many steps as the grid, and reuses the grid's rows at the grid's batch, so
+    # the two tables agree cell for cell.
     for batch in sweep_batches(scenario.batch):
-        base, _ = run(scenario, base_policy, batch=batch, steps=sweep_steps)
+        if batch == scenario.batch:
+            base = baseline
+        else:
+            base, _ = run(scenario, base_policy, batch=batch, largest=False)
         for policy in policies:
             if policy.evict != 0.0:
                 continue
-            row = base if policy == base_policy else run(scenario, policy, batch=batch, steps=sweep_steps)[0]
-            row = with_overhead(row, base)
-            sweep.append({k: row[k] for k in ("batch", "hbm", "ddr", "evict", "hbm_saved_gb", "peak_hbm_gb",
-                                              "overhead_pct", "stall_ms", "step_ms", "fits")})
+            if batch == scenario.batch:
+                row = next(r for r, p in zip(rows, policies) if p == policy)
+            else:
+                row = with_overhead(base if policy == base_policy else
+                                    run(scenario, policy, batch=batch, largest=False)[0], base)
+            sweep.append({k: row[k] for k in ("batch", "steps", "hbm", "ddr", "evict", "hbm_saved_gb",
+                                              "peak_hbm_gb", "overhead_pct", "stall_ms", "step_ms", "fits",
+                                              "context_tokens_mean", "context_tokens_peak")})
         tick()
     return {
         "kind": "capacity",
