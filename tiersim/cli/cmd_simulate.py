@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.table import Table
 
 from tiersim.cli.app import app, console, err_console
@@ -118,7 +119,8 @@ def simulate(
 
 @app.command()
 def capacity(
-    batch: int = typer.Option(64, help="sequences decoded together"),
+    batch: str = typer.Option("64", help="sequences decoded together: a number, or a range like 16..1024 "
+                                          "(powers of two between the ends)"),
     model: str = typer.Option("r1-distill-qwen-7b", help="model preset (see `tiersim presets`)"),
     model_config: Path = typer.Option(None, "--model-config", help="a transformers config.json instead of a preset"),
     gpu: str = typer.Option("h100-sxm", help="GPU preset"),
@@ -126,7 +128,11 @@ def capacity(
     lengths: str = typer.Option(None, help=LENGTHS_HELP),
     context: int = typer.Option(None, help=CONTEXT_HELP),
     prefetch: str = typer.Option("all", help=PREFETCH_HELP),
-    max_overhead: float = typer.Option(10.0, "--max-overhead", help="overhead budget, percent of step time"),
+    tpot_slo: float = typer.Option(None, "--tpot-slo", help="latency budget: mean time per output token, ms"),
+    max_evict: float = typer.Option(0.0, "--max-evict", help="quality budget: largest share of the KV evicted"),
+    strategy: str = typer.Option("all", help="offload strategies compared: all, or a comma list of prefetch, "
+                                             "host-attention, hybrid, recompute, selective, compressed-transfer"),
+    max_overhead: float = typer.Option(10.0, "--max-overhead", help="overhead budget of the grid's 'best', percent"),
     steps: int = typer.Option(256, help="decode steps simulated per config"),
     seed: int = typer.Option(0),
     calibration: Path = typer.Option(None, help="calibration JSON from `tiersim validate`"),
@@ -134,17 +140,33 @@ def capacity(
     out: Path = typer.Option(None, help="also write the JSON result here"),
     report: Path = typer.Option(None, help="also write an HTML report"),
 ) -> None:
-    """Plan HBM: a grid of tier configs at one batch size, the best config and the largest batches."""
+    """Plan HBM: the most tokens/s within a TPOT budget, which split and strategy gets there, and the
+    full cache at its largest batch; with one batch, also the simulated grid and a batch sweep."""
     from tiersim.atomic import write_json
-    from tiersim.simulator.capacity import capacity as plan, grid_policies, sweep_batches
+    from tiersim.simulator import planner
+    from tiersim.simulator.capacity import capacity as grid, grid_policies, range_result, sweep_batches
 
     _check_format(fmt)
     if max_overhead < 0:
         raise TiersimError(f"--max-overhead must be >= 0, got {max_overhead}")
-    scenario = _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch, steps, seed, calibration)
-    total = 1 + len(grid_policies(scenario)) + len(sweep_batches(batch))
+    if tpot_slo is not None and not tpot_slo > 0:
+        raise TiersimError(f"--tpot-slo must be > 0 ms, got {tpot_slo}")
+    if not 0.0 <= max_evict < 1.0:
+        raise TiersimError(f"--max-evict must be in [0, 1), got {max_evict}")
+    batches = planner.parse_batches(batch)
+    strategies = planner.parse_strategies(strategy)
+    scenario = _scenario(trace, model, model_config, gpu, batches[0], lengths, context, prefetch, steps, seed,
+                         calibration)
+    single = len(batches) == 1
+    total = 1 + (1 + len(grid_policies(scenario)) + len(sweep_batches(batches[0])) if single else 0)
     with meter("simulating", total, eta=False, transient=True) as progress:
-        result = plan(scenario, max_overhead, progress=progress.advance)
+        answer = planner.plan(scenario, batches, tpot_slo, max_evict, strategies)
+        progress.advance()
+        if single:
+            result = grid(scenario, max_overhead, progress=progress.advance)
+        else:
+            result = range_result(scenario, max_overhead, answer)
+    result = {"recommendation": answer["recommendation"], **result, "planner": answer}
     if out:
         write_json(out, result)
     if report:
@@ -156,39 +178,131 @@ def capacity(
 
 
 def _rows_table(rows: list[dict], title: str) -> Table:
-    table = Table(title=title, title_justify="left")
-    for col in ("HBM / DDR / comp / evict", "KV full→HBM GB", "staging GB", "saved GB", "peak GB", "fits",
-                "step ms", "stall ms", "overhead", "tok/s", "max batch"):
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("HBM/DDR/comp/ev", "KV GB", "saved", "peak", "fits", "step ms", "stall", "overhead", "tok/s",
+                "max B"):
         table.add_column(col, justify="left" if col.startswith("HBM") else "right")
     for r in rows:
         table.add_row(
-            f"{r['hbm']:.2f} / {r['ddr']:.2f} / {r['compressed']:.2f} / {r['evict']:.2f}",
-            f"{r['kv_full_gb']:.1f}→{r['kv_hbm_gb']:.1f}", f"{r['staging_gb']:.2f}", f"{r['hbm_saved_gb']:.1f}",
+            f"{r['hbm']:.2f}/{r['ddr']:.2f}/{r['compressed']:.2f}/{r['evict']:.2f}",
+            f"{r['kv_full_gb']:.1f}→{r['kv_hbm_gb']:.1f}", f"{r['hbm_saved_gb']:.1f}",
             f"{r['peak_hbm_gb']:.1f}", _fits_cell(r), f"{r['step_ms']:.1f}",
-            f"{r['stall_ms']:.1f}", f"{r['overhead_pct']:+.1f}%", f"{r['tokens_per_s']:,.0f}", str(r["max_batch"]),
+            f"{r['stall_ms']:.1f}", f"{r['overhead_pct']:+.1f}%", f"{r['tokens_per_s']:,.0f}",
+            "" if r.get("max_batch") is None else str(r["max_batch"]),
         )
     return table
 
 
+def _context_words(row: dict) -> str:
+    return (f"{row['steps']} steps; context per sequence mean {row['context_tokens_mean']:,.0f} / "
+            f"peak {row['context_tokens_peak']:,.0f} tokens")
+
+
+def _strategy_label(r: dict) -> str:
+    from tiersim.simulator.planner import NO_OFFLOAD
+
+    if r["strategy"] == NO_OFFLOAD:
+        return "full cache" if r["evict"] == 0 else "evict only"
+    name = r["strategy"] + ("*" if r["approximate"] else "")
+    if r["strategy"] == "hybrid":
+        name += f" ({r['share']:.0%} host)"
+    elif r["strategy"] == "recompute":
+        name += f" ({r['share']:.0%} act)"
+    elif r["strategy"] == "selective":
+        name += f" ({r['share']:.0%})"
+    elif r["strategy"] == "compressed-transfer":
+        name = "int8 transfer*"
+    return name
+
+
+def _strategy_table(answer: dict, title: str) -> Table:
+    """Per strategy its best point (most tok/s within the SLO, else the quickest that fits)."""
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("strategy", "batch", "HBM/DDR/ev", "TPOT ms", "tok/s", "freed GB", "peak GB", "SLO", "ctx mean/peak"):
+        table.add_column(col, justify="left" if col in ("strategy", "HBM/DDR/ev") else "right")
+    rows = []
+    if answer["full_cache"]:
+        rows.append(("full @ largest", answer["full_cache"]))
+    rows += [(_strategy_label(r), r) for r in answer["best_per_strategy"].values()]
+    slo = answer["tpot_slo_ms"]
+    for label, r in rows:
+        ok = "-" if slo is None else ("[green]yes[/]" if r["within_slo"] else "[red]no[/]")
+        table.add_row(label, f"{r['batch']:,}", f"{r['hbm']:.2f}/{r['ddr']:.2f}/{r['evict']:.2f}",
+                      f"{r['tpot_ms']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['hbm_saved_gb']:.1f}",
+                      f"{r['peak_hbm_gb']:.1f}", ok, f"{r['context_tokens_mean']:,.0f}/{r['context_tokens_peak']:,.0f}")
+    return table
+
+
+def _batch_table(answer: dict) -> Table:
+    """Per batch and strategy: the most tok/s (TPOT ms) among the splits that fit and meet the SLO."""
+    from tiersim.simulator.planner import NO_OFFLOAD
+    from tiersim.simulator.strategies import SHORT
+
+    names = [NO_OFFLOAD, *answer["strategies"]]
+    table = Table(title=f"Per batch: best tok/s / TPOT ms that fits{_slo_words(answer)} (red: over the SLO); "
+                        f"{answer['steps']} steps each, closed form", title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False, collapse_padding=True)
+    table.add_column("batch", justify="right")
+    for name in names:
+        table.add_column("full/ev" if name == NO_OFFLOAD else SHORT[name], justify="right")
+    table.add_column("ctx mean/peak", justify="right")
+    max_evict = answer["max_evict"]
+    for batch in answer["batches"]:
+        mine = [r for r in answer["points"] if r["batch"] == batch and r["evict"] <= max_evict + 1e-9]
+        cells = []
+        for name in names:
+            fit = [r for r in mine if r["strategy"] == name and r["fits"]]
+            ok = [r for r in fit if r["within_slo"]]
+            if ok:
+                r = max(ok, key=lambda x: x["tokens_per_s"])
+                cells.append(f"{r['tokens_per_s']:,.0f}/{r['tpot_ms']:.0f}")
+            elif fit:
+                r = min(fit, key=lambda x: x["tpot_ms"])
+                cells.append(f"[red]{r['tokens_per_s']:,.0f}/{r['tpot_ms']:.0f}[/]")
+            else:
+                cells.append("[dim]no fit[/]")
+        table.add_row(f"{batch:,}", *cells, f"{mine[0]['context_tokens_mean']:,.0f}/{mine[0]['context_tokens_peak']:,.0f}")
+    return table
+
+
+def _slo_words(answer: dict) -> str:
+    return f" within {answer['tpot_slo_ms']:g} ms" if answer["tpot_slo_ms"] is not None else ""
+
+
 def _print_capacity(result: dict, scenario) -> None:
-    title = (f"{result['model']} on {result['gpu']}, batch {result['batch']}, {_workload_words(scenario)} "
-             f"({result['trace']} trace)")
-    console.print(_rows_table(result["rows"], title))
-    console.print(_sweep_table(result["batch_sweep"]))
+    answer = result["planner"]
+    console.print(f"[bold]{result['recommendation']}[/]", highlight=False)
+    console.print(f"{result['model']} on {result['gpu']}, {_workload_words(scenario)}\n({result['trace']} trace; "
+                  "ctx: tokens held per sequence, mean / peak over the simulated steps)", highlight=False)
+    console.print(_strategy_table(answer, f"Best point per strategy{_slo_words(answer)} "
+                                          f"(closed form, {answer['steps']} steps each)"))
+    if len(answer["batches"]) > 1:
+        console.print(_batch_table(answer))
+    else:
+        rows = result["rows"]
+        console.print(_rows_table(rows, f"Prefetch grid at batch {result['batch']} (SimPy; {_context_words(rows[0])})"))
+        console.print(_sweep_table(result["batch_sweep"]))
     base = result["baseline"]
-    fits = "fits" if base["fits"] else "[red]does NOT fit[/] (overheads are against it anyway)"
-    console.print(f"All in HBM (the overhead baseline): {base['peak_hbm_gb']:.1f} GB peak of "
-                  f"{base['hbm_capacity_gb']:.0f} GB, {fits}; {base['step_ms']:.1f} ms/step. "
-                  f"Largest batch with the full cache: {result['max_batch_full_cache']}.", highlight=False)
+    approx = [s for s in answer["strategies"] if s in ("selective", "compressed-transfer")]
+    if approx:
+        console.print("* approximate, never recommended: selective fetches the DDR tokens that held 99% of its\n"
+                      "  attention in the trace (an oracle); int8 transfer quantizes the DDR tier.", highlight=False)
+    if base and not base["fits"]:
+        console.print(f"[yellow]note:[/] the all-in-HBM baseline needs {base['peak_hbm_gb']:.1f} GB at batch "
+                      f"{base['batch']} and [red]does NOT fit[/] in {base['hbm_capacity_gb']:.0f} GB; overheads are "
+                      "against it anyway.", highlight=False)
+    console.print(f"Largest batch with the full cache: {result['max_batch_full_cache']:,} (peak HBM over "
+                  f"{answer['steps']} steps of the staggered batch).", highlight=False)
     budget = result["max_overhead_pct"]
-    for label, best in (("Best", result["best"]), ("Best lossless (no eviction)", result.get("best_lossless"))):
-        if best:
-            console.print(f"[bold]{label} within {budget:g}% overhead:[/] hbm {best['hbm']:.2f} / ddr {best['ddr']:.2f} "
-                          f"/ evict {best['evict']:.2f} saves {best['hbm_saved_gb']:.1f} GB at "
-                          f"{best['overhead_pct']:+.1f}% (largest batch {best['max_batch']}).", highlight=False)
-        else:
-            console.print(f"[yellow]{label}: no config saves HBM within {budget:g}% overhead[/] "
-                          "(raise --max-overhead, or the link is the bottleneck at this batch).", highlight=False)
+    if len(answer["batches"]) == 1:
+        for label, best in (("Most HBM freed", result["best"]), ("Most freed, lossless", result.get("best_lossless"))):
+            if best:
+                console.print(f"{label} within {budget:g}% overhead: {best['hbm']:.2f}/{best['ddr']:.2f}/"
+                              f"{best['evict']:.2f} saves {best['hbm_saved_gb']:.1f} GB at {best['overhead_pct']:+.1f}% "
+                              f"(largest batch {best['max_batch']}).", highlight=False)
+            else:
+                console.print(f"{label}: no prefetch config saves HBM within {budget:g}% overhead at this batch.",
+                              highlight=False)
 
 
 def _fits_cell(row: dict) -> str:
@@ -200,23 +314,28 @@ def _fits_cell(row: dict) -> str:
 def _sweep_table(sweep: list[dict]) -> Table:
     """Overhead and savings of the lossless configs per batch size: where the link starts to bind."""
     hbms = sorted({r["hbm"] for r in sweep}, reverse=True)
-    table = Table(title="Batch sweep (no eviction): overhead / HBM saved", title_justify="left")
+    steps = sweep[0]["steps"] if sweep else 0
+    table = Table(title=f"Prefetch batch sweep, no eviction: overhead / HBM saved ({steps} steps each; closed "
+                        "form, the grid's SimPy rows at its batch)",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     table.add_column("batch", justify="right")
     for h in hbms:
         table.add_column(f"hbm {h:.2f}", justify="right")
+    table.add_column("ctx mean/peak", justify="right")
     for batch in sorted({r["batch"] for r in sweep}):
         cells = []
+        mine = [x for x in sweep if x["batch"] == batch]
         for h in hbms:
-            r = next(x for x in sweep if x["batch"] == batch and x["hbm"] == h)
+            r = next(x for x in mine if x["hbm"] == h)
             cell = f"{r['overhead_pct']:+.0f}% / {r['hbm_saved_gb']:.1f} GB"
             cells.append(cell if r["fits"] else f"[red]{cell} (no fit)[/]")
-        table.add_row(str(batch), *cells)
+        table.add_row(str(batch), *cells, f"{mine[0]['context_tokens_mean']:,.0f}/{mine[0]['context_tokens_peak']:,.0f}")
     return table
 
 
 def _workload_words(scenario) -> str:
     words = (f"lockstep from {scenario.context:,} context tokens" if scenario.context is not None
-             else f"~{scenario.mean_length:,.0f} generated tokens per sequence")
+             else f"~{scenario.mean_length:,.0f} generated tokens per sequence (staggered: each slot mid-sequence)")
     if scenario.prefetch != "all":
         words += f", {scenario.prefetch} prefetch ({scenario.prefetch_share():.0%} of DDR, not exact)"
     return words

@@ -202,6 +202,7 @@ def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int
         "strategy": "prefetch" if policy.prefetch >= 1.0 else "selective",
         "batch": batch,
         "steps": steps,
+        "method": "SimPy",
         "context_tokens_mean": round(work.context_mean, 1),
         "context_tokens_peak": round(float(work.full_context.max()) / batch, 1),
         "kv_full_gb": mem.kv_full / GB,
@@ -253,6 +254,22 @@ def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int
     return row, timeline
 
 
+def closed_form_row(scenario: Scenario, policy: Policy, batch: int) -> dict:
+    """The sweep's cell: `run`'s memory and times from ``analytic.closed_form`` instead of the engine."""
+    work = workload(scenario, policy, batch, scenario.steps)
+    model, gpu = scenario.model, scenario.gpu
+    step, stall = analytic.closed_form(analytic.layer_costs(model, gpu, policy, work), model.num_layers)
+    mem = analytic.memory(model, gpu, policy, work)
+    return {
+        "hbm": policy.hbm, "ddr": policy.ddr, "compressed": policy.compressed, "evict": policy.evict,
+        "batch": batch, "steps": scenario.steps, "method": "closed form",
+        "context_tokens_mean": round(work.context_mean, 1),
+        "context_tokens_peak": round(float(work.full_context.max()) / batch, 1),
+        "hbm_saved_gb": mem.saved / GB, "peak_hbm_gb": mem.peak / GB, "fits": fits(mem, gpu),
+        "step_ms": float(step.mean() * 1e3), "stall_ms": float(stall.mean() * 1e3),
+    }
+
+
 def with_overhead(row: dict, baseline: dict) -> dict:
     row = dict(row)
     # Rounded far below any reported digit, so float noise between event orders is not "-0.0%".
@@ -294,22 +311,19 @@ def capacity(scenario: Scenario, max_overhead: float = 10.0, progress=None) -> d
     best = best_row(rows, max_overhead)
     best_lossless = best_row([r for r in rows if r["evict"] == 0 and r["compressed"] == 0], max_overhead)
     sweep = []
-    # The sweep runs as many steps as the grid, and reuses the grid's rows at the grid's batch, so
-    # the two tables agree cell for cell.
+    # The sweep runs as many steps as the grid, in the closed form (the engine agrees to 1% without
+    # contention; a sweep of SimPy runs would cost seconds), and takes the grid's own rows at the
+    # grid's batch, so the two tables agree cell for cell there.
     for batch in sweep_batches(scenario.batch):
-        if batch == scenario.batch:
-            base = baseline
-        else:
-            base, _ = run(scenario, base_policy, batch=batch, largest=False)
+        base = baseline if batch == scenario.batch else closed_form_row(scenario, base_policy, batch)
         for policy in policies:
             if policy.evict != 0.0:
                 continue
             if batch == scenario.batch:
                 row = next(r for r, p in zip(rows, policies) if p == policy)
             else:
-                row = with_overhead(base if policy == base_policy else
-                                    run(scenario, policy, batch=batch, largest=False)[0], base)
-            sweep.append({k: row[k] for k in ("batch", "steps", "hbm", "ddr", "evict", "hbm_saved_gb",
+                row = with_overhead(base if policy == base_policy else closed_form_row(scenario, policy, batch), base)
+            sweep.append({k: row[k] for k in ("batch", "steps", "method", "hbm", "ddr", "evict", "hbm_saved_gb",
                                               "peak_hbm_gb", "overhead_pct", "stall_ms", "step_ms", "fits",
                                               "context_tokens_mean", "context_tokens_peak")})
         tick()
@@ -332,6 +346,24 @@ def capacity(scenario: Scenario, max_overhead: float = 10.0, progress=None) -> d
         "best": best,
         "best_lossless": best_lossless,
         "batch_sweep": sweep,
+    }
+
+
+def range_result(scenario: Scenario, max_overhead: float, answer: dict) -> dict:
+    """The capacity document for a batch range: the planner's points are its rows (each with its
+    strategy); no simulated grid or sweep (the points cover every batch of the range)."""
+    rows = answer["points"]
+    exact = [r for r in rows if not r["approximate"]]
+    return {
+        "kind": "capacity", "schema_version": 1, "tiersim_version": __version__,
+        "model": scenario.model.name, "gpu": scenario.gpu.name, "batch": scenario.batch,
+        "batches": answer["batches"], "trace": scenario.trace_label, "mean_length": scenario.mean_length,
+        "context": scenario.context, "prompt_len": scenario.prompt_len, "prefetch": scenario.prefetch,
+        "max_overhead_pct": max_overhead, "rows": rows,
+        "max_batch_full_cache": answer["max_batch_full_cache"], "baseline": answer["full_cache"],
+        "best": best_row(exact, max_overhead),
+        "best_lossless": best_row([r for r in exact if r["evict"] == 0 and r["compressed"] == 0], max_overhead),
+        "batch_sweep": [],
     }
 
 
