@@ -178,7 +178,7 @@ def capacity(
 
 
 def _rows_table(rows: list[dict], title: str) -> Table:
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for col in ("HBM/DDR/comp/ev", "KV GB", "saved", "peak", "fits", "step ms", "stall", "overhead", "tok/s",
                 "max B"):
         table.add_column(col, justify="left" if col.startswith("HBM") else "right")
@@ -217,7 +217,7 @@ def _strategy_label(r: dict) -> str:
 
 def _strategy_table(answer: dict, title: str) -> Table:
     """Per strategy its best point (most tok/s within the SLO, else the quickest that fits)."""
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     for col in ("strategy", "batch", "HBM/DDR/ev", "TPOT ms", "tok/s", "freed GB", "peak GB", "SLO", "ctx mean/peak"):
         table.add_column(col, justify="left" if col in ("strategy", "HBM/DDR/ev") else "right")
     rows = []
@@ -317,7 +317,7 @@ def _sweep_table(sweep: list[dict]) -> Table:
     steps = sweep[0]["steps"] if sweep else 0
     table = Table(title=f"Prefetch batch sweep, no eviction: overhead / HBM saved ({steps} steps each; closed "
                         "form, the grid's SimPy rows at its batch)",
-                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     table.add_column("batch", justify="right")
     for h in hbms:
         table.add_column(f"hbm {h:.2f}", justify="right")

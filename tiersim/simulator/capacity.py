@@ -144,38 +144,47 @@ def fits_at(scenario: Scenario, policy: Policy, batch: int, steps: int | None = 
     return fits(analytic.memory(scenario.model, scenario.gpu, policy, work), scenario.gpu)
 
 
-def largest_batch(scenario: Scenario, policy: Policy, steps: int | None = None) -> int:
+def largest_batch(scenario: Scenario, policy: Policy, steps: int | None = None,
+                  context_hint: float | None = None) -> int:
     """The one definition of "largest batch": the largest B for which :func:`fits_at` holds while
     B + 1 does not (0 when one sequence does not fit; capped at MAX_BATCH).
 
     A larger batch adds slots to the same ones (lengths and phases are drawn slot by slot from the
-    seed), so its token counts only grow and the search is a bisection. It starts from the static
-    estimate (every sequence at the run's peak mean context) and gallops out from there.
+    seed), so its token counts only grow and a search is exact. It starts from the static estimate
+    (every sequence at ``context_hint`` tokens, by default the peak mean context of the scenario's
+    batch), steps out exponentially from there, then bisects.
     """
     steps = steps or scenario.steps
     ok = lambda b: fits_at(scenario, policy, b, steps)  # noqa: E731
     if not ok(1):
         return 0
-    probe = workload(scenario, policy, 1, steps)
-    guess = analytic.max_batch(scenario.model, scenario.gpu, policy, float(probe.full_context.max()))
+    if context_hint is None:
+        probe = workload(scenario, policy, scenario.batch, steps)
+        context_hint = float(probe.full_context.max()) / scenario.batch
+    guess = min(max(int(analytic.max_batch(scenario.model, scenario.gpu, policy, context_hint)), 1), MAX_BATCH)
+    # The peak context per sequence of a staggered batch shrinks towards the mean as the batch grows:
+    # one more estimate at the first guess's size lands within a few sequences.
+    near = workload(scenario, policy, guess, steps)
+    guess = analytic.max_batch(scenario.model, scenario.gpu, policy, float(near.full_context.max()) / guess)
     guess = min(max(int(guess), 1), MAX_BATCH)
+    step = max(1, guess // 500)
     if ok(guess):
         lo, hi = guess, None
         while lo < MAX_BATCH:
-            nxt = min(MAX_BATCH, max(lo + 1, int(lo * 1.1)))
+            nxt = min(MAX_BATCH, lo + step)
             if not ok(nxt):
                 hi = nxt
                 break
-            lo = nxt
+            lo, step = nxt, step * 2
         if hi is None:
             return MAX_BATCH
     else:
         lo, hi = 1, guess
-        while (nxt := int(hi / 1.1)) > 1:
+        while (nxt := hi - step) > 1:
             if ok(nxt):
                 lo = nxt
                 break
-            hi = nxt
+            hi, step = nxt, step * 2
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if ok(mid) else (lo, mid)
@@ -226,7 +235,7 @@ def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int
         "h2d_gb_per_step": float(result.h2d_bytes.mean() / GB),
         "d2h_gb_per_step": float(result.d2h_bytes.mean() / GB),
         "tokens_per_s": float(batch / step.mean()),
-        "max_batch": largest_batch(scenario, policy, steps) if largest else None,
+        "max_batch": largest_batch(scenario, policy, steps, float(work.full_context.max()) / batch) if largest else None,
         "events": result.events,
     }
     weights = mem.weights / GB
