@@ -205,7 +205,7 @@ def test_the_recommendation_is_the_first_line_and_top_level_in_json():
     assert first.startswith("The full cache fits at batch 64 (") and "no tiering needed up to batch" in first
     doc = json.loads(_tiersim("capacity", "--batch", "64", "--steps", "32", "--format", "json").stdout)
     assert doc["recommendation"] == first
-    assert all("strategy" in r for r in doc["rows"]) and all("strategy" in r for r in doc["planner"]["points"])
+    assert all("strategy" in r for r in doc["rows"]) and all("strategy" in r for r in doc["points"])
 
 
 def test_when_the_full_cache_does_not_fit_the_planner_compares_a_smaller_batch():

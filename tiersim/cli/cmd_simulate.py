@@ -166,7 +166,8 @@ def capacity(
             result = grid(scenario, max_overhead, progress=progress.advance)
         else:
             result = range_result(scenario, max_overhead, answer)
-    result = {"recommendation": answer["recommendation"], **result, "planner": answer}
+    result = {"recommendation": answer["recommendation"], **result,
+              "planner": {k: v for k, v in answer.items() if k != "points"}, "points": answer["points"]}
     if out:
         write_json(out, result)
     if report:
@@ -270,7 +271,7 @@ def _slo_words(answer: dict) -> str:
 
 
 def _print_capacity(result: dict, scenario) -> None:
-    answer = result["planner"]
+    answer = {**result["planner"], "points": result["points"]}
     console.print(f"[bold]{result['recommendation']}[/]", highlight=False)
     console.print(f"{result['model']} on {result['gpu']}, {_workload_words(scenario)}\n({result['trace']} trace; "
                   "ctx: tokens held per sequence, mean / peak over the simulated steps)", highlight=False)
