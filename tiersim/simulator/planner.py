@@ -177,8 +177,8 @@ def recommend(scenario, batches, slo, largest, full, best, points, max_evict: fl
     if full is not None and full["tokens_per_s"] >= best["tokens_per_s"]:
         tiered = [r for r in points if _eligible(r, max_evict) and r["hbm"] < 1.0]
         top = max(tiered, key=lambda r: r["tokens_per_s"]) if tiered else None
-        other = (f"the best tier split{slo_words} ({_option(top)} at batch {top['batch']:,}) gives "
-                 f"{top['tokens_per_s']:,.0f} tok/s" if top else f"no tier split fits{slo_words}")
+        other = (f"the best alternative{slo_words} ({_option(top)} at batch {top['batch']:,}) gives "
+                 f"{top['tokens_per_s']:,.0f} tok/s" if top else f"no alternative fits{slo_words}")
         return f"{head}: keep the full cache at batch {full['batch']:,}; {other}."
     if best["strategy"] == NO_OFFLOAD:
         what = f"evicting {best['evict']:.0%} of the KV" if best["evict"] > 0 else "the full cache"
