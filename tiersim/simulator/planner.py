@@ -152,7 +152,7 @@ def recommend(scenario, batches, slo, largest, full, best, points, max_evict: fl
     cap = scenario.gpu.hbm_bytes / GB
     slo_words = f" within {slo:g} ms TPOT" if slo is not None else ""
     if largest == 0:
-        head = f"The weights alone do not leave room for one sequence with the full cache in {cap:.0f} GB"
+        head = f"Not even one sequence fits with the full cache in {cap:.0f} GB"
     elif full is None:
         head = f"The full cache fits up to batch {largest:,} but not{slo_words} at any batch"
     else:
