@@ -316,8 +316,8 @@ def _sweep_table(sweep: list[dict]) -> Table:
     """Overhead and savings of the lossless configs per batch size: where the link starts to bind."""
     hbms = sorted({r["hbm"] for r in sweep}, reverse=True)
     steps = sweep[0]["steps"] if sweep else 0
-    table = Table(title=f"Prefetch batch sweep, no eviction: overhead / HBM saved ({steps} steps each; closed "
-                        "form, the grid's SimPy rows at its batch)",
+    table = Table(title=f"Prefetch batch sweep, no eviction: overhead / HBM saved GB (✗: does not fit; {steps} "
+                        "steps each; closed form, the grid's SimPy rows at its batch)",
                   title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     table.add_column("batch", justify="right")
     for h in hbms:
@@ -328,8 +328,8 @@ def _sweep_table(sweep: list[dict]) -> Table:
         mine = [x for x in sweep if x["batch"] == batch]
         for h in hbms:
             r = next(x for x in mine if x["hbm"] == h)
-            cell = f"{r['overhead_pct']:+.0f}% / {r['hbm_saved_gb']:.1f} GB"
-            cells.append(cell if r["fits"] else f"[red]{cell} (no fit)[/]")
+            cell = f"{r['overhead_pct']:+.0f}% / {r['hbm_saved_gb']:.1f}"
+            cells.append(cell if r["fits"] else f"[red]{cell} ✗[/]")
         table.add_row(str(batch), *cells, f"{mine[0]['context_tokens_mean']:,.0f}/{mine[0]['context_tokens_peak']:,.0f}")
     return table
 
