@@ -96,10 +96,23 @@ def capacity_document(batch: int = 64, max_overhead: float = 10.0) -> dict:
     sweep = [{k: r[k] for k in ("batch", "hbm", "ddr", "evict", "hbm_saved_gb", "peak_hbm_gb", "overhead_pct",
                                 "stall_ms", "step_ms", "fits")}
              for b in (1, 8, 16, 32, 64, 128, 256, 512) for r in [_config_row(b, h, 0.0) for h in (1.0, 0.75, 0.5, 0.25)]]
+    # The planner's points: prefetch (the grid's physics) and an approximate strategy 30% quicker on the link.
+    points = []
+    for b in (16, 64, 256):
+        for h in (1.0, 0.75, 0.5):
+            r = _config_row(b, h, 0.0)
+            names = ["none"] if h == 1.0 else ["prefetch", "compressed-transfer"]
+            for name in names:
+                tpot = r["step_ms"] if name != "compressed-transfer" else r["step_ms"] - 0.3 * r["stall_ms"]
+                points.append({**r, "strategy": name, "approximate": name == "compressed-transfer",
+                               "tpot_ms": tpot, "tokens_per_s": b / tpot * 1e3})
+    full = next(p for p in points if p["batch"] == 64 and p["strategy"] == "none")
+    planner = {"tpot_slo_ms": 50.0, "full_cache": full, "max_batch_full_cache": rows[0]["max_batch"]}
     return {"kind": "capacity", "schema_version": 1, "tiersim_version": VERSION, "model": MODEL["name"],
             "gpu": GPU["name"], "batch": batch, "trace": "bundled", "mean_length": 3900.0,
-            "max_overhead_pct": max_overhead, "rows": rows,
-            "max_batch_full_cache": rows[0]["max_batch"], "best": best, "batch_sweep": sweep}
+            "max_overhead_pct": max_overhead, "rows": rows, "recommendation": "Keep the full cache (a fixture).",
+            "max_batch_full_cache": rows[0]["max_batch"], "best": best, "batch_sweep": sweep,
+            "planner": planner, "points": points}
 
 
 def quality_document(seed: int = 0) -> dict:

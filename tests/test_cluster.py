@@ -181,14 +181,14 @@ def test_a_worker_killed_mid_grid_is_restarted_and_the_grid_equals_serial(local_
 
 def test_capacity_on_ray_equals_serial(local_ray):
     from tiersim.cluster import map_tasks
-    from tiersim.simulator.capacity import capacity, capacity_jobs, scenario_from_trace
+    from tiersim.simulator.capacity import capacity, capacity_ticks, scenario_from_trace
     from tiersim.simulator.presets import get_gpu, get_model
 
     scenario = scenario_from_trace(None, get_model("r1-distill-qwen-7b"), get_gpu("h100-sxm"), 16, 2000.0, steps=32)
     ticks = []
     on_ray = capacity(scenario, progress=lambda: ticks.append(1),
                       map_runs=lambda fn, jobs, tick: map_tasks(local_ray, fn, jobs, on_done=tick))
-    assert len(ticks) == len(capacity_jobs(scenario))
+    assert len(ticks) == capacity_ticks(scenario)
     assert json.dumps(on_ray, default=float) == json.dumps(capacity(scenario), default=float)
 
 

@@ -166,6 +166,32 @@ def test_pcie_traffic_carries_the_per_step_numbers():
     assert "GB" in fig.layout.yaxis.title.text and "ms" in fig.layout.yaxis2.title.text
 
 
+def test_throughput_frontier_has_a_curve_per_strategy_the_slo_and_the_full_cache():
+    doc = fx.capacity_document()
+    points = pd.DataFrame(doc["points"])
+    fig = figures.throughput_frontier(points, 50.0, doc["planner"]["full_cache"])
+    names = [t.name for t in fig.data]
+    assert "prefetch" in names and "compressed-transfer * (approximate)" in names
+    assert any(n.startswith("full cache, batch 64") for n in names)
+    fitting = points[points["fits"]]
+    for trace in fig.data:
+        if trace.name == "prefetch":  # one point per batch: the fastest split that fits there
+            expected = fitting[fitting["strategy"] == "prefetch"].groupby("batch")["tpot_ms"].min()
+            np.testing.assert_allclose(np.asarray(trace.x, dtype=float), expected.to_numpy())
+            assert trace.marker.coloraxis == "coloraxis"  # HBM freed as colour
+    assert fig.layout.xaxis.type == "log" and any(s.x0 == 50.0 for s in fig.layout.shapes)
+
+
+def test_a_range_capacity_run_reports_its_frontier(tmp_path):
+    from tiersim.cli.main import app
+
+    out = tmp_path / "range.html"
+    result = CliRunner().invoke(app, ["capacity", "--batch", "16..64", "--tpot-slo", "40", "--steps", "8",
+                                      "--report", str(out), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert _figure_ids(out.read_text(encoding="utf-8")) == ["throughput_frontier", "capacity_frontier"]
+
+
 def test_capacity_frontier_marks_the_budget_and_the_best_config():
     doc = fx.capacity_document(max_overhead=10.0)
     rows = pd.DataFrame(doc["rows"])
@@ -264,6 +290,7 @@ def test_page_header_names_model_gpu_trace_and_version_from_the_inputs(tmp_path,
 def test_only_the_figures_of_the_given_inputs(tmp_path, inputs):
     doc = fx.capacity_document()
     doc.pop("batch_sweep")
+    doc.pop("points")  # a capacity file from before the planner: no throughput frontier
     text = build_report([_write(tmp_path, "c.json", doc), inputs["quality-grid-parquet"]])
     assert _figure_ids(text) == ["capacity_frontier", "quality_heatmap"]
 
@@ -286,7 +313,8 @@ def test_cli_writes_the_report(tmp_path, inputs):
     assert "wrote" in result.output and out.is_file()
     text = out.read_text(encoding="utf-8")
     assert "<title>H100 plan</title>" in text
-    assert _figure_ids(text) == ["capacity_frontier", "savings_vs_batch", "measured_vs_simulated", "link_sweep"]
+    assert _figure_ids(text) == ["throughput_frontier", "capacity_frontier", "savings_vs_batch", "measured_vs_simulated",
+                                 "link_sweep"]
 
 
 def test_cli_bad_input_is_one_red_line_and_exit_2(tmp_path):
@@ -308,7 +336,8 @@ def test_capacity_report_flag_end_to_end(tmp_path):
     out = tmp_path / "cap.html"
     result = CliRunner().invoke(app, ["capacity", "--steps", "8", "--report", str(out), "--format", "json"])
     assert result.exit_code == 0, result.output
-    assert _figure_ids(out.read_text(encoding="utf-8")) == ["capacity_frontier", "savings_vs_batch"]
+    assert _figure_ids(out.read_text(encoding="utf-8")) == ["throughput_frontier", "capacity_frontier",
+                                                             "savings_vs_batch"]
 
 
 # --- headless Chromium ---------------------------------------------------------------------------

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from tiersim.cli.app import RAY_ADDRESS_HELP, add_columns, app, check_output_path, compact_table, console, err_console, wrote
+from tiersim.cli.app import (
+    RAY_ADDRESS_HELP, add_columns, app, check_output_path, compact_table, console, err_console, wrote,
+)
 from tiersim.cli.progress import meter
 from tiersim.errors import TiersimError
 
@@ -119,7 +122,8 @@ def simulate(
 
 @app.command()
 def capacity(
-    batch: int = typer.Option(64, help="sequences decoded together"),
+    batch: str = typer.Option("64", help="sequences decoded together: a number, or a range like 16..1024 "
+                                          "(powers of two between the ends)"),
     model: str = typer.Option("r1-distill-qwen-7b", help="model preset (see `tiersim presets`)"),
     model_config: Path = typer.Option(None, "--model-config", help="a transformers config.json instead of a preset"),
     gpu: str = typer.Option("h100-sxm", help="GPU preset"),
@@ -127,7 +131,11 @@ def capacity(
     lengths: str = typer.Option(None, help=LENGTHS_HELP),
     context: int = typer.Option(None, help=CONTEXT_HELP),
     prefetch: str = typer.Option("all", help=PREFETCH_HELP),
-    max_overhead: float = typer.Option(10.0, "--max-overhead", help="overhead budget, percent of step time"),
+    tpot_slo: float = typer.Option(None, "--tpot-slo", help="latency budget: mean time per output token, ms"),
+    max_evict: float = typer.Option(0.0, "--max-evict", help="quality budget: largest share of the KV evicted"),
+    strategy: str = typer.Option("all", help="offload strategies compared: all, or a comma list of prefetch, "
+                                             "host-attention, hybrid, recompute, selective, compressed-transfer"),
+    max_overhead: float = typer.Option(10.0, "--max-overhead", help="overhead budget of the grid's 'best', percent"),
     steps: int = typer.Option(256, help="decode steps simulated per config"),
     seed: int = typer.Option(0),
     calibration: Path = typer.Option(None, help="calibration JSON from `tiersim validate`"),
@@ -138,31 +146,49 @@ def capacity(
                                                   "'tiersim[cluster]'; see docs/cluster.md)"),
     ray_address: str = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
 ) -> None:
-    """Plan HBM: a grid of tier configs at one batch size, the best config and the largest batches."""
+    """Plan HBM: the most tokens/s within a TPOT budget, which split and strategy gets there, and the
+    full cache at its largest batch; with one batch, also the simulated grid and a batch sweep."""
     from tiersim.atomic import write_json
-    from tiersim.simulator.capacity import capacity as plan, capacity_jobs
+    from tiersim.simulator import planner
+    from tiersim.simulator.capacity import capacity as grid, capacity_ticks, range_result
 
     _check_format(fmt)
     if max_overhead < 0:
         raise TiersimError(f"--max-overhead must be >= 0, got {max_overhead}")
     check_output_path(out, "--out", (".json",))
     check_output_path(report, "--report", (".html", ".htm"))
+    if tpot_slo is not None and not tpot_slo > 0:
+        raise TiersimError(f"--tpot-slo must be > 0 ms, got {tpot_slo}")
+    if not 0.0 <= max_evict < 1.0:
+        raise TiersimError(f"--max-evict must be in [0, 1), got {max_evict}")
+    batches = planner.parse_batches(batch)
+    strategies = planner.parse_strategies(strategy)
     ray = ray or ray_address is not None
     if ray:
         from tiersim.cluster import import_ray
 
         import_ray()  # without Ray, say what to install before any work
-    scenario = _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch, steps, seed, calibration)
-    total = len(capacity_jobs(scenario))
-    if ray:
-        from tiersim.cluster import connect, map_tasks
+    scenario = _scenario(trace, model, model_config, gpu, batches[0], lengths, context, prefetch, steps, seed,
+                         calibration)
+    single = len(batches) == 1
+    total = 1 + (capacity_ticks(scenario) if single else 0)
+    with contextlib.ExitStack() as stack:
+        map_runs = None
+        if ray:  # the grid's SimPy runs become Ray tasks; the planner's closed form stays here
+            from tiersim.cluster import connect, map_tasks
 
-        with connect(ray_address) as cluster, meter("simulating on Ray", total) as progress:
-            result = plan(scenario, max_overhead, progress=progress.advance,
-                          map_runs=lambda fn, jobs, tick: map_tasks(cluster, fn, jobs, on_done=tick))
-    else:
-        with meter("simulating", total, eta=False, transient=True) as progress:
-            result = plan(scenario, max_overhead, progress=progress.advance)
+            cluster = stack.enter_context(connect(ray_address))
+            map_runs = lambda fn, jobs, tick: map_tasks(cluster, fn, jobs, on_done=tick)  # noqa: E731
+        progress = stack.enter_context(meter("simulating on Ray" if ray else "simulating", total, eta=False,
+                                             transient=not ray))
+        answer = planner.plan(scenario, batches, tpot_slo, max_evict, strategies)
+        progress.advance()
+        if single:
+            result = grid(scenario, max_overhead, progress=progress.advance, map_runs=map_runs)
+        else:
+            result = range_result(scenario, max_overhead, answer)
+    result = {"recommendation": answer["recommendation"], **result,
+              "planner": {k: v for k, v in answer.items() if k != "points"}, "points": answer["points"]}
     if out:
         write_json(out, result)
         wrote(out)
@@ -184,30 +210,120 @@ def _rows_table(rows: list[dict], title: str) -> Table:
             "/".join(f"{r[k]:.2f}" for k in ("hbm", "ddr", "compressed", "evict")),
             f"{r['kv_full_gb']:.1f}→{r['kv_hbm_gb']:.1f}", f"{r['hbm_saved_gb']:.1f}",
             f"{r['peak_hbm_gb']:.1f}", _fits_cell(r), f"{r['step_ms']:.1f}",
-            f"{r['stall_ms']:.1f}", f"{r['overhead_pct']:+.1f}%", f"{r['tokens_per_s']:,.0f}", str(r["max_batch"]),
+            f"{r['stall_ms']:.1f}", f"{r['overhead_pct']:+.1f}%", f"{r['tokens_per_s']:,.0f}",
+            "" if r.get("max_batch") is None else str(r["max_batch"]),
         )
     return table
 
 
+def _context_words(row: dict) -> str:
+    return (f"{row['steps']} steps; context per sequence mean {row['context_tokens_mean']:,.0f} / "
+            f"peak {row['context_tokens_peak']:,.0f} tokens")
+
+
+def _strategy_label(r: dict) -> str:
+    from tiersim.simulator.planner import NO_OFFLOAD
+
+    if r["strategy"] == NO_OFFLOAD:
+        return "full cache" if r["evict"] == 0 else "evict only"
+    name = r["strategy"] + ("*" if r["approximate"] else "")
+    if r["strategy"] == "hybrid":
+        name += f" ({r['share']:.0%} host)"
+    elif r["strategy"] == "recompute":
+        name += f" ({r['share']:.0%} act)"
+    elif r["strategy"] == "selective":
+        name += f" ({r['share']:.0%})"
+    elif r["strategy"] == "compressed-transfer":
+        name = "int8 transfer*"
+    return name
+
+
+def _strategy_table(answer: dict, title: str) -> Table:
+    """Per strategy its best point (most tok/s within the SLO, else the quickest that fits)."""
+    table = compact_table(title)
+    add_columns(table, ("strategy", "batch", "HBM/DDR/ev", "TPOT ms", "tok/s", "freed GB", "peak GB", "SLO",
+                        "ctx mean/peak"))
+    table.columns[2].justify = "left"
+    rows = []
+    if answer["full_cache"]:
+        rows.append(("full @ largest", answer["full_cache"]))
+    rows += [(_strategy_label(r), r) for r in answer["best_per_strategy"].values()]
+    slo = answer["tpot_slo_ms"]
+    for label, r in rows:
+        ok = "-" if slo is None else ("[green]yes[/]" if r["within_slo"] else "[red]no[/]")
+        table.add_row(label, f"{r['batch']:,}", f"{r['hbm']:.2f}/{r['ddr']:.2f}/{r['evict']:.2f}",
+                      f"{r['tpot_ms']:.1f}", f"{r['tokens_per_s']:,.0f}", f"{r['hbm_saved_gb']:.1f}",
+                      f"{r['peak_hbm_gb']:.1f}", ok, f"{r['context_tokens_mean']:,.0f}/{r['context_tokens_peak']:,.0f}")
+    return table
+
+
+def _batch_table(answer: dict) -> Table:
+    """Per batch and strategy: the most tok/s (TPOT ms) among the splits that fit and meet the SLO."""
+    from tiersim.simulator.planner import NO_OFFLOAD
+    from tiersim.simulator.strategies import SHORT
+
+    names = [NO_OFFLOAD, *answer["strategies"]]
+    table = compact_table(f"Per batch: best tok/s / TPOT ms that fits{_slo_words(answer)} (red: over the SLO); "
+                          f"{answer['steps']} steps each, closed form")
+    add_columns(table, ["batch", *("full/ev" if name == NO_OFFLOAD else SHORT[name] for name in names),
+                        "ctx mean/peak"], left=0)
+    max_evict = answer["max_evict"]
+    for batch in answer["batches"]:
+        mine = [r for r in answer["points"] if r["batch"] == batch and r["evict"] <= max_evict + 1e-9]
+        cells = []
+        for name in names:
+            fit = [r for r in mine if r["strategy"] == name and r["fits"]]
+            ok = [r for r in fit if r["within_slo"]]
+            if ok:
+                r = max(ok, key=lambda x: x["tokens_per_s"])
+                cells.append(f"{r['tokens_per_s']:,.0f}/{r['tpot_ms']:.0f}")
+            elif fit:
+                r = min(fit, key=lambda x: x["tpot_ms"])
+                cells.append(f"[red]{r['tokens_per_s']:,.0f}/{r['tpot_ms']:.0f}[/]")
+            else:
+                cells.append("[dim]no fit[/]")
+        table.add_row(f"{batch:,}", *cells, f"{mine[0]['context_tokens_mean']:,.0f}/{mine[0]['context_tokens_peak']:,.0f}")
+    return table
+
+
+def _slo_words(answer: dict) -> str:
+    return f" within {answer['tpot_slo_ms']:g} ms" if answer["tpot_slo_ms"] is not None else ""
+
+
 def _print_capacity(result: dict, scenario) -> None:
-    title = (f"{result['model']} on {result['gpu']}, batch {result['batch']}, {_workload_words(scenario)} "
-             f"({result['trace']} trace)")
-    console.print(_rows_table(result["rows"], title))
-    console.print(_sweep_table(result["batch_sweep"]))
+    answer = {**result["planner"], "points": result["points"]}
+    console.print(f"[bold]{result['recommendation']}[/]", highlight=False)
+    console.print(f"{result['model']} on {result['gpu']}, {_workload_words(scenario)}\n({result['trace']} trace; "
+                  "ctx: tokens held per sequence, mean / peak over the simulated steps)", highlight=False)
+    console.print(_strategy_table(answer, f"Best point per strategy{_slo_words(answer)} "
+                                          f"(closed form, {answer['steps']} steps each)"))
+    if len(answer["batches"]) > 1:
+        console.print(_batch_table(answer))
+    else:
+        rows = result["rows"]
+        console.print(_rows_table(rows, f"Prefetch grid at batch {result['batch']} (SimPy; {_context_words(rows[0])})"))
+        console.print(_sweep_table(result["batch_sweep"]))
     base = result["baseline"]
-    fits = "fits" if base["fits"] else "[red]does NOT fit[/] (overheads are against it anyway)"
-    console.print(f"All in HBM (the overhead baseline): {base['peak_hbm_gb']:.1f} GB peak of "
-                  f"{base['hbm_capacity_gb']:.0f} GB, {fits}; {base['step_ms']:.1f} ms/step. "
-                  f"Largest batch with the full cache: {result['max_batch_full_cache']}.", highlight=False)
+    approx = [s for s in answer["strategies"] if s in ("selective", "compressed-transfer")]
+    if approx:
+        console.print("* approximate, never recommended: selective fetches the DDR tokens that held 99% of its\n"
+                      "  attention in the trace (an oracle); int8 transfer quantizes the DDR tier.", highlight=False)
+    if base and not base["fits"]:
+        console.print(f"[yellow]note:[/] the all-in-HBM baseline needs {base['peak_hbm_gb']:.1f} GB at batch "
+                      f"{base['batch']} and [red]does NOT fit[/] in {base['hbm_capacity_gb']:.0f} GB; overheads are "
+                      "against it anyway.", highlight=False)
+    console.print(f"Largest batch with the full cache: {result['max_batch_full_cache']:,} (peak HBM over "
+                  f"{answer['steps']} steps of the staggered batch).", highlight=False)
     budget = result["max_overhead_pct"]
-    for label, best in (("Best", result["best"]), ("Best lossless (no eviction)", result.get("best_lossless"))):
-        if best:
-            console.print(f"[bold]{label} within {budget:g}% overhead:[/] hbm {best['hbm']:.2f} / ddr {best['ddr']:.2f} "
-                          f"/ evict {best['evict']:.2f} saves {best['hbm_saved_gb']:.1f} GB at "
-                          f"{best['overhead_pct']:+.1f}% (largest batch {best['max_batch']}).", highlight=False)
-        else:
-            console.print(f"[yellow]{label}: no config saves HBM within {budget:g}% overhead[/] "
-                          "(raise --max-overhead, or the link is the bottleneck at this batch).", highlight=False)
+    if len(answer["batches"]) == 1:
+        for label, best in (("Most HBM freed", result["best"]), ("Most freed, lossless", result.get("best_lossless"))):
+            if best:
+                console.print(f"{label} within {budget:g}% overhead: {best['hbm']:.2f}/{best['ddr']:.2f}/"
+                              f"{best['evict']:.2f} saves {best['hbm_saved_gb']:.1f} GB at {best['overhead_pct']:+.1f}% "
+                              f"(largest batch {best['max_batch']}).", highlight=False)
+            else:
+                console.print(f"{label}: no prefetch config saves HBM within {budget:g}% overhead at this batch.",
+                              highlight=False)
 
 
 def _fits_cell(row: dict) -> str:
@@ -219,21 +335,24 @@ def _fits_cell(row: dict) -> str:
 def _sweep_table(sweep: list[dict]) -> Table:
     """Overhead and savings of the lossless configs per batch size: where the link starts to bind."""
     hbms = sorted({r["hbm"] for r in sweep}, reverse=True)
-    table = compact_table("Batch sweep (no eviction): overhead / HBM saved")
-    add_columns(table, ["batch", *(f"hbm {h:.2f}" for h in hbms)], left=0)
+    steps = sweep[0]["steps"] if sweep else 0
+    table = compact_table(f"Prefetch batch sweep, no eviction: overhead / HBM saved GB (✗: does not fit; {steps} "
+                          "steps each; closed form, the grid's SimPy rows at its batch)")
+    add_columns(table, ["batch", *(f"hbm {h:.2f}" for h in hbms), "ctx mean/peak"], left=0)
     for batch in sorted({r["batch"] for r in sweep}):
         cells = []
+        mine = [x for x in sweep if x["batch"] == batch]
         for h in hbms:
-            r = next(x for x in sweep if x["batch"] == batch and x["hbm"] == h)
-            cell = f"{r['overhead_pct']:+.0f}% / {r['hbm_saved_gb']:.1f} GB"
-            cells.append(cell if r["fits"] else f"[red]{cell} (no fit)[/]")
-        table.add_row(str(batch), *cells)
+            r = next(x for x in mine if x["hbm"] == h)
+            cell = f"{r['overhead_pct']:+.0f}% / {r['hbm_saved_gb']:.1f}"
+            cells.append(cell if r["fits"] else f"[red]{cell} ✗[/]")
+        table.add_row(str(batch), *cells, f"{mine[0]['context_tokens_mean']:,.0f}/{mine[0]['context_tokens_peak']:,.0f}")
     return table
 
 
 def _workload_words(scenario) -> str:
     words = (f"lockstep from {scenario.context:,} context tokens" if scenario.context is not None
-             else f"~{scenario.mean_length:,.0f} generated tokens per sequence")
+             else f"~{scenario.mean_length:,.0f} generated tokens per sequence (staggered: each slot mid-sequence)")
     if scenario.prefetch != "all":
         words += f", {scenario.prefetch} prefetch ({scenario.prefetch_share():.0%} of DDR, not exact)"
     return words

@@ -132,12 +132,26 @@ def _gpu_name(meta: dict) -> str:
 
 def _capacity(inp: ReportInput, key: str) -> Section:
     meta, rows, sweep = inp.meta, inp.tables["rows"], inp.tables["batch_sweep"]
+    points = inp.tables.get("points", pd.DataFrame())
+    grid_sub = None
+    if "strategy" in rows and rows["batch"].nunique() > 1:  # a batch range: its rows are the planner's points
+        rows = rows[rows["strategy"].isin(["none", "prefetch"]) & (rows["batch"] == rows["batch"].min())]
+        grid_sub = f"prefetch at batch {int(rows['batch'].iloc[0])} (closed form)"
     budget = meta.get("max_overhead_pct")
     batch = meta.get("batch")
-    sub = f"{_model_name(meta)} on {_gpu_name(meta)}" + (f", batch {batch}" if batch else "")
+    batches = meta.get("batches") or []
+    sub = f"{_model_name(meta)} on {_gpu_name(meta)}" + (
+        f", batches {batches[0]}..{batches[-1]}" if len(batches) > 1 else f", batch {batch}" if batch else "")
     if meta.get("mean_length"):
         sub += f", ~{meta['mean_length']:.0f} generated tokens per sequence"
     section = Section(key, f"Capacity plan: {sub}", inp.source)
+    if meta.get("recommendation"):
+        section.summary.append(str(meta["recommendation"]))
+    planner = meta.get("planner") or {}
+    if not points.empty:
+        slo = planner.get("tpot_slo_ms")
+        section.figures.append(("throughput_frontier", figures.throughput_frontier(
+            points, slo, planner.get("full_cache"), subtitle=sub + (f", TPOT budget {slo:g} ms" if slo else ""))))
     best = meta.get("best")
     budget_text = f"{budget:g}%" if budget is not None else "the budget"
     if best:
@@ -149,7 +163,8 @@ def _capacity(inp: ReportInput, key: str) -> Section:
         section.summary.append(f"No config saves HBM within {budget_text} overhead at this batch.")
     if meta.get("max_batch_full_cache"):
         section.summary.append(f"Largest batch with the whole KV cache in HBM: {meta['max_batch_full_cache']}.")
-    section.figures.append(("capacity_frontier", figures.capacity_frontier(rows, budget, best, subtitle=sub)))
+    section.figures.append(("capacity_frontier", figures.capacity_frontier(
+        rows, budget, best, subtitle=sub + (f"; {grid_sub}" if grid_sub else ""))))
     if not sweep.empty:
         section.figures.append(("savings_vs_batch", figures.savings_vs_batch(sweep, budget, subtitle=_model_name(meta)
                                                                              + " on " + _gpu_name(meta))))
@@ -217,7 +232,7 @@ BUILDERS: dict[str, Callable[[ReportInput, str], Section]] = {
 # Which figures each kind yields when its optional tables are present (tests and docs use it).
 FIGURES_BY_KIND = {
     "simulation": ("hbm_occupancy", "pcie_traffic"),
-    "capacity": ("capacity_frontier", "savings_vs_batch"),
+    "capacity": ("throughput_frontier", "capacity_frontier", "savings_vs_batch"),
     "quality-grid": ("quality_heatmap",),
     "calibration": ("measured_vs_simulated", "link_sweep"),
 }

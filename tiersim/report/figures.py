@@ -229,6 +229,59 @@ def capacity_frontier(rows: pd.DataFrame, max_overhead_pct: float | None = None,
     return _layout(fig, title, 500, subtitle)
 
 
+STRATEGY_SYMBOLS = {"none": "square", "prefetch": "circle", "host-attention": "diamond", "hybrid": "star-diamond",
+                    "recompute": "triangle-up", "selective": "cross", "compressed-transfer": "x"}
+
+
+def throughput_frontier(points: pd.DataFrame, tpot_slo_ms: float | None = None, full_cache: dict | None = None,
+                        title: str = "Throughput frontier: tokens/s per GPU against TPOT",
+                        subtitle: str | None = None) -> go.Figure:
+    """One curve per strategy through the batches (at each batch its fastest split that fits), HBM
+    freed as colour, the TPOT budget as a line and the full cache at its largest batch as a star."""
+    df = points[points["fits"].astype(bool)].copy()
+    fig = go.Figure()
+    if df.empty:
+        fig.add_annotation(text="no point fits", x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False)
+        return _layout(fig, title, 520, subtitle)
+    df["label"] = df.apply(config_label, axis=1)
+    approx = df["approximate"].astype(bool) if "approximate" in df else pd.Series(False, index=df.index)
+    df["name"] = np.where(approx, df["strategy"] + " * (approximate)", df["strategy"])
+    df.loc[df["strategy"] == "none", "name"] = "nothing in DDR (full cache / eviction)"
+    fastest = df.loc[df.groupby(["name", "batch"])["tpot_ms"].idxmin()]
+    cmax = max(float(df["hbm_saved_gb"].max()), 1e-9)
+    for name, group in fastest.groupby("name", sort=False):
+        group = group.sort_values("batch")
+        dashed = "approximate" in name
+        fig.add_trace(go.Scatter(
+            x=group["tpot_ms"], y=group["tokens_per_s"], mode="lines+markers", name=name,
+            line=dict(color="#9ca3af" if dashed else "#374151", width=1.2, dash="dot" if dashed else "solid"),
+            marker=dict(size=12, symbol=STRATEGY_SYMBOLS.get(group["strategy"].iloc[0], "circle"),
+                        color=group["hbm_saved_gb"], coloraxis="coloraxis", line=dict(width=1, color="#111827")),
+            customdata=group[["label", "batch", "hbm_saved_gb", "peak_hbm_gb"]].to_numpy(dtype=object),
+            hovertemplate=(f"<b>{name}</b><br>%{{customdata[0]}}, batch %{{customdata[1]}}<br>TPOT %{{x:.1f}} ms, "
+                           "%{y:,.0f} tok/s<br>HBM freed %{customdata[2]:.1f} GB, peak %{customdata[3]:.1f} GB"
+                           "<extra></extra>"),
+        ))
+    if tpot_slo_ms is not None:
+        fig.add_vline(x=tpot_slo_ms, line=dict(color=LINE_RED, width=2, dash="dash"))
+        fig.add_annotation(x=math.log10(tpot_slo_ms), y=0.99, yref="paper", text=f"--tpot-slo {tpot_slo_ms:g} ms",
+                           showarrow=False, xanchor="left", yanchor="top", xshift=4, font=dict(color=LINE_RED),
+                           bgcolor="rgba(255,255,255,0.8)")
+    if full_cache:
+        fig.add_trace(go.Scatter(
+            x=[full_cache["tpot_ms"]], y=[full_cache["tokens_per_s"]], mode="markers",
+            name=f"full cache, batch {full_cache['batch']:,} (largest that fits)",
+            marker=dict(symbol="star", size=24, color="#facc15", line=dict(width=1.5, color="#111827")),
+            hovertemplate=f"<b>full cache at batch {full_cache['batch']:,}</b><br>TPOT %{{x:.1f}} ms, "
+                          "%{y:,.0f} tok/s<extra></extra>",
+        ))
+    fig.update_layout(coloraxis=dict(colorscale="Viridis", cmin=0.0, cmax=cmax,
+                                     colorbar=dict(title="HBM freed (GB)", thickness=14)))
+    fig.update_xaxes(title_text="TPOT: time per output token (ms, log scale)", type="log")
+    fig.update_yaxes(title_text="tokens/s per GPU", rangemode="tozero")
+    return _layout(fig, title, 620, subtitle, legend_below=True)
+
+
 def _evict_color(evict: float, all_evicts: pd.Series) -> str:
     values = sorted(set(all_evicts.astype(float)))
     palette = ["#2563eb", "#0d9488", "#d97706", "#dc2626", "#7c3aed", "#db2777", "#65a30d"]

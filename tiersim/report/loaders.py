@@ -32,6 +32,8 @@ REQUIRED: dict[str, dict[str, tuple[str, ...]]] = {
     "capacity": {
         "rows": ("hbm", "ddr", "compressed", "evict", "hbm_saved_gb", "overhead_pct", "fits"),
         "batch_sweep": ("batch", "hbm", "ddr", "evict", "hbm_saved_gb", "overhead_pct", "fits"),
+        # The planner's (split, strategy, batch) points; optional (files from before issue 13 lack them).
+        "points": ("batch", "strategy", "tpot_ms", "tokens_per_s", "hbm_saved_gb", "fits"),
     },
     "quality-grid": {
         "rows": ("method", "hbm", "ddr", "compressed", "evict", "exact_match"),

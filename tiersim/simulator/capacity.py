@@ -132,10 +132,74 @@ def workload(scenario: Scenario, policy: Policy, batch: int, steps: int) -> anal
                                    churn=scenario.churn, seed=scenario.seed)
 
 
-def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int | None = None):
-    """One config: (summary row without overhead, per-step timeline dict)."""
-    batch = batch or scenario.batch
+def fits(mem: analytic.Memory, gpu: GPU) -> bool:
+    """The one definition of "fits": peak HBM within the GPU's HBM and the DDR tier within the host
+    memory lent to this GPU, both over the simulated steps of the staggered batch."""
+    return bool(mem.peak <= gpu.hbm_bytes and mem.ddr <= gpu.host_bytes)
+
+
+def fits_at(scenario: Scenario, policy: Policy, batch: int, steps: int | None = None) -> bool:
+    """Whether ``batch`` slots fit: the same workload `run` simulates (seed, lengths, steps)."""
     work = workload(scenario, policy, batch, steps or scenario.steps)
+    return fits(analytic.memory(scenario.model, scenario.gpu, policy, work), scenario.gpu)
+
+
+def largest_batch(scenario: Scenario, policy: Policy, steps: int | None = None,
+                  context_hint: float | None = None) -> int:
+    """The one definition of "largest batch": the largest B for which :func:`fits_at` holds while
+    B + 1 does not (0 when one sequence does not fit; capped at MAX_BATCH).
+
+    A larger batch adds slots to the same ones (lengths and phases are drawn slot by slot from the
+    seed), so its token counts only grow and a search is exact. It starts from the static estimate
+    (every sequence at ``context_hint`` tokens, by default the peak mean context of the scenario's
+    batch), steps out exponentially from there, then bisects.
+    """
+    steps = steps or scenario.steps
+    ok = lambda b: fits_at(scenario, policy, b, steps)  # noqa: E731
+    if not ok(1):
+        return 0
+    if context_hint is None:
+        probe = workload(scenario, policy, scenario.batch, steps)
+        context_hint = float(probe.full_context.max()) / scenario.batch
+    guess = min(max(int(analytic.max_batch(scenario.model, scenario.gpu, policy, context_hint)), 1), MAX_BATCH)
+    # The peak context per sequence of a staggered batch shrinks towards the mean as the batch grows:
+    # one more estimate at the first guess's size lands within a few sequences.
+    near = workload(scenario, policy, guess, steps)
+    guess = analytic.max_batch(scenario.model, scenario.gpu, policy, float(near.full_context.max()) / guess)
+    guess = min(max(int(guess), 1), MAX_BATCH)
+    step = max(1, guess // 500)
+    if ok(guess):
+        lo, hi = guess, None
+        while lo < MAX_BATCH:
+            nxt = min(MAX_BATCH, lo + step)
+            if not ok(nxt):
+                hi = nxt
+                break
+            lo, step = nxt, step * 2
+        if hi is None:
+            return MAX_BATCH
+    else:
+        lo, hi = 1, guess
+        while (nxt := hi - step) > 1:
+            if ok(nxt):
+                lo = nxt
+                break
+            hi, step = nxt, step * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int | None = None,
+        largest: bool = True):
+    """One config: (summary row without overhead, per-step timeline dict).
+
+    ``largest=False`` skips the largest-batch search (``max_batch`` is then None).
+    """
+    batch = batch or scenario.batch
+    steps = steps or scenario.steps
+    work = workload(scenario, policy, batch, steps)
     model, gpu = scenario.model, scenario.gpu
     costs = analytic.layer_costs(model, gpu, policy, work)
     result = simulate(costs, model.num_layers, gpu)
@@ -144,8 +208,12 @@ def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int
     row = {
         "hbm": policy.hbm, "ddr": policy.ddr, "compressed": policy.compressed, "evict": policy.evict,
         "prefetch": policy.prefetch,
+        "strategy": "prefetch" if policy.prefetch >= 1.0 else "selective",
         "batch": batch,
+        "steps": steps,
+        "method": "SimPy",
         "context_tokens_mean": round(work.context_mean, 1),
+        "context_tokens_peak": round(float(work.full_context.max()) / batch, 1),
         "kv_full_gb": mem.kv_full / GB,
         "kv_hbm_gb": mem.kv_hbm / GB,
         "compressed_gb": mem.compressed / GB,
@@ -155,7 +223,7 @@ def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int
         "hbm_capacity_gb": gpu.hbm_bytes / GB,
         "ddr_gb": mem.ddr / GB,
         "host_capacity_gb": gpu.host_bytes / GB,
-        "fits": bool(mem.peak <= gpu.hbm_bytes and mem.ddr <= gpu.host_bytes),
+        "fits": fits(mem, gpu),
         "hbm_fits": bool(mem.peak <= gpu.hbm_bytes),
         "ddr_fits": bool(mem.ddr <= gpu.host_bytes),
         "step_ms": float(step.mean() * 1e3),
@@ -167,7 +235,7 @@ def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int
         "h2d_gb_per_step": float(result.h2d_bytes.mean() / GB),
         "d2h_gb_per_step": float(result.d2h_bytes.mean() / GB),
         "tokens_per_s": float(batch / step.mean()),
-        "max_batch": analytic.max_batch(model, gpu, policy, work.full_context.max() / batch),
+        "max_batch": largest_batch(scenario, policy, steps, float(work.full_context.max()) / batch) if largest else None,
         "events": result.events,
     }
     weights = mem.weights / GB
@@ -193,6 +261,22 @@ def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int
         "step_ms": step * 1e3,
     }
     return row, timeline
+
+
+def closed_form_row(scenario: Scenario, policy: Policy, batch: int) -> dict:
+    """The sweep's cell: `run`'s memory and times from ``analytic.closed_form`` instead of the engine."""
+    work = workload(scenario, policy, batch, scenario.steps)
+    model, gpu = scenario.model, scenario.gpu
+    step, stall = analytic.closed_form(analytic.layer_costs(model, gpu, policy, work), model.num_layers)
+    mem = analytic.memory(model, gpu, policy, work)
+    return {
+        "hbm": policy.hbm, "ddr": policy.ddr, "compressed": policy.compressed, "evict": policy.evict,
+        "batch": batch, "steps": scenario.steps, "method": "closed form",
+        "context_tokens_mean": round(work.context_mean, 1),
+        "context_tokens_peak": round(float(work.full_context.max()) / batch, 1),
+        "hbm_saved_gb": mem.saved / GB, "peak_hbm_gb": mem.peak / GB, "fits": fits(mem, gpu),
+        "step_ms": float(step.mean() * 1e3), "stall_ms": float(stall.mean() * 1e3),
+    }
 
 
 def with_overhead(row: dict, baseline: dict) -> dict:
@@ -221,11 +305,6 @@ def baseline_policy(scenario: Scenario) -> Policy:
     return scenario.policy(1.0, 0.0, 0.0, 0.0)
 
 
-def sweep_length(scenario: Scenario) -> int:
-    """Decode steps per simulation of the batch sweep (shorter than the grid's: it has many more)."""
-    return max(32, scenario.steps // 4)
-
-
 def run_row(job: tuple) -> dict:
     """One simulation of the capacity study, ``(scenario, policy, batch, steps)`` -> its summary row.
 
@@ -237,16 +316,17 @@ def run_row(job: tuple) -> dict:
 
 
 def capacity_jobs(scenario: Scenario) -> list[tuple]:
-    """Every simulation :func:`capacity` needs, each once: the baseline and the grid at the scenario's batch,
-    then the lossless configs (and their baseline) at each batch of the sweep."""
+    """Every SimPy run :func:`capacity` needs, each once: the baseline and the grid at the scenario's batch.
+    (The batch sweep is closed-form rows, milliseconds each: not worth a task.)"""
     base_policy = baseline_policy(scenario)
     jobs = [(scenario, base_policy, scenario.batch, scenario.steps)]
     jobs += [(scenario, p, scenario.batch, scenario.steps) for p in grid_policies(scenario) if p != base_policy]
-    sweep_steps = sweep_length(scenario)
-    lossless = [p for p in grid_policies(scenario) if p.evict == 0.0 and p != base_policy]
-    for batch in sweep_batches(scenario.batch):
-        jobs += [(scenario, p, batch, sweep_steps) for p in (base_policy, *lossless)]
     return jobs
+
+
+def capacity_ticks(scenario: Scenario) -> int:
+    """How many times :func:`capacity` ticks its progress: once per SimPy run, once per sweep batch."""
+    return len(capacity_jobs(scenario)) + len(sweep_batches(scenario.batch))
 
 
 def capacity(scenario: Scenario, max_overhead: float = 10.0, progress=None, map_runs=None) -> dict:
@@ -269,19 +349,26 @@ def capacity(scenario: Scenario, max_overhead: float = 10.0, progress=None, map_
     base_policy = baseline_policy(scenario)
     baseline = row_of[(base_policy, scenario.batch, scenario.steps)]
     policies = grid_policies(scenario)
-    sweep_steps = sweep_length(scenario)
     rows = [with_overhead(row_of[(policy, scenario.batch, scenario.steps)], baseline) for policy in policies]
     best = best_row(rows, max_overhead)
     best_lossless = best_row([r for r in rows if r["evict"] == 0 and r["compressed"] == 0], max_overhead)
     sweep = []
+    # The sweep runs as many steps as the grid, in the closed form (the engine agrees to 1% without
+    # contention; a sweep of SimPy runs would cost seconds), and takes the grid's own rows at the
+    # grid's batch, so the two tables agree cell for cell there.
     for batch in sweep_batches(scenario.batch):
-        base = row_of[(base_policy, batch, sweep_steps)]
+        base = baseline if batch == scenario.batch else closed_form_row(scenario, base_policy, batch)
         for policy in policies:
             if policy.evict != 0.0:
                 continue
-            row = with_overhead(row_of[(policy, batch, sweep_steps)], base)
-            sweep.append({k: row[k] for k in ("batch", "hbm", "ddr", "evict", "hbm_saved_gb", "peak_hbm_gb",
-                                              "overhead_pct", "stall_ms", "step_ms", "fits")})
+            if batch == scenario.batch:
+                row = next(r for r, p in zip(rows, policies) if p == policy)
+            else:
+                row = with_overhead(base if policy == base_policy else closed_form_row(scenario, policy, batch), base)
+            sweep.append({k: row[k] for k in ("batch", "steps", "method", "hbm", "ddr", "evict", "hbm_saved_gb",
+                                              "peak_hbm_gb", "overhead_pct", "stall_ms", "step_ms", "fits",
+                                              "context_tokens_mean", "context_tokens_peak")})
+        tick()
     return {
         "kind": "capacity",
         "schema_version": 1,
@@ -301,6 +388,24 @@ def capacity(scenario: Scenario, max_overhead: float = 10.0, progress=None, map_
         "best": best,
         "best_lossless": best_lossless,
         "batch_sweep": sweep,
+    }
+
+
+def range_result(scenario: Scenario, max_overhead: float, answer: dict) -> dict:
+    """The capacity document for a batch range: the planner's points are its rows (each with its
+    strategy); no simulated grid or sweep (the points cover every batch of the range)."""
+    rows = answer["points"]
+    exact = [r for r in rows if not r["approximate"]]
+    return {
+        "kind": "capacity", "schema_version": 1, "tiersim_version": __version__,
+        "model": scenario.model.name, "gpu": scenario.gpu.name, "batch": scenario.batch,
+        "batches": answer["batches"], "trace": scenario.trace_label, "mean_length": scenario.mean_length,
+        "context": scenario.context, "prompt_len": scenario.prompt_len, "prefetch": scenario.prefetch,
+        "max_overhead_pct": max_overhead, "rows": rows,
+        "max_batch_full_cache": answer["max_batch_full_cache"], "baseline": answer["full_cache"],
+        "best": best_row(exact, max_overhead),
+        "best_lossless": best_row([r for r in exact if r["evict"] == 0 and r["compressed"] == 0], max_overhead),
+        "batch_sweep": [],
     }
 
 

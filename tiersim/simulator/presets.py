@@ -32,7 +32,27 @@ class GPU:
     flops_efficiency: float = 0.60
     layer_overhead: float = 12e-6  # kernel launches and small ops per decoder layer
     host_bytes: float = 256 * GB  # pinned host memory for this GPU's DDR tier (a DGX-class 2 TB / 8 GPUs)
+    # The host side, for strategies that compute on the CPU (docs/simulator.md, "Strategies"). The
+    # default is a DGX H100-class host: 2 x Xeon Platinum 8480C (NVIDIA DGX H100 user guide), each
+    # with 8 DDR5-4800 channels = 307 GB/s peak (Intel ARK), shared by 8 GPUs.
+    gpus_per_host: int = 8
+    host_sockets: int = 2
+    host_socket_bw: float = 307.2 * GB  # peak DRAM bandwidth per socket
+    host_bw_efficiency: float = 0.70  # ASSUMPTION: achievable share of peak in a streaming read
+    #: ASSUMPTION: attention FLOP/s one socket sustains (56 cores x 2 GHz x 64 fp32 FLOP/cycle
+    #: AVX-512 = 7.2 TFLOP/s peak, ~30% achieved in a decode attention kernel).
+    host_socket_flops: float = 2.0e12
+    host_call_overhead: float = 20e-6  # ASSUMPTION: waking the CPU workers once per layer
     note: str = ""
+
+    @property
+    def host_bw_per_gpu(self) -> float:
+        """Host memory bandwidth one GPU's host-side work can count on (its share of the sockets)."""
+        return self.host_sockets * self.host_socket_bw * self.host_bw_efficiency / self.gpus_per_host
+
+    @property
+    def host_flops_per_gpu(self) -> float:
+        return self.host_sockets * self.host_socket_flops / self.gpus_per_host
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,9 +96,16 @@ GPUS: dict[str, GPU] = {
         GPU("h100-pcie", 80 * GB, 2.0e12, 50 * GB, 50 * GB, 83 * GB, 5e-6, 756e12, note="PCIe Gen5 x16"),
         GPU("h200", 141 * GB, 4.8e12, 50 * GB, 50 * GB, 83 * GB, 5e-6, 989e12,
             note="PCIe Gen5; link not published, H100 figures assumed"),
+        # DGX A100: 2 x EPYC 7742, 8 channels DDR4-3200 each = 204.8 GB/s per socket; ASSUMPTION:
+        # 64 cores x 2.25 GHz x 32 FLOP/cycle (AVX2) = 4.6 TFLOP/s peak, ~30% in attention.
         GPU("a100-80g", 80 * GB, 2.04e12, 25 * GB, 25 * GB, 42 * GB, 5e-6, 312e12,
+            host_socket_bw=204.8 * GB, host_socket_flops=1.4e12,
             note="PCIe Gen4 x16: 32 theory, ~25 measured"),
+        # GH200: its own 72-core Grace. ASSUMPTION: ~500 GB/s LPDDR5X peak (NVIDIA's Grace Hopper
+        # material, rounded); 72 cores x 3.1 GHz x 32 FLOP/cycle (4 x 128-bit SVE2 FMA) = 7.1 TFLOP/s
+        # peak, ~30% in attention.
         GPU("gh200", 96 * GB, 4.0e12, 380 * GB, 380 * GB, 700 * GB, 3e-6, 989e12, host_bytes=480 * GB,
+            gpus_per_host=1, host_sockets=1, host_socket_bw=500 * GB, host_socket_flops=2.1e12,
             note="NVLink-C2C 450 GB/s theory per direction; 85% assumed achievable; 480 GB LPDDR5X"),
     ]
 }
