@@ -36,7 +36,7 @@ def smoke(tmp_path_factory):
 
 
 def test_smoke_profile_has_every_table(smoke):
-    from tiersim.validator.operators import SMOKE, linear_shapes
+    from tiersim.validator.operators import SDPA_CHOICES, SMOKE, linear_shapes
     from tiersim.validator.shapes import get_shape
 
     doc, path, _ = smoke
@@ -55,9 +55,17 @@ def test_smoke_profile_has_every_table(smoke):
     assert attn == {(op, b, c) for op in ("sdpa_decode", "kv_cat") for b in SMOKE["batches"] for c in SMOKE["contexts"]}
     for r in m["gemm"] + m["small"] + m["attention"]:
         assert r["device_us"] > 0 and r["host_us"] > 0 and r["method"] == "eager-burst"
-    assert [(r["cache"], r["batch"], r["context"]) for r in m["decode"]] == [("dynamic", b, c) for b, c in SMOKE["decode"]]
-    compare = [(c["cache"], c["hbm"]) for c in m["decode_compare"]]
-    assert compare == [("dynamic", 1.0), ("tiered", 1.0), ("tiered", 0.5)]
+    compare = [(c["cache"], c["hbm"], c["sdpa"]) for c in m["decode_compare"]]
+    assert compare == [(kind, hbm, sdpa) for sdpa in SDPA_CHOICES
+                       for kind, hbm in (("dynamic", 1.0), ("tiered", 1.0), ("tiered", 0.5))]
+    # the grid: the dynamic compare runs, then every other point under each SDPA choice
+    assert [(r["cache"], r["batch"], r["sdpa"]) for r in m["decode"]] == (
+        [("dynamic", SMOKE["decode"][0][0], sdpa) for sdpa in SDPA_CHOICES]
+        + [("dynamic", b, sdpa) for sdpa in SDPA_CHOICES for b, _ in SMOKE["decode"][1:]])
+    # no two runs decode at the same KV lengths (a per-length plan cache must not favour the later one)
+    contexts = [c["context"] for c in m["decode_compare"]] + [r["context"] for r in m["decode"][2:]]
+    assert len(set(contexts)) == len(contexts)
+    assert all(r["first_call_us"] > 0 for r in m["attention"] if r["op"] == "sdpa_decode")
     for c in m["decode_compare"]:
         assert c["step_ms"] > 0 and c["cpu_issue_ms"] > 0 and c["top_ops_by_self_cpu"]
         assert c["top_python_by_self_time"] and c["gpu_kernel_ms"] is None  # kernel time is a CUDA measurement
@@ -69,7 +77,7 @@ def test_smoke_prints_the_short_table_last_and_imports_only_torch_and_numpy(smok
     body, foreign = stdout.rsplit("FOREIGN=", 1)
     assert json.loads(foreign) == []
     assert body.startswith("operator profile: cpu")
-    assert "lm_head" in body and "top self-CPU ops, tiered hbm 0.5" in body
+    assert "lm_head" in body and "top self-CPU ops, tiered hbm 0.5 sdpa no-cudnn" in body
 
 
 def test_rotation_covers_the_l2_but_not_more_copies_than_layers():
@@ -99,3 +107,30 @@ def test_budget_spent_still_writes_a_file_listing_what_was_skipped(tmp_path):
     m = doc["models"]["tiny"]
     assert m["gemm"] == [] and m["decode"] == [] and m["skipped"]
     assert json.loads((tmp_path / "p.json").read_text())["models"]["tiny"]["skipped"] == m["skipped"]
+
+
+def test_kernel_time_counts_device_rows_once():
+    """A CPU operator's row repeats the time of the kernels it launched: only device rows are summed."""
+    from types import SimpleNamespace
+
+    from tiersim.validator.operators import _top_ops
+
+    def row(key, cpu, dev, device_type):
+        return SimpleNamespace(key=key, count=2, self_cpu_time_total=cpu, cpu_time_total=cpu,
+                               self_device_time_total=dev, device_type=device_type)
+
+    prof = SimpleNamespace(key_averages=lambda: [
+        row("aten::mm", 300.0, 1000.0, "DeviceType.CPU"), row("nvjet_gemm", 0.0, 1000.0, "DeviceType.CUDA"),
+        row("cudaLaunchKernel", 100.0, 0.0, "DeviceType.CPU"), row("Memcpy HtoD", 0.0, 500.0, "DeviceType.CUDA")])
+    rows, kernel_ms, cpu_ms = _top_ops(prof, steps=2)
+    assert kernel_ms == pytest.approx((1000 + 500) / 2 / 1e3)
+    assert cpu_ms == pytest.approx(400 / 2 / 1e3)
+    assert [r["name"] for r in rows][:2] == ["aten::mm", "cudaLaunchKernel"]
+
+
+def test_sdpa_choice_is_checked_before_measuring(tmp_path):
+    from tiersim.errors import TiersimError
+    from tiersim.validator.calibrate import run_validation
+
+    with pytest.raises(TiersimError, match="--sdpa"):
+        run_validation("tiny", [1], [64], [1.0], device="cpu", sdpa="cudnn-only")

@@ -200,6 +200,7 @@ def run_validation(
     command: str | None = None,
     log: Callable[[str], None] = lambda _msg: None,
     budget_s: float | None = None,
+    sdpa: str = "no-cudnn",
 ) -> dict:
     """Measure everything, predict every point, write ``out`` atomically (when given); return the document.
 
@@ -212,11 +213,15 @@ def run_validation(
     hbms = [float(h) for h in hbms]
     shape = get_shape(shape_name)
     check_grid(batches, contexts, hbms, steps, warmup, prefill, budget_s)
+    from tiersim.validator.sdpa import SDPA_CHOICES
+
+    if sdpa not in SDPA_CHOICES:
+        raise TiersimError(f"--sdpa must be one of {', '.join(SDPA_CHOICES)}, got {sdpa!r}")
     check_out(out)
     dev = resolve_device(device)
     with single_threaded_cpu(dev):
         doc = _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_sizes, command, log,
-                       budget_s)
+                       budget_s, sdpa)
     if out is not None:
         write_json(out, doc)
         log(f"wrote {out}")
@@ -244,7 +249,7 @@ def single_threaded_cpu(dev):
 
 
 def _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_sizes, command, log,
-             budget_s) -> dict:
+             budget_s, sdpa="no-cudnn") -> dict:
     import torch
 
     from tiersim.hierarchy.config import TierConfig
@@ -278,7 +283,7 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_
                     m, why = None, f"skipped: time budget of {budget_s:g} s spent"
                 else:
                     log(f"decode: batch {batch}, context {context}, hbm {hbm}")
-                    m, why = _run_point_or_oom(decode, model, batch, context, hbm, steps, warmup, prefill)
+                    m, why = _run_point_or_oom(decode, model, batch, context, hbm, steps, warmup, prefill, sdpa)
                 if why:
                     log(f"  {why}")
                 if hbm == 1.0:
@@ -296,6 +301,7 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_
     model_doc = sim_model(shape, params)
     probe = min(8, steps) if dev.type == "cuda" else 0
     settings = {"steps": steps, "warmup": warmup, "probe_steps": probe, "prefill": prefill, "budget_s": budget_s,
+                "sdpa": sdpa,
                 **policy}
     fit = compute.fit_layer_model(
         [layer_bytes(model_doc, b["batch"], effective_context(b["context"], warmup, steps)) for b in baselines],
@@ -327,12 +333,13 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_
     return doc
 
 
-def _run_point_or_oom(decode, model, batch, context, hbm, steps, warmup, prefill):
+def _run_point_or_oom(decode, model, batch, context, hbm, steps, warmup, prefill, sdpa="no-cudnn"):
     """(measurement, None), or (None, why) when the device or pinned host memory ran out."""
     import torch
 
     try:
-        return decode.run_point(model, batch, context, hbm, steps=steps, warmup=warmup, prefill=prefill), None
+        return decode.run_point(model, batch, context, hbm, steps=steps, warmup=warmup, prefill=prefill,
+                                sdpa=sdpa), None
     except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:  # cudaHostAlloc failures are RuntimeErrors
         if "out of memory" not in str(exc).lower():
             raise

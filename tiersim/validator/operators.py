@@ -37,6 +37,7 @@ import torch
 import tiersim
 from tiersim.atomic import write_json
 from tiersim.errors import TiersimError
+from tiersim.validator.sdpa import SDPA_CHOICES, sdpa_backends
 
 KIND = "operator-profile"
 SCHEMA_VERSION = 1
@@ -305,7 +306,12 @@ def attention_table(shape, batches, contexts, timer: OpTimer, budget: Budget, dt
                     return torch.cat([ks[j], new], dim=-2), torch.cat([vs[j], new], dim=-2)
 
                 common = {"batch": b, "context": c, "q_heads": hq, "kv_heads": hk, "head_dim": d, "kv_bytes": kv_bytes}
-                rows.append(timer.row(attn, copies, op="sdpa_decode", **common))
+                timer.sync()
+                t0 = time.perf_counter()
+                attn(0)  # the first call at a new KV length: includes any per-shape plan build
+                timer.sync()
+                first_us = (time.perf_counter() - t0) * 1e6
+                rows.append({**timer.row(attn, copies, op="sdpa_decode", **common), "first_call_us": first_us})
                 rows.append(timer.row(cat, copies, op="kv_cat", **common))
             except Exception as exc:  # noqa: BLE001 - out of memory or a failure: recorded, the next point runs
                 why = "out of memory" if _is_oom(exc) else f"failed: {type(exc).__name__}: {str(exc)[:200]}"
@@ -362,7 +368,9 @@ def _top_ops(prof, steps: int, limit: int = TOP_OPS) -> tuple[list[dict], float]
         return 0.0
 
     averages = prof.key_averages()
-    device_total = sum(attr(e, "self_device_time_total", "self_cuda_time_total") for e in averages)
+    # Device rows (kernels, copies, memsets) only: a CPU operator's row repeats its kernels' time.
+    device_total = sum(attr(e, "self_device_time_total", "self_cuda_time_total") for e in averages
+                       if "CPU" not in str(getattr(e, "device_type", "CPU")))
     cpu_total = sum(attr(e, "self_cpu_time_total") for e in averages)
     ranked = sorted(averages, key=lambda e: attr(e, "self_cpu_time_total"), reverse=True)[:limit]
     rows = [{
@@ -396,7 +404,7 @@ def _python_profile(model, tokens, arg, steps: int, dev, limit: int = TOP_OPS) -
 
 
 def decode_step(model, kind: str, hbm: float, batch: int, context: int, steps: int, warmup: int,
-                profile_steps: int, top: bool = False) -> dict:
+                profile_steps: int, top: bool = False, sdpa: str = "default") -> dict:
     """Median step time (CUDA events), CPU issue time, and the GPU kernel time of profiled steps.
 
     ``host_overhead_ms`` = step - kernel time: the time the GPU sits idle waiting for the host
@@ -413,9 +421,9 @@ def decode_step(model, kind: str, hbm: float, batch: int, context: int, steps: i
     total = warmup + steps + profile_steps
     tokens = torch.randint(model.config.vocab_size, (total, batch, 1), device=dev)
     step_ms, issue_ms = [], []
-    result = {"cache": kind, "hbm": hbm, "batch": batch, "context": context, "steps": steps}
+    result = {"cache": kind, "hbm": hbm, "batch": batch, "context": context, "steps": steps, "sdpa": sdpa}
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), sdpa_backends(sdpa):
             for i in range(warmup + steps):
                 if cuda:
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -466,16 +474,23 @@ def decode_table(model, points, hbm_compare, budget: Budget, steps: int, warmup:
                  skipped: list, log) -> tuple[list[dict], list[dict]]:
     """DynamicCache steps over ``points``; then DynamicCache vs TieredCache at each HBM ratio at the first point."""
     rows, compare = [], []
-    runs = [("compare", "dynamic", 1.0, *points[0])] + [("compare", "tiered", h, *points[0]) for h in hbm_compare]
-    runs += [("grid", "dynamic", 1.0, b, c) for b, c in points[1:]]
-    for where, kind, hbm, b, c in runs:
-        label = f"decode {kind} hbm {hbm:g} batch {b} context {c}"
+    runs = []
+    for sdpa in SDPA_CHOICES:
+        runs += [("compare", "dynamic", 1.0, *points[0], sdpa)]
+        runs += [("compare", "tiered", h, *points[0], sdpa) for h in hbm_compare]
+    runs += [("grid", "dynamic", 1.0, b, c, sdpa) for sdpa in SDPA_CHOICES for b, c in points[1:]]
+    # Every run starts at KV lengths no earlier run used: a per-length plan cache (cuDNN SDPA) must
+    # not make the second configuration at the same lengths look faster than the first.
+    span = warmup + steps + 2 * profile_steps + 1
+    for n, (where, kind, hbm, b, c, sdpa) in enumerate(runs):
+        c = c + n * span
+        label = f"decode {kind} hbm {hbm:g} batch {b} context {c} sdpa {sdpa}"
         if budget.spent():
             skipped.append(f"{label}: time budget spent")
             continue
         log(f"  {label}")
         try:
-            r = decode_step(model, kind, hbm, b, c, steps, warmup, profile_steps, top=where == "compare")
+            r = decode_step(model, kind, hbm, b, c, steps, warmup, profile_steps, top=where == "compare", sdpa=sdpa)
         except Exception as exc:  # noqa: BLE001 - out of memory or a failure: recorded, the next point runs
             _free(model.device)
             why = "out of memory" if _is_oom(exc) else f"failed: {type(exc).__name__}: {str(exc)[:200]}"
@@ -485,8 +500,7 @@ def decode_table(model, points, hbm_compare, budget: Budget, steps: int, warmup:
         log(f"    step {r['step_ms']:.2f} ms, cpu issue {r['cpu_issue_ms']:.2f} ms, "
             f"kernels {r['gpu_kernel_ms'] if r['gpu_kernel_ms'] is not None else float('nan'):.2f} ms")
         (compare if where == "compare" else rows).append(r)
-    if compare and compare[0]["cache"] == "dynamic":
-        rows.insert(0, {k: v for k, v in compare[0].items() if k != "top_ops_by_self_cpu"})
+    rows[:0] = [{k: v for k, v in c.items() if not k.startswith("top_")} for c in compare if c["cache"] == "dynamic"]
     return rows, compare
 
 
@@ -582,7 +596,8 @@ def run(shapes: list[str], device: str = "cuda", out=None, budget_s: float | Non
         "command": command,
         "device": info,
         "gpu_preset": base_gpu_preset(info["name"] if cuda else None),
-        "settings": {"dtype": str(dtype).removeprefix("torch."), "rotate_bytes": ROTATE_BYTES, "min_calls": MIN_CALLS,
+        "settings": {"dtype": str(dtype).removeprefix("torch."), "sdpa_choices": list(SDPA_CHOICES),
+                     "cudnn_sdp_enabled": bool(getattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: None)()), "rotate_bytes": ROTATE_BYTES, "min_calls": MIN_CALLS,
                      "reps": REPS, "decode_steps": steps, "decode_warmup": warmup, "budget_s": budget_s,
                      "grid": {k: [list(p) for p in v] if k == "decode" else (list(v) if isinstance(v, tuple) else v)
                               for k, v in grid.items()},
@@ -617,15 +632,17 @@ def format_text(doc: dict) -> str:
                 if r["batch"] in (1, 8, 32) and r["context"] in (2048, 8192, 128)))
         for r in m["decode"] + [c for c in m["decode_compare"] if c["cache"] == "tiered"]:
             k = r["gpu_kernel_ms"]
-            lines.append(f"decode {r['cache']:>7} hbm {r['hbm']:.2f} batch {r['batch']:>3} context {r['context']:>5}: "
+            lines.append(f"decode {r['cache']:>7} sdpa {r.get('sdpa', 'default'):>8} hbm {r['hbm']:.2f} "
+                         f"batch {r['batch']:>3} context {r['context']:>5}: "
                          f"step {r['step_ms']:7.2f} ms, cpu issue {r['cpu_issue_ms']:7.2f} ms, "
                          f"kernels {k if k is not None else float('nan'):7.2f} ms")
         for c in m["decode_compare"]:
-            lines.append(f"top self-CPU ops, {c['cache']} hbm {c['hbm']:g} (batch {c['batch']}, context {c['context']}):")
-            for op in (c.get("top_ops_by_self_cpu") or [])[:8]:
+            lines.append(f"top self-CPU ops, {c['cache']} hbm {c['hbm']:g} sdpa {c.get('sdpa', 'default')} "
+                         f"(batch {c['batch']}, context {c['context']}):")
+            for op in (c.get("top_ops_by_self_cpu") or [])[:6]:
                 lines.append(f"  {op['self_cpu_us_per_step']:9.0f} us/step self CPU  {op['calls_per_step']:7.1f} calls  "
                              f"{op['self_device_us_per_step']:8.0f} us device  {op['name'][:60]}")
-            for fn in (c.get("top_python_by_self_time") or [])[:5]:
+            for fn in (c.get("top_python_by_self_time") or [])[:3]:
                 lines.append(f"  {fn['self_ms_per_step'] * 1e3:9.0f} us/step python   {fn['calls_per_step']:7.1f} calls  "
                              f"{fn['function'][-70:]}")
         if m["skipped"]:
