@@ -140,7 +140,8 @@ def sim_model(shape, params: float):
     from tiersim.simulator.presets import Model
 
     return Model(shape.name, shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.hidden_size,
-                 shape.num_attention_heads, float(params))
+                 shape.num_attention_heads, float(params), vocab_size=shape.vocab_size,
+                 tie_word_embeddings=shape.tie_word_embeddings)
 
 
 def effective_context(context: int, warmup: int, steps: int) -> float:
@@ -149,8 +150,9 @@ def effective_context(context: int, warmup: int, steps: int) -> float:
 
 
 def layer_bytes(model, batch: int, context: float) -> float:
-    """Bytes one decoder layer reads per all-in-HBM decode step, by the simulator's own accounting."""
-    return model.weight_bytes / model.num_layers + batch * context * model.kv_bytes_per_token_layer
+    """Bytes one decoder layer reads per all-in-HBM decode step, by the simulator's own accounting
+    (the step's weight reads, LM head included and embedding table excluded, spread over the layers)."""
+    return model.step_weight_bytes(batch) / model.num_layers + batch * context * model.kv_bytes_per_token_layer
 
 
 def predict(model, gpu, policy: dict, batch: int, context: float, hbm: float) -> dict:
