@@ -15,8 +15,10 @@ from tiersim.errors import TiersimError
 FORMATS = ("table", "json")
 
 
-def _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch, steps, seed, calibration):
+def _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch, steps, seed, calibration,
+              profile=None, host_floor=True):
     from tiersim.simulator.calibration import apply_calibration, load_calibration
+    from tiersim.simulator.profile import check_device, load_profile, table_for
     from tiersim.simulator.capacity import PREFETCH_MODES, SYNTHETIC_LABEL, load_trace, scenario_from_trace
     from tiersim.simulator.presets import get_gpu, get_model, model_from_config
     from tiersim.traces.synth import parse_lengths
@@ -36,7 +38,16 @@ def _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch
     mdl = model_from_config(model_config) if model_config else get_model(model)
     hw = get_gpu(gpu)
     if calibration:
-        hw = apply_calibration(hw, load_calibration(calibration))
+        cal = load_calibration(calibration)
+        check_device(cal, gpu, "--calibration")
+        hw = apply_calibration(hw, cal)
+    table, note = None, "roofline (no --profile given)"
+    if profile:
+        doc = load_profile(profile)
+        check_device(doc, gpu, "--profile")
+        table, note = table_for(doc, mdl)
+        if table is not None and not host_floor:
+            table.drop_host()
     loaded = load_trace(trace)
     if loaded is None:
         if mean_length is None:
@@ -44,8 +55,10 @@ def _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch
         err_console.print("[yellow]note:[/] the bundled trace is missing from this install; using the synthetic "
                           "profile documented in docs/simulator.md", highlight=False)
     label = str(trace) if trace else ("bundled" if loaded is not None else SYNTHETIC_LABEL)
-    return scenario_from_trace(loaded, mdl, hw, batch, mean_length, steps=steps, seed=seed, label=label,
-                               context=context, prefetch=prefetch)
+    scenario = scenario_from_trace(loaded, mdl, hw, batch, mean_length, steps=steps, seed=seed, label=label,
+                                   context=context, prefetch=prefetch)
+    scenario.table, scenario.compute_note = table, note
+    return scenario
 
 
 def _check_format(fmt: str) -> None:
@@ -76,6 +89,11 @@ def simulate(
     steps: int = typer.Option(256, help="decode steps simulated (steady state, staggered batch)"),
     seed: int = typer.Option(0),
     calibration: Path = typer.Option(None, help="calibration JSON from `tiersim validate`"),
+    profile: Path = typer.Option(None, help="operator profile JSON (python -m tiersim.validator.operators): "
+                                 "measured operator times instead of the roofline"),
+    host_floor: bool = typer.Option(True, "--host-floor/--no-host-floor",
+                                    help="with --profile: a step lasts at least the profiled HF eager host time "
+                                         "(--no-host-floor: a launch-free engine, device time only)"),
     fmt: str = typer.Option("table", "--format", help="table or json"),
     out: Path = typer.Option(None, help="write the per-step timeline (Parquet, kind 'simulation')"),
     report: Path = typer.Option(None, help="also write an HTML report"),
@@ -85,7 +103,8 @@ def simulate(
     from tiersim.simulator.results import simulation_meta, write_timeline
 
     _check_format(fmt)
-    scenario = _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch, steps, seed, calibration)
+    scenario = _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch, steps, seed, calibration,
+                         profile, host_floor)
     policy = scenario.policy(hbm, ddr, compressed, evict)
     baseline, _ = run(scenario, baseline_policy(scenario))
     row, timeline = run(scenario, policy)
@@ -112,6 +131,7 @@ def simulate(
     if not baseline["fits"]:
         console.print(f"[yellow]note:[/] the all-in-HBM baseline needs {baseline['peak_hbm_gb']:.1f} GB "
                       f"and does not fit in {scenario.gpu.hbm_bytes / 1e9:.0f} GB; overhead is against it anyway.")
+    console.print(f"compute model: {row['compute_model']}", highlight=False, markup=False)
     if out:
         console.print(f"wrote {out}", highlight=False, markup=False)
 
@@ -130,6 +150,11 @@ def capacity(
     steps: int = typer.Option(256, help="decode steps simulated per config"),
     seed: int = typer.Option(0),
     calibration: Path = typer.Option(None, help="calibration JSON from `tiersim validate`"),
+    profile: Path = typer.Option(None, help="operator profile JSON (python -m tiersim.validator.operators): "
+                                 "measured operator times instead of the roofline"),
+    host_floor: bool = typer.Option(True, "--host-floor/--no-host-floor",
+                                    help="with --profile: a step lasts at least the profiled HF eager host time "
+                                         "(--no-host-floor: a launch-free engine, device time only)"),
     fmt: str = typer.Option("table", "--format", help="table or json"),
     out: Path = typer.Option(None, help="also write the JSON result here"),
     report: Path = typer.Option(None, help="also write an HTML report"),
@@ -141,7 +166,8 @@ def capacity(
     _check_format(fmt)
     if max_overhead < 0:
         raise TiersimError(f"--max-overhead must be >= 0, got {max_overhead}")
-    scenario = _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch, steps, seed, calibration)
+    scenario = _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch, steps, seed, calibration,
+                         profile, host_floor)
     total = 1 + len(grid_policies(scenario)) + len(sweep_batches(batch))
     with meter("simulating", total, eta=False, transient=True) as progress:
         result = plan(scenario, max_overhead, progress=progress.advance)
@@ -175,6 +201,7 @@ def _print_capacity(result: dict, scenario) -> None:
              f"({result['trace']} trace)")
     console.print(_rows_table(result["rows"], title))
     console.print(_sweep_table(result["batch_sweep"]))
+    console.print(f"compute model: {result['baseline'].get('compute_model', 'roofline')}", highlight=False, markup=False)
     base = result["baseline"]
     fits = "fits" if base["fits"] else "[red]does NOT fit[/] (overheads are against it anyway)"
     console.print(f"All in HBM (the overhead baseline): {base['peak_hbm_gb']:.1f} GB peak of "

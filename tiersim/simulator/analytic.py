@@ -300,9 +300,9 @@ def closed_form(costs: LayerCosts, num_layers: int) -> tuple[np.ndarray, np.ndar
     c, h = costs.compute, costs.h2d
     extra = np.broadcast_to(np.asarray(costs.step_extra, dtype=float), c.shape)
     gpu_step = (num_layers - 1) * np.maximum(c, h) + np.maximum(c + extra, h)
-    stall = gpu_step - (num_layers * c + extra)
+    stall = (num_layers - 1) * np.maximum(h - c, 0.0) + np.maximum(h - c - extra, 0.0)
     step = np.maximum(gpu_step, np.broadcast_to(np.asarray(costs.host_floor, dtype=float), c.shape))
-    return step, np.maximum(stall, 0.0)
+    return step, stall
 
 
 def to_gb(x) -> float:

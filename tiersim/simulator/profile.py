@@ -131,6 +131,10 @@ class OperatorTable:
         b = float(np.clip(batch, self.host_batches[0], self.host_batches[-1]))
         return float(_log_interp(b, self.host_batches, self.host_ms)) * 1e-3
 
+    def drop_host(self) -> None:
+        """Device time only: no host floor (a serving engine that does not launch op by op from Python)."""
+        self.host_batches, self.host_ms, self.host_source = np.zeros(0), np.zeros(0), ""
+
     def describe(self) -> str:
         words = f"profile ({self.model} on {self.device})"
         if self.fallbacks:
