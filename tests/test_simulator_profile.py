@@ -224,3 +224,50 @@ def test_simulate_names_the_compute_model_it_used(tmp_path):
     assert device_only["rows"][0]["step_ms"] < 30.0 and "host floor" not in device_only["rows"][0]["compute_model"]
     table = CliRunner().invoke(app, args[:-2] + ["--profile", str(path)])
     assert "compute model: profile (r1-distill-qwen-7b" in table.output
+
+
+# -- the --against gate -------------------------------------------------------------------------------
+def _calibration_doc(points: list[tuple[int, int, float, float]]) -> dict:
+    return {"kind": "calibration", "schema_version": 1, "device": {"name": "NVIDIA H100 80GB HBM3"},
+            "gpu_preset": "h100-sxm", "model_shape": {"name": QWEN.name}, "settings": {"steps": 8, "warmup": 2},
+            "points": [{"model_shape": QWEN.name, "batch": b, "context": c, "hbm": h, "measured_step_ms": ms}
+                       for b, c, h, ms in points]}
+
+
+def test_against_reports_each_points_error_and_the_median_and_worst(tmp_path):
+    from tiersim.simulator.against import compare, load_measurements
+    from tiersim.simulator.capacity import load_trace, run, scenario_from_trace
+
+    scenario = scenario_from_trace(load_trace(None), QWEN, H100, 1, None, steps=8, context=2050)
+    truth = {}
+    for b, c, h in ((1, 2048, 1.0), (8, 4096, 1.0), (8, 4096, 0.5)):
+        sc = replace(scenario, batch=b, context=c + 2, steps=8)
+        truth[(b, c, h)] = run(sc, sc.policy(h, 1.0 - h, 0.0, 0.0))[0]["step_ms"]
+    scale = {(1, 2048, 1.0): 1.25, (8, 4096, 1.0): 0.8, (8, 4096, 0.5): 1.0}  # errors -20%, +25%, 0%
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps(_calibration_doc([(*k, v * scale[k]) for k, v in truth.items()])))
+    _, points = load_measurements(path)
+    result = compare(scenario, points)
+    assert [round(r["error_pct"], 6) for r in result["rows"]] == [-20.0, 25.0, 0.0]
+    assert result["median_abs_error_pct"] == pytest.approx(20.0) and result["worst_error_pct"] == pytest.approx(25.0)
+    for limit, code in ((19.0, 1), (21.0, 0)):
+        proc = subprocess.run([sys.executable, "-m", "tiersim", "simulate", "--against", str(path), "--max-error",
+                               str(limit), "--format", "json"], capture_output=True, text=True, env=ENV, timeout=120)
+        assert proc.returncode == code, proc.stderr
+        assert json.loads(proc.stdout)["median_abs_error_pct"] == pytest.approx(20.0)
+
+
+def test_against_refuses_a_foreign_file_and_a_model_it_has_no_points_for(tmp_path):
+    from tiersim.errors import TiersimError
+    from tiersim.simulator.against import compare, load_measurements
+    from tiersim.simulator.capacity import load_trace, scenario_from_trace
+
+    bad = tmp_path / "x.json"
+    bad.write_text(json.dumps({"kind": "simulation"}))
+    with pytest.raises(TiersimError, match="neither a calibration nor an operator profile"):
+        load_measurements(bad)
+    good = tmp_path / "cal.json"
+    good.write_text(json.dumps(_calibration_doc([(1, 1024, 1.0, 10.0)])))
+    with pytest.raises(TiersimError, match="no measured point is of model llama-3.1-8b"):
+        compare(scenario_from_trace(load_trace(None), LLAMA, H100, 1, None, steps=4, context=1024),
+                load_measurements(good)[1])

@@ -61,6 +61,32 @@ def _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch
     return scenario
 
 
+def _against(scenario, path: Path, max_error: float | None, fmt: str) -> None:
+    """Measured vs simulated per point, the median and worst error; exit 1 past ``max_error``."""
+    from tiersim.simulator.against import compare, load_measurements
+
+    _, points = load_measurements(path)
+    result = compare(scenario, points)
+    if fmt == "json":
+        print(json.dumps(result, default=float))
+    else:
+        table = Table(title=f"{scenario.model.name} on {scenario.gpu.name}: measured ({path.name}) vs simulated",
+                      title_justify="left")
+        for col in ("run", "batch", "context", "hbm", "measured ms", "simulated ms", "error"):
+            table.add_column(col, justify="left" if col == "run" else "right")
+        for r in result["rows"]:
+            table.add_row(r["label"], str(r["batch"]), f"{r['context']:,}", f"{r['hbm']:.2f}", f"{r['measured_ms']:.2f}",
+                          f"{r['simulated_ms']:.2f}", f"{r['error_pct']:+.1f}%")
+        console.print(table)
+        console.print(f"median |error| {result['median_abs_error_pct']:.1f}%, worst {result['worst_error_pct']:+.1f}% "
+                      f"over {len(result['rows'])} points ({result['skipped_other_models']} of other models left out); "
+                      f"compute model: {result['compute_model']}", highlight=False, markup=False)
+    if max_error is not None and result["median_abs_error_pct"] > max_error:
+        err_console.print(f"gate failed: median |error| {result['median_abs_error_pct']:.1f}% > --max-error {max_error:g}%",
+                          highlight=False, markup=False)
+        raise SystemExit(1)
+
+
 def _check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         raise TiersimError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -94,6 +120,10 @@ def simulate(
     host_floor: bool = typer.Option(True, "--host-floor/--no-host-floor",
                                     help="with --profile: a step lasts at least the profiled HF eager host time "
                                          "(--no-host-floor: a launch-free engine, device time only)"),
+    against: Path = typer.Option(None, "--against", help="measured decode steps (a calibration or operator-profile "
+                                 "JSON): simulate each point, print measured vs simulated with median and worst error"),
+    max_error: float = typer.Option(None, "--max-error", help="with --against: exit 1 when the median |error| "
+                                    "exceeds this many percent (the gate)"),
     fmt: str = typer.Option("table", "--format", help="table or json"),
     out: Path = typer.Option(None, help="write the per-step timeline (Parquet, kind 'simulation')"),
     report: Path = typer.Option(None, help="also write an HTML report"),
@@ -103,8 +133,13 @@ def simulate(
     from tiersim.simulator.results import simulation_meta, write_timeline
 
     _check_format(fmt)
+    if max_error is not None and (against is None or not max_error >= 0):
+        raise TiersimError(f"--max-error needs --against and a value >= 0, got {max_error}")
     scenario = _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch, steps, seed, calibration,
                          profile, host_floor)
+    if against is not None:
+        _against(scenario, against, max_error, fmt)
+        return
     policy = scenario.policy(hbm, ddr, compressed, evict)
     baseline, _ = run(scenario, baseline_policy(scenario))
     row, timeline = run(scenario, policy)
