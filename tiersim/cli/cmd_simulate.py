@@ -129,6 +129,9 @@ def simulate(
     report: Path = typer.Option(None, help="also write an HTML report"),
 ) -> None:
     """Simulate one tier config: HBM use, PCIe traffic, stalls and throughput."""
+    import time
+
+    started = time.perf_counter()
     from tiersim.simulator.capacity import baseline_policy, run, with_overhead
     from tiersim.simulator.results import simulation_meta, write_timeline
 
@@ -167,6 +170,10 @@ def simulate(
         console.print(f"[yellow]note:[/] the all-in-HBM baseline needs {baseline['peak_hbm_gb']:.1f} GB "
                       f"and does not fit in {scenario.gpu.hbm_bytes / 1e9:.0f} GB; overhead is against it anyway.")
     console.print(f"compute model: {row['compute_model']}", highlight=False, markup=False)
+    simulated = (row["step_ms"] + baseline["step_ms"]) * scenario.steps / 1e3
+    wall = time.perf_counter() - started
+    console.print(f"real-time factor: {simulated / wall:,.0f}x ({simulated:.2f} simulated GPU s, this config and "
+                  f"its all-in-HBM baseline, in {wall:.2f} wall s)", highlight=False, markup=False)
     if out:
         console.print(f"wrote {out}", highlight=False, markup=False)
 
