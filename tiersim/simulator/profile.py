@@ -174,7 +174,10 @@ def table_for(doc: dict, model) -> tuple[OperatorTable | None, str]:
             small[op] = (xs, ys)
         elif op != "qk_norm":
             return None, f"roofline (the profile's {model.name} table lacks {op})"
-    attn = [r for r in entry.get("attention", []) if r["op"] == "sdpa_decode" and r.get("device_us")]
+    # The attention kernel the validator's decode uses (no cuDNN) when the profile timed it.
+    rows = entry.get("attention", [])
+    attn = [r for r in rows if r["op"] == "sdpa_decode_no_cudnn" and r.get("device_us")]
+    attn = attn or [r for r in rows if r["op"] == "sdpa_decode" and r.get("device_us")]
     if not attn:
         return None, f"roofline (the profile's {model.name} table has no decode attention)"
     bs = np.array(sorted({float(r["batch"]) for r in attn}))

@@ -306,12 +306,14 @@ def attention_table(shape, batches, contexts, timer: OpTimer, budget: Budget, dt
                     return torch.cat([ks[j], new], dim=-2), torch.cat([vs[j], new], dim=-2)
 
                 common = {"batch": b, "context": c, "q_heads": hq, "kv_heads": hk, "head_dim": d, "kv_bytes": kv_bytes}
-                timer.sync()
-                t0 = time.perf_counter()
-                attn(0)  # the first call at a new KV length: includes any per-shape plan build
-                timer.sync()
-                first_us = (time.perf_counter() - t0) * 1e6
-                rows.append({**timer.row(attn, copies, op="sdpa_decode", **common), "first_call_us": first_us})
+                for op, choice in (("sdpa_decode", "default"), ("sdpa_decode_no_cudnn", "no-cudnn")):
+                    with sdpa_backends(choice):
+                        timer.sync()
+                        t0 = time.perf_counter()
+                        attn(0)  # the first call at a new KV length: includes any per-shape plan build
+                        timer.sync()
+                        first_us = (time.perf_counter() - t0) * 1e6
+                        rows.append({**timer.row(attn, copies, op=op, **common), "first_call_us": first_us})
                 rows.append(timer.row(cat, copies, op="kv_cat", **common))
             except Exception as exc:  # noqa: BLE001 - out of memory or a failure: recorded, the next point runs
                 why = "out of memory" if _is_oom(exc) else f"failed: {type(exc).__name__}: {str(exc)[:200]}"
