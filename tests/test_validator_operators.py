@@ -135,3 +135,18 @@ def test_sdpa_choice_is_checked_before_measuring(tmp_path):
 
     with pytest.raises(TiersimError, match="--sdpa"):
         run_validation("tiny", [1], [64], [1.0], device="cpu", sdpa="cudnn-only")
+
+
+def test_the_validator_predicts_with_a_profile_of_the_same_device(tmp_path, smoke):
+    """`python -m tiersim.validator --profile FILE`: the predictions use the measured operator tables."""
+    from tiersim.errors import TiersimError
+    from tiersim.validator.calibrate import run_validation
+
+    _, profile, _ = smoke
+    kwargs = dict(device="cpu", steps=1, warmup=1, sweep_sizes=[4096, 65536])
+    doc = run_validation("tiny", [1], [96], [1.0], profile=profile, **kwargs)
+    assert doc["compute_model"].startswith("profile (tiny on cpu")
+    plain = run_validation("tiny", [1], [96], [1.0], **kwargs)
+    assert plain["compute_model"] == "roofline (calibrated)"
+    with pytest.raises(TiersimError, match="--profile: file not found"):
+        run_validation("tiny", [1], [96], [1.0], profile=tmp_path / "missing.json", **kwargs)

@@ -155,7 +155,7 @@ def layer_bytes(model, batch: int, context: float) -> float:
     return model.step_weight_bytes(batch) / model.num_layers + batch * context * model.kv_bytes_per_token_layer
 
 
-def predict(model, gpu, policy: dict, batch: int, context: float, hbm: float) -> dict:
+def predict(model, gpu, policy: dict, batch: int, context: float, hbm: float, table=None) -> dict:
     """The simulator's closed-form step time and stall for one steady (non re-tiering) decode step."""
     from tiersim.hierarchy.config import tier_targets_array
     from tiersim.simulator.analytic import Policy, Workload, closed_form, layer_costs
@@ -165,11 +165,11 @@ def predict(model, gpu, policy: dict, batch: int, context: float, hbm: float) ->
     one = np.array([float(batch * context)])
     work = Workload(batch=batch, steps=np.array([0]), context=one, full_context=one,
                     hbm=tg["hbm"] * batch, ddr=tg["ddr"] * batch, compressed=np.zeros(1), demoted=np.zeros(1))
-    step, stall = closed_form(layer_costs(model, gpu, pol, work), model.num_layers)
+    step, stall = closed_form(layer_costs(model, gpu, pol, work, table), model.num_layers)
     return {"step_ms": float(step[0]) * 1e3, "stall_ms": float(stall[0]) * 1e3}
 
 
-def add_predictions(doc: dict, model, policy: dict, settings: dict) -> None:
+def add_predictions(doc: dict, model, policy: dict, settings: dict, profile=None) -> None:
     """Fill ``simulated_step_ms`` / ``sim_error_pct`` per point from the calibrated simulator (in place)."""
     try:
         from tiersim.simulator.calibration import apply_calibration
@@ -177,11 +177,23 @@ def add_predictions(doc: dict, model, policy: dict, settings: dict) -> None:
     except ImportError:  # pragma: no cover - the simulator's numpy-only modules are part of tiersim
         return
     gpu = apply_calibration(get_gpu(doc["gpu_preset"]), doc)
+    table, doc["compute_model"] = None, "roofline (calibrated)"
+    if profile is not None:
+        from tiersim.simulator.profile import check_device, load_profile, table_for
+
+        prof = load_profile(profile)
+        try:  # the same device by name (the smoke mode too), or one of the same preset
+            if (prof.get("device") or {}).get("name") != (doc.get("device") or {}).get("name"):
+                check_device(prof, doc["gpu_preset"])
+            table, why = table_for(prof, model)
+        except TiersimError as exc:  # never lose a finished measurement over the prediction
+            table, why = None, f"roofline (calibrated; {exc})"
+        doc["compute_model"] = table.describe() if table is not None else why
     for point in doc["points"]:
         if point.get("measured_step_ms") is None:
             continue
         ctx = effective_context(point["context"], settings["warmup"], settings["steps"])
-        pred = predict(model, gpu, policy, point["batch"], ctx, point["hbm"])
+        pred = predict(model, gpu, policy, point["batch"], ctx, point["hbm"], table)
         point["simulated_step_ms"] = pred["step_ms"]
         point["simulated_stall_ms"] = pred["stall_ms"]
         point["sim_error_pct"] = 100.0 * (pred["step_ms"] - point["measured_step_ms"]) / point["measured_step_ms"]
@@ -203,6 +215,7 @@ def run_validation(
     log: Callable[[str], None] = lambda _msg: None,
     budget_s: float | None = None,
     sdpa: str = "no-cudnn",
+    profile=None,
 ) -> dict:
     """Measure everything, predict every point, write ``out`` atomically (when given); return the document.
 
@@ -220,10 +233,14 @@ def run_validation(
     if sdpa not in SDPA_CHOICES:
         raise TiersimError(f"--sdpa must be one of {', '.join(SDPA_CHOICES)}, got {sdpa!r}")
     check_out(out)
+    if profile is not None:
+        from tiersim.simulator.profile import load_profile
+
+        load_profile(profile)  # a missing or foreign file is refused before any GPU time is spent
     dev = resolve_device(device)
     with single_threaded_cpu(dev):
         doc = _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_sizes, command, log,
-                       budget_s, sdpa)
+                       budget_s, sdpa, profile)
     if out is not None:
         write_json(out, doc)
         log(f"wrote {out}")
@@ -251,7 +268,7 @@ def single_threaded_cpu(dev):
 
 
 def _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_sizes, command, log,
-             budget_s, sdpa="no-cudnn") -> dict:
+             budget_s, sdpa="no-cudnn", profile=None) -> dict:
     import torch
 
     from tiersim.hierarchy.config import TierConfig
@@ -330,7 +347,9 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_
         },
         "points": points,
     }
-    add_predictions(doc, model_doc, policy, settings)
+    add_predictions(doc, model_doc, policy, settings, profile)
+    if table_note := doc.get("compute_model"):
+        log(f"simulator: {table_note}")
     finish(doc)
     return doc
 
