@@ -28,9 +28,10 @@ def presets(fmt: str = typer.Option("table", "--format", help="table or json")) 
                      f"{g.d2h_bw / GB:.0f}", f"{g.bidir_bw / GB:.0f}", f"{g.copy_latency * 1e6:.0f}",
                      f"{g.peak_flops / 1e12:.0f}", f"{g.host_bytes / GB:.0f}", g.note)
     models = compact_table("Model presets")
-    add_columns(models, ("name", "layers", "KV heads", "head dim", "hidden", "params (B)", "KV bytes/token (bf16)"))
+    add_columns(models, ("name", "layers", "KV heads", "head dim", "hidden", "params (B)", "vocab",
+                         "KV bytes/token (bf16)"))
     for m in MODELS.values():
         models.add_row(m.name, str(m.num_layers), str(m.num_kv_heads), str(m.head_dim), str(m.hidden_size),
-                       f"{m.params / 1e9:.2f}", f"{m.kv_bytes_per_token:,.0f}")
+                       f"{m.params / 1e9:.2f}", f"{m.vocab_size:,}", f"{m.kv_bytes_per_token:,.0f}")
     console.print(gpus)
     console.print(models)

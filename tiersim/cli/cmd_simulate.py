@@ -18,8 +18,10 @@ from tiersim.errors import TiersimError
 FORMATS = ("table", "json")
 
 
-def _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch, steps, seed, calibration):
+def _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch, steps, seed, calibration,
+              profile=None, host_floor=True):
     from tiersim.simulator.calibration import apply_calibration, load_calibration
+    from tiersim.simulator.profile import check_device, load_profile, table_for
     from tiersim.simulator.capacity import PREFETCH_MODES, SYNTHETIC_LABEL, load_trace, scenario_from_trace
     from tiersim.simulator.presets import get_gpu, get_model, model_from_config
     from tiersim.traces.synth import parse_lengths
@@ -39,7 +41,16 @@ def _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch
     mdl = model_from_config(model_config) if model_config else get_model(model)
     hw = get_gpu(gpu)
     if calibration:
-        hw = apply_calibration(hw, load_calibration(calibration))
+        cal = load_calibration(calibration)
+        check_device(cal, gpu, "--calibration")
+        hw = apply_calibration(hw, cal)
+    table, note = None, "roofline (no --profile given)"
+    if profile:
+        doc = load_profile(profile)
+        check_device(doc, gpu, "--profile")
+        table, note = table_for(doc, mdl)
+        if table is not None and not host_floor:
+            table.drop_host()
     loaded = load_trace(trace)
     if loaded is None:
         if mean_length is None:
@@ -47,8 +58,36 @@ def _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch
         err_console.print("[yellow]note:[/] the bundled trace is missing from this install; using the synthetic "
                           "profile documented in docs/simulator.md", highlight=False)
     label = str(trace) if trace else ("bundled" if loaded is not None else SYNTHETIC_LABEL)
-    return scenario_from_trace(loaded, mdl, hw, batch, mean_length, steps=steps, seed=seed, label=label,
-                               context=context, prefetch=prefetch)
+    scenario = scenario_from_trace(loaded, mdl, hw, batch, mean_length, steps=steps, seed=seed, label=label,
+                                   context=context, prefetch=prefetch)
+    scenario.table, scenario.compute_note = table, note
+    return scenario
+
+
+def _against(scenario, path: Path, max_error: float | None, fmt: str) -> None:
+    """Measured vs simulated per point, the median and worst error; exit 1 past ``max_error``."""
+    from tiersim.simulator.against import compare, load_measurements
+
+    _, points = load_measurements(path)
+    result = compare(scenario, points)
+    if fmt == "json":
+        print(json.dumps(result, default=float))
+    else:
+        table = Table(title=f"{scenario.model.name} on {scenario.gpu.name}: measured ({path.name}) vs simulated",
+                      title_justify="left")
+        for col in ("run", "batch", "context", "hbm", "measured ms", "simulated ms", "error"):
+            table.add_column(col, justify="left" if col == "run" else "right")
+        for r in result["rows"]:
+            table.add_row(r["label"], str(r["batch"]), f"{r['context']:,}", f"{r['hbm']:.2f}", f"{r['measured_ms']:.2f}",
+                          f"{r['simulated_ms']:.2f}", f"{r['error_pct']:+.1f}%")
+        console.print(table)
+        console.print(f"median |error| {result['median_abs_error_pct']:.1f}%, worst {result['worst_error_pct']:+.1f}% "
+                      f"over {len(result['rows'])} points ({result['skipped_other_models']} of other models left out); "
+                      f"compute model: {result['compute_model']}", highlight=False, markup=False)
+    if max_error is not None and result["median_abs_error_pct"] > max_error:
+        err_console.print(f"gate failed: median |error| {result['median_abs_error_pct']:.1f}% > --max-error {max_error:g}%",
+                          highlight=False, markup=False)
+        raise SystemExit(1)
 
 
 def _check_format(fmt: str) -> None:
@@ -79,18 +118,36 @@ def simulate(
     steps: int = typer.Option(256, help="decode steps simulated (steady state, staggered batch)"),
     seed: int = typer.Option(0),
     calibration: Path = typer.Option(None, help="calibration JSON from `tiersim validate`"),
+    profile: Path = typer.Option(None, help="operator profile JSON (python -m tiersim.validator.operators): "
+                                 "measured operator times instead of the roofline"),
+    host_floor: bool = typer.Option(True, "--host-floor/--no-host-floor",
+                                    help="with --profile: a step lasts at least the profiled HF eager host time "
+                                         "(--no-host-floor: a launch-free engine, device time only)"),
+    against: Path = typer.Option(None, "--against", help="measured decode steps (a calibration or operator-profile "
+                                 "JSON): simulate each point, print measured vs simulated with median and worst error"),
+    max_error: float = typer.Option(None, "--max-error", help="with --against: exit 1 when the median |error| "
+                                    "exceeds this many percent (the gate)"),
     fmt: str = typer.Option("table", "--format", help="table or json"),
     out: Path = typer.Option(None, help="write the per-step timeline (Parquet, kind 'simulation')"),
     report: Path = typer.Option(None, help="also write an HTML report"),
 ) -> None:
     """Simulate one tier config: HBM use, PCIe traffic, stalls and throughput."""
+    import time
+
+    started = time.perf_counter()
     from tiersim.simulator.capacity import baseline_policy, run, with_overhead
     from tiersim.simulator.results import simulation_meta, write_timeline
 
     _check_format(fmt)
     check_output_path(out, "--out", (".parquet",))
     check_output_path(report, "--report", (".html", ".htm"))
-    scenario = _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch, steps, seed, calibration)
+    if max_error is not None and (against is None or not max_error >= 0):
+        raise TiersimError(f"--max-error needs --against and a value >= 0, got {max_error}")
+    scenario = _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch, steps, seed, calibration,
+                         profile, host_floor)
+    if against is not None:
+        _against(scenario, against, max_error, fmt)
+        return
     policy = scenario.policy(hbm, ddr, compressed, evict)
     baseline, _ = run(scenario, baseline_policy(scenario))
     row, timeline = run(scenario, policy)
@@ -118,6 +175,11 @@ def simulate(
     if not baseline["fits"]:
         console.print(f"[yellow]note:[/] the all-in-HBM baseline needs {baseline['peak_hbm_gb']:.1f} GB "
                       f"and does not fit in {scenario.gpu.hbm_bytes / 1e9:.0f} GB; overhead is against it anyway.")
+    console.print(f"compute model: {row['compute_model']}", highlight=False, markup=False)
+    simulated = (row["step_ms"] + baseline["step_ms"]) * scenario.steps / 1e3
+    wall = time.perf_counter() - started
+    console.print(f"real-time factor: {simulated / wall:,.0f}x ({simulated:.2f} simulated GPU s, this config and "
+                  f"its all-in-HBM baseline, in {wall:.2f} wall s)", highlight=False, markup=False)
 
 
 @app.command()
@@ -139,6 +201,11 @@ def capacity(
     steps: int = typer.Option(256, help="decode steps simulated per config"),
     seed: int = typer.Option(0),
     calibration: Path = typer.Option(None, help="calibration JSON from `tiersim validate`"),
+    profile: Path = typer.Option(None, help="operator profile JSON (python -m tiersim.validator.operators): "
+                                 "measured operator times instead of the roofline"),
+    host_floor: bool = typer.Option(True, "--host-floor/--no-host-floor",
+                                    help="with --profile: a step lasts at least the profiled HF eager host time "
+                                         "(--no-host-floor: a launch-free engine, device time only)"),
     fmt: str = typer.Option("table", "--format", help="table or json"),
     out: Path = typer.Option(None, help="also write the JSON result here"),
     report: Path = typer.Option(None, help="also write an HTML report"),
@@ -169,7 +236,7 @@ def capacity(
 
         import_ray()  # without Ray, say what to install before any work
     scenario = _scenario(trace, model, model_config, gpu, batches[0], lengths, context, prefetch, steps, seed,
-                         calibration)
+                         calibration, profile, host_floor)
     single = len(batches) == 1
     total = 1 + (capacity_ticks(scenario) if single else 0)
     with contextlib.ExitStack() as stack:
@@ -303,6 +370,8 @@ def _print_capacity(result: dict, scenario) -> None:
         rows = result["rows"]
         console.print(_rows_table(rows, f"Prefetch grid at batch {result['batch']} (SimPy; {_context_words(rows[0])})"))
         console.print(_sweep_table(result["batch_sweep"]))
+    console.print(f"compute model: {(result.get('baseline') or {}).get('compute_model', 'roofline')}", highlight=False,
+                  markup=False)
     base = result["baseline"]
     approx = [s for s in answer["strategies"] if s in ("selective", "compressed-transfer")]
     if approx:

@@ -44,6 +44,8 @@ def validate(
     warmup: int = typer.Option(4, help="untimed decode steps before timing"),
     prefill: str = typer.Option("synthetic", help="synthetic (random K/V, no forward) or model (a real prefill)"),
     budget_s: float = typer.Option(None, "--budget-s", help="seconds for the decode grid; later points are skipped"),
+    sdpa: str = typer.Option("no-cudnn", help="attention kernels: no-cudnn (cuDNN builds a plan per new KV length) or default"),
+    profile: Path = typer.Option(None, help="operator profile (python -m tiersim.validator.operators) for the predictions"),
     out: Path = typer.Option(None, help="calibration JSON to write, e.g. docs/validation/h100.json"),
     compare: Path = typer.Option(None, "--compare", help="print measured vs simulated from this calibration JSON"),
 ) -> None:
@@ -59,7 +61,7 @@ def validate(
     try:
         doc = calibrate.run_validation(
             model_shape, batches, contexts, hbms, device=device, steps=steps, warmup=warmup, prefill=prefill,
-            out=out, budget_s=budget_s, command=shlex.join(["tiersim", *sys.argv[1:]]) if sys.argv[1:2] == ["validate"] else None,
+            out=out, budget_s=budget_s, sdpa=sdpa, profile=profile, command=shlex.join(["tiersim", *sys.argv[1:]]) if sys.argv[1:2] == ["validate"] else None,
             log=lambda msg: err_console.print(msg, highlight=False, markup=False),
         )
     except calibrate.NoDeviceError as exc:

@@ -14,18 +14,21 @@ in between), then summed over the batch: the event count does not grow with B.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tiersim.hierarchy.config import tier_targets_array
 from tiersim.simulator.presets import GB, GPU, Model
 
+if TYPE_CHECKING:  # pragma: no cover
+    from tiersim.simulator.profile import OperatorTable
+
 #: Bits per element of the compressed tier including one fp16 scale and minimum per group of 32.
 COMPRESSED_BITS = {4: 4 + 32 / 32, 8: 8 + 32 / 32}
 #: Activation workspace per sequence, in units of hidden_size elements of 2 bytes (residual,
 #: attention and MLP intermediates live briefly; logits are counted separately).
 ACTIVATION_HIDDEN_MULTIPLE = 48
-LOGITS_BYTES_PER_SEQUENCE = 152_064 * 4  # a Qwen-sized vocabulary in float32
 #: Extra passes over a layer's retained KV that tiersim's own TieredCache makes once tokens leave
 #: HBM: the scatter into one ordered buffer (read the tiers, write the buffer: 2 passes) and the
 #: float32 scoring of every key (half the KV: 0.5). A kernel attending over the tiers in place
@@ -176,7 +179,7 @@ def memory(model: Model, gpu: GPU, policy: Policy, work: Workload) -> Memory:
         compressed=float(work.compressed.max()) * per_token * comp_ratio,
         # Double-buffered staging for one layer's fetched DDR tokens (the batch's).
         staging=2 * float(work.ddr.max()) * policy.prefetch * per_layer,
-        activations=work.batch * (ACTIVATION_HIDDEN_MULTIPLE * model.hidden_size * 2 + LOGITS_BYTES_PER_SEQUENCE),
+        activations=work.batch * (ACTIVATION_HIDDEN_MULTIPLE * model.hidden_size * 2 + model.logits_bytes_per_sequence),
         reserved=gpu.reserved_bytes,
         ddr=float(work.ddr.max()) * per_token,
     )
@@ -189,7 +192,7 @@ def sequence_bytes(model: Model, policy: Policy, context: float) -> float:
     tg = tier_targets_array(policy, np.array([float(context)]))
     kv = tg["hbm"][0] * per_token + tg["compressed"][0] * per_token * comp_ratio
     staging = 2 * tg["ddr"][0] * policy.prefetch * model.kv_bytes_per_token_layer
-    act = ACTIVATION_HIDDEN_MULTIPLE * model.hidden_size * 2 + LOGITS_BYTES_PER_SEQUENCE
+    act = ACTIVATION_HIDDEN_MULTIPLE * model.hidden_size * 2 + model.logits_bytes_per_sequence
     return kv + staging + act
 
 
@@ -207,47 +210,98 @@ def max_batch(model: Model, gpu: GPU, policy: Policy, context: float, limit: int
 
 @dataclass
 class LayerCosts:
-    """Per-step, per-layer times in seconds (arrays of length S)."""
+    """Per-step, per-layer times in seconds (arrays of length S), and the per-step terms."""
 
     compute: np.ndarray
     h2d: np.ndarray  # prefetch of the layer's DDR tier, latency included
     d2h: np.ndarray  # demotions after the layer's attention
     h2d_bytes: np.ndarray
     d2h_bytes: np.ndarray
+    #: Device work once per step after the last layer (final norm, LM head, embedding gather, rotary
+    #: table) plus the preset's per-step host overhead; 0 keeps the layers-only model.
+    step_extra: np.ndarray | float = 0.0
+    #: Host time to issue one step (an eager, launch-bound harness): a step takes at least this long.
+    host_floor: np.ndarray | float = 0.0
+    compute_model: str = "roofline"
 
 
-def layer_costs(model: Model, gpu: GPU, policy: Policy, work: Workload) -> LayerCosts:
-    """Roofline compute per layer, and copy times ``latency * calls + bytes / bandwidth``."""
+def extra_kv_bytes(model: Model, policy: Policy, work: Workload) -> np.ndarray:
+    """Per-layer bytes beyond attention's own KV read: the compressed tier's dequantized copy (written
+    and read back: no fused dequant-attention kernel assumed), the cache's float32 scoring pass once
+    tokens may leave HBM (0.5) and its reassembly in token order when some are not in HBM (2 passes)."""
+    per_layer = model.kv_bytes_per_token_layer
+    extra = work.compressed * per_layer * 2.0
+    if policy.hbm < 1.0:
+        passes = 0.5 + (ASSEMBLY_KV_PASSES - 0.5 if policy.ddr > 0 or policy.compressed > 0 else 0.0)
+        extra = extra + passes * work.context * per_layer
+    return extra
+
+
+def layer_costs(model: Model, gpu: GPU, policy: Policy, work: Workload, table: OperatorTable | None = None,
+                roofline_reason: str = "roofline") -> LayerCosts:
+    """Compute per layer and per step, and copy times ``latency * calls + bytes / bandwidth``.
+
+    Without ``table`` compute is the roofline ``max(bytes / bw, flops / peak)`` plus the preset's small-op
+    time per layer; with one (tiersim.simulator.profile) it is the sum of the measured operators at this
+    batch and context. Either way a layer reads its own weights only: the input embedding is a gather
+    of ``batch`` rows and the LM head a once-per-step read, both charged in ``step_extra``.
+    """
     per_layer = model.kv_bytes_per_token_layer
     comp_ratio = COMPRESSED_BITS[policy.compressed_bits] / (8 * model.kv_dtype_bytes)
-    weight_bytes = model.weight_bytes / model.num_layers
-    # KV read by attention: HBM tier + staged DDR (read from the staging buffer) + compressed codes,
-    # plus the dequantized copy written and read back (no fused dequant-attention kernel assumed).
-    kv_bytes = (work.hbm + work.ddr * policy.prefetch) * per_layer + work.compressed * per_layer * (comp_ratio + 2.0)
-    if policy.hbm < 1.0:  # the cache scores every key once tokens may leave HBM (0.5 pass) ...
-        passes = 0.5 + (ASSEMBLY_KV_PASSES - 0.5 if policy.ddr > 0 or policy.compressed > 0 else 0.0)
-        # ... and reassembles the layer in token order when some of it is not in HBM (2 passes).
-        kv_bytes = kv_bytes + passes * work.context * per_layer
-    flops = 2 * (model.params / model.num_layers) * work.batch + 4 * work.context * model.num_attention_heads * model.head_dim
-    t_mem = (weight_bytes + kv_bytes) / (gpu.hbm_bw * gpu.hbm_efficiency)
-    t_flop = flops / (gpu.peak_flops * gpu.flops_efficiency)
-    compute = np.maximum(t_mem, t_flop) + gpu.layer_overhead
+    bw = gpu.hbm_bw * gpu.hbm_efficiency
+    peak = gpu.peak_flops * gpu.flops_efficiency
+    # Tokens attention reads: HBM tier + staged DDR (from the staging buffer) + compressed codes.
+    attended = work.hbm + work.ddr * policy.prefetch + work.compressed
+    kv_read = (work.hbm + work.ddr * policy.prefetch) * per_layer + work.compressed * per_layer * comp_ratio
+    extra = extra_kv_bytes(model, policy, work)
+    batch = work.batch
+    host_floor = 0.0
+    if table is None:
+        layer_params = model.layer_weight_bytes / model.param_bytes
+        flops = 2 * layer_params * batch + 4 * attended * model.num_attention_heads * model.head_dim
+        t_mem = (model.layer_weight_bytes + kv_read + extra) / bw
+        compute = np.maximum(t_mem, flops / peak) + gpu.layer_overhead
+        head_bytes = model.lm_head_bytes + batch * model.hidden_size * model.param_bytes
+        head_flops = 2.0 * batch * model.vocab_size * model.hidden_size
+        step_extra = max(head_bytes / bw, head_flops / peak) + gpu.step_overhead
+        source = roofline_reason
+    else:
+        from tiersim.simulator.profile import LAYER_GEMMS, LAYER_SMALL, STEP_SMALL
+
+        fixed = sum(table.gemm_s(op, batch, bw, peak) for op in LAYER_GEMMS)
+        fixed += sum(n * table.small_s(op, batch) for op, n in LAYER_SMALL.items() if op in table.small)
+        context = attended / batch
+        compute = fixed + table.attention_s(batch, context, per_layer, bw) + extra / bw
+        step_extra = table.gemm_s("lm_head", batch, bw, peak) + sum(table.small_s(op, batch) for op in STEP_SMALL)
+        step_extra += gpu.step_overhead
+        host_floor = table.host_s(batch)
+        source = table.describe()
+        if host_floor:
+            source += f"; host floor {host_floor * 1e3:.1f} ms/step ({table.host_source})"
+    compute = np.broadcast_to(np.asarray(compute, dtype=float), work.hbm.shape).copy()
     h2d_bytes = work.ddr * policy.prefetch * per_layer
     d2h_bytes = work.demoted * per_layer
     h2d = np.where(h2d_bytes > 0, COPY_CALLS_PER_LAYER * gpu.copy_latency + h2d_bytes / gpu.h2d_bw, 0.0)
     d2h = np.where(d2h_bytes > 0, COPY_CALLS_PER_LAYER * gpu.copy_latency + d2h_bytes / gpu.d2h_bw, 0.0)
-    return LayerCosts(compute, h2d, d2h, h2d_bytes, d2h_bytes)
+    return LayerCosts(compute, h2d, d2h, h2d_bytes, d2h_bytes, step_extra=step_extra, host_floor=host_floor,
+                      compute_model=source)
 
 
 def closed_form(costs: LayerCosts, num_layers: int) -> tuple[np.ndarray, np.ndarray]:
     """Contention-free step time and stall per step, seconds.
 
     The prefetch of layer l+1 starts when layer l starts computing, on one H2D engine. In steady
-    state a step takes ``L * max(compute, copy)``: compute-bound when the copy hides under the
-    previous layer's compute, link-bound (stall = copy - compute per layer) otherwise.
+    state layers start ``max(compute, copy)`` apart: compute-bound when the copy hides under the
+    previous layer's compute, link-bound (stall = copy - compute per layer) otherwise. The per-step
+    work after the last layer (``step_extra``) overlaps the prefetch of the next step's layer 0, so
+    the step is ``(L - 1) * max(c, h) + max(c + extra, h)``; a host floor (an eager, launch-bound
+    harness) makes it at least that long.
     """
-    step = num_layers * np.maximum(costs.compute, costs.h2d)
-    stall = num_layers * np.maximum(costs.h2d - costs.compute, 0.0)
+    c, h = costs.compute, costs.h2d
+    extra = np.broadcast_to(np.asarray(costs.step_extra, dtype=float), c.shape)
+    gpu_step = (num_layers - 1) * np.maximum(c, h) + np.maximum(c + extra, h)
+    stall = (num_layers - 1) * np.maximum(h - c, 0.0) + np.maximum(h - c - extra, 0.0)
+    step = np.maximum(gpu_step, np.broadcast_to(np.asarray(costs.host_floor, dtype=float), c.shape))
     return step, stall
 
 

@@ -59,6 +59,10 @@ class Scenario:
     context: int | None = None  # fixed context: a lockstep batch starting at this many tokens
     cover: dict = field(default_factory=lambda: dict(SYNTHETIC_PROFILE["cover"]))
     prefetch: str = "all"
+    #: Measured operator tables for this model and GPU (tiersim.simulator.profile), or None: the roofline.
+    table: object = None
+    #: Why the roofline is used when ``table`` is None (shown in the output).
+    compute_note: str = "roofline (no --profile given)"
 
     def prefetch_share(self) -> float:
         """Share of the DDR tier fetched per step under ``self.prefetch``."""
@@ -201,7 +205,7 @@ def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int
     steps = steps or scenario.steps
     work = workload(scenario, policy, batch, steps)
     model, gpu = scenario.model, scenario.gpu
-    costs = analytic.layer_costs(model, gpu, policy, work)
+    costs = analytic.layer_costs(model, gpu, policy, work, scenario.table, scenario.compute_note)
     result = simulate(costs, model.num_layers, gpu)
     mem = analytic.memory(model, gpu, policy, work)
     step = result.step_time
@@ -237,6 +241,7 @@ def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int
         "tokens_per_s": float(batch / step.mean()),
         "max_batch": largest_batch(scenario, policy, steps, float(work.full_context.max()) / batch) if largest else None,
         "events": result.events,
+        "compute_model": costs.compute_model,
     }
     weights = mem.weights / GB
     reserved = (mem.activations + mem.reserved) / GB

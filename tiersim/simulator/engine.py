@@ -199,6 +199,8 @@ def simulate(costs: LayerCosts, num_layers: int, gpu: GPU) -> StepResult:
     stall = np.zeros(steps)
     # Plain floats: numpy scalars in the inner loop cost more than the events themselves.
     compute = [float(x) for x in costs.compute]
+    extra = [float(x) for x in np.broadcast_to(np.asarray(costs.step_extra, dtype=float), (steps,))]
+    floor = [float(x) for x in np.broadcast_to(np.asarray(costs.host_floor, dtype=float), (steps,))]
     up = [float(x) for x in costs.h2d_bytes] + [0.0]  # step S prefetches nothing
     down = [float(x) for x in costs.d2h_bytes]
 
@@ -211,7 +213,7 @@ def simulate(costs: LayerCosts, num_layers: int, gpu: GPU) -> StepResult:
             waited = 0.0
             c = compute[s]
             if up[s] <= 0 and up[s + 1] <= 0 and down[s] <= 0:  # no copies: the layers just run
-                yield env.timeout(c * num_layers)
+                yield env.timeout(max(c * num_layers + extra[s], floor[s]))
                 step_time[s] = env.now - start
                 continue
             for layer in range(num_layers):
@@ -224,6 +226,10 @@ def simulate(costs: LayerCosts, num_layers: int, gpu: GPU) -> StepResult:
                 yield env.timeout(c)
                 if down[s] > 0:
                     d2h.copy(down[s])
+            if extra[s] > 0:  # final norm, LM head, sampling: after the last layer, once per step
+                yield env.timeout(extra[s])
+            if env.now - start < floor[s]:  # the host has not finished issuing this step yet
+                yield env.timeout(floor[s] - (env.now - start))
             step_time[s] = env.now - start
             stall[s] = waited
 
@@ -232,7 +238,7 @@ def simulate(costs: LayerCosts, num_layers: int, gpu: GPU) -> StepResult:
     return StepResult(
         step_time=step_time,
         stall=stall,
-        compute=costs.compute * num_layers,
+        compute=costs.compute * num_layers + np.asarray(costs.step_extra, dtype=float),
         h2d_bytes=costs.h2d_bytes * num_layers,
         d2h_bytes=costs.d2h_bytes * num_layers,
         events=env.scheduled,

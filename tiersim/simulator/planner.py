@@ -168,7 +168,7 @@ def recommend(scenario, batches, slo, largest, full, best, points, max_evict: fl
                     f"{at_b['tpot_ms']:.1f} ms TPOT{', within the SLO' if slo is not None else ''}): keep it; {tail}.")
     if best is None:
         where = f"batch {batches[0]:,}" if single else f"batches {batches[0]:,}..{batches[-1]:,}"
-        fitting = [r for r in points if r["fits"]]
+        fitting = [r for r in points if r["fits"] and not r["approximate"] and r["evict"] <= max_evict + 1e-9]
         quick = min(fitting, key=lambda r: r["tpot_ms"]) if fitting else None
         why = (f"; the quickest that fits is {_option(quick)} at batch {quick['batch']:,} "
                f"({quick['tpot_ms']:.1f} ms)" if quick else "; nothing there fits")

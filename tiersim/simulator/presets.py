@@ -30,7 +30,13 @@ class GPU:
     reserved_bytes: float = 2.5 * GB  # CUDA context, allocator slack, workspace: not usable for KV
     hbm_efficiency: float = 0.80  # achieved / datasheet HBM bandwidth in decode kernels
     flops_efficiency: float = 0.60
-    layer_overhead: float = 12e-6  # kernel launches and small ops per decoder layer
+    #: Small ops per decoder layer (2 RMSNorm, RoPE, SiLU*mul, 2 residual adds) as HF eager runs them:
+    #: 51 us of device time at 1 token on an H100 (docs/validation/h100-80gb-hbm3-operators.json; each is a
+    #: few latency-bound kernels of 1-4 us, so the figure hardly depends on the GPU). A profile replaces it.
+    layer_overhead: float = 51e-6
+    #: Host time per decode step that no kernel hides (scheduling, sampling, input preparation), added once
+    #: per step. No public figure fits every engine: 0 unless a profile (``--profile``) measured it.
+    step_overhead: float = 0.0
     host_bytes: float = 256 * GB  # pinned host memory for this GPU's DDR tier (a DGX-class 2 TB / 8 GPUs)
     # The host side, for strategies that compute on the CPU (docs/simulator.md, "Strategies"). The
     # default is a DGX H100-class host: 2 x Xeon Platinum 8480C (NVIDIA DGX H100 user guide), each
@@ -71,10 +77,37 @@ class Model:
     params: float
     param_bytes: float = 2.0
     kv_dtype_bytes: int = 2
+    vocab_size: int = 152_064  # from the model's config.json; every preset states its own
+    tie_word_embeddings: bool = False
 
     @property
     def weight_bytes(self) -> float:
         return self.params * self.param_bytes
+
+    @property
+    def embedding_bytes(self) -> float:
+        """One vocabulary x hidden table (the input embedding; the LM head is a second one unless tied)."""
+        return float(self.vocab_size) * self.hidden_size * self.param_bytes
+
+    @property
+    def lm_head_bytes(self) -> float:
+        """The LM head's weights: read in full every step (tied or not)."""
+        return self.embedding_bytes
+
+    @property
+    def layer_weight_bytes(self) -> float:
+        """One decoder layer's weights: everything but the embedding table(s) (and the final norm), / layers."""
+        tables = self.embedding_bytes * (1 if self.tie_word_embeddings else 2)
+        return max(self.weight_bytes - tables - self.hidden_size * self.param_bytes, 0.0) / self.num_layers
+
+    def step_weight_bytes(self, batch: int) -> float:
+        """Weight bytes one decode step reads: every layer, the LM head, and only ``batch`` embedding rows."""
+        return self.layer_weight_bytes * self.num_layers + self.lm_head_bytes + batch * self.hidden_size * self.param_bytes
+
+    @property
+    def logits_bytes_per_sequence(self) -> float:
+        """float32 logits of one sequence's last position."""
+        return 4.0 * self.vocab_size
 
     @property
     def kv_bytes_per_token_layer(self) -> float:
@@ -91,11 +124,15 @@ class Model:
 GPUS: dict[str, GPU] = {
     g.name: g
     for g in [
-        GPU("h100-sxm", 80 * GB, 3.35e12, 50 * GB, 50 * GB, 83 * GB, 5e-6, 989e12,
-            note="PCIe Gen5 x16: 63 GB/s theory, ~50 measured per direction, ~83 both ways"),
-        GPU("h100-pcie", 80 * GB, 2.0e12, 50 * GB, 50 * GB, 83 * GB, 5e-6, 756e12, note="PCIe Gen5 x16"),
-        GPU("h200", 141 * GB, 4.8e12, 50 * GB, 50 * GB, 83 * GB, 5e-6, 989e12,
-            note="PCIe Gen5; link not published, H100 figures assumed"),
+        # Host link: pinned copies on an H100 80GB HBM3 host, PCIe Gen5 x16 (docs/validation/h100-80gb-hbm3.json):
+        # 54.3 GB/s H2D and 54.5 D2H at 64 MiB, 95.4 GB/s both ways, 17 us per copy (NVIDIA's nvbandwidth
+        # example output shows 55.6 GB/s host_to_device_memcpy_ce, in line).
+        GPU("h100-sxm", 80 * GB, 3.35e12, 54 * GB, 54 * GB, 95 * GB, 17e-6, 989e12,
+            note="PCIe Gen5 x16: 63 GB/s theory; 54 GB/s measured per direction, 95 both ways (H100 run)"),
+        GPU("h100-pcie", 80 * GB, 2.0e12, 54 * GB, 54 * GB, 95 * GB, 17e-6, 756e12,
+            note="PCIe Gen5 x16 (link figures of the H100 run)"),
+        GPU("h200", 141 * GB, 4.8e12, 54 * GB, 54 * GB, 95 * GB, 17e-6, 989e12,
+            note="PCIe Gen5; link not published, the H100 run's figures assumed"),
         # DGX A100: 2 x EPYC 7742, 8 channels DDR4-3200 each = 204.8 GB/s per socket; ASSUMPTION:
         # 64 cores x 2.25 GHz x 32 FLOP/cycle (AVX2) = 4.6 TFLOP/s peak, ~30% in attention.
         GPU("a100-80g", 80 * GB, 2.04e12, 25 * GB, 25 * GB, 42 * GB, 5e-6, 312e12,
@@ -113,14 +150,15 @@ GPUS: dict[str, GPU] = {
 MODELS: dict[str, Model] = {
     m.name: m
     for m in [
-        Model("r1-distill-qwen-1.5b", 28, 2, 128, 1536, 12, 1.78e9),
-        Model("r1-distill-qwen-7b", 28, 4, 128, 3584, 28, 7.62e9),
-        Model("r1-distill-qwen-14b", 48, 8, 128, 5120, 40, 14.8e9),
-        Model("r1-distill-qwen-32b", 64, 8, 128, 5120, 40, 32.8e9),
-        Model("qwq-32b", 64, 8, 128, 5120, 40, 32.8e9),
-        Model("qwen3-8b", 36, 8, 128, 4096, 32, 8.19e9),
-        Model("llama-3.1-8b", 32, 8, 128, 4096, 32, 8.03e9),
-        Model("llama-3.1-70b", 80, 8, 128, 8192, 64, 70.6e9),
+        # vocab_size: each model's config.json (as in tiersim.validator.shapes).
+        Model("r1-distill-qwen-1.5b", 28, 2, 128, 1536, 12, 1.78e9, vocab_size=151_936),
+        Model("r1-distill-qwen-7b", 28, 4, 128, 3584, 28, 7.62e9, vocab_size=152_064),
+        Model("r1-distill-qwen-14b", 48, 8, 128, 5120, 40, 14.8e9, vocab_size=152_064),
+        Model("r1-distill-qwen-32b", 64, 8, 128, 5120, 40, 32.8e9, vocab_size=152_064),
+        Model("qwq-32b", 64, 8, 128, 5120, 40, 32.8e9, vocab_size=152_064),
+        Model("qwen3-8b", 36, 8, 128, 4096, 32, 8.19e9, vocab_size=151_936),
+        Model("llama-3.1-8b", 32, 8, 128, 4096, 32, 8.03e9, vocab_size=128_256),
+        Model("llama-3.1-70b", 80, 8, 128, 8192, 64, 70.6e9, vocab_size=128_256),
     ]
 }
 
@@ -208,7 +246,8 @@ def model_from_config(path: str | Path) -> Model:
     embed = vocab * hidden * (1 if cfg.get("tie_word_embeddings") else 2)
     params = layers * (attn + mlp) + embed
     name = cfg.get("_name_or_path") or path.parent.name or "custom"
-    return Model(str(name), layers, kv_heads, head_dim, hidden, heads, float(params))
+    return Model(str(name), layers, kv_heads, head_dim, hidden, heads, float(params), vocab_size=vocab,
+                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings")))
 
 
 def with_overrides(gpu: GPU, **changes) -> GPU:

@@ -41,6 +41,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill", default="synthetic", help="synthetic (default) or model")
     p.add_argument("--budget-s", type=float, default=None,
                    help="seconds for the decode grid; points left when it is spent are listed as skipped")
+    p.add_argument("--sdpa", default="no-cudnn",
+                   help="attention kernels: no-cudnn (default; cuDNN builds a plan per new KV length) or default")
+    p.add_argument("--profile", default=None, metavar="FILE",
+                   help="operator profile (python -m tiersim.validator.operators) for the simulator's predictions")
     p.add_argument("--out", default=None, help="calibration JSON to write")
     p.add_argument("--compare", default=None, metavar="FILE", help="print measured vs simulated of FILE and exit")
     return p
@@ -57,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:] if argv is None else argv
         doc = calibrate.run_validation(
             args.model_shape, args.batch, args.context, args.hbm, device=args.device, steps=args.steps,
-            warmup=args.warmup, prefill=args.prefill, out=args.out, budget_s=args.budget_s,
+            warmup=args.warmup, prefill=args.prefill, out=args.out, budget_s=args.budget_s, sdpa=args.sdpa,
+            profile=args.profile,
             command=shlex.join(["python", "-m", "tiersim.validator", *argv]),
             log=lambda msg: print(msg, file=sys.stderr, flush=True),
         )

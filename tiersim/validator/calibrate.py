@@ -143,7 +143,8 @@ def sim_model(shape, params: float):
     from tiersim.simulator.presets import Model
 
     return Model(shape.name, shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.hidden_size,
-                 shape.num_attention_heads, float(params))
+                 shape.num_attention_heads, float(params), vocab_size=shape.vocab_size,
+                 tie_word_embeddings=shape.tie_word_embeddings)
 
 
 def effective_context(context: int, warmup: int, steps: int) -> float:
@@ -152,11 +153,12 @@ def effective_context(context: int, warmup: int, steps: int) -> float:
 
 
 def layer_bytes(model, batch: int, context: float) -> float:
-    """Bytes one decoder layer reads per all-in-HBM decode step, by the simulator's own accounting."""
-    return model.weight_bytes / model.num_layers + batch * context * model.kv_bytes_per_token_layer
+    """Bytes one decoder layer reads per all-in-HBM decode step, by the simulator's own accounting
+    (the step's weight reads, LM head included and embedding table excluded, spread over the layers)."""
+    return model.step_weight_bytes(batch) / model.num_layers + batch * context * model.kv_bytes_per_token_layer
 
 
-def predict(model, gpu, policy: dict, batch: int, context: float, hbm: float) -> dict:
+def predict(model, gpu, policy: dict, batch: int, context: float, hbm: float, table=None) -> dict:
     """The simulator's closed-form step time and stall for one steady (non re-tiering) decode step."""
     from tiersim.hierarchy.config import tier_targets_array
     from tiersim.simulator.analytic import Policy, Workload, closed_form, layer_costs
@@ -166,11 +168,11 @@ def predict(model, gpu, policy: dict, batch: int, context: float, hbm: float) ->
     one = np.array([float(batch * context)])
     work = Workload(batch=batch, steps=np.array([0]), context=one, full_context=one,
                     hbm=tg["hbm"] * batch, ddr=tg["ddr"] * batch, compressed=np.zeros(1), demoted=np.zeros(1))
-    step, stall = closed_form(layer_costs(model, gpu, pol, work), model.num_layers)
+    step, stall = closed_form(layer_costs(model, gpu, pol, work, table), model.num_layers)
     return {"step_ms": float(step[0]) * 1e3, "stall_ms": float(stall[0]) * 1e3}
 
 
-def add_predictions(doc: dict, model, policy: dict, settings: dict) -> None:
+def add_predictions(doc: dict, model, policy: dict, settings: dict, profile=None) -> None:
     """Fill ``simulated_step_ms`` / ``sim_error_pct`` per point from the calibrated simulator (in place)."""
     try:
         from tiersim.simulator.calibration import apply_calibration
@@ -178,11 +180,23 @@ def add_predictions(doc: dict, model, policy: dict, settings: dict) -> None:
     except ImportError:  # pragma: no cover - the simulator's numpy-only modules are part of tiersim
         return
     gpu = apply_calibration(get_gpu(doc["gpu_preset"]), doc)
+    table, doc["compute_model"] = None, "roofline (calibrated)"
+    if profile is not None:
+        from tiersim.simulator.profile import check_device, load_profile, table_for
+
+        prof = load_profile(profile)
+        try:  # the same device by name (the smoke mode too), or one of the same preset
+            if (prof.get("device") or {}).get("name") != (doc.get("device") or {}).get("name"):
+                check_device(prof, doc["gpu_preset"])
+            table, why = table_for(prof, model)
+        except TiersimError as exc:  # never lose a finished measurement over the prediction
+            table, why = None, f"roofline (calibrated; {exc})"
+        doc["compute_model"] = table.describe() if table is not None else why
     for point in doc["points"]:
         if point.get("measured_step_ms") is None:
             continue
         ctx = effective_context(point["context"], settings["warmup"], settings["steps"])
-        pred = predict(model, gpu, policy, point["batch"], ctx, point["hbm"])
+        pred = predict(model, gpu, policy, point["batch"], ctx, point["hbm"], table)
         point["simulated_step_ms"] = pred["step_ms"]
         point["simulated_stall_ms"] = pred["stall_ms"]
         point["sim_error_pct"] = 100.0 * (pred["step_ms"] - point["measured_step_ms"]) / point["measured_step_ms"]
@@ -203,6 +217,8 @@ def run_validation(
     command: str | None = None,
     log: Callable[[str], None] = lambda _msg: None,
     budget_s: float | None = None,
+    sdpa: str = "no-cudnn",
+    profile=None,
 ) -> dict:
     """Measure everything, predict every point, write ``out`` atomically (when given); return the document.
 
@@ -222,10 +238,18 @@ def run_validation(
             "CPU smoke mode, which only proves the code path; use --model-shape tiny (its default) on a CPU"
         )
     check_grid(batches, contexts, hbms, steps, warmup, prefill, budget_s)
+    from tiersim.validator.sdpa import SDPA_CHOICES
+
+    if sdpa not in SDPA_CHOICES:
+        raise TiersimError(f"--sdpa must be one of {', '.join(SDPA_CHOICES)}, got {sdpa!r}")
     check_out(out)
+    if profile is not None:
+        from tiersim.simulator.profile import load_profile
+
+        load_profile(profile)  # a missing or foreign file is refused before any GPU time is spent
     with single_threaded_cpu(dev):
         doc = _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_sizes, command, log,
-                       budget_s)
+                       budget_s, sdpa, profile)
     if out is not None:
         write_json(out, doc)
         log(f"wrote {out}")
@@ -253,7 +277,7 @@ def single_threaded_cpu(dev):
 
 
 def _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_sizes, command, log,
-             budget_s) -> dict:
+             budget_s, sdpa="no-cudnn", profile=None) -> dict:
     import torch
 
     from tiersim.hierarchy.config import TierConfig
@@ -287,7 +311,7 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_
                     m, why = None, f"skipped: time budget of {budget_s:g} s spent"
                 else:
                     log(f"decode: batch {batch}, context {context}, hbm {hbm}")
-                    m, why = _run_point_or_oom(decode, model, batch, context, hbm, steps, warmup, prefill)
+                    m, why = _run_point_or_oom(decode, model, batch, context, hbm, steps, warmup, prefill, sdpa)
                 if why:
                     log(f"  {why}")
                 if hbm == 1.0:
@@ -305,6 +329,7 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_
     model_doc = sim_model(shape, params)
     probe = min(8, steps) if dev.type == "cuda" else 0
     settings = {"steps": steps, "warmup": warmup, "probe_steps": probe, "prefill": prefill, "budget_s": budget_s,
+                "sdpa": sdpa,
                 **policy}
     fit = compute.fit_layer_model(
         [layer_bytes(model_doc, b["batch"], effective_context(b["context"], warmup, steps)) for b in baselines],
@@ -331,17 +356,20 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_
         },
         "points": points,
     }
-    add_predictions(doc, model_doc, policy, settings)
+    add_predictions(doc, model_doc, policy, settings, profile)
+    if table_note := doc.get("compute_model"):
+        log(f"simulator: {table_note}")
     finish(doc)
     return doc
 
 
-def _run_point_or_oom(decode, model, batch, context, hbm, steps, warmup, prefill):
+def _run_point_or_oom(decode, model, batch, context, hbm, steps, warmup, prefill, sdpa="no-cudnn"):
     """(measurement, None), or (None, why) when the device or pinned host memory ran out."""
     import torch
 
     try:
-        return decode.run_point(model, batch, context, hbm, steps=steps, warmup=warmup, prefill=prefill), None
+        return decode.run_point(model, batch, context, hbm, steps=steps, warmup=warmup, prefill=prefill,
+                                sdpa=sdpa), None
     except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:  # cudaHostAlloc failures are RuntimeErrors
         if "out of memory" not in str(exc).lower():
             raise

@@ -17,6 +17,7 @@ from tiersim.compat import cache_kwargs
 from tiersim.hierarchy import scoring
 from tiersim.hierarchy.cache import TieredCache
 from tiersim.hierarchy.config import TierConfig
+from tiersim.validator.sdpa import sdpa_backends
 from tiersim.validator.timing import Stopwatch, summarize
 
 PREFILLS = ("synthetic", "model")
@@ -118,13 +119,16 @@ def run_point(
     seed: int = 0,
     policy: dict | None = None,
     probe_steps: int | None = None,
+    sdpa: str = "no-cudnn",
 ) -> dict:
     """Time ``steps`` decode steps after ``warmup``; returns step-time statistics, stall and bytes moved.
 
     The timed steps run uninstrumented: recording events around every layer's prefetch costs host
     time, which a launch-bound step would show as overhead. ``probe_steps`` further steps (CUDA
     only, default ``min(8, steps)``) record the prefetch copies and waits for ``stall_ms`` and
-    ``prefetch_gbps``.
+    ``prefetch_gbps``. ``sdpa`` (tiersim.validator.sdpa): ``no-cudnn`` by default, because cuDNN
+    attention builds a plan for every new KV length, a host cost of whichever configuration first
+    decodes at a given length (it made HBM 0.5 look 38% faster than HBM 1.0 on the first H100 run).
     """
     device = model.device
     config = tier_config(hbm, **(policy or {}))
@@ -138,7 +142,7 @@ def run_point(
     total = warmup + steps + probe_steps
     marks = []
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), sdpa_backends(sdpa):
             (synthetic_prefill if prefill == "synthetic" else model_prefill)(model, cache, batch, context, generator)
             tokens = torch.randint(model.config.vocab_size, (total, batch, 1), generator=generator, device=device)
             for i in range(total):
@@ -180,6 +184,7 @@ def run_point(
             "steps": steps,
             "warmup": warmup,
             "probe_steps": probe_steps,
+            "sdpa": sdpa,
         }
     finally:
         del cache
