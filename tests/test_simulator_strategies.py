@@ -218,6 +218,18 @@ def test_when_the_full_cache_does_not_fit_the_planner_compares_a_smaller_batch()
     assert f"run the full cache at batch {full['batch']}" in doc["recommendation"]
 
 
+def test_the_quickest_option_named_when_nothing_meets_the_slo_is_exact_and_within_the_eviction_budget():
+    proc = _tiersim("capacity", "--model", "qwq-32b", "--lengths", "aime", "--gpu", "h200", "--batch", "64",
+                    "--steps", "32", "--tpot-slo", "50", "--max-evict", "0.1", "--format", "json")
+    doc = json.loads(proc.stdout)
+    sentence = doc["recommendation"]
+    assert "No exact config at batch 64" in sentence and "the quickest that fits is" in sentence
+    exact = [r for r in doc["points"] if r["fits"] and not r["approximate"] and r["evict"] <= 0.1 + 1e-9]
+    quickest = min(exact, key=lambda r: r["tpot_ms"])
+    assert f"({quickest['tpot_ms']:.1f} ms)" in sentence
+    assert "compressed-transfer" not in sentence and "selective" not in sentence
+
+
 def test_a_range_run_lists_every_strategy_and_fits_100_columns():
     proc = _tiersim("capacity", "--batch", "16..256", "--tpot-slo", "50", "--steps", "32")
     assert proc.returncode == 0, proc.stderr
