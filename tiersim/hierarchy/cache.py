@@ -126,8 +126,10 @@ class TieredLayer(CacheLayerMixin):
     recent: torch.Tensor | None = None  # [B, Hq, r, N] float32
     n_evicted: int = 0
     context_len: int = 0
-    prompt_len: int = 0
+    prompt_len: int = 0  # tokens fed before the first one-token forward (all chunks of a chunked prefill)
     step: int = 0
+    q_len: int = 0  # tokens of the current forward
+    decoding: bool = False
     awaiting_scores: bool = False
     last_full: tuple | None = None
     staged: list | None = None  # device copies of the DDR chunks for this step (CUDA)
@@ -194,9 +196,11 @@ class TieredLayer(CacheLayerMixin):
         return 0 if self.comp is None else self.comp.num_tokens
 
     def get_seq_length(self) -> int:
-        return self.num_retained
+        """Tokens seen (evicted ones included): transformers derives new tokens and positions from it."""
+        return self.context_len
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """The mask spans the retained tokens (what attention gets) plus the new queries."""
         return self.num_retained + query_length, 0
 
     def get_max_length(self) -> int:
@@ -270,6 +274,22 @@ class TieredCache(Cache):
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens seen so far, evicted ones included.
+
+        transformers reads this as "tokens already processed": ``generate`` feeds only the tokens
+        after it when a cache is reused, and a forward without ``position_ids`` starts RoPE there.
+        The mask geometry uses the retained count instead (``get_mask_sizes``, ``get_query_offset``).
+        """
+        if layer_idx >= len(self.layers):
+            return 0
+        return self.layers[layer_idx].context_len
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        """Slot of the first new query in the mask: after the retained tokens, not the tokens seen.
+
+        The causal mask compares query and key slots; the keys attention gets are the retained
+        ones followed by the new tokens, so the queries start at the retained count.
+        """
         if layer_idx >= len(self.layers):
             return 0
         return self.layers[layer_idx].num_retained
@@ -299,7 +319,7 @@ class TieredCache(Cache):
         layer = self.layers[layer_idx]
         if not layer.awaiting_scores:
             return 0
-        if layer.step == 0:
+        if layer.step == 0 or layer.q_len > 1:
             wanted = self.policy.prefill_queries
             wanted = q_len if wanted is None else wanted
             return max(min(q_len, max(wanted, self.policy.recent_queries)), 1)
@@ -314,7 +334,8 @@ class TieredCache(Cache):
         n = layer.num_retained
         probs = probs[..., :n]
         step = layer.step
-        if step == 0:
+        if step == 0 or probs.shape[2] > 1:
+            # A prompt (or a prompt chunk, or the new tokens of a continuation): its last queries.
             window = self.policy.prefill_queries
             scored = probs if window is None else probs[:, :, -window:, :]
             layer.cumulative.add_(scored.mean(dim=1).sum(dim=1))
@@ -393,7 +414,10 @@ class TieredCache(Cache):
         if layer.recent is not None:
             pad = layer.recent.new_zeros((*layer.recent.shape[:3], q_len))
             layer.recent = torch.cat((layer.recent, pad), dim=3)
-        if layer.step == 0:
+        layer.q_len = q_len
+        if q_len == 1 and layer.step > 0:
+            layer.decoding = True
+        if not layer.decoding:
             layer.prompt_len += q_len
         layer.context_len += q_len
         layer.keys, layer.values = layer.hbm_k, layer.hbm_v

@@ -1,0 +1,142 @@
+"""The tiered cache off the happy path: continuation, manual forward loops, padding, low precision.
+
+Each test here failed before issue 12's fixes; together with tests/test_cache_memory.py they also hold
+the cache to "tokens really leave HBM" and to honest byte accounting.
+"""
+
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from tiersim.compat import cache_kwargs
+from tiersim.errors import TiersimError
+from tiersim.hierarchy import TierConfig
+from tiersim.hierarchy.cache import TieredCache
+from tiersim.hierarchy.policy import COMPRESSED, DDR, HBM
+
+SMALL = dict(sink_tokens=2, recent_window=4, retier_every=3)
+
+
+def _prompt(model, length, seed=0, batch=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(1, model.config.vocab_size, (batch, length), generator=gen)
+
+
+def _generate(model, ids, cache, new_tokens, mask=None, **kwargs):
+    with torch.inference_mode():
+        return model.generate(
+            ids, attention_mask=torch.ones_like(ids) if mask is None else mask, **cache_kwargs(model, cache),
+            max_new_tokens=new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True,
+            pad_token_id=0, **kwargs,
+        )
+
+
+def _count_fed(cache):
+    """Wrap ``cache.update`` to record how many tokens each forward feeds layer 0."""
+    fed = []
+    update = cache.update
+
+    def counting(key_states, value_states, layer_idx, *args, **kwargs):
+        if layer_idx == 0:
+            fed.append(key_states.shape[2])
+        return update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    cache.update = counting
+    return fed
+
+
+# -- 1. continuation ---------------------------------------------------------------------------
+def test_a_second_generate_after_eviction_feeds_only_the_new_tokens(tiny_llama):
+    cache = TieredCache(TierConfig(hbm=0.5, ddr=0.2, evict=0.3, **SMALL))
+    first = _generate(tiny_llama, _prompt(tiny_llama, 40), cache, 20)
+    assert cache.tier_counts(0)["evicted"] > 0
+    seen = cache.layers[0].context_len
+    assert seen == first.sequences.shape[1] - 1  # the last sampled token was never fed
+    assert cache.get_seq_length() == seen
+    more = torch.cat((first.sequences, _prompt(tiny_llama, 5, seed=9)), dim=1)
+    fed = _count_fed(cache)
+    second = _generate(tiny_llama, more, cache, 6)
+    assert fed[0] == more.shape[1] - seen == 6  # only the tokens the cache has not seen
+    assert cache.layers[0].context_len == second.sequences.shape[1] - 1
+    positions = cache.layers[0].positions[0]
+    assert torch.equal(positions, torch.unique(positions))  # no token seen twice
+
+
+@pytest.mark.parametrize("hbm", [1.0, 0.3])
+def test_continuation_without_eviction_is_bit_identical(tiny_qwen2, hbm):
+    ids = _prompt(tiny_qwen2, 30, seed=4)
+    extra = _prompt(tiny_qwen2, 4, seed=8)
+    results = []
+    for cache in (DynamicCache(), TieredCache(TierConfig(hbm=hbm, ddr=round(1 - hbm, 6), **SMALL))):
+        first = _generate(tiny_qwen2, ids, cache, 12)
+        results.append(_generate(tiny_qwen2, torch.cat((first.sequences, extra), dim=1), cache, 10))
+    assert torch.equal(results[0].sequences, results[1].sequences)
+    for a, b in zip(results[0].logits, results[1].logits, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_multi_token_forward_after_eviction_stays_causal(tiny_llama):
+    # Feeding 6 tokens at once after eviction must equal feeding them one by one (no re-tiering in
+    # between): the mask puts the new queries after the retained keys, not after the tokens seen.
+    cfg = TierConfig(hbm=0.5, ddr=0.2, evict=0.3, sink_tokens=2, recent_window=4, retier_every=100)
+    cache = TieredCache(cfg)
+    with torch.inference_mode():
+        tiny_llama(input_ids=_prompt(tiny_llama, 40), **cache_kwargs(tiny_llama, cache))
+    assert cache.tier_counts(0)["evicted"] == 12
+    twin = copy.deepcopy(cache)
+    new = _prompt(tiny_llama, 6, seed=3)
+    with torch.inference_mode():
+        together = tiny_llama(input_ids=new, **cache_kwargs(tiny_llama, cache)).logits
+        apart = torch.cat([tiny_llama(input_ids=new[:, i : i + 1], **cache_kwargs(tiny_llama, twin)).logits
+                           for i in range(6)], dim=1)
+    torch.testing.assert_close(together, apart, rtol=1e-4, atol=1e-4)
+
+
+# -- 2. manual forward loops -------------------------------------------------------------------
+def _manual_greedy(model, ids, cache, steps, explicit_positions):
+    """Prefill + greedy decode by calling the model directly, with or without ``position_ids``."""
+    logits, token, seen = [], ids, 0
+    with torch.inference_mode():
+        for _ in range(steps):
+            kwargs = {}
+            if explicit_positions:
+                kwargs["position_ids"] = torch.arange(seen, seen + token.shape[1])[None, :]
+            out = model(input_ids=token, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1,
+                        **kwargs).logits[:, -1]
+            seen += token.shape[1]
+            logits.append(out)
+            token = out.argmax(-1, keepdim=True)
+    return logits
+
+
+def test_a_forward_without_position_ids_after_eviction_gets_the_right_positions(tiny_llama):
+    ids = _prompt(tiny_llama, 40)
+    cfg = TierConfig(hbm=0.5, ddr=0.2, evict=0.3, **SMALL)
+    implicit = _manual_greedy(tiny_llama, ids, TieredCache(cfg), 12, explicit_positions=False)
+    explicit = _manual_greedy(tiny_llama, ids, TieredCache(cfg), 12, explicit_positions=True)
+    for step, (a, b) in enumerate(zip(implicit, explicit, strict=True)):
+        assert torch.equal(a, b), f"logits differ at step {step}"
+
+
+def test_a_manual_loop_matches_generate_with_eviction(tiny_qwen2):
+    ids = _prompt(tiny_qwen2, 40, seed=6)
+    cfg = TierConfig(hbm=0.4, ddr=0.3, evict=0.3, **SMALL)
+    manual = _manual_greedy(tiny_qwen2, ids, TieredCache(cfg), 16, explicit_positions=False)
+    cache = TieredCache(cfg)
+    out = _generate(tiny_qwen2, ids, cache, 16)
+    assert cache.tier_counts(0)["evicted"] > 0
+    for step, (a, b) in enumerate(zip(manual, out.logits, strict=True)):
+        assert torch.equal(a, b), f"logits differ at step {step}"
+
+
+# -- chunked prefill ---------------------------------------------------------------------------
+def test_chunked_prefill_records_the_whole_prompt(tiny_llama):
+    ids = _prompt(tiny_llama, 40)
+    ref = _generate(tiny_llama, ids, DynamicCache(), 8)
+    cache = TieredCache(TierConfig(hbm=0.5, ddr=0.5, **SMALL))
+    out = _generate(tiny_llama, ids, cache, 8, prefill_chunk_size=16)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert all(layer.prompt_len == 40 for layer in cache.layers)
+    assert cache.layers[0].context_len == 40 + 7
