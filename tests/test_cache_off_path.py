@@ -140,3 +140,28 @@ def test_chunked_prefill_records_the_whole_prompt(tiny_llama):
     assert torch.equal(out.sequences, ref.sequences)
     assert all(layer.prompt_len == 40 for layer in cache.layers)
     assert cache.layers[0].context_len == 40 + 7
+
+
+# -- 3. left padding ---------------------------------------------------------------------------
+def _left_padded(model, pads=8):
+    ids = _prompt(model, 30, seed=5, batch=2)
+    mask = torch.ones_like(ids)
+    ids[1, :pads], mask[1, :pads] = 0, 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("lower", ["ddr", "compressed"])
+def test_left_padding_ranks_below_every_real_token(tiny_llama, lower):
+    ids, mask = _left_padded(tiny_llama)
+    cfg = TierConfig(hbm=0.4, **{lower: 0.6}, sink_tokens=2, recent_window=4, retier_every=2)
+    cache = TieredCache(cfg)
+    _generate(tiny_llama, ids, cache, 9, mask=mask)
+    code = DDR if lower == "ddr" else COMPRESSED
+    for layer in cache.layers:
+        assert torch.isfinite(layer.cumulative).all(), "a pad query's empty softmax must not poison the scores"
+        assert layer.first_real.tolist() == [0, 8]
+        pos, tiers = layer.positions[1], layer.tiers[1]
+        assert (tiers[pos < 8] == code).all(), "pads leave HBM before any real token"
+        assert (tiers[(pos >= 8) & (pos < 10)] == HBM).all(), "the row's first real tokens are its sinks"
+        assert (tiers[pos > layer.context_len - 1 - 4] == HBM).all(), "the recent window stays"
+        assert (layer.tiers[0][layer.positions[0] < 2] == HBM).all()  # the unpadded row keeps its own sinks

@@ -129,6 +129,7 @@ class TieredLayer(CacheLayerMixin):
     prompt_len: int = 0  # tokens fed before the first one-token forward (all chunks of a chunked prefill)
     step: int = 0
     q_len: int = 0  # tokens of the current forward
+    first_real: torch.Tensor | None = None  # [B] position of each row's first real token (left padding)
     decoding: bool = False
     awaiting_scores: bool = False
     last_full: tuple | None = None
@@ -325,8 +326,12 @@ class TieredCache(Cache):
             return max(min(q_len, max(wanted, self.policy.recent_queries)), 1)
         return max(min(q_len, max(1, self.policy.recent_queries)), 1)
 
-    def observe_attention(self, layer_idx: int, probs: torch.Tensor) -> None:
-        """Accumulate this step's attention into the scores; re-tier the layer when the policy says so."""
+    def observe_attention(self, layer_idx: int, probs: torch.Tensor, visible: torch.Tensor | None = None) -> None:
+        """Accumulate this step's attention into the scores; re-tier the layer when the policy says so.
+
+        ``visible`` ([B, N] bool, optional) marks the keys the step's last query may see: at the
+        prefill, the keys it hides are left padding, which the policy then never ranks above a real token.
+        """
         layer = self.layers[layer_idx]
         if not layer.awaiting_scores or probs.shape[-1] != layer.num_retained:
             return
@@ -334,6 +339,8 @@ class TieredCache(Cache):
         n = layer.num_retained
         probs = probs[..., :n]
         step = layer.step
+        if step == 0 and visible is not None and not bool(visible.all()):
+            layer.first_real = visible[:, :n].to(torch.int8).argmax(dim=1)
         if step == 0 or probs.shape[2] > 1:
             # A prompt (or a prompt chunk, or the new tokens of a continuation): its last queries.
             window = self.policy.prefill_queries
@@ -578,6 +585,7 @@ class TieredCache(Cache):
             prompt_len=layer.prompt_len,
             step=layer.step,
             num_kv_heads=keys.shape[1],
+            first_real=layer.first_real,
         )
         old = layer.tiers
         new = assign_tiers(self.policy, view, layer.n_evicted)

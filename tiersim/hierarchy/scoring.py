@@ -72,7 +72,20 @@ def attention_probabilities(
         rows = torch.arange(first, first + q_used, device=key.device)[:, None]
         cols = torch.arange(kv_len, device=key.device)[None, :]
         logits = logits.masked_fill(cols > rows, float("-inf"))
-    return torch.softmax(logits, dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    # A query that may see no key at all (a left-pad query in a padded batch) gives 0/0 = NaN rows;
+    # it attends to nothing, so it gives no token any score.
+    return probs.nan_to_num_(nan=0.0)
+
+
+def visible_keys(attention_mask: torch.Tensor | None, batch: int, kv_len: int) -> torch.Tensor | None:
+    """[B, kv] bool: the keys the last query may see (left padding hides the pad tokens), or None."""
+    if attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[-1] != kv_len:
+        return None
+    last = attention_mask[:, 0, -1, :]
+    if last.dtype != torch.bool:
+        last = last > torch.finfo(last.dtype).min / 2  # additive masks: 0 visible, dtype min hidden
+    return last.expand(batch, kv_len)
 
 
 def tiersim_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -90,7 +103,8 @@ def tiersim_attention_forward(module, query, key, value, attention_mask, dropout
         n_queries = cache.queries_to_score(layer_idx, query.shape[2])
         if n_queries:
             probs = attention_probabilities(query, key, attention_mask, scaling, n_queries)
-            cache.observe_attention(layer_idx, probs)
+            visible = visible_keys(attention_mask, key.shape[0], key.shape[2])
+            cache.observe_attention(layer_idx, probs, visible=visible)
     return output
 
 
