@@ -165,3 +165,36 @@ def test_left_padding_ranks_below_every_real_token(tiny_llama, lower):
         assert (tiers[(pos >= 8) & (pos < 10)] == HBM).all(), "the row's first real tokens are its sinks"
         assert (tiers[pos > layer.context_len - 1 - 4] == HBM).all(), "the recent window stays"
         assert (layer.tiers[0][layer.positions[0] < 2] == HBM).all()  # the unpadded row keeps its own sinks
+
+
+# -- 4. the compressed tier's size -------------------------------------------------------------
+def _compressed_ratio(cache, model):
+    """Bytes the compressed tier holds / bytes its tokens would take uncompressed (all layers)."""
+    cfg = model.config
+    per_token = 2 * cfg.num_key_value_heads * cfg.head_dim * model.dtype.itemsize * cfg.num_hidden_layers
+    return cache.stats()["bytes"]["compressed"] / (cache.tier_counts(0)["compressed"] * per_token)
+
+
+def test_the_compressed_tier_stays_bounded_when_re_tiering_every_step(tiny_llama):
+    cfg = TierConfig(hbm=0.5, ddr=0.2, compressed=0.3, sink_tokens=2, recent_window=4, retier_every=1,
+                     compressed_bits=4, quant_group=16)
+    cache = TieredCache(cfg)
+    ratios = []
+
+    def recorder(row):
+        if row["layer"] == 2 and row["step"] % 50 == 49:
+            ratios.append(_compressed_ratio(cache, tiny_llama))
+
+    cache.recorder = recorder
+    _generate(tiny_llama, _prompt(tiny_llama, 40), cache, 300)
+    for layer in cache.layers:
+        # Every key scale group still holds a token: the scales never outnumber the tokens.
+        assert layer.comp.key_scale.shape[2] <= layer.comp.num_tokens
+    # One-token groups cost their float32 scale and minimum, about as much as the token itself:
+    # bounded, and not growing with the run.
+    assert max(ratios) < 1.4
+    assert ratios[-1] <= ratios[0] + 0.05
+    # Re-tiering less often fills the groups: the tier is then well below the uncompressed size.
+    sparse = TieredCache(TierConfig(**{**cfg.to_dict(), "retier_every": 16}))
+    _generate(tiny_llama, _prompt(tiny_llama, 40), sparse, 120)
+    assert _compressed_ratio(sparse, tiny_llama) < 0.5
