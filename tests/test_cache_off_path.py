@@ -198,3 +198,31 @@ def test_the_compressed_tier_stays_bounded_when_re_tiering_every_step(tiny_llama
     sparse = TieredCache(TierConfig(**{**cfg.to_dict(), "retier_every": 16}))
     _generate(tiny_llama, _prompt(tiny_llama, 40), sparse, 120)
     assert _compressed_ratio(sparse, tiny_llama) < 0.5
+
+
+# -- 6. refusals at the right time -------------------------------------------------------------
+def test_a_quant_group_that_does_not_divide_head_dim_is_refused_up_front():
+    from tiersim.models import tiny_model
+
+    model = tiny_model("llama", head_dim=24)[0]  # 24 channels: groups of 16 do not tile them
+    cfg = TierConfig(hbm=0.5, compressed=0.5, quant_group=16, **SMALL)
+    with pytest.raises(TiersimError, match="quant_group=16 does not divide head_dim 24"):
+        TieredCache(cfg, model=model)
+    cache = TieredCache(cfg)  # without model=: at the first forward, before anything is re-tiered
+    with pytest.raises(TiersimError, match="quant_group=16 does not divide head_dim 24"):
+        _generate(model, _prompt(model, 10), cache, 2)
+    assert not cache.layers[0].is_initialized
+    TieredCache(TierConfig(hbm=0.5, compressed=0.5, quant_group=8, **SMALL), model=model)  # 8 divides 24
+    TieredCache(TierConfig(hbm=0.5, ddr=0.5, quant_group=16, **SMALL), model=model)  # no compressed tier
+
+
+@pytest.mark.parametrize("hbm", [1.0, 0.5])
+def test_a_sliding_window_model_is_refused_without_model_argument(hbm):
+    from tiersim.models import tiny_model
+
+    mistral = tiny_model("mistral")[0]  # sliding_window=32
+    cache = TieredCache(TierConfig(hbm=hbm, ddr=round(1 - hbm, 6), **SMALL))
+    with pytest.raises(TiersimError, match="sliding-window"):
+        _generate(mistral, _prompt(mistral, 10), cache, 2)
+    no_window = tiny_model("mistral", sliding_window=None)[0]
+    _generate(no_window, _prompt(no_window, 10), TieredCache(TierConfig(hbm=hbm, ddr=round(1 - hbm, 6))), 2)

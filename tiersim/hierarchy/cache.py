@@ -131,6 +131,7 @@ class TieredLayer(CacheLayerMixin):
     q_len: int = 0  # tokens of the current forward
     first_real: torch.Tensor | None = None  # [B] position of each row's first real token (left padding)
     decoding: bool = False
+    attention_checked: bool = False  # check_attention ran for this layer
     awaiting_scores: bool = False
     last_full: tuple | None = None
     staged: list | None = None  # device copies of the DDR chunks for this step (CUDA)
@@ -241,7 +242,11 @@ class TieredCache(Cache):
         self.record_attention = record_attention and recorder is not None
         self.needs_scores = self.config.offloads or recorder is not None or self.config.policy != "hierarchy"
         if model is not None:
-            check_model_supported(getattr(model, "config", model))
+            model_config = getattr(model, "config", model)
+            check_model_supported(model_config)
+            head_dim = _head_dim(model_config)
+            if head_dim is not None:
+                self._check_head_dim(head_dim)
         self.bytes_h2d = 0
         self.bytes_d2h = 0
         self.tokens_moved = {"hbm_to_ddr": 0, "ddr_to_hbm": 0, "to_compressed": 0, "from_compressed": 0, "evicted": 0}
@@ -256,6 +261,7 @@ class TieredCache(Cache):
             self.layers.append(TieredLayer())
         layer = self.layers[layer_idx]
         if not layer.is_initialized:
+            self._check_head_dim(key_states.shape[-1])
             layer.lazy_initialization(key_states, value_states)
         if layer.awaiting_scores and self.needs_scores:
             raise TiersimError(
@@ -265,6 +271,8 @@ class TieredCache(Cache):
         if self.needs_scores:
             scoring.set_listener(self, layer_idx)
             layer.awaiting_scores = True
+        elif not layer.attention_checked:
+            scoring.set_listener(self, layer_idx)  # once, so check_attention sees the layer
         self._append(layer, key_states, value_states)
         staged = self._wait_for_prefetch(layer, layer_idx)
         keys, values = self._assemble(layer, staged)
@@ -311,6 +319,37 @@ class TieredCache(Cache):
 
     def crop(self, tokens_to_remove: int):
         raise TiersimError("TieredCache cannot be cropped (assisted/speculative decoding is not supported)")
+
+    # -- checks --------------------------------------------------------------------------------
+    def _check_head_dim(self, head_dim: int) -> None:
+        """The compressed tier's channel groups must tile the head: refuse before the first re-tier does."""
+        if self.config.compressed <= 0:
+            return
+        group = self.config.quant_group
+        if head_dim % group and group < head_dim:
+            divisors = [d for d in range(1, head_dim + 1) if head_dim % d == 0 and d >= 8] or [head_dim]
+            raise TiersimError(
+                f"TierConfig.quant_group={group} does not divide head_dim {head_dim}: the compressed tier "
+                f"quantizes values in groups of quant_group channels (pick one of {', '.join(map(str, divisors))})"
+            )
+        if self.config.compressed_bits == 4 and head_dim % 2:
+            raise TiersimError(f"4-bit compression packs two codes per byte: head_dim {head_dim} must be even")
+
+    def check_attention(self, layer_idx: int, module, attention_kwargs: dict) -> None:
+        """Refuse a sliding-window layer at its first attention (the cache keeps every token's slot).
+
+        A cache built without ``model=`` has not seen the config; the ``"tiersim"`` attention calls
+        this with the layer's module and arguments, where transformers passes the window.
+        """
+        if layer_idx >= len(self.layers) or self.layers[layer_idx].attention_checked:
+            return
+        window = attention_kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+        if window:
+            raise TiersimError(
+                f"unsupported model: sliding-window attention (sliding_window={window}) in layer {layer_idx}; "
+                "TieredCache supports full-attention decoders only"
+            )
+        self.layers[layer_idx].attention_checked = True
 
     # -- the scoring hook ----------------------------------------------------------------------
     def queries_to_score(self, layer_idx: int | None, q_len: int) -> int:
@@ -709,6 +748,15 @@ class TieredCache(Cache):
             merged_k, merged_v = merged_k.pin_memory(), merged_v.pin_memory()
         merged = DDRChunk(merged_k, merged_v, index_valid, slots.gather(1, index))
         return [merged, newest]
+
+
+def _head_dim(model_config) -> int | None:
+    text_config = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
+    head_dim = getattr(text_config, "head_dim", None)
+    heads = getattr(text_config, "num_attention_heads", None)
+    if head_dim is None and heads:
+        head_dim = getattr(text_config, "hidden_size", 0) // heads or None
+    return head_dim
 
 
 def check_model_supported(model_config) -> None:

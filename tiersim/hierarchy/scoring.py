@@ -98,6 +98,7 @@ def tiersim_attention_forward(module, query, key, value, attention_mask, dropout
     layer_idx = getattr(module, "layer_idx", None)
     if target is not None and target[1] == layer_idx:
         cache = target[0]
+        cache.check_attention(layer_idx, module, kwargs)
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
         n_queries = cache.queries_to_score(layer_idx, query.shape[2])
