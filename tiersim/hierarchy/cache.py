@@ -254,6 +254,8 @@ class TieredCache(Cache):
         self._prefetch_stream = None
         self._staging: list[list[torch.Tensor] | None] = [None, None]
         self._pending_moves: dict[int, dict] = {}
+        self._peak_layer_buffer = 0  # largest per-layer assembled K+V (one layer's buffer lives at a time)
+        self._peak_scoring = 0  # largest scratch of one layer's scoring
 
     # -- transformers Cache API --------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -276,6 +278,8 @@ class TieredCache(Cache):
         self._append(layer, key_states, value_states)
         staged = self._wait_for_prefetch(layer, layer_idx)
         keys, values = self._assemble(layer, staged)
+        if keys is not layer.hbm_k:
+            self._peak_layer_buffer = max(self._peak_layer_buffer, _nbytes(keys) + _nbytes(values))
         if self.needs_scores:
             layer.last_full = (keys, values, staged)
         self._account_prefetch(layer)
@@ -365,15 +369,19 @@ class TieredCache(Cache):
             return max(min(q_len, max(wanted, self.policy.recent_queries)), 1)
         return max(min(q_len, max(1, self.policy.recent_queries)), 1)
 
-    def observe_attention(self, layer_idx: int, probs: torch.Tensor, visible: torch.Tensor | None = None) -> None:
+    def observe_attention(
+        self, layer_idx: int, probs: torch.Tensor, visible: torch.Tensor | None = None, scratch_bytes: int = 0
+    ) -> None:
         """Accumulate this step's attention into the scores; re-tier the layer when the policy says so.
 
         ``visible`` ([B, N] bool, optional) marks the keys the step's last query may see: at the
         prefill, the keys it hides are left padding, which the policy then never ranks above a real token.
+        ``scratch_bytes`` is what computing ``probs`` allocated (float32 copies, logits, probabilities).
         """
         layer = self.layers[layer_idx]
         if not layer.awaiting_scores or probs.shape[-1] != layer.num_retained:
             return
+        self._peak_scoring = max(self._peak_scoring, scratch_bytes)
         layer.awaiting_scores = False
         n = layer.num_retained
         probs = probs[..., :n]
@@ -419,22 +427,51 @@ class TieredCache(Cache):
         }
 
     def stats(self) -> dict:
-        """Bytes held per tier now (whole batch, all layers) and bytes moved so far.
+        """Bytes held now (whole batch, all layers) and bytes moved so far.
 
-        ``ddr`` counts the tokens in the DDR tier; ``ddr_allocated`` adds the holes left by
-        promotions until the chunks are compacted (the prefetch copies those too).
+        ``bytes`` splits what the cache allocates by role. On the compute device: ``hbm`` (the HBM
+        tier), ``compressed`` (codes, scales, minimums, token -> group map), ``staging`` (the DDR
+        prefetch buffers), ``bookkeeping`` (per-token positions / tiers / scores / slots with their
+        spare capacity, kept attention rows, tier indices), and two per-step peaks: ``layer_buffer``
+        (one layer's reassembled K+V, alive while that layer attends; 0 while everything is in HBM)
+        and ``scoring`` (the float32 copies, logits and probabilities of one layer's scoring).
+        ``device`` adds them all; ``device_resident`` leaves out the two per-step peaks. On the host:
+        ``ddr`` counts the tokens in the DDR tier, ``ddr_allocated`` adds the holes left by
+        promotions until the chunks are compacted (the prefetch copies those too). Every figure is
+        storage actually allocated (a view counts its whole buffer, once).
         """
-        held = {"hbm": 0, "ddr": 0, "ddr_allocated": 0, "compressed": 0, "staging": 0}
+        held = dict.fromkeys(("hbm", "compressed", "staging", "bookkeeping", "ddr", "ddr_allocated"), 0)
+        seen: set[int] = set()
+
+        def add(role: str, *tensors) -> None:
+            for t in tensors:
+                if t is None or t.numel() == 0:
+                    continue
+                storage = t.untyped_storage()
+                if storage.data_ptr() in seen:
+                    continue
+                seen.add(storage.data_ptr())
+                held[role] += storage.nbytes()
+
         for layer in self.layers:
             if not layer.is_initialized:
                 continue
-            held["hbm"] += 2 * layer.hbm_k.numel() * layer.hbm_k.element_size()
-            held["ddr"] += sum(c.live_nbytes for c in layer.ddr)
-            held["ddr_allocated"] += sum(c.nbytes for c in layer.ddr)
-            held["compressed"] += layer.comp.nbytes() if layer.comp is not None else 0
+            add("hbm", layer.hbm_k, layer.hbm_v)
+            if layer.comp is not None:
+                add("compressed", *layer.comp.tensors())
+            add("bookkeeping", *layer.columns.values(), layer.recent, layer.comp_slot, layer.first_real)
+            for chunk in layer.ddr:
+                held["ddr"] += chunk.live_nbytes
+                add("ddr_allocated", chunk.keys, chunk.values)
+                add("bookkeeping", chunk.valid, chunk.slot, chunk.flat_rows, chunk.flat_cols, chunk.flat_slots,
+                    chunk.dense_slots)
         for buffers in self._staging:
             if buffers is not None:
-                held["staging"] += sum(b.numel() * b.element_size() for b in buffers)
+                add("staging", *buffers)
+        held["device_resident"] = held["hbm"] + held["compressed"] + held["staging"] + held["bookkeeping"]
+        held["layer_buffer"] = self._peak_layer_buffer
+        held["scoring"] = self._peak_scoring
+        held["device"] = held["device_resident"] + held["layer_buffer"] + held["scoring"]
         return {
             "bytes": held,
             "bytes_h2d": self.bytes_h2d,
@@ -449,7 +486,8 @@ class TieredCache(Cache):
         q_len = key_states.shape[2]
         n = layer.num_retained
         if layer.hbm_k.shape[2] == 0:
-            layer.hbm_k, layer.hbm_v = key_states, value_states
+            # Keep the tokens, not a larger buffer they may be a view of (a fused QKV projection).
+            layer.hbm_k, layer.hbm_v = _own_storage(key_states), _own_storage(value_states)
         else:
             layer.hbm_k = torch.cat((layer.hbm_k, key_states), dim=2)
             layer.hbm_v = torch.cat((layer.hbm_v, value_states), dim=2)
@@ -748,6 +786,14 @@ class TieredCache(Cache):
             merged_k, merged_v = merged_k.pin_memory(), merged_v.pin_memory()
         merged = DDRChunk(merged_k, merged_v, index_valid, slots.gather(1, index))
         return [merged, newest]
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    return t if t.untyped_storage().nbytes() == _nbytes(t) else t.clone()
 
 
 def _head_dim(model_config) -> int | None:
