@@ -105,6 +105,37 @@ class DDRChunk:
 
 
 @dataclass
+class TokenIndex:
+    """Where a device tier's stored tokens sit in the retained order; ragged rows padded (``valid``)."""
+
+    valid: torch.Tensor  # [B, m] bool
+    slot: torch.Tensor  # [B, m] long (garbage where not valid)
+    dense_slots: torch.Tensor | None = None  # [m] when every entry is valid: a plain scatter
+    flat_rows: torch.Tensor | None = None
+    flat_cols: torch.Tensor | None = None
+    flat_slots: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        # Computed once per re-tiering, not per step (nonzero syncs the device).
+        if bool(self.valid.all()):
+            self.dense_slots = self.slot
+            return
+        self.flat_rows, self.flat_cols = torch.nonzero(self.valid, as_tuple=True)
+        self.flat_slots = self.slot[self.flat_rows, self.flat_cols]
+
+    def tensors(self) -> tuple:
+        return (self.valid, self.slot, self.flat_rows, self.flat_cols, self.flat_slots)
+
+    def scatter(self, keys: torch.Tensor, values: torch.Tensor, src_k: torch.Tensor, src_v: torch.Tensor) -> None:
+        """Write the valid stored tokens ``src`` [B, H, m, D] into ``keys``/``values`` at their slots."""
+        if self.dense_slots is not None:
+            TieredCache._scatter(keys, values, self.dense_slots, src_k, src_v)
+            return
+        keys[self.flat_rows, :, self.flat_slots] = src_k[self.flat_rows, :, self.flat_cols]
+        values[self.flat_rows, :, self.flat_slots] = src_v[self.flat_rows, :, self.flat_cols]
+
+
+@dataclass
 class TieredLayer(CacheLayerMixin):
     """One layer's tiers and the per-token bookkeeping the policy needs."""
 
@@ -117,7 +148,12 @@ class TieredLayer(CacheLayerMixin):
     hbm_v: torch.Tensor | None = None
     ddr: list = field(default_factory=list)  # list[DDRChunk]
     comp: QuantizedKV | None = None
-    comp_slot: torch.Tensor | None = None  # [B, n_comp]
+    comp_slot: torch.Tensor | None = None  # [B, n_comp] (padded where rows hold fewer)
+    comp_index: TokenIndex | None = None
+    # The compressed tier's full-precision residual: arrivals waiting for a full quantization group.
+    residual_k: torch.Tensor | None = None
+    residual_v: torch.Tensor | None = None
+    residual_index: TokenIndex | None = None
     # Per-token columns live in buffers with spare capacity, so a decode step writes one column
     # in place instead of reallocating four tensors: positions [B, N] long, tiers [B, N] uint8,
     # cumulative [B, N] float32 (retained order) and hbm_slot [B, n_hbm] long.
@@ -195,7 +231,7 @@ class TieredLayer(CacheLayerMixin):
 
     @property
     def num_compressed(self) -> int:
-        return 0 if self.comp is None else self.comp.num_tokens
+        return int((self.tiers[0] == COMPRESSED).sum())
 
     def get_seq_length(self) -> int:
         """Tokens seen (evicted ones included): transformers derives new tokens and positions from it."""
@@ -459,7 +495,11 @@ class TieredCache(Cache):
             add("hbm", layer.hbm_k, layer.hbm_v)
             if layer.comp is not None:
                 add("compressed", *layer.comp.tensors())
+            add("compressed", layer.residual_k, layer.residual_v)
             add("bookkeeping", *layer.columns.values(), layer.recent, layer.comp_slot, layer.first_real)
+            for index in (layer.comp_index, layer.residual_index):
+                if index is not None:
+                    add("bookkeeping", *index.tensors())
             for chunk in layer.ddr:
                 held["ddr"] += chunk.live_nbytes
                 add("ddr_allocated", chunk.keys, chunk.values)
@@ -516,9 +556,11 @@ class TieredCache(Cache):
         keys = layer.hbm_k.new_empty((batch, heads, n, dim))
         values = layer.hbm_v.new_empty((batch, heads, n, dim))
         self._scatter(keys, values, layer.hbm_slot, layer.hbm_k, layer.hbm_v)
-        if layer.comp is not None and layer.comp.num_tokens:
+        if layer.comp is not None:
             ck, cv = layer.comp.dequantize()
-            self._scatter(keys, values, layer.comp_slot, ck.to(keys.dtype), cv.to(values.dtype))
+            layer.comp_index.scatter(keys, values, ck.to(keys.dtype), cv.to(values.dtype))
+        if layer.residual_index is not None:
+            layer.residual_index.scatter(keys, values, layer.residual_k, layer.residual_v)
         for chunk, (sk, sv) in zip(layer.ddr, staged):
             if chunk.dense_slots is not None:
                 keys.index_copy_(2, chunk.dense_slots, sk)
@@ -702,30 +744,61 @@ class TieredCache(Cache):
         return moves
 
     def _retier_compressed(self, layer, keys, values, old, new, new_slot_of_old) -> None:
-        n_comp = int((new[0] == COMPRESSED).sum())
-        if n_comp == 0:
-            layer.comp, layer.comp_slot = None, new_slot_of_old[:, :0]
+        """Quantized tokens that stay keep their codes; arrivals wait at full precision (a residual,
+        as in KIVI) until some row holds ``quant_group`` of them, then are quantized together.
+
+        Quantizing each re-tier's few arrivals as their own key scale group would cost a float32
+        scale and minimum per channel for every one or two tokens, as much as the tokens themselves.
+        Rows may hold different numbers of quantized and residual tokens (padded, ``valid``).
+        """
+        if not bool((new == COMPRESSED).any()):
+            layer.comp, layer.comp_slot, layer.comp_index = None, new_slot_of_old[:, :0], None
+            layer.residual_k = layer.residual_v = layer.residual_index = None
             return
+        group = self.config.quant_group
+
+        def staying(index: TokenIndex) -> torch.Tensor:
+            safe = torch.where(index.valid, index.slot, torch.zeros_like(index.slot))
+            return index.valid & (new.gather(1, safe) == COMPRESSED)
+
+        # The residual: tokens that stay, then the arrivals (slots in the old order until the end).
+        res_k, res_v, res_slot, res_valid = [], [], [], []
+        if layer.residual_index is not None:
+            res_k.append(layer.residual_k)
+            res_v.append(layer.residual_v)
+            res_slot.append(layer.residual_index.slot)
+            res_valid.append(staying(layer.residual_index))
         arriving, arriving_valid = padded_index((new == COMPRESSED) & (old != COMPRESSED))
-        combined, combined_slots, combined_valid = layer.comp, layer.comp_slot, None
-        if layer.comp is not None and layer.comp.num_tokens:
-            combined_valid = new.gather(1, layer.comp_slot) == COMPRESSED
         if arriving.shape[1]:
-            fresh = quantize_kv(
-                gather_tokens(keys, arriving),
-                gather_tokens(values, arriving),
-                bits=self.config.compressed_bits,
-                group=self.config.quant_group,
-            )
-            combined = QuantizedKV.concat(combined if combined_valid is not None else None, fresh)
-            if combined_valid is not None:
-                combined_slots = torch.cat((layer.comp_slot, arriving), dim=1)
-                combined_valid = torch.cat((combined_valid, arriving_valid), dim=1)
-            else:
-                combined_slots, combined_valid = arriving, arriving_valid
-        select = masked_index(combined_valid, n_comp)
-        layer.comp = combined.select(select)
-        layer.comp_slot = new_slot_of_old.gather(1, combined_slots.gather(1, select))
+            res_k.append(gather_tokens(keys, arriving))
+            res_v.append(gather_tokens(values, arriving))
+            res_slot.append(arriving)
+            res_valid.append(arriving_valid)
+        comp, comp_slot, comp_valid = layer.comp, None, None
+        if comp is not None:
+            comp_slot, comp_valid = layer.comp_index.slot, staying(layer.comp_index)
+        layer.residual_k = layer.residual_v = layer.residual_index = None
+        if res_k:
+            index, valid = padded_index(torch.cat(res_valid, dim=1))
+            rk = gather_tokens(torch.cat(res_k, dim=2), index)
+            rv = gather_tokens(torch.cat(res_v, dim=2), index)
+            rslot = torch.cat(res_slot, dim=1).gather(1, index)
+            if index.shape[1] >= group:  # some row has a full group: quantize every row's residual
+                fresh = quantize_kv(rk, rv, bits=self.config.compressed_bits, group=group)
+                comp = QuantizedKV.concat(comp, fresh)
+                comp_slot = rslot if comp_slot is None else torch.cat((comp_slot, rslot), dim=1)
+                comp_valid = valid if comp_valid is None else torch.cat((comp_valid, valid), dim=1)
+            elif index.shape[1]:
+                layer.residual_k, layer.residual_v = rk, rv
+                layer.residual_index = TokenIndex(valid, new_slot_of_old.gather(1, rslot))
+        layer.comp, layer.comp_index = None, None
+        layer.comp_slot = new_slot_of_old[:, :0]
+        if comp is not None:
+            index, valid = padded_index(comp_valid)
+            if index.shape[1]:
+                layer.comp = comp.select(index)  # drops the tokens that left, and their empty groups
+                layer.comp_slot = new_slot_of_old.gather(1, comp_slot.gather(1, index))
+                layer.comp_index = TokenIndex(valid, layer.comp_slot)
 
     def _retier_ddr(self, layer, keys, values, old, new, new_slot_of_old) -> None:
         chunks = []
