@@ -79,7 +79,8 @@ def test_stats_count_every_tensor_the_cache_holds(dtype):
     assert held["ddr_allocated"] == _storage_bytes(host) > 0
     assert held["device_resident"] == _storage_bytes(device)
     assert held["hbm"] > 0 and held["compressed"] > 0 and held["bookkeeping"] > 0
-    assert held["device"] == held["device_resident"] + held["layer_buffer"] + held["scoring"]
+    peak = cache.stats()["peak_bytes"]
+    assert peak["device"] == held["device_resident"] + peak["layer_buffer"] + peak["scoring"]
 
 
 def test_stats_report_the_per_step_layer_buffer_and_the_scoring_copies(monkeypatch):
@@ -104,7 +105,7 @@ def test_stats_report_the_per_step_layer_buffer_and_the_scoring_copies(monkeypat
     monkeypatch.setattr(scoring, "attention_probabilities", probabilities)
     cache = TieredCache(TierConfig(hbm=0.3, ddr=0.7, **SMALL))
     _generate(model, _prompt(model, 40), cache, 12)
-    held = cache.stats()["bytes"]
+    held = cache.stats()["peak_bytes"]
     assert assembled and held["layer_buffer"] == max(assembled)
     assert scored and held["scoring"] >= max(scored)
     # Float32 queries, keys, logits, probabilities at the prefill's 32 scored queries: no more than that.

@@ -465,16 +465,18 @@ class TieredCache(Cache):
     def stats(self) -> dict:
         """Bytes held now (whole batch, all layers) and bytes moved so far.
 
-        ``bytes`` splits what the cache allocates by role. On the compute device: ``hbm`` (the HBM
-        tier), ``compressed`` (codes, scales, minimums, token -> group map), ``staging`` (the DDR
-        prefetch buffers), ``bookkeeping`` (per-token positions / tiers / scores / slots with their
-        spare capacity, kept attention rows, tier indices), and two per-step peaks: ``layer_buffer``
-        (one layer's reassembled K+V, alive while that layer attends; 0 while everything is in HBM)
-        and ``scoring`` (the float32 copies, logits and probabilities of one layer's scoring).
-        ``device`` adds them all; ``device_resident`` leaves out the two per-step peaks. On the host:
-        ``ddr`` counts the tokens in the DDR tier, ``ddr_allocated`` adds the holes left by
-        promotions until the chunks are compacted (the prefetch copies those too). Every figure is
-        storage actually allocated (a view counts its whole buffer, once).
+        ``bytes`` splits what the cache holds by role. On the compute device: ``hbm`` (the HBM
+        tier), ``compressed`` (codes, scales, minimums, token -> group map, full-precision residual),
+        ``staging`` (the DDR prefetch buffers), ``bookkeeping`` (per-token positions / tiers / scores /
+        slots with their spare capacity, kept attention rows, tier indices); ``device_resident`` is
+        their sum. On the host: ``ddr`` counts the tokens in the DDR tier, ``ddr_allocated`` adds the
+        holes left by promotions until the chunks are compacted (the prefetch copies those too).
+        Every figure is storage actually allocated (a view counts its whole buffer, once).
+
+        ``peak_bytes`` holds what a step allocates on the device for a while, the largest so far:
+        ``layer_buffer`` (one layer's reassembled K+V, alive while that layer attends; 0 while
+        everything is in HBM), ``scoring`` (the float32 copies, logits and probabilities of one
+        layer's scoring) and ``device`` = ``device_resident`` + both (layers run one at a time).
         """
         held = dict.fromkeys(("hbm", "compressed", "staging", "bookkeeping", "ddr", "ddr_allocated"), 0)
         seen: set[int] = set()
@@ -509,11 +511,11 @@ class TieredCache(Cache):
             if buffers is not None:
                 add("staging", *buffers)
         held["device_resident"] = held["hbm"] + held["compressed"] + held["staging"] + held["bookkeeping"]
-        held["layer_buffer"] = self._peak_layer_buffer
-        held["scoring"] = self._peak_scoring
-        held["device"] = held["device_resident"] + held["layer_buffer"] + held["scoring"]
+        peak = {"layer_buffer": self._peak_layer_buffer, "scoring": self._peak_scoring}
+        peak["device"] = held["device_resident"] + peak["layer_buffer"] + peak["scoring"]
         return {
             "bytes": held,
+            "peak_bytes": peak,
             "bytes_h2d": self.bytes_h2d,
             "bytes_d2h": self.bytes_d2h,
             "tokens_moved": dict(self.tokens_moved),
