@@ -331,3 +331,23 @@ def test_the_compressed_tier_puts_every_token_back_at_its_slot_in_a_ragged_batch
             err = (got - want).abs().amax(dim=(0, 2))  # per token
             assert err.max() < 0.02 * want.abs().max()
             assert err[compressed].max() > 0
+
+
+@pytest.mark.slow
+def test_smollm2_continuation_and_manual_loop_after_eviction(smollm2):
+    model, tokenizer = smollm2
+    from tiersim.models import format_prompt
+
+    ids = format_prompt(tokenizer, "Name three prime numbers larger than 10.")
+    cfg = TierConfig(hbm=0.5, ddr=0.3, evict=0.2, sink_tokens=4, recent_window=8, retier_every=4)
+    implicit = _manual_greedy(model, ids, TieredCache(cfg), 8, explicit_positions=False)
+    explicit = _manual_greedy(model, ids, TieredCache(cfg), 8, explicit_positions=True)
+    for step, (a, b) in enumerate(zip(implicit, explicit, strict=True)):
+        assert torch.equal(a, b), f"logits differ at step {step}"
+    cache = TieredCache(cfg)
+    first = _generate(model, ids, cache, 10)
+    assert cache.tier_counts(29)["evicted"] > 0
+    more = torch.cat((first.sequences, ids[:, -3:]), dim=1)
+    fed = _count_fed(cache)
+    _generate(model, more, cache, 2)
+    assert fed[0] == 4  # the last generated token + the 3 appended
