@@ -77,6 +77,20 @@ def test_continuation_without_eviction_is_bit_identical(tiny_qwen2, hbm):
         assert torch.equal(a, b)
 
 
+def test_continuation_of_a_left_padded_batch_is_bit_identical(tiny_llama):
+    ids = _prompt(tiny_llama, 30, seed=5, batch=2)
+    mask = torch.ones_like(ids)
+    ids[1, :8], mask[1, :8] = 0, 0
+    extra = _prompt(tiny_llama, 3, seed=6, batch=2)
+    results = []
+    for cache in (DynamicCache(), TieredCache(TierConfig(hbm=0.3, ddr=0.7, **SMALL))):
+        first = _generate(tiny_llama, ids, cache, 10, mask=mask)
+        more = torch.cat((first.sequences, extra), dim=1)
+        more_mask = torch.cat((mask, torch.ones(2, more.shape[1] - mask.shape[1], dtype=mask.dtype)), dim=1)
+        results.append(_generate(tiny_llama, more, cache, 8, mask=more_mask))
+    _assert_identical(results[1], results[0])
+
+
 def test_a_multi_token_forward_after_eviction_stays_causal(tiny_llama):
     # Feeding 6 tokens at once after eviction must equal feeding them one by one (no re-tiering in
     # between): the mask puts the new queries after the retained keys, not after the tokens seen.
@@ -187,7 +201,6 @@ def test_the_compressed_tier_stays_bounded_when_re_tiering_every_step(tiny_llama
 
     cache.recorder = recorder
     _generate(tiny_llama, _prompt(tiny_llama, 40), cache, 300, min_new_tokens=300)
-    print("compressed / uncompressed bytes every 50 steps:", [round(r, 3) for r in ratios])
     for layer in cache.layers:
         # Every key scale group still holds a token: the scales never outnumber the tokens.
         assert layer.comp.key_scale.shape[2] <= layer.comp.num_tokens
