@@ -86,3 +86,26 @@ def test_cuda_compressed_tier_runs_and_stays_close():
                                                        **SMALL)), 1)
     # One step after the prefill's re-tiering: int8 codes perturb the logits only slightly.
     assert (out.logits[0] - ref.logits[0]).abs().max().item() < 0.05 * ref.logits[0].abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_stats_match_the_device_memory_the_cache_frees(dtype):
+    # What the cache holds on the device is what stats() says: deleting it frees that much, up to the
+    # allocator's 512-byte rounding per buffer. The DDR tier is in host memory and not counted.
+    import gc
+
+    model = _model("llama", dtype, num_attention_heads=8, num_key_value_heads=8, head_dim=64)
+    cache = TieredCache(TierConfig(hbm=0.3, ddr=0.4, compressed=0.3, quant_group=16, **SMALL))
+    _generate(model, _prompt(model, 160, batch=2), cache, 24)
+    held = cache.stats()["bytes"]
+    assert held["ddr_allocated"] > 0 and held["compressed"] > 0 and held["staging"] > 0
+    buffers = 60 * len(cache.layers) + 4  # at most ~60 tensors per layer, 4 staging buffers
+    gc.collect()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    del cache
+    gc.collect()
+    torch.cuda.synchronize()
+    freed = before - torch.cuda.memory_allocated()
+    assert held["device_resident"] <= freed <= held["device_resident"] + 512 * buffers
+    assert 512 * buffers < 0.1 * held["device_resident"]  # the tolerance is small next to what is checked

@@ -135,7 +135,8 @@ def test_tier_counts_follow_ratios_on_every_layer(tiny_qwen2):
     # Equal on every layer: the causal mask is shared by all layers.
     final = [cache.tier_counts(i) for i in range(tiny_qwen2.config.num_hidden_layers)]
     assert all(c == final[0] for c in final)
-    assert cache.get_seq_length(0) == final[0]["hbm"] + final[0]["ddr"] + final[0]["compressed"]
+    assert cache.layers[0].num_retained == final[0]["hbm"] + final[0]["ddr"] + final[0]["compressed"]
+    assert cache.get_seq_length(0) == 50 + 30  # tokens seen, evicted ones included
 
 
 def test_sinks_and_recent_window_stay_in_hbm(tiny_llama):
@@ -168,7 +169,8 @@ def test_eviction_is_real_and_changes_output(tiny_llama):
     out = _generate(tiny_llama, ids, cache, 30)
     counts = cache.tier_counts(0)
     assert counts["evicted"] >= 40
-    assert cache.get_seq_length(0) == 60 + 29 - counts["evicted"]
+    assert cache.layers[0].num_retained == 60 + 29 - counts["evicted"]
+    assert cache.get_seq_length(0) == 60 + 29
     assert not torch.equal(out.sequences, ref.sequences)
 
 

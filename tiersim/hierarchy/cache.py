@@ -105,6 +105,37 @@ class DDRChunk:
 
 
 @dataclass
+class TokenIndex:
+    """Where a device tier's stored tokens sit in the retained order; ragged rows padded (``valid``)."""
+
+    valid: torch.Tensor  # [B, m] bool
+    slot: torch.Tensor  # [B, m] long (garbage where not valid)
+    dense_slots: torch.Tensor | None = None  # [m] when every entry is valid: a plain scatter
+    flat_rows: torch.Tensor | None = None
+    flat_cols: torch.Tensor | None = None
+    flat_slots: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        # Computed once per re-tiering, not per step (nonzero syncs the device).
+        if bool(self.valid.all()):
+            self.dense_slots = self.slot
+            return
+        self.flat_rows, self.flat_cols = torch.nonzero(self.valid, as_tuple=True)
+        self.flat_slots = self.slot[self.flat_rows, self.flat_cols]
+
+    def tensors(self) -> tuple:
+        return (self.valid, self.slot, self.flat_rows, self.flat_cols, self.flat_slots)
+
+    def scatter(self, keys: torch.Tensor, values: torch.Tensor, src_k: torch.Tensor, src_v: torch.Tensor) -> None:
+        """Write the valid stored tokens ``src`` [B, H, m, D] into ``keys``/``values`` at their slots."""
+        if self.dense_slots is not None:
+            TieredCache._scatter(keys, values, self.dense_slots, src_k, src_v)
+            return
+        keys[self.flat_rows, :, self.flat_slots] = src_k[self.flat_rows, :, self.flat_cols]
+        values[self.flat_rows, :, self.flat_slots] = src_v[self.flat_rows, :, self.flat_cols]
+
+
+@dataclass
 class TieredLayer(CacheLayerMixin):
     """One layer's tiers and the per-token bookkeeping the policy needs."""
 
@@ -117,7 +148,12 @@ class TieredLayer(CacheLayerMixin):
     hbm_v: torch.Tensor | None = None
     ddr: list = field(default_factory=list)  # list[DDRChunk]
     comp: QuantizedKV | None = None
-    comp_slot: torch.Tensor | None = None  # [B, n_comp]
+    comp_slot: torch.Tensor | None = None  # [B, n_comp] (padded where rows hold fewer)
+    comp_index: TokenIndex | None = None
+    # The compressed tier's full-precision residual: arrivals waiting for a full quantization group.
+    residual_k: torch.Tensor | None = None
+    residual_v: torch.Tensor | None = None
+    residual_index: TokenIndex | None = None
     # Per-token columns live in buffers with spare capacity, so a decode step writes one column
     # in place instead of reallocating four tensors: positions [B, N] long, tiers [B, N] uint8,
     # cumulative [B, N] float32 (retained order) and hbm_slot [B, n_hbm] long.
@@ -126,8 +162,12 @@ class TieredLayer(CacheLayerMixin):
     recent: torch.Tensor | None = None  # [B, Hq, r, N] float32
     n_evicted: int = 0
     context_len: int = 0
-    prompt_len: int = 0
+    prompt_len: int = 0  # tokens fed before the first one-token forward (all chunks of a chunked prefill)
     step: int = 0
+    q_len: int = 0  # tokens of the current forward
+    first_real: torch.Tensor | None = None  # [B] position of each row's first real token (left padding)
+    decoding: bool = False
+    attention_checked: bool = False  # check_attention ran for this layer
     awaiting_scores: bool = False
     last_full: tuple | None = None
     staged: list | None = None  # device copies of the DDR chunks for this step (CUDA)
@@ -191,12 +231,14 @@ class TieredLayer(CacheLayerMixin):
 
     @property
     def num_compressed(self) -> int:
-        return 0 if self.comp is None else self.comp.num_tokens
+        return int((self.tiers[0] == COMPRESSED).sum())
 
     def get_seq_length(self) -> int:
-        return self.num_retained
+        """Tokens seen (evicted ones included): transformers derives new tokens and positions from it."""
+        return self.context_len
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """The mask spans the retained tokens (what attention gets) plus the new queries."""
         return self.num_retained + query_length, 0
 
     def get_max_length(self) -> int:
@@ -236,7 +278,11 @@ class TieredCache(Cache):
         self.record_attention = record_attention and recorder is not None
         self.needs_scores = self.config.offloads or recorder is not None or self.config.policy != "hierarchy"
         if model is not None:
-            check_model_supported(getattr(model, "config", model))
+            model_config = getattr(model, "config", model)
+            check_model_supported(model_config)
+            head_dim = _head_dim(model_config)
+            if head_dim is not None:
+                self._check_head_dim(head_dim)
         self.bytes_h2d = 0
         self.bytes_d2h = 0
         self.tokens_moved = {"hbm_to_ddr": 0, "ddr_to_hbm": 0, "to_compressed": 0, "from_compressed": 0, "evicted": 0}
@@ -244,6 +290,8 @@ class TieredCache(Cache):
         self._prefetch_stream = None
         self._staging: list[list[torch.Tensor] | None] = [None, None]
         self._pending_moves: dict[int, dict] = {}
+        self._peak_layer_buffer = 0  # largest per-layer assembled K+V (one layer's buffer lives at a time)
+        self._peak_scoring = 0  # largest scratch of one layer's scoring
 
     # -- transformers Cache API --------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -251,6 +299,7 @@ class TieredCache(Cache):
             self.layers.append(TieredLayer())
         layer = self.layers[layer_idx]
         if not layer.is_initialized:
+            self._check_head_dim(key_states.shape[-1])
             layer.lazy_initialization(key_states, value_states)
         if layer.awaiting_scores and self.needs_scores:
             raise TiersimError(
@@ -260,9 +309,13 @@ class TieredCache(Cache):
         if self.needs_scores:
             scoring.set_listener(self, layer_idx)
             layer.awaiting_scores = True
+        elif not layer.attention_checked:
+            scoring.set_listener(self, layer_idx)  # once, so check_attention sees the layer
         self._append(layer, key_states, value_states)
         staged = self._wait_for_prefetch(layer, layer_idx)
         keys, values = self._assemble(layer, staged)
+        if keys is not layer.hbm_k:
+            self._peak_layer_buffer = max(self._peak_layer_buffer, _nbytes(keys) + _nbytes(values))
         if self.needs_scores:
             layer.last_full = (keys, values, staged)
         self._account_prefetch(layer)
@@ -270,6 +323,22 @@ class TieredCache(Cache):
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens seen so far, evicted ones included.
+
+        transformers reads this as "tokens already processed": ``generate`` feeds only the tokens
+        after it when a cache is reused, and a forward without ``position_ids`` starts RoPE there.
+        The mask geometry uses the retained count instead (``get_mask_sizes``, ``get_query_offset``).
+        """
+        if layer_idx >= len(self.layers):
+            return 0
+        return self.layers[layer_idx].context_len
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        """Slot of the first new query in the mask: after the retained tokens, not the tokens seen.
+
+        The causal mask compares query and key slots; the keys attention gets are the retained
+        ones followed by the new tokens, so the queries start at the retained count.
+        """
         if layer_idx >= len(self.layers):
             return 0
         return self.layers[layer_idx].num_retained
@@ -291,6 +360,37 @@ class TieredCache(Cache):
     def crop(self, tokens_to_remove: int):
         raise TiersimError("TieredCache cannot be cropped (assisted/speculative decoding is not supported)")
 
+    # -- checks --------------------------------------------------------------------------------
+    def _check_head_dim(self, head_dim: int) -> None:
+        """The compressed tier's channel groups must tile the head: refuse before the first re-tier does."""
+        if self.config.compressed <= 0:
+            return
+        group = self.config.quant_group
+        if head_dim % group and group < head_dim:
+            divisors = [d for d in range(1, head_dim + 1) if head_dim % d == 0 and d >= 8] or [head_dim]
+            raise TiersimError(
+                f"TierConfig.quant_group={group} does not divide head_dim {head_dim}: the compressed tier "
+                f"quantizes values in groups of quant_group channels (pick one of {', '.join(map(str, divisors))})"
+            )
+        if self.config.compressed_bits == 4 and head_dim % 2:
+            raise TiersimError(f"4-bit compression packs two codes per byte: head_dim {head_dim} must be even")
+
+    def check_attention(self, layer_idx: int, module, attention_kwargs: dict) -> None:
+        """Refuse a sliding-window layer at its first attention (the cache keeps every token's slot).
+
+        A cache built without ``model=`` has not seen the config; the ``"tiersim"`` attention calls
+        this with the layer's module and arguments, where transformers passes the window.
+        """
+        if layer_idx >= len(self.layers) or self.layers[layer_idx].attention_checked:
+            return
+        window = attention_kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+        if window:
+            raise TiersimError(
+                f"unsupported model: sliding-window attention (sliding_window={window}) in layer {layer_idx}; "
+                "TieredCache supports full-attention decoders only"
+            )
+        self.layers[layer_idx].attention_checked = True
+
     # -- the scoring hook ----------------------------------------------------------------------
     def queries_to_score(self, layer_idx: int | None, q_len: int) -> int:
         """How many of this forward's queries the scoring attention should return probabilities for."""
@@ -299,22 +399,33 @@ class TieredCache(Cache):
         layer = self.layers[layer_idx]
         if not layer.awaiting_scores:
             return 0
-        if layer.step == 0:
+        if layer.step == 0 or layer.q_len > 1:
             wanted = self.policy.prefill_queries
             wanted = q_len if wanted is None else wanted
             return max(min(q_len, max(wanted, self.policy.recent_queries)), 1)
         return max(min(q_len, max(1, self.policy.recent_queries)), 1)
 
-    def observe_attention(self, layer_idx: int, probs: torch.Tensor) -> None:
-        """Accumulate this step's attention into the scores; re-tier the layer when the policy says so."""
+    def observe_attention(
+        self, layer_idx: int, probs: torch.Tensor, visible: torch.Tensor | None = None, scratch_bytes: int = 0
+    ) -> None:
+        """Accumulate this step's attention into the scores; re-tier the layer when the policy says so.
+
+        ``visible`` ([B, N] bool, optional) marks the keys the step's last query may see: at the
+        prefill, the keys it hides are left padding, which the policy then never ranks above a real token.
+        ``scratch_bytes`` is what computing ``probs`` allocated (float32 copies, logits, probabilities).
+        """
         layer = self.layers[layer_idx]
         if not layer.awaiting_scores or probs.shape[-1] != layer.num_retained:
             return
+        self._peak_scoring = max(self._peak_scoring, scratch_bytes)
         layer.awaiting_scores = False
         n = layer.num_retained
         probs = probs[..., :n]
         step = layer.step
-        if step == 0:
+        if step == 0 and visible is not None and not bool(visible.all()):
+            layer.first_real = visible[:, :n].to(torch.int8).argmax(dim=1)
+        if step == 0 or probs.shape[2] > 1:
+            # A prompt (or a prompt chunk, or the new tokens of a continuation): its last queries.
             window = self.policy.prefill_queries
             scored = probs if window is None else probs[:, :, -window:, :]
             layer.cumulative.add_(scored.mean(dim=1).sum(dim=1))
@@ -352,24 +463,59 @@ class TieredCache(Cache):
         }
 
     def stats(self) -> dict:
-        """Bytes held per tier now (whole batch, all layers) and bytes moved so far.
+        """Bytes held now (whole batch, all layers) and bytes moved so far.
 
-        ``ddr`` counts the tokens in the DDR tier; ``ddr_allocated`` adds the holes left by
-        promotions until the chunks are compacted (the prefetch copies those too).
+        ``bytes`` splits what the cache holds by role. On the compute device: ``hbm`` (the HBM
+        tier), ``compressed`` (codes, scales, minimums, token -> group map, full-precision residual),
+        ``staging`` (the DDR prefetch buffers), ``bookkeeping`` (per-token positions / tiers / scores /
+        slots with their spare capacity, kept attention rows, tier indices); ``device_resident`` is
+        their sum. On the host: ``ddr`` counts the tokens in the DDR tier, ``ddr_allocated`` adds the
+        holes left by promotions until the chunks are compacted (the prefetch copies those too).
+        Every figure is storage actually allocated (a view counts its whole buffer, once).
+
+        ``peak_bytes`` holds what a step allocates on the device for a while, the largest so far:
+        ``layer_buffer`` (one layer's reassembled K+V, alive while that layer attends; 0 while
+        everything is in HBM), ``scoring`` (the float32 copies, logits and probabilities of one
+        layer's scoring) and ``device`` = ``device_resident`` + both (layers run one at a time).
         """
-        held = {"hbm": 0, "ddr": 0, "ddr_allocated": 0, "compressed": 0, "staging": 0}
+        held = dict.fromkeys(("hbm", "compressed", "staging", "bookkeeping", "ddr", "ddr_allocated"), 0)
+        seen: set[int] = set()
+
+        def add(role: str, *tensors) -> None:
+            for t in tensors:
+                if t is None or t.numel() == 0:
+                    continue
+                storage = t.untyped_storage()
+                if storage.data_ptr() in seen:
+                    continue
+                seen.add(storage.data_ptr())
+                held[role] += storage.nbytes()
+
         for layer in self.layers:
             if not layer.is_initialized:
                 continue
-            held["hbm"] += 2 * layer.hbm_k.numel() * layer.hbm_k.element_size()
-            held["ddr"] += sum(c.live_nbytes for c in layer.ddr)
-            held["ddr_allocated"] += sum(c.nbytes for c in layer.ddr)
-            held["compressed"] += layer.comp.nbytes() if layer.comp is not None else 0
+            add("hbm", layer.hbm_k, layer.hbm_v)
+            if layer.comp is not None:
+                add("compressed", *layer.comp.tensors())
+            add("compressed", layer.residual_k, layer.residual_v)
+            add("bookkeeping", *layer.columns.values(), layer.recent, layer.comp_slot, layer.first_real)
+            for index in (layer.comp_index, layer.residual_index):
+                if index is not None:
+                    add("bookkeeping", *index.tensors())
+            for chunk in layer.ddr:
+                held["ddr"] += chunk.live_nbytes
+                add("ddr_allocated", chunk.keys, chunk.values)
+                add("bookkeeping", chunk.valid, chunk.slot, chunk.flat_rows, chunk.flat_cols, chunk.flat_slots,
+                    chunk.dense_slots)
         for buffers in self._staging:
             if buffers is not None:
-                held["staging"] += sum(b.numel() * b.element_size() for b in buffers)
+                add("staging", *buffers)
+        held["device_resident"] = held["hbm"] + held["compressed"] + held["staging"] + held["bookkeeping"]
+        peak = {"layer_buffer": self._peak_layer_buffer, "scoring": self._peak_scoring}
+        peak["device"] = held["device_resident"] + peak["layer_buffer"] + peak["scoring"]
         return {
             "bytes": held,
+            "peak_bytes": peak,
             "bytes_h2d": self.bytes_h2d,
             "bytes_d2h": self.bytes_d2h,
             "tokens_moved": dict(self.tokens_moved),
@@ -382,7 +528,8 @@ class TieredCache(Cache):
         q_len = key_states.shape[2]
         n = layer.num_retained
         if layer.hbm_k.shape[2] == 0:
-            layer.hbm_k, layer.hbm_v = key_states, value_states
+            # Keep the tokens, not a larger buffer they may be a view of (a fused QKV projection).
+            layer.hbm_k, layer.hbm_v = _own_storage(key_states), _own_storage(value_states)
         else:
             layer.hbm_k = torch.cat((layer.hbm_k, key_states), dim=2)
             layer.hbm_v = torch.cat((layer.hbm_v, value_states), dim=2)
@@ -393,7 +540,10 @@ class TieredCache(Cache):
         if layer.recent is not None:
             pad = layer.recent.new_zeros((*layer.recent.shape[:3], q_len))
             layer.recent = torch.cat((layer.recent, pad), dim=3)
-        if layer.step == 0:
+        layer.q_len = q_len
+        if q_len == 1 and layer.step > 0:
+            layer.decoding = True
+        if not layer.decoding:
             layer.prompt_len += q_len
         layer.context_len += q_len
         layer.keys, layer.values = layer.hbm_k, layer.hbm_v
@@ -408,9 +558,11 @@ class TieredCache(Cache):
         keys = layer.hbm_k.new_empty((batch, heads, n, dim))
         values = layer.hbm_v.new_empty((batch, heads, n, dim))
         self._scatter(keys, values, layer.hbm_slot, layer.hbm_k, layer.hbm_v)
-        if layer.comp is not None and layer.comp.num_tokens:
+        if layer.comp is not None:
             ck, cv = layer.comp.dequantize()
-            self._scatter(keys, values, layer.comp_slot, ck.to(keys.dtype), cv.to(values.dtype))
+            layer.comp_index.scatter(keys, values, ck.to(keys.dtype), cv.to(values.dtype))
+        if layer.residual_index is not None:
+            layer.residual_index.scatter(keys, values, layer.residual_k, layer.residual_v)
         for chunk, (sk, sv) in zip(layer.ddr, staged):
             if chunk.dense_slots is not None:
                 keys.index_copy_(2, chunk.dense_slots, sk)
@@ -554,6 +706,7 @@ class TieredCache(Cache):
             prompt_len=layer.prompt_len,
             step=layer.step,
             num_kv_heads=keys.shape[1],
+            first_real=layer.first_real,
         )
         old = layer.tiers
         new = assign_tiers(self.policy, view, layer.n_evicted)
@@ -593,30 +746,61 @@ class TieredCache(Cache):
         return moves
 
     def _retier_compressed(self, layer, keys, values, old, new, new_slot_of_old) -> None:
-        n_comp = int((new[0] == COMPRESSED).sum())
-        if n_comp == 0:
-            layer.comp, layer.comp_slot = None, new_slot_of_old[:, :0]
+        """Quantized tokens that stay keep their codes; arrivals wait at full precision (a residual,
+        as in KIVI) until some row holds ``quant_group`` of them, then are quantized together.
+
+        Quantizing each re-tier's few arrivals as their own key scale group would cost a float32
+        scale and minimum per channel for every one or two tokens, as much as the tokens themselves.
+        Rows may hold different numbers of quantized and residual tokens (padded, ``valid``).
+        """
+        if not bool((new == COMPRESSED).any()):
+            layer.comp, layer.comp_slot, layer.comp_index = None, new_slot_of_old[:, :0], None
+            layer.residual_k = layer.residual_v = layer.residual_index = None
             return
+        group = self.config.quant_group
+
+        def staying(index: TokenIndex) -> torch.Tensor:
+            safe = torch.where(index.valid, index.slot, torch.zeros_like(index.slot))
+            return index.valid & (new.gather(1, safe) == COMPRESSED)
+
+        # The residual: tokens that stay, then the arrivals (slots in the old order until the end).
+        res_k, res_v, res_slot, res_valid = [], [], [], []
+        if layer.residual_index is not None:
+            res_k.append(layer.residual_k)
+            res_v.append(layer.residual_v)
+            res_slot.append(layer.residual_index.slot)
+            res_valid.append(staying(layer.residual_index))
         arriving, arriving_valid = padded_index((new == COMPRESSED) & (old != COMPRESSED))
-        combined, combined_slots, combined_valid = layer.comp, layer.comp_slot, None
-        if layer.comp is not None and layer.comp.num_tokens:
-            combined_valid = new.gather(1, layer.comp_slot) == COMPRESSED
         if arriving.shape[1]:
-            fresh = quantize_kv(
-                gather_tokens(keys, arriving),
-                gather_tokens(values, arriving),
-                bits=self.config.compressed_bits,
-                group=self.config.quant_group,
-            )
-            combined = QuantizedKV.concat(combined if combined_valid is not None else None, fresh)
-            if combined_valid is not None:
-                combined_slots = torch.cat((layer.comp_slot, arriving), dim=1)
-                combined_valid = torch.cat((combined_valid, arriving_valid), dim=1)
-            else:
-                combined_slots, combined_valid = arriving, arriving_valid
-        select = masked_index(combined_valid, n_comp)
-        layer.comp = combined.select(select)
-        layer.comp_slot = new_slot_of_old.gather(1, combined_slots.gather(1, select))
+            res_k.append(gather_tokens(keys, arriving))
+            res_v.append(gather_tokens(values, arriving))
+            res_slot.append(arriving)
+            res_valid.append(arriving_valid)
+        comp, comp_slot, comp_valid = layer.comp, None, None
+        if comp is not None:
+            comp_slot, comp_valid = layer.comp_index.slot, staying(layer.comp_index)
+        layer.residual_k = layer.residual_v = layer.residual_index = None
+        if res_k:
+            index, valid = padded_index(torch.cat(res_valid, dim=1))
+            rk = gather_tokens(torch.cat(res_k, dim=2), index)
+            rv = gather_tokens(torch.cat(res_v, dim=2), index)
+            rslot = torch.cat(res_slot, dim=1).gather(1, index)
+            if index.shape[1] >= group:  # some row has a full group: quantize every row's residual
+                fresh = quantize_kv(rk, rv, bits=self.config.compressed_bits, group=group)
+                comp = QuantizedKV.concat(comp, fresh)
+                comp_slot = rslot if comp_slot is None else torch.cat((comp_slot, rslot), dim=1)
+                comp_valid = valid if comp_valid is None else torch.cat((comp_valid, valid), dim=1)
+            elif index.shape[1]:
+                layer.residual_k, layer.residual_v = rk, rv
+                layer.residual_index = TokenIndex(valid, new_slot_of_old.gather(1, rslot))
+        layer.comp, layer.comp_index = None, None
+        layer.comp_slot = new_slot_of_old[:, :0]
+        if comp is not None:
+            index, valid = padded_index(comp_valid)
+            if index.shape[1]:
+                layer.comp = comp.select(index)  # drops the tokens that left, and their empty groups
+                layer.comp_slot = new_slot_of_old.gather(1, comp_slot.gather(1, index))
+                layer.comp_index = TokenIndex(valid, layer.comp_slot)
 
     def _retier_ddr(self, layer, keys, values, old, new, new_slot_of_old) -> None:
         chunks = []
@@ -677,6 +861,23 @@ class TieredCache(Cache):
             merged_k, merged_v = merged_k.pin_memory(), merged_v.pin_memory()
         merged = DDRChunk(merged_k, merged_v, index_valid, slots.gather(1, index))
         return [merged, newest]
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    return t if t.untyped_storage().nbytes() == _nbytes(t) else t.clone()
+
+
+def _head_dim(model_config) -> int | None:
+    text_config = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
+    head_dim = getattr(text_config, "head_dim", None)
+    heads = getattr(text_config, "num_attention_heads", None)
+    if head_dim is None and heads:
+        head_dim = getattr(text_config, "hidden_size", 0) // heads or None
+    return head_dim
 
 
 def check_model_supported(model_config) -> None:

@@ -34,6 +34,8 @@ class LayerView:
     context_len:  tokens seen so far, evicted ones included (T).
     prompt_len:   tokens of the prompt.
     step:         decode steps taken so far (0 at prefill).
+    first_real:   [B] long, position of each row's first real token (left padding sits before
+                  it), or None for an unpadded batch. Pads are never pinned and rank lowest.
     """
 
     positions: torch.Tensor
@@ -44,6 +46,14 @@ class LayerView:
     prompt_len: int
     step: int
     num_kv_heads: int
+    first_real: torch.Tensor | None = None
+
+    @property
+    def padding(self) -> torch.Tensor | None:
+        """[B, N] bool: left-padding tokens, or None when no row is padded."""
+        if self.first_real is None:
+            return None
+        return self.positions < self.first_real[:, None]
 
 
 class Policy:
@@ -73,7 +83,10 @@ class Policy:
         cfg = self.config
         pos = view.positions
         newest = view.context_len - 1
-        return (pos < cfg.sink_tokens) | (pos > newest - cfg.recent_window)
+        # The sinks are a row's first real tokens: after its left padding, if any.
+        first = 0 if view.first_real is None else view.first_real[:, None]
+        sinks = (pos >= first) & (pos < first + cfg.sink_tokens)
+        return sinks | (pos > newest - cfg.recent_window)
 
     def keep_score(self, view: LayerView) -> torch.Tensor:
         """[B, N] higher = more valuable = faster tier. The hierarchy ranks by cumulative attention."""
@@ -89,10 +102,15 @@ def assign_tiers(policy: Policy, view: LayerView, already_evicted: int) -> torch
 
     Unprotected tokens are sorted by keep score (ties: older first); the lowest-scored go to
     evicted (only as many as the eviction target still asks for: eviction is permanent and
-    counts tokens evicted earlier), then compressed, then DDR; the rest stay in HBM.
+    counts tokens evicted earlier), then compressed, then DDR; the rest stay in HBM. Left-padding
+    tokens are never pinned and rank below every real token, so they leave HBM first.
     """
     protected = policy.protected(view)
-    n_protected = int(protected[0].sum()) if protected.numel() else 0
+    padding = view.padding
+    if padding is not None:
+        protected = protected & ~padding
+    # Counts are per batch (rectangular tiers): size them for the row with the most pinned tokens.
+    n_protected = int(protected.sum(dim=1).max()) if protected.numel() else 0
     counts = policy.targets(view, n_protected)
     batch, n = view.positions.shape
     n_evict = max(counts["evicted"] - already_evicted, 0)
@@ -105,6 +123,8 @@ def assign_tiers(policy: Policy, view: LayerView, already_evicted: int) -> torch
 
     score = policy.keep_score(view).to(torch.float64)
     score = score.masked_fill(protected, float("inf"))
+    if padding is not None:
+        score = score.masked_fill(padding, float("-inf"))
     # Stable ascending sort: equal scores keep position order, so older tokens go first.
     order = torch.sort(score, dim=-1, stable=True).indices
     ranks = torch.empty_like(order)

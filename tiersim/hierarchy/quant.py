@@ -3,7 +3,10 @@
 Keys are quantized per channel (each channel of a group of ``group`` consecutive tokens shares one
 scale and minimum: key outliers live in fixed channels), values per token (each token's channels
 in groups of ``group``). 4-bit codes are packed two per byte so the byte counts are the real ones.
-Every value is reconstructed within half a quantization step of the original: |x - x̂| <= scale/2.
+Every value is reconstructed within half a quantization step of the original: |x - x̂| <= scale/2,
+computed in float32; a bf16/fp16 tier then rounds x̂ once to its dtype (half an ulp more). Scales and
+minimums are kept in float32 for that reason: rounded to bf16, a scale times a code of up to 255 would
+miss by more than the step.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _quantize(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int):
-    """Codes and (scale, minimum) for x given broadcastable per-group lo/hi."""
+    """Codes and (scale, minimum) for x given broadcastable per-group lo/hi (all float32)."""
     levels = _levels(bits)
     scale = (hi - lo) / levels
     # A constant group has scale 0; any positive scale reconstructs it exactly (code 0 -> lo).
@@ -49,59 +52,84 @@ class QuantizedKV:
     """One layer's compressed tier: tokens [B, H, n, D] held as codes + scales.
 
     ``key_group`` [B, n] maps each stored token to its key scale group, so tokens can leave the
-    tier (promotion, eviction) without re-quantizing the others (no drift from re-quantization).
+    tier (promotion, eviction) without re-quantizing the others (no drift from re-quantization);
+    a group no token refers to any more is dropped (``select``), so the scales never outgrow the tokens.
     """
 
     bits: int
     group: int
     key_codes: torch.Tensor  # uint8 [B, H, n, D or D/2]
-    key_scale: torch.Tensor  # [B, H, G, D]
-    key_min: torch.Tensor  # [B, H, G, D]
+    key_scale: torch.Tensor  # float32 [B, H, G, D]
+    key_min: torch.Tensor  # float32 [B, H, G, D]
     key_group: torch.Tensor  # long [B, n]
     value_codes: torch.Tensor  # uint8 [B, H, n, D or D/2]
-    value_scale: torch.Tensor  # [B, H, n, D/group]
-    value_min: torch.Tensor  # [B, H, n, D/group]
+    value_scale: torch.Tensor  # float32 [B, H, n, D/group]
+    value_min: torch.Tensor  # float32 [B, H, n, D/group]
+    dtype: torch.dtype = torch.float32  # of the tokens it stands for: dequantize returns this
 
     @property
     def num_tokens(self) -> int:
         return self.key_codes.shape[2]
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor the tier holds (codes, scales, minimums, the token -> group map)."""
+        return (self.key_codes, self.key_scale, self.key_min, self.key_group, self.value_codes, self.value_scale,
+                self.value_min)
+
     def nbytes(self) -> int:
-        return sum(
-            t.numel() * t.element_size()
-            for t in (self.key_codes, self.key_scale, self.key_min, self.value_codes, self.value_scale, self.value_min)
-        )
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full-precision approximations of the keys and values, [B, H, n, D] each."""
+        """Approximations of the keys and values in the tier's dtype, [B, H, n, D] each.
+
+        codes * scale + min is computed in float32 and rounded to the dtype once at the end: in
+        bf16 the product alone would already miss the half-step bound.
+        """
         batch = self.key_group.shape[0]
         rows = torch.arange(batch, device=self.key_group.device)[:, None]
         k_scale = self.key_scale[rows, :, self.key_group].permute(0, 2, 1, 3)  # [B, H, n, D]
         k_min = self.key_min[rows, :, self.key_group].permute(0, 2, 1, 3)
-        keys = _unpack(self.key_codes, self.bits).to(k_scale.dtype) * k_scale + k_min
-        v_codes = _unpack(self.value_codes, self.bits).to(self.value_scale.dtype)
+        keys = torch.addcmul(k_min, _unpack(self.key_codes, self.bits).float(), k_scale)
+        v_codes = _unpack(self.value_codes, self.bits).float()
         shape = v_codes.shape
         v = v_codes.reshape(*shape[:-1], -1, self.group)
-        values = (v * self.value_scale.unsqueeze(-1) + self.value_min.unsqueeze(-1)).reshape(shape)
-        return keys, values
+        values = torch.addcmul(self.value_min.unsqueeze(-1), v, self.value_scale.unsqueeze(-1)).reshape(shape)
+        return keys.to(self.dtype), values.to(self.dtype)
 
     def select(self, index: torch.Tensor) -> "QuantizedKV":
-        """Keep only stored tokens ``index`` ([B, m], per row): promotion/eviction leaves the rest as is."""
+        """Keep only stored tokens ``index`` ([B, m], per row): promotion/eviction leaves the rest as is.
+
+        Key scale groups left without a token are dropped (per row; the group axis shrinks to the
+        row that still needs the most).
+        """
         rows = torch.arange(index.shape[0], device=index.device)[:, None]
 
         def take(t: torch.Tensor) -> torch.Tensor:
             return t[rows, :, index].permute(0, 2, 1, 3).contiguous()
 
+        key_group = self.key_group[rows, index]
+        key_scale, key_min = self.key_scale, self.key_min
+        used = torch.zeros(key_group.shape[0], key_scale.shape[2], dtype=torch.bool, device=key_group.device)
+        used.scatter_(1, key_group, True)
+        n_used = int(used.sum(dim=1).max()) if used.numel() else 0
+        if n_used < key_scale.shape[2]:
+            # Each row's used groups, in order, first; renumber the tokens' groups to match.
+            order = torch.sort((~used).to(torch.int8), dim=1, stable=True).indices[:, :n_used]
+            renumber = torch.cumsum(used, dim=1) - 1
+            key_group = renumber.gather(1, key_group)
+            key_scale = take_groups(key_scale, order)
+            key_min = take_groups(key_min, order)
         return QuantizedKV(
             self.bits,
             self.group,
             take(self.key_codes),
-            self.key_scale,
-            self.key_min,
-            self.key_group[rows, index],
+            key_scale,
+            key_min,
+            key_group,
             take(self.value_codes),
             take(self.value_scale),
             take(self.value_min),
+            self.dtype,
         )
 
     @staticmethod
@@ -120,7 +148,14 @@ class QuantizedKV:
             torch.cat((a.value_codes, b.value_codes), dim=2),
             torch.cat((a.value_scale, b.value_scale), dim=2),
             torch.cat((a.value_min, b.value_min), dim=2),
+            a.dtype,
         )
+
+
+def take_groups(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t [B, H, G, D] at per-row group indices [B, m] -> [B, H, m, D]."""
+    rows = torch.arange(index.shape[0], device=index.device)[:, None]
+    return t[rows, :, index].permute(0, 2, 1, 3).contiguous()
 
 
 def quantize_kv(keys: torch.Tensor, values: torch.Tensor, bits: int = 4, group: int = 32) -> QuantizedKV:
@@ -131,6 +166,8 @@ def quantize_kv(keys: torch.Tensor, values: torch.Tensor, bits: int = 4, group: 
     if dim % group and group < dim:
         raise ValueError(f"head_dim {dim} is not a multiple of the quantization group {group}")
     value_group = min(group, dim)
+    dtype = keys.dtype
+    keys, values = keys.float(), values.float()  # codes and scales in float32 (see the module doc)
     # Keys: per channel over groups of `group` tokens. Pad the token axis by repeating the last
     # token so every group is full; padding never widens a group's range.
     n_groups = max(-(-n // group), 0)
@@ -163,6 +200,7 @@ def quantize_kv(keys: torch.Tensor, values: torch.Tensor, bits: int = 4, group: 
         _pack(v_codes.reshape(batch, heads, n, dim), bits),
         v_scale.squeeze(-1),
         v_min.squeeze(-1),
+        dtype,
     )
 
 

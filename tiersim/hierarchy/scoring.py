@@ -44,11 +44,14 @@ def attention_probabilities(
     attention_mask: torch.Tensor | None,
     scaling: float,
     n_queries: int | None = None,
+    scratch: list | None = None,
 ) -> torch.Tensor:
     """Softmax probabilities of the last ``n_queries`` queries, float32, shape [B, Hq, q, kv].
 
     Grouped-query heads are matched to their KV head by reshaping, without copying the keys.
     The causal mask is applied when the model passed none (SDPA's is_causal shortcut).
+    ``scratch``, when given, receives the bytes of every tensor this allocates (float32 copies of
+    the queries and keys, the logits, the probabilities), all alive at once at the softmax.
     """
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
@@ -59,20 +62,38 @@ def attention_probabilities(
     q_used = query.shape[2]
     group = q_heads // kv_heads
     q = query.float().reshape(batch, kv_heads, group * q_used, head_dim)
-    logits = torch.matmul(q, key.float().transpose(-1, -2)).mul_(scaling)
+    k = key.float()
+    logits = torch.matmul(q, k.transpose(-1, -2)).mul_(scaling)
     logits = logits.reshape(batch, q_heads, q_used, kv_len)
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:
-            logits = logits.masked_fill(~attention_mask, float("-inf"))
+            logits.masked_fill_(~attention_mask, float("-inf"))
         else:
-            logits = logits + attention_mask.float()
+            logits.add_(attention_mask)
     elif q_used > 1 or q_len > 1:
         # Causal: query i (absolute index kv_len - q_len + i) sees keys up to itself.
         first = kv_len - q_len + (q_len - q_used)
         rows = torch.arange(first, first + q_used, device=key.device)[:, None]
         cols = torch.arange(kv_len, device=key.device)[None, :]
-        logits = logits.masked_fill(cols > rows, float("-inf"))
-    return torch.softmax(logits, dim=-1)
+        logits.masked_fill_(cols > rows, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if scratch is not None:
+        for made, source in ((q, query), (k, key), (logits, None), (probs, None)):
+            if source is None or made.data_ptr() != source.data_ptr():
+                scratch.append(made.numel() * made.element_size())
+    # A query that may see no key at all (a left-pad query in a padded batch) gives 0/0 = NaN rows;
+    # it attends to nothing, so it gives no token any score.
+    return probs.nan_to_num_(nan=0.0)
+
+
+def visible_keys(attention_mask: torch.Tensor | None, batch: int, kv_len: int) -> torch.Tensor | None:
+    """[B, kv] bool: the keys the last query may see (left padding hides the pad tokens), or None."""
+    if attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[-1] != kv_len:
+        return None
+    last = attention_mask[:, 0, -1, :]
+    if last.dtype != torch.bool:
+        last = last > torch.finfo(last.dtype).min / 2  # additive masks: 0 visible, dtype min hidden
+    return last.expand(batch, kv_len)
 
 
 def tiersim_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -85,12 +106,15 @@ def tiersim_attention_forward(module, query, key, value, attention_mask, dropout
     layer_idx = getattr(module, "layer_idx", None)
     if target is not None and target[1] == layer_idx:
         cache = target[0]
+        cache.check_attention(layer_idx, module, kwargs)
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
         n_queries = cache.queries_to_score(layer_idx, query.shape[2])
         if n_queries:
-            probs = attention_probabilities(query, key, attention_mask, scaling, n_queries)
-            cache.observe_attention(layer_idx, probs)
+            scratch = []
+            probs = attention_probabilities(query, key, attention_mask, scaling, n_queries, scratch)
+            visible = visible_keys(attention_mask, key.shape[0], key.shape[2])
+            cache.observe_attention(layer_idx, probs, visible=visible, scratch_bytes=sum(scratch))
     return output
 
 
