@@ -73,10 +73,8 @@ def _against(scenario, path: Path, max_error: float | None, fmt: str) -> None:
     if fmt == "json":
         print(json.dumps(result, default=float))
     else:
-        table = Table(title=f"{scenario.model.name} on {scenario.gpu.name}: measured ({path.name}) vs simulated",
-                      title_justify="left")
-        for col in ("run", "batch", "context", "hbm", "measured ms", "simulated ms", "error"):
-            table.add_column(col, justify="left" if col == "run" else "right")
+        table = compact_table(f"{scenario.model.name} on {scenario.gpu.name}: measured ({path.name}) vs simulated")
+        add_columns(table, ("run", "batch", "context", "hbm", "measured ms", "simulated ms", "error"))
         for r in result["rows"]:
             table.add_row(r["label"], str(r["batch"]), f"{r['context']:,}", f"{r['hbm']:.2f}", f"{r['measured_ms']:.2f}",
                           f"{r['simulated_ms']:.2f}", f"{r['error_pct']:+.1f}%")
