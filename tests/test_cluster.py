@@ -100,22 +100,26 @@ def head_node(monkeypatch):
 
 
 @pytest.mark.slow
-def test_cli_grid_joined_by_address_equals_the_serial_grid(head_node, tmp_path):
+def test_cli_grid_joined_by_address_equals_the_serial_grid(head_node, smollm2, tmp_path):
+    from tiersim.models import generation_kwargs
+    from tiersim.prompts import load_prompts
+    from tiersim.quality.grid import prepare_samples
     from tiersim.quality.store import read_grid
 
-    def grid(*extra):  # a process of its own, as a user runs it (Ray reads RAY_AUTH_MODE when it loads)
-        args = ["grid", "--n", "1", "--max-new-tokens", "3", "--hbm", "0.5", "--evict", "0,0.1", "--baselines",
-                "none", *extra]
-        proc = subprocess.run([sys.executable, "-m", "tiersim", *args], capture_output=True, text=True,
-                              timeout=300, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr
-        return proc
+    # The CLI in a process of its own, as a user runs it (Ray reads RAY_AUTH_MODE when it loads).
+    args = ["grid", "--n", "1", "--max-new-tokens", "3", "--hbm", "0.5", "--evict", "0,0.1", "--baselines", "none",
+            "--out", "ray.json", "--ray-address", head_node, "--ray-workers", "1"]
+    proc = subprocess.run([sys.executable, "-m", "tiersim", *args], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "grid 3/3" in proc.stderr and "workers 1/1 alive" in proc.stderr
 
-    grid("--out", "serial.json")
-    on_ray = grid("--out", "ray.json", "--ray-address", head_node, "--ray-workers", "1")
-    assert "grid 3/3" in on_ray.stderr and "workers 1/1 alive" in on_ray.stderr
-    expected, got = read_grid(tmp_path / "serial.json"), read_grid(tmp_path / "ray.json")
-    assert len(got["rows"]) == 2 and _without_timing(got["rows"]) == _without_timing(expected["rows"])
+    model, tokenizer = smollm2  # the serial grid of the same command (the CLI's defaults for the rest)
+    expected, _ = run_grid(model, prepare_samples(tokenizer, load_prompts(None, 1)), build_cells([0.5], [0, 0.1]), 3,
+                           decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+                           generation_kwargs=generation_kwargs(tokenizer))
+    got = read_grid(tmp_path / "ray.json")["rows"]
+    assert len(got) == 2 and _without_timing(got) == _without_timing(expected)
 
 
 @pytest.fixture(scope="module")
