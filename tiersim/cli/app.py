@@ -40,7 +40,7 @@ MODEL_INSTALL = ("pip install torch==2.13.0 (the CPU build; or your CUDA build),
                  "in the tiersim checkout")
 #: --ray-address, for the commands that fan out over Ray (grid, capacity); see docs/cluster.md.
 RAY_ADDRESS_HELP = ("implies --ray: the cluster to join, 'auto' (the one `ray start` runs here) or HOST:PORT of its "
-                    "head [default: $RAY_ADDRESS, else a new Ray on this machine]")
+                    "head \\[default: $RAY_ADDRESS, else a new Ray on this machine]")
 EXPECTED_ERRORS = (TiersimError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError)
 
 

@@ -134,7 +134,7 @@ def capacity(
     out: Path = typer.Option(None, help="also write the JSON result here"),
     report: Path = typer.Option(None, help="also write an HTML report"),
     ray: bool = typer.Option(False, "--ray", help="run each simulation as a task on Ray (needs pip install "
-                                                  "'tiersim[cluster]'; see docs/cluster.md)"),
+                                                  "'tiersim\\[cluster]'; see docs/cluster.md)"),
     ray_address: str = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
 ) -> None:
     """Plan HBM: a grid of tier configs at one batch size, the best config and the largest batches."""
