@@ -1,7 +1,8 @@
 """Grids and capacity sweeps on Ray give the serial result: joined by address, on a local Ray, with a worker killed.
 
-Ray is started by the tests on this machine only (node address 127.0.0.1) and stopped by them; each
-start costs seconds, so the tests are few and share one local instance.
+Ray is started by the tests on this machine only and stopped by them (Ray turns a 127.0.0.1 node address
+into the host's own one, so none is given; nothing connects to another machine). Each start costs
+seconds, so the tests are few and share one local instance.
 """
 
 import json
@@ -64,8 +65,8 @@ def test_without_the_flag_ray_is_never_imported(tmp_path):
 
 @pytest.fixture
 def head_node(monkeypatch):
-    """`ray start --head` in a subprocess, on 127.0.0.1; its address. Terminating the blocking
-    `ray start` stops every process it started (checked: none is left in its session)."""
+    """`ray start --head` in a subprocess, on this machine; its address (joined via 127.0.0.1).
+    Terminating the blocking `ray start` stops every process it started (checked: none is left in its session)."""
     for name, value in RAY_ENV.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("RAY_AUTH_MODE", "token")  # as docs/cluster.md says: a driver joining by address sets it
@@ -75,9 +76,8 @@ def head_node(monkeypatch):
     # Its own temp dir (short: Ray's socket paths must fit 107 bytes), so the cluster address file it
     # leaves is not found by a later `ray.init()` on this machine.
     temp_dir = tempfile.mkdtemp(prefix="tiersim-ray-", dir="/tmp")
-    command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address",
-               "127.0.0.1", "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false",
-               "--disable-usage-stats", "--temp-dir", temp_dir]
+    command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--port", str(port),
+               "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp_dir]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -127,7 +127,7 @@ def local_ray():
     """One local Ray for the tests below (2 CPUs, as CI has), shut down after them."""
     saved = {name: os.environ.get(name) for name in RAY_ENV}
     os.environ.update(RAY_ENV)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield ray
     finally:
