@@ -1,7 +1,8 @@
 """Grids and capacity sweeps on Ray give the serial result: joined by address, on a local Ray, with a worker killed.
 
-Ray is started by the tests on this machine only (node address 127.0.0.1) and stopped by them; each
-start costs seconds, so the tests are few and share one local instance.
+Ray is started by the tests on this machine only and stopped by them (Ray turns a 127.0.0.1 node address
+into the host's own one, so none is given; nothing connects to another machine). Each start costs
+seconds, so the tests are few and share one local instance.
 """
 
 import json
@@ -64,8 +65,8 @@ def test_without_the_flag_ray_is_never_imported(tmp_path):
 
 @pytest.fixture
 def head_node(monkeypatch):
-    """`ray start --head` in a subprocess, on 127.0.0.1; its address. Terminating the blocking
-    `ray start` stops every process it started (checked: none is left in its session)."""
+    """`ray start --head` in a subprocess, on this machine; its address (joined via 127.0.0.1).
+    Terminating the blocking `ray start` stops every process it started (checked: none is left in its session)."""
     for name, value in RAY_ENV.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("RAY_AUTH_MODE", "token")  # as docs/cluster.md says: a driver joining by address sets it
@@ -75,9 +76,8 @@ def head_node(monkeypatch):
     # Its own temp dir (short: Ray's socket paths must fit 107 bytes), so the cluster address file it
     # leaves is not found by a later `ray.init()` on this machine.
     temp_dir = tempfile.mkdtemp(prefix="tiersim-ray-", dir="/tmp")
-    command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--node-ip-address",
-               "127.0.0.1", "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false",
-               "--disable-usage-stats", "--temp-dir", temp_dir]
+    command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--port", str(port),
+               "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp_dir]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -100,22 +100,26 @@ def head_node(monkeypatch):
 
 
 @pytest.mark.slow
-def test_cli_grid_joined_by_address_equals_the_serial_grid(head_node, tmp_path):
+def test_cli_grid_joined_by_address_equals_the_serial_grid(head_node, smollm2, tmp_path):
+    from tiersim.models import generation_kwargs
+    from tiersim.prompts import load_prompts
+    from tiersim.quality.grid import prepare_samples
     from tiersim.quality.store import read_grid
 
-    def grid(*extra):  # a process of its own, as a user runs it (Ray reads RAY_AUTH_MODE when it loads)
-        args = ["grid", "--n", "1", "--max-new-tokens", "3", "--hbm", "0.5", "--evict", "0,0.1", "--baselines",
-                "none", *extra]
-        proc = subprocess.run([sys.executable, "-m", "tiersim", *args], capture_output=True, text=True,
-                              timeout=300, cwd=tmp_path)
-        assert proc.returncode == 0, proc.stderr
-        return proc
+    # The CLI in a process of its own, as a user runs it (Ray reads RAY_AUTH_MODE when it loads).
+    args = ["grid", "--n", "1", "--max-new-tokens", "3", "--hbm", "0.5", "--evict", "0,0.1", "--baselines", "none",
+            "--out", "ray.json", "--ray-address", head_node, "--ray-workers", "1"]
+    proc = subprocess.run([sys.executable, "-m", "tiersim", *args], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "grid 3/3" in proc.stderr and "workers 1/1 alive" in proc.stderr
 
-    grid("--out", "serial.json")
-    on_ray = grid("--out", "ray.json", "--ray-address", head_node, "--ray-workers", "1")
-    assert "grid 3/3" in on_ray.stderr and "workers 1/1 alive" in on_ray.stderr
-    expected, got = read_grid(tmp_path / "serial.json"), read_grid(tmp_path / "ray.json")
-    assert len(got["rows"]) == 2 and _without_timing(got["rows"]) == _without_timing(expected["rows"])
+    model, tokenizer = smollm2  # the serial grid of the same command (the CLI's defaults for the rest)
+    expected, _ = run_grid(model, prepare_samples(tokenizer, load_prompts(None, 1)), build_cells([0.5], [0, 0.1]), 3,
+                           decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+                           generation_kwargs=generation_kwargs(tokenizer))
+    got = read_grid(tmp_path / "ray.json")["rows"]
+    assert len(got) == 2 and _without_timing(got) == _without_timing(expected)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +127,7 @@ def local_ray():
     """One local Ray for the tests below (2 CPUs, as CI has), shut down after them."""
     saved = {name: os.environ.get(name) for name in RAY_ENV}
     os.environ.update(RAY_ENV)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield ray
     finally:

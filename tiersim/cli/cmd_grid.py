@@ -17,7 +17,7 @@ from tiersim.errors import TiersimError
 
 DEFAULT_BASELINES = "h2o,rkv,snapkv,streamingllm"
 RAY_HELP = ("run every generation as a task on Ray, the model loaded once per worker (needs "
-            "pip install 'tiersim[cluster]'; see docs/cluster.md)")
+            "pip install 'tiersim\\[cluster]'; see docs/cluster.md)")
 
 
 def parse_baselines(text: str) -> list[str]:

@@ -208,7 +208,7 @@ def capacity(
     out: Path = typer.Option(None, help="also write the JSON result here"),
     report: Path = typer.Option(None, help="also write an HTML report"),
     ray: bool = typer.Option(False, "--ray", help="run each simulation as a task on Ray (needs pip install "
-                                                  "'tiersim[cluster]'; see docs/cluster.md)"),
+                                                  "'tiersim\\[cluster]'; see docs/cluster.md)"),
     ray_address: str = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
 ) -> None:
     """Plan HBM: the most tokens/s within a TPOT budget, which split and strategy gets there, and the
