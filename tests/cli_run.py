@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import subprocess
 import sys
 
 from tiersim.cli.main import run
@@ -23,3 +24,8 @@ def invoke(args: list[str]) -> tuple[int, str, str]:
     finally:
         sys.argv = argv
     return code, out.getvalue(), err.getvalue()
+
+
+def tiersim_process(*args: str) -> subprocess.CompletedProcess:
+    """`python -m tiersim ARGS` in a fresh process: the console entry point as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "tiersim", *args], capture_output=True, text=True)

@@ -27,3 +27,11 @@ def tiny_qwen2():
     from tiersim.models import tiny_model
 
     return tiny_model("qwen2")[0]
+
+
+@pytest.fixture(scope="session")
+def trace():
+    """The bundled trace as the simulator loads it (read once per test session)."""
+    from tiersim.simulator.capacity import load_trace
+
+    return load_trace(None)

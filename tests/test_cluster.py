@@ -18,30 +18,17 @@ from pathlib import Path
 
 import pytest
 import ray  # the `cluster` extra; `dev` installs it, so missing it fails these tests instead of skipping them
-import torch
 
 from tiersim.models import tiny_model
 from tiersim.quality.distributed import RayRunner
-from tiersim.quality.grid import Sample, build_cells, run_grid
+from tiersim.quality.grid import build_cells, run_grid
 from tiersim.quality.journal import RunJournal
+from grid_runs import cells as _cells, samples as _samples, without_timing as _without_timing
 
 GENERATION = {"pad_token_id": 0}
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
 NO_RAY = ("import sys; sys.modules['ray'] = None; sys.argv = ['tiersim'] + sys.argv[1:];"
           "from tiersim.cli.main import main; main()")
-
-
-def _samples(count: int = 2) -> list[Sample]:
-    gen = torch.Generator().manual_seed(7)
-    return [Sample(f"s{i}", torch.randint(1, 256, (1, 40), generator=gen), None) for i in range(count)]
-
-
-def _cells():
-    return build_cells([0.5], [0, 0.2], [0.0], ["h2o"], recent_window=4, retier_every=4)
-
-
-def _without_timing(rows):
-    return [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in rows]
 
 
 def _journal_keys(path: Path) -> list[str]:

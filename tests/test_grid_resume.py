@@ -1,29 +1,16 @@
 """An interrupted grid resumes from its run journal and ends with the rows an uninterrupted grid gives."""
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from tiersim.quality import grid as grid_module
 from tiersim.quality.grid import Sample, build_cells, run_grid
 from tiersim.quality.journal import RunJournal, journal_path
 from tiersim.quality.store import read_grid
+from grid_runs import cells as _cells, samples as _samples, without_timing as _without_timing
 
 CONTEXT = {"model": "tiny-llama", "device": "cpu", "dtype": "float32"}
 GENERATION = {"pad_token_id": 0}
-
-
-def _samples(count: int = 2) -> list[Sample]:
-    gen = torch.Generator().manual_seed(7)
-    return [Sample(f"s{i}", torch.randint(1, 256, (1, 40), generator=gen), None) for i in range(count)]
-
-
-def _cells():
-    return build_cells([0.5], [0, 0.2], [0.0], ["h2o"], recent_window=4, retier_every=4)
-
-
-def _without_timing(rows):
-    return [{k: v for k, v in row.items() if k != "tokens_per_s"} for row in rows]
 
 
 @pytest.fixture

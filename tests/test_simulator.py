@@ -1,8 +1,6 @@
 """The simulator: physics, the closed form, determinism, the capacity grid and its CLI."""
 
 import json
-import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
@@ -12,17 +10,13 @@ import simpy
 from tiersim.simulator import analytic
 from tiersim.simulator.analytic import GB, Policy
 from tiersim.simulator.calibration import apply_calibration
-from tiersim.simulator.capacity import load_trace, run, scenario_from_trace
+from tiersim.simulator.capacity import run, scenario_from_trace
 from tiersim.simulator.engine import Link, simulate
 from tiersim.simulator.presets import get_gpu, get_model, model_from_config
+from cli_run import tiersim_process as _tiersim
 
 MODEL = get_model("r1-distill-qwen-7b")
 H100 = get_gpu("h100-sxm")
-
-
-@pytest.fixture(scope="module")
-def trace():
-    return load_trace(None)
 
 
 def scenario(trace, gpu=H100, batch=16, steps=64, length=2000.0, seed=0):
@@ -175,10 +169,6 @@ def test_calibration_overrides_the_preset():
 
 
 # -- the command line -----------------------------------------------------------------------------
-def _tiersim(*args):
-    return subprocess.run([sys.executable, "-m", "tiersim", *args], capture_output=True, text=True)
-
-
 def test_capacity_json_answers_the_planning_questions():
     proc = _tiersim("capacity", "--batch", "64", "--steps", "48", "--format", "json")
     assert proc.returncode == 0, proc.stderr

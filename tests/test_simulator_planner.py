@@ -2,29 +2,19 @@
 the result file and the capacity answers."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from tiersim.simulator import capacity as cap
-from tiersim.simulator.capacity import SYNTHETIC_PROFILE, load_trace, run, scenario_from_trace
+from tiersim.simulator.capacity import SYNTHETIC_PROFILE, run, scenario_from_trace
 from tiersim.simulator.presets import get_gpu, get_model
 from tiersim.simulator.results import read_timeline, simulation_meta, write_timeline
+from cli_run import tiersim_process as _tiersim
 
 MODEL = get_model("r1-distill-qwen-7b")
 H100 = get_gpu("h100-sxm")
-
-
-@pytest.fixture(scope="module")
-def trace():
-    return load_trace(None)
-
-
-def _tiersim(*args):
-    return subprocess.run([sys.executable, "-m", "tiersim", *args], capture_output=True, text=True)
 
 
 def test_fixed_context_holds_exactly_that_many_tokens(trace):

@@ -20,7 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tiersim.simulator import analytic
-from tiersim.simulator.analytic import GB, Policy
+from tiersim.simulator.analytic import Policy
 from tiersim.simulator.engine import simulate
 from tiersim.simulator.presets import get_gpu, get_model, model_from_config
 from tiersim.simulator.profile import LAYER_GEMMS, check_device, load_profile, table_for
@@ -264,7 +264,7 @@ def test_against_refuses_a_foreign_file_and_a_model_it_has_no_points_for(tmp_pat
 
     bad = tmp_path / "x.json"
     bad.write_text(json.dumps({"kind": "simulation"}))
-    with pytest.raises(TiersimError, match="neither a calibration nor an operator profile"):
+    with pytest.raises(TiersimError, match="neither a tiersim calibration nor a tiersim operator-profile file"):
         load_measurements(bad)
     good = tmp_path / "cal.json"
     good.write_text(json.dumps(_calibration_doc([(1, 1024, 1.0, 10.0)])))

@@ -2,31 +2,21 @@
 planner's answer (throughput within a TPOT budget, compared with the full cache)."""
 
 import json
-import subprocess
-import sys
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from tiersim.simulator import analytic, capacity as cap, planner
-from tiersim.simulator.capacity import load_trace, run, scenario_from_trace
+from tiersim.simulator.capacity import run, scenario_from_trace
 from tiersim.simulator.presets import Model, get_gpu, get_model
 from tiersim.simulator.strategies import STRATEGIES, host_attention_time, step_times
+from cli_run import tiersim_process as _tiersim
 
 GQA = get_model("r1-distill-qwen-7b")
 #: A multi-head model (every head has its own K and V): a Llama-2-7B-shaped config.
 MHA = Model("mha-7b", 32, 32, 128, 4096, 32, 6.74e9)
 H100 = get_gpu("h100-sxm")
-
-
-@pytest.fixture(scope="module")
-def trace():
-    return load_trace(None)
-
-
-def _tiersim(*args):
-    return subprocess.run([sys.executable, "-m", "tiersim", *args], capture_output=True, text=True)
 
 
 def _work(model, policy, batch, length=3000.0, steps=48):

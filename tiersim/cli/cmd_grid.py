@@ -165,18 +165,23 @@ def _run(model_name, device, dtype, items, cells, max_new_tokens, journal=None):
         mdl, tokenizer = load_model(model_name, device=device, dtype=dtype)
     samples = prepare_samples(tokenizer, items, device=device)
     with meter("grid", len(samples) * (len(cells) + 1)) as progress:
-
-        def advance(run) -> None:
-            what = run.cell.label if run.cell is not None else "full cache"
-            speed = "resumed" if run.resumed else f"{run.tokens_per_s:.1f} tok/s"
-            progress.advance(f"{run.sample_id} {what}: {speed}")
-
         rows, summary = run_grid(
             mdl, samples, cells, max_new_tokens,
             decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-            generation_kwargs=generation_kwargs(tokenizer), on_run=advance, journal=journal,
+            generation_kwargs=generation_kwargs(tokenizer), on_run=_advancer(progress), journal=journal,
         )
     return rows, summary, getattr(mdl, "name_or_path", model_name)
+
+
+def _advancer(progress, status=None):
+    """The progress line after each finished run: which prompt and cell, its speed (and the workers)."""
+
+    def advance(run) -> None:
+        what = run.cell.label if run.cell is not None else "full cache"
+        speed = "resumed" if run.resumed else f"{run.tokens_per_s:.1f} tok/s"
+        progress.advance(f"{run.sample_id} {what}: {speed}" + (f" · {status()}" if status else ""))
+
+    return advance
 
 
 def _run_on_ray(model_name, device, dtype, items, cells, max_new_tokens, journal, address, workers):
@@ -198,16 +203,11 @@ def _run_on_ray(model_name, device, dtype, items, cells, max_new_tokens, journal
         runner = RayRunner(ray, partial(load_model, model_name, device=device, dtype=dtype),
                            workers or available, gpu=gpu)
         with meter("grid", len(samples) * (len(cells) + 1)) as progress:
-
-            def advance(run) -> None:
-                what = run.cell.label if run.cell is not None else "full cache"
-                speed = "resumed" if run.resumed else f"{run.tokens_per_s:.1f} tok/s"
-                progress.advance(f"{run.sample_id} {what}: {speed} · {runner.status()}")
-
             rows, summary = run_grid(
                 None, samples, cells, max_new_tokens,
                 decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-                generation_kwargs=generation_kwargs(tokenizer), on_run=advance, journal=journal, runner=runner,
+                generation_kwargs=generation_kwargs(tokenizer), on_run=_advancer(progress, runner.status),
+                journal=journal, runner=runner,
             )
     return rows, summary, model_id
 

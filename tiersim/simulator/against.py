@@ -10,28 +10,21 @@ the scenario's are left out and counted.
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import replace
 from pathlib import Path
 
 from tiersim.errors import TiersimError
-
-KINDS = ("calibration", "operator-profile")
-
+from tiersim.provenance import read_document
 
 def load_measurements(path: str | Path) -> tuple[dict, list[dict]]:
     """(document, points): each point ``{model, batch, context, hbm, measured_ms, steps, label}``."""
+    from tiersim.simulator.calibration import KIND as CALIBRATION, SCHEMA_VERSION as CALIBRATION_SCHEMA
+    from tiersim.simulator.profile import KIND as PROFILE, SCHEMA_VERSION as PROFILE_SCHEMA
+
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TiersimError(f"--against: file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError):
-        raise TiersimError(f"--against: not a JSON file: {path}") from None
-    kind = doc.get("kind") if isinstance(doc, dict) else None
-    if kind not in KINDS:
-        raise TiersimError(f"--against: {path} is neither a calibration nor an operator profile (kind {kind!r})")
+    doc = read_document(path, "--against", {CALIBRATION: CALIBRATION_SCHEMA, PROFILE: PROFILE_SCHEMA})
+    kind = doc["kind"]
     points = []
     if kind == "calibration":
         settings = doc.get("settings") or {}

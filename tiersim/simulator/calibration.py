@@ -7,10 +7,10 @@ matrix throughput, per-layer overhead).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tiersim.errors import TiersimError
+from tiersim.provenance import read_document
 from tiersim.simulator.presets import GB, GPU, with_overrides
 
 KIND = "calibration"
@@ -18,19 +18,8 @@ SCHEMA_VERSION = 1
 
 
 def load_calibration(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TiersimError(f"calibration file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise TiersimError(f"calibration file is not JSON: {path}") from None
-    if not isinstance(data, dict) or data.get("kind") != KIND:
-        raise TiersimError(f"not a tiersim calibration file (kind != 'calibration'): {path}")
-    version = data.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
-        raise TiersimError(f"calibration schema version {version!r} is newer than this tiersim understands: {path}")
-    return data
+    """A calibration document from `tiersim validate`, or one clear error."""
+    return read_document(path, "calibration file", {KIND: SCHEMA_VERSION})
 
 
 def apply_calibration(gpu: GPU, calibration: dict) -> GPU:

@@ -16,13 +16,13 @@ A profile describes one device: loading one measured on another GPU than the cho
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from tiersim.errors import TiersimError
+from tiersim.provenance import read_document
 
 KIND = "operator-profile"
 SCHEMA_VERSION = 1
@@ -36,18 +36,7 @@ STEP_SMALL = ("embedding", "rotary_emb", "final_norm")
 
 def load_profile(path: str | Path) -> dict:
     """The profile document, or one clear error (missing, not JSON, wrong kind, newer schema)."""
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TiersimError(f"--profile: file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError):
-        raise TiersimError(f"--profile: not a JSON file: {path}") from None
-    if not isinstance(doc, dict) or doc.get("kind") != KIND:
-        raise TiersimError(f"--profile: not a tiersim operator profile (kind != {KIND!r}): {path}")
-    version = doc.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
-        raise TiersimError(f"--profile: schema version {version!r} is newer than this tiersim understands: {path}")
+    doc = read_document(path, "--profile", {KIND: SCHEMA_VERSION})
     if not isinstance(doc.get("models"), dict):
         raise TiersimError(f"--profile: {path} has no 'models' tables")
     return doc

@@ -9,7 +9,6 @@ model of it is off. Only torch, numpy and the numpy-only parts of the simulator 
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import os
 import platform
 import statistics
@@ -20,9 +19,9 @@ from typing import Callable
 
 import numpy as np
 
-import tiersim
 from tiersim.atomic import write_json
 from tiersim.errors import TiersimError
+from tiersim.provenance import header
 
 KIND = "calibration"
 SCHEMA_VERSION = 1
@@ -278,7 +277,6 @@ def single_threaded_cpu(dev):
 
 def _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_sizes, command, log,
              budget_s, sdpa="no-cudnn", profile=None) -> dict:
-    import torch
 
     from tiersim.hierarchy.config import TierConfig
     from tiersim.validator import compute, decode, link
@@ -337,10 +335,7 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_
         fallback_gbps=copy_rate,
     )
     doc = {
-        "kind": KIND,
-        "schema_version": SCHEMA_VERSION,
-        "tiersim_version": tiersim.__version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **header(KIND, SCHEMA_VERSION),
         "command": command,
         "device": info,
         "gpu_preset": base_gpu_preset(info["name"] if dev.type == "cuda" else None),

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as _dt
 import gc
 import importlib
 import math
@@ -34,9 +33,9 @@ from typing import Callable
 
 import torch
 
-import tiersim
 from tiersim.atomic import write_json
 from tiersim.errors import TiersimError
+from tiersim.provenance import header
 from tiersim.validator.sdpa import SDPA_CHOICES, sdpa_backends
 
 KIND = "operator-profile"
@@ -591,15 +590,13 @@ def run(shapes: list[str], device: str = "cuda", out=None, budget_s: float | Non
             share = None if left is None else max(left, 0.0) / (len(shapes) - n)
             models[name] = profile_shape(get_shape(name), dev, dtype, Budget(share), grid, log, steps, warmup)
     doc = {
-        "kind": KIND,
-        "schema_version": SCHEMA_VERSION,
-        "tiersim_version": tiersim.__version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **header(KIND, SCHEMA_VERSION),
         "command": command,
         "device": info,
         "gpu_preset": base_gpu_preset(info["name"] if cuda else None),
         "settings": {"dtype": str(dtype).removeprefix("torch."), "sdpa_choices": list(SDPA_CHOICES),
-                     "cudnn_sdp_enabled": bool(getattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: None)()), "rotate_bytes": ROTATE_BYTES, "min_calls": MIN_CALLS,
+                     "cudnn_sdp_enabled": bool(getattr(torch.backends.cuda, "cudnn_sdp_enabled", lambda: None)()),
+                     "rotate_bytes": ROTATE_BYTES, "min_calls": MIN_CALLS,
                      "reps": REPS, "decode_steps": steps, "decode_warmup": warmup, "budget_s": budget_s,
                      "grid": {k: [list(p) for p in v] if k == "decode" else (list(v) if isinstance(v, tuple) else v)
                               for k, v in grid.items()},
