@@ -2,6 +2,7 @@
 planner's answer (throughput within a TPOT budget, compared with the full cache)."""
 
 import json
+from pathlib import Path
 from dataclasses import replace
 
 import numpy as np
@@ -242,3 +243,23 @@ def test_bad_planner_input_is_one_clear_line(args, needle):
     proc = _tiersim("capacity", *args)
     assert proc.returncode == 2 and needle in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("hbm", [1.0, 0.75])
+@pytest.mark.parametrize("profiled", [False, True])
+def test_the_planner_prices_prefetch_as_the_engine_does(trace, hbm, profiled):
+    """The planner's step is the engine's: LM head, per-step work, host floor and measured tables included."""
+    from dataclasses import replace as with_
+
+    from tiersim.simulator.profile import load_profile, table_for
+
+    sc = scenario_from_trace(trace, GQA, H100, 64, 3900.0, steps=64)
+    if profiled:
+        doc = load_profile(Path(__file__).resolve().parent.parent / "docs" / "validation" /
+                           "h100-80gb-hbm3-operators.json")
+        table, note = table_for(doc, GQA)
+        sc = with_(sc, table=table, compute_note=note)
+    policy = sc.policy(hbm, round(1 - hbm, 6), 0.0, 0.0)
+    planned = planner.evaluate(sc, policy, 64, strategies=["prefetch"])[0]
+    engine, _ = cap.run(sc, policy, largest=False)
+    assert planned["tpot_ms"] == pytest.approx(engine["step_ms"], rel=0.01)

@@ -59,7 +59,7 @@ def evaluate(scenario: capacity.Scenario, policy: Policy, batch: int, strategies
     rows = []
     for name in names:
         timing = step_times("prefetch" if name == NO_OFFLOAD else name, model, gpu, policy, work,
-                            cover=float(scenario.cover["cover99"]))
+                            cover=float(scenario.cover["cover99"]), table=scenario.table)
         mem = analytic.memory(model, gpu, replace(policy, prefetch=timing.staged), work)
         step = timing.step
         tpot = float(step.mean() * 1e3)

@@ -4,8 +4,10 @@ The GPU side (a layer's compute with some share of the DDR tier staged in HBM) c
 ``analytic.layer_costs``; this module adds what each strategy moves and where it computes: the
 host link, host memory bandwidth and CPU FLOPs (the GPU preset's host figures), and GPU FLOPs
 for recomputation. Per layer, per step (batch totals, arrays over steps); a step is L layers.
-The physics of each is written in docs/simulator.md ("Strategies"). With only ``prefetch`` and
-one link direction this is ``analytic.closed_form``, which the SimPy engine matches to 1%.
+The physics of each is written in docs/simulator.md ("Strategies"). Every strategy's step is
+assembled by ``analytic.closed_form`` from its per-layer GPU time and link time, with the same
+per-step work (LM head, embedding rows, host overhead), host floor and operator tables as the
+SimPy engine, so ``prefetch`` here is the engine's contention-free step (tested to 1%).
 """
 
 from __future__ import annotations
@@ -40,9 +42,15 @@ class Timing:
     approximate: bool
 
 
-def _compute(model: Model, gpu: GPU, policy: Policy, work: Workload, staged: float) -> np.ndarray:
-    """GPU time per layer with ``staged`` of the DDR tier attended from staging (the compute side)."""
-    return analytic.layer_costs(model, gpu, replace(policy, prefetch=staged), work).compute
+def _costs(model: Model, gpu: GPU, policy: Policy, work: Workload, staged: float, table=None) -> analytic.LayerCosts:
+    """The engine's costs with ``staged`` of the DDR tier attended from staging: per-layer compute,
+    per-step extra work and host floor (from ``table`` when given, else the roofline)."""
+    return analytic.layer_costs(model, gpu, replace(policy, prefetch=staged), work, table)
+
+
+def _step(costs: analytic.LayerCosts, layers: int, gpu_layer: np.ndarray, link_layer: np.ndarray) -> np.ndarray:
+    """Seconds per step: ``gpu_layer`` of GPU work per layer against ``link_layer`` arriving layer-ahead."""
+    return analytic.closed_form(replace(costs, compute=gpu_layer, h2d=link_layer), layers)[0]
 
 
 def _link(gpu: GPU, nbytes: np.ndarray) -> np.ndarray:
@@ -67,22 +75,22 @@ def _hbm_attention(model: Model, gpu: GPU, work: Workload) -> np.ndarray:
     return work.hbm * model.kv_bytes_per_token_layer / (gpu.hbm_bw * gpu.hbm_efficiency)
 
 
-def _split_layer(model: Model, gpu: GPU, policy: Policy, work: Workload, host_share: float) -> np.ndarray:
-    """Per-layer time with ``host_share`` of the DDR tier attended on the host, the rest prefetched.
+def _split_step(model: Model, gpu: GPU, policy: Policy, work: Workload, host_share: float, table=None) -> np.ndarray:
+    """Step time with ``host_share`` of the DDR tier attended on the host, the rest prefetched.
 
     The prefetched part crosses the link while the previous layer computes; the host part needs this
     layer's query, so it runs during this layer and hides only under the GPU's HBM-tier attention.
     """
     staged = 1.0 - host_share
-    c = _compute(model, gpu, policy, work, staged)
+    costs = _costs(model, gpu, policy, work, staged, table)
+    c = costs.compute
     host = host_attention_time(model, gpu, work.ddr * host_share, work.batch)
     window = np.minimum(_hbm_attention(model, gpu, work), c)
     gpu_side = c - window + np.maximum(window, host)
-    return np.maximum(gpu_side, _link(gpu, work.ddr * staged * model.kv_bytes_per_token_layer))
+    return _step(costs, model.num_layers, gpu_side, _link(gpu, work.ddr * staged * model.kv_bytes_per_token_layer))
 
 
-def _recompute_layer(model: Model, gpu: GPU, policy: Policy, work: Workload, share: float,
-                     c_full: np.ndarray) -> np.ndarray:
+def _recompute_step(model: Model, gpu: GPU, work: Workload, share: float, costs: analytic.LayerCosts) -> np.ndarray:
     """KVPR: ``share`` of the DDR tokens cross as layer inputs (hidden_size values) and get K, V
     recomputed on the GPU (``2 · hidden · 2 · kv_heads · head_dim`` FLOPs per token, plus reading the
     inputs and writing K, V), the rest as K, V. Both arrive under the previous layer's compute."""
@@ -92,35 +100,37 @@ def _recompute_layer(model: Model, gpu: GPU, policy: Policy, work: Workload, sha
     flops = n * 2.0 * model.hidden_size * 2 * model.num_kv_heads * model.head_dim
     recompute = np.maximum(n * (act + kv) / (gpu.hbm_bw * gpu.hbm_efficiency), flops / (gpu.peak_flops * gpu.flops_efficiency))
     link = _link(gpu, n * act + work.ddr * (1.0 - share) * kv)
-    return np.maximum(c_full + recompute, link)
+    return _step(costs, model.num_layers, costs.compute + recompute, link)
 
 
 def step_times(strategy: str, model: Model, gpu: GPU, policy: Policy, work: Workload,
-               cover: float = 1.0) -> Timing:
-    """Per-step time of ``strategy`` on ``work`` (``cover``: the share ``selective`` fetches)."""
+               cover: float = 1.0, table=None) -> Timing:
+    """Per-step time of ``strategy`` on ``work`` (``cover``: the share ``selective`` fetches; ``table``:
+    measured operator tables, as the engine uses them)."""
     layers = model.num_layers
     kv = model.kv_bytes_per_token_layer
     if strategy == "prefetch" or work.ddr.max() <= 0:
-        c = _compute(model, gpu, policy, work, 1.0)
-        return Timing(strategy, layers * np.maximum(c, _link(gpu, work.ddr * kv)), 1.0, 1.0,
+        costs = _costs(model, gpu, policy, work, 1.0, table)
+        return Timing(strategy, _step(costs, layers, costs.compute, _link(gpu, work.ddr * kv)), 1.0, 1.0,
                       strategy in APPROXIMATE and work.ddr.max() > 0)
     if strategy in ("host-attention", "hybrid"):
         shares = [1.0] if strategy == "host-attention" else SPLITS
-        best = min(((layers * _split_layer(model, gpu, policy, work, x), x) for x in shares),
+        best = min(((_split_step(model, gpu, policy, work, x, table), x) for x in shares),
                    key=lambda t: float(t[0].mean()))
         return Timing(strategy, best[0], 1.0 - best[1], best[1], False)
     if strategy == "recompute":
-        c = _compute(model, gpu, policy, work, 1.0)
-        best = min(((layers * _recompute_layer(model, gpu, policy, work, y, c), y) for y in SPLITS),
+        costs = _costs(model, gpu, policy, work, 1.0, table)
+        best = min(((_recompute_step(model, gpu, work, y, costs), y) for y in SPLITS),
                    key=lambda t: float(t[0].mean()))
         return Timing(strategy, best[0], 1.0, best[1], False)
     if strategy == "selective":
-        c = _compute(model, gpu, policy, work, cover)
-        return Timing(strategy, layers * np.maximum(c, _link(gpu, work.ddr * cover * kv)), cover, cover, True)
+        costs = _costs(model, gpu, policy, work, cover, table)
+        return Timing(strategy, _step(costs, layers, costs.compute, _link(gpu, work.ddr * cover * kv)), cover, cover,
+                      True)
     if strategy == "compressed-transfer":
         ratio = COMPRESSED_BITS[TRANSFER_BITS] / (8 * model.kv_dtype_bytes)
-        c = _compute(model, gpu, policy, work, 1.0)
+        costs = _costs(model, gpu, policy, work, 1.0, table)
         # Dequantize on the GPU: read the codes, write bf16 into staging (attention then reads it: in c).
-        c = c + work.ddr * kv * (ratio + 1.0) / (gpu.hbm_bw * gpu.hbm_efficiency)
-        return Timing(strategy, layers * np.maximum(c, _link(gpu, work.ddr * kv * ratio)), 1.0, ratio, True)
+        c = costs.compute + work.ddr * kv * (ratio + 1.0) / (gpu.hbm_bw * gpu.hbm_efficiency)
+        return Timing(strategy, _step(costs, layers, c, _link(gpu, work.ddr * kv * ratio)), 1.0, ratio, True)
     raise ValueError(f"unknown strategy {strategy!r}")
