@@ -120,3 +120,42 @@ values = st.one_of(st.text(min_size=1, max_size=10).filter(lambda s: not s.start
 @given(option=options, value=values)
 def test_garbage_option_values(option, value):
     assert_clean(["simulate", "--steps", "2", "--batch", "2", "--format", "json", option, value])
+
+
+# -- measurement files (--against, --profile, --calibration) ----------------------------------------------
+def _damaged(document: dict, data) -> dict:
+    """``document`` with one field somewhere inside replaced by garbage."""
+    import copy
+
+    doc = copy.deepcopy(document)
+    node = doc
+    for _ in range(data.draw(st.integers(1, 4))):
+        keys = list(node) if isinstance(node, dict) else list(range(len(node))) if isinstance(node, list) else []
+        if not keys:
+            break
+        key = data.draw(st.sampled_from(keys))
+        if data.draw(st.booleans()) or not isinstance(node[key], (dict, list)) or not node[key]:
+            node[key] = data.draw(garbage)
+            break
+        node = node[key]
+    return doc
+
+
+MEASUREMENTS = {"calibration": "h100-80gb-hbm3.json", "operator-profile": "h100-80gb-hbm3-operators.json"}
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_garbage_measurement_files(tmp_path, data):
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "docs" / "validation"
+    kind = data.draw(st.sampled_from(sorted(MEASUREMENTS)))
+    document = json.loads((folder / MEASUREMENTS[kind]).read_text())
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(_damaged(document, data)))
+    option = data.draw(st.sampled_from(["--against", "--profile", "--calibration"] if kind == "calibration"
+                                       else ["--against", "--profile"]))
+    extra = ["--profile", str(folder / MEASUREMENTS["operator-profile"])] if option == "--against" else []
+    assert_clean(["simulate", option, str(path), *extra, "--steps", "2", "--batch", "2", "--format", "json"])

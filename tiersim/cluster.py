@@ -63,6 +63,22 @@ def cluster_count(ray, resource: str) -> int:
     return int(ray.cluster_resources().get(resource, 0))
 
 
+def get_result(ray, ref):
+    """A task's result; a worker's failure (after Ray's retries) becomes one line."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, TiersimError):
+            raise TiersimError(str(cause)) from None
+        lines = [line for line in str(cause or exc).splitlines() if line.strip()]
+        last = lines[-1] if lines else type(exc).__name__
+        prefix = "tiersim.errors."  # a worker's own one-line error, raised in the actor: keep just its text
+        if last.startswith(prefix) and ": " in last:
+            last = last.split(": ", 1)[1]
+        raise TiersimError(f"a Ray worker failed: {last}") from None
+
+
 def map_tasks(ray, fn: Callable, items: Sequence, on_done: Callable[[], None] | None = None) -> list:
     """``[fn(item) for item in items]`` with every call a Ray task (retried when its worker dies).
 
@@ -76,7 +92,7 @@ def map_tasks(ray, fn: Callable, items: Sequence, on_done: Callable[[], None] | 
     pending = list(refs)
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
-        results[index[done[0]]] = ray.get(done[0])
+        results[index[done[0]]] = get_result(ray, done[0])
         if on_done is not None:
             on_done()
     return results

@@ -33,10 +33,12 @@ def read_document(path: str | Path, label: str, kinds: dict[str, int]) -> dict[s
         doc = json.loads(path.read_text())
     except FileNotFoundError:
         raise TiersimError(f"{label}: file not found: {path}") from None
+    except PermissionError:
+        raise TiersimError(f"{label}: cannot read {path}: permission denied") from None
     except (json.JSONDecodeError, UnicodeDecodeError, IsADirectoryError, RecursionError):
         raise TiersimError(f"{label}: not a JSON file: {path}") from None
     kind = doc.get("kind") if isinstance(doc, dict) else None
-    if kind not in kinds:
+    if not isinstance(kind, str) or kind not in kinds:
         wanted = " nor ".join(f"a tiersim {k}" for k in kinds)
         raise TiersimError(f"{label}: {path} is {'neither ' if len(kinds) > 1 else 'not '}{wanted} file (kind {kind!r})")
     version = doc.get("schema_version")

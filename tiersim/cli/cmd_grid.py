@@ -81,6 +81,8 @@ def grid(
     ray = ray or ray_address is not None
     if ray_workers < 0:
         raise TiersimError(f"--ray-workers must be >= 0, got {ray_workers}")
+    if ray_workers and not ray:
+        raise TiersimError("--ray-workers needs --ray (or --ray-address): without it the grid runs here")
     if ray:
         from tiersim.cluster import import_ray
 

@@ -218,7 +218,7 @@ def capacity(
     from tiersim.simulator.capacity import capacity as grid, capacity_ticks, range_result
 
     _check_format(fmt)
-    if max_overhead < 0:
+    if not max_overhead >= 0:  # NaN too
         raise TiersimError(f"--max-overhead must be >= 0, got {max_overhead}")
     check_output_path(out, "--out", (".json",))
     check_output_path(report, "--report", (".html", ".htm"))
@@ -229,6 +229,9 @@ def capacity(
     batches = planner.parse_batches(batch)
     strategies = planner.parse_strategies(strategy)
     ray = ray or ray_address is not None
+    if ray and len(batches) > 1:
+        raise TiersimError("--ray runs the SimPy grid of one batch; a batch range is closed form and runs here "
+                           "in about a second: drop --ray")
     if ray:
         from tiersim.cluster import import_ray
 
@@ -357,7 +360,7 @@ def _slo_words(answer: dict) -> str:
 
 def _print_capacity(result: dict, scenario) -> None:
     answer = {**result["planner"], "points": result["points"]}
-    console.print(f"[bold]{result['recommendation']}[/]", highlight=False)
+    console.print(f"[bold]{result['recommendation']}[/]", highlight=False, soft_wrap=True)  # one line: | head -1
     console.print(f"{result['model']} on {result['gpu']}, {_workload_words(scenario)}\n({result['trace']} trace; "
                   "ctx: tokens held per sequence, mean / peak over the simulated steps)", highlight=False)
     console.print(_strategy_table(answer, f"Best point per strategy{_slo_words(answer)} "
@@ -379,8 +382,9 @@ def _print_capacity(result: dict, scenario) -> None:
         console.print(f"[yellow]note:[/] the all-in-HBM baseline needs {base['peak_hbm_gb']:.1f} GB at batch "
                       f"{base['batch']} and [red]does NOT fit[/] in {base['hbm_capacity_gb']:.0f} GB; overheads are "
                       "against it anyway.", highlight=False)
+    workload = "lockstep batch" if scenario.context is not None else "staggered batch"
     console.print(f"Largest batch with the full cache: {result['max_batch_full_cache']:,} (peak HBM over "
-                  f"{answer['steps']} steps of the staggered batch).", highlight=False)
+                  f"{answer['steps']} steps of the {workload}).", highlight=False)
     budget = result["max_overhead_pct"]
     if len(answer["batches"]) == 1:
         for label, best in (("Most HBM freed", result["best"]), ("Most freed, lossless", result.get("best_lossless"))):

@@ -14,7 +14,7 @@ import os
 from collections import deque
 from typing import Callable, Iterable
 
-from tiersim.cluster import RETRIES, cluster_count
+from tiersim.cluster import RETRIES, cluster_count, get_result
 from tiersim.errors import TiersimError
 from tiersim.quality.grid import Generated, Job, generate_run
 
@@ -94,14 +94,14 @@ class RayRunner:
                 done, _ = ray.wait(list(starting) + list(running), num_returns=1)
                 ref = done[0]
                 if ref in starting:
-                    pid, found = _get(ray, ref)
+                    pid, found = get_result(ray, ref)
                     _check_versions(found)
                     self.pids[starting.pop(ref)] = pid
                     finished = None
                 else:
                     n = running.pop(ref)
                     load[n] -= 1
-                    index, ids, seconds, counts, pid = _get(ray, ref)
+                    index, ids, seconds, counts, pid = get_result(ray, ref)
                     if pid != self.pids.get(n):
                         self.restarts += 1
                         self.pids[n] = pid
@@ -128,17 +128,3 @@ def _check_versions(found: dict) -> None:
         raise TiersimError(f"a Ray worker runs {diff}: install the same versions on every node")
 
 
-def _get(ray, ref):
-    """A task's result; a worker's failure (after Ray's retries) becomes one line."""
-    try:
-        return ray.get(ref)
-    except ray.exceptions.RayError as exc:
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, TiersimError):
-            raise TiersimError(str(cause)) from None
-        lines = [line for line in str(cause or exc).splitlines() if line.strip()]
-        last = lines[-1] if lines else type(exc).__name__
-        prefix = "tiersim.errors."  # a worker's own one-line error, raised in the actor: keep just its text
-        if last.startswith(prefix) and ": " in last:
-            last = last.split(": ", 1)[1]
-        raise TiersimError(f"a Ray worker failed: {last}") from None

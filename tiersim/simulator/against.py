@@ -24,6 +24,17 @@ def load_measurements(path: str | Path) -> tuple[dict, list[dict]]:
 
     path = Path(path)
     doc = read_document(path, "--against", {CALIBRATION: CALIBRATION_SCHEMA, PROFILE: PROFILE_SCHEMA})
+    try:
+        points = _points(doc)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise TiersimError(f"--against: {path}: a measured point is malformed ({type(exc).__name__}: {exc})") from None
+    if not points:
+        raise TiersimError(f"--against: {path} holds no measured decode steps")
+    return doc, points
+
+
+def _points(doc: dict) -> list[dict]:
+    """The measured decode steps of a calibration or operator-profile document."""
     kind = doc["kind"]
     points = []
     if kind == "calibration":
@@ -46,9 +57,7 @@ def load_measurements(path: str | Path) -> tuple[dict, list[dict]]:
                                    "context": int(r["context"]) + warmup, "hbm": float(r["hbm"]),
                                    "measured_ms": float(r["step_ms"]), "steps": int(r.get("steps", 10)),
                                    "label": f"{r['cache']} {r.get('sdpa', 'default')}"})
-    if not points:
-        raise TiersimError(f"--against: {path} holds no measured decode steps")
-    return doc, points
+    return points
 
 
 def compare(scenario, points: list[dict]) -> dict:
@@ -61,7 +70,7 @@ def compare(scenario, points: list[dict]) -> dict:
             skipped += 1
             continue
         sc = replace(scenario, batch=p["batch"], context=p["context"], steps=max(p["steps"], 1))
-        row, _ = run(sc, sc.policy(p["hbm"], round(1.0 - p["hbm"], 6), 0.0, 0.0))
+        row, _ = run(sc, sc.policy(p["hbm"], round(1.0 - p["hbm"], 6), 0.0, 0.0), largest=False)
         error = 100.0 * (row["step_ms"] / p["measured_ms"] - 1.0)
         rows.append({**p, "simulated_ms": row["step_ms"], "error_pct": error, "compute_model": row["compute_model"]})
     if not rows:

@@ -171,14 +171,14 @@ def recommend(scenario, batches, slo, largest, full, best, points, max_evict: fl
         fitting = [r for r in points if r["fits"] and not r["approximate"] and r["evict"] <= max_evict + 1e-9]
         quick = min(fitting, key=lambda r: r["tpot_ms"]) if fitting else None
         why = (f"; the quickest that fits is {_option(quick)} at batch {quick['batch']:,} "
-               f"({quick['tpot_ms']:.1f} ms)" if quick else "; nothing there fits")
+               f"({quick['tpot_ms']:.1f} ms)" if quick else "")
         advice = f"; run the full cache at batch {full['batch']:,} instead" if full else ""
         return f"{head}. No exact config at {where} fits{slo_words}{why}{advice}."
     if full is not None and full["tokens_per_s"] >= best["tokens_per_s"]:
         tiered = [r for r in points if _eligible(r, max_evict) and r["hbm"] < 1.0]
         top = max(tiered, key=lambda r: r["tokens_per_s"]) if tiered else None
         other = (f"the best alternative{slo_words} ({_option(top)} at batch {top['batch']:,}) gives "
-                 f"{top['tokens_per_s']:,.0f} tok/s" if top else f"no alternative fits{slo_words}")
+                 f"{top['tokens_per_s']:,.0f} tok/s" if top else f"no exact alternative fits{slo_words}")
         return f"{head}: keep the full cache at batch {full['batch']:,}; {other}."
     if best["strategy"] == NO_OFFLOAD:
         what = f"evicting {best['evict']:.0%} of the KV" if best["evict"] > 0 else "the full cache"

@@ -48,6 +48,9 @@ def check_device(doc: dict, gpu_preset: str, option: str = "--profile") -> None:
     name = (doc.get("device") or {}).get("name") or "an unnamed device"
     if str(name).lower().startswith("cpu"):
         raise TiersimError(f"{option}: measured on {name} (smoke mode), not on a GPU; it describes no --gpu preset")
+    if measured is None:
+        raise TiersimError(f"{option}: the file names no GPU preset it was measured on ({name}); it cannot "
+                           f"describe --gpu {gpu_preset}")
     if measured != gpu_preset:
         raise TiersimError(f"{option}: measured on {name} (preset {measured}), not on --gpu {gpu_preset}; "
                            f"measure this GPU or choose --gpu {measured}")
@@ -140,7 +143,17 @@ def _series(rows: list[dict], op: str, key: str = "tokens") -> tuple[np.ndarray,
 
 
 def table_for(doc: dict, model) -> tuple[OperatorTable | None, str]:
-    """(table, None-reason): ``model``'s tables from the profile, or None and why the roofline is used."""
+    """(table, None-reason): ``model``'s tables from the profile, or None and why the roofline is used.
+
+    A hand-edited or damaged file (a row without its fields, a string where a number belongs) is one line.
+    """
+    try:
+        return _table_for(doc, model)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise TiersimError(f"--profile: the {model.name} tables are malformed ({type(exc).__name__}: {exc})") from None
+
+
+def _table_for(doc: dict, model) -> tuple[OperatorTable | None, str]:
     entry = doc["models"].get(model.name)
     source = doc.get("device", {}).get("name", "unknown device")
     if entry is None:
