@@ -11,6 +11,9 @@ from tiersim.errors import ConfigError
 TIERS = ("hbm", "ddr", "compressed", "evicted")
 RATIO_FIELDS = ("hbm", "ddr", "compressed", "evict")
 POLICIES = ("hierarchy", "streamingllm", "h2o", "snapkv", "rkv")
+#: How the DDR tier reaches attention in the real cache (tiersim.hierarchy.access). The simulator
+#: models more (tiersim.simulator.strategies); those the cache does not run are refused here.
+STRATEGIES = ("prefetch", "host-attention")
 SUM_TOLERANCE = 1e-6
 
 
@@ -21,7 +24,9 @@ class TierConfig:
     ``sink_tokens`` first tokens and the ``recent_window`` newest tokens always stay in HBM;
     tokens are re-ranked every ``retier_every`` decode steps. ``compressed_bits`` (8 or 4) and
     ``quant_group`` set the KIVI-style quantization of the compressed tier. ``policy`` picks the
-    ranking rule: the hierarchy's cumulative attention score, or an eviction baseline.
+    ranking rule: the hierarchy's cumulative attention score, or an eviction baseline. ``strategy``
+    says how the DDR tier reaches attention (``prefetch``: copied back and reassembled, bit-exact;
+    ``host-attention``: attended on the host and merged by log-sum-exp, exact up to rounding).
     """
 
     hbm: float = 1.0
@@ -35,6 +40,7 @@ class TierConfig:
     quant_group: int = 32
     prefill_score_window: int = 32
     policy: str = "hierarchy"
+    strategy: str = "prefetch"
     policy_options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -62,6 +68,11 @@ class TierConfig:
             raise ConfigError(f"TierConfig.quant_group must be an integer >= 1, got {self.quant_group!r}")
         if self.policy not in POLICIES:
             raise ConfigError(f"TierConfig.policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"TierConfig.strategy must be one of {', '.join(STRATEGIES)} (the strategies the cache runs), "
+                f"got {self.strategy!r}"
+            )
 
     @property
     def offloads(self) -> bool:

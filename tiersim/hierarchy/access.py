@@ -1,0 +1,230 @@
+"""How the DDR tier reaches attention: one small interface, one implementation per strategy.
+
+A :class:`~tiersim.hierarchy.cache.TieredLayer` owns its tiers; a ``DDRAccess`` decides how the
+DDR tokens take part in that layer's attention. The cache calls ``attention_inputs`` in
+``update`` (what it hands the model's attention), ``prefetch`` on the next layer while this one
+computes, and, for strategies that attend where the tokens live, the ``"tiersim"`` attention
+calls ``attend``. ``prefetch``/``fetch`` are public so the validator can time them.
+
+* ``prefetch``: the whole DDR tier is copied to the device (staging buffers, side stream on CUDA)
+  and the layer is reassembled in token order; attention is stock SDPA, bit-identical to
+  ``DynamicCache``.
+* ``host-attention``: attention over the DDR tokens runs on the host (a worker thread over the
+  host tensors) while the device part (HBM, compressed) runs in parallel; the two partial outputs
+  are merged with their log-sum-exp (:mod:`tiersim.hierarchy.split_attention`). Exact up to float32
+  rounding inside each part; nothing is reassembled except at re-tiering points (promotions).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from tiersim.errors import ConfigError
+from tiersim.hierarchy.config import STRATEGIES
+from tiersim.hierarchy.split_attention import Segment, allowed_columns, merge, partial_attention
+
+
+
+class DDRAccess:
+    """The interface: how one layer's DDR tier reaches its attention."""
+
+    name = ""
+    host_attention = False  # True: the "tiersim" attention must call ``attend``
+
+    def __init__(self) -> None:
+        self.bytes_h2d = 0
+        self.bytes_d2h = 0
+
+    def attention_inputs(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys/values ``update`` hands the model's attention for this layer."""
+        raise NotImplementedError
+
+    def prefetch(self, layer) -> None:
+        """Start moving the layer's DDR tier toward its attention (called one layer ahead)."""
+
+    def fetch(self, layer) -> list:
+        """Device copies (keys, values) of the layer's DDR chunks, once they are there."""
+        return [(c.keys.to(layer.device), c.values.to(layer.device)) for c in layer.ddr]
+
+    def full_view(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole layer in token order, for re-tiering (promotions need the DDR tokens on the device)."""
+        return layer.assemble(self.fetch(layer))
+
+    def release(self) -> None:
+        """Free worker threads (if any)."""
+
+
+class Prefetch(DDRAccess):
+    """Copy the whole DDR tier to the device one layer ahead; reassemble the layer in token order."""
+
+    name = "prefetch"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stream = None
+        self.staging: list[list[torch.Tensor] | None] = [None, None]
+
+    def attention_inputs(self, layer):
+        staged = self.fetch(layer)
+        # Every step the DDR tier crosses the link once (on CPU this counts what a GPU would move).
+        self.bytes_h2d += sum(c.nbytes for c in layer.ddr)
+        return layer.assemble(staged)
+
+    def fetch(self, layer) -> list:
+        if not layer.ddr:
+            return []
+        if layer.device.type != "cuda":
+            return [(c.keys, c.values) for c in layer.ddr]
+        if layer.staged is None:  # first use or after a re-tier: nothing was prefetched
+            self.prefetch(layer)
+        torch.cuda.current_stream(layer.device).wait_event(layer.prefetch_event)
+        staged, layer.staged = layer.staged, None
+        return staged
+
+    def full_view(self, layer):
+        raise AssertionError("prefetch re-tiers from the view attention saw")  # pragma: no cover
+
+    def prefetch(self, layer) -> None:
+        """Copy the layer's DDR chunks into staging buffer ``layer.index % 2`` on the side stream."""
+        if layer.device.type != "cuda" or not layer.ddr:
+            return
+        device = layer.device
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device=device)
+        stream = self.stream
+        # The staging buffer was last read by the layer before last; the new DDR chunk may still be
+        # on its way down on the compute stream: wait for both.
+        stream.wait_stream(torch.cuda.current_stream(device))
+        # Flat buffers: each chunk lands in one contiguous region (one DMA per tensor, no
+        # strided copy), and the buffer grows by 25% headroom when the tier outgrows it.
+        need = sum(c.keys.numel() for c in layer.ddr)
+        slot = layer.index % 2
+        buffers = self.staging[slot]
+        if buffers is None or buffers[0].numel() < need or buffers[0].dtype != layer.dtype:
+            capacity = int(need * 1.25) + 1
+            buffers = [torch.empty(capacity, dtype=layer.dtype, device=device) for _ in range(2)]
+            for buffer in buffers:
+                buffer.record_stream(stream)  # written on the side stream, read on the compute stream
+            self.staging[slot] = buffers
+        staged, offset = [], 0
+        with torch.cuda.stream(stream):
+            for chunk in layer.ddr:
+                n = chunk.keys.numel()
+                sk = buffers[0][offset : offset + n].view(chunk.keys.shape)
+                sv = buffers[1][offset : offset + n].view(chunk.values.shape)
+                sk.copy_(chunk.keys, non_blocking=True)
+                sv.copy_(chunk.values, non_blocking=True)
+                staged.append((sk, sv))
+                offset += n
+            event = torch.cuda.Event()
+            event.record(stream)
+        layer.staged, layer.prefetch_event = staged, event
+
+
+class HostAttention(DDRAccess):
+    """Attend to the DDR tier where it lives (host threads) in parallel with the device part; merge by lse."""
+
+    name = "host-attention"
+    host_attention = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stream = None
+        self._host = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiersim-host")
+        self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiersim-device")
+
+    def attention_inputs(self, layer):
+        # Only the device tiers' own storage: the model's attention does not read them (``attend`` does).
+        return layer.hbm_k, layer.hbm_v
+
+    def release(self) -> None:
+        self._host.shutdown(wait=True)
+        self._device.shutdown(wait=True)
+
+    def attend(self, layer, query: torch.Tensor, attention_mask, scaling: float, n_probs: int):
+        """Attention output [B, q, Hq, D] (query dtype) and, when ``n_probs``, the float32 probabilities
+        of the last ``n_probs`` queries over the retained tokens in order [B, Hq, n, N]."""
+        q_len, n_keys = query.shape[2], layer.num_retained
+        dev_segs, dev_slots = [], []
+        for keys, values, slots, valid in layer.device_tiers():
+            dev_segs.append(Segment(keys, values, allowed_columns(attention_mask, slots, valid, q_len, n_keys)))
+            dev_slots.append((slots, valid))
+        host_masks = [allowed_columns(attention_mask, c.slot, c.valid, q_len, n_keys) for c in layer.ddr]
+        cuda = query.device.type == "cuda"
+        q_host, masks_host, ready = self._to_host(query, host_masks) if cuda else (query.clone(), host_masks, None)
+        chunks = list(layer.ddr)
+
+        def host_part():
+            if ready is not None:
+                ready.synchronize()
+            for c in chunks:
+                if c.ready is not None:
+                    c.ready.synchronize()
+            segs = [Segment(c.keys, c.values, m) for c, m in zip(chunks, masks_host)]
+            return partial_attention(q_host, segs, scaling, n_probs)
+
+        host_future = self._host.submit(host_part)
+        if cuda:  # the device's kernels stay on the compute stream of this thread
+            dev = partial_attention(query, dev_segs, scaling, n_probs)
+        else:
+            dev = self._device.submit(partial_attention, query, dev_segs, scaling, n_probs).result()
+        host = host_future.result()
+        self.bytes_d2h += _nbytes(q_host) + sum(_nbytes(m) for m in masks_host if m is not None)
+        if cuda:
+            host = self._to_device(host, query.device)
+        self.bytes_h2d += _nbytes(host.out) + _nbytes(host.lse) + sum(_nbytes(p) for p in host.probs or [])
+        out, _, (w_dev, w_host) = merge([dev, host])
+        output = out.to(query.dtype).transpose(1, 2).contiguous()
+        if not n_probs:
+            return output, None
+        batch, q_heads = query.shape[:2]
+        full = torch.zeros((batch, q_heads, n_probs, n_keys + 1), dtype=torch.float32, device=query.device)
+        parts = [(p, s, w_dev) for p, s in zip(dev.probs, dev_slots)]
+        parts += [(p, (c.slot, c.valid), w_host) for p, c in zip(host.probs, chunks)]
+        for p, (slots, valid), w in parts:
+            target = torch.where(valid, slots, torch.full_like(slots, n_keys)) if valid is not None else slots
+            index = target[:, None, None, :].expand(batch, q_heads, n_probs, target.shape[1])
+            weighted = (p.double() * w[:, :, q_len - n_probs :, None]).float()
+            full.scatter_(-1, index, weighted)
+        return output, full[..., :n_keys]
+
+    def _to_host(self, query, masks):
+        """Query and masks down to pinned host memory on a side stream; an event marks arrival."""
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device=query.device)
+        self.stream.wait_stream(torch.cuda.current_stream(query.device))
+        with torch.cuda.stream(self.stream):
+            q_host = torch.empty(query.shape, dtype=query.dtype, pin_memory=True)
+            q_host.copy_(query, non_blocking=True)
+            out_masks = []
+            for m in masks:
+                if m is None:
+                    out_masks.append(None)
+                    continue
+                h = torch.empty(m.shape, dtype=m.dtype, pin_memory=True)
+                h.copy_(m, non_blocking=True)
+                out_masks.append(h)
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        return q_host, out_masks, ready
+
+    @staticmethod
+    def _to_device(part, device):
+        def up(t):
+            return t.pin_memory().to(device, non_blocking=True)
+
+        return type(part)(up(part.out), up(part.lse), [up(p) for p in part.probs] if part.probs else part.probs)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def make_access(strategy: str) -> DDRAccess:
+    if strategy == "prefetch":
+        return Prefetch()
+    if strategy == "host-attention":
+        return HostAttention()
+    raise ConfigError(f"the cache runs strategies {', '.join(STRATEGIES)}; got {strategy!r}")
