@@ -191,3 +191,35 @@ def test_scoring_probabilities_reference_is_unchanged_by_the_split():
     k = torch.randn(1, 2, 10, 8)
     p = attention_probabilities(q, k, None, 0.3)
     torch.testing.assert_close(p.sum(-1), torch.ones(1, 4, 1))
+
+
+def test_host_attention_on_smollm2_matches_dynamic_cache(smollm2):
+    """The real model, float32, a few bundled prompts (the full 30: benchmarks/bench_host_attention.py)."""
+    from tiersim.models import format_prompt
+    from tiersim.prompts import load_prompts
+
+    model, tokenizer = smollm2
+    for prompt in load_prompts(n=2):
+        ids = format_prompt(tokenizer, prompt.prompt)
+        ref = _generate(model, ids, DynamicCache(), 48)
+        cache = TieredCache(TierConfig(hbm=0.5, ddr=0.5, sink_tokens=4, recent_window=16, retier_every=8,
+                                       strategy="host-attention"))
+        out = _generate(model, ids, cache, 48)
+        assert cache.tier_counts(0)["ddr"] > 0
+        assert torch.equal(out.sequences, ref.sequences), prompt.id
+        assert _max_logit_diff(out, ref) <= 1e-4, prompt.id
+
+
+def test_capture_runs_the_strategy_and_records_it(tmp_path):
+    from cli_run import invoke
+
+    from tiersim.traces import read
+
+    out = tmp_path / "t.parquet"
+    code, _, err = invoke(["capture", "--n", "1", "--max-new-tokens", "3", "--hbm", "0.5", "--ddr", "0.5",
+                           "--compressed", "0", "--evict", "0", "--strategy", "host-attention", "--out", str(out)])
+    assert code == 0, err
+    assert read(out).meta["policy"]["strategy"] == "host-attention"
+    code, _, err = invoke(["capture", "--strategy", "recompute", "--out", str(out)])
+    assert code == 2 and "strategy must be one of prefetch, host-attention" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -28,6 +28,8 @@ def capture(
     recent_window: int = typer.Option(64, "--recent-window"),
     retier_every: int = typer.Option(16, "--retier-every"),
     compressed_bits: int = typer.Option(4, "--compressed-bits", help="4 or 8"),
+    strategy: str = typer.Option("prefetch", help="how the DDR tier reaches attention: prefetch (bit-exact) "
+                                 "or host-attention (attended on the host, merged by log-sum-exp)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     dtype: str = typer.Option("float32", help="float32 (exact on CPU), bfloat16 or float16"),
     full: bool = typer.Option(False, "--full", help="also keep every step's attention row (large; for offline replay)"),
@@ -46,6 +48,7 @@ def capture(
     config = TierConfig(
         hbm=hbm, ddr=ddr, compressed=compressed, evict=evict, sink_tokens=sink_tokens,
         recent_window=recent_window, retier_every=retier_every, compressed_bits=compressed_bits,
+        strategy=strategy,
     )
     items = load_prompts(str(prompts) if prompts else None, n)
     if device == "cuda":

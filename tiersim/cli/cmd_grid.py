@@ -43,6 +43,8 @@ def grid(
     recent_window: int = typer.Option(64, "--recent-window", help="hierarchy: newest tokens pinned to HBM"),
     retier_every: int = typer.Option(16, "--retier-every", help="re-tiering interval (hierarchy and SnapKV)"),
     compressed_bits: int = typer.Option(4, "--compressed-bits", help="4 or 8"),
+    strategy: str = typer.Option("prefetch", help="how the DDR tier reaches attention in every cell: prefetch "
+                                 "(bit-exact) or host-attention (attended on the host, merged by log-sum-exp)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     dtype: str = typer.Option("float32", help="float32 (exact on CPU), bfloat16 or float16"),
     resume: bool = typer.Option(True, "--resume/--no-resume",
@@ -76,6 +78,7 @@ def grid(
         recent_window=recent_window,
         retier_every=retier_every,
         compressed_bits=compressed_bits,
+        strategy=strategy,
     )
     items = load_prompts(str(prompts) if prompts else None, n)
     ray = ray or ray_address is not None
