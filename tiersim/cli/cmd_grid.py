@@ -43,8 +43,10 @@ def grid(
     recent_window: int = typer.Option(64, "--recent-window", help="hierarchy: newest tokens pinned to HBM"),
     retier_every: int = typer.Option(16, "--retier-every", help="re-tiering interval (hierarchy and SnapKV)"),
     compressed_bits: int = typer.Option(4, "--compressed-bits", help="4 or 8"),
-    strategy: str = typer.Option("prefetch", help="how the DDR tier reaches attention in every cell: prefetch "
-                                 "(bit-exact) or host-attention (attended on the host, merged by log-sum-exp)"),
+    strategy: str = typer.Option("prefetch", help="how the DDR tier reaches attention: prefetch (bit-exact), "
+                                 "host-attention (attended on the host, merged by log-sum-exp) or selective "
+                                 "(approximate: only --fetch-share of the DDR pages, picked by key bounds)"),
+    fetch_share: float = typer.Option(1.0, "--fetch-share", help="selective: share of DDR pages fetched per step"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     dtype: str = typer.Option("float32", help="float32 (exact on CPU), bfloat16 or float16"),
     resume: bool = typer.Option(True, "--resume/--no-resume",
@@ -79,6 +81,7 @@ def grid(
         retier_every=retier_every,
         compressed_bits=compressed_bits,
         strategy=strategy,
+        fetch_share=fetch_share,
     )
     items = load_prompts(str(prompts) if prompts else None, n)
     ray = ray or ray_address is not None

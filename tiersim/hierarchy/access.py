@@ -32,10 +32,23 @@ class DDRAccess:
 
     name = ""
     host_attention = False  # True: the "tiersim" attention must call ``attend``
+    complete_view = True  # attention_inputs hold every retained token (re-tiering may reuse them)
 
     def __init__(self) -> None:
         self.bytes_h2d = 0
         self.bytes_d2h = 0
+        self.fetched_tokens = 0  # DDR tokens that reached attention on the device, and of how many
+        self.ddr_tokens = 0
+        self.fetched_last: dict[int, int] = {}  # per layer, this step (batch row 0)
+
+    @property
+    def fetched_share(self) -> float | None:
+        """Share of the DDR tier's tokens fetched to the device for attention (None: no DDR step yet)."""
+        return self.fetched_tokens / self.ddr_tokens if self.ddr_tokens else None
+
+    def prepare(self, layer, query: torch.Tensor, attention_mask):
+        """Once the query is known: fetch what is still missing, return the mask attention uses."""
+        return attention_mask
 
     def attention_inputs(self, layer) -> tuple[torch.Tensor, torch.Tensor]:
         """The keys/values ``update`` hands the model's attention for this layer."""
@@ -70,6 +83,10 @@ class Prefetch(DDRAccess):
         staged = self.fetch(layer)
         # Every step the DDR tier crosses the link once (on CPU this counts what a GPU would move).
         self.bytes_h2d += sum(c.nbytes for c in layer.ddr)
+        if layer.ddr:
+            n = layer.num_ddr
+            self.fetched_tokens += n
+            self.ddr_tokens += n
         return layer.assemble(staged)
 
     def fetch(self, layer) -> list:
@@ -218,13 +235,142 @@ class HostAttention(DDRAccess):
         return type(part)(up(part.out), up(part.lse), [up(p) for p in part.probs] if part.probs else part.probs)
 
 
+class Selective(Prefetch):
+    """Fetch only the DDR pages a predictor says matter (approximate); the rest is hidden from attention.
+
+    The predictor keeps, on the device, each page's per-channel key minimum and maximum (``PAGE``
+    stored tokens of a chunk per page, computed once when the chunk is written). For a query q the
+    largest logit any key of the page can give is at most ``sum_d max(q_d * min_d, q_d * max_d)``
+    (over the page's KV heads and the query heads that share them); each batch row fetches the
+    pages with the largest bound until they hold ``share`` of its DDR tokens (at least one page),
+    after the query is known, and the mask hides
+    every DDR token it did not fetch. With ``share = 1.0`` it is ``prefetch`` exactly (same code path).
+    Unfetched tokens get no attention probability, so they gain no score while they stay unfetched.
+    """
+
+    name = "selective"
+    PAGE = 16
+
+    def __init__(self, share: float) -> None:
+        super().__init__()
+        self.share = share
+        self.complete_view = share >= 1.0
+        self.buffers: dict[int, tuple] = {}
+
+    def attention_inputs(self, layer):
+        if self.share >= 1.0:
+            return super().attention_inputs(layer)
+        keys, values = layer.assemble([])  # the device tiers at their slots; the DDR slots come in prepare
+        if layer.ddr:
+            for chunk in layer.ddr:  # unfetched slots must hold finite values (weight 0 times garbage)
+                if chunk.dense_slots is not None:
+                    keys.index_fill_(2, chunk.dense_slots, 0)
+                    values.index_fill_(2, chunk.dense_slots, 0)
+                else:
+                    keys[chunk.flat_rows, :, chunk.flat_slots] = 0
+                    values[chunk.flat_rows, :, chunk.flat_slots] = 0
+            self.buffers[layer.index] = (keys, values)
+        return keys, values
+
+    def prefetch(self, layer) -> None:
+        if self.share >= 1.0:
+            super().prefetch(layer)
+
+    def full_view(self, layer):
+        return layer.assemble([(c.keys.to(layer.device), c.values.to(layer.device)) for c in layer.ddr])
+
+    def prepare(self, layer, query, attention_mask):
+        if self.share >= 1.0:
+            self.fetched_last[layer.index] = layer.num_ddr
+            return attention_mask
+        keys, values = self.buffers.pop(layer.index)
+        batch, q_len, n_keys = query.shape[0], query.shape[2], layer.num_retained
+        bounds = [self._bounds(c, layer.device) for c in layer.ddr]
+        scores = torch.cat([self._upper_bound(query, lo, hi) for lo, hi in bounds], dim=1)  # [B, pages]
+        live = torch.cat([self._live_per_page(c, lo.shape[2]) for c, (lo, _) in zip(layer.ddr, bounds)], dim=1)
+        # Highest bound first, until the pages taken hold ``share`` of the row's live DDR tokens.
+        order = scores.argsort(dim=1, descending=True)
+        live_sorted = live.gather(1, order)
+        before = live_sorted.cumsum(dim=1) - live_sorted
+        target = self.share * live.sum(dim=1, keepdim=True)
+        take_sorted = before < target
+        take_sorted[:, 0] = True
+        chosen = torch.zeros_like(take_sorted).scatter_(1, order, take_sorted)
+        if attention_mask is None:
+            allowed = torch.ones((batch, 1, q_len, n_keys), dtype=torch.bool, device=query.device)
+            if q_len > 1:
+                allowed = torch.ones((q_len, n_keys), dtype=torch.bool, device=query.device).tril(n_keys - q_len)
+                allowed = allowed.expand(batch, 1, q_len, n_keys).clone()
+        else:
+            allowed = attention_mask[..., -q_len:, :]
+            if allowed.dtype != torch.bool:
+                allowed = allowed > torch.finfo(allowed.dtype).min / 2
+            allowed = allowed.expand(batch, allowed.shape[1], q_len, n_keys).clone()
+        start, fetched_row0, live_row0 = 0, 0, 0
+        for chunk, (lo, _) in zip(layer.ddr, bounds):
+            pages = lo.shape[2]
+            page_of = torch.arange(chunk.keys.shape[2], device=query.device) // self.PAGE
+            picked = chosen[:, start : start + pages][:, page_of] & chunk.valid
+            start += pages
+            rows, cols = torch.nonzero(picked, as_tuple=True)
+            if rows.numel():
+                slots = chunk.slot[rows, cols]
+                hr, hc = rows.to(chunk.keys.device), cols.to(chunk.keys.device)
+                keys[rows, :, slots] = chunk.keys[hr, :, hc].to(keys.device)
+                values[rows, :, slots] = chunk.values[hr, :, hc].to(values.device)
+                self.bytes_h2d += 2 * rows.numel() * chunk.keys.shape[1] * chunk.keys.shape[3] * keys.element_size()
+            hidden_rows, hidden_cols = torch.nonzero(chunk.valid & ~picked, as_tuple=True)
+            if hidden_rows.numel():
+                allowed[hidden_rows, :, :, chunk.slot[hidden_rows, hidden_cols]] = False
+            fetched_row0 += int(picked[0].sum())
+            live_row0 += int(chunk.valid[0].sum())
+        self.fetched_tokens += fetched_row0
+        self.ddr_tokens += live_row0
+        self.fetched_last[layer.index] = fetched_row0
+        return allowed
+
+    def _bounds(self, chunk, device):
+        """Per-page key (min, max) of a chunk, on the device (computed once per chunk)."""
+        if chunk.bounds is None:
+            if chunk.ready is not None:
+                chunk.ready.synchronize()
+            k = chunk.keys
+            batch, heads, m, dim = k.shape
+            pages = -(-m // self.PAGE)
+            pad = pages * self.PAGE - m
+            # Padding repeats the last token: a page's bounds stay those of its own tokens.
+            kp = torch.cat((k, k[:, :, -1:].expand(batch, heads, pad, dim)), dim=2) if pad else k
+            kp = kp.float().reshape(batch, heads, pages, self.PAGE, dim)
+            chunk.bounds = (kp.amin(dim=3).to(device), kp.amax(dim=3).to(device))
+        return chunk.bounds
+
+    def _live_per_page(self, chunk, pages: int) -> torch.Tensor:
+        """[B, pages]: the chunk's tokens still in the DDR tier, per page."""
+        valid = chunk.valid
+        pad = pages * self.PAGE - valid.shape[1]
+        if pad:
+            valid = torch.cat((valid, valid.new_zeros((valid.shape[0], pad))), dim=1)
+        return valid.reshape(valid.shape[0], pages, self.PAGE).sum(dim=2)
+
+    @staticmethod
+    def _upper_bound(query, lo, hi):
+        """[B, pages]: an upper bound of q·k over each page's keys, the largest over heads and queries."""
+        batch, q_heads, q_len, dim = query.shape
+        kv_heads = lo.shape[1]
+        q = query.float().reshape(batch, kv_heads, (q_heads // kv_heads) * q_len, 1, dim)
+        bound = torch.maximum(q * lo[:, :, None], q * hi[:, :, None]).sum(-1)  # [B, Hkv, g*q, pages]
+        return bound.amax(dim=(1, 2))
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def make_access(strategy: str) -> DDRAccess:
+def make_access(strategy: str, fetch_share: float = 1.0) -> DDRAccess:
     if strategy == "prefetch":
         return Prefetch()
     if strategy == "host-attention":
         return HostAttention()
+    if strategy == "selective":
+        return Selective(fetch_share)
     raise ConfigError(f"the cache runs strategies {', '.join(STRATEGIES)}; got {strategy!r}")

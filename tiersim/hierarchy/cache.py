@@ -82,6 +82,7 @@ class DDRChunk:
     flat_cols: torch.Tensor | None = None
     flat_slots: torch.Tensor | None = None
     dense_slots: torch.Tensor | None = None  # [m] when one row and no padding: a plain index_copy
+    bounds: tuple | None = None  # selective: per-page key (min, max) [B, H, pages, D] on the compute device
 
     def refresh_index(self) -> None:
         """Precompute the scatter indices of the valid entries (once per re-tiering, not per step)."""
@@ -488,7 +489,7 @@ class TieredCache(Cache):
             head_dim = _head_dim(model_config)
             if head_dim is not None:
                 self._check_head_dim(head_dim)
-        self.access = make_access(self.config.strategy)
+        self.access = make_access(self.config.strategy, self.config.fetch_share)
         self.tokens_moved = {"hbm_to_ddr": 0, "ddr_to_hbm": 0, "to_compressed": 0, "from_compressed": 0, "evicted": 0}
         self.retiers = 0
         self._peak_layer_buffer = 0  # largest per-layer assembled K+V (one layer's buffer lives at a time)
@@ -518,7 +519,7 @@ class TieredCache(Cache):
         full = keys.shape[2] == layer.num_retained  # the whole layer in token order (not host-attention's part)
         if keys is not layer.hbm_k:
             self._peak_layer_buffer = max(self._peak_layer_buffer, _nbytes(keys) + _nbytes(values))
-        if self.needs_scores and full:
+        if self.needs_scores and full and self.access.complete_view:
             layer.last_full = (keys, values)
         nxt = layer_idx + 1 if layer_idx + 1 < len(self.layers) else 0
         if nxt != layer_idx:
@@ -648,6 +649,9 @@ class TieredCache(Cache):
         if self.policy.recent_queries:
             layer.remember_queries(probs)
         mass = self._mass_by_tier(layer, last) if self.recorder is not None else None
+        if mass is not None and self.access.name == "selective":
+            # DDR tokens this step's attention saw (batch row 0); the row's n_ddr is counted after re-tiering
+            mass["ddr_fetched"] = self.access.fetched_last.pop(layer_idx, layer.num_ddr)
         if self.record_attention:
             mass["attn_positions"] = layer.positions[0].tolist()
             mass["attn_probs"] = last[0].tolist()
@@ -678,6 +682,14 @@ class TieredCache(Cache):
             scratch = 2 * probs.numel() * probs.element_size() * max(1, query.shape[2] // n_queries)
             self.observe_attention(layer_idx, probs, visible=visible, scratch_bytes=scratch)
         return output
+
+    def prepare_attention(self, layer_idx: int, query: torch.Tensor, attention_mask):
+        """The mask attention should use: the strategy may fetch part of the DDR tier now that the query
+        is known (``selective``) and hide the rest; otherwise ``attention_mask`` unchanged."""
+        layer = self.layers[layer_idx]
+        if not layer.ddr:
+            return attention_mask
+        return self.access.prepare(layer, query, attention_mask)
 
     # -- public inspection -------------------------------------------------------------------
     def tier_counts(self, layer_idx: int) -> dict[str, int]:
@@ -751,6 +763,7 @@ class TieredCache(Cache):
             "bytes_d2h": self.bytes_d2h,
             "tokens_moved": dict(self.tokens_moved),
             "retiers": self.retiers,
+            "ddr_fetched_share": self.access.fetched_share,
             "context_len": self.layers[0].context_len if self.layers else 0,
         }
 

@@ -13,7 +13,9 @@ RATIO_FIELDS = ("hbm", "ddr", "compressed", "evict")
 POLICIES = ("hierarchy", "streamingllm", "h2o", "snapkv", "rkv")
 #: How the DDR tier reaches attention in the real cache (tiersim.hierarchy.access). The simulator
 #: models more (tiersim.simulator.strategies); those the cache does not run are refused here.
-STRATEGIES = ("prefetch", "host-attention")
+STRATEGIES = ("prefetch", "host-attention", "selective")
+#: Strategies whose output differs from the full cache's beyond floating-point rounding.
+APPROXIMATE_STRATEGIES = frozenset({"selective"})
 SUM_TOLERANCE = 1e-6
 
 
@@ -26,7 +28,8 @@ class TierConfig:
     ``quant_group`` set the KIVI-style quantization of the compressed tier. ``policy`` picks the
     ranking rule: the hierarchy's cumulative attention score, or an eviction baseline. ``strategy``
     says how the DDR tier reaches attention (``prefetch``: copied back and reassembled, bit-exact;
-    ``host-attention``: attended on the host and merged by log-sum-exp, exact up to rounding).
+    ``host-attention``: attended on the host and merged by log-sum-exp, exact up to rounding;
+    ``selective``: only the ``fetch_share`` of DDR pages a key-bound predictor ranks highest, approximate).
     """
 
     hbm: float = 1.0
@@ -41,6 +44,7 @@ class TierConfig:
     prefill_score_window: int = 32
     policy: str = "hierarchy"
     strategy: str = "prefetch"
+    fetch_share: float = 1.0
     policy_options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -73,6 +77,11 @@ class TierConfig:
                 f"TierConfig.strategy must be one of {', '.join(STRATEGIES)} (the strategies the cache runs), "
                 f"got {self.strategy!r}"
             )
+        share = self.fetch_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not (0.0 < share <= 1.0):
+            raise ConfigError(f"TierConfig.fetch_share must be in (0, 1], got {share!r}")
+        if share < 1.0 and self.strategy != "selective":
+            raise ConfigError(f"TierConfig.fetch_share={share!r} applies to strategy 'selective' only")
 
     @property
     def offloads(self) -> bool:

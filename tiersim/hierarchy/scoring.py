@@ -114,6 +114,7 @@ def tiersim_attention_forward(module, query, key, value, attention_mask, dropout
         split = cache.attend_split(layer_idx, query, attention_mask, scaling, n_queries)
         if split is not None:
             return split, None
+        attention_mask = cache.prepare_attention(layer_idx, query, attention_mask)
     output = sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
     )
