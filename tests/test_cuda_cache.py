@@ -112,7 +112,8 @@ def test_cuda_stats_match_the_device_memory_the_cache_frees(dtype):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_cuda_host_attention_attends_on_the_host_and_matches_dynamic_cache(arch, monkeypatch):
+@pytest.mark.parametrize("strategy", ["host-attention", "hybrid"])
+def test_cuda_host_attention_attends_on_the_host_and_matches_dynamic_cache(arch, strategy, monkeypatch):
     """The DDR part runs on the CPU over the pinned chunks (query down, partial up on side streams)."""
     from tiersim.hierarchy import split_attention
 
@@ -127,7 +128,8 @@ def test_cuda_host_attention_attends_on_the_host_and_matches_dynamic_cache(arch,
     model = _model(arch, torch.float32)
     ids = _prompt(model, 40, batch=2)
     ref = _generate(model, ids, DynamicCache(), 64)
-    cache = TieredCache(TierConfig(hbm=0.3, ddr=0.7, strategy="host-attention", **SMALL))
+    share = 0.5 if strategy == "hybrid" else 1.0
+    cache = TieredCache(TierConfig(hbm=0.3, ddr=0.7, strategy=strategy, fetch_share=share, **SMALL))
     out = _generate(model, ids, cache, 64)
     assert torch.equal(out.sequences, ref.sequences)
     assert max(float((a - b).abs().max()) for a, b in zip(out.logits, ref.logits)) <= 1e-4

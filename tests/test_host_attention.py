@@ -181,7 +181,7 @@ def test_strategy_is_a_validated_tier_config_field():
     assert TierConfig(strategy="host-attention").to_dict()["strategy"] == "host-attention"
     assert isinstance(TieredCache(TierConfig()).access, Prefetch)
     assert isinstance(TieredCache(TierConfig(strategy="host-attention")).access, HostAttention)
-    with pytest.raises(ConfigError, match="strategy must be one of prefetch, host-attention"):
+    with pytest.raises(ConfigError, match="strategy must be one of prefetch, host-attention, hybrid, selective"):
         TierConfig(strategy="recompute")
 
 
@@ -223,3 +223,26 @@ def test_capture_runs_the_strategy_and_records_it(tmp_path):
     code, _, err = invoke(["capture", "--strategy", "recompute", "--out", str(out)])
     assert code == 2 and "strategy must be one of prefetch, host-attention" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_hybrid_splits_the_ddr_tier_and_stays_exact(tiny_qwen2, share):
+    """Part of each chunk joins the device part, the rest is host-attended; 0 is host-attention's split."""
+    ids = torch.randint(1, 256, (2, 40), generator=torch.Generator().manual_seed(7))
+    ref = _generate(tiny_qwen2, ids, DynamicCache(), 64)
+    cache = TieredCache(TierConfig(hbm=0.3, ddr=0.7, strategy="hybrid", fetch_share=share, **SMALL))
+    splits = []
+    real = cache.access.split
+
+    def spy(layer):
+        fetched, host = real(layer)
+        splits.append((sum(k.shape[2] for k, *_ in fetched), sum(k.shape[2] for k, *_ in host)))
+        return fetched, host
+
+    cache.access.split = spy
+    out = _generate(tiny_qwen2, ids, cache, 64)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert _max_logit_diff(out, ref) <= 1e-4
+    on_device = sum(d for d, _ in splits) / sum(d + h for d, h in splits)
+    assert abs(on_device - share) < 0.1
+    assert abs(cache.stats()["ddr_fetched_share"] - share) < 0.1

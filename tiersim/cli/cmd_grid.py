@@ -44,9 +44,11 @@ def grid(
     retier_every: int = typer.Option(16, "--retier-every", help="re-tiering interval (hierarchy and SnapKV)"),
     compressed_bits: int = typer.Option(4, "--compressed-bits", help="4 or 8"),
     strategy: str = typer.Option("prefetch", help="how the DDR tier reaches attention: prefetch (bit-exact), "
-                                 "host-attention (attended on the host, merged by log-sum-exp) or selective "
-                                 "(approximate: only --fetch-share of the DDR pages, picked by key bounds)"),
-    fetch_share: float = typer.Option(1.0, "--fetch-share", help="selective: share of DDR pages fetched per step"),
+                                 "host-attention (attended on the host, merged by log-sum-exp), hybrid (--fetch-share "
+                                 "fetched, the rest host-attended) or selective (approximate: only --fetch-share of "
+                                 "the DDR pages, picked by key bounds)"),
+    fetch_share: float = typer.Option(1.0, "--fetch-share", help="hybrid / selective: share of the DDR tier fetched "
+                                      "to the device per step"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     dtype: str = typer.Option("float32", help="float32 (exact on CPU), bfloat16 or float16"),
     resume: bool = typer.Option(True, "--resume/--no-resume",

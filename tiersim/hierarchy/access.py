@@ -9,6 +9,10 @@ calls ``attend``. ``prefetch``/``fetch`` are public so the validator can time th
 * ``prefetch``: the whole DDR tier is copied to the device (staging buffers, side stream on CUDA)
   and the layer is reassembled in token order; attention is stock SDPA, bit-identical to
   ``DynamicCache``.
+* ``hybrid``: a share of the DDR tokens is copied to the device and joins its part, the rest is
+  attended on the host, merged the same way.
+* ``selective`` (approximate): a per-page key-bound predictor picks the DDR pages fetched once the
+  query is known; the rest is hidden from attention.
 * ``host-attention``: attention over the DDR tokens runs on the host (a worker thread over the
   host tensors) while the device part (HBM, compressed) runs in parallel; the two partial outputs
   are merged with their log-sum-exp (:mod:`tiersim.hierarchy.split_attention`). Exact up to float32
@@ -164,22 +168,53 @@ class HostAttention(DDRAccess):
         """Attention output [B, q, Hq, D] (query dtype) and, when ``n_probs``, the float32 probabilities
         of the last ``n_probs`` queries over the retained tokens in order [B, Hq, n, N]."""
         q_len, n_keys = query.shape[2], layer.num_retained
+        fetched, host_items = self.split(layer)
         dev_segs, dev_slots = [], []
-        for keys, values, slots, valid in layer.device_tiers():
+        for keys, values, slots, valid in layer.device_tiers() + fetched:
             dev_segs.append(Segment(keys, values, allowed_columns(attention_mask, slots, valid, q_len, n_keys)))
             dev_slots.append((slots, valid))
-        host_masks = [allowed_columns(attention_mask, c.slot, c.valid, q_len, n_keys) for c in layer.ddr]
+        live = layer.num_ddr
+        self.ddr_tokens += live
+        self.fetched_tokens += sum(int(v[0].sum()) for _, _, _, v in fetched)
+        if not host_items:  # everything came to the device (hybrid with a share of 1)
+            parts, slots_of = [partial_attention(query, dev_segs, scaling, n_probs)], [dev_slots]
+        else:
+            dev, host = self._both_parts(query, dev_segs, host_items, attention_mask, scaling, n_probs, n_keys)
+            parts, slots_of = [dev, host], [dev_slots, [(slot, valid) for _, _, slot, valid, _ in host_items]]
+        out, _, weights = merge(parts)
+        output = out.to(query.dtype).transpose(1, 2).contiguous()
+        if not n_probs:
+            return output, None
+        batch, q_heads = query.shape[:2]
+        full = torch.zeros((batch, q_heads, n_probs, n_keys + 1), dtype=torch.float32, device=query.device)
+        parts = [(p, s, w) for part, slots, w in zip(parts, slots_of, weights) for p, s in zip(part.probs, slots)]
+        for p, (slots, valid), w in parts:
+            target = torch.where(valid, slots, torch.full_like(slots, n_keys)) if valid is not None else slots
+            index = target[:, None, None, :].expand(batch, q_heads, n_probs, target.shape[1])
+            weighted = (p.double() * w[:, :, q_len - n_probs :, None]).float()
+            full.scatter_(-1, index, weighted)
+        return output, full[..., :n_keys]
+
+    def split(self, layer):
+        """(device copies of DDR tokens attended on the device as (keys, values, slot, valid),
+        host tokens as (keys, values, slot, valid, ready)): here every DDR token stays on the host."""
+        return [], [(c.keys, c.values, c.slot, c.valid, c.ready) for c in layer.ddr]
+
+    def _both_parts(self, query, dev_segs, host_items, attention_mask, scaling, n_probs, n_keys):
+        """The device and host partial attentions, computed in parallel worker threads."""
+        q_len = query.shape[2]
+        host_masks = [allowed_columns(attention_mask, slot, valid, q_len, n_keys)
+                      for _, _, slot, valid, _ in host_items]
         cuda = query.device.type == "cuda"
         q_host, masks_host, ready = self._to_host(query, host_masks) if cuda else (query.clone(), host_masks, None)
-        chunks = list(layer.ddr)
 
         def host_part():
             if ready is not None:
                 ready.synchronize()
-            for c in chunks:
-                if c.ready is not None:
-                    c.ready.synchronize()
-            segs = [Segment(c.keys, c.values, m) for c, m in zip(chunks, masks_host)]
+            for *_, written in host_items:
+                if written is not None:
+                    written.synchronize()
+            segs = [Segment(k, v, m) for (k, v, _, _, _), m in zip(host_items, masks_host)]
             return partial_attention(q_host, segs, scaling, n_probs)
 
         host_future = self._host.submit(host_part)
@@ -192,20 +227,7 @@ class HostAttention(DDRAccess):
         if cuda:
             host = self._to_device(host, query.device)
         self.bytes_h2d += _nbytes(host.out) + _nbytes(host.lse) + sum(_nbytes(p) for p in host.probs or [])
-        out, _, (w_dev, w_host) = merge([dev, host])
-        output = out.to(query.dtype).transpose(1, 2).contiguous()
-        if not n_probs:
-            return output, None
-        batch, q_heads = query.shape[:2]
-        full = torch.zeros((batch, q_heads, n_probs, n_keys + 1), dtype=torch.float32, device=query.device)
-        parts = [(p, s, w_dev) for p, s in zip(dev.probs, dev_slots)]
-        parts += [(p, (c.slot, c.valid), w_host) for p, c in zip(host.probs, chunks)]
-        for p, (slots, valid), w in parts:
-            target = torch.where(valid, slots, torch.full_like(slots, n_keys)) if valid is not None else slots
-            index = target[:, None, None, :].expand(batch, q_heads, n_probs, target.shape[1])
-            weighted = (p.double() * w[:, :, q_len - n_probs :, None]).float()
-            full.scatter_(-1, index, weighted)
-        return output, full[..., :n_keys]
+        return dev, host
 
     def _to_host(self, query, masks):
         """Query and masks down to pinned host memory on a side stream; an event marks arrival."""
@@ -233,6 +255,38 @@ class HostAttention(DDRAccess):
             return t.pin_memory().to(device, non_blocking=True)
 
         return type(part)(up(part.out), up(part.lse), [up(p) for p in part.probs] if part.probs else part.probs)
+
+
+class Hybrid(HostAttention):
+    """Part of each DDR chunk copied to the device and attended there, the rest attended on the host.
+
+    ``share`` (``TierConfig.fetch_share``) of every chunk's stored tokens (its newest columns) joins the
+    device part; the simulator picks the share that makes both parts finish together
+    (:func:`tiersim.simulator.strategies.step_times`, ``hybrid``). Exact up to rounding, like
+    ``host-attention``. The device share is copied when the layer attends (not one layer ahead).
+    """
+
+    name = "hybrid"
+
+    def __init__(self, share: float) -> None:
+        super().__init__()
+        self.share = share
+
+    def split(self, layer):
+        fetched, host = [], []
+        for c in layer.ddr:
+            m = c.keys.shape[2]
+            cut = m - round(self.share * m)
+            if cut < m:
+                if c.ready is not None:
+                    c.ready.synchronize()
+                keys = c.keys[:, :, cut:].to(layer.device, non_blocking=True)
+                values = c.values[:, :, cut:].to(layer.device, non_blocking=True)
+                self.bytes_h2d += _nbytes(keys) + _nbytes(values)
+                fetched.append((keys, values, c.slot[:, cut:], c.valid[:, cut:]))
+            if cut > 0:
+                host.append((c.keys[:, :, :cut], c.values[:, :, :cut], c.slot[:, :cut], c.valid[:, :cut], c.ready))
+        return fetched, host
 
 
 class Selective(Prefetch):
@@ -373,4 +427,6 @@ def make_access(strategy: str, fetch_share: float = 1.0) -> DDRAccess:
         return HostAttention()
     if strategy == "selective":
         return Selective(fetch_share)
+    if strategy == "hybrid":
+        return Hybrid(fetch_share)
     raise ConfigError(f"the cache runs strategies {', '.join(STRATEGIES)}; got {strategy!r}")

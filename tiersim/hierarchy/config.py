@@ -13,7 +13,7 @@ RATIO_FIELDS = ("hbm", "ddr", "compressed", "evict")
 POLICIES = ("hierarchy", "streamingllm", "h2o", "snapkv", "rkv")
 #: How the DDR tier reaches attention in the real cache (tiersim.hierarchy.access). The simulator
 #: models more (tiersim.simulator.strategies); those the cache does not run are refused here.
-STRATEGIES = ("prefetch", "host-attention", "selective")
+STRATEGIES = ("prefetch", "host-attention", "hybrid", "selective")
 #: Strategies whose output differs from the full cache's beyond floating-point rounding.
 APPROXIMATE_STRATEGIES = frozenset({"selective"})
 SUM_TOLERANCE = 1e-6
@@ -29,7 +29,9 @@ class TierConfig:
     ranking rule: the hierarchy's cumulative attention score, or an eviction baseline. ``strategy``
     says how the DDR tier reaches attention (``prefetch``: copied back and reassembled, bit-exact;
     ``host-attention``: attended on the host and merged by log-sum-exp, exact up to rounding;
-    ``selective``: only the ``fetch_share`` of DDR pages a key-bound predictor ranks highest, approximate).
+    ``hybrid``: ``fetch_share`` of the DDR tokens fetched, the rest attended on the host, exact up to
+    rounding; ``selective``: only the ``fetch_share`` of DDR pages a key-bound predictor ranks highest,
+    approximate).
     """
 
     hbm: float = 1.0
@@ -78,10 +80,11 @@ class TierConfig:
                 f"got {self.strategy!r}"
             )
         share = self.fetch_share
-        if isinstance(share, bool) or not isinstance(share, (int, float)) or not (0.0 < share <= 1.0):
-            raise ConfigError(f"TierConfig.fetch_share must be in (0, 1], got {share!r}")
-        if share < 1.0 and self.strategy != "selective":
-            raise ConfigError(f"TierConfig.fetch_share={share!r} applies to strategy 'selective' only")
+        low = 0.0 if self.strategy == "hybrid" else 1e-300  # hybrid with 0: everything on the host
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not (low <= share <= 1.0):
+            raise ConfigError(f"TierConfig.fetch_share must be in {'[0' if low == 0 else '(0'}, 1], got {share!r}")
+        if share < 1.0 and self.strategy not in ("selective", "hybrid"):
+            raise ConfigError(f"TierConfig.fetch_share={share!r} applies to strategies 'selective' and 'hybrid' only")
 
     @property
     def offloads(self) -> bool:
