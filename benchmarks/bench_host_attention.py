@@ -6,7 +6,7 @@ K+V bytes per generated token that the cache scattered into a layer-sized buffer
 (prefetch: the whole layer every step; host-attention: only at re-tiering points, for promotions).
 Exactness (issue 17's target): host-attention vs DynamicCache over ``--tokens`` greedy steps on the
 first ``--prompts`` bundled prompts: prompts with identical tokens and the largest |logit difference|.
-Run: python benchmarks/bench_host_attention.py [--prompts 30] [--tokens 128] [--timing-prompts 3]
+Run: python benchmarks/bench_host_attention.py [--prompts 30] [--tokens 128] [--timing-prompts 3] [--timing-only]
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import statistics
 import time
 
 import torch
+from _table import markdown_table, write_section
 from transformers import DynamicCache
 
-from _table import markdown_table, write_section
 from tiersim.compat import cache_kwargs
 from tiersim.hierarchy import TierConfig
 from tiersim.hierarchy.cache import TieredCache, TieredLayer
@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--timing-prompts", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--timing-only", action="store_true", help="skip the exactness pass (prints only)")
     args = parser.parse_args()
     model, tokenizer = load_model("smollm2")
     prompts = load_prompts(None, args.prompts)
@@ -93,6 +94,9 @@ def main() -> None:
         per_token = reassembled[name] / runs / (2 * args.tokens - 1)  # both runs of decode_seconds
         timing_rows.append([name, f"{med * 1e3:.2f}", f"{(med / base - 1) * 100:+.1f}%", f"{per_token / 1e6:.2f}"])
 
+    if args.timing_only:
+        print(markdown_table(["cache", "ms / token", "vs prefetch", "reassembled MB / token"], timing_rows))
+        return
     identical, worst, rows = 0, 0.0, []
     for prompt, ids in zip(prompts, samples):
         ref = _generate(model, ids, DynamicCache(), args.tokens, logits=True)

@@ -40,7 +40,7 @@ def test_merge_of_parts_equals_full_softmax_attention_ragged_masked_gqa(q_len):
     # padded (invalid) entry in one part: the ragged-tier layout of the cache.
     perm = torch.randperm(n, generator=gen)
     pieces = [perm[:15], perm[15:22], perm[22:]]
-    parts, segments_of = [], []
+    segments_of = []
     for i, piece in enumerate(pieces):
         slots = piece.expand(batch, -1).clone()
         valid = torch.ones_like(slots, dtype=torch.bool)
@@ -55,7 +55,7 @@ def test_merge_of_parts_equals_full_softmax_attention_ragged_masked_gqa(q_len):
     # part A: tiers 0 and 1 softmaxed together; part B: tier 2 alone
     part_a = split_attention.partial_attention(query, [s for s, _, _ in segments_of[:2]], 0.25, n_probs=q_len)
     part_b = split_attention.partial_attention(query, [segments_of[2][0]], 0.25, n_probs=q_len)
-    out, lse, weights = split_attention.merge([part_a, part_b])
+    out, _, weights = split_attention.merge([part_a, part_b])
     # row 1 does not hold the token its padded entry replaced: the reference hides that slot
     ref_mask = mask.expand(batch, q_heads, q_len, n).clone()
     ref_mask[1, :, :, dropped] = False

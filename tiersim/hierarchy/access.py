@@ -27,8 +27,12 @@ import torch
 
 from tiersim.errors import ConfigError
 from tiersim.hierarchy.config import STRATEGIES
-from tiersim.hierarchy.split_attention import Segment, allowed_columns, merge, partial_attention
-
+from tiersim.hierarchy.split_attention import (
+    Segment,
+    allowed_columns,
+    merge,
+    partial_attention,
+)
 
 
 class DDRAccess:

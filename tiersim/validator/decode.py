@@ -28,7 +28,7 @@ class TimedPrefetch(Prefetch):
     """The ``prefetch`` strategy, recording CUDA events around its public ``prefetch`` (the copies on
     the side stream) and ``fetch`` (the compute stream's wait for them) without changing what they do."""
 
-    def __init__(self, owner: "InstrumentedCache") -> None:
+    def __init__(self, owner: InstrumentedCache) -> None:
         super().__init__()
         self.owner = owner
 
