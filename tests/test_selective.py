@@ -103,3 +103,26 @@ def test_capture_records_the_fetched_tokens(tmp_path):
     assert len(with_ddr) and (fetched > 0).all() and (fetched < seen).all()
     assert fetched.sum() / seen.sum() < 0.5
     assert (steps[steps["step"] == 0]["ddr_fetched"] == 0).all()  # the prefill had no DDR tier yet
+
+
+def test_the_grid_gains_strategy_cells_and_shows_their_fidelity(tiny_qwen2):
+    from test_grid import tiny_samples
+
+    from tiersim.quality.grid import HIERARCHY, build_cells, run_grid
+
+    cells = build_cells([1.0, 0.25], [0], [0.0], [], strategies=["prefetch", "host-attention", "selective"],
+                        fetch_share=0.25, recent_window=4, retier_every=4)
+    assert [(c.method, c.hbm) for c in cells] == [
+        (HIERARCHY, 1.0), (HIERARCHY, 0.25), (f"{HIERARCHY}/host-attention", 0.25), (f"{HIERARCHY}/selective", 0.25)
+    ]
+    assert cells[0].config.strategy == "prefetch" and cells[3].config.fetch_share == 0.25
+    assert cells[2].config.fetch_share == 1.0  # the share applies to hybrid / selective only
+    assert cells[3].label == "selective hbm 0.25 evict 0"
+    rows, _ = run_grid(tiny_qwen2, tiny_samples(2), cells, 24, generation_kwargs={"pad_token_id": 0})
+    by_method = {r["method"]: r for r in rows if r["hbm"] == 0.25}
+    assert by_method[HIERARCHY]["exact_match"] == 1.0
+    assert by_method[f"{HIERARCHY}/host-attention"]["exact_match"] == 1.0  # exact up to rounding
+    assert by_method[f"{HIERARCHY}/selective"]["strategy"] == "selective"
+    assert by_method[f"{HIERARCHY}/selective"]["fetch_share"] == 0.25
+    with pytest.raises(ConfigError, match="strategy must be one of"):
+        build_cells([1.0], [0], strategies=["prefetch", "recompute"])

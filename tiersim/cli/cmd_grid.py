@@ -43,7 +43,9 @@ def grid(
     recent_window: int = typer.Option(64, "--recent-window", help="hierarchy: newest tokens pinned to HBM"),
     retier_every: int = typer.Option(16, "--retier-every", help="re-tiering interval (hierarchy and SnapKV)"),
     compressed_bits: int = typer.Option(4, "--compressed-bits", help="4 or 8"),
-    strategy: str = typer.Option("prefetch", help="how the DDR tier reaches attention: prefetch (bit-exact), "
+    strategy: str = typer.Option("prefetch", help="how the DDR tier reaches attention (a comma list: the first runs "
+                                 "the hierarchy's cells, each further one adds its cells that hold DDR tokens, as "
+                                 "hierarchy/<strategy>): prefetch (bit-exact), "
                                  "host-attention (attended on the host, merged by log-sum-exp), hybrid (--fetch-share "
                                  "fetched, the rest host-attended) or selective (approximate: only --fetch-share of "
                                  "the DDR pages, picked by key bounds)"),
@@ -82,7 +84,7 @@ def grid(
         recent_window=recent_window,
         retier_every=retier_every,
         compressed_bits=compressed_bits,
-        strategy=strategy,
+        strategies=[part.strip() for part in strategy.split(",") if part.strip()] or ["prefetch"],
         fetch_share=fetch_share,
     )
     items = load_prompts(str(prompts) if prompts else None, n)
