@@ -125,7 +125,7 @@ def grid(
         device=device,
         dtype=dtype,
         policy={"sink_tokens": sink_tokens, "recent_window": recent_window, "retier_every": retier_every,
-                "compressed_bits": compressed_bits},
+                "compressed_bits": compressed_bits, "strategy": strategy, "fetch_share": fetch_share},
         full_cache=summary,
     )
     if out is not None:

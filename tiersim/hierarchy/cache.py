@@ -4,14 +4,16 @@ Per layer the retained tokens (everything not evicted) keep their original order
 stores its own tokens and the slot they occupy in that order:
 
 * HBM: a device tensor, new tokens appended to it.
-* DDR: host-memory chunks (pinned when the model is on CUDA). Every step the chunks of layer
-  l+1 are copied into a device staging buffer on a side stream while layer l computes (two
-  buffers, alternating), so the layer's attention sees them at full precision.
+* DDR: host-memory chunks (pinned when the model is on CUDA). How they reach attention is the
+  strategy's (:mod:`tiersim.hierarchy.access`): by default (``prefetch``) the chunks of layer l+1
+  are copied into a device staging buffer on a side stream while layer l computes (two buffers,
+  alternating), so the layer's attention sees them at full precision.
 * compressed: KIVI-style int8/int4 codes on the device, dequantized for attention.
 * evicted: gone; only a count remains.
 
-``update`` reassembles the layer's keys and values in original order (a scatter of each tier
-into one buffer): with ``compressed = evict = 0`` the tensor attention sees is element for
+Each :class:`TieredLayer` owns its tiers (append, assemble, re-tier); ``update`` hands the new
+tokens to the layer. With ``prefetch`` the layer reassembles its keys and values in original order
+(a scatter of each tier into one buffer): with ``compressed = evict = 0`` the tensor attention sees is element for
 element the one ``DynamicCache`` would give, so generation is bit-identical whatever the HBM
 ratio. The attention probabilities come back through ``observe_attention`` (see
 :mod:`tiersim.hierarchy.scoring`); they accumulate into each token's score, and at the policy's
