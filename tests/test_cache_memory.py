@@ -13,7 +13,7 @@ from transformers import DynamicCache
 
 from tiersim.compat import cache_kwargs
 from tiersim.hierarchy import TierConfig, scoring
-from tiersim.hierarchy.cache import TieredCache
+from tiersim.hierarchy.cache import TieredCache, TieredLayer
 from tiersim.hierarchy.policy import COMPRESSED, DDR, HBM
 
 SMALL = dict(sink_tokens=2, recent_window=4, retier_every=3)
@@ -86,12 +86,12 @@ def test_stats_count_every_tensor_the_cache_holds(dtype):
 def test_stats_report_the_per_step_layer_buffer_and_the_scoring_copies(monkeypatch):
     model = _tiny(torch.bfloat16)
     assembled, scored = [], []
-    real_assemble = TieredCache._assemble
+    real_assemble = TieredLayer.assemble
     real_probs = scoring.attention_probabilities
 
-    def assemble(self, layer, staged):
-        keys, values = real_assemble(self, layer, staged)
-        if keys is not layer.hbm_k:
+    def assemble(self, staged):
+        keys, values = real_assemble(self, staged)
+        if keys is not self.hbm_k:
             assembled.append(keys.numel() * keys.element_size() + values.numel() * values.element_size())
         return keys, values
 
@@ -101,7 +101,7 @@ def test_stats_report_the_per_step_layer_buffer_and_the_scoring_copies(monkeypat
         scored.append(key.numel() * 4 + probs.numel() * probs.element_size())
         return probs
 
-    monkeypatch.setattr(TieredCache, "_assemble", assemble)
+    monkeypatch.setattr(TieredLayer, "assemble", assemble)
     monkeypatch.setattr(scoring, "attention_probabilities", probabilities)
     cache = TieredCache(TierConfig(hbm=0.3, ddr=0.7, **SMALL))
     _generate(model, _prompt(model, 40), cache, 12)

@@ -330,7 +330,7 @@ def test_the_compressed_tier_puts_every_token_back_at_its_slot_in_a_ragged_batch
             for i in range(40, 60):
                 tiny_llama(input_ids=ids[:, i : i + 1], **cache_kwargs(tiny_llama, c))
     layer = cache.layers[0]
-    keys, values = cache._assemble(layer, [(c.keys, c.values) for c in layer.ddr])
+    keys, values = layer.assemble([(c.keys, c.values) for c in layer.ddr])
     ragged = layer.comp_index.dense_slots is None or layer.residual_index is not None
     assert ragged, "the rows should hold different quantized/residual splits"
     for row in range(2):

@@ -109,3 +109,30 @@ def test_cuda_stats_match_the_device_memory_the_cache_frees(dtype):
     freed = before - torch.cuda.memory_allocated()
     assert held["device_resident"] <= freed <= held["device_resident"] + 512 * buffers
     assert 512 * buffers < 0.1 * held["device_resident"]  # the tolerance is small next to what is checked
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("strategy", ["host-attention", "hybrid"])
+def test_cuda_host_attention_attends_on_the_host_and_matches_dynamic_cache(arch, strategy, monkeypatch):
+    """The DDR part runs on the CPU over the pinned chunks (query down, partial up on side streams)."""
+    from tiersim.hierarchy import split_attention
+
+    devices = []
+    real = split_attention.partial_attention
+
+    def spy(query, segments, scaling, n_probs=0):
+        devices.append((query.device.type, segments[0].keys.device.type))
+        return real(query, segments, scaling, n_probs)
+
+    monkeypatch.setattr("tiersim.hierarchy.access.partial_attention", spy)
+    model = _model(arch, torch.float32)
+    ids = _prompt(model, 40, batch=2)
+    ref = _generate(model, ids, DynamicCache(), 64)
+    share = 0.5 if strategy == "hybrid" else 1.0
+    cache = TieredCache(TierConfig(hbm=0.3, ddr=0.7, strategy=strategy, fetch_share=share, **SMALL))
+    out = _generate(model, ids, cache, 64)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert max(float((a - b).abs().max()) for a, b in zip(out.logits, ref.logits)) <= 1e-4
+    assert ("cpu", "cpu") in devices and ("cuda", "cuda") in devices
+    assert cache.tier_counts(0)["ddr"] > 0 and cache.stats()["peak_bytes"]["layer_buffer"] == 0
+    assert all(c.keys.is_pinned() for layer in cache.layers for c in layer.ddr)

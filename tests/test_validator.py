@@ -326,17 +326,23 @@ def test_cuda_path_times_prefetch_copies_and_stalls(tmp_path):
     assert doc["link"]["h2d_gbps"] > 1.0  # a real PCIe / C2C link, not a memcpy
 
 
-def test_instrumented_cache_wraps_the_cache_internals_it_expects():
-    """The probe steps wrap two TieredCache internals; a rename there must fail here, not on the GPU."""
+def test_instrumented_cache_times_the_public_prefetch_interface():
+    """The probe steps wrap the prefetch strategy's public methods; a rename there must fail here, not on the GPU."""
     import inspect
 
-    from tiersim.hierarchy.cache import TieredCache
-    from tiersim.validator.decode import InstrumentedCache
+    from tiersim.hierarchy.access import Prefetch
+    from tiersim.validator.decode import InstrumentedCache, TimedPrefetch
 
-    for name in ("_issue_prefetch", "_wait_for_prefetch"):
-        ours, theirs = (list(inspect.signature(getattr(c, name)).parameters) for c in (InstrumentedCache, TieredCache))
+    for name in ("prefetch", "fetch"):
+        ours, theirs = (list(inspect.signature(getattr(c, name)).parameters) for c in (TimedPrefetch, Prefetch))
         assert ours == theirs, name
-    assert "_prefetch_stream" in vars(TieredCache(TierConfig()))
+        assert not name.startswith("_")
+    cache = InstrumentedCache(TierConfig(hbm=0.5, ddr=0.5))
+    assert isinstance(cache.access, TimedPrefetch) and cache.access.owner is cache
+    assert "stream" in vars(cache.access)
+    # A host-attention cache keeps its own strategy (its steps are timed as a whole).
+    assert not isinstance(InstrumentedCache(TierConfig(hbm=0.5, ddr=0.5, strategy="host-attention")).access,
+                          TimedPrefetch)
 
 
 def test_a_spent_time_budget_still_ends_with_a_file(tmp_path):

@@ -28,6 +28,12 @@ def capture(
     recent_window: int = typer.Option(64, "--recent-window"),
     retier_every: int = typer.Option(16, "--retier-every"),
     compressed_bits: int = typer.Option(4, "--compressed-bits", help="4 or 8"),
+    strategy: str = typer.Option("prefetch", help="how the DDR tier reaches attention: prefetch (bit-exact), "
+                                 "host-attention (attended on the host, merged by log-sum-exp), hybrid (--fetch-share "
+                                 "fetched, the rest host-attended) or selective (approximate: only --fetch-share of "
+                                 "the DDR pages, picked by key bounds)"),
+    fetch_share: float = typer.Option(1.0, "--fetch-share", help="hybrid / selective: share of the DDR tier fetched "
+                                      "to the device per step"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     dtype: str = typer.Option("float32", help="float32 (exact on CPU), bfloat16 or float16"),
     full: bool = typer.Option(False, "--full", help="also keep every step's attention row (large; for offline replay)"),
@@ -46,6 +52,8 @@ def capture(
     config = TierConfig(
         hbm=hbm, ddr=ddr, compressed=compressed, evict=evict, sink_tokens=sink_tokens,
         recent_window=recent_window, retier_every=retier_every, compressed_bits=compressed_bits,
+        strategy=strategy,
+        fetch_share=fetch_share,
     )
     items = load_prompts(str(prompts) if prompts else None, n)
     if device == "cuda":

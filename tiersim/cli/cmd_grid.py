@@ -43,6 +43,14 @@ def grid(
     recent_window: int = typer.Option(64, "--recent-window", help="hierarchy: newest tokens pinned to HBM"),
     retier_every: int = typer.Option(16, "--retier-every", help="re-tiering interval (hierarchy and SnapKV)"),
     compressed_bits: int = typer.Option(4, "--compressed-bits", help="4 or 8"),
+    strategy: str = typer.Option("prefetch", help="how the DDR tier reaches attention (a comma list: the first runs "
+                                 "the hierarchy's cells, each further one adds its cells that hold DDR tokens, as "
+                                 "hierarchy/<strategy>): prefetch (bit-exact), "
+                                 "host-attention (attended on the host, merged by log-sum-exp), hybrid (--fetch-share "
+                                 "fetched, the rest host-attended) or selective (approximate: only --fetch-share of "
+                                 "the DDR pages, picked by key bounds)"),
+    fetch_share: float = typer.Option(1.0, "--fetch-share", help="hybrid / selective: share of the DDR tier fetched "
+                                      "to the device per step"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     dtype: str = typer.Option("float32", help="float32 (exact on CPU), bfloat16 or float16"),
     resume: bool = typer.Option(True, "--resume/--no-resume",
@@ -76,6 +84,8 @@ def grid(
         recent_window=recent_window,
         retier_every=retier_every,
         compressed_bits=compressed_bits,
+        strategies=[part.strip() for part in strategy.split(",") if part.strip()] or ["prefetch"],
+        fetch_share=fetch_share,
     )
     items = load_prompts(str(prompts) if prompts else None, n)
     ray = ray or ray_address is not None
@@ -117,7 +127,7 @@ def grid(
         device=device,
         dtype=dtype,
         policy={"sink_tokens": sink_tokens, "recent_window": recent_window, "retier_every": retier_every,
-                "compressed_bits": compressed_bits},
+                "compressed_bits": compressed_bits, "strategy": strategy, "fetch_share": fetch_share},
         full_cache=summary,
     )
     if out is not None:

@@ -4,14 +4,16 @@ Per layer the retained tokens (everything not evicted) keep their original order
 stores its own tokens and the slot they occupy in that order:
 
 * HBM: a device tensor, new tokens appended to it.
-* DDR: host-memory chunks (pinned when the model is on CUDA). Every step the chunks of layer
-  l+1 are copied into a device staging buffer on a side stream while layer l computes (two
-  buffers, alternating), so the layer's attention sees them at full precision.
+* DDR: host-memory chunks (pinned when the model is on CUDA). How they reach attention is the
+  strategy's (:mod:`tiersim.hierarchy.access`): by default (``prefetch``) the chunks of layer l+1
+  are copied into a device staging buffer on a side stream while layer l computes (two buffers,
+  alternating), so the layer's attention sees them at full precision.
 * compressed: KIVI-style int8/int4 codes on the device, dequantized for attention.
 * evicted: gone; only a count remains.
 
-``update`` reassembles the layer's keys and values in original order (a scatter of each tier
-into one buffer): with ``compressed = evict = 0`` the tensor attention sees is element for
+Each :class:`TieredLayer` owns its tiers (append, assemble, re-tier); ``update`` hands the new
+tokens to the layer. With ``prefetch`` the layer reassembles its keys and values in original order
+(a scatter of each tier into one buffer): with ``compressed = evict = 0`` the tensor attention sees is element for
 element the one ``DynamicCache`` would give, so generation is bit-identical whatever the HBM
 ratio. The attention probabilities come back through ``observe_attention`` (see
 :mod:`tiersim.hierarchy.scoring`); they accumulate into each token's score, and at the policy's
@@ -29,6 +31,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from tiersim.errors import TiersimError
 from tiersim.hierarchy import scoring
+from tiersim.hierarchy.access import make_access
 from tiersim.hierarchy.config import TIERS, TierConfig
 from tiersim.hierarchy.policy import COMPRESSED, DDR, EVICTED, HBM, LayerView, assign_tiers, make_policy
 from tiersim.hierarchy.quant import QuantizedKV, quantize_kv
@@ -81,6 +84,7 @@ class DDRChunk:
     flat_cols: torch.Tensor | None = None
     flat_slots: torch.Tensor | None = None
     dense_slots: torch.Tensor | None = None  # [m] when one row and no padding: a plain index_copy
+    bounds: tuple | None = None  # selective: per-page key (min, max) [B, H, pages, D] on the compute device
 
     def refresh_index(self) -> None:
         """Precompute the scatter indices of the valid entries (once per re-tiering, not per step)."""
@@ -129,7 +133,7 @@ class TokenIndex:
     def scatter(self, keys: torch.Tensor, values: torch.Tensor, src_k: torch.Tensor, src_v: torch.Tensor) -> None:
         """Write the valid stored tokens ``src`` [B, H, m, D] into ``keys``/``values`` at their slots."""
         if self.dense_slots is not None:
-            TieredCache._scatter(keys, values, self.dense_slots, src_k, src_v)
+            _scatter(keys, values, self.dense_slots, src_k, src_v)
             return
         keys[self.flat_rows, :, self.flat_slots] = src_k[self.flat_rows, :, self.flat_cols]
         values[self.flat_rows, :, self.flat_slots] = src_v[self.flat_rows, :, self.flat_cols]
@@ -172,6 +176,11 @@ class TieredLayer(CacheLayerMixin):
     last_full: tuple | None = None
     staged: list | None = None  # device copies of the DDR chunks for this step (CUDA)
     prefetch_event: object | None = None
+    index: int = 0  # the layer's index in the model
+    config: TierConfig | None = None
+    policy: object | None = None
+    access: object | None = None  # DDRAccess: how the DDR tier reaches attention (shared by the cache's layers)
+    bytes_d2h: int = 0  # demotions copied down to DDR
 
     def __post_init__(self):
         CacheLayerMixin.__init__(self)
@@ -244,8 +253,207 @@ class TieredLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
-    def update(self, key_states, value_states, *args, **kwargs):  # pragma: no cover - the cache drives layers
-        raise TiersimError("TieredLayer is driven by TieredCache.update")
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Append the new tokens; return what attention gets (the layer's ``access`` decides)."""
+        self.append(key_states, value_states)
+        return self.access.attention_inputs(self)
+
+    # -- the layer's own work: append, assemble, re-tier ------------------------------------
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        q_len = key_states.shape[2]
+        n = self.num_retained
+        if self.hbm_k.shape[2] == 0:
+            # Keep the tokens, not a larger buffer they may be a view of (a fused QKV projection).
+            self.hbm_k, self.hbm_v = _own_storage(key_states), _own_storage(value_states)
+        else:
+            self.hbm_k = torch.cat((self.hbm_k, key_states), dim=2)
+            self.hbm_v = torch.cat((self.hbm_v, value_states), dim=2)
+        self.extend("hbm_slot", q_len, range(n, n + q_len))
+        self.extend("positions", q_len, range(self.context_len, self.context_len + q_len))
+        self.extend("tiers", q_len, HBM)
+        self.extend("cumulative", q_len, 0.0)
+        if self.recent is not None:
+            pad = self.recent.new_zeros((*self.recent.shape[:3], q_len))
+            self.recent = torch.cat((self.recent, pad), dim=3)
+        self.q_len = q_len
+        if q_len == 1 and self.step > 0:
+            self.decoding = True
+        if not self.decoding:
+            self.prompt_len += q_len
+        self.context_len += q_len
+        self.keys, self.values = self.hbm_k, self.hbm_v
+
+    def assemble(self, staged: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's retained keys/values in original order, every tier at its slot."""
+        n = self.num_retained
+        if self.hbm_k.shape[2] == n:
+            # Everything is in HBM and HBM is in slot order: nothing to reassemble.
+            return self.hbm_k, self.hbm_v
+        batch, heads, _, dim = self.hbm_k.shape
+        keys = self.hbm_k.new_empty((batch, heads, n, dim))
+        values = self.hbm_v.new_empty((batch, heads, n, dim))
+        _scatter(keys, values, self.hbm_slot, self.hbm_k, self.hbm_v)
+        if self.comp is not None:
+            ck, cv = self.comp.dequantize()
+            self.comp_index.scatter(keys, values, ck.to(keys.dtype), cv.to(values.dtype))
+        if self.residual_index is not None:
+            self.residual_index.scatter(keys, values, self.residual_k, self.residual_v)
+        for chunk, (sk, sv) in zip(self.ddr, staged):
+            if chunk.dense_slots is not None:
+                keys.index_copy_(2, chunk.dense_slots, sk)
+                values.index_copy_(2, chunk.dense_slots, sv)
+                continue
+            keys[chunk.flat_rows, :, chunk.flat_slots] = sk[chunk.flat_rows, :, chunk.flat_cols]
+            values[chunk.flat_rows, :, chunk.flat_slots] = sv[chunk.flat_rows, :, chunk.flat_cols]
+        return keys, values
+
+    def device_tiers(self):
+        """The tiers on the device as (keys, values, slots [B, m], valid [B, m] or None), each in its own
+        storage: HBM, the dequantized compressed tokens, their full-precision residual."""
+        tiers = [(self.hbm_k, self.hbm_v, self.hbm_slot, None)]
+        if self.comp is not None:
+            ck, cv = self.comp.dequantize()
+            tiers.append((ck.to(self.dtype), cv.to(self.dtype), self.comp_index.slot, self.comp_index.valid))
+        if self.residual_index is not None:
+            index = self.residual_index
+            tiers.append((self.residual_k, self.residual_v, index.slot, index.valid))
+        return tiers
+
+    def remember_queries(self, probs: torch.Tensor) -> None:
+        r = self.policy.recent_queries
+        rows = probs[:, :, -r:, :].float()
+        if self.recent is None or self.step == 0:
+            self.recent = rows
+        else:
+            self.recent = torch.cat((self.recent, rows), dim=2)[:, :, -r:, :]
+
+    def retier(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[dict, bool]:
+        """Move tokens between tiers per the policy, given the whole layer in token order (``keys``,
+        ``values``); returns the moves (batch row 0) and whether anything moved."""
+        view = LayerView(
+            positions=self.positions,
+            cumulative=self.cumulative,
+            recent_probs=self.recent,
+            keys=keys if self.policy.needs_keys else None,
+            context_len=self.context_len,
+            prompt_len=self.prompt_len,
+            step=self.step,
+            num_kv_heads=keys.shape[1],
+            first_real=self.first_real,
+        )
+        old = self.tiers
+        new = assign_tiers(self.policy, view, self.n_evicted)
+        moves = {
+            "hbm_to_ddr": int(((old[0] == HBM) & (new[0] == DDR)).sum()),
+            "ddr_to_hbm": int(((old[0] == DDR) & (new[0] == HBM)).sum()),
+            "to_compressed": int(((old[0] != COMPRESSED) & (new[0] == COMPRESSED)).sum()),
+            "from_compressed": int(((old[0] == COMPRESSED) & (new[0] != COMPRESSED) & (new[0] != EVICTED)).sum()),
+            "evicted": int((new[0] == EVICTED).sum()),
+        }
+        if torch.equal(old, new):
+            return moves, False
+        keep = new != EVICTED
+        n_keep = int(keep[0].sum())
+        new_slot_of_old = torch.cumsum(keep, dim=1) - 1
+
+        # HBM: gathered from the assembled view (promotions arrived with this step's prefetch).
+        hbm_idx = masked_index(new == HBM, int((new[0] == HBM).sum()))
+        self.hbm_k = gather_tokens(keys, hbm_idx)
+        self.hbm_v = gather_tokens(values, hbm_idx)
+        self.hbm_slot = new_slot_of_old.gather(1, hbm_idx)
+
+        self._retier_compressed(keys, values, old, new, new_slot_of_old)
+        self._retier_ddr(keys, values, old, new, new_slot_of_old)
+
+        self.positions = self.positions[keep].view(-1, n_keep)
+        self.cumulative = self.cumulative[keep].view(-1, n_keep)
+        if self.recent is not None:
+            b, h, r, _ = self.recent.shape
+            self.recent = self.recent.permute(0, 3, 1, 2)[keep].view(b, n_keep, h, r).permute(0, 2, 3, 1)
+        self.tiers = new[keep].view(-1, n_keep)
+        self.n_evicted += moves["evicted"]
+        self.keys, self.values = self.hbm_k, self.hbm_v
+        return moves, True
+
+    def _retier_compressed(self, keys, values, old, new, new_slot_of_old) -> None:
+        """Quantized tokens that stay keep their codes; arrivals wait at full precision (a residual,
+        as in KIVI) until some row holds ``quant_group`` of them, then are quantized together.
+
+        Quantizing each re-tier's few arrivals as their own key scale group would cost a float32
+        scale and minimum per channel for every one or two tokens, as much as the tokens themselves.
+        Rows may hold different numbers of quantized and residual tokens (padded, ``valid``).
+        """
+        if not bool((new == COMPRESSED).any()):
+            self.comp, self.comp_slot, self.comp_index = None, new_slot_of_old[:, :0], None
+            self.residual_k = self.residual_v = self.residual_index = None
+            return
+        group = self.config.quant_group
+
+        def staying(index: TokenIndex) -> torch.Tensor:
+            safe = torch.where(index.valid, index.slot, torch.zeros_like(index.slot))
+            return index.valid & (new.gather(1, safe) == COMPRESSED)
+
+        # The residual: tokens that stay, then the arrivals (slots in the old order until the end).
+        res_k, res_v, res_slot, res_valid = [], [], [], []
+        if self.residual_index is not None:
+            res_k.append(self.residual_k)
+            res_v.append(self.residual_v)
+            res_slot.append(self.residual_index.slot)
+            res_valid.append(staying(self.residual_index))
+        arriving, arriving_valid = padded_index((new == COMPRESSED) & (old != COMPRESSED))
+        if arriving.shape[1]:
+            res_k.append(gather_tokens(keys, arriving))
+            res_v.append(gather_tokens(values, arriving))
+            res_slot.append(arriving)
+            res_valid.append(arriving_valid)
+        comp, comp_slot, comp_valid = self.comp, None, None
+        if comp is not None:
+            comp_slot, comp_valid = self.comp_index.slot, staying(self.comp_index)
+        self.residual_k = self.residual_v = self.residual_index = None
+        if res_k:
+            index, valid = padded_index(torch.cat(res_valid, dim=1))
+            rk = gather_tokens(torch.cat(res_k, dim=2), index)
+            rv = gather_tokens(torch.cat(res_v, dim=2), index)
+            rslot = torch.cat(res_slot, dim=1).gather(1, index)
+            if index.shape[1] >= group:  # some row has a full group: quantize every row's residual
+                fresh = quantize_kv(rk, rv, bits=self.config.compressed_bits, group=group)
+                comp = QuantizedKV.concat(comp, fresh)
+                comp_slot = rslot if comp_slot is None else torch.cat((comp_slot, rslot), dim=1)
+                comp_valid = valid if comp_valid is None else torch.cat((comp_valid, valid), dim=1)
+            elif index.shape[1]:
+                self.residual_k, self.residual_v = rk, rv
+                self.residual_index = TokenIndex(valid, new_slot_of_old.gather(1, rslot))
+        self.comp, self.comp_index = None, None
+        self.comp_slot = new_slot_of_old[:, :0]
+        if comp is not None:
+            index, valid = padded_index(comp_valid)
+            if index.shape[1]:
+                self.comp = comp.select(index)  # drops the tokens that left, and their empty groups
+                self.comp_slot = new_slot_of_old.gather(1, comp_slot.gather(1, index))
+                self.comp_index = TokenIndex(valid, self.comp_slot)
+
+    def _retier_ddr(self, keys, values, old, new, new_slot_of_old) -> None:
+        chunks = []
+        for chunk in self.ddr:
+            safe_slot = torch.where(chunk.valid, chunk.slot, torch.zeros_like(chunk.slot))
+            chunk.valid = chunk.valid & (new.gather(1, safe_slot) == DDR)
+            chunk.slot = new_slot_of_old.gather(1, safe_slot)
+            if bool(chunk.valid.any()):
+                chunks.append(chunk)
+        arriving, arriving_valid = padded_index((new == DDR) & (old != DDR))
+        if arriving.shape[1]:
+            dk = gather_tokens(keys, arriving)
+            dv = gather_tokens(values, arriving)
+            host_k, host_v, ready = _to_host(dk, dv)
+            chunk = DDRChunk(host_k, host_v, arriving_valid, new_slot_of_old.gather(1, arriving), ready)
+            self.bytes_d2h += chunk.nbytes
+            chunks.append(chunk)
+        chunks = _compact(chunks)
+        for chunk in chunks:
+            chunk.refresh_index()
+        self.ddr = chunks
+        self.staged = None  # the next step prefetches the new chunks
+
 
 
 class TieredCache(Cache):
@@ -283,20 +491,18 @@ class TieredCache(Cache):
             head_dim = _head_dim(model_config)
             if head_dim is not None:
                 self._check_head_dim(head_dim)
-        self.bytes_h2d = 0
-        self.bytes_d2h = 0
+        self.access = make_access(self.config.strategy, self.config.fetch_share)
         self.tokens_moved = {"hbm_to_ddr": 0, "ddr_to_hbm": 0, "to_compressed": 0, "from_compressed": 0, "evicted": 0}
         self.retiers = 0
-        self._prefetch_stream = None
-        self._staging: list[list[torch.Tensor] | None] = [None, None]
-        self._pending_moves: dict[int, dict] = {}
         self._peak_layer_buffer = 0  # largest per-layer assembled K+V (one layer's buffer lives at a time)
         self._peak_scoring = 0  # largest scratch of one layer's scoring
 
     # -- transformers Cache API --------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:
-            self.layers.append(TieredLayer())
+            self.layers.append(
+                TieredLayer(index=len(self.layers), config=self.config, policy=self.policy, access=self.access)
+            )
         layer = self.layers[layer_idx]
         if not layer.is_initialized:
             self._check_head_dim(key_states.shape[-1])
@@ -311,16 +517,25 @@ class TieredCache(Cache):
             layer.awaiting_scores = True
         elif not layer.attention_checked:
             scoring.set_listener(self, layer_idx)  # once, so check_attention sees the layer
-        self._append(layer, key_states, value_states)
-        staged = self._wait_for_prefetch(layer, layer_idx)
-        keys, values = self._assemble(layer, staged)
+        keys, values = layer.update(key_states, value_states)
+        full = keys.shape[2] == layer.num_retained  # the whole layer in token order (not host-attention's part)
         if keys is not layer.hbm_k:
             self._peak_layer_buffer = max(self._peak_layer_buffer, _nbytes(keys) + _nbytes(values))
-        if self.needs_scores:
-            layer.last_full = (keys, values, staged)
-        self._account_prefetch(layer)
-        self._prefetch_next(layer_idx)
+        if self.needs_scores and full and self.access.complete_view:
+            layer.last_full = (keys, values)
+        nxt = layer_idx + 1 if layer_idx + 1 < len(self.layers) else 0
+        if nxt != layer_idx:
+            self.access.prefetch(self.layers[nxt])  # while this layer computes
         return keys, values
+
+    @property
+    def bytes_h2d(self) -> int:
+        """Bytes sent host -> device so far (on CPU: what a GPU would move)."""
+        return self.access.bytes_h2d
+
+    @property
+    def bytes_d2h(self) -> int:
+        return self.access.bytes_d2h + sum(layer.bytes_d2h for layer in self.layers)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens seen so far, evicted ones included.
@@ -434,19 +649,49 @@ class TieredCache(Cache):
             last = probs[:, :, -1, :].mean(dim=1)
             layer.cumulative.add_(last)
         if self.policy.recent_queries:
-            self._remember_queries(layer, probs)
+            layer.remember_queries(probs)
         mass = self._mass_by_tier(layer, last) if self.recorder is not None else None
+        if mass is not None and self.access.name == "selective":
+            # DDR tokens this step's attention saw (batch row 0); the row's n_ddr is counted after re-tiering
+            mass["ddr_fetched"] = self.access.fetched_last.pop(layer_idx, layer.num_ddr)
         if self.record_attention:
             mass["attn_positions"] = layer.positions[0].tolist()
             mass["attn_probs"] = last[0].tolist()
         moves = None
         if self.config.offloads or self.config.policy != "hierarchy":
             if self.policy.due(step):
-                moves = self._retier(layer)
+                keys, values = layer.last_full or self.access.full_view(layer)
+                moves, moved = layer.retier(keys, values)
+                if moved:
+                    self.retiers += 1
+                    for key, value in moves.items():
+                        self.tokens_moved[key] += value * layer.tiers.shape[0]
         layer.last_full = None
         if self.recorder is not None:
             self.recorder(self._record(layer_idx, layer, step, mass, moves))
         layer.step += 1
+
+    def attend_split(self, layer_idx: int, query: torch.Tensor, attention_mask, scaling: float, n_queries: int):
+        """The layer's attention output [B, q, Hq, D] when its strategy attends to the DDR tier where it
+        lives (the probabilities, if wanted, go to ``observe_attention``); None: the stock attention."""
+        layer = self.layers[layer_idx]
+        if not self.access.host_attention or not layer.ddr:
+            return None
+        output, probs = self.access.attend(layer, query, attention_mask, scaling, n_queries)
+        if n_queries:
+            n = layer.num_retained
+            visible = scoring.visible_keys(attention_mask, query.shape[0], n)
+            scratch = 2 * probs.numel() * probs.element_size() * max(1, query.shape[2] // n_queries)
+            self.observe_attention(layer_idx, probs, visible=visible, scratch_bytes=scratch)
+        return output
+
+    def prepare_attention(self, layer_idx: int, query: torch.Tensor, attention_mask):
+        """The mask attention should use: the strategy may fetch part of the DDR tier now that the query
+        is known (``selective``) and hide the rest; otherwise ``attention_mask`` unchanged."""
+        layer = self.layers[layer_idx]
+        if not layer.ddr:
+            return attention_mask
+        return self.access.prepare(layer, query, attention_mask)
 
     # -- public inspection -------------------------------------------------------------------
     def tier_counts(self, layer_idx: int) -> dict[str, int]:
@@ -507,7 +752,7 @@ class TieredCache(Cache):
                 add("ddr_allocated", chunk.keys, chunk.values)
                 add("bookkeeping", chunk.valid, chunk.slot, chunk.flat_rows, chunk.flat_cols, chunk.flat_slots,
                     chunk.dense_slots)
-        for buffers in self._staging:
+        for buffers in getattr(self.access, "staging", ()):
             if buffers is not None:
                 add("staging", *buffers)
         held["device_resident"] = held["hbm"] + held["compressed"] + held["staging"] + held["bookkeeping"]
@@ -520,138 +765,12 @@ class TieredCache(Cache):
             "bytes_d2h": self.bytes_d2h,
             "tokens_moved": dict(self.tokens_moved),
             "retiers": self.retiers,
+            "ddr_fetched_share": self.access.fetched_share,
             "context_len": self.layers[0].context_len if self.layers else 0,
         }
 
     # -- internals: appending and assembling -----------------------------------------------------
-    def _append(self, layer: TieredLayer, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        q_len = key_states.shape[2]
-        n = layer.num_retained
-        if layer.hbm_k.shape[2] == 0:
-            # Keep the tokens, not a larger buffer they may be a view of (a fused QKV projection).
-            layer.hbm_k, layer.hbm_v = _own_storage(key_states), _own_storage(value_states)
-        else:
-            layer.hbm_k = torch.cat((layer.hbm_k, key_states), dim=2)
-            layer.hbm_v = torch.cat((layer.hbm_v, value_states), dim=2)
-        layer.extend("hbm_slot", q_len, range(n, n + q_len))
-        layer.extend("positions", q_len, range(layer.context_len, layer.context_len + q_len))
-        layer.extend("tiers", q_len, HBM)
-        layer.extend("cumulative", q_len, 0.0)
-        if layer.recent is not None:
-            pad = layer.recent.new_zeros((*layer.recent.shape[:3], q_len))
-            layer.recent = torch.cat((layer.recent, pad), dim=3)
-        layer.q_len = q_len
-        if q_len == 1 and layer.step > 0:
-            layer.decoding = True
-        if not layer.decoding:
-            layer.prompt_len += q_len
-        layer.context_len += q_len
-        layer.keys, layer.values = layer.hbm_k, layer.hbm_v
-
-    def _assemble(self, layer: TieredLayer, staged: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's retained keys/values in original order, every tier at its slot."""
-        n = layer.num_retained
-        if layer.hbm_k.shape[2] == n:
-            # Everything is in HBM and HBM is in slot order: nothing to reassemble.
-            return layer.hbm_k, layer.hbm_v
-        batch, heads, _, dim = layer.hbm_k.shape
-        keys = layer.hbm_k.new_empty((batch, heads, n, dim))
-        values = layer.hbm_v.new_empty((batch, heads, n, dim))
-        self._scatter(keys, values, layer.hbm_slot, layer.hbm_k, layer.hbm_v)
-        if layer.comp is not None:
-            ck, cv = layer.comp.dequantize()
-            layer.comp_index.scatter(keys, values, ck.to(keys.dtype), cv.to(values.dtype))
-        if layer.residual_index is not None:
-            layer.residual_index.scatter(keys, values, layer.residual_k, layer.residual_v)
-        for chunk, (sk, sv) in zip(layer.ddr, staged):
-            if chunk.dense_slots is not None:
-                keys.index_copy_(2, chunk.dense_slots, sk)
-                values.index_copy_(2, chunk.dense_slots, sv)
-                continue
-            keys[chunk.flat_rows, :, chunk.flat_slots] = sk[chunk.flat_rows, :, chunk.flat_cols]
-            values[chunk.flat_rows, :, chunk.flat_slots] = sv[chunk.flat_rows, :, chunk.flat_cols]
-        return keys, values
-
-    @staticmethod
-    def _scatter(keys, values, slot, src_k, src_v) -> None:
-        if src_k.shape[2] == 0:
-            return
-        if keys.shape[0] == 1:
-            keys.index_copy_(2, slot[0], src_k)
-            values.index_copy_(2, slot[0], src_v)
-            return
-        rows = _rows(keys.shape[0], keys.device)
-        keys[rows, :, slot] = src_k.permute(0, 2, 1, 3)
-        values[rows, :, slot] = src_v.permute(0, 2, 1, 3)
-
-    # -- internals: DDR prefetch ----------------------------------------------------------------
-    def _wait_for_prefetch(self, layer: TieredLayer, layer_idx: int) -> list:
-        """Device copies of the layer's DDR chunks: staged by the prefetch on CUDA, the chunks on CPU."""
-        if not layer.ddr:
-            return []
-        if layer.device.type != "cuda":
-            return [(c.keys, c.values) for c in layer.ddr]
-        if layer.staged is None:  # first use or after a re-tier: nothing was prefetched
-            self._issue_prefetch(layer_idx)
-        torch.cuda.current_stream(layer.device).wait_event(layer.prefetch_event)
-        staged, layer.staged = layer.staged, None
-        return staged
-
-    def _prefetch_next(self, layer_idx: int) -> None:
-        if not self.layers or self.layers[layer_idx].device.type != "cuda":
-            return
-        nxt = layer_idx + 1 if layer_idx + 1 < len(self.layers) else 0
-        if nxt != layer_idx and self.layers[nxt].ddr:
-            self._issue_prefetch(nxt)
-
-    def _issue_prefetch(self, layer_idx: int) -> None:
-        """Copy the layer's DDR chunks into staging buffer ``layer_idx % 2`` on the side stream."""
-        layer = self.layers[layer_idx]
-        device = layer.device
-        if self._prefetch_stream is None:
-            self._prefetch_stream = torch.cuda.Stream(device=device)
-        stream = self._prefetch_stream
-        # The staging buffer was last read by the layer before last; the new DDR chunk may still be
-        # on its way down on the compute stream: wait for both.
-        stream.wait_stream(torch.cuda.current_stream(device))
-        # Flat buffers: each chunk lands in one contiguous region (one DMA per tensor, no
-        # strided copy), and the buffer grows by 25% headroom when the tier outgrows it.
-        need = sum(c.keys.numel() for c in layer.ddr)
-        slot = layer_idx % 2
-        buffers = self._staging[slot]
-        if buffers is None or buffers[0].numel() < need or buffers[0].dtype != layer.dtype:
-            capacity = int(need * 1.25) + 1
-            buffers = [torch.empty(capacity, dtype=layer.dtype, device=device) for _ in range(2)]
-            for buffer in buffers:
-                buffer.record_stream(stream)  # written on the side stream, read on the compute stream
-            self._staging[slot] = buffers
-        staged, offset = [], 0
-        with torch.cuda.stream(stream):
-            for chunk in layer.ddr:
-                n = chunk.keys.numel()
-                sk = buffers[0][offset : offset + n].view(chunk.keys.shape)
-                sv = buffers[1][offset : offset + n].view(chunk.values.shape)
-                sk.copy_(chunk.keys, non_blocking=True)
-                sv.copy_(chunk.values, non_blocking=True)
-                staged.append((sk, sv))
-                offset += n
-            event = torch.cuda.Event()
-            event.record(stream)
-        layer.staged, layer.prefetch_event = staged, event
-
-    def _account_prefetch(self, layer: TieredLayer) -> None:
-        # Every step the DDR tier crosses the link once (on CPU this counts what a GPU would move).
-        self.bytes_h2d += sum(c.nbytes for c in layer.ddr)
-
     # -- internals: scores ----------------------------------------------------------------------
-    def _remember_queries(self, layer: TieredLayer, probs: torch.Tensor) -> None:
-        r = self.policy.recent_queries
-        rows = probs[:, :, -r:, :].float()
-        if layer.recent is None or layer.step == 0:
-            layer.recent = rows
-        else:
-            layer.recent = torch.cat((layer.recent, rows), dim=2)[:, :, -r:, :]
-
     @staticmethod
     def _mass_by_tier(layer: TieredLayer, last: torch.Tensor) -> dict:
         tiers = layer.tiers[0]
@@ -693,174 +812,52 @@ class TieredCache(Cache):
             **mass,
         }
 
-    # -- internals: re-tiering ------------------------------------------------------------------
-    def _retier(self, layer: TieredLayer) -> dict:
-        """Move tokens between tiers per the policy; returns the moves (batch row 0)."""
-        keys, values, staged = layer.last_full
-        view = LayerView(
-            positions=layer.positions,
-            cumulative=layer.cumulative,
-            recent_probs=layer.recent,
-            keys=keys if self.policy.needs_keys else None,
-            context_len=layer.context_len,
-            prompt_len=layer.prompt_len,
-            step=layer.step,
-            num_kv_heads=keys.shape[1],
-            first_real=layer.first_real,
-        )
-        old = layer.tiers
-        new = assign_tiers(self.policy, view, layer.n_evicted)
-        moves = {
-            "hbm_to_ddr": int(((old[0] == HBM) & (new[0] == DDR)).sum()),
-            "ddr_to_hbm": int(((old[0] == DDR) & (new[0] == HBM)).sum()),
-            "to_compressed": int(((old[0] != COMPRESSED) & (new[0] == COMPRESSED)).sum()),
-            "from_compressed": int(((old[0] == COMPRESSED) & (new[0] != COMPRESSED) & (new[0] != EVICTED)).sum()),
-            "evicted": int((new[0] == EVICTED).sum()),
-        }
-        if torch.equal(old, new):
-            return moves
-        self.retiers += 1
-        for key, value in moves.items():
-            self.tokens_moved[key] += value * old.shape[0]
-        keep = new != EVICTED
-        n_keep = int(keep[0].sum())
-        new_slot_of_old = torch.cumsum(keep, dim=1) - 1
+def _scatter(keys, values, slot, src_k, src_v) -> None:
+    if src_k.shape[2] == 0:
+        return
+    if keys.shape[0] == 1:
+        keys.index_copy_(2, slot[0], src_k)
+        values.index_copy_(2, slot[0], src_v)
+        return
+    rows = _rows(keys.shape[0], keys.device)
+    keys[rows, :, slot] = src_k.permute(0, 2, 1, 3)
+    values[rows, :, slot] = src_v.permute(0, 2, 1, 3)
 
-        # HBM: gathered from the assembled view (promotions arrived with this step's prefetch).
-        hbm_idx = masked_index(new == HBM, int((new[0] == HBM).sum()))
-        layer.hbm_k = gather_tokens(keys, hbm_idx)
-        layer.hbm_v = gather_tokens(values, hbm_idx)
-        layer.hbm_slot = new_slot_of_old.gather(1, hbm_idx)
+def _to_host(dk: torch.Tensor, dv: torch.Tensor):
+    if dk.device.type != "cuda":
+        return dk.contiguous(), dv.contiguous(), None
+    host_k = torch.empty(dk.shape, dtype=dk.dtype, pin_memory=True)
+    host_v = torch.empty(dv.shape, dtype=dv.dtype, pin_memory=True)
+    host_k.copy_(dk, non_blocking=True)
+    host_v.copy_(dv, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(dk.device))
+    return host_k, host_v, ready
 
-        self._retier_compressed(layer, keys, values, old, new, new_slot_of_old)
-        self._retier_ddr(layer, keys, values, old, new, new_slot_of_old)
-
-        layer.positions = layer.positions[keep].view(-1, n_keep)
-        layer.cumulative = layer.cumulative[keep].view(-1, n_keep)
-        if layer.recent is not None:
-            b, h, r, _ = layer.recent.shape
-            layer.recent = layer.recent.permute(0, 3, 1, 2)[keep].view(b, n_keep, h, r).permute(0, 2, 3, 1)
-        layer.tiers = new[keep].view(-1, n_keep)
-        layer.n_evicted += moves["evicted"]
-        layer.keys, layer.values = layer.hbm_k, layer.hbm_v
-        return moves
-
-    def _retier_compressed(self, layer, keys, values, old, new, new_slot_of_old) -> None:
-        """Quantized tokens that stay keep their codes; arrivals wait at full precision (a residual,
-        as in KIVI) until some row holds ``quant_group`` of them, then are quantized together.
-
-        Quantizing each re-tier's few arrivals as their own key scale group would cost a float32
-        scale and minimum per channel for every one or two tokens, as much as the tokens themselves.
-        Rows may hold different numbers of quantized and residual tokens (padded, ``valid``).
-        """
-        if not bool((new == COMPRESSED).any()):
-            layer.comp, layer.comp_slot, layer.comp_index = None, new_slot_of_old[:, :0], None
-            layer.residual_k = layer.residual_v = layer.residual_index = None
-            return
-        group = self.config.quant_group
-
-        def staying(index: TokenIndex) -> torch.Tensor:
-            safe = torch.where(index.valid, index.slot, torch.zeros_like(index.slot))
-            return index.valid & (new.gather(1, safe) == COMPRESSED)
-
-        # The residual: tokens that stay, then the arrivals (slots in the old order until the end).
-        res_k, res_v, res_slot, res_valid = [], [], [], []
-        if layer.residual_index is not None:
-            res_k.append(layer.residual_k)
-            res_v.append(layer.residual_v)
-            res_slot.append(layer.residual_index.slot)
-            res_valid.append(staying(layer.residual_index))
-        arriving, arriving_valid = padded_index((new == COMPRESSED) & (old != COMPRESSED))
-        if arriving.shape[1]:
-            res_k.append(gather_tokens(keys, arriving))
-            res_v.append(gather_tokens(values, arriving))
-            res_slot.append(arriving)
-            res_valid.append(arriving_valid)
-        comp, comp_slot, comp_valid = layer.comp, None, None
-        if comp is not None:
-            comp_slot, comp_valid = layer.comp_index.slot, staying(layer.comp_index)
-        layer.residual_k = layer.residual_v = layer.residual_index = None
-        if res_k:
-            index, valid = padded_index(torch.cat(res_valid, dim=1))
-            rk = gather_tokens(torch.cat(res_k, dim=2), index)
-            rv = gather_tokens(torch.cat(res_v, dim=2), index)
-            rslot = torch.cat(res_slot, dim=1).gather(1, index)
-            if index.shape[1] >= group:  # some row has a full group: quantize every row's residual
-                fresh = quantize_kv(rk, rv, bits=self.config.compressed_bits, group=group)
-                comp = QuantizedKV.concat(comp, fresh)
-                comp_slot = rslot if comp_slot is None else torch.cat((comp_slot, rslot), dim=1)
-                comp_valid = valid if comp_valid is None else torch.cat((comp_valid, valid), dim=1)
-            elif index.shape[1]:
-                layer.residual_k, layer.residual_v = rk, rv
-                layer.residual_index = TokenIndex(valid, new_slot_of_old.gather(1, rslot))
-        layer.comp, layer.comp_index = None, None
-        layer.comp_slot = new_slot_of_old[:, :0]
-        if comp is not None:
-            index, valid = padded_index(comp_valid)
-            if index.shape[1]:
-                layer.comp = comp.select(index)  # drops the tokens that left, and their empty groups
-                layer.comp_slot = new_slot_of_old.gather(1, comp_slot.gather(1, index))
-                layer.comp_index = TokenIndex(valid, layer.comp_slot)
-
-    def _retier_ddr(self, layer, keys, values, old, new, new_slot_of_old) -> None:
-        chunks = []
-        for chunk in layer.ddr:
-            safe_slot = torch.where(chunk.valid, chunk.slot, torch.zeros_like(chunk.slot))
-            chunk.valid = chunk.valid & (new.gather(1, safe_slot) == DDR)
-            chunk.slot = new_slot_of_old.gather(1, safe_slot)
-            if bool(chunk.valid.any()):
-                chunks.append(chunk)
-        arriving, arriving_valid = padded_index((new == DDR) & (old != DDR))
-        if arriving.shape[1]:
-            dk = gather_tokens(keys, arriving)
-            dv = gather_tokens(values, arriving)
-            host_k, host_v, ready = self._to_host(dk, dv)
-            chunk = DDRChunk(host_k, host_v, arriving_valid, new_slot_of_old.gather(1, arriving), ready)
-            self.bytes_d2h += chunk.nbytes
-            chunks.append(chunk)
-        chunks = self._compact(chunks)
-        for chunk in chunks:
-            chunk.refresh_index()
-        layer.ddr = chunks
-        layer.staged = None  # the next step prefetches the new chunks
-
-    @staticmethod
-    def _to_host(dk: torch.Tensor, dv: torch.Tensor):
-        if dk.device.type != "cuda":
-            return dk.contiguous(), dv.contiguous(), None
-        host_k = torch.empty(dk.shape, dtype=dk.dtype, pin_memory=True)
-        host_v = torch.empty(dv.shape, dtype=dv.dtype, pin_memory=True)
-        host_k.copy_(dk, non_blocking=True)
-        host_v.copy_(dv, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record(torch.cuda.current_stream(dk.device))
-        return host_k, host_v, ready
-
-    @staticmethod
-    def _compact(chunks: list) -> list:
-        """Merge all but the newest chunk into one when holes/padding or chunk count grow too large."""
-        if len(chunks) < 2:
-            return chunks
-        stored = sum(c.keys.shape[2] for c in chunks)
-        live = sum(int(c.valid[0].sum()) for c in chunks)
-        if len(chunks) <= _MAX_DDR_CHUNKS and stored - live <= _COMPACT_WASTE * max(live, 1):
-            return chunks
-        old, newest = chunks[:-1], chunks[-1]
-        for chunk in old:
-            if chunk.ready is not None:
-                chunk.ready.synchronize()  # written R steps ago: long finished
-        all_k = torch.cat([c.keys for c in old], dim=2)
-        all_v = torch.cat([c.values for c in old], dim=2)
-        valid = torch.cat([c.valid for c in old], dim=1)
-        slots = torch.cat([c.slot for c in old], dim=1)
-        index, index_valid = padded_index(valid)
-        host_index = index.to(all_k.device)
-        merged_k = gather_tokens(all_k, host_index).contiguous()
-        merged_v = gather_tokens(all_v, host_index).contiguous()
-        if old[0].keys.is_pinned():
-            merged_k, merged_v = merged_k.pin_memory(), merged_v.pin_memory()
-        merged = DDRChunk(merged_k, merged_v, index_valid, slots.gather(1, index))
-        return [merged, newest]
+def _compact(chunks: list) -> list:
+    """Merge all but the newest chunk into one when holes/padding or chunk count grow too large."""
+    if len(chunks) < 2:
+        return chunks
+    stored = sum(c.keys.shape[2] for c in chunks)
+    live = sum(int(c.valid[0].sum()) for c in chunks)
+    if len(chunks) <= _MAX_DDR_CHUNKS and stored - live <= _COMPACT_WASTE * max(live, 1):
+        return chunks
+    old, newest = chunks[:-1], chunks[-1]
+    for chunk in old:
+        if chunk.ready is not None:
+            chunk.ready.synchronize()  # written R steps ago: long finished
+    all_k = torch.cat([c.keys for c in old], dim=2)
+    all_v = torch.cat([c.values for c in old], dim=2)
+    valid = torch.cat([c.valid for c in old], dim=1)
+    slots = torch.cat([c.slot for c in old], dim=1)
+    index, index_valid = padded_index(valid)
+    host_index = index.to(all_k.device)
+    merged_k = gather_tokens(all_k, host_index).contiguous()
+    merged_v = gather_tokens(all_v, host_index).contiguous()
+    if old[0].keys.is_pinned():
+        merged_k, merged_v = merged_k.pin_memory(), merged_v.pin_memory()
+    merged = DDRChunk(merged_k, merged_v, index_valid, slots.gather(1, index))
+    return [merged, newest]
 
 
 def _nbytes(t: torch.Tensor) -> int:

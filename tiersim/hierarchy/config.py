@@ -11,6 +11,11 @@ from tiersim.errors import ConfigError
 TIERS = ("hbm", "ddr", "compressed", "evicted")
 RATIO_FIELDS = ("hbm", "ddr", "compressed", "evict")
 POLICIES = ("hierarchy", "streamingllm", "h2o", "snapkv", "rkv")
+#: How the DDR tier reaches attention in the real cache (tiersim.hierarchy.access). The simulator
+#: models more (tiersim.simulator.strategies); those the cache does not run are refused here.
+STRATEGIES = ("prefetch", "host-attention", "hybrid", "selective")
+#: Strategies whose output differs from the full cache's beyond floating-point rounding.
+APPROXIMATE_STRATEGIES = frozenset({"selective"})
 SUM_TOLERANCE = 1e-6
 
 
@@ -21,7 +26,12 @@ class TierConfig:
     ``sink_tokens`` first tokens and the ``recent_window`` newest tokens always stay in HBM;
     tokens are re-ranked every ``retier_every`` decode steps. ``compressed_bits`` (8 or 4) and
     ``quant_group`` set the KIVI-style quantization of the compressed tier. ``policy`` picks the
-    ranking rule: the hierarchy's cumulative attention score, or an eviction baseline.
+    ranking rule: the hierarchy's cumulative attention score, or an eviction baseline. ``strategy``
+    says how the DDR tier reaches attention (``prefetch``: copied back and reassembled, bit-exact;
+    ``host-attention``: attended on the host and merged by log-sum-exp, exact up to rounding;
+    ``hybrid``: ``fetch_share`` of the DDR tokens fetched, the rest attended on the host, exact up to
+    rounding; ``selective``: only the ``fetch_share`` of DDR pages a key-bound predictor ranks highest,
+    approximate).
     """
 
     hbm: float = 1.0
@@ -35,6 +45,8 @@ class TierConfig:
     quant_group: int = 32
     prefill_score_window: int = 32
     policy: str = "hierarchy"
+    strategy: str = "prefetch"
+    fetch_share: float = 1.0
     policy_options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -62,6 +74,17 @@ class TierConfig:
             raise ConfigError(f"TierConfig.quant_group must be an integer >= 1, got {self.quant_group!r}")
         if self.policy not in POLICIES:
             raise ConfigError(f"TierConfig.policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(
+                f"TierConfig.strategy must be one of {', '.join(STRATEGIES)} (the strategies the cache runs), "
+                f"got {self.strategy!r}"
+            )
+        share = self.fetch_share
+        low = 0.0 if self.strategy == "hybrid" else 1e-300  # hybrid with 0: everything on the host
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not (low <= share <= 1.0):
+            raise ConfigError(f"TierConfig.fetch_share must be in {'[0' if low == 0 else '(0'}, 1], got {share!r}")
+        if share < 1.0 and self.strategy not in ("selective", "hybrid"):
+            raise ConfigError(f"TierConfig.fetch_share={share!r} applies to strategies 'selective' and 'hybrid' only")
 
     @property
     def offloads(self) -> bool:

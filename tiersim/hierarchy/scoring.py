@@ -97,24 +97,32 @@ def visible_keys(attention_mask: torch.Tensor | None, batch: int, kv_len: int) -
 
 
 def tiersim_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """SDPA output, plus the probabilities handed to the listening cache (if any)."""
-    output = sdpa_attention_forward(
-        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-    )
+    """SDPA output, plus the probabilities handed to the listening cache (if any).
+
+    When the listening cache attends to part of the layer elsewhere (``host-attention``), the cache
+    computes the output itself (``attend_split``) and reports the probabilities.
+    """
     target = getattr(_listener, "target", None)
     _listener.target = None
     layer_idx = getattr(module, "layer_idx", None)
-    if target is not None and target[1] == layer_idx:
-        cache = target[0]
+    cache = target[0] if target is not None and target[1] == layer_idx else None
+    if cache is not None:
         cache.check_attention(layer_idx, module, kwargs)
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
         n_queries = cache.queries_to_score(layer_idx, query.shape[2])
-        if n_queries:
-            scratch = []
-            probs = attention_probabilities(query, key, attention_mask, scaling, n_queries, scratch)
-            visible = visible_keys(attention_mask, key.shape[0], key.shape[2])
-            cache.observe_attention(layer_idx, probs, visible=visible, scratch_bytes=sum(scratch))
+        split = cache.attend_split(layer_idx, query, attention_mask, scaling, n_queries)
+        if split is not None:
+            return split, None
+        attention_mask = cache.prepare_attention(layer_idx, query, attention_mask)
+    output = sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
+    if cache is not None and n_queries:
+        scratch = []
+        probs = attention_probabilities(query, key, attention_mask, scaling, n_queries, scratch)
+        visible = visible_keys(attention_mask, key.shape[0], key.shape[2])
+        cache.observe_attention(layer_idx, probs, visible=visible, scratch_bytes=sum(scratch))
     return output
 
 

@@ -35,9 +35,10 @@ class Cell:
     @property
     def label(self) -> str:
         c = self.config
-        if self.method == HIERARCHY:
+        if self.method == HIERARCHY or self.method.startswith(HIERARCHY + "/"):
             text = f"hbm {self.hbm:g} evict {c.evict:g}"
-            return text + (f" comp {c.compressed:g}" if c.compressed else "")
+            text += f" comp {c.compressed:g}" if c.compressed else ""
+            return text if self.method == HIERARCHY else f"{self.method[len(HIERARCHY) + 1:]} {text}"
         return f"{self.method} hbm {self.hbm:g}"
 
 
@@ -88,9 +89,14 @@ def build_cells(
     evict: Sequence[float],
     compressed: Sequence[float] = (0.0,),
     baselines: Sequence[str] = (),
+    strategies: Sequence[str] = ("prefetch",),
     **options,
 ) -> list[Cell]:
     """The hierarchy's cells (every hbm x compressed x evict) then each baseline at every hbm < 1.
+
+    ``strategies``: the hierarchy's cells run the first; every further strategy adds a copy of the
+    cells that hold DDR tokens, as method ``hierarchy/<strategy>``, so the grid shows what each
+    strategy costs in fidelity against the full cache (``fetch_share`` in ``options`` applies to them).
 
     DDR takes what HBM, compressed and evicted leave; when they leave less than the HBM ratio
     asked for, HBM shrinks instead (nothing in DDR). ``options`` are further TierConfig fields
@@ -104,6 +110,8 @@ def build_cells(
     for name in baselines:
         if name not in BASELINES:
             raise ConfigError(f"--baselines: unknown baseline {name!r} (choose from {', '.join(sorted(BASELINES))})")
+    for strategy in strategies:
+        TierConfig(strategy=strategy)  # refuses an unknown strategy even where no cell would use it
     cells: list[Cell] = []
     for h in hbm:
         for c in compressed:
@@ -112,12 +120,18 @@ def build_cells(
                     raise ConfigError(f"--compressed {c:g} + --evict {e:g} leave nothing for HBM (must sum below 1)")
                 ddr = max(round(1.0 - h - c - e, 12), 0.0)
                 hbm_eff = round(1.0 - ddr - c - e, 12)
-                config = TierConfig(hbm=hbm_eff, ddr=ddr, compressed=c, evict=e, **options)
-                cells.append(Cell(HIERARCHY, h, config))
+                for i, strategy in enumerate(_unique(strategies)):
+                    if i and ddr == 0:
+                        continue  # without a DDR tier every strategy is the first one
+                    share = options.get("fetch_share", 1.0) if strategy in ("hybrid", "selective") else 1.0
+                    config = TierConfig(hbm=hbm_eff, ddr=ddr, compressed=c, evict=e,
+                                        **{**options, "strategy": strategy, "fetch_share": share})
+                    cells.append(Cell(HIERARCHY if i == 0 else f"{HIERARCHY}/{strategy}", h, config))
     for name in _unique(baselines):
         for h in hbm:
             if h < 1.0:  # a budget of the whole context is the full cache
-                config = TierConfig(hbm=h, evict=round(1.0 - h, 12), policy=name, **options)
+                config = TierConfig(hbm=h, evict=round(1.0 - h, 12), policy=name,
+                                    **{**options, "fetch_share": 1.0})
                 cells.append(Cell(name, h, config))
     return cells
 
@@ -256,6 +270,8 @@ def _row(cell: Cell, runs: list[Run], full: list[Run], truths: list, full_accura
         "compressed": c.compressed,
         "evict": c.evict,
         "hbm_effective": c.hbm,
+        "strategy": c.strategy,
+        "fetch_share": c.fetch_share,
         "exact_match": metrics.exact_match([r.text for r in full], [r.text for r in runs]),
         "mean_tokens_to_divergence": metrics.mean_tokens_to_divergence(
             [r.token_ids for r in full], [r.token_ids for r in runs]

@@ -107,4 +107,6 @@ def capture(
     )
     meta["mode"] = "full" if full else "summary"
     extra = [c for c in ("attn_positions", "attn_probs") if full and c in steps.columns]
+    if "ddr_fetched" in steps.columns:  # selective: DDR tokens fetched for the step's attention (row 0)
+        extra.append("ddr_fetched")
     return Trace(meta=meta, steps=steps.astype(COLUMNS)[list(COLUMNS) + extra])

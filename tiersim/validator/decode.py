@@ -15,6 +15,7 @@ import torch
 
 from tiersim.compat import cache_kwargs
 from tiersim.hierarchy import scoring
+from tiersim.hierarchy.access import Prefetch
 from tiersim.hierarchy.cache import TieredCache
 from tiersim.hierarchy.config import TierConfig
 from tiersim.validator.sdpa import sdpa_backends
@@ -23,11 +24,48 @@ from tiersim.validator.timing import Stopwatch, summarize
 PREFILLS = ("synthetic", "model")
 
 
-class InstrumentedCache(TieredCache):
-    """A TieredCache that records CUDA events around its prefetch copies and the waits for them.
+class TimedPrefetch(Prefetch):
+    """The ``prefetch`` strategy, recording CUDA events around its public ``prefetch`` (the copies on
+    the side stream) and ``fetch`` (the compute stream's wait for them) without changing what they do."""
 
-    It wraps two internals of :class:`TieredCache` (``_issue_prefetch``, ``_wait_for_prefetch``)
-    without changing what they do; recording is on only while ``step_index >= 0``.
+    def __init__(self, owner: InstrumentedCache) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def _recording(self, layer) -> bool:
+        return self.owner.step_index >= 0 and layer.device.type == "cuda"
+
+    def fetch(self, layer):
+        if not (layer.ddr and self._recording(layer)):
+            return super().fetch(layer)
+        stream = torch.cuda.current_stream(layer.device)
+        start = torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        staged = super().fetch(layer)
+        end = torch.cuda.Event(enable_timing=True)
+        end.record(stream)
+        self.owner.waits.append((self.owner.step_index, start, end))
+        return staged
+
+    def prefetch(self, layer) -> None:
+        if not (layer.ddr and self._recording(layer)):
+            return super().prefetch(layer)
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(device=layer.device)
+        # Start the clock when the copies may start (``prefetch`` makes the stream wait the same way).
+        self.stream.wait_stream(torch.cuda.current_stream(layer.device))
+        start = torch.cuda.Event(enable_timing=True)
+        start.record(self.stream)
+        super().prefetch(layer)
+        end = torch.cuda.Event(enable_timing=True)
+        end.record(self.stream)
+        self.owner.copies.append((self.owner.step_index, start, end, sum(c.nbytes for c in layer.ddr)))
+
+
+class InstrumentedCache(TieredCache):
+    """A TieredCache whose ``prefetch`` strategy records CUDA events around its copies and the waits
+    for them (:class:`TimedPrefetch`, the strategy's public interface); recording is on only while
+    ``step_index >= 0``. Other strategies run untimed (their steps are still timed as a whole).
     """
 
     def __init__(self, config: TierConfig) -> None:
@@ -35,37 +73,8 @@ class InstrumentedCache(TieredCache):
         self.step_index = -1
         self.copies: list[tuple] = []  # (step, start event, end event, bytes)
         self.waits: list[tuple] = []  # (step, start event, end event)
-
-    def _recording(self, layer) -> bool:
-        return self.step_index >= 0 and layer.device.type == "cuda"
-
-    def _wait_for_prefetch(self, layer, layer_idx):
-        if not (layer.ddr and self._recording(layer)):
-            return super()._wait_for_prefetch(layer, layer_idx)
-        stream = torch.cuda.current_stream(layer.device)
-        start = torch.cuda.Event(enable_timing=True)
-        start.record(stream)
-        staged = super()._wait_for_prefetch(layer, layer_idx)
-        end = torch.cuda.Event(enable_timing=True)
-        end.record(stream)
-        self.waits.append((self.step_index, start, end))
-        return staged
-
-    def _issue_prefetch(self, layer_idx: int) -> None:
-        layer = self.layers[layer_idx]
-        if not self._recording(layer):
-            return super()._issue_prefetch(layer_idx)
-        if self._prefetch_stream is None:
-            self._prefetch_stream = torch.cuda.Stream(device=layer.device)
-        stream = self._prefetch_stream
-        # Start the clock when the copies may start (the cache makes the stream wait the same way).
-        stream.wait_stream(torch.cuda.current_stream(layer.device))
-        start = torch.cuda.Event(enable_timing=True)
-        start.record(stream)
-        super()._issue_prefetch(layer_idx)
-        end = torch.cuda.Event(enable_timing=True)
-        end.record(stream)
-        self.copies.append((self.step_index, start, end, sum(c.nbytes for c in layer.ddr)))
+        if isinstance(self.access, Prefetch):
+            self.access = TimedPrefetch(self)
 
 
 def tier_config(hbm: float, **policy) -> TierConfig:
