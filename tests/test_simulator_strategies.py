@@ -263,3 +263,5 @@ def test_the_planner_prices_prefetch_as_the_engine_does(trace, hbm, profiled):
     planned = planner.evaluate(sc, policy, 64, strategies=["prefetch"])[0]
     engine, _ = cap.run(sc, policy, largest=False)
     assert planned["tpot_ms"] == pytest.approx(engine["step_ms"], rel=0.01)
+    # The capacity batch sweep's closed-form cells price the same step.
+    assert cap.closed_form_row(sc, policy, 64)["step_ms"] == pytest.approx(engine["step_ms"], rel=0.01)

@@ -272,7 +272,8 @@ def closed_form_row(scenario: Scenario, policy: Policy, batch: int) -> dict:
     """The sweep's cell: `run`'s memory and times from ``analytic.closed_form`` instead of the engine."""
     work = workload(scenario, policy, batch, scenario.steps)
     model, gpu = scenario.model, scenario.gpu
-    step, stall = analytic.closed_form(analytic.layer_costs(model, gpu, policy, work), model.num_layers)
+    costs = analytic.layer_costs(model, gpu, policy, work, scenario.table, scenario.compute_note)
+    step, stall = analytic.closed_form(costs, model.num_layers)
     mem = analytic.memory(model, gpu, policy, work)
     return {
         "hbm": policy.hbm, "ddr": policy.ddr, "compressed": policy.compressed, "evict": policy.evict,
