@@ -186,11 +186,13 @@ def test_strategy_is_a_validated_tier_config_field():
 
 
 def test_scoring_probabilities_reference_is_unchanged_by_the_split():
-    """attention_probabilities (the prefetch path's scorer) still returns full softmax rows."""
+    """attention_probabilities (the prefetch path's scorer) is the softmax of q·k·scale, GQA heads matched
+    to their KV head (query heads 0-1 read KV head 0, 2-3 read KV head 1)."""
     q = torch.randn(1, 4, 1, 8)
     k = torch.randn(1, 2, 10, 8)
     p = attention_probabilities(q, k, None, 0.3)
-    torch.testing.assert_close(p.sum(-1), torch.ones(1, 4, 1))
+    expected = torch.softmax(torch.einsum("bhqd,bhkd->bhqk", q, k.repeat_interleave(2, dim=1)) * 0.3, dim=-1)
+    torch.testing.assert_close(p, expected)
 
 
 def test_host_attention_on_smollm2_matches_dynamic_cache(smollm2):

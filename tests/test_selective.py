@@ -36,6 +36,9 @@ def test_selective_with_share_one_is_prefetch_bit_for_bit(tiny_llama, batch):
     for a, b in zip(out.logits, ref.logits, strict=True):
         assert torch.equal(a, b)
     assert cache.stats()["ddr_fetched_share"] == 1.0
+    prefetch = TieredCache(TierConfig(hbm=0.3, ddr=0.7, **SMALL))
+    _generate(tiny_llama, ids, prefetch, 40)
+    assert cache.stats()["bytes_h2d"] == prefetch.stats()["bytes_h2d"]  # it moved what prefetch moves
 
 
 def test_selective_fetches_the_share_it_is_given_and_stays_close(tiny_llama):

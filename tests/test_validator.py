@@ -336,9 +336,11 @@ def test_instrumented_cache_times_the_public_prefetch_interface():
     for name in ("prefetch", "fetch"):
         ours, theirs = (list(inspect.signature(getattr(c, name)).parameters) for c in (TimedPrefetch, Prefetch))
         assert ours == theirs, name
-        assert not name.startswith("_")
     cache = InstrumentedCache(TierConfig(hbm=0.5, ddr=0.5))
     assert isinstance(cache.access, TimedPrefetch) and cache.access.owner is cache
+    # Selective subclasses Prefetch: it must keep its own access, not be timed as plain prefetch.
+    selective = InstrumentedCache(TierConfig(hbm=0.5, ddr=0.5, strategy="selective", fetch_share=0.5))
+    assert not isinstance(selective.access, TimedPrefetch)
     assert "stream" in vars(cache.access)
     # A host-attention cache keeps its own strategy (its steps are timed as a whole).
     assert not isinstance(InstrumentedCache(TierConfig(hbm=0.5, ddr=0.5, strategy="host-attention")).access,

@@ -84,10 +84,13 @@ class DDRChunk:
     flat_cols: torch.Tensor | None = None
     flat_slots: torch.Tensor | None = None
     dense_slots: torch.Tensor | None = None  # [m] when one row and no padding: a plain index_copy
+    live_row0: int = 0  # row 0's tokens in the DDR tier (set with the index, once per re-tiering)
     bounds: tuple | None = None  # selective: per-page key (min, max) [B, H, pages, D] on the compute device
 
     def refresh_index(self) -> None:
-        """Precompute the scatter indices of the valid entries (once per re-tiering, not per step)."""
+        """Precompute the scatter indices of the valid entries (once per re-tiering, not per step), and
+        row 0's live count: reading it from ``valid`` (on the GPU) every step would sync every layer."""
+        self.live_row0 = int(self.valid[0].sum())
         if self.valid.shape[0] == 1 and bool(self.valid.all()):
             self.dense_slots = self.slot[0].contiguous()
             return
@@ -236,7 +239,7 @@ class TieredLayer(CacheLayerMixin):
 
     @property
     def num_ddr(self) -> int:
-        return sum(int(c.valid[0].sum()) for c in self.ddr) if self.ddr else 0
+        return sum(c.live_row0 for c in self.ddr)
 
     @property
     def num_compressed(self) -> int:
@@ -680,7 +683,7 @@ class TieredCache(Cache):
         output, probs = self.access.attend(layer, query, attention_mask, scaling, n_queries)
         if n_queries:
             n = layer.num_retained
-            visible = scoring.visible_keys(attention_mask, query.shape[0], n)
+            visible = scoring.visible_keys(attention_mask, query.shape[0], n) if layer.step == 0 else None
             scratch = 2 * probs.numel() * probs.element_size() * max(1, query.shape[2] // n_queries)
             self.observe_attention(layer_idx, probs, visible=visible, scratch_bytes=scratch)
         return output

@@ -121,7 +121,9 @@ def tiersim_attention_forward(module, query, key, value, attention_mask, dropout
     if cache is not None and n_queries:
         scratch = []
         probs = attention_probabilities(query, key, attention_mask, scaling, n_queries, scratch)
-        visible = visible_keys(attention_mask, key.shape[0], key.shape[2])
+        # Only the prompt's forward reads which keys are padding (it places the sinks after the pads).
+        first = cache.layers[layer_idx].step == 0
+        visible = visible_keys(attention_mask, key.shape[0], key.shape[2]) if first else None
         cache.observe_attention(layer_idx, probs, visible=visible, scratch_bytes=sum(scratch))
     return output
 

@@ -73,7 +73,7 @@ class InstrumentedCache(TieredCache):
         self.step_index = -1
         self.copies: list[tuple] = []  # (step, start event, end event, bytes)
         self.waits: list[tuple] = []  # (step, start event, end event)
-        if isinstance(self.access, Prefetch):
+        if type(self.access) is Prefetch:
             self.access = TimedPrefetch(self)
 
 
