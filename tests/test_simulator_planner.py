@@ -41,19 +41,6 @@ def test_selective_prefetch_moves_the_traces_cover_share(trace):
     assert b["stall_ms"] < a["stall_ms"] and b["hbm_saved_gb"] > a["hbm_saved_gb"]
 
 
-def test_workload_is_the_same_in_any_number_of_chunks(monkeypatch):
-    from tiersim.simulator import analytic
-
-    policy = analytic.Policy(0.5, 0.4, 0.05, 0.05)
-    lengths = analytic.sample_lengths(300, 1500, 0.35, np.random.default_rng(2))
-    whole = analytic.build_workload(policy, 300, lengths, 80, 64, churn=(0.05, -0.2), seed=2)
-    monkeypatch.setattr(analytic, "CHUNK_CELLS", 64 * 7)  # 7 slots at a time, the last chunk partial
-    chunked = analytic.build_workload(policy, 300, lengths, 80, 64, churn=(0.05, -0.2), seed=2)
-    for key in ("context", "full_context", "hbm", "ddr", "compressed", "demoted"):
-        assert np.array_equal(getattr(whole, key), getattr(chunked, key)), key
-    assert whole.demoted.sum() > 0 and whole.compressed.sum() > 0
-
-
 def test_without_a_trace_the_synthetic_profile_is_used_and_named():
     sc = scenario_from_trace(None, MODEL, H100, 8, None, steps=32)
     assert sc.trace_label == cap.SYNTHETIC_LABEL

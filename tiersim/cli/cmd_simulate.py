@@ -16,10 +16,13 @@ from tiersim.cli.progress import meter
 from tiersim.errors import TiersimError
 
 FORMATS = ("table", "json")
+ENGINES = ("auto", "fast", "simpy")  # tiersim.simulator.fastpath.ENGINES, without importing numpy at start-up
+ENGINE_HELP = ("step-time model: auto (the exact per-step recurrence, or SimPy where demotions and prefetches "
+               "really share the link), fast, or simpy (the event-by-event reference)")
 
 
 def _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch, steps, seed, calibration,
-              profile=None, host_floor=True):
+              profile=None, host_floor=True, engine="auto"):
     from tiersim.simulator.calibration import apply_calibration, load_calibration
     from tiersim.simulator.profile import check_device, load_profile, table_for
     from tiersim.simulator.capacity import PREFETCH_MODES, SYNTHETIC_LABEL, load_trace, scenario_from_trace
@@ -36,6 +39,8 @@ def _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch
         raise TiersimError(f"use either --context ({context}) or --lengths ({lengths}), not both")
     if prefetch not in PREFETCH_MODES:
         raise TiersimError(f"--prefetch must be one of {', '.join(PREFETCH_MODES)}, got {prefetch!r}")
+    if engine not in ENGINES:
+        raise TiersimError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     lengths = lengths or "math500"
     mean_length = None if lengths.strip().lower() == "trace" else parse_lengths(lengths)
     mdl = model_from_config(model_config) if model_config else get_model(model)
@@ -60,7 +65,7 @@ def _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch
     label = str(trace) if trace else ("bundled" if loaded is not None else SYNTHETIC_LABEL)
     scenario = scenario_from_trace(loaded, mdl, hw, batch, mean_length, steps=steps, seed=seed, label=label,
                                    context=context, prefetch=prefetch)
-    scenario.table, scenario.compute_note = table, note
+    scenario.table, scenario.compute_note, scenario.engine = table, note, engine
     return scenario
 
 
@@ -114,6 +119,7 @@ def simulate(
     context: int = typer.Option(None, help=CONTEXT_HELP),
     prefetch: str = typer.Option("all", help=PREFETCH_HELP),
     steps: int = typer.Option(256, help="decode steps simulated (steady state, staggered batch)"),
+    engine: str = typer.Option("auto", help=ENGINE_HELP),
     seed: int = typer.Option(0),
     calibration: Path = typer.Option(None, help="calibration JSON from `tiersim validate`"),
     profile: Path = typer.Option(None, help="operator profile JSON (python -m tiersim.validator.operators): "
@@ -142,7 +148,7 @@ def simulate(
     if max_error is not None and (against is None or not max_error >= 0):
         raise TiersimError(f"--max-error needs --against and a value >= 0, got {max_error}")
     scenario = _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch, steps, seed, calibration,
-                         profile, host_floor)
+                         profile, host_floor, engine)
     if against is not None:
         _against(scenario, against, max_error, fmt)
         return
@@ -197,6 +203,7 @@ def capacity(
                                              "host-attention, hybrid, recompute, selective, compressed-transfer"),
     max_overhead: float = typer.Option(10.0, "--max-overhead", help="overhead budget of the grid's 'best', percent"),
     steps: int = typer.Option(256, help="decode steps simulated per config"),
+    engine: str = typer.Option("auto", help=ENGINE_HELP),
     seed: int = typer.Option(0),
     calibration: Path = typer.Option(None, help="calibration JSON from `tiersim validate`"),
     profile: Path = typer.Option(None, help="operator profile JSON (python -m tiersim.validator.operators): "
@@ -237,7 +244,7 @@ def capacity(
 
         import_ray()  # without Ray, say what to install before any work
     scenario = _scenario(trace, model, model_config, gpu, batches[0], lengths, context, prefetch, steps, seed,
-                         calibration, profile, host_floor)
+                         calibration, profile, host_floor, engine)
     single = len(batches) == 1
     total = 1 + (capacity_ticks(scenario) if single else 0)
     with contextlib.ExitStack() as stack:

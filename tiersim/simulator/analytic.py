@@ -98,32 +98,38 @@ def build_workload(
     the validator's measurements), so step s holds ``prompt_len + 1 + s`` tokens, instead of at a
     random phase.
     """
-    rng = np.random.default_rng(seed)
-    lengths = np.asarray(lengths, dtype=np.int64)
+    lengths = np.asarray(lengths, dtype=np.int64)[:batch]
+    phase = slot_phases(lengths, seed, lockstep)
+    table = position_counts(policy, int(lengths.max()), prompt_len, churn)
+    totals = np.zeros((len(COUNT_KEYS), steps))
+    for p, n in zip(phase.tolist(), lengths.tolist()):
+        add_slot(totals, table, p, n)
+    return Workload(batch=batch, steps=np.arange(steps), lengths=lengths, **dict(zip(COUNT_KEYS, totals)))
+
+
+#: What :func:`position_counts` tabulates per decode index, in this order (all per layer, in tokens).
+COUNT_KEYS = ("context", "full_context", "hbm", "ddr", "compressed", "demoted")
+
+
+def slot_phases(lengths: np.ndarray, seed: int, lockstep: bool) -> np.ndarray:
+    """Each slot's decode index at step 0: random (a staggered batch) or 1 for all (lockstep).
+
+    Drawn slot by slot from ``seed``, so the first B phases of a larger batch are this batch's: batch B + 1
+    is batch B plus one slot (what makes the largest-batch search exact)."""
     if lockstep:
-        phase = np.ones(batch, dtype=np.int64)
-    else:
-        phase = (rng.random(batch) * lengths).astype(np.int64)
-    s = np.arange(steps)
-    totals = {k: np.zeros(steps) for k in ("context", "full_context", "hbm", "ddr", "compressed", "demoted")}
-    # Slots in chunks: memory stays bounded (~CHUNK_CELLS per array) whatever batch x steps is.
-    rows = max(1, CHUNK_CELLS // max(steps, 1))
-    for lo in range(0, batch, rows):
-        part = _slot_counts(policy, phase[lo:lo + rows], lengths[lo:lo + rows], prompt_len, s, churn)
-        for key, value in part.items():
-            totals[key] += value
-    return Workload(batch=batch, steps=s, lengths=lengths, **totals)
+        return np.ones(len(lengths), dtype=np.int64)
+    return (np.random.default_rng(seed).random(len(lengths)) * lengths).astype(np.int64)
 
 
-#: Cells (slots x steps) the workload builder holds at once.
-CHUNK_CELLS = 1 << 21
+def position_counts(policy: Policy, positions: int, prompt_len: int, churn: tuple[float, float]) -> np.ndarray:
+    """``[len(COUNT_KEYS), positions]``: what one slot holds at each decode index of its sequence.
 
-
-def _slot_counts(policy: Policy, phase: np.ndarray, lengths: np.ndarray, prompt_len: int, s: np.ndarray,
-                 churn: tuple[float, float]) -> dict[str, np.ndarray]:
-    """Per-step sums over a group of slots: tokens per tier (per layer) and demotions."""
-    pos = (phase[:, None] + s[None, :]) % lengths[:, None]  # [slots, S] decode index within the sequence
-    pos = np.maximum(pos, 1)  # step 0 of a slot is its prefill; decode starts at 1
+    A slot's counts depend only on where it is in its sequence, so they are tabulated once and every slot
+    and step looks its index up: the policy's rule runs over the longest sequence, not over batch x steps.
+    Index 0 is the prefill step; decode starts at 1 (index 0 repeats index 1). ``churn = (a, b)`` adds
+    ``a * T**b * T`` swapped tokens at each re-tiering point on top of the net count change.
+    """
+    pos = np.maximum(np.arange(max(positions, 1)), 1)
     t = (prompt_len + pos).astype(float)
     r = policy.retier_every
     last = pos - pos % r
@@ -135,14 +141,22 @@ def _slot_counts(policy: Policy, phase: np.ndarray, lengths: np.ndarray, prompt_
     swap = np.where(at_retier, np.minimum(np.round(a * t**b * t), prev["ddr"]), 0.0)
     demoted = np.where(at_retier, np.maximum(tg["ddr"] - prev["ddr"], 0.0), 0.0) + swap
     retained = t - tg["evicted"]
-    return {
-        "context": retained.sum(0),
-        "full_context": t.sum(0),
-        "hbm": hbm.sum(0),
-        "ddr": tg["ddr"].sum(0),
-        "compressed": tg["compressed"].sum(0),
-        "demoted": demoted.sum(0),
-    }
+    return np.stack([retained, t, hbm, tg["ddr"], tg["compressed"], demoted])
+
+
+def add_slot(totals: np.ndarray, table: np.ndarray, phase: int, length: int) -> None:
+    """Add one slot's counts at every step to ``totals`` (in place, ``[columns, steps]``; ``table`` is
+    ``[columns, positions]``).
+
+    The slot runs ``table[phase:length]``, then starts its sequence over (``table[0:length]``) until the
+    steps run out: a few contiguous slice additions per slot, so a workload costs ~batch x steps / length
+    numpy calls and no index arrays. Counts are whole numbers, so the sums are exact in any order.
+    """
+    step, pos, steps = 0, phase % length, totals.shape[-1]
+    while step < steps:
+        n = min(length - pos, steps - step)
+        totals[..., step:step + n] += table[..., pos:pos + n]
+        step, pos = step + n, 0
 
 
 @dataclass
@@ -169,19 +183,26 @@ class Memory:
 
 
 def memory(model: Model, gpu: GPU, policy: Policy, work: Workload) -> Memory:
+    return memory_at_peaks(model, gpu, policy, work.batch, float(work.full_context.max()), float(work.hbm.max()),
+                           float(work.compressed.max()), float(work.ddr.max()))
+
+
+def memory_at_peaks(model: Model, gpu: GPU, policy: Policy, batch, full, hbm, compressed, ddr) -> Memory:
+    """:class:`Memory` from the batch's peak token counts per layer (numbers, or arrays: one per batch size,
+    for the largest-batch search; the same arithmetic either way, so both give the same bits)."""
     per_token = model.kv_bytes_per_token
     per_layer = model.kv_bytes_per_token_layer
     comp_ratio = COMPRESSED_BITS[policy.compressed_bits] / (8 * model.kv_dtype_bytes)
     return Memory(
         weights=model.weight_bytes,
-        kv_full=float(work.full_context.max()) * per_token,
-        kv_hbm=float(work.hbm.max()) * per_token,
-        compressed=float(work.compressed.max()) * per_token * comp_ratio,
+        kv_full=full * per_token,
+        kv_hbm=hbm * per_token,
+        compressed=compressed * per_token * comp_ratio,
         # Double-buffered staging for one layer's fetched DDR tokens (the batch's).
-        staging=2 * float(work.ddr.max()) * policy.prefetch * per_layer,
-        activations=work.batch * (ACTIVATION_HIDDEN_MULTIPLE * model.hidden_size * 2 + model.logits_bytes_per_sequence),
+        staging=2 * ddr * policy.prefetch * per_layer,
+        activations=batch * (ACTIVATION_HIDDEN_MULTIPLE * model.hidden_size * 2 + model.logits_bytes_per_sequence),
         reserved=gpu.reserved_bytes,
-        ddr=float(work.ddr.max()) * per_token,
+        ddr=ddr * per_token,
     )
 
 

@@ -18,7 +18,7 @@ from tiersim import __version__
 from tiersim.errors import TiersimError
 from tiersim.simulator import analytic
 from tiersim.simulator.analytic import GB, Policy
-from tiersim.simulator.engine import simulate
+from tiersim.simulator.fastpath import simulate
 from tiersim.simulator.presets import GPU, Model
 
 GRID_HBM = (1.0, 0.75, 0.5, 0.25)
@@ -63,6 +63,9 @@ class Scenario:
     table: object = None
     #: Why the roofline is used when ``table`` is None (shown in the output).
     compute_note: str = "roofline (no --profile given)"
+    #: Step-time model: "auto" (the fast path's recurrence unless copies compete on the link, then SimPy),
+    #: "fast" or "simpy" (the reference). See tiersim.simulator.fastpath.
+    engine: str = "auto"
 
     def prefetch_share(self) -> float:
         """Share of the DDR tier fetched per step under ``self.prefetch``."""
@@ -139,7 +142,12 @@ def workload(scenario: Scenario, policy: Policy, batch: int, steps: int) -> anal
 def fits(mem: analytic.Memory, gpu: GPU) -> bool:
     """The one definition of "fits": peak HBM within the GPU's HBM and the DDR tier within the host
     memory lent to this GPU, both over the simulated steps of the staggered batch."""
-    return bool(mem.peak <= gpu.hbm_bytes and mem.ddr <= gpu.host_bytes)
+    return bool(fit_mask(mem, gpu))
+
+
+def fit_mask(mem: analytic.Memory, gpu: GPU) -> np.ndarray:
+    """:func:`fits` elementwise, for a :class:`~analytic.Memory` whose fields are arrays over batch sizes."""
+    return np.logical_and(np.asarray(mem.peak) <= gpu.hbm_bytes, np.asarray(mem.ddr) <= gpu.host_bytes)
 
 
 def fits_at(scenario: Scenario, policy: Policy, batch: int, steps: int | None = None) -> bool:
@@ -148,51 +156,50 @@ def fits_at(scenario: Scenario, policy: Policy, batch: int, steps: int | None = 
     return fits(analytic.memory(scenario.model, scenario.gpu, policy, work), scenario.gpu)
 
 
-def largest_batch(scenario: Scenario, policy: Policy, steps: int | None = None,
-                  context_hint: float | None = None) -> int:
+#: Memory the search reads, as columns of analytic.COUNT_KEYS.
+_PEAK_COLUMNS = [analytic.COUNT_KEYS.index(k) for k in ("full_context", "hbm", "compressed", "ddr")]
+
+
+def largest_batch(scenario: Scenario, policy: Policy, steps: int | None = None) -> int:
     """The one definition of "largest batch": the largest B for which :func:`fits_at` holds while
     B + 1 does not (0 when one sequence does not fit; capped at MAX_BATCH).
 
     A larger batch adds slots to the same ones (lengths and phases are drawn slot by slot from the
-    seed), so its token counts only grow and a search is exact. It starts from the static estimate
-    (every sequence at ``context_hint`` tokens, by default the peak mean context of the scenario's
-    batch), steps out exponentially from there, then bisects.
+    seed), so its token counts only grow with B and the first B that does not fit ends the search.
+    One pass adds the slots in order, keeping the per-step totals, and checks every B on the way: the
+    cost is one workload of the answer's size (the per-step peaks of every prefix come from a running
+    sum), not a bisection of workloads. In a lockstep batch (``--context``) every slot holds the same,
+    so the peaks are B times one slot's and every B is checked at once.
     """
     steps = steps or scenario.steps
-    ok = lambda b: fits_at(scenario, policy, b, steps)  # noqa: E731
-    if not ok(1):
-        return 0
-    if context_hint is None:
-        probe = workload(scenario, policy, scenario.batch, steps)
-        context_hint = float(probe.full_context.max()) / scenario.batch
-    guess = min(max(int(analytic.max_batch(scenario.model, scenario.gpu, policy, context_hint)), 1), MAX_BATCH)
-    # The peak context per sequence of a staggered batch shrinks towards the mean as the batch grows:
-    # one more estimate at the first guess's size lands within a few sequences.
-    near = workload(scenario, policy, guess, steps)
-    guess = analytic.max_batch(scenario.model, scenario.gpu, policy, float(near.full_context.max()) / guess)
-    guess = min(max(int(guess), 1), MAX_BATCH)
-    step = max(1, guess // 500)
-    if ok(guess):
-        lo, hi = guess, None
-        while lo < MAX_BATCH:
-            nxt = min(MAX_BATCH, lo + step)
-            if not ok(nxt):
-                hi = nxt
-                break
-            lo, step = nxt, step * 2
-        if hi is None:
-            return MAX_BATCH
-    else:
-        lo, hi = 1, guess
-        while (nxt := hi - step) > 1:
-            if ok(nxt):
-                lo = nxt
-                break
-            hi, step = nxt, step * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-    return lo
+    model, gpu = scenario.model, scenario.gpu
+    if scenario.context is not None:
+        one = workload(scenario, policy, 1, steps)
+        batches = np.arange(1, MAX_BATCH + 1, dtype=float)
+        peaks = [batches * float(getattr(one, k).max()) for k in ("full_context", "hbm", "compressed", "ddr")]
+        ok = fit_mask(analytic.memory_at_peaks(model, gpu, policy, batches, *peaks), gpu)
+        return MAX_BATCH if ok.all() else int(np.argmin(ok))
+    lengths = analytic.sample_lengths(MAX_BATCH, scenario.mean_length, scenario.sigma,
+                                      np.random.default_rng(scenario.seed))
+    phase = analytic.slot_phases(lengths, scenario.seed, lockstep=False)
+    table = analytic.position_counts(policy, int(lengths.max()), scenario.prompt_len, scenario.churn)
+    table = table[_PEAK_COLUMNS]
+    used = np.flatnonzero(table.any(axis=1))  # a tier the policy never fills stays at 0
+    table = np.ascontiguousarray(table[used])
+    totals = np.zeros((len(used), steps))
+    lo, rows = 0, 16  # checked in chunks that grow: a small answer costs a small pass
+    while lo < MAX_BATCH:
+        hi = min(lo + rows, MAX_BATCH)
+        peaks = np.zeros((len(_PEAK_COLUMNS), hi - lo))
+        for i, (p, n) in enumerate(zip(phase[lo:hi].tolist(), lengths[lo:hi].tolist())):
+            analytic.add_slot(totals, table, p, n)
+            peaks[used, i] = totals.max(axis=1)  # batch lo + i + 1's peak per column
+        ok = fit_mask(analytic.memory_at_peaks(model, gpu, policy, np.arange(lo + 1, hi + 1, dtype=float),
+                                               *peaks), gpu)
+        if not ok.all():
+            return lo + int(np.argmin(ok))
+        lo, rows = hi, 2 * rows
+    return MAX_BATCH
 
 
 def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int | None = None,
@@ -206,7 +213,7 @@ def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int
     work = workload(scenario, policy, batch, steps)
     model, gpu = scenario.model, scenario.gpu
     costs = analytic.layer_costs(model, gpu, policy, work, scenario.table, scenario.compute_note)
-    result = simulate(costs, model.num_layers, gpu)
+    result = simulate(costs, model.num_layers, gpu, scenario.engine)
     mem = analytic.memory(model, gpu, policy, work)
     step = result.step_time
     row = {
@@ -215,7 +222,7 @@ def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int
         "strategy": "prefetch" if policy.prefetch >= 1.0 else "selective",
         "batch": batch,
         "steps": steps,
-        "method": "SimPy",
+        "method": "SimPy" if result.engine == "simpy" else "fast path",
         "context_tokens_mean": round(work.context_mean, 1),
         "context_tokens_peak": round(float(work.full_context.max()) / batch, 1),
         "kv_full_gb": mem.kv_full / GB,
@@ -239,7 +246,7 @@ def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int
         "h2d_gb_per_step": float(result.h2d_bytes.mean() / GB),
         "d2h_gb_per_step": float(result.d2h_bytes.mean() / GB),
         "tokens_per_s": float(batch / step.mean()),
-        "max_batch": largest_batch(scenario, policy, steps, float(work.full_context.max()) / batch) if largest else None,
+        "max_batch": largest_batch(scenario, policy, steps) if largest else None,
         "events": result.events,
         "compute_model": costs.compute_model,
     }

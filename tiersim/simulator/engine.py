@@ -33,6 +33,20 @@ from tiersim.simulator.presets import GPU
 _SIMULTANEOUS = 1e-9  # transfers within this relative share of the next finish time end together
 
 
+def shared_rates(gpu: GPU, count: dict[str, int]) -> dict[str, float]:
+    """Per-transfer rate in each direction with ``count[direction]`` transfers active: max-min fair shares,
+    each direction's cap split among its transfers, the directions' sum held under the shared ceiling."""
+    caps = {"h2d": gpu.h2d_bw, "d2h": gpu.d2h_bw}
+    want = {d: caps[d] for d, n in count.items() if n > 0}
+    if sum(want.values()) > gpu.bidir_bw:
+        fair = gpu.bidir_bw / len(want)
+        low = {d: w for d, w in want.items() if w <= fair}
+        high = [d for d in want if d not in low]
+        left = gpu.bidir_bw - sum(low.values())
+        want = {**low, **{d: left / len(high) for d in high}}
+    return {d: want[d] / n for d, n in count.items() if n > 0}
+
+
 class _Transfer:
     __slots__ = ("direction", "remaining", "size", "done", "rate")
 
@@ -49,8 +63,8 @@ class Link:
 
     def __init__(self, env: simpy.Environment, gpu: GPU):
         self.env = env
+        self.gpu = gpu
         self.caps = {"h2d": gpu.h2d_bw, "d2h": gpu.d2h_bw}
-        self.ceiling = gpu.bidir_bw
         self.active: list[_Transfer] = []
         self.bytes = {"h2d": 0.0, "d2h": 0.0}
         self._last = env.now
@@ -72,22 +86,14 @@ class Link:
         return done
 
     def rates(self) -> list[float]:
-        """Max-min fair shares for ``self.active``: each direction's cap split among its transfers,
-        the directions' sum held under the shared ceiling."""
+        """Each active transfer's rate (see :func:`shared_rates`)."""
         count: dict[str, int] = {}
         for tr in self.active:
             count[tr.direction] = count.get(tr.direction, 0) + 1
         key = tuple(sorted(count.items()))
         share = self._shares.get(key)
         if share is None:
-            want = {d: self.caps[d] for d in count}
-            if sum(want.values()) > self.ceiling:
-                fair = self.ceiling / len(want)
-                low = {d: w for d, w in want.items() if w <= fair}
-                high = [d for d in want if d not in low]
-                left = self.ceiling - sum(low.values())
-                want = {**low, **{d: left / len(high) for d in high}}
-            share = self._shares[key] = {d: want[d] / n for d, n in count.items()}
+            share = self._shares[key] = shared_rates(self.gpu, count)
         return [share[tr.direction] for tr in self.active]
 
     def _advance(self) -> None:
@@ -183,6 +189,7 @@ class StepResult:
     d2h_bytes: np.ndarray
     events: int
     wall_time: float = 0.0  # simulated time at the end, prefetch warm-up and trailing demotions included
+    engine: str = "simpy"  # which model produced it: the SimPy events, or the fast path's recurrence
 
 
 def simulate(costs: LayerCosts, num_layers: int, gpu: GPU) -> StepResult:
