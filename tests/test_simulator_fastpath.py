@@ -158,3 +158,44 @@ def test_the_workload_is_the_cache_rule_applied_slot_by_slot_and_step_by_step():
     for key in analytic.COUNT_KEYS:
         np.testing.assert_array_equal(getattr(work, key), expect[key], err_msg=key)
     assert work.demoted.sum() > 0 and work.compressed.sum() > 0
+
+
+# -- the default run's fast start: the bundled trace's projection ships beside it -------------------------
+def test_the_shipped_projection_is_a_fresh_fit_of_the_bundled_trace(trace):
+    from tiersim.simulator import capacity as cap
+
+    shipped = cap.bundled_projection()
+    assert shipped is not None, "sidecar missing or stale: run python scripts/refresh_bundled_projection.py"
+    fresh = cap.trace_projection(trace)
+    assert shipped == {**fresh, "churn": list(fresh["churn"])}, "run python scripts/refresh_bundled_projection.py"
+    model, gpu = get_model("r1-distill-qwen-7b"), get_gpu("h100-sxm")
+    from_file = cap.scenario_from_trace(None, model, gpu, 64, None, projection=shipped)
+    from_trace = cap.scenario_from_trace(trace, model, gpu, 64, None)
+    assert from_file == from_trace
+
+
+def test_a_sidecar_made_from_another_trace_is_ignored(monkeypatch, tmp_path):
+    import shutil
+
+    import tiersim.traces as traces
+    from tiersim.simulator import capacity as cap
+
+    copy = tmp_path / "default-trace.parquet"
+    shutil.copy(traces.default_trace_path(), copy)
+    shutil.copy(cap.projection_path(traces.default_trace_path()), cap.projection_path(copy))
+    monkeypatch.setattr(traces, "default_trace_path", lambda: copy)
+    assert cap.bundled_projection() is not None
+    with copy.open("ab") as f:  # the trace changes; its sidecar no longer describes it
+        f.write(b"\0")
+    assert cap.bundled_projection() is None
+
+
+def test_the_default_plan_imports_neither_pandas_nor_pyarrow():
+    import subprocess
+    import sys
+
+    code = ("import sys; from tiersim.cli.main import app; from typer.testing import CliRunner; "
+            "r = CliRunner().invoke(app, ['capacity', '--batch', '8', '--steps', '16']); assert r.exit_code == 0, r.output; "
+            "print(sorted(m for m in ('pandas', 'pyarrow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"

@@ -25,9 +25,11 @@ def _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch
               profile=None, host_floor=True, engine="auto"):
     from tiersim.simulator.calibration import apply_calibration, load_calibration
     from tiersim.simulator.profile import check_device, load_profile, table_for
-    from tiersim.simulator.capacity import PREFETCH_MODES, SYNTHETIC_LABEL, load_trace, scenario_from_trace
+    from tiersim.simulator.capacity import (
+        PREFETCH_MODES, SYNTHETIC_LABEL, bundled_projection, load_trace, scenario_from_trace,
+    )
     from tiersim.simulator.presets import get_gpu, get_model, model_from_config
-    from tiersim.traces.synth import parse_lengths
+    from tiersim.traces.lengths import parse_lengths
 
     if batch < 1:
         raise TiersimError(f"--batch must be >= 1, got {batch}")
@@ -56,15 +58,17 @@ def _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch
         table, note = table_for(doc, mdl)
         if table is not None and not host_floor:
             table.drop_host()
-    loaded = load_trace(trace)
-    if loaded is None:
+    # The bundled trace's projection ships beside it: no pandas import, no fit, for the default run.
+    projection = None if trace else bundled_projection()
+    loaded = load_trace(trace) if projection is None else None
+    if loaded is None and projection is None:
         if mean_length is None:
             raise TiersimError("--lengths trace: no trace to take lengths from (the bundled trace is missing)")
         err_console.print("[yellow]note:[/] the bundled trace is missing from this install; using the synthetic "
                           "profile documented in docs/simulator.md", highlight=False)
-    label = str(trace) if trace else ("bundled" if loaded is not None else SYNTHETIC_LABEL)
+    label = str(trace) if trace else ("bundled" if loaded is not None or projection else SYNTHETIC_LABEL)
     scenario = scenario_from_trace(loaded, mdl, hw, batch, mean_length, steps=steps, seed=seed, label=label,
-                                   context=context, prefetch=prefetch)
+                                   context=context, prefetch=prefetch, projection=projection)
     scenario.table, scenario.compute_note, scenario.engine = table, note, engine
     return scenario
 

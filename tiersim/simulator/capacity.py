@@ -87,11 +87,12 @@ class Scenario:
 
 def scenario_from_trace(trace, model: Model, gpu: GPU, batch: int, mean_length: float | None,
                         steps: int = 256, seed: int = 0, label: str = "bundled", context: int | None = None,
-                        prefetch: str = "all") -> Scenario:
-    """Fit churn and DDR cover on ``trace`` and take its policy structure and prompt length.
+                        prefetch: str = "all", projection: dict | None = None) -> Scenario:
+    """A scenario projected from ``trace``: its policy structure, churn, DDR cover and prompt length
+    (:func:`trace_projection`), or from an already computed ``projection`` of it.
 
-    ``trace=None`` uses :data:`SYNTHETIC_PROFILE` (the label then says so). ``mean_length=None``
-    takes the trace's own generated lengths.
+    ``trace=None`` (and no projection) uses :data:`SYNTHETIC_PROFILE` (the label then says so).
+    ``mean_length=None`` takes the trace's own generated lengths.
     """
     if not 1 <= batch <= MAX_BATCH:
         raise TiersimError(f"--batch must be between 1 and {MAX_BATCH}, got {batch}")
@@ -103,18 +104,21 @@ def scenario_from_trace(trace, model: Model, gpu: GPU, batch: int, mean_length: 
         raise TiersimError(f"--lengths: mean length must be between 2 and {MAX_TOKENS} tokens, got {mean_length}")
     if prefetch not in PREFETCH_MODES:
         raise TiersimError(f"--prefetch must be one of {', '.join(PREFETCH_MODES)}, got {prefetch!r}")
-    if trace is None:
-        prof = SYNTHETIC_PROFILE
-        return Scenario(model, gpu, batch, float(mean_length or prof["mean_length"]), prof["prompt_len"],
-                        prof["churn"], dict(prof["structure"]), steps=steps, seed=seed, trace_label=SYNTHETIC_LABEL,
-                        context=context, cover=dict(prof["cover"]), prefetch=prefetch)
+    if projection is None:
+        projection = SYNTHETIC_PROFILE if trace is None else trace_projection(trace)
+        label = SYNTHETIC_LABEL if trace is None else label
+    return Scenario(model, gpu, batch, float(mean_length or projection["mean_length"]), int(projection["prompt_len"]),
+                    tuple(projection["churn"]), dict(projection["structure"]), steps=steps, seed=seed,
+                    trace_label=label, context=context, cover=dict(projection["cover"]), prefetch=prefetch)
+
+
+def trace_projection(trace) -> dict:
+    """What the simulator takes from a trace, in :data:`SYNTHETIC_PROFILE`'s shape: the prompt length, the
+    churn fit, the policy structure, the DDR cover shares and the mean generated length."""
     from tiersim.traces.synth import fit
 
     profile = fit(trace)
     policy = trace.meta["policy"]
-    structure = {k: int(policy[k]) for k in ("sink_tokens", "recent_window", "retier_every", "compressed_bits")}
-    if mean_length is None:  # the trace's own lengths
-        mean_length = float(np.mean([s["new_tokens"] for s in trace.meta["sequences"]]))
     a, b, _ = profile.churn["hbm_ddr"]
     cover = np.array(profile.cover, dtype=float)  # per layer: c90 mean, c90 std, c99 mean, c99 std
     has = cover[:, 2] > 0  # layers whose DDR tier was ever non-empty
@@ -122,8 +126,64 @@ def scenario_from_trace(trace, model: Model, gpu: GPU, batch: int, mean_length: 
         shares = {"cover90": float(cover[has, 0].mean()), "cover99": float(cover[has, 2].mean())}
     else:
         shares = dict(SYNTHETIC_PROFILE["cover"])
-    return Scenario(model, gpu, batch, mean_length, max(int(round(profile.prompt_len)), 1), (a, b), structure,
-                    steps=steps, seed=seed, trace_label=label, context=context, cover=shares, prefetch=prefetch)
+    return {
+        "prompt_len": max(int(round(profile.prompt_len)), 1),
+        "churn": (float(a), float(b)),
+        "structure": {k: int(policy[k]) for k in ("sink_tokens", "recent_window", "retier_every", "compressed_bits")},
+        "cover": shares,
+        "mean_length": float(np.mean([s["new_tokens"] for s in trace.meta["sequences"]])),
+    }
+
+
+#: The bundled trace's projection, shipped beside it: planning on the bundled trace then reads a small JSON
+#: instead of importing pandas and fitting a Parquet file (over a second of a `tiersim capacity` run).
+PROJECTION_KIND = "trace-projection"
+PROJECTION_SCHEMA = 1
+
+
+def projection_path(trace: Path) -> Path:
+    """The sidecar beside a trace file that holds its projection."""
+    return trace.with_name(trace.stem + ".projection.json")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def bundled_projection() -> dict | None:
+    """The bundled trace's projection from its sidecar, or None when the sidecar is missing or was made
+    from another file than the bundled trace (then the trace is read and fitted as any other)."""
+    import json
+
+    import tiersim.traces as traces  # looked up at call time: tests point it at a missing trace
+
+    trace = traces.default_trace_path()
+    sidecar = projection_path(trace)
+    if not (trace.exists() and sidecar.exists()):
+        return None
+    try:
+        doc = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return None
+    if (doc.get("kind") != PROJECTION_KIND or doc.get("schema_version") != PROJECTION_SCHEMA
+            or doc.get("trace_sha256") != _sha256(trace)):
+        return None
+    return doc["projection"]
+
+
+def write_bundled_projection() -> Path:
+    """Refit the bundled trace and rewrite its sidecar (scripts/refresh_bundled_projection.py)."""
+    from tiersim.atomic import write_json
+    from tiersim.provenance import header
+    from tiersim.traces import default_trace_path, read
+
+    trace = default_trace_path()
+    path = projection_path(trace)
+    write_json(path, {**header(PROJECTION_KIND, PROJECTION_SCHEMA), "trace_sha256": _sha256(trace),
+                      "projection": trace_projection(read(trace))})
+    return path
 
 
 def workload(scenario: Scenario, policy: Policy, batch: int, steps: int) -> analytic.Workload:

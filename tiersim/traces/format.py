@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +17,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tiersim.atomic import atomic_path
+from tiersim.traces.bundled import BUNDLED_TRACE, default_trace_path  # noqa: F401 (part of this module's API)
 from tiersim.provenance import header
 from tiersim.errors import TraceError
 
 SCHEMA_VERSION = 1
 KIND = "trace"
 META_KEY = b"tiersim"
-BUNDLED_TRACE = "default-trace.parquet"
 
 INT_COLUMNS = {
     "seq_id": "int32",
@@ -179,11 +178,6 @@ def _check_steps(steps: pd.DataFrame, path: Path) -> None:
     tiers = steps["n_hbm"] + steps["n_ddr"] + steps["n_compressed"]
     if (tiers > steps["context_len"]).any():
         raise TraceError(f"trace rows hold more tokens in their tiers than their context_len: {path}")
-
-
-def default_trace_path() -> Path:
-    """The bundled real SmolLM2 trace shipped with the package."""
-    return Path(str(resources.files("tiersim") / "data" / BUNDLED_TRACE))
 
 
 def _short(exc: Exception) -> str:

@@ -23,10 +23,9 @@ import pandas as pd
 from tiersim.errors import TiersimError
 from tiersim.hierarchy.config import TierConfig, tier_targets_array
 from tiersim.traces.format import COLUMNS, Trace, new_meta
+from tiersim.traces.lengths import LENGTH_PRESETS, parse_lengths  # noqa: F401 (re-exported)
 
 MOVES = ("hbm_ddr", "compressed")
-#: Reasoning-length presets (mean generated tokens, R1-Distill-Qwen-7B, 16K budget; design.md).
-LENGTH_PRESETS = {"gsm8k": 1500, "math500": 3900, "amc23": 6800, "gpqa": 10200, "aime": 13800}
 
 
 @dataclass
@@ -156,22 +155,6 @@ def synthesize_sequence(profile: TraceProfile, prompt_len: int, new_tokens: int,
         row["ddr_cover99"] = np.minimum(np.maximum(np.ceil(c99), row["ddr_cover90"]), n_ddr)
         frames.append(pd.DataFrame(row))
     return pd.concat(frames, ignore_index=True)
-
-
-def parse_lengths(spec: str) -> float:
-    """'math500' -> its mean length; '4096' -> 4096."""
-    key = spec.strip().lower()
-    if key in LENGTH_PRESETS:
-        return float(LENGTH_PRESETS[key])
-    try:
-        value = float(key)
-    except ValueError:
-        raise TiersimError(
-            f"--lengths: expected a number or one of {', '.join(LENGTH_PRESETS)}, got {spec!r}"
-        ) from None
-    if value < 1:
-        raise TiersimError(f"--lengths: mean length must be >= 1, got {spec!r}")
-    return value
 
 
 def synthesize(profile: TraceProfile, n: int, mean_length: float, sigma: float = 0.35,
