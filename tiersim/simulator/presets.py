@@ -163,7 +163,7 @@ GPUS: dict[str, GPU] = {
         # docs/simulator.md "Fidelity").
         GPU("a100-80g", 80 * GB, 2.04e12, 25 * GB, 25 * GB, 42 * GB, 5e-6, 312e12,
             host_socket_bw=204.8 * GB, host_socket_flops=1.4e12,
-            weight_efficiency=0.81, gemm_kernel_s=3.6e-6, gemm_batch_slowdown=0.11, attn_kernel_s=20e-6,
+            weight_efficiency=0.81, gemm_kernel_s=3.6e-6, gemm_batch_slowdown=0.114, attn_kernel_s=20e-6,
             attn_efficiency=0.80, layer_overhead=3.5e-6, layer_overhead_per_width=1.24e-9,
             note="PCIe Gen4 x16: 32 theory, ~25 measured"),
         # GH200: its own 72-core Grace. ASSUMPTION: ~500 GB/s LPDDR5X peak (NVIDIA's Grace Hopper
