@@ -161,17 +161,22 @@ GPUS: dict[str, GPU] = {
         # 64 cores x 2.25 GHz x 32 FLOP/cycle (AVX2) = 4.6 TFLOP/s peak, ~30% in attention.
         # Decode physics: the A100 fit on vidur's public A100 profiles (Meta-Llama-3-8B and CodeLlama-34B;
         # docs/simulator.md "Fidelity").
-        GPU("a100-80g", 80 * GB, 2.04e12, 25 * GB, 25 * GB, 42 * GB, 5e-6, 312e12,
+        # Link: nvbandwidth on A100-SXM4-80GB hosts, PCIe Gen4 x16 (github.com/NVIDIA/nvbandwidth issues 53 and 11):
+        # ~24.8 GB/s H2D and ~25 D2H one way; both at once D2H keeps ~24 while H2D falls to ~11-13: ~35 in all.
+        # The engine shares the ceiling max-min (17.5 each), not 11 / 24: docs/simulator.md, "Sources".
+        GPU("a100-80g", 80 * GB, 2.04e12, 25 * GB, 25 * GB, 35 * GB, 5e-6, 312e12,
             host_socket_bw=204.8 * GB, host_socket_flops=1.4e12,
             weight_efficiency=0.81, gemm_kernel_s=3.6e-6, gemm_batch_slowdown=0.114, attn_kernel_s=20e-6,
             attn_efficiency=0.80, layer_overhead=3.5e-6, layer_overhead_per_width=1.24e-9,
-            note="PCIe Gen4 x16: 32 theory, ~25 measured"),
+            note="PCIe Gen4 x16: 32 theory, ~25 measured each way, ~35 both ways (H2D ~11 of it)"),
         # GH200: its own 72-core Grace. ASSUMPTION: ~500 GB/s LPDDR5X peak (NVIDIA's Grace Hopper
         # material, rounded); 72 cores x 3.1 GHz x 32 FLOP/cycle (4 x 128-bit SVE2 FMA) = 7.1 TFLOP/s
         # peak, ~30% in attention.
-        GPU("gh200", 96 * GB, 4.0e12, 380 * GB, 380 * GB, 700 * GB, 3e-6, 989e12, host_bytes=480 * GB,
+        # C2C link: nvbandwidth on a GH200 (github.com/NVIDIA/nvbandwidth issue 23): host_to_device_memcpy_ce
+        # 346 GB/s, D2H ~15% lower (~300); both ways at once about half the 900 GB/s peak (issue 41): 450.
+        GPU("gh200", 96 * GB, 4.0e12, 346 * GB, 300 * GB, 450 * GB, 3e-6, 989e12, host_bytes=480 * GB,
             gpus_per_host=1, host_sockets=1, host_socket_bw=500 * GB, host_socket_flops=2.1e12,
-            note="NVLink-C2C 450 GB/s theory per direction; 85% assumed achievable; 480 GB LPDDR5X"),
+            note="NVLink-C2C 450 GB/s theory per direction; 346 H2D / ~300 D2H / ~450 both ways measured; 480 GB LPDDR5X"),
     ]
 }
 
