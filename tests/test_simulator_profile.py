@@ -41,7 +41,9 @@ def lockstep(policy: Policy, batch: int, context: int, steps: int = 8) -> analyt
 
 def pure_bandwidth(gpu=H100):
     """A GPU whose roofline is bytes / bandwidth exactly: no flops bound, no fixed costs."""
-    return replace(gpu, peak_flops=1e30, layer_overhead=0.0, step_overhead=0.0, hbm_efficiency=1.0)
+    return replace(gpu, peak_flops=1e30, layer_overhead=0.0, step_overhead=0.0, hbm_efficiency=1.0,
+                   weight_efficiency=1.0, attn_efficiency=1.0, gemm_kernel_s=0.0, attn_kernel_s=0.0,
+                   gemm_batch_slowdown=0.0, layer_overhead_per_width=0.0)
 
 
 # -- item 3: only B embedding rows are read; the LM head is read every step -------------------------
@@ -92,7 +94,11 @@ def test_small_ops_cost_per_layer_in_the_roofline():
     bare = analytic.layer_costs(QWEN, pure_bandwidth(), ALL_HBM, work)
     with_ops = analytic.layer_costs(QWEN, replace(pure_bandwidth(), layer_overhead=51e-6), ALL_HBM, work)
     np.testing.assert_allclose(with_ops.compute - bare.compute, 51e-6, rtol=1e-9)
-    assert H100.layer_overhead == pytest.approx(51e-6)  # the H100 run's HF small ops at 1 token
+    # The preset's fused small ops (fitted on vidur's H100 profiles) grow with the layer's width.
+    wide = analytic.layer_costs(QWEN, replace(pure_bandwidth(), layer_overhead_per_width=1e-9), ALL_HBM, work)
+    np.testing.assert_allclose(wide.compute - bare.compute, 1e-9 * (QWEN.hidden_size + QWEN.mlp_width), rtol=1e-9)
+    assert QWEN.mlp_width == 18_944  # R1-Distill-Qwen-7B's intermediate_size (config.json)
+    assert replace(QWEN, intermediate_size=0).mlp_width == pytest.approx(18_944, rel=1e-3)  # from its size
 
 
 # -- item 5: a per-step host overhead, once per step ---------------------------------------------------

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tiersim.hierarchy.config import tier_targets_array
+from tiersim.simulator import physics
 from tiersim.simulator.presets import GB, GPU, Model
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -262,8 +263,8 @@ def layer_costs(model: Model, gpu: GPU, policy: Policy, work: Workload, table: O
                 roofline_reason: str = "roofline") -> LayerCosts:
     """Compute per layer and per step, and copy times ``latency * calls + bytes / bandwidth``.
 
-    Without ``table`` compute is the roofline ``max(bytes / bw, flops / peak)`` plus the preset's small-op
-    time per layer; with one (tiersim.simulator.profile) it is the sum of the measured operators at this
+    Without ``table`` compute is the roofline of ``physics.layer_s``: weights, attention and the cache's
+    extra passes each at their own fitted efficiency (max with ``flops / peak``) plus the small ops; with one (tiersim.simulator.profile) it is the sum of the measured operators at this
     batch and context. Either way a layer reads its own weights only: the input embedding is a gather
     of ``batch`` rows and the LM head a once-per-step read, both charged in ``step_extra``.
     """
@@ -278,13 +279,9 @@ def layer_costs(model: Model, gpu: GPU, policy: Policy, work: Workload, table: O
     batch = work.batch
     host_floor = 0.0
     if table is None:
-        layer_params = model.layer_weight_bytes / model.param_bytes
-        flops = 2 * layer_params * batch + 4 * attended * model.num_attention_heads * model.head_dim
-        t_mem = (model.layer_weight_bytes + kv_read + extra) / bw
-        compute = np.maximum(t_mem, flops / peak) + gpu.layer_overhead
-        head_bytes = model.lm_head_bytes + batch * model.hidden_size * model.param_bytes
-        head_flops = 2.0 * batch * model.vocab_size * model.hidden_size
-        step_extra = max(head_bytes / bw, head_flops / peak) + gpu.step_overhead
+        # Weights, attention and small ops each at their own measured efficiency (tiersim.simulator.physics).
+        compute = physics.layer_s(model, gpu, batch, kv_read, extra, attended)
+        step_extra = physics.lm_head_s(model, gpu, batch) + gpu.step_overhead
         source = roofline_reason
     else:
         from tiersim.simulator.profile import LAYER_GEMMS, LAYER_SMALL, STEP_SMALL

@@ -37,6 +37,7 @@ def apply_calibration(gpu: GPU, calibration: dict) -> GPU:
 
     hbm_bw = num(compute, "hbm_bw_gbps", GB)
     peak = num(compute, "peak_tflops", 1e12)
+    overhead = num(compute, "layer_overhead_us", 1e-6)
     return with_overrides(
         gpu,
         h2d_bw=num(link, "h2d_gbps", GB),
@@ -46,8 +47,16 @@ def apply_calibration(gpu: GPU, calibration: dict) -> GPU:
         # Measured rates are achieved rates: use them as the datasheet figure at 100% efficiency.
         hbm_bw=hbm_bw,
         hbm_efficiency=1.0 if hbm_bw else None,
+        # The validator fits one achieved bandwidth and one per-layer overhead on whole decode steps: they
+        # replace the preset's per-stream physics (weights, attention, kernel costs) rather than stack on it.
+        weight_efficiency=1.0 if hbm_bw else None,
+        attn_efficiency=1.0 if hbm_bw else None,
+        gemm_kernel_s=0.0 if hbm_bw else None,
+        attn_kernel_s=0.0 if hbm_bw else None,
+        gemm_batch_slowdown=0.0 if hbm_bw else None,
         peak_flops=peak,
         flops_efficiency=1.0 if peak else None,
-        layer_overhead=num(compute, "layer_overhead_us", 1e-6),
+        layer_overhead=overhead,
+        layer_overhead_per_width=0.0 if overhead is not None else None,
         name=f"{gpu.name} (calibrated: {calibration.get('device', {}).get('name', 'unknown device')})",
     )

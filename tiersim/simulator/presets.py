@@ -28,12 +28,25 @@ class GPU:
     copy_latency: float  # per cudaMemcpyAsync call
     peak_flops: float  # dense bf16
     reserved_bytes: float = 2.5 * GB  # CUDA context, allocator slack, workspace: not usable for KV
-    hbm_efficiency: float = 0.80  # achieved / datasheet HBM bandwidth in decode kernels
+    hbm_efficiency: float = 0.80  # achieved / datasheet HBM bandwidth of the cache's own extra KV passes
     flops_efficiency: float = 0.60
-    #: Small ops per decoder layer (2 RMSNorm, RoPE, SiLU*mul, 2 residual adds) as HF eager runs them:
-    #: 51 us of device time at 1 token on an H100 (docs/validation/h100-80gb-hbm3-operators.json; each is a
-    #: few latency-bound kernels of 1-4 us, so the figure hardly depends on the GPU). A profile replaces it.
-    layer_overhead: float = 51e-6
+    # Decode physics (tiersim.simulator.physics), fitted on public per-operator profiles (vidur's, see
+    # docs/simulator.md "Fidelity"; tiersim.simulator.fidelity re-fits them). Defaults: the H100 fit.
+    #: Achieved / datasheet HBM bandwidth when a layer's GEMMs stream its weights (at one token).
+    weight_efficiency: float = 0.92
+    #: Fixed cost per GEMM kernel (4 per layer: fused q/k/v, o, fused gate/up, down).
+    gemm_kernel_s: float = 5.4e-6
+    #: Weight streaming slows with the token count: this much slower at 64 tokens than at 1 (log2 growth).
+    gemm_batch_slowdown: float = 0.045
+    #: Decode attention: a fixed kernel cost, then the batch's KV at this share of the datasheet bandwidth.
+    attn_kernel_s: float = 7.5e-6
+    attn_efficiency: float = 0.92
+    #: Small ops per decoder layer (2 RMSNorm, RoPE, activation, residual add, fused as a serving engine runs
+    #: them): a launch-bound floor plus a term per element of width (hidden + intermediate). HF eager runs
+    #: them unfused, ~51 us at 1 token on an H100 (docs/validation/h100-80gb-hbm3-operators.json): a
+    #: ``--profile`` from the validator charges that instead.
+    layer_overhead: float = 10.3e-6
+    layer_overhead_per_width: float = 0.66e-9
     #: Host time per decode step that no kernel hides (scheduling, sampling, input preparation), added once
     #: per step. No public figure fits every engine: 0 unless a profile (``--profile``) measured it.
     step_overhead: float = 0.0
@@ -79,6 +92,17 @@ class Model:
     kv_dtype_bytes: int = 2
     vocab_size: int = 152_064  # from the model's config.json; every preset states its own
     tie_word_embeddings: bool = False
+    intermediate_size: int = 0  # MLP width; 0: derived from the parameter count (a gated MLP)
+
+    @property
+    def mlp_width(self) -> int:
+        """The MLP's intermediate size: the stated one, or what a gated MLP of this layer size has."""
+        if self.intermediate_size:
+            return self.intermediate_size
+        h, hd = self.hidden_size, self.head_dim
+        attn = h * hd * (self.num_attention_heads + 2 * self.num_kv_heads) + self.num_attention_heads * hd * h
+        per_layer = self.layer_weight_bytes / self.param_bytes
+        return max(int(round((per_layer - attn) / (3 * h))), 0)
 
     @property
     def weight_bytes(self) -> float:
@@ -135,30 +159,39 @@ GPUS: dict[str, GPU] = {
             note="PCIe Gen5; link not published, the H100 run's figures assumed"),
         # DGX A100: 2 x EPYC 7742, 8 channels DDR4-3200 each = 204.8 GB/s per socket; ASSUMPTION:
         # 64 cores x 2.25 GHz x 32 FLOP/cycle (AVX2) = 4.6 TFLOP/s peak, ~30% in attention.
-        GPU("a100-80g", 80 * GB, 2.04e12, 25 * GB, 25 * GB, 42 * GB, 5e-6, 312e12,
+        # Decode physics: the A100 fit on vidur's public A100 profiles (Meta-Llama-3-8B and CodeLlama-34B;
+        # docs/simulator.md "Fidelity").
+        # Link: nvbandwidth on A100-SXM4-80GB hosts, PCIe Gen4 x16 (github.com/NVIDIA/nvbandwidth issues 53 and 11):
+        # ~24.8 GB/s H2D and ~25 D2H one way; both at once D2H keeps ~24 while H2D falls to ~11-13: ~35 in all.
+        # The engine shares the ceiling max-min (17.5 each), not 11 / 24: docs/simulator.md, "Sources".
+        GPU("a100-80g", 80 * GB, 2.04e12, 25 * GB, 25 * GB, 35 * GB, 5e-6, 312e12,
             host_socket_bw=204.8 * GB, host_socket_flops=1.4e12,
-            note="PCIe Gen4 x16: 32 theory, ~25 measured"),
+            weight_efficiency=0.81, gemm_kernel_s=3.6e-6, gemm_batch_slowdown=0.114, attn_kernel_s=20e-6,
+            attn_efficiency=0.80, layer_overhead=3.5e-6, layer_overhead_per_width=1.24e-9,
+            note="PCIe Gen4 x16: 32 theory, ~25 measured each way, ~35 both ways (H2D ~11 of it)"),
         # GH200: its own 72-core Grace. ASSUMPTION: ~500 GB/s LPDDR5X peak (NVIDIA's Grace Hopper
         # material, rounded); 72 cores x 3.1 GHz x 32 FLOP/cycle (4 x 128-bit SVE2 FMA) = 7.1 TFLOP/s
         # peak, ~30% in attention.
-        GPU("gh200", 96 * GB, 4.0e12, 380 * GB, 380 * GB, 700 * GB, 3e-6, 989e12, host_bytes=480 * GB,
+        # C2C link: nvbandwidth on a GH200 (github.com/NVIDIA/nvbandwidth issue 23): host_to_device_memcpy_ce
+        # 346 GB/s, D2H ~15% lower (~300); both ways at once about half the 900 GB/s peak (issue 41): 450.
+        GPU("gh200", 96 * GB, 4.0e12, 346 * GB, 300 * GB, 450 * GB, 3e-6, 989e12, host_bytes=480 * GB,
             gpus_per_host=1, host_sockets=1, host_socket_bw=500 * GB, host_socket_flops=2.1e12,
-            note="NVLink-C2C 450 GB/s theory per direction; 85% assumed achievable; 480 GB LPDDR5X"),
+            note="NVLink-C2C 450 GB/s theory per direction; 346 H2D / ~300 D2H / ~450 both ways measured; 480 GB LPDDR5X"),
     ]
 }
 
 MODELS: dict[str, Model] = {
     m.name: m
     for m in [
-        # vocab_size: each model's config.json (as in tiersim.validator.shapes).
-        Model("r1-distill-qwen-1.5b", 28, 2, 128, 1536, 12, 1.78e9, vocab_size=151_936),
-        Model("r1-distill-qwen-7b", 28, 4, 128, 3584, 28, 7.62e9, vocab_size=152_064),
-        Model("r1-distill-qwen-14b", 48, 8, 128, 5120, 40, 14.8e9, vocab_size=152_064),
-        Model("r1-distill-qwen-32b", 64, 8, 128, 5120, 40, 32.8e9, vocab_size=152_064),
-        Model("qwq-32b", 64, 8, 128, 5120, 40, 32.8e9, vocab_size=152_064),
-        Model("qwen3-8b", 36, 8, 128, 4096, 32, 8.19e9, vocab_size=151_936),
-        Model("llama-3.1-8b", 32, 8, 128, 4096, 32, 8.03e9, vocab_size=128_256),
-        Model("llama-3.1-70b", 80, 8, 128, 8192, 64, 70.6e9, vocab_size=128_256),
+        # vocab_size, intermediate_size: each model's config.json (as in tiersim.validator.shapes).
+        Model("r1-distill-qwen-1.5b", 28, 2, 128, 1536, 12, 1.78e9, vocab_size=151_936, intermediate_size=8_960),
+        Model("r1-distill-qwen-7b", 28, 4, 128, 3584, 28, 7.62e9, vocab_size=152_064, intermediate_size=18_944),
+        Model("r1-distill-qwen-14b", 48, 8, 128, 5120, 40, 14.8e9, vocab_size=152_064, intermediate_size=13_824),
+        Model("r1-distill-qwen-32b", 64, 8, 128, 5120, 40, 32.8e9, vocab_size=152_064, intermediate_size=27_648),
+        Model("qwq-32b", 64, 8, 128, 5120, 40, 32.8e9, vocab_size=152_064, intermediate_size=27_648),
+        Model("qwen3-8b", 36, 8, 128, 4096, 32, 8.19e9, vocab_size=151_936, intermediate_size=12_288),
+        Model("llama-3.1-8b", 32, 8, 128, 4096, 32, 8.03e9, vocab_size=128_256, intermediate_size=14_336),
+        Model("llama-3.1-70b", 80, 8, 128, 8192, 64, 70.6e9, vocab_size=128_256, intermediate_size=28_672),
     ]
 }
 
@@ -247,7 +280,7 @@ def model_from_config(path: str | Path) -> Model:
     params = layers * (attn + mlp) + embed
     name = cfg.get("_name_or_path") or path.parent.name or "custom"
     return Model(str(name), layers, kv_heads, head_dim, hidden, heads, float(params), vocab_size=vocab,
-                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings")))
+                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings")), intermediate_size=inter)
 
 
 def with_overrides(gpu: GPU, **changes) -> GPU:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from tiersim.simulator import analytic
+from tiersim.simulator import analytic, physics
 from tiersim.simulator.analytic import COMPRESSED_BITS, COPY_CALLS_PER_LAYER, Policy, Workload
 from tiersim.simulator.presets import GPU, Model
 
@@ -71,8 +71,9 @@ def host_attention_time(model: Model, gpu: GPU, tokens: np.ndarray, batch: int) 
 
 
 def _hbm_attention(model: Model, gpu: GPU, work: Workload) -> np.ndarray:
-    """The GPU's own attention over the HBM tier: the window host attention overlaps with."""
-    return work.hbm * model.kv_bytes_per_token_layer / (gpu.hbm_bw * gpu.hbm_efficiency)
+    """The GPU's own attention over the HBM tier: the window host attention overlaps with (the same
+    attention term the roofline charges, ``physics.attention_s``)."""
+    return physics.attention_s(gpu, work.hbm * model.kv_bytes_per_token_layer)
 
 
 def _split_step(model: Model, gpu: GPU, policy: Policy, work: Workload, host_share: float, table=None) -> np.ndarray:

@@ -1,0 +1,140 @@
+"""Simulated against public per-operator GPU profiles: the fit of the roofline physics and its check.
+
+The reference (``tiersim/data/public-decode-profiles.json``) holds per-layer decode operator times
+from vidur's public profiles (sources in the file and in docs/simulator.md): on A100 and H100, the
+GEMMs and small ops of five models at 1-64 tokens, and on A100 decode attention by batch x context
+for two of them. A step is ``layers x (GEMMs + small ops + attention + KV append)``, as vidur itself
+adds them; the LM head and the embedding are not in the public tables, so both sides leave them out.
+
+``FIT`` names the cases the preset constants were fitted on (one small and one large model per
+GPU: that separates the per-kernel cost from the bandwidth term); every other case is held out and
+is what the reported error means. ``fit`` re-derives the constants from the fit cases by linear
+least squares on relative error; ``compare`` prices every point with the presets as shipped.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, replace
+from importlib import resources
+
+import numpy as np
+
+from tiersim.simulator import physics
+from tiersim.simulator.presets import GPU, Model, get_gpu
+
+REFERENCE = "public-decode-profiles.json"
+#: (gpu, model) cases the preset constants were fitted on; all others are held out.
+FIT = {("a100", "Meta-Llama-3-8B"), ("a100", "CodeLlama-34b"), ("h100", "Llama-2-7b"), ("h100", "CodeLlama-34b")}
+PRESET = {"a100": "a100-80g", "h100": "h100-sxm"}
+
+
+def load_reference() -> dict:
+    return json.loads(resources.files("tiersim").joinpath("data", REFERENCE).read_text())
+
+
+def model_for(case: dict) -> Model:
+    """A model preset with the case's exact layer shape (weights from the shape, untied embeddings)."""
+    h, heads, kv = case["hidden_size"], case["num_attention_heads"], case["num_kv_heads"]
+    hd, ff = h // heads, case["intermediate_size"]
+    attn = h * hd * (heads + 2 * kv) + heads * hd * h
+    mlp = (3 if case["gated_mlp"] else 2) * h * ff
+    params = case["num_layers"] * (attn + mlp) + 2 * case["vocab_size"] * h + h  # + the final norm
+    return Model(case["model"], case["num_layers"], kv, hd, h, heads, float(params),
+                 vocab_size=case["vocab_size"], intermediate_size=ff)
+
+
+@dataclass
+class Point:
+    gpu: str
+    model: str
+    batch: int
+    context: int  # 0: the case has no attention table (layers without attention)
+    reference_ms: float  # per step: layers x the per-layer operators
+    simulated_ms: float
+    fit: bool
+
+    @property
+    def error_pct(self) -> float:
+        return 100.0 * (self.simulated_ms / self.reference_ms - 1.0)
+
+
+def _ops(case: dict) -> dict[int, tuple[float, float]]:
+    return {o["tokens"]: (o["gemm_ms"], o["small_ms"]) for o in case["ops"]}
+
+
+def compare(gpus: dict[str, GPU] | None = None, reference: dict | None = None) -> list[Point]:
+    """Every reference point priced by ``physics.layer_s`` (what ``analytic.layer_costs`` charges)."""
+    reference = reference or load_reference()
+    gpus = gpus or {k: get_gpu(v) for k, v in PRESET.items()}
+    points = []
+    for case in reference["cases"]:
+        gpu, model = gpus[case["gpu"]], model_for(case)
+        ops, layers = _ops(case), case["num_layers"]
+        fit = (case["gpu"], case["model"]) in FIT
+        rows = case.get("attention") or [{"batch": b, "context": 0, "decode_ms": 0.0, "kv_save_ms": 0.0} for b in ops]
+        for row in rows:
+            b, c = row["batch"], row["context"]
+            if b not in ops:
+                continue
+            gemm, small = ops[b]
+            ref = layers * (gemm + small + row["decode_ms"] + row["kv_save_ms"])
+            kv = b * c * model.kv_bytes_per_token_layer
+            sim = layers * float(physics.layer_s(model, gpu, b, kv, attended=b * c)) * 1e3
+            points.append(Point(case["gpu"], case["model"], b, c, ref, sim, fit))
+    return points
+
+
+def summary(points: list[Point]) -> dict:
+    """Median and worst |error| (%), separately for the fit and the held-out points."""
+    out = {}
+    for name, sel in (("fit", [p for p in points if p.fit]), ("held_out", [p for p in points if not p.fit])):
+        errors = [abs(p.error_pct) for p in sel]
+        out[name] = {"points": len(sel), "median_pct": statistics.median(errors) if errors else None,
+                     "worst_pct": max(errors) if errors else None}
+    return out
+
+
+def fit(reference: dict | None = None, cases: set = FIT) -> dict[str, dict[str, float]]:
+    """Per GPU, the physics constants least-squares fitted (relative error) on ``cases`` only.
+
+    Weights: ``t = 4 tau + W x (1 + s log2(B) / 6)`` is linear in (tau, x, x s); small ops
+    ``a + b (hidden + intermediate)``; attention ``tau_a + bytes y``. Returns GPU field values.
+    """
+    reference = reference or load_reference()
+    out: dict[str, dict[str, float]] = {}
+    for gpu_key in sorted({c["gpu"] for c in reference["cases"]}):
+        sel = [c for c in reference["cases"] if c["gpu"] == gpu_key and (gpu_key, c["model"]) in cases]
+        if not sel:
+            continue
+        bw = get_gpu(PRESET[gpu_key]).hbm_bw
+        rows_w, y_w, rows_s, y_s, rows_a, y_a = [], [], [], [], [], []
+        for case in sel:
+            model = model_for(case)
+            for b, (gemm, small) in _ops(case).items():
+                t = gemm * 1e-3
+                lg = np.log2(b) / np.log2(physics.SLOWDOWN_TOKENS)
+                W = model.layer_weight_bytes
+                rows_w.append(np.array([physics.GEMMS_PER_LAYER, W, W * lg]) / t)
+                y_w.append(1.0)
+                rows_s.append(np.array([1.0, model.hidden_size + model.mlp_width]) / (small * 1e-3))
+                y_s.append(1.0)
+            for row in case.get("attention") or []:
+                t = (row["decode_ms"] + row["kv_save_ms"]) * 1e-3
+                kv = row["batch"] * row["context"] * model.kv_bytes_per_token_layer
+                rows_a.append(np.array([1.0, kv]) / t)
+                y_a.append(1.0)
+        tau, x, xs = np.linalg.lstsq(np.array(rows_w), np.array(y_w), rcond=None)[0]
+        a, b = np.linalg.lstsq(np.array(rows_s), np.array(y_s), rcond=None)[0]
+        fitted = {"weight_efficiency": 1.0 / (x * bw), "gemm_kernel_s": tau, "gemm_batch_slowdown": xs / x,
+                  "layer_overhead": a, "layer_overhead_per_width": b}
+        if rows_a:
+            ta, ya = np.linalg.lstsq(np.array(rows_a), np.array(y_a), rcond=None)[0]
+            fitted.update(attn_kernel_s=ta, attn_efficiency=1.0 / (ya * bw))
+        out[gpu_key] = {k: float(v) for k, v in fitted.items()}
+    return out
+
+
+def with_fit(gpu: GPU, values: dict[str, float]) -> GPU:
+    return replace(gpu, **values)
