@@ -18,6 +18,7 @@ from tiersim.cli.progress import meter
 from tiersim.errors import TiersimError
 
 FORMATS = ("table", "json")
+DEFAULT_BATCH = 64  # simulate's batch, and capacity's when no range is given
 
 
 def _scenario(target: Target, workload: Workload, compute: ComputeModel, batch: int):
@@ -102,7 +103,7 @@ def _check_format(fmt: str) -> None:
 @options.command()
 def simulate(
     target: Target = Target(),
-    batch: int = typer.Option(64, help="sequences decoded together"),
+    batch: int = typer.Option(DEFAULT_BATCH, help="sequences decoded together"),
     hbm: float = typer.Option(0.5), ddr: float = typer.Option(0.5),
     compressed: float = typer.Option(0.0), evict: float = typer.Option(0.0),
     workload: Workload = Workload(),
@@ -168,7 +169,7 @@ def simulate(
 @app.command()
 @options.command()
 def capacity(
-    batch: str = typer.Option("64", help="sequences decoded together: a number, or a range like 16..1024 "
+    batch: str = typer.Option(str(DEFAULT_BATCH), help="sequences decoded together: a number, or a range like 16..1024 "
                                           "(powers of two between the ends)"),
     target: Target = Target(),
     workload: Workload = Workload(),
