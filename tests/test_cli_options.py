@@ -15,7 +15,8 @@ from tiersim.cli.app import parse_float_list, parse_int_list
 from tiersim.cli.groups import CacheShape
 from tiersim.cli.main import app
 from tiersim.hierarchy.config import TierConfig
-from tiersim.options import add_arguments, from_namespace, option
+from tiersim.errors import TiersimError
+from tiersim.options import add_arguments, from_namespace, list_values, option
 from tiersim.validator.__main__ import parser as validator_parser
 from tiersim.validator.options import ValidateOptions
 
@@ -37,12 +38,19 @@ def test_validator_front_ends_have_the_same_flags_defaults_and_help():
         assert getattr(parsed, name) == expected, name
 
 
-def test_validator_argparse_converts_like_the_cli():
+def test_validator_argparse_converts_like_the_cli(capsys):
     args = validator_parser().parse_args(["--batch", "2,4", "--hbm", "0.5", "--steps", "3", "--out", "x.json"])
     assert (args.batch, args.hbm, args.steps, str(args.out)) == ([2, 4], [0.5], 3, "x.json")
-    with pytest.raises(SystemExit) as exc:
-        validator_parser().parse_args(["--context", "many"])
-    assert exc.value.code == 2
+    assert list_values(ValidateOptions(batch="2,4", hbm="0.5")) == {"batch": [2, 4], "context": [2048, 8192],
+                                                                     "hbm": [0.5]}
+    for bad in (["--context", "many"], ["--hbm", " , "]):
+        with pytest.raises(SystemExit) as exc:
+            validator_parser().parse_args(bad)
+        assert exc.value.code == 2
+        with pytest.raises(TiersimError) as cli_error:
+            list_values(ValidateOptions(**{bad[0][2:]: bad[1]}))
+        # the same words from both front ends: "--context: expected ..." / "argument --context: expected ..."
+        assert capsys.readouterr().err.strip().endswith(f"argument {cli_error.value}")
 
 
 @pytest.mark.parametrize("command", ["capture", "grid"])

@@ -3,7 +3,8 @@
 A command-line option is written down in one place, as a field of an option group, and every front
 end is built from it: typer options for the ``tiersim`` CLI (``tiersim.cli.options``) and argparse
 arguments for the entry points that must run without typer (``python -m tiersim.validator`` on a GPU
-machine); see :func:`add_arguments`. Standard library only, so any layer may declare a group.
+machine); see :func:`add_arguments`. Standard library only (and tiersim.errors), so any layer may
+declare a group.
 """
 
 from __future__ import annotations
@@ -13,12 +14,16 @@ import dataclasses
 import typing
 from typing import Any, Callable
 
+from tiersim.errors import TiersimError
+
+
 def option(default: Any, help: str | None = None, *, flag: str | None = None, show_default: bool = True,
            items: Callable[[str], Any] | None = None) -> Any:
     """A group field that is one option: its default, ``help`` and (when not ``--field-name``) its ``flag``.
 
     ``items``: the option is a comma-separated list of this type. The CLI takes the text and its
-    command parses it (naming the option in a one-line error); argparse parses it as the argument's type.
+    command parses it with :func:`list_values` (a one-line error naming the option); argparse parses
+    it as the argument's type, with the same words.
     """
     metadata = {"help": help, "flag": flag, "show_default": show_default, "items": items}
     return dataclasses.field(default=default, metadata=metadata)
@@ -39,15 +44,33 @@ def defaults(group: type) -> dict[str, Any]:
     return {f.name: f.default for f in dataclasses.fields(group)}
 
 
-def _comma_list(kind: Callable[[str], Any]) -> Callable[[str], list]:
+_WORDS = {int: "integers", float: "numbers"}
+
+
+def parse_list(text: str, kind: Callable[[str], Any], option_flag: str) -> list:
+    """``'1,8,32'`` -> ``[1, 8, 32]``; bad text is one TiersimError naming the option."""
+    words = _WORDS.get(kind, f"{getattr(kind, '__name__', 'value')} values")
+    try:
+        values = [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise TiersimError(f"{option_flag}: expected comma-separated {words}, got {text!r}") from None
+    if not values:
+        raise TiersimError(f"{option_flag}: expected at least one {words.rstrip('s')}, got {text!r}")
+    return values
+
+
+def list_values(options: Any) -> dict[str, list]:
+    """Each comma-list field (declared with ``items``) of a group instance, parsed (the CLI's step after typer)."""
+    return {f.name: parse_list(getattr(options, f.name), f.metadata["items"], flag(f))
+            for f in dataclasses.fields(options) if f.metadata.get("items")}
+
+
+def _comma_list(kind: Callable[[str], Any], option_flag: str) -> Callable[[str], list]:
     def parse(text: str) -> list:
         try:
-            values = [kind(part) for part in text.split(",") if part.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
-        if not values:
-            raise argparse.ArgumentTypeError(f"expected at least one value, got {text!r}")
-        return values
+            return parse_list(text, kind, option_flag)
+        except TiersimError as exc:  # argparse prints its own "argument --x:" prefix
+            raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[1]) from None
 
     return parse
 
@@ -74,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser, group: type) -> None:
         if kind is bool:  # as click reads the flag: "--x/--no-x" sets either way, a lone "--x" sets True
             kwargs["action"] = argparse.BooleanOptionalAction if "/" in flag(f) else "store_true"
         elif f.metadata.get("items"):
-            kwargs["type"] = _comma_list(f.metadata["items"])  # argparse converts a string default too
+            kwargs["type"] = _comma_list(f.metadata["items"], flag(f))  # argparse converts a string default too
         elif kind is not str:
             kwargs["type"] = kind
         parser.add_argument(flag(f).split("/")[0], **kwargs)  # "--x/--no-x": BooleanOptionalAction adds --no-x

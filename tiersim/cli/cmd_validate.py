@@ -8,7 +8,8 @@ import sys
 from rich.table import Table
 
 from tiersim.cli import options
-from tiersim.cli.app import add_columns, app, compact_table, console, err_console, parse_float_list, parse_int_list
+from tiersim.cli.app import add_columns, app, compact_table, console, err_console
+from tiersim.options import list_values
 from tiersim.validator.options import ValidateOptions
 
 
@@ -40,11 +41,10 @@ def validate(opts: ValidateOptions = ValidateOptions()) -> None:
     if opts.compare is not None:
         _show(compare_mod.load(opts.compare))
         return
-    batches, contexts = parse_int_list(opts.batch, "batch"), parse_int_list(opts.context, "context")
-    hbms = parse_float_list(opts.hbm, "hbm")
+    lists = list_values(opts)  # --batch, --context, --hbm, each a one-line error when it is not a list
     try:
         doc = calibrate.run_validation(
-            opts.model_shape, batches, contexts, hbms, device=opts.device, steps=opts.steps, warmup=opts.warmup,
+            opts.model_shape, lists["batch"], lists["context"], lists["hbm"], device=opts.device, steps=opts.steps, warmup=opts.warmup,
             prefill=opts.prefill, out=opts.out, budget_s=opts.budget_s, sdpa=opts.sdpa, profile=opts.profile,
             command=shlex.join(["tiersim", *sys.argv[1:]]) if sys.argv[1:2] == ["validate"] else None,
             log=lambda msg: err_console.print(msg, highlight=False, markup=False),
