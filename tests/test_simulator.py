@@ -1,18 +1,21 @@
-"""The simulator: physics, the closed form, determinism, the capacity grid and its CLI."""
+"""Scenarios priced by the engine: memory and savings, the workload, presets and calibration, the
+capacity grid, the result file and the CLI's answers and errors. (The engine itself:
+test_simulator_engine.py; strategies and the planner: test_simulator_strategies.py.)"""
 
 import json
 from dataclasses import replace
 
 import numpy as np
 import pytest
-import simpy
+from typer.testing import CliRunner
 
 from tiersim.simulator import analytic
-from tiersim.simulator.analytic import GB, Policy
+from tiersim.simulator import capacity as cap
+from tiersim.simulator.analytic import GB
 from tiersim.simulator.calibration import apply_calibration
-from tiersim.simulator.capacity import run, scenario_from_trace
-from tiersim.simulator.engine import Link, simulate
+from tiersim.simulator.capacity import SYNTHETIC_PROFILE, run, scenario_from_trace
 from tiersim.simulator.presets import get_gpu, get_model, model_from_config
+from tiersim.simulator.results import read_timeline, simulation_meta, write_timeline
 from cli_run import tiersim_process as _tiersim
 
 MODEL = get_model("r1-distill-qwen-7b")
@@ -23,59 +26,7 @@ def scenario(trace, gpu=H100, batch=16, steps=64, length=2000.0, seed=0):
     return scenario_from_trace(trace, MODEL, gpu, batch, length, steps=steps, seed=seed)
 
 
-def costs_for(policy, batch=16, steps=48, gpu=H100, churn=(0.02, 0.0)):
-    rng = np.random.default_rng(0)
-    work = analytic.build_workload(policy, batch, analytic.sample_lengths(batch, 2000, 0.35, rng), 100, steps,
-                                   churn=churn)
-    return analytic.layer_costs(MODEL, gpu, policy, work), work
-
-
-# -- the link ---------------------------------------------------------------------------------
-def _timed_transfers(gpu, transfers):
-    env = simpy.Environment()
-    link = Link(env, gpu)
-    finished = {}
-
-    def start(name, direction, nbytes, at):
-        yield env.timeout(at)
-        yield link.transfer(direction, nbytes)
-        finished[name] = env.now
-
-    for name, (direction, nbytes, at) in transfers.items():
-        env.process(start(name, direction, nbytes, at))
-    env.run()
-    return finished
-
-
-def test_a_transfer_moves_at_its_link_rate():
-    done = _timed_transfers(H100, {"a": ("h2d", 5 * GB, 0.0)})
-    assert done["a"] == pytest.approx(5 * GB / H100.h2d_bw, rel=1e-9)
-
-
-def test_both_directions_share_the_ceiling():
-    done = _timed_transfers(H100, {"up": ("h2d", 4 * GB, 0.0), "down": ("d2h", 4 * GB, 0.0)})
-    # Neither faster than its own cap, and together not faster than the bidirectional ceiling.
-    assert min(done.values()) >= 4 * GB / H100.h2d_bw
-    assert max(done.values()) == pytest.approx(8 * GB / H100.bidir_bw, rel=1e-6)
-
-
-def test_processor_sharing_reallocates_when_a_transfer_ends():
-    # A tiny D2H arriving mid-way slows the H2D only while both run; time never stalls.
-    done = _timed_transfers(H100, {"big": ("h2d", 10 * GB, 0.0), "tiny": ("d2h", 1.0, 0.05)})
-    assert done["tiny"] > 0.05
-    assert done["big"] == pytest.approx(10 * GB / H100.h2d_bw, rel=1e-6)
-
-
-# -- physics of the engine -------------------------------------------------------------------------
-def test_nothing_moves_faster_than_its_link():
-    policy = Policy(0.5, 0.5, 0.0, 0.0)
-    costs, _ = costs_for(policy)
-    result = simulate(costs, MODEL.num_layers, H100)
-    total_time = result.step_time.sum()
-    assert result.h2d_bytes.sum() / total_time <= H100.h2d_bw * (1 + 1e-9)
-    assert (result.h2d_bytes.sum() + result.d2h_bytes.sum()) / total_time <= H100.bidir_bw * (1 + 1e-9)
-
-
+# -- memory, savings and stalls ---------------------------------------------------------------------
 def test_all_in_hbm_has_no_stall_and_no_savings(trace):
     sc = scenario(trace)
     row, timeline = run(sc, sc.policy(1.0, 0.0, 0.0, 0.0))
@@ -115,29 +66,19 @@ def test_stall_grows_with_batch_when_the_link_is_the_bottleneck(trace):
     assert stalls[0] > 0 and stalls[0] < stalls[1] < stalls[2]
 
 
-def test_closed_form_agrees_with_simpy_without_contention():
-    # A ceiling above both directions' sum removes the only contention the closed form ignores.
-    gpu = replace(H100, bidir_bw=H100.h2d_bw + H100.d2h_bw)
-    for policy, batch in ((Policy(0.5, 0.5, 0, 0), 16), (Policy(0.9, 0.1, 0, 0), 2), (Policy(1.0, 0, 0, 0), 8),
-                          (Policy(0.3, 0.5, 0.1, 0.1), 32)):
-        costs, _ = costs_for(policy, batch=batch, steps=64, gpu=gpu)
-        result = simulate(costs, MODEL.num_layers, gpu)
-        step, stall = analytic.closed_form(costs, MODEL.num_layers)
-        # Skip the first step (pipeline fill) and compare the rest.
-        assert result.step_time[1:].sum() == pytest.approx(step[1:].sum(), rel=0.01)
-        assert result.stall[1:].sum() == pytest.approx(stall[1:].sum(), rel=0.01, abs=1e-9)
-
-
-def test_event_count_does_not_grow_with_batch():
-    policy = Policy(0.5, 0.5, 0.0, 0.0)
-    events = []
-    steps = 32
-    for batch in (64, 256, 1024):
-        costs, _ = costs_for(policy, batch=batch, steps=steps)
-        events.append(simulate(costs, MODEL.num_layers, H100).events)
-    # A bounded number of events per layer-step, the same at every batch size.
-    assert max(events) <= 1.05 * min(events)
-    assert max(events) <= 32 * steps * MODEL.num_layers
+def test_host_memory_bounds_the_ddr_tier(trace):
+    small_host = replace(H100, host_bytes=2e9)
+    sc = scenario_from_trace(trace, MODEL, small_host, 64, 3900.0, steps=16)
+    roomy = scenario_from_trace(trace, MODEL, H100, 64, 3900.0, steps=16)
+    policy = sc.policy(0.25, 0.75, 0.0, 0.0)
+    row, _ = run(sc, policy)
+    ok, _ = run(roomy, policy)
+    assert row["ddr_gb"] > 2.0 and not row["ddr_fits"] and row["hbm_fits"] and not row["fits"]
+    assert ok["ddr_fits"] and ok["fits"] and ok["ddr_gb"] == row["ddr_gb"]
+    # DDR tier per sequence ~ 0.75 x 2K tokens x 57 KB: about 2e9 / 88 MB sequences fit in host memory.
+    per_sequence = row["ddr_gb"] * 1e9 / 64
+    assert row["max_batch"] < ok["max_batch"]
+    assert abs(row["max_batch"] - 2e9 / per_sequence) <= 0.05 * row["max_batch"] + 1
 
 
 def test_deterministic_bit_for_bit(trace):
@@ -148,6 +89,39 @@ def test_deterministic_bit_for_bit(trace):
     assert rows[0] == rows[1]
     other = scenario(trace, seed=8)
     assert json.dumps(run(other, other.policy(0.5, 0.47, 0.0, 0.03))[0], sort_keys=True) != rows[0]
+
+
+# -- the workload ---------------------------------------------------------------------------------
+def test_fixed_context_holds_exactly_that_many_tokens(trace):
+    sc = scenario_from_trace(trace, MODEL, H100, 16, None, steps=40, context=8192)
+    row, timeline = run(sc, sc.policy(0.5, 0.5, 0.0, 0.0))
+    assert timeline["context_tokens_mean"][0] == 8192 and timeline["context_tokens_mean"][-1] == 8192 + 39
+    assert row["kv_full_gb"] == pytest.approx(16 * (8192 + 39) * MODEL.kv_bytes_per_token / 1e9, rel=1e-12)
+    # Lockstep: every slot re-tiers at the same steps, so demotions come in bursts.
+    assert np.count_nonzero(timeline["d2h_gb"]) == len(range(16, 40 + 1, 16))
+
+
+def test_selective_prefetch_moves_the_traces_cover_share(trace):
+    full = scenario_from_trace(trace, MODEL, H100, 32, 3000.0, steps=48)
+    sel = scenario_from_trace(trace, MODEL, H100, 32, 3000.0, steps=48, prefetch="cover99")
+    # The share comes from the trace: the DDR tokens holding 99% of the DDR tier's attention mass.
+    steps = trace.steps[(trace.steps["step"] > 0) & (trace.steps["n_ddr"] > 0)]
+    observed = float((steps["ddr_cover99"] / steps["n_ddr"]).mean())
+    assert sel.cover["cover99"] == pytest.approx(observed, abs=0.05)
+    assert 0 < sel.cover["cover90"] < sel.cover["cover99"] < 1
+    a, _ = run(full, full.policy(0.5, 0.5, 0.0, 0.0))
+    b, _ = run(sel, sel.policy(0.5, 0.5, 0.0, 0.0))
+    assert b["h2d_gb_per_step"] == pytest.approx(a["h2d_gb_per_step"] * sel.cover["cover99"], rel=1e-9)
+    assert b["staging_gb"] == pytest.approx(a["staging_gb"] * sel.cover["cover99"], rel=1e-9)
+    assert b["stall_ms"] < a["stall_ms"] and b["hbm_saved_gb"] > a["hbm_saved_gb"]
+
+
+def test_without_a_trace_the_synthetic_profile_is_used_and_named():
+    sc = scenario_from_trace(None, MODEL, H100, 8, None, steps=32)
+    assert sc.trace_label == cap.SYNTHETIC_LABEL
+    assert sc.mean_length == SYNTHETIC_PROFILE["mean_length"] and sc.churn == SYNTHETIC_PROFILE["churn"]
+    row, _ = run(sc, sc.policy(0.5, 0.5, 0.0, 0.0))
+    assert row["hbm_saved_gb"] > 0
 
 
 # -- presets and calibration ------------------------------------------------------------------------
@@ -168,7 +142,26 @@ def test_calibration_overrides_the_preset():
     assert gpu.hbm_bw * gpu.hbm_efficiency == pytest.approx(2500 * GB)
 
 
-# -- the command line -----------------------------------------------------------------------------
+# -- the capacity grid ----------------------------------------------------------------------------
+def test_capacity_answers_largest_batches_and_best_lossless(trace):
+    sc = scenario_from_trace(trace, MODEL, H100, 32, 3900.0, steps=32)
+    result = cap.capacity(sc, max_overhead=300.0)
+    rows = result["rows"]
+    full = result["max_batch_full_cache"]
+    for r in rows:
+        # Offloading only ever frees HBM per sequence (staging is one layer's share, doubled).
+        assert r["max_batch"] >= full
+        if r["hbm"] < 1.0 and r["evict"] == 0.0:
+            assert r["max_batch"] > full
+    lossless = result["best_lossless"]
+    assert lossless is not None and lossless["evict"] == 0.0 and lossless["overhead_pct"] <= 300.0
+    assert lossless["hbm_saved_gb"] == max(r["hbm_saved_gb"] for r in rows if r["evict"] == 0.0 and r["fits"]
+                                           and r["overhead_pct"] <= 300.0)
+    # A full-cache batch beyond the largest that fits really does not fit.
+    over = run(sc, sc.policy(1.0, 0.0, 0.0, 0.0), batch=full + 64, steps=8)[0]
+    assert not over["fits"]
+
+
 def test_capacity_json_answers_the_planning_questions():
     proc = _tiersim("capacity", "--batch", "64", "--steps", "48", "--format", "json")
     assert proc.returncode == 0, proc.stderr
@@ -192,19 +185,71 @@ def test_capacity_json_answers_the_planning_questions():
     assert {s["batch"] for s in result["batch_sweep"]} >= {1, 64, 256}
 
 
-def test_simulate_writes_a_timeline(tmp_path):
+def test_capacity_falls_back_with_a_note_when_the_bundled_trace_is_missing(monkeypatch, tmp_path):
+    import tiersim.traces
+
+    monkeypatch.setattr(tiersim.traces, "default_trace_path", lambda: tmp_path / "gone.parquet")
+    from tiersim.cli.main import app
+
+    result = CliRunner().invoke(app, ["capacity", "--batch", "8", "--steps", "32", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)  # stdout is only the JSON; the note goes to stderr
+    assert doc["trace"] == cap.SYNTHETIC_LABEL
+    assert "synthetic" in result.stderr
+
+
+def test_capacity_says_when_the_baseline_does_not_fit():
+    proc = _tiersim("capacity", "--model", "qwq-32b", "--lengths", "aime", "--batch", "64", "--steps", "32")
+    assert proc.returncode == 0, proc.stderr
+    assert "does NOT fit" in proc.stdout
+
+
+# -- the result file ------------------------------------------------------------------------------
+def test_timeline_round_trip_and_contract(trace, tmp_path):
+    sc = scenario_from_trace(trace, MODEL, H100, 8, 2000.0, steps=24)
+    row, timeline = run(sc, sc.policy(0.5, 0.5, 0.0, 0.0))
+    meta = simulation_meta(sc, {"hbm": 0.5, "ddr": 0.5, "compressed": 0.0, "evict": 0.0}, row)
+    path = write_timeline(tmp_path / "sim.parquet", timeline, meta)
+    back, frame = read_timeline(path)
+    for key in ("kind", "schema_version", "tiersim_version", "model", "gpu", "trace", "batch", "config", "summary"):
+        assert key in back
+    assert back["kind"] == "simulation" and back["summary"]["step_ms"] == row["step_ms"]
+    assert list(frame.columns) == ["step", "context_tokens_mean", "weights_gb", "kv_hbm_gb", "staging_gb",
+                                   "activations_gb", "free_gb", "hbm_capacity_gb", "h2d_gb", "d2h_gb",
+                                   "compute_ms", "stall_ms", "step_ms"]
+    # HBM occupancy adds up to the capacity every step.
+    parts = frame[["weights_gb", "kv_hbm_gb", "staging_gb", "activations_gb", "free_gb"]].sum(axis=1)
+    assert np.allclose(parts, frame["hbm_capacity_gb"])
+    assert np.allclose(frame["step_ms"], np.maximum(frame["compute_ms"], frame["step_ms"]))
+
+
+def test_reading_a_trace_as_a_result_is_one_clear_error(trace):
+    from tiersim.errors import TiersimError
+
+    with pytest.raises(TiersimError, match="not a tiersim simulation result"):
+        read_timeline(trace.path)
+
+
+def test_simulate_out_writes_the_timeline_bit_for_bit_reproducibly(tmp_path):
     import pyarrow.parquet as pq
 
-    out = tmp_path / "sim.parquet"
-    proc = _tiersim("simulate", "--batch", "8", "--hbm", "0.5", "--ddr", "0.5", "--steps", "32", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr
-    table = pq.read_table(out)
+    files = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.parquet"
+        proc = _tiersim("simulate", "--batch", "16", "--hbm", "0.6", "--ddr", "0.37", "--evict", "0.03",
+                        "--steps", "32", "--seed", "5", "--out", str(out), "--format", "json")
+        assert proc.returncode == 0, proc.stderr
+        files.append((out.read_bytes(), proc.stdout))
+    assert files[0] == files[1]
+    json.loads(files[0][1])
+    table = pq.read_table(tmp_path / "a.parquet")
     meta = json.loads(table.schema.metadata[b"tiersim"])
     assert meta["kind"] == "simulation" and meta["summary"]["stall_ms"] >= 0
     frame = table.to_pandas()
     assert len(frame) == 32 and {"weights_gb", "kv_hbm_gb", "staging_gb", "free_gb", "h2d_gb", "stall_ms"} <= set(frame)
 
 
+# -- bad input ------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "args,needle",
     [
@@ -215,13 +260,27 @@ def test_simulate_writes_a_timeline(tmp_path):
         (["simulate", "--batch", "-3"], "--batch"),
         (["capacity", "--format", "yaml"], "--format"),
         (["capacity", "--lengths", "forever"], "--lengths"),
+        (["simulate", "--context", "4096", "--lengths", "gsm8k"], "--context"),
+        (["simulate", "--context", "0"], "--context"),
+        (["capacity", "--prefetch", "half"], "--prefetch"),
+        (["capacity", "--steps", "0"], "--steps"),
+        (["simulate", "--hbm", "1.5", "--ddr", "-0.5"], "--hbm"),
+        (["capacity", "--max-overhead", "-1"], "--max-overhead"),
+        (["simulate", "--model-config", "/nonexistent/config.json"], "--model-config"),
+        (["simulate", "--calibration", "/nonexistent/cal.json"], "calibration"),
+        (["simulate", "--lengths", "inf"], "--lengths"),
+        (["capacity", "--batch", "100000000"], "--batch"),
+        # usage errors, caught by the option parser
+        (["capacity", "--batch", "many"], "--batch"),
+        (["capacity", "--no-such-option"], "--no-such-option"),
+        (["nosuchcommand"], "nosuchcommand"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, needle):
     proc = _tiersim(*args)
     assert proc.returncode == 2
-    assert needle in proc.stderr
-    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_unreadable_trace_is_one_clear_line(tmp_path):
@@ -229,10 +288,3 @@ def test_unreadable_trace_is_one_clear_line(tmp_path):
     bad.write_text("not a trace")
     proc = _tiersim("capacity", "--trace", str(bad))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "trace" in proc.stderr
-
-
-@pytest.mark.parametrize("args", [["capacity", "--batch", "many"], ["capacity", "--no-such-option"], ["nosuchcommand"]])
-def test_usage_errors_are_one_line(args):
-    proc = _tiersim(*args)
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -1,4 +1,5 @@
-"""The event engine in detail: the processor-shared link, the copy engines, and the closed form."""
+"""The event engine: the processor-shared link, the copy engines, the steps it times, and the closed
+form it must agree with. (Scenarios, the capacity grid and the CLI: test_simulator.py.)"""
 
 from dataclasses import replace
 
@@ -34,25 +35,38 @@ def _run_transfers(gpu, transfers, start_at=0.0):
     return finished, link
 
 
+def test_a_transfer_moves_at_its_link_rate():
+    done, _ = _run_transfers(H100, {"a": ("h2d", 5 * GB, 0.0)})
+    assert done["a"] == pytest.approx(5 * GB / H100.h2d_bw, rel=1e-9)
+
+
 def test_same_direction_transfers_split_the_direction_cap():
     done, _ = _run_transfers(H100, {"a": ("h2d", 1 * GB, 0.0), "b": ("h2d", 1 * GB, 0.0)})
     assert done["a"] == pytest.approx(2 * GB / H100.h2d_bw, rel=1e-9)
     assert done["b"] == pytest.approx(done["a"], rel=1e-9)
 
 
-def test_unequal_caps_share_the_ceiling_max_min_fairly():
-    # Both active: h2d keeps its 35 GB/s (below the fair 41.5), d2h gets the remaining 48 GB/s.
+def test_both_directions_share_the_ceiling_max_min_fairly():
+    done, _ = _run_transfers(H100, {"up": ("h2d", 4 * GB, 0.0), "down": ("d2h", 4 * GB, 0.0)})
+    # Neither faster than its own cap, and together not faster than the bidirectional ceiling.
+    assert min(done.values()) >= 4 * GB / H100.h2d_bw
+    assert max(done.values()) == pytest.approx(8 * GB / H100.bidir_bw, rel=1e-6)
+    # Unequal caps, both active: h2d keeps its 35 GB/s (below the fair 41.5), d2h gets the remaining 48 GB/s.
     done, _ = _run_transfers(ASYM, {"up": ("h2d", 3.5 * GB, 0.0), "down": ("d2h", 4.8 * GB, 0.0)})
     assert done["up"] == pytest.approx(0.1, rel=1e-9)
     assert done["down"] == pytest.approx(0.1, rel=1e-9)
 
 
-def test_rates_are_reshared_when_a_transfer_starts_late():
+def test_rates_are_reshared_when_a_transfer_starts_late_and_when_it_ends():
     # d2h alone at 53 GB/s for 0.05 s, then shares: 48 GB/s while h2d runs at 35 GB/s.
     done, _ = _run_transfers(ASYM, {"down": ("d2h", 10 * GB, 0.0), "up": ("h2d", 0.7 * GB, 0.05)})
     assert done["up"] == pytest.approx(0.05 + 0.7 / 35, rel=1e-9)
     moved = 53 * 0.05 + 48 * (0.7 / 35)
     assert done["down"] == pytest.approx(done["up"] + (10 - moved) / 53, rel=1e-9)
+    # A tiny D2H arriving mid-way slows the H2D only while both run; time never stalls.
+    done, _ = _run_transfers(H100, {"big": ("h2d", 10 * GB, 0.0), "tiny": ("d2h", 1.0, 0.05)})
+    assert done["tiny"] > 0.05
+    assert done["big"] == pytest.approx(10 * GB / H100.h2d_bw, rel=1e-6)
 
 
 def test_time_keeps_advancing_late_in_a_long_run():
@@ -127,6 +141,10 @@ def test_demotion_traffic_contends_with_prefetch_under_the_ceiling():
         (Policy(0.75, 0.2, 0.0, 0.05), 8, 2000),  # near the crossover
         (Policy(0.4, 0.3, 0.2, 0.1, compressed_bits=8), 24, 6000),  # compressed tier + eviction
         (Policy(0.5, 0.5, 0.0, 0.0, prefetch=0.6), 32, 3000),  # selective prefetch
+        (Policy(0.5, 0.5, 0.0, 0.0), 16, 2000),
+        (Policy(0.9, 0.1, 0.0, 0.0), 2, 2000),
+        (Policy(1.0, 0.0, 0.0, 0.0), 8, 2000),  # nothing offloaded
+        (Policy(0.3, 0.5, 0.1, 0.1), 32, 2000),  # every tier at once
     ],
 )
 def test_closed_form_agrees_with_the_event_run_without_contention(policy, batch, mean_length):
@@ -154,13 +172,14 @@ def test_no_step_beats_its_compute_or_its_link():
     layers = MODEL.num_layers
     assert np.all(result.step_time[1:] * H100.h2d_bw >= result.h2d_bytes[1:] * (layers - 1) / layers * (1 - 1e-9))
     total = result.step_time.sum()
+    assert result.h2d_bytes.sum() / total <= H100.h2d_bw * (1 + 1e-9)
     assert (result.h2d_bytes.sum() + result.d2h_bytes.sum()) / total <= H100.bidir_bw
 
 
 def test_events_per_layer_step_are_bounded_whatever_the_batch():
     policy = Policy(0.5, 0.5, 0.0, 0.0)
     per_layer_step = []
-    for batch in (16, 64, 512, 4096):
+    for batch in (16, 64, 256, 512, 1024, 4096):
         rng = np.random.default_rng(0)
         work = analytic.build_workload(policy, batch, analytic.sample_lengths(batch, 2000, 0.35, rng), 90, 40,
                                        churn=(0.02, 0.0))

@@ -24,6 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from tiersim.errors import TiersimError
+from tiersim.options import parse_list
 
 app = typer.Typer(
     name="tiersim",
@@ -114,23 +115,11 @@ def wrote(path: Path) -> None:
 
 def parse_float_list(text: str, name: str) -> list[float]:
     """Parse '1.0,0.5,0.25' into floats; a clear error names the option on bad input."""
-    try:
-        values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise TiersimError(f"--{name}: expected comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise TiersimError(f"--{name}: expected at least one number, got {text!r}")
-    return values
+    return parse_list(text, float, f"--{name}")
 
 
 def parse_int_list(text: str, name: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise TiersimError(f"--{name}: expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise TiersimError(f"--{name}: expected at least one integer, got {text!r}")
-    return values
+    return parse_list(text, int, f"--{name}")
 
 
 def run() -> None:

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import typer
 
+from tiersim.cli import options
 from tiersim.cli.app import THREADS_HELP, app, apply_threads, check_output_path, console
+from tiersim.cli.groups import CacheShape, ModelRun
 from tiersim.cli.progress import meter
 from tiersim.errors import TiersimError
 
@@ -15,8 +17,9 @@ HEADLINE = {"hbm": 0.5, "ddr": 0.47, "compressed": 0.0, "evict": 0.03}
 
 
 @app.command()
+@options.command()
 def capture(
-    model: str = typer.Option("smollm2", help="'smollm2' (bundled) or a local transformers model directory"),
+    runtime: ModelRun = ModelRun(),
     prompts: Path = typer.Option(None, help="JSONL with a 'prompt' field per line (default: bundled prompts)"),
     n: int = typer.Option(8, help="number of prompts to run"),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="tokens generated per prompt"),
@@ -24,18 +27,7 @@ def capture(
     ddr: float = typer.Option(HEADLINE["ddr"], help="share offloaded to DDR (exact, prefetched)"),
     compressed: float = typer.Option(HEADLINE["compressed"], help="share held quantized"),
     evict: float = typer.Option(HEADLINE["evict"], help="share evicted for good"),
-    sink_tokens: int = typer.Option(4, "--sink-tokens"),
-    recent_window: int = typer.Option(64, "--recent-window"),
-    retier_every: int = typer.Option(16, "--retier-every"),
-    compressed_bits: int = typer.Option(4, "--compressed-bits", help="4 or 8"),
-    strategy: str = typer.Option("prefetch", help="how the DDR tier reaches attention: prefetch (bit-exact), "
-                                 "host-attention (attended on the host, merged by log-sum-exp), hybrid (--fetch-share "
-                                 "fetched, the rest host-attended) or selective (approximate: only --fetch-share of "
-                                 "the DDR pages, picked by key bounds)"),
-    fetch_share: float = typer.Option(1.0, "--fetch-share", help="hybrid / selective: share of the DDR tier fetched "
-                                      "to the device per step"),
-    device: str = typer.Option("cpu", help="cpu or cuda"),
-    dtype: str = typer.Option("float32", help="float32 (exact on CPU), bfloat16 or float16"),
+    shape: CacheShape = CacheShape(),
     full: bool = typer.Option(False, "--full", help="also keep every step's attention row (large; for offline replay)"),
     out: Path = typer.Option(Path("trace.parquet"), help="output Parquet trace"),
     threads: int = typer.Option(0, help=THREADS_HELP),
@@ -44,17 +36,13 @@ def capture(
     from tiersim.hierarchy.config import TierConfig
     from tiersim.prompts import load_prompts
 
+    model, device, dtype = runtime.model, runtime.device, runtime.dtype
     if max_new_tokens < 1:
         raise TiersimError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if device not in ("cpu", "cuda"):
         raise TiersimError(f"--device must be cpu or cuda, got {device!r}")
     check_output_path(out, "--out", (".parquet",))
-    config = TierConfig(
-        hbm=hbm, ddr=ddr, compressed=compressed, evict=evict, sink_tokens=sink_tokens,
-        recent_window=recent_window, retier_every=retier_every, compressed_bits=compressed_bits,
-        strategy=strategy,
-        fetch_share=fetch_share,
-    )
+    config = TierConfig(hbm=hbm, ddr=ddr, compressed=compressed, evict=evict, **shape.config_options())
     items = load_prompts(str(prompts) if prompts else None, n)
     if device == "cuda":
         import torch

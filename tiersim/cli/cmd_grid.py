@@ -8,14 +8,17 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from tiersim.cli import options
 from tiersim.cli.app import (
     RAY_ADDRESS_HELP, THREADS_HELP, add_columns, app, apply_threads, check_output_path, compact_table, console, err_console,
     parse_float_list,
 )
+from tiersim.cli.groups import STRATEGY_HELP, CacheShape, ModelRun
 from tiersim.cli.progress import meter
 from tiersim.errors import TiersimError
 
 DEFAULT_BASELINES = "h2o,rkv,snapkv,streamingllm"
+DEFAULT_STRATEGY = CacheShape.strategy  # what an empty --strategy list runs
 RAY_HELP = ("run every generation as a task on Ray, the model loaded once per worker (needs "
             "pip install 'tiersim\\[cluster]'; see docs/cluster.md)")
 
@@ -27,8 +30,11 @@ def parse_baselines(text: str) -> list[str]:
 
 
 @app.command()
+@options.command(help={"strategy": "how the DDR tier reaches attention (a comma list: the first runs the hierarchy's "
+                                   "cells, each further one adds its cells that hold DDR tokens, as "
+                                   f"hierarchy/<strategy>): {STRATEGY_HELP}"})
 def grid(
-    model: str = typer.Option("smollm2", help="'smollm2' (bundled) or a local transformers model directory"),
+    runtime: ModelRun = ModelRun(),
     prompts: Path = typer.Option(None, help="JSONL with a 'prompt' (and optional 'answer') per line; default: bundled"),
     n: int = typer.Option(10, help="number of prompts"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="tokens generated per prompt and cell"),
@@ -39,20 +45,7 @@ def grid(
     output_format: str = typer.Option("table", "--format", help="table or json (json prints only JSON)"),
     out: Path = typer.Option(None, help="also write the grid to .json or .parquet (kind quality-grid)"),
     report: Path = typer.Option(None, help="also write an HTML report with the grid's heatmap"),
-    sink_tokens: int = typer.Option(4, "--sink-tokens", help="hierarchy: first tokens pinned to HBM"),
-    recent_window: int = typer.Option(64, "--recent-window", help="hierarchy: newest tokens pinned to HBM"),
-    retier_every: int = typer.Option(16, "--retier-every", help="re-tiering interval (hierarchy and SnapKV)"),
-    compressed_bits: int = typer.Option(4, "--compressed-bits", help="4 or 8"),
-    strategy: str = typer.Option("prefetch", help="how the DDR tier reaches attention (a comma list: the first runs "
-                                 "the hierarchy's cells, each further one adds its cells that hold DDR tokens, as "
-                                 "hierarchy/<strategy>): prefetch (bit-exact), "
-                                 "host-attention (attended on the host, merged by log-sum-exp), hybrid (--fetch-share "
-                                 "fetched, the rest host-attended) or selective (approximate: only --fetch-share of "
-                                 "the DDR pages, picked by key bounds)"),
-    fetch_share: float = typer.Option(1.0, "--fetch-share", help="hybrid / selective: share of the DDR tier fetched "
-                                      "to the device per step"),
-    device: str = typer.Option("cpu", help="cpu or cuda"),
-    dtype: str = typer.Option("float32", help="float32 (exact on CPU), bfloat16 or float16"),
+    shape: CacheShape = CacheShape(),
     resume: bool = typer.Option(True, "--resume/--no-resume",
                                 help="with --out: keep finished runs in OUT.runs.jsonl and reuse them when the "
                                      "same command runs again after an interruption"),
@@ -67,6 +60,7 @@ def grid(
     from tiersim.quality.grid import build_cells
     from tiersim.quality.store import grid_document, write_grid
 
+    model, device, dtype = runtime.model, runtime.device, runtime.dtype
     if output_format not in ("table", "json"):
         raise TiersimError(f"--format must be table or json, got {output_format!r}")
     check_output_path(out, "--out", (".json", ".parquet"))
@@ -80,12 +74,8 @@ def grid(
         parse_float_list(evict, "evict"),
         parse_float_list(compressed, "compressed"),
         parse_baselines(baselines),
-        sink_tokens=sink_tokens,
-        recent_window=recent_window,
-        retier_every=retier_every,
-        compressed_bits=compressed_bits,
-        strategies=[part.strip() for part in strategy.split(",") if part.strip()] or ["prefetch"],
-        fetch_share=fetch_share,
+        strategies=[part.strip() for part in shape.strategy.split(",") if part.strip()] or [DEFAULT_STRATEGY],
+        **{k: v for k, v in shape.config_options().items() if k != "strategy"},
     )
     items = load_prompts(str(prompts) if prompts else None, n)
     ray = ray or ray_address is not None
@@ -126,8 +116,7 @@ def grid(
         prompt_ids=[p.id for p in items],
         device=device,
         dtype=dtype,
-        policy={"sink_tokens": sink_tokens, "recent_window": recent_window, "retier_every": retier_every,
-                "compressed_bits": compressed_bits, "strategy": strategy, "fetch_share": fetch_share},
+        policy=shape.config_options(),
         full_cache=summary,
     )
     if out is not None:

@@ -9,20 +9,20 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from tiersim.cli import options
 from tiersim.cli.app import (
     RAY_ADDRESS_HELP, add_columns, app, check_output_path, compact_table, console, err_console, wrote,
 )
+from tiersim.cli.groups import ComputeModel, Target, Workload
 from tiersim.cli.progress import meter
 from tiersim.errors import TiersimError
 
 FORMATS = ("table", "json")
+DEFAULT_BATCH = 64  # simulate's batch, and capacity's when no range is given
 ENGINES = ("auto", "fast", "simpy")  # tiersim.simulator.fastpath.ENGINES, without importing numpy at start-up
-ENGINE_HELP = ("step-time model: auto (the exact per-step recurrence, or SimPy where demotions and prefetches "
-               "really share the link), fast, or simpy (the event-by-event reference)")
 
 
-def _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch, steps, seed, calibration,
-              profile=None, host_floor=True, engine="auto"):
+def _scenario(target: Target, workload: Workload, compute: ComputeModel, batch: int):
     from tiersim.simulator.calibration import apply_calibration, load_calibration
     from tiersim.simulator.profile import check_device, load_profile, table_for
     from tiersim.simulator.capacity import (
@@ -31,6 +31,10 @@ def _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch
     from tiersim.simulator.presets import get_gpu, get_model, model_from_config
     from tiersim.traces.lengths import parse_lengths
 
+    model, model_config, gpu = target.model, target.model_config, target.gpu
+    trace, lengths, context, prefetch = workload.trace, workload.lengths, workload.context, workload.prefetch
+    steps, seed = workload.steps, workload.seed
+    calibration, profile, host_floor, engine = compute.calibration, compute.profile, compute.host_floor, compute.engine
     if batch < 1:
         raise TiersimError(f"--batch must be >= 1, got {batch}")
     if steps < 1:
@@ -102,35 +106,15 @@ def _check_format(fmt: str) -> None:
         raise TiersimError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
 
 
-TRACE_HELP = "trace to project from (default: the bundled SmolLM2 capture)"
-LENGTHS_HELP = ("mean generated tokens (log-normal, staggered batch): a number, gsm8k/math500/amc23/gpqa/aime, "
-                "or 'trace' (default: math500)")
-CONTEXT_HELP = "instead of --lengths: a lockstep batch decoding from this many context tokens"
-PREFETCH_HELP = ("DDR tokens fetched per step: all (exact), or cover99/cover90: an oracle selective prefetch of the "
-                 "trace's tokens holding 99%/90% of the DDR tier's attention (not exact)")
-
-
 @app.command()
+@options.command()
 def simulate(
-    trace: Path = typer.Option(None, help=TRACE_HELP),
-    model: str = typer.Option("r1-distill-qwen-7b", help="model preset (see `tiersim presets`)"),
-    model_config: Path = typer.Option(None, "--model-config", help="a transformers config.json instead of a preset"),
-    gpu: str = typer.Option("h100-sxm", help="GPU preset"),
-    batch: int = typer.Option(64, help="sequences decoded together"),
+    target: Target = Target(),
+    batch: int = typer.Option(DEFAULT_BATCH, help="sequences decoded together"),
     hbm: float = typer.Option(0.5), ddr: float = typer.Option(0.5),
     compressed: float = typer.Option(0.0), evict: float = typer.Option(0.0),
-    lengths: str = typer.Option(None, help=LENGTHS_HELP),
-    context: int = typer.Option(None, help=CONTEXT_HELP),
-    prefetch: str = typer.Option("all", help=PREFETCH_HELP),
-    steps: int = typer.Option(256, help="decode steps simulated (steady state, staggered batch)"),
-    engine: str = typer.Option("auto", help=ENGINE_HELP),
-    seed: int = typer.Option(0),
-    calibration: Path = typer.Option(None, help="calibration JSON from `tiersim validate`"),
-    profile: Path = typer.Option(None, help="operator profile JSON (python -m tiersim.validator.operators): "
-                                 "measured operator times instead of the roofline"),
-    host_floor: bool = typer.Option(True, "--host-floor/--no-host-floor",
-                                    help="with --profile: a step lasts at least the profiled HF eager host time "
-                                         "(--no-host-floor: a launch-free engine, device time only)"),
+    workload: Workload = Workload(),
+    compute: ComputeModel = ComputeModel(),
     against: Path = typer.Option(None, "--against", help="measured decode steps (a calibration or operator-profile "
                                  "JSON): simulate each point, print measured vs simulated with median and worst error"),
     max_error: float = typer.Option(None, "--max-error", help="with --against: exit 1 when the median |error| "
@@ -151,8 +135,7 @@ def simulate(
     check_output_path(report, "--report", (".html", ".htm"))
     if max_error is not None and (against is None or not max_error >= 0):
         raise TiersimError(f"--max-error needs --against and a value >= 0, got {max_error}")
-    scenario = _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch, steps, seed, calibration,
-                         profile, host_floor, engine)
+    scenario = _scenario(target, workload, compute, batch)
     if against is not None:
         _against(scenario, against, max_error, fmt)
         return
@@ -191,30 +174,18 @@ def simulate(
 
 
 @app.command()
+@options.command()
 def capacity(
-    batch: str = typer.Option("64", help="sequences decoded together: a number, or a range like 16..1024 "
+    batch: str = typer.Option(str(DEFAULT_BATCH), help="sequences decoded together: a number, or a range like 16..1024 "
                                           "(powers of two between the ends)"),
-    model: str = typer.Option("r1-distill-qwen-7b", help="model preset (see `tiersim presets`)"),
-    model_config: Path = typer.Option(None, "--model-config", help="a transformers config.json instead of a preset"),
-    gpu: str = typer.Option("h100-sxm", help="GPU preset"),
-    trace: Path = typer.Option(None, help=TRACE_HELP),
-    lengths: str = typer.Option(None, help=LENGTHS_HELP),
-    context: int = typer.Option(None, help=CONTEXT_HELP),
-    prefetch: str = typer.Option("all", help=PREFETCH_HELP),
+    target: Target = Target(),
+    workload: Workload = Workload(),
     tpot_slo: float = typer.Option(None, "--tpot-slo", help="latency budget: mean time per output token, ms"),
     max_evict: float = typer.Option(0.0, "--max-evict", help="quality budget: largest share of the KV evicted"),
     strategy: str = typer.Option("all", help="offload strategies compared: all, or a comma list of prefetch, "
                                              "host-attention, hybrid, recompute, selective, compressed-transfer"),
     max_overhead: float = typer.Option(10.0, "--max-overhead", help="overhead budget of the grid's 'best', percent"),
-    steps: int = typer.Option(256, help="decode steps simulated per config"),
-    engine: str = typer.Option("auto", help=ENGINE_HELP),
-    seed: int = typer.Option(0),
-    calibration: Path = typer.Option(None, help="calibration JSON from `tiersim validate`"),
-    profile: Path = typer.Option(None, help="operator profile JSON (python -m tiersim.validator.operators): "
-                                 "measured operator times instead of the roofline"),
-    host_floor: bool = typer.Option(True, "--host-floor/--no-host-floor",
-                                    help="with --profile: a step lasts at least the profiled HF eager host time "
-                                         "(--no-host-floor: a launch-free engine, device time only)"),
+    compute: ComputeModel = ComputeModel(),
     fmt: str = typer.Option("table", "--format", help="table or json"),
     out: Path = typer.Option(None, help="also write the JSON result here"),
     report: Path = typer.Option(None, help="also write an HTML report"),
@@ -247,8 +218,7 @@ def capacity(
         from tiersim.cluster import import_ray
 
         import_ray()  # without Ray, say what to install before any work
-    scenario = _scenario(trace, model, model_config, gpu, batches[0], lengths, context, prefetch, steps, seed,
-                         calibration, profile, host_floor, engine)
+    scenario = _scenario(target, workload, compute, batches[0])
     single = len(batches) == 1
     total = 1 + (capacity_ticks(scenario) if single else 0)
     with contextlib.ExitStack() as stack:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import shlex
 import sys
-from pathlib import Path
 
-import typer
 from rich.table import Table
 
-from tiersim.cli.app import add_columns, app, compact_table, console, err_console, parse_float_list, parse_int_list
-
-SHAPE_HELP = ("model shape built with random bf16 weights (see tiersim.validator.shapes); default: "
-              "r1-distill-qwen-7b on CUDA, tiny with --device cpu")
+from tiersim.cli import options
+from tiersim.cli.app import add_columns, app, compact_table, console, err_console
+from tiersim.options import list_values
+from tiersim.validator.options import ValidateOptions
 
 
 def _table(doc: dict) -> Table:
@@ -34,34 +32,21 @@ def _show(doc: dict) -> None:
 
 
 @app.command()
-def validate(
-    model_shape: str = typer.Option(None, "--model-shape", help=SHAPE_HELP, show_default=False),
-    batch: str = typer.Option("1,8,32", help="batch sizes, comma-separated"),
-    context: str = typer.Option("2048,8192", help="context lengths (tokens in the cache before decoding)"),
-    hbm: str = typer.Option("1.0,0.5,0.25", help="HBM ratios; the rest of the context goes to DDR"),
-    device: str = typer.Option("cuda", help="cuda (default), cuda:N, or cpu for the smoke mode"),
-    steps: int = typer.Option(24, help="timed decode steps per point"),
-    warmup: int = typer.Option(4, help="untimed decode steps before timing"),
-    prefill: str = typer.Option("synthetic", help="synthetic (random K/V, no forward) or model (a real prefill)"),
-    budget_s: float = typer.Option(None, "--budget-s", help="seconds for the decode grid; later points are skipped"),
-    sdpa: str = typer.Option("no-cudnn", help="attention kernels: no-cudnn (cuDNN builds a plan per new KV length) or default"),
-    profile: Path = typer.Option(None, help="operator profile (python -m tiersim.validator.operators) for the predictions"),
-    out: Path = typer.Option(None, help="calibration JSON to write, e.g. docs/validation/h100.json"),
-    compare: Path = typer.Option(None, "--compare", help="print measured vs simulated from this calibration JSON"),
-) -> None:
+@options.command()
+def validate(opts: ValidateOptions = ValidateOptions()) -> None:
     """Time decode steps with the TieredCache against all-in-HBM, sweep the host link, write a calibration."""
     from tiersim.validator import calibrate
     from tiersim.validator import compare as compare_mod
 
-    if compare is not None:
-        _show(compare_mod.load(compare))
+    if opts.compare is not None:
+        _show(compare_mod.load(opts.compare))
         return
-    batches, contexts = parse_int_list(batch, "batch"), parse_int_list(context, "context")
-    hbms = parse_float_list(hbm, "hbm")
+    lists = list_values(opts)  # --batch, --context, --hbm, each a one-line error when it is not a list
     try:
         doc = calibrate.run_validation(
-            model_shape, batches, contexts, hbms, device=device, steps=steps, warmup=warmup, prefill=prefill,
-            out=out, budget_s=budget_s, sdpa=sdpa, profile=profile, command=shlex.join(["tiersim", *sys.argv[1:]]) if sys.argv[1:2] == ["validate"] else None,
+            opts.model_shape, lists["batch"], lists["context"], lists["hbm"], device=opts.device, steps=opts.steps, warmup=opts.warmup,
+            prefill=opts.prefill, out=opts.out, budget_s=opts.budget_s, sdpa=opts.sdpa, profile=opts.profile,
+            command=shlex.join(["tiersim", *sys.argv[1:]]) if sys.argv[1:2] == ["validate"] else None,
             log=lambda msg: err_console.print(msg, highlight=False, markup=False),
         )
     except calibrate.NoDeviceError as exc:

@@ -1,7 +1,8 @@
 """``python -m tiersim.validator``: the validator without typer or rich (the GPU machine may lack them).
 
-Same options as ``tiersim validate``. Bad input: one ``error:`` line and exit code 2; no CUDA
-device (without ``--device cpu``): one ``no CUDA device: ...`` line and exit code 1.
+The same options as ``tiersim validate``: both are built from ``tiersim.validator.options.ValidateOptions``.
+Bad input: one ``error:`` line and exit code 2; no CUDA device (without ``--device cpu``): one
+``no CUDA device: ...`` line and exit code 1.
 """
 
 from __future__ import annotations
@@ -11,42 +12,13 @@ import shlex
 import sys
 
 from tiersim.errors import TiersimError
-
-
-def _list(kind):
-    def parse(text: str):
-        try:
-            values = [kind(part) for part in text.split(",") if part.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
-        if not values:
-            raise argparse.ArgumentTypeError(f"expected at least one value, got {text!r}")
-        return values
-
-    return parse
+from tiersim.options import add_arguments
+from tiersim.validator.options import ValidateOptions
 
 
 def parser() -> argparse.ArgumentParser:
-    from tiersim.validator import calibrate
-
     p = argparse.ArgumentParser(prog="python -m tiersim.validator", description=__doc__.splitlines()[0])
-    p.add_argument("--model-shape", default=None,
-                   help="shape from tiersim.validator.shapes.SHAPES (default: r1-distill-qwen-7b on CUDA, tiny on cpu)")
-    p.add_argument("--batch", type=_list(int), default=list(calibrate.DEFAULT_BATCHES))
-    p.add_argument("--context", type=_list(int), default=list(calibrate.DEFAULT_CONTEXTS))
-    p.add_argument("--hbm", type=_list(float), default=list(calibrate.DEFAULT_HBM))
-    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (smoke mode)")
-    p.add_argument("--steps", type=int, default=24, help="timed decode steps per point")
-    p.add_argument("--warmup", type=int, default=4, help="untimed decode steps first")
-    p.add_argument("--prefill", default="synthetic", help="synthetic (default) or model")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="seconds for the decode grid; points left when it is spent are listed as skipped")
-    p.add_argument("--sdpa", default="no-cudnn",
-                   help="attention kernels: no-cudnn (default; cuDNN builds a plan per new KV length) or default")
-    p.add_argument("--profile", default=None, metavar="FILE",
-                   help="operator profile (python -m tiersim.validator.operators) for the simulator's predictions")
-    p.add_argument("--out", default=None, help="calibration JSON to write")
-    p.add_argument("--compare", default=None, metavar="FILE", help="print measured vs simulated of FILE and exit")
+    add_arguments(p, ValidateOptions)
     return p
 
 

@@ -22,12 +22,10 @@ import numpy as np
 from tiersim.atomic import write_json
 from tiersim.errors import TiersimError
 from tiersim.provenance import header
+from tiersim.validator.options import DEFAULT_BATCHES, DEFAULT_CONTEXTS, DEFAULT_HBM
 
 KIND = "calibration"
 SCHEMA_VERSION = 1
-DEFAULT_BATCHES = (1, 8, 32)
-DEFAULT_CONTEXTS = (2048, 8192)
-DEFAULT_HBM = (1.0, 0.5, 0.25)
 DEFAULT_SHAPE = {"cuda": "r1-distill-qwen-7b", "cpu": "tiny"}
 #: The CPU smoke mode proves the code path; a real model's shape there needs tens of GB and hours.
 CPU_MAX_PARAMS = 200_000_000

@@ -1,0 +1,82 @@
+"""The option groups several commands share, each declared once (see tiersim.options).
+
+``ModelRun`` and ``CacheShape``: ``capture`` and ``grid``; ``Target``, ``Workload`` and ``ComputeModel``:
+``simulate`` and ``capacity``. The cache structure's defaults are TierConfig's, read from its fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from tiersim.hierarchy.config import TierConfig
+from tiersim.options import defaults, option
+
+_TIER = defaults(TierConfig)
+
+STRATEGY_HELP = ("prefetch (bit-exact), host-attention (attended on the host, merged by log-sum-exp), hybrid "
+                 "(--fetch-share fetched, the rest host-attended) or selective (approximate: only --fetch-share of "
+                 "the DDR pages, picked by key bounds)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelRun:
+    """The real model a command runs, and where."""
+
+    model: str = option("smollm2", "'smollm2' (bundled) or a local transformers model directory")
+    device: str = option("cpu", "cpu or cuda")
+    dtype: str = option("float32", "float32 (exact on CPU), bfloat16 or float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheShape:
+    """The hierarchy's structure besides its tier ratios: pinned tokens, re-tiering, quantization, DDR access."""
+
+    sink_tokens: int = option(_TIER["sink_tokens"], "hierarchy: first tokens pinned to HBM")
+    recent_window: int = option(_TIER["recent_window"], "hierarchy: newest tokens pinned to HBM")
+    retier_every: int = option(_TIER["retier_every"], "re-tiering interval in decode steps (hierarchy and SnapKV)")
+    compressed_bits: int = option(_TIER["compressed_bits"], "4 or 8")
+    strategy: str = option(_TIER["strategy"], f"how the DDR tier reaches attention: {STRATEGY_HELP}")
+    fetch_share: float = option(_TIER["fetch_share"], "hybrid / selective: share of the DDR tier fetched to the "
+                                "device per step")
+
+    def config_options(self) -> dict:
+        """The fields as TierConfig keywords (``strategy`` as given: a command with a list splits it first)."""
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The model and GPU presets a simulation prices."""
+
+    model: str = option("r1-distill-qwen-7b", "model preset (see `tiersim presets`)")
+    model_config: Path | None = option(None, "a transformers config.json instead of a preset")
+    gpu: str = option("h100-sxm", "GPU preset")
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What the simulated batch decodes: the trace it projects from, the lengths, and how many steps."""
+
+    trace: Path | None = option(None, "trace to project from (default: the bundled SmolLM2 capture)")
+    lengths: str | None = option(None, "mean generated tokens (log-normal, staggered batch): a number, "
+                                 "gsm8k/math500/amc23/gpqa/aime, or 'trace' (default: math500)")
+    context: int | None = option(None, "instead of --lengths: a lockstep batch decoding from this many context "
+                                 "tokens")
+    prefetch: str = option("all", "DDR tokens fetched per step: all (exact), or cover99/cover90: an oracle selective "
+                           "prefetch of the trace's tokens holding 99%/90% of the DDR tier's attention (not exact)")
+    steps: int = option(256, "decode steps simulated per config (steady state)")
+    seed: int = option(0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeModel:
+    """Where the simulator's compute and link times come from: measured files instead of the roofline."""
+
+    calibration: Path | None = option(None, "calibration JSON from `tiersim validate`")
+    profile: Path | None = option(None, "operator profile JSON (python -m tiersim.validator.operators): measured "
+                                  "operator times instead of the roofline")
+    host_floor: bool = option(True, "with --profile: a step lasts at least the profiled HF eager host time "
+                              "(--no-host-floor: a launch-free engine, device time only)", flag="--host-floor/--no-host-floor")
+    engine: str = option("auto", "step-time model: auto (the exact per-step recurrence, or SimPy where demotions and "
+                                 "prefetches really share the link), fast, or simpy (the event-by-event reference)")

@@ -1,0 +1,38 @@
+"""The validator's options, declared once: ``tiersim validate`` (typer) and ``python -m tiersim.validator``
+(argparse, for a GPU machine without typer) are both built from :class:`ValidateOptions`."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from tiersim.options import option
+
+#: The decode grid timed when none is given (CLI, ``python -m tiersim.validator`` and ``run_validation``).
+DEFAULT_BATCHES = (1, 8, 32)
+DEFAULT_CONTEXTS = (2048, 8192)
+DEFAULT_HBM = (1.0, 0.5, 0.25)
+
+
+def _csv(values) -> str:
+    return ",".join(str(v) for v in values)
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidateOptions:
+    """The decode grid to time, how to time it, and the files it reads and writes."""
+
+    model_shape: str | None = option(None, "model shape built with random bf16 weights (see tiersim.validator.shapes); "
+                                     "default: r1-distill-qwen-7b on CUDA, tiny with --device cpu", show_default=False)
+    batch: str = option(_csv(DEFAULT_BATCHES), "batch sizes, comma-separated", items=int)
+    context: str = option(_csv(DEFAULT_CONTEXTS), "context lengths (tokens in the cache before decoding)", items=int)
+    hbm: str = option(_csv(DEFAULT_HBM), "HBM ratios; the rest of the context goes to DDR", items=float)
+    device: str = option("cuda", "cuda (default), cuda:N, or cpu for the smoke mode")
+    steps: int = option(24, "timed decode steps per point")
+    warmup: int = option(4, "untimed decode steps before timing")
+    prefill: str = option("synthetic", "synthetic (random K/V, no forward) or model (a real prefill)")
+    budget_s: float | None = option(None, "seconds for the decode grid; later points are skipped")
+    sdpa: str = option("no-cudnn", "attention kernels: no-cudnn (cuDNN builds a plan per new KV length) or default")
+    profile: Path | None = option(None, "operator profile (python -m tiersim.validator.operators) for the predictions")
+    out: Path | None = option(None, "calibration JSON to write, e.g. docs/validation/h100.json")
+    compare: Path | None = option(None, "print measured vs simulated from this calibration JSON")
