@@ -199,3 +199,24 @@ def test_the_default_plan_imports_neither_pandas_nor_pyarrow():
             "print(sorted(m for m in ('pandas', 'pyarrow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_simulate_engines_agree_and_say_which_ran():
+    import json
+
+    from typer.testing import CliRunner
+
+    from tiersim.cli.main import app
+
+    rows = {}
+    for engine in ("simpy", "fast", "auto"):
+        result = CliRunner().invoke(app, ["simulate", "--batch", "64", "--steps", "96", "--format", "json",
+                                          "--engine", engine])
+        assert result.exit_code == 0, result.output
+        rows[engine] = json.loads(result.stdout)["rows"][0]
+    assert rows["simpy"]["method"] == "SimPy" and rows["fast"]["method"] == rows["auto"]["method"] == "fast path"
+    for key in ("step_ms", "step_p99_ms", "tokens_per_s"):
+        assert rel(rows["fast"][key], rows["simpy"][key]) <= 0.005, key
+    assert rows["fast"]["max_batch"] == rows["simpy"]["max_batch"]
+    bad = CliRunner().invoke(app, ["simulate", "--engine", "warp"])
+    assert bad.exit_code == 2 and "--engine must be one of auto, fast, simpy" in bad.output
