@@ -204,19 +204,17 @@ def test_the_default_plan_imports_neither_pandas_nor_pyarrow():
 def test_simulate_engines_agree_and_say_which_ran():
     import json
 
-    from typer.testing import CliRunner
-
-    from tiersim.cli.main import app
+    from cli_run import invoke
 
     rows = {}
     for engine in ("simpy", "fast", "auto"):
-        result = CliRunner().invoke(app, ["simulate", "--batch", "64", "--steps", "96", "--format", "json",
-                                          "--engine", engine])
-        assert result.exit_code == 0, result.output
-        rows[engine] = json.loads(result.stdout)["rows"][0]
+        code, out, err = invoke(["simulate", "--batch", "64", "--steps", "96", "--format", "json", "--engine", engine])
+        assert code == 0, err
+        rows[engine] = json.loads(out)["rows"][0]
     assert rows["simpy"]["method"] == "SimPy" and rows["fast"]["method"] == rows["auto"]["method"] == "fast path"
     for key in ("step_ms", "step_p99_ms", "tokens_per_s"):
         assert rel(rows["fast"][key], rows["simpy"][key]) <= 0.005, key
     assert rows["fast"]["max_batch"] == rows["simpy"]["max_batch"]
-    bad = CliRunner().invoke(app, ["simulate", "--engine", "warp"])
-    assert bad.exit_code == 2 and "--engine must be one of auto, fast, simpy" in bad.output
+    code, _, err = invoke(["simulate", "--engine", "warp"])
+    assert code == 2 and err.strip().endswith("--engine must be one of auto, fast, simpy, got 'warp'")
+    assert len(err.strip().splitlines()) == 1
