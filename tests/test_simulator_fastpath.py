@@ -218,3 +218,28 @@ def test_simulate_engines_agree_and_say_which_ran():
     code, _, err = invoke(["simulate", "--engine", "warp"])
     assert code == 2 and err.strip().endswith("--engine must be one of auto, fast, simpy, got 'warp'")
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_measured_uneven_split_is_how_an_a100_host_shares_its_link():
+    # nvbandwidth on A100 Gen4 hosts: both ways at once, D2H keeps ~24 GB/s while H2D falls to ~11 (of ~35).
+    from tiersim.simulator.engine import shared_rates
+
+    a100, h100 = get_gpu("a100-80g"), get_gpu("h100-sxm")
+    both = shared_rates(a100, {"h2d": 1, "d2h": 1})
+    assert both["h2d"] == pytest.approx(11 * GB) and both["d2h"] == pytest.approx(24 * GB)
+    assert shared_rates(a100, {"h2d": 1}) == {"h2d": 25 * GB}  # alone, each direction runs at its own cap
+    assert shared_rates(a100, {"h2d": 2, "d2h": 1})["h2d"] == pytest.approx(5.5 * GB)
+    fair = shared_rates(h100, {"h2d": 1, "d2h": 1})  # no measured split: max-min fair
+    assert fair["h2d"] == fair["d2h"] == pytest.approx(47.5 * GB)
+    # In the event model a prefetch that overlaps a demotion moves at the collapsed rate while they overlap.
+    import simpy
+
+    from tiersim.simulator.engine import Link
+
+    env = simpy.Environment()
+    link = Link(env, a100)
+    up, down = link.transfer("h2d", 1.1 * GB), link.transfer("d2h", 24 * GB)
+    env.run(up)
+    assert env.now == pytest.approx(0.1)
+    env.run(down)
+    assert env.now == pytest.approx(0.1 + (24 - 2.4) / 25)

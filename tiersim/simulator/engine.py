@@ -34,11 +34,16 @@ _SIMULTANEOUS = 1e-9  # transfers within this relative share of the next finish 
 
 
 def shared_rates(gpu: GPU, count: dict[str, int]) -> dict[str, float]:
-    """Per-transfer rate in each direction with ``count[direction]`` transfers active: max-min fair shares,
-    each direction's cap split among its transfers, the directions' sum held under the shared ceiling."""
+    """Per-transfer rate in each direction with ``count[direction]`` transfers active: each direction's cap
+    split among its transfers, the directions' sum held under the shared ceiling, shared max-min fairly or,
+    where the preset measured an uneven split (``GPU.bidir_h2d_share``), by that split."""
     caps = {"h2d": gpu.h2d_bw, "d2h": gpu.d2h_bw}
     want = {d: caps[d] for d, n in count.items() if n > 0}
-    if sum(want.values()) > gpu.bidir_bw:
+    if len(want) == 2 and gpu.bidir_h2d_share is not None and sum(want.values()) > gpu.bidir_bw:
+        # A measured uneven split (a host whose H2D collapses while D2H runs): each direction its share.
+        h2d = min(caps["h2d"], gpu.bidir_h2d_share * gpu.bidir_bw)
+        want = {"h2d": h2d, "d2h": min(caps["d2h"], gpu.bidir_bw - h2d)}
+    elif sum(want.values()) > gpu.bidir_bw:
         fair = gpu.bidir_bw / len(want)
         low = {d: w for d, w in want.items() if w <= fair}
         high = [d for d in want if d not in low]

@@ -62,6 +62,9 @@ class GPU:
     #: AVX-512 = 7.2 TFLOP/s peak, ~30% achieved in a decode attention kernel).
     host_socket_flops: float = 2.0e12
     host_call_overhead: float = 20e-6  # ASSUMPTION: waking the CPU workers once per layer
+    #: H2D's share of ``bidir_bw`` while both directions move data, where measured uneven (A100 Gen4 hosts:
+    #: H2D ~11 of ~35 GB/s); None shares the ceiling max-min fairly (each direction capped at its own rate).
+    bidir_h2d_share: float | None = None
     note: str = ""
 
     @property
@@ -163,8 +166,8 @@ GPUS: dict[str, GPU] = {
         # docs/simulator.md "Fidelity").
         # Link: nvbandwidth on A100-SXM4-80GB hosts, PCIe Gen4 x16 (github.com/NVIDIA/nvbandwidth issues 53 and 11):
         # ~24.8 GB/s H2D and ~25 D2H one way; both at once D2H keeps ~24 while H2D falls to ~11-13: ~35 in all.
-        # The engine shares the ceiling max-min (17.5 each), not 11 / 24: docs/simulator.md, "Sources".
-        GPU("a100-80g", 80 * GB, 2.04e12, 25 * GB, 25 * GB, 35 * GB, 5e-6, 312e12,
+        # The engine gives H2D 11 of the 35 and D2H the other 24 while both run (bidir_h2d_share).
+        GPU("a100-80g", 80 * GB, 2.04e12, 25 * GB, 25 * GB, 35 * GB, 5e-6, 312e12, bidir_h2d_share=11 / 35,
             host_socket_bw=204.8 * GB, host_socket_flops=1.4e12,
             weight_efficiency=0.81, gemm_kernel_s=3.6e-6, gemm_batch_slowdown=0.114, attn_kernel_s=20e-6,
             attn_efficiency=0.80, layer_overhead=3.5e-6, layer_overhead_per_width=1.24e-9,
