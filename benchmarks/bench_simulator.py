@@ -17,6 +17,7 @@ from dataclasses import replace
 import numpy as np
 
 from _table import markdown_table, write_section
+from tiersim.hierarchy.config import TierConfig
 from tiersim.simulator import analytic
 from tiersim.simulator.engine import simulate
 from tiersim.simulator.presets import get_gpu, get_model
@@ -27,7 +28,7 @@ def engine_run(model_name: str, batch: int, steps: int, mean_length: float, cont
     model, gpu = get_model(model_name), get_gpu("h100-sxm")
     if not contention:
         gpu = replace(gpu, bidir_bw=gpu.h2d_bw + gpu.d2h_bw)
-    policy = analytic.Policy(0.5, 0.5, 0.0, 0.0)
+    policy = analytic.Offload(TierConfig(0.5, 0.5, 0.0, 0.0))
     rng = np.random.default_rng(0)
     work = analytic.build_workload(policy, batch, analytic.sample_lengths(batch, mean_length, 0.35, rng), 128, steps,
                                    churn=(0.02, 0.0))

@@ -8,7 +8,8 @@ import pytest
 import simpy
 
 from tiersim.simulator import analytic
-from tiersim.simulator.analytic import GB, Policy
+from tiersim.hierarchy.config import TierConfig
+from tiersim.simulator.analytic import GB, Offload
 from tiersim.simulator.calibration import apply_calibration
 from tiersim.simulator.capacity import run, scenario_from_trace
 from tiersim.simulator.engine import Link, simulate
@@ -68,7 +69,7 @@ def test_processor_sharing_reallocates_when_a_transfer_ends():
 
 # -- physics of the engine -------------------------------------------------------------------------
 def test_nothing_moves_faster_than_its_link():
-    policy = Policy(0.5, 0.5, 0.0, 0.0)
+    policy = Offload(TierConfig(0.5, 0.5, 0.0, 0.0))
     costs, _ = costs_for(policy)
     result = simulate(costs, MODEL.num_layers, H100)
     total_time = result.step_time.sum()
@@ -118,8 +119,8 @@ def test_stall_grows_with_batch_when_the_link_is_the_bottleneck(trace):
 def test_closed_form_agrees_with_simpy_without_contention():
     # A ceiling above both directions' sum removes the only contention the closed form ignores.
     gpu = replace(H100, bidir_bw=H100.h2d_bw + H100.d2h_bw)
-    for policy, batch in ((Policy(0.5, 0.5, 0, 0), 16), (Policy(0.9, 0.1, 0, 0), 2), (Policy(1.0, 0, 0, 0), 8),
-                          (Policy(0.3, 0.5, 0.1, 0.1), 32)):
+    for split, batch in (((0.5, 0.5, 0, 0), 16), ((0.9, 0.1, 0, 0), 2), ((1.0, 0, 0, 0), 8), ((0.3, 0.5, 0.1, 0.1), 32)):
+        policy = Offload(TierConfig(*split))
         costs, _ = costs_for(policy, batch=batch, steps=64, gpu=gpu)
         result = simulate(costs, MODEL.num_layers, gpu)
         step, stall = analytic.closed_form(costs, MODEL.num_layers)
@@ -129,7 +130,7 @@ def test_closed_form_agrees_with_simpy_without_contention():
 
 
 def test_event_count_does_not_grow_with_batch():
-    policy = Policy(0.5, 0.5, 0.0, 0.0)
+    policy = Offload(TierConfig(0.5, 0.5, 0.0, 0.0))
     events = []
     steps = 32
     for batch in (64, 256, 1024):

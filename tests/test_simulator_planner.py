@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from tiersim.hierarchy.config import TierConfig
 from tiersim.simulator import capacity as cap
 from tiersim.simulator.capacity import SYNTHETIC_PROFILE, run, scenario_from_trace
 from tiersim.simulator.presets import get_gpu, get_model
@@ -44,7 +45,7 @@ def test_selective_prefetch_moves_the_traces_cover_share(trace):
 def test_workload_is_the_same_in_any_number_of_chunks(monkeypatch):
     from tiersim.simulator import analytic
 
-    policy = analytic.Policy(0.5, 0.4, 0.05, 0.05)
+    policy = analytic.Offload(TierConfig(0.5, 0.4, 0.05, 0.05))
     lengths = analytic.sample_lengths(300, 1500, 0.35, np.random.default_rng(2))
     whole = analytic.build_workload(policy, 300, lengths, 80, 64, churn=(0.05, -0.2), seed=2)
     monkeypatch.setattr(analytic, "CHUNK_CELLS", 64 * 7)  # 7 slots at a time, the last chunk partial

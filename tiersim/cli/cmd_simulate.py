@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 
 import typer
@@ -62,6 +63,18 @@ def _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch
                                    context=context, prefetch=prefetch)
     scenario.table, scenario.compute_note = table, note
     return scenario
+
+
+def _split(scenario, hbm, ddr, compressed, evict):
+    """The split asked for. TierConfig checks it; its message names the field (``TierConfig.hbm``),
+    here the option the user typed (``--hbm``)."""
+    from tiersim.errors import ConfigError
+
+    try:
+        return scenario.policy(hbm, ddr, compressed, evict)
+    except ConfigError as exc:
+        option = re.sub(r"TierConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(exc))
+        raise ConfigError(option) from None
 
 
 def _against(scenario, path: Path, max_error: float | None, fmt: str) -> None:
@@ -146,11 +159,11 @@ def simulate(
     if against is not None:
         _against(scenario, against, max_error, fmt)
         return
-    policy = scenario.policy(hbm, ddr, compressed, evict)
+    policy = _split(scenario, hbm, ddr, compressed, evict)
     baseline, _ = run(scenario, baseline_policy(scenario))
     row, timeline = run(scenario, policy)
     row = with_overhead(row, baseline)
-    meta = simulation_meta(scenario, {"hbm": hbm, "ddr": ddr, "compressed": compressed, "evict": evict}, row)
+    meta = simulation_meta(scenario, policy.tiers.ratios(), row)
     if out:
         write_timeline(out, timeline, meta)
         wrote(out)

@@ -16,8 +16,9 @@ import numpy as np
 
 from tiersim import __version__
 from tiersim.errors import TiersimError
+from tiersim.hierarchy.config import TierConfig
 from tiersim.simulator import analytic
-from tiersim.simulator.analytic import GB, Policy
+from tiersim.simulator.analytic import GB, Offload
 from tiersim.simulator.engine import simulate
 from tiersim.simulator.presets import GPU, Model
 
@@ -70,16 +71,10 @@ class Scenario:
             raise TiersimError(f"--prefetch must be one of {', '.join(PREFETCH_MODES)}, got {self.prefetch!r}")
         return 1.0 if self.prefetch == "all" else float(self.cover[self.prefetch])
 
-    def policy(self, hbm: float, ddr: float, compressed: float, evict: float) -> Policy:
-        for name, value in (("hbm", hbm), ("ddr", ddr), ("compressed", compressed), ("evict", evict)):
-            if not 0.0 <= value <= 1.0:
-                raise TiersimError(f"--{name} must be in [0, 1], got {value}")
-        total = hbm + ddr + compressed + evict
-        if abs(total - 1.0) > 1e-6:
-            raise TiersimError(
-                f"tier ratios must sum to 1 (hbm={hbm} + ddr={ddr} + compressed={compressed} + evict={evict} = {total:g})"
-            )
-        return Policy(hbm, ddr, compressed, evict, **self.structure, prefetch=self.prefetch_share())
+    def policy(self, hbm: float, ddr: float, compressed: float, evict: float) -> Offload:
+        """The split on this scenario's structure and prefetch mode (TierConfig checks the ratios)."""
+        tiers = TierConfig(hbm=hbm, ddr=ddr, compressed=compressed, evict=evict, **self.structure)
+        return Offload(tiers, prefetch=self.prefetch_share())
 
 
 def scenario_from_trace(trace, model: Model, gpu: GPU, batch: int, mean_length: float | None,
@@ -123,7 +118,7 @@ def scenario_from_trace(trace, model: Model, gpu: GPU, batch: int, mean_length: 
                     steps=steps, seed=seed, trace_label=label, context=context, cover=shares, prefetch=prefetch)
 
 
-def workload(scenario: Scenario, policy: Policy, batch: int, steps: int) -> analytic.Workload:
+def workload(scenario: Scenario, policy: Offload, batch: int, steps: int) -> analytic.Workload:
     """The batch's token counts per step: staggered reasoning lengths, or a lockstep fixed context."""
     if scenario.context is not None:
         # Every slot holds `context + s` tokens at step s; none finishes within the run.
@@ -142,13 +137,13 @@ def fits(mem: analytic.Memory, gpu: GPU) -> bool:
     return bool(mem.peak <= gpu.hbm_bytes and mem.ddr <= gpu.host_bytes)
 
 
-def fits_at(scenario: Scenario, policy: Policy, batch: int, steps: int | None = None) -> bool:
+def fits_at(scenario: Scenario, policy: Offload, batch: int, steps: int | None = None) -> bool:
     """Whether ``batch`` slots fit: the same workload `run` simulates (seed, lengths, steps)."""
     work = workload(scenario, policy, batch, steps or scenario.steps)
     return fits(analytic.memory(scenario.model, scenario.gpu, policy, work), scenario.gpu)
 
 
-def largest_batch(scenario: Scenario, policy: Policy, steps: int | None = None,
+def largest_batch(scenario: Scenario, policy: Offload, steps: int | None = None,
                   context_hint: float | None = None) -> int:
     """The one definition of "largest batch": the largest B for which :func:`fits_at` holds while
     B + 1 does not (0 when one sequence does not fit; capped at MAX_BATCH).
@@ -195,7 +190,7 @@ def largest_batch(scenario: Scenario, policy: Policy, steps: int | None = None,
     return lo
 
 
-def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int | None = None,
+def run(scenario: Scenario, policy: Offload, batch: int | None = None, steps: int | None = None,
         largest: bool = True):
     """One config: (summary row without overhead, per-step timeline dict).
 
@@ -210,7 +205,7 @@ def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int
     mem = analytic.memory(model, gpu, policy, work)
     step = result.step_time
     row = {
-        "hbm": policy.hbm, "ddr": policy.ddr, "compressed": policy.compressed, "evict": policy.evict,
+        **policy.tiers.ratios(),
         "prefetch": policy.prefetch,
         "strategy": "prefetch" if policy.prefetch >= 1.0 else "selective",
         "batch": batch,
@@ -246,7 +241,7 @@ def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int
     weights = mem.weights / GB
     reserved = (mem.activations + mem.reserved) / GB
     per_token = model.kv_bytes_per_token / GB
-    comp_ratio = analytic.COMPRESSED_BITS[policy.compressed_bits] / (8 * model.kv_dtype_bytes)
+    comp_ratio = analytic.COMPRESSED_BITS[policy.tiers.compressed_bits] / (8 * model.kv_dtype_bytes)
     kv_hbm = work.hbm * per_token + work.compressed * per_token * comp_ratio
     staging = mem.staging / GB
     n = len(step)
@@ -268,7 +263,7 @@ def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int
     return row, timeline
 
 
-def closed_form_row(scenario: Scenario, policy: Policy, batch: int) -> dict:
+def closed_form_row(scenario: Scenario, policy: Offload, batch: int) -> dict:
     """The sweep's cell: `run`'s memory and times from ``analytic.closed_form`` instead of the engine."""
     work = workload(scenario, policy, batch, scenario.steps)
     model, gpu = scenario.model, scenario.gpu
@@ -276,7 +271,7 @@ def closed_form_row(scenario: Scenario, policy: Policy, batch: int) -> dict:
     step, stall = analytic.closed_form(costs, model.num_layers)
     mem = analytic.memory(model, gpu, policy, work)
     return {
-        "hbm": policy.hbm, "ddr": policy.ddr, "compressed": policy.compressed, "evict": policy.evict,
+        **policy.tiers.ratios(),
         "batch": batch, "steps": scenario.steps, "method": "closed form",
         "context_tokens_mean": round(work.context_mean, 1),
         "context_tokens_peak": round(float(work.full_context.max()) / batch, 1),
@@ -293,7 +288,7 @@ def with_overhead(row: dict, baseline: dict) -> dict:
     return row
 
 
-def grid_policies(scenario: Scenario, hbm_ratios=GRID_HBM, evicts=GRID_EVICT) -> list[Policy]:
+def grid_policies(scenario: Scenario, hbm_ratios=GRID_HBM, evicts=GRID_EVICT) -> list[Offload]:
     """The capacity grid: each HBM ratio (capped at 1 - evict) × each eviction ratio, the rest in DDR."""
     seen, out = set(), []
     for evict in evicts:
@@ -306,7 +301,7 @@ def grid_policies(scenario: Scenario, hbm_ratios=GRID_HBM, evicts=GRID_EVICT) ->
     return out
 
 
-def baseline_policy(scenario: Scenario) -> Policy:
+def baseline_policy(scenario: Scenario) -> Offload:
     """Everything in HBM: the reference every overhead is measured against."""
     return scenario.policy(1.0, 0.0, 0.0, 0.0)
 
@@ -365,7 +360,7 @@ def capacity(scenario: Scenario, max_overhead: float = 10.0, progress=None, map_
     for batch in sweep_batches(scenario.batch):
         base = baseline if batch == scenario.batch else closed_form_row(scenario, base_policy, batch)
         for policy in policies:
-            if policy.evict != 0.0:
+            if policy.tiers.evict != 0.0:
                 continue
             if batch == scenario.batch:
                 row = next(r for r, p in zip(rows, policies) if p == policy)
