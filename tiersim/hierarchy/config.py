@@ -17,6 +17,8 @@ STRATEGIES = ("prefetch", "host-attention", "hybrid", "selective")
 #: Strategies whose output differs from the full cache's beyond floating-point rounding.
 APPROXIMATE_STRATEGIES = frozenset({"selective"})
 SUM_TOLERANCE = 1e-6
+#: The cache's structural settings beside the split: what the simulator takes from a trace's policy.
+STRUCTURE_FIELDS = ("sink_tokens", "recent_window", "retier_every", "compressed_bits")
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,10 @@ class TierConfig:
     def ratios(self) -> dict[str, float]:
         """The split alone, keyed as the CLI options and every result file name it."""
         return {name: getattr(self, name) for name in RATIO_FIELDS}
+
+    def structure(self) -> dict[str, int]:
+        """The structural settings alone (:data:`STRUCTURE_FIELDS`)."""
+        return {name: getattr(self, name) for name in STRUCTURE_FIELDS}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

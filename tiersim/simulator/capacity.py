@@ -16,7 +16,7 @@ import numpy as np
 
 from tiersim import __version__
 from tiersim.errors import TiersimError
-from tiersim.hierarchy.config import TierConfig
+from tiersim.hierarchy.config import STRUCTURE_FIELDS, TierConfig
 from tiersim.simulator import analytic
 from tiersim.simulator.analytic import GB, Offload
 from tiersim.simulator.engine import simulate
@@ -35,7 +35,7 @@ MAX_TOKENS = 10_000_000
 SYNTHETIC_PROFILE = {
     "prompt_len": 128,
     "churn": (0.01, 0.0),  # 1% of the context swapped HBM <-> DDR at each re-tiering point
-    "structure": {"sink_tokens": 4, "recent_window": 64, "retier_every": 16, "compressed_bits": 4},
+    "structure": TierConfig().structure(),  # the cache's defaults
     "cover": {"cover90": 0.5, "cover99": 0.8},  # share of the DDR tier holding 90% / 99% of its mass
     "mean_length": 3900.0,
 }
@@ -104,7 +104,7 @@ def scenario_from_trace(trace, model: Model, gpu: GPU, batch: int, mean_length: 
 
     profile = fit(trace)
     policy = trace.meta["policy"]
-    structure = {k: int(policy[k]) for k in ("sink_tokens", "recent_window", "retier_every", "compressed_bits")}
+    structure = {k: int(policy[k]) for k in STRUCTURE_FIELDS}
     if mean_length is None:  # the trace's own lengths
         mean_length = float(np.mean([s["new_tokens"] for s in trace.meta["sequences"]]))
     a, b, _ = profile.churn["hbm_ddr"]
