@@ -9,9 +9,11 @@ import typer
 from tiersim.cli.app import THREADS_HELP, app, apply_threads, check_output_path, console
 from tiersim.cli.progress import meter
 from tiersim.errors import TiersimError
+from tiersim.hierarchy.config import TierConfig
 
 # The paper's headline configuration: half the context in HBM, 3% evicted, the rest in DDR.
 HEADLINE = {"hbm": 0.5, "ddr": 0.47, "compressed": 0.0, "evict": 0.03}
+DEFAULTS = TierConfig()  # the structural options' defaults are the cache's own
 
 
 @app.command()
@@ -24,10 +26,10 @@ def capture(
     ddr: float = typer.Option(HEADLINE["ddr"], help="share offloaded to DDR (exact, prefetched)"),
     compressed: float = typer.Option(HEADLINE["compressed"], help="share held quantized"),
     evict: float = typer.Option(HEADLINE["evict"], help="share evicted for good"),
-    sink_tokens: int = typer.Option(4, "--sink-tokens"),
-    recent_window: int = typer.Option(64, "--recent-window"),
-    retier_every: int = typer.Option(16, "--retier-every"),
-    compressed_bits: int = typer.Option(4, "--compressed-bits", help="4 or 8"),
+    sink_tokens: int = typer.Option(DEFAULTS.sink_tokens, "--sink-tokens"),
+    recent_window: int = typer.Option(DEFAULTS.recent_window, "--recent-window"),
+    retier_every: int = typer.Option(DEFAULTS.retier_every, "--retier-every"),
+    compressed_bits: int = typer.Option(DEFAULTS.compressed_bits, "--compressed-bits", help="4 or 8"),
     strategy: str = typer.Option("prefetch", help="how the DDR tier reaches attention: prefetch (bit-exact), "
                                  "host-attention (attended on the host, merged by log-sum-exp), hybrid (--fetch-share "
                                  "fetched, the rest host-attended) or selective (approximate: only --fetch-share of "
@@ -41,7 +43,6 @@ def capture(
     threads: int = typer.Option(0, help=THREADS_HELP),
 ) -> None:
     """Run a real model under the tier policy and write a trace (per step, per layer)."""
-    from tiersim.hierarchy.config import TierConfig
     from tiersim.prompts import load_prompts
 
     if max_new_tokens < 1:

@@ -14,8 +14,10 @@ from tiersim.cli.app import (
 )
 from tiersim.cli.progress import meter
 from tiersim.errors import TiersimError
+from tiersim.hierarchy.config import TierConfig
 
 DEFAULT_BASELINES = "h2o,rkv,snapkv,streamingllm"
+DEFAULTS = TierConfig()  # the structural options' defaults are the cache's own
 RAY_HELP = ("run every generation as a task on Ray, the model loaded once per worker (needs "
             "pip install 'tiersim\\[cluster]'; see docs/cluster.md)")
 
@@ -39,10 +41,13 @@ def grid(
     output_format: str = typer.Option("table", "--format", help="table or json (json prints only JSON)"),
     out: Path = typer.Option(None, help="also write the grid to .json or .parquet (kind quality-grid)"),
     report: Path = typer.Option(None, help="also write an HTML report with the grid's heatmap"),
-    sink_tokens: int = typer.Option(4, "--sink-tokens", help="hierarchy: first tokens pinned to HBM"),
-    recent_window: int = typer.Option(64, "--recent-window", help="hierarchy: newest tokens pinned to HBM"),
-    retier_every: int = typer.Option(16, "--retier-every", help="re-tiering interval (hierarchy and SnapKV)"),
-    compressed_bits: int = typer.Option(4, "--compressed-bits", help="4 or 8"),
+    sink_tokens: int = typer.Option(DEFAULTS.sink_tokens, "--sink-tokens",
+                                  help="hierarchy: first tokens pinned to HBM"),
+    recent_window: int = typer.Option(DEFAULTS.recent_window, "--recent-window",
+                                    help="hierarchy: newest tokens pinned to HBM"),
+    retier_every: int = typer.Option(DEFAULTS.retier_every, "--retier-every",
+                                   help="re-tiering interval (hierarchy and SnapKV)"),
+    compressed_bits: int = typer.Option(DEFAULTS.compressed_bits, "--compressed-bits", help="4 or 8"),
     strategy: str = typer.Option("prefetch", help="how the DDR tier reaches attention (a comma list: the first runs "
                                  "the hierarchy's cells, each further one adds its cells that hold DDR tokens, as "
                                  "hierarchy/<strategy>): prefetch (bit-exact), "
