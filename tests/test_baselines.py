@@ -9,7 +9,8 @@ from tiersim.compat import cache_kwargs
 from tiersim.errors import ConfigError
 from tiersim.hierarchy.baselines import BASELINES, H2O, RKV, SnapKV, StreamingLLM, rkv_importance, rkv_redundancy
 from tiersim.hierarchy.config import TierConfig
-from tiersim.hierarchy.policy import EVICTED, HBM, LayerView, assign_tiers, make_policy
+from tiersim.hierarchy.policy import EVICTED, HBM, LayerView, assign_tiers
+from tiersim.hierarchy.registry import make_policy
 
 
 def config(policy: str, hbm: float, **kwargs) -> TierConfig:
