@@ -228,7 +228,7 @@ def capacity(
     full cache at its largest batch; with one batch, also the simulated grid and a batch sweep."""
     from tiersim.atomic import write_json
     from tiersim.simulator import planner
-    from tiersim.simulator.capacity import capacity as grid, capacity_ticks, range_result
+    from tiersim.simulator.capacity import capacity_ticks, grid_result, range_result
 
     _check_format(fmt)
     if not max_overhead >= 0:  # NaN too
@@ -265,7 +265,7 @@ def capacity(
         answer = planner.plan(scenario, batches, tpot_slo, max_evict, strategies)
         progress.advance()
         if single:
-            result = grid(scenario, max_overhead, progress=progress.advance, map_runs=map_runs)
+            result = grid_result(scenario, max_overhead, progress=progress.advance, map_runs=map_runs)
         else:
             result = range_result(scenario, max_overhead, answer)
     result = {"recommendation": answer["recommendation"], **result,

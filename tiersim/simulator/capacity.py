@@ -317,7 +317,7 @@ def run_row(job: tuple) -> dict:
 
 
 def capacity_jobs(scenario: Scenario) -> list[tuple]:
-    """Every SimPy run :func:`capacity` needs, each once: the baseline and the grid at the scenario's batch.
+    """Every SimPy run :func:`grid_result` needs, each once: the baseline and the grid at the scenario's batch.
     (The batch sweep is closed-form rows, milliseconds each: not worth a task.)"""
     base_policy = baseline_policy(scenario)
     jobs = [(scenario, base_policy, scenario.batch, scenario.steps)]
@@ -326,12 +326,13 @@ def capacity_jobs(scenario: Scenario) -> list[tuple]:
 
 
 def capacity_ticks(scenario: Scenario) -> int:
-    """How many times :func:`capacity` ticks its progress: once per SimPy run, once per sweep batch."""
+    """How many times :func:`grid_result` ticks its progress: once per SimPy run, once per sweep batch."""
     return len(capacity_jobs(scenario)) + len(sweep_batches(scenario.batch))
 
 
-def capacity(scenario: Scenario, max_overhead: float = 10.0, progress=None, map_runs=None) -> dict:
-    """The grid at the scenario's batch, the best config, the largest batches and a batch sweep.
+def grid_result(scenario: Scenario, max_overhead: float = 10.0, progress=None, map_runs=None) -> dict:
+    """The capacity document for one batch (:func:`range_result` is the one for a range): the grid at
+    the scenario's batch, the best config, the largest batches and a batch sweep.
 
     ``map_runs(run_row, jobs, tick)`` runs the simulations (default: one after another here; the CLI's
     ``--ray`` passes one that makes each a Ray task) and returns their rows in order; ``progress``
