@@ -14,7 +14,7 @@ from tiersim.cli.app import (
     RAY_ADDRESS_HELP, add_columns, app, check_output_path, compact_table, console, err_console, wrote,
 )
 from tiersim.cli.progress import meter
-from tiersim.errors import TiersimError
+from tiersim.errors import ConfigError, TiersimError
 
 FORMATS = ("table", "json")
 
@@ -68,8 +68,6 @@ def _scenario(trace, model, model_config, gpu, batch, lengths, context, prefetch
 def _split(scenario, hbm, ddr, compressed, evict):
     """The split asked for. TierConfig checks it; its message names the field (``TierConfig.hbm``),
     here the option the user typed (``--hbm``)."""
-    from tiersim.errors import ConfigError
-
     try:
         return scenario.policy(hbm, ddr, compressed, evict)
     except ConfigError as exc:
