@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from _table import markdown_table, write_section
+from tiersim.hierarchy.config import TierConfig
 from tiersim.simulator import analytic
 from tiersim.simulator import fastpath
 from tiersim.simulator.engine import simulate
@@ -28,7 +29,7 @@ from tiersim.simulator.presets import get_gpu, get_model
 def engine_run(model_name: str, batch: int, steps: int, mean_length: float):
     """SimPy vs the fast path on one run: (SimPy s, events, fast s, mean step error %, p99 error %, engine auto picks)."""
     model, gpu = get_model(model_name), get_gpu("h100-sxm")
-    policy = analytic.Policy(0.5, 0.5, 0.0, 0.0)
+    policy = analytic.Offload(TierConfig(0.5, 0.5, 0.0, 0.0))
     rng = np.random.default_rng(0)
     work = analytic.build_workload(policy, batch, analytic.sample_lengths(batch, mean_length, 0.35, rng), 128, steps,
                                    churn=(0.02, 0.0))

@@ -1,15 +1,17 @@
-"""Eviction baselines: exact budgets and the tokens each rule keeps, on hand-made LayerViews and in generate."""
+"""Eviction baselines: exact budgets and the tokens each rule keeps, on hand-made LayerViews.
+
+Inside `generate` every baseline runs in the policy matrix (test_policy_matrix.py)."""
 
 import math
 
 import pytest
 import torch
 
-from tiersim.compat import cache_kwargs
 from tiersim.errors import ConfigError
 from tiersim.hierarchy.baselines import BASELINES, H2O, RKV, SnapKV, StreamingLLM, rkv_importance, rkv_redundancy
 from tiersim.hierarchy.config import TierConfig
-from tiersim.hierarchy.policy import EVICTED, HBM, LayerView, assign_tiers, make_policy
+from tiersim.hierarchy.policy import EVICTED, HBM, LayerView, assign_tiers
+from tiersim.hierarchy.registry import make_policy
 
 
 def config(policy: str, hbm: float, **kwargs) -> TierConfig:
@@ -206,47 +208,3 @@ def test_make_policy_builds_baselines_and_bad_settings_fail():
     with pytest.raises(ConfigError, match="lam"):
         RKV(config("rkv", 0.5, policy_options={"lam": 1.5}))
 
-
-# -- inside generate ----------------------------------------------------------------------------
-
-
-def run_generate(model, name: str, hbm: float, prompt_len: int = 40, new_tokens: int = 24, **options):
-    from tiersim.hierarchy.cache import TieredCache
-
-    cache = TieredCache(config(name, hbm, retier_every=8, policy_options=options))
-    ids = torch.randint(1, 256, (1, prompt_len), generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache), max_new_tokens=new_tokens,
-            do_sample=False, pad_token_id=0,
-        )
-    assert out.shape[1] == prompt_len + new_tokens
-    return cache
-
-
-def last_retier_context(layer, name: str, every: int) -> int:
-    """Context length right after the last re-tiering point of the run (step = forwards done - 1)."""
-    last_step = layer.step - 1
-    due_step = last_step if name in ("h2o", "streamingllm") else last_step - last_step % every
-    return layer.prompt_len + due_step
-
-
-@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_qwen2"])
-@pytest.mark.parametrize("name", sorted(BASELINES))
-def test_baselines_run_inside_generate_and_keep_their_budget(request, arch, name):
-    model = request.getfixturevalue(arch)
-    hbm = 0.4
-    options = {"every": 16} if name == "rkv" else {}
-    cache = run_generate(model, name, hbm, **options)
-    every = 16 if name == "rkv" else 8
-    for idx, layer in enumerate(cache.layers):
-        at_retier = last_retier_context(layer, name, every)
-        grown = layer.context_len - at_retier  # tokens appended since that point
-        counts = cache.tier_counts(idx)
-        assert counts["ddr"] == counts["compressed"] == 0
-        assert counts["hbm"] == math.ceil(hbm * at_retier - 1e-9) + grown
-        assert counts["hbm"] + counts["evicted"] == layer.context_len
-    if name == "streamingllm":
-        budget = math.ceil(hbm * cache.layers[0].context_len - 1e-9)
-        newest = cache.layers[0].context_len
-        assert cache.layers[0].positions[0].tolist() == [0, 1, 2, 3] + list(range(newest - budget + 4, newest))

@@ -172,15 +172,15 @@ def test_a_worker_killed_mid_grid_is_restarted_and_the_grid_equals_serial(local_
 
 def test_capacity_on_ray_equals_serial(local_ray):
     from tiersim.cluster import map_tasks
-    from tiersim.simulator.capacity import capacity, capacity_ticks, scenario_from_trace
+    from tiersim.simulator.capacity import capacity_ticks, grid_result, scenario_from_trace
     from tiersim.simulator.presets import get_gpu, get_model
 
     scenario = scenario_from_trace(None, get_model("r1-distill-qwen-7b"), get_gpu("h100-sxm"), 16, 2000.0, steps=32)
     ticks = []
-    on_ray = capacity(scenario, progress=lambda: ticks.append(1),
-                      map_runs=lambda fn, jobs, tick: map_tasks(local_ray, fn, jobs, on_done=tick))
+    on_ray = grid_result(scenario, progress=lambda: ticks.append(1),
+                         map_runs=lambda fn, jobs, tick: map_tasks(local_ray, fn, jobs, on_done=tick))
     assert len(ticks) == capacity_ticks(scenario)
-    assert json.dumps(on_ray, default=float) == json.dumps(capacity(scenario), default=float)
+    assert json.dumps(on_ray, default=float) == json.dumps(grid_result(scenario), default=float)
 
 
 def test_a_worker_that_cannot_load_the_model_fails_in_one_line(local_ray):

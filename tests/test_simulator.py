@@ -145,7 +145,7 @@ def test_calibration_overrides_the_preset():
 # -- the capacity grid ----------------------------------------------------------------------------
 def test_capacity_answers_largest_batches_and_best_lossless(trace):
     sc = scenario_from_trace(trace, MODEL, H100, 32, 3900.0, steps=32)
-    result = cap.capacity(sc, max_overhead=300.0)
+    result = cap.grid_result(sc, max_overhead=300.0)
     rows = result["rows"]
     full = result["max_batch_full_cache"]
     for r in rows:

@@ -8,7 +8,8 @@ import pytest
 import simpy
 
 from tiersim.simulator import analytic
-from tiersim.simulator.analytic import COPY_CALLS_PER_LAYER, GB, LayerCosts, Policy
+from tiersim.hierarchy.config import TierConfig
+from tiersim.simulator.analytic import COPY_CALLS_PER_LAYER, GB, LayerCosts, Offload
 from tiersim.simulator.engine import CopyEngine, Link, simulate
 from tiersim.simulator.presets import get_gpu, get_model
 
@@ -136,15 +137,15 @@ def test_demotion_traffic_contends_with_prefetch_under_the_ceiling():
 @pytest.mark.parametrize(
     "policy,batch,mean_length",
     [
-        (Policy(0.9, 0.1, 0.0, 0.0), 1, 300),  # tiny copies: the per-call latency dominates
-        (Policy(0.5, 0.5, 0.0, 0.0), 64, 4000),  # link-bound
-        (Policy(0.75, 0.2, 0.0, 0.05), 8, 2000),  # near the crossover
-        (Policy(0.4, 0.3, 0.2, 0.1, compressed_bits=8), 24, 6000),  # compressed tier + eviction
-        (Policy(0.5, 0.5, 0.0, 0.0, prefetch=0.6), 32, 3000),  # selective prefetch
-        (Policy(0.5, 0.5, 0.0, 0.0), 16, 2000),
-        (Policy(0.9, 0.1, 0.0, 0.0), 2, 2000),
-        (Policy(1.0, 0.0, 0.0, 0.0), 8, 2000),  # nothing offloaded
-        (Policy(0.3, 0.5, 0.1, 0.1), 32, 2000),  # every tier at once
+        (Offload(TierConfig(0.9, 0.1, 0.0, 0.0)), 1, 300),  # tiny copies: the per-call latency dominates
+        (Offload(TierConfig(0.5, 0.5, 0.0, 0.0)), 64, 4000),  # link-bound
+        (Offload(TierConfig(0.75, 0.2, 0.0, 0.05)), 8, 2000),  # near the crossover
+        (Offload(TierConfig(0.4, 0.3, 0.2, 0.1, compressed_bits=8)), 24, 6000),  # compressed tier + eviction
+        (Offload(TierConfig(0.5, 0.5, 0.0, 0.0), prefetch=0.6), 32, 3000),  # selective prefetch
+        (Offload(TierConfig(0.5, 0.5, 0.0, 0.0)), 16, 2000),
+        (Offload(TierConfig(0.9, 0.1, 0.0, 0.0)), 2, 2000),
+        (Offload(TierConfig(1.0, 0.0, 0.0, 0.0)), 8, 2000),  # nothing offloaded
+        (Offload(TierConfig(0.3, 0.5, 0.1, 0.1)), 32, 2000),  # every tier at once
     ],
 )
 def test_closed_form_agrees_with_the_event_run_without_contention(policy, batch, mean_length):
@@ -160,7 +161,7 @@ def test_closed_form_agrees_with_the_event_run_without_contention(policy, batch,
 
 
 def test_no_step_beats_its_compute_or_its_link():
-    policy = Policy(0.5, 0.5, 0.0, 0.0)
+    policy = Offload(TierConfig(0.5, 0.5, 0.0, 0.0))
     rng = np.random.default_rng(1)
     work = analytic.build_workload(policy, 32, analytic.sample_lengths(32, 3000, 0.35, rng), 90, 64,
                                    churn=(0.02, 0.0))
@@ -177,7 +178,7 @@ def test_no_step_beats_its_compute_or_its_link():
 
 
 def test_events_per_layer_step_are_bounded_whatever_the_batch():
-    policy = Policy(0.5, 0.5, 0.0, 0.0)
+    policy = Offload(TierConfig(0.5, 0.5, 0.0, 0.0))
     per_layer_step = []
     for batch in (16, 64, 256, 512, 1024, 4096):
         rng = np.random.default_rng(0)
@@ -192,7 +193,7 @@ def test_events_per_layer_step_are_bounded_whatever_the_batch():
 
 
 def test_all_in_hbm_is_one_event_per_step():
-    policy = Policy(1.0, 0.0, 0.0, 0.0)
+    policy = Offload(TierConfig(1.0, 0.0, 0.0, 0.0))
     rng = np.random.default_rng(0)
     work = analytic.build_workload(policy, 64, analytic.sample_lengths(64, 2000, 0.35, rng), 90, 100)
     costs = analytic.layer_costs(MODEL, H100, policy, work)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from tiersim.simulator import analytic, fastpath
-from tiersim.simulator.analytic import GB, LayerCosts, Policy
+from tiersim.hierarchy.config import TierConfig
+from tiersim.simulator.analytic import GB, LayerCosts, Offload
 from tiersim.simulator.engine import simulate as simulate_events
 from tiersim.simulator.presets import get_gpu, get_model
 from tiersim.simulator.profile import load_profile, table_for
@@ -24,7 +25,7 @@ H100_PROFILE = Path(__file__).resolve().parent.parent / "docs" / "validation" / 
 def costs_for(model, gpu, split, batch, steps, churn=(0.27, -0.55), length=3900.0, lockstep=False, table=None,
               seed=0):
     model, gpu = get_model(model), get_gpu(gpu)
-    policy = Policy(*split)
+    policy = Offload(TierConfig(*split))
     if lockstep:
         lengths = np.full(batch, steps + 2)
     else:
@@ -136,7 +137,7 @@ def test_the_workload_is_the_cache_rule_applied_slot_by_slot_and_step_by_step():
     # the scalar rule (hierarchy.config.tier_targets) to every slot and step directly.
     from tiersim.hierarchy.config import TierConfig, tier_targets
 
-    policy = Policy(0.5, 0.3, 0.15, 0.05, retier_every=8)
+    policy = Offload(TierConfig(0.5, 0.3, 0.15, 0.05, retier_every=8))
     cfg = TierConfig(hbm=0.5, ddr=0.3, compressed=0.15, evict=0.05, sink_tokens=4, recent_window=64, retier_every=8)
     prompt, steps, churn = 40, 90, (0.3, -0.2)
     lengths = np.array([30, 55, 200, 7])

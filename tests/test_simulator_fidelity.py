@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from tiersim.simulator import analytic, fidelity, physics
-from tiersim.simulator.analytic import Policy
+from tiersim.hierarchy.config import TierConfig
+from tiersim.simulator.analytic import Offload
 from tiersim.simulator.presets import get_gpu, get_model
 
 A100 = get_gpu("a100-80g")
@@ -101,7 +102,7 @@ def test_small_ops_grow_with_width_as_the_public_tables_do():
 @pytest.mark.parametrize("gpu", [A100, H100])
 def test_the_roofline_layer_and_step_extra_are_the_physics(gpu):
     model = get_model("llama-3.1-8b")
-    policy = Policy(1.0, 0.0, 0.0, 0.0)
+    policy = Offload(TierConfig(1.0, 0.0, 0.0, 0.0))
     lengths = np.full(16, 10, dtype=np.int64)
     work = analytic.build_workload(policy, 16, lengths, 2047, 8, lockstep=True)
     costs = analytic.layer_costs(model, gpu, policy, work)

@@ -20,7 +20,8 @@ import pytest
 from typer.testing import CliRunner
 
 from tiersim.simulator import analytic
-from tiersim.simulator.analytic import Policy
+from tiersim.hierarchy.config import TierConfig
+from tiersim.simulator.analytic import Offload
 from tiersim.simulator.engine import simulate
 from tiersim.simulator.presets import get_gpu, get_model, model_from_config
 from tiersim.simulator.profile import LAYER_GEMMS, check_device, load_profile, table_for
@@ -30,11 +31,11 @@ H100_PROFILE = REPO / "docs" / "validation" / "h100-80gb-hbm3-operators.json"
 QWEN = get_model("r1-distill-qwen-7b")
 LLAMA = get_model("llama-3.1-8b")
 H100 = get_gpu("h100-sxm")
-ALL_HBM = Policy(1.0, 0.0, 0.0, 0.0)
+ALL_HBM = Offload(TierConfig(1.0, 0.0, 0.0, 0.0))
 ENV = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-def lockstep(policy: Policy, batch: int, context: int, steps: int = 8) -> analytic.Workload:
+def lockstep(policy: analytic.Offload, batch: int, context: int, steps: int = 8) -> analytic.Workload:
     lengths = np.full(batch, steps + 2, dtype=np.int64)
     return analytic.build_workload(policy, batch, lengths, context - 1, steps, lockstep=True)
 
@@ -102,7 +103,7 @@ def test_small_ops_cost_per_layer_in_the_roofline():
 
 
 # -- item 5: a per-step host overhead, once per step ---------------------------------------------------
-@pytest.mark.parametrize("policy", [ALL_HBM, Policy(0.5, 0.5, 0.0, 0.0)])
+@pytest.mark.parametrize("policy", [ALL_HBM, Offload(TierConfig(0.5, 0.5, 0.0, 0.0))])
 def test_step_overhead_is_charged_once_per_step_in_both_engines(policy):
     gpu = replace(H100, bidir_bw=H100.h2d_bw + H100.d2h_bw)  # no contention: the closed form's premise
     work = lockstep(policy, 8, 4096, steps=12)
@@ -110,7 +111,7 @@ def test_step_overhead_is_charged_once_per_step_in_both_engines(policy):
     more = analytic.layer_costs(QWEN, replace(gpu, step_overhead=2e-3), policy, work)
     s0, _ = analytic.closed_form(base, QWEN.num_layers)
     s1, _ = analytic.closed_form(more, QWEN.num_layers)
-    if policy.hbm == 1.0:
+    if policy.tiers.hbm == 1.0:
         np.testing.assert_allclose(s1 - s0, 2e-3, rtol=1e-9)
     else:  # link-bound: the overhead overlaps the next step's first prefetch, so it costs at most 2 ms
         assert np.all(s1 - s0 <= 2e-3 + 1e-12) and np.all(s1 > s0)

@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from tiersim.hierarchy.config import TierConfig
 from tiersim.simulator import analytic, capacity as cap, planner
 from tiersim.simulator.capacity import run, scenario_from_trace
 from tiersim.simulator.presets import Model, get_gpu, get_model
@@ -78,7 +79,7 @@ def test_capacity_json_is_consistent_with_itself():
 @pytest.mark.parametrize("batch", [1, 16, 256])
 def test_host_attention_is_never_faster_than_its_host_memory_bytes(gpu, batch):
     hw = get_gpu(gpu)
-    policy = analytic.Policy(0.25, 0.75, 0.0, 0.0)
+    policy = analytic.Offload(TierConfig(0.25, 0.75, 0.0, 0.0))
     work = _work(GQA, policy, batch)
     t = step_times("host-attention", GQA, hw, policy, work)
     floor = GQA.num_layers * work.ddr * GQA.kv_bytes_per_token_layer / hw.host_bw_per_gpu
@@ -98,7 +99,7 @@ def test_host_attention_time_grows_with_tokens_and_costs_nothing_without_them():
 def test_recompute_never_beats_prefetch_on_grouped_query_models(model, batch):
     mdl = get_model(model)
     assert mdl.hidden_size * 2 > mdl.kv_bytes_per_token_layer  # the layer input is larger than K + V
-    policy = analytic.Policy(0.5, 0.5, 0.0, 0.0)
+    policy = analytic.Offload(TierConfig(0.5, 0.5, 0.0, 0.0))
     work = _work(mdl, policy, batch)
     pre = step_times("prefetch", mdl, H100, policy, work).step.mean()
     rec = step_times("recompute", mdl, H100, policy, work)
@@ -108,7 +109,7 @@ def test_recompute_never_beats_prefetch_on_grouped_query_models(model, batch):
 @pytest.mark.parametrize("batch", [32, 128])
 def test_recompute_beats_prefetch_on_a_multi_head_model_when_the_link_binds(batch):
     assert MHA.hidden_size * 2 < MHA.kv_bytes_per_token_layer  # the input is half of K + V
-    policy = analytic.Policy(0.5, 0.5, 0.0, 0.0)
+    policy = analytic.Offload(TierConfig(0.5, 0.5, 0.0, 0.0))
     work = _work(MHA, policy, batch)
     pre = step_times("prefetch", MHA, H100, policy, work)
     rec = step_times("recompute", MHA, H100, policy, work)
@@ -120,14 +121,14 @@ def test_recompute_beats_prefetch_on_a_multi_head_model_when_the_link_binds(batc
 @pytest.mark.parametrize("batch,split", [(1, 0.5), (16, 0.25), (64, 0.75), (256, 0.5)])
 def test_hybrid_is_never_worse_than_the_better_of_its_parts(model, gpu, batch, split):
     hw = get_gpu(gpu)
-    policy = analytic.Policy(split, 1 - split, 0.0, 0.0)
+    policy = analytic.Offload(TierConfig(split, 1 - split, 0.0, 0.0))
     work = _work(model, policy, batch)
     times = {s: step_times(s, model, hw, policy, work).step.mean() for s in ("prefetch", "host-attention", "hybrid")}
     assert times["hybrid"] <= min(times["prefetch"], times["host-attention"]) * (1 + 1e-12)
 
 
 def test_hybrid_beats_both_parts_where_link_and_host_memory_are_both_slow():
-    policy = analytic.Policy(0.5, 0.5, 0.0, 0.0)
+    policy = analytic.Offload(TierConfig(0.5, 0.5, 0.0, 0.0))
     work = _work(GQA, policy, 64)
     t = {s: step_times(s, GQA, H100, policy, work) for s in ("prefetch", "host-attention", "hybrid")}
     assert t["hybrid"].step.mean() < 0.8 * min(t["prefetch"].step.mean(), t["host-attention"].step.mean())
@@ -135,14 +136,14 @@ def test_hybrid_beats_both_parts_where_link_and_host_memory_are_both_slow():
 
 
 def test_without_a_ddr_tier_every_strategy_is_the_full_cache():
-    policy = analytic.Policy(1.0, 0.0, 0.0, 0.0)
+    policy = analytic.Offload(TierConfig(1.0, 0.0, 0.0, 0.0))
     work = _work(GQA, policy, 32)
     steps = [step_times(s, GQA, H100, policy, work) for s in STRATEGIES]
     assert all(np.array_equal(s.step, steps[0].step) for s in steps) and not any(s.approximate for s in steps)
 
 
 def test_selective_and_compressed_transfer_move_less_and_are_flagged():
-    policy = analytic.Policy(0.5, 0.5, 0.0, 0.0)
+    policy = analytic.Offload(TierConfig(0.5, 0.5, 0.0, 0.0))
     work = _work(GQA, policy, 64)
     pre = step_times("prefetch", GQA, H100, policy, work)
     for name in ("selective", "compressed-transfer"):
@@ -153,7 +154,7 @@ def test_selective_and_compressed_transfer_move_less_and_are_flagged():
 
 
 def test_a_faster_host_never_slows_host_attention():
-    policy = analytic.Policy(0.5, 0.5, 0.0, 0.0)
+    policy = analytic.Offload(TierConfig(0.5, 0.5, 0.0, 0.0))
     work = _work(GQA, policy, 64)
     slow = step_times("host-attention", GQA, H100, policy, work).step
     fast = step_times("host-attention", GQA, replace(H100, host_socket_bw=4 * H100.host_socket_bw), policy, work).step

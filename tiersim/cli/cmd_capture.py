@@ -11,6 +11,7 @@ from tiersim.cli.app import THREADS_HELP, app, apply_threads, check_output_path,
 from tiersim.cli.groups import CacheShape, ModelRun
 from tiersim.cli.progress import meter
 from tiersim.errors import TiersimError
+from tiersim.hierarchy.config import TierConfig
 
 # The paper's headline configuration: half the context in HBM, 3% evicted, the rest in DDR.
 HEADLINE = {"hbm": 0.5, "ddr": 0.47, "compressed": 0.0, "evict": 0.03}
@@ -33,7 +34,6 @@ def capture(
     threads: int = typer.Option(0, help=THREADS_HELP),
 ) -> None:
     """Run a real model under the tier policy and write a trace (per step, per layer)."""
-    from tiersim.hierarchy.config import TierConfig
     from tiersim.prompts import load_prompts
 
     model, device, dtype = runtime.model, runtime.device, runtime.dtype

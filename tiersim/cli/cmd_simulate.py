@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from pathlib import Path
 
 import typer
@@ -15,7 +16,7 @@ from tiersim.cli.app import (
 )
 from tiersim.cli.groups import ComputeModel, Target, Workload
 from tiersim.cli.progress import meter
-from tiersim.errors import TiersimError
+from tiersim.errors import ConfigError, TiersimError
 
 FORMATS = ("table", "json")
 DEFAULT_BATCH = 64  # simulate's batch, and capacity's when no range is given
@@ -75,6 +76,16 @@ def _scenario(target: Target, workload: Workload, compute: ComputeModel, batch: 
                                    context=context, prefetch=prefetch, projection=projection)
     scenario.table, scenario.compute_note, scenario.engine = table, note, engine
     return scenario
+
+
+def _split(scenario, hbm, ddr, compressed, evict):
+    """The split asked for. TierConfig checks it; its message names the field (``TierConfig.hbm``),
+    here the option the user typed (``--hbm``)."""
+    try:
+        return scenario.policy(hbm, ddr, compressed, evict)
+    except ConfigError as exc:
+        option = re.sub(r"TierConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(exc))
+        raise ConfigError(option) from None
 
 
 def _against(scenario, path: Path, max_error: float | None, fmt: str) -> None:
@@ -139,11 +150,11 @@ def simulate(
     if against is not None:
         _against(scenario, against, max_error, fmt)
         return
-    policy = scenario.policy(hbm, ddr, compressed, evict)
+    policy = _split(scenario, hbm, ddr, compressed, evict)
     baseline, _ = run(scenario, baseline_policy(scenario))
     row, timeline = run(scenario, policy)
     row = with_overhead(row, baseline)
-    meta = simulation_meta(scenario, {"hbm": hbm, "ddr": ddr, "compressed": compressed, "evict": evict}, row)
+    meta = simulation_meta(scenario, policy.tiers.ratios(), row)
     if out:
         write_timeline(out, timeline, meta)
         wrote(out)
@@ -197,7 +208,7 @@ def capacity(
     full cache at its largest batch; with one batch, also the simulated grid and a batch sweep."""
     from tiersim.atomic import write_json
     from tiersim.simulator import planner
-    from tiersim.simulator.capacity import capacity as grid, capacity_ticks, range_result
+    from tiersim.simulator.capacity import capacity_ticks, grid_result, range_result
 
     _check_format(fmt)
     if not max_overhead >= 0:  # NaN too
@@ -233,7 +244,7 @@ def capacity(
         answer = planner.plan(scenario, batches, tpot_slo, max_evict, strategies)
         progress.advance()
         if single:
-            result = grid(scenario, max_overhead, progress=progress.advance, map_runs=map_runs)
+            result = grid_result(scenario, max_overhead, progress=progress.advance, map_runs=map_runs)
         else:
             result = range_result(scenario, max_overhead, answer)
     result = {"recommendation": answer["recommendation"], **result,

@@ -230,9 +230,4 @@ def rkv_redundancy(keys: torch.Tensor) -> torch.Tensor:
     return torch.softmax(mean_sim, dim=-1)
 
 
-BASELINES: dict[str, type[EvictionBaseline]] = {
-    "streamingllm": StreamingLLM,
-    "h2o": H2O,
-    "snapkv": SnapKV,
-    "rkv": RKV,
-}
+BASELINES: dict[str, type[EvictionBaseline]] = {cls.name: cls for cls in (StreamingLLM, H2O, SnapKV, RKV)}

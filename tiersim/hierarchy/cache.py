@@ -33,8 +33,9 @@ from tiersim.errors import TiersimError
 from tiersim.hierarchy import scoring
 from tiersim.hierarchy.access import make_access
 from tiersim.hierarchy.config import TIERS, TierConfig
-from tiersim.hierarchy.policy import COMPRESSED, DDR, EVICTED, HBM, LayerView, assign_tiers, make_policy
+from tiersim.hierarchy.policy import COMPRESSED, DDR, EVICTED, HBM, LayerView, assign_tiers
 from tiersim.hierarchy.quant import QuantizedKV, quantize_kv
+from tiersim.hierarchy.registry import make_policy
 
 # Chunks of the DDR tier are compacted when padding/holes exceed this share, or when there are too many.
 _COMPACT_WASTE = 0.25

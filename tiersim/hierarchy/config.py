@@ -17,6 +17,8 @@ STRATEGIES = ("prefetch", "host-attention", "hybrid", "selective")
 #: Strategies whose output differs from the full cache's beyond floating-point rounding.
 APPROXIMATE_STRATEGIES = frozenset({"selective"})
 SUM_TOLERANCE = 1e-6
+#: The cache's structural settings beside the split: what the simulator takes from a trace's policy.
+STRUCTURE_FIELDS = ("sink_tokens", "recent_window", "retier_every", "compressed_bits")
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ class TierConfig:
         total = sum(getattr(self, name) for name in RATIO_FIELDS)
         if abs(total - 1.0) > SUM_TOLERANCE:
             parts = ", ".join(f"{n}={getattr(self, n)!r}" for n in RATIO_FIELDS)
-            raise ConfigError(f"TierConfig ratios must sum to 1 (got {total!r}: {parts})")
+            raise ConfigError(f"tier ratios must sum to 1 (got {total!r}: {parts})")
         for name in ("sink_tokens", "recent_window"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -96,6 +98,14 @@ class TierConfig:
         """Zero-approximation-error offloading: nothing compressed, nothing evicted."""
         return self.compressed == 0.0 and self.evict == 0.0
 
+    def ratios(self) -> dict[str, float]:
+        """The split alone, keyed as the CLI options and every result file name it."""
+        return {name: getattr(self, name) for name in RATIO_FIELDS}
+
+    def structure(self) -> dict[str, int]:
+        """The structural settings alone (:data:`STRUCTURE_FIELDS`)."""
+        return {name: getattr(self, name) for name in STRUCTURE_FIELDS}
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -123,18 +133,15 @@ def tier_targets(config: TierConfig, context_len: int, protected: int) -> dict[s
     return {t: counts[t] for t in TIERS}
 
 
-def tier_targets_array(policy, context_len):
-    """:func:`tier_targets` over an array of context lengths (numpy), for traces and the simulator.
-
-    ``policy`` is anything with the ratio attributes and ``sink_tokens`` / ``recent_window``
-    (a TierConfig, or the simulator's numpy-only Policy); pinned = sinks + recent window.
-    """
+def tier_targets_array(config: TierConfig, context_len):
+    """:func:`tier_targets` over an array of context lengths (numpy), for traces and the simulator;
+    pinned = sinks + recent window."""
     import numpy as np
 
     t = np.asarray(context_len, dtype=float)
-    available = t - np.minimum(t, policy.sink_tokens + policy.recent_window)
+    available = t - np.minimum(t, config.sink_tokens + config.recent_window)
     counts = {}
-    for tier, ratio in (("evicted", policy.evict), ("compressed", policy.compressed), ("ddr", policy.ddr)):
+    for tier, ratio in (("evicted", config.evict), ("compressed", config.compressed), ("ddr", config.ddr)):
         n = np.minimum(np.floor(ratio * t + 1e-9), available)
         counts[tier] = n
         available = available - n

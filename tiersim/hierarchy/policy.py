@@ -135,11 +135,3 @@ def assign_tiers(policy: Policy, view: LayerView, already_evicted: int) -> torch
     tiers[ranks < n_evict] = EVICTED
     return tiers
 
-
-def make_policy(config: TierConfig) -> Policy:
-    """The policy object named by ``config.policy``."""
-    if config.policy == "hierarchy":
-        return Policy(config)
-    from tiersim.hierarchy.baselines import BASELINES  # baselines depend on this module
-
-    return BASELINES[config.policy](config)

@@ -6,7 +6,7 @@ applies, the two agree (tested to 1%).
 
 Workload: B batch slots run sequences back to back (continuous batching). Each slot has its
 own generated length (log-normal around the chosen reasoning length) and a random phase, so the
-batch is staggered. At every step the policy's token counts per tier are computed for each slot
+batch is staggered. At every step the split's token counts per tier are computed for each slot
 with the same rule the cache uses (``tier_targets``, re-tiered every R steps, new tokens in HBM
 in between), then summed over the batch: the event count does not grow with B.
 """
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tiersim.hierarchy.config import tier_targets_array
+from tiersim.hierarchy.config import TierConfig, tier_targets_array
 from tiersim.simulator import physics
 from tiersim.simulator.presets import GB, GPU, Model
 
@@ -39,17 +39,18 @@ COPY_CALLS_PER_LAYER = 2  # keys and values, each gathered into one contiguous s
 
 
 @dataclass(frozen=True)
-class Policy:
-    """The tier split plus the cache's structural settings (from TierConfig)."""
+class Offload:
+    """What the simulator prices: a tier split (the cache's own :class:`TierConfig`, which also carries
+    the sinks, window, re-tier interval and compressed bits) and the share of its DDR tier fetched.
 
-    hbm: float
-    ddr: float
-    compressed: float
-    evict: float
-    sink_tokens: int = 4
-    recent_window: int = 64
-    retier_every: int = 16
-    compressed_bits: int = 4
+    ``prefetch`` sits beside the split rather than in it because it is the simulator's knob, not the
+    cache's: an oracle selective prefetch read from a trace's DDR cover, which the strategies and the
+    planner vary per strategy on one fixed split (``dataclasses.replace(offload, prefetch=...)``).
+    TierConfig's own ``fetch_share`` is what the real cache runs and is validated against its
+    strategy; folding the two would make every simulated split pretend to be a cache strategy.
+    """
+
+    tiers: TierConfig
     #: Share of the DDR tier fetched before each layer's attention: 1.0 is the exact hierarchy; less
     #: is an oracle selective prefetch (the trace's DDR cover counts), which drops attention mass.
     prefetch: float = 1.0
@@ -81,7 +82,7 @@ def sample_lengths(batch: int, mean_length: float, sigma: float, rng: np.random.
 
 
 def build_workload(
-    policy: Policy,
+    offload: Offload,
     batch: int,
     lengths: np.ndarray,
     prompt_len: int,
@@ -101,7 +102,7 @@ def build_workload(
     """
     lengths = np.asarray(lengths, dtype=np.int64)[:batch]
     phase = slot_phases(lengths, seed, lockstep)
-    table = position_counts(policy, int(lengths.max()), prompt_len, churn)
+    table = position_counts(offload, int(lengths.max()), prompt_len, churn)
     totals = np.zeros((len(COUNT_KEYS), steps))
     for p, n in zip(phase.tolist(), lengths.tolist()):
         add_slot(totals, table, p, n)
@@ -122,7 +123,7 @@ def slot_phases(lengths: np.ndarray, seed: int, lockstep: bool) -> np.ndarray:
     return (np.random.default_rng(seed).random(len(lengths)) * lengths).astype(np.int64)
 
 
-def position_counts(policy: Policy, positions: int, prompt_len: int, churn: tuple[float, float]) -> np.ndarray:
+def position_counts(offload: Offload, positions: int, prompt_len: int, churn: tuple[float, float]) -> np.ndarray:
     """``[len(COUNT_KEYS), positions]``: what one slot holds at each decode index of its sequence.
 
     A slot's counts depend only on where it is in its sequence, so they are tabulated once and every slot
@@ -132,12 +133,12 @@ def position_counts(policy: Policy, positions: int, prompt_len: int, churn: tupl
     """
     pos = np.maximum(np.arange(max(positions, 1)), 1)
     t = (prompt_len + pos).astype(float)
-    r = policy.retier_every
+    r = offload.tiers.retier_every
     last = pos - pos % r
-    tg = tier_targets_array(policy, (prompt_len + last).astype(float))
+    tg = tier_targets_array(offload.tiers, (prompt_len + last).astype(float))
     hbm = tg["hbm"] + (pos - last)
     at_retier = pos % r == 0
-    prev = tier_targets_array(policy, np.maximum(prompt_len + last - r, prompt_len).astype(float))
+    prev = tier_targets_array(offload.tiers, np.maximum(prompt_len + last - r, prompt_len).astype(float))
     a, b = churn
     swap = np.where(at_retier, np.minimum(np.round(a * t**b * t), prev["ddr"]), 0.0)
     demoted = np.where(at_retier, np.maximum(tg["ddr"] - prev["ddr"], 0.0), 0.0) + swap
@@ -183,48 +184,48 @@ class Memory:
         return self.kv_full - self.kv_hbm - self.compressed - self.staging
 
 
-def memory(model: Model, gpu: GPU, policy: Policy, work: Workload) -> Memory:
-    return memory_at_peaks(model, gpu, policy, work.batch, float(work.full_context.max()), float(work.hbm.max()),
+def memory(model: Model, gpu: GPU, offload: Offload, work: Workload) -> Memory:
+    return memory_at_peaks(model, gpu, offload, work.batch, float(work.full_context.max()), float(work.hbm.max()),
                            float(work.compressed.max()), float(work.ddr.max()))
 
 
-def memory_at_peaks(model: Model, gpu: GPU, policy: Policy, batch, full, hbm, compressed, ddr) -> Memory:
+def memory_at_peaks(model: Model, gpu: GPU, offload: Offload, batch, full, hbm, compressed, ddr) -> Memory:
     """:class:`Memory` from the batch's peak token counts per layer (numbers, or arrays: one per batch size,
     for the largest-batch search; the same arithmetic either way, so both give the same bits)."""
     per_token = model.kv_bytes_per_token
     per_layer = model.kv_bytes_per_token_layer
-    comp_ratio = COMPRESSED_BITS[policy.compressed_bits] / (8 * model.kv_dtype_bytes)
+    comp_ratio = COMPRESSED_BITS[offload.tiers.compressed_bits] / (8 * model.kv_dtype_bytes)
     return Memory(
         weights=model.weight_bytes,
         kv_full=full * per_token,
         kv_hbm=hbm * per_token,
         compressed=compressed * per_token * comp_ratio,
         # Double-buffered staging for one layer's fetched DDR tokens (the batch's).
-        staging=2 * ddr * policy.prefetch * per_layer,
+        staging=2 * ddr * offload.prefetch * per_layer,
         activations=batch * (ACTIVATION_HIDDEN_MULTIPLE * model.hidden_size * 2 + model.logits_bytes_per_sequence),
         reserved=gpu.reserved_bytes,
         ddr=ddr * per_token,
     )
 
 
-def sequence_bytes(model: Model, policy: Policy, context: float) -> float:
-    """HBM one sequence of ``context`` tokens needs under ``policy`` (for the largest-batch search)."""
+def sequence_bytes(model: Model, offload: Offload, context: float) -> float:
+    """HBM one sequence of ``context`` tokens needs under ``offload`` (for the largest-batch search)."""
     per_token = model.kv_bytes_per_token
-    comp_ratio = COMPRESSED_BITS[policy.compressed_bits] / (8 * model.kv_dtype_bytes)
-    tg = tier_targets_array(policy, np.array([float(context)]))
+    comp_ratio = COMPRESSED_BITS[offload.tiers.compressed_bits] / (8 * model.kv_dtype_bytes)
+    tg = tier_targets_array(offload.tiers, np.array([float(context)]))
     kv = tg["hbm"][0] * per_token + tg["compressed"][0] * per_token * comp_ratio
-    staging = 2 * tg["ddr"][0] * policy.prefetch * model.kv_bytes_per_token_layer
+    staging = 2 * tg["ddr"][0] * offload.prefetch * model.kv_bytes_per_token_layer
     act = ACTIVATION_HIDDEN_MULTIPLE * model.hidden_size * 2 + model.logits_bytes_per_sequence
     return kv + staging + act
 
 
-def max_batch(model: Model, gpu: GPU, policy: Policy, context: float, limit: int = 1 << 16) -> int:
+def max_batch(model: Model, gpu: GPU, offload: Offload, context: float, limit: int = 1 << 16) -> int:
     """Largest batch whose peak HBM (and DDR tier in host memory) fits, every sequence at ``context`` tokens."""
     free = gpu.hbm_bytes - gpu.reserved_bytes - model.weight_bytes
     if free <= 0:
         return 0
-    best = min(free // sequence_bytes(model, policy, context), limit)
-    ddr_per_sequence = tier_targets_array(policy, np.array([float(context)]))["ddr"][0] * model.kv_bytes_per_token
+    best = min(free // sequence_bytes(model, offload, context), limit)
+    ddr_per_sequence = tier_targets_array(offload.tiers, np.array([float(context)]))["ddr"][0] * model.kv_bytes_per_token
     if ddr_per_sequence > 0:
         best = min(best, gpu.host_bytes // ddr_per_sequence)
     return int(best)
@@ -247,19 +248,19 @@ class LayerCosts:
     compute_model: str = "roofline"
 
 
-def extra_kv_bytes(model: Model, policy: Policy, work: Workload) -> np.ndarray:
+def extra_kv_bytes(model: Model, offload: Offload, work: Workload) -> np.ndarray:
     """Per-layer bytes beyond attention's own KV read: the compressed tier's dequantized copy (written
     and read back: no fused dequant-attention kernel assumed), the cache's float32 scoring pass once
     tokens may leave HBM (0.5) and its reassembly in token order when some are not in HBM (2 passes)."""
     per_layer = model.kv_bytes_per_token_layer
     extra = work.compressed * per_layer * 2.0
-    if policy.hbm < 1.0:
-        passes = 0.5 + (ASSEMBLY_KV_PASSES - 0.5 if policy.ddr > 0 or policy.compressed > 0 else 0.0)
+    if offload.tiers.hbm < 1.0:
+        passes = 0.5 + (ASSEMBLY_KV_PASSES - 0.5 if offload.tiers.ddr > 0 or offload.tiers.compressed > 0 else 0.0)
         extra = extra + passes * work.context * per_layer
     return extra
 
 
-def layer_costs(model: Model, gpu: GPU, policy: Policy, work: Workload, table: OperatorTable | None = None,
+def layer_costs(model: Model, gpu: GPU, offload: Offload, work: Workload, table: OperatorTable | None = None,
                 roofline_reason: str = "roofline") -> LayerCosts:
     """Compute per layer and per step, and copy times ``latency * calls + bytes / bandwidth``.
 
@@ -269,13 +270,13 @@ def layer_costs(model: Model, gpu: GPU, policy: Policy, work: Workload, table: O
     of ``batch`` rows and the LM head a once-per-step read, both charged in ``step_extra``.
     """
     per_layer = model.kv_bytes_per_token_layer
-    comp_ratio = COMPRESSED_BITS[policy.compressed_bits] / (8 * model.kv_dtype_bytes)
+    comp_ratio = COMPRESSED_BITS[offload.tiers.compressed_bits] / (8 * model.kv_dtype_bytes)
     bw = gpu.hbm_bw * gpu.hbm_efficiency
     peak = gpu.peak_flops * gpu.flops_efficiency
     # Tokens attention reads: HBM tier + staged DDR (from the staging buffer) + compressed codes.
-    attended = work.hbm + work.ddr * policy.prefetch + work.compressed
-    kv_read = (work.hbm + work.ddr * policy.prefetch) * per_layer + work.compressed * per_layer * comp_ratio
-    extra = extra_kv_bytes(model, policy, work)
+    attended = work.hbm + work.ddr * offload.prefetch + work.compressed
+    kv_read = (work.hbm + work.ddr * offload.prefetch) * per_layer + work.compressed * per_layer * comp_ratio
+    extra = extra_kv_bytes(model, offload, work)
     batch = work.batch
     host_floor = 0.0
     if table is None:
@@ -297,7 +298,7 @@ def layer_costs(model: Model, gpu: GPU, policy: Policy, work: Workload, table: O
         if host_floor:
             source += f"; host floor {host_floor * 1e3:.1f} ms/step ({table.host_source})"
     compute = np.broadcast_to(np.asarray(compute, dtype=float), work.hbm.shape).copy()
-    h2d_bytes = work.ddr * policy.prefetch * per_layer
+    h2d_bytes = work.ddr * offload.prefetch * per_layer
     d2h_bytes = work.demoted * per_layer
     h2d = np.where(h2d_bytes > 0, COPY_CALLS_PER_LAYER * gpu.copy_latency + h2d_bytes / gpu.h2d_bw, 0.0)
     d2h = np.where(d2h_bytes > 0, COPY_CALLS_PER_LAYER * gpu.copy_latency + d2h_bytes / gpu.d2h_bw, 0.0)

@@ -16,8 +16,9 @@ import numpy as np
 
 from tiersim import __version__
 from tiersim.errors import TiersimError
+from tiersim.hierarchy.config import STRUCTURE_FIELDS, TierConfig
 from tiersim.simulator import analytic
-from tiersim.simulator.analytic import GB, Policy
+from tiersim.simulator.analytic import GB, Offload
 from tiersim.simulator.fastpath import simulate
 from tiersim.simulator.presets import GPU, Model
 
@@ -34,7 +35,7 @@ MAX_TOKENS = 10_000_000
 SYNTHETIC_PROFILE = {
     "prompt_len": 128,
     "churn": (0.01, 0.0),  # 1% of the context swapped HBM <-> DDR at each re-tiering point
-    "structure": {"sink_tokens": 4, "recent_window": 64, "retier_every": 16, "compressed_bits": 4},
+    "structure": TierConfig().structure(),  # the cache's defaults
     "cover": {"cover90": 0.5, "cover99": 0.8},  # share of the DDR tier holding 90% / 99% of its mass
     "mean_length": 3900.0,
 }
@@ -73,16 +74,10 @@ class Scenario:
             raise TiersimError(f"--prefetch must be one of {', '.join(PREFETCH_MODES)}, got {self.prefetch!r}")
         return 1.0 if self.prefetch == "all" else float(self.cover[self.prefetch])
 
-    def policy(self, hbm: float, ddr: float, compressed: float, evict: float) -> Policy:
-        for name, value in (("hbm", hbm), ("ddr", ddr), ("compressed", compressed), ("evict", evict)):
-            if not 0.0 <= value <= 1.0:
-                raise TiersimError(f"--{name} must be in [0, 1], got {value}")
-        total = hbm + ddr + compressed + evict
-        if abs(total - 1.0) > 1e-6:
-            raise TiersimError(
-                f"tier ratios must sum to 1 (hbm={hbm} + ddr={ddr} + compressed={compressed} + evict={evict} = {total:g})"
-            )
-        return Policy(hbm, ddr, compressed, evict, **self.structure, prefetch=self.prefetch_share())
+    def policy(self, hbm: float, ddr: float, compressed: float, evict: float) -> Offload:
+        """The split on this scenario's structure and prefetch mode (TierConfig checks the ratios)."""
+        tiers = TierConfig(hbm=hbm, ddr=ddr, compressed=compressed, evict=evict, **self.structure)
+        return Offload(tiers, prefetch=self.prefetch_share())
 
 
 def scenario_from_trace(trace, model: Model, gpu: GPU, batch: int, mean_length: float | None,
@@ -129,7 +124,7 @@ def trace_projection(trace) -> dict:
     return {
         "prompt_len": max(int(round(profile.prompt_len)), 1),
         "churn": (float(a), float(b)),
-        "structure": {k: int(policy[k]) for k in ("sink_tokens", "recent_window", "retier_every", "compressed_bits")},
+        "structure": {k: int(policy[k]) for k in STRUCTURE_FIELDS},
         "cover": shares,
         "mean_length": float(np.mean([s["new_tokens"] for s in trace.meta["sequences"]])),
     }
@@ -186,7 +181,7 @@ def write_bundled_projection() -> Path:
     return path
 
 
-def workload(scenario: Scenario, policy: Policy, batch: int, steps: int) -> analytic.Workload:
+def workload(scenario: Scenario, policy: Offload, batch: int, steps: int) -> analytic.Workload:
     """The batch's token counts per step: staggered reasoning lengths, or a lockstep fixed context."""
     if scenario.context is not None:
         # Every slot holds `context + s` tokens at step s; none finishes within the run.
@@ -210,7 +205,7 @@ def fit_mask(mem: analytic.Memory, gpu: GPU) -> np.ndarray:
     return np.logical_and(np.asarray(mem.peak) <= gpu.hbm_bytes, np.asarray(mem.ddr) <= gpu.host_bytes)
 
 
-def fits_at(scenario: Scenario, policy: Policy, batch: int, steps: int | None = None) -> bool:
+def fits_at(scenario: Scenario, policy: Offload, batch: int, steps: int | None = None) -> bool:
     """Whether ``batch`` slots fit: the same workload `run` simulates (seed, lengths, steps)."""
     work = workload(scenario, policy, batch, steps or scenario.steps)
     return fits(analytic.memory(scenario.model, scenario.gpu, policy, work), scenario.gpu)
@@ -220,7 +215,7 @@ def fits_at(scenario: Scenario, policy: Policy, batch: int, steps: int | None = 
 _PEAK_COLUMNS = [analytic.COUNT_KEYS.index(k) for k in ("full_context", "hbm", "compressed", "ddr")]
 
 
-def largest_batch(scenario: Scenario, policy: Policy, steps: int | None = None) -> int:
+def largest_batch(scenario: Scenario, policy: Offload, steps: int | None = None) -> int:
     """The one definition of "largest batch": the largest B for which :func:`fits_at` holds while
     B + 1 does not (0 when one sequence does not fit; capped at MAX_BATCH).
 
@@ -262,7 +257,7 @@ def largest_batch(scenario: Scenario, policy: Policy, steps: int | None = None) 
     return MAX_BATCH
 
 
-def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int | None = None,
+def run(scenario: Scenario, policy: Offload, batch: int | None = None, steps: int | None = None,
         largest: bool = True):
     """One config: (summary row without overhead, per-step timeline dict).
 
@@ -277,7 +272,7 @@ def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int
     mem = analytic.memory(model, gpu, policy, work)
     step = result.step_time
     row = {
-        "hbm": policy.hbm, "ddr": policy.ddr, "compressed": policy.compressed, "evict": policy.evict,
+        **policy.tiers.ratios(),
         "prefetch": policy.prefetch,
         "strategy": "prefetch" if policy.prefetch >= 1.0 else "selective",
         "batch": batch,
@@ -313,7 +308,7 @@ def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int
     weights = mem.weights / GB
     reserved = (mem.activations + mem.reserved) / GB
     per_token = model.kv_bytes_per_token / GB
-    comp_ratio = analytic.COMPRESSED_BITS[policy.compressed_bits] / (8 * model.kv_dtype_bytes)
+    comp_ratio = analytic.COMPRESSED_BITS[policy.tiers.compressed_bits] / (8 * model.kv_dtype_bytes)
     kv_hbm = work.hbm * per_token + work.compressed * per_token * comp_ratio
     staging = mem.staging / GB
     n = len(step)
@@ -335,7 +330,7 @@ def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int
     return row, timeline
 
 
-def closed_form_row(scenario: Scenario, policy: Policy, batch: int) -> dict:
+def closed_form_row(scenario: Scenario, policy: Offload, batch: int) -> dict:
     """The sweep's cell: `run`'s memory and times from ``analytic.closed_form`` instead of the engine."""
     work = workload(scenario, policy, batch, scenario.steps)
     model, gpu = scenario.model, scenario.gpu
@@ -343,7 +338,7 @@ def closed_form_row(scenario: Scenario, policy: Policy, batch: int) -> dict:
     step, stall = analytic.closed_form(costs, model.num_layers)
     mem = analytic.memory(model, gpu, policy, work)
     return {
-        "hbm": policy.hbm, "ddr": policy.ddr, "compressed": policy.compressed, "evict": policy.evict,
+        **policy.tiers.ratios(),
         "batch": batch, "steps": scenario.steps, "method": "closed form",
         "context_tokens_mean": round(work.context_mean, 1),
         "context_tokens_peak": round(float(work.full_context.max()) / batch, 1),
@@ -360,7 +355,7 @@ def with_overhead(row: dict, baseline: dict) -> dict:
     return row
 
 
-def grid_policies(scenario: Scenario, hbm_ratios=GRID_HBM, evicts=GRID_EVICT) -> list[Policy]:
+def grid_policies(scenario: Scenario, hbm_ratios=GRID_HBM, evicts=GRID_EVICT) -> list[Offload]:
     """The capacity grid: each HBM ratio (capped at 1 - evict) × each eviction ratio, the rest in DDR."""
     seen, out = set(), []
     for evict in evicts:
@@ -373,7 +368,7 @@ def grid_policies(scenario: Scenario, hbm_ratios=GRID_HBM, evicts=GRID_EVICT) ->
     return out
 
 
-def baseline_policy(scenario: Scenario) -> Policy:
+def baseline_policy(scenario: Scenario) -> Offload:
     """Everything in HBM: the reference every overhead is measured against."""
     return scenario.policy(1.0, 0.0, 0.0, 0.0)
 
@@ -389,7 +384,7 @@ def run_row(job: tuple) -> dict:
 
 
 def capacity_jobs(scenario: Scenario) -> list[tuple]:
-    """Every SimPy run :func:`capacity` needs, each once: the baseline and the grid at the scenario's batch.
+    """Every SimPy run :func:`grid_result` needs, each once: the baseline and the grid at the scenario's batch.
     (The batch sweep is closed-form rows, milliseconds each: not worth a task.)"""
     base_policy = baseline_policy(scenario)
     jobs = [(scenario, base_policy, scenario.batch, scenario.steps)]
@@ -398,12 +393,13 @@ def capacity_jobs(scenario: Scenario) -> list[tuple]:
 
 
 def capacity_ticks(scenario: Scenario) -> int:
-    """How many times :func:`capacity` ticks its progress: once per SimPy run, once per sweep batch."""
+    """How many times :func:`grid_result` ticks its progress: once per SimPy run, once per sweep batch."""
     return len(capacity_jobs(scenario)) + len(sweep_batches(scenario.batch))
 
 
-def capacity(scenario: Scenario, max_overhead: float = 10.0, progress=None, map_runs=None) -> dict:
-    """The grid at the scenario's batch, the best config, the largest batches and a batch sweep.
+def grid_result(scenario: Scenario, max_overhead: float = 10.0, progress=None, map_runs=None) -> dict:
+    """The capacity document for one batch (:func:`range_result` is the one for a range): the grid at
+    the scenario's batch, the best config, the largest batches and a batch sweep.
 
     ``map_runs(run_row, jobs, tick)`` runs the simulations (default: one after another here; the CLI's
     ``--ray`` passes one that makes each a Ray task) and returns their rows in order; ``progress``
@@ -432,7 +428,7 @@ def capacity(scenario: Scenario, max_overhead: float = 10.0, progress=None, map_
     for batch in sweep_batches(scenario.batch):
         base = baseline if batch == scenario.batch else closed_form_row(scenario, base_policy, batch)
         for policy in policies:
-            if policy.evict != 0.0:
+            if policy.tiers.evict != 0.0:
                 continue
             if batch == scenario.batch:
                 row = next(r for r, p in zip(rows, policies) if p == policy)

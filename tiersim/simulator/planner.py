@@ -13,7 +13,7 @@ import numpy as np
 
 from tiersim.errors import TiersimError
 from tiersim.simulator import analytic, capacity
-from tiersim.simulator.analytic import GB, Policy
+from tiersim.simulator.analytic import GB, Offload
 from tiersim.simulator.strategies import APPROXIMATE, STRATEGIES, step_times
 
 NO_OFFLOAD = "none"  # nothing in DDR: no strategy applies
@@ -50,12 +50,12 @@ def parse_strategies(text: str) -> list[str]:
     return names
 
 
-def evaluate(scenario: capacity.Scenario, policy: Policy, batch: int, strategies=STRATEGIES,
+def evaluate(scenario: capacity.Scenario, policy: Offload, batch: int, strategies=STRATEGIES,
              tpot_slo_ms: float | None = None) -> list[dict]:
     """One row per strategy (one row, strategy ``none``, when nothing is in DDR) at ``batch``."""
     model, gpu = scenario.model, scenario.gpu
     work = capacity.workload(scenario, policy, batch, scenario.steps)
-    names = [NO_OFFLOAD] if policy.ddr <= 0 else list(strategies)
+    names = [NO_OFFLOAD] if policy.tiers.ddr <= 0 else list(strategies)
     rows = []
     for name in names:
         timing = step_times("prefetch" if name == NO_OFFLOAD else name, model, gpu, policy, work,
@@ -65,7 +65,7 @@ def evaluate(scenario: capacity.Scenario, policy: Policy, batch: int, strategies
         tpot = float(step.mean() * 1e3)
         rows.append({
             "strategy": name, "approximate": name in APPROXIMATE, "share": round(timing.share, 4),
-            "hbm": policy.hbm, "ddr": policy.ddr, "compressed": policy.compressed, "evict": policy.evict,
+            **policy.tiers.ratios(),
             "batch": batch, "steps": int(len(step)),
             "context_tokens_mean": round(work.context_mean, 1),
             "context_tokens_peak": round(float(work.full_context.max()) / batch, 1),

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from tiersim.simulator import analytic, physics
-from tiersim.simulator.analytic import COMPRESSED_BITS, COPY_CALLS_PER_LAYER, Policy, Workload
+from tiersim.simulator.analytic import COMPRESSED_BITS, COPY_CALLS_PER_LAYER, Offload, Workload
 from tiersim.simulator.presets import GPU, Model
 
 STRATEGIES = ("prefetch", "host-attention", "hybrid", "recompute", "selective", "compressed-transfer")
@@ -42,10 +42,10 @@ class Timing:
     approximate: bool
 
 
-def _costs(model: Model, gpu: GPU, policy: Policy, work: Workload, staged: float, table=None) -> analytic.LayerCosts:
+def _costs(model: Model, gpu: GPU, offload: Offload, work: Workload, staged: float, table=None) -> analytic.LayerCosts:
     """The engine's costs with ``staged`` of the DDR tier attended from staging: per-layer compute,
     per-step extra work and host floor (from ``table`` when given, else the roofline)."""
-    return analytic.layer_costs(model, gpu, replace(policy, prefetch=staged), work, table)
+    return analytic.layer_costs(model, gpu, replace(offload, prefetch=staged), work, table)
 
 
 def _step(costs: analytic.LayerCosts, layers: int, gpu_layer: np.ndarray, link_layer: np.ndarray) -> np.ndarray:
@@ -76,14 +76,14 @@ def _hbm_attention(model: Model, gpu: GPU, work: Workload) -> np.ndarray:
     return physics.attention_s(gpu, work.hbm * model.kv_bytes_per_token_layer)
 
 
-def _split_step(model: Model, gpu: GPU, policy: Policy, work: Workload, host_share: float, table=None) -> np.ndarray:
+def _split_step(model: Model, gpu: GPU, offload: Offload, work: Workload, host_share: float, table=None) -> np.ndarray:
     """Step time with ``host_share`` of the DDR tier attended on the host, the rest prefetched.
 
     The prefetched part crosses the link while the previous layer computes; the host part needs this
     layer's query, so it runs during this layer and hides only under the GPU's HBM-tier attention.
     """
     staged = 1.0 - host_share
-    costs = _costs(model, gpu, policy, work, staged, table)
+    costs = _costs(model, gpu, offload, work, staged, table)
     c = costs.compute
     host = host_attention_time(model, gpu, work.ddr * host_share, work.batch)
     window = np.minimum(_hbm_attention(model, gpu, work), c)
@@ -104,33 +104,33 @@ def _recompute_step(model: Model, gpu: GPU, work: Workload, share: float, costs:
     return _step(costs, model.num_layers, costs.compute + recompute, link)
 
 
-def step_times(strategy: str, model: Model, gpu: GPU, policy: Policy, work: Workload,
+def step_times(strategy: str, model: Model, gpu: GPU, offload: Offload, work: Workload,
                cover: float = 1.0, table=None) -> Timing:
     """Per-step time of ``strategy`` on ``work`` (``cover``: the share ``selective`` fetches; ``table``:
     measured operator tables, as the engine uses them)."""
     layers = model.num_layers
     kv = model.kv_bytes_per_token_layer
     if strategy == "prefetch" or work.ddr.max() <= 0:
-        costs = _costs(model, gpu, policy, work, 1.0, table)
+        costs = _costs(model, gpu, offload, work, 1.0, table)
         return Timing(strategy, _step(costs, layers, costs.compute, _link(gpu, work.ddr * kv)), 1.0, 1.0,
                       strategy in APPROXIMATE and work.ddr.max() > 0)
     if strategy in ("host-attention", "hybrid"):
         shares = [1.0] if strategy == "host-attention" else SPLITS
-        best = min(((_split_step(model, gpu, policy, work, x, table), x) for x in shares),
+        best = min(((_split_step(model, gpu, offload, work, x, table), x) for x in shares),
                    key=lambda t: float(t[0].mean()))
         return Timing(strategy, best[0], 1.0 - best[1], best[1], False)
     if strategy == "recompute":
-        costs = _costs(model, gpu, policy, work, 1.0, table)
+        costs = _costs(model, gpu, offload, work, 1.0, table)
         best = min(((_recompute_step(model, gpu, work, y, costs), y) for y in SPLITS),
                    key=lambda t: float(t[0].mean()))
         return Timing(strategy, best[0], 1.0, best[1], False)
     if strategy == "selective":
-        costs = _costs(model, gpu, policy, work, cover, table)
+        costs = _costs(model, gpu, offload, work, cover, table)
         return Timing(strategy, _step(costs, layers, costs.compute, _link(gpu, work.ddr * cover * kv)), cover, cover,
                       True)
     if strategy == "compressed-transfer":
         ratio = COMPRESSED_BITS[TRANSFER_BITS] / (8 * model.kv_dtype_bytes)
-        costs = _costs(model, gpu, policy, work, 1.0, table)
+        costs = _costs(model, gpu, offload, work, 1.0, table)
         # Dequantize on the GPU: read the codes, write bf16 into staging (attention then reads it: in c).
         c = costs.compute + work.ddr * kv * (ratio + 1.0) / (gpu.hbm_bw * gpu.hbm_efficiency)
         return Timing(strategy, _step(costs, layers, c, _link(gpu, work.ddr * kv * ratio)), 1.0, ratio, True)

@@ -157,11 +157,11 @@ def layer_bytes(model, batch: int, context: float) -> float:
 
 def predict(model, gpu, policy: dict, batch: int, context: float, hbm: float, table=None) -> dict:
     """The simulator's closed-form step time and stall for one steady (non re-tiering) decode step."""
-    from tiersim.hierarchy.config import tier_targets_array
-    from tiersim.simulator.analytic import Policy, Workload, closed_form, layer_costs
+    from tiersim.hierarchy.config import TierConfig, tier_targets_array
+    from tiersim.simulator.analytic import Offload, Workload, closed_form, layer_costs
 
-    pol = Policy(hbm=hbm, ddr=1.0 - hbm, compressed=0.0, evict=0.0, **policy)
-    tg = tier_targets_array(pol, np.array([float(context)]))
+    pol = Offload(TierConfig(hbm=hbm, ddr=1.0 - hbm, **policy))
+    tg = tier_targets_array(pol.tiers, np.array([float(context)]))
     one = np.array([float(batch * context)])
     work = Workload(batch=batch, steps=np.array([0]), context=one, full_context=one,
                     hbm=tg["hbm"] * batch, ddr=tg["ddr"] * batch, compressed=np.zeros(1), demoted=np.zeros(1))
