@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from tiersim.errors import TiersimError
 from tiersim.simulator import analytic
 from tiersim.hierarchy.config import TierConfig
 from tiersim.simulator.analytic import Offload
@@ -288,3 +289,41 @@ def test_against_refuses_a_foreign_file_and_a_model_it_has_no_points_for(tmp_pat
     with pytest.raises(TiersimError, match="no measured point is of model llama-3.1-8b"):
         compare(scenario_from_trace(load_trace(None), LLAMA, H100, 1, None, steps=4, context=1024),
                 load_measurements(good)[1])
+
+
+# -- per-step host overhead (issue 16 item 5) -----------------------------------------------------------
+#: vidur's public CPU profile of a serving engine (github.com/microsoft/vidur @ 0633efa,
+#: data/profiling/a100/cpu_overheads.csv, Llama-2-7b-hf, TP 1): batch -> medians of schedule + sampler
+#: end to end + prepare inputs end to end + process model outputs, ms.
+VIDUR_CPU_MS = {8: 1.9705, 16: 2.7974, 24: 3.5080, 32: 4.6229, 40: 5.1360, 48: 6.0511, 56: 6.7340, 64: 7.5937}
+
+
+def test_the_sync_host_overhead_is_the_public_profile_fitted_linearly():
+    from tiersim.simulator.presets import HOST_OVERHEADS
+
+    fixed, per_sequence = HOST_OVERHEADS["sync"]
+    for batch, ms in VIDUR_CPU_MS.items():
+        assert (fixed + per_sequence * batch) * 1e3 == pytest.approx(ms, abs=0.35), batch
+    slope, intercept = np.polyfit(list(VIDUR_CPU_MS), list(VIDUR_CPU_MS.values()), 1)
+    assert per_sequence * 1e3 == pytest.approx(slope, rel=0.02) and fixed * 1e3 == pytest.approx(intercept, rel=0.05)
+
+
+@pytest.mark.parametrize("batch", [1, 8, 64])
+def test_a_host_overhead_adds_its_time_once_per_step(batch):
+    from tiersim.simulator import fastpath
+    from tiersim.simulator.presets import with_host_overhead
+
+    work = lockstep(ALL_HBM, batch, 2048)
+    plain = analytic.layer_costs(QWEN, H100, ALL_HBM, work)
+    sync_gpu = with_host_overhead(H100, "sync")
+    synced = analytic.layer_costs(QWEN, sync_gpu, ALL_HBM, work)
+    added = (1.17e-3 + 0.100e-3 * batch)
+    step, _ = analytic.closed_form(plain, QWEN.num_layers)
+    step_sync, _ = analytic.closed_form(synced, QWEN.num_layers)
+    np.testing.assert_allclose(step_sync - step, added, rtol=1e-9)
+    run = fastpath.simulate(synced, QWEN.num_layers, sync_gpu, engine="simpy").step_time
+    np.testing.assert_allclose(run - fastpath.simulate(plain, QWEN.num_layers, H100, engine="simpy").step_time,
+                               added, rtol=1e-6)
+    assert "host overhead" in synced.compute_model and "host overhead" not in plain.compute_model
+    with pytest.raises(TiersimError, match="--host-overhead must be one of none, sync"):
+        with_host_overhead(H100, "async")

@@ -29,13 +29,14 @@ def _scenario(target: Target, workload: Workload, compute: ComputeModel, batch: 
     from tiersim.simulator.capacity import (
         PREFETCH_MODES, SYNTHETIC_LABEL, bundled_projection, load_trace, scenario_from_trace,
     )
-    from tiersim.simulator.presets import get_gpu, get_model, model_from_config
+    from tiersim.simulator.presets import HOST_OVERHEADS, get_gpu, get_model, model_from_config, with_host_overhead
     from tiersim.traces.lengths import parse_lengths
 
     model, model_config, gpu = target.model, target.model_config, target.gpu
     trace, lengths, context, prefetch = workload.trace, workload.lengths, workload.context, workload.prefetch
     steps, seed = workload.steps, workload.seed
     calibration, profile, host_floor, engine = compute.calibration, compute.profile, compute.host_floor, compute.engine
+    host_overhead = compute.host_overhead
     if batch < 1:
         raise TiersimError(f"--batch must be >= 1, got {batch}")
     if steps < 1:
@@ -46,6 +47,8 @@ def _scenario(target: Target, workload: Workload, compute: ComputeModel, batch: 
         raise TiersimError(f"use either --context ({context}) or --lengths ({lengths}), not both")
     if prefetch not in PREFETCH_MODES:
         raise TiersimError(f"--prefetch must be one of {', '.join(PREFETCH_MODES)}, got {prefetch!r}")
+    if host_overhead not in HOST_OVERHEADS:
+        raise TiersimError(f"--host-overhead must be one of {', '.join(HOST_OVERHEADS)}, got {host_overhead!r}")
     if engine not in ENGINES:
         raise TiersimError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     lengths = lengths or "math500"
@@ -56,6 +59,8 @@ def _scenario(target: Target, workload: Workload, compute: ComputeModel, batch: 
         cal = load_calibration(calibration)
         check_device(cal, gpu, "--calibration")
         hw = apply_calibration(hw, cal)
+    if host_overhead != "none":
+        hw = with_host_overhead(hw, host_overhead)
     table, note = None, "roofline (no --profile given)"
     if profile:
         doc = load_profile(profile)

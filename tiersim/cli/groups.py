@@ -78,5 +78,8 @@ class ComputeModel:
                                   "operator times instead of the roofline")
     host_floor: bool = option(True, "with --profile: a step lasts at least the profiled HF eager host time "
                               "(--no-host-floor: a launch-free engine, device time only)", flag="--host-floor/--no-host-floor")
+    host_overhead: str = option("none", "per-step host work the GPU waits for: none (an engine that overlaps "
+                                        "it), or sync (a Python serving engine that does not: 1.17 ms + 0.1 ms per "
+                                        "sequence, vidur's public CPU profile)")
     engine: str = option("auto", "step-time model: auto (the exact per-step recurrence, or SimPy where demotions and "
                                  "prefetches really share the link), fast, or simpy (the event-by-event reference)")

@@ -282,7 +282,7 @@ def layer_costs(model: Model, gpu: GPU, offload: Offload, work: Workload, table:
     if table is None:
         # Weights, attention and small ops each at their own measured efficiency (tiersim.simulator.physics).
         compute = physics.layer_s(model, gpu, batch, kv_read, extra, attended)
-        step_extra = physics.lm_head_s(model, gpu, batch) + gpu.step_overhead
+        step_extra = physics.lm_head_s(model, gpu, batch) + host_overhead_s(gpu, batch)
         source = roofline_reason
     else:
         from tiersim.simulator.profile import LAYER_GEMMS, LAYER_SMALL, STEP_SMALL
@@ -292,11 +292,13 @@ def layer_costs(model: Model, gpu: GPU, offload: Offload, work: Workload, table:
         context = attended / batch
         compute = fixed + table.attention_s(batch, context, per_layer, bw) + extra / bw
         step_extra = table.gemm_s("lm_head", batch, bw, peak) + sum(table.small_s(op, batch) for op in STEP_SMALL)
-        step_extra += gpu.step_overhead
+        step_extra += host_overhead_s(gpu, batch)
         host_floor = table.host_s(batch)
         source = table.describe()
         if host_floor:
             source += f"; host floor {host_floor * 1e3:.1f} ms/step ({table.host_source})"
+    if host_overhead_s(gpu, batch):
+        source += f"; host overhead {host_overhead_s(gpu, batch) * 1e3:.2f} ms/step"
     compute = np.broadcast_to(np.asarray(compute, dtype=float), work.hbm.shape).copy()
     h2d_bytes = work.ddr * offload.prefetch * per_layer
     d2h_bytes = work.demoted * per_layer
@@ -304,6 +306,11 @@ def layer_costs(model: Model, gpu: GPU, offload: Offload, work: Workload, table:
     d2h = np.where(d2h_bytes > 0, COPY_CALLS_PER_LAYER * gpu.copy_latency + d2h_bytes / gpu.d2h_bw, 0.0)
     return LayerCosts(compute, h2d, d2h, h2d_bytes, d2h_bytes, step_extra=step_extra, host_floor=host_floor,
                       compute_model=source)
+
+
+def host_overhead_s(gpu: GPU, batch: int) -> float:
+    """Host time per step that the GPU waits for (scheduling, sampling, input and output handling)."""
+    return gpu.step_overhead + gpu.step_overhead_per_sequence * batch
 
 
 def closed_form(costs: LayerCosts, num_layers: int) -> tuple[np.ndarray, np.ndarray]:

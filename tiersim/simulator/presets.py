@@ -47,9 +47,11 @@ class GPU:
     #: ``--profile`` from the validator charges that instead.
     layer_overhead: float = 10.3e-6
     layer_overhead_per_width: float = 0.66e-9
-    #: Host time per decode step that no kernel hides (scheduling, sampling, input preparation), added once
-    #: per step. No public figure fits every engine: 0 unless a profile (``--profile``) measured it.
+    #: Host time per decode step that no kernel hides (scheduling, sampling, input preparation, output
+    #: processing), added once per step: ``step_overhead + step_overhead_per_sequence * batch``. An engine that
+    #: overlaps that work with the GPU hides it: 0 unless ``--host-overhead`` (:data:`HOST_OVERHEADS`) says so.
     step_overhead: float = 0.0
+    step_overhead_per_sequence: float = 0.0
     host_bytes: float = 256 * GB  # pinned host memory for this GPU's DDR tier (a DGX-class 2 TB / 8 GPUs)
     # The host side, for strategies that compute on the CPU (docs/simulator.md, "Strategies"). The
     # default is a DGX H100-class host: 2 x Xeon Platinum 8480C (NVIDIA DGX H100 user guide), each
@@ -284,6 +286,23 @@ def model_from_config(path: str | Path) -> Model:
     name = cfg.get("_name_or_path") or path.parent.name or "custom"
     return Model(str(name), layers, kv_heads, head_dim, hidden, heads, float(params), vocab_size=vocab,
                  tie_word_embeddings=bool(cfg.get("tie_word_embeddings")), intermediate_size=inter)
+
+
+#: Per-step host time an engine does not overlap with the GPU, ``(seconds per step, seconds per sequence)``.
+#: ``sync``: vidur's public CPU-overhead profile of a Python serving engine (github.com/microsoft/vidur @
+#: 0633efa, data/profiling/a100/cpu_overheads.csv, Llama-2-7b-hf, TP 1): the medians of schedule + sampler
+#: (end to end) + prepare inputs (end to end) + process model outputs are 1.97 ms at batch 8 and 7.59 ms at
+#: batch 64, nearly linear in between; least squares over batch 8-64 gives 1.17 ms + 0.100 ms per sequence.
+#: ``none``: an engine that overlaps this work with the GPU step (asynchronous scheduling).
+HOST_OVERHEADS = {"none": (0.0, 0.0), "sync": (1.17e-3, 0.100e-3)}
+
+
+def with_host_overhead(gpu: GPU, name: str) -> GPU:
+    """``gpu`` charging the named per-step host overhead (:data:`HOST_OVERHEADS`)."""
+    if name not in HOST_OVERHEADS:
+        raise TiersimError(f"--host-overhead must be one of {', '.join(HOST_OVERHEADS)}, got {name!r}")
+    fixed, per_sequence = HOST_OVERHEADS[name]
+    return replace(gpu, step_overhead=fixed, step_overhead_per_sequence=per_sequence)
 
 
 def with_overrides(gpu: GPU, **changes) -> GPU:
