@@ -96,7 +96,7 @@ def test_timeline_round_trip_and_contract(trace, tmp_path):
 def test_reading_a_trace_as_a_result_is_one_clear_error(trace):
     from tiersim.errors import TiersimError
 
-    with pytest.raises(TiersimError, match="not a tiersim simulation result"):
+    with pytest.raises(TiersimError, match="not a tiersim simulation file"):
         read_timeline(trace.path)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tiersim import __version__
+from tiersim import fileformat
 from tiersim.errors import TiersimError
 from tiersim.simulator import analytic
 from tiersim.simulator.analytic import GB, Policy
@@ -108,8 +108,10 @@ def scenario_from_trace(trace, model: Model, gpu: GPU, batch: int, mean_length: 
     from tiersim.traces.synth import fit
 
     profile = fit(trace)
-    policy = trace.meta["policy"]
-    structure = {k: int(policy[k]) for k in ("sink_tokens", "recent_window", "retier_every", "compressed_bits")}
+    from tiersim.hierarchy.config import TierConfig
+
+    policy = TierConfig.from_dict(trace.meta["policy"])  # the reader checked it; defaults fill what it omits
+    structure = {k: int(getattr(policy, k)) for k in ("sink_tokens", "recent_window", "retier_every", "compressed_bits")}
     if mean_length is None:  # the trace's own lengths
         mean_length = float(np.mean([s["new_tokens"] for s in trace.meta["sequences"]]))
     a, b, _ = profile.churn["hbm_ddr"]
@@ -376,9 +378,7 @@ def capacity(scenario: Scenario, max_overhead: float = 10.0, progress=None, map_
                                               "context_tokens_mean", "context_tokens_peak")})
         tick()
     return {
-        "kind": "capacity",
-        "schema_version": 1,
-        "tiersim_version": __version__,
+        **fileformat.stamp(fileformat.CAPACITY),
         "model": scenario.model.name,
         "gpu": scenario.gpu.name,
         "batch": scenario.batch,
@@ -403,7 +403,7 @@ def range_result(scenario: Scenario, max_overhead: float, answer: dict) -> dict:
     rows = answer["points"]
     exact = [r for r in rows if not r["approximate"]]
     return {
-        "kind": "capacity", "schema_version": 1, "tiersim_version": __version__,
+        **fileformat.stamp(fileformat.CAPACITY),
         "model": scenario.model.name, "gpu": scenario.gpu.name, "batch": scenario.batch,
         "batches": answer["batches"], "trace": scenario.trace_label, "mean_length": scenario.mean_length,
         "context": scenario.context, "prompt_len": scenario.prompt_len, "prefetch": scenario.prefetch,

@@ -19,12 +19,9 @@ from typing import Callable
 
 import numpy as np
 
-from tiersim.atomic import write_json
+from tiersim import fileformat
 from tiersim.errors import TiersimError
-from tiersim.provenance import header
 
-KIND = "calibration"
-SCHEMA_VERSION = 1
 DEFAULT_BATCHES = (1, 8, 32)
 DEFAULT_CONTEXTS = (2048, 8192)
 DEFAULT_HBM = (1.0, 0.5, 0.25)
@@ -250,7 +247,7 @@ def run_validation(
         doc = _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_sizes, command, log,
                        budget_s, sdpa, profile)
     if out is not None:
-        write_json(out, doc)
+        fileformat.write_document(out, doc)
         log(f"wrote {out}")
     return doc
 
@@ -335,7 +332,7 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_
         fallback_gbps=copy_rate,
     )
     doc = {
-        **header(KIND, SCHEMA_VERSION),
+        **fileformat.header(fileformat.CALIBRATION),
         "command": command,
         "device": info,
         "gpu_preset": base_gpu_preset(info["name"] if dev.type == "cuda" else None),
