@@ -124,14 +124,14 @@ def test_tier_counts_follow_ratios_on_every_layer(tiny_qwen2):
 
     cache = TieredCache(cfg, recorder=recorder)
     _generate(tiny_qwen2, _random_prompt(tiny_qwen2, 50), cache, 31)
-    retier_rows = [r for r in seen if r["step"] % cfg.retier_every == 0]
+    retier_rows = [r for r in seen if r.step % cfg.retier_every == 0]
     assert retier_rows
     for row in retier_rows:
-        t = row["context_len"]
-        assert row["n_hbm"] + row["n_ddr"] + row["n_compressed"] + row["n_evicted"] == t
-        assert row["n_evicted"] == int(cfg.evict * t + 1e-9)
-        assert row["n_compressed"] == int(cfg.compressed * t + 1e-9)
-        assert row["n_ddr"] == int(cfg.ddr * t + 1e-9)
+        t = row.context_len
+        assert row.n_hbm + row.n_ddr + row.n_compressed + row.n_evicted == t
+        assert row.n_evicted == int(cfg.evict * t + 1e-9)
+        assert row.n_compressed == int(cfg.compressed * t + 1e-9)
+        assert row.n_ddr == int(cfg.ddr * t + 1e-9)
     # Equal on every layer: the causal mask is shared by all layers.
     final = [cache.tier_counts(i) for i in range(tiny_qwen2.config.num_hidden_layers)]
     assert all(c == final[0] for c in final)

@@ -16,29 +16,16 @@ import pandas as pd
 
 from tiersim import fileformat
 from tiersim.errors import TraceError
+from tiersim.hierarchy.record import StepRecord
 
 SCHEMA_VERSION = fileformat.TRACE.schema_version
 BUNDLED_TRACE = "default-trace.parquet"
 
-INT_COLUMNS = {
-    "seq_id": "int32",
-    "step": "int32",
-    "layer": "int16",
-    "context_len": "int32",
-    "n_hbm": "int32",
-    "n_ddr": "int32",
-    "n_compressed": "int32",
-    "n_evicted": "int32",
-    "hbm_to_ddr": "int32",
-    "ddr_to_hbm": "int32",
-    "to_compressed": "int32",
-    "from_compressed": "int32",
-    "newly_evicted": "int32",
-    "ddr_cover90": "int32",
-    "ddr_cover99": "int32",
-}
-FLOAT_COLUMNS = {"mass_hbm": "float32", "mass_ddr": "float32", "mass_compressed": "float32"}
-COLUMNS = {**INT_COLUMNS, **FLOAT_COLUMNS}
+# The columns are the cache's StepRecord fields (plus which sequence the row belongs to), so a field
+# added to the record is a column of every new trace; readers require only these.
+COLUMNS = {"seq_id": "int32", **StepRecord.columns()}
+INT_COLUMNS = {c: t for c, t in COLUMNS.items() if t.startswith("int")}
+FLOAT_COLUMNS = {c: t for c, t in COLUMNS.items() if t.startswith("float")}
 REQUIRED_META = ("kind", "schema_version", "model", "policy", "sequences")
 
 
