@@ -20,6 +20,7 @@ from tiersim.simulator import analytic
 from tiersim.simulator.analytic import GB, Policy
 from tiersim.simulator.engine import simulate
 from tiersim.simulator.presets import GPU, Model
+from tiersim.simulator.rows import CapacityRow
 
 GRID_HBM = (1.0, 0.75, 0.5, 0.25)
 GRID_EVICT = (0.0, 0.03, 0.1)
@@ -210,41 +211,10 @@ def run(scenario: Scenario, policy: Policy, batch: int | None = None, steps: int
     costs = analytic.layer_costs(model, gpu, policy, work, scenario.table, scenario.compute_note)
     result = simulate(costs, model.num_layers, gpu)
     mem = analytic.memory(model, gpu, policy, work)
+    max_batch = largest_batch(scenario, policy, steps, float(work.full_context.max()) / batch) if largest else None
+    row = CapacityRow.simulated(policy, batch, steps, work, mem, gpu, result, costs.compute_model, fits(mem, gpu),
+                                max_batch).as_dict()
     step = result.step_time
-    row = {
-        "hbm": policy.hbm, "ddr": policy.ddr, "compressed": policy.compressed, "evict": policy.evict,
-        "prefetch": policy.prefetch,
-        "strategy": "prefetch" if policy.prefetch >= 1.0 else "selective",
-        "batch": batch,
-        "steps": steps,
-        "method": "SimPy",
-        "context_tokens_mean": round(work.context_mean, 1),
-        "context_tokens_peak": round(float(work.full_context.max()) / batch, 1),
-        "kv_full_gb": mem.kv_full / GB,
-        "kv_hbm_gb": mem.kv_hbm / GB,
-        "compressed_gb": mem.compressed / GB,
-        "staging_gb": mem.staging / GB,
-        "hbm_saved_gb": mem.saved / GB,
-        "peak_hbm_gb": mem.peak / GB,
-        "hbm_capacity_gb": gpu.hbm_bytes / GB,
-        "ddr_gb": mem.ddr / GB,
-        "host_capacity_gb": gpu.host_bytes / GB,
-        "fits": fits(mem, gpu),
-        "hbm_fits": bool(mem.peak <= gpu.hbm_bytes),
-        "ddr_fits": bool(mem.ddr <= gpu.host_bytes),
-        "step_ms": float(step.mean() * 1e3),
-        "step_p50_ms": float(np.percentile(step, 50) * 1e3),
-        "step_p99_ms": float(np.percentile(step, 99) * 1e3),
-        "stall_ms": float(result.stall.mean() * 1e3),
-        "stall_p99_ms": float(np.percentile(result.stall, 99) * 1e3),
-        "compute_ms": float(result.compute.mean() * 1e3),
-        "h2d_gb_per_step": float(result.h2d_bytes.mean() / GB),
-        "d2h_gb_per_step": float(result.d2h_bytes.mean() / GB),
-        "tokens_per_s": float(batch / step.mean()),
-        "max_batch": largest_batch(scenario, policy, steps, float(work.full_context.max()) / batch) if largest else None,
-        "events": result.events,
-        "compute_model": costs.compute_model,
-    }
     weights = mem.weights / GB
     reserved = (mem.activations + mem.reserved) / GB
     per_token = model.kv_bytes_per_token / GB
