@@ -16,6 +16,7 @@ import numpy as np
 
 from tiersim import fileformat
 from tiersim.errors import TiersimError
+from tiersim.hierarchy.config import TierConfig
 from tiersim.simulator import analytic
 from tiersim.simulator.analytic import GB, Policy
 from tiersim.simulator.engine import simulate
@@ -35,7 +36,6 @@ MAX_TOKENS = 10_000_000
 SYNTHETIC_PROFILE = {
     "prompt_len": 128,
     "churn": (0.01, 0.0),  # 1% of the context swapped HBM <-> DDR at each re-tiering point
-    "structure": {"sink_tokens": 4, "recent_window": 64, "retier_every": 16, "compressed_bits": 4},
     "cover": {"cover90": 0.5, "cover99": 0.8},  # share of the DDR tier holding 90% / 99% of its mass
     "mean_length": 3900.0,
 }
@@ -52,7 +52,7 @@ class Scenario:
     mean_length: float
     prompt_len: int
     churn: tuple[float, float]
-    structure: dict  # sinks, window, re-tier interval, compressed bits (from the trace's policy)
+    structure: TierConfig  # the trace's policy: its sinks, window, re-tier interval and bits (not its ratios)
     steps: int = 256
     sigma: float = 0.35
     seed: int = 0
@@ -80,7 +80,9 @@ class Scenario:
             raise TiersimError(
                 f"tier ratios must sum to 1 (hbm={hbm} + ddr={ddr} + compressed={compressed} + evict={evict} = {total:g})"
             )
-        return Policy(hbm, ddr, compressed, evict, **self.structure, prefetch=self.prefetch_share())
+        s = self.structure
+        return Policy(hbm, ddr, compressed, evict, sink_tokens=s.sink_tokens, recent_window=s.recent_window,
+                      retier_every=s.retier_every, compressed_bits=s.compressed_bits, prefetch=self.prefetch_share())
 
 
 def scenario_from_trace(trace, model: Model, gpu: GPU, batch: int, mean_length: float | None,
@@ -104,15 +106,12 @@ def scenario_from_trace(trace, model: Model, gpu: GPU, batch: int, mean_length: 
     if trace is None:
         prof = SYNTHETIC_PROFILE
         return Scenario(model, gpu, batch, float(mean_length or prof["mean_length"]), prof["prompt_len"],
-                        prof["churn"], dict(prof["structure"]), steps=steps, seed=seed, trace_label=SYNTHETIC_LABEL,
+                        prof["churn"], TierConfig(), steps=steps, seed=seed, trace_label=SYNTHETIC_LABEL,
                         context=context, cover=dict(prof["cover"]), prefetch=prefetch)
     from tiersim.traces.synth import fit
 
     profile = fit(trace)
-    from tiersim.hierarchy.config import TierConfig
-
-    policy = TierConfig.from_dict(trace.meta["policy"])  # the reader checked it; defaults fill what it omits
-    structure = {k: int(getattr(policy, k)) for k in ("sink_tokens", "recent_window", "retier_every", "compressed_bits")}
+    structure = TierConfig.from_dict(trace.meta["policy"])  # the reader checked it; defaults fill what it omits
     if mean_length is None:  # the trace's own lengths
         mean_length = float(np.mean([s["new_tokens"] for s in trace.meta["sequences"]]))
     a, b, _ = profile.churn["hbm_ddr"]
