@@ -53,5 +53,13 @@ class StepRecord:
 
     def row(self) -> dict[str, Any]:
         """The record as a table row (optional fields only when set)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)
-                if f.default is MISSING or getattr(self, f.name) is not None}
+        row = {name: getattr(self, name) for name in _REQUIRED}
+        for name in _OPTIONAL:
+            value = getattr(self, name)
+            if value is not None:
+                row[name] = value
+        return row
+
+
+_REQUIRED = tuple(StepRecord.columns())  # field lists read once: row() runs per layer per step of a capture
+_OPTIONAL = tuple(StepRecord.optional_columns())
