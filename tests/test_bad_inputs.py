@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from cli_run import invoke
 
+from tiersim import fileformat
 from tiersim.traces import default_trace_path, read, write
 
 SETTINGS = settings(max_examples=80, deadline=None, derandomize=True,
@@ -101,8 +102,12 @@ def test_garbage_traces(tmp_path, data):
         steps = steps.copy()
         column = data.draw(st.sampled_from([c for c in steps.columns if c not in ("seq_id", "step", "layer")]))
         value = data.draw(st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True)))
-        steps[column] = np.asarray(value).astype(steps[column].dtype, copy=False) if np.isfinite(value) else value
-        write(path, steps, meta)
+        if np.isfinite(value):
+            steps[column] = np.asarray(value).astype(steps[column].dtype, copy=False)
+            write(path, steps, meta)
+        else:  # NaN / inf cannot be stored in the writer's integer columns: write the float column as it is
+            steps[column] = value
+            fileformat.write_table(path, steps, meta)
     else:
         drop = data.draw(st.sampled_from(list(steps.columns)))
         pd.DataFrame(steps.drop(columns=[drop])).to_parquet(path)

@@ -196,7 +196,7 @@ def test_the_compressed_tier_stays_bounded_when_re_tiering_every_step(tiny_llama
     ratios = []
 
     def recorder(row):
-        if row["layer"] == 2 and row["step"] % 50 == 49:
+        if row.layer == 2 and row.step % 50 == 49:
             ratios.append(_compressed_ratio(cache, tiny_llama))
 
     cache.recorder = recorder

@@ -160,7 +160,7 @@ def test_grid_file_round_trip(tmp_path, suffix):
 def test_grid_file_refuses_foreign_and_newer(tmp_path):
     foreign = tmp_path / "other.json"
     foreign.write_text(json.dumps({"kind": "capacity", "schema_version": 1, "rows": []}))
-    with pytest.raises(TiersimError, match="not a quality-grid"):
+    with pytest.raises(TiersimError, match="not a tiersim quality-grid file"):
         read_grid(foreign)
     newer = tmp_path / "newer.json"
     newer.write_text(json.dumps({**sample_document(), "schema_version": 99}))

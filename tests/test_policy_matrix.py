@@ -54,11 +54,11 @@ def test_runs_inside_generate_and_keeps_its_budget(request, arch, config):
     assert len(rows) == NEW * layers  # one row per layer per forward (the last token is never fed back)
     for row in rows:
         # New tokens join HBM between re-tiering points: the last one set the counts.
-        grown = row["step"] - max(s for s in range(row["step"] + 1) if policy.due(s))
-        expected = after_retier(config, row["context_len"] - grown)
+        grown = row.step - max(s for s in range(row.step + 1) if policy.due(s))
+        expected = after_retier(config, row.context_len - grown)
         expected["hbm"] += grown
-        got = {t: row[f"n_{t}"] for t in ("hbm", "ddr", "compressed", "evicted")}
-        assert got == expected, (row["step"], row["layer"])
+        got = {t: getattr(row, f"n_{t}") for t in ("hbm", "ddr", "compressed", "evicted")}
+        assert got == expected, (row.step, row.layer)
     final = [cache.tier_counts(i) for i in range(layers)]
     assert final[0]["evicted"] > 0, "test settings must really evict"
     if policy.tiered:

@@ -81,8 +81,8 @@ def _write(tmp_path: Path, name: str, obj) -> Path:
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda d: d | {"kind": "bogus"}, "kind 'bogus' is not drawable"),
-    (lambda d: {k: v for k, v in d.items() if k != "kind"}, "kind None is not drawable"),
+    (lambda d: d | {"kind": "bogus"}, "calibration file (kind 'bogus')"),
+    (lambda d: {k: v for k, v in d.items() if k != "kind"}, "calibration file (kind None)"),
     (lambda d: d | {"schema_version": 2}, "schema_version 2 is newer"),
     (lambda d: d | {"schema_version": "1"}, "schema_version must be an integer"),
     (lambda d: d | {"rows": [{k: v for k, v in r.items() if k != "overhead_pct"} for r in d["rows"]]},
@@ -99,7 +99,7 @@ def test_bad_documents_are_refused_with_one_named_reason(tmp_path, mutate, messa
 def test_a_trace_is_refused_with_a_hint_to_simulate_it(tmp_path):
     from tiersim.traces.format import default_trace_path
 
-    with pytest.raises(TiersimError, match=r"kind 'trace' is not drawable.*tiersim simulate"):
+    with pytest.raises(TiersimError, match=r"not a tiersim simulation, .* file \(kind 'trace'\); simulate it first: tiersim simulate"):
         load_input(default_trace_path())
 
 

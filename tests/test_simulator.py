@@ -223,10 +223,29 @@ def test_timeline_round_trip_and_contract(trace, tmp_path):
     assert np.allclose(frame["step_ms"], np.maximum(frame["compute_ms"], frame["step_ms"]))
 
 
+def test_the_summary_row_is_the_capacity_row_record(trace):
+    """A row's keys are CapacityRow's fields then the two the baseline adds; the docs name every one."""
+    import re
+    from dataclasses import fields
+    from pathlib import Path
+
+    from tiersim.simulator.rows import CapacityRow
+
+    sc = scenario_from_trace(trace, MODEL, H100, 8, 2000.0, steps=8)
+    row, _ = run(sc, sc.policy(0.5, 0.5, 0.0, 0.0), largest=False)
+    names = [f.name for f in fields(CapacityRow)]
+    assert list(row) == names and row["max_batch"] is None
+    assert list(cap.with_overhead(row, row)) == [*names, "overhead_pct", "baseline_fits"]
+    text = (Path(__file__).resolve().parent.parent / "docs" / "file-formats.md").read_text()
+    section = text[text.index("## Capacity grid"):text.index("## Quality grid")]
+    documented = set(re.findall(r"[a-z0-9_]+", section))
+    assert not [n for n in [*names, "overhead_pct", "baseline_fits"] if n not in documented]
+
+
 def test_reading_a_trace_as_a_result_is_one_clear_error(trace):
     from tiersim.errors import TiersimError
 
-    with pytest.raises(TiersimError, match="not a tiersim simulation result"):
+    with pytest.raises(TiersimError, match="not a tiersim simulation file"):
         read_timeline(trace.path)
 
 

@@ -282,7 +282,7 @@ def test_against_refuses_a_foreign_file_and_a_model_it_has_no_points_for(tmp_pat
 
     bad = tmp_path / "x.json"
     bad.write_text(json.dumps({"kind": "simulation"}))
-    with pytest.raises(TiersimError, match="neither a tiersim calibration nor a tiersim operator-profile file"):
+    with pytest.raises(TiersimError, match="not a tiersim calibration or operator-profile file"):
         load_measurements(bad)
     good = tmp_path / "cal.json"
     good.write_text(json.dumps(_calibration_doc([(1, 1024, 1.0, 10.0)])))

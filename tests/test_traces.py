@@ -65,11 +65,11 @@ def test_moved_bytes_match_tier_changes(smollm2):
     _, _, cache = generate_one(model, tokenizer, load_prompts(None, 1)[0].prompt, cfg, 16, rows.append)
     info = describe_model(model)
     bytes_per_token_layer = 2 * info["num_kv_heads"] * info["head_dim"] * 4  # K+V, float32
-    demoted = sum(r["hbm_to_ddr"] for r in rows)
+    demoted = sum(r.hbm_to_ddr for r in rows)
     assert cache.stats()["bytes_d2h"] == demoted * bytes_per_token_layer
     # Every decode step prefetches the layer's DDR tier as the previous step left it (holes included).
-    by_key = {(r["step"], r["layer"]): r["n_ddr"] for r in rows}
-    prefetched = sum(by_key[(r["step"] - 1, r["layer"])] for r in rows if r["step"] > 0)
+    by_key = {(r.step, r.layer): r.n_ddr for r in rows}
+    prefetched = sum(by_key[(r.step - 1, r.layer)] for r in rows if r.step > 0)
     assert prefetched > 0
     assert prefetched * bytes_per_token_layer <= cache.stats()["bytes_h2d"] <= 1.3 * prefetched * bytes_per_token_layer
     assert cache.stats()["bytes"]["ddr"] == cache.tier_counts(0)["ddr"] * bytes_per_token_layer * info["num_layers"]
@@ -292,3 +292,27 @@ def test_atomic_writes_get_ordinary_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert stat.S_IMODE((tmp_path / "x.txt").stat().st_mode) == 0o644
+
+
+@pytest.mark.slow
+def test_the_file_columns_are_the_cache_records_fields(captured, tmp_path):
+    """The trace's columns come from StepRecord: what the cache records is what the file holds, and
+    both docs tables list every field (a field added to the record without its doc row fails here)."""
+    import re
+    from dataclasses import fields
+    from pathlib import Path
+
+    from tiersim.hierarchy.record import StepRecord
+
+    assert list(COLUMNS) == ["seq_id", *StepRecord.columns()]
+    assert list(captured.steps.columns) == list(COLUMNS)
+    on_disk = pq.read_schema(captured.path)
+    assert {name: str(on_disk.field(name).type) for name in COLUMNS} == {
+        name: {"int16": "int16", "int32": "int32", "float32": "float"}[dtype] for name, dtype in COLUMNS.items()}
+    docs = Path(__file__).resolve().parent.parent / "docs"
+    for doc in ("trace-format.md", "file-formats.md"):
+        text = (docs / doc).read_text()
+        documented = set(re.findall(r"^\| ([a-z0-9_, ]+?)(?: \(.*?\))? \|", text, flags=re.M))
+        names = {n.strip() for cell in documented for n in cell.split(",")}
+        missing = [f.name for f in fields(StepRecord) if f.name not in names]
+        assert not missing, f"{doc} lacks {missing}"

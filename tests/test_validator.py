@@ -188,6 +188,21 @@ def test_smoke_run_writes_a_valid_calibration(smoke):
     assert not [f for f in path.parent.iterdir() if f.name.endswith(".tmp")]  # atomic: no temp file left
 
 
+def test_calibration_points_are_the_validation_point_record(smoke):
+    """The file's point keys are ValidationPoint's fields, and docs/file-formats.md names each of them."""
+    import re
+    from dataclasses import fields
+
+    from tiersim.validator.calibrate import ValidationPoint
+
+    names = [f.name for f in fields(ValidationPoint)]
+    assert all(list(p) == names for p in smoke[0]["points"])
+    text = (REPO / "docs" / "file-formats.md").read_text()
+    section = text[text.index("## Calibration / validation"):text.index("## Operator profile")]
+    documented = set(re.findall(r"`?\"?([a-z0-9_]+)\"?`?", section))
+    assert not [n for n in names if n not in documented]
+
+
 def test_smoke_run_prints_the_table(smoke):
     doc, _, stdout, _ = smoke
     assert "measured ms" in stdout and "simulated ms" in stdout

@@ -211,7 +211,7 @@ def capacity(
 ) -> None:
     """Plan HBM: the most tokens/s within a TPOT budget, which split and strategy gets there, and the
     full cache at its largest batch; with one batch, also the simulated grid and a batch sweep."""
-    from tiersim.atomic import write_json
+    from tiersim.fileformat import write_document
     from tiersim.simulator import planner
     from tiersim.simulator.capacity import capacity_ticks, grid_result, range_result
 
@@ -255,7 +255,7 @@ def capacity(
     result = {"recommendation": answer["recommendation"], **result,
               "planner": {k: v for k, v in answer.items() if k != "points"}, "points": answer["points"]}
     if out:
-        write_json(out, result)
+        write_document(out, result)
         wrote(out)
     if report:
         _write_report([result], report)

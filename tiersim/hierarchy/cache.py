@@ -36,6 +36,7 @@ from tiersim.hierarchy.config import TIERS, TierConfig
 from tiersim.hierarchy.policy import COMPRESSED, DDR, EVICTED, HBM, LayerView, assign_tiers
 from tiersim.hierarchy.quant import QuantizedKV, quantize_kv
 from tiersim.hierarchy.registry import make_policy
+from tiersim.hierarchy.record import StepRecord
 
 # Chunks of the DDR tier are compacted when padding/holes exceed this share, or when there are too many.
 _COMPACT_WASTE = 0.25
@@ -468,9 +469,9 @@ class TieredCache(Cache):
     The model must use the ``"tiersim"`` attention implementation (``tiersim.models.load_model``
     sets it) whenever tokens leave HBM, since the policy ranks by attention scores.
 
-    ``recorder``, when given, is called after every layer's attention with a dict describing the
-    step (tier counts, moves, attention mass per tier): trace capture uses it. With
-    ``record_attention`` the dict also carries the step's attention row (positions and
+    ``recorder``, when given, is called after every layer's attention with a :class:`StepRecord`
+    (tier counts, moves, attention mass per tier): trace capture uses it. With
+    ``record_attention`` the record also carries the step's attention row (positions and
     probabilities of the retained tokens, batch row 0) so other policies can be replayed offline.
     """
 
@@ -478,7 +479,7 @@ class TieredCache(Cache):
         self,
         config: TierConfig | None = None,
         model=None,
-        recorder: Callable[[dict], None] | None = None,
+        recorder: Callable[[StepRecord], None] | None = None,
         record_attention: bool = False,
     ):
         super().__init__(layers=[])
@@ -797,24 +798,24 @@ class TieredCache(Cache):
         mass["ddr_cover90"], mass["ddr_cover99"] = cover90, cover99
         return mass
 
-    def _record(self, layer_idx: int, layer: TieredLayer, step: int, mass: dict, moves: dict | None) -> dict:
+    def _record(self, layer_idx: int, layer: TieredLayer, step: int, mass: dict, moves: dict | None) -> StepRecord:
         counts = self.tier_counts(layer_idx)
         moves = moves or {k: 0 for k in self.tokens_moved}
-        return {
-            "step": step,
-            "layer": layer_idx,
-            "context_len": layer.context_len,
-            "n_hbm": counts["hbm"],
-            "n_ddr": counts["ddr"],
-            "n_compressed": counts["compressed"],
-            "n_evicted": counts["evicted"],
-            "hbm_to_ddr": moves["hbm_to_ddr"],
-            "ddr_to_hbm": moves["ddr_to_hbm"],
-            "to_compressed": moves["to_compressed"],
-            "from_compressed": moves["from_compressed"],
-            "newly_evicted": moves["evicted"],
+        return StepRecord(
+            step=step,
+            layer=layer_idx,
+            context_len=layer.context_len,
+            n_hbm=counts["hbm"],
+            n_ddr=counts["ddr"],
+            n_compressed=counts["compressed"],
+            n_evicted=counts["evicted"],
+            hbm_to_ddr=moves["hbm_to_ddr"],
+            ddr_to_hbm=moves["ddr_to_hbm"],
+            to_compressed=moves["to_compressed"],
+            from_compressed=moves["from_compressed"],
+            newly_evicted=moves["evicted"],
             **mass,
-        }
+        )
 
 def _scatter(keys, values, slot, src_k, src_v) -> None:
     if src_k.shape[2] == 0:

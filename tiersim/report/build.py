@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from tiersim import fileformat
 from tiersim.errors import TiersimError
 from tiersim.report import figures
 from tiersim.report.html import Section, figure_id, render_page
 from tiersim.report.loaders import ReportInput, load_input
 
-REPORT_KIND = "report"
-REPORT_SCHEMA_VERSION = 1
 HTML_SUFFIXES = (".html", ".htm")
 KIND_TITLES = {"simulation": "Simulation", "capacity": "Capacity plan", "quality-grid": "Output quality",
                "calibration": "Validation"}
@@ -61,9 +59,8 @@ def build_report(inputs: Sequence[str | os.PathLike | Mapping], title: str | Non
         single = len(facts["model"]) == 1 and len(facts["GPU"]) == 1 and "not recorded" not in facts["model"]
         title = f"tiersim report: {facts['model'][0]} on {facts['GPU'][0]}" if single else "tiersim report"
     meta = {
-        "kind": REPORT_KIND, "schema_version": REPORT_SCHEMA_VERSION, "tiersim_version": __version__,
+        **fileformat.header(fileformat.REPORT),
         "generator": f"tiersim {__version__}",
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "inputs": provenance,
         "figures": [figure_id(s.key, name) for s in sections for name, _ in s.figures],
     }

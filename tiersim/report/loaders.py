@@ -8,7 +8,6 @@ same checks as files.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,11 +16,8 @@ from typing import Any
 
 import pandas as pd
 
+from tiersim import fileformat
 from tiersim.errors import TiersimError
-
-SCHEMA_VERSION = 1  # the newest schema of each input kind this reader understands
-META_KEY = b"tiersim"
-PARQUET_MAGIC = b"PAR1"
 
 # The columns each table must have (docs/file-formats.md); extra columns are kept.
 REQUIRED: dict[str, dict[str, tuple[str, ...]]] = {
@@ -44,6 +40,8 @@ REQUIRED: dict[str, dict[str, tuple[str, ...]]] = {
     },
 }
 KINDS = tuple(REQUIRED)
+DRAWABLE = [fileformat.KINDS[kind] for kind in KINDS]
+LABEL = "report input"
 HINTS = {
     "trace": "simulate it first: tiersim simulate --trace FILE --out result.parquet",
 }
@@ -102,62 +100,14 @@ def load_input(item: str | os.PathLike | Mapping) -> ReportInput:
     if isinstance(item, ReportInput):
         return item
     path = Path(item)
-    if not path.exists():
-        raise TiersimError(f"report input not found: {path}")
-    if not path.is_file():
-        raise TiersimError(f"report input is not a file: {path}")
-    with open(path, "rb") as fh:
-        head = fh.read(4)
-    document = _read_parquet(path) if head == PARQUET_MAGIC else _read_json(path)
+    document, table = fileformat.read(path, DRAWABLE, label=LABEL, hints=HINTS)
+    if table is not None:  # Parquet carries one table: the timeline of a simulation, the rows of anything else
+        document["timeline" if document["kind"] == "simulation" else "rows"] = table.to_pandas()
     return _from_document(document, str(path))
 
 
-def _read_parquet(path: Path) -> dict:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several types for truncated or foreign files
-        raise TiersimError(f"report input {path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
-    raw = (table.schema.metadata or {}).get(META_KEY)
-    if raw is None:
-        raise TiersimError(f"report input {path}: Parquet file without tiersim metadata (not written by tiersim)")
-    try:
-        document = json.loads(raw)
-    except json.JSONDecodeError:
-        raise TiersimError(f"report input {path}: its tiersim metadata is not JSON") from None
-    if not isinstance(document, dict):
-        raise TiersimError(f"report input {path}: its tiersim metadata is not a JSON object")
-    frame = table.to_pandas()
-    # Parquet carries one table: the timeline of a simulation, the rows of anything else.
-    document["timeline" if document.get("kind") == "simulation" else "rows"] = frame
-    return document
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise TiersimError(f"report input {path}: neither Parquet nor JSON") from None
-    except json.JSONDecodeError as exc:
-        raise TiersimError(f"report input {path}: neither Parquet nor valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(document, dict):
-        raise TiersimError(f"report input {path}: expected a JSON object with a 'kind', got {type(document).__name__}")
-    return document
-
-
 def _from_document(document: dict, source: str) -> ReportInput:
-    kind = document.get("kind")
-    if kind not in REQUIRED:
-        hint = f"; {HINTS[kind]}" if kind in HINTS else ""
-        raise TiersimError(f"report input {source}: kind {kind!r} is not drawable "
-                           f"(expected one of {', '.join(KINDS)}){hint}")
-    version = document.get("schema_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise TiersimError(f"report input {source}: schema_version must be an integer, got {version!r}")
-    if version > SCHEMA_VERSION:
-        raise TiersimError(f"report input {source}: {kind} schema_version {version} is newer than this tiersim "
-                           f"reads ({SCHEMA_VERSION}); upgrade tiersim")
+    kind = fileformat.check(document, DRAWABLE, label=LABEL, source=source, hints=HINTS)["kind"]
     tables = {name: _frame(document, name, source) for name in _table_names(kind)}
     meta = {k: v for k, v in document.items() if k not in tables and k != "link"}
     if kind == "calibration":

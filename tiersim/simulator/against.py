@@ -14,16 +14,13 @@ import statistics
 from dataclasses import replace
 from pathlib import Path
 
+from tiersim import fileformat
 from tiersim.errors import TiersimError
-from tiersim.provenance import read_document
 
 def load_measurements(path: str | Path) -> tuple[dict, list[dict]]:
     """(document, points): each point ``{model, batch, context, hbm, measured_ms, steps, label}``."""
-    from tiersim.simulator.calibration import KIND as CALIBRATION, SCHEMA_VERSION as CALIBRATION_SCHEMA
-    from tiersim.simulator.profile import KIND as PROFILE, SCHEMA_VERSION as PROFILE_SCHEMA
-
     path = Path(path)
-    doc = read_document(path, "--against", {CALIBRATION: CALIBRATION_SCHEMA, PROFILE: PROFILE_SCHEMA})
+    doc, _ = fileformat.read(path, [fileformat.CALIBRATION, fileformat.OPERATOR_PROFILE], label="--against")
     try:
         points = _points(doc)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:

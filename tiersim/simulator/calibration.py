@@ -9,17 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tiersim import fileformat
 from tiersim.errors import TiersimError
-from tiersim.provenance import read_document
 from tiersim.simulator.presets import GB, GPU, with_overrides
-
-KIND = "calibration"
-SCHEMA_VERSION = 1
 
 
 def load_calibration(path: str | Path) -> dict:
     """A calibration document from `tiersim validate`, or one clear error."""
-    return read_document(path, "calibration file", {KIND: SCHEMA_VERSION})
+    return fileformat.read(path, [fileformat.CALIBRATION], label="calibration file")[0]
 
 
 def apply_calibration(gpu: GPU, calibration: dict) -> GPU:

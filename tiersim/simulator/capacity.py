@@ -9,18 +9,19 @@ the same batch with everything in HBM, which may not fit: rows say so instead of
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from tiersim import __version__
+from tiersim import fileformat
 from tiersim.errors import TiersimError
-from tiersim.hierarchy.config import STRUCTURE_FIELDS, TierConfig
+from tiersim.hierarchy.config import TierConfig
 from tiersim.simulator import analytic
 from tiersim.simulator.analytic import GB, Offload
 from tiersim.simulator.fastpath import simulate
 from tiersim.simulator.presets import GPU, Model
+from tiersim.simulator.rows import CapacityRow
 
 GRID_HBM = (1.0, 0.75, 0.5, 0.25)
 GRID_EVICT = (0.0, 0.03, 0.1)
@@ -52,7 +53,7 @@ class Scenario:
     mean_length: float
     prompt_len: int
     churn: tuple[float, float]
-    structure: dict  # sinks, window, re-tier interval, compressed bits (from the trace's policy)
+    structure: TierConfig  # the trace's policy: its sinks, window, re-tier interval and bits (not its ratios)
     steps: int = 256
     sigma: float = 0.35
     seed: int = 0
@@ -76,7 +77,7 @@ class Scenario:
 
     def policy(self, hbm: float, ddr: float, compressed: float, evict: float) -> Offload:
         """The split on this scenario's structure and prefetch mode (TierConfig checks the ratios)."""
-        tiers = TierConfig(hbm=hbm, ddr=ddr, compressed=compressed, evict=evict, **self.structure)
+        tiers = replace(self.structure, hbm=hbm, ddr=ddr, compressed=compressed, evict=evict)
         return Offload(tiers, prefetch=self.prefetch_share())
 
 
@@ -103,7 +104,7 @@ def scenario_from_trace(trace, model: Model, gpu: GPU, batch: int, mean_length: 
         projection = SYNTHETIC_PROFILE if trace is None else trace_projection(trace)
         label = SYNTHETIC_LABEL if trace is None else label
     return Scenario(model, gpu, batch, float(mean_length or projection["mean_length"]), int(projection["prompt_len"]),
-                    tuple(projection["churn"]), dict(projection["structure"]), steps=steps, seed=seed,
+                    tuple(projection["churn"]), TierConfig.from_dict(projection["structure"]), steps=steps, seed=seed,
                     trace_label=label, context=context, cover=dict(projection["cover"]), prefetch=prefetch)
 
 
@@ -113,7 +114,7 @@ def trace_projection(trace) -> dict:
     from tiersim.traces.synth import fit
 
     profile = fit(trace)
-    policy = trace.meta["policy"]
+    structure = TierConfig.from_dict(trace.meta["policy"])  # the reader checked it; defaults fill what it omits
     a, b, _ = profile.churn["hbm_ddr"]
     cover = np.array(profile.cover, dtype=float)  # per layer: c90 mean, c90 std, c99 mean, c99 std
     has = cover[:, 2] > 0  # layers whose DDR tier was ever non-empty
@@ -124,16 +125,15 @@ def trace_projection(trace) -> dict:
     return {
         "prompt_len": max(int(round(profile.prompt_len)), 1),
         "churn": (float(a), float(b)),
-        "structure": {k: int(policy[k]) for k in STRUCTURE_FIELDS},
+        "structure": structure.structure(),
         "cover": shares,
         "mean_length": float(np.mean([s["new_tokens"] for s in trace.meta["sequences"]])),
     }
 
 
-#: The bundled trace's projection, shipped beside it: planning on the bundled trace then reads a small JSON
-#: instead of importing pandas and fitting a Parquet file (over a second of a `tiersim capacity` run).
-PROJECTION_KIND = "trace-projection"
-PROJECTION_SCHEMA = 1
+#: The bundled trace's projection ships beside it (kind ``trace-projection``): planning on the bundled trace
+#: then reads a small JSON instead of importing pandas and fitting a Parquet file (over a second of a
+#: `tiersim capacity` run).
 
 
 def projection_path(trace: Path) -> Path:
@@ -148,10 +148,8 @@ def _sha256(path: Path) -> str:
 
 
 def bundled_projection() -> dict | None:
-    """The bundled trace's projection from its sidecar, or None when the sidecar is missing or was made
-    from another file than the bundled trace (then the trace is read and fitted as any other)."""
-    import json
-
+    """The bundled trace's projection from its sidecar, or None when the sidecar is missing, unreadable or
+    was made from another file than the bundled trace (then the trace is read and fitted as any other)."""
     import tiersim.traces as traces  # looked up at call time: tests point it at a missing trace
 
     trace = traces.default_trace_path()
@@ -159,25 +157,22 @@ def bundled_projection() -> dict | None:
     if not (trace.exists() and sidecar.exists()):
         return None
     try:
-        doc = json.loads(sidecar.read_text())
-    except (OSError, ValueError):
+        doc, _ = fileformat.read(sidecar, [fileformat.TRACE_PROJECTION], label="bundled trace projection")
+    except TiersimError:
         return None
-    if (doc.get("kind") != PROJECTION_KIND or doc.get("schema_version") != PROJECTION_SCHEMA
-            or doc.get("trace_sha256") != _sha256(trace)):
+    if doc.get("trace_sha256") != _sha256(trace):
         return None
     return doc["projection"]
 
 
 def write_bundled_projection() -> Path:
     """Refit the bundled trace and rewrite its sidecar (scripts/refresh_bundled_projection.py)."""
-    from tiersim.atomic import write_json
-    from tiersim.provenance import header
     from tiersim.traces import default_trace_path, read
 
     trace = default_trace_path()
     path = projection_path(trace)
-    write_json(path, {**header(PROJECTION_KIND, PROJECTION_SCHEMA), "trace_sha256": _sha256(trace),
-                      "projection": trace_projection(read(trace))})
+    fileformat.write_document(path, {**fileformat.header(fileformat.TRACE_PROJECTION), "trace_sha256": _sha256(trace),
+                                     "projection": trace_projection(read(trace))})
     return path
 
 
@@ -271,40 +266,8 @@ def run(scenario: Scenario, policy: Offload, batch: int | None = None, steps: in
     result = simulate(costs, model.num_layers, gpu, scenario.engine)
     mem = analytic.memory(model, gpu, policy, work)
     step = result.step_time
-    row = {
-        **policy.tiers.ratios(),
-        "prefetch": policy.prefetch,
-        "strategy": "prefetch" if policy.prefetch >= 1.0 else "selective",
-        "batch": batch,
-        "steps": steps,
-        "method": "SimPy" if result.engine == "simpy" else "fast path",
-        "context_tokens_mean": round(work.context_mean, 1),
-        "context_tokens_peak": round(float(work.full_context.max()) / batch, 1),
-        "kv_full_gb": mem.kv_full / GB,
-        "kv_hbm_gb": mem.kv_hbm / GB,
-        "compressed_gb": mem.compressed / GB,
-        "staging_gb": mem.staging / GB,
-        "hbm_saved_gb": mem.saved / GB,
-        "peak_hbm_gb": mem.peak / GB,
-        "hbm_capacity_gb": gpu.hbm_bytes / GB,
-        "ddr_gb": mem.ddr / GB,
-        "host_capacity_gb": gpu.host_bytes / GB,
-        "fits": fits(mem, gpu),
-        "hbm_fits": bool(mem.peak <= gpu.hbm_bytes),
-        "ddr_fits": bool(mem.ddr <= gpu.host_bytes),
-        "step_ms": float(step.mean() * 1e3),
-        "step_p50_ms": float(np.percentile(step, 50) * 1e3),
-        "step_p99_ms": float(np.percentile(step, 99) * 1e3),
-        "stall_ms": float(result.stall.mean() * 1e3),
-        "stall_p99_ms": float(np.percentile(result.stall, 99) * 1e3),
-        "compute_ms": float(result.compute.mean() * 1e3),
-        "h2d_gb_per_step": float(result.h2d_bytes.mean() / GB),
-        "d2h_gb_per_step": float(result.d2h_bytes.mean() / GB),
-        "tokens_per_s": float(batch / step.mean()),
-        "max_batch": largest_batch(scenario, policy, steps) if largest else None,
-        "events": result.events,
-        "compute_model": costs.compute_model,
-    }
+    row = CapacityRow.simulated(policy, batch, steps, work, mem, gpu, result, costs.compute_model, fits(mem, gpu),
+                                largest_batch(scenario, policy, steps) if largest else None).as_dict()
     weights = mem.weights / GB
     reserved = (mem.activations + mem.reserved) / GB
     per_token = model.kv_bytes_per_token / GB
@@ -439,9 +402,7 @@ def grid_result(scenario: Scenario, max_overhead: float = 10.0, progress=None, m
                                               "context_tokens_mean", "context_tokens_peak")})
         tick()
     return {
-        "kind": "capacity",
-        "schema_version": 1,
-        "tiersim_version": __version__,
+        **fileformat.stamp(fileformat.CAPACITY),
         "model": scenario.model.name,
         "gpu": scenario.gpu.name,
         "batch": scenario.batch,
@@ -466,7 +427,7 @@ def range_result(scenario: Scenario, max_overhead: float, answer: dict) -> dict:
     rows = answer["points"]
     exact = [r for r in rows if not r["approximate"]]
     return {
-        "kind": "capacity", "schema_version": 1, "tiersim_version": __version__,
+        **fileformat.stamp(fileformat.CAPACITY),
         "model": scenario.model.name, "gpu": scenario.gpu.name, "batch": scenario.batch,
         "batches": answer["batches"], "trace": scenario.trace_label, "mean_length": scenario.mean_length,
         "context": scenario.context, "prompt_len": scenario.prompt_len, "prefetch": scenario.prefetch,

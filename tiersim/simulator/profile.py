@@ -21,11 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tiersim import fileformat
 from tiersim.errors import TiersimError
-from tiersim.provenance import read_document
-
-KIND = "operator-profile"
-SCHEMA_VERSION = 1
 #: GEMMs of one decoder layer, as HF runs them (separate projections).
 LAYER_GEMMS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 #: Small ops per layer and how many times a layer calls each (qk_norm only where the profile has it: Qwen3).
@@ -36,7 +33,7 @@ STEP_SMALL = ("embedding", "rotary_emb", "final_norm")
 
 def load_profile(path: str | Path) -> dict:
     """The profile document, or one clear error (missing, not JSON, wrong kind, newer schema)."""
-    doc = read_document(path, "--profile", {KIND: SCHEMA_VERSION})
+    doc, _ = fileformat.read(path, [fileformat.OPERATOR_PROFILE], label="--profile")
     if not isinstance(doc.get("models"), dict):
         raise TiersimError(f"--profile: {path} has no 'models' tables")
     return doc

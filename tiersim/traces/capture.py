@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 import pandas as pd
 
 from tiersim.hierarchy.config import TierConfig
+from tiersim.hierarchy.record import StepRecord
 from tiersim.traces.format import COLUMNS, Trace, new_meta
 
 
@@ -24,9 +25,8 @@ class StepRecorder:
     rows: list[dict] = field(default_factory=list)
     seq_id: int = 0
 
-    def __call__(self, row: dict) -> None:
-        row["seq_id"] = self.seq_id
-        self.rows.append(row)
+    def __call__(self, record: StepRecord) -> None:
+        self.rows.append({"seq_id": self.seq_id, **record.row()})
 
     def frame(self) -> pd.DataFrame:
         if not self.rows:
@@ -106,7 +106,6 @@ def capture(
         max_new_tokens=max_new_tokens,
     )
     meta["mode"] = "full" if full else "summary"
-    extra = [c for c in ("attn_positions", "attn_probs") if full and c in steps.columns]
-    if "ddr_fetched" in steps.columns:  # selective: DDR tokens fetched for the step's attention (row 0)
-        extra.append("ddr_fetched")
+    # Optional record fields (selective's ddr_fetched, --full's attention) where the run produced them.
+    extra = [c for c in StepRecord.optional_columns() if c in steps.columns]
     return Trace(meta=meta, steps=steps.astype(COLUMNS)[list(COLUMNS) + extra])

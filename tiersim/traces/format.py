@@ -7,43 +7,24 @@ files with a :class:`~tiersim.errors.TraceError` (one clear line), never a trace
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from tiersim.atomic import atomic_path
+from tiersim import fileformat
 from tiersim.traces.bundled import BUNDLED_TRACE, default_trace_path  # noqa: F401 (part of this module's API)
-from tiersim.provenance import header
 from tiersim.errors import TraceError
+from tiersim.hierarchy.record import StepRecord
 
-SCHEMA_VERSION = 1
-KIND = "trace"
-META_KEY = b"tiersim"
+SCHEMA_VERSION = fileformat.TRACE.schema_version
 
-INT_COLUMNS = {
-    "seq_id": "int32",
-    "step": "int32",
-    "layer": "int16",
-    "context_len": "int32",
-    "n_hbm": "int32",
-    "n_ddr": "int32",
-    "n_compressed": "int32",
-    "n_evicted": "int32",
-    "hbm_to_ddr": "int32",
-    "ddr_to_hbm": "int32",
-    "to_compressed": "int32",
-    "from_compressed": "int32",
-    "newly_evicted": "int32",
-    "ddr_cover90": "int32",
-    "ddr_cover99": "int32",
-}
-FLOAT_COLUMNS = {"mass_hbm": "float32", "mass_ddr": "float32", "mass_compressed": "float32"}
-COLUMNS = {**INT_COLUMNS, **FLOAT_COLUMNS}
+# The columns are the cache's StepRecord fields (plus which sequence the row belongs to), so a field
+# added to the record is a column of every new trace; readers require only these.
+COLUMNS = {"seq_id": "int32", **StepRecord.columns()}
+INT_COLUMNS = {c: t for c, t in COLUMNS.items() if t.startswith("int")}
+FLOAT_COLUMNS = {c: t for c, t in COLUMNS.items() if t.startswith("float")}
 REQUIRED_META = ("kind", "schema_version", "model", "policy", "sequences")
 
 
@@ -67,7 +48,7 @@ class Trace:
 def new_meta(model: dict, policy: dict, sequences: list[dict], **extra: Any) -> dict[str, Any]:
     """The metadata block every trace carries."""
     return {
-        **header(KIND, SCHEMA_VERSION),
+        **fileformat.header(fileformat.TRACE),
         "model": model,
         "policy": policy,
         "sequences": sequences,
@@ -84,50 +65,21 @@ def write(path: str | Path, steps: pd.DataFrame, meta: dict[str, Any]) -> Path:
     for key in REQUIRED_META:
         if key not in meta:
             raise TraceError(f"trace metadata lacks {key!r}")
-    frame = steps[list(COLUMNS) + [c for c in steps.columns if c not in COLUMNS]].astype(COLUMNS)
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(meta).encode()})
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
-    return path
+    try:
+        frame = steps[list(COLUMNS) + [c for c in steps.columns if c not in COLUMNS]].astype(COLUMNS)
+    except (ValueError, TypeError, OverflowError) as exc:  # NaN or inf in a count column
+        raise TraceError(f"trace table cannot be stored with its column types: {str(exc).splitlines()[0]}") from None
+    return fileformat.write_table(path, frame, meta, compression="zstd")
 
 
 def read(path: str | Path) -> Trace:
     """Load a trace, refusing anything that is not a complete tiersim trace of a known schema."""
     path = Path(path)
-    if not path.exists():
-        raise TraceError(f"trace not found: {path}")
-    if path.is_dir():
-        raise TraceError(f"trace path is a directory, not a file: {path}")
-    try:
-        parquet = pq.ParquetFile(path)
-    except Exception as exc:  # pyarrow raises several types for truncated / foreign files
-        raise TraceError(f"not a readable Parquet trace (truncated or foreign file?): {path}: {_short(exc)}") from None
-    raw = (parquet.schema_arrow.metadata or {}).get(META_KEY)
-    if raw is None:
-        raise TraceError(f"not a tiersim trace (no tiersim metadata): {path}")
-    try:
-        meta = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise TraceError(f"trace metadata is corrupt: {path}") from None
-    if not isinstance(meta, dict):
-        raise TraceError(f"trace metadata is corrupt (not an object): {path}")
-    if meta.get("kind") != KIND:
-        raise TraceError(f"not a trace: {path} holds a tiersim {meta.get('kind')!r} file")
-    version = meta.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
-        raise TraceError(
-            f"trace schema version {version!r} is newer than this tiersim understands ({SCHEMA_VERSION}): "
-            f"upgrade tiersim to read {path}"
-        )
+    meta, table = fileformat.read(path, [fileformat.TRACE], label="trace", error=TraceError)
     missing_meta = [k for k in REQUIRED_META if k not in meta]
     if missing_meta:
         raise TraceError(f"trace metadata lacks {', '.join(missing_meta)}: {path}")
-    try:
-        steps = parquet.read().to_pandas()
-    except Exception as exc:
-        raise TraceError(f"trace data is unreadable (truncated?): {path}: {_short(exc)}") from None
+    steps = table.to_pandas()
     missing = [c for c in COLUMNS if c not in steps.columns]
     if missing:
         raise TraceError(f"trace lacks columns {', '.join(missing)}: {path}")
@@ -178,8 +130,3 @@ def _check_steps(steps: pd.DataFrame, path: Path) -> None:
     tiers = steps["n_hbm"] + steps["n_ddr"] + steps["n_compressed"]
     if (tiers > steps["context_len"]).any():
         raise TraceError(f"trace rows hold more tokens in their tiers than their context_len: {path}")
-
-
-def _short(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else exc.__class__.__name__

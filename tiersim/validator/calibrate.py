@@ -14,18 +14,15 @@ import platform
 import statistics
 import subprocess
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from tiersim.atomic import write_json
+from tiersim import fileformat
 from tiersim.errors import TiersimError
-from tiersim.provenance import header
 from tiersim.validator.options import DEFAULT_BATCHES, DEFAULT_CONTEXTS, DEFAULT_HBM
-
-KIND = "calibration"
-SCHEMA_VERSION = 1
 DEFAULT_SHAPE = {"cuda": "r1-distill-qwen-7b", "cpu": "tiny"}
 #: The CPU smoke mode proves the code path; a real model's shape there needs tens of GB and hours.
 CPU_MAX_PARAMS = 200_000_000
@@ -169,8 +166,9 @@ def predict(model, gpu, policy: dict, batch: int, context: float, hbm: float, ta
     return {"step_ms": float(step[0]) * 1e3, "stall_ms": float(stall[0]) * 1e3}
 
 
-def add_predictions(doc: dict, model, policy: dict, settings: dict, profile=None) -> None:
-    """Fill ``simulated_step_ms`` / ``sim_error_pct`` per point from the calibrated simulator (in place)."""
+def add_predictions(doc: dict, points: list[ValidationPoint], model, policy: dict, settings: dict,
+                    profile=None) -> None:
+    """Fill each measured point's prediction from the simulator calibrated by ``doc`` (in place)."""
     try:
         from tiersim.simulator.calibration import apply_calibration
         from tiersim.simulator.presets import get_gpu
@@ -189,14 +187,12 @@ def add_predictions(doc: dict, model, policy: dict, settings: dict, profile=None
         except TiersimError as exc:  # never lose a finished measurement over the prediction
             table, why = None, f"roofline (calibrated; {exc})"
         doc["compute_model"] = table.describe() if table is not None else why
-    for point in doc["points"]:
-        if point.get("measured_step_ms") is None:
+    for point in points:
+        if point.measured_step_ms is None:
             continue
-        ctx = effective_context(point["context"], settings["warmup"], settings["steps"])
-        pred = predict(model, gpu, policy, point["batch"], ctx, point["hbm"], table)
-        point["simulated_step_ms"] = pred["step_ms"]
-        point["simulated_stall_ms"] = pred["stall_ms"]
-        point["sim_error_pct"] = 100.0 * (pred["step_ms"] - point["measured_step_ms"]) / point["measured_step_ms"]
+        ctx = effective_context(point.context, settings["warmup"], settings["steps"])
+        pred = predict(model, gpu, policy, point.batch, ctx, point.hbm, table)
+        point.predicted(pred["step_ms"], pred["stall_ms"])
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -248,7 +244,7 @@ def run_validation(
         doc = _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_sizes, command, log,
                        budget_s, sdpa, profile)
     if out is not None:
-        write_json(out, doc)
+        fileformat.write_document(out, doc)
         log(f"wrote {out}")
     return doc
 
@@ -316,7 +312,7 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_
                         baselines.append(m)
                 if hbm not in hbms:
                     continue
-                points.append(_point(shape.name, batch, context, hbm, m, baseline, why))
+                points.append(ValidationPoint.measured(shape.name, batch, context, hbm, m, baseline, why))
                 if m:
                     log(f"  step {m['step_ms']:.3f} ms (baseline {baseline['step_ms'] if baseline else float('nan'):.3f}),"
                         f" stall {m['stall_ms'] if m['stall_ms'] is not None else float('nan'):.3f} ms,"
@@ -333,7 +329,7 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_
         fallback_gbps=copy_rate,
     )
     doc = {
-        **header(KIND, SCHEMA_VERSION),
+        **fileformat.header(fileformat.CALIBRATION),
         "command": command,
         "device": info,
         "gpu_preset": base_gpu_preset(info["name"] if dev.type == "cuda" else None),
@@ -347,9 +343,10 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_
             "copy_gbps": copy_rate,
             "method": fit["method"],
         },
-        "points": points,
+        "points": [],
     }
-    add_predictions(doc, model_doc, policy, settings, profile)
+    add_predictions(doc, points, model_doc, policy, settings, profile)
+    doc["points"] = [asdict(p) for p in points]
     if table_note := doc.get("compute_model"):
         log(f"simulator: {table_note}")
     finish(doc)
@@ -369,31 +366,50 @@ def _run_point_or_oom(decode, model, batch, context, hbm, steps, warmup, prefill
         return None, "out of memory: point skipped"
 
 
-def _point(shape: str, batch: int, context: int, hbm: float, m: dict | None, baseline: dict | None,
-           why: str | None) -> dict:
-    measured = m["step_ms"] if m else None
-    base = baseline["step_ms"] if baseline else None
-    return {
-        "model_shape": shape,
-        "batch": batch,
-        "context": context,
-        "hbm": hbm,
-        "measured_step_ms": measured,
-        "baseline_step_ms": base,
-        "stall_ms": m["stall_ms"] if m else None,
-        "h2d_bytes": m["h2d_bytes"] if m else None,
-        "d2h_bytes": m["d2h_bytes"] if m else None,
-        "overhead_pct": 100.0 * (measured - base) / base if measured is not None and base else None,
-        "simulated_step_ms": None,
-        "simulated_stall_ms": None,
-        "sim_error_pct": None,
-        "measured_step_ms_mean": m["step_ms_mean"] if m else None,
-        "measured_step_ms_p90": m["step_ms_p90"] if m else None,
-        "prefetch_gbps": m["prefetch_gbps"] if m else None,
-        "retiers": m["retiers"] if m else None,
-        "tier_bytes": m["tier_bytes"] if m else None,
-        "error": why if not m else None,
-    }
+@dataclass
+class ValidationPoint:
+    """One (shape, batch, context, hbm) point of the calibration file's ``points``: what the GPU did and
+    what the calibrated simulator predicts; the file's keys are these fields (docs/file-formats.md)."""
+
+    model_shape: str
+    batch: int
+    context: int
+    hbm: float
+    measured_step_ms: float | None = None  # median over the timed decode steps
+    baseline_step_ms: float | None = None  # the same batch and context at hbm 1.0
+    stall_ms: float | None = None
+    h2d_bytes: int | None = None  # per timed step, whole batch, all layers
+    d2h_bytes: int | None = None
+    overhead_pct: float | None = None  # 100 * (measured / baseline - 1)
+    simulated_step_ms: float | None = None  # filled by add_predictions
+    simulated_stall_ms: float | None = None
+    sim_error_pct: float | None = None  # 100 * (simulated / measured - 1)
+    measured_step_ms_mean: float | None = None
+    measured_step_ms_p90: float | None = None
+    prefetch_gbps: float | None = None
+    retiers: int | None = None
+    tier_bytes: dict | None = None  # the cache's stats()["bytes"]
+    error: str | None = None  # why the point has no measurement
+
+    @classmethod
+    def measured(cls, shape: str, batch: int, context: int, hbm: float, m: dict | None, baseline: dict | None,
+                 why: str | None) -> "ValidationPoint":
+        """From a decode measurement ``m`` (None: not measured, for ``why``) and its hbm-1.0 baseline."""
+        point = cls(shape, batch, context, hbm, error=None if m else why)
+        if m:
+            point.measured_step_ms, point.stall_ms = m["step_ms"], m["stall_ms"]
+            point.h2d_bytes, point.d2h_bytes = m["h2d_bytes"], m["d2h_bytes"]
+            point.measured_step_ms_mean, point.measured_step_ms_p90 = m["step_ms_mean"], m["step_ms_p90"]
+            point.prefetch_gbps, point.retiers, point.tier_bytes = m["prefetch_gbps"], m["retiers"], m["tier_bytes"]
+        point.baseline_step_ms = baseline["step_ms"] if baseline else None
+        if point.measured_step_ms is not None and point.baseline_step_ms:
+            point.overhead_pct = 100.0 * (point.measured_step_ms - point.baseline_step_ms) / point.baseline_step_ms
+        return point
+
+    def predicted(self, step_ms: float, stall_ms: float) -> None:
+        """Add the simulator's prediction for this measured point."""
+        self.simulated_step_ms, self.simulated_stall_ms = step_ms, stall_ms
+        self.sim_error_pct = 100.0 * (step_ms - self.measured_step_ms) / self.measured_step_ms
 
 
 def finish(doc: dict) -> None:

@@ -33,13 +33,10 @@ from typing import Callable
 
 import torch
 
-from tiersim.atomic import write_json
+from tiersim import fileformat
 from tiersim.errors import TiersimError
-from tiersim.provenance import header
 from tiersim.validator.sdpa import SDPA_CHOICES, sdpa_backends
 
-KIND = "operator-profile"
-SCHEMA_VERSION = 1
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 ATTN_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 ATTN_CONTEXTS = (512, 1024, 2048, 4096, 8192, 16384)
@@ -590,7 +587,7 @@ def run(shapes: list[str], device: str = "cuda", out=None, budget_s: float | Non
             share = None if left is None else max(left, 0.0) / (len(shapes) - n)
             models[name] = profile_shape(get_shape(name), dev, dtype, Budget(share), grid, log, steps, warmup)
     doc = {
-        **header(KIND, SCHEMA_VERSION),
+        **fileformat.header(fileformat.OPERATOR_PROFILE),
         "command": command,
         "device": info,
         "gpu_preset": base_gpu_preset(info["name"] if cuda else None),
@@ -604,7 +601,7 @@ def run(shapes: list[str], device: str = "cuda", out=None, budget_s: float | Non
         "models": models,
     }
     if out is not None:
-        write_json(out, doc)
+        fileformat.write_document(out, doc)
         log(f"wrote {out}")
     return doc
 
