@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from tiersim.simulator import analytic
 from tiersim.simulator import capacity as cap
 from tiersim.simulator.analytic import GB
 from tiersim.simulator.calibration import apply_calibration

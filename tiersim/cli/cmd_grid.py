@@ -16,7 +16,6 @@ from tiersim.cli.app import (
 from tiersim.cli.groups import STRATEGY_HELP, CacheShape, ModelRun
 from tiersim.cli.progress import meter
 from tiersim.errors import TiersimError
-from tiersim.hierarchy.config import TierConfig
 
 DEFAULT_BASELINES = "h2o,rkv,snapkv,streamingllm"
 DEFAULT_STRATEGY = CacheShape.strategy  # what an empty --strategy list runs

@@ -208,29 +208,6 @@ def memory_at_peaks(model: Model, gpu: GPU, offload: Offload, batch, full, hbm, 
     )
 
 
-def sequence_bytes(model: Model, offload: Offload, context: float) -> float:
-    """HBM one sequence of ``context`` tokens needs under ``offload`` (for the largest-batch search)."""
-    per_token = model.kv_bytes_per_token
-    comp_ratio = COMPRESSED_BITS[offload.tiers.compressed_bits] / (8 * model.kv_dtype_bytes)
-    tg = tier_targets_array(offload.tiers, np.array([float(context)]))
-    kv = tg["hbm"][0] * per_token + tg["compressed"][0] * per_token * comp_ratio
-    staging = 2 * tg["ddr"][0] * offload.prefetch * model.kv_bytes_per_token_layer
-    act = ACTIVATION_HIDDEN_MULTIPLE * model.hidden_size * 2 + model.logits_bytes_per_sequence
-    return kv + staging + act
-
-
-def max_batch(model: Model, gpu: GPU, offload: Offload, context: float, limit: int = 1 << 16) -> int:
-    """Largest batch whose peak HBM (and DDR tier in host memory) fits, every sequence at ``context`` tokens."""
-    free = gpu.hbm_bytes - gpu.reserved_bytes - model.weight_bytes
-    if free <= 0:
-        return 0
-    best = min(free // sequence_bytes(model, offload, context), limit)
-    ddr_per_sequence = tier_targets_array(offload.tiers, np.array([float(context)]))["ddr"][0] * model.kv_bytes_per_token
-    if ddr_per_sequence > 0:
-        best = min(best, gpu.host_bytes // ddr_per_sequence)
-    return int(best)
-
-
 @dataclass
 class LayerCosts:
     """Per-step, per-layer times in seconds (arrays of length S), and the per-step terms."""

@@ -131,13 +131,11 @@ def trace_projection(trace) -> dict:
     }
 
 
-#: The bundled trace's projection ships beside it (kind ``trace-projection``): planning on the bundled trace
-#: then reads a small JSON instead of importing pandas and fitting a Parquet file (over a second of a
-#: `tiersim capacity` run).
-
-
 def projection_path(trace: Path) -> Path:
-    """The sidecar beside a trace file that holds its projection."""
+    """The sidecar beside a trace file that holds its projection (kind ``trace-projection``).
+
+    The bundled trace ships with one: planning on it then reads a small JSON instead of importing pandas and
+    fitting a Parquet file (over a second of a `tiersim capacity` run)."""
     return trace.with_name(trace.stem + ".projection.json")
 
 
