@@ -39,10 +39,11 @@ def model_for(case: dict) -> Model:
     h, heads, kv = case["hidden_size"], case["num_attention_heads"], case["num_kv_heads"]
     hd, ff = h // heads, case["intermediate_size"]
     attn = h * hd * (heads + 2 * kv) + heads * hd * h
-    mlp = (3 if case["gated_mlp"] else 2) * h * ff
+    gated = bool(case["gated_mlp"])
+    mlp = (3 if gated else 2) * h * ff
     params = case["num_layers"] * (attn + mlp) + 2 * case["vocab_size"] * h + h  # + the final norm
     return Model(case["model"], case["num_layers"], kv, hd, h, heads, float(params),
-                 vocab_size=case["vocab_size"], intermediate_size=ff)
+                 vocab_size=case["vocab_size"], intermediate_size=ff, gated_mlp=gated)
 
 
 @dataclass

@@ -11,7 +11,17 @@ the GPU preset (``presets.GPU``) with the data they were fitted on, and ``fideli
 checks them against the public tables (docs/simulator.md, "Fidelity").
 
 A serving engine runs a layer as four GEMMs (fused q/k/v, o, fused gate/up, down), which is the
-layout the public profiles measured; ``GEMMS_PER_LAYER`` charges the per-kernel cost that often.
+layout the public profiles measured; ``GEMMS_PER_LAYER`` charges the per-kernel cost that often. A
+plain (non-gated) MLP is four GEMMs too: its up projection is one GEMM of the intermediate width
+instead of the fused gate/up of twice it (vidur's profiled block, vidur/profiling/mlp/mlp_impl.py);
+only its weight bytes differ (``Model.gated_mlp``: 2 MLP matrices instead of 3).
+
+Counting the small ops by the block's structure (one norm in a parallel attention/MLP block instead
+of two, GELU over the intermediate width instead of SiLU x mul over twice it) was tried against the
+public tables and does not help: fitted on the gated, two-norm fit cases only, it moves phi-2 by the
+same few microseconds in opposite directions on A100 and H100 (the engine's LayerNorm and GELU are
+other kernels than its fused RMSNorm and SiLU x mul), so the small ops stay one floor plus a width
+term (docs/simulator.md, "Fidelity").
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ import numpy as np
 
 from tiersim.simulator.presets import GPU, Model
 
-#: GEMM kernels per decoder layer in a serving engine: fused q/k/v, o, fused gate/up, down.
+#: GEMM kernels per decoder layer in a serving engine: fused q/k/v, o, fused gate/up (or a plain up), down.
 GEMMS_PER_LAYER = 4
 #: Token count at which ``GPU.gemm_batch_slowdown`` is reached (it grows with log2 of the tokens).
 SLOWDOWN_TOKENS = 64

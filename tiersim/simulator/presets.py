@@ -37,7 +37,7 @@ class GPU:
     #: Fixed cost per GEMM kernel (4 per layer: fused q/k/v, o, fused gate/up, down).
     gemm_kernel_s: float = 5.4e-6
     #: Weight streaming slows with the token count: this much slower at 64 tokens than at 1 (log2 growth).
-    gemm_batch_slowdown: float = 0.045
+    gemm_batch_slowdown: float = 0.0447
     #: Decode attention: a fixed kernel cost, then the batch's KV at this share of the datasheet bandwidth.
     attn_kernel_s: float = 7.5e-6
     attn_efficiency: float = 0.92
@@ -46,7 +46,7 @@ class GPU:
     #: them unfused, ~51 us at 1 token on an H100 (docs/validation/h100-80gb-hbm3-operators.json): a
     #: ``--profile`` from the validator charges that instead.
     layer_overhead: float = 10.3e-6
-    layer_overhead_per_width: float = 0.66e-9
+    layer_overhead_per_width: float = 0.663e-9
     #: Host time per decode step that no kernel hides (scheduling, sampling, input preparation, output
     #: processing), added once per step: ``step_overhead + step_overhead_per_sequence * batch``. An engine that
     #: overlaps that work with the GPU hides it: 0 unless ``--host-overhead`` (:data:`HOST_OVERHEADS`) says so.
@@ -97,17 +97,26 @@ class Model:
     kv_dtype_bytes: int = 2
     vocab_size: int = 152_064  # from the model's config.json; every preset states its own
     tie_word_embeddings: bool = False
-    intermediate_size: int = 0  # MLP width; 0: derived from the parameter count (a gated MLP)
+    intermediate_size: int = 0  # MLP width; 0: derived from the parameter count
+    #: Gated MLP (gate and up projections, SiLU x up: Llama, Qwen, Mistral) with 3 x hidden x width weights,
+    #: or a plain one (up, GELU, down: Phi-2, GPT-NeoX) with 2 x. Every preset here is gated (its config.json's
+    #: model_type is llama, qwen2 or qwen3); ``model_from_config`` reads it from the model_type.
+    gated_mlp: bool = True
 
     @property
     def mlp_width(self) -> int:
-        """The MLP's intermediate size: the stated one, or what a gated MLP of this layer size has."""
+        """The MLP's intermediate size: the stated one, or what an MLP of this layer size has."""
         if self.intermediate_size:
             return self.intermediate_size
         h, hd = self.hidden_size, self.head_dim
         attn = h * hd * (self.num_attention_heads + 2 * self.num_kv_heads) + self.num_attention_heads * hd * h
         per_layer = self.layer_weight_bytes / self.param_bytes
-        return max(int(round((per_layer - attn) / (3 * h))), 0)
+        return max(int(round((per_layer - attn) / (self.mlp_matrices * h))), 0)
+
+    @property
+    def mlp_matrices(self) -> int:
+        """Weight matrices of hidden x width in one MLP: gate, up, down (gated) or up, down (plain)."""
+        return 3 if self.gated_mlp else 2
 
     @property
     def weight_bytes(self) -> float:
@@ -171,8 +180,8 @@ GPUS: dict[str, GPU] = {
         # The engine gives H2D 11 of the 35 and D2H the other 24 while both run (bidir_h2d_share).
         GPU("a100-80g", 80 * GB, 2.04e12, 25 * GB, 25 * GB, 35 * GB, 5e-6, 312e12, bidir_h2d_share=11 / 35,
             host_socket_bw=204.8 * GB, host_socket_flops=1.4e12,
-            weight_efficiency=0.81, gemm_kernel_s=3.6e-6, gemm_batch_slowdown=0.114, attn_kernel_s=20e-6,
-            attn_efficiency=0.80, layer_overhead=3.5e-6, layer_overhead_per_width=1.24e-9,
+            weight_efficiency=0.814, gemm_kernel_s=3.6e-6, gemm_batch_slowdown=0.114, attn_kernel_s=20.2e-6,
+            attn_efficiency=0.795, layer_overhead=3.5e-6, layer_overhead_per_width=1.24e-9,
             note="PCIe Gen4 x16: 32 theory, ~25 measured each way, ~35 both ways (H2D ~11 of it)"),
         # GH200: its own 72-core Grace. ASSUMPTION: ~500 GB/s LPDDR5X peak (NVIDIA's Grace Hopper
         # material, rounded); 72 cores x 3.1 GHz x 32 FLOP/cycle (4 x 128-bit SVE2 FMA) = 7.1 TFLOP/s
@@ -225,6 +234,13 @@ CONFIG_FIELDS = {
     "intermediate_size": (1 << 22, "MLP width"),
     "vocab_size": (1 << 24, "vocabulary"),
 }
+
+
+#: transformers ``model_type``s whose MLP is not gated (one up projection, an activation, one down
+#: projection: PhiMLP fc1/fc2, GPTNeoXMLP and FalconMLP dense_h_to_4h/dense_4h_to_h, Starcoder2MLP
+#: c_fc/c_proj in transformers' modeling files). Every other decoder is read as gated (gate and up
+#: projections), the layout of Llama, Qwen, Mistral, Gemma and Phi-3.
+UNGATED_MLP_MODEL_TYPES = frozenset({"phi", "gpt_neox", "falcon", "starcoder2"})
 
 
 def _config_int(cfg: dict, name: str, path: Path, default=None) -> int:
@@ -280,12 +296,14 @@ def model_from_config(path: str | Path) -> Model:
     inter = _config_int(cfg, "intermediate_size", path, default=4 * hidden)
     vocab = _config_int(cfg, "vocab_size", path, default=32000)
     attn = hidden * head_dim * (heads + 2 * kv_heads) + heads * head_dim * hidden
-    mlp = 3 * hidden * inter
+    gated = cfg.get("model_type") not in UNGATED_MLP_MODEL_TYPES
+    mlp = (3 if gated else 2) * hidden * inter
     embed = vocab * hidden * (1 if cfg.get("tie_word_embeddings") else 2)
     params = layers * (attn + mlp) + embed
     name = cfg.get("_name_or_path") or path.parent.name or "custom"
     return Model(str(name), layers, kv_heads, head_dim, hidden, heads, float(params), vocab_size=vocab,
-                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings")), intermediate_size=inter)
+                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings")), intermediate_size=inter,
+                 gated_mlp=gated)
 
 
 #: Per-step host time an engine does not overlap with the GPU, ``(seconds per step, seconds per sequence)``.
