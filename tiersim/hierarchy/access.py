@@ -321,12 +321,7 @@ class Selective(Prefetch):
         keys, values = layer.assemble([])  # the device tiers at their slots; the DDR slots come in prepare
         if layer.ddr:
             for chunk in layer.ddr:  # unfetched slots must hold finite values (weight 0 times garbage)
-                if chunk.dense_slots is not None:
-                    keys.index_fill_(2, chunk.dense_slots, 0)
-                    values.index_fill_(2, chunk.dense_slots, 0)
-                else:
-                    keys[chunk.flat_rows, :, chunk.flat_slots] = 0
-                    values[chunk.flat_rows, :, chunk.flat_slots] = 0
+                chunk.index.clear(keys, values)
             self.buffers[layer.index] = (keys, values)
         return keys, values
 
