@@ -27,6 +27,7 @@ import torch
 
 from tiersim.errors import ConfigError
 from tiersim.hierarchy.config import STRATEGIES
+from tiersim.hierarchy.masks import allowed_keys
 from tiersim.hierarchy.split_attention import (
     Segment,
     allowed_columns,
@@ -349,16 +350,11 @@ class Selective(Prefetch):
         take_sorted = before < target
         take_sorted[:, 0] = True
         chosen = torch.zeros_like(take_sorted).scatter_(1, order, take_sorted)
-        if attention_mask is None:
+        allowed = allowed_keys(attention_mask, batch, q_len, n_keys, device=query.device)
+        if allowed is None:  # one query, no mask: it sees every key until the unfetched ones are hidden
             allowed = torch.ones((batch, 1, q_len, n_keys), dtype=torch.bool, device=query.device)
-            if q_len > 1:
-                allowed = torch.ones((q_len, n_keys), dtype=torch.bool, device=query.device).tril(n_keys - q_len)
-                allowed = allowed.expand(batch, 1, q_len, n_keys).clone()
         else:
-            allowed = attention_mask[..., -q_len:, :]
-            if allowed.dtype != torch.bool:
-                allowed = allowed > torch.finfo(allowed.dtype).min / 2
-            allowed = allowed.expand(batch, allowed.shape[1], q_len, n_keys).clone()
+            allowed = allowed.clone()  # written below (an expanded view may share one row)
         start, fetched_row0, live_row0 = 0, 0, 0
         for chunk, (lo, _) in zip(layer.ddr, bounds):
             pages = lo.shape[2]
