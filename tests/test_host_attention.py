@@ -172,6 +172,23 @@ def test_host_and_device_parts_run_in_separate_worker_threads(tiny_llama, monkey
     assert any(h[2] in ddr_ptrs for h in host)
 
 
+def test_the_worker_threads_end_with_their_cache(tiny_llama):
+    # The strategy has no shutdown call (a cache has no end: a later generate may continue it); its
+    # threads must not outlive the cache instead.
+    import gc
+
+    before = set(threading.enumerate())
+    cache = TieredCache(TierConfig(hbm=0.4, ddr=0.6, strategy="host-attention", **SMALL))
+    out = _generate(tiny_llama, torch.randint(1, 256, (1, 30)), cache, 6)
+    workers = [t for t in set(threading.enumerate()) - before if t.name.startswith("tiersim-")]
+    assert {t.name.rsplit("_", 1)[0] for t in workers} == {"tiersim-host", "tiersim-device"}
+    del cache, out
+    gc.collect()
+    for t in workers:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in workers)
+
+
 def test_host_attention_probabilities_match_the_scoring_attention(tiny_llama, monkeypatch):
     """The policy ranks by the same probabilities whichever strategy computes attention."""
     got = {}

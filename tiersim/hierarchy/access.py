@@ -48,7 +48,6 @@ class DDRAccess:
         self.bytes_d2h = 0
         self.fetched_tokens = 0  # DDR tokens that reached attention on the device, and of how many
         self.ddr_tokens = 0
-        self.fetched_last: dict[int, int] = {}  # per layer, this step (batch row 0)
 
     @property
     def fetched_share(self) -> float | None:
@@ -74,8 +73,10 @@ class DDRAccess:
         """The whole layer in token order, for re-tiering (promotions need the DDR tokens on the device)."""
         return layer.assemble(self.fetch(layer))
 
-    def release(self) -> None:
-        """Free worker threads (if any)."""
+    def fetched_this_step(self, layer) -> int | None:
+        """DDR tokens (batch row 0) the layer's attention saw this step, for a strategy that chooses
+        which DDR tokens to fetch (the step record's ``ddr_fetched``); None: it does not choose."""
+        return None
 
 
 class Prefetch(DDRAccess):
@@ -158,16 +159,14 @@ class HostAttention(DDRAccess):
     def __init__(self) -> None:
         super().__init__()
         self.stream = None
+        # No shutdown call: the cache has no end (a later generate may continue it); an executor's
+        # idle worker exits once the executor is garbage collected with the cache.
         self._host = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiersim-host")
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiersim-device")
 
     def attention_inputs(self, layer):
         # Only the device tiers' own storage: the model's attention does not read them (``attend`` does).
         return layer.hbm_k, layer.hbm_v
-
-    def release(self) -> None:
-        self._host.shutdown(wait=True)
-        self._device.shutdown(wait=True)
 
     def attend(self, layer, query: torch.Tensor, attention_mask, scaling: float, n_probs: int):
         """Attention output [B, q, Hq, D] (query dtype) and, when ``n_probs``, the float32 probabilities
@@ -315,6 +314,7 @@ class Selective(Prefetch):
         self.share = share
         self.complete_view = share >= 1.0
         self.buffers: dict[int, tuple] = {}
+        self.fetched_last: dict[int, int] = {}  # per layer, this step (batch row 0)
 
     def attention_inputs(self, layer):
         if self.share >= 1.0:
@@ -329,6 +329,9 @@ class Selective(Prefetch):
     def prefetch(self, layer) -> None:
         if self.share >= 1.0:
             super().prefetch(layer)
+
+    def fetched_this_step(self, layer) -> int | None:
+        return self.fetched_last.pop(layer.index, layer.num_ddr)
 
     def full_view(self, layer):
         return layer.assemble([(c.keys.to(layer.device), c.values.to(layer.device)) for c in layer.ddr])

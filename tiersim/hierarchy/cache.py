@@ -663,9 +663,10 @@ class TieredCache(Cache):
         if self.policy.recent_queries:
             layer.remember_queries(probs)
         mass = self._mass_by_tier(layer, last) if self.recorder is not None else None
-        if mass is not None and self.access.name == "selective":
+        fetched = self.access.fetched_this_step(layer) if mass is not None else None
+        if fetched is not None:
             # DDR tokens this step's attention saw (batch row 0); the row's n_ddr is counted after re-tiering
-            mass["ddr_fetched"] = self.access.fetched_last.pop(layer_idx, layer.num_ddr)
+            mass["ddr_fetched"] = fetched
         if self.record_attention:
             mass["attn_positions"] = layer.positions[0].tolist()
             mass["attn_probs"] = last[0].tolist()
