@@ -364,3 +364,32 @@ def test_smollm2_continuation_and_manual_loop_after_eviction(smollm2):
     fed = _count_fed(cache)
     _generate(model, more, cache, 2)
     assert fed[0] == 4  # the last generated token + the 3 appended
+
+
+@pytest.mark.parametrize("batch,ragged", [(1, False), (2, False), (1, True), (2, True)])
+def test_the_token_index_puts_each_valid_token_at_its_slot_and_nowhere_else(batch, ragged):
+    # TokenIndex is the one scatter index of every tier (compressed, residual, DDR chunks): its dense
+    # path (all entries valid) and its flat path (ragged rows) against a per-entry reference.
+    from tiersim.hierarchy.cache import TokenIndex
+
+    gen = torch.Generator().manual_seed(batch + 2 * ragged)
+    heads, m, n, dim = 2, 5, 9, 3
+    slot = torch.stack([torch.randperm(n, generator=gen)[:m] for _ in range(batch)])
+    valid = torch.ones((batch, m), dtype=torch.bool)
+    if ragged:
+        valid[-1, 1] = valid[0, 3] = False
+    index = TokenIndex(valid, slot)
+    assert (index.dense_slots is None) == ragged
+    src_k, src_v = torch.randn((batch, heads, m, dim), generator=gen), torch.randn((batch, heads, m, dim), generator=gen)
+    keys, values = torch.full((batch, heads, n, dim), 7.0), torch.full((batch, heads, n, dim), 7.0)
+    want_k, want_v, want_clear = keys.clone(), values.clone(), keys.clone()
+    for b in range(batch):
+        for j in range(m):
+            if valid[b, j]:
+                want_k[b, :, slot[b, j]] = src_k[b, :, j]
+                want_v[b, :, slot[b, j]] = src_v[b, :, j]
+                want_clear[b, :, slot[b, j]] = 0
+    index.scatter(keys, values, src_k, src_v)
+    assert torch.equal(keys, want_k) and torch.equal(values, want_v)
+    index.clear(keys, values)
+    assert torch.equal(keys, want_clear) and torch.equal(values, want_clear)

@@ -81,6 +81,29 @@ def test_causal_columns_without_a_mask_follow_the_slots():
     assert split_attention.allowed_columns(None, slots, None, q_len=1, n_keys=6) is None
 
 
+@pytest.mark.parametrize("form", ["bool", "additive", "none"])
+def test_every_reader_of_the_mask_agrees(form):
+    # Split attention's columns, selective's visible keys and the prefill's padding all read the mask
+    # through masks.allowed_keys: a left-padded causal mask, as bool, additive (dtype min) or absent.
+    from tiersim.hierarchy.masks import allowed_keys
+    from tiersim.hierarchy.scoring import visible_keys
+
+    batch, q_len, n = 2, 3, 7
+    causal = torch.ones(q_len, n, dtype=torch.bool).tril(n - q_len)
+    bool_mask = causal.expand(batch, 1, q_len, n).clone()
+    bool_mask[1, :, :, :2] = False  # row 1: two pad tokens
+    mask = {"bool": bool_mask, "none": None,
+            "additive": torch.zeros(bool_mask.shape).masked_fill(~bool_mask, torch.finfo(torch.float32).min)}[form]
+    want = causal.expand(batch, 1, q_len, n) if mask is None else bool_mask
+    whole = allowed_keys(mask, batch, q_len, n)
+    assert torch.equal(whole, want)
+    slots = torch.tensor([[6, 0, 3], [1, 5, 2]])
+    columns = split_attention.allowed_columns(mask, slots, None, q_len, n)
+    assert torch.equal(columns, torch.stack([want[b][..., slots[b]] for b in range(batch)]))
+    visible = visible_keys(mask, batch, n)
+    assert visible is None if mask is None else torch.equal(visible, want[:, 0, -1, :])
+
+
 def _generate(model, ids, cache, new_tokens, mask=None):
     with torch.inference_mode():
         return model.generate(
@@ -147,6 +170,23 @@ def test_host_and_device_parts_run_in_separate_worker_threads(tiny_llama, monkey
     assert all(h[1] != d[1] and h[2] != d[2] for h, d in zip(host, device))
     ddr_ptrs = {c.keys.data_ptr() for layer in cache.layers for c in layer.ddr}
     assert any(h[2] in ddr_ptrs for h in host)
+
+
+def test_the_worker_threads_end_with_their_cache(tiny_llama):
+    # The strategy has no shutdown call (a cache has no end: a later generate may continue it); its
+    # threads must not outlive the cache instead.
+    import gc
+
+    before = set(threading.enumerate())
+    cache = TieredCache(TierConfig(hbm=0.4, ddr=0.6, strategy="host-attention", **SMALL))
+    out = _generate(tiny_llama, torch.randint(1, 256, (1, 30)), cache, 6)
+    workers = [t for t in set(threading.enumerate()) - before if t.name.startswith("tiersim-")]
+    assert {t.name.rsplit("_", 1)[0] for t in workers} == {"tiersim-host", "tiersim-device"}
+    del cache, out
+    gc.collect()
+    for t in workers:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in workers)
 
 
 def test_host_attention_probabilities_match_the_scoring_attention(tiny_llama, monkeypatch):

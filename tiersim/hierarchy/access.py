@@ -27,6 +27,7 @@ import torch
 
 from tiersim.errors import ConfigError
 from tiersim.hierarchy.config import STRATEGIES
+from tiersim.hierarchy.masks import allowed_keys
 from tiersim.hierarchy.split_attention import (
     Segment,
     allowed_columns,
@@ -47,7 +48,6 @@ class DDRAccess:
         self.bytes_d2h = 0
         self.fetched_tokens = 0  # DDR tokens that reached attention on the device, and of how many
         self.ddr_tokens = 0
-        self.fetched_last: dict[int, int] = {}  # per layer, this step (batch row 0)
 
     @property
     def fetched_share(self) -> float | None:
@@ -73,8 +73,10 @@ class DDRAccess:
         """The whole layer in token order, for re-tiering (promotions need the DDR tokens on the device)."""
         return layer.assemble(self.fetch(layer))
 
-    def release(self) -> None:
-        """Free worker threads (if any)."""
+    def fetched_this_step(self, layer) -> int | None:
+        """DDR tokens (batch row 0) the layer's attention saw this step, for a strategy that chooses
+        which DDR tokens to fetch (the step record's ``ddr_fetched``); None: it does not choose."""
+        return None
 
 
 class Prefetch(DDRAccess):
@@ -157,16 +159,14 @@ class HostAttention(DDRAccess):
     def __init__(self) -> None:
         super().__init__()
         self.stream = None
+        # No shutdown call: the cache has no end (a later generate may continue it); an executor's
+        # idle worker exits once the executor is garbage collected with the cache.
         self._host = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiersim-host")
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiersim-device")
 
     def attention_inputs(self, layer):
         # Only the device tiers' own storage: the model's attention does not read them (``attend`` does).
         return layer.hbm_k, layer.hbm_v
-
-    def release(self) -> None:
-        self._host.shutdown(wait=True)
-        self._device.shutdown(wait=True)
 
     def attend(self, layer, query: torch.Tensor, attention_mask, scaling: float, n_probs: int):
         """Attention output [B, q, Hq, D] (query dtype) and, when ``n_probs``, the float32 probabilities
@@ -314,6 +314,7 @@ class Selective(Prefetch):
         self.share = share
         self.complete_view = share >= 1.0
         self.buffers: dict[int, tuple] = {}
+        self.fetched_last: dict[int, int] = {}  # per layer, this step (batch row 0)
 
     def attention_inputs(self, layer):
         if self.share >= 1.0:
@@ -321,18 +322,16 @@ class Selective(Prefetch):
         keys, values = layer.assemble([])  # the device tiers at their slots; the DDR slots come in prepare
         if layer.ddr:
             for chunk in layer.ddr:  # unfetched slots must hold finite values (weight 0 times garbage)
-                if chunk.dense_slots is not None:
-                    keys.index_fill_(2, chunk.dense_slots, 0)
-                    values.index_fill_(2, chunk.dense_slots, 0)
-                else:
-                    keys[chunk.flat_rows, :, chunk.flat_slots] = 0
-                    values[chunk.flat_rows, :, chunk.flat_slots] = 0
+                chunk.index.clear(keys, values)
             self.buffers[layer.index] = (keys, values)
         return keys, values
 
     def prefetch(self, layer) -> None:
         if self.share >= 1.0:
             super().prefetch(layer)
+
+    def fetched_this_step(self, layer) -> int | None:
+        return self.fetched_last.pop(layer.index, layer.num_ddr)
 
     def full_view(self, layer):
         return layer.assemble([(c.keys.to(layer.device), c.values.to(layer.device)) for c in layer.ddr])
@@ -354,16 +353,11 @@ class Selective(Prefetch):
         take_sorted = before < target
         take_sorted[:, 0] = True
         chosen = torch.zeros_like(take_sorted).scatter_(1, order, take_sorted)
-        if attention_mask is None:
+        allowed = allowed_keys(attention_mask, batch, q_len, n_keys, device=query.device)
+        if allowed is None:  # one query, no mask: it sees every key until the unfetched ones are hidden
             allowed = torch.ones((batch, 1, q_len, n_keys), dtype=torch.bool, device=query.device)
-            if q_len > 1:
-                allowed = torch.ones((q_len, n_keys), dtype=torch.bool, device=query.device).tril(n_keys - q_len)
-                allowed = allowed.expand(batch, 1, q_len, n_keys).clone()
         else:
-            allowed = attention_mask[..., -q_len:, :]
-            if allowed.dtype != torch.bool:
-                allowed = allowed > torch.finfo(allowed.dtype).min / 2
-            allowed = allowed.expand(batch, allowed.shape[1], q_len, n_keys).clone()
+            allowed = allowed.clone()  # written below (an expanded view may share one row)
         start, fetched_row0, live_row0 = 0, 0, 0
         for chunk, (lo, _) in zip(layer.ddr, bounds):
             pages = lo.shape[2]

@@ -74,58 +74,25 @@ def padded_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @dataclass
-class DDRChunk:
-    """Tokens of one demotion batch in host memory, [B, H, m, D]; ragged rows padded (``valid``)."""
-
-    keys: torch.Tensor
-    values: torch.Tensor
-    valid: torch.Tensor  # [B, m] bool, on the compute device
-    slot: torch.Tensor  # [B, m] long, slot in the retained order (garbage where not valid)
-    ready: torch.cuda.Event | None = None  # D2H finished (CUDA only)
-    flat_rows: torch.Tensor | None = None
-    flat_cols: torch.Tensor | None = None
-    flat_slots: torch.Tensor | None = None
-    dense_slots: torch.Tensor | None = None  # [m] when one row and no padding: a plain index_copy
-    live_row0: int = 0  # row 0's tokens in the DDR tier (set with the index, once per re-tiering)
-    bounds: tuple | None = None  # selective: per-page key (min, max) [B, H, pages, D] on the compute device
-
-    def refresh_index(self) -> None:
-        """Precompute the scatter indices of the valid entries (once per re-tiering, not per step), and
-        row 0's live count: reading it from ``valid`` (on the GPU) every step would sync every layer."""
-        self.live_row0 = int(self.valid[0].sum())
-        if self.valid.shape[0] == 1 and bool(self.valid.all()):
-            self.dense_slots = self.slot[0].contiguous()
-            return
-        self.dense_slots = None
-        rows, cols = torch.nonzero(self.valid, as_tuple=True)
-        self.flat_rows, self.flat_cols = rows, cols
-        self.flat_slots = self.slot[rows, cols]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes allocated (and copied by a prefetch), padding and holes included."""
-        return 2 * self.keys.numel() * self.keys.element_size()
-
-    @property
-    def live_nbytes(self) -> int:
-        """Bytes of the tokens that are really in the DDR tier now."""
-        per_token = 2 * self.keys.shape[1] * self.keys.shape[3] * self.keys.element_size()
-        return int(self.valid.sum()) * per_token
-
-
-@dataclass
 class TokenIndex:
-    """Where a device tier's stored tokens sit in the retained order; ragged rows padded (``valid``)."""
+    """Where a tier's stored tokens go in the layer's retained (token-ordered) buffer: the one
+    scatter index every tier uses (the compressed tier, its residual, each DDR chunk).
+
+    Built once per re-tiering, not per step: ``all`` and ``nonzero`` sync the device, and the hot
+    path (``scatter``/``clear``, every step) then runs with no sync and no per-token Python loop.
+    When every entry is valid the slots are used as they are (one ``index_copy`` for one row);
+    ragged rows (``valid`` False where a row holds fewer tokens) go through the flat (row, column,
+    slot) triples of the valid entries.
+    """
 
     valid: torch.Tensor  # [B, m] bool
     slot: torch.Tensor  # [B, m] long (garbage where not valid)
-    dense_slots: torch.Tensor | None = None  # [m] when every entry is valid: a plain scatter
+    dense_slots: torch.Tensor | None = None  # [B, m] when every entry is valid: a plain scatter
     flat_rows: torch.Tensor | None = None
     flat_cols: torch.Tensor | None = None
     flat_slots: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        # Computed once per re-tiering, not per step (nonzero syncs the device).
         if bool(self.valid.all()):
             self.dense_slots = self.slot
             return
@@ -142,6 +109,51 @@ class TokenIndex:
             return
         keys[self.flat_rows, :, self.flat_slots] = src_k[self.flat_rows, :, self.flat_cols]
         values[self.flat_rows, :, self.flat_slots] = src_v[self.flat_rows, :, self.flat_cols]
+
+    def clear(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Zero ``keys``/``values`` at the valid entries' slots."""
+        if self.dense_slots is not None:
+            if keys.shape[0] == 1:
+                keys.index_fill_(2, self.dense_slots[0], 0)
+                values.index_fill_(2, self.dense_slots[0], 0)
+            else:
+                rows = _rows(keys.shape[0], keys.device)
+                keys[rows, :, self.dense_slots] = 0
+                values[rows, :, self.dense_slots] = 0
+            return
+        keys[self.flat_rows, :, self.flat_slots] = 0
+        values[self.flat_rows, :, self.flat_slots] = 0
+
+
+@dataclass
+class DDRChunk:
+    """Tokens of one demotion batch in host memory, [B, H, m, D]; ragged rows padded (``valid``)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor  # [B, m] bool, on the compute device
+    slot: torch.Tensor  # [B, m] long, slot in the retained order (garbage where not valid)
+    ready: torch.cuda.Event | None = None  # D2H finished (CUDA only)
+    index: TokenIndex | None = None  # the scatter index of ``valid``/``slot`` (set by ``refresh_index``)
+    live_row0: int = 0  # row 0's tokens in the DDR tier (set with the index, once per re-tiering)
+    bounds: tuple | None = None  # selective: per-page key (min, max) [B, H, pages, D] on the compute device
+
+    def refresh_index(self) -> None:
+        """Rebuild the scatter index of the valid entries (once per re-tiering, not per step), and
+        row 0's live count: reading it from ``valid`` (on the GPU) every step would sync every layer."""
+        self.live_row0 = int(self.valid[0].sum())
+        self.index = TokenIndex(self.valid, self.slot)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated (and copied by a prefetch), padding and holes included."""
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+    @property
+    def live_nbytes(self) -> int:
+        """Bytes of the tokens that are really in the DDR tier now."""
+        per_token = 2 * self.keys.shape[1] * self.keys.shape[3] * self.keys.element_size()
+        return int(self.valid.sum()) * per_token
 
 
 @dataclass
@@ -304,12 +316,7 @@ class TieredLayer(CacheLayerMixin):
         if self.residual_index is not None:
             self.residual_index.scatter(keys, values, self.residual_k, self.residual_v)
         for chunk, (sk, sv) in zip(self.ddr, staged):
-            if chunk.dense_slots is not None:
-                keys.index_copy_(2, chunk.dense_slots, sk)
-                values.index_copy_(2, chunk.dense_slots, sv)
-                continue
-            keys[chunk.flat_rows, :, chunk.flat_slots] = sk[chunk.flat_rows, :, chunk.flat_cols]
-            values[chunk.flat_rows, :, chunk.flat_slots] = sv[chunk.flat_rows, :, chunk.flat_cols]
+            chunk.index.scatter(keys, values, sk, sv)
         return keys, values
 
     def device_tiers(self):
@@ -656,9 +663,10 @@ class TieredCache(Cache):
         if self.policy.recent_queries:
             layer.remember_queries(probs)
         mass = self._mass_by_tier(layer, last) if self.recorder is not None else None
-        if mass is not None and self.access.name == "selective":
+        fetched = self.access.fetched_this_step(layer) if mass is not None else None
+        if fetched is not None:
             # DDR tokens this step's attention saw (batch row 0); the row's n_ddr is counted after re-tiering
-            mass["ddr_fetched"] = self.access.fetched_last.pop(layer_idx, layer.num_ddr)
+            mass["ddr_fetched"] = fetched
         if self.record_attention:
             mass["attn_positions"] = layer.positions[0].tolist()
             mass["attn_probs"] = last[0].tolist()
@@ -755,8 +763,7 @@ class TieredCache(Cache):
             for chunk in layer.ddr:
                 held["ddr"] += chunk.live_nbytes
                 add("ddr_allocated", chunk.keys, chunk.values)
-                add("bookkeeping", chunk.valid, chunk.slot, chunk.flat_rows, chunk.flat_cols, chunk.flat_slots,
-                    chunk.dense_slots)
+                add("bookkeeping", *chunk.index.tensors())
         for buffers in getattr(self.access, "staging", ()):
             if buffers is not None:
                 add("staging", *buffers)

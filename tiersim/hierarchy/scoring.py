@@ -18,6 +18,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from tiersim.errors import TiersimError
+from tiersim.hierarchy.masks import allowed_keys
 
 ATTN_IMPLEMENTATION = "tiersim"
 
@@ -90,10 +91,7 @@ def visible_keys(attention_mask: torch.Tensor | None, batch: int, kv_len: int) -
     """[B, kv] bool: the keys the last query may see (left padding hides the pad tokens), or None."""
     if attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[-1] != kv_len:
         return None
-    last = attention_mask[:, 0, -1, :]
-    if last.dtype != torch.bool:
-        last = last > torch.finfo(last.dtype).min / 2  # additive masks: 0 visible, dtype min hidden
-    return last.expand(batch, kv_len)
+    return allowed_keys(attention_mask, batch, 1, kv_len)[:, 0, -1, :]
 
 
 def tiersim_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

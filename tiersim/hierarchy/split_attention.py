@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tiersim.hierarchy.masks import allowed_keys
+
 
 @dataclass
 class Segment:
@@ -94,24 +96,11 @@ def allowed_columns(attention_mask: torch.Tensor | None, slots: torch.Tensor, va
                     q_len: int, n_keys: int) -> torch.Tensor | None:
     """The mask's verdict for the keys at ``slots`` [B, m] (the retained order): [B, 1|Hq, q, m] bool.
 
-    ``attention_mask`` is the model's mask over the ``n_keys`` slots (bool, or additive with the
-    dtype's minimum for hidden keys); without one (SDPA's causal shortcut) query i, at slot
-    ``n_keys - q_len + i``, sees the slots up to its own. ``valid`` hides padded entries of ragged tiers.
+    The mask is read by :func:`tiersim.hierarchy.masks.allowed_keys` (the model's mask over the
+    ``n_keys`` slots, or causal without one); ``valid`` hides padded entries of ragged tiers.
     """
     batch, m = slots.shape
-    safe = slots.clamp(0, max(n_keys - 1, 0))
-    if attention_mask is not None:
-        mask = attention_mask[..., -q_len:, :]
-        if mask.dtype != torch.bool:
-            mask = mask > torch.finfo(mask.dtype).min / 2
-        mask = mask.expand(batch, mask.shape[1], q_len, mask.shape[-1])
-        index = safe[:, None, None, :].expand(batch, mask.shape[1], q_len, m)
-        allowed = mask.gather(-1, index)
-    elif q_len > 1:
-        rows = torch.arange(n_keys - q_len, n_keys, device=slots.device)
-        allowed = (safe[:, None, None, :] <= rows[None, None, :, None])
-    else:
-        allowed = None
+    allowed = allowed_keys(attention_mask, batch, q_len, n_keys, slots=slots)
     if valid is not None and not bool(valid.all()):
         v = valid[:, None, None, :]
         allowed = v.expand(batch, 1, q_len, m) if allowed is None else allowed & v
