@@ -20,8 +20,7 @@ import numpy as np
 
 from _table import markdown_table, write_section
 from tiersim.hierarchy.config import TierConfig
-from tiersim.simulator import analytic
-from tiersim.simulator import fastpath
+from tiersim.simulator import analytic, fastpath
 from tiersim.simulator.engine import simulate
 from tiersim.simulator.presets import get_gpu, get_model
 

@@ -281,6 +281,8 @@ def test_simulate_out_writes_the_timeline_bit_for_bit_reproducibly(tmp_path):
         (["simulate", "--context", "4096", "--lengths", "gsm8k"], "--context"),
         (["simulate", "--context", "0"], "--context"),
         (["capacity", "--prefetch", "half"], "--prefetch"),
+        (["capacity", "--host-overhead", "async"], "--host-overhead"),
+        (["simulate", "--engine", "warp"], "--engine"),
         (["capacity", "--steps", "0"], "--steps"),
         (["simulate", "--hbm", "1.5", "--ddr", "-0.5"], "--hbm"),
         (["capacity", "--max-overhead", "-1"], "--max-overhead"),

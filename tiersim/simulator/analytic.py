@@ -256,10 +256,11 @@ def layer_costs(model: Model, gpu: GPU, offload: Offload, work: Workload, table:
     extra = extra_kv_bytes(model, offload, work)
     batch = work.batch
     host_floor = 0.0
+    host = host_overhead_s(gpu, batch)
     if table is None:
         # Weights, attention and small ops each at their own measured efficiency (tiersim.simulator.physics).
         compute = physics.layer_s(model, gpu, batch, kv_read, extra, attended)
-        step_extra = physics.lm_head_s(model, gpu, batch) + host_overhead_s(gpu, batch)
+        step_extra = physics.lm_head_s(model, gpu, batch) + host
         source = roofline_reason
     else:
         from tiersim.simulator.profile import LAYER_GEMMS, LAYER_SMALL, STEP_SMALL
@@ -269,13 +270,13 @@ def layer_costs(model: Model, gpu: GPU, offload: Offload, work: Workload, table:
         context = attended / batch
         compute = fixed + table.attention_s(batch, context, per_layer, bw) + extra / bw
         step_extra = table.gemm_s("lm_head", batch, bw, peak) + sum(table.small_s(op, batch) for op in STEP_SMALL)
-        step_extra += host_overhead_s(gpu, batch)
+        step_extra += host
         host_floor = table.host_s(batch)
         source = table.describe()
         if host_floor:
             source += f"; host floor {host_floor * 1e3:.1f} ms/step ({table.host_source})"
-    if host_overhead_s(gpu, batch):
-        source += f"; host overhead {host_overhead_s(gpu, batch) * 1e3:.2f} ms/step"
+    if host:
+        source += f"; host overhead {host * 1e3:.2f} ms/step"
     compute = np.broadcast_to(np.asarray(compute, dtype=float), work.hbm.shape).copy()
     h2d_bytes = work.ddr * offload.prefetch * per_layer
     d2h_bytes = work.demoted * per_layer

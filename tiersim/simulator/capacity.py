@@ -198,19 +198,13 @@ def fit_mask(mem: analytic.Memory, gpu: GPU) -> np.ndarray:
     return np.logical_and(np.asarray(mem.peak) <= gpu.hbm_bytes, np.asarray(mem.ddr) <= gpu.host_bytes)
 
 
-def fits_at(scenario: Scenario, policy: Offload, batch: int, steps: int | None = None) -> bool:
-    """Whether ``batch`` slots fit: the same workload `run` simulates (seed, lengths, steps)."""
-    work = workload(scenario, policy, batch, steps or scenario.steps)
-    return fits(analytic.memory(scenario.model, scenario.gpu, policy, work), scenario.gpu)
-
-
 #: Memory the search reads, as columns of analytic.COUNT_KEYS.
 _PEAK_COLUMNS = [analytic.COUNT_KEYS.index(k) for k in ("full_context", "hbm", "compressed", "ddr")]
 
 
 def largest_batch(scenario: Scenario, policy: Offload, steps: int | None = None) -> int:
-    """The one definition of "largest batch": the largest B for which :func:`fits_at` holds while
-    B + 1 does not (0 when one sequence does not fit; capped at MAX_BATCH).
+    """The one definition of "largest batch": the largest B whose workload (the one `run` simulates:
+    seed, lengths, steps) :func:`fits` while B + 1 does not (0 when one sequence does not fit; capped at MAX_BATCH).
 
     A larger batch adds slots to the same ones (lengths and phases are drawn slot by slot from the
     seed), so its token counts only grow with B and the first B that does not fit ends the search.

@@ -30,6 +30,7 @@ import simpy
 from tiersim.simulator.analytic import COPY_CALLS_PER_LAYER, LayerCosts
 from tiersim.simulator.presets import GPU
 
+DIRECTIONS = ("h2d", "d2h")
 _SIMULTANEOUS = 1e-9  # transfers within this relative share of the next finish time end together
 
 
@@ -69,7 +70,6 @@ class Link:
     def __init__(self, env: simpy.Environment, gpu: GPU):
         self.env = env
         self.gpu = gpu
-        self.caps = {"h2d": gpu.h2d_bw, "d2h": gpu.d2h_bw}
         self.active: list[_Transfer] = []
         self.bytes = {"h2d": 0.0, "d2h": 0.0}
         self._last = env.now
@@ -78,7 +78,7 @@ class Link:
 
     def transfer(self, direction: str, nbytes: float, done: simpy.Event | None = None) -> simpy.Event:
         """Start moving ``nbytes``; the returned event (``done`` if given) fires when they have landed."""
-        if direction not in self.caps:
+        if direction not in DIRECTIONS:
             raise ValueError(f"link direction must be h2d or d2h, got {direction!r}")
         done = done if done is not None else self.env.event()
         if nbytes <= 0:
