@@ -7,6 +7,7 @@ seconds, so the tests are few and share one local instance.
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -57,6 +58,9 @@ def head_node(monkeypatch):
     for name, value in RAY_ENV.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("RAY_AUTH_MODE", "token")  # as docs/cluster.md says: a driver joining by address sets it
+    # Ray >= 2.60's `ray start` no longer creates a missing token (2.5x wrote ~/.ray/auth_token): hand the
+    # head and every driver one through the environment, as docs/cluster.md tells users to.
+    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(32))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
