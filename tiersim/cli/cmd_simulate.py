@@ -20,67 +20,18 @@ from tiersim.errors import ConfigError, TiersimError
 
 FORMATS = ("table", "json")
 DEFAULT_BATCH = 64  # simulate's batch, and capacity's when no range is given
-ENGINES = ("auto", "fast", "simpy")  # tiersim.simulator.fastpath.ENGINES, without importing numpy at start-up
 
 
 def _scenario(target: Target, workload: Workload, compute: ComputeModel, batch: int):
-    from tiersim.simulator.calibration import apply_calibration, load_calibration
-    from tiersim.simulator.profile import check_device, load_profile, table_for
-    from tiersim.simulator.capacity import (
-        PREFETCH_MODES, SYNTHETIC_LABEL, bundled_projection, load_trace, scenario_from_trace,
-    )
-    from tiersim.simulator.presets import HOST_OVERHEADS, get_gpu, get_model, model_from_config, with_host_overhead
-    from tiersim.traces.lengths import parse_lengths
+    """The options' scenario (tiersim.simulator.scenario.assemble does the domain work and its checks)."""
+    from tiersim.simulator.scenario import assemble
 
-    model, model_config, gpu = target.model, target.model_config, target.gpu
-    trace, lengths, context, prefetch = workload.trace, workload.lengths, workload.context, workload.prefetch
-    steps, seed = workload.steps, workload.seed
-    calibration, profile, host_floor, engine = compute.calibration, compute.profile, compute.host_floor, compute.engine
-    host_overhead = compute.host_overhead
-    if batch < 1:
-        raise TiersimError(f"--batch must be >= 1, got {batch}")
-    if steps < 1:
-        raise TiersimError(f"--steps must be >= 1, got {steps}")
-    if context is not None and context < 1:
-        raise TiersimError(f"--context must be >= 1, got {context}")
-    if context is not None and lengths is not None:
-        raise TiersimError(f"use either --context ({context}) or --lengths ({lengths}), not both")
-    if prefetch not in PREFETCH_MODES:
-        raise TiersimError(f"--prefetch must be one of {', '.join(PREFETCH_MODES)}, got {prefetch!r}")
-    if host_overhead not in HOST_OVERHEADS:
-        raise TiersimError(f"--host-overhead must be one of {', '.join(HOST_OVERHEADS)}, got {host_overhead!r}")
-    if engine not in ENGINES:
-        raise TiersimError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    lengths = lengths or "math500"
-    mean_length = None if lengths.strip().lower() == "trace" else parse_lengths(lengths)
-    mdl = model_from_config(model_config) if model_config else get_model(model)
-    hw = get_gpu(gpu)
-    if calibration:
-        cal = load_calibration(calibration)
-        check_device(cal, gpu, "--calibration")
-        hw = apply_calibration(hw, cal)
-    if host_overhead != "none":
-        hw = with_host_overhead(hw, host_overhead)
-    table, note = None, "roofline (no --profile given)"
-    if profile:
-        doc = load_profile(profile)
-        check_device(doc, gpu, "--profile")
-        table, note = table_for(doc, mdl)
-        if table is not None and not host_floor:
-            table.drop_host()
-    # The bundled trace's projection ships beside it: no pandas import, no fit, for the default run.
-    projection = None if trace else bundled_projection()
-    loaded = load_trace(trace) if projection is None else None
-    if loaded is None and projection is None:
-        if mean_length is None:
-            raise TiersimError("--lengths trace: no trace to take lengths from (the bundled trace is missing)")
-        err_console.print("[yellow]note:[/] the bundled trace is missing from this install; using the synthetic "
-                          "profile documented in docs/simulator.md", highlight=False)
-    label = str(trace) if trace else ("bundled" if loaded is not None or projection else SYNTHETIC_LABEL)
-    scenario = scenario_from_trace(loaded, mdl, hw, batch, mean_length, steps=steps, seed=seed, label=label,
-                                   context=context, prefetch=prefetch, projection=projection)
-    scenario.table, scenario.compute_note, scenario.engine = table, note, engine
-    return scenario
+    return assemble(batch, model=target.model, model_config=target.model_config, gpu=target.gpu,
+                    trace=workload.trace, lengths=workload.lengths, context=workload.context,
+                    prefetch=workload.prefetch, steps=workload.steps, seed=workload.seed,
+                    calibration=compute.calibration, profile=compute.profile, host_floor=compute.host_floor,
+                    host_overhead=compute.host_overhead, engine=compute.engine,
+                    warn=lambda text: err_console.print(f"[yellow]note:[/] {text}", highlight=False))
 
 
 def _split(scenario, hbm, ddr, compressed, evict):

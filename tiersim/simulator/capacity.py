@@ -1,190 +1,30 @@
-"""Planning: one config through the engine (`simulate`), and the grid behind `tiersim capacity`.
+"""Planning: one config through the engine (`run`), "fits", "largest batch", and the grid behind
+`tiersim capacity` with its batch sweep.
 
-Inputs come from a trace (the policy's structure, churn, prompt length and DDR cover fractions;
-the bundled SmolLM2 trace by default) and a reasoning-length distribution (MATH-500-like by
-default) or a fixed context, projected onto a model and GPU preset. Overhead is measured against
-the same batch with everything in HBM, which may not fit: rows say so instead of hiding it.
+Overhead is measured against the same batch with everything in HBM, which may not fit: rows say so
+instead of hiding it. The scenario (what is priced besides the split) is :mod:`tiersim.simulator.scenario`;
+its names are re-exported here, where callers have always found them.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-
 import numpy as np
 
 from tiersim import fileformat
-from tiersim.errors import TiersimError
-from tiersim.hierarchy.config import TierConfig
 from tiersim.simulator import analytic
 from tiersim.simulator.analytic import GB, Offload
 from tiersim.simulator.fastpath import simulate
-from tiersim.simulator.presets import GPU, Model
+from tiersim.simulator.presets import GPU
 from tiersim.simulator.rows import CapacityRow
+from tiersim.simulator.scenario import (  # noqa: F401  (re-exported: the names' old home)
+    MAX_BATCH, MAX_STEPS, MAX_TOKENS, PREFETCH_MODES, SYNTHETIC_LABEL, SYNTHETIC_PROFILE, Scenario, assemble,
+    bundled_projection, load_trace, projection_path, scenario_from_trace, trace_projection, workload,
+    write_bundled_projection,
+)
 
 GRID_HBM = (1.0, 0.75, 0.5, 0.25)
 GRID_EVICT = (0.0, 0.03, 0.1)
 SWEEP_BATCHES = (1, 8, 16, 32, 64, 128, 256)
-PREFETCH_MODES = ("all", "cover99", "cover90")
-MAX_BATCH = 1 << 16  # far beyond any batch that fits; keeps the workload arrays and time bounded
-MAX_STEPS = 1_000_000
-MAX_TOKENS = 10_000_000
-
-#: What the simulator uses when no trace is available (the bundled one missing from an install).
-#: Rounded from the bundled SmolLM2 capture; documented in docs/simulator.md.
-SYNTHETIC_PROFILE = {
-    "prompt_len": 128,
-    "churn": (0.01, 0.0),  # 1% of the context swapped HBM <-> DDR at each re-tiering point
-    "structure": TierConfig().structure(),  # the cache's defaults
-    "cover": {"cover90": 0.5, "cover99": 0.8},  # share of the DDR tier holding 90% / 99% of its mass
-    "mean_length": 3900.0,
-}
-SYNTHETIC_LABEL = "synthetic (bundled trace missing)"
-
-
-@dataclass
-class Scenario:
-    """Everything a simulation needs besides the tier split."""
-
-    model: Model
-    gpu: GPU
-    batch: int
-    mean_length: float
-    prompt_len: int
-    churn: tuple[float, float]
-    structure: TierConfig  # the trace's policy: its sinks, window, re-tier interval and bits (not its ratios)
-    steps: int = 256
-    sigma: float = 0.35
-    seed: int = 0
-    trace_label: str = "bundled"
-    context: int | None = None  # fixed context: a lockstep batch starting at this many tokens
-    cover: dict = field(default_factory=lambda: dict(SYNTHETIC_PROFILE["cover"]))
-    prefetch: str = "all"
-    #: Measured operator tables for this model and GPU (tiersim.simulator.profile), or None: the roofline.
-    table: object = None
-    #: Why the roofline is used when ``table`` is None (shown in the output).
-    compute_note: str = "roofline (no --profile given)"
-    #: Step-time model: "auto" (the fast path's recurrence unless copies compete on the link, then SimPy),
-    #: "fast" or "simpy" (the reference). See tiersim.simulator.fastpath.
-    engine: str = "auto"
-
-    def prefetch_share(self) -> float:
-        """Share of the DDR tier fetched per step under ``self.prefetch``."""
-        if self.prefetch not in PREFETCH_MODES:
-            raise TiersimError(f"--prefetch must be one of {', '.join(PREFETCH_MODES)}, got {self.prefetch!r}")
-        return 1.0 if self.prefetch == "all" else float(self.cover[self.prefetch])
-
-    def policy(self, hbm: float, ddr: float, compressed: float, evict: float) -> Offload:
-        """The split on this scenario's structure and prefetch mode (TierConfig checks the ratios)."""
-        tiers = replace(self.structure, hbm=hbm, ddr=ddr, compressed=compressed, evict=evict)
-        return Offload(tiers, prefetch=self.prefetch_share())
-
-
-def scenario_from_trace(trace, model: Model, gpu: GPU, batch: int, mean_length: float | None,
-                        steps: int = 256, seed: int = 0, label: str = "bundled", context: int | None = None,
-                        prefetch: str = "all", projection: dict | None = None) -> Scenario:
-    """A scenario projected from ``trace``: its policy structure, churn, DDR cover and prompt length
-    (:func:`trace_projection`), or from an already computed ``projection`` of it.
-
-    ``trace=None`` (and no projection) uses :data:`SYNTHETIC_PROFILE` (the label then says so).
-    ``mean_length=None`` takes the trace's own generated lengths.
-    """
-    if not 1 <= batch <= MAX_BATCH:
-        raise TiersimError(f"--batch must be between 1 and {MAX_BATCH}, got {batch}")
-    if not 1 <= steps <= MAX_STEPS:
-        raise TiersimError(f"--steps must be between 1 and {MAX_STEPS}, got {steps}")
-    if context is not None and not 1 <= context <= MAX_TOKENS:
-        raise TiersimError(f"--context must be between 1 and {MAX_TOKENS}, got {context}")
-    if mean_length is not None and not (math.isfinite(mean_length) and 2 <= mean_length <= MAX_TOKENS):
-        raise TiersimError(f"--lengths: mean length must be between 2 and {MAX_TOKENS} tokens, got {mean_length}")
-    if prefetch not in PREFETCH_MODES:
-        raise TiersimError(f"--prefetch must be one of {', '.join(PREFETCH_MODES)}, got {prefetch!r}")
-    if projection is None:
-        projection = SYNTHETIC_PROFILE if trace is None else trace_projection(trace)
-        label = SYNTHETIC_LABEL if trace is None else label
-    return Scenario(model, gpu, batch, float(mean_length or projection["mean_length"]), int(projection["prompt_len"]),
-                    tuple(projection["churn"]), TierConfig.from_dict(projection["structure"]), steps=steps, seed=seed,
-                    trace_label=label, context=context, cover=dict(projection["cover"]), prefetch=prefetch)
-
-
-def trace_projection(trace) -> dict:
-    """What the simulator takes from a trace, in :data:`SYNTHETIC_PROFILE`'s shape: the prompt length, the
-    churn fit, the policy structure, the DDR cover shares and the mean generated length."""
-    from tiersim.traces.synth import fit
-
-    profile = fit(trace)
-    structure = TierConfig.from_dict(trace.meta["policy"])  # the reader checked it; defaults fill what it omits
-    a, b, _ = profile.churn["hbm_ddr"]
-    cover = np.array(profile.cover, dtype=float)  # per layer: c90 mean, c90 std, c99 mean, c99 std
-    has = cover[:, 2] > 0  # layers whose DDR tier was ever non-empty
-    if has.any():
-        shares = {"cover90": float(cover[has, 0].mean()), "cover99": float(cover[has, 2].mean())}
-    else:
-        shares = dict(SYNTHETIC_PROFILE["cover"])
-    return {
-        "prompt_len": max(int(round(profile.prompt_len)), 1),
-        "churn": (float(a), float(b)),
-        "structure": structure.structure(),
-        "cover": shares,
-        "mean_length": float(np.mean([s["new_tokens"] for s in trace.meta["sequences"]])),
-    }
-
-
-def projection_path(trace: Path) -> Path:
-    """The sidecar beside a trace file that holds its projection (kind ``trace-projection``).
-
-    The bundled trace ships with one: planning on it then reads a small JSON instead of importing pandas and
-    fitting a Parquet file (over a second of a `tiersim capacity` run)."""
-    return trace.with_name(trace.stem + ".projection.json")
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def bundled_projection() -> dict | None:
-    """The bundled trace's projection from its sidecar, or None when the sidecar is missing, unreadable or
-    was made from another file than the bundled trace (then the trace is read and fitted as any other)."""
-    import tiersim.traces as traces  # looked up at call time: tests point it at a missing trace
-
-    trace = traces.default_trace_path()
-    sidecar = projection_path(trace)
-    if not (trace.exists() and sidecar.exists()):
-        return None
-    try:
-        doc, _ = fileformat.read(sidecar, [fileformat.TRACE_PROJECTION], label="bundled trace projection")
-    except TiersimError:
-        return None
-    if doc.get("trace_sha256") != _sha256(trace):
-        return None
-    return doc["projection"]
-
-
-def write_bundled_projection() -> Path:
-    """Refit the bundled trace and rewrite its sidecar (scripts/refresh_bundled_projection.py)."""
-    from tiersim.traces import default_trace_path, read
-
-    trace = default_trace_path()
-    path = projection_path(trace)
-    fileformat.write_document(path, {**fileformat.header(fileformat.TRACE_PROJECTION), "trace_sha256": _sha256(trace),
-                                     "projection": trace_projection(read(trace))})
-    return path
-
-
-def workload(scenario: Scenario, policy: Offload, batch: int, steps: int) -> analytic.Workload:
-    """The batch's token counts per step: staggered reasoning lengths, or a lockstep fixed context."""
-    if scenario.context is not None:
-        # Every slot holds `context + s` tokens at step s; none finishes within the run.
-        lengths = np.full(batch, steps + 2, dtype=np.int64)
-        return analytic.build_workload(policy, batch, lengths, scenario.context - 1, steps,
-                                       churn=scenario.churn, seed=scenario.seed, lockstep=True)
-    rng = np.random.default_rng(scenario.seed)
-    lengths = analytic.sample_lengths(batch, scenario.mean_length, scenario.sigma, rng)
-    return analytic.build_workload(policy, batch, lengths, scenario.prompt_len, steps,
-                                   churn=scenario.churn, seed=scenario.seed)
 
 
 def fits(mem: analytic.Memory, gpu: GPU) -> bool:
@@ -439,14 +279,3 @@ def best_row(rows: list[dict], max_overhead: float) -> dict | None:
 
 def sweep_batches(batch: int) -> list[int]:
     return sorted(set(SWEEP_BATCHES) | {batch})
-
-
-def load_trace(path: str | Path | None):
-    """The trace to project from: ``path``, else the bundled SmolLM2 capture, else None (an install
-    without the package data: callers fall back to :data:`SYNTHETIC_PROFILE` and say so)."""
-    from tiersim.traces import default_trace_path, read
-
-    if path:
-        return read(path)
-    bundled = default_trace_path()
-    return read(bundled) if bundled.exists() else None
