@@ -223,18 +223,21 @@ def test_timeline_round_trip_and_contract(trace, tmp_path):
 
 
 def test_the_summary_row_is_the_capacity_row_record(trace):
-    """A row's keys are CapacityRow's fields then the two the baseline adds; the docs name every one."""
+    """A row's keys are the Row's grid fields then the two the baseline adds; the docs name every one, and
+    every key of the planner's view of the same row."""
     import re
     from dataclasses import fields
     from pathlib import Path
 
-    from tiersim.simulator.rows import CapacityRow
+    from tiersim.simulator.rows import GRID_KEYS, Row
 
     sc = scenario_from_trace(trace, MODEL, H100, 8, 2000.0, steps=8)
     row, _ = run(sc, sc.policy(0.5, 0.5, 0.0, 0.0), largest=False)
-    names = [f.name for f in fields(CapacityRow)]
+    names = list(GRID_KEYS)
+    assert names == [f.name for f in fields(Row)][: len(names)] and names[-1] == "compute_model"
     assert list(row) == names and row["max_batch"] is None
     assert list(cap.with_overhead(row, row)) == [*names, "overhead_pct", "baseline_fits"]
+    names += [k for k in Row(**{f.name: 0 for f in fields(Row)}).as_point() if k not in names]
     text = (Path(__file__).resolve().parent.parent / "docs" / "file-formats.md").read_text()
     section = text[text.index("## Capacity grid"):text.index("## Quality grid")]
     documented = set(re.findall(r"[a-z0-9_]+", section))

@@ -419,12 +419,11 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def make_access(strategy: str, fetch_share: float = 1.0) -> DDRAccess:
-    if strategy == "prefetch":
-        return Prefetch()
-    if strategy == "host-attention":
-        return HostAttention()
-    if strategy == "selective":
-        return Selective(fetch_share)
-    if strategy == "hybrid":
-        return Hybrid(fetch_share)
-    raise ConfigError(f"the cache runs strategies {', '.join(STRATEGIES)}; got {strategy!r}")
+    """The DDRAccess that runs ``strategy``: a lookup in the strategy registry (tiersim.hierarchy.strategies)."""
+    from tiersim.hierarchy.strategies import REGISTRY
+
+    spec = REGISTRY.get(strategy)
+    if spec is None or spec.access is None:
+        raise ConfigError(f"the cache runs strategies {', '.join(STRATEGIES)}; got {strategy!r}")
+    cls = globals()[spec.access]
+    return cls(fetch_share) if spec.takes_share else cls()

@@ -7,15 +7,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tiersim.errors import ConfigError
+from tiersim.hierarchy.strategies import APPROXIMATE, CACHE_STRATEGIES
 
 TIERS = ("hbm", "ddr", "compressed", "evicted")
 RATIO_FIELDS = ("hbm", "ddr", "compressed", "evict")
 POLICIES = ("hierarchy", "streamingllm", "h2o", "snapkv", "rkv")
-#: How the DDR tier reaches attention in the real cache (tiersim.hierarchy.access). The simulator
-#: models more (tiersim.simulator.strategies); those the cache does not run are refused here.
-STRATEGIES = ("prefetch", "host-attention", "hybrid", "selective")
+#: How the DDR tier reaches attention in the real cache (tiersim.hierarchy.access), read from the strategy
+#: registry. The simulator models more (tiersim.simulator.strategies); those the cache does not run are refused.
+STRATEGIES = CACHE_STRATEGIES
 #: Strategies whose output differs from the full cache's beyond floating-point rounding.
-APPROXIMATE_STRATEGIES = frozenset({"selective"})
+APPROXIMATE_STRATEGIES = APPROXIMATE & frozenset(CACHE_STRATEGIES)
 SUM_TOLERANCE = 1e-6
 #: The cache's structural settings beside the split: what the simulator takes from a trace's policy.
 STRUCTURE_FIELDS = ("sink_tokens", "recent_window", "retier_every", "compressed_bits")

@@ -20,13 +20,18 @@ import numpy as np
 
 from tiersim.hierarchy.config import TierConfig, tier_targets_array
 from tiersim.simulator import physics
+from tiersim.simulator.link import COPY_CALLS_PER_LAYER, copy_s
 from tiersim.simulator.presets import GB, GPU, Model
+from tiersim.simulator.step import StepCosts, closed_form  # noqa: F401  (closed_form: its old home)
 
 if TYPE_CHECKING:  # pragma: no cover
     from tiersim.simulator.profile import OperatorTable
 
-#: Bits per element of the compressed tier including one fp16 scale and minimum per group of 32.
-COMPRESSED_BITS = {4: 4 + 32 / 32, 8: 8 + 32 / 32}
+#: The compressed tier as ``tiersim.hierarchy.quant.QuantizedKV`` stores it: per element its code, and a
+#: float32 scale and minimum per group of ``TierConfig.quant_group`` (keys: one per channel per group of
+#: tokens; values: one per group of channels of a token); per token one int64 index of its key group.
+SCALE_BYTES = 4
+KEY_GROUP_INDEX_BYTES = 8
 #: Activation workspace per sequence, in units of hidden_size elements of 2 bytes (residual,
 #: attention and MLP intermediates live briefly; logits are counted separately).
 ACTIVATION_HIDDEN_MULTIPLE = 48
@@ -35,7 +40,20 @@ ACTIVATION_HIDDEN_MULTIPLE = 48
 #: float32 scoring of every key (half the KV: 0.5). A kernel attending over the tiers in place
 #: would not pay them; the validator measures the cache as it is, so the simulator charges them.
 ASSEMBLY_KV_PASSES = 2.5
-COPY_CALLS_PER_LAYER = 2  # keys and values, each gathered into one contiguous staging region
+#: Former name of :class:`tiersim.simulator.step.StepCosts` (what analytic's per-layer costs are).
+LayerCosts = StepCosts
+
+
+def compressed_bytes_per_token_layer(model: Model, bits: int, group: int) -> float:
+    """Bytes one token of one layer takes in the compressed tier (keys and values, every KV head)."""
+    elements = 2 * model.num_kv_heads * model.head_dim
+    return elements * (bits + 2 * 8 * SCALE_BYTES / group) / 8 + KEY_GROUP_INDEX_BYTES
+
+
+def compressed_ratio(model: Model, tiers: TierConfig, bits: int | None = None) -> float:
+    """Compressed bytes per full-precision byte, for ``tiers``' bits (or ``bits``) and quantization group."""
+    nbytes = compressed_bytes_per_token_layer(model, bits or tiers.compressed_bits, tiers.quant_group)
+    return nbytes / model.kv_bytes_per_token_layer
 
 
 @dataclass(frozen=True)
@@ -73,6 +91,17 @@ class Workload:
     @property
     def context_mean(self) -> float:
         return float(self.full_context.mean() / self.batch)
+
+
+def workload_from_counts(batch: int, hbm, ddr, compressed=0.0, demoted=0.0, context=None,
+                         full_context=None) -> Workload:
+    """A :class:`Workload` from the batch's token counts per layer (numbers: one step; arrays: one per step)."""
+    hbm, ddr, compressed, demoted = np.broadcast_arrays(*(np.atleast_1d(np.asarray(x, dtype=float))
+                                                          for x in (hbm, ddr, compressed, demoted)))
+    context = hbm + ddr + compressed if context is None else np.broadcast_to(np.asarray(context, dtype=float), hbm.shape)
+    full = context if full_context is None else np.broadcast_to(np.asarray(full_context, dtype=float), hbm.shape)
+    return Workload(batch=batch, steps=np.arange(len(hbm)), context=np.array(context), full_context=np.array(full),
+                    hbm=np.array(hbm), ddr=np.array(ddr), compressed=np.array(compressed), demoted=np.array(demoted))
 
 
 def sample_lengths(batch: int, mean_length: float, sigma: float, rng: np.random.Generator) -> np.ndarray:
@@ -178,6 +207,11 @@ class Memory:
     def peak(self) -> float:
         return self.weights + self.kv_hbm + self.compressed + self.staging + self.activations + self.reserved
 
+    def fit_flags(self, gpu: GPU):
+        """(HBM peak within the GPU's HBM, DDR tier within the host memory lent to it): the one definition of
+        "fits" (``capacity.fits`` is both); elementwise where the fields are arrays over batch sizes."""
+        return np.asarray(self.peak) <= gpu.hbm_bytes, np.asarray(self.ddr) <= gpu.host_bytes
+
     @property
     def saved(self) -> float:
         """HBM a full cache would use for KV minus what this config uses (tier, compressed, staging)."""
@@ -194,7 +228,7 @@ def memory_at_peaks(model: Model, gpu: GPU, offload: Offload, batch, full, hbm, 
     for the largest-batch search; the same arithmetic either way, so both give the same bits)."""
     per_token = model.kv_bytes_per_token
     per_layer = model.kv_bytes_per_token_layer
-    comp_ratio = COMPRESSED_BITS[offload.tiers.compressed_bits] / (8 * model.kv_dtype_bytes)
+    comp_ratio = compressed_ratio(model, offload.tiers)
     return Memory(
         weights=model.weight_bytes,
         kv_full=full * per_token,
@@ -206,23 +240,6 @@ def memory_at_peaks(model: Model, gpu: GPU, offload: Offload, batch, full, hbm, 
         reserved=gpu.reserved_bytes,
         ddr=ddr * per_token,
     )
-
-
-@dataclass
-class LayerCosts:
-    """Per-step, per-layer times in seconds (arrays of length S), and the per-step terms."""
-
-    compute: np.ndarray
-    h2d: np.ndarray  # prefetch of the layer's DDR tier, latency included
-    d2h: np.ndarray  # demotions after the layer's attention
-    h2d_bytes: np.ndarray
-    d2h_bytes: np.ndarray
-    #: Device work once per step after the last layer (final norm, LM head, embedding gather, rotary
-    #: table) plus the preset's per-step host overhead; 0 keeps the layers-only model.
-    step_extra: np.ndarray | float = 0.0
-    #: Host time to issue one step (an eager, launch-bound harness): a step takes at least this long.
-    host_floor: np.ndarray | float = 0.0
-    compute_model: str = "roofline"
 
 
 def extra_kv_bytes(model: Model, offload: Offload, work: Workload) -> np.ndarray:
@@ -238,7 +255,7 @@ def extra_kv_bytes(model: Model, offload: Offload, work: Workload) -> np.ndarray
 
 
 def layer_costs(model: Model, gpu: GPU, offload: Offload, work: Workload, table: OperatorTable | None = None,
-                roofline_reason: str = "roofline") -> LayerCosts:
+                roofline_reason: str = "roofline") -> StepCosts:
     """Compute per layer and per step, and copy times ``latency * calls + bytes / bandwidth``.
 
     Without ``table`` compute is the roofline of ``physics.layer_s``: weights, attention and the cache's
@@ -247,7 +264,7 @@ def layer_costs(model: Model, gpu: GPU, offload: Offload, work: Workload, table:
     of ``batch`` rows and the LM head a once-per-step read, both charged in ``step_extra``.
     """
     per_layer = model.kv_bytes_per_token_layer
-    comp_ratio = COMPRESSED_BITS[offload.tiers.compressed_bits] / (8 * model.kv_dtype_bytes)
+    comp_ratio = compressed_ratio(model, offload.tiers)
     bw = gpu.hbm_bw * gpu.hbm_efficiency
     peak = gpu.peak_flops * gpu.flops_efficiency
     # Tokens attention reads: HBM tier + staged DDR (from the staging buffer) + compressed codes.
@@ -280,33 +297,14 @@ def layer_costs(model: Model, gpu: GPU, offload: Offload, work: Workload, table:
     compute = np.broadcast_to(np.asarray(compute, dtype=float), work.hbm.shape).copy()
     h2d_bytes = work.ddr * offload.prefetch * per_layer
     d2h_bytes = work.demoted * per_layer
-    h2d = np.where(h2d_bytes > 0, COPY_CALLS_PER_LAYER * gpu.copy_latency + h2d_bytes / gpu.h2d_bw, 0.0)
-    d2h = np.where(d2h_bytes > 0, COPY_CALLS_PER_LAYER * gpu.copy_latency + d2h_bytes / gpu.d2h_bw, 0.0)
-    return LayerCosts(compute, h2d, d2h, h2d_bytes, d2h_bytes, step_extra=step_extra, host_floor=host_floor,
-                      compute_model=source)
+    return StepCosts(compute, copy_s(gpu, h2d_bytes, "h2d"), copy_s(gpu, d2h_bytes, "d2h"), h2d_bytes, d2h_bytes,
+                     step_extra=step_extra, host_floor=host_floor, compute_model=source, staged=offload.prefetch,
+                     staged_bytes=h2d_bytes, share=offload.prefetch)
 
 
 def host_overhead_s(gpu: GPU, batch: int) -> float:
     """Host time per step that the GPU waits for (scheduling, sampling, input and output handling)."""
     return gpu.step_overhead + gpu.step_overhead_per_sequence * batch
-
-
-def closed_form(costs: LayerCosts, num_layers: int) -> tuple[np.ndarray, np.ndarray]:
-    """Contention-free step time and stall per step, seconds.
-
-    The prefetch of layer l+1 starts when layer l starts computing, on one H2D engine. In steady
-    state layers start ``max(compute, copy)`` apart: compute-bound when the copy hides under the
-    previous layer's compute, link-bound (stall = copy - compute per layer) otherwise. The per-step
-    work after the last layer (``step_extra``) overlaps the prefetch of the next step's layer 0, so
-    the step is ``(L - 1) * max(c, h) + max(c + extra, h)``; a host floor (an eager, launch-bound
-    harness) makes it at least that long.
-    """
-    c, h = costs.compute, costs.h2d
-    extra = np.broadcast_to(np.asarray(costs.step_extra, dtype=float), c.shape)
-    gpu_step = (num_layers - 1) * np.maximum(c, h) + np.maximum(c + extra, h)
-    stall = (num_layers - 1) * np.maximum(h - c, 0.0) + np.maximum(h - c - extra, 0.0)
-    step = np.maximum(gpu_step, np.broadcast_to(np.asarray(costs.host_floor, dtype=float), c.shape))
-    return step, stall
 
 
 def to_gb(x) -> float:

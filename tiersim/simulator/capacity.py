@@ -8,14 +8,16 @@ its names are re-exported here, where callers have always found them.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from tiersim import fileformat
 from tiersim.simulator import analytic
 from tiersim.simulator.analytic import GB, Offload
-from tiersim.simulator.fastpath import simulate
 from tiersim.simulator.presets import GPU
-from tiersim.simulator.rows import CapacityRow
+from tiersim.simulator.rows import Row, overhead_pct
+from tiersim.simulator.step import solve
 from tiersim.simulator.scenario import (  # noqa: F401  (re-exported: the names' old home)
     MAX_BATCH, MAX_STEPS, MAX_TOKENS, PREFETCH_MODES, SYNTHETIC_LABEL, SYNTHETIC_PROFILE, Scenario, assemble,
     bundled_projection, load_trace, projection_path, scenario_from_trace, trace_projection, workload,
@@ -35,7 +37,7 @@ def fits(mem: analytic.Memory, gpu: GPU) -> bool:
 
 def fit_mask(mem: analytic.Memory, gpu: GPU) -> np.ndarray:
     """:func:`fits` elementwise, for a :class:`~analytic.Memory` whose fields are arrays over batch sizes."""
-    return np.logical_and(np.asarray(mem.peak) <= gpu.hbm_bytes, np.asarray(mem.ddr) <= gpu.host_bytes)
+    return np.logical_and(*mem.fit_flags(gpu))
 
 
 #: Memory the search reads, as columns of analytic.COUNT_KEYS.
@@ -84,27 +86,40 @@ def largest_batch(scenario: Scenario, policy: Offload, steps: int | None = None)
     return MAX_BATCH
 
 
-def run(scenario: Scenario, policy: Offload, batch: int | None = None, steps: int | None = None,
-        largest: bool = True):
-    """One config: (summary row without overhead, per-step timeline dict).
+def priced(scenario: Scenario, policy: Offload, batch: int, steps: int, strategy: str | None = None):
+    """(workload, the strategy's StepCosts, its memory at peak) for one config: what every solver times.
 
-    ``largest=False`` skips the largest-batch search (``max_batch`` is then None).
+    ``strategy`` defaults to the scenario's (``prefetch``, or ``selective`` under ``--prefetch cover99|90``)."""
+    from tiersim.simulator.strategies import step_costs
+
+    work = workload(scenario, policy, batch, steps)
+    model, gpu = scenario.model, scenario.gpu
+    name = strategy or scenario.strategy()
+    cover = policy.prefetch if name == "selective" and policy.prefetch < 1.0 else float(scenario.cover["cover99"])
+    costs = step_costs(name, model, gpu, policy, work, cover=cover, table=scenario.table, note=scenario.compute_note)
+    mem = analytic.memory(model, gpu, replace(policy, prefetch=costs.staged), work)
+    return work, costs, mem
+
+
+def run(scenario: Scenario, policy: Offload, batch: int | None = None, steps: int | None = None,
+        largest: bool = True, strategy: str | None = None):
+    """One config through the scenario's solver: (summary row without overhead, per-step timeline dict).
+
+    ``largest=False`` skips the largest-batch search (``max_batch`` is then None); ``strategy`` is any
+    registered strategy (default: the scenario's own).
     """
     batch = batch or scenario.batch
     steps = steps or scenario.steps
-    work = workload(scenario, policy, batch, steps)
     model, gpu = scenario.model, scenario.gpu
-    costs = analytic.layer_costs(model, gpu, policy, work, scenario.table, scenario.compute_note)
-    result = simulate(costs, model.num_layers, gpu, scenario.engine)
-    mem = analytic.memory(model, gpu, policy, work)
+    work, costs, mem = priced(scenario, policy, batch, steps, strategy)
+    result = solve(costs, model.num_layers, gpu, scenario.engine)
     step = result.step_time
-    row = CapacityRow.simulated(policy, batch, steps, work, mem, gpu, result, costs.compute_model, fits(mem, gpu),
-                                largest_batch(scenario, policy, steps) if largest else None).as_dict()
+    row = Row.of(policy, costs, result, work, mem, gpu,
+                 largest_batch(scenario, policy, steps) if largest else None).as_dict()
     weights = mem.weights / GB
     reserved = (mem.activations + mem.reserved) / GB
     per_token = model.kv_bytes_per_token / GB
-    comp_ratio = analytic.COMPRESSED_BITS[policy.tiers.compressed_bits] / (8 * model.kv_dtype_bytes)
-    kv_hbm = work.hbm * per_token + work.compressed * per_token * comp_ratio
+    kv_hbm = work.hbm * per_token + work.compressed * per_token * analytic.compressed_ratio(model, policy.tiers)
     staging = mem.staging / GB
     n = len(step)
     timeline = {
@@ -125,29 +140,16 @@ def run(scenario: Scenario, policy: Offload, batch: int | None = None, steps: in
     return row, timeline
 
 
-def closed_form_row(scenario: Scenario, policy: Offload, batch: int) -> dict:
-    """The sweep's cell: `run`'s memory and times from ``analytic.closed_form`` instead of the engine."""
-    work = workload(scenario, policy, batch, scenario.steps)
-    model, gpu = scenario.model, scenario.gpu
-    costs = analytic.layer_costs(model, gpu, policy, work, scenario.table, scenario.compute_note)
-    step, stall = analytic.closed_form(costs, model.num_layers)
-    mem = analytic.memory(model, gpu, policy, work)
-    return {
-        **policy.tiers.ratios(),
-        "batch": batch, "steps": scenario.steps, "method": "closed form",
-        "context_tokens_mean": round(work.context_mean, 1),
-        "context_tokens_peak": round(float(work.full_context.max()) / batch, 1),
-        "hbm_saved_gb": mem.saved / GB, "peak_hbm_gb": mem.peak / GB, "fits": fits(mem, gpu),
-        "step_ms": float(step.mean() * 1e3), "stall_ms": float(stall.mean() * 1e3),
-    }
+def closed_form_row(scenario: Scenario, policy: Offload, batch: int, strategy: str | None = None) -> dict:
+    """The sweep's cell: `run`'s row from the closed form instead of the scenario's solver (no largest batch)."""
+    work, costs, mem = priced(scenario, policy, batch, scenario.steps, strategy)
+    result = solve(costs, scenario.model.num_layers, scenario.gpu, "closed form")
+    return Row.of(policy, costs, result, work, mem, scenario.gpu).as_dict()
 
 
 def with_overhead(row: dict, baseline: dict) -> dict:
-    row = dict(row)
-    # Rounded far below any reported digit, so float noise between event orders is not "-0.0%".
-    row["overhead_pct"] = round((row["step_ms"] / baseline["step_ms"] - 1.0) * 100.0, 9) + 0.0
-    row["baseline_fits"] = baseline["fits"]
-    return row
+    """``row`` set against its all-in-HBM ``baseline``: ``overhead_pct`` and ``baseline_fits``."""
+    return {**row, "overhead_pct": overhead_pct(row["step_ms"], baseline["step_ms"]), "baseline_fits": baseline["fits"]}
 
 
 def grid_policies(scenario: Scenario, hbm_ratios=GRID_HBM, evicts=GRID_EVICT) -> list[Offload]:

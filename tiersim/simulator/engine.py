@@ -22,35 +22,14 @@ link, compute), and a step with no copies at all is a single timeout.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 import numpy as np
 import simpy
 
-from tiersim.simulator.analytic import COPY_CALLS_PER_LAYER, LayerCosts
+from tiersim.simulator.link import COPY_CALLS_PER_LAYER, DIRECTIONS, shared_rates  # noqa: F401  (re-exported)
 from tiersim.simulator.presets import GPU
-
-DIRECTIONS = ("h2d", "d2h")
+from tiersim.simulator.step import StepCosts, StepResult, step_compute  # noqa: F401  (StepResult: its old home)
 _SIMULTANEOUS = 1e-9  # transfers within this relative share of the next finish time end together
-
-
-def shared_rates(gpu: GPU, count: dict[str, int]) -> dict[str, float]:
-    """Per-transfer rate in each direction with ``count[direction]`` transfers active: each direction's cap
-    split among its transfers, the directions' sum held under the shared ceiling, shared max-min fairly or,
-    where the preset measured an uneven split (``GPU.bidir_h2d_share``), by that split."""
-    caps = {"h2d": gpu.h2d_bw, "d2h": gpu.d2h_bw}
-    want = {d: caps[d] for d, n in count.items() if n > 0}
-    if len(want) == 2 and gpu.bidir_h2d_share is not None and sum(want.values()) > gpu.bidir_bw:
-        # A measured uneven split (a host whose H2D collapses while D2H runs): each direction its share.
-        h2d = min(caps["h2d"], gpu.bidir_h2d_share * gpu.bidir_bw)
-        want = {"h2d": h2d, "d2h": min(caps["d2h"], gpu.bidir_bw - h2d)}
-    elif sum(want.values()) > gpu.bidir_bw:
-        fair = gpu.bidir_bw / len(want)
-        low = {d: w for d, w in want.items() if w <= fair}
-        high = [d for d in want if d not in low]
-        left = gpu.bidir_bw - sum(low.values())
-        want = {**low, **{d: left / len(high) for d in high}}
-    return {d: want[d] / n for d, n in count.items() if n > 0}
 
 
 class _Transfer:
@@ -183,22 +162,11 @@ class CountingEnvironment(simpy.Environment):
         super().schedule(event, priority, delay)
 
 
-@dataclass
-class StepResult:
-    """Per simulated step, seconds / bytes."""
+def simulate(costs: StepCosts, num_layers: int, gpu: GPU) -> StepResult:
+    """Run the decode steps described by ``costs`` through the event model.
 
-    step_time: np.ndarray
-    stall: np.ndarray
-    compute: np.ndarray
-    h2d_bytes: np.ndarray
-    d2h_bytes: np.ndarray
-    events: int
-    wall_time: float = 0.0  # simulated time at the end, prefetch warm-up and trailing demotions included
-    engine: str = "simpy"  # which model produced it: the SimPy events, or the fast path's recurrence
-
-
-def simulate(costs: LayerCosts, num_layers: int, gpu: GPU) -> StepResult:
-    """Run the decode steps described by ``costs`` through the event model."""
+    Host work (``costs.host``: host attention) starts with its layer, beside the GPU's own attention over
+    the HBM tier (``host_window``); the layer's remaining GPU work waits for both."""
     env = CountingEnvironment()
     link = Link(env, gpu)
     empty = env.event()
@@ -211,6 +179,10 @@ def simulate(costs: LayerCosts, num_layers: int, gpu: GPU) -> StepResult:
     stall = np.zeros(steps)
     # Plain floats: numpy scalars in the inner loop cost more than the events themselves.
     compute = [float(x) for x in costs.compute]
+    host = [float(x) for x in np.broadcast_to(np.asarray(costs.host, dtype=float), (steps,))]
+    window = [min(float(w), c) for w, c in zip(np.broadcast_to(np.asarray(costs.host_window, dtype=float), (steps,)),
+                                                 compute)]
+    layer_s = [float(x) for x in costs.layer_s]
     extra = [float(x) for x in np.broadcast_to(np.asarray(costs.step_extra, dtype=float), (steps,))]
     floor = [float(x) for x in np.broadcast_to(np.asarray(costs.host_floor, dtype=float), (steps,))]
     up = [float(x) for x in costs.h2d_bytes] + [0.0]  # step S prefetches nothing
@@ -225,7 +197,7 @@ def simulate(costs: LayerCosts, num_layers: int, gpu: GPU) -> StepResult:
             waited = 0.0
             c = compute[s]
             if up[s] <= 0 and up[s + 1] <= 0 and down[s] <= 0:  # no copies: the layers just run
-                yield env.timeout(max(c * num_layers + extra[s], floor[s]))
+                yield env.timeout(max(layer_s[s] * num_layers + extra[s], floor[s]))
                 step_time[s] = env.now - start
                 continue
             for layer in range(num_layers):
@@ -235,7 +207,14 @@ def simulate(costs: LayerCosts, num_layers: int, gpu: GPU) -> StepResult:
                     waited += env.now - t0
                 # Queue the next layer's prefetch (the last layer queues layer 0 of the next step).
                 ready = h2d.copy(up[s] if layer + 1 < num_layers else up[s + 1])
-                yield env.timeout(c)
+                if host[s] > 0:  # host attention: it starts with the layer's query, beside the HBM-tier attention
+                    host_done = env.timeout(host[s])
+                    yield env.timeout(window[s])
+                    if not host_done.processed:
+                        yield host_done
+                    yield env.timeout(c - window[s])
+                else:
+                    yield env.timeout(c)
                 if down[s] > 0:
                     d2h.copy(down[s])
             if extra[s] > 0:  # final norm, LM head, sampling: after the last layer, once per step
@@ -250,7 +229,7 @@ def simulate(costs: LayerCosts, num_layers: int, gpu: GPU) -> StepResult:
     return StepResult(
         step_time=step_time,
         stall=stall,
-        compute=costs.compute * num_layers + np.asarray(costs.step_extra, dtype=float),
+        compute=step_compute(costs, num_layers),
         h2d_bytes=costs.h2d_bytes * num_layers,
         d2h_bytes=costs.d2h_bytes * num_layers,
         events=env.scheduled,

@@ -26,17 +26,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from tiersim.simulator.analytic import COPY_CALLS_PER_LAYER, LayerCosts
-from tiersim.simulator.engine import StepResult, shared_rates
 from tiersim.simulator.engine import simulate as simulate_events
+from tiersim.simulator.link import copy_s, shared_rates
 from tiersim.simulator.presets import GPU
+from tiersim.simulator.step import StepCosts, StepResult, step_compute
 
 #: The fast path is taken when the link-sharing it ignores can change the simulated time by at most this share.
 CONTENTION_TOLERANCE = 1e-3
 ENGINES = ("auto", "fast", "simpy")
 
 
-def contention_bound(costs: LayerCosts, num_layers: int, gpu: GPU) -> float:
+def contention_bound(costs: StepCosts, num_layers: int, gpu: GPU) -> float:
     """Upper bound, seconds, on how much the demotions' share of the link can delay the whole run."""
     alone = shared_rates(gpu, {"h2d": 1})["h2d"]
     both = shared_rates(gpu, {"h2d": 1, "d2h": 1})
@@ -49,15 +49,13 @@ def contention_bound(costs: LayerCosts, num_layers: int, gpu: GPU) -> float:
     return float(num_layers * (down / both["d2h"]).sum() * slowdown)
 
 
-def recurrence(costs: LayerCosts, num_layers: int, gpu: GPU) -> StepResult:
+def recurrence(costs: StepCosts, num_layers: int, gpu: GPU) -> StepResult:
     """The SimPy model's step times without link sharing between directions, by the recurrence above."""
     steps = len(costs.compute)
-    latency = COPY_CALLS_PER_LAYER * gpu.copy_latency
-    h2d_rate = shared_rates(gpu, {"h2d": 1})["h2d"]
-    up = np.asarray(costs.h2d_bytes, dtype=float)
-    prefetch = np.where(up > 0, latency + up / h2d_rate, 0.0)
+    prefetch = copy_s(gpu, costs.h2d_bytes, "h2d")
+    layer = costs.layer_s  # the compute stream's time per layer (host work that outlasts its window included)
     # Plain floats: the loop runs once per step, and numpy scalars would cost more than the arithmetic.
-    comp = costs.compute.tolist()
+    comp = layer.tolist()
     pre = prefetch.tolist() + [0.0]  # step S prefetches nothing
     extra = np.broadcast_to(np.asarray(costs.step_extra, dtype=float), (steps,)).tolist()
     floor = np.broadcast_to(np.asarray(costs.host_floor, dtype=float), (steps,)).tolist()
@@ -80,17 +78,17 @@ def recurrence(costs: LayerCosts, num_layers: int, gpu: GPU) -> StepResult:
     return StepResult(
         step_time=np.array(step_time),
         stall=np.array(stall),
-        compute=costs.compute * num_layers + np.asarray(costs.step_extra, dtype=float),
+        compute=step_compute(costs, num_layers),
         h2d_bytes=costs.h2d_bytes * num_layers,
         d2h_bytes=costs.d2h_bytes * num_layers,
         events=0,
-        wall_time=max(a, _last_demotion_landed(costs, num_layers, gpu, np.array(first), prefetch)),
+        wall_time=max(a, _last_demotion_landed(costs, num_layers, gpu, np.array(first), prefetch, layer)),
         engine="fast",
     )
 
 
-def _last_demotion_landed(costs: LayerCosts, num_layers: int, gpu: GPU, first: np.ndarray,
-                          prefetch: np.ndarray) -> float:
+def _last_demotion_landed(costs: StepCosts, num_layers: int, gpu: GPU, first: np.ndarray,
+                          prefetch: np.ndarray, layer: np.ndarray) -> float:
     """When the D2H engine finishes its last copy (trailing demotions outlive the last step).
 
     The engine is a FIFO queue: a copy ends at ``max(arrival, previous end) + service``, so the last end is
@@ -101,16 +99,16 @@ def _last_demotion_landed(costs: LayerCosts, num_layers: int, gpu: GPU, first: n
     busy = down > 0
     if not busy.any():
         return 0.0
-    service = np.where(busy, COPY_CALLS_PER_LAYER * gpu.copy_latency + down / shared_rates(gpu, {"d2h": 1})["d2h"], 0.0)
+    service = copy_s(gpu, down, "d2h")
     per_step = num_layers * service
     before = np.cumsum(per_step) - per_step  # service queued by earlier steps
-    period = np.maximum(costs.compute, prefetch)
-    arrival = first + costs.compute - before  # the step's first copy, less the service ahead of it
+    period = np.maximum(layer, prefetch)
+    arrival = first + layer - before  # the step's first copy, less the service ahead of it
     best = arrival + np.maximum(0.0, (num_layers - 1) * (period - service))
     return float(per_step.sum() + best[busy].max())
 
 
-def simulate(costs: LayerCosts, num_layers: int, gpu: GPU, engine: str = "auto") -> StepResult:
+def simulate(costs: StepCosts, num_layers: int, gpu: GPU, engine: str = "auto") -> StepResult:
     """Step times for ``costs``: the recurrence where link sharing cannot matter, else the SimPy engine.
 
     ``engine="simpy"`` always runs the event model (the reference), ``"fast"`` always the recurrence.

@@ -7,16 +7,13 @@ engine simulates (it matches the engine to 1%, and is fast enough to sweep hundr
 
 from __future__ import annotations
 
-from dataclasses import replace
-
-import numpy as np
-
 from tiersim.errors import TiersimError
-from tiersim.simulator import analytic, capacity
+from tiersim.hierarchy.strategies import NO_OFFLOAD  # nothing in DDR: no strategy applies
+from tiersim.simulator import capacity
 from tiersim.simulator.analytic import GB, Offload
-from tiersim.simulator.strategies import APPROXIMATE, STRATEGIES, step_times
-
-NO_OFFLOAD = "none"  # nothing in DDR: no strategy applies
+from tiersim.simulator.rows import Row, overhead_pct
+from tiersim.simulator.step import solve
+from tiersim.simulator.strategies import STRATEGIES
 
 
 def parse_batches(text: str | int) -> list[int]:
@@ -52,31 +49,16 @@ def parse_strategies(text: str) -> list[str]:
 
 def evaluate(scenario: capacity.Scenario, policy: Offload, batch: int, strategies=STRATEGIES,
              tpot_slo_ms: float | None = None) -> list[dict]:
-    """One row per strategy (one row, strategy ``none``, when nothing is in DDR) at ``batch``."""
-    model, gpu = scenario.model, scenario.gpu
-    work = capacity.workload(scenario, policy, batch, scenario.steps)
+    """One point per strategy (one, strategy ``none``, when nothing is in DDR) at ``batch``: each strategy's
+    StepCosts timed by the closed form, as the planner's view of the one result row."""
     names = [NO_OFFLOAD] if policy.tiers.ddr <= 0 else list(strategies)
     rows = []
     for name in names:
-        timing = step_times("prefetch" if name == NO_OFFLOAD else name, model, gpu, policy, work,
-                            cover=float(scenario.cover["cover99"]), table=scenario.table)
-        mem = analytic.memory(model, gpu, replace(policy, prefetch=timing.staged), work)
-        step = timing.step
-        tpot = float(step.mean() * 1e3)
-        rows.append({
-            "strategy": name, "approximate": name in APPROXIMATE, "share": round(timing.share, 4),
-            **policy.tiers.ratios(),
-            "batch": batch, "steps": int(len(step)),
-            "context_tokens_mean": round(work.context_mean, 1),
-            "context_tokens_peak": round(float(work.full_context.max()) / batch, 1),
-            "tpot_ms": tpot, "tpot_p99_ms": float(np.percentile(step, 99) * 1e3), "step_ms": tpot,
-            "tokens_per_s": float(batch / step.mean()),
-            "hbm_saved_gb": mem.saved / GB, "peak_hbm_gb": mem.peak / GB, "ddr_gb": mem.ddr / GB,
-            "hbm_capacity_gb": gpu.hbm_bytes / GB,
-            "fits": capacity.fits(mem, gpu), "hbm_fits": bool(mem.peak <= gpu.hbm_bytes),
-            "ddr_fits": bool(mem.ddr <= gpu.host_bytes),
-            "within_slo": tpot_slo_ms is None or tpot <= tpot_slo_ms,
-        })
+        work, costs, mem = capacity.priced(scenario, policy, batch, scenario.steps,
+                                           "prefetch" if name == NO_OFFLOAD else name)
+        result = solve(costs, scenario.model.num_layers, scenario.gpu, "closed form")
+        row = Row.of(policy, costs, result, work, mem, scenario.gpu)
+        rows.append(row.as_point(tpot_slo_ms, strategy=name))
     return rows
 
 
@@ -115,7 +97,7 @@ def plan(scenario: capacity.Scenario, batches: list[int], tpot_slo_ms: float | N
         rows = [r for p in policies for r in evaluate(scenario, p, batch, strategies, tpot_slo_ms)]
         base = next(r for r in rows if r["hbm"] >= 1.0 and r["strategy"] == NO_OFFLOAD)
         for r in rows:
-            r["overhead_pct"] = round((r["tpot_ms"] / base["tpot_ms"] - 1.0) * 100.0, 9) + 0.0
+            r["overhead_pct"] = overhead_pct(r["tpot_ms"], base["tpot_ms"])
             r["baseline_fits"] = base["fits"]
         points.extend(rows)
     largest, full = full_cache_best(scenario, tpot_slo_ms)

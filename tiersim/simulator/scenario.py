@@ -71,6 +71,10 @@ class Scenario:
             raise TiersimError(f"--prefetch must be one of {', '.join(PREFETCH_MODES)}, got {self.prefetch!r}")
         return 1.0 if self.prefetch == "all" else float(self.cover[self.prefetch])
 
+    def strategy(self) -> str:
+        """The strategy this scenario's prefetch mode is: ``prefetch`` (``all``) or ``selective`` (a cover)."""
+        return "prefetch" if self.prefetch == "all" else "selective"
+
     def policy(self, hbm: float, ddr: float, compressed: float, evict: float) -> Offload:
         """The split on this scenario's structure and prefetch mode (TierConfig checks the ratios)."""
         tiers = replace(self.structure, hbm=hbm, ddr=ddr, compressed=compressed, evict=evict)

@@ -1,13 +1,14 @@
-"""How the DDR tier reaches attention: six offload strategies as closed-form step times; numpy only.
+"""How the DDR tier reaches attention, priced: each strategy's :class:`~tiersim.simulator.step.StepCosts`; numpy only.
 
+The names, exactness and labels are the registry's (``tiersim.hierarchy.strategies``); this module
+registers one cost function per name (:data:`COSTS`, tested to cover the registry) and nothing else.
 The GPU side (a layer's compute with some share of the DDR tier staged in HBM) comes from
-``analytic.layer_costs``; this module adds what each strategy moves and where it computes: the
-host link, host memory bandwidth and CPU FLOPs (the GPU preset's host figures), and GPU FLOPs
-for recomputation. Per layer, per step (batch totals, arrays over steps); a step is L layers.
-The physics of each is written in docs/simulator.md ("Strategies"). Every strategy's step is
-assembled by ``analytic.closed_form`` from its per-layer GPU time and link time, with the same
-per-step work (LM head, embedding rows, host overhead), host floor and operator tables as the
-SimPy engine, so ``prefetch`` here is the engine's contention-free step (tested to 1%).
+``analytic.layer_costs``; each strategy adds what it moves and where it computes: the host link, host
+memory bandwidth and CPU FLOPs (the GPU preset's host figures), and GPU FLOPs for recomputation. Per
+layer, per step (batch totals, arrays over steps). The physics of each is written in docs/simulator.md
+("Strategies"). A strategy is costs, never a step formula: any solver of ``step`` times it (the closed
+form for the planner's sweeps, the recurrence or SimPy for the grid), and strategies that split the DDR
+tier (hybrid, recompute) choose their share by the closed form's mean step.
 """
 
 from __future__ import annotations
@@ -16,57 +17,71 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from tiersim.hierarchy import strategies as registry
 from tiersim.simulator import analytic, physics
-from tiersim.simulator.analytic import COMPRESSED_BITS, COPY_CALLS_PER_LAYER, Offload, Workload
+from tiersim.simulator.analytic import Offload, Workload
+from tiersim.simulator.link import copy_s
 from tiersim.simulator.presets import GPU, Model
+from tiersim.simulator.step import StepCosts, closed_form
 
-STRATEGIES = ("prefetch", "host-attention", "hybrid", "recompute", "selective", "compressed-transfer")
+STRATEGIES = registry.NAMES
 #: Strategies whose output differs from the full cache's beyond floating-point rounding.
-APPROXIMATE = frozenset({"selective", "compressed-transfer"})
-SHORT = {"prefetch": "pf", "host-attention": "host", "hybrid": "hyb", "recompute": "kvpr",
-         "selective": "sel*", "compressed-transfer": "int8*"}
+APPROXIMATE = registry.APPROXIMATE
+SHORT = {s.name: s.short for s in registry.REGISTRY.values()}
 #: Shares tried by the strategies that split the DDR tier (hybrid, recompute). The end points are
 #: the pure strategies, so a split is never worse than either of its parts.
 SPLITS = np.linspace(0.0, 1.0, 21)
-TRANSFER_BITS = 8  # compressed-transfer: int8 codes with one fp16 scale and minimum per 32
+TRANSFER_BITS = 8  # compressed-transfer: int8 codes, scales as the compressed tier keeps them
+FP32 = 4
 
 
 @dataclass(frozen=True)
 class Timing:
-    """A strategy's per-step times and what it stages in HBM."""
+    """A strategy's per-step times (closed form) and what it stages in HBM."""
 
     strategy: str
     step: np.ndarray  # seconds per step
     staged: float  # share of the DDR tier staged in HBM per layer (sets the staging buffers)
     share: float  # hybrid: share on the host; recompute: share sent as activations; selective: share fetched
     approximate: bool
+    costs: StepCosts | None = None
 
 
-def _costs(model: Model, gpu: GPU, offload: Offload, work: Workload, staged: float, table=None) -> analytic.LayerCosts:
+def _base(model: Model, gpu: GPU, offload: Offload, work: Workload, staged: float, table=None,
+          note: str = "roofline") -> StepCosts:
     """The engine's costs with ``staged`` of the DDR tier attended from staging: per-layer compute,
     per-step extra work and host floor (from ``table`` when given, else the roofline)."""
-    return analytic.layer_costs(model, gpu, replace(offload, prefetch=staged), work, table)
+    return analytic.layer_costs(model, gpu, replace(offload, prefetch=staged), work, table, note)
 
 
-def _step(costs: analytic.LayerCosts, layers: int, gpu_layer: np.ndarray, link_layer: np.ndarray) -> np.ndarray:
-    """Seconds per step: ``gpu_layer`` of GPU work per layer against ``link_layer`` arriving layer-ahead."""
-    return analytic.closed_form(replace(costs, compute=gpu_layer, h2d=link_layer), layers)[0]
+def _with(costs: StepCosts, gpu: GPU, name: str, share: float, h2d_bytes=None, **fields) -> StepCosts:
+    """``costs`` as strategy ``name`` with its share; ``h2d_bytes`` re-prices the layer-ahead copy."""
+    if h2d_bytes is not None:
+        fields.update(h2d_bytes=np.asarray(h2d_bytes, dtype=float), h2d=copy_s(gpu, h2d_bytes, "h2d"))
+    return replace(costs, strategy=name, share=float(share), exact=registry.get(name).exact, **fields)
 
 
-def _link(gpu: GPU, nbytes: np.ndarray) -> np.ndarray:
-    """Host-to-device copy of one layer's bytes: ``2 · latency + bytes / bandwidth`` (as the engine)."""
-    return np.where(nbytes > 0, COPY_CALLS_PER_LAYER * gpu.copy_latency + nbytes / gpu.h2d_bw, 0.0)
+def host_attention_bytes(model: Model, tokens, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """(down, up) bytes of one layer's host attention over ``tokens`` DDR tokens, as the cache moves them
+    (tiersim.hierarchy.access.HostAttention): the query down; the partial output and its log-sum-exp up in
+    float32, and the host part's attention probabilities (float32 per query head and token: the cache's
+    cumulative scoring needs every token's)."""
+    tokens = np.asarray(tokens, dtype=float)
+    heads = model.num_attention_heads
+    down = np.where(tokens > 0, batch * heads * model.head_dim * model.kv_dtype_bytes, 0.0)
+    up = np.where(tokens > 0, batch * heads * (model.head_dim + 1) * FP32 + tokens * heads * FP32, 0.0)
+    return down, up
 
 
 def host_attention_time(model: Model, gpu: GPU, tokens: np.ndarray, batch: int) -> np.ndarray:
     """Host side of one layer: query down, attention over ``tokens`` DDR tokens on the CPU, partial
     output and log-sum-exp up. The CPU reads every K and V once from host memory."""
+    tokens = np.asarray(tokens, dtype=float)
     kv = tokens * model.kv_bytes_per_token_layer
     flops = 4.0 * tokens * model.num_attention_heads * model.head_dim  # QK^T and PV, 2 FLOPs per MAC
     cpu = np.maximum(kv / gpu.host_bw_per_gpu, flops / gpu.host_flops_per_gpu) + gpu.host_call_overhead
-    q_bytes = batch * model.num_attention_heads * model.head_dim * 2
-    out_bytes = batch * model.num_attention_heads * (model.head_dim + 1) * 4  # fp32 partial output + lse
-    link = 2 * gpu.copy_latency + q_bytes / gpu.h2d_bw + out_bytes / gpu.d2h_bw
+    down, up = host_attention_bytes(model, tokens, batch)
+    link = copy_s(gpu, down, "d2h", calls=1) + copy_s(gpu, up, "h2d", calls=1)
     return np.where(tokens > 0, cpu + link, 0.0)
 
 
@@ -76,62 +91,98 @@ def _hbm_attention(model: Model, gpu: GPU, work: Workload) -> np.ndarray:
     return physics.attention_s(gpu, work.hbm * model.kv_bytes_per_token_layer)
 
 
-def _split_step(model: Model, gpu: GPU, offload: Offload, work: Workload, host_share: float, table=None) -> np.ndarray:
-    """Step time with ``host_share`` of the DDR tier attended on the host, the rest prefetched.
+def _best(candidates):
+    """The (costs, share) whose closed-form mean step is least (ties: the first, i.e. the smaller share)."""
+    return min(candidates, key=lambda t: float(closed_form(t[0], t[2])[0].mean()))[:2]
 
-    The prefetched part crosses the link while the previous layer computes; the host part needs this
-    layer's query, so it runs during this layer and hides only under the GPU's HBM-tier attention.
-    """
+
+# -- one cost function per registered name ----------------------------------------------------------------
+def prefetch(model, gpu, offload, work, cover=1.0, table=None, share=None, note="roofline") -> StepCosts:
+    """The whole DDR tier of layer l+1 crosses the link while layer l computes (the engine's own model)."""
+    return _with(_base(model, gpu, offload, work, 1.0, table, note), gpu, "prefetch", 1.0)
+
+
+def _split(model, gpu, offload, work, host_share: float, table=None, name="hybrid", note="roofline") -> StepCosts:
+    """``host_share`` of the DDR tier attended on the host, the rest prefetched. The prefetched part crosses
+    the link while the previous layer computes; the host part needs this layer's query, so it runs during
+    this layer and hides only under the GPU's HBM-tier attention."""
     staged = 1.0 - host_share
-    costs = _costs(model, gpu, offload, work, staged, table)
-    c = costs.compute
-    host = host_attention_time(model, gpu, work.ddr * host_share, work.batch)
-    window = np.minimum(_hbm_attention(model, gpu, work), c)
-    gpu_side = c - window + np.maximum(window, host)
-    return _step(costs, model.num_layers, gpu_side, _link(gpu, work.ddr * staged * model.kv_bytes_per_token_layer))
+    costs = _base(model, gpu, offload, work, staged, table, note)
+    tokens = work.ddr * host_share
+    down, up = host_attention_bytes(model, tokens, work.batch)
+    return _with(costs, gpu, name, host_share, h2d_bytes=work.ddr * staged * model.kv_bytes_per_token_layer,
+                 host=host_attention_time(model, gpu, tokens, work.batch),
+                 host_window=np.minimum(_hbm_attention(model, gpu, work), costs.compute),
+                 host_d2h_bytes=down, host_h2d_bytes=up, staged=staged)
 
 
-def _recompute_step(model: Model, gpu: GPU, work: Workload, share: float, costs: analytic.LayerCosts) -> np.ndarray:
-    """KVPR: ``share`` of the DDR tokens cross as layer inputs (hidden_size values) and get K, V
-    recomputed on the GPU (``2 · hidden · 2 · kv_heads · head_dim`` FLOPs per token, plus reading the
-    inputs and writing K, V), the rest as K, V. Both arrive under the previous layer's compute."""
+def host_attention(model, gpu, offload, work, cover=1.0, table=None, share=None, note="roofline") -> StepCosts:
+    """Attention over the DDR tokens on the host CPU, from host memory; the GPU merges the two partials."""
+    return _split(model, gpu, offload, work, 1.0, table, name="host-attention", note=note)
+
+
+def hybrid(model, gpu, offload, work, cover=1.0, table=None, share=None, note="roofline") -> StepCosts:
+    """A share of the DDR tokens on the host, the rest prefetched; the share on :data:`SPLITS` (or ``share``)."""
+    shares = SPLITS if share is None else [share]
+    return _best((_split(model, gpu, offload, work, x, table, note=note), x, model.num_layers) for x in shares)[0]
+
+
+def _recompute(model, gpu, work, y: float, costs: StepCosts) -> StepCosts:
+    """KVPR: ``y`` of the DDR tokens cross as layer inputs (hidden_size values) and get K, V recomputed on
+    the GPU (``2 · hidden · 2 · kv_heads · head_dim`` FLOPs per token, plus reading the inputs and writing
+    K, V), the rest as K, V. Both arrive under the previous layer's compute."""
     kv = model.kv_bytes_per_token_layer
-    act = model.hidden_size * 2
-    n = work.ddr * share
+    act = model.hidden_size * model.kv_dtype_bytes
+    n = work.ddr * y
     flops = n * 2.0 * model.hidden_size * 2 * model.num_kv_heads * model.head_dim
-    recompute = np.maximum(n * (act + kv) / (gpu.hbm_bw * gpu.hbm_efficiency), flops / (gpu.peak_flops * gpu.flops_efficiency))
-    link = _link(gpu, n * act + work.ddr * (1.0 - share) * kv)
-    return _step(costs, model.num_layers, costs.compute + recompute, link)
+    extra = np.maximum(n * (act + kv) / (gpu.hbm_bw * gpu.hbm_efficiency), flops / (gpu.peak_flops * gpu.flops_efficiency))
+    return _with(costs, gpu, "recompute", y, h2d_bytes=n * act + work.ddr * (1.0 - y) * kv, compute=costs.compute + extra)
+
+
+def recompute(model, gpu, offload, work, cover=1.0, table=None, share=None, note="roofline") -> StepCosts:
+    costs = _base(model, gpu, offload, work, 1.0, table, note)
+    shares = SPLITS if share is None else [share]
+    return _best((_recompute(model, gpu, work, y, costs), y, model.num_layers) for y in shares)[0]
+
+
+def selective(model, gpu, offload, work, cover=1.0, table=None, share=None, note="roofline") -> StepCosts:
+    """Fetch only ``cover`` of the DDR tokens (the trace's oracle share holding 99% of the DDR tier's mass)."""
+    cover = cover if share is None else share
+    return _with(_base(model, gpu, offload, work, cover, table, note), gpu, "selective", cover)
+
+
+def compressed_transfer(model, gpu, offload, work, cover=1.0, table=None, share=None, note="roofline") -> StepCosts:
+    """The DDR tier crosses as int8 codes with the compressed tier's scales (``analytic.compressed_ratio``) and
+    is dequantized on the GPU: read the codes, write full precision into staging (attention then reads it)."""
+    ratio = analytic.compressed_ratio(model, offload.tiers, bits=TRANSFER_BITS)
+    costs = _base(model, gpu, offload, work, 1.0, table, note)
+    kv = work.ddr * model.kv_bytes_per_token_layer
+    dequant = kv * (ratio + 1.0) / (gpu.hbm_bw * gpu.hbm_efficiency)
+    return _with(costs, gpu, "compressed-transfer", ratio, h2d_bytes=kv * ratio, compute=costs.compute + dequant)
+
+
+#: The simulator's half of the registry: strategy name -> its cost function.
+COSTS = {"prefetch": prefetch, "host-attention": host_attention, "hybrid": hybrid, "recompute": recompute,
+         "selective": selective, "compressed-transfer": compressed_transfer}
+
+
+def step_costs(strategy: str, model: Model, gpu: GPU, offload: Offload, work: Workload, cover: float = 1.0,
+               table=None, share: float | None = None, note: str = "roofline") -> StepCosts:
+    """The :class:`StepCosts` of ``strategy`` on ``work`` (``cover``: the share ``selective`` fetches;
+    ``table``: measured operator tables; ``share``: a fixed split instead of the best one; ``note``: why the
+    roofline is used, shown in ``compute_model``). With nothing in
+    DDR every strategy is the plain step (prefetch of nothing), under the strategy's name."""
+    if strategy not in COSTS:
+        raise ValueError(f"unknown strategy {strategy!r}")
+    if work.ddr.max() <= 0:
+        costs = prefetch(model, gpu, offload, work, table=table, note=note)
+        return replace(costs, strategy=strategy, exact=True)
+    return COSTS[strategy](model, gpu, offload, work, cover=cover, table=table, share=share, note=note)
 
 
 def step_times(strategy: str, model: Model, gpu: GPU, offload: Offload, work: Workload,
                cover: float = 1.0, table=None) -> Timing:
-    """Per-step time of ``strategy`` on ``work`` (``cover``: the share ``selective`` fetches; ``table``:
-    measured operator tables, as the engine uses them)."""
-    layers = model.num_layers
-    kv = model.kv_bytes_per_token_layer
-    if strategy == "prefetch" or work.ddr.max() <= 0:
-        costs = _costs(model, gpu, offload, work, 1.0, table)
-        return Timing(strategy, _step(costs, layers, costs.compute, _link(gpu, work.ddr * kv)), 1.0, 1.0,
-                      strategy in APPROXIMATE and work.ddr.max() > 0)
-    if strategy in ("host-attention", "hybrid"):
-        shares = [1.0] if strategy == "host-attention" else SPLITS
-        best = min(((_split_step(model, gpu, offload, work, x, table), x) for x in shares),
-                   key=lambda t: float(t[0].mean()))
-        return Timing(strategy, best[0], 1.0 - best[1], best[1], False)
-    if strategy == "recompute":
-        costs = _costs(model, gpu, offload, work, 1.0, table)
-        best = min(((_recompute_step(model, gpu, work, y, costs), y) for y in SPLITS),
-                   key=lambda t: float(t[0].mean()))
-        return Timing(strategy, best[0], 1.0, best[1], False)
-    if strategy == "selective":
-        costs = _costs(model, gpu, offload, work, cover, table)
-        return Timing(strategy, _step(costs, layers, costs.compute, _link(gpu, work.ddr * cover * kv)), cover, cover,
-                      True)
-    if strategy == "compressed-transfer":
-        ratio = COMPRESSED_BITS[TRANSFER_BITS] / (8 * model.kv_dtype_bytes)
-        costs = _costs(model, gpu, offload, work, 1.0, table)
-        # Dequantize on the GPU: read the codes, write bf16 into staging (attention then reads it: in c).
-        c = costs.compute + work.ddr * kv * (ratio + 1.0) / (gpu.hbm_bw * gpu.hbm_efficiency)
-        return Timing(strategy, _step(costs, layers, c, _link(gpu, work.ddr * kv * ratio)), 1.0, ratio, True)
-    raise ValueError(f"unknown strategy {strategy!r}")
+    """``strategy``'s closed-form step times on ``work`` (what the planner sweeps)."""
+    costs = step_costs(strategy, model, gpu, offload, work, cover, table)
+    step = closed_form(costs, model.num_layers)[0]
+    return Timing(strategy, step, costs.staged, costs.share, not costs.exact, costs)

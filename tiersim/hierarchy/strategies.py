@@ -1,0 +1,72 @@
+"""The offload strategies' vocabulary, written once: how the DDR tier reaches attention; standard library only.
+
+One entry per strategy: its name (what ``TierConfig.strategy``, ``--strategy`` and the files say), whether
+its output equals the full cache's (up to floating-point rounding), the words and marks the tables and
+plots show, and which :mod:`tiersim.hierarchy.access` class executes it in the real cache (None: the
+simulator prices it, the cache does not run it yet). The cache (``access.make_access``), TierConfig's
+check, the simulator (``tiersim.simulator.strategies`` registers each name's costs), the CLI's help and
+the report all read this table; nothing else lists strategies. It sits in layer 1 beside the cache and
+imports nothing, so the report (also layer 1) and TierConfig can read it without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One way for the DDR tier to reach attention."""
+
+    name: str
+    exact: bool  # same output as the full cache up to floating-point rounding
+    label: str  # the tables' and plots' name ("int8 transfer")
+    short: str  # a narrow table column ("pf", "sel*")
+    symbol: str  # Plotly marker symbol of its curve
+    #: The :mod:`tiersim.hierarchy.access` class that runs it in the cache (None: simulator only), and whether
+    #: that class takes ``TierConfig.fetch_share``.
+    access: str | None = None
+    takes_share: bool = False
+    #: How a row's ``share`` reads in a table ("host": "(40% host)"; "" : the bare percentage; None: not shown).
+    share_words: str | None = None
+    help: str = ""  # one phrase for --help
+
+
+_ENTRIES = (
+    Strategy("prefetch", True, "prefetch", "pf", "circle", access="Prefetch",
+             help="prefetch (the whole DDR tier copied one layer ahead; bit-exact)"),
+    Strategy("host-attention", True, "host-attention", "host", "diamond", access="HostAttention",
+             help="host-attention (attended on the host, merged by log-sum-exp)"),
+    Strategy("hybrid", True, "hybrid", "hyb", "star-diamond", access="Hybrid", takes_share=True, share_words="host",
+             help="hybrid (a share fetched, the rest host-attended)"),
+    Strategy("recompute", True, "recompute", "kvpr", "triangle-up", share_words="act",
+             help="recompute (KVPR: a share sent as activations, K and V recomputed on the GPU)"),
+    Strategy("selective", False, "selective", "sel*", "cross", access="Selective", takes_share=True, share_words="",
+             help="selective (approximate: only a share of the DDR tokens fetched)"),
+    Strategy("compressed-transfer", False, "int8 transfer", "int8*", "x",
+             help="compressed-transfer (approximate: the DDR tier crosses as int8)"),
+)
+REGISTRY: dict[str, Strategy] = {s.name: s for s in _ENTRIES}
+#: Every strategy, in the order tables and plots list them.
+NAMES = tuple(REGISTRY)
+#: Those the cache runs (TierConfig.strategy accepts these).
+CACHE_STRATEGIES = tuple(s.name for s in _ENTRIES if s.access is not None)
+APPROXIMATE = frozenset(s.name for s in _ENTRIES if not s.exact)
+#: The row a plot draws when nothing is in DDR (no strategy applies): its name and marker.
+NO_OFFLOAD = "none"
+NO_OFFLOAD_SYMBOL = "square"
+#: Marker symbol by name, the no-offload row included.
+SYMBOLS = {NO_OFFLOAD: NO_OFFLOAD_SYMBOL, **{s.name: s.symbol for s in _ENTRIES}}
+
+
+def get(name: str) -> Strategy:
+    """The entry named ``name``; KeyError names the known ones."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown strategy {name!r}; known: {', '.join(NAMES)}") from None
+
+
+def help_text(names=None) -> str:
+    """The strategies' phrases joined for --help (``names``: a subset, e.g. the cache's)."""
+    return ", ".join(REGISTRY[n].help for n in (names or NAMES))
