@@ -17,6 +17,7 @@ from tiersim.cli.app import (
 from tiersim.cli.groups import ComputeModel, Target, Workload
 from tiersim.cli.progress import meter
 from tiersim.errors import ConfigError, TiersimError
+from tiersim.hierarchy import strategies
 
 FORMATS = ("table", "json")
 DEFAULT_BATCH = 64  # simulate's batch, and capacity's when no range is given
@@ -149,8 +150,8 @@ def capacity(
     workload: Workload = Workload(),
     tpot_slo: float = typer.Option(None, "--tpot-slo", help="latency budget: mean time per output token, ms"),
     max_evict: float = typer.Option(0.0, "--max-evict", help="quality budget: largest share of the KV evicted"),
-    strategy: str = typer.Option("all", help="offload strategies compared: all, or a comma list of prefetch, "
-                                             "host-attention, hybrid, recompute, selective, compressed-transfer"),
+    strategy: str = typer.Option("all", help="offload strategies compared: all, or a comma list of "
+                                             + strategies.help_text()),
     max_overhead: float = typer.Option(10.0, "--max-overhead", help="overhead budget of the grid's 'best', percent"),
     compute: ComputeModel = ComputeModel(),
     fmt: str = typer.Option("table", "--format", help="table or json"),
@@ -238,19 +239,13 @@ def _context_words(row: dict) -> str:
 
 
 def _strategy_label(r: dict) -> str:
-    from tiersim.simulator.planner import NO_OFFLOAD
-
-    if r["strategy"] == NO_OFFLOAD:
+    """The registry's label, ``*`` when approximate, and the split where the registry shows it."""
+    if r["strategy"] == strategies.NO_OFFLOAD:
         return "full cache" if r["evict"] == 0 else "evict only"
-    name = r["strategy"] + ("*" if r["approximate"] else "")
-    if r["strategy"] == "hybrid":
-        name += f" ({r['share']:.0%} host)"
-    elif r["strategy"] == "recompute":
-        name += f" ({r['share']:.0%} act)"
-    elif r["strategy"] == "selective":
-        name += f" ({r['share']:.0%})"
-    elif r["strategy"] == "compressed-transfer":
-        name = "int8 transfer*"
+    spec = strategies.get(r["strategy"])
+    name = spec.label + ("*" if r["approximate"] else "")
+    if spec.share_words is not None:
+        name += f" ({r['share']:.0%}{' ' + spec.share_words if spec.share_words else ''})"
     return name
 
 
@@ -275,13 +270,11 @@ def _strategy_table(answer: dict, title: str) -> Table:
 
 def _batch_table(answer: dict) -> Table:
     """Per batch and strategy: the most tok/s (TPOT ms) among the splits that fit and meet the SLO."""
-    from tiersim.simulator.planner import NO_OFFLOAD
-    from tiersim.simulator.strategies import SHORT
-
+    NO_OFFLOAD = strategies.NO_OFFLOAD
     names = [NO_OFFLOAD, *answer["strategies"]]
     table = compact_table(f"Per batch: best tok/s / TPOT ms that fits{_slo_words(answer)} (red: over the SLO); "
                           f"{answer['steps']} steps each, closed form")
-    add_columns(table, ["batch", *("full/ev" if name == NO_OFFLOAD else SHORT[name] for name in names),
+    add_columns(table, ["batch", *("full/ev" if name == NO_OFFLOAD else strategies.get(name).short for name in names),
                         "ctx mean/peak"], left=0)
     max_evict = answer["max_evict"]
     for batch in answer["batches"]:
@@ -322,7 +315,7 @@ def _print_capacity(result: dict, scenario) -> None:
     console.print(f"compute model: {(result.get('baseline') or {}).get('compute_model', 'roofline')}", highlight=False,
                   markup=False)
     base = result["baseline"]
-    approx = [s for s in answer["strategies"] if s in ("selective", "compressed-transfer")]
+    approx = [s for s in answer["strategies"] if s in strategies.APPROXIMATE]
     if approx:
         console.print("* approximate, never recommended: selective fetches the DDR tokens that held 99% of its\n"
                       "  attention in the trace (an oracle); int8 transfer quantizes the DDR tier.", highlight=False)

@@ -9,14 +9,13 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from tiersim.hierarchy import strategies
 from tiersim.hierarchy.config import TierConfig
 from tiersim.options import defaults, option
 
 _TIER = defaults(TierConfig)
 
-STRATEGY_HELP = ("prefetch (bit-exact), host-attention (attended on the host, merged by log-sum-exp), hybrid "
-                 "(--fetch-share fetched, the rest host-attended) or selective (approximate: only --fetch-share of "
-                 "the DDR pages, picked by key bounds)")
+STRATEGY_HELP = strategies.help_text(strategies.CACHE_STRATEGIES)  # the cache runs these (the registry says)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from tiersim.hierarchy.strategies import SYMBOLS
+
 FONT = dict(family="Inter, Segoe UI, Helvetica, Arial, sans-serif", size=13, color="#1f2937")
 TIER_COLORS = {
     "weights": "#6b7280",
@@ -229,8 +231,7 @@ def capacity_frontier(rows: pd.DataFrame, max_overhead_pct: float | None = None,
     return _layout(fig, title, 500, subtitle)
 
 
-STRATEGY_SYMBOLS = {"none": "square", "prefetch": "circle", "host-attention": "diamond", "hybrid": "star-diamond",
-                    "recompute": "triangle-up", "selective": "cross", "compressed-transfer": "x"}
+STRATEGY_SYMBOLS = SYMBOLS  # the strategy registry's (tiersim.hierarchy.strategies), "none" included
 
 
 def throughput_frontier(points: pd.DataFrame, tpot_slo_ms: float | None = None, full_cache: dict | None = None,
