@@ -20,7 +20,7 @@ import numpy as np
 
 from tiersim.hierarchy.config import TierConfig, tier_targets_array
 from tiersim.simulator import physics
-from tiersim.simulator.link import COPY_CALLS_PER_LAYER, copy_s
+from tiersim.simulator.link import COPY_CALLS_PER_LAYER, copy_s  # noqa: F401  (COPY_CALLS_PER_LAYER: its old home)
 from tiersim.simulator.presets import GB, GPU, Model
 from tiersim.simulator.step import StepCosts, closed_form  # noqa: F401  (closed_form: its old home)
 

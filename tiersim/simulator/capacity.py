@@ -17,12 +17,12 @@ from tiersim.simulator import analytic
 from tiersim.simulator.analytic import GB, Offload
 from tiersim.simulator.presets import GPU
 from tiersim.simulator.rows import Row, overhead_pct
-from tiersim.simulator.step import solve
 from tiersim.simulator.scenario import (  # noqa: F401  (re-exported: the names' old home)
     MAX_BATCH, MAX_STEPS, MAX_TOKENS, PREFETCH_MODES, SYNTHETIC_LABEL, SYNTHETIC_PROFILE, Scenario, assemble,
     bundled_projection, load_trace, projection_path, scenario_from_trace, trace_projection, workload,
     write_bundled_projection,
 )
+from tiersim.simulator.step import solve
 
 GRID_HBM = (1.0, 0.75, 0.5, 0.25)
 GRID_EVICT = (0.0, 0.03, 0.1)
