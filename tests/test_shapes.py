@@ -159,3 +159,23 @@ def test_the_validator_view_keeps_its_constructor_and_fields():
     with pytest.raises(TiersimError, match="builds qwen2, qwen3, llama"):
         vshapes.hf_config(replace(view, architecture="phi"))
 
+
+# -- GPU presets carry their device names ---------------------------------------------------------------
+def test_every_preset_is_found_by_its_device_names():
+    from tiersim.validator.calibrate import base_gpu_preset
+
+    assert all(gpu.device_names for gpu in presets.GPUS.values())
+    for key, gpu in presets.GPUS.items():
+        for name in gpu.device_names:
+            assert base_gpu_preset(name) == key and base_gpu_preset(f"  {name.upper()} ") == key
+
+
+@pytest.mark.parametrize("device, preset", [
+    ("NVIDIA A100 80GB PCIe", "a100-80g"), ("NVIDIA A100-PCIE-40GB", "a100-80g"), ("NVIDIA H100", "h100-sxm"),
+    ("NVIDIA H100 PCIe 96GB", "h100-pcie"), ("NVIDIA GH200 96GB HBM3", "gh200"), ("NVIDIA H200 SXM", "h200"),
+    ("NVIDIA A800-SXM4-80GB", "h100-sxm"), ("Tesla V100-SXM2-16GB", "h100-sxm"), (None, "h100-sxm"), ("", "h100-sxm"),
+])
+def test_an_unlisted_variant_takes_its_chips_closest_preset(device, preset):
+    """The mapping the calibration's string matching gave (gh200 before h200, PCIe H100s apart, A100s to
+    a100-80g, anything else to the H100 SXM), now read from the presets' names."""
+    assert presets.device_preset(device) == preset

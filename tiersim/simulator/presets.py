@@ -70,6 +70,9 @@ class GPU:
     #: H2D ~11 of ~35 GB/s); None shares the ceiling max-min fairly (each direction capped at its own rate).
     bidir_h2d_share: float | None = None
     note: str = ""
+    #: What ``torch.cuda.get_device_name`` (nvidia-smi's product name) calls this GPU, so a measurement
+    #: finds its preset by lookup (``device_preset``); the sources are cited where each preset lists them.
+    device_names: tuple[str, ...] = ()
 
     @property
     def host_bw_per_gpu(self) -> float:
@@ -186,11 +189,17 @@ GPUS: dict[str, GPU] = {
         # 54.3 GB/s H2D and 54.5 D2H at 64 MiB, 95.4 GB/s both ways, 17 us per copy (NVIDIA's nvbandwidth
         # example output shows 55.6 GB/s host_to_device_memcpy_ce, in line).
         GPU("h100-sxm", 80 * GB, 3.35e12, 54 * GB, 54 * GB, 95 * GB, 17e-6, 989e12,
-            note="PCIe Gen5 x16: 63 GB/s theory; 54 GB/s measured per direction, 95 both ways (H100 run)"),
+            note="PCIe Gen5 x16: 63 GB/s theory; 54 GB/s measured per direction, 95 both ways (H100 run)",
+            # docs/validation/h100-80gb-hbm3.json (our run); H100 NVL (github.com/akash-network/provider-configs
+            # pull 91, nvidia-smi) is a 94 GB HBM3 card, read as this one.
+            device_names=("NVIDIA H100 80GB HBM3", "NVIDIA H100 NVL")),
         GPU("h100-pcie", 80 * GB, 2.0e12, 54 * GB, 54 * GB, 95 * GB, 17e-6, 756e12,
-            note="PCIe Gen5 x16 (link figures of the H100 run)"),
+            note="PCIe Gen5 x16 (link figures of the H100 run)",
+            device_names=("NVIDIA H100 PCIe",)),  # torch's sm_90 warning quoted in github.com/pytorch/pytorch issue 90761
         GPU("h200", 141 * GB, 4.8e12, 54 * GB, 54 * GB, 95 * GB, 17e-6, 989e12,
-            note="PCIe Gen5; link not published, the H100 run's figures assumed"),
+            note="PCIe Gen5; link not published, the H100 run's figures assumed",
+            # nvidia-smi product name: github.com/NVIDIA/mig-parted issue 120 (H200); pull 146 adds the H200 NVL.
+            device_names=("NVIDIA H200", "NVIDIA H200 NVL")),
         # DGX A100: 2 x EPYC 7742, 8 channels DDR4-3200 each = 204.8 GB/s per socket; ASSUMPTION:
         # 64 cores x 2.25 GHz x 32 FLOP/cycle (AVX2) = 4.6 TFLOP/s peak, ~30% in attention.
         # Decode physics: the A100 fit on vidur's public A100 profiles (Meta-Llama-3-8B and CodeLlama-34B;
@@ -202,7 +211,10 @@ GPUS: dict[str, GPU] = {
             host_socket_bw=204.8 * GB, host_socket_flops=1.4e12,
             weight_efficiency=0.814, gemm_kernel_s=3.6e-6, gemm_batch_slowdown=0.114, attn_kernel_s=20.2e-6,
             attn_efficiency=0.795, layer_overhead=3.5e-6, layer_overhead_per_width=1.24e-9,
-            note="PCIe Gen4 x16: 32 theory, ~25 measured each way, ~35 both ways (H2D ~11 of it)"),
+            note="PCIe Gen4 x16: 32 theory, ~25 measured each way, ~35 both ways (H2D ~11 of it)",
+            # nvidia-smi: github.com/NVIDIA/CUDALibrarySamples issue 104 (80 GB), bottlerocket-os/bottlerocket-core-kit
+            # pull 834 (40 GB, read as this preset as before).
+            device_names=("NVIDIA A100-SXM4-80GB", "NVIDIA A100-SXM4-40GB")),
         # GH200: its own 72-core Grace. ASSUMPTION: ~500 GB/s LPDDR5X peak (NVIDIA's Grace Hopper
         # material, rounded); 72 cores x 3.1 GHz x 32 FLOP/cycle (4 x 128-bit SVE2 FMA) = 7.1 TFLOP/s
         # peak, ~30% in attention.
@@ -210,7 +222,9 @@ GPUS: dict[str, GPU] = {
         # 346 GB/s, D2H ~15% lower (~300); both ways at once about half the 900 GB/s peak (issue 41): 450.
         GPU("gh200", 96 * GB, 4.0e12, 346 * GB, 300 * GB, 450 * GB, 3e-6, 989e12, host_bytes=480 * GB,
             gpus_per_host=1, host_sockets=1, host_socket_bw=500 * GB, host_socket_flops=2.1e12,
-            note="NVLink-C2C 450 GB/s theory per direction; 346 H2D / ~300 D2H / ~450 both ways measured; 480 GB LPDDR5X"),
+            note="NVLink-C2C 450 GB/s theory per direction; 346 H2D / ~300 D2H / ~450 both ways measured; 480 GB LPDDR5X",
+            # nvidia-smi: github.com/marin-community/marin pull 5446 (480GB), NVIDIA/mig-parted pull 139 (144G HBM3e).
+            device_names=("NVIDIA GH200 480GB", "NVIDIA GH200 144G HBM3e")),
     ]
 }
 
@@ -222,6 +236,34 @@ def get_gpu(name: str) -> GPU:
     if name not in GPUS:
         raise TiersimError(f"unknown GPU preset {name!r}: choose one of {', '.join(GPUS)} (see `tiersim presets`)")
     return GPUS[name]
+
+
+#: The preset for a device no preset names (and for no device: the CPU smoke mode).
+DEFAULT_GPU = "h100-sxm"
+
+
+def _chip(device_name: str) -> str:
+    """The chip of a device name: 'NVIDIA A100-SXM4-40GB' -> 'a100', 'NVIDIA H100 PCIe' -> 'h100'."""
+    words = device_name.lower().replace("nvidia", " ").split()
+    return words[0].split("-")[0] if words else ""
+
+
+def device_preset(device_name: str | None) -> str:
+    """The GPU preset of a device, by its name: one the presets list (:attr:`GPU.device_names`), else, for a
+    variant not listed (an 'NVIDIA A100 80GB PCIe'), the preset with a name of the same chip sharing the most
+    words with it (the first on a tie), else :data:`DEFAULT_GPU`."""
+    name = " ".join((device_name or "").split()).lower()
+    for key, gpu in GPUS.items():
+        if name in (n.lower() for n in gpu.device_names):
+            return key
+    chip, words = _chip(name), set(name.replace("-", " ").split())
+    best, shared = DEFAULT_GPU, 0
+    for key, gpu in GPUS.items():
+        for known in gpu.device_names:
+            common = len(words & set(known.lower().replace("-", " ").split()))
+            if chip and _chip(known) == chip and common > shared:
+                best, shared = key, common
+    return best
 
 
 def get_model(name: str) -> Model:
