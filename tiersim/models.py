@@ -231,21 +231,23 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
 
 
 def describe_model(model) -> dict:
-    """Model shape for trace metadata; KV bytes per token for bf16 over all layers."""
+    """Model shape for trace metadata; KV bytes per token for bf16 over all layers.
+
+    The config is read by :meth:`tiersim.shapes.ModelShape.from_hf_config`, the one reader of HF configs.
+    """
+    from tiersim.shapes import ModelShape
+
     cfg = model.config.get_text_config(decoder=True)
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    layers = cfg.num_hidden_layers
+    shape = ModelShape.from_hf_config(cfg, where=f"model {getattr(model, 'name_or_path', None) or cfg.model_type}")
     return {
         "id": getattr(model, "name_or_path", None) or cfg.model_type,
         "architecture": (cfg.architectures or [type(model).__name__])[0],
-        "num_layers": layers,
-        "num_attention_heads": heads,
-        "num_kv_heads": kv_heads,
-        "head_dim": head_dim,
+        "num_layers": shape.num_layers,
+        "num_attention_heads": shape.num_attention_heads,
+        "num_kv_heads": shape.num_kv_heads,
+        "head_dim": shape.head_dim,
         "dtype": str(model.dtype).replace("torch.", ""),
-        "kv_bytes_per_token": 2 * layers * kv_heads * head_dim * 2,
+        "kv_bytes_per_token": shape.kv_bytes_per_token,
     }
 
 

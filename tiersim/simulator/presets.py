@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 from tiersim.errors import TiersimError
+from tiersim.shapes import CONFIG_FIELDS, MODEL_SHAPES, UNGATED_MLP_MODEL_TYPES, ModelShape  # noqa: F401 (re-exported)
 
 GB = 1e9
 
@@ -68,6 +70,9 @@ class GPU:
     #: H2D ~11 of ~35 GB/s); None shares the ceiling max-min fairly (each direction capped at its own rate).
     bidir_h2d_share: float | None = None
     note: str = ""
+    #: What ``torch.cuda.get_device_name`` (nvidia-smi's product name) calls this GPU, so a measurement
+    #: finds its preset by lookup (``device_preset``); the sources are cited where each preset lists them.
+    device_names: tuple[str, ...] = ()
 
     @property
     def host_bw_per_gpu(self) -> float:
@@ -84,7 +89,12 @@ class GPU:
 
 @dataclass(frozen=True)
 class Model:
-    """A decoder's shape. KV bytes are for bf16 unless ``kv_dtype_bytes`` says otherwise."""
+    """The simulator's view of a :class:`tiersim.shapes.ModelShape` (its fields and derived figures).
+
+    It keeps the fields and positional order it always had, since presets, calibration and tests build
+    it directly; every derived figure (weight bytes, KV bytes, MLP width) is the shape's, written once
+    in ``tiersim.shapes``. KV bytes are for bf16 unless ``kv_dtype_bytes`` says otherwise.
+    """
 
     name: str
     num_layers: int
@@ -103,29 +113,43 @@ class Model:
     #: model_type is llama, qwen2 or qwen3); ``model_from_config`` reads it from the model_type.
     gated_mlp: bool = True
 
+    @classmethod
+    def from_shape(cls, shape: ModelShape) -> Model:
+        """The view of ``shape`` (its published parameter count, else the one counted from the shape)."""
+        model = cls(shape.name, shape.num_layers, shape.num_kv_heads, shape.head_dim, shape.hidden_size,
+                    shape.num_attention_heads, shape.total_params, param_bytes=float(shape.dtype_bytes),
+                    kv_dtype_bytes=shape.kv_dtype_bytes, vocab_size=shape.vocab_size,
+                    tie_word_embeddings=shape.tie_word_embeddings, intermediate_size=shape.intermediate_size,
+                    gated_mlp=shape.gated_mlp)
+        model.__dict__["shape"] = shape  # the view keeps its shape whole (architecture, RoPE, window)
+        return model
+
+    @cached_property
+    def shape(self) -> ModelShape:
+        """The :class:`ModelShape` this view shows (one built field by field has no architecture: "")."""
+        return ModelShape(self.name, "", self.num_layers, self.hidden_size, self.intermediate_size,
+                          self.num_attention_heads, self.num_kv_heads, self.head_dim, self.vocab_size,
+                          tie_word_embeddings=self.tie_word_embeddings, gated_mlp=self.gated_mlp,
+                          dtype_bytes=self.param_bytes, kv_dtype_bytes=self.kv_dtype_bytes, params=self.params)
+
     @property
     def mlp_width(self) -> int:
         """The MLP's intermediate size: the stated one, or what an MLP of this layer size has."""
-        if self.intermediate_size:
-            return self.intermediate_size
-        h, hd = self.hidden_size, self.head_dim
-        attn = h * hd * (self.num_attention_heads + 2 * self.num_kv_heads) + self.num_attention_heads * hd * h
-        per_layer = self.layer_weight_bytes / self.param_bytes
-        return max(int(round((per_layer - attn) / (self.mlp_matrices * h))), 0)
+        return self.shape.mlp_width
 
     @property
     def mlp_matrices(self) -> int:
         """Weight matrices of hidden x width in one MLP: gate, up, down (gated) or up, down (plain)."""
-        return 3 if self.gated_mlp else 2
+        return self.shape.mlp_matrices
 
     @property
     def weight_bytes(self) -> float:
-        return self.params * self.param_bytes
+        return self.shape.weight_bytes
 
     @property
     def embedding_bytes(self) -> float:
         """One vocabulary x hidden table (the input embedding; the LM head is a second one unless tied)."""
-        return float(self.vocab_size) * self.hidden_size * self.param_bytes
+        return self.shape.embedding_bytes
 
     @property
     def lm_head_bytes(self) -> float:
@@ -135,8 +159,7 @@ class Model:
     @property
     def layer_weight_bytes(self) -> float:
         """One decoder layer's weights: everything but the embedding table(s) (and the final norm), / layers."""
-        tables = self.embedding_bytes * (1 if self.tie_word_embeddings else 2)
-        return max(self.weight_bytes - tables - self.hidden_size * self.param_bytes, 0.0) / self.num_layers
+        return self.shape.layer_weight_bytes
 
     def step_weight_bytes(self, batch: int) -> float:
         """Weight bytes one decode step reads: every layer, the LM head, and only ``batch`` embedding rows."""
@@ -149,11 +172,11 @@ class Model:
 
     @property
     def kv_bytes_per_token_layer(self) -> float:
-        return 2 * self.num_kv_heads * self.head_dim * self.kv_dtype_bytes
+        return self.shape.kv_bytes_per_token_layer
 
     @property
     def kv_bytes_per_token(self) -> float:
-        return self.kv_bytes_per_token_layer * self.num_layers
+        return self.shape.kv_bytes_per_token
 
     def to_dict(self) -> dict:
         return {**asdict(self), "kv_bytes_per_token": self.kv_bytes_per_token}
@@ -166,11 +189,17 @@ GPUS: dict[str, GPU] = {
         # 54.3 GB/s H2D and 54.5 D2H at 64 MiB, 95.4 GB/s both ways, 17 us per copy (NVIDIA's nvbandwidth
         # example output shows 55.6 GB/s host_to_device_memcpy_ce, in line).
         GPU("h100-sxm", 80 * GB, 3.35e12, 54 * GB, 54 * GB, 95 * GB, 17e-6, 989e12,
-            note="PCIe Gen5 x16: 63 GB/s theory; 54 GB/s measured per direction, 95 both ways (H100 run)"),
+            note="PCIe Gen5 x16: 63 GB/s theory; 54 GB/s measured per direction, 95 both ways (H100 run)",
+            # docs/validation/h100-80gb-hbm3.json (our run); H100 NVL (github.com/akash-network/provider-configs
+            # pull 91, nvidia-smi) is a 94 GB HBM3 card, read as this one.
+            device_names=("NVIDIA H100 80GB HBM3", "NVIDIA H100 NVL")),
         GPU("h100-pcie", 80 * GB, 2.0e12, 54 * GB, 54 * GB, 95 * GB, 17e-6, 756e12,
-            note="PCIe Gen5 x16 (link figures of the H100 run)"),
+            note="PCIe Gen5 x16 (link figures of the H100 run)",
+            device_names=("NVIDIA H100 PCIe",)),  # torch's sm_90 warning quoted in github.com/pytorch/pytorch issue 90761
         GPU("h200", 141 * GB, 4.8e12, 54 * GB, 54 * GB, 95 * GB, 17e-6, 989e12,
-            note="PCIe Gen5; link not published, the H100 run's figures assumed"),
+            note="PCIe Gen5; link not published, the H100 run's figures assumed",
+            # nvidia-smi product name: github.com/NVIDIA/mig-parted issue 120 (H200); pull 146 adds the H200 NVL.
+            device_names=("NVIDIA H200", "NVIDIA H200 NVL")),
         # DGX A100: 2 x EPYC 7742, 8 channels DDR4-3200 each = 204.8 GB/s per socket; ASSUMPTION:
         # 64 cores x 2.25 GHz x 32 FLOP/cycle (AVX2) = 4.6 TFLOP/s peak, ~30% in attention.
         # Decode physics: the A100 fit on vidur's public A100 profiles (Meta-Llama-3-8B and CodeLlama-34B;
@@ -182,7 +211,10 @@ GPUS: dict[str, GPU] = {
             host_socket_bw=204.8 * GB, host_socket_flops=1.4e12,
             weight_efficiency=0.814, gemm_kernel_s=3.6e-6, gemm_batch_slowdown=0.114, attn_kernel_s=20.2e-6,
             attn_efficiency=0.795, layer_overhead=3.5e-6, layer_overhead_per_width=1.24e-9,
-            note="PCIe Gen4 x16: 32 theory, ~25 measured each way, ~35 both ways (H2D ~11 of it)"),
+            note="PCIe Gen4 x16: 32 theory, ~25 measured each way, ~35 both ways (H2D ~11 of it)",
+            # nvidia-smi: github.com/NVIDIA/CUDALibrarySamples issue 104 (80 GB), bottlerocket-os/bottlerocket-core-kit
+            # pull 834 (40 GB, read as this preset as before).
+            device_names=("NVIDIA A100-SXM4-80GB", "NVIDIA A100-SXM4-40GB")),
         # GH200: its own 72-core Grace. ASSUMPTION: ~500 GB/s LPDDR5X peak (NVIDIA's Grace Hopper
         # material, rounded); 72 cores x 3.1 GHz x 32 FLOP/cycle (4 x 128-bit SVE2 FMA) = 7.1 TFLOP/s
         # peak, ~30% in attention.
@@ -190,30 +222,48 @@ GPUS: dict[str, GPU] = {
         # 346 GB/s, D2H ~15% lower (~300); both ways at once about half the 900 GB/s peak (issue 41): 450.
         GPU("gh200", 96 * GB, 4.0e12, 346 * GB, 300 * GB, 450 * GB, 3e-6, 989e12, host_bytes=480 * GB,
             gpus_per_host=1, host_sockets=1, host_socket_bw=500 * GB, host_socket_flops=2.1e12,
-            note="NVLink-C2C 450 GB/s theory per direction; 346 H2D / ~300 D2H / ~450 both ways measured; 480 GB LPDDR5X"),
+            note="NVLink-C2C 450 GB/s theory per direction; 346 H2D / ~300 D2H / ~450 both ways measured; 480 GB LPDDR5X",
+            # nvidia-smi: github.com/marin-community/marin pull 5446 (480GB), NVIDIA/mig-parted pull 139 (144G HBM3e).
+            device_names=("NVIDIA GH200 480GB", "NVIDIA GH200 144G HBM3e")),
     ]
 }
 
-MODELS: dict[str, Model] = {
-    m.name: m
-    for m in [
-        # vocab_size, intermediate_size: each model's config.json (as in tiersim.validator.shapes).
-        Model("r1-distill-qwen-1.5b", 28, 2, 128, 1536, 12, 1.78e9, vocab_size=151_936, intermediate_size=8_960),
-        Model("r1-distill-qwen-7b", 28, 4, 128, 3584, 28, 7.62e9, vocab_size=152_064, intermediate_size=18_944),
-        Model("r1-distill-qwen-14b", 48, 8, 128, 5120, 40, 14.8e9, vocab_size=152_064, intermediate_size=13_824),
-        Model("r1-distill-qwen-32b", 64, 8, 128, 5120, 40, 32.8e9, vocab_size=152_064, intermediate_size=27_648),
-        Model("qwq-32b", 64, 8, 128, 5120, 40, 32.8e9, vocab_size=152_064, intermediate_size=27_648),
-        Model("qwen3-8b", 36, 8, 128, 4096, 32, 8.19e9, vocab_size=151_936, intermediate_size=12_288),
-        Model("llama-3.1-8b", 32, 8, 128, 4096, 32, 8.03e9, vocab_size=128_256, intermediate_size=14_336),
-        Model("llama-3.1-70b", 80, 8, 128, 8192, 64, 70.6e9, vocab_size=128_256, intermediate_size=28_672),
-    ]
-}
+#: The shipped models: views of ``tiersim.shapes.MODEL_SHAPES`` (their config.json shapes, published counts).
+MODELS: dict[str, Model] = {name: Model.from_shape(shape) for name, shape in MODEL_SHAPES.items()}
 
 
 def get_gpu(name: str) -> GPU:
     if name not in GPUS:
         raise TiersimError(f"unknown GPU preset {name!r}: choose one of {', '.join(GPUS)} (see `tiersim presets`)")
     return GPUS[name]
+
+
+#: The preset for a device no preset names (and for no device: the CPU smoke mode).
+DEFAULT_GPU = "h100-sxm"
+
+
+def _chip(device_name: str) -> str:
+    """The chip of a device name: 'NVIDIA A100-SXM4-40GB' -> 'a100', 'NVIDIA H100 PCIe' -> 'h100'."""
+    words = device_name.lower().replace("nvidia", " ").split()
+    return words[0].split("-")[0] if words else ""
+
+
+def device_preset(device_name: str | None) -> str:
+    """The GPU preset of a device, by its name: one the presets list (:attr:`GPU.device_names`), else, for a
+    variant not listed (an 'NVIDIA A100 80GB PCIe'), the preset with a name of the same chip sharing the most
+    words with it (the first on a tie), else :data:`DEFAULT_GPU`."""
+    name = " ".join((device_name or "").split()).lower()
+    for key, gpu in GPUS.items():
+        if name in (n.lower() for n in gpu.device_names):
+            return key
+    chip, words = _chip(name), set(name.replace("-", " ").split())
+    best, shared = DEFAULT_GPU, 0
+    for key, gpu in GPUS.items():
+        for known in gpu.device_names:
+            common = len(words & set(known.lower().replace("-", " ").split()))
+            if chip and _chip(known) == chip and common > shared:
+                best, shared = key, common
+    return best
 
 
 def get_model(name: str) -> Model:
@@ -224,47 +274,12 @@ def get_model(name: str) -> Model:
     return MODELS[name]
 
 
-#: Field -> (upper bound, what it is). Bounds are far above any real model and keep arithmetic sane.
-CONFIG_FIELDS = {
-    "num_hidden_layers": (4096, "decoder layers"),
-    "hidden_size": (1 << 20, "model width"),
-    "num_attention_heads": (1 << 14, "query heads"),
-    "num_key_value_heads": (1 << 14, "KV heads"),
-    "head_dim": (1 << 14, "head dimension"),
-    "intermediate_size": (1 << 22, "MLP width"),
-    "vocab_size": (1 << 24, "vocabulary"),
-}
-
-
-#: transformers ``model_type``s whose MLP is not gated (one up projection, an activation, one down
-#: projection: PhiMLP fc1/fc2, GPTNeoXMLP and FalconMLP dense_h_to_4h/dense_4h_to_h, Starcoder2MLP
-#: c_fc/c_proj in transformers' modeling files). Every other decoder is read as gated (gate and up
-#: projections), the layout of Llama, Qwen, Mistral, Gemma and Phi-3.
-UNGATED_MLP_MODEL_TYPES = frozenset({"phi", "gpt_neox", "falcon", "starcoder2"})
-
-
-def _config_int(cfg: dict, name: str, path: Path, default=None) -> int:
-    """One integer field of a config, or one line naming the field, what was found and what is expected."""
-    value = cfg.get(name)
-    if value is None:
-        if default is None:
-            raise TiersimError(f"--model-config {path}: {name} is missing; expected a positive integer "
-                               f"({CONFIG_FIELDS[name][1]})")
-        return default
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    upper = CONFIG_FIELDS[name][0]
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper:
-        raise TiersimError(f"--model-config {path}: {name} must be an integer from 1 to {upper:,} "
-                           f"({CONFIG_FIELDS[name][1]}), got {json.dumps(value)[:40]}")
-    return value
-
-
 def model_from_config(path: str | Path) -> Model:
     """A model preset from a transformers ``config.json`` (parameter count estimated from the shape).
 
-    Every field is checked, since a user's file is the one input nobody else validated: a wrong value
-    gets one line naming the field, never a traceback or a silent default.
+    The file is read here (its errors name ``--model-config``); its fields are read and checked by
+    :meth:`ModelShape.from_hf_config`, the one reader of HF configs. A sliding-window model is refused:
+    its KV stops growing at the window, which the simulator (like ``TieredCache``) does not model.
     """
     path = Path(path)
     if path.is_dir():
@@ -277,33 +292,11 @@ def model_from_config(path: str | Path) -> Model:
         raise TiersimError(f"--model-config: not a JSON file: {path}") from None
     except OSError as exc:
         raise TiersimError(f"--model-config: cannot read {path}: {exc.strerror or exc}") from None
-    if not isinstance(cfg, dict):
-        raise TiersimError(f"--model-config {path}: expected a JSON object (a transformers config.json), "
-                           f"got a {type(cfg).__name__}")
-    text = cfg.get("text_config")
-    if text is not None:
-        if not isinstance(text, dict):
-            raise TiersimError(f"--model-config {path}: text_config must be an object, got {json.dumps(text)[:40]}")
-        cfg = text
-    layers = _config_int(cfg, "num_hidden_layers", path)
-    hidden = _config_int(cfg, "hidden_size", path)
-    heads = _config_int(cfg, "num_attention_heads", path)
-    kv_heads = _config_int(cfg, "num_key_value_heads", path, default=heads)
-    if heads % kv_heads:
-        raise TiersimError(f"--model-config {path}: num_attention_heads ({heads}) must be a multiple of "
-                           f"num_key_value_heads ({kv_heads})")
-    head_dim = _config_int(cfg, "head_dim", path, default=max(1, hidden // heads))
-    inter = _config_int(cfg, "intermediate_size", path, default=4 * hidden)
-    vocab = _config_int(cfg, "vocab_size", path, default=32000)
-    attn = hidden * head_dim * (heads + 2 * kv_heads) + heads * head_dim * hidden
-    gated = cfg.get("model_type") not in UNGATED_MLP_MODEL_TYPES
-    mlp = (3 if gated else 2) * hidden * inter
-    embed = vocab * hidden * (1 if cfg.get("tie_word_embeddings") else 2)
-    params = layers * (attn + mlp) + embed
-    name = cfg.get("_name_or_path") or path.parent.name or "custom"
-    return Model(str(name), layers, kv_heads, head_dim, hidden, heads, float(params), vocab_size=vocab,
-                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings")), intermediate_size=inter,
-                 gated_mlp=gated)
+    shape = ModelShape.from_hf_config(cfg, where=f"--model-config {path}", default_name=path.parent.name or "custom")
+    if shape.sliding_window is not None:
+        raise TiersimError(f"--model-config {path}: sliding-window attention (sliding_window={shape.sliding_window}) "
+                           "is not modelled; the simulator plans full-attention decoders only")
+    return Model.from_shape(shape)
 
 
 #: Per-step host time an engine does not overlap with the GPU, ``(seconds per step, seconds per sequence)``.

@@ -83,17 +83,11 @@ def _nvidia_driver() -> str | None:
 
 
 def base_gpu_preset(device_name: str | None) -> str:
-    """The simulator preset whose unmeasured numbers (capacity, reserve) fit this device best."""
-    name = (device_name or "").lower()
-    if "gh200" in name:
-        return "gh200"
-    if "h200" in name:
-        return "h200"
-    if "h100" in name:
-        return "h100-pcie" if "pcie" in name else "h100-sxm"
-    if "a100" in name:
-        return "a100-80g"
-    return "h100-sxm"
+    """The simulator preset whose unmeasured numbers (capacity, reserve) fit this device best: a lookup in
+    the presets' device names (``presets.device_preset``)."""
+    from tiersim.simulator.presets import device_preset
+
+    return device_preset(device_name)
 
 
 def check_grid(batches, contexts, hbms, steps: int, warmup: int, prefill: str, budget_s: float | None = None) -> None:

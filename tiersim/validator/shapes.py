@@ -1,60 +1,46 @@
 """Random-weights models with the exact shape of real reasoning models, built directly on the device.
 
 Decode timings depend on tensor shapes, not on weight values, so the validator needs no hub
-access: the shape table below holds the published configs (hidden size, MLP width, heads, KV
-heads, head dim, vocabulary) and ``build_model`` instantiates them with random bf16 weights.
-The names match the simulator's model presets, so a measured point and its prediction describe
-the same model.
+access: the shape table (``tiersim.shapes.MODEL_SHAPES``, of which ``SHAPES`` is a view) holds the
+published configs (hidden size, MLP width, heads, KV heads, head dim, vocabulary) and ``build_model``
+instantiates them with random bf16 weights. The simulator's model presets are views of the same
+table, so a measured point and its prediction describe the same model.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import fields
 
 from tiersim.errors import TiersimError
+from tiersim.shapes import MODEL_SHAPES, TINY, ModelShape
+
+#: The keys of a calibration file's ``model_shape`` (with ``kv_bytes_per_token`` and ``params``), as before
+#: the shape table moved to ``tiersim.shapes``: the file format keeps its version.
+FILE_FIELDS = ("name", "architecture", "num_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+               "num_kv_heads", "head_dim", "vocab_size", "tie_word_embeddings", "rope_theta")
 
 
-@dataclass(frozen=True)
-class Shape:
-    """The numbers of a model's ``config.json`` that decide decode cost."""
+class Shape(ModelShape):
+    """The validator's view of a :class:`tiersim.shapes.ModelShape`: the same fields in the same order
+    (``Shape(name, architecture, layers, ...)`` still builds one), and ``to_dict`` with the keys calibration
+    files have always had."""
 
-    name: str
-    architecture: str  # "qwen2" | "qwen3" | "llama"
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    tie_word_embeddings: bool = False
-    rope_theta: float = 10000.0
+    @classmethod
+    def of(cls, shape: ModelShape) -> Shape:
+        return cls(**{f.name: getattr(shape, f.name) for f in fields(shape)})
 
     @property
-    def kv_bytes_per_token(self) -> int:
-        """bf16 K and V over all layers (the design table's column)."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * 2
+    def model_shape(self) -> ModelShape:
+        """The :class:`ModelShape` this view shows."""
+        return ModelShape(**{f.name: getattr(self, f.name) for f in fields(self)})
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "kv_bytes_per_token": self.kv_bytes_per_token}
+        return {**{k: getattr(self, k) for k in FILE_FIELDS}, "kv_bytes_per_token": self.kv_bytes_per_token}
 
 
-# Published configs (Hugging Face config.json of each model); the KV columns agree with docs/design.md.
-SHAPES: dict[str, Shape] = {
-    s.name: s
-    for s in [
-        Shape("r1-distill-qwen-1.5b", "qwen2", 28, 1536, 8960, 12, 2, 128, 151936),
-        Shape("r1-distill-qwen-7b", "qwen2", 28, 3584, 18944, 28, 4, 128, 152064),
-        Shape("r1-distill-qwen-14b", "qwen2", 48, 5120, 13824, 40, 8, 128, 152064),
-        Shape("r1-distill-qwen-32b", "qwen2", 64, 5120, 27648, 40, 8, 128, 152064),
-        Shape("qwq-32b", "qwen2", 64, 5120, 27648, 40, 8, 128, 152064, rope_theta=1e6),
-        Shape("qwen3-8b", "qwen3", 36, 4096, 12288, 32, 8, 128, 151936, rope_theta=1e6),
-        Shape("llama-3.1-8b", "llama", 32, 4096, 14336, 32, 8, 128, 128256, rope_theta=5e5),
-        Shape("llama-3.1-70b", "llama", 80, 8192, 28672, 64, 8, 128, 128256, rope_theta=5e5),
-        # CPU smoke mode: the same code path in milliseconds.
-        Shape("tiny", "qwen2", 2, 64, 128, 4, 2, 16, 256),
-    ]
-}
+# The shipped models' published configs (``tiersim.shapes.MODEL_SHAPES``, the simulator's presets too, so
+# a measured point and its prediction describe the same model) and the CPU smoke shape.
+SHAPES: dict[str, Shape] = {s.name: Shape.of(s) for s in [*MODEL_SHAPES.values(), TINY]}
 
 
 def get_shape(name: str) -> Shape:
@@ -68,6 +54,9 @@ def hf_config(shape: Shape):
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     classes = {"qwen2": Qwen2Config, "qwen3": Qwen3Config, "llama": LlamaConfig}
+    if shape.architecture not in classes:
+        raise TiersimError(f"--model-shape {shape.name}: the validator builds {', '.join(classes)} models, "
+                           f"not {shape.architecture or 'an unnamed architecture'}")
     return classes[shape.architecture](
         vocab_size=shape.vocab_size,
         hidden_size=shape.hidden_size,
@@ -83,18 +72,9 @@ def hf_config(shape: Shape):
     )
 
 
-def parameter_count(shape: Shape) -> int:
+def parameter_count(shape: ModelShape) -> int:
     """Parameters of the built model (norms included), so a memory check can run before allocating."""
-    h, kv = shape.hidden_size, shape.num_kv_heads * shape.head_dim
-    q = shape.num_attention_heads * shape.head_dim
-    attn = h * q + 2 * h * kv + q * h
-    if shape.architecture == "qwen2":
-        attn += q + 2 * kv  # q/k/v biases
-    if shape.architecture == "qwen3":
-        attn += 2 * shape.head_dim  # q_norm, k_norm
-    layer = attn + 3 * h * shape.intermediate_size + 2 * h
-    embed = shape.vocab_size * h * (1 if shape.tie_word_embeddings else 2)
-    return shape.num_layers * layer + embed + h
+    return shape.parameter_count()
 
 
 def build_model(shape: Shape, device, dtype=None, seed: int = 0):

@@ -1,0 +1,181 @@
+"""One ModelShape: the table's public figures, its views, and the one reader of transformers configs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields, replace
+
+import pytest
+
+from tiersim.errors import TiersimError
+from tiersim.shapes import MODEL_SHAPES, TINY, ModelShape
+from tiersim.simulator import presets
+from tiersim.validator import shapes as vshapes
+
+# ../shared/design.md, "model (reasoning) | layers | KV heads | head dim | KV bytes/token (bf16)".
+DESIGN_KV = {
+    "r1-distill-qwen-1.5b": (28, 2, 128, 28_672),
+    "r1-distill-qwen-7b": (28, 4, 128, 57_344),
+    "r1-distill-qwen-14b": (48, 8, 128, 196_608),
+    "r1-distill-qwen-32b": (64, 8, 128, 262_144),
+    "qwq-32b": (64, 8, 128, 262_144),
+    "qwen3-8b": (36, 8, 128, 147_456),
+    "llama-3.1-8b": (32, 8, 128, 131_072),
+    "llama-3.1-70b": (80, 8, 128, 327_680),
+}
+
+# Each shipped model's Hugging Face config.json, the fields that decide its shape, as published (the
+# R1 distills keep their Qwen2.5 base's sliding_window value with use_sliding_window false).
+QWEN2 = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "torch_dtype": "bfloat16",
+         "use_sliding_window": False, "sliding_window": 4096, "tie_word_embeddings": False, "rope_theta": 10000.0}
+LLAMA31 = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "torch_dtype": "bfloat16",
+           "num_key_value_heads": 8, "vocab_size": 128256, "rope_theta": 500000.0, "max_position_embeddings": 131072,
+           "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192, "rope_type": "llama3"}}
+HF_CONFIGS = {
+    "r1-distill-qwen-1.5b": {**QWEN2, "num_hidden_layers": 28, "hidden_size": 1536, "intermediate_size": 8960,
+                             "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936},
+    "r1-distill-qwen-7b": {**QWEN2, "num_hidden_layers": 28, "hidden_size": 3584, "intermediate_size": 18944,
+                           "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064},
+    "r1-distill-qwen-14b": {**QWEN2, "num_hidden_layers": 48, "hidden_size": 5120, "intermediate_size": 13824,
+                            "num_attention_heads": 40, "num_key_value_heads": 8, "vocab_size": 152064},
+    "r1-distill-qwen-32b": {**QWEN2, "num_hidden_layers": 64, "hidden_size": 5120, "intermediate_size": 27648,
+                            "num_attention_heads": 40, "num_key_value_heads": 8, "vocab_size": 152064},
+    "qwq-32b": {**QWEN2, "num_hidden_layers": 64, "hidden_size": 5120, "intermediate_size": 27648,
+                "num_attention_heads": 40, "num_key_value_heads": 8, "vocab_size": 152064, "rope_theta": 1000000.0,
+                "sliding_window": 32768},
+    "qwen3-8b": {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "torch_dtype": "bfloat16",
+                 "num_hidden_layers": 36, "hidden_size": 4096, "intermediate_size": 12288, "num_attention_heads": 32,
+                 "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "rope_theta": 1000000,
+                 "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": None},
+    "llama-3.1-8b": {**LLAMA31, "num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 14336,
+                     "num_attention_heads": 32},
+    "llama-3.1-70b": {**LLAMA31, "num_hidden_layers": 80, "hidden_size": 8192, "intermediate_size": 28672,
+                      "num_attention_heads": 64},
+}
+
+
+def test_the_table_is_the_design_table():
+    assert set(MODEL_SHAPES) == set(DESIGN_KV)
+    for name, (layers, kv_heads, head_dim, kv_bytes) in DESIGN_KV.items():
+        shape = MODEL_SHAPES[name]
+        assert (shape.num_layers, shape.num_kv_heads, shape.head_dim) == (layers, kv_heads, head_dim), name
+        assert shape.kv_bytes_per_token == kv_bytes, name
+        assert shape.kv_bytes_per_token_layer * layers == kv_bytes
+
+
+@pytest.mark.parametrize("name", list(MODEL_SHAPES))
+def test_the_views_agree_with_their_shape(name):
+    shape, model, view = MODEL_SHAPES[name], presets.MODELS[name], vshapes.SHAPES[name]
+    assert model.shape == shape and view.model_shape == shape
+    assert model.params == shape.params and model.kv_bytes_per_token == view.kv_bytes_per_token == DESIGN_KV[name][3]
+    assert model.layer_weight_bytes == shape.layer_weight_bytes and model.mlp_width == shape.intermediate_size
+    assert model.embedding_bytes == shape.embedding_bytes
+    assert vshapes.parameter_count(view) == shape.parameter_count()
+    # The published count and the one counted from the config agree (the table row is the model).
+    assert shape.parameter_count() == pytest.approx(shape.params, rel=0.01)
+    assert presets.Model.from_shape(model.shape) == model
+    # A calibration file's model_shape keeps the keys it always had.
+    assert set(view.to_dict()) == {*vshapes.FILE_FIELDS, "kv_bytes_per_token"}
+
+
+def test_the_parameter_count_is_the_built_models():
+    """Counted from the shape = what transformers builds (the tiny qwen2 smoke shape and a qwen3 and a llama)."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    for shape in (TINY, replace(TINY, architecture="qwen3"), replace(TINY, architecture="llama",
+                                                                      tie_word_embeddings=True)):
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(vshapes.hf_config(shape))
+        assert sum(p.numel() for p in model.parameters()) == shape.parameter_count(), shape.architecture
+
+
+@pytest.mark.parametrize("name", list(MODEL_SHAPES))
+def test_from_hf_config_reads_each_shipped_config_as_its_table_row(name, tmp_path):
+    """From a transformers config object (built here, no hub) and from the config.json file alike."""
+    transformers = pytest.importorskip("transformers")
+    raw = HF_CONFIGS[name]
+    config = transformers.AutoConfig.for_model(**{k: v for k, v in raw.items() if k != "model_type"},
+                                               model_type=raw["model_type"])
+    assert ModelShape.from_hf_config(config, name=name) == MODEL_SHAPES[name]
+    assert ModelShape.from_hf_config(raw, name=name) == MODEL_SHAPES[name]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    model = presets.model_from_config(tmp_path)
+    assert model.kv_bytes_per_token == DESIGN_KV[name][3] and model.intermediate_size == raw["intermediate_size"]
+    assert model.params == pytest.approx(MODEL_SHAPES[name].params, rel=0.01)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn", "floa16", 16, ["bfloat16"]])
+def test_a_config_it_cannot_plan_is_refused_in_one_line(dtype):
+    raw = {**HF_CONFIGS["r1-distill-qwen-7b"], "torch_dtype": dtype}
+    with pytest.raises(TiersimError, match="torch_dtype must be one of") as exc:
+        ModelShape.from_hf_config(raw, where="--model-config x.json")
+    assert str(exc.value).startswith("--model-config x.json: ") and "\n" not in str(exc.value)
+
+
+def test_served_dtype_and_transformers_5_spelling():
+    raw = HF_CONFIGS["llama-3.1-8b"]
+    for key in ("torch_dtype", "dtype"):
+        for dtype in ("bfloat16", "float16", "float32"):
+            shape = ModelShape.from_hf_config({**{k: v for k, v in raw.items() if k != "torch_dtype"}, key: dtype})
+            assert shape.dtype_bytes == 2  # served at half precision, as vLLM's dtype="auto" serves fp32
+    assert ModelShape.from_hf_config({k: v for k, v in raw.items() if k != "torch_dtype"}).dtype_bytes == 2
+
+
+def test_sliding_window_is_recorded_and_the_simulator_refuses_it(tmp_path):
+    mistral = {"model_type": "mistral", "num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 14336,
+               "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000, "sliding_window": 4096}
+    assert ModelShape.from_hf_config(mistral).sliding_window == 4096
+    assert ModelShape.from_hf_config({**mistral, "sliding_window": None}).sliding_window is None
+    layered = {**mistral, "sliding_window": 512, "use_sliding_window": False,
+               "layer_types": ["sliding_attention", "full_attention"]}
+    assert ModelShape.from_hf_config(layered).sliding_window == 512
+    (tmp_path / "config.json").write_text(json.dumps(mistral))
+    with pytest.raises(TiersimError, match="sliding_window=4096"):
+        presets.model_from_config(tmp_path)
+
+
+def test_a_composite_config_is_read_by_its_text_config():
+    raw = {"model_type": "llava", "text_config": HF_CONFIGS["qwen3-8b"]}
+    assert ModelShape.from_hf_config(raw, name="qwen3-8b") == MODEL_SHAPES["qwen3-8b"]
+
+
+def test_trace_metadata_reads_the_config_through_the_shape():
+    pytest.importorskip("torch")
+    from tiersim.models import describe_model, tiny_model
+
+    model, _ = tiny_model("qwen2")
+    shape = ModelShape.from_hf_config(model.config)
+    info = describe_model(model)
+    assert info["kv_bytes_per_token"] == shape.kv_bytes_per_token == 2 * 3 * 2 * 16 * 2
+    assert (info["num_layers"], info["num_kv_heads"], info["head_dim"]) == (3, 2, 16)
+
+
+def test_the_validator_view_keeps_its_constructor_and_fields():
+    view = vshapes.Shape("x", "llama", 2, 64, 128, 4, 2, 16, 256)
+    assert [f.name for f in fields(view)][:11] == list(vshapes.FILE_FIELDS)
+    assert view.kv_bytes_per_token == 2 * 2 * 2 * 16 * 2 and vshapes.SHAPES["tiny"].model_shape == TINY
+    with pytest.raises(TiersimError, match="builds qwen2, qwen3, llama"):
+        vshapes.hf_config(replace(view, architecture="phi"))
+
+
+# -- GPU presets carry their device names ---------------------------------------------------------------
+def test_every_preset_is_found_by_its_device_names():
+    from tiersim.validator.calibrate import base_gpu_preset
+
+    assert all(gpu.device_names for gpu in presets.GPUS.values())
+    for key, gpu in presets.GPUS.items():
+        for name in gpu.device_names:
+            assert base_gpu_preset(name) == key and base_gpu_preset(f"  {name.upper()} ") == key
+
+
+@pytest.mark.parametrize("device, preset", [
+    ("NVIDIA A100 80GB PCIe", "a100-80g"), ("NVIDIA A100-PCIE-40GB", "a100-80g"), ("NVIDIA H100", "h100-sxm"),
+    ("NVIDIA H100 PCIe 96GB", "h100-pcie"), ("NVIDIA GH200 96GB HBM3", "gh200"), ("NVIDIA H200 SXM", "h200"),
+    ("NVIDIA A800-SXM4-80GB", "h100-sxm"), ("Tesla V100-SXM2-16GB", "h100-sxm"), (None, "h100-sxm"), ("", "h100-sxm"),
+])
+def test_an_unlisted_variant_takes_its_chips_closest_preset(device, preset):
+    """The mapping the calibration's string matching gave (gh200 before h200, PCIe H100s apart, A100s to
+    a100-80g, anything else to the H100 SXM), now read from the presets' names."""
+    assert presets.device_preset(device) == preset

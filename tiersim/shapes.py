@@ -1,0 +1,246 @@
+"""One description of a decoder's shape, the table of shipped models, and the one reader of HF configs.
+
+A model's shape decides everything tiersim plans or measures about it: the KV bytes a token adds,
+the weight bytes a decode step streams, the parameters the validator must fit in device memory.
+Before this module the simulator's presets, the validator's shapes, the trace metadata and the
+``--model-config`` reader each kept their own copy of the fields and of those formulas; they are now
+views of :class:`ModelShape`. Standard library only: the validator imports it on a GPU machine that
+has torch and numpy and nothing else, and the simulator without torch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+
+from tiersim.errors import TiersimError
+
+#: transformers ``model_type``s whose MLP is not gated (one up projection, an activation, one down
+#: projection: PhiMLP fc1/fc2, GPTNeoXMLP and FalconMLP dense_h_to_4h/dense_4h_to_h, Starcoder2MLP
+#: c_fc/c_proj in transformers' modeling files). Every other decoder is read as gated (gate and up
+#: projections), the layout of Llama, Qwen, Mistral, Gemma and Phi-3.
+UNGATED_MLP_MODEL_TYPES = frozenset({"phi", "gpt_neox", "falcon", "starcoder2"})
+
+#: Field -> (upper bound, what it is). Bounds are far above any real model and keep arithmetic sane.
+CONFIG_FIELDS = {
+    "num_hidden_layers": (4096, "decoder layers"),
+    "hidden_size": (1 << 20, "model width"),
+    "num_attention_heads": (1 << 14, "query heads"),
+    "num_key_value_heads": (1 << 14, "KV heads"),
+    "head_dim": (1 << 14, "head dimension"),
+    "intermediate_size": (1 << 22, "MLP width"),
+    "vocab_size": (1 << 24, "vocabulary"),
+}
+
+#: A config's ``torch_dtype`` (transformers 5 writes ``dtype``) -> bytes per weight and KV element as
+#: served. A float32 checkpoint is served at half precision, as vLLM's ``dtype="auto"`` serves it (FP16
+#: for FP32 checkpoints), so it plans like a bf16 one. A dtype not listed (int8, float8, a typo) is
+#: refused: the simulator would otherwise price a quantized model's weights as bf16 without saying so.
+SERVED_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 2}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a decoder's ``config.json`` that decide its memory and decode cost.
+
+    The first eleven fields are, in order, those of the validator's ``Shape`` (so a row reads the same
+    in both). ``params`` is the *published* parameter count where one is cited: it is provenance, not
+    shape, so it takes no part in equality; without it the count comes from the shape.
+    """
+
+    name: str
+    architecture: str  # the config's model_type: "qwen2" | "qwen3" | "llama" | another decoder's
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int  # MLP width; 0: derived from ``params`` (a shape known only by its count)
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    #: Gated MLP (gate and up projections, SiLU x up: Llama, Qwen, Mistral) with 3 x hidden x width weights,
+    #: or a plain one (up, GELU, down: Phi-2, GPT-NeoX) with 2 x (:data:`UNGATED_MLP_MODEL_TYPES`).
+    gated_mlp: bool = True
+    #: Tokens a sliding-window layer keeps, where the config uses a window on any layer; None: full attention.
+    sliding_window: int | None = None
+    dtype_bytes: float = 2  # bytes per weight as served (bf16)
+    kv_dtype_bytes: int = 2  # bytes per K or V element (bf16)
+    params: float | None = field(default=None, compare=False)
+
+    # -- parameters ---------------------------------------------------------------------------------
+    def parameter_count(self, vectors: bool = True) -> int:
+        """Parameters of the model as transformers builds it, counted from the shape.
+
+        ``vectors=False`` counts the weight matrices and embedding tables only, leaving out the norm and
+        bias vectors (under 0.01% of a real model): the estimate the simulator has always used for a
+        ``--model-config`` without a published count, kept so its plans stay as they were.
+        """
+        h, kv, q = self.hidden_size, self.num_kv_heads * self.head_dim, self.num_attention_heads * self.head_dim
+        layer = h * q + 2 * h * kv + q * h + self.mlp_matrices * h * self.mlp_width
+        if vectors:
+            if self.architecture == "qwen2":
+                layer += q + 2 * kv  # q/k/v biases
+            if self.architecture == "qwen3":
+                layer += 2 * self.head_dim  # q_norm, k_norm
+            layer += 2 * h  # input and post-attention RMSNorm
+        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * layer + embed + (h if vectors else 0)  # the final norm
+
+    @property
+    def total_params(self) -> float:
+        """The published count where cited, else the shape's matrices and tables (``parameter_count``)."""
+        return float(self.params) if self.params is not None else float(self.parameter_count(vectors=False))
+
+    # -- weights ------------------------------------------------------------------------------------
+    @property
+    def mlp_matrices(self) -> int:
+        """Weight matrices of hidden x width in one MLP: gate, up, down (gated) or up, down (plain)."""
+        return 3 if self.gated_mlp else 2
+
+    @property
+    def mlp_width(self) -> int:
+        """The MLP's intermediate size: the stated one, or what an MLP of this layer size has."""
+        if self.intermediate_size:
+            return self.intermediate_size
+        h, hd = self.hidden_size, self.head_dim
+        attn = h * hd * (self.num_attention_heads + 2 * self.num_kv_heads) + self.num_attention_heads * hd * h
+        per_layer = self.layer_weight_bytes / self.dtype_bytes
+        return max(int(round((per_layer - attn) / (self.mlp_matrices * h))), 0)
+
+    @property
+    def weight_bytes(self) -> float:
+        return self.total_params * self.dtype_bytes
+
+    @property
+    def embedding_bytes(self) -> float:
+        """One vocabulary x hidden table (the input embedding; the LM head is a second one unless tied)."""
+        return float(self.vocab_size) * self.hidden_size * self.dtype_bytes
+
+    @property
+    def layer_weight_bytes(self) -> float:
+        """One decoder layer's weights: everything but the embedding table(s) (and the final norm), / layers."""
+        tables = self.embedding_bytes * (1 if self.tie_word_embeddings else 2)
+        return max(self.weight_bytes - tables - self.hidden_size * self.dtype_bytes, 0.0) / self.num_layers
+
+    # -- KV -----------------------------------------------------------------------------------------
+    @property
+    def kv_bytes_per_token_layer(self) -> int:
+        """K and V of one token in one layer."""
+        return 2 * self.num_kv_heads * self.head_dim * self.kv_dtype_bytes
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V of one token over all layers (the design table's column)."""
+        return self.kv_bytes_per_token_layer * self.num_layers
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "kv_bytes_per_token": self.kv_bytes_per_token}
+
+    # -- reading a transformers config ----------------------------------------------------------------
+    @classmethod
+    def from_hf_config(cls, config, name: str | None = None, where: str = "model config",
+                       default_name: str = "custom") -> ModelShape:
+        """The shape of a transformers config: a ``PretrainedConfig`` or a ``config.json``'s dict.
+
+        Every field is checked, since a user's file is the one input nobody else validated: a wrong value
+        gets one line (prefixed ``where``) naming the field, what was found and what is expected, never a
+        traceback or a silent default. A composite config (vision-language) is read by its text config.
+        """
+        if hasattr(config, "get_text_config"):  # a transformers PretrainedConfig
+            config = config.get_text_config(decoder=True).to_dict()
+        if not isinstance(config, Mapping):
+            raise TiersimError(f"{where}: expected a JSON object (a transformers config.json), "
+                               f"got a {type(config).__name__}")
+        cfg = config
+        text = cfg.get("text_config")
+        if text is not None:
+            if not isinstance(text, Mapping):
+                raise TiersimError(f"{where}: text_config must be an object, got {json.dumps(text)[:40]}")
+            cfg = text
+        layers = _config_int(cfg, "num_hidden_layers", where)
+        hidden = _config_int(cfg, "hidden_size", where)
+        heads = _config_int(cfg, "num_attention_heads", where)
+        kv_heads = _config_int(cfg, "num_key_value_heads", where, default=heads)
+        if heads % kv_heads:
+            raise TiersimError(f"{where}: num_attention_heads ({heads}) must be a multiple of "
+                               f"num_key_value_heads ({kv_heads})")
+        head_dim = _config_int(cfg, "head_dim", where, default=max(1, hidden // heads))
+        inter = _config_int(cfg, "intermediate_size", where, default=4 * hidden)
+        vocab = _config_int(cfg, "vocab_size", where, default=32000)
+        dtype = cfg.get("torch_dtype") or cfg.get("dtype") or config.get("torch_dtype") or config.get("dtype")
+        if dtype is not None and (not isinstance(dtype, str) or dtype not in SERVED_DTYPE_BYTES):
+            raise TiersimError(f"{where}: torch_dtype must be one of {', '.join(SERVED_DTYPE_BYTES)} (a quantized "
+                               f"or unknown dtype cannot be planned), got {json.dumps(dtype)[:40]}")
+        model_type = str(cfg.get("model_type") or "")
+        return cls(
+            str(name or cfg.get("_name_or_path") or default_name), model_type, layers, hidden, inter, heads, kv_heads,
+            head_dim, vocab, tie_word_embeddings=bool(cfg.get("tie_word_embeddings")), rope_theta=_rope_theta(cfg),
+            gated_mlp=model_type not in UNGATED_MLP_MODEL_TYPES, sliding_window=_sliding_window(cfg),
+            dtype_bytes=SERVED_DTYPE_BYTES.get(dtype, 2),
+        )
+
+
+def _config_int(cfg: Mapping, name: str, where: str, default=None) -> int:
+    """One integer field of a config, or one line naming the field, what was found and what is expected."""
+    value = cfg.get(name)
+    if value is None:
+        if default is None:
+            raise TiersimError(f"{where}: {name} is missing; expected a positive integer "
+                               f"({CONFIG_FIELDS[name][1]})")
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    upper = CONFIG_FIELDS[name][0]
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= upper:
+        raise TiersimError(f"{where}: {name} must be an integer from 1 to {upper:,} "
+                           f"({CONFIG_FIELDS[name][1]}), got {json.dumps(value)[:40]}")
+    return value
+
+
+def _rope_theta(cfg: Mapping) -> float:
+    """RoPE base: ``rope_theta`` (transformers 4 and config.json files) or ``rope_parameters`` (transformers 5)."""
+    value = cfg.get("rope_theta")
+    if value is None and isinstance(cfg.get("rope_parameters"), Mapping):
+        value = cfg["rope_parameters"].get("rope_theta")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else 10000.0
+
+
+def _sliding_window(cfg: Mapping) -> int | None:
+    """The window where any layer uses one (the reading of ``hierarchy.cache.check_model_supported``), else None."""
+    window = cfg.get("sliding_window")
+    layer_types = cfg.get("layer_types") or []
+    used = cfg.get("use_sliding_window")
+    used = (window is not None) if used is None else bool(used)
+    used = used or (isinstance(layer_types, list) and "sliding_attention" in layer_types)
+    if used and isinstance(window, int) and not isinstance(window, bool) and window > 0:
+        return window
+    return None
+
+
+# Published configs (each model's Hugging Face config.json; vocab_size, intermediate_size as there) and
+# published parameter counts (each model card). The KV column agrees with ../shared/design.md's table
+# (tested).
+MODEL_SHAPES: dict[str, ModelShape] = {
+    s.name: s
+    for s in [
+        ModelShape("r1-distill-qwen-1.5b", "qwen2", 28, 1536, 8960, 12, 2, 128, 151936, params=1.78e9),
+        ModelShape("r1-distill-qwen-7b", "qwen2", 28, 3584, 18944, 28, 4, 128, 152064, params=7.62e9),
+        ModelShape("r1-distill-qwen-14b", "qwen2", 48, 5120, 13824, 40, 8, 128, 152064, params=14.8e9),
+        ModelShape("r1-distill-qwen-32b", "qwen2", 64, 5120, 27648, 40, 8, 128, 152064, params=32.8e9),
+        ModelShape("qwq-32b", "qwen2", 64, 5120, 27648, 40, 8, 128, 152064, rope_theta=1e6, params=32.8e9),
+        ModelShape("qwen3-8b", "qwen3", 36, 4096, 12288, 32, 8, 128, 151936, rope_theta=1e6, params=8.19e9),
+        ModelShape("llama-3.1-8b", "llama", 32, 4096, 14336, 32, 8, 128, 128256, rope_theta=5e5, params=8.03e9),
+        ModelShape("llama-3.1-70b", "llama", 80, 8192, 28672, 64, 8, 128, 128256, rope_theta=5e5, params=70.6e9),
+    ]
+}
+
+#: The validator's CPU smoke shape: the same code path in milliseconds (no simulator preset).
+TINY = ModelShape("tiny", "qwen2", 2, 64, 128, 4, 2, 16, 256)
+
+
+def get_model_shape(name: str) -> ModelShape:
+    if name not in MODEL_SHAPES:
+        raise TiersimError(f"unknown model {name!r}: choose one of {', '.join(MODEL_SHAPES)}")
+    return MODEL_SHAPES[name]
