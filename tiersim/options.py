@@ -87,6 +87,37 @@ def check_value(option_flag: str, value: Any, bounds: Bounds | None) -> Any:
     return value
 
 
+def available_memory() -> int:
+    """Bytes this process may still allocate without swapping: Linux's MemAvailable, lowered to a cgroup
+    limit where one is set (a container); 8 GB where neither can be read. Size options derive their
+    bounds from it (``synth`` refuses a trace that would not fit before allocating it)."""
+    found = []
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    found.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as fh:
+                text = fh.read().strip()
+            if text.isdigit() and int(text) < 1 << 60:
+                used = 0
+                for usage in ("/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory/memory.usage_in_bytes"):
+                    try:
+                        with open(usage) as fh:
+                            used = int(fh.read().strip())
+                        break
+                    except (OSError, ValueError):
+                        continue
+                found.append(max(int(text) - used, 0))
+        except (OSError, ValueError):
+            continue
+    return min(found) if found else 8 * 10**9
+
+
 def field_bounds(field: dataclasses.Field) -> Bounds:
     """The declared range of a group field (a field declared without :func:`option` has none)."""
     return field.metadata.get("bounds") or Bounds()

@@ -129,7 +129,7 @@ HTML = (".html", ".htm")
 @options.command(outputs={"out": (".parquet",), "report": HTML})
 def simulate(
     target: Target = Target(),
-    batch: int = options.opt(DEFAULT_BATCH, help="sequences decoded together", min=1),
+    batch: int = options.opt(DEFAULT_BATCH, help="sequences decoded together", min=1, max=1 << 16),
     hbm: float = options.opt(0.5, help="share of each sequence's KV kept in HBM", min=0, max=1),
     ddr: float = options.opt(0.5, help="share offloaded to host DDR (exact, fetched back as --strategy says)",
                              min=0, max=1),
@@ -139,9 +139,9 @@ def simulate(
     compute: ComputeModel = ComputeModel(),
     against: Path = typer.Option(None, "--against", help="measured decode steps (a calibration or operator-profile "
                                  "JSON): simulate each point, print measured vs simulated with median and worst error"),
-    max_error: float = typer.Option(None, "--max-error", help="with --against: exit 1 when the median |error| "
-                                    "exceeds this many percent (the gate)"),
-    fmt: str = typer.Option("table", "--format", help="table or json"),
+    max_error: float = options.opt(None, "--max-error", help="with --against: exit 1 when the median |error| "
+                                   "exceeds this many percent (the gate)", min=0),
+    fmt: str = options.opt("table", "--format", help="table or json", choices=FORMATS),
     out: Path = typer.Option(None, help="write the per-step timeline (Parquet, kind 'simulation')"),
     report: Path = typer.Option(None, help="also write an HTML report"),
 ) -> None:
@@ -217,7 +217,7 @@ def capacity(
     max_overhead: float = options.opt(10.0, "--max-overhead", help="overhead budget of the grid's 'best', percent",
                                       min=0),
     compute: ComputeModel = ComputeModel(),
-    fmt: str = typer.Option("table", "--format", help="table or json"),
+    fmt: str = options.opt("table", "--format", help="table or json", choices=FORMATS),
     out: Path = typer.Option(None, help="also write the JSON result here"),
     report: Path = typer.Option(None, help="also write an HTML report"),
     ray: bool = typer.Option(False, "--ray", help="run each simulation as a task on Ray (needs pip install "

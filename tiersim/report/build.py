@@ -18,7 +18,7 @@ from tiersim import fileformat
 from tiersim.errors import TiersimError
 from tiersim.report import figures
 from tiersim.report.html import Section, figure_id, render_page
-from tiersim.report.loaders import ReportInput, load_input
+from tiersim.report.loaders import ReportInput, load_input, measured_on
 
 HTML_SUFFIXES = (".html", ".htm")
 KIND_TITLES = {"simulation": "Simulation", "capacity": "Capacity plan", "quality-grid": "Output quality",
@@ -208,13 +208,15 @@ def _calibration(inp: ReportInput, key: str) -> Section:
         paired = points.dropna(subset=["measured_step_ms", "simulated_step_ms"])
         if len(paired):
             err = (paired["simulated_step_ms"] / paired["measured_step_ms"] - 1.0) * 100.0
-            section.summary.append(f"Simulator vs GPU over {len(paired)} points: median |error| "
+            where = "CPU (smoke mode)" if "CPU" in measured_on(inp.meta) else "GPU"
+            section.summary.append(f"Simulator vs {where} over {len(paired)} points: median |error| "
                                    f"{err.abs().median():.1f}%, worst {err.iloc[err.abs().argmax()]:+.1f}%.")
         if "overhead_pct" in points and points["overhead_pct"].notna().any():
             ov = points["overhead_pct"].dropna()
             section.summary.append(f"Measured cost of GPU↔CPU movement: {ov.min():+.1f}% to {ov.max():+.1f}% "
                                    "step time vs all in HBM.")
-        section.figures.append(("measured_vs_simulated", figures.measured_vs_simulated(points, subtitle=device)))
+        section.figures.append(("measured_vs_simulated", figures.measured_vs_simulated(points, subtitle=device,
+                                                                                         where=measured_on(inp.meta))))
     if not sweep.empty:
         section.figures.append(("link_sweep", figures.link_sweep(sweep, link, subtitle=device)))
     if not section.figures:

@@ -405,7 +405,7 @@ def quality_heatmap(rows: pd.DataFrame, metric: str = "exact_match",
 # --- validation ----------------------------------------------------------------------------------
 
 def measured_vs_simulated(points: pd.DataFrame, title: str = "Measured vs simulated decode step time",
-                          subtitle: str | None = None) -> go.Figure:
+                          subtitle: str | None = None, where: str = "the GPU") -> go.Figure:
     """Each validation point: GPU-measured step time against the simulator's, with y = x and ±10%.
 
     Points are coloured by HBM share (the knob that moves traffic); axes turn logarithmic when
@@ -454,7 +454,7 @@ def measured_vs_simulated(points: pd.DataFrame, title: str = "Measured vs simula
     sub = (f"{len(df)} points; |simulator error| median {errors.median():.1f}%, max {errors.max():.1f}%" if len(df)
            else "no point has both a measured and a simulated step time")
     scale = " (log scale)" if fig.layout.xaxis.type == "log" else ""
-    fig.update_xaxes(title_text=f"measured on the GPU (ms per decode step){scale}")
+    fig.update_xaxes(title_text=f"measured on {where} (ms per decode step){scale}")
     fig.update_yaxes(title_text=f"simulated (ms per decode step){scale}")
     return _layout(fig, title, 560, f"{subtitle} · {sub}" if subtitle else sub)
 

@@ -285,6 +285,7 @@ def model_from_config(path: str | Path) -> Model:
         if not isinstance(text, dict):
             raise TiersimError(f"--model-config {path}: text_config must be an object, got {json.dumps(text)[:40]}")
         cfg = text
+    _refuse_unmodelled(cfg, path)
     layers = _config_int(cfg, "num_hidden_layers", path)
     hidden = _config_int(cfg, "hidden_size", path)
     heads = _config_int(cfg, "num_attention_heads", path)
@@ -304,6 +305,29 @@ def model_from_config(path: str | Path) -> Model:
     return Model(str(name), layers, kv_heads, head_dim, hidden, heads, float(params), vocab_size=vocab,
                  tie_word_embeddings=bool(cfg.get("tie_word_embeddings")), intermediate_size=inter,
                  gated_mlp=gated)
+
+
+#: Weight dtypes a config.json may name (``torch_dtype``, or ``dtype`` in newer transformers); the KV
+#: cache the planner prices is bf16 whatever the weights are (Model.kv_dtype_bytes).
+CONFIG_DTYPES = ("float32", "float16", "bfloat16", "float", "half", "auto")
+
+
+def _refuse_unmodelled(cfg: dict, path: Path) -> None:
+    """Config fields that would change the plan but that the simulator does not model: refused with one
+    line rather than planned as if absent (sliding-window layers hold a bounded KV, not the full one)."""
+    for key in ("torch_dtype", "dtype"):
+        value = cfg.get(key)
+        if value is not None and (not isinstance(value, str) or value.removeprefix("torch.") not in CONFIG_DTYPES):
+            raise TiersimError(f"--model-config {path}: {key} {json.dumps(value)[:40]} is not a dtype tiersim "
+                               f"knows ({', '.join(CONFIG_DTYPES[:3])})")
+    window = cfg.get("sliding_window")
+    uses = cfg.get("use_sliding_window")
+    if uses is None:  # configs without the switch use their window when they give one (Mistral 7B v0.1)
+        uses = window is not None and cfg.get("model_type") in ("mistral", "mixtral", "gemma2", "gemma3_text")
+    if uses:
+        raise TiersimError(f"--model-config {path}: sliding-window attention (use_sliding_window, sliding_window "
+                           f"{window}) is not modelled: tiersim would plan a full cache for every layer; set "
+                           "use_sliding_window to false to plan full attention")
 
 
 #: Per-step host time an engine does not overlap with the GPU, ``(seconds per step, seconds per sequence)``.
