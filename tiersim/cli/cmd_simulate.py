@@ -103,7 +103,8 @@ def _against(scenario, path: Path, max_error: float | None, fmt: str) -> None:
         print(json.dumps(result, default=float))
     else:
         table = compact_table(f"{scenario.model.name} on {scenario.gpu.name}: measured ({path.name}) vs simulated")
-        add_columns(table, ("run", "batch", "context", "hbm", "measured ms", "simulated ms", "error"))
+        add_columns(table, ("run", "batch", "context", "hbm", "measured ms", "simulated ms", "error"),
+                optional=("context", "batch"))
         for r in result["rows"]:
             table.add_row(r["label"], str(r["batch"]), f"{r['context']:,}", f"{r['hbm']:.2f}", f"{r['measured_ms']:.2f}",
                           f"{r['simulated_ms']:.2f}", f"{r['error_pct']:+.1f}%")
@@ -209,7 +210,7 @@ def capacity(
     target: Target = Target(),
     workload: Workload = Workload(),
     tpot_slo: float = options.opt(None, "--tpot-slo", help="latency budget: mean time per output token, ms",
-                                  min=1e-6),
+                                  min=0),
     max_evict: float = options.opt(0.0, "--max-evict", help="quality budget: largest share of the KV evicted",
                                    min=0, max=0.999),
     strategy: str = typer.Option("all", help="offload strategies compared: all, or a comma list of prefetch, "
@@ -282,7 +283,7 @@ def _rows_table(rows: list[dict], title: str) -> Table:
     table = compact_table(title)
     # The staging buffers and every other field are in --format json / --out.
     add_columns(table, ("hbm/ddr/cmp/evict", "KV GB", "saved", "peak GB", "fits", "step ms", "stall ms",
-                        "overhead", "tok/s", "max B"))
+                        "overhead", "tok/s", "max B"), optional=("KV GB", "max B", "peak GB", "stall ms"))
     for r in rows:
         table.add_row(
             "/".join(f"{r[k]:.2f}" for k in ("hbm", "ddr", "compressed", "evict")),
@@ -320,7 +321,7 @@ def _strategy_table(answer: dict, title: str) -> Table:
     """Per strategy its best point (most tok/s within the SLO, else the quickest that fits)."""
     table = compact_table(title)
     add_columns(table, ("strategy", "batch", "HBM/DDR/ev", "TPOT ms", "tok/s", "freed GB", "peak GB", "SLO",
-                        "ctx mean/peak"))
+                        "ctx mean/peak"), optional=("ctx mean/peak", "peak GB", "freed GB"))
     table.columns[2].justify = "left"
     rows = []
     if answer["full_cache"]:

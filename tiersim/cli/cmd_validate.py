@@ -18,7 +18,8 @@ def _table(doc: dict) -> Table:
     from tiersim.validator import compare
 
     table = compact_table("measured vs simulated (calibrated closed form)")
-    add_columns(table, compare.COLUMNS)
+    add_columns(table, compare.COLUMNS, optional=("sim stall ms", "H2D MB/step", "baseline ms", "prefetch GB/s",
+                                                  "stall ms", "context"))
     for row in compare.rows(doc):
         table.add_row(*row)
     return table

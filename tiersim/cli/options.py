@@ -37,6 +37,46 @@ def opt(default: Any, *param_decls: str, help: str | None = None, min: float | N
     return info
 
 
+@dataclasses.dataclass(frozen=True)
+class OptionSpec:
+    """One command-line parameter as :func:`command` checks it (what tests enumerate per command)."""
+
+    name: str
+    flag: str
+    annotation: Any
+    bounds: Bounds
+    output: tuple[str, ...] | None  # the suffixes of a file the command writes
+    input: bool  # a file (or files) the command reads
+    argument: bool = False
+
+    @property
+    def kind(self) -> Any:
+        """``int``, ``float``, ``str``, ``bool`` or ``Path`` (``list[Path]``: ``Path``)."""
+        from pathlib import Path
+
+        if _is_path(self.annotation):
+            return Path
+        args = [a for a in typing.get_args(self.annotation) if a is not type(None)]
+        return args[0] if args else self.annotation
+
+
+def describe(callback: Callable) -> list[OptionSpec]:
+    """The parameters of a registered command's callback, with their declared ranges and file roles
+    (a command not built with :func:`command` gets the defaults: numbers finite, paths inputs)."""
+    specs = getattr(callback, "tiersim_options", None)
+    if specs is not None:
+        return list(specs)
+    hints = typing.get_type_hints(callback)
+    out = []
+    for p in inspect.signature(callback).parameters.values():
+        info = p.default
+        annotation = hints.get(p.name, p.annotation)
+        out.append(OptionSpec(p.name, _flag_of(p.name, info), annotation,
+                              getattr(info, "tiersim_bounds", None) or Bounds(), getattr(info, "tiersim_output", None),
+                              _is_path(annotation), isinstance(info, typer.models.ArgumentInfo)))
+    return out
+
+
 def _typer_option(field: dataclasses.Field, help_text: str | None) -> Any:
     meta = field.metadata
     kwargs: dict[str, Any] = {"help": meta.get("help") if help_text is None else help_text}
@@ -105,16 +145,21 @@ def command(help: dict[str, str] | None = None, outputs: dict[str, tuple[str, ..
         unknown = set(declared_outputs) - set(seen)
         if unknown:
             raise TypeError(f"{func.__name__}: outputs given for options it does not have: {', '.join(unknown)}")
-        checks, output_params, input_params = [], {}, []
+        checks, output_params, input_params, specs = [], {}, [], []
         for p in params:
             info = p.default
             name = p.name
-            checks.append((name, _flag_of(name, info), getattr(info, "tiersim_bounds", None) or Bounds()))
+            bounds = getattr(info, "tiersim_bounds", None) or Bounds()
+            checks.append((name, _flag_of(name, info), bounds))
             suffixes = declared_outputs.get(name, getattr(info, "tiersim_output", None))
             if suffixes is not None:
                 output_params[name] = (_flag_of(name, info), tuple(suffixes))
             elif _is_path(p.annotation):
                 input_params.append((name, _flag_of(name, info)))
+            specs.append(OptionSpec(name, _flag_of(name, info), p.annotation, bounds,
+                                    None if suffixes is None else tuple(suffixes),
+                                    suffixes is None and _is_path(p.annotation),
+                                    isinstance(info, typer.models.ArgumentInfo)))
         takes_wide = "wide" in seen
         if not takes_wide:
             params.append(inspect.Parameter("wide", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
@@ -136,6 +181,7 @@ def command(help: dict[str, str] | None = None, outputs: dict[str, tuple[str, ..
                 kwargs[name] = group(**{n: kwargs.pop(n) for n in names})
             return func(**kwargs)
 
+        wrapper.tiersim_options = tuple(specs)
         wrapper.__signature__ = inspect.Signature([p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params])
         wrapper.__annotations__ = {p.name: p.annotation for p in params}
         return wrapper
