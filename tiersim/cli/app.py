@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tiersim.errors import TiersimError
+from tiersim.errors import Interrupted, TiersimError
 from tiersim.options import parse_list
 
 app = typer.Typer(
@@ -226,6 +226,8 @@ def _run() -> None:
     try:
         # Without standalone mode click returns a command's `typer.Exit` code instead of exiting.
         code = app(standalone_mode=False)
+        if code == 130:  # typer's own mapping of a Ctrl-C outside cli.options.command: say so at least
+            err_console.print("[bold red]interrupted:[/] no partial output was written", highlight=False)
         if isinstance(code, int) and code != 0:
             sys.exit(code)
     except typer.Exit as exc:
@@ -243,7 +245,7 @@ def _run() -> None:
         err_console.print(f"[bold red]error:[/] this command runs a real model and needs {exc.name}, which is not "
                           f"installed: {escape(MODEL_INSTALL)}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt as exc:  # a command may say what it kept: raise KeyboardInterrupt("...")
+    except (KeyboardInterrupt, Interrupted) as exc:  # a command may say what it kept (cli.options.command)
         kept = str(exc.args[0]) if exc.args else "no partial output was written"
         err_console.print(f"[bold red]interrupted:[/] {escape(kept)}", highlight=False, soft_wrap=True)
         sys.exit(130)

@@ -104,11 +104,13 @@ def grid(
                                                   ray_address, ray_workers)
         else:
             rows, summary, model_id = _run(model, device, dtype, items, cells, max_new_tokens, journal)
-    except BaseException:
+    except BaseException as exc:
         if journal is not None and len(journal):
             journal.close()
-            err_console.print(f"{len(journal)} finished runs are kept in {journal.path}: run the same command "
-                              "again to resume", highlight=False, markup=False)
+            kept = f"{len(journal)} finished runs are kept in {journal.path}: run the same command again to resume"
+            if isinstance(exc, KeyboardInterrupt):  # the one `interrupted:` line says it (cli.app.run)
+                raise KeyboardInterrupt(kept) from None
+            err_console.print(kept, highlight=False, markup=False)
         raise
     document = grid_document(
         rows,

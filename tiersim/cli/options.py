@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import typer
 
+from tiersim.errors import Interrupted
 from tiersim.options import Bounds, check_value, field_bounds, field_types, flag
 
 WIDE_HELP = "tables with every column, however wide (default: columns that do not fit the terminal are left out)"
@@ -179,7 +180,10 @@ def command(help: dict[str, str] | None = None, outputs: dict[str, tuple[str, ..
                           {f: kwargs.get(n) for n, f in input_params})
             for name, (group, names) in groups.items():
                 kwargs[name] = group(**{n: kwargs.pop(n) for n in names})
-            return func(**kwargs)
+            try:
+                return func(**kwargs)
+            except KeyboardInterrupt as exc:  # a command may say what it kept: KeyboardInterrupt("...")
+                raise Interrupted(str(exc.args[0]) if exc.args else "no partial output was written") from None
 
         wrapper.tiersim_options = tuple(specs)
         wrapper.__signature__ = inspect.Signature([p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params])
