@@ -110,8 +110,10 @@ class FitTable(Table):
     labels: int = 1
 
     def __rich_console__(self, console, options):
-        table = self if WIDE else self._fitted(console, options)
-        yield from Table.__rich_console__(table, console, options)
+        if WIDE:  # cli.options.command widened the console too: every column, past the terminal's edge
+            yield from Table.__rich_console__(self, console, options)
+            return
+        yield from Table.__rich_console__(self._fitted(console, options), console, options)
 
     def _width(self, console, options) -> int:
         return Table.__rich_measure__(self, console, options.update(width=100_000)).maximum

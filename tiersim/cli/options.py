@@ -24,6 +24,7 @@ import typer
 from tiersim.errors import Interrupted
 from tiersim.options import Bounds, check_value, field_bounds, field_types, flag
 
+WIDE_COLUMNS = 1000  # what --wide draws at: wider than any table, the terminal wraps what it must
 WIDE_HELP = "tables with every column, however wide (default: columns that do not fit the terminal are left out)"
 
 
@@ -171,19 +172,26 @@ def command(help: dict[str, str] | None = None, outputs: dict[str, tuple[str, ..
             from tiersim.cli import app as app_module
             from tiersim.cli.outputs import check_outputs
 
+            saved_width = app_module.console._width
             if not takes_wide:
                 app_module.WIDE = bool(kwargs.pop("wide", False))
-            for name, option_flag, bounds in checks:  # before any group is built: the flag, not the field
-                check_value(option_flag, kwargs.get(name), bounds)
-            check_outputs({f: kwargs.get(n) for n, (f, _) in output_params.items()},
-                          {f: s for n, (f, s) in output_params.items()},
-                          {f: kwargs.get(n) for n, f in input_params})
-            for name, (group, names) in groups.items():
-                kwargs[name] = group(**{n: kwargs.pop(n) for n in names})
+                if app_module.WIDE:  # rich crops every line at the console's width: lift it for this command
+                    app_module.console.width = WIDE_COLUMNS
             try:
+                for name, option_flag, bounds in checks:  # before any group is built: the flag, not the field
+                    check_value(option_flag, kwargs.get(name), bounds)
+                check_outputs({f: kwargs.get(n) for n, (f, _) in output_params.items()},
+                              {f: s for n, (f, s) in output_params.items()},
+                              {f: kwargs.get(n) for n, f in input_params})
+                for name, (group, names) in groups.items():
+                    kwargs[name] = group(**{n: kwargs.pop(n) for n in names})
                 return func(**kwargs)
             except KeyboardInterrupt as exc:  # a command may say what it kept: KeyboardInterrupt("...")
                 raise Interrupted(str(exc.args[0]) if exc.args else "no partial output was written") from None
+            finally:
+                if not takes_wide:
+                    app_module.WIDE = False  # one command's --wide is not the next one's (tests, notebooks)
+                    app_module.console._width = saved_width
 
         wrapper.tiersim_options = tuple(specs)
         wrapper.__signature__ = inspect.Signature([p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params])
