@@ -133,7 +133,7 @@ def _help(callback, name: str) -> str | None:
     return getattr(default, "help", None)
 
 
-@settings(max_examples=220, **SETTINGS)
+@settings(max_examples=400, **SETTINGS)
 @given(data=st.data())
 def test_bad_option_values_are_refused_by_name(work, data):
     command, spec = data.draw(st.sampled_from(CASES))
@@ -150,21 +150,29 @@ def test_bad_option_values_are_refused_by_name(work, data):
 INPUTS = [(command, spec) for command in COMMANDS for spec in SPECS[command] if spec.input]
 
 
-@settings(max_examples=60, **SETTINGS)
-@given(data=st.data())
-def test_bad_input_files_are_refused(work, data):
-    command, spec = data.draw(st.sampled_from(INPUTS))
-    kind = data.draw(st.sampled_from(["missing", "directory", "empty", "garbage"]))
-    path = work / f"in-{kind}-{data.draw(st.integers(0, 10**6))}.json"
+def _input_args(command, spec, work, path) -> list[str]:
+    args = [command, *base_args(command, work, without=spec.flag)]
+    return args + ([str(path)] if spec.argument else [spec.flag, str(path)])
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "empty"])
+@pytest.mark.parametrize("command, spec", INPUTS, ids=[f"{c}{s.flag}" for c, s in INPUTS])
+def test_unreadable_input_files_are_refused(work, command, spec, kind):
+    path = work / f"in-{kind}-{command}-{spec.name}.json"
     if kind == "directory":
         path.mkdir(exist_ok=True)
     elif kind == "empty":
         path.write_bytes(b"")
-    elif kind == "garbage":
-        path.write_bytes(data.draw(st.binary(min_size=1, max_size=64).filter(lambda b: b.strip(b"\n\r\t ") != b"")))
-    args = [command, *base_args(command, work, without=spec.flag)]
-    args += [str(path)] if spec.argument else [spec.flag, str(path)]
-    assert_refused(args)
+    assert_refused(_input_args(command, spec, work, path))
+
+
+@settings(max_examples=100, **SETTINGS)
+@given(data=st.data())
+def test_garbage_input_files_are_refused(work, data):
+    command, spec = data.draw(st.sampled_from(INPUTS))
+    path = work / f"garbage-{command}-{spec.name}.json"
+    path.write_bytes(data.draw(st.binary(min_size=1, max_size=64).filter(lambda b: b.strip(b"\n\r\t ") != b"")))
+    assert_refused(_input_args(command, spec, work, path))
 
 
 # -- output targets -----------------------------------------------------------------------------------------------
