@@ -24,6 +24,8 @@ import typer
 from tiersim.errors import Interrupted
 from tiersim.options import Bounds, check_value, field_bounds, field_types, flag
 
+#: Path parameters that are outputs when a command does not say (``--out``, ``--report``).
+OUTPUT_NAMES = ("out", "report", "output")
 WIDE_COLUMNS = 1000  # what --wide draws at: wider than any table, the terminal wraps what it must
 WIDE_HELP = "tables with every column, however wide (default: columns that do not fit the terminal are left out)"
 
@@ -77,6 +79,15 @@ def describe(callback: Callable) -> list[OptionSpec]:
                               getattr(info, "tiersim_bounds", None) or Bounds(), getattr(info, "tiersim_output", None),
                               _is_path(annotation), isinstance(info, typer.models.ArgumentInfo)))
     return out
+
+
+def cover(app: typer.Typer) -> None:
+    """Put every registered command of ``app`` through :func:`command` (those that do not already):
+    a command added without it still gets its ranges checked, its outputs checked before work,
+    ``--wide`` and the Ctrl-C line. ``tiersim.cli.main`` calls it once every module has registered."""
+    for info in app.registered_commands:
+        if getattr(info.callback, "tiersim_options", None) is None:
+            info.callback = command()(info.callback)
 
 
 def _typer_option(field: dataclasses.Field, help_text: str | None) -> Any:
@@ -154,6 +165,8 @@ def command(help: dict[str, str] | None = None, outputs: dict[str, tuple[str, ..
             bounds = getattr(info, "tiersim_bounds", None) or Bounds()
             checks.append((name, _flag_of(name, info), bounds))
             suffixes = declared_outputs.get(name, getattr(info, "tiersim_output", None))
+            if suffixes is None and name in OUTPUT_NAMES and _is_path(p.annotation):
+                suffixes = ()  # an output by its name (a command that declared none): checked, any suffix
             if suffixes is not None:
                 output_params[name] = (_flag_of(name, info), tuple(suffixes))
             elif _is_path(p.annotation):
