@@ -361,22 +361,45 @@ def test_synth_bounds_follow_the_memory_available(monkeypatch):
     assert len(synth.synthesize(profile, n=1, mean_length=100, num_layers=30).steps) < 10_000
 
 
-def test_interrupted_capture_says_what_was_kept(work, monkeypatch):
+def test_an_interrupted_capture_keeps_its_sequences_and_resumes(work, monkeypatch):
     import tiersim.models
     import tiersim.traces.capture
+    from tiersim.traces import Trace, read
+    from tiersim.traces.resume import parts_path
 
-    def interrupted(model, tokenizer, items, *args, on_sequence=None, **kwargs):
+    source = read(default_trace_path())
+    calls = []
+
+    def one_sequence(model, tokenizer, items, *args, on_sequence=None, **kwargs):
+        """The model's run of one prompt: a sequence of the bundled trace, renamed; Ctrl-C on the 2nd call."""
+        calls.append(items[0].id)
+        if interrupt_at and len(calls) == interrupt_at:
+            raise KeyboardInterrupt
         on_sequence(type("Done", (), {"prompt_id": items[0].id, "new_tokens": 1, "seconds": 1.0})())
-        raise KeyboardInterrupt
+        steps = source.steps[source.steps.seq_id == 0].copy()
+        sequence = {**source.meta["sequences"][0], "seq_id": 0, "prompt_id": items[0].id}
+        return Trace(meta={**source.meta, "sequences": [sequence]}, steps=steps)
 
     monkeypatch.setattr(tiersim.models, "load_model", lambda *a, **k: (None, None))
     monkeypatch.setattr(tiersim.models, "describe_model", lambda model: {})
-    monkeypatch.setattr(tiersim.traces.capture, "capture", interrupted)
-    code, out, err = invoke(["capture", "--n", "2", "--max-new-tokens", "1", "--out", str(work / "cut.parquet")])
+    monkeypatch.setattr(tiersim.traces.capture, "capture", one_sequence)
+    out = work / "cut.parquet"
+    args = ["capture", "--n", "3", "--max-new-tokens", "1", "--out", str(out)]
+    interrupt_at = 2
+    code, _, err = invoke(args)
     lines = err.strip().splitlines()
     assert code == 130 and "Traceback" not in err
-    assert lines[-1].startswith("interrupted: capture kept nothing: 1 of 2 sequences had finished")
-    assert not (work / "cut.parquet").exists()
+    assert lines[-1].startswith(f"interrupted: capture kept 1 of 3 sequences in {parts_path(out)}"), lines
+    assert not out.exists() and len(list(parts_path(out).glob("*.parquet"))) == 1
+
+    calls.clear()
+    interrupt_at = None
+    code, _, err = invoke(args)
+    assert code == 0, err
+    assert "resuming" in err and len(calls) == 2  # only the two that had not finished
+    trace = read(out)
+    assert [s["seq_id"] for s in trace.meta["sequences"]] == [0, 1, 2]
+    assert sorted(trace.steps.seq_id.unique()) == [0, 1, 2] and not parts_path(out).exists()
 
 
 def test_validate_without_cuda_is_an_error_line(work):

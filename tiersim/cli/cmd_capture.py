@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from tiersim.cli import options
-from tiersim.cli.app import THREADS_HELP, app, apply_threads, check_output_path, console
+from tiersim.cli.app import THREADS_HELP, app, apply_threads, check_output_path, console, err_console
 from tiersim.cli.groups import CacheShape, ModelRun
 from tiersim.cli.progress import meter
 from tiersim.errors import TiersimError
@@ -38,6 +38,8 @@ def capture(
     full: bool = typer.Option(False, "--full", help="also keep every step's attention row (large; for offline replay)"),
     out: Path = typer.Option(Path("trace.parquet"), help="output Parquet trace"),
     threads: int = options.opt(0, help=THREADS_HELP, min=0, max=4096),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="keep each finished sequence in OUT.parts/ "
+                                "and reuse them when the same command runs again after an interruption"),
 ) -> None:
     """Run a real model under the tier policy and write a trace (per step, per layer)."""
     from tiersim.prompts import load_prompts
@@ -62,28 +64,46 @@ def capture(
     used = apply_threads(threads)
     with console.status(f"loading {model} ({used} CPU thread{'s' * (used > 1)}) ..."):
         mdl, tokenizer = load_model(model, device=device, dtype=dtype)
-    finished = []
+    parts = _parts(out, model, device, dtype, config, max_new_tokens, full, prompts, resume)
+    source = str(prompts) if prompts else "bundled"
+    todo = [(i, p) for i, p in enumerate(items) if not parts.done(p.id)]
+    if len(parts):
+        err_console.print(f"resuming from {parts.path}: {len(items) - len(todo)} of {len(items)} sequences are "
+                          "already captured", highlight=False, markup=False)
     try:
-        with meter("capture", len(items), eta=False) as progress:
+        with meter("capture", len(todo), eta=False) as progress:
 
             def advance(result):
-                finished.append(result.prompt_id)
                 rate = result.new_tokens / max(result.seconds, 1e-9)
                 progress.advance(f"{result.prompt_id}: {rate:.1f} tok/s")
 
-            trace = run_capture(
-                mdl, tokenizer, items, config, max_new_tokens, describe_model(mdl), device=device,
-                prompts_source=str(prompts) if prompts else "bundled", on_sequence=advance, full=full,
-            )
+            for index, item in todo:  # one prompt at a time: each finished sequence is kept at once
+                parts.add(index, run_capture(mdl, tokenizer, [item], config, max_new_tokens, describe_model(mdl),
+                                             device=device, prompts_source=source, on_sequence=advance, full=full))
     except KeyboardInterrupt:  # app.run prints this one line and exits 130
-        raise KeyboardInterrupt(f"capture kept nothing: {len(finished)} of {len(items)} sequences had finished "
-                                f"and {out} was not written (a capture cannot resume: run it again, with a smaller "
-                                "--n for a shorter one)") from None
+        raise KeyboardInterrupt(f"capture kept {len(parts)} of {len(items)} sequences in {parts.path}; {out} was "
+                                "not written: run the same command again to resume") from None
+    trace = parts.merge([p.id for p in items])
     write(out, trace.steps, trace.meta)
+    parts.discard()  # --out holds everything now
     console.print(
         f"wrote {out} ({len(items)} sequences, {len(trace.steps):,} rows, "
         f"{out.stat().st_size / 1e6:.2f} MB)", highlight=False, markup=False,
     )
+
+
+def _parts(out, model, device, dtype, config, max_new_tokens, full, prompts, resume):
+    """The finished sequences kept beside ``out`` (tiersim.traces.resume), keyed by what decides them."""
+    import hashlib
+
+    import tiersim
+    from tiersim.traces.resume import CaptureParts
+
+    source = "bundled" if prompts is None else hashlib.sha256(Path(prompts).read_bytes()).hexdigest()
+    context = {"model": str(Path(model).resolve()) if Path(model).is_dir() else model, "device": device,
+               "dtype": dtype, "policy": config.to_dict(), "max_new_tokens": max_new_tokens, "full": full,
+               "prompts": source, "tiersim": tiersim.__version__}
+    return CaptureParts(out, context, resume=resume)
 
 
 @app.command()
