@@ -416,3 +416,17 @@ def test_the_cli_bounds_are_the_simulators():
     from tiersim.simulator import capacity
 
     assert (groups.MAX_TOKENS, groups.MAX_STEPS) == (capacity.MAX_TOKENS, capacity.MAX_STEPS)
+
+
+@pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--warmup", "0"), ("--budget-s", "nan"),
+                                         ("--prefill", "maybe"), ("--batch", "0,8"), ("--hbm", "0.5,2")])
+def test_both_front_ends_refuse_a_value_out_of_its_declared_range_in_the_same_words(capsys, flag, value):
+    from tiersim.validator.__main__ import parser
+
+    with pytest.raises(SystemExit) as exc:
+        parser().parse_args([flag, value])
+    assert exc.value.code == 2
+    argparse_words = capsys.readouterr().err.strip().splitlines()[-1]
+    _, err = assert_refused(["validate", "--device", "cpu", flag, value])
+    cli_words = err.strip().removeprefix("error: ")
+    assert flag in cli_words and cli_words.split(flag, 1)[1].lstrip(": ") in argparse_words, (cli_words, argparse_words)
