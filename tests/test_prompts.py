@@ -34,7 +34,9 @@ def test_bundled_categories():
 def test_first_n_prompts():
     everything = load_prompts()
     assert load_prompts(n=4) == everything[:4]
-    assert load_prompts(n=10_000) == everything
+    assert load_prompts(n=len(everything)) == everything
+    with pytest.raises(TiersimError, match=f"holds {len(everything)} prompts"):  # not fewer without a word
+        load_prompts(n=10_000)
     for bad in (0, -2):
         with pytest.raises(TiersimError, match=f"--n must be >= 1, got {bad}"):
             load_prompts(n=bad)

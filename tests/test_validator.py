@@ -318,8 +318,8 @@ def test_bad_input_exits_2_with_one_line_before_measuring(tmp_path):
 def test_without_cuda_validate_says_so_in_one_line_and_fails():
     proc = subprocess.run([sys.executable, "-m", "tiersim", "validate"], capture_output=True, text=True,
                           env=_env(), cwd=REPO, timeout=120)
-    assert proc.returncode == 1
-    assert proc.stderr.strip().startswith("no CUDA device:") and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.returncode == 2  # the CLI: a usage error like any other (issue 26)
+    assert proc.stderr.strip().startswith("error: no CUDA device:") and len(proc.stderr.strip().splitlines()) == 1
     proc = subprocess.run([sys.executable, "-m", "tiersim.validator", "--model-shape", "tiny"], capture_output=True,
                           text=True, env=_env(), cwd=REPO, timeout=120)
     assert proc.returncode == 1 and proc.stderr.strip().startswith("no CUDA device:")

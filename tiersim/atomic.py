@@ -1,7 +1,10 @@
 """Atomic file writes: a crash or Ctrl-C never leaves a half-written result behind.
 
 Everything is written to a temporary file in the destination folder, flushed, fsynced and then
-renamed over the target (rename is atomic on POSIX within one filesystem).
+renamed over the target (rename is atomic on POSIX within one filesystem). A write that fails (a
+full disk, a read-only mount) is one :class:`WriteError` naming the target and the errno, and the
+temporary file is removed: every writer of every file kind goes through here, so the CLI has one
+line for it (``tiersim.cli.app.run``), never a traceback.
 """
 
 from __future__ import annotations
@@ -13,27 +16,53 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from tiersim.errors import TiersimError
+
+
+class WriteError(TiersimError, OSError):
+    """A file could not be written; the message names the path and the errno (``ENOSPC``)."""
+
+
+def _write_error(target: Path, exc: OSError) -> WriteError:
+    import errno
+
+    code = errno.errorcode.get(exc.errno or 0)
+    text = str(exc).strip().splitlines()
+    reason = exc.strerror or (text[0] if text else exc.__class__.__name__)
+    return WriteError(f"cannot write {target}: {reason}" + (f" ({code})" if code else ""))
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it into place only if the block succeeds."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except WriteError:
+        raise
+    except OSError as exc:
+        raise _write_error(target, exc) from None
     os.close(fd)
     tmp_path = Path(tmp)
     # mkstemp creates 0600; give the result the permissions a plain open() would (umask applies).
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)
     try:
+        os.chmod(tmp_path, 0o666 & ~umask)
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, target)
+    except WriteError:
+        raise
+    except OSError as exc:  # pyarrow's IO errors are OSErrors too, often without an errno
+        raise _write_error(target, exc) from None
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        try:
+            tmp_path.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -11,3 +11,8 @@ class TraceError(TiersimError):
 
 class ConfigError(TiersimError, ValueError):
     """A configuration value is out of range; the message names the field and the value."""
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a command, with what the command kept (typer turns a bare KeyboardInterrupt into a
+    silent exit 130; this one reaches ``tiersim.cli.app.run``, which prints it and exits 130)."""

@@ -29,9 +29,14 @@ def load_prompts(path: str | Path | None = None, n: int | None = None) -> list[P
         text, label = source.read_text(encoding="utf-8"), "bundled prompts"
     else:
         file = Path(path)
+        if file.is_dir():
+            raise TiersimError(f"--prompts {file} is a directory; give a JSONL file")
         if not file.is_file():
             raise TiersimError(f"prompts file not found: {file}")
-        text, label = file.read_text(encoding="utf-8"), str(file)
+        try:
+            text, label = file.read_text(encoding="utf-8"), str(file)
+        except UnicodeDecodeError:
+            raise TiersimError(f"--prompts {file}: not a UTF-8 text file (JSONL expected)") from None
     prompts: list[Prompt] = []
     seen: set[str] = set()
     for number, line in enumerate(text.splitlines(), 1):
@@ -51,6 +56,9 @@ def load_prompts(path: str | Path | None = None, n: int | None = None) -> list[P
         prompts.append(Prompt(prompt_id, item["prompt"], None if answer is None else str(answer)))
     if not prompts:
         raise TiersimError(f"{label}: no prompts found")
+    if n is not None and n > len(prompts):  # running fewer than asked without a word would be silently wrong
+        raise TiersimError(f"--n {n}: {label} holds {len(prompts)} prompts; give --n {len(prompts)} or fewer, "
+                           "or --prompts FILE with more")
     return prompts[:n] if n is not None else prompts
 
 

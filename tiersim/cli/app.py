@@ -8,9 +8,15 @@ never a traceback.
 
 from __future__ import annotations
 
+import copy
+import errno as errno_codes
+import json
 import os
+import re
 import sys
+import warnings
 from pathlib import Path
+from typing import Any, Callable
 
 import typer
 
@@ -23,7 +29,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tiersim.errors import TiersimError
+from tiersim.errors import Interrupted, TiersimError
 from tiersim.options import parse_list
 
 app = typer.Typer(
@@ -35,9 +41,11 @@ app = typer.Typer(
 )
 
 console = Console()
-if not console.is_terminal:  # piped or captured: wide tables beat truncated ones
+if not console.is_terminal and "COLUMNS" not in os.environ:  # piped or captured: wide tables beat cut ones
     console = Console(width=160)
 err_console = Console(stderr=True)
+#: ``--wide`` (every command has it, see cli.options.command): tables keep every column at any width.
+WIDE = False
 
 #: The `model` extra: capture, grid and validate need them; simulate, capacity and report do not.
 MODEL_PACKAGES = ("torch", "transformers", "gguf", "accelerate")
@@ -52,7 +60,7 @@ EXPECTED_ERRORS = (TiersimError, ValueError, FileNotFoundError, PermissionError,
 
 def fail(message: str, code: int = 2) -> "typer.Exit":
     """Print one clear line to stderr and return an Exit to raise."""
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(user_words(message))}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -81,31 +89,91 @@ def apply_threads(threads: int) -> int:
 
 
 def check_output_path(path: Path | None, option: str, suffixes: tuple[str, ...] | None = None) -> None:
-    """Refuse an output path that cannot be written before any work starts, not after an hour of it."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise TiersimError(f"{option} {str(path)!r} is a directory; give a file name")
-    if suffixes is not None and path.suffix.lower() not in suffixes:
-        raise TiersimError(f"{option} must end in {' or '.join(suffixes)}, got {str(path)!r}")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise TiersimError(f"{option}: the folder {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise TiersimError(f"{option}: {str(path)!r} is not writable")
+    """Refuse an output path that cannot be written before any work starts (see tiersim.cli.outputs;
+    ``cli.options.command`` runs the same check on every declared output)."""
+    from tiersim.cli.outputs import check_output
+
+    if path is not None:
+        check_output(Path(path), option, suffixes)
+
+
+class FitTable(Table):
+    """A table that fits the width it is drawn at by leaving columns out, never by cutting a cell.
+
+    Cells do not wrap (``host-atte ntion`` or ``+1072. 2%`` is worse than no column). When the whole
+    table is wider than the terminal and ``--wide`` is not given, the columns marked optional go
+    first, then the right-most ones that are not labels, until it fits; the caption names what was
+    left out (``--wide`` or ``--format json`` has it all).
+    """
+
+    optional: tuple[str, ...] = ()
+    labels: int = 1
+
+    def __rich_console__(self, console, options):
+        if WIDE:  # cli.options.command widened the console too: every column, past the terminal's edge
+            yield from Table.__rich_console__(self, console, options)
+            return
+        yield from Table.__rich_console__(self._fitted(console, options), console, options)
+
+    def _width(self, console, options) -> int:
+        return Table.__rich_measure__(self, console, options.update(width=100_000)).maximum
+
+    def _fitted(self, console, options) -> Table:
+        width = options.max_width
+        if self._width(console, options) <= width:
+            return self
+        table = copy.copy(self)
+        table.columns = list(self.columns)
+        order = [c for name in self.optional for c in table.columns if str(c.header) == name]
+        order += [c for c in reversed(table.columns[self.labels:]) if c not in order]
+        dropped = []
+        for column in order:
+            if len(table.columns) <= self.labels + 1 or Table.__rich_measure__(
+                    table, console, options.update(width=100_000)).maximum <= width:
+                break
+            table.columns.remove(column)
+            dropped.append(str(column.header))
+        if dropped:
+            note = f"left out at {width} columns: {', '.join(reversed(dropped))} (--wide shows them)"
+            table.caption = f"{self.caption}; {note}" if self.caption else note
+        return table
 
 
 def compact_table(title: str | None = None, **kwargs) -> Table:
-    """A table that fits 100 columns: light rules, no edge padding, and cells that fold rather than
-    lose digits to an ellipsis when the terminal is narrower still."""
-    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 0, 0, 1),
-                 **kwargs)
+    """A table that fits the terminal: light rules, no edge padding, whole cells (:class:`FitTable`)."""
+    return FitTable(title=title, title_justify="left", caption_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                    padding=(0, 0, 0, 1), **kwargs)
 
 
-def add_columns(table: Table, headers, left: int = 1) -> None:
-    """Columns that fold (never cut) their values; the first ``left`` columns are left-aligned labels."""
+def add_columns(table: Table, headers, left: int = 1, optional: tuple[str, ...] = ()) -> None:
+    """Columns whose cells are never cut; the first ``left`` columns are left-aligned labels, kept at
+    any width; ``optional`` headers are the first left out where the table does not fit."""
     for i, header in enumerate(headers):
-        table.add_column(header, justify="left" if i < left else "right", overflow="fold")
+        table.add_column(header, justify="left" if i < left else "right", no_wrap=True)
+    if isinstance(table, FitTable):
+        table.labels, table.optional = max(left, 1), tuple(optional)
+
+
+def deliver(document: Any = None, writes: list[tuple[Path | None, Callable[[], Any]]] = ()) -> None:
+    """The result first, then the files: ``document`` (``--format json``) goes to stdout before any
+    write, and every write in ``writes`` (``(path, writer)``, skipped where path is None) is tried
+    even when one before it failed, so a full disk costs the file, never the computed result. The
+    first failure is raised afterwards (one line: path and errno, exit 2)."""
+    if document is not None:
+        print(json.dumps(document, default=float), flush=True)
+    failed: BaseException | None = None
+    for path, writer in writes:
+        if path is None:
+            continue
+        try:
+            writer()
+        except (TiersimError, OSError) as exc:
+            if failed is None:
+                failed = exc
+            else:
+                _error_line(str(exc) if isinstance(exc, TiersimError) else os_error_words(exc))
+    if failed is not None:
+        raise failed
 
 
 def wrote(path: Path) -> None:
@@ -122,11 +190,46 @@ def parse_int_list(text: str, name: str) -> list[int]:
     return parse_list(text, int, f"--{name}")
 
 
+_FIELD = re.compile(r"TierConfig\.(\w+)")
+_LONG_FLOAT = re.compile(r"(?<![\w.])-?\d+\.\d{7,}(?:e[-+]?\d+)?(?![\w.])")
+
+
+def user_words(message: str) -> str:
+    """A library's message in the user's words: the flag, not the field (``TierConfig.hbm`` ->
+    ``--hbm``), and numbers as typed (``1.1300000000000001`` -> ``1.13``)."""
+    message = _FIELD.sub(lambda m: "--" + m.group(1).replace("_", "-"), message)
+    return _LONG_FLOAT.sub(lambda m: f"{float(m.group(0)):.6g}", message)
+
+
+def _error_line(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {escape(user_words(message))}", highlight=False, soft_wrap=True)
+
+
+def os_error_words(exc: OSError) -> str:
+    """``cannot write out.json: No space left on device (ENOSPC)``: the path and the errno, one line."""
+    code = errno_codes.errorcode.get(exc.errno or 0)
+    reason = exc.strerror or str(exc) or exc.__class__.__name__
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{reason}" + (f" ({code})" if code else "")
+
+
 def run() -> None:
-    """Entry point: run the app, mapping expected errors to one line and a non-zero exit."""
+    """Entry point: run the app, mapping expected errors to one line and a non-zero exit.
+
+    Numeric RuntimeWarnings (numpy on a degenerate input) are not shown: a bad value is refused by
+    its option's range before any arithmetic, and a warning line is neither an error nor a result.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        _run()
+
+
+def _run() -> None:
     try:
         # Without standalone mode click returns a command's `typer.Exit` code instead of exiting.
         code = app(standalone_mode=False)
+        if code == 130:  # typer's own mapping of a Ctrl-C outside cli.options.command: say so at least
+            err_console.print("[bold red]interrupted:[/] no partial output was written", highlight=False)
         if isinstance(code, int) and code != 0:
             sys.exit(code)
     except typer.Exit as exc:
@@ -144,10 +247,14 @@ def run() -> None:
         err_console.print(f"[bold red]error:[/] this command runs a real model and needs {exc.name}, which is not "
                           f"installed: {escape(MODEL_INSTALL)}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        err_console.print("[bold red]interrupted[/] (no partial output was written)")
+    except (KeyboardInterrupt, Interrupted) as exc:  # a command may say what it kept (cli.options.command)
+        kept = str(exc.args[0]) if exc.args else "no partial output was written"
+        err_console.print(f"[bold red]interrupted:[/] {escape(kept)}", highlight=False, soft_wrap=True)
         sys.exit(130)
     except EXPECTED_ERRORS as exc:
         message = str(exc) or exc.__class__.__name__
-        err_console.print(f"[bold red]error:[/] {escape(message.splitlines()[0])}", highlight=False, soft_wrap=True)
+        _error_line(message.splitlines()[0])
+        sys.exit(2)
+    except OSError as exc:  # a full disk, a read-only mount, a vanished folder: the environment, not a bug
+        _error_line(os_error_words(exc))
         sys.exit(2)

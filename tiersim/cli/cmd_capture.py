@@ -7,31 +7,39 @@ from pathlib import Path
 import typer
 
 from tiersim.cli import options
-from tiersim.cli.app import THREADS_HELP, app, apply_threads, check_output_path, console
+from tiersim.cli.app import THREADS_HELP, app, apply_threads, check_output_path, console, err_console
 from tiersim.cli.groups import CacheShape, ModelRun
 from tiersim.cli.progress import meter
 from tiersim.errors import TiersimError
 from tiersim.hierarchy.config import TierConfig
+from tiersim.traces.lengths import MAX_LAYERS, MAX_SEQUENCES, MAX_SIGMA
 
+#: Bounds of capture's sizes: far beyond any CPU run, small enough that a typo stops before the model loads.
+MAX_PROMPTS = 100_000
+MAX_NEW_TOKENS = 1_000_000
 # The paper's headline configuration: half the context in HBM, 3% evicted, the rest in DDR.
 HEADLINE = {"hbm": 0.5, "ddr": 0.47, "compressed": 0.0, "evict": 0.03}
 
 
 @app.command()
-@options.command()
+@options.command(outputs={"out": (".parquet",)})
 def capture(
     runtime: ModelRun = ModelRun(),
     prompts: Path = typer.Option(None, help="JSONL with a 'prompt' field per line (default: bundled prompts)"),
-    n: int = typer.Option(8, help="number of prompts to run"),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="tokens generated per prompt"),
-    hbm: float = typer.Option(HEADLINE["hbm"], help="share of the context kept in HBM"),
-    ddr: float = typer.Option(HEADLINE["ddr"], help="share offloaded to DDR (exact, prefetched)"),
-    compressed: float = typer.Option(HEADLINE["compressed"], help="share held quantized"),
-    evict: float = typer.Option(HEADLINE["evict"], help="share evicted for good"),
+    n: int = options.opt(8, help="number of prompts to run (at most the prompt file's; the bundled set has 36)",
+                         min=1, max=MAX_PROMPTS),
+    max_new_tokens: int = options.opt(128, "--max-new-tokens", help="tokens generated per prompt", min=1,
+                                      max=MAX_NEW_TOKENS),
+    hbm: float = options.opt(HEADLINE["hbm"], help="share of the context kept in HBM", min=0, max=1),
+    ddr: float = options.opt(HEADLINE["ddr"], help="share offloaded to DDR (exact, prefetched)", min=0, max=1),
+    compressed: float = options.opt(HEADLINE["compressed"], help="share held quantized", min=0, max=1),
+    evict: float = options.opt(HEADLINE["evict"], help="share evicted for good", min=0, max=1),
     shape: CacheShape = CacheShape(),
     full: bool = typer.Option(False, "--full", help="also keep every step's attention row (large; for offline replay)"),
     out: Path = typer.Option(Path("trace.parquet"), help="output Parquet trace"),
-    threads: int = typer.Option(0, help=THREADS_HELP),
+    threads: int = options.opt(0, help=THREADS_HELP, min=0, max=4096),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="keep each finished sequence in OUT.parts/ "
+                                "and reuse them when the same command runs again after an interruption"),
 ) -> None:
     """Run a real model under the tier policy and write a trace (per step, per layer)."""
     from tiersim.prompts import load_prompts
@@ -56,31 +64,59 @@ def capture(
     used = apply_threads(threads)
     with console.status(f"loading {model} ({used} CPU thread{'s' * (used > 1)}) ..."):
         mdl, tokenizer = load_model(model, device=device, dtype=dtype)
-    with meter("capture", len(items), eta=False) as progress:
+    parts = _parts(out, model, device, dtype, config, max_new_tokens, full, prompts, resume)
+    source = str(prompts) if prompts else "bundled"
+    todo = [(i, p) for i, p in enumerate(items) if not parts.done(p.id)]
+    if len(parts):
+        err_console.print(f"resuming from {parts.path}: {len(items) - len(todo)} of {len(items)} sequences are "
+                          "already captured", highlight=False, markup=False)
+    try:
+        with meter("capture", len(todo), eta=False) as progress:
 
-        def advance(result):
-            rate = result.new_tokens / max(result.seconds, 1e-9)
-            progress.advance(f"{result.prompt_id}: {rate:.1f} tok/s")
+            def advance(result):
+                rate = result.new_tokens / max(result.seconds, 1e-9)
+                progress.advance(f"{result.prompt_id}: {rate:.1f} tok/s")
 
-        trace = run_capture(
-            mdl, tokenizer, items, config, max_new_tokens, describe_model(mdl), device=device,
-            prompts_source=str(prompts) if prompts else "bundled", on_sequence=advance, full=full,
-        )
+            for index, item in todo:  # one prompt at a time: each finished sequence is kept at once
+                parts.add(index, run_capture(mdl, tokenizer, [item], config, max_new_tokens, describe_model(mdl),
+                                             device=device, prompts_source=source, on_sequence=advance, full=full))
+    except KeyboardInterrupt:  # app.run prints this one line and exits 130
+        raise KeyboardInterrupt(f"capture kept {len(parts)} of {len(items)} sequences in {parts.path}; {out} was "
+                                "not written: run the same command again to resume") from None
+    trace = parts.merge([p.id for p in items])
     write(out, trace.steps, trace.meta)
+    parts.discard()  # --out holds everything now
     console.print(
         f"wrote {out} ({len(items)} sequences, {len(trace.steps):,} rows, "
         f"{out.stat().st_size / 1e6:.2f} MB)", highlight=False, markup=False,
     )
 
 
+def _parts(out, model, device, dtype, config, max_new_tokens, full, prompts, resume):
+    """The finished sequences kept beside ``out`` (tiersim.traces.resume), keyed by what decides them."""
+    import hashlib
+
+    import tiersim
+    from tiersim.traces.resume import CaptureParts
+
+    source = "bundled" if prompts is None else hashlib.sha256(Path(prompts).read_bytes()).hexdigest()
+    context = {"model": str(Path(model).resolve()) if Path(model).is_dir() else model, "device": device,
+               "dtype": dtype, "policy": config.to_dict(), "max_new_tokens": max_new_tokens, "full": full,
+               "prompts": source, "tiersim": tiersim.__version__}
+    return CaptureParts(out, context, resume=resume)
+
+
 @app.command()
+@options.command(outputs={"out": (".parquet",)})
 def synth(
     trace: Path = typer.Option(None, help="captured trace to fit (default: the bundled trace)"),
     lengths: str = typer.Option("math500", help="mean generated tokens: a number or gsm8k/math500/amc23/gpqa/aime"),
-    n: int = typer.Option(4, help="number of synthetic sequences"),
-    layers: int = typer.Option(None, help="layers of the synthetic model (default: the trace's)"),
-    sigma: float = typer.Option(0.35, help="log-normal spread of the lengths"),
-    seed: int = typer.Option(0),
+    n: int = options.opt(4, help="number of synthetic sequences", min=1, max=MAX_SEQUENCES),
+    layers: int = options.opt(None, help="layers of the synthetic model (default: the trace's)", min=1,
+                              max=MAX_LAYERS),
+    sigma: float = options.opt(0.35, help="log-normal spread of the lengths (above 2 most sequences would be a "
+                               "few tokens long)", min=0, max=MAX_SIGMA),
+    seed: int = options.opt(0, help="seed of the lengths and the per-step draws", min=0, max=2**32 - 1),
     out: Path = typer.Option(Path("synthetic.parquet"), help="output Parquet trace"),
 ) -> None:
     """Extrapolate a captured trace's statistics to reasoning lengths no CPU capture reaches."""

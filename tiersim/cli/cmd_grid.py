@@ -10,8 +10,8 @@ from rich.table import Table
 
 from tiersim.cli import options
 from tiersim.cli.app import (
-    RAY_ADDRESS_HELP, THREADS_HELP, add_columns, app, apply_threads, check_output_path, compact_table, console, err_console,
-    parse_float_list,
+    RAY_ADDRESS_HELP, THREADS_HELP, add_columns, app, apply_threads, check_output_path, compact_table, console, deliver,
+    err_console, parse_float_list,
 )
 from tiersim.cli.groups import STRATEGY_HELP, CacheShape, ModelRun
 from tiersim.cli.progress import meter
@@ -30,29 +30,32 @@ def parse_baselines(text: str) -> list[str]:
 
 
 @app.command()
-@options.command(help={"strategy": "how the DDR tier reaches attention (a comma list: the first runs the hierarchy's "
+@options.command(outputs={"out": (".json", ".parquet"), "report": (".html", ".htm")}, help={"strategy": "how the DDR tier reaches attention (a comma list: the first runs the hierarchy's "
                                    "cells, each further one adds its cells that hold DDR tokens, as "
                                    f"hierarchy/<strategy>): {STRATEGY_HELP}"})
 def grid(
     runtime: ModelRun = ModelRun(),
     prompts: Path = typer.Option(None, help="JSONL with a 'prompt' (and optional 'answer') per line; default: bundled"),
-    n: int = typer.Option(10, help="number of prompts"),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="tokens generated per prompt and cell"),
+    n: int = options.opt(10, help="number of prompts (at most the prompt file's; the bundled set has 36)", min=1,
+                         max=100_000),
+    max_new_tokens: int = options.opt(64, "--max-new-tokens", help="tokens generated per prompt and cell", min=1,
+                                      max=1_000_000),
     hbm: str = typer.Option("1.0,0.5,0.25", help="HBM ratios (grid rows; baselines' budgets)"),
     evict: str = typer.Option("0,0.03,0.1", help="eviction ratios (grid columns)"),
     compressed: str = typer.Option("0", help="compressed-tier ratios"),
     baselines: str = typer.Option(DEFAULT_BASELINES, help="eviction baselines to compare ('none' for none)"),
-    output_format: str = typer.Option("table", "--format", help="table or json (json prints only JSON)"),
+    output_format: str = options.opt("table", "--format", help="table or json (json prints only JSON)",
+                                     choices=("table", "json")),
     out: Path = typer.Option(None, help="also write the grid to .json or .parquet (kind quality-grid)"),
     report: Path = typer.Option(None, help="also write an HTML report with the grid's heatmap"),
     shape: CacheShape = CacheShape(),
     resume: bool = typer.Option(True, "--resume/--no-resume",
                                 help="with --out: keep finished runs in OUT.runs.jsonl and reuse them when the "
                                      "same command runs again after an interruption"),
-    threads: int = typer.Option(0, help=THREADS_HELP),
+    threads: int = options.opt(0, help=THREADS_HELP, min=0, max=4096),
     ray: bool = typer.Option(False, "--ray", help=RAY_HELP),
     ray_address: str = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
-    ray_workers: int = typer.Option(0, "--ray-workers", help="--ray: model-holding workers to start "
+    ray_workers: int = options.opt(0, "--ray-workers", min=0, max=100_000, help="--ray: model-holding workers to start "
                                     "(0: one per GPU of the cluster with --device cuda, else one per CPU)"),
 ) -> None:
     """Run the full cache and every cell on the same prompts; score each cell against the full cache."""
@@ -101,11 +104,13 @@ def grid(
                                                   ray_address, ray_workers)
         else:
             rows, summary, model_id = _run(model, device, dtype, items, cells, max_new_tokens, journal)
-    except BaseException:
+    except BaseException as exc:
         if journal is not None and len(journal):
             journal.close()
-            err_console.print(f"{len(journal)} finished runs are kept in {journal.path}: run the same command "
-                              "again to resume", highlight=False, markup=False)
+            kept = f"{len(journal)} finished runs are kept in {journal.path}: run the same command again to resume"
+            if isinstance(exc, KeyboardInterrupt):  # the one `interrupted:` line says it (cli.app.run)
+                raise KeyboardInterrupt(kept) from None
+            err_console.print(kept, highlight=False, markup=False)
         raise
     document = grid_document(
         rows,
@@ -119,20 +124,21 @@ def grid(
         policy=shape.config_options(),
         full_cache=summary,
     )
-    if out is not None:
+    def write_out():
         write_grid(out, document)
         journal.discard()  # --out holds everything now
-    if report is not None:
+        err_console.print(f"wrote {out}", highlight=False, markup=False)
+
+    def write_html():
         from tiersim.report import write_report
 
         write_report([document], report)
-    if output_format == "json":
-        typer.echo(json.dumps(document, indent=2))
-        return
-    console.print(grid_table(document))
-    for path in (out, report):
-        if path is not None:
-            console.print(f"wrote {path}", highlight=False, markup=False)
+        err_console.print(f"wrote {report}", highlight=False, markup=False)
+
+    # The document (or the table) first, then the files: a full disk costs a file, never the result.
+    if output_format != "json":
+        console.print(grid_table(document))
+    deliver(document if output_format == "json" else None, [(out, write_out), (report, write_html)])
 
 
 def _journal(out, model_name, device, dtype, resume):
@@ -232,7 +238,8 @@ def grid_table(document: dict) -> Table:
     )
     table = compact_table(title, caption="exact: texts equal to the full cache's; diverge: mean tokens before the "
                                           "first difference; agree: same final answer")
-    add_columns(table, ("method", "hbm", "ddr", "compr.", "evict", "exact", "diverge", "agree", "accuracy", "tok/s"))
+    add_columns(table, ("method", "hbm", "ddr", "compr.", "evict", "exact", "diverge", "agree", "accuracy", "tok/s"),
+                optional=("tok/s", "compr.", "diverge"))
     for row in document["rows"]:
         table.add_row(
             row["method"], _hbm(row), f"{row['ddr']:g}", f"{row['compressed']:g}", f"{row['evict']:g}",

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 import typer
+from tiersim.cli import options
 from tiersim.cli.app import add_columns, app, compact_table, console
 
 
 @app.command()
-def presets(fmt: str = typer.Option("table", "--format", help="table or json")) -> None:
+@options.command()
+def presets(fmt: str = options.opt("table", "--format", help="table or json", choices=("table", "json"))) -> None:
     """List GPU and model presets (any transformers config.json also works via --model-config)."""
     from tiersim.errors import TiersimError
     from tiersim.simulator.presets import GB, GPUS, MODELS
@@ -21,7 +23,8 @@ def presets(fmt: str = typer.Option("table", "--format", help="table or json")) 
     if fmt != "table":
         raise TiersimError(f"--format must be table or json, got {fmt!r}")
     gpus = compact_table("GPU presets (link figures in GB/s)")
-    add_columns(gpus, ("name", "HBM GB", "HBM TB/s", "H2D", "D2H", "both", "copy µs", "TFLOP/s", "host GB", "note"))
+    add_columns(gpus, ("name", "HBM GB", "HBM TB/s", "H2D", "D2H", "both", "copy µs", "TFLOP/s", "host GB", "note"),
+                optional=("note", "host GB", "copy µs", "both"))
     gpus.columns[-1].justify = "left"
     for g in GPUS.values():
         gpus.add_row(g.name, f"{g.hbm_bytes / GB:.0f}", f"{g.hbm_bw / 1e12:.2f}", f"{g.h2d_bw / GB:.0f}",

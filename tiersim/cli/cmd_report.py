@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from tiersim.cli import options
 from tiersim.cli.app import app, console
 
 INPUT_HELP = ("simulation results (.parquet), capacity grids (.json), quality grids (.json/.parquet) or "
@@ -13,6 +14,7 @@ INPUT_HELP = ("simulation results (.parquet), capacity grids (.json), quality gr
 
 
 @app.command()
+@options.command(outputs={"out": (".html", ".htm")})
 def report(
     inputs: list[Path] = typer.Argument(..., help=INPUT_HELP, show_default=False, metavar="INPUT"),
     out: Path = typer.Option(Path("report.html"), "--out", "-o", help="HTML file to write"),

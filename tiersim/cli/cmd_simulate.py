@@ -12,7 +12,7 @@ from rich.table import Table
 
 from tiersim.cli import options
 from tiersim.cli.app import (
-    RAY_ADDRESS_HELP, add_columns, app, check_output_path, compact_table, console, err_console, wrote,
+    RAY_ADDRESS_HELP, add_columns, app, check_output_path, compact_table, console, deliver, err_console, wrote,
 )
 from tiersim.cli.groups import ComputeModel, Target, Workload
 from tiersim.cli.progress import meter
@@ -55,7 +55,8 @@ def _against(scenario, path: Path, max_error: float | None, fmt: str) -> None:
         print(json.dumps(result, default=float))
     else:
         table = compact_table(f"{scenario.model.name} on {scenario.gpu.name}: measured ({path.name}) vs simulated")
-        add_columns(table, ("run", "batch", "context", "hbm", "measured ms", "simulated ms", "error"))
+        add_columns(table, ("run", "batch", "context", "hbm", "measured ms", "simulated ms", "error"),
+                optional=("context", "batch"))
         for r in result["rows"]:
             table.add_row(r["label"], str(r["batch"]), f"{r['context']:,}", f"{r['hbm']:.2f}", f"{r['measured_ms']:.2f}",
                           f"{r['simulated_ms']:.2f}", f"{r['error_pct']:+.1f}%")
@@ -74,20 +75,26 @@ def _check_format(fmt: str) -> None:
         raise TiersimError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
 
 
+HTML = (".html", ".htm")
+
+
 @app.command()
-@options.command()
+@options.command(outputs={"out": (".parquet",), "report": HTML})
 def simulate(
     target: Target = Target(),
-    batch: int = typer.Option(DEFAULT_BATCH, help="sequences decoded together"),
-    hbm: float = typer.Option(0.5), ddr: float = typer.Option(0.5),
-    compressed: float = typer.Option(0.0), evict: float = typer.Option(0.0),
+    batch: int = options.opt(DEFAULT_BATCH, help="sequences decoded together", min=1, max=1 << 16),
+    hbm: float = options.opt(0.5, help="share of each sequence's KV kept in HBM", min=0, max=1),
+    ddr: float = options.opt(0.5, help="share offloaded to host DDR (exact, fetched back as --strategy says)",
+                             min=0, max=1),
+    compressed: float = options.opt(0.0, help="share held quantized on the device", min=0, max=1),
+    evict: float = options.opt(0.0, help="share evicted for good (not exact)", min=0, max=1),
     workload: Workload = Workload(),
     compute: ComputeModel = ComputeModel(),
     against: Path = typer.Option(None, "--against", help="measured decode steps (a calibration or operator-profile "
                                  "JSON): simulate each point, print measured vs simulated with median and worst error"),
-    max_error: float = typer.Option(None, "--max-error", help="with --against: exit 1 when the median |error| "
-                                    "exceeds this many percent (the gate)"),
-    fmt: str = typer.Option("table", "--format", help="table or json"),
+    max_error: float = options.opt(None, "--max-error", help="with --against: exit 1 when the median |error| "
+                                   "exceeds this many percent (the gate)", min=0),
+    fmt: str = options.opt("table", "--format", help="table or json", choices=FORMATS),
     out: Path = typer.Option(None, help="write the per-step timeline (Parquet, kind 'simulation')"),
     report: Path = typer.Option(None, help="also write an HTML report"),
 ) -> None:
@@ -112,11 +119,13 @@ def simulate(
     row, timeline = run(scenario, policy)
     row = with_overhead(row, baseline)
     meta = simulation_meta(scenario, policy.tiers.ratios(), row)
-    if out:
+
+    def write_out():
         write_timeline(out, timeline, meta)
         wrote(out)
-    if report:
-        if out:
+
+    def write_report():
+        if out and out.exists():
             _write_report([out], report)
         else:  # the report reads the same file `--out` would write
             import tempfile
@@ -124,9 +133,10 @@ def simulate(
             with tempfile.TemporaryDirectory() as tmp:
                 timeline_path = Path(tmp) / "simulation.parquet"
                 write_timeline(timeline_path, timeline, meta)
-                _write_report([timeline_path], report)
-    if fmt == "json":
-        print(json.dumps({**meta, "baseline": baseline, "rows": [row]}, indent=2, default=float))
+                _write_report([timeline_path], report, _this_run("simulate"))
+
+    if fmt == "json":  # the document first: a file that cannot be written never costs the result
+        deliver({**meta, "baseline": baseline, "rows": [row]}, [(out, write_out), (report, write_report)])
         return
     table = _rows_table([row], f"{scenario.model.name} on {scenario.gpu.name}, batch {batch}, "
                                f"{_workload_words(scenario)} ({scenario.trace_label} trace)")
@@ -137,24 +147,30 @@ def simulate(
     console.print(f"compute model: {row['compute_model']}", highlight=False, markup=False)
     simulated = (row["step_ms"] + baseline["step_ms"]) * scenario.steps / 1e3
     wall = time.perf_counter() - started
-    console.print(f"real-time factor: {simulated / wall:,.0f}x ({simulated:.2f} simulated GPU s, this config and "
-                  f"its all-in-HBM baseline, in {wall:.2f} wall s)", highlight=False, markup=False)
+    factor = simulated / wall
+    console.print(f"real-time factor: {factor:,.0f}x" if factor >= 10 else f"real-time factor: {factor:.2g}x",
+                  f"({simulated:.3g} simulated GPU s, this config and its all-in-HBM baseline, in {wall:.2f} wall s)",
+                  highlight=False, markup=False)
+    deliver(None, [(out, write_out), (report, write_report)])
 
 
 @app.command()
-@options.command()
+@options.command(outputs={"out": (".json",), "report": HTML})
 def capacity(
     batch: str = typer.Option(str(DEFAULT_BATCH), help="sequences decoded together: a number, or a range like 16..1024 "
                                           "(powers of two between the ends)"),
     target: Target = Target(),
     workload: Workload = Workload(),
-    tpot_slo: float = typer.Option(None, "--tpot-slo", help="latency budget: mean time per output token, ms"),
-    max_evict: float = typer.Option(0.0, "--max-evict", help="quality budget: largest share of the KV evicted"),
+    tpot_slo: float = options.opt(None, "--tpot-slo", help="latency budget: mean time per output token, ms",
+                                  min=0),
+    max_evict: float = options.opt(0.0, "--max-evict", help="quality budget: largest share of the KV evicted",
+                                   min=0, max=0.999),
     strategy: str = typer.Option("all", help="offload strategies compared: all, or a comma list of "
                                              + strategies.help_text()),
-    max_overhead: float = typer.Option(10.0, "--max-overhead", help="overhead budget of the grid's 'best', percent"),
+    max_overhead: float = options.opt(10.0, "--max-overhead", help="overhead budget of the grid's 'best', percent",
+                                      min=0),
     compute: ComputeModel = ComputeModel(),
-    fmt: str = typer.Option("table", "--format", help="table or json"),
+    fmt: str = options.opt("table", "--format", help="table or json", choices=FORMATS),
     out: Path = typer.Option(None, help="also write the JSON result here"),
     report: Path = typer.Option(None, help="also write an HTML report"),
     ray: bool = typer.Option(False, "--ray", help="run each simulation as a task on Ray (needs pip install "
@@ -206,22 +222,20 @@ def capacity(
             result = range_result(scenario, max_overhead, answer)
     result = {"recommendation": answer["recommendation"], **result,
               "planner": {k: v for k, v in answer.items() if k != "points"}, "points": answer["points"]}
-    if out:
-        write_document(out, result)
-        wrote(out)
-    if report:
-        _write_report([result], report)
-    if fmt == "json":
-        print(json.dumps(result, default=float))
+    writes = [(out, lambda: (write_document(out, result), wrote(out))),
+              (report, lambda: _write_report([result], report, _this_run("capacity")))]
+    if fmt == "json":  # the document first: a file that cannot be written never costs the result
+        deliver(result, writes)
         return
     _print_capacity(result, scenario)
+    deliver(None, writes)
 
 
 def _rows_table(rows: list[dict], title: str) -> Table:
     table = compact_table(title)
     # The staging buffers and every other field are in --format json / --out.
     add_columns(table, ("hbm/ddr/cmp/evict", "KV GB", "saved", "peak GB", "fits", "step ms", "stall ms",
-                        "overhead", "tok/s", "max B"))
+                        "overhead", "tok/s", "max B"), optional=("KV GB", "max B", "peak GB", "stall ms"))
     for r in rows:
         table.add_row(
             "/".join(f"{r[k]:.2f}" for k in ("hbm", "ddr", "compressed", "evict")),
@@ -253,7 +267,7 @@ def _strategy_table(answer: dict, title: str) -> Table:
     """Per strategy its best point (most tok/s within the SLO, else the quickest that fits)."""
     table = compact_table(title)
     add_columns(table, ("strategy", "batch", "HBM/DDR/ev", "TPOT ms", "tok/s", "freed GB", "peak GB", "SLO",
-                        "ctx mean/peak"))
+                        "ctx mean/peak"), optional=("ctx mean/peak", "peak GB", "freed GB"))
     table.columns[2].justify = "left"
     rows = []
     if answer["full_cache"]:
@@ -310,7 +324,8 @@ def _print_capacity(result: dict, scenario) -> None:
         console.print(_batch_table(answer))
     else:
         rows = result["rows"]
-        console.print(_rows_table(rows, f"Prefetch grid at batch {result['batch']} (SimPy; {_context_words(rows[0])})"))
+        engine = rows[0].get("method", "SimPy") if rows else "SimPy"  # the engine the rows say they used
+        console.print(_rows_table(rows, f"Prefetch grid at batch {result['batch']} ({engine}; {_context_words(rows[0])})"))
         console.print(_sweep_table(result["batch_sweep"]))
     console.print(f"compute model: {(result.get('baseline') or {}).get('compute_model', 'roofline')}", highlight=False,
                   markup=False)
@@ -348,8 +363,10 @@ def _sweep_table(sweep: list[dict]) -> Table:
     """Overhead and savings of the lossless configs per batch size: where the link starts to bind."""
     hbms = sorted({r["hbm"] for r in sweep}, reverse=True)
     steps = sweep[0]["steps"] if sweep else 0
+    engines = sorted({r.get("method", "closed form") for r in sweep} - {"closed form"})
+    at_batch = f"; the grid's {', '.join(engines)} rows at its batch" if engines else ""
     table = compact_table(f"Prefetch batch sweep, no eviction: overhead / HBM saved GB (✗: does not fit; {steps} "
-                          "steps each; closed form, the grid's SimPy rows at its batch)")
+                          f"steps each; closed form{at_batch})")
     add_columns(table, ["batch", *(f"hbm {h:.2f}" for h in hbms), "ctx mean/peak"], left=0)
     for batch in sorted({r["batch"] for r in sweep}):
         cells = []
@@ -370,10 +387,24 @@ def _workload_words(scenario) -> str:
     return words
 
 
-def _write_report(inputs: list, path: Path) -> None:
+def _this_run(command: str) -> str:
+    """How a report names an input this very run computed: its command line, not ``<in memory>``."""
+    import shlex
+    import sys
+
+    args = sys.argv[1:] if sys.argv[1:2] == [command] else [command]
+    return "this run: " + shlex.join(["tiersim", *args])
+
+
+def _write_report(inputs: list, path: Path, source: str | None = None) -> None:
+    """Write the report; ``source``: the name of inputs this run computed (see :func:`_this_run`)."""
     try:
         from tiersim.report import write_report
+        from tiersim.report.loaders import load_input
     except ImportError:
         raise TiersimError("--report needs tiersim.report, which this installation lacks") from None
-    write_report(inputs, path)
+    loaded = [load_input(item) for item in inputs]
+    for item in loaded if source else ():
+        item.source = source
+    write_report(loaded, path)
     wrote(path)

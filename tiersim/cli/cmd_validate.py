@@ -9,6 +9,7 @@ from rich.table import Table
 
 from tiersim.cli import options
 from tiersim.cli.app import add_columns, app, compact_table, console, err_console
+from tiersim.errors import TiersimError
 from tiersim.options import list_values
 from tiersim.validator.options import ValidateOptions
 
@@ -17,7 +18,8 @@ def _table(doc: dict) -> Table:
     from tiersim.validator import compare
 
     table = compact_table("measured vs simulated (calibrated closed form)")
-    add_columns(table, compare.COLUMNS)
+    add_columns(table, compare.COLUMNS, optional=("sim stall ms", "H2D MB/step", "baseline ms", "prefetch GB/s",
+                                                  "stall ms", "context"))
     for row in compare.rows(doc):
         table.add_row(*row)
     return table
@@ -49,9 +51,6 @@ def validate(opts: ValidateOptions = ValidateOptions()) -> None:
             command=shlex.join(["tiersim", *sys.argv[1:]]) if sys.argv[1:2] == ["validate"] else None,
             log=lambda msg: err_console.print(msg, highlight=False, markup=False),
         )
-    except calibrate.NoDeviceError as exc:
-        err_console.print(str(exc), highlight=False, markup=False, soft_wrap=True)
-        # SystemExit, not typer.Exit: with standalone_mode=False click returns an Exit's code
-        # instead of exiting, and `tiersim.cli.app.run` would end with status 0.
-        raise SystemExit(1) from None
+    except calibrate.NoDeviceError as exc:  # a usage error like any other: one `error:` line, exit 2
+        raise TiersimError(str(exc).splitlines()[0]) from None
     _show(doc)

@@ -10,10 +10,16 @@ import dataclasses
 from pathlib import Path
 
 from tiersim.hierarchy import strategies
+from tiersim.errors import TiersimError
 from tiersim.hierarchy.config import TierConfig
 from tiersim.options import defaults, option
 
 _TIER = defaults(TierConfig)
+_TARGET_MODEL = "r1-distill-qwen-7b"
+#: The simulator's own bounds (tiersim.simulator.capacity MAX_TOKENS / MAX_STEPS), without importing it
+#: at start-up; tests/test_bad_inputs_generated.py holds them equal.
+MAX_TOKENS = 10_000_000
+MAX_STEPS = 1_000_000
 
 STRATEGY_HELP = strategies.help_text(strategies.CACHE_STRATEGIES)  # the cache runs these (the registry says)
 
@@ -23,21 +29,24 @@ class ModelRun:
     """The real model a command runs, and where."""
 
     model: str = option("smollm2", "'smollm2' (bundled) or a local transformers model directory")
-    device: str = option("cpu", "cpu or cuda")
-    dtype: str = option("float32", "float32 (exact on CPU), bfloat16 or float16")
+    device: str = option("cpu", "cpu or cuda", choices=("cpu", "cuda"))
+    dtype: str = option("float32", "float32 (exact on CPU), bfloat16 or float16",
+                        choices=("float32", "bfloat16", "float16"))
 
 
 @dataclasses.dataclass(frozen=True)
 class CacheShape:
     """The hierarchy's structure besides its tier ratios: pinned tokens, re-tiering, quantization, DDR access."""
 
-    sink_tokens: int = option(_TIER["sink_tokens"], "hierarchy: first tokens pinned to HBM")
-    recent_window: int = option(_TIER["recent_window"], "hierarchy: newest tokens pinned to HBM")
-    retier_every: int = option(_TIER["retier_every"], "re-tiering interval in decode steps (hierarchy and SnapKV)")
-    compressed_bits: int = option(_TIER["compressed_bits"], "4 or 8")
+    sink_tokens: int = option(_TIER["sink_tokens"], "hierarchy: first tokens pinned to HBM", min=0, max=MAX_TOKENS)
+    recent_window: int = option(_TIER["recent_window"], "hierarchy: newest tokens pinned to HBM", min=0,
+                                max=MAX_TOKENS)
+    retier_every: int = option(_TIER["retier_every"], "re-tiering interval in decode steps (hierarchy and SnapKV)",
+                               min=1, max=MAX_TOKENS)
+    compressed_bits: int = option(_TIER["compressed_bits"], "4 or 8", choices=(4, 8))
     strategy: str = option(_TIER["strategy"], f"how the DDR tier reaches attention: {STRATEGY_HELP}")
     fetch_share: float = option(_TIER["fetch_share"], "hybrid / selective: share of the DDR tier fetched to the "
-                                "device per step")
+                                "device per step", min=0, max=1)
 
     def config_options(self) -> dict:
         """The fields as TierConfig keywords (``strategy`` as given: a command with a list splits it first)."""
@@ -48,9 +57,15 @@ class CacheShape:
 class Target:
     """The model and GPU presets a simulation prices."""
 
-    model: str = option("r1-distill-qwen-7b", "model preset (see `tiersim presets`)")
+    model: str = option(_TARGET_MODEL, "model preset (see `tiersim presets`)")
     model_config: Path | None = option(None, "a transformers config.json instead of a preset")
     gpu: str = option("h100-sxm", "GPU preset")
+
+    def __post_init__(self):
+        # --model-config replaces the preset: a --model given too would be ignored without a word.
+        if self.model_config is not None and self.model != _TARGET_MODEL:
+            raise TiersimError(f"--model {self.model} and --model-config {self.model_config} both name the model; "
+                               "give one")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +76,12 @@ class Workload:
     lengths: str | None = option(None, "mean generated tokens (log-normal, staggered batch): a number, "
                                  "gsm8k/math500/amc23/gpqa/aime, or 'trace' (default: math500)")
     context: int | None = option(None, "instead of --lengths: a lockstep batch decoding from this many context "
-                                 "tokens")
+                                 "tokens", min=1, max=MAX_TOKENS)
     prefetch: str = option("all", "DDR tokens fetched per step: all (exact), or cover99/cover90: an oracle selective "
-                           "prefetch of the trace's tokens holding 99%/90% of the DDR tier's attention (not exact)")
-    steps: int = option(256, "decode steps simulated per config (steady state)")
-    seed: int = option(0)
+                           "prefetch of the trace's tokens holding 99%/90% of the DDR tier's attention (not exact)",
+                           choices=("all", "cover99", "cover90"))
+    steps: int = option(256, "decode steps simulated per config (steady state)", min=1, max=MAX_STEPS)
+    seed: int = option(0, "seed of the simulated batch's lengths and arrival order", min=0, max=2**32 - 1)
 
 
 @dataclasses.dataclass(frozen=True)

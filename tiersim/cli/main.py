@@ -12,6 +12,10 @@ from tiersim.cli import cmd_grid  # noqa: F401,E402
 from tiersim.cli import cmd_validate  # noqa: F401,E402
 from tiersim.cli import cmd_report  # noqa: F401,E402
 
+from tiersim.cli.options import cover  # noqa: E402
+
+cover(app)  # after every command registered: each checks its options and outputs before it runs (cli.options)
+
 
 def main() -> None:
     run()

@@ -9,11 +9,11 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from tiersim.report.html import Section
-from tiersim.report.loaders import ReportInput
+from tiersim.report.loaders import ReportInput, measured_on
 from tiersim.report.style import _human_bytes, _layout
 
 def measured_vs_simulated(points: pd.DataFrame, title: str = "Measured vs simulated decode step time",
-                          subtitle: str | None = None) -> go.Figure:
+                          subtitle: str | None = None, where: str = "the GPU") -> go.Figure:
     """Each validation point: GPU-measured step time against the simulator's, with y = x and ±10%.
 
     Points are coloured by HBM share (the knob that moves traffic); axes turn logarithmic when
@@ -62,7 +62,7 @@ def measured_vs_simulated(points: pd.DataFrame, title: str = "Measured vs simula
     sub = (f"{len(df)} points; |simulator error| median {errors.median():.1f}%, max {errors.max():.1f}%" if len(df)
            else "no point has both a measured and a simulated step time")
     scale = " (log scale)" if fig.layout.xaxis.type == "log" else ""
-    fig.update_xaxes(title_text=f"measured on the GPU (ms per decode step){scale}")
+    fig.update_xaxes(title_text=f"measured on {where} (ms per decode step){scale}")
     fig.update_yaxes(title_text=f"simulated (ms per decode step){scale}")
     return _layout(fig, title, 560, f"{subtitle} · {sub}" if subtitle else sub)
 
@@ -127,13 +127,15 @@ def calibration_section(inp: ReportInput, key: str) -> Section:
         paired = points.dropna(subset=["measured_step_ms", "simulated_step_ms"])
         if len(paired):
             err = (paired["simulated_step_ms"] / paired["measured_step_ms"] - 1.0) * 100.0
-            section.summary.append(f"Simulator vs GPU over {len(paired)} points: median |error| "
+            where = "CPU (smoke mode)" if "CPU" in measured_on(inp.meta) else "GPU"
+            section.summary.append(f"Simulator vs {where} over {len(paired)} points: median |error| "
                                    f"{err.abs().median():.1f}%, worst {err.iloc[err.abs().argmax()]:+.1f}%.")
         if "overhead_pct" in points and points["overhead_pct"].notna().any():
             ov = points["overhead_pct"].dropna()
             section.summary.append(f"Measured cost of GPU↔CPU movement: {ov.min():+.1f}% to {ov.max():+.1f}% "
                                    "step time vs all in HBM.")
-        section.figures.append(("measured_vs_simulated", measured_vs_simulated(points, subtitle=device)))
+        section.figures.append(("measured_vs_simulated", measured_vs_simulated(points, subtitle=device,
+                                                                                 where=measured_on(inp.meta))))
     if not sweep.empty:
         section.figures.append(("link_sweep", link_sweep(sweep, link, subtitle=device)))
     if not section.figures:

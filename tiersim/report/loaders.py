@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from tiersim import fileformat
@@ -67,7 +68,7 @@ class ReportInput:
             trace = trace or _prompts_label(meta)
         if self.kind == "calibration":
             gpu = _name(meta.get("device"))
-            trace = trace or "measured on the GPU"
+            trace = trace or f"measured on {measured_on(meta)}"
             shapes = self.tables["points"].get("model_shape")
             model = model or (", ".join(sorted({str(s) for s in shapes.dropna()})) if shapes is not None else None)
         return {
@@ -76,6 +77,16 @@ class ReportInput:
             "trace": str(trace) if trace else "not recorded",
             "tiersim_version": str(meta.get("tiersim_version") or "not recorded"),
         }
+
+
+def measured_on(meta: Mapping) -> str:
+    """Where a calibration was measured: "the GPU", or the CPU for `validate --device cpu`'s smoke mode
+    (whose figures say nothing about a GPU and must not be labelled as if they did)."""
+    device = meta.get("device") if isinstance(meta.get("device"), Mapping) else {}
+    name = str(device.get("name") or "")
+    if name.lower().startswith("cpu") or (device and not device.get("cuda")):
+        return "the CPU (smoke mode)"
+    return "the GPU"
 
 
 def _name(value: Any) -> str | None:
@@ -121,7 +132,32 @@ def _from_document(document: dict, source: str) -> ReportInput:
         missing = [c for c in columns if c not in frame.columns]
         if missing:
             raise TiersimError(f"report input {source}: {kind} {name} lacks column {missing[0]!r}")
+    for name, frame in tables.items():
+        _check_numbers(frame, f"report input {source}: {kind} {name}")
     return ReportInput(kind, source, meta, tables)
+
+
+#: Columns that hold text (labels); every other column a figure may read holds numbers or booleans.
+TEXT_COLUMNS = {"method", "strategy", "direction", "model_shape", "label", "name", "engine", "compute_model",
+                "prompt_id", "sample_id", "why", "note", "cell", "text", "device", "dtype", "source",
+                "trace", "model", "gpu", "policy", "approximate_note", "bottleneck", "fetch", "skipped"}
+_NUMERIC_HINT = ("_ms", "_gb", "_pct", "_gbps", "_s", "_bytes", "tokens_per_s", "batch", "context", "hbm", "ddr",
+                 "compressed", "evict", "fits", "step", "share", "accuracy", "exact_match")
+
+
+def _check_numbers(frame: pd.DataFrame, where: str) -> None:
+    """The fields the figures plot are numbers: a capacity file whose ``step_ms`` is text is refused
+    with one line, not drawn as an empty or wrong figure."""
+    for column in frame.columns:
+        name = str(column)
+        if name in TEXT_COLUMNS or not any(name == h or name.endswith(h) for h in _NUMERIC_HINT):
+            continue
+        values = frame[column]
+        if values.dtype.kind in "biuf":
+            continue
+        bad = [v for v in values if not (v is None or isinstance(v, (bool, int, float, np.number, np.bool_)))]
+        if bad:
+            raise TiersimError(f"{where}: column {name!r} must hold numbers, got {bad[0]!r}")
 
 
 def _table_names(kind: str) -> tuple[str, ...]:

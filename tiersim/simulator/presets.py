@@ -299,6 +299,29 @@ def model_from_config(path: str | Path) -> Model:
     return Model.from_shape(shape)
 
 
+#: Weight dtypes a config.json may name (``torch_dtype``, or ``dtype`` in newer transformers); the KV
+#: cache the planner prices is bf16 whatever the weights are (Model.kv_dtype_bytes).
+CONFIG_DTYPES = ("float32", "float16", "bfloat16", "float", "half", "auto")
+
+
+def _refuse_unmodelled(cfg: dict, path: Path) -> None:
+    """Config fields that would change the plan but that the simulator does not model: refused with one
+    line rather than planned as if absent (sliding-window layers hold a bounded KV, not the full one)."""
+    for key in ("torch_dtype", "dtype"):
+        value = cfg.get(key)
+        if value is not None and (not isinstance(value, str) or value.removeprefix("torch.") not in CONFIG_DTYPES):
+            raise TiersimError(f"--model-config {path}: {key} {json.dumps(value)[:40]} is not a dtype tiersim "
+                               f"knows ({', '.join(CONFIG_DTYPES[:3])})")
+    window = cfg.get("sliding_window")
+    uses = cfg.get("use_sliding_window")
+    if uses is None:  # configs without the switch use their window when they give one (Mistral 7B v0.1)
+        uses = window is not None and cfg.get("model_type") in ("mistral", "mixtral", "gemma2", "gemma3_text")
+    if uses:
+        raise TiersimError(f"--model-config {path}: sliding-window attention (use_sliding_window, sliding_window "
+                           f"{window}) is not modelled: tiersim would plan a full cache for every layer; set "
+                           "use_sliding_window to false to plan full attention")
+
+
 #: Per-step host time an engine does not overlap with the GPU, ``(seconds per step, seconds per sequence)``.
 #: ``sync``: vidur's public CPU-overhead profile of a Python serving engine (github.com/microsoft/vidur @
 #: 0633efa, data/profiling/a100/cpu_overheads.csv, Llama-2-7b-hf, TP 1): the medians of schedule + sampler

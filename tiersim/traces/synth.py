@@ -23,7 +23,8 @@ import pandas as pd
 from tiersim.errors import TiersimError
 from tiersim.hierarchy.config import TierConfig, tier_targets_array
 from tiersim.traces.format import COLUMNS, Trace, new_meta
-from tiersim.traces.lengths import LENGTH_PRESETS, parse_lengths  # noqa: F401 (re-exported)
+from tiersim.options import available_memory
+from tiersim.traces.lengths import LENGTH_PRESETS, MAX_SIGMA, parse_lengths  # noqa: F401 (re-exported)
 
 MOVES = ("hbm_ddr", "compressed")
 
@@ -157,15 +158,37 @@ def synthesize_sequence(profile: TraceProfile, prompt_len: int, new_tokens: int,
     return pd.concat(frames, ignore_index=True)
 
 
+#: Peak bytes per trace row while synthesizing: the per-layer arrays, their frames, the concatenation
+#: and the final cast (measured: 353 B/row for 2.4M rows of the bundled profile; 18 columns of 8 bytes
+#: held about three times over), rounded up.
+BYTES_PER_ROW = 400
+
+
+def check_fits(rows: float, options: str) -> None:
+    """Refuse a trace of ``rows`` rows that would not fit in half the memory available now (one line
+    naming the options to lower), before any of it is allocated."""
+    budget = available_memory() // 2
+    need = rows * BYTES_PER_ROW
+    if need > budget:
+        raise TiersimError(f"synth would build {rows:,.0f} trace rows (~{need / 1e9:,.1f} GB), more than half of the "
+                           f"{2 * budget / 1e9:.1f} GB this machine has available: lower {options}")
+
+
 def synthesize(profile: TraceProfile, n: int, mean_length: float, sigma: float = 0.35,
                num_layers: int | None = None, seed: int = 0, model: dict | None = None) -> Trace:
     """``n`` sequences with log-normal generated lengths around ``mean_length`` tokens."""
     if n < 1:
         raise TiersimError(f"--n must be >= 1, got {n}")
-    rng = np.random.default_rng(seed)
+    if not (np.isfinite(sigma) and 0 <= sigma <= MAX_SIGMA):
+        raise TiersimError(f"--sigma must be 0..{MAX_SIGMA:g}, got {sigma}")
+    if not (np.isfinite(mean_length) and mean_length >= 1):
+        raise TiersimError(f"--lengths: mean length must be a finite number >= 1, got {mean_length}")
     num_layers = num_layers or int(profile.model["num_layers"])
+    check_fits(n * mean_length * num_layers, "--n, --lengths or --layers")  # before drawing n lengths
+    rng = np.random.default_rng(seed)
     mu = np.log(mean_length) - sigma**2 / 2
     lengths = np.maximum(np.round(rng.lognormal(mu, sigma, n)), 2).astype(int)
+    check_fits(float(lengths.sum()) * num_layers, "--n, --lengths, --layers or --sigma")  # the lengths drawn
     prompt_len = max(int(round(profile.prompt_len)), 1)
     frames, sequences = [], []
     for seq_id, length in enumerate(lengths):

@@ -308,8 +308,9 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_
                     continue
                 points.append(ValidationPoint.measured(shape.name, batch, context, hbm, m, baseline, why))
                 if m:
-                    log(f"  step {m['step_ms']:.3f} ms (baseline {baseline['step_ms'] if baseline else float('nan'):.3f}),"
-                        f" stall {m['stall_ms'] if m['stall_ms'] is not None else float('nan'):.3f} ms,"
+                    stall = "not timed" if m["stall_ms"] is None else f"{m['stall_ms']:.3f} ms"  # CPU: no events
+                    log(f"  step {m['step_ms']:.3f} ms (baseline "
+                        f"{'not run' if not baseline else format(baseline['step_ms'], '.3f')}), stall {stall},"
                         f" H2D {m['h2d_bytes'] / 1e6:.1f} MB/step")
 
     model_doc = sim_model(shape, params)

@@ -23,12 +23,17 @@ def load(path: str | Path) -> dict:
     return doc
 
 
+def _missing(value) -> bool:
+    """Not measured: absent, or NaN (a CPU smoke run has no stalls or copies to time)."""
+    return value is None or (isinstance(value, float) and value != value)
+
+
 def _num(value, digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+    return "-" if _missing(value) else f"{value:.{digits}f}"
 
 
 def _signed(value, digits: int = 1) -> str:
-    return "-" if value is None else f"{value:+.{digits}f}"
+    return "-" if _missing(value) else f"{value:+.{digits}f}"
 
 
 def rows(doc: dict) -> list[list[str]]:
@@ -73,7 +78,8 @@ def summary_lines(doc: dict) -> list[str]:
             f"simulator error: median |err| {_num(s.get('median_abs_sim_error_pct'), 1)}% "
             f"(target < 10%), max {_num(s.get('max_abs_sim_error_pct'), 1)}%; "
             f"max transfer overhead {_num(s.get('max_overhead_pct'), 1)}%; "
-            f"prefetch reaches {_num(None if share is None else 100 * share, 0)}% of peak H2D (target >= 85%)"
+            + ("prefetch: not measured (no copies in this grid)" if _missing(share) else
+               f"prefetch reaches {100 * share:.0f}% of peak H2D (target >= 85%)")
         )
     return lines
 

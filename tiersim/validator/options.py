@@ -24,15 +24,18 @@ class ValidateOptions:
 
     model_shape: str | None = option(None, "model shape built with random bf16 weights (see tiersim.validator.shapes); "
                                      "default: r1-distill-qwen-7b on CUDA, tiny with --device cpu", show_default=False)
-    batch: str = option(_csv(DEFAULT_BATCHES), "batch sizes, comma-separated", items=int)
-    context: str = option(_csv(DEFAULT_CONTEXTS), "context lengths (tokens in the cache before decoding)", items=int)
-    hbm: str = option(_csv(DEFAULT_HBM), "HBM ratios; the rest of the context goes to DDR", items=float)
+    batch: str = option(_csv(DEFAULT_BATCHES), "batch sizes, comma-separated", items=int, min=1, max=4096)
+    context: str = option(_csv(DEFAULT_CONTEXTS), "context lengths (tokens in the cache before decoding)", items=int,
+                          min=1, max=1_048_576)
+    hbm: str = option(_csv(DEFAULT_HBM), "HBM ratios; the rest of the context goes to DDR", items=float, min=0, max=1)
     device: str = option("cuda", "cuda (default), cuda:N, or cpu for the smoke mode")
-    steps: int = option(24, "timed decode steps per point")
-    warmup: int = option(4, "untimed decode steps before timing")
-    prefill: str = option("synthetic", "synthetic (random K/V, no forward) or model (a real prefill)")
-    budget_s: float | None = option(None, "seconds for the decode grid; later points are skipped")
-    sdpa: str = option("no-cudnn", "attention kernels: no-cudnn (cuDNN builds a plan per new KV length) or default")
+    steps: int = option(24, "timed decode steps per point", min=1, max=100_000)
+    warmup: int = option(4, "untimed decode steps before timing", min=1, max=100_000)
+    prefill: str = option("synthetic", "synthetic (random K/V, no forward) or model (a real prefill)",
+                          choices=("synthetic", "model"))
+    budget_s: float | None = option(None, "seconds for the decode grid; later points are skipped", min=1e-3)
+    sdpa: str = option("no-cudnn", "attention kernels: no-cudnn (cuDNN builds a plan per new KV length) or default",
+                       choices=("no-cudnn", "default"))
     profile: Path | None = option(None, "operator profile (python -m tiersim.validator.operators) for the predictions")
-    out: Path | None = option(None, "calibration JSON to write, e.g. docs/validation/h100.json")
+    out: Path | None = option(None, "calibration JSON to write, e.g. docs/validation/h100.json", output=(".json",))
     compare: Path | None = option(None, "print measured vs simulated from this calibration JSON")

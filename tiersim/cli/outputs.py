@@ -1,0 +1,86 @@
+"""The one check of a command's output files, run before any of its work (by ``cli.options.command``).
+
+An hour of simulation or generation must not end in a path that cannot be written, so before a
+command body runs every output is checked: not a directory, a declared suffix, its folder exists and
+is writable (a read-only mount included), room for it where its size can be estimated (an HTML
+report carries Plotly, about 4.6 MB), and not one of the run's own input files (``simulate --trace T
+--out T`` would replace the trace it is reading). What can still fail at write time (a disk that
+fills up meanwhile) is :class:`tiersim.atomic.WriteError`, one line in ``tiersim.cli.app.run``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from tiersim.errors import TiersimError
+
+#: Bytes an output needs at least, by suffix, where that is known before the work (the report's HTML
+#: inlines plotly.min.js, 4.6 MB in plotly 5/6); other files get a floor that a full disk fails.
+SIZE_ESTIMATE = {".html": 5_000_000, ".htm": 5_000_000}
+FLOOR_BYTES = 64 * 1024
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Bytes an unprivileged writer may still use in ``folder`` (None where the OS cannot say)."""
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.0f} kB"
+
+
+def check_output(path: Path, option: str, suffixes: tuple[str, ...] | None = None) -> None:
+    """Refuse an output path that cannot be written (one line naming ``option``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise TiersimError(f"{option} {str(path)!r} is a directory; give a file name")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise TiersimError(f"{option} must end in {' or '.join(suffixes)}, got {str(path)!r}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise TiersimError(f"{option}: the folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise TiersimError(f"{option}: {str(path)!r} is not writable")
+    free = free_bytes(parent)
+    need = SIZE_ESTIMATE.get(path.suffix.lower(), FLOOR_BYTES)
+    if free is not None and free < need:
+        raise TiersimError(f"{option}: no room for {str(path)!r}: {_mb(free)} free in {str(parent)!r}, "
+                           f"it needs about {_mb(need)}")
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        return False
+    return a.resolve() == b.resolve()
+
+
+def check_outputs(outputs: Mapping[str, Any], suffixes: Mapping[str, tuple[str, ...]],
+                  inputs: Mapping[str, Any]) -> None:
+    """Every given output (by flag) writable and none of them an input (by flag) or another output."""
+    given = {flag: Path(p) for flag, p in outputs.items() if p is not None}
+    for flag, path in given.items():
+        check_output(path, flag, suffixes.get(flag) or None)
+    read: list[tuple[str, Path]] = []
+    for flag, value in inputs.items():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if item is not None:
+                read.append((flag, Path(item)))
+    for flag, path in given.items():
+        for in_flag, source in read:
+            if _same(path, source):
+                raise TiersimError(f"{flag} {str(path)!r} is also {in_flag}: the run would overwrite its own "
+                                   "input; write to another file")
+    names = list(given.items())
+    for i, (flag, path) in enumerate(names):
+        for other, other_path in names[i + 1:]:
+            if _same(path, other_path):
+                raise TiersimError(f"{flag} and {other} are the same file {str(path)!r}")
