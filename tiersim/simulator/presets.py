@@ -68,6 +68,15 @@ class GPU:
     #: H2D ~11 of ~35 GB/s); None shares the ceiling max-min fairly (each direction capped at its own rate).
     bidir_h2d_share: float | None = None
     note: str = ""
+    # Prefill physics (tiersim.simulator.prefill): compute-bound GEMMs and FlashAttention-class attention.
+    # Defaults: the H100 fit on public prefill measurements (tiersim/data/public-prefill-profiles.json;
+    # docs/simulator.md "Prefill"); other GPUs override them below GPUS.
+    #: Achieved / peak dense FLOP/s of a layer's GEMMs once tiles are full (many tokens).
+    prefill_gemm_efficiency: float = 0.70
+    #: GEMM row tile: a GEMM of n token rows costs the FLOPs of ceil(n / tile) full tiles.
+    prefill_gemm_tile: int = 128
+    #: Achieved / peak FLOP/s of causal prefill attention (FlashAttention-class kernels: ~50-70%).
+    prefill_attn_efficiency: float = 0.50
 
     @property
     def host_bw_per_gpu(self) -> float:
