@@ -7,20 +7,22 @@ tokens is the other regime: the same weights serve every row, so the GEMMs are c
 of the prompt (each new query attends to every earlier key: causal, about half the square). Pricing
 prefill with the decode formula would charge a 4K-token prompt the time of one weight read.
 
-The terms, per decoder layer (constants on ``presets.GPU``, fitted in ``prefill_fit``):
+The terms, per decoder layer (constants on ``presets.GPU``, fitted and checked by ``prefill_fidelity``):
 
-* **GEMMs**: ``max(weight streaming at rows tokens, kernels x gemm_kernel_s + FLOPs / (peak x
-  prefill_gemm_efficiency))``, the FLOPs counted over ``ceil(rows / tile)`` full row tiles (tile
-  quantization: a 1-row GEMM costs the compute of a 128-row tile). Weight streaming is the decode
-  physics' own term (``physics.weight_stream_s``): the weights must still be read once, so a short
-  prompt is no faster than a decode step.
+* **GEMMs**: weight streaming at ``rows`` tokens (the decode physics' own ``physics.weight_stream_s``:
+  the weights must still be read once, so a short prompt is no faster than a decode step) and compute
+  (``kernels x gemm_kernel_s + FLOPs / (peak x prefill_gemm_efficiency)``, the FLOPs counted over
+  ``ceil(rows / tile)`` full row tiles from one tile up: tile quantization), joined by a p-norm
+  (:data:`GEMM_ROLLOFF`) since between ~128 and ~1K tokens neither bound alone holds.
 * **Prefill attention**: ``q`` new queries over ``context`` earlier keys plus their own causal
-  triangle: ``q x context + q (q + 1) / 2`` query-key pairs, ``4 x pairs x heads x head_dim`` FLOPs at
-  ``prefill_attn_efficiency`` of peak, at least the time to read the keys and values once (decode
-  attention's bandwidth), after one attention kernel's fixed cost.
+  triangle: ``q x context + q (q + 1) / 2`` query-key pairs, ``4 x pairs x heads x head_dim`` FLOPs at a
+  FlashAttention-class share of peak that grows with the keys (:func:`attention_efficiency`), at least
+  the time to read the keys and values once (decode attention's bandwidth), after one attention
+  kernel's fixed cost.
 * **Small ops**: the decode floor (``physics.small_ops_s``) plus, per token, the activation bytes the
   norms, RoPE, activation and residual adds read and write at the plain HBM efficiency
-  (``small_ops_bytes_per_token``): ~5-8% of a long prefill, nothing at one token.
+  (``small_ops_bytes_per_token``, at ``prefill_small_ops_efficiency`` of HBM): ~10% of a long prefill,
+  nothing at one token.
 
 A **mixed step** (Sarathi-style: decode tokens and one prefill chunk in one forward) runs the GEMMs
 once over the decode and prefill rows together, decode attention over the batch's KV
@@ -51,14 +53,37 @@ def layer_flops_per_token(model: Model) -> float:
     return 2.0 * model.layer_weight_bytes / model.param_bytes
 
 
-def gemm_s(model: Model, gpu: GPU, rows):
-    """One layer's four GEMMs over ``rows`` token rows: the larger of weight streaming and tiled compute."""
+#: Exponent of the p-norm joining the GEMMs' memory and compute times: 1 would add them, infinity take the
+#: larger; 3 fits vidur's public A100/H100 tables best between 128 and 1024 tokens, where neither bound alone holds
+#: (docs/simulator.md "Prefill").
+GEMM_ROLLOFF = 3.0
+
+
+def gemm_compute_s(model: Model, gpu: GPU, rows):
+    """The four GEMMs' compute time for ``rows`` token rows: per-kernel cost + FLOPs at the prefill efficiency.
+
+    From one tile up the FLOPs are counted over ``ceil(rows / tile)`` full tiles (a 129-row GEMM computes two
+    128-row tiles); below one tile the kernel library picks narrower tiles, as the decode tables show (no step
+    between 1 and 64 tokens), so the rows count as they are.
+    """
     rows = np.maximum(_arr(rows), 1.0)
     tile = max(int(gpu.prefill_gemm_tile), 1)
-    tiled = np.ceil(rows / tile) * tile
-    compute = (physics.GEMMS_PER_LAYER * gpu.gemm_kernel_s
-               + layer_flops_per_token(model) * tiled / (gpu.peak_flops * gpu.prefill_gemm_efficiency))
-    return np.maximum(physics.weight_stream_s(gpu, model.layer_weight_bytes, rows), compute)
+    tiled = np.where(rows >= tile, np.ceil(rows / tile) * tile, rows)
+    return (physics.GEMMS_PER_LAYER * gpu.gemm_kernel_s
+            + layer_flops_per_token(model) * tiled / (gpu.peak_flops * gpu.prefill_gemm_efficiency))
+
+
+def gemm_s(model: Model, gpu: GPU, rows):
+    """One layer's four GEMMs over ``rows`` token rows: weight streaming and compute joined by a p-norm.
+
+    Weight streaming (``physics.weight_stream_s``) binds at decode sizes and compute above a few hundred tokens;
+    the p-norm (:data:`GEMM_ROLLOFF`) is within 0.2% of weight streaming up to 16 tokens and of compute past 2K.
+    """
+    rows = np.maximum(_arr(rows), 1.0)
+    memory = physics.weight_stream_s(gpu, model.layer_weight_bytes, rows)
+    compute = gemm_compute_s(model, gpu, rows)
+    p = GEMM_ROLLOFF
+    return (memory ** p + compute ** p) ** (1.0 / p)
 
 
 def attention_pairs(tokens, context=0):
@@ -67,11 +92,18 @@ def attention_pairs(tokens, context=0):
     return q * c + q * (q + 1.0) / 2.0
 
 
+def attention_efficiency(gpu: GPU, keys):
+    """Share of peak FLOP/s causal attention reaches over ``keys`` keys: it rises with the sequence (fewer
+    partial tiles, more parallel work), ``prefill_attn_efficiency x keys / (keys + prefill_attn_half_keys)``."""
+    keys = np.maximum(_arr(keys), 1.0)
+    return gpu.prefill_attn_efficiency * keys / (keys + gpu.prefill_attn_half_keys)
+
+
 def prefill_attention_s(model: Model, gpu: GPU, tokens, context=0):
     """Prefill attention of one chunk (one layer): compute-bound over the pairs, at least one KV read; 0 for none."""
     q, c = _arr(tokens), _arr(context)
     flops = 4.0 * attention_pairs(q, c) * model.num_attention_heads * model.head_dim
-    compute = flops / (gpu.peak_flops * gpu.prefill_attn_efficiency)
+    compute = flops / (gpu.peak_flops * attention_efficiency(gpu, q + c))
     kv = (q + c) * model.kv_bytes_per_token_layer
     qo = 2.0 * q * model.num_attention_heads * model.head_dim * model.param_bytes
     memory = (kv + qo) / (gpu.hbm_bw * gpu.attn_efficiency)
@@ -89,7 +121,7 @@ def small_ops_bytes_per_token(model: Model) -> float:
 
 def small_ops_s(model: Model, gpu: GPU, tokens):
     """Per-layer small ops for ``tokens`` rows: the decode floor plus their activation traffic."""
-    bw = gpu.hbm_bw * gpu.hbm_efficiency
+    bw = gpu.hbm_bw * gpu.prefill_small_ops_efficiency
     return physics.small_ops_s(gpu, model) + _arr(tokens) * small_ops_bytes_per_token(model) / bw
 
 

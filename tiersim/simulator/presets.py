@@ -68,15 +68,19 @@ class GPU:
     #: H2D ~11 of ~35 GB/s); None shares the ceiling max-min fairly (each direction capped at its own rate).
     bidir_h2d_share: float | None = None
     note: str = ""
-    # Prefill physics (tiersim.simulator.prefill): compute-bound GEMMs and FlashAttention-class attention.
-    # Defaults: the H100 fit on public prefill measurements (tiersim/data/public-prefill-profiles.json;
-    # docs/simulator.md "Prefill"); other GPUs override them below GPUS.
-    #: Achieved / peak dense FLOP/s of a layer's GEMMs once tiles are full (many tokens).
-    prefill_gemm_efficiency: float = 0.70
-    #: GEMM row tile: a GEMM of n token rows costs the FLOPs of ceil(n / tile) full tiles.
+    # Prefill physics (tiersim.simulator.prefill), fitted by tiersim.simulator.prefill_fidelity (docs/simulator.md
+    # "Prefill"). Defaults: the H100 fit; the A100's are set below GPUS. GEMMs: vidur's public per-operator profiles
+    # at 128-4096 tokens (github.com/microsoft/vidur @ 7d47513, data/profiling/compute/h100/*/mlp.csv).
+    #: Achieved / peak dense FLOP/s of a layer's GEMMs once they are compute-bound (many tokens).
+    prefill_gemm_efficiency: float = 0.72
+    #: GEMM row tile: from one tile up, n token rows cost the FLOPs of ceil(n / tile) full tiles.
     prefill_gemm_tile: int = 128
-    #: Achieved / peak FLOP/s of causal prefill attention (FlashAttention-class kernels: ~50-70%).
-    prefill_attn_efficiency: float = 0.50
+    #: Small ops' activation traffic (norms, RoPE, activation, residual adds) at this share of datasheet HBM.
+    prefill_small_ops_efficiency: float = 0.59
+    #: Causal prefill attention: ``efficiency x keys / (keys + half_keys)`` of peak FLOP/s. H100: FlashAttention-3
+    #: forward, head dim 128, bf16, 430-621 TFLOP/s at 512-16K tokens (github.com/pytorch/benchmark pull 2391).
+    prefill_attn_efficiency: float = 0.637
+    prefill_attn_half_keys: float = 234.0
 
     @property
     def host_bw_per_gpu(self) -> float:
@@ -202,6 +206,12 @@ GPUS: dict[str, GPU] = {
             note="NVLink-C2C 450 GB/s theory per direction; 346 H2D / ~300 D2H / ~450 both ways measured; 480 GB LPDDR5X"),
     ]
 }
+
+# Prefill physics of the A100 (tiersim.simulator.prefill_fidelity; docs/simulator.md "Prefill"): GEMMs fitted on
+# vidur's A100 per-operator profiles at 128-4096 tokens; attention ASSUMPTION: FlashAttention-2-class, ~160 of 312
+# TFLOP/s forward as reported on an A100 (github.com/Dao-AILab/flash-attention issue 441), the H100's shape.
+GPUS["a100-80g"] = replace(GPUS["a100-80g"], prefill_gemm_efficiency=0.72, prefill_small_ops_efficiency=0.54,
+                           prefill_attn_efficiency=0.52, prefill_attn_half_keys=234.0)
 
 MODELS: dict[str, Model] = {
     m.name: m
