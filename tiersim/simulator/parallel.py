@@ -109,3 +109,16 @@ def layer_allreduce_s(model: Model, gpu: GPU, tp: int, tokens):
 def host_bw_per_rank(gpu: GPU) -> float:
     """Host DRAM bandwidth one TP rank's host-side work gets: the node's, shared by all its GPUs."""
     return gpu.host_bw_per_gpu
+
+
+def tp_prefill_s(model: Model, gpu: GPU, tp: int, tokens, context=0) -> float:
+    """One request's prefill chunk on ``tp`` GPUs: one rank's prefill of the shard plus two all-reduces per layer.
+
+    At TP 1 this is ``prefill.prefill_s(model, gpu, tokens, context)``. A TP mixed step composes the same way:
+    ``prefill.mixed_layer_s(shard(model, tp), ...) + layer_allreduce_s(model, gpu, tp, decode + prefill rows)``.
+    """
+    from tiersim.simulator import prefill
+
+    rank = shard(model, tp)
+    t = prefill.prefill_s(rank, gpu, tokens, context) + model.num_layers * layer_allreduce_s(model, gpu, tp, tokens)
+    return float(t)
