@@ -66,3 +66,21 @@ def test_the_all_reduce_line_reproduces_the_public_profile(gpu, tp):
 def test_each_rank_keeps_its_link_and_shares_the_host():
     assert parallel.host_bw_per_rank(H100) == pytest.approx(H100.host_sockets * H100.host_socket_bw
                                                             * H100.host_bw_efficiency / H100.gpus_per_host)
+
+
+def test_a_graphed_engine_can_lower_the_small_message_floor():
+    eager = parallel.allreduce_s(H100, 2, 64 * 1024)
+    graphed = parallel.allreduce_s(H100, 2, 64 * 1024, floor_s=6e-6)
+    assert graphed < eager and graphed == pytest.approx(6e-6 + 64 * 1024 / parallel.link_line(H100, 2)[2], rel=1e-9)
+    big = 64 * 2**20  # bandwidth-bound: the floor does not matter
+    assert parallel.allreduce_s(H100, 2, big, floor_s=6e-6) == pytest.approx(parallel.allreduce_s(H100, 2, big), rel=0.1)
+
+
+def test_tp_prefill_is_the_shard_plus_the_all_reduces():
+    from tiersim.simulator import prefill
+
+    assert parallel.tp_prefill_s(QWQ, H100, 1, 4096) == pytest.approx(float(prefill.prefill_s(QWQ, H100, 4096)))
+    t = {tp: parallel.tp_prefill_s(QWQ, H100, tp, 4096) for tp in (1, 2, 4, 8)}
+    assert t[1] > t[2] > t[4] > t[8] > t[1] / 8  # compute splits, all-reduces do not
+    comm = QWQ.num_layers * parallel.layer_allreduce_s(QWQ, H100, 4, 4096)
+    assert t[4] == pytest.approx(float(prefill.prefill_s(parallel.shard(QWQ, 4), H100, 4096)) + comm)

@@ -86,24 +86,31 @@ def link_line(gpu: GPU, tp: int) -> tuple[float, float, float]:
     return float(line["floor_s"]), float(line["latency_s"]), float(line["bus_bw"])
 
 
-def allreduce_s(gpu: GPU, tp: int, nbytes):
-    """Seconds of one all-reduce of ``nbytes`` (per GPU) over ``tp`` GPUs; 0 at TP 1 or for no bytes."""
+def allreduce_s(gpu: GPU, tp: int, nbytes, floor_s: float | None = None):
+    """Seconds of one all-reduce of ``nbytes`` (per GPU) over ``tp`` GPUs; 0 at TP 1 or for no bytes.
+
+    The measured floor is eager NCCL (vidur profiled without CUDA graphs): an engine that captures its decode
+    steps in CUDA graphs with a one-shot all-reduce pays less for small messages (~6 us on 2 H100s with CUDA
+    graphs, github.com/NVIDIA/nccl issue 1259); ``floor_s`` replaces the floor (and the line's latency, if lower).
+    """
     nbytes = np.asarray(nbytes, dtype=float)
     if int(tp) == 1:
         return np.zeros_like(nbytes) if nbytes.ndim else 0.0
     floor, latency, bus_bw = link_line(gpu, int(tp))
+    if floor_s is not None:
+        floor, latency = float(floor_s), min(latency, float(floor_s))
     line = np.maximum(floor, latency + nbytes * 2.0 * (tp - 1) / tp / bus_bw)
     t = np.where(nbytes > 0, line, 0.0)
     return t if t.ndim else float(t)
 
 
-def layer_allreduce_s(model: Model, gpu: GPU, tp: int, tokens):
+def layer_allreduce_s(model: Model, gpu: GPU, tp: int, tokens, floor_s: float | None = None):
     """The two all-reduces of one layer for ``tokens`` rows (after attention and after the MLP).
 
     ``model`` may be the whole model or its shard: the hidden width is the same.
     """
     nbytes = np.asarray(tokens, dtype=float) * model.hidden_size * model.param_bytes
-    return ALLREDUCES_PER_LAYER * allreduce_s(gpu, tp, nbytes)
+    return ALLREDUCES_PER_LAYER * allreduce_s(gpu, tp, nbytes, floor_s)
 
 
 def host_bw_per_rank(gpu: GPU) -> float:
