@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 
 import numpy as np
@@ -158,7 +158,7 @@ def fit(reference: dict | None = None, sources: frozenset = FIT_SOURCES) -> dict
         pts = [(fidelity.model_for(c), o) for c in cases for o in c["ops"]]
 
         def loss(e: float) -> float:
-            g = GPU(**{**gpu.to_dict(), "prefill_gemm_efficiency": e})
+            g = replace(gpu, prefill_gemm_efficiency=e)
             return sum((float(prefill.gemm_s(m, g, o["tokens"])) / (o["gemm_ms"] * 1e-3) - 1) ** 2 for m, o in pts)
 
         grid = np.round(np.arange(0.50, 0.95, 0.005), 3)
