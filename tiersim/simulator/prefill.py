@@ -20,9 +20,8 @@ The terms, per decoder layer (constants on ``presets.GPU``, fitted and checked b
   the time to read the keys and values once (decode attention's bandwidth), after one attention
   kernel's fixed cost.
 * **Small ops**: the decode floor (``physics.small_ops_s``) plus, per token, the activation bytes the
-  norms, RoPE, activation and residual adds read and write at the plain HBM efficiency
-  (``small_ops_bytes_per_token``, at ``prefill_small_ops_efficiency`` of HBM): ~10% of a long prefill,
-  nothing at one token.
+  norms, RoPE, activation and residual adds read and write (``small_ops_bytes_per_token``) at
+  ``prefill_small_ops_efficiency`` of HBM: ~10% of a long prefill, nothing at one token.
 
 A **mixed step** (Sarathi-style: decode tokens and one prefill chunk in one forward) runs the GEMMs
 once over the decode and prefill rows together, decode attention over the batch's KV
