@@ -73,6 +73,19 @@ class GPU:
     #: What ``torch.cuda.get_device_name`` (nvidia-smi's product name) calls this GPU, so a measurement
     #: finds its preset by lookup (``device_preset``); the sources are cited where each preset lists them.
     device_names: tuple[str, ...] = ()
+    # Prefill physics (tiersim.simulator.prefill), fitted by tiersim.simulator.prefill_fidelity (docs/simulator.md
+    # "Prefill"). Defaults: the H100 fit; the A100's are set below GPUS. GEMMs: vidur's public per-operator profiles
+    # at 128-4096 tokens (github.com/microsoft/vidur @ 7d47513, data/profiling/compute/h100/*/mlp.csv).
+    #: Achieved / peak dense FLOP/s of a layer's GEMMs once they are compute-bound (many tokens).
+    prefill_gemm_efficiency: float = 0.705
+    #: GEMM row tile: from one tile up, n token rows cost the FLOPs of ceil(n / tile) full tiles.
+    prefill_gemm_tile: int = 128
+    #: Small ops' activation traffic (norms, RoPE, activation, residual adds) at this share of datasheet HBM.
+    prefill_small_ops_efficiency: float = 0.815
+    #: Causal prefill attention: ``efficiency x keys / (keys + half_keys)`` of peak FLOP/s. H100: FlashAttention-3
+    #: forward, head dim 128, bf16, 430-621 TFLOP/s at 512-16K tokens (github.com/pytorch/benchmark pull 2391).
+    prefill_attn_efficiency: float = 0.637
+    prefill_attn_half_keys: float = 234.0
 
     @property
     def host_bw_per_gpu(self) -> float:
@@ -227,6 +240,12 @@ GPUS: dict[str, GPU] = {
             device_names=("NVIDIA GH200 480GB", "NVIDIA GH200 144G HBM3e")),
     ]
 }
+
+# Prefill physics of the A100 (tiersim.simulator.prefill_fidelity; docs/simulator.md "Prefill"): GEMMs fitted on
+# vidur's A100 per-operator profiles at 128-4096 tokens; attention ASSUMPTION: FlashAttention-2-class, ~160 of 312
+# TFLOP/s forward as reported on an A100 (github.com/Dao-AILab/flash-attention issue 441), the H100's shape.
+GPUS["a100-80g"] = replace(GPUS["a100-80g"], prefill_gemm_efficiency=0.725, prefill_small_ops_efficiency=0.669,
+                           prefill_attn_efficiency=0.52, prefill_attn_half_keys=234.0)
 
 #: The shipped models: views of ``tiersim.shapes.MODEL_SHAPES`` (their config.json shapes, published counts).
 MODELS: dict[str, Model] = {name: Model.from_shape(shape) for name, shape in MODEL_SHAPES.items()}

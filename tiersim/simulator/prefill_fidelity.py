@@ -1,0 +1,199 @@
+"""The prefill physics against public measurements: the fit of its constants and the held-out check, by source.
+
+The reference (``tiersim/data/public-prefill-profiles.json``) holds, per source (each described in the file and in
+docs/simulator.md, "Prefill"):
+
+* ``vidur-ops`` (fit): vidur's per-layer GEMM and small-op times at 128-4096 tokens, TP 1, A100 and H100 (its
+  TP 2/4/8 rows of two models, ``vidur-ops-tp``, check :func:`parallel.shard` and are not fitted on);
+* ``fa3-h100`` (fit): FlashAttention-3's forward rate on an H100 at 512-16K tokens;
+* ``splitwise`` (held out): the prompt phase of one request (batch 1, 128-8192 tokens) of Llama-2-70B at TP 2/4/8
+  and BLOOM-176B at TP 8 on DGX-A100 and DGX-H100, end to end in the Splitwise authors' engine;
+* ``tiersim-h100-operators`` (held out): this project's own H100 GEMM run at 128-512 tokens.
+
+``FIT_SOURCES`` are the only ones :func:`fit` reads; every row of another source is held out and is what the
+reported error means. :func:`rows` prices every point with the presets as shipped; :func:`summary` gives the
+median and worst |error| per source (the fidelity benchmark calls :func:`error_rows`).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, replace
+from importlib import resources
+
+import numpy as np
+
+from tiersim.simulator import fidelity, parallel, physics, prefill
+from tiersim.simulator.presets import GPU, Model, get_gpu, get_model
+
+REFERENCE = "public-prefill-profiles.json"
+FIT_SOURCES = frozenset({"vidur-ops", "fa3-h100"})
+PRESET = fidelity.PRESET  # {"a100": "a100-80g", "h100": "h100-sxm"}
+
+
+def load_reference() -> dict:
+    return json.loads(resources.files("tiersim").joinpath("data", REFERENCE).read_text())
+
+
+@dataclass
+class Row:
+    source: str
+    regime: str  # "gemm" (per layer), "attention" (kernel), "ttft" (one request's prefill)
+    gpu: str
+    model: str
+    tp: int
+    tokens: int
+    reference_ms: float
+    simulated_ms: float
+    role: str  # "fit", "held_out", or "check" (a fit source's points the fit did not read: vidur's TP > 1 shards)
+
+    @property
+    def fit(self) -> bool:
+        return self.role == "fit"
+
+    @property
+    def error_pct(self) -> float:
+        return 100.0 * (self.simulated_ms / self.reference_ms - 1.0)
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "fit": self.fit, "error_pct": self.error_pct}
+
+
+def model_from_shape(name: str, shape: dict) -> Model:
+    """A model preset with a published shape (weights counted from it; embeddings tied where the model ties them)."""
+    h, heads, kv = shape["hidden_size"], shape["num_attention_heads"], shape["num_kv_heads"]
+    hd, ff = h // heads, shape["intermediate_size"]
+    gated = bool(shape["gated_mlp"])
+    tied = bool(shape.get("tie_word_embeddings", False))
+    attn = h * hd * (heads + 2 * kv) + heads * hd * h
+    params = shape["num_layers"] * (attn + (3 if gated else 2) * h * ff) + (1 if tied else 2) * shape["vocab_size"] * h + h
+    return Model(name, shape["num_layers"], kv, hd, h, heads, float(params), vocab_size=shape["vocab_size"],
+                 intermediate_size=ff, gated_mlp=gated, tie_word_embeddings=tied)
+
+
+def _gpus(gpus: dict[str, GPU] | None) -> dict[str, GPU]:
+    return gpus or {k: get_gpu(v) for k, v in PRESET.items()}
+
+
+def rows(gpus: dict[str, GPU] | None = None, reference: dict | None = None) -> list[Row]:
+    """Every reference point priced by the prefill physics (``prefill``, ``parallel``) with ``gpus``."""
+    reference = reference or load_reference()
+    gpus = _gpus(gpus)
+    out: list[Row] = []
+    for case in reference["gemm_cases"]:
+        tp = case.get("tp", 1)
+        gpu, model = gpus[case["gpu"]], parallel.shard(fidelity.model_for(case), tp)
+        role = "fit" if tp == 1 and "vidur-ops" in FIT_SOURCES else "check"
+        for o in case["ops"]:
+            n = o["tokens"]
+            sim_g = float(prefill.gemm_s(model, gpu, n)) * 1e3
+            sim_s = float(prefill.small_ops_s(model, gpu, n)) * 1e3
+            out.append(Row("vidur-ops" if tp == 1 else "vidur-ops-tp", "gemm", case["gpu"], case["model"], tp, n,
+                           o["gemm_ms"] + o["small_ms"], sim_g + sim_s, role))
+    for case in reference["attention_kernels"]:
+        gpu = gpus[case["gpu"]]
+        shape = Model("kernel", 1, case["heads"], case["head_dim"], case["heads"] * case["head_dim"], case["heads"], 0.0)
+        for p in case["points"]:
+            L = p["seqlen"]
+            flops = 4.0 * float(prefill.attention_pairs(L)) * case["heads"] * case["head_dim"]
+            ref = flops / (p["tflops"] * 1e12) * 1e3
+            sim = (float(prefill.prefill_attention_s(shape, gpu, L)) - gpu.attn_kernel_s) * 1e3
+            out.append(Row(case["source"], "attention", case["gpu"], "attention", 1, L, ref, sim,
+                           "fit" if case["source"] in FIT_SOURCES else "held_out"))
+    for case in reference["operator_gemm_cases"]:
+        gpu = gpus[case["gpu"]]
+        model = get_model(case["model"])
+        for p in case["points"]:
+            sim = float(prefill.gemm_s(model, gpu, p["tokens"])) * 1e3
+            out.append(Row("tiersim-h100-operators", "gemm", case["gpu"], case["model"], 1, p["tokens"], p["gemm_ms"],
+                           sim, "held_out"))
+    shapes = reference["models"]
+    for case in reference["ttft_cases"]:
+        gpu, tp = gpus[case["gpu"]], case["tp"]
+        model = model_from_shape(case["model"], shapes[case["model"]])
+        for p in case["points"]:
+            sim = parallel.tp_prefill_s(model, gpu, tp, p["prompt"]) * 1e3
+            out.append(Row("splitwise", "ttft", case["gpu"], case["model"], tp, p["prompt"], p["ttft_ms"], sim,
+                           "held_out"))
+    return out
+
+
+def summary(points: list[Row]) -> dict[str, dict]:
+    """Per source: its role, point count, median and worst |error| (%), and the median signed error."""
+    out = {}
+    for source in sorted({p.source for p in points}):
+        sel = [p for p in points if p.source == source]
+        errors = [abs(p.error_pct) for p in sel]
+        out[source] = {"role": sel[0].role, "points": len(sel),
+                       "median_pct": statistics.median(errors), "worst_pct": max(errors),
+                       "median_signed_pct": statistics.median(p.error_pct for p in sel)}
+    held = [abs(p.error_pct) for p in points if p.role == "held_out"]
+    out["held_out"] = {"role": "held_out", "points": len(held), "median_pct": statistics.median(held) if held else None,
+                       "worst_pct": max(held) if held else None}
+    return out
+
+
+def error_rows(gpus: dict[str, GPU] | None = None) -> list[dict]:
+    """Per-point prefill error rows (source, regime, gpu, model, tp, tokens, reference_ms, simulated_ms,
+    error_pct, fit): what ``benchmarks/bench_fidelity.py`` reports per source and regime."""
+    return [r.to_dict() for r in rows(gpus)]
+
+
+def fit(reference: dict | None = None, sources: frozenset = FIT_SOURCES) -> dict[str, dict[str, float]]:
+    """Per GPU, the prefill constants fitted on ``sources`` only (least squares on relative error).
+
+    ``prefill_gemm_efficiency`` by a 1-D search over the GEMM points (the p-norm is not linear in it);
+    ``prefill_small_ops_efficiency`` from the small-op points at >= 512 tokens (linear in its inverse);
+    the attention pair from the kernel rates, where a GPU has them. Values at 3 significant figures.
+    """
+    reference = reference or load_reference()
+    gpus = _gpus(None)
+    out: dict[str, dict[str, float]] = {}
+    for key, gpu in gpus.items():
+        cases = [c for c in reference["gemm_cases"] if c["gpu"] == key and c.get("tp", 1) == 1] \
+            if "vidur-ops" in sources else []
+        if not cases:
+            continue
+        pts = [(fidelity.model_for(c), o) for c in cases for o in c["ops"]]
+
+        def loss(e: float) -> float:
+            g = replace(gpu, prefill_gemm_efficiency=e)
+            return sum((float(prefill.gemm_s(m, g, o["tokens"])) / (o["gemm_ms"] * 1e-3) - 1) ** 2 for m, o in pts)
+
+        grid = np.round(np.arange(0.50, 0.95, 0.005), 3)
+        e_best = float(grid[int(np.argmin([loss(e) for e in grid]))])
+        # small ops: t = floor + bytes / (bw x eff): minimise sum ((floor + x b) / t - 1)^2 over x = 1 / (bw eff).
+        a, b = [], []
+        for m, o in pts:
+            if o["tokens"] >= 512:
+                t = o["small_ms"] * 1e-3
+                a.append(o["tokens"] * prefill.small_ops_bytes_per_token(m) / t)
+                b.append(1.0 - physics.small_ops_s(gpu, m) / t)
+        x = float(np.dot(a, b) / np.dot(a, a))
+        values = {"prefill_gemm_efficiency": e_best, "prefill_small_ops_efficiency": 1.0 / (x * gpu.hbm_bw)}
+        kernels = [k for k in reference["attention_kernels"] if k["gpu"] == key and k["source"] in sources]
+        if kernels:
+            L = np.array([p["seqlen"] for k in kernels for p in k["points"]], dtype=float)
+            eff = np.array([p["tflops"] for k in kernels for p in k["points"]]) * 1e12 / gpu.peak_flops
+            best = None
+            for half in np.arange(0.0, 2000.0, 1.0):  # eff = e L / (L + half): e by least squares per half
+                shape = L / (L + half)
+                e = float(np.dot(shape, eff) / np.dot(shape, shape))
+                err = float(np.sum((e * shape / eff - 1) ** 2))
+                if best is None or err < best[0]:
+                    best = (err, e, half)
+            values.update(prefill_attn_efficiency=best[1], prefill_attn_half_keys=best[2])
+        out[key] = {k: float(f"{v:.3g}") for k, v in values.items()}
+    return out
+
+
+def main() -> None:
+    """``python -m tiersim.simulator.prefill_fidelity``: the median and worst |error| per source."""
+    for source, s in summary(rows()).items():
+        print(f"{source:24s} {s['role']:9s} {s['points']:4d} points  median |error| {s['median_pct']:5.1f}%  "
+              f"worst {s['worst_pct']:5.1f}%")
+
+
+if __name__ == "__main__":
+    main()
