@@ -100,6 +100,7 @@ class Engine:
         self.admitted = 0
         self.done = 0
         self.in_system, self.area, self.last_change = 0, 0.0, 0.0  # for Little's law
+        self.area_at_last_arrival = 0.0
         self.steps = self.prefill_steps = 0
         self.preemptions = 0
         self.spilled_tokens_total = 0
@@ -289,6 +290,7 @@ class Engine:
             last = r.arrival
             self.waiting.append(r)
             self._count(+1)
+            self.area_at_last_arrival = self.area
             if not self.arrived.triggered:
                 self.arrived.succeed()
 
