@@ -43,6 +43,8 @@ BASE = {
     "capture": ["--n", "1", "--max-new-tokens", "1"],
     "validate": ["--device", "cpu", "--batch", "1", "--context", "8", "--hbm", "1", "--steps", "1", "--warmup", "1"],
     "report": ["{capacity}"],
+    "serve": ["--requests", "3", "--qps", "1", "--lengths", "8", "--prompt-lengths", "8", "--on-full", "queue",
+              "--format", "json"],
 }
 GOOD_CONFIG = {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 8, "num_key_value_heads": 2,
                "head_dim": 32, "intermediate_size": 512, "vocab_size": 1000}
@@ -61,6 +63,7 @@ def work(tmp_path_factory):
     shutil.copy(default_trace_path(), folder / "trace.parquet")
     (folder / "config.json").write_text(json.dumps(GOOD_CONFIG))
     (folder / "prompts.jsonl").write_text(json.dumps({"prompt": "What is 2 + 2?"}) + "\n")
+    (folder / "requests.csv").write_text("arrival_s,prompt_tokens,output_tokens\n0,8,4\n0.5,8,4\n")
     shutil.copy(REPO / "docs" / "validation" / "h100-80gb-hbm3.json", folder / "calibration.json")
     shutil.copy(REPO / "docs" / "validation" / "h100-80gb-hbm3-operators.json", folder / "profile.json")
     cwd = os.getcwd()
@@ -72,7 +75,7 @@ def work(tmp_path_factory):
 #: A valid file for each input option (by flag), so "the output is this input" is the only fault.
 VALID_INPUT = {"--trace": "trace.parquet", "INPUT": "capacity.json", "--model-config": "config.json",
                "--prompts": "prompts.jsonl", "--calibration": "calibration.json", "--against": "calibration.json",
-               "--compare": "calibration.json", "--profile": "profile.json"}
+               "--compare": "calibration.json", "--profile": "profile.json", "--requests-file": "requests.csv"}
 
 
 def base_args(command: str, work: Path, without: str | None = None) -> list[str]:

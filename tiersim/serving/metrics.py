@@ -3,7 +3,8 @@
 TTFT is arrival to the end of the step that sampled the first token; TPOT the time per output token after it,
 ``(finish - first token) / (output - 1)``; E2E arrival to finish; queueing delay arrival to the first step that
 prefilled any of the prompt. Goodput counts the requests per second that met both SLOs (DistServe's
-definition). Little's law is checked on the engine's own count of requests in the system (integrated over
+definition), here the offered rate times the share of requests that met both (the drain after the last
+arrival would otherwise count against a run that kept up). Little's law is checked on the engine's own count of requests in the system (integrated over
 time by the processes), against the per-request rows.
 """
 
@@ -64,7 +65,7 @@ def summary(engine, slo: SLO, rows: dict[str, np.ndarray] | None = None) -> dict
         "ttft_ms": ms("ttft_s"), "tpot_ms": ms("tpot_s"), "e2e_ms": ms("e2e_s"), "queue_ms": ms("queue_s"),
         "within_slo": bool(p99_ttft <= slo.ttft_s and p99_tpot <= slo.tpot_s),
         "slo": {"ttft_ms": slo.ttft_s * 1e3, "tpot_ms": slo.tpot_s * 1e3, "percentile": 99},
-        "goodput_qps": float(rows["meets_slo"].sum()) / makespan if makespan > 0 else 0.0,
+        "goodput_qps": goodput(rows, span, makespan),
         "slo_attainment": float(rows["meets_slo"].mean()),
         "throughput_qps": n / makespan if makespan > 0 else 0.0,
         "tokens_per_s_per_gpu": tokens / makespan / tp if makespan > 0 else 0.0,
@@ -79,6 +80,13 @@ def summary(engine, slo: SLO, rows: dict[str, np.ndarray] | None = None) -> dict
         "littles_law": {"mean_in_system": in_system, "lambda_times_e2e": n / makespan * float(rows["e2e_s"].mean())
                         if makespan > 0 else 0.0},
     }
+
+
+def goodput(rows: dict[str, np.ndarray], span: float, makespan: float) -> float:
+    """Requests per second that met both SLOs: the offered rate (over the arrivals' span) x the share that met them."""
+    n = len(rows["request"])
+    rate = (n - 1) / span if span > 0 else (n / makespan if makespan > 0 else 0.0)
+    return float(rate * rows["meets_slo"].mean())
 
 
 def timeline(engine) -> dict[str, np.ndarray]:
