@@ -209,7 +209,8 @@ def capacity_qps(qps: str, target: Target, serving: Serving, strategy: str, leng
                                            tick=progress.advance)
     first = search.recommend(spec, answers)
     document = {**header(SERVING_CAPACITY), "recommendation": first, **spec.describe(),
-                "workload": requests.describe(), "qps_range": [lo, hi], "policies": answers}
+                "workload": requests.describe(), "qps_range": [lo, hi], "policies": answers,
+                "points": [{**p, "on_full": name} for name, a in answers.items() for p in a["points"]]}
     document.pop("on_full")
 
     def write_report():
