@@ -156,6 +156,22 @@ def test_policy_ordering_under_memory_pressure_at_long_tail_lengths():
     assert swap["link_gb"]["d2h"] > 0 and swap["recomputed_tokens"] == 0
 
 
+def test_a_search_point_stopped_early_has_the_full_runs_verdict():
+    """The early stop (more than 1% of first tokens late) never changes whether a point meets the SLOs."""
+    from tiersim.serving import search
+
+    reqs = workload.synthetic(300, 1.0, 200, 300, seed=9)
+    s = spec(max_batch=8)
+    verdicts = []
+    for qps in (5.0, 20.0, 40.0, 200.0):
+        full = simulate(s, workload.at_rate(reqs, qps, seed=9)).summary
+        point = search.point(s, reqs, qps, 1.0, 9)
+        assert point["within_slo"] == full["within_slo"]
+        assert not point["stopped_early"] or point["ttft_p99_ms"] > s.slo.ttft_s * 1e3
+        verdicts.append((full["within_slo"], point["stopped_early"]))
+    assert (True, False) in verdicts and (False, True) in verdicts  # both sides of the knee were tried
+
+
 def test_spec_policy_replace_keeps_the_rest():
     s = spec("queue", max_batch=7)
     assert s.with_policy("spill").engine == replace(s.engine, on_full="spill")

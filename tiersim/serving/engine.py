@@ -78,8 +78,12 @@ class Request:
 class Engine:
     """One serving run: ``requests`` on ``pricer``'s model and GPUs under ``config``."""
 
-    def __init__(self, requests: Requests, pricer: StepPricer, config: EngineConfig):
+    def __init__(self, requests: Requests, pricer: StepPricer, config: EngineConfig,
+                 stop_after_late: tuple[float, int] | None = None):
+        """``stop_after_late = (ttft_s, count)``: end the run once ``count`` requests got their first token later
+        than ``ttft_s`` after arriving (a capacity search's point that has already failed its p99)."""
         self.pricer, self.config = pricer, config
+        self.stop_after_late, self.late, self.stopped = stop_after_late, 0, False
         memory.check_on_full(config.on_full)
         self.budget = memory.budget(pricer.model, pricer.rank, pricer.gpu, config.max_batch, config.token_budget)
         for i, (p, o) in enumerate(zip(requests.prompt.tolist(), requests.output.tolist())):
@@ -322,7 +326,7 @@ class Engine:
     def scheduler(self):
         env, config, pricer = self.env, self.config, self.pricer
         n = len(self.requests)
-        while self.done < n:
+        while self.done < n and not self.stopped:
             if not (self.decoding or self.prefilling or self.waiting):
                 self.arrived = env.event()
                 yield self.arrived
@@ -398,6 +402,9 @@ class Engine:
                     r.generated += 1
                     if math.isnan(r.first_token):
                         r.first_token = now
+                        if self.stop_after_late and now - r.arrival > self.stop_after_late[0]:
+                            self.late += 1
+                            self.stopped = self.late >= self.stop_after_late[1]
                     if r.generated >= r.output:
                         self._finish(r)
                     else:

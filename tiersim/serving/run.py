@@ -45,10 +45,15 @@ class Result:
     summary: dict
 
 
-def simulate(spec: ServeSpec, requests: Requests) -> Result:
-    """Serve ``requests`` under ``spec``: the engine run, its per-request rows and summary."""
+def simulate(spec: ServeSpec, requests: Requests, early_stop: bool = False) -> Result:
+    """Serve ``requests`` under ``spec``: the engine run, its per-request rows and summary.
+
+    ``early_stop``: end the run as soon as more than 1% of the requests (plus one) got their first token past the
+    TTFT SLO: its p99 TTFT then misses the SLO whatever the rest do (a search point needs no more). The summary of
+    a stopped run covers the requests that got that far (``stopped_early``; its percentiles are lower bounds)."""
     pricer = StepPricer(spec.model, spec.gpu, spec.tp, spec.strategy)
-    engine = Engine(requests, pricer, spec.engine).run()
+    late = (spec.slo.ttft_s, int(np.ceil(0.01 * len(requests))) + 1) if early_stop else None
+    engine = Engine(requests, pricer, spec.engine, late).run()
     rows = metrics.request_rows(engine, spec.slo)
     return Result(spec, requests, engine, rows, metrics.summary(engine, spec.slo, rows))
 
