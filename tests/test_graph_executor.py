@@ -7,6 +7,7 @@ step runs eagerly, and its exact shape is held bit for bit to ``TieredCache`` fo
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,3 +239,48 @@ def test_cuda_exact_step_matches_the_tiered_cache():
             torch.testing.assert_close(step.run(), ref, rtol=0, atol=0)
             if buffers.due(i + 1):
                 buffers.retier(i + 1)
+
+
+def _with_executor(tmp_path, executor: str | None):
+    doc = json.loads((Path(__file__).resolve().parent.parent / "docs/validation/h100-80gb-hbm3.json").read_text())
+    doc.pop("executor", None)
+    if executor is not None:
+        doc["executor"] = executor
+    path = tmp_path / f"cal-{executor}.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+@pytest.mark.parametrize("executor, host_bound", [(None, True), ("hf-eager", True), ("graph-eager", True),
+                                                  ("cuda-graph", False)])
+def test_against_says_when_the_measurement_predicts_a_host_bound_engine(tmp_path, executor, host_bound):
+    from tiersim.simulator.against import compare, load_measurements
+    from tiersim.simulator.scenario import assemble
+
+    path = _with_executor(tmp_path, executor)
+    doc, points = load_measurements(path)
+    result = compare(assemble(1, model="r1-distill-qwen-7b", gpu="h100-sxm", engine="fast"), points, doc)
+    assert result["host_bound"] is host_bound and result["executor"] == (executor or "hf-eager")
+    assert (result["note"] is not None) == host_bound
+    if host_bound:
+        assert "predicts a host-bound engine" in result["note"] and "\n" not in result["note"]
+
+
+def test_simulate_against_a_host_bound_file_warns_and_still_compares(tmp_path):
+    """A warning on stderr (both for --calibration and --against), not a refusal: exit 0 and the table."""
+    import subprocess
+    import sys
+
+    path = _with_executor(tmp_path, "hf-eager")
+    proc = subprocess.run([sys.executable, "-m", "tiersim", "simulate", "--model", "r1-distill-qwen-7b", "--gpu",
+                           "h100-sxm", "--calibration", str(path), "--against", str(path), "--format", "json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count("host-bound") == 2
+    result = json.loads(proc.stdout)
+    assert result["host_bound"] is True and result["median_abs_error_pct"] > 0
+    graph = _with_executor(tmp_path, "cuda-graph")
+    proc = subprocess.run([sys.executable, "-m", "tiersim", "simulate", "--model", "r1-distill-qwen-7b", "--gpu",
+                           "h100-sxm", "--calibration", str(graph), "--against", str(graph), "--format", "json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "host-bound" not in proc.stderr

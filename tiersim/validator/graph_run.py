@@ -311,3 +311,14 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
     del model
     gc.collect()
     return doc
+
+
+def run_validation_graph(shape_name=None, batches=DEFAULT_BATCHES, contexts=DEFAULT_CONTEXTS, hbms=DEFAULT_HBM,
+                         device="cuda", steps: int = 16, warmup: int = 3, prefill: str = "synthetic", out=None,
+                         sweep_sizes=None, command=None, log=lambda _m: None, budget_s=None, sdpa="no-cudnn",
+                         profile=None) -> dict:
+    """``tiersim validate --executor graph``: :func:`run_graph` behind ``run_validation``'s signature."""
+    if prefill != "synthetic":
+        raise TiersimError(f"--prefill {prefill}: the graph executor fills its buffers with the synthetic prefill only")
+    return run_graph(shape_name, batches, contexts, hbms, device=device, steps=steps, warmup=warmup, out=out,
+                     budget_s=budget_s, sdpa=sdpa, profile=profile, sweep_sizes=sweep_sizes, command=command, log=log)
