@@ -81,7 +81,7 @@ class HostArena:
         if start + size > self.storage.numel():
             raise TiersimError("host arena too small for this point (a sizing bug)")  # pragma: no cover
         self.offset = start + size
-        return self.storage[start:start + size].view(dtype).view(shape).zero_()
+        return self.storage[start:start + size].view(dtype).view(shape)  # not zeroed: TierBuffers.load does
 
 
 def ddr_host_bytes(shape, batch: int, context: int, hbm: float, max_steps: int, retier_every: int, dtype) -> int:

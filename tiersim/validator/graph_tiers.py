@@ -75,7 +75,7 @@ class LayerTiers:
 class TierBuffers:
     """Every buffer of one point, allocated once; :meth:`load` places a prefill, :meth:`retier` re-places.
 
-    ``host(shape, dtype)``, when given, hands out the DDR tier's host tensors (zeroed), e.g. views of one
+    ``host(shape, dtype)``, when given, hands out the DDR tier's host tensors (uninitialised), e.g. views of one
     pinned arena shared by a grid's points; by default each is its own (pinned on CUDA) allocation.
     """
 
@@ -171,6 +171,9 @@ class TierBuffers:
             lt.ddr_k[:, :, :n_d].copy_(_gather(keys, ddr_idx))
             lt.ddr_v[:, :, :n_d].copy_(_gather(values, ddr_idx))
             lt.ddr_slots[:, :n_d] = ddr_idx
+        # Unused entries are staged to the trash slot every step: they must be finite (weight 0 x NaN = NaN).
+        lt.ddr_k[:, :, n_d:].zero_()
+        lt.ddr_v[:, :, n_d:].zero_()
         lt.n_hbm, lt.n_ddr = n_h, n_d
         self._sync_counters()
 
