@@ -127,6 +127,26 @@ def test_the_simulator_prices_every_registered_strategy_and_the_cache_runs_its_o
         access.make_access("recompute")
 
 
+def test_tierconfig_reads_the_policy_names_from_the_registry_without_torch():
+    """config.POLICIES is the registry's names (no mirror); each entry's class carries its own name, and the
+    eviction baselines are exactly the entries other than the hierarchy."""
+    import subprocess
+    import sys
+
+    from tiersim.hierarchy import config, registry as policies
+    from tiersim.hierarchy.baselines import BASELINES
+
+    assert config.POLICIES is policies.NAMES
+    for name in policies.NAMES:
+        assert policies.policy_class(name).name == name
+    assert set(BASELINES) == set(policies.NAMES) - {"hierarchy"}
+    assert {n: c for n, c in policies.POLICY_CLASSES.items() if n != "hierarchy"} == BASELINES
+    code = ("import sys; sys.modules['torch'] = None; from tiersim.hierarchy.config import TierConfig; "
+            "TierConfig(0.5, 0.0, 0.0, 0.5, policy='h2o'); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "ok"
+
+
 def test_the_cli_and_the_report_read_the_registry():
     from tiersim.cli import groups
     from tiersim.report import figures
