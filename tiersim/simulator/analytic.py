@@ -302,9 +302,8 @@ def layer_costs(model: Model, gpu: GPU, offload: Offload, work: Workload, table:
                      staged_bytes=h2d_bytes, share=offload.prefetch)
 
 
-def host_overhead_s(gpu: GPU, batch: int) -> float:
-    """Host time per step that the GPU waits for (scheduling, sampling, input and output handling)."""
-    return gpu.step_overhead + gpu.step_overhead_per_sequence * batch
+#: Its home is physics (prefill's steps pay it too); the name stays here for its callers.
+host_overhead_s = physics.host_overhead_s
 
 
 def to_gb(x) -> float:
