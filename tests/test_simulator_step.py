@@ -2,6 +2,7 @@
 one strategy registry read by the cache, the simulator, the CLI and the report, and the bytes the simulator
 charges equal to the bytes the cache moves."""
 
+import dataclasses
 from dataclasses import replace
 
 import numpy as np
@@ -156,6 +157,24 @@ def test_the_cli_and_the_report_read_the_registry():
     for name in registry.CACHE_STRATEGIES:
         assert name in groups.STRATEGY_HELP
     assert "recompute" not in groups.STRATEGY_HELP  # the cache's option lists what the cache runs
+
+
+def test_the_approximate_note_and_the_share_option_read_the_registry():
+    """capacity's footnote names only the approximate strategies compared, each with its registry caveat; the
+    cache's --fetch-share help names the strategies that take a share."""
+    from tiersim.cli import groups
+
+    approximate = [n for n in registry.NAMES if not registry.get(n).exact]
+    assert approximate and all(registry.get(n).caveat for n in approximate)
+    note = registry.caveats(registry.NAMES)
+    for name in registry.NAMES:
+        spec = registry.get(name)
+        assert (f"{spec.label} {spec.caveat}" in note) == (name in approximate)
+    assert registry.caveats([n for n in registry.NAMES if registry.get(n).exact]) == ""
+    takers = [n for n in registry.NAMES if registry.get(n).takes_share]
+    assert registry.SHARE_TAKERS == tuple(takers)
+    share_help = next(f for f in dataclasses.fields(groups.CacheShape) if f.name == "fetch_share").metadata["help"]
+    assert share_help.startswith(" / ".join(takers) + ":")
 
 
 def test_capacity_help_lists_every_strategy():

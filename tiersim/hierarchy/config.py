@@ -89,7 +89,7 @@ class TierConfig:
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not (low <= share <= 1.0):
             raise ConfigError(f"TierConfig.fetch_share must be in {'[0' if low == 0 else '(0'}, 1], got {share!r}")
         if share < 1.0 and not strategies.get(self.strategy).takes_share:
-            takers = " and ".join(repr(n) for n in CACHE_STRATEGIES if strategies.get(n).takes_share)
+            takers = " and ".join(repr(n) for n in strategies.SHARE_TAKERS)
             raise ConfigError(f"TierConfig.fetch_share={share!r} applies to strategies {takers} only")
 
     @property

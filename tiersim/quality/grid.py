@@ -124,7 +124,7 @@ def build_cells(
                 for i, strategy in enumerate(_unique(strategies)):
                     if i and ddr == 0:
                         continue  # without a DDR tier every strategy is the first one
-                    share = options.get("fetch_share", 1.0) if registry.get(strategy).takes_share else 1.0
+                    share = options.get("fetch_share", 1.0) if strategy in registry.SHARE_TAKERS else 1.0
                     config = TierConfig(hbm=hbm_eff, ddr=ddr, compressed=c, evict=e,
                                         **{**options, "strategy": strategy, "fetch_share": share})
                     cells.append(Cell(HIERARCHY if i == 0 else f"{HIERARCHY}/{strategy}", h, config))
