@@ -177,6 +177,28 @@ def test_the_approximate_note_and_the_share_option_read_the_registry():
     assert share_help.startswith(" / ".join(takers) + ":")
 
 
+def test_the_docs_list_the_registry_s_strategies_with_its_exactness():
+    """The docs cannot import the registry, so this holds their lists to it: simulator.md's strategy bullets (in
+    order, each called exact or approximate as the registry says), file-formats.md's list of a point's
+    ``strategy`` values, and the README's list of what the cache runs."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    bullets = re.findall(r"^\* \*\*`([a-z-]+)`\*\* \(([^)]*)\)", (root / "docs/simulator.md").read_text(), re.M)
+    assert [name for name, _ in bullets] == list(registry.NAMES)
+    for name, words in bullets:
+        said = "approximate" if "approximate" in words else "exact" if "exact" in words else None
+        assert said == ("exact" if registry.get(name).exact else "approximate"), (name, words)
+    formats = " ".join((root / "docs/file-formats.md").read_text().split())
+    assert ", ".join(registry.NAMES) in formats
+    readme = (root / "README.md").read_text()
+    paragraph = readme[readme.index("How the DDR tier reaches attention"):]
+    paragraph = paragraph[: paragraph.index("\n\n")]
+    named = [n for n in re.findall(r"`([a-z-]+)` \(", paragraph) if n in registry.REGISTRY]
+    assert named == list(registry.CACHE_STRATEGIES)
+
+
 def test_capacity_help_lists_every_strategy():
     from cli_run import invoke
 
