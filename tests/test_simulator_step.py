@@ -140,7 +140,7 @@ def test_tierconfig_reads_the_policy_names_from_the_registry_without_torch():
     assert config.POLICIES is policies.NAMES
     for name in policies.NAMES:
         assert policies.policy_class(name).name == name
-    assert set(BASELINES) == set(policies.NAMES) - {"hierarchy"}
+    assert set(BASELINES) == set(policies.NAMES) - {"hierarchy"} == set(policies.BASELINE_NAMES)
     assert {n: c for n, c in policies.POLICY_CLASSES.items() if n != "hierarchy"} == BASELINES
     code = ("import sys; sys.modules['torch'] = None; from tiersim.hierarchy.config import TierConfig; "
             "TierConfig(0.5, 0.0, 0.0, 0.5, policy='h2o'); print('ok')")
@@ -152,8 +152,14 @@ def test_the_cli_and_the_report_read_the_registry():
     from tiersim.cli import groups
     from tiersim.report import figures
 
+    from tiersim.hierarchy import registry as policies
+    from tiersim.report import style
+
     for name in registry.NAMES:
         assert figures.STRATEGY_SYMBOLS[name] == registry.get(name).symbol
+        assert style.strategy_name(name).startswith(registry.get(name).label)
+    assert style.strategy_name("compressed-transfer", True) == "int8 transfer * (approximate)"
+    assert style.BASELINE_NAMES == {n: policies.REGISTRY[n].label for n in policies.NAMES if n != "hierarchy"}
     for name in registry.CACHE_STRATEGIES:
         assert name in groups.STRATEGY_HELP
     assert "recompute" not in groups.STRATEGY_HELP  # the cache's option lists what the cache runs

@@ -24,18 +24,22 @@ class PolicyEntry:
     name: str
     module: str
     cls: str
+    label: str  # how tables and plots name it
+    color: str  # its bars' colour in the report (the hierarchy's are per tier split instead)
 
 
 _ENTRIES = (
-    PolicyEntry("hierarchy", "tiersim.hierarchy.policy", "Policy"),
-    PolicyEntry("streamingllm", "tiersim.hierarchy.baselines", "StreamingLLM"),
-    PolicyEntry("h2o", "tiersim.hierarchy.baselines", "H2O"),
-    PolicyEntry("snapkv", "tiersim.hierarchy.baselines", "SnapKV"),
-    PolicyEntry("rkv", "tiersim.hierarchy.baselines", "RKV"),
+    PolicyEntry("hierarchy", "tiersim.hierarchy.policy", "Policy", "hierarchy", "#1f2937"),
+    PolicyEntry("streamingllm", "tiersim.hierarchy.baselines", "StreamingLLM", "StreamingLLM", "#65a30d"),
+    PolicyEntry("h2o", "tiersim.hierarchy.baselines", "H2O", "H2O", "#9333ea"),
+    PolicyEntry("snapkv", "tiersim.hierarchy.baselines", "SnapKV", "SnapKV", "#ea580c"),
+    PolicyEntry("rkv", "tiersim.hierarchy.baselines", "RKV", "R-KV", "#db2777"),
 )
 REGISTRY: dict[str, PolicyEntry] = {e.name: e for e in _ENTRIES}
 #: Every policy name, the hierarchy first (what ``TierConfig.policy`` accepts).
 NAMES = tuple(REGISTRY)
+#: The eviction baselines: every policy but the hierarchy.
+BASELINE_NAMES = NAMES[1:]
 
 
 def policy_class(name: str) -> type[Policy]:
