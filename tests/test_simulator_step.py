@@ -28,11 +28,13 @@ def rel(a, b):
 
 
 # -- every strategy on every solver ----------------------------------------------------------------------
-CASES = [  # (model, gpu, split, batch): link-bound, near the crossover, compute-bound; GH200's C2C link
-    (GQA, "h100-sxm", (0.5, 0.5), 64),
-    (GQA, "h100-sxm", (0.75, 0.25), 8),
-    (MHA, "a100-80g", (0.5, 0.5), 16),
-    (GQA, "gh200", (0.25, 0.75), 32),
+#: (model, gpu, split, batch): on the H100 every split (DDR a quarter to three quarters, one with compressed and
+#: evicted tokens beside it) at batch 1, 8 and 64 (compute-bound to link-bound); an MHA model on the A100's
+#: Gen4 link; GH200's C2C link.
+SPLITS = [(0.75, 0.25, 0.0, 0.0), (0.5, 0.5, 0.0, 0.0), (0.25, 0.75, 0.0, 0.0), (0.4, 0.4, 0.1, 0.1)]
+CASES = [(GQA, "h100-sxm", split, batch) for split in SPLITS for batch in (1, 8, 64)] + [
+    (MHA, "a100-80g", (0.5, 0.5, 0.0, 0.0), 16),
+    (GQA, "gh200", (0.25, 0.75, 0.0, 0.0), 32),
 ]
 
 
@@ -40,7 +42,7 @@ CASES = [  # (model, gpu, split, batch): link-bound, near the crossover, compute
 @pytest.mark.parametrize("model,gpu,split,batch", CASES)
 def test_every_strategy_runs_on_every_solver_and_the_fast_ones_agree_with_simpy(name, model, gpu, split, batch):
     hw = get_gpu(gpu)
-    policy = analytic.Offload(TierConfig(*split, 0.0, 0.0))
+    policy = analytic.Offload(TierConfig(*split))
     work = _work(policy, batch, steps=40)
     costs = strategies.step_costs(name, model, hw, policy, work, cover=0.8)
     assert costs.strategy == name and costs.exact == registry.get(name).exact
