@@ -223,13 +223,18 @@ def test_the_compressed_tier_is_priced_as_the_cache_stores_it():
     torch = pytest.importorskip("torch")
     from tiersim.hierarchy.quant import quantize_kv
 
+    from tiersim.hierarchy import quant_layout
+
     shape = Model("toy", 1, 2, 64, 256, 4, 1e6)
-    for bits, group in ((4, 32), (8, 32), (4, 16)):
-        n = 256  # a whole number of groups
+    # A group wider than the head (128, 256 > 64): values are grouped by the whole head, keys by the group.
+    for bits, group in ((4, 32), (8, 32), (4, 16), (4, 64), (4, 128), (8, 256)):
+        n = 512  # a whole number of key groups
         k = torch.randn(1, shape.num_kv_heads, n, shape.head_dim)
         q = quantize_kv(k, torch.randn_like(k), bits=bits, group=group)
+        assert q.key_scale.element_size() == q.value_min.element_size() == quant_layout.SCALE_BYTES
+        assert q.key_group.element_size() == quant_layout.KEY_GROUP_INDEX_BYTES
         per_token = analytic.compressed_bytes_per_token_layer(shape, bits, group)
-        assert per_token * n == q.nbytes()
+        assert per_token * n == q.nbytes(), (bits, group)
         tiers = TierConfig(0.5, 0.0, 0.5, 0.0, compressed_bits=bits, quant_group=group)
         assert analytic.compressed_ratio(shape, tiers) == per_token / shape.kv_bytes_per_token_layer
 
