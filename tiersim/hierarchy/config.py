@@ -8,7 +8,7 @@ from typing import Any
 
 from tiersim.errors import ConfigError
 from tiersim.hierarchy import registry, strategies
-from tiersim.hierarchy.strategies import APPROXIMATE, CACHE_STRATEGIES
+from tiersim.hierarchy.strategies import CACHE_STRATEGIES
 
 TIERS = ("hbm", "ddr", "compressed", "evicted")
 RATIO_FIELDS = ("hbm", "ddr", "compressed", "evict")
@@ -17,8 +17,6 @@ POLICIES = registry.NAMES
 #: How the DDR tier reaches attention in the real cache (tiersim.hierarchy.access), read from the strategy
 #: registry. The simulator models more (tiersim.simulator.strategies); those the cache does not run are refused.
 STRATEGIES = CACHE_STRATEGIES
-#: Strategies whose output differs from the full cache's beyond floating-point rounding.
-APPROXIMATE_STRATEGIES = APPROXIMATE & frozenset(CACHE_STRATEGIES)
 SUM_TOLERANCE = 1e-6
 #: The cache's structural settings beside the split: what the simulator takes from a trace's policy.
 STRUCTURE_FIELDS = ("sink_tokens", "recent_window", "retier_every", "compressed_bits")

@@ -27,7 +27,6 @@ from tiersim.simulator.step import StepCosts, closed_form
 STRATEGIES = registry.NAMES
 #: Strategies whose output differs from the full cache's beyond floating-point rounding.
 APPROXIMATE = registry.APPROXIMATE
-SHORT = {s.name: s.short for s in registry.REGISTRY.values()}
 #: Shares tried by the strategies that split the DDR tier (hybrid, recompute). The end points are
 #: the pure strategies, so a split is never worse than either of its parts.
 SPLITS = np.linspace(0.0, 1.0, 21)
