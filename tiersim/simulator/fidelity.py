@@ -139,3 +139,76 @@ def fit(reference: dict | None = None, cases: set = FIT) -> dict[str, dict[str, 
 
 def with_fit(gpu: GPU, values: dict[str, float]) -> GPU:
     return replace(gpu, **values)
+
+
+# -- decode attention kernels against public H100 kernel benchmarks ---------------------------------------------
+ATTENTION_REFERENCE = "public-decode-attention.json"
+#: Reads at or below this many KV bytes per call are where the per-call floor dominates (the short regime).
+SHORT_READ_BYTES = 64 * 2**20
+
+
+def load_attention_reference() -> dict:
+    return json.loads(resources.files("tiersim").joinpath("data", ATTENTION_REFERENCE).read_text())
+
+
+@dataclass
+class KernelPoint:
+    """One public decode-attention kernel time against ``physics.attention_s`` (one layer, one call)."""
+
+    source: str
+    role: str  # the source's role in the data file: "fit" or "held_out"
+    gpu: str
+    layout: str  # q_heads x kv_heads x head_dim
+    batch: int
+    context: int
+    kv_bytes: float
+    reference_us: float
+    simulated_us: float
+
+    @property
+    def fit(self) -> bool:
+        return self.role == "fit"
+
+    @property
+    def regime(self) -> str:
+        return "attention short" if self.kv_bytes <= SHORT_READ_BYTES else "attention long"
+
+    @property
+    def error_pct(self) -> float:
+        return 100.0 * (self.simulated_us / self.reference_us - 1.0)
+
+
+def attention_points(gpus: dict[str, GPU] | None = None, reference: dict | None = None) -> list[KernelPoint]:
+    """Every public kernel time priced by ``physics.attention_s`` at the case's KV bytes (bf16 K and V)."""
+    reference = reference or load_attention_reference()
+    gpus = gpus or {k: get_gpu(v) for k, v in PRESET.items()}
+    out = []
+    for case in reference["cases"]:
+        role = reference["sources"][case["source"]]["role"]
+        if role not in ("fit", "held_out"):
+            raise ValueError(f"{ATTENTION_REFERENCE}: source {case['source']} has role {role!r}, not fit/held_out")
+        gpu = gpus[case["gpu"]]
+        per_token = 2 * case["kv_heads"] * case["head_dim"] * 2
+        layout = f"{case['q_heads']}x{case['kv_heads']}x{case['head_dim']}"
+        for p in case["points"]:
+            kv = p["batch"] * p["context"] * per_token
+            sim = float(physics.attention_s(gpu, kv)) * 1e6
+            out.append(KernelPoint(case["source"], role, case["gpu"], layout, p["batch"], p["context"], kv, p["us"], sim))
+    return out
+
+
+def fit_attention_floor(reference: dict | None = None) -> dict[str, float]:
+    """Per GPU, the per-call floor ``attn_kernel_s`` least-squares fitted (relative error) on the **fit** sources
+    only, the bandwidth term held at the preset's ``attn_efficiency`` (fitted on large reads, where the floor
+    does not show): ``min sum ((f + b_i / BW) / t_i - 1)^2`` gives ``f = sum((t_i - b_i / BW) / t_i^2) / sum(1 / t_i^2)``."""
+    reference = reference or load_attention_reference()
+    out = {}
+    for gpu_key in sorted({c["gpu"] for c in reference["cases"]}):
+        gpu = get_gpu(PRESET[gpu_key])
+        pts = [p for p in attention_points(reference=reference) if p.gpu == gpu_key and p.fit]
+        if not pts:
+            continue
+        t = np.array([p.reference_us for p in pts]) * 1e-6
+        b = np.array([p.kv_bytes for p in pts]) / (gpu.hbm_bw * gpu.attn_efficiency)
+        out[gpu_key] = float(np.sum((t - b) / t**2) / np.sum(1.0 / t**2))
+    return out

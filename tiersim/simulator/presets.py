@@ -40,8 +40,14 @@ class GPU:
     gemm_kernel_s: float = 5.4e-6
     #: Weight streaming slows with the token count: this much slower at 64 tokens than at 1 (log2 growth).
     gemm_batch_slowdown: float = 0.0447
-    #: Decode attention: a fixed kernel cost, then the batch's KV at this share of the datasheet bandwidth.
-    attn_kernel_s: float = 7.5e-6
+    #: Decode attention: a fixed cost per kernel call (launch, split-KV plan and combine), then the batch's KV at
+    #: this share of the datasheet bandwidth. H100 floor: 18.3 us, fitted (``fidelity.fit_attention_floor``) on a
+    #: public FlashAttention-2 paged-decode benchmark on an H100 SXM (github.com/microsoft/onnxruntime pull 21414:
+    #: 21.1-43.6 us at 8-67 MB of KV); held out: FlashAttention-3 on an H100 (github.com/Dao-AILab/flash-attention
+    #: issue 1572), both in tiersim/data/public-decode-attention.json. The old 7.5 us was HF SDPA's unpaged kernel
+    #: under a CUDA graph (this project's H100 operator run), not a serving engine's paged kernel. The bandwidth
+    #: share stays the large-read fit: long-context steps move by the floor's 11 us per layer only.
+    attn_kernel_s: float = 18.3e-6
     attn_efficiency: float = 0.92
     #: Small ops per decoder layer (2 RMSNorm, RoPE, activation, residual add, fused as a serving engine runs
     #: them): a launch-bound floor plus a term per element of width (hidden + intermediate). HF eager runs
