@@ -212,3 +212,30 @@ def fit_attention_floor(reference: dict | None = None) -> dict[str, float]:
         b = np.array([p.kv_bytes for p in pts]) / (gpu.hbm_bw * gpu.attn_efficiency)
         out[gpu_key] = float(np.sum((t - b) / t**2) / np.sum(1.0 / t**2))
     return out
+
+
+# -- engine presets against measured whole steps ------------------------------------------------------------------
+#: The validator's own harness run (held out for the hf-eager preset, which is fitted on another run's clean step).
+VALIDATOR_RUN = "docs/validation/h100-80gb-hbm3.json"
+
+
+def engine_rows(path: str | None = None, engine_overhead: str = "hf-eager") -> list[dict]:
+    """The validator's measured steps (HF eager harness, H100) simulated with ``engine_overhead``: one row per point
+    with the source, role (held out), regime (``in HBM`` or ``offloaded``), measured and simulated ms, error."""
+    from pathlib import Path
+
+    from tiersim.simulator import against
+    from tiersim.simulator.scenario import assemble
+
+    path = Path(path) if path else Path(__file__).resolve().parents[2] / VALIDATOR_RUN
+    doc, points = against.load_measurements(path)
+    model = (doc.get("model_shape") or {}).get("name")
+    scenario = assemble(1, model=model, gpu=doc.get("gpu_preset") or "h100-sxm", context=2048,
+                        engine_overhead=engine_overhead)
+    out = []
+    for r in against.compare(scenario, points)["rows"]:
+        out.append({"source": "validator-h100", "role": "held_out", "engine": engine_overhead, "model": r["model"],
+                    "regime": "in HBM" if r["hbm"] >= 1.0 else "offloaded", "batch": r["batch"],
+                    "context": r["context"], "hbm": r["hbm"], "reference_ms": r["measured_ms"],
+                    "simulated_ms": r["simulated_ms"], "error_pct": r["error_pct"]})
+    return out
