@@ -239,3 +239,42 @@ def engine_rows(path: str | None = None, engine_overhead: str = "hf-eager") -> l
                     "context": r["context"], "hbm": r["hbm"], "reference_ms": r["measured_ms"],
                     "simulated_ms": r["simulated_ms"], "error_pct": r["error_pct"]})
     return out
+
+
+def fit_engine_fixed(engine: str, doc: dict | None = None) -> float:
+    """An engine's fixed per-step cost (s) fitted on its **fit** TPOT points only: the median of measured TPOT less
+    the step simulated with no engine cost, clipped at 0 (an engine faster than the device model adds nothing)."""
+    from tiersim.simulator import engines
+    from tiersim.simulator.capacity import run
+    from tiersim.simulator.scenario import assemble
+
+    doc = doc or json.loads(resources.files("tiersim").joinpath("data", engines.DATA).read_text())["measurements"]
+    residuals = []
+    for p in doc["points"]:
+        if p["role"] != "fit" or doc["sources"][p["source"]]["engine"] != engine:
+            continue
+        sc = assemble(p["concurrency"], model=p["model"], gpu=p["gpu"], context=p["context"], steps=32)
+        row, _ = run(sc, sc.policy(1.0, 0.0, 0.0, 0.0), largest=False)
+        residuals.append((p["tpot_ms"] - row["step_ms"]) * 1e-3)
+    return max(statistics.median(residuals), 0.0) if residuals else 0.0
+
+
+def engine_tpot_rows() -> list[dict]:
+    """Public TPOT measurements of real engines (``public-engine-overheads.json`` ``measurements``) simulated with
+    the engine's own preset (a lockstep batch at the run's mean decode context, all KV in HBM)."""
+    from tiersim.simulator import engines
+    from tiersim.simulator.capacity import run
+    from tiersim.simulator.scenario import assemble
+
+    doc = json.loads(resources.files("tiersim").joinpath("data", engines.DATA).read_text())["measurements"]
+    out = []
+    for p in doc["points"]:
+        src = doc["sources"][p["source"]]
+        sc = assemble(p["concurrency"], model=p["model"], gpu=p["gpu"], context=p["context"], steps=32,
+                      engine_overhead=src["engine"])
+        row, _ = run(sc, sc.policy(1.0, 0.0, 0.0, 0.0), largest=False)
+        out.append({"source": p["source"], "role": p["role"], "engine": src["engine"], "model": p["model"],
+                    "regime": "small batch" if p["concurrency"] <= 8 else "large batch", "batch": p["concurrency"],
+                    "context": p["context"], "reference_ms": p["tpot_ms"], "simulated_ms": row["step_ms"],
+                    "error_pct": 100.0 * (row["step_ms"] / p["tpot_ms"] - 1.0)})
+    return out
