@@ -80,3 +80,22 @@ def test_gemm_curve_keeps_rising_past_64_tokens():
         # the decode layer is priced on that curve (no attention): a batch of 512 costs what a 512-row chunk's GEMMs do
         layer = float(physics.layer_s(model, H100, 512, 0.0)) - physics.small_ops_s(H100, model)
         assert layer == pytest.approx(float(physics.gemm_s(model, H100, 512)), rel=1e-12)
+
+
+def test_error_rows_cover_every_regime_with_sources_kept_apart():
+    rows = fidelity.error_rows()
+    assert {r["role"] for r in rows} == {"fit", "held_out", "check"}
+    regimes = {r["regime"] for r in rows}
+    for needed in ("decode small batch", "decode large batch", "prefill (TTFT)", "offload (KV over PCIe)",
+                   "attention short", "engine TPOT, batch 1"):
+        assert needed in regimes
+    # a source is held out everywhere or nowhere (vidur's decode tables hold fit and held-out cases of one source;
+    # a fit source's unread points are "check", never "held_out")
+    by_source: dict[str, set] = {}
+    for r in rows:
+        by_source.setdefault(r["source"], set()).add(r["role"])
+    for source, roles in by_source.items():
+        if source != "vidur-decode":
+            assert roles in ({"fit"}, {"held_out"}, {"check"}, {"fit", "check"}), (source, roles)
+    summary = fidelity.source_summary(rows)
+    assert sum(s["points"] for s in summary) == len(rows)

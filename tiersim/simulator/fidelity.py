@@ -278,3 +278,38 @@ def engine_tpot_rows() -> list[dict]:
                     "context": p["context"], "reference_ms": p["tpot_ms"], "simulated_ms": row["step_ms"],
                     "error_pct": 100.0 * (row["step_ms"] / p["tpot_ms"] - 1.0)})
     return out
+
+
+# -- every source in one table: error per source, role and regime -------------------------------------------------
+def error_rows() -> list[dict]:
+    """One row per reference point of every source (decode steps, attention kernels, prefill, engines, the
+    validator's offloaded steps): ``source, role, regime, reference_ms, simulated_ms, error_pct``. Roles come from
+    the data files (``fit``, ``held_out``, ``check``: a fit source's points its fit did not read)."""
+    from tiersim.simulator import prefill_fidelity
+
+    rows = [{"source": "vidur-decode", "role": "fit" if p.fit else "held_out",
+             "regime": "decode small batch" if p.batch <= 8 else "decode large batch", "reference_ms": p.reference_ms,
+             "simulated_ms": p.simulated_ms, "error_pct": p.error_pct} for p in compare()]
+    rows += [{"source": p.source, "role": p.role, "regime": p.regime, "reference_ms": p.reference_us * 1e-3,
+              "simulated_ms": p.simulated_us * 1e-3, "error_pct": p.error_pct} for p in attention_points()]
+    for r in prefill_fidelity.error_rows():
+        regime = {"ttft": "prefill (TTFT)", "attention": "prefill attention"}.get(r["regime"])
+        regime = regime or ("GEMMs 128-512 rows" if r["tokens"] <= 512 else "GEMMs prefill chunks")
+        rows.append({"source": r["source"], "role": r["role"], "regime": regime, "reference_ms": r["reference_ms"],
+                     "simulated_ms": r["simulated_ms"], "error_pct": r["error_pct"]})
+    rows += [{**{k: r[k] for k in ("source", "role", "reference_ms", "simulated_ms", "error_pct")},
+              "regime": f"engine TPOT, batch {r['batch']}"} for r in engine_tpot_rows()]
+    rows += [{**{k: r[k] for k in ("source", "role", "reference_ms", "simulated_ms", "error_pct")},
+              "regime": "offload (KV over PCIe)" if r["regime"] == "offloaded" else "eager harness, KV in HBM"}
+             for r in engine_rows()]
+    return rows
+
+
+def source_summary(rows: list[dict]) -> list[dict]:
+    """Per (source, role, regime): points, median and worst |error| and the median signed error (%)."""
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        groups.setdefault((r["source"], r["role"], r["regime"]), []).append(r["error_pct"])
+    return [{"source": s, "role": role, "regime": regime, "points": len(e),
+             "median_pct": statistics.median(abs(x) for x in e), "worst_pct": max(abs(x) for x in e),
+             "median_signed_pct": statistics.median(e)} for (s, role, regime), e in sorted(groups.items())]
