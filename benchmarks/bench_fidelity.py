@@ -60,8 +60,8 @@ def main() -> None:
     body = (
         "Reference: step times rebuilt from vidur's public per-operator profiles (A100: GEMMs and small ops of five "
         "models at 1-64 tokens, decode attention by batch x context for Meta-Llama-3-8B (FlashInfer) and Llama-2-7b "
-        "(FlashAttention); H100: GEMMs and small ops of four models; no public H100 attention table was reachable, "
-        "the H100 attention constants come from this project's own H100 operator run). Simulated: "
+        "(FlashAttention); H100: GEMMs and small ops of four models, no attention table: the H100 attention floor "
+        "is fitted on public H100 kernel benchmarks, the next section). Simulated: "
         "`physics.layer_s`, the per-layer time the roofline of `analytic.layer_costs` charges, times the layers. "
         "Fit cases: " + ", ".join(f"{g} {m}" for g, m in sorted(fidelity.FIT)) + "; every other case is held out.\n\n"
         f"**Held out: median |error| {summary['held_out']['median_pct']:.2f}%, worst "
