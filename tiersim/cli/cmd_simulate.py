@@ -31,7 +31,7 @@ def _scenario(target: Target, workload: Workload, compute: ComputeModel, batch: 
                     trace=workload.trace, lengths=workload.lengths, context=workload.context,
                     prefetch=workload.prefetch, steps=workload.steps, seed=workload.seed,
                     calibration=compute.calibration, profile=compute.profile, host_floor=compute.host_floor,
-                    host_overhead=compute.host_overhead, engine=compute.engine,
+                    host_overhead=compute.host_overhead, engine_overhead=compute.engine_overhead, engine=compute.engine,
                     warn=lambda text: err_console.print(f"[yellow]note:[/] {text}", highlight=False))
 
 

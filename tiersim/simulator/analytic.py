@@ -270,7 +270,7 @@ def layer_costs(model: Model, gpu: GPU, offload: Offload, work: Workload, table:
     kv_read = (work.hbm + work.ddr * offload.prefetch) * per_layer + work.compressed * per_layer * comp_ratio
     extra = extra_kv_bytes(model, offload, work)
     batch = work.batch
-    host_floor = 0.0
+    host_floor = gpu.step_host_floor  # an engine preset's launch-bound floor (tiersim.simulator.engines)
     host = host_overhead_s(gpu, batch)
     if table is None:
         # Weights, attention and small ops each at their own measured efficiency (tiersim.simulator.physics).
@@ -286,12 +286,16 @@ def layer_costs(model: Model, gpu: GPU, offload: Offload, work: Workload, table:
         compute = fixed + table.attention_s(batch, context, per_layer, bw) + extra / bw
         step_extra = table.gemm_s("lm_head", batch, bw, peak) + sum(table.small_s(op, batch) for op in STEP_SMALL)
         step_extra += host
-        host_floor = table.host_s(batch)
+        host_floor = max(table.host_s(batch), host_floor)
         source = table.describe()
         if host_floor:
             source += f"; host floor {host_floor * 1e3:.1f} ms/step ({table.host_source})"
     if host:
         source += f"; host overhead {host * 1e3:.2f} ms/step"
+    if table is None and host_floor:
+        source += f"; host floor {host_floor * 1e3:.1f} ms/step"
+    if gpu.engine:
+        source += f"; engine overhead {gpu.engine}"
     compute = np.broadcast_to(np.asarray(compute, dtype=float), work.hbm.shape).copy()
     h2d_bytes = work.ddr * offload.prefetch * per_layer
     d2h_bytes = work.demoted * per_layer
