@@ -49,8 +49,10 @@ def _against(scenario, path: Path, max_error: float | None, fmt: str) -> None:
     """Measured vs simulated per point, the median and worst error; exit 1 past ``max_error``."""
     from tiersim.simulator.against import compare, load_measurements
 
-    _, points = load_measurements(path)
-    result = compare(scenario, points)
+    doc, points = load_measurements(path)
+    result = compare(scenario, points, doc)
+    if result["note"]:
+        err_console.print(f"[yellow]note:[/] {result['note']}", highlight=False)
     if fmt == "json":
         print(json.dumps(result, default=float))
     else:
