@@ -33,7 +33,8 @@ def parse_baselines(text: str) -> list[str]:
 @app.command()
 @options.command(outputs={"out": (".json", ".parquet"), "report": (".html", ".htm")}, help={"strategy": "how the DDR tier reaches attention (a comma list: the first runs the hierarchy's "
                                    "cells, each further one adds its cells that hold DDR tokens, as "
-                                   f"hierarchy/<strategy>): {STRATEGY_HELP}"})
+                                   f"hierarchy/<strategy>): {STRATEGY_HELP}"},
+                 example=["--n", "1", "--max-new-tokens", "1"], loads_model=True)
 def grid(
     runtime: ModelRun = ModelRun(),
     prompts: Path = typer.Option(None, help="JSONL with a 'prompt' (and optional 'answer') per line; default: bundled"),

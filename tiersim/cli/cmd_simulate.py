@@ -81,7 +81,7 @@ HTML = (".html", ".htm")
 
 
 @app.command()
-@options.command(outputs={"out": (".parquet",), "report": HTML})
+@options.command(outputs={"out": (".parquet",), "report": HTML}, example=["--steps", "2", "--batch", "2"])
 def simulate(
     target: Target = Target(),
     batch: int = options.opt(DEFAULT_BATCH, help="sequences decoded together", min=1, max=1 << 16),
@@ -157,7 +157,7 @@ def simulate(
 
 
 @app.command()
-@options.command(outputs={"out": (".json",), "report": HTML})
+@options.command(outputs={"out": (".json",), "report": HTML}, example=["--batch", "2", "--steps", "2"])
 def capacity(
     batch: str = typer.Option(str(DEFAULT_BATCH), help="sequences decoded together: a number, or a range like 16..1024 "
                                           "(powers of two between the ends)"),

@@ -155,9 +155,20 @@ def _check_numbers(frame: pd.DataFrame, where: str) -> None:
         values = frame[column]
         if values.dtype.kind in "biuf":
             continue
-        bad = [v for v in values if not (v is None or isinstance(v, (bool, int, float, np.number, np.bool_)))]
+        bad = [v for v in values if not _numbers(v)]
         if bad:
             raise TiersimError(f"{where}: column {name!r} must hold numbers, got {bad[0]!r}")
+
+
+def _numbers(value: Any) -> bool:
+    """A number, a missing value, or a structure of them (``tier_bytes``: bytes per tier)."""
+    if value is None or isinstance(value, (bool, int, float, np.number, np.bool_)):
+        return True
+    if isinstance(value, Mapping):
+        return all(_numbers(v) for v in value.values())
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return all(_numbers(v) for v in value)
+    return False
 
 
 def _table_names(kind: str) -> tuple[str, ...]:
