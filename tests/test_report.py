@@ -81,8 +81,8 @@ def _write(tmp_path: Path, name: str, obj) -> Path:
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda d: d | {"kind": "bogus"}, "calibration file (kind 'bogus')"),
-    (lambda d: {k: v for k, v in d.items() if k != "kind"}, "calibration file (kind None)"),
+    (lambda d: d | {"kind": "bogus"}, "serving-capacity file (kind 'bogus')"),
+    (lambda d: {k: v for k, v in d.items() if k != "kind"}, "serving-capacity file (kind None)"),
     (lambda d: d | {"schema_version": 2}, "schema_version 2 is newer"),
     (lambda d: d | {"schema_version": "1"}, "schema_version must be an integer"),
     (lambda d: d | {"rows": [{k: v for k, v in r.items() if k != "overhead_pct"} for r in d["rows"]]},

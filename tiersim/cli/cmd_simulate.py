@@ -14,6 +14,7 @@ from tiersim.cli import options
 from tiersim.cli.app import (
     RAY_ADDRESS_HELP, add_columns, app, check_output_path, compact_table, console, deliver, err_console, wrote,
 )
+from tiersim.cli.cmd_serve import Serving, capacity_qps, serving_only
 from tiersim.cli.groups import ComputeModel, Target, Workload
 from tiersim.cli.progress import meter
 from tiersim.errors import ConfigError, TiersimError
@@ -178,9 +179,17 @@ def capacity(
     ray: bool = typer.Option(False, "--ray", help="run each simulation as a task on Ray (needs pip install "
                                                   "'tiersim\\[cluster]'; see docs/cluster.md)"),
     ray_address: str = typer.Option(None, "--ray-address", help=RAY_ADDRESS_HELP),
+    qps: str = typer.Option(None, "--qps", help="plan for a request workload instead: the highest requests/s in "
+                            "this range (LO..HI, or HI) within --ttft-slo and --tpot-slo (p99, ms) per --on-full "
+                            "policy (tiersim serve's engine; docs/serving.md)"),
+    serving: Serving = Serving(),
 ) -> None:
     """Plan HBM: the most tokens/s within a TPOT budget, which split and strategy gets there, and the
-    full cache at its largest batch; with one batch, also the simulated grid and a batch sweep."""
+    full cache at its largest batch; with one batch, also the simulated grid and a batch sweep. With --qps:
+    the highest request rate within p99 TTFT / TPOT SLOs per --on-full policy."""
+    if qps is not None:  # the serving simulator's search (tiersim.cli.cmd_serve)
+        return capacity_qps(qps, target, serving, strategy, workload.lengths, workload.seed, tpot_slo, fmt, out, report)
+    serving_only(serving)
     from tiersim.fileformat import write_document
     from tiersim.simulator import planner
     from tiersim.simulator.capacity import capacity_ticks, grid_result, range_result
