@@ -10,7 +10,7 @@ from tiersim.cli.app import add_columns, app, compact_table, console
 
 
 @app.command()
-@options.command()
+@options.command(example=[])
 def presets(fmt: str = options.opt("table", "--format", help="table or json", choices=("table", "json"))) -> None:
     """List GPU and model presets (any transformers config.json also works via --model-config)."""
     from tiersim.errors import TiersimError

@@ -45,8 +45,8 @@ class CacheShape:
                                min=1, max=MAX_TOKENS)
     compressed_bits: int = option(_TIER["compressed_bits"], "4 or 8", choices=(4, 8))
     strategy: str = option(_TIER["strategy"], f"how the DDR tier reaches attention: {STRATEGY_HELP}")
-    fetch_share: float = option(_TIER["fetch_share"], "hybrid / selective: share of the DDR tier fetched to the "
-                                "device per step", min=0, max=1)
+    fetch_share: float = option(_TIER["fetch_share"], f"{' / '.join(strategies.SHARE_TAKERS)}: share of the DDR "
+                                "tier fetched to the device per step", min=0, max=1)
 
     def config_options(self) -> dict:
         """The fields as TierConfig keywords (``strategy`` as given: a command with a list splits it first)."""

@@ -116,9 +116,20 @@ def layer_s(model: Model, gpu: GPU, batch: int, kv_read, extra_bytes=0.0, attend
     return gemm_s(model, gpu, batch) + t_attn + small_ops_s(gpu, model)
 
 
+def gather_s(model: Model, gpu: GPU, rows):
+    """Gathering ``rows`` embedding rows (one per token entering the model), at the HBM efficiency."""
+    return rows * model.hidden_size * model.param_bytes / (gpu.hbm_bw * gpu.hbm_efficiency)
+
+
 def lm_head_s(model: Model, gpu: GPU, batch: int) -> float:
     """The LM head (one GEMM over the whole vocabulary table) plus the gather of ``batch`` embedding rows."""
     head = weight_stream_s(gpu, model.lm_head_bytes, batch, kernels=1)
-    gather = batch * model.hidden_size * model.param_bytes / (gpu.hbm_bw * gpu.hbm_efficiency)
+    gather = gather_s(model, gpu, batch)
     flops = 2.0 * batch * model.vocab_size * model.hidden_size
     return float(max(head + gather, flops / (gpu.peak_flops * gpu.flops_efficiency)))
+
+
+def host_overhead_s(gpu: GPU, sequences) -> float:
+    """Host time per step that the GPU waits for (scheduling, sampling, input and output handling) with
+    ``sequences`` sampled this step: the one per-step overhead of decode, prefill and mixed steps."""
+    return gpu.step_overhead + gpu.step_overhead_per_sequence * sequences

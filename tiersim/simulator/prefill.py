@@ -114,9 +114,9 @@ def prefill_s(model: Model, gpu: GPU, tokens, context=0):
     """
     tokens = _arr(tokens)
     rows = np.maximum(tokens - 1.0, 0.0)  # the LM head's own gather has the last row
-    gather = rows * model.hidden_size * model.param_bytes / (gpu.hbm_bw * gpu.hbm_efficiency)
+    gather = physics.gather_s(model, gpu, rows)
     head = physics.lm_head_s(model, gpu, 1)
-    host = gpu.step_overhead + gpu.step_overhead_per_sequence
+    host = physics.host_overhead_s(gpu, 1)
     t = model.num_layers * _arr(prefill_layer_s(model, gpu, tokens, context)) + gather + head + host
     return _scalar_or_array(t)
 
@@ -161,7 +161,7 @@ def mixed_step_s(model: Model, gpu: GPU, decode_tokens, kv_read_bytes, prefill_t
     sampled = d + int(bool(prefill_done) and float(np.max(p)) > 0)
     layer = _arr(mixed_layer_s(model, gpu, d, kv_read_bytes, p, prefill_context))
     gathered = np.maximum(p - (sampled - d), 0.0)  # the LM head's own gather has the sampled rows
-    gather = gathered * model.hidden_size * model.param_bytes / (gpu.hbm_bw * gpu.hbm_efficiency)
+    gather = physics.gather_s(model, gpu, gathered)
     head = physics.lm_head_s(model, gpu, max(sampled, 1))
-    host = gpu.step_overhead + gpu.step_overhead_per_sequence * max(sampled, 1)
+    host = physics.host_overhead_s(gpu, max(sampled, 1))
     return _scalar_or_array(model.num_layers * layer + gather + head + host)

@@ -213,7 +213,7 @@ def assemble(batch: int, model: str = "r1-distill-qwen-7b", model_config: str | 
     :class:`TiersimError` with the option's name. ``warn(text)`` is told when the bundled trace is missing
     and the synthetic profile stands in (the CLI prints it on stderr).
     """
-    from tiersim.simulator.calibration import apply_calibration, load_calibration
+    from tiersim.simulator.calibration import apply_calibration, host_bound_note, load_calibration
     from tiersim.simulator.fastpath import ENGINES
     from tiersim.simulator.presets import HOST_OVERHEADS, get_gpu, get_model, model_from_config, with_host_overhead
     from tiersim.simulator.profile import check_device, load_profile, table_for
@@ -243,6 +243,8 @@ def assemble(batch: int, model: str = "r1-distill-qwen-7b", model_config: str | 
     if calibration:
         cal = load_calibration(calibration)
         check_device(cal, gpu, "--calibration")
+        if warn is not None and (note := host_bound_note(cal, "--calibration")):
+            warn(note)
         hw = apply_calibration(hw, cal)
     if host_overhead != "none":
         hw = with_host_overhead(hw, host_overhead)
