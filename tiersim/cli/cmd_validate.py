@@ -34,7 +34,8 @@ def _show(doc: dict) -> None:
 
 
 @app.command()
-@options.command()
+@options.command(example=["--device", "cpu", "--batch", "1", "--context", "8", "--hbm", "1", "--steps", "1",
+                          "--warmup", "1"])
 def validate(opts: ValidateOptions = ValidateOptions()) -> None:
     """Time decode steps with the TieredCache against all-in-HBM, sweep the host link, write a calibration
     (--executor graph: the step captured as a CUDA graph, the GPU-bound measurement)."""
