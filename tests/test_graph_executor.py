@@ -122,31 +122,56 @@ def test_static_step_equals_the_exact_step_up_to_rounding(model, hbm):
             assert torch.equal(exact_buf.layers[0].tiers[:, :n], static_buf.layers[0].tiers[:, :n])
 
 
-def test_retiering_moves_only_the_tokens_whose_tier_changed(model):
-    """D2H bytes = the demotions (tokens that went HBM -> DDR), not the whole DDR tier."""
+def _check_slots(buffers) -> None:
+    """Every token is held exactly once, by HBM or DDR, and the tier codes say which."""
     from tiersim.hierarchy.policy import DDR, HBM
-    from tiersim.validator.graph import GraphStep
 
-    _, buffers = _pair(model, 0.5, 2, 8, retier_every=4, recent_window=16)
-    step = GraphStep(model, buffers)
-    with torch.inference_mode():
-        for _ in range(4):
-            step.run()
-    before = [lt.tiers[:, : buffers.n_seen].clone() for lt in buffers.layers]
-    moved = buffers.retier(4)
-    after = [lt.tiers[:, : buffers.n_seen] for lt in buffers.layers]
-    demoted = sum(int(((b == HBM) & (a == DDR)).sum()) for b, a in zip(before, after))
-    promoted = sum(int(((b == DDR) & (a == HBM)).sum()) for b, a in zip(before, after))
-    assert moved == {"demoted": demoted, "promoted": promoted} and demoted > 0
-    assert buffers.bytes_d2h == demoted * buffers.token_bytes // buffers.batch
-    ddr_total = sum(lt.n_ddr for lt in buffers.layers) * buffers.batch
-    assert demoted < ddr_total
-    # every slot is held exactly once, by HBM or DDR, and the tier codes say which
     for lt in buffers.layers:
         for row in range(buffers.batch):
             slots = torch.cat((lt.hbm_slots[row, : lt.n_hbm], lt.ddr_slots[row, : lt.n_ddr]))
             assert sorted(slots.tolist()) == list(range(buffers.n_seen))
             assert bool((lt.tiers[row, lt.ddr_slots[row, : lt.n_ddr]] == DDR).all())
+            assert bool((lt.tiers[row, lt.hbm_slots[row, : lt.n_hbm]] == HBM).all())
+            assert bool((lt.hbm_slots[row, lt.n_hbm :] == buffers.trash).all())
+
+
+def test_retiering_moves_only_the_tokens_whose_tier_changed(model):
+    """D2H bytes = the demotions (tokens that went HBM -> DDR), not the whole DDR tier; over several
+    re-tierings of a batch whose rows swap different tokens, every token stays held exactly once, with
+    the K/V it arrived with."""
+    from tiersim.hierarchy.policy import DDR, HBM
+    from tiersim.validator.graph import GraphStep
+
+    _, buffers = _pair(model, 0.5, 4, 12, retier_every=3, recent_window=16)
+    first = buffers.layers[0]  # layer 0's prefill tokens in HBM, by (row, slot)
+    held = {(row, int(s)): first.hbm_k[row, :, i].clone() for row in range(buffers.batch)
+            for i, s in enumerate(first.hbm_slots[row, : first.n_hbm])}
+    step = GraphStep(model, buffers)
+    d2h = 0
+    for k in range(1, 10):
+        with torch.inference_mode():
+            step.run()
+        if not buffers.due(k):
+            continue
+        before = [lt.tiers[:, : buffers.n_seen].clone() for lt in buffers.layers]
+        moved = buffers.retier(k)
+        after = [lt.tiers[:, : buffers.n_seen] for lt in buffers.layers]
+        demoted = sum(int(((b == HBM) & (a == DDR)).sum()) for b, a in zip(before, after))
+        promoted = sum(int(((b == DDR) & (a == HBM)).sum()) for b, a in zip(before, after))
+        assert moved == {"demoted": demoted, "promoted": promoted}
+        d2h += demoted
+        assert demoted < sum(lt.n_ddr for lt in buffers.layers) * buffers.batch
+        _check_slots(buffers)
+    assert d2h > 0 and buffers.bytes_d2h == d2h * buffers.token_bytes // buffers.batch
+    lt = buffers.layers[0]  # a prefill token keeps its K wherever it went
+    for row in range(buffers.batch):
+        where = {int(s): ("hbm", i) for i, s in enumerate(lt.hbm_slots[row, : lt.n_hbm])}
+        where.update({int(s): ("ddr", i) for i, s in enumerate(lt.ddr_slots[row, : lt.n_ddr])})
+        for (r, slot), k0 in held.items():
+            if r == row:
+                tier, i = where[slot]
+                got = lt.hbm_k[row, :, i] if tier == "hbm" else lt.ddr_k[row, :, i]
+                assert torch.equal(got, k0)
 
 
 @pytest.mark.parametrize("strategy", ["host-attention", "hybrid", "selective"])
