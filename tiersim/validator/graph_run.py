@@ -31,7 +31,7 @@ from tiersim import fileformat
 from tiersim.errors import TiersimError
 from tiersim.validator.timing import Stopwatch, summarize
 
-EXECUTORS = {"cuda": "cuda-graph", "cpu": "graph-eager"}
+EXECUTORS = {"cuda": "cuda-graph", "cpu": "graph-eager"}  # "cuda-eager": a point whose capture failed
 DEFAULT_BATCHES = (1, 8, 32, 64)
 DEFAULT_CONTEXTS = (2048, 8192)
 DEFAULT_HBM = (1.0, 0.5, 0.25)
@@ -139,8 +139,16 @@ def measure_point(model, batch: int, context: int, hbm: float, steps: int, warmu
             ids = torch.randint(cfg.vocab_size, (batch, 1), generator=generator, device=dev)
             full.ids.copy_(ids)
             busy.ids.copy_(ids)
+            capture_error = None
             if watch.cuda:
-                runs = {"full": CapturedStep(full, warmup).replay, "busy": CapturedStep(busy, warmup).replay}
+                try:
+                    runs = {"full": CapturedStep(full, warmup).replay, "busy": CapturedStep(busy, warmup).replay}
+                except Exception as exc:  # noqa: BLE001 - a step that cannot be captured is timed eagerly, and says so
+                    if "out of memory" in str(exc).lower():
+                        raise
+                    capture_error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+                    torch.cuda.synchronize(dev)
+                    runs = {"full": full.run, "busy": busy.run}
             else:
                 runs = {"full": full.run, "busy": busy.run}
                 for _ in range(max(warmup, 1)):
@@ -184,6 +192,7 @@ def measure_point(model, batch: int, context: int, hbm: float, steps: int, warmu
                            "ddr": counts["ddr"] * buffers.token_bytes * cfg.num_hidden_layers,
                            "staging": 2 * buffers.cap_ddr * buffers.token_bytes},
             "tiers": counts, "steps": steps, "warmup": warmup, "sdpa": sdpa,
+            "executor": EXECUTORS[dev.type] if capture_error is None else "cuda-eager", "capture_error": capture_error,
         }
     finally:
         del buffers
@@ -275,7 +284,10 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
                     continue
                 points.append(calibrate.ValidationPoint.measured(shape.name, batch, context, hbm, m, baseline, why))
                 extras.append({k: m[k] for k in ("step_ms_p10", "gpu_busy_ms", "gpu_busy_ms_p10", "gpu_busy_ms_p90",
-                                                 "copy_ms", "h2d_gbps_in_step", "retier_ms", "tiers")} if m else {})
+                                                 "copy_ms", "h2d_gbps_in_step", "retier_ms", "tiers", "executor",
+                                                 "capture_error")} if m else {})
+                if m and m["capture_error"]:
+                    log(f"  not captured ({m['capture_error']}): timed eagerly")
                 if m:
                     log(f"  step {m['step_ms']:.3f} ms (busy {m['gpu_busy_ms']:.3f}, stall {m['stall_ms']:.3f}), "
                         f"H2D {m['h2d_bytes'] / 1e6:.1f} MB/step"
@@ -292,6 +304,8 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
                                                                                   settings["steps"]))
          for b in baselines],
         [b["step_ms"] / 1e3 / shape.num_layers for b in baselines], fallback_gbps=copy_rate)
+    # The file is a CUDA-graph measurement only if every measured point was replayed from a graph.
+    executor = next((e["executor"] for e in extras if e and e["executor"] != executor), executor)
     doc = {
         **fileformat.header(fileformat.CALIBRATION),
         "command": command,
