@@ -224,7 +224,8 @@ def test_cpu_grid_writes_a_graph_eager_calibration(tmp_path):
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_cuda_graph_replay_equals_the_eager_static_step():
-    """The captured graph runs the static step's kernels: its logits equal the eager static step's."""
+    """The captured graph runs the static step's kernels: its logits equal the eager static step's (within bf16
+    rounding: cuBLAS may pick another algorithm for the capture stream's workspace) and pick the same token."""
     from tiersim.validator.graph import CapturedStep, GraphStep
     from tiersim.validator.shapes import build_model, get_shape
 
@@ -239,7 +240,8 @@ def test_cuda_graph_replay_equals_the_eager_static_step():
         captured = CapturedStep(graphed, warmup=2)
         for i in range(6):
             a, b = eager.run(), captured.replay().clone()
-            assert torch.equal(a, b), f"replay {i} differs"
+            torch.testing.assert_close(b, a, msg=lambda m, i=i: f"replay {i}: {m}")
+            assert torch.equal(a.argmax(-1), b.argmax(-1)), f"replay {i} picks another token"
             for buf in (eager_buf, graph_buf):
                 if buf.due(buf.n_seen - B_CONTEXT):
                     buf.retier(buf.n_seen - B_CONTEXT)
@@ -261,7 +263,9 @@ def test_cuda_exact_step_matches_the_tiered_cache():
         for i in range(6):
             ref = model(input_ids=ids[i], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits
             step.ids.copy_(ids[i])
-            torch.testing.assert_close(step.run(), ref, rtol=0, atol=0)
+            out = step.run()  # bf16 on the GPU: the same kernels on differently strided K/V, within rounding
+            torch.testing.assert_close(out, ref)
+            assert torch.equal(out.argmax(-1), ref.argmax(-1))
             if buffers.due(i + 1):
                 buffers.retier(i + 1)
 
