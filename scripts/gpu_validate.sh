@@ -28,7 +28,7 @@ if [ "${DRY_RUN:-0}" = "1" ]; then
   cuda_tests=(tests/test_graph_executor.py)  # every CUDA test skips on a CPU: collecting one file proves the step
 else
   DEVICE=cuda SHAPE=${SHAPE:-r1-distill-qwen-7b} BATCH=${BATCH:-1,8,32,64} CONTEXT=${CONTEXT:-2048,8192}
-  HBM=${HBM:-1.0,0.5,0.25} STEPS=${STEPS:-16} WARMUP=${WARMUP:-2} GRID_BUDGET_S=${GRID_BUDGET_S:-140}
+  HBM=${HBM:-1.0,0.5,0.25} STEPS=${STEPS:-16} WARMUP=${WARMUP:-2} GRID_BUDGET_S=${GRID_BUDGET_S:-130}
   OPS_BUDGET_S=${OPS_BUDGET_S:-50} DEST=${DEST:-docs/validation}
   ops_args=()
   cuda_tests=(tests/test_cuda_cache.py tests/test_validator.py tests/test_graph_executor.py)
@@ -63,7 +63,7 @@ run_step "cuda tests" 60 bash -c "set -o pipefail; '$PY' -m pytest -q -p no:cach
   -k cuda -rs 2>&1 | tee '$DEST/$slug-tests.txt'"
 
 # 2. The graph-executor grid: link sweep, captured decode steps per point, compute fit, calibration file.
-run_step "graph grid: $SHAPE, batch $BATCH, context $CONTEXT, hbm $HBM" $((GRID_BUDGET_S + 40)) bash -c \
+run_step "graph grid: $SHAPE, batch $BATCH, context $CONTEXT, hbm $HBM" $((GRID_BUDGET_S + 50)) bash -c \
   "set -o pipefail; '$PY' -m tiersim.validator --executor graph --device $DEVICE --model-shape '$SHAPE' \
   --batch '$BATCH' --context '$CONTEXT' --hbm '$HBM' --steps $STEPS --warmup $WARMUP --budget-s $GRID_BUDGET_S \
   --out '$DEST/$slug-graph.json' | tee '$DEST/$slug-graph.txt'"

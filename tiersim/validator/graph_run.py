@@ -206,7 +206,10 @@ def run_graph(shape_name: str | None = None, batches=DEFAULT_BATCHES, contexts=D
               device: str | None = "cuda", steps: int = 16, warmup: int = 3, out=None, budget_s: float | None = None,
               sdpa: str = "no-cudnn", profile=None, sweep_sizes=None, retier_every: int = 16,
               command: str | None = None, log=lambda _m: None) -> dict:
-    """Measure the grid with the graph executor; write ``out`` (a calibration file) atomically when given."""
+    """Measure the grid with the graph executor; write ``out`` (a calibration file) atomically when given.
+
+    ``budget_s`` counts from the start (link sweep, model build and pinning included); points that would
+    start after it are listed as skipped, so a run under a timeout still ends with its file."""
     from tiersim.validator import calibrate
     from tiersim.validator.sdpa import SDPA_CHOICES
     from tiersim.validator.shapes import get_shape, parameter_count
@@ -239,6 +242,7 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
     from tiersim.validator import calibrate, compute, link
     from tiersim.validator.shapes import build_model
 
+    started = time.monotonic()  # the budget covers the sweep, the build and the pinning too: the file must be written
     info = calibrate.device_info(dev)
     executor = EXECUTORS[dev.type]
     log(f"device: {info['name']} (torch {info['torch']}, CUDA {info['cuda']}); executor {executor}")
@@ -256,7 +260,6 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
         log(f"pinning {need / 1e9:.1f} GB of host memory for the DDR tier")
         arena = HostArena(need)
     points, extras, baselines = [], [], []
-    started = time.monotonic()
     for batch in batches:
         for context in contexts:
             baseline = None

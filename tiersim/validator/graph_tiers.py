@@ -167,13 +167,14 @@ class TierBuffers:
         lt.hbm_k[:, :, :n_h] = _gather(keys, hbm_idx)
         lt.hbm_v[:, :, :n_h] = _gather(values, hbm_idx)
         lt.hbm_slots[:, :n_h] = hbm_idx
-        if n_d:
-            lt.ddr_k[:, :, :n_d].copy_(_gather(keys, ddr_idx))
-            lt.ddr_v[:, :, :n_d].copy_(_gather(values, ddr_idx))
+        if self.cap_ddr:
+            # The whole buffer in one contiguous copy (a DMA into pinned memory, not a strided host copy);
+            # unused entries, staged to the trash slot every step, must be finite (weight 0 x NaN = NaN): zeros.
+            for host, src in ((lt.ddr_k, keys), (lt.ddr_v, values)):
+                block = torch.zeros(host.shape, dtype=self.dtype, device=self.device)
+                block[:, :, :n_d] = _gather(src, ddr_idx)
+                host.copy_(block)
             lt.ddr_slots[:, :n_d] = ddr_idx
-        # Unused entries are staged to the trash slot every step: they must be finite (weight 0 x NaN = NaN).
-        lt.ddr_k[:, :, n_d:].zero_()
-        lt.ddr_v[:, :, n_d:].zero_()
         lt.n_hbm, lt.n_ddr = n_h, n_d
         self._sync_counters()
 
