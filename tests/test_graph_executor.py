@@ -313,3 +313,19 @@ def test_simulate_against_a_host_bound_file_warns_and_still_compares(tmp_path):
                            "h100-sxm", "--calibration", str(graph), "--against", str(graph), "--format", "json"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "host-bound" not in proc.stderr
+
+
+@pytest.mark.parametrize("front", [["-m", "tiersim", "validate"], ["-m", "tiersim.validator"]])
+def test_both_front_ends_run_the_graph_executor_and_refuse_what_it_cannot_do(tmp_path, front):
+    import subprocess
+    import sys
+
+    out = tmp_path / "g.json"
+    base = [sys.executable, *front, "--executor", "graph", "--device", "cpu"]
+    proc = subprocess.run([*base, "--batch", "1", "--context", "72", "--hbm", "1.0,0.5", "--steps", "1",
+                           "--warmup", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "executor graph-eager" in " ".join(proc.stdout.split()) and json.loads(out.read_text())["executor"] == "graph-eager"
+    bad = subprocess.run([*base, "--prefill", "model"], capture_output=True, text=True, timeout=300)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1 and "--prefill model: the graph executor" in lines[0]
