@@ -122,6 +122,7 @@ def measure_point(model, batch: int, context: int, hbm: float, steps: int, warmu
     generator = torch.Generator(device=dev)
     generator.manual_seed(seed)
     retier_ms: list[float] = []
+    full = busy = runs = None
 
     def maybe_retier() -> None:
         k = buffers.n_seen - context
@@ -195,7 +196,8 @@ def measure_point(model, batch: int, context: int, hbm: float, steps: int, warmu
             "executor": EXECUTORS[dev.type] if capture_error is None else "cuda-eager", "capture_error": capture_error,
         }
     finally:
-        del buffers
+        # Drop the graphs and steps too, so their pools and the buffers are free before the next point.
+        buffers = full = busy = runs = None  # noqa: F841
         gc.collect()
         if watch.cuda:
             torch.cuda.empty_cache()
