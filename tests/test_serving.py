@@ -112,6 +112,7 @@ def test_spill_with_prefetch_keeps_every_token_and_only_adds_stalls():
     spilled = simulate(spec("spill", tight_gpu(MODEL, 0.4)), reqs)
     free = simulate(spec("spill"), reqs)
     assert spilled.summary["spilled_gb"] > 0 and spilled.summary["preemptions"] == 0
+    assert spilled.summary["link_gb"]["h2d"] > 0  # spilled tokens came back once HBM freed up
     assert [r.generated for r in spilled.engine.requests] == [r.generated for r in free.engine.requests]
     assert spilled.summary["tpot_ms"]["p99"] > free.summary["tpot_ms"]["p99"]
     pricer = StepPricer(MODEL, GPU)

@@ -264,6 +264,8 @@ class Engine:
                 continue
             if room_rows <= 0:
                 break
+            if self.sum_spilled and self.config.on_full == "spill":
+                break  # spill is an overflow buffer for the running requests, not room for new ones
             if r.target == 0 and r.generated == 0:
                 r.target = r.prompt
             need = blocks(r.target)
