@@ -49,6 +49,13 @@ class DDRAccess:
         self.fetched_tokens = 0  # DDR tokens that reached attention on the device, and of how many
         self.ddr_tokens = 0
 
+    def __getstate__(self) -> dict:
+        """Copies (deepcopy, pickle) leave out the CUDA stream: a copy makes its own on first use."""
+        state = dict(self.__dict__)
+        if "stream" in state:
+            state["stream"] = None
+        return state
+
     @property
     def fetched_share(self) -> float | None:
         """Share of the DDR tier's tokens fetched to the device for attention (None: no DDR step yet)."""
@@ -159,13 +166,29 @@ class HostAttention(DDRAccess):
     def __init__(self) -> None:
         super().__init__()
         self.stream = None
+        self._start_workers()
+
+    def _start_workers(self) -> None:
         # No shutdown call: the cache has no end (a later generate may continue it); an executor's
         # idle worker exits once the executor is garbage collected with the cache.
         self._host = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiersim-host")
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiersim-device")
 
+    def __getstate__(self) -> dict:
+        """Worker threads cannot be copied or pickled: a copy (deepcopy, pickle) starts its own."""
+        state = super().__getstate__()
+        del state["_host"], state["_device"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._start_workers()
+
     def attention_inputs(self, layer):
-        # Only the device tiers' own storage: the model's attention does not read them (``attend`` does).
+        if not layer.ddr:
+            # Nothing to attend to on the host: the stock attention runs, over every device tier.
+            return layer.assemble([])
+        # The model's attention does not read these (``attend`` reads every tier from ``device_tiers``).
         return layer.hbm_k, layer.hbm_v
 
     def attend(self, layer, query: torch.Tensor, attention_mask, scaling: float, n_probs: int):
@@ -174,7 +197,10 @@ class HostAttention(DDRAccess):
         q_len, n_keys = query.shape[2], layer.num_retained
         fetched, host_items = self.split(layer)
         dev_segs, dev_slots = [], []
-        for keys, values, slots, valid in layer.device_tiers() + fetched:
+        device_tiers = [tier[:4] for tier in layer.device_tiers()]
+        # Dequantized compressed tokens and fetched DDR copies exist on the device for this step only.
+        layer.note_buffer(sum(2 * _nbytes(k) for k, *_ in device_tiers[1:] + fetched if k is not layer.residual_k))
+        for keys, values, slots, valid in device_tiers + fetched:
             dev_segs.append(Segment(keys, values, allowed_columns(attention_mask, slots, valid, q_len, n_keys)))
             dev_slots.append((slots, valid))
         live = layer.num_ddr

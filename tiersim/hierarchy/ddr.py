@@ -31,6 +31,12 @@ class DDRChunk:
     live_row0: int = 0  # row 0's tokens in the DDR tier (set with the index, once per re-tiering)
     bounds: tuple | None = None  # selective: per-page key (min, max) [B, H, pages, D] on the compute device
 
+    def __getstate__(self) -> dict:
+        """A copy waits for the copy-down to finish and leaves the CUDA event out (it cannot be copied)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return {**self.__dict__, "ready": None}
+
     def refresh_index(self) -> None:
         """Rebuild the scatter index of the valid entries (once per re-tiering, not per step), and
         row 0's live count: reading it from ``valid`` (on the GPU) every step would sync every layer."""
