@@ -16,8 +16,9 @@ from tiersim.cli.app import (
 from tiersim.cli.groups import STRATEGY_HELP, CacheShape, ModelRun
 from tiersim.cli.progress import meter
 from tiersim.errors import TiersimError
+from tiersim.hierarchy import registry as policies
 
-DEFAULT_BASELINES = "h2o,rkv,snapkv,streamingllm"
+DEFAULT_BASELINES = ",".join(sorted(policies.BASELINE_NAMES))  # every eviction baseline (the policy registry's)
 DEFAULT_STRATEGY = CacheShape.strategy  # what an empty --strategy list runs
 RAY_HELP = ("run every generation as a task on Ray, the model loaded once per worker (needs "
             "pip install 'tiersim\\[cluster]'; see docs/cluster.md)")
@@ -32,7 +33,8 @@ def parse_baselines(text: str) -> list[str]:
 @app.command()
 @options.command(outputs={"out": (".json", ".parquet"), "report": (".html", ".htm")}, help={"strategy": "how the DDR tier reaches attention (a comma list: the first runs the hierarchy's "
                                    "cells, each further one adds its cells that hold DDR tokens, as "
-                                   f"hierarchy/<strategy>): {STRATEGY_HELP}"})
+                                   f"hierarchy/<strategy>): {STRATEGY_HELP}"},
+                 example=["--n", "1", "--max-new-tokens", "1"], loads_model=True)
 def grid(
     runtime: ModelRun = ModelRun(),
     prompts: Path = typer.Option(None, help="JSONL with a 'prompt' (and optional 'answer') per line; default: bundled"),

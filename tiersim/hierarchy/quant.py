@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from tiersim.errors import TiersimError
+from tiersim.hierarchy import quant_layout
 
 
 def _levels(bits: int) -> int:
@@ -185,11 +186,9 @@ def quantize_kv(keys: torch.Tensor, values: torch.Tensor, bits: int = 4, group: 
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     batch, heads, n, dim = keys.shape
-    if group > dim:
-        raise ValueError(f"the quantization group {group} is wider than head_dim {dim}")
-    if dim % group:
+    if dim % group and group < dim:
         raise ValueError(f"head_dim {dim} is not a multiple of the quantization group {group}")
-    value_group = group
+    value_group = quant_layout.value_group(group, dim)
     if not (bool(torch.isfinite(keys).all()) and bool(torch.isfinite(values).all())):
         raise TiersimError(
             "the compressed tier got non-finite keys or values (NaN or inf, e.g. a float16 overflow): "
@@ -243,6 +242,7 @@ def error_bound(x: torch.Tensor, bits: int, group: int, per: str) -> torch.Tenso
         g = xp.reshape(batch, heads, n_groups, group, dim)
         step = _step(g.amin(3), g.amax(3), bits)
         return (step.repeat_interleave(group, dim=2)[:, :, :n]) / 2
-    g = x.reshape(batch, heads, n, dim // min(group, dim), min(group, dim))
+    vg = quant_layout.value_group(group, dim)
+    g = x.reshape(batch, heads, n, dim // vg, vg)
     step = _step(g.amin(-1, keepdim=True), g.amax(-1, keepdim=True), bits)
     return (step.expand_as(g) / 2).reshape(x.shape)
