@@ -1,10 +1,8 @@
 """How the DDR tier reaches attention: one small interface, one implementation per strategy.
 
-A :class:`~tiersim.hierarchy.cache.TieredLayer` owns its tiers; a ``DDRAccess`` decides how the
-DDR tokens take part in that layer's attention. The cache calls ``attention_inputs`` in
-``update`` (what it hands the model's attention), ``prefetch`` on the next layer while this one
-computes, and, for strategies that attend where the tokens live, the ``"tiersim"`` attention
-calls ``attend``. ``prefetch``/``fetch`` are public so the validator can time them.
+A :class:`~tiersim.hierarchy.layer.TieredLayer` owns its tiers; a ``DDRAccess`` decides how the DDR tokens
+take part in its attention: ``attention_inputs`` (in ``update``), ``prefetch`` (one layer ahead), ``attend``
+(strategies that attend where the tokens live). ``prefetch``/``fetch`` are public for the validator's timing.
 
 * ``prefetch``: the whole DDR tier is copied to the device (staging buffers, side stream on CUDA)
   and the layer is reassembled in token order; attention is stock SDPA, bit-identical to
@@ -16,7 +14,7 @@ calls ``attend``. ``prefetch``/``fetch`` are public so the validator can time th
 * ``host-attention``: attention over the DDR tokens runs on the host (a worker thread over the
   host tensors) while the device part (HBM, compressed) runs in parallel; the two partial outputs
   are merged with their log-sum-exp (:mod:`tiersim.hierarchy.split_attention`). Exact up to float32
-  rounding inside each part; nothing is reassembled except at re-tiering points (promotions).
+  rounding inside each part (per dtype: docs/quality.md); reassembled only to re-tier (promotions).
 """
 
 from __future__ import annotations
@@ -26,15 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from tiersim.errors import ConfigError
-from tiersim.hierarchy import pages
+from tiersim.hierarchy import ddr, pages
 from tiersim.hierarchy.config import STRATEGIES
 from tiersim.hierarchy.masks import allowed_keys
-from tiersim.hierarchy.split_attention import (
-    Segment,
-    allowed_columns,
-    merge,
-    partial_attention,
-)
+from tiersim.hierarchy.split_attention import Segment, allowed_columns, merge, partial_attention
 
 
 class DDRAccess:
@@ -177,9 +170,7 @@ class HostAttention(DDRAccess):
 
     def __getstate__(self) -> dict:
         """Worker threads cannot be copied or pickled: a copy (deepcopy, pickle) starts its own."""
-        state = super().__getstate__()
-        del state["_host"], state["_device"]
-        return state
+        return {k: v for k, v in super().__getstate__().items() if k not in ("_host", "_device")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -261,24 +252,10 @@ class HostAttention(DDRAccess):
         return dev, host
 
     def _to_host(self, query, masks):
-        """Query and masks down to pinned host memory on a side stream; an event marks arrival."""
+        """Query and masks down to pinned host memory on the side stream (:func:`ddr.pinned_down`)."""
         if self.stream is None:
             self.stream = torch.cuda.Stream(device=query.device)
-        self.stream.wait_stream(torch.cuda.current_stream(query.device))
-        with torch.cuda.stream(self.stream):
-            q_host = torch.empty(query.shape, dtype=query.dtype, pin_memory=True)
-            q_host.copy_(query, non_blocking=True)
-            out_masks = []
-            for m in masks:
-                if m is None:
-                    out_masks.append(None)
-                    continue
-                h = torch.empty(m.shape, dtype=m.dtype, pin_memory=True)
-                h.copy_(m, non_blocking=True)
-                out_masks.append(h)
-            ready = torch.cuda.Event()
-            ready.record(self.stream)
-        return q_host, out_masks, ready
+        return ddr.pinned_down(self.stream, query, masks)
 
     @staticmethod
     def _to_device(part, device):

@@ -92,3 +92,21 @@ def compact(chunks: list) -> list:
         merged_k, merged_v = merged_k.pin_memory(), merged_v.pin_memory()
     merged = DDRChunk(merged_k, merged_v, index_valid, slots.gather(1, index))
     return [merged, newest]
+
+
+def pinned_down(stream, query: torch.Tensor, masks: list):
+    """(query, masks, ready event) copied to pinned host memory on ``stream`` once the compute stream's
+    work so far is done: what host-attention sends down for the host's part of attention."""
+    stream.wait_stream(torch.cuda.current_stream(query.device))
+    with torch.cuda.stream(stream):
+        out = []
+        for t in (query, *masks):
+            if t is None:
+                out.append(None)
+                continue
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            out.append(host)
+        ready = torch.cuda.Event()
+        ready.record(stream)
+    return out[0], out[1:], ready
