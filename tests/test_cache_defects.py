@@ -19,6 +19,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from exactness import HOST_ATTENTION_BOUND, logit_error_until_divergence
 from generation import generate, random_prompt
 
 from tiersim.compat import cache_kwargs
@@ -158,23 +159,6 @@ def test_a_non_finite_key_inside_the_cache_is_a_clear_error(tiny_llama):
 
 
 # -- host-attention's exactness, per dtype ----------------------------------------------------------------------
-#: The largest |logit difference| from DynamicCache up to a first differing token (both runs saw the same tokens
-#: until then): float32 the exactness target, bf16/fp16 measured on this tiny model over 40 prompts by
-#: benchmarks/bench_host_attention_dtypes.py (docs/benchmarks.md); docs/quality.md states the claim per dtype.
-HOST_ATTENTION_BOUND = {torch.float32: 1e-4, torch.bfloat16: 0.16, torch.float16: 0.0234}
-
-
-def _until_divergence(out, ref) -> tuple[float, bool]:
-    """(largest |logit difference| at the steps both runs decoded from the same tokens, tokens identical)."""
-    worst, same = 0.0, True
-    new_out, new_ref = out.sequences[0, -len(out.logits):], ref.sequences[0, -len(ref.logits):]
-    for step, (a, b) in enumerate(zip(out.logits, ref.logits)):
-        worst = max(worst, float((a.float() - b.float()).abs().max()))
-        if new_out[step] != new_ref[step]:
-            return worst, False
-    return worst, same
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_host_attention_stays_within_its_stated_bound_per_dtype(dtype):
     from tiersim.models import tiny_model
@@ -185,7 +169,7 @@ def test_host_attention_stays_within_its_stated_bound_per_dtype(dtype):
         ids = random_prompt(model, 40, seed=seed)
         ref = generate(model, ids, DynamicCache(), 24)
         out = generate(model, ids, TieredCache(TierConfig(hbm=0.3, ddr=0.7, strategy="host-attention", **SMALL)), 24)
-        worst, same = _until_divergence(out, ref)
+        worst, same = logit_error_until_divergence(out, ref)
         assert worst <= HOST_ATTENTION_BOUND[dtype], (seed, worst)
         identical += same
     if dtype == torch.float32:
