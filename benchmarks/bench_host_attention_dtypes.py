@@ -76,7 +76,7 @@ def main() -> None:
         "host-attention vs DynamicCache, greedy, CPU. Logit error: the largest |logit difference| up to and "
         "including the first step whose token differs (both runs saw the same tokens until then); relative: "
         "that difference over the largest |logit| of its row.\n\n"
-        + markdown_table(["model", "dtype", "runs x tokens", "tokens identical", "largest |logit diff|",
+        + markdown_table(["model", "dtype", "runs x tokens", "tokens identical", "largest logit diff",
                           "relative"], rows)
     )
     print(body)
