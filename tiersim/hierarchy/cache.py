@@ -159,9 +159,11 @@ class TieredCache(Cache):
             return 0
         return self.layers[layer_idx].num_retained
 
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length, layer_idx: int = 0) -> tuple[int, int]:
+        """(keys the mask spans, offset); ``query_length`` is the queries' count, or before transformers 5.3
+        their ``cache_position`` tensor (``TieredLayer.get_mask_sizes`` reads either)."""
         if layer_idx >= len(self.layers):
-            return query_length, 0
+            return (query_length.shape[0] if isinstance(query_length, torch.Tensor) else query_length), 0
         return self.layers[layer_idx].get_mask_sizes(query_length)
 
     def reorder_cache(self, beam_idx):

@@ -151,11 +151,20 @@ class TieredLayer(CacheLayerMixin):
         """Tokens seen (evicted ones included): transformers derives new tokens and positions from it."""
         return self.context_len
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """The mask spans the retained tokens (what attention gets) plus the new queries."""
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        """The mask spans the retained tokens (what attention gets) plus the new queries.
+
+        transformers before 5.3 passes the queries' ``cache_position`` tensor instead of their count.
+        """
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
         return self.num_retained + query_length, 0
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:
+        """No fixed capacity (transformers before 5.3 asks under this name)."""
         return -1
 
     def update(self, key_states, value_states, *args, **kwargs):
