@@ -84,6 +84,7 @@ def work(tmp_path_factory):
     shutil.copy(default_trace_path(), folder / "trace.parquet")
     (folder / "config.json").write_text(json.dumps(GOOD_CONFIG))
     (folder / "prompts.jsonl").write_text(json.dumps({"prompt": "What is 2 + 2?"}) + "\n")
+    (folder / "requests.csv").write_text("arrival_s,prompt_tokens,output_tokens\n0,8,4\n0.5,8,4\n")
     shutil.copy(REPO / "docs" / "validation" / "h100-80gb-hbm3.json", folder / "calibration.json")
     shutil.copy(REPO / "docs" / "validation" / "h100-80gb-hbm3-operators.json", folder / "profile.json")
     cwd = os.getcwd()
@@ -96,7 +97,7 @@ def work(tmp_path_factory):
 #: input option added later gets a placeholder file (the sameness is refused before anything reads it).
 VALID_INPUT = {"--trace": "trace.parquet", "INPUT": "capacity.json", "--model-config": "config.json",
                "--prompts": "prompts.jsonl", "--calibration": "calibration.json", "--against": "calibration.json",
-               "--compare": "calibration.json", "--profile": "profile.json"}
+               "--compare": "calibration.json", "--profile": "profile.json", "--requests-file": "requests.csv"}
 
 
 def base_args(command: str, without=None, commands=None) -> list[str]:

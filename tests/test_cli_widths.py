@@ -28,6 +28,9 @@ SAMPLES = {
     "capacity": [["capacity", "--batch", "64", "--steps", "32"],
                  ["capacity", "--batch", "16..256", "--model", "qwq-32b", "--lengths", "aime", "--steps", "32"]],
     "presets": [["presets"]],
+    "serve": [["serve", "--requests", "40", "--qps", "2", "--model", "r1-distill-qwen-1.5b", "--lengths", "300"],
+              ["capacity", "--qps", "4..32", "--requests", "40", "--model", "r1-distill-qwen-1.5b", "--lengths", "300",
+               "--on-full", "spill,queue"]],
     "validate": [["validate", "--compare", str(REPO / "docs" / "validation" / "h100-80gb-hbm3.json")]],
 }
 #: What differs between widths by design: the note naming the columns left out, and the measured speed.
@@ -68,7 +71,7 @@ def test_output_fits_without_cutting_a_token(monkeypatch, tmp_path, args, width)
     assert not cut, f"tokens cut at {width} columns: {cut[:8]}"
     first = True
     for line in narrow.splitlines():
-        if first and args[0] == "capacity":  # the recommendation is one sentence on one line (`| head -1`)
+        if first and args[0] in ("capacity", "serve"):  # the recommendation is one sentence on one line (`| head -1`)
             first = False
             continue
         assert len(line.rstrip()) <= width or len(line.split()) == 1, f"{len(line.rstrip())} columns: {line!r}"

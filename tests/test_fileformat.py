@@ -126,7 +126,7 @@ def test_kind_names_and_schema_versions_are_written_only_in_fileformat():
 
 # The layers, top to bottom; a module may import its own layer or any below it, never one above.
 LAYERS = {
-    "__main__": 7, "cli": 6, "validator": 5, "simulator": 4, "traces": 3, "quality": 3, "models": 2,
+    "__main__": 7, "cli": 6, "validator": 5, "serving": 5, "simulator": 4, "traces": 3, "quality": 3, "models": 2,
     "hierarchy": 1, "report": 1, "cluster": 0, "prompts": 0, "compat": 0, "errors": 0, "atomic": 0,
     "fileformat": 0, "options": 0, "shapes": 0,
 }

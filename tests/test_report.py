@@ -81,8 +81,8 @@ def _write(tmp_path: Path, name: str, obj) -> Path:
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda d: d | {"kind": "bogus"}, "calibration file (kind 'bogus')"),
-    (lambda d: {k: v for k, v in d.items() if k != "kind"}, "calibration file (kind None)"),
+    (lambda d: d | {"kind": "bogus"}, "serving-capacity file (kind 'bogus')"),
+    (lambda d: {k: v for k, v in d.items() if k != "kind"}, "serving-capacity file (kind None)"),
     (lambda d: d | {"schema_version": 2}, "schema_version 2 is newer"),
     (lambda d: d | {"schema_version": "1"}, "schema_version must be an integer"),
     (lambda d: d | {"rows": [{k: v for k, v in r.items() if k != "overhead_pct"} for r in d["rows"]]},
@@ -171,7 +171,7 @@ def test_throughput_frontier_has_a_curve_per_strategy_the_slo_and_the_full_cache
     points = pd.DataFrame(doc["points"])
     fig = figures.throughput_frontier(points, 50.0, doc["planner"]["full_cache"])
     names = [t.name for t in fig.data]
-    assert "prefetch" in names and "compressed-transfer * (approximate)" in names
+    assert "prefetch" in names and "int8 transfer * (approximate)" in names  # the registry's label
     assert any(n.startswith("full cache, batch 64") for n in names)
     fitting = points[points["fits"]]
     for trace in fig.data:

@@ -43,8 +43,12 @@ CALIBRATION = FileKind("calibration", 1, ("json",))
 OPERATOR_PROFILE = FileKind("operator-profile", 1, ("json",))
 REPORT = FileKind("report", 1, ("html",))
 TRACE_PROJECTION = FileKind("trace-projection", 1, ("json",))  # the bundled trace's fit, shipped beside it
+REQUESTS = FileKind("requests", 1, ("parquet",))  # a serving workload (CSV and JSON lines are read too)
+SERVING = FileKind("serving", 1, ("parquet",))  # one serving run: per-request rows, summary and timeline
+SERVING_CAPACITY = FileKind("serving-capacity", 1, ("json",))  # highest QPS within SLOs, per on-full policy
 KINDS: dict[str, FileKind] = {k.name: k for k in (TRACE, SIMULATION, CAPACITY, QUALITY_GRID, CALIBRATION,
-                                                  OPERATOR_PROFILE, REPORT, TRACE_PROJECTION)}
+                                                  OPERATOR_PROFILE, REPORT, TRACE_PROJECTION, REQUESTS, SERVING,
+                                                  SERVING_CAPACITY)}
 
 
 def stamp(kind: FileKind) -> dict[str, Any]:

@@ -16,8 +16,9 @@ from tiersim.cli.app import (
 from tiersim.cli.groups import STRATEGY_HELP, CacheShape, ModelRun
 from tiersim.cli.progress import meter
 from tiersim.errors import TiersimError
+from tiersim.hierarchy import registry as policies
 
-DEFAULT_BASELINES = "h2o,rkv,snapkv,streamingllm"
+DEFAULT_BASELINES = ",".join(sorted(policies.BASELINE_NAMES))  # every eviction baseline (the policy registry's)
 DEFAULT_STRATEGY = CacheShape.strategy  # what an empty --strategy list runs
 RAY_HELP = ("run every generation as a task on Ray, the model loaded once per worker (needs "
             "pip install 'tiersim\\[cluster]'; see docs/cluster.md)")

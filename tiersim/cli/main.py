@@ -6,6 +6,7 @@ from tiersim.cli.app import app, run
 
 # One line per command module; each registers its commands on `app` (help lists them in this order).
 from tiersim.cli import cmd_simulate  # noqa: F401,E402  (simulate, capacity)
+from tiersim.cli import cmd_serve  # noqa: F401,E402  (serve; capacity --qps)
 from tiersim.cli import cmd_presets  # noqa: F401,E402
 from tiersim.cli import cmd_capture  # noqa: F401,E402  (capture, synth)
 from tiersim.cli import cmd_grid  # noqa: F401,E402

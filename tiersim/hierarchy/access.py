@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from tiersim.errors import ConfigError
+from tiersim.hierarchy import pages
 from tiersim.hierarchy.config import STRATEGIES
 from tiersim.hierarchy.masks import allowed_keys
 from tiersim.hierarchy.split_attention import (
@@ -307,7 +308,7 @@ class Selective(Prefetch):
     """
 
     name = "selective"
-    PAGE = 16
+    PAGE = pages.PAGE
 
     def __init__(self, share: float) -> None:
         super().__init__()
@@ -344,15 +345,9 @@ class Selective(Prefetch):
         batch, q_len, n_keys = query.shape[0], query.shape[2], layer.num_retained
         bounds = [self._bounds(c, layer.device) for c in layer.ddr]
         scores = torch.cat([self._upper_bound(query, lo, hi) for lo, hi in bounds], dim=1)  # [B, pages]
-        live = torch.cat([self._live_per_page(c, lo.shape[2]) for c, (lo, _) in zip(layer.ddr, bounds)], dim=1)
-        # Highest bound first, until the pages taken hold ``share`` of the row's live DDR tokens.
-        order = scores.argsort(dim=1, descending=True)
-        live_sorted = live.gather(1, order)
-        before = live_sorted.cumsum(dim=1) - live_sorted
-        target = self.share * live.sum(dim=1, keepdim=True)
-        take_sorted = before < target
-        take_sorted[:, 0] = True
-        chosen = torch.zeros_like(take_sorted).scatter_(1, order, take_sorted)
+        live = torch.cat([pages.live_per_page(c, lo.shape[2], self.PAGE) for c, (lo, _) in zip(layer.ddr, bounds)],
+                         dim=1)
+        chosen = pages.choose(scores, live, self.share)
         allowed = allowed_keys(attention_mask, batch, q_len, n_keys, device=query.device)
         if allowed is None:  # one query, no mask: it sees every key until the unfetched ones are hidden
             allowed = torch.ones((batch, 1, q_len, n_keys), dtype=torch.bool, device=query.device)
@@ -360,10 +355,10 @@ class Selective(Prefetch):
             allowed = allowed.clone()  # written below (an expanded view may share one row)
         start, fetched_row0, live_row0 = 0, 0, 0
         for chunk, (lo, _) in zip(layer.ddr, bounds):
-            pages = lo.shape[2]
+            n_pages = lo.shape[2]
             page_of = torch.arange(chunk.keys.shape[2], device=query.device) // self.PAGE
-            picked = chosen[:, start : start + pages][:, page_of] & chunk.valid
-            start += pages
+            picked = chosen[:, start : start + n_pages][:, page_of] & chunk.valid
+            start += n_pages
             rows, cols = torch.nonzero(picked, as_tuple=True)
             if rows.numel():
                 slots = chunk.slot[rows, cols]
@@ -382,36 +377,9 @@ class Selective(Prefetch):
         return allowed
 
     def _bounds(self, chunk, device):
-        """Per-page key (min, max) of a chunk, on the device (computed once per chunk)."""
-        if chunk.bounds is None:
-            if chunk.ready is not None:
-                chunk.ready.synchronize()
-            k = chunk.keys
-            batch, heads, m, dim = k.shape
-            pages = -(-m // self.PAGE)
-            pad = pages * self.PAGE - m
-            # Padding repeats the last token: a page's bounds stay those of its own tokens.
-            kp = torch.cat((k, k[:, :, -1:].expand(batch, heads, pad, dim)), dim=2) if pad else k
-            kp = kp.float().reshape(batch, heads, pages, self.PAGE, dim)
-            chunk.bounds = (kp.amin(dim=3).to(device), kp.amax(dim=3).to(device))
-        return chunk.bounds
+        return pages.page_bounds(chunk, device, self.PAGE)
 
-    def _live_per_page(self, chunk, pages: int) -> torch.Tensor:
-        """[B, pages]: the chunk's tokens still in the DDR tier, per page."""
-        valid = chunk.valid
-        pad = pages * self.PAGE - valid.shape[1]
-        if pad:
-            valid = torch.cat((valid, valid.new_zeros((valid.shape[0], pad))), dim=1)
-        return valid.reshape(valid.shape[0], pages, self.PAGE).sum(dim=2)
-
-    @staticmethod
-    def _upper_bound(query, lo, hi):
-        """[B, pages]: an upper bound of q·k over each page's keys, the largest over heads and queries."""
-        batch, q_heads, q_len, dim = query.shape
-        kv_heads = lo.shape[1]
-        q = query.float().reshape(batch, kv_heads, (q_heads // kv_heads) * q_len, 1, dim)
-        bound = torch.maximum(q * lo[:, :, None], q * hi[:, :, None]).sum(-1)  # [B, Hkv, g*q, pages]
-        return bound.amax(dim=(1, 2))
+    _upper_bound = staticmethod(pages.upper_bound)
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tiersim.hierarchy import quant_layout
+
 
 def _levels(bits: int) -> int:
     return (1 << bits) - 1
@@ -165,7 +167,7 @@ def quantize_kv(keys: torch.Tensor, values: torch.Tensor, bits: int = 4, group: 
     batch, heads, n, dim = keys.shape
     if dim % group and group < dim:
         raise ValueError(f"head_dim {dim} is not a multiple of the quantization group {group}")
-    value_group = min(group, dim)
+    value_group = quant_layout.value_group(group, dim)
     dtype = keys.dtype
     keys, values = keys.float(), values.float()  # codes and scales in float32 (see the module doc)
     # Keys: per channel over groups of `group` tokens. Pad the token axis by repeating the last
@@ -214,6 +216,7 @@ def error_bound(x: torch.Tensor, bits: int, group: int, per: str) -> torch.Tenso
         g = xp.reshape(batch, heads, n_groups, group, dim)
         step = (g.amax(3) - g.amin(3)) / _levels(bits)
         return (step.repeat_interleave(group, dim=2)[:, :, :n]) / 2
-    g = x.reshape(batch, heads, n, dim // min(group, dim), min(group, dim))
+    vg = quant_layout.value_group(group, dim)
+    g = x.reshape(batch, heads, n, dim // vg, vg)
     step = (g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True)) / _levels(bits)
     return (step.expand_as(g) / 2).reshape(x.shape)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 from tiersim.errors import ConfigError
+from tiersim.hierarchy import strategies as registry
 from tiersim.hierarchy.config import TierConfig
 from tiersim.quality import metrics
 
@@ -123,7 +124,7 @@ def build_cells(
                 for i, strategy in enumerate(_unique(strategies)):
                     if i and ddr == 0:
                         continue  # without a DDR tier every strategy is the first one
-                    share = options.get("fetch_share", 1.0) if strategy in ("hybrid", "selective") else 1.0
+                    share = options.get("fetch_share", 1.0) if strategy in registry.SHARE_TAKERS else 1.0
                     config = TierConfig(hbm=hbm_eff, ddr=ddr, compressed=c, evict=e,
                                         **{**options, "strategy": strategy, "fetch_share": share})
                     cells.append(Cell(HIERARCHY if i == 0 else f"{HIERARCHY}/{strategy}", h, config))

@@ -18,11 +18,13 @@ from tiersim.report.capacity import capacity_section as _capacity
 from tiersim.report.html import Section, figure_id, render_page
 from tiersim.report.loaders import ReportInput, load_input
 from tiersim.report.quality import quality_section as _quality
+from tiersim.report.serving import serving_capacity_section as _serving_capacity
+from tiersim.report.serving import serving_section as _serving
 from tiersim.report.simulation import simulation_section as _simulation
 
 HTML_SUFFIXES = (".html", ".htm")
 KIND_TITLES = {"simulation": "Simulation", "capacity": "Capacity plan", "quality-grid": "Output quality",
-               "calibration": "Validation"}
+               "calibration": "Validation", "serving": "Serving run", "serving-capacity": "Serving capacity"}
 
 
 def write_report(inputs: Sequence[str | os.PathLike | Mapping], out_path: str | os.PathLike,
@@ -47,7 +49,8 @@ def build_report(inputs: Sequence[str | os.PathLike | Mapping], title: str | Non
     if isinstance(inputs, (str, os.PathLike, Mapping)):
         inputs = [inputs]
     if not inputs:
-        raise TiersimError("report: no inputs given (simulation, capacity, quality-grid or calibration files)")
+        raise TiersimError("report: no inputs given (simulation, capacity, quality-grid, calibration, serving or "
+                            "serving-capacity files)")
     loaded = [load_input(item) for item in inputs]
     sections = [build_section(inp, f"s{i + 1}-{inp.kind}") for i, inp in enumerate(loaded)]
     provenance = [{"kind": inp.kind, "source": inp.source, **inp.provenance()} for inp in loaded]
@@ -80,6 +83,7 @@ def build_section(inp: ReportInput, key: str) -> Section:
 
 BUILDERS: dict[str, Callable[[ReportInput, str], Section]] = {
     "simulation": _simulation, "capacity": _capacity, "quality-grid": _quality, "calibration": _calibration,
+    "serving": _serving, "serving-capacity": _serving_capacity,
 }
 
 # Which figures each kind yields when its optional tables are present (tests and docs use it).
@@ -88,4 +92,6 @@ FIGURES_BY_KIND = {
     "capacity": ("throughput_frontier", "capacity_frontier", "savings_vs_batch"),
     "quality-grid": ("quality_heatmap",),
     "calibration": ("measured_vs_simulated", "link_sweep"),
+    "serving": ("serving_timeline",),
+    "serving-capacity": ("latency_vs_load",),
 }

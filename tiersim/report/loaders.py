@@ -39,6 +39,13 @@ REQUIRED: dict[str, dict[str, tuple[str, ...]]] = {
         "points": ("measured_step_ms", "simulated_step_ms"),
         "sweep": ("bytes", "direction", "gbps"),
     },
+    "serving": {  # tiersim serve --out: per-request rows (the Parquet table), the thinned timeline in its header
+        "rows": ("request", "ttft_s", "tpot_s", "e2e_s"),
+        "timeline": ("start_s", "batch", "waiting", "hbm_blocks", "ddr_held_tokens"),
+    },
+    "serving-capacity": {  # tiersim capacity --qps: one point per simulated rate and policy
+        "points": ("on_full", "qps", "ttft_p99_ms", "tpot_p99_ms", "within_slo"),
+    },
 }
 KINDS = tuple(REQUIRED)
 DRAWABLE = [fileformat.KINDS[kind] for kind in KINDS]
@@ -138,7 +145,7 @@ def _from_document(document: dict, source: str) -> ReportInput:
 
 
 #: Columns that hold text (labels); every other column a figure may read holds numbers or booleans.
-TEXT_COLUMNS = {"method", "strategy", "direction", "model_shape", "label", "name", "engine", "compute_model",
+TEXT_COLUMNS = {"on_full", "method", "strategy", "direction", "model_shape", "label", "name", "engine", "compute_model",
                 "prompt_id", "sample_id", "why", "note", "cell", "text", "device", "dtype", "source",
                 "trace", "model", "gpu", "policy", "approximate_note", "bottleneck", "fetch", "skipped"}
 _NUMERIC_HINT = ("_ms", "_gb", "_pct", "_gbps", "_s", "_bytes", "tokens_per_s", "batch", "context", "hbm", "ddr",

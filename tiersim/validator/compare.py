@@ -71,7 +71,8 @@ def summary_lines(doc: dict) -> list[str]:
     comp = doc.get("compute") or {}
     s = doc.get("summary") or {}
     lines = [
-        f"device: {dev.get('name')} | torch {dev.get('torch')} | CUDA {dev.get('cuda')} | driver {dev.get('driver')}",
+        f"device: {dev.get('name')} | torch {dev.get('torch')} | CUDA {dev.get('cuda')} | driver {dev.get('driver')}"
+        f" | executor {doc.get('executor') or 'hf-eager'}",
         f"link: H2D {_num(link.get('h2d_gbps'), 1)} GB/s, D2H {_num(link.get('d2h_gbps'), 1)} GB/s, "
         f"both {_num(link.get('bidir_total_gbps'), 1)} GB/s, per-copy latency {_num(link.get('copy_latency_us'), 2)} us",
         f"compute: HBM {_num(comp.get('hbm_bw_gbps'), 1)} GB/s (decode fit), matmul {_num(comp.get('peak_tflops'), 1)} "

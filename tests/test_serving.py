@@ -1,0 +1,160 @@
+"""The serving simulator's checks (issue 21): conservation, Little's law, the low-load and saturation limits
+against the step model, policy equality without memory pressure, spill, tensor parallel, determinism."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from tiersim.serving import memory, metrics, workload
+from tiersim.serving.engine import EngineConfig
+from tiersim.serving.run import ServeSpec, simulate
+from tiersim.serving.stepcost import StepPricer, decode_step_reference
+from tiersim.simulator import parallel, prefill, presets
+
+MODEL = presets.get_model("r1-distill-qwen-1.5b")
+GPU = presets.get_gpu("h100-sxm")
+
+
+def tight_gpu(model, kv_gb: float, tp: int = 1):
+    """The H100 with only ~``kv_gb`` GB of HBM left for KV per GPU: memory pressure at small sizes."""
+    rank = parallel.shard(model, tp)
+    return presets.with_overrides(GPU, hbm_bytes=rank.weight_bytes + GPU.reserved_bytes + 0.5e9 + kv_gb * 1e9)
+
+
+def spec(on_full="preempt-recompute", gpu=GPU, model=MODEL, **engine) -> ServeSpec:
+    return ServeSpec(model, gpu, engine=EngineConfig(on_full=on_full, **engine))
+
+
+@pytest.mark.parametrize("on_full", memory.ON_FULL)
+def test_every_request_finishes_once_with_its_tokens_under_memory_pressure(on_full):
+    reqs = workload.synthetic(150, 8.0, 200, 400, sigma=0.8, seed=1)
+    result = simulate(spec(on_full, tight_gpu(MODEL, 0.4)), reqs)
+    e, rows = result.engine, result.rows
+    assert all(r.generated == r.output for r in e.requests)  # tokens out == tokens asked
+    assert np.isfinite(rows["finish_s"]).all() and (rows["ttft_s"] > 0).all()
+    assert (rows["finish_s"] >= rows["arrival_s"] + rows["ttft_s"] - 1e-12).all()
+    assert e.done == len(reqs) and not e.decoding and not e.prefilling and not e.waiting
+    assert (e.pool.used, e.pool.reserved, e.pool.staging) == (0, 0, 0)  # every block returned
+    if on_full != "queue":
+        assert result.summary["preemptions"] + (result.summary["spilled_gb"] > 0) > 0  # the pressure was real
+
+
+def test_littles_law():
+    """L = lambda W: the engine's own count of requests in system, integrated over time, against the rows;
+    and against the offered rate over the arrival window (edge effects ~W/T, here < 1%)."""
+    reqs = workload.synthetic(3000, 6.0, 200, 300, seed=4)
+    result = simulate(spec(), reqs)
+    law = result.summary["littles_law"]
+    assert law["mean_in_system"] == pytest.approx(law["lambda_times_e2e"], rel=1e-9)
+    e = result.engine
+    window_l = e.area_at_last_arrival / reqs.arrival[-1]
+    lam = (len(reqs) - 1) / reqs.span_s
+    assert window_l == pytest.approx(lam * result.rows["e2e_s"].mean(), rel=0.02)
+
+
+def test_low_load_ttft_is_one_prefill_and_tpot_the_step_model_at_batch_one():
+    reqs = workload.synthetic(6, 0.002, 700, 60, seed=2)  # ~500 s apart: each request alone
+    result = simulate(spec(token_budget=4096), reqs)
+    for r, ttft, tpot in zip(result.engine.requests, result.rows["ttft_s"], result.rows["tpot_s"]):
+        assert ttft == pytest.approx(prefill.prefill_s(MODEL, GPU, r.prompt), rel=1e-12)
+        contexts = r.prompt + np.arange(1, r.output, dtype=float)  # decode step j attends prompt + j tokens
+        assert tpot == pytest.approx(decode_step_reference(MODEL, GPU, 1, contexts).mean(), rel=1e-9)
+
+
+def test_chunked_prefill_alone_costs_the_chunks():
+    reqs = workload.check([0.0], [3000], [2], "x")
+    result = simulate(spec(token_budget=512), reqs)
+    expected = StepPricer(MODEL, GPU).prefill_alone_s(3000, 512)
+    assert result.rows["ttft_s"][0] == pytest.approx(expected, rel=1e-12)
+    starts = np.arange(0, 3000, 512)
+    assert expected == pytest.approx(prefill.chunked_prefill_s(MODEL, GPU, 3000, 512), rel=0.02)
+    assert len(starts) == result.engine.prefill_steps
+
+
+def test_saturated_tpot_is_the_step_model_at_the_measured_mean_batch():
+    """High load, no memory pressure: decode-only steps cost what the step model says at the mean batch and
+    context (the step is near-linear in both, so the mean of steps is the step of the means, within 1%)."""
+    reqs = workload.synthetic(400, 40.0, 100, 600, seed=5)
+    result = simulate(spec(max_batch=64), reqs)
+    t = metrics.timeline(result.engine)
+    decode = (t["prefill_tokens"] == 0) & (t["batch"] == 64)
+    steps = t["steps"][decode]
+    assert steps.sum() > 2000
+    measured = t["seconds"][decode].sum() / steps.sum()
+    context = (t["hbm_tokens"][decode] + 64 * (steps - 1) / 2) * steps
+    model = decode_step_reference(MODEL, GPU, 64, [context.sum() / steps.sum()])[0]
+    assert measured == pytest.approx(model, rel=0.01)
+
+
+def test_without_memory_pressure_every_policy_gives_the_same_run():
+    reqs = workload.synthetic(120, 5.0, 300, 500, seed=6)
+    runs = [simulate(spec(p), reqs) for p in memory.ON_FULL]
+    for other in runs[1:]:
+        for key in ("ttft_s", "tpot_s", "e2e_s", "queue_s"):
+            assert np.array_equal(other.rows[key], runs[0].rows[key]), key
+        assert other.summary["preemptions"] == 0 and other.summary["spilled_gb"] == 0
+
+
+def test_deterministic_for_a_seed():
+    reqs = workload.synthetic(100, 10.0, 200, 300, sigma=0.8, seed=7)
+    a, b = (simulate(spec("spill", tight_gpu(MODEL, 0.3)), reqs) for _ in range(2))
+    for key in a.rows:
+        assert np.array_equal(a.rows[key], b.rows[key]), key
+
+
+def test_spill_with_prefetch_keeps_every_token_and_only_adds_stalls():
+    """Spill is exact with an exact strategy: every request runs to its length without a preemption while
+    DDR has room; the DDR tokens cost link time (prefetch: each step's DDR tokens cross PCIe)."""
+    reqs = workload.synthetic(150, 8.0, 200, 400, sigma=0.8, seed=1)
+    spilled = simulate(spec("spill", tight_gpu(MODEL, 0.4)), reqs)
+    free = simulate(spec("spill"), reqs)
+    assert spilled.summary["spilled_gb"] > 0 and spilled.summary["preemptions"] == 0
+    assert [r.generated for r in spilled.engine.requests] == [r.generated for r in free.engine.requests]
+    assert spilled.summary["tpot_ms"]["p99"] > free.summary["tpot_ms"]["p99"]
+    pricer = StepPricer(MODEL, GPU)
+    assert pricer.decode_s(32, 20_000, 20_000)[0] > pricer.decode_s(32, 40_000)[0]  # the same tokens, a stall
+
+
+def test_tensor_parallel_halves_the_kv_and_weights_per_gpu():
+    model = presets.get_model("qwq-32b")
+    one, two = StepPricer(model, GPU, 1), StepPricer(model, GPU, 2)
+    assert two.kv_per_token * 2 == one.kv_per_token
+    assert two.rank.weight_bytes * 2 == pytest.approx(one.rank.weight_bytes, rel=0.001)
+    b1 = memory.budget(model, one.rank, GPU, 256, 2048)
+    b2 = memory.budget(model, two.rank, GPU, 256, 2048)
+    assert b2.blocks * b2.block_bytes > 2 * b1.blocks * b1.block_bytes  # the weights' half freed too
+    with pytest.raises(Exception, match="must divide"):
+        StepPricer(presets.get_model("r1-distill-qwen-1.5b"), GPU, 4)  # 2 KV heads
+
+
+def test_a_request_that_can_never_fit_is_one_line():
+    reqs = workload.check([0.0], [200], [50_000], "x")
+    with pytest.raises(Exception, match="use a larger --tp or --on-full spill") as info:
+        simulate(spec(gpu=tight_gpu(MODEL, 0.5)), reqs)
+    assert "\n" not in str(info.value)
+
+
+def test_policy_ordering_under_memory_pressure_at_long_tail_lengths():
+    """What the numbers show (docs/serving.md, measured here): a long-tailed length mix (sigma 1) on 0.2 GB of KV
+    per GPU. Queueing (an oracle reservation of every output) keeps TPOT at the unpressured step but its TTFT
+    explodes; preempting recomputes (or swaps) the newest requests and stretches their tail; spilling the
+    least-attended half of the longest requests to DDR keeps everyone running: its p99 TTFT and goodput beat
+    preempt-recompute, at a small TPOT cost (the prefetch crosses PCIe each step)."""
+    reqs = workload.synthetic(200, 6.0, 200, 600, sigma=1.0, seed=3)
+    gpu = tight_gpu(MODEL, 0.2)
+    s = {p: simulate(spec(p, gpu), reqs).summary for p in memory.ON_FULL}
+    spill, recompute, swap, queue = (s[p] for p in ("spill", "preempt-recompute", "preempt-swap", "queue"))
+    assert spill["ttft_ms"]["p99"] < recompute["ttft_ms"]["p99"] < queue["ttft_ms"]["p99"]
+    assert spill["tpot_ms"]["p99"] < recompute["tpot_ms"]["p99"]
+    assert spill["goodput_qps"] > recompute["goodput_qps"] > queue["goodput_qps"]
+    assert queue["tpot_ms"]["p99"] == min(x["tpot_ms"]["p99"] for x in s.values())
+    assert queue["preemptions"] == 0 and recompute["recomputed_tokens"] > 0 and spill["preemptions"] == 0
+    assert swap["link_gb"]["d2h"] > 0 and swap["recomputed_tokens"] == 0
+
+
+def test_spec_policy_replace_keeps_the_rest():
+    s = spec("queue", max_batch=7)
+    assert s.with_policy("spill").engine == replace(s.engine, on_full="spill")

@@ -1,0 +1,99 @@
+"""`tiersim serve` and `tiersim capacity --qps`: the documents, the files, and one-line refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cli_run import invoke
+
+from tiersim import fileformat
+from tiersim.cli import cmd_serve
+from tiersim.serving import memory
+from tiersim.simulator import parallel
+
+QUICK = ["--model", "r1-distill-qwen-1.5b", "--requests", "40", "--lengths", "200", "--prompt-lengths", "100"]
+
+
+def _json(args):
+    code, out, err = invoke(args)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_the_cli_vocabulary_is_the_simulators():
+    assert cmd_serve.ON_FULL == memory.ON_FULL and cmd_serve.TP_SIZES == parallel.TP_SIZES
+
+
+def test_serve_runs_every_policy_and_writes_the_per_request_file(tmp_path):
+    out, saved = tmp_path / "serve.parquet", tmp_path / "requests.jsonl"
+    doc = _json(["serve", *QUICK, "--qps", "3", "--format", "json", "--out", str(out), "--save-requests", str(saved)])
+    assert [r["on_full"] for r in doc["runs"]] == list(memory.ON_FULL)
+    assert all(r["requests"] == 40 and r["output_tokens"] > 0 for r in doc["runs"])
+    document, table = fileformat.read(out, [fileformat.SERVING], label="x")
+    assert document["kind"] == "serving" and table.num_rows == 40 and "ttft_s" in table.column_names
+    assert document["timeline"]["batch"]
+    replay = _json(["serve", "--model", "r1-distill-qwen-1.5b", "--requests-file", str(saved), "--format", "json"])
+    for a, b in zip(doc["runs"], replay["runs"]):  # a request file replays the run it was saved from
+        assert a["ttft_ms"] == b["ttft_ms"] and a["tpot_ms"] == b["tpot_ms"]
+
+
+def test_capacity_qps_finds_a_rate_and_says_it_first(tmp_path):
+    out = tmp_path / "cap.json"
+    code, text, err = invoke(["capacity", "--qps", "1..256", *QUICK, "--requests", "300", "--max-batch", "8",
+                              "--on-full", "preempt-recompute", "--out", str(out)])
+    assert code == 0, err
+    first = text.splitlines()[0]
+    doc, _ = fileformat.read(out, [fileformat.SERVING_CAPACITY], label="x")
+    rate = doc["policies"]["preempt-recompute"]["max_qps"]
+    assert first == doc["recommendation"] and "requests/s within p99 TTFT 2000 ms" in first
+    points = doc["policies"]["preempt-recompute"]["points"]
+    ok = [p["qps"] for p in points if p["within_slo"]]
+    over = [p["qps"] for p in points if not p["within_slo"]]
+    assert doc["policies"]["preempt-recompute"]["bounded"] and over and 1 < rate < 256
+    assert rate == max(ok) and min(over) / rate <= 1.06  # bracketed within the tolerance
+
+
+@pytest.mark.parametrize("args, words", [
+    (["serve", "--qps", "0"], "--qps"),
+    (["serve", "--qps", "-1"], "--qps"),
+    (["serve", "--tp", "4", "--model", "r1-distill-qwen-1.5b"], "must divide"),
+    (["serve", "--tp", "3"], "--tp"),
+    (["serve", "--on-full", "evict"], "--on-full"),
+    (["serve", "--strategy", "teleport"], "--strategy"),
+    (["serve", "--lengths", "-5"], "--lengths"),
+    (["serve", "--prompt-lengths", "0"], "--prompt-lengths"),
+    (["capacity", "--qps", "5..1"], "--qps"),
+    (["capacity", "--qps", "x"], "--qps"),
+    (["capacity", "--on-full", "spill"], "--on-full applies to capacity --qps"),
+    (["serve", "--model", "qwq-32b", "--gpu", "h100-pcie", "--tp", "2"], "--tp 2"),
+])
+def test_bad_serving_options_are_one_line_exit_2(args, words):
+    code, out, err = invoke(args)
+    assert code == 2 and "Traceback" not in err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and words in lines[0], err
+
+
+@pytest.mark.parametrize("text, words", [
+    ("", "no requests"),
+    ("arrival_s,prompt_tokens,output_tokens\n0,0,3\n", "prompt_tokens"),
+    ("arrival_s,prompt_tokens,output_tokens\n0,5,-3\n", "output_tokens"),
+    ("arrival_s,prompt_tokens,output_tokens\n2,5,3\n1,5,3\n", "sorted"),
+    ("arrival_s,prompt_tokens,output_tokens\nnan,5,3\n", "finite"),
+])
+def test_bad_workload_files_are_one_line_exit_2(tmp_path, text, words):
+    path = tmp_path / "w.csv"
+    path.write_text(text)
+    code, out, err = invoke(["serve", "--requests-file", str(path)])
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1 and words in lines[0], err
+
+
+def test_a_model_that_needs_tp_plans_on_tp():
+    """QwQ-32B at AIME lengths: one 80 GB GPU holds the weights and ~10 GB of KV; on TP 2 it serves."""
+    doc = _json(["serve", "--model", "qwq-32b", "--tp", "2", "--lengths", "aime", "--requests", "20", "--qps", "0.2",
+                 "--on-full", "preempt-recompute", "--format", "json"])
+    run = doc["runs"][0]
+    assert run["tp"] == 2 and run["kv_budget_gb_per_gpu"] > 40 and run["requests"] == 20

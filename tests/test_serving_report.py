@@ -1,0 +1,31 @@
+"""The report draws serving files: latency against load per policy, and one run's timeline, from the files alone."""
+
+from __future__ import annotations
+
+import json
+
+from cli_run import invoke
+
+from tiersim.report import build_report, load_input
+from tiersim.report.serving import latency_vs_load
+
+QUICK = ["--model", "r1-distill-qwen-1.5b", "--requests", "120", "--lengths", "300", "--prompt-lengths", "100"]
+
+
+def test_latency_vs_load_has_one_curve_per_policy_and_the_slos(tmp_path):
+    cap, run = tmp_path / "cap.json", tmp_path / "run.parquet"
+    code, _, err = invoke(["capacity", "--qps", "2..200", *QUICK, "--max-batch", "8", "--on-full", "queue,spill",
+                           "--out", str(cap), "--format", "json"])
+    assert code == 0, err
+    code, _, err = invoke(["serve", *QUICK, "--qps", "5", "--on-full", "spill", "--out", str(run), "--format", "json"])
+    assert code == 0, err
+    loaded = load_input(cap)
+    fig = latency_vs_load(loaded.tables["points"], {"ttft_ms": 2000, "tpot_ms": 50})
+    names = {t.name for t in fig.data}
+    assert names == {"queue", "spill"} and len(fig.data) == 4  # TTFT and TPOT panels
+    doc = json.loads(cap.read_text())
+    drawn = sorted(x for t in fig.data if t.name == "spill" and t.yaxis == "y" for x in t.x)
+    assert drawn == sorted(p["qps"] for p in doc["policies"]["spill"]["points"])
+    page = build_report([cap, run])
+    assert "latency-vs-load" in page and "serving-timeline" in page
+    assert doc["recommendation"] in page

@@ -1,0 +1,70 @@
+"""tiersim.serving.workload: synthetic arrivals, request files and their one-line refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tiersim.errors import TiersimError
+from tiersim.serving import workload
+
+
+def test_poisson_rate_and_lengths_follow_the_options():
+    r = workload.synthetic(20_000, 5.0, 300, 4000, seed=1)
+    gaps = np.diff(r.arrival)
+    assert r.arrival[0] == 0 and (gaps >= 0).all()
+    assert abs(gaps.mean() * 5.0 - 1) < 0.03  # rate 5/s
+    assert abs(gaps.std() / gaps.mean() - 1) < 0.03  # exponential gaps: CV 1
+    assert abs(r.output.mean() / 4000 - 1) < 0.02 and abs(r.prompt.mean() / 300 - 1) < 0.02
+
+
+def test_gamma_burstiness_sets_the_coefficient_of_variation():
+    r = workload.synthetic(20_000, 2.0, 100, 100, burstiness=3.0, seed=2)
+    gaps = np.diff(r.arrival)
+    assert abs(gaps.std() / gaps.mean() - 3.0) < 0.2
+    assert abs(gaps.mean() * 2.0 - 1) < 0.1
+
+
+def test_same_seed_same_requests_and_another_rate_keeps_the_lengths():
+    a, b = workload.synthetic(500, 3.0, 200, 900, seed=7), workload.synthetic(500, 3.0, 200, 900, seed=7)
+    assert np.array_equal(a.arrival, b.arrival) and np.array_equal(a.output, b.output)
+    c = workload.at_rate(a, 6.0, seed=7)
+    assert np.array_equal(c.output, a.output) and np.array_equal(c.prompt, a.prompt)
+    np.testing.assert_allclose(c.arrival * 2, a.arrival, rtol=1e-12)  # the same gaps, half as long
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_request_file_round_trips_bit_for_bit(tmp_path, suffix):
+    r = workload.synthetic(300, 1.7, 200, 900, burstiness=2.0, seed=3)
+    path = workload.write_requests(tmp_path / f"w{suffix}", r)
+    back = workload.read_requests(path)
+    assert np.array_equal(back.arrival, r.arrival)
+    assert np.array_equal(back.prompt, r.prompt) and np.array_equal(back.output, r.output)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("", "no requests"),
+    ("arrival_s,prompt_tokens,output_tokens\n", "no requests"),
+    ("arrival_s,prompt_tokens\n0,5\n", "missing column(s) output_tokens"),
+    ("arrival_s,prompt_tokens,output_tokens\n0,5,0\n", "output_tokens must be whole numbers"),
+    ("arrival_s,prompt_tokens,output_tokens\n0,-5,3\n", "prompt_tokens must be whole numbers"),
+    ("arrival_s,prompt_tokens,output_tokens\n0,2.5,3\n", "prompt_tokens must be whole numbers"),
+    ("arrival_s,prompt_tokens,output_tokens\n1,5,3\n0,5,3\n", "must be sorted"),
+    ("arrival_s,prompt_tokens,output_tokens\nnan,5,3\n", "must be finite"),
+    ("arrival_s,prompt_tokens,output_tokens\n-1,5,3\n", "must be >= 0"),
+    ("arrival_s,prompt_tokens,output_tokens\nx,5,3\n", "must be a number"),
+])
+def test_bad_request_files_are_one_line(tmp_path, text, words):
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(TiersimError) as info:
+        workload.read_requests(path)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_bad_synthetic_options_are_refused():
+    for kwargs in ({"qps": 0.0}, {"qps": -1.0}, {"qps": float("nan")}, {"burstiness": 0.0}):
+        with pytest.raises(TiersimError):
+            workload.synthetic(10, **{"qps": 1.0, "prompt_mean": 10, "output_mean": 10, **kwargs})
+    with pytest.raises(TiersimError, match="expected a .csv"):
+        workload.read_requests("x.txt")

@@ -1,0 +1,238 @@
+"""`tiersim serve` (one workload through the serving simulator) and the engine of `tiersim capacity --qps`
+(the highest request rate within the SLOs): tiersim.serving does the work, this module reads the options
+and prints."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import typer
+
+from tiersim.cli import options
+from tiersim.cli.app import add_columns, app, compact_table, console, deliver, wrote
+from tiersim.cli.groups import Target
+from tiersim.errors import TiersimError
+from tiersim.hierarchy import strategies
+from tiersim.options import option, parse_list
+
+FORMATS = ("table", "json")
+ON_FULL = ("preempt-recompute", "preempt-swap", "queue", "spill")  # tiersim.serving.memory.ON_FULL (tested equal)
+TP_SIZES = (1, 2, 4, 8)  # tiersim.simulator.parallel.TP_SIZES (tested equal)
+MAX_TOKENS = 10_000_000
+MAX_REQUESTS = 10_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Serving:
+    """The serving engine and its workload, beside the model and GPU (``serve`` and ``capacity --qps``)."""
+
+    tp: int = option(1, "tensor-parallel GPUs of one node (weights and KV heads split, two all-reduces per layer)",
+                     choices=TP_SIZES)
+    on_full: str = option("all", "when the next step's KV does not fit: all, or a comma list of " + ", ".join(ON_FULL))
+    requests: int = option(1000, "synthetic requests per run", min=1, max=MAX_REQUESTS)
+    requests_file: Path | None = option(None, "replay these requests instead (CSV, JSON lines or Parquet with "
+                                        "arrival_s, prompt_tokens, output_tokens; docs/file-formats.md)", input=True)
+    prompt_lengths: str = option("256", "mean prompt tokens (log-normal): a number or a --lengths preset")
+    sigma: float = option(0.35, "log-normal spread of prompt and output lengths (1: a long tail)", min=0, max=2)
+    burstiness: float = option(1.0, "coefficient of variation of the gaps between arrivals (1: Poisson, above: "
+                               "bursty gamma)", min=0.01, max=100)
+    max_batch: int = option(256, "requests in the running batch at most (continuous batching)", min=1, max=1 << 16)
+    token_budget: int = option(2048, "tokens per step: decode rows first, prefill chunks fill the rest "
+                               "(chunked prefill)", min=1, max=MAX_TOKENS)
+    spill_ddr: float = option(0.5, "spill: the tier split's DDR share of a request's context moved when HBM runs "
+                              "out (the least-attended tokens; sinks and the recent window stay)", min=0.01, max=1)
+    ttft_slo: float = option(2000.0, "SLO: p99 time to first token, ms", min=0.001)
+
+
+def serving_only(serving: Serving) -> None:
+    """One line when a serving option is given to `capacity` without --qps (it would be ignored)."""
+    from tiersim.options import flag
+
+    for field in dataclasses.fields(Serving):
+        if getattr(serving, field.name) != field.default:
+            raise TiersimError(f"{flag(field)} applies to capacity --qps (the serving search) only; add --qps or drop it")
+
+
+def policies(text: str) -> list[str]:
+    names = list(ON_FULL) if text.strip() == "all" else parse_list(text, str, "--on-full")
+    bad = [n for n in names if n not in ON_FULL]
+    if bad:
+        raise TiersimError(f"--on-full: unknown policy {bad[0]!r}; choose all or from {', '.join(ON_FULL)}")
+    return list(dict.fromkeys(names))
+
+
+DEFAULT_TPOT_SLO = 50.0  # ms, p99
+
+
+def build(target: Target, serving: Serving, strategy: str, lengths: str | None, seed: int, qps: float | None,
+          tpot_slo: float | None = None):
+    """(spec, requests, policies) from the options: every refusal is one line naming the option."""
+    from tiersim.hierarchy.config import TierConfig
+    from tiersim.serving import metrics, workload
+    from tiersim.serving.engine import EngineConfig
+    from tiersim.serving.run import ServeSpec
+    from tiersim.simulator import parallel, presets
+    from tiersim.traces.lengths import parse_lengths
+
+    if strategy not in strategies.NAMES:
+        raise TiersimError(f"--strategy must be one of {', '.join(strategies.NAMES)}, got {strategy!r}")
+    model = presets.model_from_config(target.model_config) if target.model_config else presets.get_model(target.model)
+    gpu = presets.get_gpu(target.gpu)
+    parallel.check_tp(model, serving.tp)
+    names = policies(serving.on_full)
+    if serving.requests_file is not None:
+        requests = workload.read_requests(serving.requests_file)
+    else:
+        output = parse_lengths(lengths or "math500")
+        try:
+            prompt = parse_lengths(serving.prompt_lengths)
+        except TiersimError as exc:
+            raise TiersimError(str(exc).replace("--lengths", "--prompt-lengths")) from None
+        requests = workload.synthetic(serving.requests, 1.0 if qps is None else qps, prompt, output, serving.sigma,
+                                      serving.burstiness, seed)
+    tiers = TierConfig(hbm=1.0 - serving.spill_ddr, ddr=serving.spill_ddr)
+    engine = EngineConfig(serving.max_batch, serving.token_budget, names[0], tiers)
+    tpot = DEFAULT_TPOT_SLO if tpot_slo is None else tpot_slo
+    slo = metrics.SLO(serving.ttft_slo / 1e3, tpot / 1e3)
+    return ServeSpec(model, gpu, serving.tp, strategy, engine, slo), requests, names
+
+
+@app.command()
+@options.command(outputs={"out": (".parquet",), "save_requests": (".csv", ".jsonl", ".parquet")},
+                 example=["--requests", "3", "--qps", "1", "--lengths", "8", "--prompt-lengths", "8",
+                          "--on-full", "queue"])
+def serve(
+    target: Target = Target(),
+    serving: Serving = Serving(),
+    qps: float = options.opt(1.0, "--qps", help="synthetic arrivals per second (ignored with --requests-file)",
+                             min=1e-9, max=1e9),
+    lengths: str = typer.Option(None, help="mean output tokens (log-normal): a number or gsm8k/math500/amc23/gpqa/"
+                                "aime (default: math500)"),
+    strategy: str = typer.Option("prefetch", help="how spilled DDR tokens reach attention: "
+                                 + strategies.help_text()),
+    seed: int = options.opt(0, help="seed of the arrivals and lengths", min=0, max=2**32 - 1),
+    tpot_slo: float = options.opt(DEFAULT_TPOT_SLO, "--tpot-slo", help="SLO: p99 time per output token, ms",
+                                  min=0.001),
+    fmt: str = options.opt("table", "--format", help="table or json", choices=FORMATS),
+    out: Path = typer.Option(None, help="per-request rows of the first policy (Parquet, kind 'serving')"),
+    save_requests: Path = typer.Option(None, "--save-requests", help="write the requests replayed (CSV, JSON lines "
+                                       "or Parquet), to replay with --requests-file"),
+) -> None:
+    """Serve a request workload: TTFT, TPOT and E2E percentiles, goodput at the SLOs, preemptions and
+    spilled GB, per --on-full policy on the same requests."""
+    from tiersim.serving import run as serving_run
+    from tiersim.serving import workload
+
+    spec, requests, names = build(target, serving, strategy, lengths, seed, qps, tpot_slo)
+    results = [serving_run.simulate(spec.with_policy(name), requests) for name in names]
+    documents = [serving_run.document(r) for r in results]
+    writes = [(out, lambda: (serving_run.write(out, results[0]), wrote(out))),
+              (save_requests, lambda: (workload.write_requests(save_requests, requests), wrote(save_requests)))]
+    first = _first_line(spec, results)
+    if fmt == "json":
+        deliver({"recommendation": first, "runs": documents}, writes)
+        return
+    console.print(f"[bold]{first}[/]", highlight=False, soft_wrap=True)
+    console.print(f"{requests.describe()}; {_engine_words(spec)}", highlight=False)
+    console.print(_runs_table(results))
+    deliver(None, writes)
+
+
+def _engine_words(spec) -> str:
+    e = spec.engine
+    where = f"{spec.tp} x {spec.gpu.name}" if spec.tp > 1 else spec.gpu.name
+    return (f"{spec.model.name} on {where}, max batch {e.max_batch}, {e.token_budget} tokens per step, "
+            f"DDR read by {spec.strategy}")
+
+
+def _first_line(spec, results) -> str:
+    slo = spec.slo
+    ok = [r for r in results if r.summary["within_slo"]]
+    limits = f"p99 TTFT {slo.ttft_s * 1e3:g} ms / TPOT {slo.tpot_s * 1e3:g} ms"
+    if not ok:
+        best = max(results, key=lambda r: r.summary["goodput_qps"])
+        return (f"No --on-full policy meets {limits} at this load; the most goodput is {best.spec.engine.on_full}'s "
+                f"{best.summary['goodput_qps']:.3g} requests/s.")
+    best = max(ok, key=lambda r: r.summary["goodput_qps"])
+    return (f"{best.spec.engine.on_full} meets {limits} with {best.summary['goodput_qps']:.3g} requests/s of goodput "
+            f"({len(ok)} of {len(results)} policies meet it).")
+
+
+def _runs_table(results):
+    table = compact_table("Per --on-full policy, the same requests (latencies in ms; goodput: requests/s within both SLOs)")
+    add_columns(table, ("on-full", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "E2E p99 s", "queue p99",
+                        "goodput", "tok/s/GPU", "batch", "preempt", "spill GB", "SLO"),
+                optional=("queue p99", "batch", "E2E p99 s", "TTFT p50", "TPOT p50"))
+    for r in results:
+        s = r.summary
+        table.add_row(r.spec.engine.on_full, f"{s['ttft_ms']['p50']:,.0f}", f"{s['ttft_ms']['p99']:,.0f}",
+                      f"{s['tpot_ms']['p50']:.1f}", f"{s['tpot_ms']['p99']:.1f}", f"{s['e2e_ms']['p99'] / 1e3:,.1f}",
+                      f"{s['queue_ms']['p99']:,.0f}", f"{s['goodput_qps']:.3g}", f"{s['tokens_per_s_per_gpu']:,.0f}",
+                      f"{s['mean_batch']:.0f}", f"{s['preemptions']:,}", f"{s['spilled_gb']:.1f}",
+                      "[green]yes[/]" if s["within_slo"] else "[red]no[/]")
+    return table
+
+
+def parse_qps_range(text: str) -> tuple[float, float]:
+    """'0.5..20' -> (0.5, 20); '20' -> (20 / 64, 20): the search's bracket."""
+    import math
+
+    parts = text.split("..")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise TiersimError(f"--qps: expected a rate or a range LO..HI (requests/s), got {text!r}") from None
+    if len(values) == 1:
+        values = [values[0] / 64, values[0]]
+    if len(values) != 2 or not all(math.isfinite(v) and v > 0 for v in values) or values[0] >= values[1]:
+        raise TiersimError(f"--qps: expected a rate > 0 or a range LO..HI with 0 < LO < HI, got {text!r}")
+    return values[0], values[1]
+
+
+def capacity_qps(qps: str, target: Target, serving: Serving, strategy: str, lengths: str | None, seed: int,
+                 tpot_slo: float | None, fmt: str, out: Path | None, report: Path | None) -> None:
+    """`tiersim capacity --qps`: per --on-full policy the highest rate within the SLOs (bisection)."""
+    from tiersim.cli.progress import meter
+    from tiersim.fileformat import SERVING_CAPACITY, header, write_document
+    from tiersim.serving import search
+
+    lo, hi = parse_qps_range(qps)
+    strategy = "prefetch" if strategy == "all" else strategy
+    spec, requests, names = build(target, serving, strategy, lengths, seed, None, tpot_slo)
+    if serving.requests_file is None:  # the search sets the rate: the lengths are what the workload says
+        kind = "Poisson" if serving.burstiness == 1 else f"gamma CV {serving.burstiness:g}"
+        requests = dataclasses.replace(requests, source=f"{kind} arrivals")
+    bracket = search.Bracket(lo, hi)
+    answers = {}
+    with meter("searching QPS", search.points_needed(bracket) * len(names), eta=True, transient=True) as progress:
+        for name in names:
+            answers[name] = search.max_qps(spec.with_policy(name), requests, bracket, serving.burstiness, seed,
+                                           tick=progress.advance)
+    first = search.recommend(spec, answers)
+    document = {**header(SERVING_CAPACITY), "recommendation": first, **spec.describe(),
+                "workload": requests.describe(), "qps_range": [lo, hi], "policies": answers,
+                "points": [{**p, "on_full": name} for name, a in answers.items() for p in a["points"]]}
+    document.pop("on_full")
+
+    def write_report():
+        from tiersim.cli.cmd_simulate import _this_run, _write_report
+
+        _write_report([document], report, _this_run("capacity"))
+
+    writes = [(out, lambda: (write_document(out, document), wrote(out))), (report, write_report)]
+    if fmt == "json":
+        deliver(document, writes)
+        return
+    console.print(f"[bold]{first}[/]", highlight=False, soft_wrap=True)
+    console.print(f"{requests.describe()}; {_engine_words(spec)}", highlight=False)
+    table = compact_table(f"Highest QPS within the SLOs per --on-full policy (bisection in {lo:g}..{hi:g}/s, "
+                          "each point a fixed-seed run)")
+    add_columns(table, ("on-full", "max QPS", "TTFT p99 ms", "TPOT p99 ms", "goodput", "tok/s/GPU", "runs"))
+    for name, a in answers.items():
+        best = max((p for p in a["points"] if p["within_slo"]), key=lambda p: p["qps"], default=None)
+        cells = ("-",) * 4 if best is None else (f"{best['ttft_p99_ms']:,.0f}", f"{best['tpot_p99_ms']:.1f}",
+                                                 f"{best['goodput_qps']:.3g}", f"{best['tokens_per_s_per_gpu']:,.0f}")
+        table.add_row(name, search._rate(a), *cells, str(len(a["points"])))
+    console.print(table)
+    deliver(None, writes)

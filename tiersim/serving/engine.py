@@ -1,0 +1,434 @@
+"""The serving engine as SimPy processes: requests arrive, a scheduler loop forms each iteration's batch.
+
+Two processes read like the system: ``arrivals`` puts each request in the waiting queue at its time, and
+``scheduler`` runs iterations back to back: restore spilled KV when HBM has room, make room for the next
+step's KV blocks (``--on-full``), admit waiting requests FCFS while the batch (``--max-batch``) and the
+token budget (``--token-budget``, Sarathi-style: decode rows first, prefill chunks fill the rest) allow, price
+the iteration (``stepcost``) and advance time.
+
+Cost grows with iterations, not with requests x tokens: while no prompt is being prefilled, the decode batch
+is the same from one step to the next until a request finishes, a block runs out or a request arrives, so
+those steps are priced in one array call and advanced in one timeout (cut at the step boundary after an
+arrival, found on their cumulative times). A decoding request's counters are kept lazily (its tokens at
+join + steps since), block needs by their phase modulo the block size, so a run of K steps costs O(K), not
+O(K x batch).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import simpy
+
+from tiersim.hierarchy.config import TierConfig
+from tiersim.serving import memory
+from tiersim.serving.memory import BLOCK_TOKENS, blocks
+from tiersim.serving.stepcost import StepPricer
+from tiersim.serving.workload import Requests
+
+#: Decode steps priced and advanced at once at most (bounds the arrays; a finish or an arrival cuts sooner).
+MAX_RUN = 2048
+#: What each timeline row holds: start s, seconds, decode steps, decode rows, prefill tokens, HBM and DDR tokens
+#: attended (batch totals at the first step), requests waiting, HBM blocks in use (staging included), DDR tokens held.
+TIMELINE_COLUMNS = ("start_s", "seconds", "steps", "batch", "prefill_tokens", "hbm_tokens", "ddr_tokens", "waiting",
+                    "hbm_blocks", "ddr_held_tokens")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 256
+    token_budget: int = 2048
+    on_full: str = "preempt-recompute"
+    tiers: TierConfig = field(default_factory=lambda: TierConfig(hbm=0.5, ddr=0.5))
+
+
+@dataclass(eq=False)
+class Request:
+    index: int
+    arrival: float
+    prompt: int
+    output: int
+    generated: int = 0  # tokens sampled so far
+    cached: int = 0  # KV tokens held (HBM + DDR)
+    spilled: int = 0  # of them in DDR (spill)
+    swapped: bool = False  # the whole KV in DDR (preempt-swap)
+    target: int = 0  # tokens to (re)prefill before decoding
+    prefilled: int = 0
+    blocks: int = 0
+    reserve: int = 0  # queue: blocks reserved for the tokens still to come
+    order: int = 0  # admission order (the preemption victim is the latest)
+    scheduled: float = math.nan
+    first_token: float = math.nan
+    finish: float = math.nan
+    preemptions: int = 0
+    spills: int = 0
+    spilled_peak: int = 0
+    recomputed: int = 0  # tokens prefilled again after a preemption
+    # lazy decode state
+    join_step: int = -1
+    join_cached: int = 0
+    join_generated: int = 0
+    version: int = 0
+
+
+class Engine:
+    """One serving run: ``requests`` on ``pricer``'s model and GPUs under ``config``."""
+
+    def __init__(self, requests: Requests, pricer: StepPricer, config: EngineConfig):
+        self.pricer, self.config = pricer, config
+        memory.check_on_full(config.on_full)
+        self.budget = memory.budget(pricer.model, pricer.rank, pricer.gpu, config.max_batch, config.token_budget)
+        for i, (p, o) in enumerate(zip(requests.prompt.tolist(), requests.output.tolist())):
+            memory.check_fits(self.budget, config.tiers, config.on_full, p, o, i)
+        self.requests = [Request(i, a, p, o) for i, (a, p, o) in enumerate(zip(
+            requests.arrival.tolist(), requests.prompt.tolist(), requests.output.tolist()))]
+        self.pool = memory.Pool(self.budget.blocks)
+        self.env = simpy.Environment()
+        self.waiting: deque[Request] = deque()
+        self.prefilling: list[Request] = []
+        self.decoding: dict[int, Request] = {}
+        self.g = 0  # decode steps so far (the lazy counters' clock)
+        self.sum_c = 0  # sum over decoding requests of (join_cached - join_step)
+        self.sum_spilled = 0  # DDR tokens of decoding requests (spill)
+        self.swapped_tokens = 0
+        self.phase = np.zeros(BLOCK_TOKENS, dtype=np.int64)  # decoding requests by (HBM tokens - g) mod 16
+        self.finishing: list[tuple[int, int, int]] = []  # (finish step, index, version)
+        self.admitted = 0
+        self.done = 0
+        self.in_system, self.area, self.last_change = 0, 0.0, 0.0  # for Little's law
+        self.area_at_last_arrival = 0.0
+        self.steps = self.prefill_steps = 0
+        self.preemptions = 0
+        self.spilled_tokens_total = 0
+        self.moved_bytes = {"h2d": 0.0, "d2h": 0.0}
+        self.timeline: list[tuple] = []
+        self.arrived = self.env.event()
+
+    # -- bookkeeping ---------------------------------------------------------------------------------------
+    def _count(self, delta: int) -> None:
+        now = self.env.now
+        self.area += self.in_system * (now - self.last_change)
+        self.in_system += delta
+        self.last_change = now
+
+    def _hbm_tokens(self, r: Request) -> int:
+        return r.cached - r.spilled
+
+    def _join(self, r: Request) -> None:
+        r.join_step, r.join_cached, r.join_generated = self.g, r.cached, r.generated
+        self.decoding[r.index] = r
+        self.sum_c += r.cached - self.g
+        self.sum_spilled += r.spilled
+        self.phase[(self._hbm_tokens(r) - self.g) % BLOCK_TOKENS] += 1
+        heapq.heappush(self.finishing, (self.g + r.output - r.generated, r.index, r.version))
+
+    def _leave(self, r: Request) -> None:
+        """Take ``r`` out of the decode batch with its counters brought up to date."""
+        steps = self.g - r.join_step
+        self.phase[(r.join_cached - r.spilled - r.join_step) % BLOCK_TOKENS] -= 1
+        self.sum_c -= r.join_cached - r.join_step
+        self.sum_spilled -= r.spilled
+        r.cached, r.generated = r.join_cached + steps, r.join_generated + steps
+        r.blocks = blocks(self._hbm_tokens(r))
+        if self.config.on_full == "queue":  # the blocks grown came out of the reservation
+            r.reserve -= r.blocks - blocks(r.join_cached - r.spilled)
+        r.version += 1
+        del self.decoding[r.index]
+
+    def _sync(self, r: Request) -> None:
+        self._leave(r)
+        self._join(r)
+
+    def _set_staging(self) -> None:
+        self.pool.staging = self.budget.staging_blocks(self.sum_spilled)
+
+    # -- the on-full policies --------------------------------------------------------------------------------
+    def _victim(self) -> Request | None:
+        return max(self.decoding.values(), key=lambda r: r.order, default=None)
+
+    def _preempt(self, r: Request, swap: bool) -> float:
+        """Free ``r``'s blocks and queue it at the front; seconds of KV moved over the link (swap)."""
+        self._leave(r)
+        seconds = 0.0
+        ddr_room = self.budget.ddr_bytes - (self.swapped_tokens + self.sum_spilled) * self.pricer.kv_per_token
+        swap = swap and r.cached * self.pricer.kv_per_token <= ddr_room and r.spilled == 0
+        self.pool.give(r.blocks)
+        self.pool.reserved -= max(r.reserve, 0)
+        r.blocks = r.reserve = 0
+        if swap:
+            seconds = self._move(r.cached, "d2h")
+            r.swapped = True
+            self.swapped_tokens += r.cached
+        else:
+            r.recomputed += r.cached
+            r.target, r.prefilled, r.cached, r.spilled = r.cached, 0, 0, 0
+        r.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(r)
+        self._set_staging()
+        return seconds
+
+    def _spill_one(self) -> int:
+        """Move the tier split's DDR share of the longest decoding request to DDR; tokens moved (0: none)."""
+        ddr_room = self.budget.ddr_bytes - (self.swapped_tokens + self.sum_spilled) * self.pricer.kv_per_token
+        best, best_n = None, 0
+        for r in self.decoding.values():
+            cached = r.join_cached + self.g - r.join_step
+            n = memory.spill_tokens(self.config.tiers, cached, r.spilled)
+            freed = blocks(cached - r.spilled) - blocks(cached - r.spilled - n)
+            if freed > 0 and n * self.pricer.kv_per_token <= ddr_room and n > best_n:
+                best, best_n = r, n
+        if best is None:
+            return 0
+        self._leave(best)
+        before = best.blocks
+        best.spilled += best_n
+        best.spills += 1
+        best.spilled_peak = max(best.spilled_peak, best.spilled)
+        best.blocks = blocks(self._hbm_tokens(best))
+        self.pool.give(before - best.blocks)
+        self._join(best)
+        self.spilled_tokens_total += best_n
+        self.moved_bytes["d2h"] += best_n * self.pricer.kv_per_token
+        self._set_staging()
+        return best_n
+
+    def _restore(self) -> float:
+        """Bring spilled tokens back to HBM while the pool has room to spare; seconds of copies."""
+        seconds = 0.0
+        for r in sorted((r for r in self.decoding.values() if r.spilled), key=lambda r: r.order):
+            cached = r.join_cached + self.g - r.join_step
+            extra = blocks(cached) - blocks(cached - r.spilled)
+            staging_after = self.budget.staging_blocks(self.sum_spilled - r.spilled)
+            room = self.pool.free + self.pool.staging - staging_after - int(self.phase.sum())
+            if room - extra < memory.RESTORE_HEADROOM * self.pool.total:
+                continue
+            self._leave(r)  # sum_spilled no longer counts r's DDR tokens
+            seconds += self._move(r.spilled, "h2d")
+            r.spilled = 0
+            self._set_staging()
+            self.pool.take(blocks(r.cached) - r.blocks)
+            r.blocks = blocks(r.cached)
+            self._join(r)
+        return seconds
+
+    def _move(self, tokens: int, direction: str) -> float:
+        self.moved_bytes[direction] += tokens * self.pricer.kv_per_token
+        return self.pricer.move_s(tokens, direction)
+
+    def _next_need(self) -> int:
+        """Blocks the decoding requests need before the next step (those whose HBM tokens fill their blocks)."""
+        return int(self.phase[(-self.g) % BLOCK_TOKENS])
+
+    def _make_room(self) -> tuple[float, float, bool]:
+        """Free blocks for the next decode step by ``--on-full``: (serial seconds, demoted tokens, preempted)."""
+        seconds, demoted, preempted = 0.0, 0.0, False
+        policy = self.config.on_full
+        if policy == "queue":
+            return seconds, demoted, preempted
+        while self._next_need() > self.pool.free:
+            if policy == "spill":
+                moved = self._spill_one()
+                if moved:
+                    demoted += moved
+                    continue
+            victim = self._victim()
+            if victim is None:
+                break
+            seconds += self._preempt(victim, swap=policy == "preempt-swap")
+            preempted = True
+        return seconds, demoted, preempted
+
+    def _admit(self, room_rows: int) -> tuple[float, list[Request]]:
+        """Admit waiting requests FCFS while the batch and memory allow; (serial seconds, swapped in)."""
+        seconds, resumed = 0.0, []
+        busy = bool(self.decoding or self.prefilling)
+        watermark = int(memory.WATERMARK * self.pool.total) if busy else 0
+        queue = self.config.on_full == "queue"
+        while self.waiting and len(self.decoding) + len(self.prefilling) < self.config.max_batch:
+            r = self.waiting[0]
+            if r.swapped:
+                need = blocks(r.cached)
+                if need + watermark + self._next_need() > self.pool.free:
+                    break
+                self.waiting.popleft()
+                self.pool.take(need)
+                r.blocks, r.swapped = need, False
+                self.swapped_tokens -= r.cached
+                seconds += self._move(r.cached, "h2d")
+                resumed.append(r)
+                continue
+            if room_rows <= 0:
+                break
+            if r.target == 0 and r.generated == 0:
+                r.target = r.prompt
+            need = blocks(r.target)
+            reserve = blocks(r.prompt + r.output - 1) - need if queue else 0
+            if need + reserve + (0 if queue else watermark + self._next_need()) > self.pool.free:
+                break
+            self.waiting.popleft()
+            self.pool.take(need)
+            self.pool.reserved += reserve
+            r.blocks, r.reserve = need, reserve
+            self.admitted += 1
+            r.order = self.admitted
+            if math.isnan(r.scheduled):
+                r.scheduled = self.env.now
+            self.prefilling.append(r)
+            room_rows -= r.target - r.prefilled
+        return seconds, resumed
+
+    # -- the processes ---------------------------------------------------------------------------------------
+    def arrivals(self):
+        last = 0.0
+        for r in self.requests:
+            yield self.env.timeout(r.arrival - last)
+            last = r.arrival
+            self.waiting.append(r)
+            self._count(+1)
+            self.area_at_last_arrival = self.area
+            if not self.arrived.triggered:
+                self.arrived.succeed()
+
+    def _finish(self, r: Request) -> None:
+        r.finish = self.env.now
+        self.pool.give(r.blocks)
+        self.pool.reserved -= r.reserve
+        r.blocks = r.reserve = 0
+        self.done += 1
+        self._count(-1)
+
+    def _finish_due(self) -> None:
+        while self.finishing and self.finishing[0][0] <= self.g:
+            step, index, version = heapq.heappop(self.finishing)
+            r = self.requests[index]
+            if r.version != version or index not in self.decoding:
+                continue
+            self._leave(r)
+            self._finish(r)
+        self._set_staging()
+
+    def _record(self, start: float, steps: int, batch: int, prefill: int, hbm: float, ddr: float) -> None:
+        """One row per iteration or run of decode steps (:data:`TIMELINE_COLUMNS`)."""
+        self.timeline.append((start, self.env.now - start, steps, batch, prefill, hbm, ddr, len(self.waiting),
+                              self.pool.used + self.pool.staging, self.sum_spilled + self.swapped_tokens))
+
+    def scheduler(self):
+        env, config, pricer = self.env, self.config, self.pricer
+        n = len(self.requests)
+        while self.done < n:
+            if not (self.decoding or self.prefilling or self.waiting):
+                self.arrived = env.event()
+                yield self.arrived
+            serial = self._restore() if self.sum_spilled else 0.0
+            seconds, demoted, preempted = self._make_room()
+            serial += seconds
+            room = config.token_budget - len(self.decoding)
+            room -= sum(r.target - r.prefilled for r in self.prefilling)
+            if not preempted:
+                seconds, resumed = self._admit(room)
+                serial += seconds
+                for r in resumed:
+                    self._join(r)
+                if resumed:
+                    serial += self._make_room()[0]
+            # This step's prefill chunks: the budget left after the decode rows, in admission order.
+            room = config.token_budget - len(self.decoding)
+            chunks, chunked = [], []
+            for r in self.prefilling:
+                if room <= 0:
+                    break
+                size = min(r.target - r.prefilled, room)
+                chunks.append((size, r.prefilled, r.prefilled + size == r.target))
+                chunked.append((r, size))
+                room -= size
+            batch = len(self.decoding)
+            need = self._next_need()
+            if config.on_full == "queue":  # the decode blocks come out of the reservations
+                self.pool.reserved -= need
+                self.pool.used += need
+            else:
+                self.pool.take(need)
+            hbm = self.sum_c + batch * self.g - self.sum_spilled + batch
+            ddr = self.sum_spilled
+            start = env.now
+            if chunks or serial or demoted or not batch:
+                if not chunks and not batch:
+                    if not serial and self.waiting:
+                        raise AssertionError("serving engine: a waiting request cannot be admitted into an idle engine")
+                    if serial:
+                        yield env.timeout(serial)
+                    continue
+                t = serial + pricer.step_s(batch, hbm, self.sum_spilled, chunks, demoted)
+                yield env.timeout(t)
+                self.steps += 1
+                self.prefill_steps += bool(chunks)
+                run = 1
+            else:
+                run = self._decode_run(need)
+                times = pricer.decode_s(batch, hbm + batch * np.arange(run, dtype=float), self.sum_spilled)
+                ends = np.cumsum(times)
+                cut = len(self.decoding) + len(self.prefilling) < config.max_batch and not self.waiting
+                if cut and self.arrived.triggered:
+                    self.arrived = env.event()
+                if cut:
+                    fired = yield env.timeout(float(ends[-1])) | self.arrived
+                    if self.arrived in fired and env.now < start + ends[-1]:
+                        k = int(np.searchsorted(ends, env.now - start, side="left"))
+                        k = min(k, run - 1)
+                        yield env.timeout(max(start + float(ends[k]) - env.now, 0.0))
+                        run = k + 1
+                else:
+                    yield env.timeout(float(ends[-1]))
+                self._take_blocks(run, need)
+                self.steps += run
+            self.g += run
+            now = env.now
+            for r, size in chunked:
+                r.prefilled += size
+                if r.prefilled == r.target:
+                    self.prefilling.remove(r)
+                    r.cached = r.target
+                    r.generated += 1
+                    if math.isnan(r.first_token):
+                        r.first_token = now
+                    if r.generated >= r.output:
+                        self._finish(r)
+                    else:
+                        self._join(r)
+            self._finish_due()
+            self._record(start, run, batch, sum(size for _, size in chunked), hbm, ddr)
+
+    def _decode_run(self, first_need: int) -> int:
+        """Decode steps the batch can run unchanged: until the first finish, and while blocks last."""
+        run = min(MAX_RUN, self.finishing[0][0] - self.g) if self.finishing else 1
+        run = max(run, 1)
+        if self.config.on_full == "queue" or run == 1:
+            return run
+        k = np.arange(1, run)
+        needs = self.phase[(-(self.g + k)) % BLOCK_TOKENS]
+        fits = np.cumsum(needs) <= self.pool.free  # the first step's blocks are already taken
+        return 1 + int(np.argmin(fits)) if not fits.all() else run
+
+    def _take_blocks(self, run: int, first_need: int) -> None:
+        """Take the blocks decode steps 2..run allocate (the first step's were taken before it)."""
+        if run <= 1:
+            return
+        k = np.arange(1, run)
+        total = int(self.phase[(-(self.g + k)) % BLOCK_TOKENS].sum())
+        if self.config.on_full == "queue":
+            self.pool.reserved -= total
+            self.pool.used += total
+        else:
+            self.pool.take(total)
+
+    def run(self) -> "Engine":
+        self.env.process(self.arrivals())
+        self.env.process(self.scheduler())
+        self.env.run()
+        self._count(0)
+        return self

@@ -1,0 +1,121 @@
+"""Paged KV memory of one serving engine: the block budget left in HBM, the pool, the on-full policies' names.
+
+KV lives in blocks of :data:`BLOCK_TOKENS` tokens (vLLM's default), so a request holding ``t`` tokens in HBM
+takes ``ceil(t / 16)`` blocks; a block table per request is a count here, since which physical block a token
+sits in changes no cost. The budget is the HBM one TP rank has left after its weight shard, the activation
+workspace of the largest step (``analytic.ACTIVATION_HIDDEN_MULTIPLE`` per row, logits per sequence) and the
+preset's reserved bytes. The DDR side (swapped and spilled KV) is bounded by the host memory lent to the GPU.
+Spilled tokens are read through two staging buffers of one layer each (real HBM, taken from the pool).
+
+When the next step would not fit, ``--on-full`` says what gives (docs/serving.md, "Memory"):
+
+* ``preempt-recompute``: the most recently admitted decoding request loses its KV and is prefilled again
+  (prompt + generated tokens) when it is readmitted (vLLM's default);
+* ``preempt-swap``: that request's KV crosses the link to DDR and back on readmission;
+* ``queue``: a request is admitted only when its whole prompt + output can be reserved (it never overflows;
+  an oracle on the output length, the best a queueing engine can do);
+* ``spill``: running requests keep running; the tier policy's DDR share of the longest ones' least-attended
+  tokens (``hierarchy.config.tier_targets``: sinks and the recent window stay) moves to DDR and is read by
+  ``--strategy`` each step until HBM frees up and it is brought back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tiersim.errors import TiersimError
+from tiersim.hierarchy.config import TierConfig, tier_targets
+from tiersim.simulator import analytic
+from tiersim.simulator.presets import GB, GPU, Model
+
+BLOCK_TOKENS = 16
+ON_FULL = ("preempt-recompute", "preempt-swap", "queue", "spill")
+#: Blocks kept free at admission (vLLM's watermark, 1%), so a new prompt does not preempt at once.
+WATERMARK = 0.01
+#: Free share of the pool a spilled request needs before its DDR tokens come back (hysteresis: no thrash).
+RESTORE_HEADROOM = 0.05
+
+
+def blocks(tokens) -> int:
+    return -(-int(tokens) // BLOCK_TOKENS)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What one TP rank can hold: HBM blocks for KV, the bytes of one block, the DDR bytes for KV."""
+
+    blocks: int
+    block_bytes: float
+    ddr_bytes: float
+    weights_bytes: float
+    layers: int
+
+    @property
+    def kv_gb(self) -> float:
+        return self.blocks * self.block_bytes / GB
+
+    def staging_blocks(self, ddr_tokens: int) -> int:
+        """HBM blocks the two one-layer staging buffers take while ``ddr_tokens`` tokens are read from DDR."""
+        return -(-2 * int(ddr_tokens) // (BLOCK_TOKENS * self.layers)) if ddr_tokens else 0
+
+
+def budget(model: Model, rank: Model, gpu: GPU, max_batch: int, token_budget: int) -> Budget:
+    """The KV budget of one rank (``rank``: the TP shard of ``model``); one line when the weights leave none."""
+    rows = max(max_batch, token_budget)
+    activations = rows * analytic.ACTIVATION_HIDDEN_MULTIPLE * rank.hidden_size * 2 \
+        + max_batch * rank.logits_bytes_per_sequence
+    left = gpu.hbm_bytes - rank.weight_bytes - activations - gpu.reserved_bytes
+    block_bytes = BLOCK_TOKENS * rank.kv_bytes_per_token
+    if left < block_bytes:
+        raise TiersimError(f"{model.name} on {gpu.name}: its weights ({rank.weight_bytes / GB:.1f} GB per GPU) and "
+                           f"workspace leave no HBM for KV in {gpu.hbm_bytes / GB:.0f} GB; use a larger --tp")
+    return Budget(int(left // block_bytes), block_bytes, gpu.host_bytes, rank.weight_bytes, model.num_layers)
+
+
+def spill_tokens(tiers: TierConfig, context: int, spilled: int) -> int:
+    """More tokens of a request holding ``context`` to move to DDR under the tier split (0: nothing more)."""
+    target = tier_targets(tiers, int(context), tiers.sink_tokens + tiers.recent_window)["ddr"]
+    return max(target - int(spilled), 0)
+
+
+def check_fits(budget: Budget, tiers: TierConfig, on_full: str, prompt: int, output: int, index: int) -> None:
+    """One line if a single request could never run alone under ``on_full`` (it would wait forever)."""
+    longest = prompt + output - 1
+    need = blocks(longest)
+    if on_full == "spill":
+        moved = spill_tokens(tiers, longest, 0)
+        need = blocks(longest - moved) + budget.staging_blocks(moved)
+    if need > budget.blocks or blocks(prompt) > budget.blocks:
+        gb = need * budget.block_bytes / GB
+        raise TiersimError(f"request {index + 1} ({prompt:,} prompt + {output:,} output tokens) needs {gb:.1f} GB of "
+                           f"KV per GPU, more than the {budget.kv_gb:.1f} GB left beside the weights; use a larger "
+                           f"--tp{'' if on_full == 'spill' else ' or --on-full spill'}")
+
+
+class Pool:
+    """The rank's HBM blocks: ``used`` by requests, ``reserved`` for admitted requests' future tokens (queue),
+    ``staging`` for the spill buffers."""
+
+    def __init__(self, total: int):
+        self.total, self.used, self.reserved, self.staging = int(total), 0, 0, 0
+
+    @property
+    def free(self) -> int:
+        return self.total - self.used - self.reserved - self.staging
+
+    def take(self, n: int) -> None:
+        if n > self.free:
+            raise AssertionError(f"pool overdrawn: {n} blocks wanted, {self.free} free")
+        self.used += n
+
+    def give(self, n: int) -> None:
+        self.used -= n
+        if self.used < 0:
+            raise AssertionError("pool: more blocks returned than taken")
+
+
+def check_on_full(name: str) -> str:
+    if name not in ON_FULL:
+        raise TiersimError(f"--on-full must be one of {', '.join(ON_FULL)}, got {name!r}")
+    return name
+

@@ -1,0 +1,76 @@
+"""One serving run from its description, and the file it writes (kind ``serving``): the entry point the CLI,
+the capacity search and the benchmarks share."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+
+from tiersim.hierarchy.config import TierConfig
+from tiersim.serving import metrics
+from tiersim.serving.engine import Engine, EngineConfig
+from tiersim.serving.stepcost import StepPricer
+from tiersim.serving.workload import Requests
+from tiersim.simulator.presets import GPU, Model
+
+
+@dataclass(frozen=True)
+class ServeSpec:
+    """What is served and how: model, GPU preset, TP degree, DDR strategy, engine settings and SLOs."""
+
+    model: Model
+    gpu: GPU
+    tp: int = 1
+    strategy: str = "prefetch"
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    slo: metrics.SLO = field(default_factory=metrics.SLO)
+
+    def with_policy(self, on_full: str) -> ServeSpec:
+        return replace(self, engine=replace(self.engine, on_full=on_full))
+
+    def describe(self) -> dict:
+        e = self.engine
+        return {"model": self.model.name, "gpu": self.gpu.name, "tp": self.tp, "strategy": self.strategy,
+                "on_full": e.on_full, "max_batch": e.max_batch, "token_budget": e.token_budget,
+                "tiers": e.tiers.ratios() | e.tiers.structure(), "slo": asdict(self.slo)}
+
+
+@dataclass
+class Result:
+    spec: ServeSpec
+    requests: Requests
+    engine: Engine
+    rows: dict[str, np.ndarray]
+    summary: dict
+
+
+def simulate(spec: ServeSpec, requests: Requests) -> Result:
+    """Serve ``requests`` under ``spec``: the engine run, its per-request rows and summary."""
+    pricer = StepPricer(spec.model, spec.gpu, spec.tp, spec.strategy)
+    engine = Engine(requests, pricer, spec.engine).run()
+    rows = metrics.request_rows(engine, spec.slo)
+    return Result(spec, requests, engine, rows, metrics.summary(engine, spec.slo, rows))
+
+
+def document(result: Result) -> dict:
+    """The run as one JSON-able object: the spec, the workload, the summary (what ``--format json`` prints)."""
+    return {**result.spec.describe(), "workload": result.requests.describe(), **result.summary}
+
+
+def write(path, result: Result):
+    """The per-request rows as Parquet (kind ``serving``), the summary and a thinned timeline in its header."""
+    import pandas as pd
+
+    from tiersim import fileformat
+
+    frame = pd.DataFrame({k: result.rows[k] for k in metrics.REQUEST_COLUMNS})
+    meta = {**fileformat.header(fileformat.SERVING), **document(result),
+            "timeline": metrics.thin(metrics.timeline(result.engine)),
+            "kv_block_tokens": 16, "hbm_blocks": result.engine.budget.blocks}
+    return fileformat.write_table(path, frame, meta)
+
+
+def default_tiers() -> TierConfig:
+    """The split spill moves by when no --hbm/--ddr is given: half of each request's context to DDR."""
+    return TierConfig(hbm=0.5, ddr=0.5)

@@ -1,0 +1,194 @@
+"""The requests a serving run replays: synthetic arrivals at a rate, or a request file; numpy (pandas for files).
+
+Synthetic arrivals are a renewal process at ``qps``: gamma inter-arrival times with coefficient of variation
+``burstiness`` (1: Poisson; above 1: bursts, as production traces show; below 1: smoother than random). Prompt
+and output lengths are log-normal around the ``--lengths`` means (``tiersim.traces.lengths``), the same
+distribution the batch planner draws from. The arrival draws and the length draws come from separate streams of
+one seed, so the same seed at another rate keeps every request's lengths and only rescales the gaps: a capacity
+search compares like with like.
+
+A request file has one row per request: ``arrival_s, prompt_tokens, output_tokens`` (CSV, JSON lines or
+Parquet; docs/file-formats.md, kind ``requests``). Whatever is wrong with it is one line naming the file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tiersim.errors import TiersimError
+
+COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
+SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
+#: Longest prompt or output a request may ask for (the simulator's token bound).
+MAX_TOKENS = 10_000_000
+MAX_REQUESTS = 10_000_000
+DEFAULT_SIGMA = 0.35  # the batch planner's spread of generated lengths (scenario.Scenario.sigma)
+
+
+@dataclass(frozen=True)
+class Requests:
+    """What arrives: arrival times (s, sorted), prompt and output tokens per request, and where it came from."""
+
+    arrival: np.ndarray
+    prompt: np.ndarray
+    output: np.ndarray
+    source: str = "synthetic"
+
+    def __len__(self) -> int:
+        return len(self.arrival)
+
+    @property
+    def span_s(self) -> float:
+        return float(self.arrival[-1] - self.arrival[0]) if len(self) > 1 else 0.0
+
+    def describe(self) -> str:
+        return (f"{len(self):,} requests ({self.source}), prompts mean {self.prompt.mean():,.0f} tokens, "
+                f"outputs mean {self.output.mean():,.0f} (p99 {np.percentile(self.output, 99):,.0f})")
+
+
+def lognormal_lengths(rng: np.random.Generator, n: int, mean: float, sigma: float) -> np.ndarray:
+    """``n`` whole lengths >= 1, log-normal with the given mean (the planner's draw, ``analytic.sample_lengths``,
+    floored at 1 rather than 2: a one-token answer is a request too)."""
+    mu = math.log(mean) - sigma ** 2 / 2
+    return np.clip(np.round(rng.lognormal(mu, sigma, n)), 1, MAX_TOKENS).astype(np.int64)
+
+
+def synthetic(n: int, qps: float, prompt_mean: float, output_mean: float, sigma: float = DEFAULT_SIGMA,
+              burstiness: float = 1.0, seed: int = 0) -> Requests:
+    """``n`` requests arriving at ``qps`` per second (gamma gaps of CV ``burstiness``), lengths log-normal."""
+    if not (isinstance(n, (int, np.integer)) and 1 <= n <= MAX_REQUESTS):
+        raise TiersimError(f"--requests must be a whole number in 1..{MAX_REQUESTS:,}, got {n!r}")
+    if not (math.isfinite(qps) and qps > 0):
+        raise TiersimError(f"--qps must be a number > 0, got {qps!r}")
+    if not (math.isfinite(burstiness) and burstiness > 0):
+        raise TiersimError(f"--burstiness must be a number > 0 (1: Poisson), got {burstiness!r}")
+    for flag, mean in (("--prompt-lengths", prompt_mean), ("--lengths", output_mean)):
+        if not (math.isfinite(mean) and mean >= 1):
+            raise TiersimError(f"{flag}: mean length must be >= 1, got {mean!r}")
+    arrivals_rng, lengths_rng = (np.random.default_rng([seed, stream]) for stream in (0, 1))
+    shape = 1.0 / burstiness ** 2
+    gaps = arrivals_rng.gamma(shape, 1.0 / (qps * shape), n)
+    arrival = np.cumsum(gaps) - gaps[0]  # the first request at t = 0
+    prompt = lognormal_lengths(lengths_rng, n, prompt_mean, sigma)
+    output = lognormal_lengths(lengths_rng, n, output_mean, sigma)
+    return Requests(arrival, prompt, output, f"{'Poisson' if burstiness == 1 else f'gamma CV {burstiness:g}'} "
+                                             f"at {qps:g}/s")
+
+
+def at_rate(requests: Requests, qps: float, burstiness: float = 1.0, seed: int = 0) -> Requests:
+    """The same requests (lengths kept) on new synthetic arrivals at ``qps`` (what a capacity search varies)."""
+    fresh = synthetic(len(requests), qps, 1.0, 1.0, burstiness=burstiness, seed=seed)
+    return Requests(fresh.arrival, requests.prompt, requests.output, fresh.source)
+
+
+def check(arrival, prompt, output, where: str) -> Requests:
+    """The three columns as a :class:`Requests` if they describe a workload; one line naming ``where`` if not."""
+    arrival = np.asarray(arrival, dtype=float)
+    if len(arrival) == 0:
+        raise TiersimError(f"{where}: no requests (the file is empty)")
+    if len(arrival) > MAX_REQUESTS:
+        raise TiersimError(f"{where}: {len(arrival):,} requests, more than the {MAX_REQUESTS:,} a run takes")
+    if not np.isfinite(arrival).all():
+        row = int(np.flatnonzero(~np.isfinite(arrival))[0])
+        raise TiersimError(f"{where}: arrival_s must be finite numbers; row {row + 1} is {arrival[row]!r}")
+    if (arrival < 0).any():
+        row = int(np.flatnonzero(arrival < 0)[0])
+        raise TiersimError(f"{where}: arrival_s must be >= 0; row {row + 1} is {arrival[row]!r}")
+    if (np.diff(arrival) < 0).any():
+        row = int(np.flatnonzero(np.diff(arrival) < 0)[0]) + 1
+        raise TiersimError(f"{where}: arrival_s must be sorted (non-decreasing); row {row + 1} ({arrival[row]!r}) "
+                           f"comes before row {row} ({arrival[row - 1]!r})")
+    columns = []
+    for name, values in (("prompt_tokens", prompt), ("output_tokens", output)):
+        values = np.asarray(values, dtype=float)
+        bad = ~np.isfinite(values) | (values != np.round(values)) | (values < 1) | (values > MAX_TOKENS)
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise TiersimError(f"{where}: {name} must be whole numbers in 1..{MAX_TOKENS:,}; row {row + 1} is "
+                               f"{values[row]!r}")
+        columns.append(values.astype(np.int64))
+    return Requests(arrival, columns[0], columns[1], where)
+
+
+def _format(path: Path, label: str) -> str:
+    fmt = SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        raise TiersimError(f"{label}: {path}: expected a .csv, .jsonl or .parquet request file")
+    return fmt
+
+
+def read_requests(path: str | Path, label: str = "--requests-file") -> Requests:
+    """A request file (CSV, JSON lines or Parquet with the :data:`COLUMNS`), checked; one line on any failure."""
+    import pandas as pd
+
+    path = Path(path)
+    fmt = _format(path, label)
+    if not path.exists():
+        raise TiersimError(f"{label}: file not found: {path}")
+    if path.is_dir():
+        raise TiersimError(f"{label}: {path} is a directory, not a file")
+    if path.stat().st_size == 0:
+        raise TiersimError(f"{label}: {path}: no requests (the file is empty)")
+    try:
+        if fmt == "parquet":
+            from tiersim import fileformat
+
+            with open(path, "rb") as fh:
+                tagged = fh.read(4) == fileformat.PARQUET_MAGIC
+            if not tagged:
+                raise TiersimError(f"{label}: {path} is not a Parquet file")
+            import pyarrow.parquet as pq
+
+            if (pq.ParquetFile(path).schema_arrow.metadata or {}).get(fileformat.META_KEY):
+                _, table = fileformat.read(path, [fileformat.REQUESTS], label=label)
+                frame = table.to_pandas()
+            else:  # a foreign Parquet file with the three columns is welcome
+                frame = pd.read_parquet(path)
+        elif fmt == "csv":
+            frame = pd.read_csv(path, comment="#")
+        else:
+            frame = pd.read_json(path, lines=True, precise_float=True)
+    except TiersimError:
+        raise
+    except PermissionError:
+        raise TiersimError(f"{label}: cannot read {path}: permission denied") from None
+    except Exception as exc:  # pandas and pyarrow raise many types for malformed files
+        text = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise TiersimError(f"{label}: {path} is not a readable {fmt} request file: {text}") from None
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise TiersimError(f"{label}: {path}: missing column(s) {', '.join(missing)} (a request file has "
+                           f"{', '.join(COLUMNS)})")
+    try:
+        values = [pd.to_numeric(frame[c], errors="raise") for c in COLUMNS]
+    except (ValueError, TypeError) as exc:
+        raise TiersimError(f"{label}: {path}: every value must be a number ({str(exc)[:120]})") from None
+    return check(*values, where=f"{label}: {path}")
+
+
+def write_requests(path: str | Path, requests: Requests) -> Path:
+    """Write ``requests`` as a request file (format by suffix; Parquet carries the ``requests`` kind), atomically."""
+    import pandas as pd
+
+    from tiersim import fileformat
+    from tiersim.atomic import atomic_path
+
+    path = Path(path)
+    fmt = _format(path, "request file")
+    frame = pd.DataFrame({"arrival_s": requests.arrival, "prompt_tokens": requests.prompt,
+                          "output_tokens": requests.output})
+    if fmt == "parquet":
+        return fileformat.write_table(path, frame, {**fileformat.header(fileformat.REQUESTS), "source": requests.source})
+    with atomic_path(path) as tmp:
+        if fmt == "csv":
+            frame.to_csv(tmp, index=False, float_format="%.17g")
+        else:  # json.dumps writes each float's shortest exact repr: the file reads back bit for bit
+            import json
+
+            rows = zip(requests.arrival.tolist(), requests.prompt.tolist(), requests.output.tolist())
+            tmp.write_text("".join(json.dumps(dict(zip(COLUMNS, row))) + "\n" for row in rows))
+    return path
