@@ -29,6 +29,7 @@ from cli_run import example, invoke
 
 from tiersim.cli.main import app
 from tiersim.cli.options import describe
+from tiersim.errors import TiersimError
 from tiersim.traces import default_trace_path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -423,6 +424,37 @@ def test_synth_bounds_follow_the_memory_available(monkeypatch):
     with pytest.raises(TiersimError, match="lower --n, --lengths or --layers"):
         synth.synthesize(profile, n=4, mean_length=2000, num_layers=30)
     assert len(synth.synthesize(profile, n=1, mean_length=100, num_layers=30).steps) < 10_000
+
+
+@pytest.mark.parametrize("args, refused", [
+    (["--max-new-tokens", "1000000"], "lower --max-new-tokens or --n"),  # 16 GB of recorded rows
+    (["--max-new-tokens", "8192", "--full"], "or leave out --full"),  # ~2.5e8 attention entries
+    (["--max-new-tokens", "128", "--n", "2"], None),  # the default size: a few MB
+])
+def test_capture_bounds_follow_the_memory_available(work, monkeypatch, args, refused):
+    """Before its first token a capture estimates what it will hold (the recorded rows, the KV cache,
+    the merged trace; tiersim.traces.capture.check_fits) against the memory available: 8 GB here."""
+    import tiersim.models
+    import tiersim.options
+    import tiersim.traces.capture
+
+    shape = {"num_layers": 30, "kv_bytes_per_token": 30 * 2 * 3 * 64 * 2}  # SmolLM2-135M
+    ran = []
+    monkeypatch.setattr(tiersim.options, "available_memory", lambda: 8 * 10**9)
+    monkeypatch.setattr(tiersim.models, "load_model", lambda *a, **k: (None, None))
+    monkeypatch.setattr(tiersim.models, "describe_model", lambda model: shape)
+    monkeypatch.setattr(tiersim.traces.capture, "capture", lambda *a, **k: ran.append(1) or _stop())
+    command = ["capture", *args, "--out", str(work / "bounded.parquet"), "--no-resume"]
+    if refused:
+        _, err = assert_refused(command)
+        assert refused in err and "available" in err and not ran
+    else:
+        code, _, err = invoke(command)
+        assert ran and "boom" in err  # past the check: the (stubbed) generation ran
+
+
+def _stop():
+    raise TiersimError("boom")
 
 
 def test_an_interrupted_capture_keeps_its_sequences_and_resumes(work, monkeypatch):
