@@ -84,7 +84,7 @@ def capture(
     write(out, trace.steps, trace.meta)
     parts.discard()  # --out holds everything now
     console.print(
-        f"wrote {out} ({len(items)} sequences, {len(trace.steps):,} rows, "
+        f"wrote {out} ({len(items)} sequence{'s' * (len(items) != 1)}, {len(trace.steps):,} rows, "
         f"{out.stat().st_size / 1e6:.2f} MB)", highlight=False, markup=False,
     )
 
@@ -123,4 +123,4 @@ def synth(
     source = read(trace or default_trace_path())
     result = synthesize(fit(source), n=n, mean_length=parse_lengths(lengths), sigma=sigma, num_layers=layers, seed=seed)
     write(out, result.steps, result.meta)
-    console.print(f"wrote {out} ({n} sequences, {len(result.steps):,} rows)", highlight=False, markup=False)
+    console.print(f"wrote {out} ({n} sequence{'s' * (n != 1)}, {len(result.steps):,} rows)", highlight=False, markup=False)

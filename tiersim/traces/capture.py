@@ -44,7 +44,7 @@ def check_fits(n: int, prompt_tokens: int, max_new_tokens: int, model_info: dict
     need, budget = max(one, merged), available_memory() // 2
     if need > budget:
         lower = "--max-new-tokens or --n" + (", or leave out --full" if full else "")
-        raise TiersimError(f"capture would hold ~{need / 1e9:,.1f} GB ({n:,} sequences of up to {max_new_tokens:,} "
+        raise TiersimError(f"capture would hold ~{need / 1e9:,.1f} GB ({n:,} sequence{'s' * (n != 1)} of up to {max_new_tokens:,} "
                            f"tokens{' with every attention row' if full else ''}), more than half of the "
                            f"{2 * budget / 1e9:.1f} GB this machine has available: lower {lower}")
 
