@@ -41,6 +41,8 @@ class EngineOverhead:
 
     def describe(self) -> str:
         """The line in words, for the output: 'vllm (1.17 ms + 0.100 ms/seq per step; measured on ...)'."""
+        if self.role == "definition":
+            return f"{self.name} (device time only)"
         parts = []
         if self.fixed_s or self.per_sequence_s:
             parts.append(f"{self.fixed_s * 1e3:.2f} ms + {self.per_sequence_s * 1e3:.3f} ms/seq per step")

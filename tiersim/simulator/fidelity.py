@@ -188,7 +188,8 @@ def attention_points(gpus: dict[str, GPU] | None = None, reference: dict | None 
         if role not in ("fit", "held_out"):
             raise ValueError(f"{ATTENTION_REFERENCE}: source {case['source']} has role {role!r}, not fit/held_out")
         gpu = gpus[case["gpu"]]
-        per_token = 2 * case["kv_heads"] * case["head_dim"] * 2
+        # K and V in bf16 per token, unless the case states its bytes (MLA reads one latent per token)
+        per_token = case.get("kv_bytes_per_token", 2 * case["kv_heads"] * case["head_dim"] * 2)
         layout = f"{case['q_heads']}x{case['kv_heads']}x{case['head_dim']}"
         for p in case["points"]:
             kv = p["batch"] * p["context"] * per_token
@@ -228,6 +229,8 @@ def engine_rows(path: str | None = None, engine_overhead: str = "hf-eager") -> l
     from tiersim.simulator.scenario import assemble
 
     path = Path(path) if path else Path(__file__).resolve().parents[2] / VALIDATOR_RUN
+    if not path.exists():  # an installed package has no docs/: the repository's own run is not there to compare
+        return []
     doc, points = against.load_measurements(path)
     model = (doc.get("model_shape") or {}).get("name")
     scenario = assemble(1, model=model, gpu=doc.get("gpu_preset") or "h100-sxm", context=2048,
