@@ -574,3 +574,43 @@ def test_a_command_added_later_is_covered(work, readonly, monkeypatch):
         check_unusable_output(work, readonly, "probe", by_flag["--out"], kind, commands)
     check_same_file(work, "probe", by_flag["--out"], by_flag["--requests"], commands)
     check_failed_write(work, monkeypatch, "probe", by_flag["--out"], commands)
+
+
+# -- report inputs that parse but hold the wrong things -----------------------------------------------------------
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats() | st.text(max_size=6),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                                          max_size=3), max_leaves=6)
+
+
+@settings(max_examples=80, **SETTINGS)
+@given(data=st.data())
+def test_a_report_input_with_a_wrong_field_is_refused_or_drawn_never_a_crash(work, data):
+    """A valid capacity or calibration file with one field of one table row replaced by any JSON value:
+    the report refuses it in one line (an expected error) or draws it; a field the figures plot holding
+    something other than a number is refused."""
+    from tiersim.cli.app import EXPECTED_ERRORS
+    from tiersim.report.build import build_section
+    from tiersim.report.loaders import TEXT_COLUMNS, load_input
+
+    name = data.draw(st.sampled_from(["capacity.json", "calibration.json"]))
+    document = json.loads((work / name).read_text())
+    tables = [k for k, v in document.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+    table = data.draw(st.sampled_from(sorted(tables)))
+    row = data.draw(st.integers(0, len(document[table]) - 1))
+    field = data.draw(st.sampled_from(sorted(document[table][row])))
+    value = data.draw(JSON_VALUES)
+    document[table][row][field] = value
+    plotted = isinstance(document[table][0].get(field), (int, float)) and field not in TEXT_COLUMNS
+    try:
+        build_section(load_input(document), "s1")
+    except EXPECTED_ERRORS as exc:
+        assert len(str(exc).splitlines()) <= 1, exc
+        return
+    number = value is None or isinstance(value, (int, float))
+    assert number or not plotted or field not in _plotted_fields(), (table, field, value)
+
+
+def _plotted_fields() -> set[str]:
+    from tiersim.report.loaders import REQUIRED
+
+    return {c for tables in REQUIRED.values() for columns in tables.values() for c in columns}
