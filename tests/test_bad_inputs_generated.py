@@ -29,6 +29,7 @@ from cli_run import example, invoke
 
 from tiersim.cli.main import app
 from tiersim.cli.options import describe
+from tiersim.errors import TiersimError
 from tiersim.traces import default_trace_path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -356,8 +357,11 @@ def test_a_real_full_disk(work, tiny_disk):
     # A timeline of 20,000 steps outgrows the 100 kB left: the write fails, the document arrives.
     out, err = assert_refused(["simulate", "--steps", "20000", "--batch", "2", "--format", "json",
                                "--out", str(tiny_disk / "t.parquet")], before_work=False)
-    assert "ENOSPC" in err and "t.parquet" in err
+    assert err.strip().endswith(f"cannot write {tiny_disk / 't.parquet'}: No space left on device (ENOSPC)"), err
     json.loads(out)
+    _, err = assert_refused(["synth", "--n", "4", "--lengths", "2000", "--out", str(tiny_disk / "s.parquet")],
+                            before_work=False)  # pyarrow's own words ("Detail: [errno 28] ...") read as the errno
+    assert err.strip().endswith(f"cannot write {tiny_disk / 's.parquet'}: No space left on device (ENOSPC)"), err
     assert sorted(p.name for p in tiny_disk.iterdir()) == ["filler"]
 
 
@@ -420,6 +424,37 @@ def test_synth_bounds_follow_the_memory_available(monkeypatch):
     with pytest.raises(TiersimError, match="lower --n, --lengths or --layers"):
         synth.synthesize(profile, n=4, mean_length=2000, num_layers=30)
     assert len(synth.synthesize(profile, n=1, mean_length=100, num_layers=30).steps) < 10_000
+
+
+@pytest.mark.parametrize("args, refused", [
+    (["--max-new-tokens", "1000000"], "lower --max-new-tokens or --n"),  # 16 GB of recorded rows
+    (["--max-new-tokens", "8192", "--full"], "or leave out --full"),  # ~2.5e8 attention entries
+    (["--max-new-tokens", "128", "--n", "2"], None),  # the default size: a few MB
+])
+def test_capture_bounds_follow_the_memory_available(work, monkeypatch, args, refused):
+    """Before its first token a capture estimates what it will hold (the recorded rows, the KV cache,
+    the merged trace; tiersim.traces.capture.check_fits) against the memory available: 8 GB here."""
+    import tiersim.models
+    import tiersim.options
+    import tiersim.traces.capture
+
+    shape = {"num_layers": 30, "kv_bytes_per_token": 30 * 2 * 3 * 64 * 2}  # SmolLM2-135M
+    ran = []
+    monkeypatch.setattr(tiersim.options, "available_memory", lambda: 8 * 10**9)
+    monkeypatch.setattr(tiersim.models, "load_model", lambda *a, **k: (None, None))
+    monkeypatch.setattr(tiersim.models, "describe_model", lambda model: shape)
+    monkeypatch.setattr(tiersim.traces.capture, "capture", lambda *a, **k: ran.append(1) or _stop())
+    command = ["capture", *args, "--out", str(work / "bounded.parquet"), "--no-resume"]
+    if refused:
+        _, err = assert_refused(command)
+        assert refused in err and "available" in err and not ran
+    else:
+        code, _, err = invoke(command)
+        assert ran and "boom" in err  # past the check: the (stubbed) generation ran
+
+
+def _stop():
+    raise TiersimError("boom")
 
 
 def test_an_interrupted_capture_keeps_its_sequences_and_resumes(work, monkeypatch):
@@ -539,3 +574,43 @@ def test_a_command_added_later_is_covered(work, readonly, monkeypatch):
         check_unusable_output(work, readonly, "probe", by_flag["--out"], kind, commands)
     check_same_file(work, "probe", by_flag["--out"], by_flag["--requests"], commands)
     check_failed_write(work, monkeypatch, "probe", by_flag["--out"], commands)
+
+
+# -- report inputs that parse but hold the wrong things -----------------------------------------------------------
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats() | st.text(max_size=6),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                                          max_size=3), max_leaves=6)
+
+
+@settings(max_examples=80, **SETTINGS)
+@given(data=st.data())
+def test_a_report_input_with_a_wrong_field_is_refused_or_drawn_never_a_crash(work, data):
+    """A valid capacity or calibration file with one field of one table row replaced by any JSON value:
+    the report refuses it in one line (an expected error) or draws it; a field the figures plot holding
+    something other than a number is refused."""
+    from tiersim.cli.app import EXPECTED_ERRORS
+    from tiersim.report.build import build_section
+    from tiersim.report.loaders import TEXT_COLUMNS, load_input
+
+    name = data.draw(st.sampled_from(["capacity.json", "calibration.json"]))
+    document = json.loads((work / name).read_text())
+    tables = [k for k, v in document.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+    table = data.draw(st.sampled_from(sorted(tables)))
+    row = data.draw(st.integers(0, len(document[table]) - 1))
+    field = data.draw(st.sampled_from(sorted(document[table][row])))
+    value = data.draw(JSON_VALUES)
+    document[table][row][field] = value
+    plotted = isinstance(document[table][0].get(field), (int, float)) and field not in TEXT_COLUMNS
+    try:
+        build_section(load_input(document), "s1")
+    except EXPECTED_ERRORS as exc:
+        assert len(str(exc).splitlines()) <= 1, exc
+        return
+    number = value is None or isinstance(value, (int, float))
+    assert number or not plotted or field not in _plotted_fields(), (table, field, value)
+
+
+def _plotted_fields() -> set[str]:
+    from tiersim.report.loaders import REQUIRED
+
+    return {c for tables in REQUIRED.values() for columns in tables.values() for c in columns}

@@ -91,10 +91,21 @@ def cpu_calibration(tmp_path_factory):
     return out, stderr + stdout  # the progress lines go to stderr, the table to stdout
 
 
+def _odd_words(printed: str) -> list[str]:
+    return [w for w in printed.split() if w.lower().strip(",;()") in ("nan", "-%", "inf", "nan%")]
+
+
 def test_the_cpu_smoke_mode_prints_no_nan_or_empty_percentages(cpu_calibration):
     _, printed = cpu_calibration
     assert "stall not timed" in printed and "prefetch: not measured" in printed
-    assert not [w for w in printed.split() if w.lower().strip(",;()") in ("nan", "-%", "inf")], printed
+    assert not _odd_words(printed), printed
+
+
+def test_a_grid_cut_short_by_its_budget_says_what_was_not_measured():
+    code, stdout, stderr = invoke(["validate", "--device", "cpu", "--batch", "1", "--context", "64", "--hbm", "0.5",
+                                   "--steps", "2", "--warmup", "1", "--budget-s", "0.001"])
+    assert code == 0, stderr
+    assert "max transfer overhead not measured" in stdout and not _odd_words(stderr + stdout), stdout
 
 
 def test_a_cpu_calibration_is_a_report_input_labelled_as_the_cpu(tmp_path, cpu_calibration):

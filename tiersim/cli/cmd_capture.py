@@ -54,11 +54,13 @@ def capture(
             raise TiersimError("--device cuda: no CUDA device is available here")
     from tiersim.models import describe_model, load_model
     from tiersim.traces import write
-    from tiersim.traces.capture import capture as run_capture
+    from tiersim.traces.capture import capture as run_capture, check_fits
 
     used = apply_threads(threads)
     with console.status(f"loading {model} ({used} CPU thread{'s' * (used > 1)}) ..."):
         mdl, tokenizer = load_model(model, device=device, dtype=dtype)
+    prompt_tokens = max(len(p.prompt) for p in items) + 64  # a token per character at most, and the template's
+    check_fits(len(items), prompt_tokens, max_new_tokens, describe_model(mdl), full, 4 if dtype == "float32" else 2)
     parts = _parts(out, model, device, dtype, config, max_new_tokens, full, prompts, resume)
     source = str(prompts) if prompts else "bundled"
     todo = [(i, p) for i, p in enumerate(items) if not parts.done(p.id)]
@@ -82,7 +84,7 @@ def capture(
     write(out, trace.steps, trace.meta)
     parts.discard()  # --out holds everything now
     console.print(
-        f"wrote {out} ({len(items)} sequences, {len(trace.steps):,} rows, "
+        f"wrote {out} ({len(items)} sequence{'s' * (len(items) != 1)}, {len(trace.steps):,} rows, "
         f"{out.stat().st_size / 1e6:.2f} MB)", highlight=False, markup=False,
     )
 
@@ -121,4 +123,4 @@ def synth(
     source = read(trace or default_trace_path())
     result = synthesize(fit(source), n=n, mean_length=parse_lengths(lengths), sigma=sigma, num_layers=layers, seed=seed)
     write(out, result.steps, result.meta)
-    console.print(f"wrote {out} ({n} sequences, {len(result.steps):,} rows)", highlight=False, markup=False)
+    console.print(f"wrote {out} ({n} sequence{'s' * (n != 1)}, {len(result.steps):,} rows)", highlight=False, markup=False)

@@ -145,10 +145,9 @@ def grid(
         err_console.print(f"wrote {out}", highlight=False, markup=False)
 
     def write_html():
-        from tiersim.report import write_report
+        from tiersim.cli.cmd_simulate import _this_run, _write_report
 
-        write_report([document], report)
-        err_console.print(f"wrote {report}", highlight=False, markup=False)
+        _write_report([document], report, _this_run("grid"))  # names its input by this command line
 
     # The document (or the table) first, then the files: a full disk costs a file, never the result.
     if output_format != "json":
