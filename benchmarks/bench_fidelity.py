@@ -5,6 +5,9 @@ Target (issue #16): median |error| <= 3% now (goal 1.5%) on the held-out cases, 
 more models, batch 1-64 x context 1K-8K. Fit cases (tiersim.simulator.fidelity.FIT) are reported apart.
 A step here is layers x (GEMMs + small ops + decode attention + KV append), as vidur adds them; the LM
 head and the embedding are not in the public tables and are left out on both sides.
+Issue 22: a second section prints the error per source, role and regime of every reference file (vidur's decode
+steps, public H100 decode-attention kernels, prefill via prefill_fidelity's error rows, real engines' TPOT, and the
+validator's own eager and offloaded steps), fit, held-out and check sources apart (``fidelity.error_rows``).
 Run: python benchmarks/bench_fidelity.py [--all]   (--all: one row per point in the markdown too)
 """
 
@@ -57,8 +60,8 @@ def main() -> None:
     body = (
         "Reference: step times rebuilt from vidur's public per-operator profiles (A100: GEMMs and small ops of five "
         "models at 1-64 tokens, decode attention by batch x context for Meta-Llama-3-8B (FlashInfer) and Llama-2-7b "
-        "(FlashAttention); H100: GEMMs and small ops of four models; no public H100 attention table was reachable, "
-        "the H100 attention constants come from this project's own H100 operator run). Simulated: "
+        "(FlashAttention); H100: GEMMs and small ops of four models, no attention table: the H100 attention floor "
+        "is fitted on public H100 kernel benchmarks, the next section). Simulated: "
         "`physics.layer_s`, the per-layer time the roofline of `analytic.layer_costs` charges, times the layers. "
         "Fit cases: " + ", ".join(f"{g} {m}" for g, m in sorted(fidelity.FIT)) + "; every other case is held out.\n\n"
         f"**Held out: median |error| {summary['held_out']['median_pct']:.2f}%, worst "
@@ -82,6 +85,28 @@ def main() -> None:
         print(f"{p.gpu} {p.model:16s} {'fit' if p.fit else 'held':4s} B={p.batch:3d} C={p.context:5d} "
               f"ref {p.reference_ms:8.3f} ms  sim {p.simulated_ms:8.3f} ms  {p.error_pct:+6.1f}%")
     write_section("Simulator fidelity (issue #16)", "python benchmarks/bench_fidelity.py", body)
+    by_source()
+
+
+def by_source() -> None:
+    """Issue 22: error per source and regime, every role apart; the held-out medians per regime below it."""
+    rows = fidelity.error_rows()
+    table = [[s["source"], s["role"], s["regime"], s["points"], f"{s['median_pct']:.2f}", f"{s['worst_pct']:.1f}",
+              f"{s['median_signed_pct']:+.1f}"] for s in fidelity.source_summary(rows)]
+    held = {}
+    for r in rows:
+        if r["role"] == "held_out":
+            held.setdefault(r["regime"], []).append(abs(r["error_pct"]))
+    regimes = [[k, len(v), f"{statistics.median(v):.2f}", f"{max(v):.1f}"] for k, v in sorted(held.items())]
+    body = ("Every reference point of every source, priced with the presets as shipped (`fidelity.error_rows`). "
+            "Roles are the data files' own: `fit` (the constants were fitted on it), `held_out` (reported only), "
+            "`check` (a fit source's points its fit did not read). Signed error < 0: the simulator is faster.\n\n"
+            + markdown_table(["source", "role", "regime", "points", "median |err| %", "worst |err| %",
+                              "median signed %"], table)
+            + "\n\nHeld out only, per regime:\n\n"
+            + markdown_table(["regime", "points", "median |err| %", "worst |err| %"], regimes) + "\n")
+    print(body)
+    write_section("Simulator fidelity by source (issue #22)", "python benchmarks/bench_fidelity.py", body)
 
 
 if __name__ == "__main__":

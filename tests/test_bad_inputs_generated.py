@@ -19,37 +19,59 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cli_run import invoke
+from cli_run import example, invoke
 
 from tiersim.cli.main import app
 from tiersim.cli.options import describe
+from tiersim.errors import TiersimError
 from tiersim.traces import default_trace_path
 
 REPO = Path(__file__).resolve().parent.parent
-COMMANDS = {(info.name or info.callback.__name__).replace("_", "-"): info.callback for info in app.registered_commands}
-SPECS = {name: [s for s in describe(callback) if s.flag != "--wide"] for name, callback in COMMANDS.items()}
-#: Valid, quick arguments per command (a command without an entry runs with none: its bad values must
-#: be refused all the same). "{capacity}" is a capacity file made once for the module.
-BASE = {
-    "simulate": ["--steps", "2", "--batch", "2", "--format", "json"],
-    "capacity": ["--batch", "2", "--steps", "2", "--format", "json"],
-    "synth": ["--n", "1", "--lengths", "8"],
-    "grid": ["--n", "1", "--max-new-tokens", "1"],
-    "capture": ["--n", "1", "--max-new-tokens", "1"],
-    "validate": ["--device", "cpu", "--batch", "1", "--context", "8", "--hbm", "1", "--steps", "1", "--warmup", "1"],
-    "report": ["{capacity}"],
-    "serve": ["--requests", "3", "--qps", "1", "--lengths", "8", "--prompt-lengths", "8", "--on-full", "queue",
-              "--format", "json"],
-}
 GOOD_CONFIG = {"num_hidden_layers": 4, "hidden_size": 256, "num_attention_heads": 8, "num_key_value_heads": 2,
                "head_dim": 32, "intermediate_size": 512, "vocab_size": 1000}
 SETTINGS = dict(deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def _fuzzable(spec) -> bool:
+    if spec.kind in (int, float):
+        return True
+    return spec.kind is str and bool(spec.bounds.choices)
+
+
+def _takes_json(specs) -> bool:
+    return any(s.flag == "--format" and s.bounds.choices and "json" in s.bounds.choices for s in specs)
+
+
+def _specs(callback) -> list:
+    return [s for s in describe(callback) if s.flag != "--wide"]
+
+
+def collect(typer_app) -> SimpleNamespace:
+    """Every case this file generates for the commands ``typer_app`` registers: read from their
+    declarations (``cli.options.describe``, ``command(example=...)``), so a command or option another
+    module adds is in these lists without a line here (``test_a_command_added_later_is_covered``)."""
+    commands = {(i.name or i.callback.__name__).replace("_", "-"): i.callback for i in typer_app.registered_commands}
+    specs = {name: _specs(cb) for name, cb in commands.items()}
+    c = SimpleNamespace(commands=commands, specs=specs)
+    c.cases = [(name, s) for name in commands for s in specs[name] if _fuzzable(s)]
+    c.inputs = [(name, s) for name in commands for s in specs[name] if s.input]
+    c.outputs = [(name, s) for name in commands for s in specs[name] if s.output is not None]
+    c.same = [(name, o, i) for name, o in c.outputs for i in specs[name] if i.input]
+    # Runs to the end with a full disk: every output of every command whose example is quick.
+    c.writes = [(name, s) for name, s in c.outputs if example(commands[name]) is not None
+                and not getattr(commands[name], "tiersim_loads_model", False)]
+    return c
+
+
+ALL = collect(app)
+COMMANDS, SPECS = ALL.commands, ALL.specs
 
 
 @pytest.fixture(scope="module")
@@ -72,16 +94,26 @@ def work(tmp_path_factory):
     os.chdir(cwd)
 
 
-#: A valid file for each input option (by flag), so "the output is this input" is the only fault.
+#: A valid file for each input option known here, so "the output is this input" is the only fault; an
+#: input option added later gets a placeholder file (the sameness is refused before anything reads it).
 VALID_INPUT = {"--trace": "trace.parquet", "INPUT": "capacity.json", "--model-config": "config.json",
                "--prompts": "prompts.jsonl", "--calibration": "calibration.json", "--against": "calibration.json",
                "--compare": "calibration.json", "--profile": "profile.json", "--requests-file": "requests.csv"}
 
 
-def base_args(command: str, work: Path, without: str | None = None) -> list[str]:
-    args = [a.replace("{capacity}", str(work / "capacity.json")) for a in BASE.get(command, [])]
-    if without == "INPUT":  # the bad value is report's input itself
-        args = [a for a in args if not a.endswith("capacity.json")]
+def base_args(command: str, without=None, commands=None) -> list[str]:
+    """The command's declared example (empty where it declares none), less the option or the
+    positional arguments (an example gives them first) that ``without`` (a spec) is about to replace."""
+    args = example((commands or COMMANDS)[command]) or []
+    if without is None:
+        return args
+    if without.argument:
+        first = next((i for i, a in enumerate(args) if a.startswith("-")), len(args))
+        return args[first:]
+    if without.flag in args:
+        i = args.index(without.flag)
+        takes_value = without.kind is not bool
+        return args[:i] + args[i + 1 + takes_value:]
     return args
 
 
@@ -112,13 +144,19 @@ def _number_cases(spec) -> st.SearchStrategy[str]:
     return st.one_of(out)
 
 
-def _fuzzable(spec) -> bool:
-    if spec.kind in (int, float):
-        return True
-    return spec.kind is str and bool(spec.bounds.choices)
+def _bad_value(data, spec) -> str:
+    if spec.kind is str:
+        return data.draw(st.text(min_size=1, max_size=8).filter(
+            lambda s: s not in spec.bounds.choices and not s.startswith("-") and s.strip() == s and s))
+    return data.draw(_number_cases(spec))
 
 
-CASES = [(command, spec) for command in COMMANDS for spec in SPECS[command] if _fuzzable(spec)]
+def check_bad_value(command, spec, value, commands=None) -> None:
+    _, err = assert_refused([command, *base_args(command, commands=commands), spec.flag, value])
+    assert spec.flag in err or "--" not in value and value == "", err  # the option is named
+
+
+CASES = ALL.cases
 
 
 def test_every_command_goes_through_the_checks():
@@ -133,6 +171,12 @@ def test_every_command_has_cases_and_every_option_help():
         assert not missing, f"{command}: no help for {missing}"
 
 
+def test_every_command_declares_a_quick_example_that_runs():
+    """What the write and width cases run: a command without one would only be checked on refusals."""
+    missing = [name for name, callback in COMMANDS.items() if example(callback) is None]
+    assert not missing, f"declare options.command(example=[...]) for {missing}"
+
+
 def _help(callback, name: str) -> str | None:
     import inspect
 
@@ -144,33 +188,33 @@ def _help(callback, name: str) -> str | None:
 @given(data=st.data())
 def test_bad_option_values_are_refused_by_name(work, data):
     command, spec = data.draw(st.sampled_from(CASES))
-    if spec.kind is str:
-        value = data.draw(st.text(min_size=1, max_size=8).filter(
-            lambda s: s not in spec.bounds.choices and not s.startswith("-") and s.strip() == s and s))
-    else:
-        value = data.draw(_number_cases(spec))
-    _, err = assert_refused([command, *base_args(command, work), spec.flag, value])
-    assert spec.flag in err or "--" not in value and value == "", err  # the option is named
+    check_bad_value(command, spec, _bad_value(data, spec))
 
 
 # -- input files: missing, a directory, empty, garbage ----------------------------------------------------------
-INPUTS = [(command, spec) for command in COMMANDS for spec in SPECS[command] if spec.input]
+INPUTS = ALL.inputs
 
 
-def _input_args(command, spec, work, path) -> list[str]:
-    args = [command, *base_args(command, work, without=spec.flag)]
+def _input_args(command, spec, path, commands=None) -> list[str]:
+    args = [command, *base_args(command, without=spec, commands=commands)]
     return args + ([str(path)] if spec.argument else [spec.flag, str(path)])
 
 
-@pytest.mark.parametrize("kind", ["missing", "directory", "empty"])
-@pytest.mark.parametrize("command, spec", INPUTS, ids=[f"{c}{s.flag}" for c, s in INPUTS])
-def test_unreadable_input_files_are_refused(work, command, spec, kind):
+def check_unreadable_input(work, command, spec, kind, commands=None) -> None:
     path = work / f"in-{kind}-{command}-{spec.name}.json"
     if kind == "directory":
         path.mkdir(exist_ok=True)
     elif kind == "empty":
         path.write_bytes(b"")
-    assert_refused(_input_args(command, spec, work, path))
+    _, err = assert_refused(_input_args(command, spec, path, commands))
+    if kind != "empty":  # the one input check names the option (an empty file is its reader's to refuse)
+        assert spec.flag in err and ("not found" if kind == "missing" else "is a directory") in err, err
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "empty"])
+@pytest.mark.parametrize("command, spec", INPUTS, ids=[f"{c}{s.flag}" for c, s in INPUTS])
+def test_unreadable_input_files_are_refused(work, command, spec, kind):
+    check_unreadable_input(work, command, spec, kind)
 
 
 @settings(max_examples=100, **SETTINGS)
@@ -179,11 +223,12 @@ def test_garbage_input_files_are_refused(work, data):
     command, spec = data.draw(st.sampled_from(INPUTS))
     path = work / f"garbage-{command}-{spec.name}.json"
     path.write_bytes(data.draw(st.binary(min_size=1, max_size=64).filter(lambda b: b.strip(b"\n\r\t ") != b"")))
-    assert_refused(_input_args(command, spec, work, path))
+    assert_refused(_input_args(command, spec, path))
 
 
 # -- output targets -----------------------------------------------------------------------------------------------
-OUTPUTS = [(command, spec) for command in COMMANDS for spec in SPECS[command] if spec.output is not None]
+OUTPUTS = ALL.outputs
+TARGETS = ["directory", "missing-folder", "wrong-suffix", "read-only"]
 
 
 def _target(kind: str, spec, work: Path, readonly: Path) -> Path:
@@ -219,45 +264,48 @@ def _mount(folder: Path, options: str) -> bool:
         return False
 
 
-@pytest.mark.parametrize("kind", ["directory", "missing-folder", "wrong-suffix", "read-only"])
+def check_unusable_output(work, readonly, command, spec, kind, commands=None) -> None:
+    target = _target(kind, spec, work, readonly)
+    _, err = assert_refused([command, *base_args(command, commands=commands), spec.flag, str(target)])
+    assert spec.flag in err, err
+
+
+@pytest.mark.parametrize("kind", TARGETS)
 @pytest.mark.parametrize("command, spec", OUTPUTS, ids=[f"{c}{s.flag}" for c, s in OUTPUTS])
 def test_unusable_outputs_are_refused_before_work(work, readonly, command, spec, kind):
     if kind == "wrong-suffix" and not spec.output:
         pytest.skip(f"{command} {spec.flag} declares no suffix")
-    target = _target(kind, spec, work, readonly)
-    assert_refused([command, *base_args(command, work), spec.flag, str(target)])
+    check_unusable_output(work, readonly, command, spec, kind)
 
 
-SAME = [(command, out, inp) for command in COMMANDS for out in SPECS[command] if out.output is not None
-        for inp in SPECS[command] if inp.input and inp.flag in VALID_INPUT]
+SAME = ALL.same
 
 
-@pytest.mark.parametrize("command, out, inp", SAME, ids=[f"{c}{o.flag}={i.flag}" for c, o, i in SAME])
-def test_an_output_may_not_be_an_input_of_the_same_run(work, command, out, inp):
+def check_same_file(work, command, out, inp, commands=None) -> None:
     shared = work / f"shared-{command}-{inp.flag.strip('-')}{out.output[0] if out.output else '.out'}"
-    shutil.copy(work / VALID_INPUT[inp.flag], shared)  # a valid input: being the output is the only fault
+    if inp.flag in VALID_INPUT:  # a valid input: being the output is the only fault
+        shutil.copy(work / VALID_INPUT[inp.flag], shared)
+    else:
+        shared.write_text("an input of a kind this file does not know\n")
     before = shared.read_bytes()
-    args = [command, *base_args(command, work, without=inp.flag)]
+    args = [command, *base_args(command, without=inp, commands=commands)]
     args += [str(shared)] if inp.argument else [inp.flag, str(shared)]
     _, err = assert_refused([*args, out.flag, str(shared)])
     assert "overwrite its own input" in err and shared.read_bytes() == before
 
 
+@pytest.mark.parametrize("command, out, inp", SAME, ids=[f"{c}{o.flag}={i.flag}" for c, o, i in SAME])
+def test_an_output_may_not_be_an_input_of_the_same_run(work, command, out, inp):
+    check_same_file(work, command, out, inp)
+
+
 # -- full disks: a real small tmpfs where it can be mounted, a fake ENOSPC everywhere -------------------------------
-#: Commands that compute in well under a second, with an output of each kind.
-QUICK_WRITES = [
-    (["simulate", "--steps", "2", "--batch", "2", "--format", "json"], "--out", ".parquet", True),
-    (["simulate", "--steps", "2", "--batch", "2", "--format", "json"], "--report", ".html", True),
-    (["capacity", "--batch", "2", "--steps", "2", "--format", "json"], "--out", ".json", True),
-    (["capacity", "--batch", "2", "--steps", "2", "--format", "json"], "--report", ".html", True),
-    (["synth", "--n", "1", "--lengths", "8"], "--out", ".parquet", False),
-    (["report", "{capacity}"], "--out", ".html", False),
-]
+WRITES = ALL.writes
 
 
-@pytest.mark.parametrize("args, flag, suffix, json_out", QUICK_WRITES, ids=[f"{a[0]}{f}" for a, f, _, _ in QUICK_WRITES])
-def test_a_failed_write_is_one_line_and_the_json_still_arrives(work, monkeypatch, args, flag, suffix, json_out):
-    """The fake full disk: every atomic rename into the output folder fails with ENOSPC, after the work."""
+def check_failed_write(work, monkeypatch, command, spec, commands=None) -> None:
+    """The fake full disk: every atomic rename into the output folder fails with ENOSPC, after the work;
+    a command with ``--format json`` must still print its document."""
     import tiersim.atomic
 
     replace = os.replace
@@ -268,13 +316,24 @@ def test_a_failed_write_is_one_line_and_the_json_still_arrives(work, monkeypatch
         return replace(src, dst, *a, **k)
 
     monkeypatch.setattr(tiersim.atomic.os, "replace", full)
-    target = work / f"full-{args[0]}{suffix}"
-    args = [a.replace("{capacity}", str(work / "capacity.json")) for a in args]
-    out, err = assert_refused([*args, flag, str(target)], before_work=False)
+    json_out = _takes_json(_specs((commands or COMMANDS)[command]))
+    target = work / f"full-{command}{spec.flag}{spec.output[0] if spec.output else '.out'}"
+    args = [command, *base_args(command, commands=commands), *(["--format", "json"] if json_out else [])]
+    out, err = assert_refused([*args, spec.flag, str(target)], before_work=False)
     assert "ENOSPC" in err and str(target) in err
     assert not target.exists() and not list(work.glob(f".{target.name}.*"))  # no half file, no temporary left
     if json_out:
         json.loads(out)  # the computed result reached stdout
+
+
+@pytest.mark.parametrize("command, spec", WRITES, ids=[f"{c}{s.flag}" for c, s in WRITES])
+def test_a_failed_write_is_one_line_and_the_json_still_arrives(work, monkeypatch, command, spec):
+    check_failed_write(work, monkeypatch, command, spec)
+
+
+def test_every_quick_command_output_is_written_to_a_full_disk():
+    assert {("simulate", "--out"), ("simulate", "--report"), ("capacity", "--out"), ("capacity", "--report"),
+            ("synth", "--out"), ("report", "--out"), ("validate", "--out")} <= {(c, s.flag) for c, s in WRITES}
 
 
 @pytest.fixture(scope="module")
@@ -298,8 +357,11 @@ def test_a_real_full_disk(work, tiny_disk):
     # A timeline of 20,000 steps outgrows the 100 kB left: the write fails, the document arrives.
     out, err = assert_refused(["simulate", "--steps", "20000", "--batch", "2", "--format", "json",
                                "--out", str(tiny_disk / "t.parquet")], before_work=False)
-    assert "ENOSPC" in err and "t.parquet" in err
+    assert err.strip().endswith(f"cannot write {tiny_disk / 't.parquet'}: No space left on device (ENOSPC)"), err
     json.loads(out)
+    _, err = assert_refused(["synth", "--n", "4", "--lengths", "2000", "--out", str(tiny_disk / "s.parquet")],
+                            before_work=False)  # pyarrow's own words ("Detail: [errno 28] ...") read as the errno
+    assert err.strip().endswith(f"cannot write {tiny_disk / 's.parquet'}: No space left on device (ENOSPC)"), err
     assert sorted(p.name for p in tiny_disk.iterdir()) == ["filler"]
 
 
@@ -362,6 +424,37 @@ def test_synth_bounds_follow_the_memory_available(monkeypatch):
     with pytest.raises(TiersimError, match="lower --n, --lengths or --layers"):
         synth.synthesize(profile, n=4, mean_length=2000, num_layers=30)
     assert len(synth.synthesize(profile, n=1, mean_length=100, num_layers=30).steps) < 10_000
+
+
+@pytest.mark.parametrize("args, refused", [
+    (["--max-new-tokens", "1000000"], "lower --max-new-tokens or --n"),  # 16 GB of recorded rows
+    (["--max-new-tokens", "8192", "--full"], "or leave out --full"),  # ~2.5e8 attention entries
+    (["--max-new-tokens", "128", "--n", "2"], None),  # the default size: a few MB
+])
+def test_capture_bounds_follow_the_memory_available(work, monkeypatch, args, refused):
+    """Before its first token a capture estimates what it will hold (the recorded rows, the KV cache,
+    the merged trace; tiersim.traces.capture.check_fits) against the memory available: 8 GB here."""
+    import tiersim.models
+    import tiersim.options
+    import tiersim.traces.capture
+
+    shape = {"num_layers": 30, "kv_bytes_per_token": 30 * 2 * 3 * 64 * 2}  # SmolLM2-135M
+    ran = []
+    monkeypatch.setattr(tiersim.options, "available_memory", lambda: 8 * 10**9)
+    monkeypatch.setattr(tiersim.models, "load_model", lambda *a, **k: (None, None))
+    monkeypatch.setattr(tiersim.models, "describe_model", lambda model: shape)
+    monkeypatch.setattr(tiersim.traces.capture, "capture", lambda *a, **k: ran.append(1) or _stop())
+    command = ["capture", *args, "--out", str(work / "bounded.parquet"), "--no-resume"]
+    if refused:
+        _, err = assert_refused(command)
+        assert refused in err and "available" in err and not ran
+    else:
+        code, _, err = invoke(command)
+        assert ran and "boom" in err  # past the check: the (stubbed) generation ran
+
+
+def _stop():
+    raise TiersimError("boom")
 
 
 def test_an_interrupted_capture_keeps_its_sequences_and_resumes(work, monkeypatch):
@@ -433,3 +526,91 @@ def test_both_front_ends_refuse_a_value_out_of_its_declared_range_in_the_same_wo
     _, err = assert_refused(["validate", "--device", "cpu", flag, value])
     cli_words = err.strip().removeprefix("error: ")
     assert flag in cli_words and cli_words.split(flag, 1)[1].lstrip(": ") in argparse_words, (cli_words, argparse_words)
+
+
+# -- a command another lane adds later is covered by its declaration alone ---------------------------------------
+def _probe_app():
+    """A command as a new module would add it (an input file, a number with a range, a choice, an output,
+    ``--format json``), registered on its own app so this file's lists can be built for it."""
+    import typer
+
+    from tiersim.atomic import write_json
+    from tiersim.cli import options
+    from tiersim.cli.app import deliver
+
+    probe = typer.Typer()
+
+    @probe.command(name="probe")
+    @options.command(outputs={"out": (".json",)}, example=["--qps", "2"])
+    def probe_command(
+        qps: float = options.opt(1.0, help="requests per second", min=0.01, max=1e6),
+        requests: Path = typer.Option(None, help="request file"),
+        executor: str = options.opt("eager", help="eager or graph", choices=("eager", "graph")),
+        fmt: str = options.opt("table", "--format", help="table or json", choices=("table", "json")),
+        out: Path = typer.Option(Path("probe.json"), help="result file"),
+    ) -> None:
+        document = {"qps": qps, "executor": executor}
+        deliver(document if fmt == "json" else None, [(out, lambda: write_json(out, document))])
+
+    return probe
+
+
+def test_a_command_added_later_is_covered(work, readonly, monkeypatch):
+    probe = _probe_app()
+    found = collect(probe)
+    flags = lambda pairs: {s.flag for _, s in pairs}  # noqa: E731
+    assert flags(found.cases) == {"--qps", "--executor", "--format"} and flags(found.inputs) == {"--requests"}
+    assert flags(found.outputs) == flags(found.writes) == {"--out"} and len(found.same) == 1
+    # ... and the same checks hold for it, through the real entry point.
+    monkeypatch.setattr(app, "registered_commands", [*app.registered_commands, *probe.registered_commands])
+    commands = found.commands
+    by_flag = {s.flag: s for s in found.specs["probe"]}
+    for value in ("0", "nan", "1e7", "x"):
+        check_bad_value("probe", by_flag["--qps"], value, commands)
+    check_bad_value("probe", by_flag["--executor"], "jit", commands)
+    for kind in ("missing", "directory"):
+        check_unreadable_input(work, "probe", by_flag["--requests"], kind, commands)
+    for kind in TARGETS:
+        check_unusable_output(work, readonly, "probe", by_flag["--out"], kind, commands)
+    check_same_file(work, "probe", by_flag["--out"], by_flag["--requests"], commands)
+    check_failed_write(work, monkeypatch, "probe", by_flag["--out"], commands)
+
+
+# -- report inputs that parse but hold the wrong things -----------------------------------------------------------
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats() | st.text(max_size=6),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                                          max_size=3), max_leaves=6)
+
+
+@settings(max_examples=80, **SETTINGS)
+@given(data=st.data())
+def test_a_report_input_with_a_wrong_field_is_refused_or_drawn_never_a_crash(work, data):
+    """A valid capacity or calibration file with one field of one table row replaced by any JSON value:
+    the report refuses it in one line (an expected error) or draws it; a field the figures plot holding
+    something other than a number is refused."""
+    from tiersim.cli.app import EXPECTED_ERRORS
+    from tiersim.report.build import build_section
+    from tiersim.report.loaders import TEXT_COLUMNS, load_input
+
+    name = data.draw(st.sampled_from(["capacity.json", "calibration.json"]))
+    document = json.loads((work / name).read_text())
+    tables = [k for k, v in document.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+    table = data.draw(st.sampled_from(sorted(tables)))
+    row = data.draw(st.integers(0, len(document[table]) - 1))
+    field = data.draw(st.sampled_from(sorted(document[table][row])))
+    value = data.draw(JSON_VALUES)
+    document[table][row][field] = value
+    plotted = isinstance(document[table][0].get(field), (int, float)) and field not in TEXT_COLUMNS
+    try:
+        build_section(load_input(document), "s1")
+    except EXPECTED_ERRORS as exc:
+        assert len(str(exc).splitlines()) <= 1, exc
+        return
+    number = value is None or isinstance(value, (int, float))
+    assert number or not plotted or field not in _plotted_fields(), (table, field, value)
+
+
+def _plotted_fields() -> set[str]:
+    from tiersim.report.loaders import REQUIRED
+
+    return {c for tables in REQUIRED.values() for columns in tables.values() for c in columns}

@@ -53,3 +53,65 @@ def test_threads_default_is_half_the_cpus_and_can_be_set(monkeypatch):
         torch.set_num_threads(before)
     code, _, stderr = invoke(["grid", "--threads", "-1", "--n", "1"])
     assert code == 2 and "--threads" in stderr
+
+
+# -- what the issue-26 walk-through saw printed (each from a real run) --------------------------------------------
+def test_a_one_step_simulation_has_a_real_time_factor():
+    code, stdout, stderr = invoke(["simulate", "--steps", "1", "--batch", "2"])
+    assert code == 0, stderr
+    factor = [line for line in stdout.splitlines() if line.startswith("real-time factor:")]
+    assert factor and float(factor[0].split()[2].rstrip("x").replace(",", "")) > 0, factor
+
+
+def test_capacity_grid_title_names_the_engine_its_rows_used():
+    code, stdout, stderr = invoke(["capacity", "--batch", "8", "--steps", "4", "--format", "json"])
+    assert code == 0, stderr
+    methods = {row["method"] for row in json.loads(stdout)["rows"]}
+    code, text, stderr = invoke(["capacity", "--batch", "8", "--steps", "4"])
+    title = [line for line in text.splitlines() if line.startswith("Prefetch grid at batch")][0]
+    assert len(methods) == 1 and f"({methods.pop()};" in title, title
+
+
+def test_a_report_written_by_capacity_names_the_run_not_memory(tmp_path):
+    page = tmp_path / "r.html"
+    code, _, stderr = invoke(["capacity", "--batch", "2", "--steps", "2", "--report", str(page)])
+    assert code == 0, stderr
+    html = page.read_text()
+    assert "&lt;in memory&gt;" not in html and "<in memory>" not in html
+    assert "this run: tiersim capacity --batch 2 --steps 2 --report" in html
+
+
+@pytest.fixture(scope="module")
+def cpu_calibration(tmp_path_factory):
+    """``validate --device cpu`` (the smoke mode) on the tiny shape: its printout and its file."""
+    out = tmp_path_factory.mktemp("smoke") / "cpu.json"
+    code, stdout, stderr = invoke(["validate", "--device", "cpu", "--batch", "1", "--context", "64",
+                                   "--hbm", "1,0.5", "--steps", "2", "--warmup", "1", "--out", str(out)])
+    assert code == 0, stderr
+    return out, stderr + stdout  # the progress lines go to stderr, the table to stdout
+
+
+def _odd_words(printed: str) -> list[str]:
+    return [w for w in printed.split() if w.lower().strip(",;()") in ("nan", "-%", "inf", "nan%")]
+
+
+def test_the_cpu_smoke_mode_prints_no_nan_or_empty_percentages(cpu_calibration):
+    _, printed = cpu_calibration
+    assert "stall not timed" in printed and "prefetch: not measured" in printed
+    assert not _odd_words(printed), printed
+
+
+def test_a_grid_cut_short_by_its_budget_says_what_was_not_measured():
+    code, stdout, stderr = invoke(["validate", "--device", "cpu", "--batch", "1", "--context", "64", "--hbm", "0.5",
+                                   "--steps", "2", "--warmup", "1", "--budget-s", "0.001"])
+    assert code == 0, stderr
+    assert "max transfer overhead not measured" in stdout and not _odd_words(stderr + stdout), stdout
+
+
+def test_a_cpu_calibration_is_a_report_input_labelled_as_the_cpu(tmp_path, cpu_calibration):
+    path, _ = cpu_calibration
+    page = tmp_path / "cal.html"
+    code, _, stderr = invoke(["report", str(path), "--out", str(page)])
+    assert code == 0, stderr  # every field the validator writes is one the report reads (tier_bytes: a dict)
+    html = page.read_text()
+    assert "measured on the CPU (smoke mode)" in html and "measured on the GPU" not in html

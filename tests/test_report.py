@@ -171,7 +171,7 @@ def test_throughput_frontier_has_a_curve_per_strategy_the_slo_and_the_full_cache
     points = pd.DataFrame(doc["points"])
     fig = figures.throughput_frontier(points, 50.0, doc["planner"]["full_cache"])
     names = [t.name for t in fig.data]
-    assert "prefetch" in names and "compressed-transfer * (approximate)" in names
+    assert "prefetch" in names and "int8 transfer * (approximate)" in names  # the registry's label
     assert any(n.startswith("full cache, batch 64") for n in names)
     fitting = points[points["fits"]]
     for trace in fig.data:

@@ -82,7 +82,7 @@ def test_the_page_bound_is_an_upper_bound_of_every_key_in_the_page():
 def test_fetch_share_is_validated():
     with pytest.raises(ConfigError, match="fetch_share must be in"):
         TierConfig(strategy="selective", fetch_share=0.0)
-    with pytest.raises(ConfigError, match="applies to strategies 'selective' and 'hybrid' only"):
+    with pytest.raises(ConfigError, match="applies to strategies 'hybrid' and 'selective' only"):
         TierConfig(fetch_share=0.5)
 
 

@@ -33,9 +33,12 @@ def test_a_shard_holds_one_tp_th_of_the_weights_and_kv(tp):
     # A rank streams 1/tp of the weights; the per-kernel costs and small ops do not shrink.
     rank, whole = physics.layer_s(s, H100, 8, 0), physics.layer_s(QWQ, H100, 8, 0)
     assert whole / tp < rank < whole
-    saved = (physics.weight_stream_s(H100, QWQ.layer_weight_bytes * (1 - 1 / tp), 8)
-             - physics.GEMMS_PER_LAYER * H100.gemm_kernel_s
+    saved = (physics.gemm_s(QWQ, H100, 8) - physics.gemm_s(s, H100, 8)  # the GEMMs of 1/tp of the weights
              + H100.layer_overhead_per_width * (QWQ.mlp_width - s.mlp_width))  # the activation is split too
+    # ... which at 8 rows is weight streaming: 1/tp of the bytes, the same per-kernel costs
+    streamed = (physics.weight_stream_s(H100, QWQ.layer_weight_bytes * (1 - 1 / tp), 8)
+                - physics.GEMMS_PER_LAYER * H100.gemm_kernel_s)
+    assert float(physics.gemm_s(QWQ, H100, 8) - physics.gemm_s(s, H100, 8)) == pytest.approx(streamed, rel=5e-3)
     assert whole - rank == pytest.approx(saved, rel=1e-6)
 
 

@@ -44,7 +44,8 @@ def test_tile_quantization_from_one_tile_and_the_weight_floor():
 
 
 def test_prefill_attention_is_quadratic_in_the_prompt_and_causal():
-    big = [float(prefill.prefill_attention_s(QWEN7, H100, n)) for n in (8192, 16384, 32768)]
+    # after the one kernel call's fixed cost (decode attention's per-call floor, 18 us on an H100)
+    big = [float(prefill.prefill_attention_s(QWEN7, H100, n)) - H100.attn_kernel_s for n in (8192, 16384, 32768)]
     # 4x per doubling, less the little the kernel's efficiency still gains with the keys (within 3%).
     assert big[1] / big[0] == pytest.approx(4.0, rel=0.03) and big[2] / big[1] == pytest.approx(4.0, rel=0.015)
     eff = prefill.attention_efficiency(H100, np.array([512, 2048, 16384]))

@@ -236,7 +236,8 @@ def test_simulate_names_the_compute_model_it_used(tmp_path):
     plain = json.loads(CliRunner().invoke(app, args).output)
     profiled = json.loads(CliRunner().invoke(app, [*args, "--profile", str(path)]).output)
     device_only = json.loads(CliRunner().invoke(app, [*args, "--profile", str(path), "--no-host-floor"]).output)
-    assert plain["rows"][0]["compute_model"] == "roofline (no --profile given)"
+    # the roofline, and the engine preset it priced (none: device time only)
+    assert plain["rows"][0]["compute_model"] == "roofline (no --profile given); engine overhead none (device time only)"
     assert profiled["rows"][0]["compute_model"].startswith("profile (r1-distill-qwen-7b")
     assert profiled["rows"][0]["step_ms"] >= 30.0  # the host floor
     assert device_only["rows"][0]["step_ms"] < 30.0 and "host floor" not in device_only["rows"][0]["compute_model"]

@@ -2,6 +2,7 @@
 one strategy registry read by the cache, the simulator, the CLI and the report, and the bytes the simulator
 charges equal to the bytes the cache moves."""
 
+import dataclasses
 from dataclasses import replace
 
 import numpy as np
@@ -27,11 +28,13 @@ def rel(a, b):
 
 
 # -- every strategy on every solver ----------------------------------------------------------------------
-CASES = [  # (model, gpu, split, batch): link-bound, near the crossover, compute-bound; GH200's C2C link
-    (GQA, "h100-sxm", (0.5, 0.5), 64),
-    (GQA, "h100-sxm", (0.75, 0.25), 8),
-    (MHA, "a100-80g", (0.5, 0.5), 16),
-    (GQA, "gh200", (0.25, 0.75), 32),
+#: (model, gpu, split, batch): on the H100 every split (DDR a quarter to three quarters, one with compressed and
+#: evicted tokens beside it) at batch 1, 8 and 64 (compute-bound to link-bound); an MHA model on the A100's
+#: Gen4 link; GH200's C2C link.
+SPLITS = [(0.75, 0.25, 0.0, 0.0), (0.5, 0.5, 0.0, 0.0), (0.25, 0.75, 0.0, 0.0), (0.4, 0.4, 0.1, 0.1)]
+CASES = [(GQA, "h100-sxm", split, batch) for split in SPLITS for batch in (1, 8, 64)] + [
+    (MHA, "a100-80g", (0.5, 0.5, 0.0, 0.0), 16),
+    (GQA, "gh200", (0.25, 0.75, 0.0, 0.0), 32),
 ]
 
 
@@ -39,7 +42,7 @@ CASES = [  # (model, gpu, split, batch): link-bound, near the crossover, compute
 @pytest.mark.parametrize("model,gpu,split,batch", CASES)
 def test_every_strategy_runs_on_every_solver_and_the_fast_ones_agree_with_simpy(name, model, gpu, split, batch):
     hw = get_gpu(gpu)
-    policy = analytic.Offload(TierConfig(*split, 0.0, 0.0))
+    policy = analytic.Offload(TierConfig(*split))
     work = _work(policy, batch, steps=40)
     costs = strategies.step_costs(name, model, hw, policy, work, cover=0.8)
     assert costs.strategy == name and costs.exact == registry.get(name).exact
@@ -127,15 +130,81 @@ def test_the_simulator_prices_every_registered_strategy_and_the_cache_runs_its_o
         access.make_access("recompute")
 
 
+def test_tierconfig_reads_the_policy_names_from_the_registry_without_torch():
+    """config.POLICIES is the registry's names (no mirror); each entry's class carries its own name, and the
+    eviction baselines are exactly the entries other than the hierarchy."""
+    import subprocess
+    import sys
+
+    from tiersim.hierarchy import config, registry as policies
+    from tiersim.hierarchy.baselines import BASELINES
+
+    assert config.POLICIES is policies.NAMES
+    for name in policies.NAMES:
+        assert policies.policy_class(name).name == name
+    assert set(BASELINES) == set(policies.NAMES) - {"hierarchy"} == set(policies.BASELINE_NAMES)
+    assert {n: c for n, c in policies.POLICY_CLASSES.items() if n != "hierarchy"} == BASELINES
+    code = ("import sys; sys.modules['torch'] = None; from tiersim.hierarchy.config import TierConfig; "
+            "TierConfig(0.5, 0.0, 0.0, 0.5, policy='h2o'); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "ok"
+
+
 def test_the_cli_and_the_report_read_the_registry():
     from tiersim.cli import groups
     from tiersim.report import figures
 
+    from tiersim.hierarchy import registry as policies
+    from tiersim.report import style
+
     for name in registry.NAMES:
         assert figures.STRATEGY_SYMBOLS[name] == registry.get(name).symbol
+        assert style.strategy_name(name).startswith(registry.get(name).label)
+    assert style.strategy_name("compressed-transfer", True) == "int8 transfer * (approximate)"
+    assert style.BASELINE_NAMES == {n: policies.REGISTRY[n].label for n in policies.NAMES if n != "hierarchy"}
     for name in registry.CACHE_STRATEGIES:
         assert name in groups.STRATEGY_HELP
     assert "recompute" not in groups.STRATEGY_HELP  # the cache's option lists what the cache runs
+
+
+def test_the_approximate_note_and_the_share_option_read_the_registry():
+    """capacity's footnote names only the approximate strategies compared, each with its registry caveat; the
+    cache's --fetch-share help names the strategies that take a share."""
+    from tiersim.cli import groups
+
+    approximate = [n for n in registry.NAMES if not registry.get(n).exact]
+    assert approximate and all(registry.get(n).caveat for n in approximate)
+    note = registry.caveats(registry.NAMES)
+    for name in registry.NAMES:
+        spec = registry.get(name)
+        assert (f"{spec.label} {spec.caveat}" in note) == (name in approximate)
+    assert registry.caveats([n for n in registry.NAMES if registry.get(n).exact]) == ""
+    takers = [n for n in registry.NAMES if registry.get(n).takes_share]
+    assert registry.SHARE_TAKERS == tuple(takers)
+    share_help = next(f for f in dataclasses.fields(groups.CacheShape) if f.name == "fetch_share").metadata["help"]
+    assert share_help.startswith(" / ".join(takers) + ":")
+
+
+def test_the_docs_list_the_registry_s_strategies_with_its_exactness():
+    """The docs cannot import the registry, so this holds their lists to it: simulator.md's strategy bullets (in
+    order, each called exact or approximate as the registry says), file-formats.md's list of a point's
+    ``strategy`` values, and the README's list of what the cache runs."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    bullets = re.findall(r"^\* \*\*`([a-z-]+)`\*\* \(([^)]*)\)", (root / "docs/simulator.md").read_text(), re.M)
+    assert [name for name, _ in bullets] == list(registry.NAMES)
+    for name, words in bullets:
+        said = "approximate" if "approximate" in words else "exact" if "exact" in words else None
+        assert said == ("exact" if registry.get(name).exact else "approximate"), (name, words)
+    formats = " ".join((root / "docs/file-formats.md").read_text().split())
+    assert ", ".join(registry.NAMES) in formats
+    readme = (root / "README.md").read_text()
+    paragraph = readme[readme.index("How the DDR tier reaches attention"):]
+    paragraph = paragraph[: paragraph.index("\n\n")]
+    named = [n for n in re.findall(r"`([a-z-]+)` \(", paragraph) if n in registry.REGISTRY]
+    assert named == list(registry.CACHE_STRATEGIES)
 
 
 def test_capacity_help_lists_every_strategy():
@@ -154,13 +223,18 @@ def test_the_compressed_tier_is_priced_as_the_cache_stores_it():
     torch = pytest.importorskip("torch")
     from tiersim.hierarchy.quant import quantize_kv
 
+    from tiersim.hierarchy import quant_layout
+
     shape = Model("toy", 1, 2, 64, 256, 4, 1e6)
-    for bits, group in ((4, 32), (8, 32), (4, 16)):
-        n = 256  # a whole number of groups
+    # A group wider than the head (128, 256 > 64): values are grouped by the whole head, keys by the group.
+    for bits, group in ((4, 32), (8, 32), (4, 16), (4, 64), (4, 128), (8, 256)):
+        n = 512  # a whole number of key groups
         k = torch.randn(1, shape.num_kv_heads, n, shape.head_dim)
         q = quantize_kv(k, torch.randn_like(k), bits=bits, group=group)
+        assert q.key_scale.element_size() == q.value_min.element_size() == quant_layout.SCALE_BYTES
+        assert q.key_group.element_size() == quant_layout.KEY_GROUP_INDEX_BYTES
         per_token = analytic.compressed_bytes_per_token_layer(shape, bits, group)
-        assert per_token * n == q.nbytes()
+        assert per_token * n == q.nbytes(), (bits, group)
         tiers = TierConfig(0.5, 0.0, 0.5, 0.0, compressed_bits=bits, quant_group=group)
         assert analytic.compressed_ratio(shape, tiers) == per_token / shape.kv_bytes_per_token_layer
 

@@ -237,7 +237,7 @@ def test_full_mode_keeps_replayable_attention_rows(smollm2, tmp_path):
         (["--hbm", "0.5", "--ddr", "0.6", "--evict", "0"], "sum to 1"),
         (["--max-new-tokens", "0"], "--max-new-tokens"),
         (["--n", "0"], "--n"),
-        (["--prompts", "/no/such.jsonl"], "prompts file not found"),
+        (["--prompts", "/no/such.jsonl"], "--prompts: file not found"),
         (["--device", "tpu"], "--device"),
     ],
 )

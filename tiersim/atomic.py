@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from tiersim.errors import TiersimError
+from tiersim.errors import TiersimError, os_reason
 
 
 class WriteError(TiersimError, OSError):
@@ -24,12 +24,7 @@ class WriteError(TiersimError, OSError):
 
 
 def _write_error(target: Path, exc: OSError) -> WriteError:
-    import errno
-
-    code = errno.errorcode.get(exc.errno or 0)
-    text = str(exc).strip().splitlines()
-    reason = exc.strerror or (text[0] if text else exc.__class__.__name__)
-    return WriteError(f"cannot write {target}: {reason}" + (f" ({code})" if code else ""))
+    return WriteError(f"cannot write {target}: {os_reason(exc)}")
 
 
 @contextlib.contextmanager

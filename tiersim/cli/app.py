@@ -9,7 +9,6 @@ never a traceback.
 from __future__ import annotations
 
 import copy
-import errno as errno_codes
 import json
 import os
 import re
@@ -29,7 +28,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tiersim.errors import Interrupted, TiersimError
+from tiersim.errors import Interrupted, TiersimError, os_reason
 from tiersim.options import parse_list
 
 app = typer.Typer(
@@ -56,12 +55,6 @@ MODEL_INSTALL = ("install torch (the CPU or CUDA build for this machine, see REA
 RAY_ADDRESS_HELP = ("implies --ray: the cluster to join, 'auto' (the one `ray start` runs here) or HOST:PORT of its "
                     "head (default: $RAY_ADDRESS, else a new Ray on this machine)")
 EXPECTED_ERRORS = (TiersimError, ValueError, FileNotFoundError, PermissionError, IsADirectoryError)
-
-
-def fail(message: str, code: int = 2) -> "typer.Exit":
-    """Print one clear line to stderr and return an Exit to raise."""
-    err_console.print(f"[bold red]error:[/] {escape(user_words(message))}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
 
 
 THREADS_HELP = ("CPU threads for torch (0: half the CPUs this process may use, at least 1; on a busy machine "
@@ -206,11 +199,8 @@ def _error_line(message: str) -> None:
 
 
 def os_error_words(exc: OSError) -> str:
-    """``cannot write out.json: No space left on device (ENOSPC)``: the path and the errno, one line."""
-    code = errno_codes.errorcode.get(exc.errno or 0)
-    reason = exc.strerror or str(exc) or exc.__class__.__name__
-    where = f"{exc.filename}: " if exc.filename else ""
-    return f"{where}{reason}" + (f" ({code})" if code else "")
+    """``out.json: No space left on device (ENOSPC)``: the path and the errno, one line."""
+    return (f"{exc.filename}: " if exc.filename else "") + os_reason(exc)
 
 
 def run() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from tiersim.cli import options
-from tiersim.cli.app import THREADS_HELP, app, apply_threads, check_output_path, console, err_console
+from tiersim.cli.app import THREADS_HELP, app, apply_threads, console, err_console
 from tiersim.cli.groups import CacheShape, ModelRun
 from tiersim.cli.progress import meter
 from tiersim.errors import TiersimError
@@ -22,7 +22,7 @@ HEADLINE = {"hbm": 0.5, "ddr": 0.47, "compressed": 0.0, "evict": 0.03}
 
 
 @app.command()
-@options.command(outputs={"out": (".parquet",)})
+@options.command(outputs={"out": (".parquet",)}, example=["--n", "1", "--max-new-tokens", "1"], loads_model=True)
 def capture(
     runtime: ModelRun = ModelRun(),
     prompts: Path = typer.Option(None, help="JSONL with a 'prompt' field per line (default: bundled prompts)"),
@@ -45,11 +45,6 @@ def capture(
     from tiersim.prompts import load_prompts
 
     model, device, dtype = runtime.model, runtime.device, runtime.dtype
-    if max_new_tokens < 1:
-        raise TiersimError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    if device not in ("cpu", "cuda"):
-        raise TiersimError(f"--device must be cpu or cuda, got {device!r}")
-    check_output_path(out, "--out", (".parquet",))
     config = TierConfig(hbm=hbm, ddr=ddr, compressed=compressed, evict=evict, **shape.config_options())
     items = load_prompts(str(prompts) if prompts else None, n)
     if device == "cuda":
@@ -59,11 +54,13 @@ def capture(
             raise TiersimError("--device cuda: no CUDA device is available here")
     from tiersim.models import describe_model, load_model
     from tiersim.traces import write
-    from tiersim.traces.capture import capture as run_capture
+    from tiersim.traces.capture import capture as run_capture, check_fits
 
     used = apply_threads(threads)
     with console.status(f"loading {model} ({used} CPU thread{'s' * (used > 1)}) ..."):
         mdl, tokenizer = load_model(model, device=device, dtype=dtype)
+    prompt_tokens = max(len(p.prompt) for p in items) + 64  # a token per character at most, and the template's
+    check_fits(len(items), prompt_tokens, max_new_tokens, describe_model(mdl), full, 4 if dtype == "float32" else 2)
     parts = _parts(out, model, device, dtype, config, max_new_tokens, full, prompts, resume)
     source = str(prompts) if prompts else "bundled"
     todo = [(i, p) for i, p in enumerate(items) if not parts.done(p.id)]
@@ -87,7 +84,7 @@ def capture(
     write(out, trace.steps, trace.meta)
     parts.discard()  # --out holds everything now
     console.print(
-        f"wrote {out} ({len(items)} sequences, {len(trace.steps):,} rows, "
+        f"wrote {out} ({len(items)} sequence{'s' * (len(items) != 1)}, {len(trace.steps):,} rows, "
         f"{out.stat().st_size / 1e6:.2f} MB)", highlight=False, markup=False,
     )
 
@@ -107,7 +104,7 @@ def _parts(out, model, device, dtype, config, max_new_tokens, full, prompts, res
 
 
 @app.command()
-@options.command(outputs={"out": (".parquet",)})
+@options.command(outputs={"out": (".parquet",)}, example=["--n", "1", "--lengths", "8"])
 def synth(
     trace: Path = typer.Option(None, help="captured trace to fit (default: the bundled trace)"),
     lengths: str = typer.Option("math500", help="mean generated tokens: a number or gsm8k/math500/amc23/gpqa/aime"),
@@ -123,12 +120,7 @@ def synth(
     from tiersim.traces import default_trace_path, read, write
     from tiersim.traces.synth import fit, parse_lengths, synthesize
 
-    if layers is not None and layers < 1:
-        raise TiersimError(f"--layers must be >= 1, got {layers}")
-    if sigma < 0:
-        raise TiersimError(f"--sigma must be >= 0, got {sigma}")
-    check_output_path(out, "--out", (".parquet",))
     source = read(trace or default_trace_path())
     result = synthesize(fit(source), n=n, mean_length=parse_lengths(lengths), sigma=sigma, num_layers=layers, seed=seed)
     write(out, result.steps, result.meta)
-    console.print(f"wrote {out} ({n} sequences, {len(result.steps):,} rows)", highlight=False, markup=False)
+    console.print(f"wrote {out} ({n} sequence{'s' * (n != 1)}, {len(result.steps):,} rows)", highlight=False, markup=False)

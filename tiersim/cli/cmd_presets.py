@@ -10,7 +10,7 @@ from tiersim.cli.app import add_columns, app, compact_table, console
 
 
 @app.command()
-@options.command()
+@options.command(example=[])
 def presets(fmt: str = options.opt("table", "--format", help="table or json", choices=("table", "json"))) -> None:
     """List GPU and model presets (any transformers config.json also works via --model-config)."""
     from tiersim.errors import TiersimError
@@ -23,12 +23,13 @@ def presets(fmt: str = options.opt("table", "--format", help="table or json", ch
     if fmt != "table":
         raise TiersimError(f"--format must be table or json, got {fmt!r}")
     gpus = compact_table("GPU presets (link figures in GB/s)")
-    add_columns(gpus, ("name", "HBM GB", "HBM TB/s", "H2D", "D2H", "both", "copy µs", "TFLOP/s", "host GB", "note"),
-                optional=("note", "host GB", "copy µs", "both"))
+    add_columns(gpus, ("name", "HBM GB", "HBM TB/s", "H2D", "D2H", "both", "link", "copy µs", "TFLOP/s", "host GB",
+                       "note"), optional=("note", "host GB", "copy µs", "both"))
     gpus.columns[-1].justify = "left"
     for g in GPUS.values():
         gpus.add_row(g.name, f"{g.hbm_bytes / GB:.0f}", f"{g.hbm_bw / 1e12:.2f}", f"{g.h2d_bw / GB:.0f}",
-                     f"{g.d2h_bw / GB:.0f}", f"{g.bidir_bw / GB:.0f}", f"{g.copy_latency * 1e6:.0f}",
+                     f"{g.d2h_bw / GB:.0f}", f"{g.bidir_bw / GB:.0f}", "ASSUMED" if g.link_assumed else "measured",
+                     f"{g.copy_latency * 1e6:.0f}",
                      f"{g.peak_flops / 1e12:.0f}", f"{g.host_bytes / GB:.0f}", g.note)
     models = compact_table("Model presets")
     add_columns(models, ("name", "layers", "KV heads", "head dim", "hidden", "params (B)", "vocab",

@@ -14,7 +14,7 @@ INPUT_HELP = ("simulation results (.parquet), capacity grids (.json), quality gr
 
 
 @app.command()
-@options.command(outputs={"out": (".html", ".htm")})
+@options.command(outputs={"out": (".html", ".htm")}, example=["docs/validation/h100-80gb-hbm3.json"])
 def report(
     inputs: list[Path] = typer.Argument(..., help=INPUT_HELP, show_default=False, metavar="INPUT"),
     out: Path = typer.Option(Path("report.html"), "--out", "-o", help="HTML file to write"),

@@ -99,7 +99,9 @@ def build(target: Target, serving: Serving, strategy: str, lengths: str | None, 
 
 
 @app.command()
-@options.command(outputs={"out": (".parquet",), "save_requests": (".csv", ".jsonl", ".parquet")})
+@options.command(outputs={"out": (".parquet",), "save_requests": (".csv", ".jsonl", ".parquet")},
+                 example=["--requests", "3", "--qps", "1", "--lengths", "8", "--prompt-lengths", "8",
+                          "--on-full", "queue"])
 def serve(
     target: Target = Target(),
     serving: Serving = Serving(),

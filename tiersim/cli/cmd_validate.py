@@ -34,9 +34,11 @@ def _show(doc: dict) -> None:
 
 
 @app.command()
-@options.command()
+@options.command(example=["--device", "cpu", "--batch", "1", "--context", "8", "--hbm", "1", "--steps", "1",
+                          "--warmup", "1"])
 def validate(opts: ValidateOptions = ValidateOptions()) -> None:
-    """Time decode steps with the TieredCache against all-in-HBM, sweep the host link, write a calibration."""
+    """Time decode steps with the TieredCache against all-in-HBM, sweep the host link, write a calibration
+    (--executor graph: the step captured as a CUDA graph, the GPU-bound measurement)."""
     from tiersim.validator import calibrate
     from tiersim.validator import compare as compare_mod
 
@@ -44,8 +46,11 @@ def validate(opts: ValidateOptions = ValidateOptions()) -> None:
         _show(compare_mod.load(opts.compare))
         return
     lists = list_values(opts)  # --batch, --context, --hbm, each a one-line error when it is not a list
+    run = calibrate.run_validation
+    if opts.executor == "graph":
+        from tiersim.validator.graph_run import run_validation_graph as run
     try:
-        doc = calibrate.run_validation(
+        doc = run(
             opts.model_shape, lists["batch"], lists["context"], lists["hbm"], device=opts.device, steps=opts.steps, warmup=opts.warmup,
             prefill=opts.prefill, out=opts.out, budget_s=opts.budget_s, sdpa=opts.sdpa, profile=opts.profile,
             command=shlex.join(["tiersim", *sys.argv[1:]]) if sys.argv[1:2] == ["validate"] else None,

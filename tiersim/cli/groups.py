@@ -45,8 +45,8 @@ class CacheShape:
                                min=1, max=MAX_TOKENS)
     compressed_bits: int = option(_TIER["compressed_bits"], "4 or 8", choices=(4, 8))
     strategy: str = option(_TIER["strategy"], f"how the DDR tier reaches attention: {STRATEGY_HELP}")
-    fetch_share: float = option(_TIER["fetch_share"], "hybrid / selective: share of the DDR tier fetched to the "
-                                "device per step", min=0, max=1)
+    fetch_share: float = option(_TIER["fetch_share"], f"{' / '.join(strategies.SHARE_TAKERS)}: share of the DDR "
+                                "tier fetched to the device per step", min=0, max=1)
 
     def config_options(self) -> dict:
         """The fields as TierConfig keywords (``strategy`` as given: a command with a list splits it first)."""
@@ -96,5 +96,10 @@ class ComputeModel:
     host_overhead: str = option("none", "per-step host work the GPU waits for: none (an engine that overlaps "
                                         "it), or sync (a Python serving engine that does not: 1.17 ms + 0.1 ms per "
                                         "sequence, vidur's public CPU profile)")
+    engine_overhead: str = option("none", "per-step host/engine cost of the serving engine (a cited line per engine, "
+                                  "docs/simulator.md): none (device time only), vllm (0.08 ms/step: vLLM v0.11 on an H100), "
+                                  "sglang (none left: its overlap scheduler, measured on an H100), hf-eager (this "
+                                  "project's H100 validator harness: a launch-bound host floor per layer)",
+                                  choices=("none", "vllm", "sglang", "hf-eager"))
     engine: str = option("auto", "step-time model: auto (the exact per-step recurrence, or SimPy where demotions and "
                                  "prefetches really share the link), fast, or simpy (the event-by-event reference)")

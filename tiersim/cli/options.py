@@ -8,7 +8,8 @@ command with the group instance built from them. So help texts and defaults live
 each value against its declared range (:func:`opt` for a plain option, ``option(min=...)`` for a
 group field; every number finite unless declared otherwise), and every output file (declared with
 ``output=`` or ``command(outputs=...)``) by :func:`tiersim.cli.outputs.check_outputs`: writable, room
-for it where its size can be estimated, and not one of the run's input files. It adds ``--wide``.
+for it where its size can be estimated, and not one of the run's input files (each of which must be a
+readable file). It adds ``--wide``. A command's ``example`` is what the generated tests run it with.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ WIDE_HELP = "tables with every column, however wide (default: columns that do no
 
 def opt(default: Any, *param_decls: str, help: str | None = None, min: float | None = None,
         max: float | None = None, choices: tuple | None = None, finite: bool = True,
-        output: tuple[str, ...] | None = None, input: bool = False, **kwargs: Any) -> Any:
+        output: tuple[str, ...] | None = None, input: bool | str = False, **kwargs: Any) -> Any:
     """``typer.Option`` with the range (and file role) of :func:`tiersim.options.option`, for an option
     one command declares by itself; :func:`command` checks it before the command runs."""
     info = typer.Option(default, *param_decls, help=help, **kwargs)
@@ -123,13 +124,18 @@ def _is_group(annotation: Any) -> bool:
     return isinstance(annotation, type) and dataclasses.is_dataclass(annotation)
 
 
-def command(help: dict[str, str] | None = None, outputs: dict[str, tuple[str, ...]] | None = None) -> Callable:
+def command(help: dict[str, str] | None = None, outputs: dict[str, tuple[str, ...]] | None = None,
+            example: list[str] | None = None, loads_model: bool = False) -> Callable:
     """Expand the command's option-group parameters into typer options (put it under ``@app.command()``).
 
     ``help``: per-field help that replaces the group's for this command only (a field whose meaning
     is wider here, e.g. ``grid --strategy`` takes a comma list). ``outputs``: the parameters that are
     files the command writes, with their suffixes (as ``opt(output=...)``); every other path
-    parameter is an input, which an output may not overwrite.
+    parameter is an input file (``opt(input="folder")``: a folder), which an output may not overwrite.
+
+    ``example``: arguments of a valid run that takes seconds on a CPU (paths relative to the checkout);
+    the generated tests run it with each bad value, full disk and width added, so a new command is
+    covered by declaring it (``loads_model``: the run loads a real model, too slow to run to its end there).
     """
     overrides = dict(help or {})
     declared_outputs = dict(outputs or {})
@@ -169,11 +175,12 @@ def command(help: dict[str, str] | None = None, outputs: dict[str, tuple[str, ..
                 suffixes = ()  # an output by its name (a command that declared none): checked, any suffix
             if suffixes is not None:
                 output_params[name] = (_flag_of(name, info), tuple(suffixes))
-            elif _is_path(p.annotation):
+            folder = getattr(info, "tiersim_input", None) == "folder"
+            if suffixes is None and _is_path(p.annotation) and not folder:
                 input_params.append((name, _flag_of(name, info)))
             specs.append(OptionSpec(name, _flag_of(name, info), p.annotation, bounds,
                                     None if suffixes is None else tuple(suffixes),
-                                    suffixes is None and _is_path(p.annotation),
+                                    suffixes is None and _is_path(p.annotation) and not folder,
                                     isinstance(info, typer.models.ArgumentInfo)))
         takes_wide = "wide" in seen
         if not takes_wide:
@@ -207,6 +214,8 @@ def command(help: dict[str, str] | None = None, outputs: dict[str, tuple[str, ..
                     app_module.console._width = saved_width
 
         wrapper.tiersim_options = tuple(specs)
+        wrapper.tiersim_example = None if example is None else tuple(example)
+        wrapper.tiersim_loads_model = loads_model
         wrapper.__signature__ = inspect.Signature([p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in params])
         wrapper.__annotations__ = {p.name: p.annotation for p in params}
         return wrapper

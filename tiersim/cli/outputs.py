@@ -1,4 +1,4 @@
-"""The one check of a command's output files, run before any of its work (by ``cli.options.command``).
+"""The one check of a command's files, run before any of its work (by ``cli.options.command``).
 
 An hour of simulation or generation must not end in a path that cannot be written, so before a
 command body runs every output is checked: not a directory, a declared suffix, its folder exists and
@@ -6,6 +6,9 @@ is writable (a read-only mount included), room for it where its size can be esti
 report carries Plotly, about 4.6 MB), and not one of the run's own input files (``simulate --trace T
 --out T`` would replace the trace it is reading). What can still fail at write time (a disk that
 fills up meanwhile) is :class:`tiersim.atomic.WriteError`, one line in ``tiersim.cli.app.run``.
+
+Every input file is checked here too, for what any reader would trip on later: there, a file and not a
+folder (``--prompts some-dir``), readable. What is in it is its reader's to check (tiersim.fileformat).
 """
 
 from __future__ import annotations
@@ -54,6 +57,18 @@ def check_output(path: Path, option: str, suffixes: tuple[str, ...] | None = Non
                            f"it needs about {_mb(need)}")
 
 
+def check_input(path: Path, option: str) -> None:
+    """Refuse an input that is missing, a folder or unreadable (one line naming ``option``), the same
+    words as :func:`tiersim.fileformat.read`'s."""
+    path = Path(path)
+    if path.is_dir():
+        raise TiersimError(f"{option}: {path} is a directory, not a file")
+    if not path.exists():
+        raise TiersimError(f"{option}: file not found: {path}")
+    if not os.access(path, os.R_OK):
+        raise TiersimError(f"{option}: cannot read {path}: permission denied")
+
+
 def _same(a: Path, b: Path) -> bool:
     try:
         if a.exists() and b.exists():
@@ -65,15 +80,17 @@ def _same(a: Path, b: Path) -> bool:
 
 def check_outputs(outputs: Mapping[str, Any], suffixes: Mapping[str, tuple[str, ...]],
                   inputs: Mapping[str, Any]) -> None:
-    """Every given output (by flag) writable and none of them an input (by flag) or another output."""
-    given = {flag: Path(p) for flag, p in outputs.items() if p is not None}
-    for flag, path in given.items():
-        check_output(path, flag, suffixes.get(flag) or None)
+    """Every given input (by flag) a readable file, every output writable, and no output an input or
+    another output."""
     read: list[tuple[str, Path]] = []
     for flag, value in inputs.items():
         for item in value if isinstance(value, (list, tuple)) else [value]:
             if item is not None:
                 read.append((flag, Path(item)))
+                check_input(Path(item), flag)
+    given = {flag: Path(p) for flag, p in outputs.items() if p is not None}
+    for flag, path in given.items():
+        check_output(path, flag, suffixes.get(flag) or None)
     for flag, path in given.items():
         for in_flag, source in read:
             if _same(path, source):

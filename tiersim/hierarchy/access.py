@@ -1,10 +1,8 @@
 """How the DDR tier reaches attention: one small interface, one implementation per strategy.
 
-A :class:`~tiersim.hierarchy.cache.TieredLayer` owns its tiers; a ``DDRAccess`` decides how the
-DDR tokens take part in that layer's attention. The cache calls ``attention_inputs`` in
-``update`` (what it hands the model's attention), ``prefetch`` on the next layer while this one
-computes, and, for strategies that attend where the tokens live, the ``"tiersim"`` attention
-calls ``attend``. ``prefetch``/``fetch`` are public so the validator can time them.
+A :class:`~tiersim.hierarchy.layer.TieredLayer` owns its tiers; a ``DDRAccess`` decides how the DDR tokens
+take part in its attention: ``attention_inputs`` (in ``update``), ``prefetch`` (one layer ahead), ``attend``
+(strategies that attend where the tokens live). ``prefetch``/``fetch`` are public for the validator's timing.
 
 * ``prefetch``: the whole DDR tier is copied to the device (staging buffers, side stream on CUDA)
   and the layer is reassembled in token order; attention is stock SDPA, bit-identical to
@@ -16,7 +14,7 @@ calls ``attend``. ``prefetch``/``fetch`` are public so the validator can time th
 * ``host-attention``: attention over the DDR tokens runs on the host (a worker thread over the
   host tensors) while the device part (HBM, compressed) runs in parallel; the two partial outputs
   are merged with their log-sum-exp (:mod:`tiersim.hierarchy.split_attention`). Exact up to float32
-  rounding inside each part; nothing is reassembled except at re-tiering points (promotions).
+  rounding inside each part (per dtype: docs/quality.md); reassembled only to re-tier (promotions).
 """
 
 from __future__ import annotations
@@ -26,14 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from tiersim.errors import ConfigError
+from tiersim.hierarchy import ddr, pages
 from tiersim.hierarchy.config import STRATEGIES
 from tiersim.hierarchy.masks import allowed_keys
-from tiersim.hierarchy.split_attention import (
-    Segment,
-    allowed_columns,
-    merge,
-    partial_attention,
-)
+from tiersim.hierarchy.split_attention import Segment, allowed_columns, merge, partial_attention
 
 
 class DDRAccess:
@@ -48,6 +42,13 @@ class DDRAccess:
         self.bytes_d2h = 0
         self.fetched_tokens = 0  # DDR tokens that reached attention on the device, and of how many
         self.ddr_tokens = 0
+
+    def __getstate__(self) -> dict:
+        """Copies (deepcopy, pickle) leave out the CUDA stream: a copy makes its own on first use."""
+        state = dict(self.__dict__)
+        if "stream" in state:
+            state["stream"] = None
+        return state
 
     @property
     def fetched_share(self) -> float | None:
@@ -159,13 +160,27 @@ class HostAttention(DDRAccess):
     def __init__(self) -> None:
         super().__init__()
         self.stream = None
+        self._start_workers()
+
+    def _start_workers(self) -> None:
         # No shutdown call: the cache has no end (a later generate may continue it); an executor's
         # idle worker exits once the executor is garbage collected with the cache.
         self._host = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiersim-host")
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiersim-device")
 
+    def __getstate__(self) -> dict:
+        """Worker threads cannot be copied or pickled: a copy (deepcopy, pickle) starts its own."""
+        return {k: v for k, v in super().__getstate__().items() if k not in ("_host", "_device")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._start_workers()
+
     def attention_inputs(self, layer):
-        # Only the device tiers' own storage: the model's attention does not read them (``attend`` does).
+        if not layer.ddr:
+            # Nothing to attend to on the host: the stock attention runs, over every device tier.
+            return layer.assemble([])
+        # The model's attention does not read these (``attend`` reads every tier from ``device_tiers``).
         return layer.hbm_k, layer.hbm_v
 
     def attend(self, layer, query: torch.Tensor, attention_mask, scaling: float, n_probs: int):
@@ -174,7 +189,10 @@ class HostAttention(DDRAccess):
         q_len, n_keys = query.shape[2], layer.num_retained
         fetched, host_items = self.split(layer)
         dev_segs, dev_slots = [], []
-        for keys, values, slots, valid in layer.device_tiers() + fetched:
+        device_tiers = [tier[:4] for tier in layer.device_tiers()]
+        # Dequantized compressed tokens and fetched DDR copies exist on the device for this step only.
+        layer.note_buffer(sum(2 * _nbytes(k) for k, *_ in device_tiers[1:] + fetched if k is not layer.residual_k))
+        for keys, values, slots, valid in device_tiers + fetched:
             dev_segs.append(Segment(keys, values, allowed_columns(attention_mask, slots, valid, q_len, n_keys)))
             dev_slots.append((slots, valid))
         live = layer.num_ddr
@@ -234,24 +252,10 @@ class HostAttention(DDRAccess):
         return dev, host
 
     def _to_host(self, query, masks):
-        """Query and masks down to pinned host memory on a side stream; an event marks arrival."""
+        """Query and masks down to pinned host memory on the side stream (:func:`ddr.pinned_down`)."""
         if self.stream is None:
             self.stream = torch.cuda.Stream(device=query.device)
-        self.stream.wait_stream(torch.cuda.current_stream(query.device))
-        with torch.cuda.stream(self.stream):
-            q_host = torch.empty(query.shape, dtype=query.dtype, pin_memory=True)
-            q_host.copy_(query, non_blocking=True)
-            out_masks = []
-            for m in masks:
-                if m is None:
-                    out_masks.append(None)
-                    continue
-                h = torch.empty(m.shape, dtype=m.dtype, pin_memory=True)
-                h.copy_(m, non_blocking=True)
-                out_masks.append(h)
-            ready = torch.cuda.Event()
-            ready.record(self.stream)
-        return q_host, out_masks, ready
+        return ddr.pinned_down(self.stream, query, masks)
 
     @staticmethod
     def _to_device(part, device):
@@ -307,7 +311,7 @@ class Selective(Prefetch):
     """
 
     name = "selective"
-    PAGE = 16
+    PAGE = pages.PAGE
 
     def __init__(self, share: float) -> None:
         super().__init__()
@@ -344,15 +348,9 @@ class Selective(Prefetch):
         batch, q_len, n_keys = query.shape[0], query.shape[2], layer.num_retained
         bounds = [self._bounds(c, layer.device) for c in layer.ddr]
         scores = torch.cat([self._upper_bound(query, lo, hi) for lo, hi in bounds], dim=1)  # [B, pages]
-        live = torch.cat([self._live_per_page(c, lo.shape[2]) for c, (lo, _) in zip(layer.ddr, bounds)], dim=1)
-        # Highest bound first, until the pages taken hold ``share`` of the row's live DDR tokens.
-        order = scores.argsort(dim=1, descending=True)
-        live_sorted = live.gather(1, order)
-        before = live_sorted.cumsum(dim=1) - live_sorted
-        target = self.share * live.sum(dim=1, keepdim=True)
-        take_sorted = before < target
-        take_sorted[:, 0] = True
-        chosen = torch.zeros_like(take_sorted).scatter_(1, order, take_sorted)
+        live = torch.cat([pages.live_per_page(c, lo.shape[2], self.PAGE) for c, (lo, _) in zip(layer.ddr, bounds)],
+                         dim=1)
+        chosen = pages.choose(scores, live, self.share)
         allowed = allowed_keys(attention_mask, batch, q_len, n_keys, device=query.device)
         if allowed is None:  # one query, no mask: it sees every key until the unfetched ones are hidden
             allowed = torch.ones((batch, 1, q_len, n_keys), dtype=torch.bool, device=query.device)
@@ -360,10 +358,10 @@ class Selective(Prefetch):
             allowed = allowed.clone()  # written below (an expanded view may share one row)
         start, fetched_row0, live_row0 = 0, 0, 0
         for chunk, (lo, _) in zip(layer.ddr, bounds):
-            pages = lo.shape[2]
+            n_pages = lo.shape[2]
             page_of = torch.arange(chunk.keys.shape[2], device=query.device) // self.PAGE
-            picked = chosen[:, start : start + pages][:, page_of] & chunk.valid
-            start += pages
+            picked = chosen[:, start : start + n_pages][:, page_of] & chunk.valid
+            start += n_pages
             rows, cols = torch.nonzero(picked, as_tuple=True)
             if rows.numel():
                 slots = chunk.slot[rows, cols]
@@ -382,36 +380,9 @@ class Selective(Prefetch):
         return allowed
 
     def _bounds(self, chunk, device):
-        """Per-page key (min, max) of a chunk, on the device (computed once per chunk)."""
-        if chunk.bounds is None:
-            if chunk.ready is not None:
-                chunk.ready.synchronize()
-            k = chunk.keys
-            batch, heads, m, dim = k.shape
-            pages = -(-m // self.PAGE)
-            pad = pages * self.PAGE - m
-            # Padding repeats the last token: a page's bounds stay those of its own tokens.
-            kp = torch.cat((k, k[:, :, -1:].expand(batch, heads, pad, dim)), dim=2) if pad else k
-            kp = kp.float().reshape(batch, heads, pages, self.PAGE, dim)
-            chunk.bounds = (kp.amin(dim=3).to(device), kp.amax(dim=3).to(device))
-        return chunk.bounds
+        return pages.page_bounds(chunk, device, self.PAGE)
 
-    def _live_per_page(self, chunk, pages: int) -> torch.Tensor:
-        """[B, pages]: the chunk's tokens still in the DDR tier, per page."""
-        valid = chunk.valid
-        pad = pages * self.PAGE - valid.shape[1]
-        if pad:
-            valid = torch.cat((valid, valid.new_zeros((valid.shape[0], pad))), dim=1)
-        return valid.reshape(valid.shape[0], pages, self.PAGE).sum(dim=2)
-
-    @staticmethod
-    def _upper_bound(query, lo, hi):
-        """[B, pages]: an upper bound of q·k over each page's keys, the largest over heads and queries."""
-        batch, q_heads, q_len, dim = query.shape
-        kv_heads = lo.shape[1]
-        q = query.float().reshape(batch, kv_heads, (q_heads // kv_heads) * q_len, 1, dim)
-        bound = torch.maximum(q * lo[:, :, None], q * hi[:, :, None]).sum(-1)  # [B, Hkv, g*q, pages]
-        return bound.amax(dim=(1, 2))
+    _upper_bound = staticmethod(pages.upper_bound)
 
 
 def _nbytes(t: torch.Tensor) -> int:

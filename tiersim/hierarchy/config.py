@@ -7,16 +7,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tiersim.errors import ConfigError
-from tiersim.hierarchy.strategies import APPROXIMATE, CACHE_STRATEGIES
+from tiersim.hierarchy import registry, strategies
+from tiersim.hierarchy.strategies import CACHE_STRATEGIES
 
 TIERS = ("hbm", "ddr", "compressed", "evicted")
 RATIO_FIELDS = ("hbm", "ddr", "compressed", "evict")
-POLICIES = ("hierarchy", "streamingllm", "h2o", "snapkv", "rkv")
+#: The ranking rules, read from the policy registry (tiersim.hierarchy.registry, standard library only).
+POLICIES = registry.NAMES
 #: How the DDR tier reaches attention in the real cache (tiersim.hierarchy.access), read from the strategy
 #: registry. The simulator models more (tiersim.simulator.strategies); those the cache does not run are refused.
 STRATEGIES = CACHE_STRATEGIES
-#: Strategies whose output differs from the full cache's beyond floating-point rounding.
-APPROXIMATE_STRATEGIES = APPROXIMATE & frozenset(CACHE_STRATEGIES)
 SUM_TOLERANCE = 1e-6
 #: The cache's structural settings beside the split: what the simulator takes from a trace's policy.
 STRUCTURE_FIELDS = ("sink_tokens", "recent_window", "retier_every", "compressed_bits")
@@ -86,8 +86,9 @@ class TierConfig:
         low = 0.0 if self.strategy == "hybrid" else 1e-300  # hybrid with 0: everything on the host
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not (low <= share <= 1.0):
             raise ConfigError(f"TierConfig.fetch_share must be in {'[0' if low == 0 else '(0'}, 1], got {share!r}")
-        if share < 1.0 and self.strategy not in ("selective", "hybrid"):
-            raise ConfigError(f"TierConfig.fetch_share={share!r} applies to strategies 'selective' and 'hybrid' only")
+        if share < 1.0 and not strategies.get(self.strategy).takes_share:
+            takers = " and ".join(repr(n) for n in strategies.SHARE_TAKERS)
+            raise ConfigError(f"TierConfig.fetch_share={share!r} applies to strategies {takers} only")
 
     @property
     def offloads(self) -> bool:

@@ -30,6 +30,8 @@ class Strategy:
     #: How a row's ``share`` reads in a table ("host": "(40% host)"; "" : the bare percentage; None: not shown).
     share_words: str | None = None
     help: str = ""  # one phrase for --help
+    #: What makes an approximate strategy inexact, after its label in a table's footnote.
+    caveat: str = ""
 
 
 _ENTRIES = (
@@ -42,9 +44,11 @@ _ENTRIES = (
     Strategy("recompute", True, "recompute", "kvpr", "triangle-up", share_words="act",
              help="recompute (KVPR: a share sent as activations, K and V recomputed on the GPU)"),
     Strategy("selective", False, "selective", "sel*", "cross", access="Selective", takes_share=True, share_words="",
-             help="selective (approximate: only a share of the DDR tokens fetched)"),
+             help="selective (approximate: only a share of the DDR tokens fetched)",
+             caveat="fetches the DDR tokens that held 99% of its attention in the trace (an oracle)"),
     Strategy("compressed-transfer", False, "int8 transfer", "int8*", "x",
-             help="compressed-transfer (approximate: the DDR tier crosses as int8)"),
+             help="compressed-transfer (approximate: the DDR tier crosses as int8)",
+             caveat="quantizes the DDR tier"),
 )
 REGISTRY: dict[str, Strategy] = {s.name: s for s in _ENTRIES}
 #: Every strategy, in the order tables and plots list them.
@@ -52,6 +56,8 @@ NAMES = tuple(REGISTRY)
 #: Those the cache runs (TierConfig.strategy accepts these).
 CACHE_STRATEGIES = tuple(s.name for s in _ENTRIES if s.access is not None)
 APPROXIMATE = frozenset(s.name for s in _ENTRIES if not s.exact)
+#: Those whose split is ``TierConfig.fetch_share`` in the cache.
+SHARE_TAKERS = tuple(s.name for s in _ENTRIES if s.takes_share)
 #: The row a plot draws when nothing is in DDR (no strategy applies): its name and marker.
 NO_OFFLOAD = "none"
 NO_OFFLOAD_SYMBOL = "square"
@@ -65,6 +71,11 @@ def get(name: str) -> Strategy:
         return REGISTRY[name]
     except KeyError:
         raise KeyError(f"unknown strategy {name!r}; known: {', '.join(NAMES)}") from None
+
+
+def caveats(names) -> str:
+    """Why the approximate ones among ``names`` are approximate, one clause each ("" when none is)."""
+    return "; ".join(f"{REGISTRY[n].label} {REGISTRY[n].caveat}" for n in names if n in APPROXIMATE)
 
 
 def help_text(names=None) -> str:

@@ -9,10 +9,12 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from tiersim.hierarchy.strategies import NO_OFFLOAD
 from tiersim.report.html import Section
 from tiersim.report.loaders import ReportInput
 from tiersim.report.style import (LINE_RED, STRATEGY_SYMBOLS, _layout, _overhead_axis, config_label, gpu_name,
-                                  model_name)
+                                  model_name, strategy_name)
+
 
 def capacity_frontier(rows: pd.DataFrame, max_overhead_pct: float | None = None, best: dict | None = None,
                       title: str = "Capacity frontier: HBM saved vs overhead", subtitle: str | None = None) -> go.Figure:
@@ -83,8 +85,7 @@ def throughput_frontier(points: pd.DataFrame, tpot_slo_ms: float | None = None, 
         return _layout(fig, title, 520, subtitle)
     df["label"] = df.apply(config_label, axis=1)
     approx = df["approximate"].astype(bool) if "approximate" in df else pd.Series(False, index=df.index)
-    df["name"] = np.where(approx, df["strategy"] + " * (approximate)", df["strategy"])
-    df.loc[df["strategy"] == "none", "name"] = "nothing in DDR (full cache / eviction)"
+    df["name"] = [strategy_name(s, a) for s, a in zip(df["strategy"], approx)]
     fastest = df.loc[df.groupby(["name", "batch"])["tpot_ms"].idxmin()]
     cmax = max(float(df["hbm_saved_gb"].max()), 1e-9)
     for name, group in fastest.groupby("name", sort=False):
@@ -187,7 +188,7 @@ def capacity_section(inp: ReportInput, key: str) -> Section:
     points = inp.tables.get("points", pd.DataFrame())
     grid_sub = None
     if "strategy" in rows and rows["batch"].nunique() > 1:  # a batch range: its rows are the planner's points
-        rows = rows[rows["strategy"].isin(["none", "prefetch"]) & (rows["batch"] == rows["batch"].min())]
+        rows = rows[rows["strategy"].isin([NO_OFFLOAD, "prefetch"]) & (rows["batch"] == rows["batch"].min())]
         grid_sub = f"prefetch at batch {int(rows['batch'].iloc[0])} (closed form)"
     budget = meta.get("max_overhead_pct")
     batch = meta.get("batch")

@@ -148,6 +148,9 @@ def _from_document(document: dict, source: str) -> ReportInput:
 TEXT_COLUMNS = {"on_full", "method", "strategy", "direction", "model_shape", "label", "name", "engine", "compute_model",
                 "prompt_id", "sample_id", "why", "note", "cell", "text", "device", "dtype", "source",
                 "trace", "model", "gpu", "policy", "approximate_note", "bottleneck", "fetch", "skipped"}
+#: Columns that hold a mapping of numbers (validate's ``tier_bytes``: the cache's bytes per tier); no
+#: figure plots them, and a mapping anywhere else is refused like text.
+STRUCTURED_COLUMNS = {"tier_bytes"}
 _NUMERIC_HINT = ("_ms", "_gb", "_pct", "_gbps", "_s", "_bytes", "tokens_per_s", "batch", "context", "hbm", "ddr",
                  "compressed", "evict", "fits", "step", "share", "accuracy", "exact_match")
 
@@ -162,9 +165,20 @@ def _check_numbers(frame: pd.DataFrame, where: str) -> None:
         values = frame[column]
         if values.dtype.kind in "biuf":
             continue
-        bad = [v for v in values if not (v is None or isinstance(v, (bool, int, float, np.number, np.bool_)))]
+        bad = [v for v in values if not _numbers(v, name)]
         if bad:
             raise TiersimError(f"{where}: column {name!r} must hold numbers, got {bad[0]!r}")
+
+
+def _number(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, np.number, np.bool_))
+
+
+def _numbers(value: Any, name: str) -> bool:
+    """A number or a missing value; in a column declared structured, a mapping of them."""
+    if name in STRUCTURED_COLUMNS:
+        return value is None or (isinstance(value, Mapping) and all(_number(v) for v in value.values()))
+    return _number(value)
 
 
 def _table_names(kind: str) -> tuple[str, ...]:

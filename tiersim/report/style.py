@@ -1,8 +1,9 @@
 """The report's house style and labels, shared by every kind's figures: fonts, colours, the layout,
 the overhead axis, config and strategy labels, byte sizes.
 
-``STRATEGY_SYMBOLS`` (the offload strategies' plot symbols) lives here, the one place the report
-names strategies, so that reading it from the strategy registry is a change to this file alone.
+The offload strategies' plot symbols and curve names (``STRATEGY_SYMBOLS``, :func:`strategy_name`) and the
+eviction baselines' names and colours live here, the one place the report names them, all read from the
+registries (``tiersim.hierarchy.strategies``, ``tiersim.hierarchy.registry``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from tiersim.hierarchy import registry as policies
+from tiersim.hierarchy import strategies
 from tiersim.hierarchy.strategies import SYMBOLS
 
 FONT = dict(family="Inter, Segoe UI, Helvetica, Arial, sans-serif", size=13, color="#1f2937")
@@ -25,10 +28,20 @@ TIER_COLORS = {
     "free": "#d1fae5",
 }
 LINE_RED = "#dc2626"
-BASELINE_COLORS = {"h2o": "#9333ea", "rkv": "#db2777", "snapkv": "#ea580c", "streamingllm": "#65a30d"}
-BASELINE_NAMES = {"h2o": "H2O", "rkv": "R-KV", "snapkv": "SnapKV", "streamingllm": "StreamingLLM"}
+#: The eviction baselines' colours and names, the policy registry's (tiersim.hierarchy.registry).
+BASELINE_COLORS = {n: policies.REGISTRY[n].color for n in policies.BASELINE_NAMES}
+BASELINE_NAMES = {n: policies.REGISTRY[n].label for n in policies.BASELINE_NAMES}
 NICE_OVERHEADS = (-50, -20, -10, -5, 0, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
 STRATEGY_SYMBOLS = SYMBOLS  # the strategy registry's (tiersim.hierarchy.strategies), "none" included
+NO_OFFLOAD_NAME = "nothing in DDR (full cache / eviction)"
+
+
+def strategy_name(strategy: str, approximate: bool = False) -> str:
+    """A curve's name: the registry's label, marked when approximate; the no-offload row in words."""
+    if strategy == strategies.NO_OFFLOAD:
+        return NO_OFFLOAD_NAME
+    label = strategies.REGISTRY[strategy].label if strategy in strategies.REGISTRY else strategy
+    return label + " * (approximate)" if approximate else label
 
 
 def _layout(fig: go.Figure, title: str, height: int, subtitle: str | None = None,

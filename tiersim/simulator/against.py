@@ -57,8 +57,14 @@ def _points(doc: dict) -> list[dict]:
     return points
 
 
-def compare(scenario, points: list[dict]) -> dict:
-    """Simulate every point of ``scenario.model``; rows with the error, and its median and worst."""
+def compare(scenario, points: list[dict], doc: dict | None = None) -> dict:
+    """Simulate every point of ``scenario.model``; rows with the error, and its median and worst.
+
+    With the measured ``doc``: its ``executor``, ``host_bound`` (not the CUDA-graph executor: the measured
+    steps include host work the simulator's GPU model does not) and, then, a one-line ``note``.
+    """
+    from tiersim.simulator.calibration import executor_of, host_bound_note
+
     from tiersim.simulator.capacity import run
 
     rows, skipped = [], 0
@@ -75,5 +81,72 @@ def compare(scenario, points: list[dict]) -> dict:
                            f"(the file has {', '.join(sorted({p['model'] for p in points}))}); choose it with --model")
     errors = [abs(r["error_pct"]) for r in rows]
     worst = max(rows, key=lambda r: abs(r["error_pct"]))
-    return {"rows": rows, "skipped_other_models": skipped, "median_abs_error_pct": statistics.median(errors),
-            "worst_error_pct": worst["error_pct"], "compute_model": rows[-1]["compute_model"]}
+    result = {"rows": rows, "skipped_other_models": skipped, "median_abs_error_pct": statistics.median(errors),
+              "worst_error_pct": worst["error_pct"], "compute_model": rows[-1]["compute_model"]}
+    if doc is not None:
+        note = host_bound_note(doc, "--against")
+        result.update({"executor": executor_of(doc), "host_bound": note is not None, "note": note})
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tiersim.simulator.against FILE``: measured vs simulated without typer, rich or (when absent)
+    simpy, for the GPU machine; the model and GPU preset default to the file's, ``--calibration`` to FILE when
+    it is a calibration. The median |error| is the last line."""
+    import argparse
+    import importlib.util
+    import sys
+
+    from tiersim.simulator.scenario import assemble
+
+    p = argparse.ArgumentParser(prog="python -m tiersim.simulator.against", description=main.__doc__.splitlines()[0])
+    p.add_argument("file", help="a calibration or operator-profile JSON")
+    p.add_argument("--model", default=None, help="model preset (default: the file's shape)")
+    p.add_argument("--gpu", default=None, help="GPU preset (default: the file's)")
+    p.add_argument("--calibration", default=None, help="calibration JSON (default: FILE when it is one)")
+    p.add_argument("--profile", default=None, help="operator profile JSON for the compute model")
+    args = p.parse_args(argv)
+    try:
+        doc, points = load_measurements(args.file)
+        model = args.model or (doc.get("model_shape") or {}).get("name") or points[0]["model"]
+        gpu = args.gpu or doc.get("gpu_preset") or "h100-sxm"
+        calibration = args.calibration or (args.file if doc.get("kind") == "calibration" else None)
+        smoke = str((doc.get("device") or {}).get("name") or "").startswith("cpu")
+        if smoke and calibration == args.file:
+            calibration = None  # a CPU smoke run calibrates no GPU preset: the path is exercised, not the numbers
+        engine = "auto" if importlib.util.find_spec("simpy") else "fast"
+        from tiersim.simulator.presets import MODELS
+
+        if args.model is None and model not in MODELS and doc.get("model_shape"):
+            # A shape with no preset (the CPU smoke run's ``tiny``): the file's own shape, priced as measured.
+            from dataclasses import fields
+
+            from tiersim.shapes import ModelShape
+            from tiersim.simulator.presets import Model
+
+            names = {f.name for f in fields(ModelShape)}
+            shape = ModelShape(**{k: v for k, v in doc["model_shape"].items() if k in names})
+            scenario = assemble(1, gpu=gpu, calibration=calibration, engine=engine)
+            scenario = replace(scenario, model=Model.from_shape(shape))
+        else:
+            scenario = assemble(1, model=model, gpu=gpu, calibration=calibration, profile=args.profile,
+                                engine=engine)
+        result = compare(scenario, points, doc)
+    except TiersimError as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(f"{model} on {gpu}: measured ({args.file}, executor {result['executor']}) vs simulated "
+          f"(engine {engine}, compute model {result['compute_model']})")
+    print(f"{'run':>18} {'batch':>5} {'context':>7} {'hbm':>5} {'measured ms':>11} {'simulated ms':>12} {'error':>7}")
+    for r in result["rows"]:
+        print(f"{r['label']:>18} {r['batch']:>5} {r['context']:>7} {r['hbm']:>5.2f} {r['measured_ms']:>11.3f} "
+              f"{r['simulated_ms']:>12.3f} {r['error_pct']:>+6.1f}%")
+    if result["note"]:
+        print(f"note: {result['note']}")
+    print(f"median |error| {result['median_abs_error_pct']:.1f}% (worst {result['worst_error_pct']:+.1f}%, "
+          f"{len(result['rows'])} points)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

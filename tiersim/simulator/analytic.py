@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from tiersim.hierarchy import quant_layout
 from tiersim.hierarchy.config import TierConfig, tier_targets_array
 from tiersim.simulator import physics
 from tiersim.simulator.link import COPY_CALLS_PER_LAYER, copy_s  # noqa: F401  (COPY_CALLS_PER_LAYER: its old home)
@@ -27,11 +28,8 @@ from tiersim.simulator.step import StepCosts, closed_form  # noqa: F401  (closed
 if TYPE_CHECKING:  # pragma: no cover
     from tiersim.simulator.profile import OperatorTable
 
-#: The compressed tier as ``tiersim.hierarchy.quant.QuantizedKV`` stores it: per element its code, and a
-#: float32 scale and minimum per group of ``TierConfig.quant_group`` (keys: one per channel per group of
-#: tokens; values: one per group of channels of a token); per token one int64 index of its key group.
-SCALE_BYTES = 4
-KEY_GROUP_INDEX_BYTES = 8
+#: The compressed tier's layout is the cache's (tiersim.hierarchy.quant_layout), imported, not restated.
+SCALE_BYTES, KEY_GROUP_INDEX_BYTES = quant_layout.SCALE_BYTES, quant_layout.KEY_GROUP_INDEX_BYTES
 #: Activation workspace per sequence, in units of hidden_size elements of 2 bytes (residual,
 #: attention and MLP intermediates live briefly; logits are counted separately).
 ACTIVATION_HIDDEN_MULTIPLE = 48
@@ -45,9 +43,9 @@ LayerCosts = StepCosts
 
 
 def compressed_bytes_per_token_layer(model: Model, bits: int, group: int) -> float:
-    """Bytes one token of one layer takes in the compressed tier (keys and values, every KV head)."""
-    elements = 2 * model.num_kv_heads * model.head_dim
-    return elements * (bits + 2 * 8 * SCALE_BYTES / group) / 8 + KEY_GROUP_INDEX_BYTES
+    """Bytes one token of one layer takes in the compressed tier (keys and values, every KV head), as the
+    cache stores it (``quant_layout.bytes_per_token_layer``)."""
+    return quant_layout.bytes_per_token_layer(model.num_kv_heads, model.head_dim, bits, group)
 
 
 def compressed_ratio(model: Model, tiers: TierConfig, bits: int | None = None) -> float:
@@ -272,7 +270,7 @@ def layer_costs(model: Model, gpu: GPU, offload: Offload, work: Workload, table:
     kv_read = (work.hbm + work.ddr * offload.prefetch) * per_layer + work.compressed * per_layer * comp_ratio
     extra = extra_kv_bytes(model, offload, work)
     batch = work.batch
-    host_floor = 0.0
+    host_floor = gpu.step_host_floor  # an engine preset's launch-bound floor (tiersim.simulator.engines)
     host = host_overhead_s(gpu, batch)
     if table is None:
         # Weights, attention and small ops each at their own measured efficiency (tiersim.simulator.physics).
@@ -288,12 +286,16 @@ def layer_costs(model: Model, gpu: GPU, offload: Offload, work: Workload, table:
         compute = fixed + table.attention_s(batch, context, per_layer, bw) + extra / bw
         step_extra = table.gemm_s("lm_head", batch, bw, peak) + sum(table.small_s(op, batch) for op in STEP_SMALL)
         step_extra += host
-        host_floor = table.host_s(batch)
+        host_floor = max(table.host_s(batch), host_floor)
         source = table.describe()
         if host_floor:
             source += f"; host floor {host_floor * 1e3:.1f} ms/step ({table.host_source})"
     if host:
         source += f"; host overhead {host * 1e3:.2f} ms/step"
+    if table is None and host_floor:
+        source += f"; host floor {host_floor * 1e3:.1f} ms/step"
+    if gpu.engine:
+        source += f"; engine overhead {gpu.engine}"
     compute = np.broadcast_to(np.asarray(compute, dtype=float), work.hbm.shape).copy()
     h2d_bytes = work.ddr * offload.prefetch * per_layer
     d2h_bytes = work.demoted * per_layer
@@ -302,9 +304,8 @@ def layer_costs(model: Model, gpu: GPU, offload: Offload, work: Workload, table:
                      staged_bytes=h2d_bytes, share=offload.prefetch)
 
 
-def host_overhead_s(gpu: GPU, batch: int) -> float:
-    """Host time per step that the GPU waits for (scheduling, sampling, input and output handling)."""
-    return gpu.step_overhead + gpu.step_overhead_per_sequence * batch
+#: Its home is physics (prefill's steps pay it too); the name stays here for its callers.
+host_overhead_s = physics.host_overhead_s
 
 
 def to_gb(x) -> float:

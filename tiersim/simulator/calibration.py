@@ -14,6 +14,29 @@ from tiersim.errors import TiersimError
 from tiersim.simulator.presets import GB, GPU, with_overrides
 
 
+#: The executor a measurement came from (a calibration's ``executor``; files before it are the HF harness's).
+GPU_BOUND_EXECUTOR = "cuda-graph"
+
+
+def executor_of(doc: dict) -> str:
+    """``cuda-graph``, ``graph-eager`` (the CPU smoke run of the same step) or ``hf-eager`` (HF ``generate`` over
+    TieredCache, and every operator profile's decode runs); a file without the field is the HF harness's."""
+    if doc.get("kind") == "operator-profile":
+        return "hf-eager"
+    return doc.get("executor") or "hf-eager"
+
+
+def host_bound_note(doc: dict, label: str = "calibration") -> str | None:
+    """One line when ``doc`` was measured by an executor whose step time includes the host's per-step work
+    (Python, kernel launches): calibrating or judging the simulator by it predicts a host-bound engine."""
+    executor = executor_of(doc)
+    if executor == GPU_BOUND_EXECUTOR:
+        return None
+    return (f"{label}: measured by the {executor} executor, whose steps include the host's per-step work; it "
+            "predicts a host-bound engine, not the memory hierarchy (measure with `tiersim validate --executor "
+            "graph` on a GPU: executor cuda-graph)")
+
+
 def load_calibration(path: str | Path) -> dict:
     """A calibration document from `tiersim validate`, or one clear error."""
     return fileformat.read(path, [fileformat.CALIBRATION], label="calibration file")[0]

@@ -95,7 +95,9 @@ def priced(scenario: Scenario, policy: Offload, batch: int, steps: int, strategy
     work = workload(scenario, policy, batch, steps)
     model, gpu = scenario.model, scenario.gpu
     name = strategy or scenario.strategy()
-    cover = policy.prefetch if name == "selective" and policy.prefetch < 1.0 else float(scenario.cover["cover99"])
+    # The share a fetch-some strategy takes (selective): the split's own under --prefetch cover99|90, else the
+    # trace's 99% cover. Strategies that fetch everything ignore it.
+    cover = policy.prefetch if policy.prefetch < 1.0 else float(scenario.cover["cover99"])
     costs = step_costs(name, model, gpu, policy, work, cover=cover, table=scenario.table, note=scenario.compute_note)
     mem = analytic.memory(model, gpu, replace(policy, prefetch=costs.staged), work)
     return work, costs, mem

@@ -26,7 +26,7 @@ from collections import deque
 import numpy as np
 import simpy
 
-from tiersim.simulator.link import COPY_CALLS_PER_LAYER, DIRECTIONS, shared_rates  # noqa: F401  (re-exported)
+from tiersim.simulator.link import COPY_CALLS_PER_LAYER, DIRECTIONS, call_latency, shared_rates  # noqa: F401  (re-exported)
 from tiersim.simulator.presets import GPU
 from tiersim.simulator.step import StepCosts, StepResult, step_compute  # noqa: F401  (StepResult: its old home)
 _SIMULTANEOUS = 1e-9  # transfers within this relative share of the next finish time end together
@@ -171,7 +171,7 @@ def simulate(costs: StepCosts, num_layers: int, gpu: GPU) -> StepResult:
     link = Link(env, gpu)
     empty = env.event()
     empty.succeed()
-    latency = COPY_CALLS_PER_LAYER * gpu.copy_latency
+    latency = call_latency(gpu)
     h2d = CopyEngine(env, link, "h2d", latency, empty)
     d2h = CopyEngine(env, link, "d2h", latency, empty)
     steps = len(costs.compute)

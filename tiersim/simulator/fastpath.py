@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from tiersim.simulator.engine import simulate as simulate_events
 from tiersim.simulator.link import copy_s, shared_rates
 from tiersim.simulator.presets import GPU
 from tiersim.simulator.step import StepCosts, StepResult, step_compute
@@ -106,6 +105,13 @@ def _last_demotion_landed(costs: StepCosts, num_layers: int, gpu: GPU, first: np
     arrival = first + layer - before  # the step's first copy, less the service ahead of it
     best = arrival + np.maximum(0.0, (num_layers - 1) * (period - service))
     return float(per_step.sum() + best[busy].max())
+
+
+def simulate_events(costs: StepCosts, num_layers: int, gpu: GPU) -> StepResult:
+    """The SimPy engine, imported on use: the GPU machine (torch + numpy) runs the recurrence without simpy."""
+    from tiersim.simulator.engine import simulate as events
+
+    return events(costs, num_layers, gpu)
 
 
 def simulate(costs: StepCosts, num_layers: int, gpu: GPU, engine: str = "auto") -> StepResult:

@@ -139,3 +139,180 @@ def fit(reference: dict | None = None, cases: set = FIT) -> dict[str, dict[str, 
 
 def with_fit(gpu: GPU, values: dict[str, float]) -> GPU:
     return replace(gpu, **values)
+
+
+# -- decode attention kernels against public H100 kernel benchmarks ---------------------------------------------
+ATTENTION_REFERENCE = "public-decode-attention.json"
+#: Reads at or below this many KV bytes per call are where the per-call floor dominates (the short regime).
+SHORT_READ_BYTES = 64 * 2**20
+
+
+def load_attention_reference() -> dict:
+    return json.loads(resources.files("tiersim").joinpath("data", ATTENTION_REFERENCE).read_text())
+
+
+@dataclass
+class KernelPoint:
+    """One public decode-attention kernel time against ``physics.attention_s`` (one layer, one call)."""
+
+    source: str
+    role: str  # the source's role in the data file: "fit" or "held_out"
+    gpu: str
+    layout: str  # q_heads x kv_heads x head_dim
+    batch: int
+    context: int
+    kv_bytes: float
+    reference_us: float
+    simulated_us: float
+
+    @property
+    def fit(self) -> bool:
+        return self.role == "fit"
+
+    @property
+    def regime(self) -> str:
+        return "attention short" if self.kv_bytes <= SHORT_READ_BYTES else "attention long"
+
+    @property
+    def error_pct(self) -> float:
+        return 100.0 * (self.simulated_us / self.reference_us - 1.0)
+
+
+def attention_points(gpus: dict[str, GPU] | None = None, reference: dict | None = None) -> list[KernelPoint]:
+    """Every public kernel time priced by ``physics.attention_s`` at the case's KV bytes (bf16 K and V)."""
+    reference = reference or load_attention_reference()
+    gpus = gpus or {k: get_gpu(v) for k, v in PRESET.items()}
+    out = []
+    for case in reference["cases"]:
+        role = reference["sources"][case["source"]]["role"]
+        if role not in ("fit", "held_out"):
+            raise ValueError(f"{ATTENTION_REFERENCE}: source {case['source']} has role {role!r}, not fit/held_out")
+        gpu = gpus[case["gpu"]]
+        # K and V in bf16 per token, unless the case states its bytes (MLA reads one latent per token)
+        per_token = case.get("kv_bytes_per_token", 2 * case["kv_heads"] * case["head_dim"] * 2)
+        layout = f"{case['q_heads']}x{case['kv_heads']}x{case['head_dim']}"
+        for p in case["points"]:
+            kv = p["batch"] * p["context"] * per_token
+            sim = float(physics.attention_s(gpu, kv)) * 1e6
+            out.append(KernelPoint(case["source"], role, case["gpu"], layout, p["batch"], p["context"], kv, p["us"], sim))
+    return out
+
+
+def fit_attention_floor(reference: dict | None = None) -> dict[str, float]:
+    """Per GPU, the per-call floor ``attn_kernel_s`` least-squares fitted (relative error) on the **fit** sources
+    only, the bandwidth term held at the preset's ``attn_efficiency`` (fitted on large reads, where the floor
+    does not show): ``min sum ((f + b_i / BW) / t_i - 1)^2`` gives ``f = sum((t_i - b_i / BW) / t_i^2) / sum(1 / t_i^2)``."""
+    reference = reference or load_attention_reference()
+    out = {}
+    for gpu_key in sorted({c["gpu"] for c in reference["cases"]}):
+        gpu = get_gpu(PRESET[gpu_key])
+        pts = [p for p in attention_points(reference=reference) if p.gpu == gpu_key and p.fit]
+        if not pts:
+            continue
+        t = np.array([p.reference_us for p in pts]) * 1e-6
+        b = np.array([p.kv_bytes for p in pts]) / (gpu.hbm_bw * gpu.attn_efficiency)
+        out[gpu_key] = float(np.sum((t - b) / t**2) / np.sum(1.0 / t**2))
+    return out
+
+
+# -- engine presets against measured whole steps ------------------------------------------------------------------
+#: The validator's own harness run (held out for the hf-eager preset, which is fitted on another run's clean step).
+VALIDATOR_RUN = "docs/validation/h100-80gb-hbm3.json"
+
+
+def engine_rows(path: str | None = None, engine_overhead: str = "hf-eager") -> list[dict]:
+    """The validator's measured steps (HF eager harness, H100) simulated with ``engine_overhead``: one row per point
+    with the source, role (held out), regime (``in HBM`` or ``offloaded``), measured and simulated ms, error."""
+    from pathlib import Path
+
+    from tiersim.simulator import against
+    from tiersim.simulator.scenario import assemble
+
+    path = Path(path) if path else Path(__file__).resolve().parents[2] / VALIDATOR_RUN
+    if not path.exists():  # an installed package has no docs/: the repository's own run is not there to compare
+        return []
+    doc, points = against.load_measurements(path)
+    model = (doc.get("model_shape") or {}).get("name")
+    scenario = assemble(1, model=model, gpu=doc.get("gpu_preset") or "h100-sxm", context=2048,
+                        engine_overhead=engine_overhead)
+    out = []
+    for r in against.compare(scenario, points)["rows"]:
+        out.append({"source": "validator-h100", "role": "held_out", "engine": engine_overhead, "model": r["model"],
+                    "regime": "in HBM" if r["hbm"] >= 1.0 else "offloaded", "batch": r["batch"],
+                    "context": r["context"], "hbm": r["hbm"], "reference_ms": r["measured_ms"],
+                    "simulated_ms": r["simulated_ms"], "error_pct": r["error_pct"]})
+    return out
+
+
+def fit_engine_fixed(engine: str, doc: dict | None = None) -> float:
+    """An engine's fixed per-step cost (s) fitted on its **fit** TPOT points only: the median of measured TPOT less
+    the step simulated with no engine cost, clipped at 0 (an engine faster than the device model adds nothing)."""
+    from tiersim.simulator import engines
+    from tiersim.simulator.capacity import run
+    from tiersim.simulator.scenario import assemble
+
+    doc = doc or json.loads(resources.files("tiersim").joinpath("data", engines.DATA).read_text())["measurements"]
+    residuals = []
+    for p in doc["points"]:
+        if p["role"] != "fit" or doc["sources"][p["source"]]["engine"] != engine:
+            continue
+        sc = assemble(p["concurrency"], model=p["model"], gpu=p["gpu"], context=p["context"], steps=32)
+        row, _ = run(sc, sc.policy(1.0, 0.0, 0.0, 0.0), largest=False)
+        residuals.append((p["tpot_ms"] - row["step_ms"]) * 1e-3)
+    return max(statistics.median(residuals), 0.0) if residuals else 0.0
+
+
+def engine_tpot_rows() -> list[dict]:
+    """Public TPOT measurements of real engines (``public-engine-overheads.json`` ``measurements``) simulated with
+    the engine's own preset (a lockstep batch at the run's mean decode context, all KV in HBM)."""
+    from tiersim.simulator import engines
+    from tiersim.simulator.capacity import run
+    from tiersim.simulator.scenario import assemble
+
+    doc = json.loads(resources.files("tiersim").joinpath("data", engines.DATA).read_text())["measurements"]
+    out = []
+    for p in doc["points"]:
+        src = doc["sources"][p["source"]]
+        sc = assemble(p["concurrency"], model=p["model"], gpu=p["gpu"], context=p["context"], steps=32,
+                      engine_overhead=src["engine"])
+        row, _ = run(sc, sc.policy(1.0, 0.0, 0.0, 0.0), largest=False)
+        out.append({"source": p["source"], "role": p["role"], "engine": src["engine"], "model": p["model"],
+                    "regime": "small batch" if p["concurrency"] <= 8 else "large batch", "batch": p["concurrency"],
+                    "context": p["context"], "reference_ms": p["tpot_ms"], "simulated_ms": row["step_ms"],
+                    "error_pct": 100.0 * (row["step_ms"] / p["tpot_ms"] - 1.0)})
+    return out
+
+
+# -- every source in one table: error per source, role and regime -------------------------------------------------
+def error_rows() -> list[dict]:
+    """One row per reference point of every source (decode steps, attention kernels, prefill, engines, the
+    validator's offloaded steps): ``source, role, regime, reference_ms, simulated_ms, error_pct``. Roles come from
+    the data files (``fit``, ``held_out``, ``check``: a fit source's points its fit did not read)."""
+    from tiersim.simulator import prefill_fidelity
+
+    rows = [{"source": "vidur-decode", "role": "fit" if p.fit else "held_out",
+             "regime": "decode small batch" if p.batch <= 8 else "decode large batch", "reference_ms": p.reference_ms,
+             "simulated_ms": p.simulated_ms, "error_pct": p.error_pct} for p in compare()]
+    rows += [{"source": p.source, "role": p.role, "regime": p.regime, "reference_ms": p.reference_us * 1e-3,
+              "simulated_ms": p.simulated_us * 1e-3, "error_pct": p.error_pct} for p in attention_points()]
+    for r in prefill_fidelity.error_rows():
+        regime = {"ttft": "prefill (TTFT)", "attention": "prefill attention"}.get(r["regime"])
+        regime = regime or ("GEMMs 128-512 rows" if r["tokens"] <= 512 else "GEMMs prefill chunks")
+        rows.append({"source": r["source"], "role": r["role"], "regime": regime, "reference_ms": r["reference_ms"],
+                     "simulated_ms": r["simulated_ms"], "error_pct": r["error_pct"]})
+    rows += [{**{k: r[k] for k in ("source", "role", "reference_ms", "simulated_ms", "error_pct")},
+              "regime": f"engine TPOT, batch {r['batch']}"} for r in engine_tpot_rows()]
+    rows += [{**{k: r[k] for k in ("source", "role", "reference_ms", "simulated_ms", "error_pct")},
+              "regime": "offload (KV over PCIe)" if r["regime"] == "offloaded" else "eager harness, KV in HBM"}
+             for r in engine_rows()]
+    return rows
+
+
+def source_summary(rows: list[dict]) -> list[dict]:
+    """Per (source, role, regime): points, median and worst |error| and the median signed error (%)."""
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        groups.setdefault((r["source"], r["role"], r["regime"]), []).append(r["error_pct"])
+    return [{"source": s, "role": role, "regime": regime, "points": len(e),
+             "median_pct": statistics.median(abs(x) for x in e), "worst_pct": max(abs(x) for x in e),
+             "median_signed_pct": statistics.median(e)} for (s, role, regime), e in sorted(groups.items())]

@@ -43,8 +43,13 @@ def rate(gpu: GPU, direction: str) -> float:
     return shared_rates(gpu, {direction: 1})[direction]
 
 
+def call_latency(gpu: GPU, calls: int = COPY_CALLS_PER_LAYER) -> float:
+    """Seconds a copy's ``cudaMemcpyAsync`` calls cost before its bytes move (the SimPy copy engines pay it too)."""
+    return calls * gpu.copy_latency
+
+
 def copy_s(gpu: GPU, nbytes, direction: str = "h2d", calls: int = COPY_CALLS_PER_LAYER):
     """Seconds one copy of ``nbytes`` takes (numbers or arrays; 0 where there is nothing to move):
     ``calls · latency + bytes / rate``, the link idle during each call's latency."""
     nbytes = np.asarray(nbytes, dtype=float)
-    return np.where(nbytes > 0, calls * gpu.copy_latency + nbytes / rate(gpu, direction), 0.0)
+    return np.where(nbytes > 0, call_latency(gpu, calls) + nbytes / rate(gpu, direction), 0.0)

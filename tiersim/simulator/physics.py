@@ -48,6 +48,48 @@ def weight_stream_s(gpu: GPU, weight_bytes: float, tokens, kernels: int = GEMMS_
     return kernels * gpu.gemm_kernel_s + weight_bytes / bw * slowdown(gpu, tokens)
 
 
+def layer_flops_per_token(model: Model) -> float:
+    """GEMM FLOPs one token costs in one layer: two per weight (multiply and add)."""
+    return 2.0 * model.layer_weight_bytes / model.param_bytes
+
+
+#: Exponent of the p-norm joining the GEMMs' memory and compute times: 1 would add them, infinity take the
+#: larger; 3 fits vidur's public A100/H100 tables best between 128 and 1024 tokens, where neither bound alone holds
+#: (docs/simulator.md "Prefill").
+GEMM_ROLLOFF = 3.0
+
+
+def gemm_compute_s(model: Model, gpu: GPU, rows):
+    """The four GEMMs' compute time for ``rows`` token rows: per-kernel cost + FLOPs at the prefill efficiency.
+
+    From one tile up the FLOPs are counted over ``ceil(rows / tile)`` full tiles (a 129-row GEMM computes two
+    128-row tiles); below one tile the kernel library picks narrower tiles, as the decode tables show (no step
+    between 1 and 64 tokens), so the rows count as they are.
+    """
+    rows = np.maximum(np.asarray(rows, dtype=float), 1.0)
+    tile = max(int(gpu.prefill_gemm_tile), 1)
+    tiled = np.where(rows >= tile, np.ceil(rows / tile) * tile, rows)
+    return (GEMMS_PER_LAYER * gpu.gemm_kernel_s
+            + layer_flops_per_token(model) * tiled / (gpu.peak_flops * gpu.prefill_gemm_efficiency))
+
+
+def gemm_s(model: Model, gpu: GPU, rows):
+    """One layer's four GEMMs over ``rows`` token rows, decode batch or prefill chunk alike: weight streaming
+    (:func:`weight_stream_s`) and compute (:func:`gemm_compute_s`) joined by a p-norm (:data:`GEMM_ROLLOFF`).
+
+    Within 0.2% of weight streaming up to 16 tokens and of compute past 2K. Between, neither bound alone holds:
+    vidur's public H100 tables rise 6-9% from 64 to 128 tokens (CodeLlama-34B +6.0%, InternLM-20B +9.2%, phi-2
+    +6.2%; github.com/microsoft/vidur @ 7d47513, data/profiling/compute/h100/*/mlp.csv, the decode and prefill
+    reference files), where weight streaming alone rises 0.7%: the curve past 64 tokens is this roll-off into
+    compute, fitted on those tables' 128-4096-token rows (``prefill_fidelity``) and monotone in the rows.
+    """
+    rows = np.maximum(np.asarray(rows, dtype=float), 1.0)
+    memory = weight_stream_s(gpu, model.layer_weight_bytes, rows)
+    compute = gemm_compute_s(model, gpu, rows)
+    p = GEMM_ROLLOFF
+    return (memory ** p + compute ** p) ** (1.0 / p)
+
+
 def attention_s(gpu: GPU, kv_bytes):
     """Seconds of decode attention reading ``kv_bytes`` of KV (the batch's, one layer); 0 for none."""
     kv_bytes = np.asarray(kv_bytes, dtype=float)
@@ -62,21 +104,32 @@ def small_ops_s(gpu: GPU, model: Model) -> float:
 def layer_s(model: Model, gpu: GPU, batch: int, kv_read, extra_bytes=0.0, attended=None):
     """One decoder layer's compute time for ``batch`` tokens reading ``kv_read`` bytes of KV.
 
-    ``max(weights + attention + extra passes, FLOPs / peak) + small ops``: the memory terms run back
-    to back (separate kernels), the FLOP bound only binds far above decode batch sizes.
-    ``extra_bytes`` (the cache's own passes) stream at the plain HBM efficiency.
+    ``GEMMs + max(attention + extra passes, attention FLOPs / peak) + small ops``: separate kernels back to
+    back. The GEMMs are :func:`gemm_s` (weight streaming at decode sizes, rolling off into compute past ~64
+    rows: the same curve a prefill chunk of that many rows is priced on); ``extra_bytes`` (the cache's own
+    passes) stream at the plain HBM efficiency.
     """
-    t_mem = (weight_stream_s(gpu, model.layer_weight_bytes, batch) + attention_s(gpu, kv_read)
-             + np.asarray(extra_bytes, dtype=float) / (gpu.hbm_bw * gpu.hbm_efficiency))
+    t_attn = attention_s(gpu, kv_read) + np.asarray(extra_bytes, dtype=float) / (gpu.hbm_bw * gpu.hbm_efficiency)
     attended = 0.0 if attended is None else attended
-    flops = 2 * model.layer_weight_bytes / model.param_bytes * batch
-    flops = flops + 4 * np.asarray(attended, dtype=float) * model.num_attention_heads * model.head_dim
-    return np.maximum(t_mem, flops / (gpu.peak_flops * gpu.flops_efficiency)) + small_ops_s(gpu, model)
+    flops = 4 * np.asarray(attended, dtype=float) * model.num_attention_heads * model.head_dim
+    t_attn = np.maximum(t_attn, flops / (gpu.peak_flops * gpu.flops_efficiency))
+    return gemm_s(model, gpu, batch) + t_attn + small_ops_s(gpu, model)
+
+
+def gather_s(model: Model, gpu: GPU, rows):
+    """Gathering ``rows`` embedding rows (one per token entering the model), at the HBM efficiency."""
+    return rows * model.hidden_size * model.param_bytes / (gpu.hbm_bw * gpu.hbm_efficiency)
 
 
 def lm_head_s(model: Model, gpu: GPU, batch: int) -> float:
     """The LM head (one GEMM over the whole vocabulary table) plus the gather of ``batch`` embedding rows."""
     head = weight_stream_s(gpu, model.lm_head_bytes, batch, kernels=1)
-    gather = batch * model.hidden_size * model.param_bytes / (gpu.hbm_bw * gpu.hbm_efficiency)
+    gather = gather_s(model, gpu, batch)
     flops = 2.0 * batch * model.vocab_size * model.hidden_size
     return float(max(head + gather, flops / (gpu.peak_flops * gpu.flops_efficiency)))
+
+
+def host_overhead_s(gpu: GPU, sequences) -> float:
+    """Host time per step that the GPU waits for (scheduling, sampling, input and output handling) with
+    ``sequences`` sampled this step: the one per-step overhead of decode, prefill and mixed steps."""
+    return gpu.step_overhead + gpu.step_overhead_per_sequence * sequences

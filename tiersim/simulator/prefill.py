@@ -47,42 +47,14 @@ def _scalar_or_array(x):
     return float(x) if x.ndim == 0 else x
 
 
-def layer_flops_per_token(model: Model) -> float:
-    """GEMM FLOPs one token costs in one layer: two per weight (multiply and add)."""
-    return 2.0 * model.layer_weight_bytes / model.param_bytes
-
-
-#: Exponent of the p-norm joining the GEMMs' memory and compute times: 1 would add them, infinity take the
-#: larger; 3 fits vidur's public A100/H100 tables best between 128 and 1024 tokens, where neither bound alone holds
-#: (docs/simulator.md "Prefill").
-GEMM_ROLLOFF = 3.0
-
-
-def gemm_compute_s(model: Model, gpu: GPU, rows):
-    """The four GEMMs' compute time for ``rows`` token rows: per-kernel cost + FLOPs at the prefill efficiency.
-
-    From one tile up the FLOPs are counted over ``ceil(rows / tile)`` full tiles (a 129-row GEMM computes two
-    128-row tiles); below one tile the kernel library picks narrower tiles, as the decode tables show (no step
-    between 1 and 64 tokens), so the rows count as they are.
-    """
-    rows = np.maximum(_arr(rows), 1.0)
-    tile = max(int(gpu.prefill_gemm_tile), 1)
-    tiled = np.where(rows >= tile, np.ceil(rows / tile) * tile, rows)
-    return (physics.GEMMS_PER_LAYER * gpu.gemm_kernel_s
-            + layer_flops_per_token(model) * tiled / (gpu.peak_flops * gpu.prefill_gemm_efficiency))
-
-
-def gemm_s(model: Model, gpu: GPU, rows):
-    """One layer's four GEMMs over ``rows`` token rows: weight streaming and compute joined by a p-norm.
-
-    Weight streaming (``physics.weight_stream_s``) binds at decode sizes and compute above a few hundred tokens;
-    the p-norm (:data:`GEMM_ROLLOFF`) is within 0.2% of weight streaming up to 16 tokens and of compute past 2K.
-    """
-    rows = np.maximum(_arr(rows), 1.0)
-    memory = physics.weight_stream_s(gpu, model.layer_weight_bytes, rows)
-    compute = gemm_compute_s(model, gpu, rows)
-    p = GEMM_ROLLOFF
-    return (memory ** p + compute ** p) ** (1.0 / p)
+# The GEMM time at any row count (weight streaming and tiled compute joined by a p-norm) is the decode step's
+# too: it lives in physics, the one place both regimes read it (decode batches of 128-512 rows price as a chunk).
+from tiersim.simulator.physics import (  # noqa: E402,F401 (re-exported: prefill's callers and tests use them here)
+    GEMM_ROLLOFF,
+    gemm_compute_s,
+    gemm_s,
+    layer_flops_per_token,
+)
 
 
 def attention_pairs(tokens, context=0):
@@ -142,9 +114,9 @@ def prefill_s(model: Model, gpu: GPU, tokens, context=0):
     """
     tokens = _arr(tokens)
     rows = np.maximum(tokens - 1.0, 0.0)  # the LM head's own gather has the last row
-    gather = rows * model.hidden_size * model.param_bytes / (gpu.hbm_bw * gpu.hbm_efficiency)
+    gather = physics.gather_s(model, gpu, rows)
     head = physics.lm_head_s(model, gpu, 1)
-    host = gpu.step_overhead + gpu.step_overhead_per_sequence
+    host = physics.host_overhead_s(gpu, 1)
     t = model.num_layers * _arr(prefill_layer_s(model, gpu, tokens, context)) + gather + head + host
     return _scalar_or_array(t)
 
@@ -189,7 +161,7 @@ def mixed_step_s(model: Model, gpu: GPU, decode_tokens, kv_read_bytes, prefill_t
     sampled = d + int(bool(prefill_done) and float(np.max(p)) > 0)
     layer = _arr(mixed_layer_s(model, gpu, d, kv_read_bytes, p, prefill_context))
     gathered = np.maximum(p - (sampled - d), 0.0)  # the LM head's own gather has the sampled rows
-    gather = gathered * model.hidden_size * model.param_bytes / (gpu.hbm_bw * gpu.hbm_efficiency)
+    gather = physics.gather_s(model, gpu, gathered)
     head = physics.lm_head_s(model, gpu, max(sampled, 1))
-    host = gpu.step_overhead + gpu.step_overhead_per_sequence * max(sampled, 1)
+    host = physics.host_overhead_s(gpu, max(sampled, 1))
     return _scalar_or_array(model.num_layers * layer + gather + head + host)

@@ -40,8 +40,14 @@ class GPU:
     gemm_kernel_s: float = 5.4e-6
     #: Weight streaming slows with the token count: this much slower at 64 tokens than at 1 (log2 growth).
     gemm_batch_slowdown: float = 0.0447
-    #: Decode attention: a fixed kernel cost, then the batch's KV at this share of the datasheet bandwidth.
-    attn_kernel_s: float = 7.5e-6
+    #: Decode attention: a fixed cost per kernel call (launch, split-KV plan and combine), then the batch's KV at
+    #: this share of the datasheet bandwidth. H100 floor: 18.3 us, fitted (``fidelity.fit_attention_floor``) on a
+    #: public FlashAttention-2 paged-decode benchmark on an H100 SXM (github.com/microsoft/onnxruntime pull 21414:
+    #: 21.1-43.6 us at 8-67 MB of KV); held out: FlashAttention-3 on an H100 (github.com/Dao-AILab/flash-attention
+    #: issue 1572), both in tiersim/data/public-decode-attention.json. The old 7.5 us was HF SDPA's unpaged kernel
+    #: under a CUDA graph (this project's H100 operator run), not a serving engine's paged kernel. The bandwidth
+    #: share stays the large-read fit: long-context steps move by the floor's 11 us per layer only.
+    attn_kernel_s: float = 18.3e-6
     attn_efficiency: float = 0.92
     #: Small ops per decoder layer (2 RMSNorm, RoPE, activation, residual add, fused as a serving engine runs
     #: them): a launch-bound floor plus a term per element of width (hidden + intermediate). HF eager runs
@@ -54,6 +60,11 @@ class GPU:
     #: overlaps that work with the GPU hides it: 0 unless ``--host-overhead`` (:data:`HOST_OVERHEADS`) says so.
     step_overhead: float = 0.0
     step_overhead_per_sequence: float = 0.0
+    #: A host floor per step (an eager harness that launches every operator from Python: the step lasts at least
+    #: this long); 0 unless ``--engine-overhead hf-eager`` (tiersim.simulator.engines) sets it for the model's layers.
+    step_host_floor: float = 0.0
+    #: The engine preset these host figures are (``engines.EngineOverhead.describe``), named in the output; "" for none.
+    engine: str = ""
     host_bytes: float = 256 * GB  # pinned host memory for this GPU's DDR tier (a DGX-class 2 TB / 8 GPUs)
     # The host side, for strategies that compute on the CPU (docs/simulator.md, "Strategies"). The
     # default is a DGX H100-class host: 2 x Xeon Platinum 8480C (NVIDIA DGX H100 user guide), each
@@ -70,6 +81,11 @@ class GPU:
     #: H2D ~11 of ~35 GB/s); None shares the ceiling max-min fairly (each direction capped at its own rate).
     bidir_h2d_share: float | None = None
     note: str = ""
+    #: Where the host-link figures (h2d/d2h/bidir bandwidth, copy latency) come from; ``link_assumed`` when no
+    #: measurement of this GPU's host link was found and another GPU's figures stand in (``tiersim presets`` and the
+    #: simulate/capacity output say so).
+    link_source: str = ""
+    link_assumed: bool = False
     #: What ``torch.cuda.get_device_name`` (nvidia-smi's product name) calls this GPU, so a measurement
     #: finds its preset by lookup (``device_preset``); the sources are cited where each preset lists them.
     device_names: tuple[str, ...] = ()
@@ -203,14 +219,21 @@ GPUS: dict[str, GPU] = {
         # example output shows 55.6 GB/s host_to_device_memcpy_ce, in line).
         GPU("h100-sxm", 80 * GB, 3.35e12, 54 * GB, 54 * GB, 95 * GB, 17e-6, 989e12,
             note="PCIe Gen5 x16: 63 GB/s theory; 54 GB/s measured per direction, 95 both ways (H100 run)",
+            link_source="measured: docs/validation/h100-80gb-hbm3.json (pinned cudaMemcpyAsync, 64 MiB), in line with "
+                        "nvbandwidth's example host_to_device_memcpy_ce 55.6 GB/s",
             # docs/validation/h100-80gb-hbm3.json (our run); H100 NVL (github.com/akash-network/provider-configs
             # pull 91, nvidia-smi) is a 94 GB HBM3 card, read as this one.
             device_names=("NVIDIA H100 80GB HBM3", "NVIDIA H100 NVL")),
         GPU("h100-pcie", 80 * GB, 2.0e12, 54 * GB, 54 * GB, 95 * GB, 17e-6, 756e12,
-            note="PCIe Gen5 x16 (link figures of the H100 run)",
+            note="PCIe Gen5 x16; link ASSUMED: the H100 SXM run's figures",
+            link_source="assumed: no H2D/D2H measurement of an H100 PCIe host was found; the H100 SXM run's (same "
+                        "PCIe Gen5 x16 link) stand in", link_assumed=True,
             device_names=("NVIDIA H100 PCIe",)),  # torch's sm_90 warning quoted in github.com/pytorch/pytorch issue 90761
         GPU("h200", 141 * GB, 4.8e12, 54 * GB, 54 * GB, 95 * GB, 17e-6, 989e12,
-            note="PCIe Gen5; link not published, the H100 run's figures assumed",
+            note="PCIe Gen5; link ASSUMED: the H100 run's figures (none published for H200)",
+            link_source="assumed: no nvbandwidth or H2D/D2H measurement of an H200 host was found (nvbandwidth's "
+                        "issues have H100, A100, GH200 and H20 runs); the H100 run's PCIe Gen5 figures stand in",
+            link_assumed=True,
             # nvidia-smi product name: github.com/NVIDIA/mig-parted issue 120 (H200); pull 146 adds the H200 NVL.
             device_names=("NVIDIA H200", "NVIDIA H200 NVL")),
         # DGX A100: 2 x EPYC 7742, 8 channels DDR4-3200 each = 204.8 GB/s per socket; ASSUMPTION:
@@ -225,6 +248,7 @@ GPUS: dict[str, GPU] = {
             weight_efficiency=0.814, gemm_kernel_s=3.6e-6, gemm_batch_slowdown=0.114, attn_kernel_s=20.2e-6,
             attn_efficiency=0.795, layer_overhead=3.5e-6, layer_overhead_per_width=1.24e-9,
             note="PCIe Gen4 x16: 32 theory, ~25 measured each way, ~35 both ways (H2D ~11 of it)",
+            link_source="measured: nvbandwidth on A100-SXM4-80GB hosts (github.com/NVIDIA/nvbandwidth issues 53, 11)",
             # nvidia-smi: github.com/NVIDIA/CUDALibrarySamples issue 104 (80 GB), bottlerocket-os/bottlerocket-core-kit
             # pull 834 (40 GB, read as this preset as before).
             device_names=("NVIDIA A100-SXM4-80GB", "NVIDIA A100-SXM4-40GB")),
@@ -236,6 +260,7 @@ GPUS: dict[str, GPU] = {
         GPU("gh200", 96 * GB, 4.0e12, 346 * GB, 300 * GB, 450 * GB, 3e-6, 989e12, host_bytes=480 * GB,
             gpus_per_host=1, host_sockets=1, host_socket_bw=500 * GB, host_socket_flops=2.1e12,
             note="NVLink-C2C 450 GB/s theory per direction; 346 H2D / ~300 D2H / ~450 both ways measured; 480 GB LPDDR5X",
+            link_source="measured: nvbandwidth on a GH200 (github.com/NVIDIA/nvbandwidth issues 23, 41)",
             # nvidia-smi: github.com/marin-community/marin pull 5446 (480GB), NVIDIA/mig-parted pull 139 (144G HBM3e).
             device_names=("NVIDIA GH200 480GB", "NVIDIA GH200 144G HBM3e")),
     ]

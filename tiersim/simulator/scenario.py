@@ -204,7 +204,7 @@ def assemble(batch: int, model: str = "r1-distill-qwen-7b", model_config: str | 
              gpu: str = "h100-sxm", trace: str | Path | None = None, lengths: str | None = None,
              context: int | None = None, prefetch: str = "all", steps: int = 256, seed: int = 0,
              calibration: str | Path | None = None, profile: str | Path | None = None, host_floor: bool = True,
-             host_overhead: str = "none", engine: str = "auto", warn=None) -> Scenario:
+             host_overhead: str = "none", engine: str = "auto", warn=None, engine_overhead: str = "none") -> Scenario:
     """The scenario ``tiersim simulate`` / ``capacity`` price, from what the user named.
 
     Presets or a ``config.json``, a calibration and an operator profile (each refused when measured on
@@ -213,7 +213,7 @@ def assemble(batch: int, model: str = "r1-distill-qwen-7b", model_config: str | 
     :class:`TiersimError` with the option's name. ``warn(text)`` is told when the bundled trace is missing
     and the synthetic profile stands in (the CLI prints it on stderr).
     """
-    from tiersim.simulator.calibration import apply_calibration, load_calibration
+    from tiersim.simulator.calibration import apply_calibration, host_bound_note, load_calibration
     from tiersim.simulator.fastpath import ENGINES
     from tiersim.simulator.presets import HOST_OVERHEADS, get_gpu, get_model, model_from_config, with_host_overhead
     from tiersim.simulator.profile import check_device, load_profile, table_for
@@ -237,12 +237,24 @@ def assemble(batch: int, model: str = "r1-distill-qwen-7b", model_config: str | 
     mean_length = None if lengths.strip().lower() == "trace" else parse_lengths(lengths)
     mdl = model_from_config(model_config) if model_config else get_model(model)
     hw = get_gpu(gpu)
+    if hw.link_assumed and warn is not None:  # issue 22: every host link is a cited measurement or says it is not
+        warn(f"the {hw.name} preset's host link ({hw.h2d_bw / 1e9:.0f} GB/s H2D, {hw.d2h_bw / 1e9:.0f} D2H) is an "
+             f"assumption, not a measurement of this GPU ({hw.link_source.removeprefix('assumed: ')})")
     if calibration:
         cal = load_calibration(calibration)
         check_device(cal, gpu, "--calibration")
+        if warn is not None and (note := host_bound_note(cal, "--calibration")):
+            warn(note)
         hw = apply_calibration(hw, cal)
     if host_overhead != "none":
         hw = with_host_overhead(hw, host_overhead)
+    if engine_overhead != "none" or host_overhead == "none":  # an engine preset (issue 22); named in the output
+        from tiersim.simulator import engines
+
+        if host_overhead != "none":
+            raise TiersimError(f"use either --host-overhead {host_overhead} or --engine-overhead {engine_overhead}, "
+                               "not both (--engine-overhead vllm is --host-overhead sync)")
+        hw = engines.apply(hw, engine_overhead, mdl.num_layers)
     table, note = None, "roofline (no --profile given)"
     if profile:
         doc = load_profile(profile)

@@ -1,7 +1,7 @@
 """How the DDR tier reaches attention, priced: each strategy's :class:`~tiersim.simulator.step.StepCosts`; numpy only.
 
 The names, exactness and labels are the registry's (``tiersim.hierarchy.strategies``); this module
-registers one cost function per name (:data:`COSTS`, tested to cover the registry) and nothing else.
+prices each name with its function of the same name (:data:`COSTS`, built from the registry) and no more.
 The GPU side (a layer's compute with some share of the DDR tier staged in HBM) comes from
 ``analytic.layer_costs``; each strategy adds what it moves and where it computes: the host link, host
 memory bandwidth and CPU FLOPs (the GPU preset's host figures), and GPU FLOPs for recomputation. Per
@@ -27,7 +27,6 @@ from tiersim.simulator.step import StepCosts, closed_form
 STRATEGIES = registry.NAMES
 #: Strategies whose output differs from the full cache's beyond floating-point rounding.
 APPROXIMATE = registry.APPROXIMATE
-SHORT = {s.name: s.short for s in registry.REGISTRY.values()}
 #: Shares tried by the strategies that split the DDR tier (hybrid, recompute). The end points are
 #: the pure strategies, so a split is never worse than either of its parts.
 SPLITS = np.linspace(0.0, 1.0, 21)
@@ -161,9 +160,10 @@ def compressed_transfer(model, gpu, offload, work, cover=1.0, table=None, share=
     return _with(costs, gpu, "compressed-transfer", ratio, h2d_bytes=kv * ratio, compute=costs.compute + dequant)
 
 
-#: The simulator's half of the registry: strategy name -> its cost function.
-COSTS = {"prefetch": prefetch, "host-attention": host_attention, "hybrid": hybrid, "recompute": recompute,
-         "selective": selective, "compressed-transfer": compressed_transfer}
+#: The simulator's half of the registry: strategy name -> its cost function, the function named like the
+#: strategy (``host-attention`` -> :func:`host_attention`). Read from the registry, so a strategy registered
+#: without its cost function fails here, at import.
+COSTS = {name: globals()[name.replace("-", "_")] for name in registry.NAMES}
 
 
 def step_costs(strategy: str, model: Model, gpu: GPU, offload: Offload, work: Workload, cover: float = 1.0,

@@ -13,9 +13,40 @@ from typing import Callable, Iterable
 
 import pandas as pd
 
+from tiersim.errors import TiersimError
 from tiersim.hierarchy.config import TierConfig
 from tiersim.hierarchy.record import StepRecord
 from tiersim.traces.format import COLUMNS, Trace, new_meta
+
+
+#: Memory a capture holds, measured on the bundled trace's rows: a (step, layer) row as the recorder keeps
+#: it (a Python dict of 18 fields) and in the merged table, and ``--full``'s attention row per retained
+#: token (a Python int and float while recorded, an int64 and a float32 once merged).
+ROW_BYTES_RECORDED, ROW_BYTES_MERGED = 550, 70
+TOKEN_BYTES_RECORDED, TOKEN_BYTES_MERGED = 72, 12
+
+
+def check_fits(n: int, prompt_tokens: int, max_new_tokens: int, model_info: dict, full: bool,
+               dtype_bytes: int = 4) -> None:
+    """Refuse a capture whose trace or cache would not fit in half the memory available (one line naming
+    the options to lower), before its first token: one sequence's recorded rows and KV cache, or all the
+    sequences' merged trace, whichever is larger. A model that does not say its shape is not checked."""
+    from tiersim.options import available_memory
+
+    layers, kv_token = model_info.get("num_layers"), model_info.get("kv_bytes_per_token")
+    if not layers or not kv_token:
+        return
+    rows = layers * (max_new_tokens + 1)  # one row per layer for the prefill and for each new token
+    attended = rows * (prompt_tokens + max_new_tokens / 2) if full else 0  # retained tokens, on average
+    one = rows * ROW_BYTES_RECORDED + attended * TOKEN_BYTES_RECORDED
+    one += kv_token / 2 * dtype_bytes * (prompt_tokens + max_new_tokens)  # kv_bytes_per_token is for bf16
+    merged = n * (rows * ROW_BYTES_MERGED + attended * TOKEN_BYTES_MERGED)
+    need, budget = max(one, merged), available_memory() // 2
+    if need > budget:
+        lower = "--max-new-tokens or --n" + (", or leave out --full" if full else "")
+        raise TiersimError(f"capture would hold ~{need / 1e9:,.1f} GB ({n:,} sequence{'s' * (n != 1)} of up to {max_new_tokens:,} "
+                           f"tokens{' with every attention row' if full else ''}), more than half of the "
+                           f"{2 * budget / 1e9:.1f} GB this machine has available: lower {lower}")
 
 
 @dataclass

@@ -31,7 +31,10 @@ def main(argv: list[str] | None = None) -> int:
             print(compare.format_text(compare.load(args.compare)))
             return 0
         argv = sys.argv[1:] if argv is None else argv
-        doc = calibrate.run_validation(
+        run = calibrate.run_validation
+        if args.executor == "graph":
+            from tiersim.validator.graph_run import run_validation_graph as run
+        doc = run(
             args.model_shape, args.batch, args.context, args.hbm, device=args.device, steps=args.steps,
             warmup=args.warmup, prefill=args.prefill, out=args.out, budget_s=args.budget_s, sdpa=args.sdpa,
             profile=args.profile,

@@ -326,6 +326,7 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_
     doc = {
         **fileformat.header(fileformat.CALIBRATION),
         "command": command,
+        "executor": "hf-eager",
         "device": info,
         "gpu_preset": base_gpu_preset(info["name"] if dev.type == "cuda" else None),
         "model_shape": {**shape.to_dict(), "params": params},

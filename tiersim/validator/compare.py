@@ -32,6 +32,11 @@ def _num(value, digits: int) -> str:
     return "-" if _missing(value) else f"{value:.{digits}f}"
 
 
+def _pct(value, digits: int = 1) -> str:
+    """A percentage in a sentence: ``12.3%``, or ``not measured`` (never ``-%``)."""
+    return "not measured" if _missing(value) else f"{value:.{digits}f}%"
+
+
 def _signed(value, digits: int = 1) -> str:
     return "-" if _missing(value) else f"{value:+.{digits}f}"
 
@@ -66,7 +71,8 @@ def summary_lines(doc: dict) -> list[str]:
     comp = doc.get("compute") or {}
     s = doc.get("summary") or {}
     lines = [
-        f"device: {dev.get('name')} | torch {dev.get('torch')} | CUDA {dev.get('cuda')} | driver {dev.get('driver')}",
+        f"device: {dev.get('name')} | torch {dev.get('torch')} | CUDA {dev.get('cuda')} | driver {dev.get('driver')}"
+        f" | executor {doc.get('executor') or 'hf-eager'}",
         f"link: H2D {_num(link.get('h2d_gbps'), 1)} GB/s, D2H {_num(link.get('d2h_gbps'), 1)} GB/s, "
         f"both {_num(link.get('bidir_total_gbps'), 1)} GB/s, per-copy latency {_num(link.get('copy_latency_us'), 2)} us",
         f"compute: HBM {_num(comp.get('hbm_bw_gbps'), 1)} GB/s (decode fit), matmul {_num(comp.get('peak_tflops'), 1)} "
@@ -75,9 +81,9 @@ def summary_lines(doc: dict) -> list[str]:
     if s:
         share = s.get("prefetch_share_of_peak_h2d")
         lines.append(
-            f"simulator error: median |err| {_num(s.get('median_abs_sim_error_pct'), 1)}% "
-            f"(target < 10%), max {_num(s.get('max_abs_sim_error_pct'), 1)}%; "
-            f"max transfer overhead {_num(s.get('max_overhead_pct'), 1)}%; "
+            f"simulator error: median |err| {_pct(s.get('median_abs_sim_error_pct'))} "
+            f"(target < 10%), max {_pct(s.get('max_abs_sim_error_pct'))}; "
+            f"max transfer overhead {_pct(s.get('max_overhead_pct'))}; "
             + ("prefetch: not measured (no copies in this grid)" if _missing(share) else
                f"prefetch reaches {100 * share:.0f}% of peak H2D (target >= 85%)")
         )

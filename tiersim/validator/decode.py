@@ -82,6 +82,26 @@ def tier_config(hbm: float, **policy) -> TierConfig:
     return TierConfig(hbm=hbm, ddr=1.0 - hbm, **policy)
 
 
+def synthetic_kv(model_config, batch: int, context: int, generator: torch.Generator, device, dtype):
+    """Random K/V [B, Hkv, context, D] for one layer (keys first, then values, from ``generator``)."""
+    heads = model_config.num_attention_heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    shape = (batch, model_config.num_key_value_heads, context, head_dim)
+    keys = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    return keys, torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
+def synthetic_probs(batch: int, heads: int, n_queries: int, context: int, generator: torch.Generator,
+                    device) -> torch.Tensor:
+    """Causal attention rows [B, Hq, n_queries, context] of the prompt's last queries, peaked like trained
+    attention (so the ranking is not a tie)."""
+    logits = torch.randn((batch, heads, n_queries, context), generator=generator, device=device)
+    logits.mul_(3.0)
+    rows = torch.arange(context - n_queries, context, device=device)[:, None]
+    logits.masked_fill_(torch.arange(context, device=device)[None, :] > rows, float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
 def synthetic_prefill(model, cache: TieredCache, batch: int, context: int, generator: torch.Generator) -> None:
     """Fill every layer with ``context`` random K/V and random causal attention rows, without a forward.
 
@@ -89,24 +109,16 @@ def synthetic_prefill(model, cache: TieredCache, batch: int, context: int, gener
     no prefill compute or activation memory (a 32 x 8K prefill of a 7B model would need tens of
     GB of MLP activations). The cache receives exactly what a prefill would hand it: K/V per
     layer through ``update`` and the prompt's attention probabilities through ``observe_attention``.
+    The graph executor (``tiersim.validator.graph_run``) draws the same inputs in the same order.
     """
     cfg = model.config
-    device, dtype = model.device, model.dtype
-    heads = cfg.num_attention_heads
-    kv_heads = cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     for layer_idx in range(cfg.num_hidden_layers):
-        shape = (batch, kv_heads, context, head_dim)
-        keys = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-        values = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        keys, values = synthetic_kv(cfg, batch, context, generator, model.device, model.dtype)
         cache.update(keys, values, layer_idx)
         n_queries = cache.queries_to_score(layer_idx, context)
         if n_queries:
-            logits = torch.randn((batch, heads, n_queries, context), generator=generator, device=device)
-            logits.mul_(3.0)  # peaked rows, like trained attention, so the ranking is not a tie
-            rows = torch.arange(context - n_queries, context, device=device)[:, None]
-            logits.masked_fill_(torch.arange(context, device=device)[None, :] > rows, float("-inf"))
-            cache.observe_attention(layer_idx, torch.softmax(logits, dim=-1))
+            probs = synthetic_probs(batch, cfg.num_attention_heads, n_queries, context, generator, model.device)
+            cache.observe_attention(layer_idx, probs)
     scoring.clear_listener()
 
 

@@ -16,490 +16,61 @@ block that the real model would read from HBM. Writes one JSON (kind ``operator-
 Entry point: ``python -m tiersim.validator.operators --shape r1-distill-qwen-7b,llama-3.1-8b --out FILE``.
 Imports torch, numpy, transformers and the standard library only (the GPU machine has no simpy,
 plotly, rich or typer). ``--device cpu`` is the smoke mode: same code path, tiny shape, seconds.
+
+The work is split by job: ``operators_timing`` (the clock, rotation, budget), ``operators_tables``
+(GEMM, small-op and attention tables), ``operators_decode`` (whole HF decode steps); this module
+runs them per shape, writes the file and prints the short table. Every name the three export is
+re-exported here, so ``from tiersim.validator.operators import ...`` keeps working.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
-import importlib
-import math
 import shlex
-import statistics
 import sys
 import time
-from typing import Callable
 
 import torch
 
 from tiersim import fileformat
 from tiersim.errors import TiersimError
-from tiersim.validator.sdpa import SDPA_CHOICES, sdpa_backends
+from tiersim.validator.operators_decode import (  # noqa: F401  (re-exported)
+    TOP_OPS,
+    _dynamic_cache,
+    _fill_dynamic,
+    _python_profile,
+    _top_ops,
+    decode_step,
+    decode_table,
+    make_cache,
+)
+from tiersim.validator.operators_tables import (  # noqa: F401  (re-exported)
+    _AttentionModule,
+    _hf_module,
+    attention_table,
+    gemm_table,
+    linear_shapes,
+    small_op_table,
+)
+from tiersim.validator.operators_timing import (  # noqa: F401  (re-exported)
+    MIN_CALLS,
+    REPS,
+    ROTATE_BYTES,
+    Budget,
+    OpTimer,
+    copies_for,
+    free,
+    is_oom,
+)
+from tiersim.validator.sdpa import SDPA_CHOICES, sdpa_backends  # noqa: F401  (re-exported)
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 ATTN_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 ATTN_CONTEXTS = (512, 1024, 2048, 4096, 8192, 16384)
 DECODE_POINTS = ((1, 2048), (8, 2048), (32, 2048), (1, 8192), (8, 8192), (32, 8192))
-#: Rotated working set per operator: several times an H100's 50 MB L2, so no call finds its inputs there.
-ROTATE_BYTES = 256 << 20
-MIN_CALLS = 8  # calls per timed graph (a multiple of the copies)
-REPS = 5  # timed graph replays; the median is kept
-TOP_OPS = 15
 SMOKE = {"tokens": (1, 4, 16), "batches": (1, 2), "contexts": (64, 128), "decode": ((1, 96), (2, 96))}
-_PREFIX = {"qwen2": "Qwen2", "qwen3": "Qwen3", "llama": "Llama"}
-
-
-# -- timing ----------------------------------------------------------------------------------------
-class OpTimer:
-    """Times ``fn(i)`` (i = rotation index) as device time per call and host issue time per call."""
-
-    def __init__(self, device: torch.device, reps: int = REPS) -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.reps = reps
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
-    def host_us(self, fn: Callable[[int], object], calls: int) -> float:
-        """CPU time to issue one eager call (the GPU may still be running when it returns)."""
-        fn(0)
-        self.sync()
-        start = time.perf_counter()
-        for i in range(calls):
-            fn(i)
-        elapsed = time.perf_counter() - start
-        self.sync()
-        return elapsed / calls * 1e6
-
-    def device_us(self, fn: Callable[[int], object], calls: int) -> tuple[float, str]:
-        """(microseconds per call, method): a replayed CUDA graph, or on failure (and on CPU) an eager burst."""
-        if self.cuda:
-            try:
-                return self._graph_us(fn, calls), "cuda-graph"
-            except Exception:  # noqa: BLE001 - an op that cannot be captured is timed eagerly instead
-                torch.cuda.synchronize(self.device)
-        return self._burst_us(fn, calls), "eager-burst"
-
-    def _graph_us(self, fn, calls: int) -> float:
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for i in range(min(calls, 3)):
-                fn(i)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for i in range(calls):
-                fn(i)
-        graph.replay()
-        times = []
-        for _ in range(self.reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3 / calls)
-        del graph
-        return statistics.median(times)
-
-    def _burst_us(self, fn, calls: int) -> float:
-        fn(0)
-        self.sync()
-        times = []
-        for _ in range(self.reps):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for i in range(calls):
-                    fn(i)
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) * 1e3 / calls)
-            else:
-                t0 = time.perf_counter()
-                for i in range(calls):
-                    fn(i)
-                times.append((time.perf_counter() - t0) * 1e6 / calls)
-        return statistics.median(times)
-
-    def row(self, fn, copies: int, **fields) -> dict:
-        calls = copies * math.ceil(MIN_CALLS / copies)
-        device_us, method = self.device_us(fn, calls)
-        return {**fields, "device_us": device_us, "host_us": self.host_us(fn, calls), "method": method}
-
-
-def copies_for(nbytes: float, limit: int) -> int:
-    """How many distinct copies of an operand keep the rotated working set at ``ROTATE_BYTES``."""
-    return max(1, min(limit, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
-
-
-class Budget:
-    """A wall-clock deadline; sections that start after it are recorded as skipped."""
-
-    def __init__(self, seconds: float | None) -> None:
-        self.deadline = None if seconds is None else time.monotonic() + seconds
-
-    def left(self) -> float:
-        return math.inf if self.deadline is None else self.deadline - time.monotonic()
-
-    def spent(self) -> bool:
-        return self.left() <= 0
-
-
-def _free(device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
-
-
-# -- the operator tables ---------------------------------------------------------------------------
-def linear_shapes(shape) -> dict[str, tuple[int, int, bool]]:
-    """(in, out, bias) of every GEMM the HF model runs per layer, and of the LM head (once per step)."""
-    h, d = shape.hidden_size, shape.head_dim
-    q, kv = shape.num_attention_heads * d, shape.num_kv_heads * d
-    bias = shape.architecture == "qwen2"
-    return {
-        "q_proj": (h, q, bias), "k_proj": (h, kv, bias), "v_proj": (h, kv, bias), "o_proj": (q, h, False),
-        "gate_proj": (h, shape.intermediate_size, False), "up_proj": (h, shape.intermediate_size, False),
-        "down_proj": (shape.intermediate_size, h, False), "lm_head": (h, shape.vocab_size, False),
-    }
-
-
-def gemm_table(shape, tokens, timer: OpTimer, budget: Budget, dtype, skipped: list) -> list[dict]:
-    rows = []
-    dev = timer.device
-    for op, (k, n, has_bias) in linear_shapes(shape).items():
-        if budget.spent():
-            skipped.append(f"gemm {op}: time budget spent")
-            continue
-        w_bytes = k * n * 2
-        copies = copies_for(w_bytes, shape.num_layers if op != "lm_head" else 2)
-        weights = [torch.randn(n, k, device=dev, dtype=dtype) * 0.02 for _ in range(copies)]
-        biases = [torch.zeros(n, device=dev, dtype=dtype) if has_bias else None for _ in range(copies)]
-        for t in tokens:
-            xs = [torch.randn(t, k, device=dev, dtype=dtype) for _ in range(copies)]
-
-            def fn(i, xs=xs):
-                j = i % copies
-                return torch.nn.functional.linear(xs[j], weights[j], biases[j])
-
-            rows.append(timer.row(fn, copies, op=op, tokens=t, k=k, n=n, bias=has_bias,
-                                  bytes=w_bytes + 2 * t * (k + n), flops=2 * t * k * n))
-            del xs
-        del weights, biases
-        _free(dev)
-    return rows
-
-
-def _hf_module(shape):
-    return importlib.import_module(f"transformers.models.{shape.architecture}.modeling_{shape.architecture}")
-
-
-def small_op_table(shape, tokens, timer: OpTimer, budget: Budget, dtype, skipped: list) -> list[dict]:
-    """RMSNorm, RoPE, SiLU*mul and the residual add per layer; embedding, rotary table and final norm per step.
-
-    Each uses the transformers function or module the model itself calls, so kernel counts match.
-    """
-    from transformers.activations import ACT2FN
-
-    from tiersim.validator.shapes import hf_config
-
-    dev = timer.device
-    mod = _hf_module(shape)
-    cfg = hf_config(shape)
-    norm = getattr(mod, f"{_PREFIX[shape.architecture]}RMSNorm")(shape.hidden_size, eps=1e-6).to(dev, dtype)
-    head_norm = getattr(mod, f"{_PREFIX[shape.architecture]}RMSNorm")(shape.head_dim, eps=1e-6).to(dev, dtype)
-    rotary = getattr(mod, f"{_PREFIX[shape.architecture]}RotaryEmbedding")(config=cfg).to(dev)
-    rope = mod.apply_rotary_pos_emb
-    act = ACT2FN["silu"]
-    h, inter, d = shape.hidden_size, shape.intermediate_size, shape.head_dim
-    hq, hk = shape.num_attention_heads, shape.num_kv_heads
-    table = torch.randn(shape.vocab_size, h, device=dev, dtype=dtype)
-    rows = []
-    for t in tokens:
-        if budget.spent():
-            skipped.append(f"small ops at {t} tokens: time budget spent")
-            continue
-        per_copy = 2 * t * max(h, inter, (hq + hk) * d)
-        copies = copies_for(2 * per_copy, shape.num_layers)
-        xs = [torch.randn(t, 1, h, device=dev, dtype=dtype) for _ in range(copies)]
-        gates = [torch.randn(t, 1, inter, device=dev, dtype=dtype) for _ in range(copies)]
-        ups = [torch.randn(t, 1, inter, device=dev, dtype=dtype) for _ in range(copies)]
-        qs = [torch.randn(t, hq, 1, d, device=dev, dtype=dtype) for _ in range(copies)]
-        ks = [torch.randn(t, hk, 1, d, device=dev, dtype=dtype) for _ in range(copies)]
-        pos = torch.full((t, 1), 4096, device=dev, dtype=torch.long)
-        cos, sin = rotary(xs[0], pos)
-        ids = [torch.randint(shape.vocab_size, (t, 1), device=dev) for _ in range(copies)]
-        ops = {
-            "rmsnorm": (lambda i: norm(xs[i % copies]), "layer", 2),
-            "rope": (lambda i: rope(qs[i % copies], ks[i % copies], cos, sin), "layer", 1),
-            "silu_mul": (lambda i: act(gates[i % copies]) * ups[i % copies], "layer", 1),
-            "residual_add": (lambda i: xs[i % copies] + xs[(i + 1) % copies], "layer", 2),
-            "embedding": (lambda i: torch.nn.functional.embedding(ids[i % copies], table), "step", 1),
-            "rotary_emb": (lambda i: rotary(xs[i % copies], pos), "step", 1),
-            "final_norm": (lambda i: norm(xs[i % copies]), "step", 1),
-        }
-        if shape.architecture == "qwen3":
-            ops["qk_norm"] = (lambda i: (head_norm(qs[i % copies]), head_norm(ks[i % copies])), "layer", 1)
-        for op, (fn, scope, count) in ops.items():
-            rows.append(timer.row(fn, copies, op=op, tokens=t, scope=scope, calls=count))
-        del xs, gates, ups, qs, ks, ids
-    del table
-    _free(dev)
-    return rows
-
-
-class _AttentionModule(torch.nn.Module):
-    """What ``sdpa_attention_forward`` reads from the model's attention module."""
-
-    def __init__(self, groups: int) -> None:
-        super().__init__()
-        self.num_key_value_groups = groups
-        self.is_causal = True
-        self.training = False
-
-
-def attention_table(shape, batches, contexts, timer: OpTimer, budget: Budget, dtype, skipped: list) -> list[dict]:
-    """Decode attention (one query) through transformers' SDPA function, and the DynamicCache KV append.
-
-    The SDPA call is the one the model makes (no mask in an unpadded decode step), so the kernel
-    transformers and torch choose on this machine is the one timed. ``kv_cat`` is ``torch.cat`` of
-    one new token onto K and V, what ``DynamicCache.update`` does every layer and step.
-    """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    dev = timer.device
-    hq, hk, d = shape.num_attention_heads, shape.num_kv_heads, shape.head_dim
-    module = _AttentionModule(hq // hk)
-    rows = []
-    for b in batches:
-        for c in contexts:
-            if budget.spent():
-                skipped.append(f"attention batch {b} context {c}: time budget spent")
-                continue
-            kv_bytes = 2 * b * c * hk * d * 2
-            copies = copies_for(kv_bytes, shape.num_layers)
-            try:
-                ks = [torch.randn(b, hk, c, d, device=dev, dtype=dtype) for _ in range(copies)]
-                vs = [torch.randn(b, hk, c, d, device=dev, dtype=dtype) for _ in range(copies)]
-                qs = [torch.randn(b, hq, 1, d, device=dev, dtype=dtype) for _ in range(copies)]
-                new = torch.randn(b, hk, 1, d, device=dev, dtype=dtype)
-
-                def attn(i):
-                    j = i % copies
-                    return sdpa_attention_forward(module, qs[j], ks[j], vs[j], None, scaling=d ** -0.5)[0]
-
-                def cat(i):
-                    j = i % copies
-                    return torch.cat([ks[j], new], dim=-2), torch.cat([vs[j], new], dim=-2)
-
-                common = {"batch": b, "context": c, "q_heads": hq, "kv_heads": hk, "head_dim": d, "kv_bytes": kv_bytes}
-                for op, choice in (("sdpa_decode", "default"), ("sdpa_decode_no_cudnn", "no-cudnn")):
-                    with sdpa_backends(choice):
-                        timer.sync()
-                        t0 = time.perf_counter()
-                        attn(0)  # the first call at a new KV length: includes any per-shape plan build
-                        timer.sync()
-                        first_us = (time.perf_counter() - t0) * 1e6
-                        rows.append({**timer.row(attn, copies, op=op, **common), "first_call_us": first_us})
-                rows.append(timer.row(cat, copies, op="kv_cat", **common))
-            except Exception as exc:  # noqa: BLE001 - out of memory or a failure: recorded, the next point runs
-                why = "out of memory" if _is_oom(exc) else f"failed: {type(exc).__name__}: {str(exc)[:200]}"
-                skipped.append(f"attention batch {b} context {c}: {why}")
-            finally:
-                ks = vs = qs = new = None
-                _free(dev)
-    return rows
-
-
-# -- whole decode steps ----------------------------------------------------------------------------
-def _dynamic_cache(model):
-    from transformers import DynamicCache
-
-    try:
-        return DynamicCache(config=model.config)
-    except TypeError:  # pragma: no cover - a transformers without the config argument
-        return DynamicCache()
-
-
-def _fill_dynamic(model, cache, batch: int, context: int, generator) -> None:
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    shape = (batch, cfg.num_key_value_heads, context, head_dim)
-    for layer in range(cfg.num_hidden_layers):
-        k = torch.randn(shape, generator=generator, device=model.device, dtype=model.dtype)
-        cache.update(k, torch.randn_like(k), layer)
-
-
-def make_cache(model, kind: str, hbm: float, batch: int, context: int, seed: int = 0):
-    """A filled cache: ``dynamic`` (transformers' DynamicCache) or ``tiered`` (TieredCache, lossless at ``hbm``)."""
-    from tiersim.validator import decode
-
-    generator = torch.Generator(device=model.device)
-    generator.manual_seed(seed)
-    if kind == "dynamic":
-        cache = _dynamic_cache(model)
-        _fill_dynamic(model, cache, batch, context, generator)
-    else:
-        from tiersim.hierarchy.cache import TieredCache
-
-        cache = TieredCache(decode.tier_config(hbm))
-        decode.synthetic_prefill(model, cache, batch, context, generator)
-    return cache
-
-
-def _top_ops(prof, steps: int, limit: int = TOP_OPS) -> tuple[list[dict], float]:
-    """The ``limit`` operators with the most self CPU time per step, and the GPU kernel time per step (ms)."""
-    def attr(evt, *names):
-        for name in names:
-            value = getattr(evt, name, None)
-            if value is not None:
-                return float(value)
-        return 0.0
-
-    averages = prof.key_averages()
-    # Device rows (kernels, copies, memsets) only: a CPU operator's row repeats its kernels' time.
-    device_total = sum(attr(e, "self_device_time_total", "self_cuda_time_total") for e in averages
-                       if "CPU" not in str(getattr(e, "device_type", "CPU")))
-    cpu_total = sum(attr(e, "self_cpu_time_total") for e in averages)
-    ranked = sorted(averages, key=lambda e: attr(e, "self_cpu_time_total"), reverse=True)[:limit]
-    rows = [{
-        "name": e.key,
-        "calls_per_step": e.count / steps,
-        "self_cpu_us_per_step": attr(e, "self_cpu_time_total") / steps,
-        "cpu_total_us_per_step": attr(e, "cpu_time_total") / steps,
-        "self_device_us_per_step": attr(e, "self_device_time_total", "self_cuda_time_total") / steps,
-    } for e in ranked]
-    return rows, device_total / steps / 1e3, cpu_total / steps / 1e3
-
-
-def _python_profile(model, tokens, arg, steps: int, dev, limit: int = TOP_OPS) -> list[dict]:
-    """The Python functions with the most own time per decode step (cProfile): where host time goes
-    that no aten operator accounts for (module calls, cache bookkeeping, mask building)."""
-    import cProfile
-    import pstats
-
-    profiler = cProfile.Profile()
-    profiler.enable()
-    for i in range(steps):
-        model(input_ids=tokens[-1 - i], **arg, use_cache=True, logits_to_keep=1)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    profiler.disable()
-    stats = pstats.Stats(profiler).stats  # {(file, line, name): (primitive calls, calls, tottime, cumtime, callers)}
-    ranked = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:limit]
-    return [{"function": f"{fn}:{line}({name})", "calls_per_step": calls / steps,
-             "self_ms_per_step": tot * 1e3 / steps, "cumulative_ms_per_step": cum * 1e3 / steps}
-            for (fn, line, name), (_prim, calls, tot, cum, _callers) in ranked]
-
-
-def decode_step(model, kind: str, hbm: float, batch: int, context: int, steps: int, warmup: int,
-                profile_steps: int, top: bool = False, sdpa: str = "default") -> dict:
-    """Median step time (CUDA events), CPU issue time, and the GPU kernel time of profiled steps.
-
-    ``host_overhead_ms`` = step - kernel time: the time the GPU sits idle waiting for the host
-    (Python, launches, cache bookkeeping, syncs). With ``top`` the profiler's top operators by
-    self CPU time come along.
-    """
-    from tiersim.compat import cache_kwargs
-    from tiersim.hierarchy import scoring
-
-    dev = model.device
-    cuda = dev.type == "cuda"
-    cache = make_cache(model, kind, hbm, batch, context)
-    arg = cache_kwargs(model, cache)
-    total = warmup + steps + profile_steps
-    tokens = torch.randint(model.config.vocab_size, (total, batch, 1), device=dev)
-    step_ms, issue_ms = [], []
-    result = {"cache": kind, "hbm": hbm, "batch": batch, "context": context, "steps": steps, "sdpa": sdpa}
-    try:
-        with torch.inference_mode(), sdpa_backends(sdpa):
-            for i in range(warmup + steps):
-                if cuda:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                t0 = time.perf_counter()
-                model(input_ids=tokens[i], **arg, use_cache=True, logits_to_keep=1)
-                t1 = time.perf_counter()
-                if cuda:
-                    end.record()
-                    end.synchronize()
-                if i >= warmup:
-                    issue_ms.append((t1 - t0) * 1e3)
-                    step_ms.append(start.elapsed_time(end) if cuda else (time.perf_counter() - t0) * 1e3)
-            kernel_ms, top_ops = None, None
-            if profile_steps:
-                from torch.profiler import ProfilerActivity, profile
-
-                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-                with profile(activities=activities) as prof:
-                    for i in range(warmup + steps, total):
-                        model(input_ids=tokens[i], **arg, use_cache=True, logits_to_keep=1)
-                    if cuda:
-                        torch.cuda.synchronize(dev)
-                rows, kernel, aten_cpu = _top_ops(prof, profile_steps)
-                kernel_ms = kernel if cuda else None
-                top_ops = rows if top else None
-                result["aten_self_cpu_ms"] = aten_cpu
-                if top:
-                    result["top_python_by_self_time"] = _python_profile(model, tokens, arg, profile_steps, dev)
-            scoring.clear_listener()
-    finally:
-        del cache, arg
-        _free(dev)
-    median = statistics.median(step_ms)
-    result.update({
-        "step_ms": median,
-        "step_ms_p90": sorted(step_ms)[min(len(step_ms) - 1, int(round(0.9 * (len(step_ms) - 1))))],
-        "cpu_issue_ms": statistics.median(issue_ms),
-        "gpu_kernel_ms": kernel_ms,
-        "host_overhead_ms": median - kernel_ms if kernel_ms is not None else None,
-    })
-    if top:
-        result["top_ops_by_self_cpu"] = top_ops
-    return result
-
-
-def decode_table(model, points, hbm_compare, budget: Budget, steps: int, warmup: int, profile_steps: int,
-                 skipped: list, log) -> tuple[list[dict], list[dict]]:
-    """DynamicCache steps over ``points``; then DynamicCache vs TieredCache at each HBM ratio at the first point."""
-    rows, compare = [], []
-    runs = []
-    for sdpa in SDPA_CHOICES:
-        runs += [("compare", "dynamic", 1.0, *points[0], sdpa)]
-        runs += [("compare", "tiered", h, *points[0], sdpa) for h in hbm_compare]
-    runs += [("grid", "dynamic", 1.0, b, c, sdpa) for sdpa in SDPA_CHOICES for b, c in points[1:]]
-    # Every run starts at KV lengths no earlier run used: a per-length plan cache (cuDNN SDPA) must
-    # not make the second configuration at the same lengths look faster than the first.
-    span = warmup + steps + 2 * profile_steps + 1
-    for n, (where, kind, hbm, b, c, sdpa) in enumerate(runs):
-        c = c + n * span
-        label = f"decode {kind} hbm {hbm:g} batch {b} context {c} sdpa {sdpa}"
-        if budget.spent():
-            skipped.append(f"{label}: time budget spent")
-            continue
-        log(f"  {label}")
-        try:
-            r = decode_step(model, kind, hbm, b, c, steps, warmup, profile_steps, top=where == "compare", sdpa=sdpa)
-        except Exception as exc:  # noqa: BLE001 - out of memory or a failure: recorded, the next point runs
-            _free(model.device)
-            why = "out of memory" if _is_oom(exc) else f"failed: {type(exc).__name__}: {str(exc)[:200]}"
-            skipped.append(f"{label}: {why}")
-            log(f"    {why}")
-            continue
-        log(f"    step {r['step_ms']:.2f} ms, cpu issue {r['cpu_issue_ms']:.2f} ms, "
-            f"kernels {r['gpu_kernel_ms'] if r['gpu_kernel_ms'] is not None else float('nan'):.2f} ms")
-        (compare if where == "compare" else rows).append(r)
-    rows[:0] = [{k: v for k, v in c.items() if not k.startswith("top_")} for c in compare if c["cache"] == "dynamic"]
-    return rows, compare
+_free, _is_oom = free, is_oom
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -522,7 +93,7 @@ def profile_shape(shape, dev, dtype, budget: Budget, grid: dict, log, steps: int
         except Exception as exc:  # noqa: BLE001 - recorded in the file, the run goes on
             skipped.append(f"{section}: failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
             log(f"  {skipped[-1]}")
-            _free(dev)
+            free(dev)
             return None
 
     log(f"{shape.name}: GEMMs (q/k/v/o, gate/up/down, LM head) at {len(grid['tokens'])} token counts")
@@ -544,7 +115,7 @@ def profile_shape(shape, dev, dtype, budget: Budget, grid: dict, log, steps: int
                                 skipped, log)
         finally:
             del model
-            _free(dev)
+            free(dev)
 
     out["decode"], out["decode_compare"] = guarded("decode", decode_section) or ([], [])
     return out

@@ -36,6 +36,9 @@ class ValidateOptions:
     budget_s: float | None = option(None, "seconds for the decode grid; later points are skipped", min=1e-3)
     sdpa: str = option("no-cudnn", "attention kernels: no-cudnn (cuDNN builds a plan per new KV length) or default",
                        choices=("no-cudnn", "default"))
+    executor: str = option("hf", "hf (HF eager generate over TieredCache: measures a host-bound engine) or graph "
+                           "(the step captured once as a CUDA graph and replayed; eager on CPU)",
+                           choices=("hf", "graph"))
     profile: Path | None = option(None, "operator profile (python -m tiersim.validator.operators) for the predictions")
     out: Path | None = option(None, "calibration JSON to write, e.g. docs/validation/h100.json", output=(".json",))
     compare: Path | None = option(None, "print measured vs simulated from this calibration JSON")

@@ -1,0 +1,83 @@
+"""Engine presets: the per-step host and engine cost a real serving engine or harness adds to the device time.
+
+A decode step's device time is the GPU's; the engine around it adds host work the GPU may wait for (scheduling,
+sampling, input preparation, output processing: ``fixed + per_sequence x batch`` per step) and, for an eager
+harness that launches every operator from Python, a host floor (the step lasts at least ``floor_per_layer x
+layers``: it is launch-bound). One line per engine, each with the GPU/CPU it was measured on and its source, in
+``tiersim/data/public-engine-overheads.json``; ``--engine-overhead NAME`` picks one and the output names it.
+stdlib only (the validator's machine imports presets).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from functools import cache
+from importlib import resources
+
+from tiersim.errors import TiersimError
+from tiersim.simulator.presets import GPU
+
+DATA = "public-engine-overheads.json"
+
+
+@dataclass(frozen=True)
+class EngineOverhead:
+    """One engine's per-step line: seconds the GPU waits (fixed, per sequence) and the host floor per layer."""
+
+    name: str
+    fixed_s: float
+    per_sequence_s: float
+    floor_per_layer_s: float
+    role: str  # "fit" (from a measurement), "assumption", or "definition" (none)
+    measured_on: str
+    source: str
+
+    def host_s(self, batch: int) -> float:
+        return self.fixed_s + self.per_sequence_s * batch
+
+    def floor_s(self, num_layers: int) -> float:
+        return self.floor_per_layer_s * num_layers
+
+    def describe(self) -> str:
+        """The line in words, for the output: 'vllm (1.17 ms + 0.100 ms/seq per step; measured on ...)'."""
+        if self.role == "definition":
+            return f"{self.name} (device time only)"
+        parts = []
+        if self.fixed_s or self.per_sequence_s:
+            parts.append(f"{self.fixed_s * 1e3:.2f} ms + {self.per_sequence_s * 1e3:.3f} ms/seq per step")
+        if self.floor_per_layer_s:
+            parts.append(f"host floor {self.floor_per_layer_s * 1e3:.3f} ms/layer")
+        line = "; ".join(parts) or "no host cost"
+        where = "assumed, not measured" if self.role == "assumption" else self.measured_on.split(" (")[0].split(",")[0]
+        return f"{self.name} ({line}; {where})"
+
+
+@cache
+def presets() -> dict[str, EngineOverhead]:
+    """Every engine preset of the data file, by name."""
+    doc = json.loads(resources.files("tiersim").joinpath("data", DATA).read_text())
+    out = {}
+    for name, e in doc["engines"].items():
+        if e["role"] not in ("fit", "assumption", "definition"):
+            raise ValueError(f"{DATA}: engine {name} has role {e['role']!r}")
+        out[name] = EngineOverhead(name, e["fixed_ms"] * 1e-3, e["per_sequence_ms"] * 1e-3,
+                                   e["floor_per_layer_ms"] * 1e-3, e["role"], e["measured_on"], e["source"])
+    return out
+
+
+def names() -> tuple[str, ...]:
+    return tuple(presets())
+
+
+def get(name: str) -> EngineOverhead:
+    if name not in presets():
+        raise TiersimError(f"--engine-overhead must be one of {', '.join(names())}, got {name!r}")
+    return presets()[name]
+
+
+def apply(gpu: GPU, name: str, num_layers: int) -> GPU:
+    """``gpu`` charging engine ``name``'s per-step line for a model of ``num_layers`` layers."""
+    e = get(name)
+    return replace(gpu, step_overhead=e.fixed_s, step_overhead_per_sequence=e.per_sequence_s,
+                   step_host_floor=e.floor_s(num_layers), engine=e.describe())

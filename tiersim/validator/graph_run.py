@@ -1,0 +1,346 @@
+"""The graph executor's grid: per (batch, context, HBM) point, what the simulator models, measured on the GPU.
+
+Per point the tier buffers are filled by the same synthetic prefill the HF harness uses (the same draws),
+two steps are captured (CUDA) or run eagerly (CPU): the full step and the same step without its H2D
+copies. Their replays alternate, so both see the same context lengths; re-tiering runs between replays
+every ``retier_every`` steps and is timed apart. Per point:
+
+* ``step_ms``: the full step (CUDA events around a replay; perf_counter on CPU), median, p10, p90;
+* ``gpu_busy_ms``: the step without its copies, the time the GPU's kernels need;
+* ``stall_ms``: step - busy, the time compute waits on a copy (never below 0);
+* ``prefetch_gbps``: the step's H2D bytes over the time the copies take alone; ``h2d_gbps_in_step``:
+  those bytes over the full step (the rate decode sustained);
+* ``overhead_pct`` against HBM 1.0 at the same batch and lengths.
+
+The file is a ``calibration`` (``executor``: ``cuda-graph`` on CUDA, ``graph-eager`` on CPU), with the
+link sweep and the compute fit from the graph's HBM-1.0 points, and the calibrated simulator's prediction
+per point, so ``tiersim simulate --against`` and ``--calibration`` read it like the HF harness's.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import time
+from dataclasses import asdict
+
+import torch
+
+from tiersim import fileformat
+from tiersim.errors import TiersimError
+from tiersim.validator.timing import Stopwatch, summarize
+
+EXECUTORS = {"cuda": "cuda-graph", "cpu": "graph-eager"}  # "cuda-eager": a point whose capture failed
+DEFAULT_BATCHES = (1, 8, 32, 64)
+DEFAULT_CONTEXTS = (2048, 8192)
+DEFAULT_HBM = (1.0, 0.5, 0.25)
+COPY_REPS = 3
+
+
+def prefill_scores(probs: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[B, T] float32: the prompt's score as ``TieredCache.observe_attention`` accumulates it at the prefill
+    (the last ``window`` queries, mean over query heads, summed over queries, onto zeros)."""
+    scored = probs if window is None else probs[:, :, -window:, :]
+    return torch.zeros(probs.shape[0], probs.shape[-1], dtype=torch.float32, device=probs.device).add_(
+        scored.mean(dim=1).sum(dim=1))
+
+
+def load_synthetic(buffers, model, generator: torch.Generator) -> None:
+    """Fill every layer as ``tiersim.validator.decode.synthetic_prefill`` fills a TieredCache (same draws,
+    same order), placing each layer by the policy as it arrives."""
+    from tiersim.validator.decode import synthetic_kv, synthetic_probs
+
+    cfg, b, t = model.config, buffers.batch, buffers.context
+    window = buffers.policy.prefill_queries
+    for layer in range(cfg.num_hidden_layers):
+        keys, values = synthetic_kv(cfg, b, t, generator, buffers.device, buffers.dtype)
+        scores = torch.zeros((b, t), dtype=torch.float32, device=buffers.device)
+        if buffers.config.offloads:  # the cache scores only then (TieredCache.needs_scores)
+            n = max(min(t, window if window is not None else t), 1)
+            scores = prefill_scores(synthetic_probs(b, cfg.num_attention_heads, n, t, generator, buffers.device),
+                                    window)
+        buffers.load(layer, keys, values, scores)
+        del keys, values
+
+
+class HostArena:
+    """One pinned host allocation for every point's DDR tier (pinning is slow, and torch's pinned
+    allocator rounds each request up to a power of two and keeps it): views are handed out per point."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.storage = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=True)
+        self.offset = 0
+
+    def reset(self) -> None:
+        self.offset = 0
+
+    def take(self, shape, dtype) -> torch.Tensor:
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        start = -(-self.offset // 64) * 64
+        if start + size > self.storage.numel():
+            raise TiersimError("host arena too small for this point (a sizing bug)")  # pragma: no cover
+        self.offset = start + size
+        return self.storage[start:start + size].view(dtype).view(shape)  # not zeroed: TierBuffers.load does
+
+
+def ddr_host_bytes(shape, batch: int, context: int, hbm: float, max_steps: int, retier_every: int, dtype) -> int:
+    """Pinned bytes a point's DDR tier takes (both K and V, all layers)."""
+    from tiersim.validator.decode import tier_config
+    from tiersim.validator.graph_tiers import targets
+
+    cap = targets(tier_config(hbm, retier_every=retier_every), context + max_steps)["ddr"]
+    item = torch.empty((), dtype=dtype).element_size()
+    return 2 * shape.num_layers * (batch * shape.num_kv_heads * cap * shape.head_dim * item + 64)
+
+
+def _p10(values: list[float]) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[int(round(0.1 * (len(ordered) - 1)))]
+
+
+def measure_point(model, batch: int, context: int, hbm: float, steps: int, warmup: int, retier_every: int = 16,
+                  seed: int = 0, sdpa: str = "no-cudnn", arena: HostArena | None = None) -> dict:
+    """Time one point (see the module docstring); returns the measurement dict."""
+    from tiersim.validator.decode import tier_config
+    from tiersim.validator.graph import CapturedStep, GraphStep
+    from tiersim.validator.graph_tiers import TierBuffers
+    from tiersim.validator.sdpa import sdpa_backends
+
+    dev = model.device
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    config = tier_config(hbm, retier_every=retier_every)
+    max_steps = 2 * (max(warmup, 1) + steps) + 1
+    watch = Stopwatch(dev)
+    if arena is not None:
+        arena.reset()
+    buffers = TierBuffers(config, cfg.num_hidden_layers, batch, cfg.num_key_value_heads, head_dim, context,
+                          max_steps, dev, model.dtype, host=arena.take if arena is not None else None)
+    generator = torch.Generator(device=dev)
+    generator.manual_seed(seed)
+    retier_ms: list[float] = []
+    full = busy = runs = None
+
+    def maybe_retier() -> None:
+        k = buffers.n_seen - context
+        if buffers.due(k):
+            watch.sync()
+            t0 = time.perf_counter()
+            buffers.retier(k)
+            watch.sync()
+            retier_ms.append((time.perf_counter() - t0) * 1e3)
+
+    try:
+        with torch.inference_mode(), sdpa_backends(sdpa):
+            load_synthetic(buffers, model, generator)
+            full, busy = GraphStep(model, buffers), GraphStep(model, buffers, copies=False)
+            ids = torch.randint(cfg.vocab_size, (batch, 1), generator=generator, device=dev)
+            full.ids.copy_(ids)
+            busy.ids.copy_(ids)
+            capture_error = None
+            if watch.cuda:
+                try:
+                    runs = {"full": CapturedStep(full, warmup).replay, "busy": CapturedStep(busy, warmup).replay}
+                except Exception as exc:  # noqa: BLE001 - a step that cannot be captured is timed eagerly, and says so
+                    if "out of memory" in str(exc).lower():
+                        raise
+                    capture_error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+                    torch.cuda.synchronize(dev)
+                    runs = {"full": full.run, "busy": busy.run}
+            else:
+                runs = {"full": full.run, "busy": busy.run}
+                for _ in range(max(warmup, 1)):
+                    full.run()
+                    busy.run()
+            watch.sync()
+            if any(buffers.due(k) for k in range(1, buffers.n_seen - context + 1)):
+                buffers.retier(buffers.n_seen - context)
+            marks: dict[str, list] = {"full": [], "busy": []}
+            for _ in range(steps):
+                for name, replay in runs.items():
+                    start = watch.mark()
+                    replay()
+                    marks[name].append((start, watch.mark()))
+                    maybe_retier()
+            copies = []
+            if buffers.offloads:
+                for _ in range(COPY_REPS):
+                    start = watch.mark()
+                    full.copy_all()
+                    copies.append((start, watch.mark()))
+            watch.sync()
+        times = {name: [watch.elapsed_ms(a, b) for a, b in m] for name, m in marks.items()}
+        copy_ms = statistics.median([watch.elapsed_ms(a, b) for a, b in copies]) if copies else None
+        step, gpu = summarize(times["full"]), summarize(times["busy"])
+        staged = buffers.staged_bytes()
+        counts = buffers.counts()
+        return {
+            "batch": batch, "context": context, "hbm": hbm,
+            "step_ms": step["median"], "step_ms_mean": step["mean"], "step_ms_p90": step["p90"],
+            "step_ms_p10": _p10(times["full"]),
+            "gpu_busy_ms": gpu["median"], "gpu_busy_ms_p10": _p10(times["busy"]), "gpu_busy_ms_p90": gpu["p90"],
+            "stall_ms": max(step["median"] - gpu["median"], 0.0),
+            "h2d_bytes": staged,
+            "d2h_bytes": buffers.bytes_d2h // max(buffers.n_seen - context, 1),
+            "copy_ms": copy_ms,
+            "prefetch_gbps": staged / copy_ms / 1e6 if staged and copy_ms else None,
+            "h2d_gbps_in_step": staged / step["median"] / 1e6 if staged else None,
+            "retiers": buffers.retiers, "retier_ms": statistics.median(retier_ms) if retier_ms else None,
+            "tier_bytes": {"hbm": counts["hbm"] * buffers.token_bytes * cfg.num_hidden_layers,
+                           "ddr": counts["ddr"] * buffers.token_bytes * cfg.num_hidden_layers,
+                           "staging": 2 * buffers.cap_ddr * buffers.token_bytes},
+            "tiers": counts, "steps": steps, "warmup": warmup, "sdpa": sdpa,
+            "executor": EXECUTORS[dev.type] if capture_error is None else "cuda-eager", "capture_error": capture_error,
+        }
+    finally:
+        # Drop the graphs and steps too, so their pools and the buffers are free before the next point.
+        buffers = full = busy = runs = None  # noqa: F841
+        gc.collect()
+        if watch.cuda:
+            torch.cuda.empty_cache()
+
+
+# -- the grid --------------------------------------------------------------------------------------
+def run_graph(shape_name: str | None = None, batches=DEFAULT_BATCHES, contexts=DEFAULT_CONTEXTS, hbms=DEFAULT_HBM,
+              device: str | None = "cuda", steps: int = 16, warmup: int = 3, out=None, budget_s: float | None = None,
+              sdpa: str = "no-cudnn", profile=None, sweep_sizes=None, retier_every: int = 16,
+              command: str | None = None, log=lambda _m: None) -> dict:
+    """Measure the grid with the graph executor; write ``out`` (a calibration file) atomically when given.
+
+    ``budget_s`` counts from the start (link sweep, model build and pinning included); points that would
+    start after it are listed as skipped, so a run under a timeout still ends with its file."""
+    from tiersim.validator import calibrate
+    from tiersim.validator.sdpa import SDPA_CHOICES
+    from tiersim.validator.shapes import get_shape, parameter_count
+
+    batches, contexts, hbms = [int(b) for b in batches], [int(c) for c in contexts], [float(h) for h in hbms]
+    dev = calibrate.resolve_device(device)
+    shape = get_shape(shape_name or calibrate.DEFAULT_SHAPE[dev.type])
+    if dev.type == "cpu" and parameter_count(shape) > calibrate.CPU_MAX_PARAMS:
+        raise TiersimError(f"--model-shape {shape.name} is far too large for the CPU smoke mode; use --model-shape tiny")
+    calibrate.check_grid(batches, contexts, hbms, steps, warmup, "synthetic", budget_s)
+    if sdpa not in SDPA_CHOICES:
+        raise TiersimError(f"--sdpa must be one of {', '.join(SDPA_CHOICES)}, got {sdpa!r}")
+    calibrate.check_out(out)
+    if profile is not None:
+        from tiersim.simulator.profile import load_profile
+
+        load_profile(profile)
+    with calibrate.single_threaded_cpu(dev):
+        doc = _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa, profile, sweep_sizes,
+                       retier_every, command, log)
+    if out is not None:
+        fileformat.write_document(out, doc)
+        log(f"wrote {out}")
+    return doc
+
+
+def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa, profile, sweep_sizes,
+             retier_every, command, log) -> dict:
+    from tiersim.hierarchy.config import TierConfig
+    from tiersim.validator import calibrate, compute, link
+    from tiersim.validator.shapes import build_model
+
+    started = time.monotonic()  # the budget covers the sweep, the build and the pinning too: the file must be written
+    info = calibrate.device_info(dev)
+    executor = EXECUTORS[dev.type]
+    log(f"device: {info['name']} (torch {info['torch']}, CUDA {info['cuda']}); executor {executor}")
+    link_doc = link.summarize_link(link.sweep(dev, sweep_sizes or link.SIZES))
+    log(f"link: h2d {link_doc['h2d_gbps']:.1f} GB/s, d2h {link_doc['d2h_gbps']:.1f} GB/s")
+    tflops, copy_rate = compute.matmul_tflops(dev), compute.copy_gbps(dev)
+    log(f"building {shape.name} with random weights on {dev}")
+    model = build_model(shape, dev)
+    params = sum(p.numel() for p in model.parameters())
+    arena = None
+    if dev.type == "cuda":
+        max_steps = 2 * (max(warmup, 1) + steps) + 1
+        need = max(ddr_host_bytes(shape, b, c, h, max_steps, retier_every, model.dtype)
+                   for b in batches for c in contexts for h in hbms)
+        log(f"pinning {need / 1e9:.1f} GB of host memory for the DDR tier")
+        try:
+            arena = HostArena(need)
+        except RuntimeError as exc:  # the host cannot pin it at once: each point pins its own tensors
+            log(f"  could not pin one arena ({(str(exc).splitlines() or [''])[0][:120]}); pinning per point")
+    points, extras, baselines = [], [], []
+    for batch in batches:
+        for context in contexts:
+            baseline = None
+            for hbm in [1.0] + [h for h in hbms if h != 1.0]:
+                m, why = None, None
+                if budget_s is not None and time.monotonic() - started > budget_s:
+                    why = f"skipped: time budget of {budget_s:g} s spent"
+                else:
+                    log(f"graph: batch {batch}, context {context}, hbm {hbm}")
+                    try:
+                        m = measure_point(model, batch, context, hbm, steps, warmup, retier_every, sdpa=sdpa,
+                                          arena=arena)
+                    except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+                        if "out of memory" not in str(exc).lower():
+                            raise
+                        gc.collect()
+                        why = "out of memory: point skipped"
+                if why:
+                    log(f"  {why}")
+                if hbm == 1.0:
+                    baseline = m
+                    if m:
+                        baselines.append(m)
+                if hbm not in hbms:
+                    continue
+                points.append(calibrate.ValidationPoint.measured(shape.name, batch, context, hbm, m, baseline, why))
+                extras.append({k: m[k] for k in ("step_ms_p10", "gpu_busy_ms", "gpu_busy_ms_p10", "gpu_busy_ms_p90",
+                                                 "copy_ms", "h2d_gbps_in_step", "retier_ms", "tiers", "executor",
+                                                 "capture_error")} if m else {})
+                if m and m["capture_error"]:
+                    log(f"  not captured ({m['capture_error']}): timed eagerly")
+                if m:
+                    log(f"  step {m['step_ms']:.3f} ms (busy {m['gpu_busy_ms']:.3f}, stall {m['stall_ms']:.3f}), "
+                        f"H2D {m['h2d_bytes'] / 1e6:.1f} MB/step"
+                        + (f" at {m['prefetch_gbps']:.1f} GB/s alone" if m["prefetch_gbps"] else ""))
+    model_doc = calibrate.sim_model(shape, params)
+    defaults = TierConfig()
+    policy = {"sink_tokens": defaults.sink_tokens, "recent_window": defaults.recent_window,
+              "retier_every": retier_every}
+    # Full and copy-free replays alternate, so the timed full steps span 2 * steps tokens after 2 * warmup.
+    settings = {"steps": 2 * steps, "warmup": 2 * max(warmup, 1), "timed_steps": steps, "prefill": "synthetic",
+                "budget_s": budget_s, "sdpa": sdpa, "interleaved": True, **policy}
+    fit = compute.fit_layer_model(
+        [calibrate.layer_bytes(model_doc, b["batch"], calibrate.effective_context(b["context"], settings["warmup"],
+                                                                                  settings["steps"]))
+         for b in baselines],
+        [b["step_ms"] / 1e3 / shape.num_layers for b in baselines], fallback_gbps=copy_rate)
+    # The file is a CUDA-graph measurement only if every measured point was replayed from a graph.
+    executor = next((e["executor"] for e in extras if e and e["executor"] != executor), executor)
+    doc = {
+        **fileformat.header(fileformat.CALIBRATION),
+        "command": command,
+        "executor": executor,
+        "device": info,
+        "gpu_preset": calibrate.base_gpu_preset(info["name"] if dev.type == "cuda" else None),
+        "model_shape": {**shape.to_dict(), "params": params},
+        "settings": settings,
+        "link": link_doc,
+        "compute": {"hbm_bw_gbps": fit["hbm_bw_gbps"], "peak_tflops": tflops,
+                    "layer_overhead_us": fit["layer_overhead_us"], "copy_gbps": copy_rate, "method": fit["method"]},
+        "points": [],
+    }
+    calibrate.add_predictions(doc, points, model_doc, policy, settings, profile)
+    doc["points"] = [{**asdict(p), **extra} for p, extra in zip(points, extras)]
+    calibrate.finish(doc)
+    del model
+    gc.collect()
+    return doc
+
+
+def run_validation_graph(shape_name=None, batches=DEFAULT_BATCHES, contexts=DEFAULT_CONTEXTS, hbms=DEFAULT_HBM,
+                         device="cuda", steps: int = 16, warmup: int = 3, prefill: str = "synthetic", out=None,
+                         sweep_sizes=None, command=None, log=lambda _m: None, budget_s=None, sdpa="no-cudnn",
+                         profile=None) -> dict:
+    """``tiersim validate --executor graph``: :func:`run_graph` behind ``run_validation``'s signature."""
+    if prefill != "synthetic":
+        raise TiersimError(f"--prefill {prefill}: the graph executor fills its buffers with the synthetic prefill only")
+    return run_graph(shape_name, batches, contexts, hbms, device=device, steps=steps, warmup=warmup, out=out,
+                     budget_s=budget_s, sdpa=sdpa, profile=profile, sweep_sizes=sweep_sizes, command=command, log=log)

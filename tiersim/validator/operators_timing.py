@@ -1,0 +1,130 @@
+"""The operator profiler's clock: device time per call from a replayed CUDA graph, host issue time per
+call, rotated operands so no call is served from L2, and the wall-clock budget a borrowed GPU runs under.
+
+Split from ``tiersim.validator.operators`` (which re-exports these names). torch and the standard library only.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+#: Rotated working set per operator: several times an H100's 50 MB L2, so no call finds its inputs there.
+ROTATE_BYTES = 256 << 20
+MIN_CALLS = 8  # calls per timed graph (a multiple of the copies)
+REPS = 5  # timed graph replays; the median is kept
+
+
+class OpTimer:
+    """Times ``fn(i)`` (i = rotation index) as device time per call and host issue time per call."""
+
+    def __init__(self, device: torch.device, reps: int = REPS) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.reps = reps
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def host_us(self, fn: Callable[[int], object], calls: int) -> float:
+        """CPU time to issue one eager call (the GPU may still be running when it returns)."""
+        fn(0)
+        self.sync()
+        start = time.perf_counter()
+        for i in range(calls):
+            fn(i)
+        elapsed = time.perf_counter() - start
+        self.sync()
+        return elapsed / calls * 1e6
+
+    def device_us(self, fn: Callable[[int], object], calls: int) -> tuple[float, str]:
+        """(microseconds per call, method): a replayed CUDA graph, or on failure (and on CPU) an eager burst."""
+        if self.cuda:
+            try:
+                return self._graph_us(fn, calls), "cuda-graph"
+            except Exception:  # noqa: BLE001 - an op that cannot be captured is timed eagerly instead
+                torch.cuda.synchronize(self.device)
+        return self._burst_us(fn, calls), "eager-burst"
+
+    def _graph_us(self, fn, calls: int) -> float:
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for i in range(min(calls, 3)):
+                fn(i)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for i in range(calls):
+                fn(i)
+        graph.replay()
+        times = []
+        for _ in range(self.reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3 / calls)
+        del graph
+        return statistics.median(times)
+
+    def _burst_us(self, fn, calls: int) -> float:
+        fn(0)
+        self.sync()
+        times = []
+        for _ in range(self.reps):
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for i in range(calls):
+                    fn(i)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) * 1e3 / calls)
+            else:
+                t0 = time.perf_counter()
+                for i in range(calls):
+                    fn(i)
+                times.append((time.perf_counter() - t0) * 1e6 / calls)
+        return statistics.median(times)
+
+    def row(self, fn, copies: int, **fields) -> dict:
+        calls = copies * math.ceil(MIN_CALLS / copies)
+        device_us, method = self.device_us(fn, calls)
+        return {**fields, "device_us": device_us, "host_us": self.host_us(fn, calls), "method": method}
+
+
+def copies_for(nbytes: float, limit: int) -> int:
+    """How many distinct copies of an operand keep the rotated working set at ``ROTATE_BYTES``."""
+    return max(1, min(limit, math.ceil(ROTATE_BYTES / max(nbytes, 1))))
+
+
+class Budget:
+    """A wall-clock deadline; sections that start after it are recorded as skipped."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.deadline = None if seconds is None else time.monotonic() + seconds
+
+    def left(self) -> float:
+        return math.inf if self.deadline is None else self.deadline - time.monotonic()
+
+    def spent(self) -> bool:
+        return self.left() <= 0
+
+
+def free(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
