@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from tiersim.hierarchy.config import TierConfig
 from tiersim.serving import metrics
 from tiersim.serving.engine import Engine, EngineConfig
 from tiersim.serving.stepcost import StepPricer
@@ -75,7 +74,3 @@ def write(path, result: Result):
             "kv_block_tokens": 16, "hbm_blocks": result.engine.budget.blocks}
     return fileformat.write_table(path, frame, meta)
 
-
-def default_tiers() -> TierConfig:
-    """The split spill moves by when no --hbm/--ddr is given: half of each request's context to DDR."""
-    return TierConfig(hbm=0.5, ddr=0.5)
