@@ -157,14 +157,17 @@ _NUMERIC_HINT = ("_ms", "_gb", "_pct", "_gbps", "_s", "_bytes", "tokens_per_s", 
 
 def _check_numbers(frame: pd.DataFrame, where: str) -> None:
     """The fields the figures plot are numbers: a capacity file whose ``step_ms`` is text is refused
-    with one line, not drawn as an empty or wrong figure."""
+    with one line, not drawn as an empty or wrong figure. A column is one of numbers by its name (the
+    hints below) or by its values (most of them numbers: one odd value is refused, wherever it is)."""
     for column in frame.columns:
         name = str(column)
-        if name in TEXT_COLUMNS or not any(name == h or name.endswith(h) for h in _NUMERIC_HINT):
-            continue
         values = frame[column]
-        if values.dtype.kind in "biuf":
+        if name in TEXT_COLUMNS or values.dtype.kind in "biuf":
             continue
+        known = [v for v in values if not (v is None or (isinstance(v, float) and v != v))]
+        hinted = any(name == h or name.endswith(h) for h in _NUMERIC_HINT)
+        if not hinted and sum(_number(v) for v in known) * 2 <= len(known):
+            continue  # a column of labels (most of its values are not numbers)
         bad = [v for v in values if not _numbers(v, name)]
         if bad:
             raise TiersimError(f"{where}: column {name!r} must hold numbers, got {bad[0]!r}")
