@@ -174,7 +174,9 @@ def test_the_grid_runs_presses_beside_the_hierarchy_with_the_teacher_forced_kl(t
     specs = presses.parse_presses("Knorm,Knorm@decode")
     cells = grid.build_cells([1.0, 0.5], [0.0, 0.1], baselines=["streamingllm"], presses=specs,
                              sink_tokens=2, recent_window=4, retier_every=4)
-    rows, _ = grid.run_grid(tiny_llama, samples, cells, 8, kl=True)
+    passes = []
+    rows, _ = grid.run_grid(tiny_llama, samples, cells, 8, kl=True, on_kl=lambda sid, cell: passes.append((sid, cell)))
+    assert len(passes) == len(samples) * (len(cells) + 1)  # the KL pass reports each (prompt, cell) to the progress
     by = {(r["method"], r["hbm"], r["evict"]): r for r in rows}
     assert by[("hierarchy", 0.5, 0.0)]["mean_kl"] == 0.0  # lossless offloading: the same distributions
     assert by[("hierarchy", 0.5, 0.0)]["exact_match"] == 1.0

@@ -185,11 +185,17 @@ def _run(model_name, device, dtype, items, cells, max_new_tokens, journal=None, 
     with err_console.status(f"loading {model_name} ..."):
         mdl, tokenizer = load_model(model_name, device=device, dtype=dtype)
     samples = prepare_samples(tokenizer, items, device=device)
-    with meter("grid", len(samples) * (len(cells) + 1)) as progress:
+    passes = len(samples) * (len(cells) + 1)
+    with meter("grid", passes * (2 if kl else 1)) as progress:
+
+        def kl_pass(sample_id, cell) -> None:
+            progress.advance(f"{sample_id} {cell.label if cell is not None else 'full cache'}: teacher-forced KL")
+
         rows, summary = run_grid(
             mdl, samples, cells, max_new_tokens,
             decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
             generation_kwargs=generation_kwargs(tokenizer), on_run=_advancer(progress), journal=journal, kl=kl,
+            on_kl=kl_pass,
         )
     return rows, summary, getattr(mdl, "name_or_path", model_name)
 

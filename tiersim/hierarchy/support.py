@@ -34,7 +34,9 @@ def check_model_supported(model_config) -> None:
     window = getattr(config, "sliding_window", None)
     uses_window = getattr(config, "use_sliding_window", window is not None)
     if window is not None and uses_window:
-        raise TiersimError(f"unsupported model: sliding-window attention (sliding_window={window}); {FULL_ATTENTION_ONLY}")
+        raise TiersimError(
+            f"unsupported model: sliding-window attention (sliding_window={window}); {FULL_ATTENTION_ONLY}"
+        )
     if getattr(config, "attention_chunk_size", None):
         raise TiersimError(f"unsupported model: chunked attention; {FULL_ATTENTION_ONLY}")
 

@@ -202,15 +202,19 @@ def _press_run(model, input_ids, cell: Cell, max_new_tokens: int) -> tuple[list[
     return ids, time.perf_counter() - start, {}
 
 
-def teacher_forced_kl(model, samples: Sequence[Sample], cells: Sequence[Cell], full_tokens: Sequence) -> list[float]:
+def teacher_forced_kl(model, samples: Sequence[Sample], cells: Sequence[Cell], full_tokens: Sequence,
+                      on_pass: Callable[[str, "Cell | None"], None] | None = None) -> list[float]:
     """Per cell, the mean over prompts of KL(full cache || cell) per step, both reading the full cache's
-    tokens (teacher forcing), every cache through the same decoding loop (:func:`presses.decode`)."""
+    tokens (teacher forcing), every cache through the same decoding loop (:func:`presses.decode`).
+    ``on_pass`` sees each (prompt, cell) pass as it finishes (cell None: the full cache's)."""
     from tiersim.hierarchy.cache import TieredCache
     from tiersim.quality import presses
 
     totals = [0.0] * len(cells)
     for sample, forced in zip(samples, full_tokens):
         _, reference = presses.decode(model, sample.input_ids, len(forced), forced=forced)
+        if on_pass is not None:
+            on_pass(sample.id, None)
         for i, cell in enumerate(cells):
             if cell.press is not None:
                 press = presses.make_press(cell.press, cell.config.evict, cell.config.retier_every)
@@ -220,6 +224,8 @@ def teacher_forced_kl(model, samples: Sequence[Sample], cells: Sequence[Cell], f
                 _, logits = presses.decode(model, sample.input_ids, len(forced), cache=TieredCache(cell.config),
                                            forced=forced)
             totals[i] += metrics.teacher_forced_kl(reference, logits)
+            if on_pass is not None:
+                on_pass(sample.id, cell)
     return [total / len(samples) for total in totals]
 
 
@@ -244,6 +250,7 @@ def run_grid(
     journal=None,
     runner: Runner | None = None,
     kl: bool = False,
+    on_kl: Callable[[str, "Cell | None"], None] | None = None,
 ) -> tuple[list[dict], dict]:
     """Run the full cache and every cell on every sample; returns (rows, full-cache summary).
 
@@ -254,7 +261,7 @@ def run_grid(
     ``runner`` generated it (default: :func:`in_process` on ``model``; ``model`` may then be None).
     The rows depend only on the generated tokens, never on the order runs finish in. ``kl``: each row also
     gets ``mean_kl``, the teacher-forced KL against the full cache (:func:`teacher_forced_kl`, on ``model``
-    in this process; not journaled).
+    in this process; not journaled), ``on_kl`` seeing each of its passes.
     """
     from tiersim.prompts import extract_answer
 
@@ -302,7 +309,7 @@ def run_grid(
     if kl:
         if model is None:
             raise ConfigError("the teacher-forced KL runs in this process: it needs the model here (not --ray)")
-        for row, value in zip(rows, teacher_forced_kl(model, samples, cells, [r.token_ids for r in full])):
+        for row, value in zip(rows, teacher_forced_kl(model, samples, cells, [r.token_ids for r in full], on_kl)):
             row["mean_kl"] = value
     summary = {"accuracy": full_accuracy, "tokens_per_s": _rate(full), "mean_new_tokens": _mean_len(full)}
     return rows, summary
