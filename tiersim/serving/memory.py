@@ -78,8 +78,13 @@ def spill_tokens(tiers: TierConfig, context: int, spilled: int) -> int:
     return max(target - int(spilled), 0)
 
 
+class Unservable(TiersimError):
+    """A request of the workload can never run under this policy (it would wait forever): the policy has no
+    answer for the workload, while another (spill, a larger TP) may."""
+
+
 def check_fits(budget: Budget, tiers: TierConfig, on_full: str, prompt: int, output: int, index: int) -> None:
-    """One line if a single request could never run alone under ``on_full`` (it would wait forever)."""
+    """:class:`Unservable` (one line) if a single request could never run alone under ``on_full``."""
     longest = prompt + output - 1
     need = blocks(longest)
     if on_full == "spill":
@@ -87,7 +92,7 @@ def check_fits(budget: Budget, tiers: TierConfig, on_full: str, prompt: int, out
         need = blocks(longest - moved) + budget.staging_blocks(moved)
     if need > budget.blocks or blocks(prompt) > budget.blocks:
         gb = need * budget.block_bytes / GB
-        raise TiersimError(f"request {index + 1} ({prompt:,} prompt + {output:,} output tokens) needs {gb:.1f} GB of "
+        raise Unservable(f"request {index + 1} ({prompt:,} prompt + {output:,} output tokens) needs {gb:.1f} GB of "
                            f"KV per GPU, more than the {budget.kv_gb:.1f} GB left beside the weights; use a larger "
                            f"--tp{'' if on_full == 'spill' else ' or --on-full spill'}")
 
