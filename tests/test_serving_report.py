@@ -29,3 +29,11 @@ def test_latency_vs_load_has_one_curve_per_policy_and_the_slos(tmp_path):
     page = build_report([cap, run])
     assert "latency-vs-load" in page and "serving-timeline" in page
     assert doc["recommendation"] in page
+
+
+def test_serve_report_draws_the_timeline(tmp_path):
+    page = tmp_path / "serve.html"
+    code, _, err = invoke(["serve", *QUICK, "--qps", "5", "--on-full", "spill", "--report", str(page)])
+    assert code == 0, err
+    text = page.read_text(encoding="utf-8")
+    assert "serving-timeline" in text and "this run: tiersim serve" in text

@@ -99,7 +99,8 @@ def build(target: Target, serving: Serving, strategy: str, lengths: str | None, 
 
 
 @app.command()
-@options.command(outputs={"out": (".parquet",), "save_requests": (".csv", ".jsonl", ".parquet")},
+@options.command(outputs={"out": (".parquet",), "save_requests": (".csv", ".jsonl", ".parquet"),
+                          "report": (".html", ".htm")},
                  example=["--requests", "3", "--qps", "1", "--lengths", "8", "--prompt-lengths", "8",
                           "--on-full", "queue"])
 def serve(
@@ -118,6 +119,7 @@ def serve(
     out: Path = typer.Option(None, help="per-request rows of the first policy (Parquet, kind 'serving')"),
     save_requests: Path = typer.Option(None, "--save-requests", help="write the requests replayed (CSV, JSON lines "
                                        "or Parquet), to replay with --requests-file"),
+    report: Path = typer.Option(None, help="also write an HTML report of the first policy's run (its timeline)"),
 ) -> None:
     """Serve a request workload: TTFT, TPOT and E2E percentiles, goodput at the SLOs, preemptions and
     spilled GB, per --on-full policy on the same requests."""
@@ -136,7 +138,17 @@ def serve(
         raise Unservable(next(iter(refused.values())))
     documents = [serving_run.document(r) for r in results]
     documents += [{"on_full": name, "unservable": why} for name, why in refused.items()]
-    writes = [(out, lambda: (serving_run.write(out, results[0]), wrote(out))),
+
+    def write_report():
+        import tempfile
+
+        from tiersim.cli.cmd_simulate import _this_run, _write_report
+
+        with tempfile.TemporaryDirectory() as tmp:  # the report reads the file --out writes
+            path = serving_run.write(Path(tmp) / "serving.parquet", results[0])
+            _write_report([path], report, _this_run("serve"))
+
+    writes = [(out, lambda: (serving_run.write(out, results[0]), wrote(out))), (report, write_report),
               (save_requests, lambda: (workload.write_requests(save_requests, requests), wrote(save_requests)))]
     first = _first_line(spec, results)
     if fmt == "json":
