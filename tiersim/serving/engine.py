@@ -195,17 +195,15 @@ class Engine(OnFull):
             self.admitted += 1
             r.order = self.admitted
             if math.isnan(r.scheduled):
-                r.scheduled = self.env.now
+                r.scheduled = max(self.env.now, r.arrival)  # the clock sums gaps: no rounding before arrival
             self.prefilling.append(r)
             room_rows -= r.target - r.prefilled
         return seconds, resumed
 
     # -- the processes ---------------------------------------------------------------------------------------
     def arrivals(self):
-        last = 0.0
         for r in self.requests:
-            yield self.env.timeout(r.arrival - last)
-            last = r.arrival
+            yield self.env.timeout(max(r.arrival - self.env.now, 0.0))  # from the clock: no drift over gaps
             self.waiting.append(r)
             self._count(+1)
             self.area_at_last_arrival = self.area
