@@ -120,6 +120,15 @@ def test_spill_with_prefetch_keeps_every_token_and_only_adds_stalls():
     assert pricer.decode_s(32, 20_000, 20_000)[0] > pricer.decode_s(32, 40_000)[0]  # the same tokens, a stall
 
 
+def test_staging_buffers_follow_the_strategy():
+    """Spilled tokens take two one-layer staging buffers in HBM where the strategy stages them (the step model's
+    StepCosts.staged): prefetch all of them, host attention none."""
+    prefetch, host = StepPricer(MODEL, GPU, 1, "prefetch"), StepPricer(MODEL, GPU, 1, "host-attention")
+    assert (prefetch.staged_share(), host.staged_share()) == (1.0, 0.0)
+    b = memory.budget(MODEL, MODEL, GPU, 256, 2048)
+    assert b.staging_blocks(28 * 16 * 10) == 20 and replace(b, staged=0.0).staging_blocks(28 * 16 * 10) == 0
+
+
 def test_tensor_parallel_halves_the_kv_and_weights_per_gpu():
     model = presets.get_model("qwq-32b")
     one, two = StepPricer(model, GPU, 1), StepPricer(model, GPU, 2)

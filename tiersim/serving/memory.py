@@ -49,6 +49,7 @@ class Budget:
     ddr_bytes: float
     weights_bytes: float
     layers: int
+    staged: float = 1.0  # share of DDR tokens the strategy stages in HBM (stepcost.StepPricer.staged_share)
 
     @property
     def kv_gb(self) -> float:
@@ -56,7 +57,8 @@ class Budget:
 
     def staging_blocks(self, ddr_tokens: int) -> int:
         """HBM blocks the two one-layer staging buffers take while ``ddr_tokens`` tokens are read from DDR."""
-        return -(-2 * int(ddr_tokens) // (BLOCK_TOKENS * self.layers)) if ddr_tokens else 0
+        staged = int(-(-int(ddr_tokens) * self.staged // 1))
+        return -(-2 * staged // (BLOCK_TOKENS * self.layers)) if staged else 0
 
 
 def budget(model: Model, rank: Model, gpu: GPU, max_batch: int, token_budget: int) -> Budget:
