@@ -67,6 +67,10 @@ def test_capacity_qps_finds_a_rate_and_says_it_first(tmp_path):
     (["capacity", "--qps", "5..1"], "--qps"),
     (["capacity", "--qps", "x"], "--qps"),
     (["capacity", "--on-full", "spill"], "--on-full applies to capacity --qps"),
+    (["capacity", "--qps", "1..2", "--batch", "8"], "--batch is the batch planner's"),
+    (["capacity", "--qps", "1..2", "--steps", "9"], "--steps is the batch planner's"),
+    (["capacity", "--qps", "1..2", "--ray"], "--ray is the batch planner's"),
+    (["capacity", "--qps", "1..2", "--prefetch", "cover99"], "--prefetch is the batch planner's"),
     (["serve", "--model", "qwq-32b", "--gpu", "h100-pcie", "--tp", "2"], "--tp 2"),
 ])
 def test_bad_serving_options_are_one_line_exit_2(args, words):

@@ -54,6 +54,21 @@ def serving_only(serving: Serving) -> None:
             raise TiersimError(f"{flag(field)} applies to capacity --qps (the serving search) only; add --qps or drop it")
 
 
+def batch_only(given: dict[str, bool], *groups) -> None:
+    """One line when a batch-planner option is given to `capacity --qps` (the serving search would ignore it):
+    ``given`` flags set by hand, and every field of ``groups`` but --lengths and --seed away from its default."""
+    from tiersim.options import flag
+
+    for group in groups:
+        for field in dataclasses.fields(group):
+            if field.name not in ("lengths", "seed") and getattr(group, field.name) != field.default:
+                given = {**given, flag(field): True}
+    for name, on in given.items():
+        if on:
+            raise TiersimError(f"{name.split('/')[0]} is the batch planner's; capacity --qps (the serving search) does "
+                               "not use it: drop it, or drop --qps")
+
+
 def policies(text: str) -> list[str]:
     names = list(ON_FULL) if text.strip() == "all" else parse_list(text, str, "--on-full")
     bad = [n for n in names if n not in ON_FULL]
