@@ -133,3 +133,15 @@ def test_a_policy_that_cannot_hold_a_request_is_said_and_the_others_still_plan(t
     assert doc["policies"]["spill"]["max_qps"] > 0 and "unservable" in doc["policies"]["queue"]
     code, out, err = invoke(["serve", *args, "--on-full", "queue"])
     assert code == 2 and "use a larger --tp or --on-full spill" in err
+
+
+def test_json_output_is_strict_json_for_a_single_request():
+    code, out, err = invoke(["serve", "--model", "r1-distill-qwen-1.5b", "--requests", "1", "--lengths", "50",
+                             "--format", "json"])
+    assert code == 0, err
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in the JSON document")
+
+    doc = json.loads(out, parse_constant=refuse)
+    assert doc["runs"][0]["offered_qps"] is None and doc["runs"][0]["requests"] == 1
