@@ -62,7 +62,7 @@ def main() -> None:
         r = one(n, 3900)
         scale.append([f"{n:,} requests, ~3.9K tokens", f"{r['wall_s']:.2f}", f"{r['iterations']:,}",
                       f"{r['wall_s'] / n * 1e3:.2f}"])
-    for output in (1000, 3900, 13800):
+    for output in (1000, 3900, 13800):  # at the rate that loads ~4K-token requests like QPS_AT_4K
         r = one(1000 if quick else 2000, output)
         scale.append([f"{r['requests']:,} requests, ~{output:,} tokens", f"{r['wall_s']:.2f}", f"{r['iterations']:,}",
                       f"{r['wall_s'] / r['requests'] * 1e3:.2f}"])
@@ -75,9 +75,11 @@ def main() -> None:
         "requests of ~4K tokens < 30 s; one config's search < 2 min.",
         markdown_table(["run", "QPS", "wall s", "requests/s simulated", "decode steps", "iterations priced",
                         "simulated/wall"], rows),
-        "Scaling: cost follows the iterations priced (a run of unchanged decode steps is one array call), which "
-        "grow with the requests (each adds its arrival, its prefill steps and its finish) and only weakly with "
-        "the output length (a longer request is longer runs, not more of them).",
+        "Scaling: cost follows the iterations priced (a run of unchanged decode steps is one array call). They grow "
+        "linearly with the requests (each adds its arrival, its prefill steps and its finish) and, while the KV "
+        "budget does not bind, only weakly with the output length (a longer request is longer runs, not more of "
+        "them). Where it binds (the ~13,800-token rows: past this GPU's capacity at that rate) every block "
+        "exhaustion and preemption cuts a run, and the iterations multiply.",
         markdown_table(["workload", "wall s", "iterations", "ms per request"], scale),
         markdown_table(["search", "wall s"], searches),
     ])

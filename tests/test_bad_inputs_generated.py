@@ -88,6 +88,7 @@ def work(tmp_path_factory):
     (folder / "requests.csv").write_text("arrival_s,prompt_tokens,output_tokens\n0,8,4\n0.5,8,4\n")
     shutil.copy(REPO / "docs" / "validation" / "h100-80gb-hbm3.json", folder / "calibration.json")
     shutil.copy(REPO / "docs" / "validation" / "h100-80gb-hbm3-operators.json", folder / "profile.json")
+    shutil.copy(REPO / "docs" / "quality-grid-smollm2.json", folder / "quality-grid.json")
     cwd = os.getcwd()
     os.chdir(folder)
     yield folder
@@ -585,24 +586,30 @@ JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-10**20, 10**
 @settings(max_examples=80, **SETTINGS)
 @given(data=st.data())
 def test_a_report_input_with_a_wrong_field_is_refused_or_drawn_never_a_crash(work, data):
-    """A valid capacity or calibration file with one field of one table row replaced by any JSON value:
+    """A valid capacity, calibration or quality-grid file with one field (of one table row, or at the top)
+    replaced by any JSON value:
     the report refuses it in one line (an expected error) or draws it; a field the figures plot holding
     something other than a number is refused."""
     from tiersim.cli.app import EXPECTED_ERRORS
-    from tiersim.report.build import build_section
+    from tiersim.report.build import build_report
     from tiersim.report.loaders import TEXT_COLUMNS, load_input
 
-    name = data.draw(st.sampled_from(["capacity.json", "calibration.json"]))
+    name = data.draw(st.sampled_from(["capacity.json", "calibration.json", "quality-grid.json"]))
     document = json.loads((work / name).read_text())
     tables = [k for k, v in document.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
-    table = data.draw(st.sampled_from(sorted(tables)))
-    row = data.draw(st.integers(0, len(document[table]) - 1))
-    field = data.draw(st.sampled_from(sorted(document[table][row])))
+    table = data.draw(st.sampled_from(sorted(tables) + [None]))  # None: a top-level field
     value = data.draw(JSON_VALUES)
-    document[table][row][field] = value
-    plotted = isinstance(document[table][0].get(field), (int, float)) and field not in TEXT_COLUMNS
+    if table is None:
+        field = data.draw(st.sampled_from(sorted(set(document) - {"kind", "schema_version", *tables})))
+        document[field] = value
+        plotted = False
+    else:
+        row = data.draw(st.integers(0, len(document[table]) - 1))
+        field = data.draw(st.sampled_from(sorted(document[table][row])))
+        document[table][row][field] = value
+        plotted = isinstance(document[table][0].get(field), (int, float)) and field not in TEXT_COLUMNS
     try:
-        build_section(load_input(document), "s1")
+        build_report([load_input(document)])  # the page as a string: every figure, key number and header
     except EXPECTED_ERRORS as exc:
         assert len(str(exc).splitlines()) <= 1, exc
         return

@@ -77,8 +77,20 @@ def _unique(values) -> list[str]:
 
 
 def build_section(inp: ReportInput, key: str) -> Section:
-    """Figures and key numbers for one input."""
-    return BUILDERS[inp.kind](inp, key)
+    """Figures and key numbers for one input.
+
+    The loader checks the tables' columns; a metadata field of the wrong type that a figure or a key
+    number reads (a capacity file's ``mean_length`` that is a list) ends here, as one line naming the
+    input, not a traceback (tests draw every valid input kind, so a bug of a figure still fails them).
+    """
+    try:
+        return BUILDERS[inp.kind](inp, key)
+    except TiersimError:
+        raise
+    except (TypeError, KeyError, AttributeError, ValueError, IndexError) as exc:
+        words = (str(exc).strip().splitlines() or [""])[0]
+        raise TiersimError(f"report input {inp.source}: this {inp.kind} file holds a field of the wrong type or "
+                           f"shape ({type(exc).__name__}: {words})") from None
 
 
 BUILDERS: dict[str, Callable[[ReportInput, str], Section]] = {

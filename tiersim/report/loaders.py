@@ -78,12 +78,10 @@ class ReportInput:
             trace = trace or f"measured on {measured_on(meta)}"
             shapes = self.tables["points"].get("model_shape")
             model = model or (", ".join(sorted({str(s) for s in shapes.dropna()})) if shapes is not None else None)
-        return {
-            "model": model or "not recorded",
-            "gpu": gpu or "not recorded",
-            "trace": str(trace) if trace else "not recorded",
-            "tiersim_version": str(meta.get("tiersim_version") or "not recorded"),
-        }
+        # Text whatever the file holds (a header field of the wrong type is shown, not a crash).
+        return {"model": str(model or "not recorded"), "gpu": str(gpu or "not recorded"),
+                "trace": str(trace or "not recorded"),
+                "tiersim_version": str(meta.get("tiersim_version") or "not recorded")}
 
 
 def measured_on(meta: Mapping) -> str:
@@ -126,6 +124,8 @@ def load_input(item: str | os.PathLike | Mapping) -> ReportInput:
 
 def _from_document(document: dict, source: str) -> ReportInput:
     kind = fileformat.check(document, DRAWABLE, label=LABEL, source=source, hints=HINTS)["kind"]
+    if not isinstance(document.get("link") or {}, Mapping):  # a calibration's link fit and its sweep
+        raise TiersimError(f"report input {source}: link must be an object, got {document['link']!r}")
     tables = {name: _frame(document, name, source) for name in _table_names(kind)}
     meta = {k: v for k, v in document.items() if k not in tables and k != "link"}
     if kind == "calibration":
@@ -157,14 +157,22 @@ _NUMERIC_HINT = ("_ms", "_gb", "_pct", "_gbps", "_s", "_bytes", "tokens_per_s", 
 
 def _check_numbers(frame: pd.DataFrame, where: str) -> None:
     """The fields the figures plot are numbers: a capacity file whose ``step_ms`` is text is refused
-    with one line, not drawn as an empty or wrong figure."""
+    with one line, not drawn as an empty or wrong figure. A column is one of numbers by its name (the
+    hints below) or by its values (most of them numbers: one odd value is refused, wherever it is)."""
     for column in frame.columns:
         name = str(column)
-        if name in TEXT_COLUMNS or not any(name == h or name.endswith(h) for h in _NUMERIC_HINT):
-            continue
         values = frame[column]
+        if name in TEXT_COLUMNS:  # a label: text (or a number, an id), never a list or an object
+            bad = [v for v in values if isinstance(v, (Mapping, list, tuple, np.ndarray))]
+            if bad:
+                raise TiersimError(f"{where}: column {name!r} must hold text, got {bad[0]!r}")
+            continue
         if values.dtype.kind in "biuf":
             continue
+        known = [v for v in values if not (v is None or (isinstance(v, float) and v != v))]
+        hinted = any(name == h or name.endswith(h) for h in _NUMERIC_HINT)
+        if not hinted and sum(_number(v) for v in known) * 2 <= len(known):
+            continue  # a column of labels (most of its values are not numbers)
         bad = [v for v in values if not _numbers(v, name)]
         if bad:
             raise TiersimError(f"{where}: column {name!r} must hold numbers, got {bad[0]!r}")
