@@ -23,7 +23,7 @@ def _baseline(name: str, **options) -> dict:
 DEFAULT_POLICIES = [
     {
         "name": "hierarchy",
-        "lossy": TierConfig(hbm=0.4, ddr=0.3, compressed=0.2, evict=0.1, **SMALL),
+        "lossy": TierConfig(hbm=0.4, ddr=0.3, compressed=0.2, evict=0.1, quant_group=16, **SMALL),  # head_dim 16
         "lossless": [TierConfig(hbm=h, ddr=round(1 - h, 6), **SMALL) for h in (1.0, 0.5, 0.1)],
     },
     _baseline("streamingllm"),

@@ -167,7 +167,7 @@ def _left_padded(model, pads=8):
 @pytest.mark.parametrize("lower", ["ddr", "compressed"])
 def test_left_padding_ranks_below_every_real_token(tiny_llama, lower):
     ids, mask = _left_padded(tiny_llama)
-    cfg = TierConfig(hbm=0.4, **{lower: 0.6}, sink_tokens=2, recent_window=4, retier_every=2)
+    cfg = TierConfig(hbm=0.4, **{lower: 0.6}, sink_tokens=2, recent_window=4, retier_every=2, quant_group=16)
     cache = TieredCache(cfg)
     _generate(tiny_llama, ids, cache, 9, mask=mask)
     code = DDR if lower == "ddr" else COMPRESSED

@@ -100,3 +100,12 @@ def test_real_engines_tpot_at_small_batch():
     assert {r["source"] for r in rows} == {"gpustack-vllm", "gpustack-sglang"}
     assert all(abs(r["error_pct"]) < 5 for r in rows)
     assert len([r for r in rows if r["role"] == "check"]) == 3
+
+
+def test_presets_lists_every_engine_preset_in_its_table_and_its_json():
+    table = _tiersim("presets", "--wide")
+    names = {line.split()[0] for line in table.stdout.splitlines() if line.strip()}
+    assert set(engines.names()) <= names
+    doc = json.loads(_tiersim("presets", "--format", "json").stdout)
+    assert doc["engines"]["hf-eager"]["floor_per_layer_s"] == engines.get("hf-eager").floor_per_layer_s
+    assert set(doc["engines"]) == set(engines.names())

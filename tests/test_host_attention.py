@@ -131,7 +131,9 @@ def test_host_attention_matches_dynamic_cache_over_128_greedy_steps(arch):
     assert torch.equal(out.sequences, ref.sequences)
     assert _max_logit_diff(out, ref) <= 1e-4
     stats = cache.stats()
-    assert stats["peak_bytes"]["layer_buffer"] == 0, "host-attention never reassembles the layer for attention"
+    # No layer-sized buffer for attention, but a re-tier reassembles the layer (promotions): that is the peak.
+    cfg = model.config
+    assert stats["peak_bytes"]["layer_buffer"] >= 2 * cfg.num_key_value_heads * 40 * cfg.head_dim * 4
     assert stats["bytes_h2d"] > 0 and stats["bytes_d2h"] > 0
 
 

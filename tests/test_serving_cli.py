@@ -97,3 +97,13 @@ def test_a_model_that_needs_tp_plans_on_tp():
                  "--on-full", "preempt-recompute", "--format", "json"])
     run = doc["runs"][0]
     assert run["tp"] == 2 and run["kv_budget_gb_per_gpu"] > 40 and run["requests"] == 20
+
+
+def test_capacity_qps_keeps_a_request_files_lengths(tmp_path):
+    from tiersim.serving import workload
+
+    path = workload.write_requests(tmp_path / "w.csv", workload.check([0.0, 5.0, 9.0], [50, 60, 70], [20, 30, 40], "x"))
+    doc = _json(["capacity", "--qps", "1..8", "--model", "r1-distill-qwen-1.5b", "--requests-file", str(path),
+                 "--on-full", "queue", "--format", "json"])
+    assert "3 requests" in doc["workload"] and "outputs mean 30" in doc["workload"]
+    assert doc["policies"]["queue"]["points"][0]["qps"] == 1.0

@@ -328,3 +328,21 @@ def test_a_host_overhead_adds_its_time_once_per_step(batch):
     assert "host overhead" in synced.compute_model and "host overhead" not in plain.compute_model
     with pytest.raises(TiersimError, match="--host-overhead must be one of none, sync"):
         with_host_overhead(H100, "async")
+
+
+def test_capacity_batch_range_names_the_compute_model_it_used(tmp_path):
+    """A batch range is the planner's closed form: its points and the table must name the profile and the
+    engine preset they priced, not fall back to 'roofline' (found in review: --batch 1..4 --profile X said roofline)."""
+    from tiersim.cli.main import app
+
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(synthetic_profile()))
+    args = ["capacity", "--context", "2048", "--batch", "1..4", "--profile", str(path)]
+    doc = json.loads(CliRunner().invoke(app, [*args, "--format", "json"]).stdout)
+    assert doc["baseline"]["compute_model"].startswith("profile (r1-distill-qwen-7b")
+    assert all(r["compute_model"].startswith("profile (") for r in doc["rows"])
+    table = CliRunner().invoke(app, args)
+    assert "compute model: profile (r1-distill-qwen-7b" in table.output
+    eager = json.loads(CliRunner().invoke(app, ["capacity", "--context", "2048", "--batch", "1..2",
+                                               "--engine-overhead", "hf-eager", "--format", "json"]).stdout)
+    assert "engine overhead hf-eager" in eager["baseline"]["compute_model"]

@@ -123,13 +123,19 @@ def load_model(name_or_path: str | None = None, device: str = "cpu", dtype: str 
     torch_dtype = _torch_dtype(dtype)
     torch_device = _torch_device(device)
     directory, model_id = resolve_model_dir(name_or_path)
+    config = None
     try:
-        check_supported(AutoConfig.from_pretrained(directory, local_files_only=True))
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+        check_supported(config)
         model = AutoModelForCausalLM.from_pretrained(
             directory, dtype=torch_dtype, attn_implementation=attn_implementation, local_files_only=True
         )
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
+    except KeyError as exc:
+        if exc.args == (attn_implementation,) and config is not None:
+            raise attention_refused(config, attn_implementation) from None
+        raise TiersimError(f"could not load model from {directory}: {_first_line(exc)}") from None
+    except (OSError, ValueError) as exc:
         raise TiersimError(f"could not load model from {directory}: {_first_line(exc)}") from None
     check_supported(model)
     try:
@@ -140,6 +146,21 @@ def load_model(name_or_path: str | None = None, device: str = "cpu", dtype: str 
     model.name_or_path = model_id
     _quiet_generation_config(model)
     return model, tokenizer
+
+
+def attention_refused(config, attn_implementation: str) -> TiersimError:
+    """The error for an architecture that picks its attention class by name (a KeyError on any other name).
+
+    transformers before 5.3 does so for Falcon, GPT-J, GPT-Neo, Nemotron and DiffLlama: such a model cannot
+    run the ``"tiersim"`` attention, so the cache could never read its attention scores.
+    """
+    import transformers
+
+    return TiersimError(
+        f"unsupported model: {config.model_type} cannot take the {attn_implementation!r} attention in transformers "
+        f"{transformers.__version__} (it picks its attention class by name), so tiersim cannot read its "
+        "attention scores; a transformers release where it calls AttentionInterface can"
+    )
 
 
 def load_tokenizer(name_or_path: str | None = None):

@@ -46,6 +46,11 @@ def grid(
     evict: str = typer.Option("0,0.03,0.1", help="eviction ratios (grid columns)"),
     compressed: str = typer.Option("0", help="compressed-tier ratios"),
     baselines: str = typer.Option(DEFAULT_BASELINES, help="eviction baselines to compare ('none' for none)"),
+    kvpress: str = typer.Option(None, "--kvpress", help="kvpress presses to compare at every hbm < 1, a comma list "
+                                "of NAME (pruned at the prefill) or NAME@decode (also while decoding), e.g. "
+                                "SnapKV, ExpectedAttention@decode; needs pip install 'tiersim\\[kvpress]'"),
+    kl: bool = typer.Option(False, "--kl", help="also score every cell by its mean teacher-forced KL against the "
+                            "full cache (both read the full cache's tokens; in this process, not --ray)"),
     output_format: str = options.opt("table", "--format", help="table or json (json prints only JSON)",
                                      choices=("table", "json")),
     out: Path = typer.Option(None, help="also write the grid to .json or .parquet (kind quality-grid)"),
@@ -74,16 +79,24 @@ def grid(
         raise TiersimError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
     if device not in ("cpu", "cuda"):
         raise TiersimError(f"--device must be cpu or cuda, got {device!r}")
+    from tiersim.quality import presses
+
+    specs = presses.parse_presses(kvpress)
+    if specs:
+        presses.import_kvpress()  # before any model work: without kvpress, say what to install and stop
     cells = build_cells(
         parse_float_list(hbm, "hbm"),
         parse_float_list(evict, "evict"),
         parse_float_list(compressed, "compressed"),
         parse_baselines(baselines),
         strategies=[part.strip() for part in shape.strategy.split(",") if part.strip()] or [DEFAULT_STRATEGY],
+        presses=specs,
         **{k: v for k, v in shape.config_options().items() if k != "strategy"},
     )
     items = load_prompts(str(prompts) if prompts else None, n)
     ray = ray or ray_address is not None
+    if kl and ray:
+        raise TiersimError("--kl runs in this process (it reads every step's logits): leave out --ray")
     if ray_workers < 0:
         raise TiersimError(f"--ray-workers must be >= 0, got {ray_workers}")
     if ray_workers and not ray:
@@ -105,7 +118,7 @@ def grid(
             rows, summary, model_id = _run_on_ray(model, device, dtype, items, cells, max_new_tokens, journal,
                                                   ray_address, ray_workers)
         else:
-            rows, summary, model_id = _run(model, device, dtype, items, cells, max_new_tokens, journal)
+            rows, summary, model_id = _run(model, device, dtype, items, cells, max_new_tokens, journal, kl)
     except BaseException as exc:
         if journal is not None and len(journal):
             journal.close()
@@ -164,7 +177,7 @@ def _journal(out, model_name, device, dtype, resume):
     return journal
 
 
-def _run(model_name, device, dtype, items, cells, max_new_tokens, journal=None):
+def _run(model_name, device, dtype, items, cells, max_new_tokens, journal=None, kl=False):
     """Load the model and run the grid under a progress bar (on stderr, so JSON stdout stays clean)."""
     from tiersim.models import generation_kwargs, load_model
     from tiersim.quality.grid import prepare_samples, run_grid
@@ -172,11 +185,17 @@ def _run(model_name, device, dtype, items, cells, max_new_tokens, journal=None):
     with err_console.status(f"loading {model_name} ..."):
         mdl, tokenizer = load_model(model_name, device=device, dtype=dtype)
     samples = prepare_samples(tokenizer, items, device=device)
-    with meter("grid", len(samples) * (len(cells) + 1)) as progress:
+    passes = len(samples) * (len(cells) + 1)
+    with meter("grid", passes * (2 if kl else 1)) as progress:
+
+        def kl_pass(sample_id, cell) -> None:
+            progress.advance(f"{sample_id} {cell.label if cell is not None else 'full cache'}: teacher-forced KL")
+
         rows, summary = run_grid(
             mdl, samples, cells, max_new_tokens,
             decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-            generation_kwargs=generation_kwargs(tokenizer), on_run=_advancer(progress), journal=journal,
+            generation_kwargs=generation_kwargs(tokenizer), on_run=_advancer(progress), journal=journal, kl=kl,
+            on_kl=kl_pass,
         )
     return rows, summary, getattr(mdl, "name_or_path", model_name)
 
@@ -239,12 +258,15 @@ def grid_table(document: dict) -> Table:
     )
     table = compact_table(title, caption="exact: texts equal to the full cache's; diverge: mean tokens before the "
                                           "first difference; agree: same final answer")
-    add_columns(table, ("method", "hbm", "ddr", "compr.", "evict", "exact", "diverge", "agree", "accuracy", "tok/s"),
-                optional=("tok/s", "compr.", "diverge"))
+    with_kl = any(row.get("mean_kl") is not None for row in document["rows"])
+    columns = ("method", "hbm", "ddr", "compr.", "evict", "exact", "diverge", "agree", *(("KL",) if with_kl else ()),
+               "accuracy", "tok/s")
+    add_columns(table, columns, optional=("tok/s", "compr.", "diverge"))
     for row in document["rows"]:
+        kl = (f"{row['mean_kl']:.2g}" if row.get("mean_kl") is not None else "—",) if with_kl else ()
         table.add_row(
             row["method"], _hbm(row), f"{row['ddr']:g}", f"{row['compressed']:g}", f"{row['evict']:g}",
             _pct(row["exact_match"]), f"{row['mean_tokens_to_divergence']:.1f}", _pct(row["answer_agreement"]),
-            _pct(row["accuracy"]), f"{row['tokens_per_s']:.1f}",
+            *kl, _pct(row["accuracy"]), f"{row['tokens_per_s']:.1f}",
         )
     return table

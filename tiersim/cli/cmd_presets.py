@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import typer
@@ -14,11 +15,13 @@ from tiersim.cli.app import add_columns, app, compact_table, console
 def presets(fmt: str = options.opt("table", "--format", help="table or json", choices=("table", "json"))) -> None:
     """List GPU and model presets (any transformers config.json also works via --model-config)."""
     from tiersim.errors import TiersimError
+    from tiersim.simulator import engines
     from tiersim.simulator.presets import GB, GPUS, MODELS
 
     if fmt == "json":
         print(json.dumps({"gpus": {k: g.to_dict() for k, g in GPUS.items()},
-                          "models": {k: m.to_dict() for k, m in MODELS.items()}}, indent=2))
+                          "models": {k: m.to_dict() for k, m in MODELS.items()},
+                          "engines": {k: dataclasses.asdict(e) for k, e in engines.presets().items()}}, indent=2))
         return
     if fmt != "table":
         raise TiersimError(f"--format must be table or json, got {fmt!r}")
@@ -37,5 +40,12 @@ def presets(fmt: str = options.opt("table", "--format", help="table or json", ch
     for m in MODELS.values():
         models.add_row(m.name, str(m.num_layers), str(m.num_kv_heads), str(m.head_dim), str(m.hidden_size),
                        f"{m.params / 1e9:.2f}", f"{m.vocab_size:,}", f"{m.kv_bytes_per_token:,.0f}")
+    engine_table = compact_table("Engine presets (--engine-overhead: the serving engine's own per-step work)")
+    add_columns(engine_table, ("name", "per step ms", "per sequence ms", "floor ms/layer", "role", "measured on",
+                               "source"), optional=("source", "measured on"))
+    for e in engines.presets().values():
+        engine_table.add_row(e.name, f"{e.fixed_s * 1e3:.3g}", f"{e.per_sequence_s * 1e3:.3g}",
+                             f"{e.floor_per_layer_s * 1e3:.3g}", e.role, e.measured_on or "-", e.source or "-")
     console.print(gpus)
     console.print(models)
+    console.print(engine_table)

@@ -1,10 +1,8 @@
 """How the DDR tier reaches attention: one small interface, one implementation per strategy.
 
-A :class:`~tiersim.hierarchy.cache.TieredLayer` owns its tiers; a ``DDRAccess`` decides how the
-DDR tokens take part in that layer's attention. The cache calls ``attention_inputs`` in
-``update`` (what it hands the model's attention), ``prefetch`` on the next layer while this one
-computes, and, for strategies that attend where the tokens live, the ``"tiersim"`` attention
-calls ``attend``. ``prefetch``/``fetch`` are public so the validator can time them.
+A :class:`~tiersim.hierarchy.layer.TieredLayer` owns its tiers; a ``DDRAccess`` decides how the DDR tokens
+take part in its attention: ``attention_inputs`` (in ``update``), ``prefetch`` (one layer ahead), ``attend``
+(strategies that attend where the tokens live). ``prefetch``/``fetch`` are public for the validator's timing.
 
 * ``prefetch``: the whole DDR tier is copied to the device (staging buffers, side stream on CUDA)
   and the layer is reassembled in token order; attention is stock SDPA, bit-identical to
@@ -16,7 +14,7 @@ calls ``attend``. ``prefetch``/``fetch`` are public so the validator can time th
 * ``host-attention``: attention over the DDR tokens runs on the host (a worker thread over the
   host tensors) while the device part (HBM, compressed) runs in parallel; the two partial outputs
   are merged with their log-sum-exp (:mod:`tiersim.hierarchy.split_attention`). Exact up to float32
-  rounding inside each part; nothing is reassembled except at re-tiering points (promotions).
+  rounding inside each part (per dtype: docs/quality.md); reassembled only to re-tier (promotions).
 """
 
 from __future__ import annotations
@@ -26,15 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from tiersim.errors import ConfigError
-from tiersim.hierarchy import pages
+from tiersim.hierarchy import ddr, pages
 from tiersim.hierarchy.config import STRATEGIES
 from tiersim.hierarchy.masks import allowed_keys
-from tiersim.hierarchy.split_attention import (
-    Segment,
-    allowed_columns,
-    merge,
-    partial_attention,
-)
+from tiersim.hierarchy.split_attention import Segment, allowed_columns, merge, partial_attention
 
 
 class DDRAccess:
@@ -49,6 +42,13 @@ class DDRAccess:
         self.bytes_d2h = 0
         self.fetched_tokens = 0  # DDR tokens that reached attention on the device, and of how many
         self.ddr_tokens = 0
+
+    def __getstate__(self) -> dict:
+        """Copies (deepcopy, pickle) leave out the CUDA stream: a copy makes its own on first use."""
+        state = dict(self.__dict__)
+        if "stream" in state:
+            state["stream"] = None
+        return state
 
     @property
     def fetched_share(self) -> float | None:
@@ -160,13 +160,27 @@ class HostAttention(DDRAccess):
     def __init__(self) -> None:
         super().__init__()
         self.stream = None
+        self._start_workers()
+
+    def _start_workers(self) -> None:
         # No shutdown call: the cache has no end (a later generate may continue it); an executor's
         # idle worker exits once the executor is garbage collected with the cache.
         self._host = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiersim-host")
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiersim-device")
 
+    def __getstate__(self) -> dict:
+        """Worker threads cannot be copied or pickled: a copy (deepcopy, pickle) starts its own."""
+        return {k: v for k, v in super().__getstate__().items() if k not in ("_host", "_device")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._start_workers()
+
     def attention_inputs(self, layer):
-        # Only the device tiers' own storage: the model's attention does not read them (``attend`` does).
+        if not layer.ddr:
+            # Nothing to attend to on the host: the stock attention runs, over every device tier.
+            return layer.assemble([])
+        # The model's attention does not read these (``attend`` reads every tier from ``device_tiers``).
         return layer.hbm_k, layer.hbm_v
 
     def attend(self, layer, query: torch.Tensor, attention_mask, scaling: float, n_probs: int):
@@ -175,7 +189,10 @@ class HostAttention(DDRAccess):
         q_len, n_keys = query.shape[2], layer.num_retained
         fetched, host_items = self.split(layer)
         dev_segs, dev_slots = [], []
-        for keys, values, slots, valid in layer.device_tiers() + fetched:
+        device_tiers = [tier[:4] for tier in layer.device_tiers()]
+        # Dequantized compressed tokens and fetched DDR copies exist on the device for this step only.
+        layer.note_buffer(sum(2 * _nbytes(k) for k, *_ in device_tiers[1:] + fetched if k is not layer.residual_k))
+        for keys, values, slots, valid in device_tiers + fetched:
             dev_segs.append(Segment(keys, values, allowed_columns(attention_mask, slots, valid, q_len, n_keys)))
             dev_slots.append((slots, valid))
         live = layer.num_ddr
@@ -235,24 +252,10 @@ class HostAttention(DDRAccess):
         return dev, host
 
     def _to_host(self, query, masks):
-        """Query and masks down to pinned host memory on a side stream; an event marks arrival."""
+        """Query and masks down to pinned host memory on the side stream (:func:`ddr.pinned_down`)."""
         if self.stream is None:
             self.stream = torch.cuda.Stream(device=query.device)
-        self.stream.wait_stream(torch.cuda.current_stream(query.device))
-        with torch.cuda.stream(self.stream):
-            q_host = torch.empty(query.shape, dtype=query.dtype, pin_memory=True)
-            q_host.copy_(query, non_blocking=True)
-            out_masks = []
-            for m in masks:
-                if m is None:
-                    out_masks.append(None)
-                    continue
-                h = torch.empty(m.shape, dtype=m.dtype, pin_memory=True)
-                h.copy_(m, non_blocking=True)
-                out_masks.append(h)
-            ready = torch.cuda.Event()
-            ready.record(self.stream)
-        return q_host, out_masks, ready
+        return ddr.pinned_down(self.stream, query, masks)
 
     @staticmethod
     def _to_device(part, device):

@@ -32,7 +32,7 @@ from tiersim.errors import TiersimError
 from tiersim.hierarchy import accounting, recording, scoring, support
 from tiersim.hierarchy.access import make_access
 from tiersim.hierarchy.config import TierConfig
-from tiersim.hierarchy.index import TokenIndex, nbytes
+from tiersim.hierarchy.index import TokenIndex
 from tiersim.hierarchy.layer import TieredLayer
 from tiersim.hierarchy.record import StepRecord
 from tiersim.hierarchy.registry import make_policy
@@ -76,11 +76,23 @@ class TieredCache(Cache):
             head_dim = support.head_dim_of(model_config)
             if head_dim is not None:
                 support.check_head_dim(self.config, head_dim)
+        self._start()
+
+    def _start(self) -> None:
+        """The state of a cache that has seen no token (the constructor's, and ``reset``'s)."""
+        self.layers.clear()
         self.access = make_access(self.config.strategy, self.config.fetch_share)
         self.tokens_moved = dict.fromkeys(recording.MOVE_KINDS, 0)
         self.retiers = 0
-        self._peak_layer_buffer = 0  # largest per-layer assembled K+V (one layer's buffer lives at a time)
         self._peak_scoring = 0  # largest scratch of one layer's scoring
+
+    def reset(self) -> None:
+        """Forget every token, counter and buffer: the cache is as new (same config, same recorder).
+
+        The inherited ``Cache.reset`` would zero the HBM tensors in place and keep the tiers and the
+        token count, so a later ``generate`` would continue a context that no longer exists.
+        """
+        self._start()
 
     # -- transformers Cache API --------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -92,10 +104,16 @@ class TieredCache(Cache):
         if not layer.is_initialized:
             support.check_head_dim(self.config, key_states.shape[-1])
             layer.lazy_initialization(key_states, value_states)
+        elif key_states.shape[0] != layer.batch_size:
+            raise TiersimError(
+                f"TieredCache holds a batch of {layer.batch_size} sequences; this forward has {key_states.shape[0]}: "
+                "use a new cache (or cache.reset()) for a new batch"
+            )
         if layer.awaiting_scores and self.needs_scores:
             raise TiersimError(
-                "TieredCache got no attention scores: load the model with attn_implementation='tiersim' "
-                "(tiersim.models.load_model does; or call tiersim.hierarchy.enable_scoring(model))"
+                f"TieredCache got no attention scores for layer {layer_idx}: the model's attention never called "
+                "the 'tiersim' attention (load the model with attn_implementation='tiersim', as "
+                "tiersim.models.load_model does, or call tiersim.hierarchy.scoring.enable_scoring(model))"
             )
         if self.needs_scores:
             scoring.set_listener(self, layer_idx)
@@ -104,8 +122,6 @@ class TieredCache(Cache):
             scoring.set_listener(self, layer_idx)  # once, so check_attention sees the layer
         keys, values = layer.update(key_states, value_states)
         full = keys.shape[2] == layer.num_retained  # the whole layer in token order (not host-attention's part)
-        if keys is not layer.hbm_k:
-            self._peak_layer_buffer = max(self._peak_layer_buffer, nbytes(keys) + nbytes(values))
         if self.needs_scores and full and self.access.complete_view:
             layer.last_full = (keys, values)
         nxt = layer_idx + 1 if layer_idx + 1 < len(self.layers) else 0
@@ -143,9 +159,11 @@ class TieredCache(Cache):
             return 0
         return self.layers[layer_idx].num_retained
 
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length, layer_idx: int = 0) -> tuple[int, int]:
+        """(keys the mask spans, offset); ``query_length`` is the queries' count, or before transformers 5.3
+        their ``cache_position`` tensor (``TieredLayer.get_mask_sizes`` reads either)."""
         if layer_idx >= len(self.layers):
-            return query_length, 0
+            return (query_length.shape[0] if isinstance(query_length, torch.Tensor) else query_length), 0
         return self.layers[layer_idx].get_mask_sizes(query_length)
 
     def reorder_cache(self, beam_idx):
@@ -192,8 +210,13 @@ class TieredCache(Cache):
         ``scratch_bytes`` is what computing ``probs`` allocated (float32 copies, logits, probabilities).
         """
         layer = self.layers[layer_idx]
-        if not layer.awaiting_scores or probs.shape[-1] != layer.num_retained:
+        if not layer.awaiting_scores:
             return
+        if probs.shape[-1] != layer.num_retained:
+            raise TiersimError(
+                f"layer {layer_idx}'s attention saw {probs.shape[-1]} keys, the cache holds {layer.num_retained}: "
+                "the keys attention got did not come from this cache's update"
+            )
         self._peak_scoring = max(self._peak_scoring, scratch_bytes)
         layer.awaiting_scores = False
         step = layer.step
@@ -246,21 +269,25 @@ class TieredCache(Cache):
     def stats(self) -> dict:
         """Bytes held now (whole batch, all layers) and bytes moved so far.
 
-        ``bytes`` splits what the cache holds by role. On the compute device: ``hbm`` (the HBM
-        tier), ``compressed`` (codes, scales, minimums, token -> group map, full-precision residual),
-        ``staging`` (the DDR prefetch buffers), ``bookkeeping`` (per-token positions / tiers / scores /
-        slots with their spare capacity, kept attention rows, tier indices); ``device_resident`` is
-        their sum. On the host: ``ddr`` counts the tokens in the DDR tier, ``ddr_allocated`` adds the
-        holes left by promotions until the chunks are compacted (the prefetch copies those too).
-        Every figure is storage actually allocated (a view counts its whole buffer, once).
+        ``bytes`` splits what the cache holds by role (:mod:`~tiersim.hierarchy.accounting` walks every
+        tensor the cache reaches, so nothing it keeps alive goes uncounted). On the compute device:
+        ``hbm`` (the HBM tier), ``compressed`` (codes, scales, minimums, token -> group map,
+        full-precision residual), ``staging`` (the DDR prefetch buffers), ``predictor`` (selective's
+        per-page key bounds), ``bookkeeping`` (per-token positions / tiers / scores / slots with their
+        spare capacity, kept attention rows, tier indices); ``device_resident`` is their sum. On the
+        host: ``ddr`` counts the tokens in the DDR tier, ``ddr_allocated`` adds the holes left by
+        promotions until the chunks are compacted (the prefetch copies those too). Every figure is
+        storage actually allocated (a view, even a zero-width one, counts its whole buffer, once).
 
         ``peak_bytes`` holds what a step allocates on the device for a while, the largest so far:
-        ``layer_buffer`` (one layer's reassembled K+V, alive while that layer attends; 0 while
-        everything is in HBM), ``scoring`` (the float32 copies, logits and probabilities of one
+        ``layer_buffer`` (one layer's reassembled K+V, for its attention or for a re-tier, or the
+        per-step dequantized and fetched copies host-attention reads; 0 while everything is in HBM),
+        ``scoring`` (the float32 copies, logits and probabilities of one
         layer's scoring) and ``device`` = ``device_resident`` + both (layers run one at a time).
         """
-        held = accounting.held_bytes(self.layers, self.access)
-        peak = {"layer_buffer": self._peak_layer_buffer, "scoring": self._peak_scoring}
+        held = accounting.held_bytes(self)
+        peak = {"layer_buffer": max((layer.peak_buffer for layer in self.layers), default=0),
+                "scoring": self._peak_scoring}
         peak["device"] = held["device_resident"] + peak["layer_buffer"] + peak["scoring"]
         return {
             "bytes": held,

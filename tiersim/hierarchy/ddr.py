@@ -31,6 +31,12 @@ class DDRChunk:
     live_row0: int = 0  # row 0's tokens in the DDR tier (set with the index, once per re-tiering)
     bounds: tuple | None = None  # selective: per-page key (min, max) [B, H, pages, D] on the compute device
 
+    def __getstate__(self) -> dict:
+        """A copy waits for the copy-down to finish and leaves the CUDA event out (it cannot be copied)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return {**self.__dict__, "ready": None}
+
     def refresh_index(self) -> None:
         """Rebuild the scatter index of the valid entries (once per re-tiering, not per step), and
         row 0's live count: reading it from ``valid`` (on the GPU) every step would sync every layer."""
@@ -86,3 +92,21 @@ def compact(chunks: list) -> list:
         merged_k, merged_v = merged_k.pin_memory(), merged_v.pin_memory()
     merged = DDRChunk(merged_k, merged_v, index_valid, slots.gather(1, index))
     return [merged, newest]
+
+
+def pinned_down(stream, query: torch.Tensor, masks: list):
+    """(query, masks, ready event) copied to pinned host memory on ``stream`` once the compute stream's
+    work so far is done: what host-attention sends down for the host's part of attention."""
+    stream.wait_stream(torch.cuda.current_stream(query.device))
+    with torch.cuda.stream(stream):
+        out = []
+        for t in (query, *masks):
+            if t is None:
+                out.append(None)
+                continue
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            out.append(host)
+        ready = torch.cuda.Event()
+        ready.record(stream)
+    return out[0], out[1:], ready

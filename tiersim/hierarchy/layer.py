@@ -15,9 +15,19 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from tiersim.errors import TiersimError
 from tiersim.hierarchy.config import TierConfig
 from tiersim.hierarchy.ddr import DDRChunk, compact, to_host
-from tiersim.hierarchy.index import TokenIndex, gather_tokens, masked_index, own_storage, padded_index, scatter_tokens
+from tiersim.hierarchy.index import (
+    TokenIndex,
+    empty_columns,
+    gather_tokens,
+    masked_index,
+    nbytes,
+    own_storage,
+    padded_index,
+    scatter_tokens,
+)
 from tiersim.hierarchy.policy import COMPRESSED, DDR, EVICTED, HBM, LayerView, assign_tiers
 from tiersim.hierarchy.quant import QuantizedKV, quantize_kv
 
@@ -64,6 +74,7 @@ class TieredLayer(CacheLayerMixin):
     policy: object | None = None
     access: object | None = None  # DDRAccess: how the DDR tier reaches attention (shared by the cache's layers)
     bytes_d2h: int = 0  # demotions copied down to DDR
+    peak_buffer: int = 0  # largest transient device buffer of one step (see ``note_buffer``)
 
     def __post_init__(self):
         CacheLayerMixin.__init__(self)
@@ -74,13 +85,24 @@ class TieredLayer(CacheLayerMixin):
         empty = key_states.new_empty((batch, heads, 0, dim))
         self.hbm_k, self.hbm_v = empty, empty.clone()
         self.keys, self.values = self.hbm_k, self.hbm_v
-        long_empty = torch.empty((batch, 0), dtype=torch.long, device=self.device)
-        self.comp_slot = long_empty
-        self.hbm_slot = long_empty
-        self.positions = long_empty
-        self.tiers = torch.empty((batch, 0), dtype=torch.uint8, device=self.device)
-        self.cumulative = torch.empty((batch, 0), dtype=torch.float32, device=self.device)
+        self.comp_slot = empty_columns(batch, self.device)
+        self.hbm_slot = empty_columns(batch, self.device)
+        self.positions = empty_columns(batch, self.device)
+        self.tiers = empty_columns(batch, self.device, torch.uint8)
+        self.cumulative = empty_columns(batch, self.device, torch.float32)
         self.is_initialized = True
+
+    def __getstate__(self) -> dict:
+        """A copy leaves out this step's staged prefetch (CUDA views and event): it prefetches anew."""
+        return {**self.__dict__, "staged": None, "prefetch_event": None}
+
+    def reset(self) -> None:
+        """Refused: one layer cannot forget its tokens while the others and the mask remember them."""
+        raise TiersimError("reset the whole TieredCache (cache.reset()), not one of its layers")
+
+    @property
+    def batch_size(self) -> int:
+        return self.hbm_k.shape[0]
 
     # -- growable per-token columns --------------------------------------------------------------
     def _get(self, name: str) -> torch.Tensor:
@@ -129,11 +151,20 @@ class TieredLayer(CacheLayerMixin):
         """Tokens seen (evicted ones included): transformers derives new tokens and positions from it."""
         return self.context_len
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """The mask spans the retained tokens (what attention gets) plus the new queries."""
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        """The mask spans the retained tokens (what attention gets) plus the new queries.
+
+        transformers before 5.3 passes the queries' ``cache_position`` tensor instead of their count.
+        """
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
         return self.num_retained + query_length, 0
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:
+        """No fixed capacity (transformers before 5.3 asks under this name)."""
         return -1
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -166,8 +197,26 @@ class TieredLayer(CacheLayerMixin):
         self.context_len += q_len
         self.keys, self.values = self.hbm_k, self.hbm_v
 
+    def device_tiers(self) -> list:
+        """Every tier on the device, in its own storage: HBM, the dequantized compressed tokens, their
+        full-precision residual, as (keys, values, slots [B, m], valid [B, m] or None, TokenIndex or None).
+
+        The one list of what attention must see besides the DDR tier: ``assemble`` scatters it, the
+        strategies that attend where the tokens live (host-attention, hybrid) attend to it directly.
+        """
+        tiers = [(self.hbm_k, self.hbm_v, self.hbm_slot, None, None)]
+        if self.comp is not None:
+            ck, cv = self.comp.dequantize()
+            index = self.comp_index
+            tiers.append((ck.to(self.dtype), cv.to(self.dtype), index.slot, index.valid, index))
+        if self.residual_index is not None:
+            index = self.residual_index
+            tiers.append((self.residual_k, self.residual_v, index.slot, index.valid, index))
+        return tiers
+
     def assemble(self, staged: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's retained keys/values in original order, every tier at its slot."""
+        """The layer's retained keys/values in original order: every device tier and the ``staged``
+        device copies of the DDR chunks at their slots (DDR slots left unset when ``staged`` is empty)."""
         n = self.num_retained
         if self.hbm_k.shape[2] == n:
             # Everything is in HBM and HBM is in slot order: nothing to reassemble.
@@ -175,27 +224,20 @@ class TieredLayer(CacheLayerMixin):
         batch, heads, _, dim = self.hbm_k.shape
         keys = self.hbm_k.new_empty((batch, heads, n, dim))
         values = self.hbm_v.new_empty((batch, heads, n, dim))
-        scatter_tokens(keys, values, self.hbm_slot, self.hbm_k, self.hbm_v)
-        if self.comp is not None:
-            ck, cv = self.comp.dequantize()
-            self.comp_index.scatter(keys, values, ck.to(keys.dtype), cv.to(values.dtype))
-        if self.residual_index is not None:
-            self.residual_index.scatter(keys, values, self.residual_k, self.residual_v)
+        self.note_buffer(2 * nbytes(keys))
+        for tier_k, tier_v, slots, _, index in self.device_tiers():
+            if index is None:
+                scatter_tokens(keys, values, slots, tier_k, tier_v)
+            else:
+                index.scatter(keys, values, tier_k, tier_v)
         for chunk, (sk, sv) in zip(self.ddr, staged):
             chunk.index.scatter(keys, values, sk, sv)
         return keys, values
 
-    def device_tiers(self):
-        """The tiers on the device as (keys, values, slots [B, m], valid [B, m] or None), each in its own
-        storage: HBM, the dequantized compressed tokens, their full-precision residual."""
-        tiers = [(self.hbm_k, self.hbm_v, self.hbm_slot, None)]
-        if self.comp is not None:
-            ck, cv = self.comp.dequantize()
-            tiers.append((ck.to(self.dtype), cv.to(self.dtype), self.comp_index.slot, self.comp_index.valid))
-        if self.residual_index is not None:
-            index = self.residual_index
-            tiers.append((self.residual_k, self.residual_v, index.slot, index.valid))
-        return tiers
+    def note_buffer(self, size: int) -> None:
+        """Record a transient device buffer of ``size`` bytes the layer's step allocates (its peak is
+        ``stats()['peak_bytes']['layer_buffer']``): every assembly, every per-step dequantized copy."""
+        self.peak_buffer = max(self.peak_buffer, size)
 
     # -- scores ----------------------------------------------------------------------------------
     def accumulate_scores(self, probs: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
@@ -292,7 +334,7 @@ class TieredLayer(CacheLayerMixin):
         Rows may hold different numbers of quantized and residual tokens (padded, ``valid``).
         """
         if not bool((new == COMPRESSED).any()):
-            self.comp, self.comp_slot, self.comp_index = None, new_slot_of_old[:, :0], None
+            self.comp, self.comp_slot, self.comp_index = None, empty_columns(new.shape[0], new.device), None
             self.residual_k = self.residual_v = self.residual_index = None
             return
         group = self.config.quant_group
@@ -332,7 +374,7 @@ class TieredLayer(CacheLayerMixin):
                 self.residual_k, self.residual_v = rk, rv
                 self.residual_index = TokenIndex(valid, new_slot_of_old.gather(1, rslot))
         self.comp, self.comp_index = None, None
-        self.comp_slot = new_slot_of_old[:, :0]
+        self.comp_slot = empty_columns(new.shape[0], new.device)
         if comp is not None:
             index, valid = padded_index(comp_valid)
             if index.shape[1]:

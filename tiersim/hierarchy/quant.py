@@ -7,6 +7,11 @@ Every value is reconstructed within half a quantization step of the original: |x
 computed in float32; a bf16/fp16 tier then rounds x̂ once to its dtype (half an ulp more). Scales and
 minimums are kept in float32 for that reason: rounded to bf16, a scale times a code of up to 255 would
 miss by more than the step.
+
+Ranges are computed on halves (``hi/2 - lo/2``, then doubled): a group spanning -3e38..3e38 has a
+range beyond float32, so ``hi - lo`` would be inf and every code NaN. Halving and doubling are exact
+in binary floating point, so for every range that fits the codes and scales are bit for bit those
+of the plain formula. Non-finite input (NaN, inf) is refused: it would poison its whole group.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tiersim.errors import TiersimError
 from tiersim.hierarchy import quant_layout
 
 
@@ -39,14 +45,29 @@ def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.stack((low, high), dim=-1).flatten(-2)
 
 
+def _half_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(a - b) / 2 without overflow: exact halves of float32 values never leave the float32 range."""
+    return a / 2 - b / 2
+
+
+def _step(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
+    """The quantization step (hi - lo) / levels, finite for every finite lo <= hi."""
+    return _half_difference(hi, lo) / _levels(bits) * 2
+
+
 def _quantize(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int):
     """Codes and (scale, minimum) for x given broadcastable per-group lo/hi (all float32)."""
     levels = _levels(bits)
-    scale = (hi - lo) / levels
+    scale = _step(lo, hi, bits)
     # A constant group has scale 0; any positive scale reconstructs it exactly (code 0 -> lo).
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = torch.round((x - lo) / safe).clamp_(0, levels).to(torch.uint8)
+    codes = torch.round(_half_difference(x, lo) / (safe / 2)).clamp_(0, levels).to(torch.uint8)
     return codes, scale, lo
+
+
+def _reconstruct(minimum: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """minimum + codes * scale in float32, on halves so that codes * scale (up to hi - lo) cannot overflow."""
+    return torch.addcmul(minimum / 2, codes, scale / 2).mul_(2)
 
 
 @dataclass
@@ -91,11 +112,11 @@ class QuantizedKV:
         rows = torch.arange(batch, device=self.key_group.device)[:, None]
         k_scale = self.key_scale[rows, :, self.key_group].permute(0, 2, 1, 3)  # [B, H, n, D]
         k_min = self.key_min[rows, :, self.key_group].permute(0, 2, 1, 3)
-        keys = torch.addcmul(k_min, _unpack(self.key_codes, self.bits).float(), k_scale)
+        keys = _reconstruct(k_min, _unpack(self.key_codes, self.bits).float(), k_scale)
         v_codes = _unpack(self.value_codes, self.bits).float()
         shape = v_codes.shape
         v = v_codes.reshape(*shape[:-1], -1, self.group)
-        values = torch.addcmul(self.value_min.unsqueeze(-1), v, self.value_scale.unsqueeze(-1)).reshape(shape)
+        values = _reconstruct(self.value_min.unsqueeze(-1), v, self.value_scale.unsqueeze(-1)).reshape(shape)
         return keys.to(self.dtype), values.to(self.dtype)
 
     def select(self, index: torch.Tensor) -> "QuantizedKV":
@@ -168,6 +189,11 @@ def quantize_kv(keys: torch.Tensor, values: torch.Tensor, bits: int = 4, group: 
     if dim % group and group < dim:
         raise ValueError(f"head_dim {dim} is not a multiple of the quantization group {group}")
     value_group = quant_layout.value_group(group, dim)
+    if not (bool(torch.isfinite(keys).all()) and bool(torch.isfinite(values).all())):
+        raise TiersimError(
+            "the compressed tier got non-finite keys or values (NaN or inf, e.g. a float16 overflow): "
+            "quantization cannot represent them; use another dtype or compressed=0"
+        )
     dtype = keys.dtype
     keys, values = keys.float(), values.float()  # codes and scales in float32 (see the module doc)
     # Keys: per channel over groups of `group` tokens. Pad the token axis by repeating the last
@@ -196,7 +222,7 @@ def quantize_kv(keys: torch.Tensor, values: torch.Tensor, bits: int = 4, group: 
         bits,
         value_group,
         _pack(k_codes, bits),
-        (k_hi - k_lo) / _levels(bits),
+        _step(k_lo, k_hi, bits),
         k_lo,
         key_group,
         _pack(v_codes.reshape(batch, heads, n, dim), bits),
@@ -214,9 +240,9 @@ def error_bound(x: torch.Tensor, bits: int, group: int, per: str) -> torch.Tenso
         pad = n_groups * group - n
         xp = torch.cat((x, x[:, :, -1:, :].expand(batch, heads, pad, dim)), dim=2) if pad else x
         g = xp.reshape(batch, heads, n_groups, group, dim)
-        step = (g.amax(3) - g.amin(3)) / _levels(bits)
+        step = _step(g.amin(3), g.amax(3), bits)
         return (step.repeat_interleave(group, dim=2)[:, :, :n]) / 2
     vg = quant_layout.value_group(group, dim)
     g = x.reshape(batch, heads, n, dim // vg, vg)
-    step = (g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True)) / _levels(bits)
+    step = _step(g.amin(-1, keepdim=True), g.amax(-1, keepdim=True), bits)
     return (step.expand_as(g) / 2).reshape(x.shape)

@@ -34,7 +34,9 @@ def check_model_supported(model_config) -> None:
     window = getattr(config, "sliding_window", None)
     uses_window = getattr(config, "use_sliding_window", window is not None)
     if window is not None and uses_window:
-        raise TiersimError(f"unsupported model: sliding-window attention (sliding_window={window}); {FULL_ATTENTION_ONLY}")
+        raise TiersimError(
+            f"unsupported model: sliding-window attention (sliding_window={window}); {FULL_ATTENTION_ONLY}"
+        )
     if getattr(config, "attention_chunk_size", None):
         raise TiersimError(f"unsupported model: chunked attention; {FULL_ATTENTION_ONLY}")
 
@@ -44,11 +46,19 @@ def check_head_dim(tier_config, head_dim: int) -> None:
     if tier_config.compressed <= 0:
         return
     group = tier_config.quant_group
-    if head_dim % group and group < head_dim:
-        divisors = [d for d in range(1, head_dim + 1) if head_dim % d == 0 and d >= 8] or [head_dim]
+    divisors = [d for d in range(1, head_dim + 1) if head_dim % d == 0 and d >= 8] or [head_dim]
+    choices = f"pick one of {', '.join(map(str, divisors))}"
+    if group > head_dim:
+        # Values are quantized in groups of quant_group channels: a wider group would silently shrink to
+        # the head, and the simulator, pricing the tier per quant_group, would charge the wrong bytes.
+        raise TiersimError(
+            f"TierConfig.quant_group={group} is wider than head_dim {head_dim}: the compressed tier quantizes "
+            f"values in groups of quant_group channels ({choices})"
+        )
+    if head_dim % group:
         raise TiersimError(
             f"TierConfig.quant_group={group} does not divide head_dim {head_dim}: the compressed tier "
-            f"quantizes values in groups of quant_group channels (pick one of {', '.join(map(str, divisors))})"
+            f"quantizes values in groups of quant_group channels ({choices})"
         )
     if tier_config.compressed_bits == 4 and head_dim % 2:
         raise TiersimError(f"4-bit compression packs two codes per byte: head_dim {head_dim} must be even")

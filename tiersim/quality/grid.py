@@ -32,6 +32,7 @@ class Cell:
     method: str
     hbm: float
     config: TierConfig
+    press: object | None = None  # a kvpress press (tiersim.quality.presses.PressSpec) instead of the TieredCache
 
     @property
     def label(self) -> str:
@@ -91,9 +92,11 @@ def build_cells(
     compressed: Sequence[float] = (0.0,),
     baselines: Sequence[str] = (),
     strategies: Sequence[str] = ("prefetch",),
+    presses: Sequence = (),
     **options,
 ) -> list[Cell]:
-    """The hierarchy's cells (every hbm x compressed x evict) then each baseline at every hbm < 1.
+    """The hierarchy's cells (every hbm x compressed x evict), each baseline at every hbm < 1, then each
+    kvpress press (``presses``: :class:`tiersim.quality.presses.PressSpec`) at every hbm < 1, pruning the rest.
 
     ``strategies``: the hierarchy's cells run the first; every further strategy adds a copy of the
     cells that hold DDR tokens, as method ``hierarchy/<strategy>``, so the grid shows what each
@@ -134,6 +137,11 @@ def build_cells(
                 config = TierConfig(hbm=h, evict=round(1.0 - h, 12), policy=name,
                                     **{**options, "fetch_share": 1.0})
                 cells.append(Cell(name, h, config))
+    for spec in _unique(presses):
+        for h in hbm:
+            if h < 1.0:
+                config = TierConfig(hbm=h, evict=round(1.0 - h, 12), **{**options, "fetch_share": 1.0})
+                cells.append(Cell(spec.method, h, config, press=spec))
     return cells
 
 
@@ -170,11 +178,55 @@ def generate_run(model, input_ids, cell: Cell | None, max_new_tokens: int,
 
     from tiersim.hierarchy.cache import TieredCache
 
+    if cell is not None and cell.press is not None:
+        return _press_run(model, input_ids, cell, max_new_tokens)
     cache = DynamicCache() if cell is None else TieredCache(cell.config)
     start = time.perf_counter()
     ids = generate(model, input_ids, cache, max_new_tokens, generation_kwargs)
     seconds = time.perf_counter() - start
     return ids, seconds, (cache.tier_counts(0) if cell is not None else {})
+
+
+def _eos_ids(model) -> tuple:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
+
+
+def _press_run(model, input_ids, cell: Cell, max_new_tokens: int) -> tuple[list[int], float, dict]:
+    """One generation under a kvpress press, decoded as kvpress's pipeline decodes."""
+    from tiersim.quality import presses
+
+    press = presses.make_press(cell.press, cell.config.evict, cell.config.retier_every)
+    start = time.perf_counter()
+    ids, _ = presses.decode(model, input_ids, max_new_tokens, press=press, spec=cell.press, eos_ids=_eos_ids(model))
+    return ids, time.perf_counter() - start, {}
+
+
+def teacher_forced_kl(model, samples: Sequence[Sample], cells: Sequence[Cell], full_tokens: Sequence,
+                      on_pass: Callable[[str, "Cell | None"], None] | None = None) -> list[float]:
+    """Per cell, the mean over prompts of KL(full cache || cell) per step, both reading the full cache's
+    tokens (teacher forcing), every cache through the same decoding loop (:func:`presses.decode`).
+    ``on_pass`` sees each (prompt, cell) pass as it finishes (cell None: the full cache's)."""
+    from tiersim.hierarchy.cache import TieredCache
+    from tiersim.quality import presses
+
+    totals = [0.0] * len(cells)
+    for sample, forced in zip(samples, full_tokens):
+        _, reference = presses.decode(model, sample.input_ids, len(forced), forced=forced)
+        if on_pass is not None:
+            on_pass(sample.id, None)
+        for i, cell in enumerate(cells):
+            if cell.press is not None:
+                press = presses.make_press(cell.press, cell.config.evict, cell.config.retier_every)
+                _, logits = presses.decode(model, sample.input_ids, len(forced), press=press, spec=cell.press,
+                                           forced=forced)
+            else:
+                _, logits = presses.decode(model, sample.input_ids, len(forced), cache=TieredCache(cell.config),
+                                           forced=forced)
+            totals[i] += metrics.teacher_forced_kl(reference, logits)
+            if on_pass is not None:
+                on_pass(sample.id, cell)
+    return [total / len(samples) for total in totals]
 
 
 def in_process(model) -> Runner:
@@ -197,6 +249,8 @@ def run_grid(
     on_run: Callable[[Run], None] | None = None,
     journal=None,
     runner: Runner | None = None,
+    kl: bool = False,
+    on_kl: Callable[[str, "Cell | None"], None] | None = None,
 ) -> tuple[list[dict], dict]:
     """Run the full cache and every cell on every sample; returns (rows, full-cache summary).
 
@@ -205,7 +259,9 @@ def run_grid(
     (:class:`tiersim.quality.journal.RunJournal`) runs it already holds are reused, not generated,
     and every new run is recorded in it the moment it finishes, here in the calling process whichever
     ``runner`` generated it (default: :func:`in_process` on ``model``; ``model`` may then be None).
-    The rows depend only on the generated tokens, never on the order runs finish in.
+    The rows depend only on the generated tokens, never on the order runs finish in. ``kl``: each row also
+    gets ``mean_kl``, the teacher-forced KL against the full cache (:func:`teacher_forced_kl`, on ``model``
+    in this process; not journaled), ``on_kl`` seeing each of its passes.
     """
     from tiersim.prompts import extract_answer
 
@@ -250,6 +306,11 @@ def run_grid(
     truths = [s.answer for s in samples]
     full_accuracy = metrics.accuracy([r.answer for r in full], truths)
     rows = [_row(cell, cell_runs, full, truths, full_accuracy) for cell, cell_runs in zip(cells, per_cell)]
+    if kl:
+        if model is None:
+            raise ConfigError("the teacher-forced KL runs in this process: it needs the model here (not --ray)")
+        for row, value in zip(rows, teacher_forced_kl(model, samples, cells, [r.token_ids for r in full], on_kl)):
+            row["mean_kl"] = value
     summary = {"accuracy": full_accuracy, "tokens_per_s": _rate(full), "mean_new_tokens": _mean_len(full)}
     return rows, summary
 

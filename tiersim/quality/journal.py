@@ -60,6 +60,8 @@ class RunJournal:
         ids = sample.input_ids.reshape(-1).tolist()
         config = None if cell is None else {"method": cell.method, "hbm": cell.hbm,
                                             "config": dataclasses.asdict(cell.config)}
+        if cell is not None and cell.press is not None:  # only then: earlier journals' keys stay valid
+            config["press"] = dataclasses.asdict(cell.press)
         return _digest({
             "context": self.context, "sample": sample.id, "input_ids": _digest(ids), "cell": config,
             "max_new_tokens": max_new_tokens, "generation": generation_kwargs or {},

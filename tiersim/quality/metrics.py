@@ -64,3 +64,18 @@ def accuracy(answers: Sequence[str | None], truths: Sequence[str | None]) -> flo
 def _same_length(a: Sequence, b: Sequence) -> None:
     if len(a) != len(b):
         raise ValueError(f"metric inputs differ in length: {len(a)} reference vs {len(b)} candidate outputs")
+
+
+def teacher_forced_kl(reference_logits: Sequence, logits: Sequence) -> float:
+    """Mean KL(full cache || cell) over the steps of one prompt, both decoding the full cache's tokens.
+
+    Each step's next-token distributions are compared in float64; a divergence count alone says little
+    when every cell of a 50% budget changes the text, the KL says how far each step's prediction moved.
+    """
+    import torch
+
+    if len(reference_logits) != len(logits) or not logits:
+        raise ValueError(f"teacher-forced KL needs equally many steps, got {len(reference_logits)} and {len(logits)}")
+    ref = torch.log_softmax(torch.stack(list(reference_logits)).double(), dim=-1)
+    got = torch.log_softmax(torch.stack(list(logits)).double(), dim=-1)
+    return float((ref.exp() * (ref - got)).sum(dim=-1).clamp_min(0).mean())

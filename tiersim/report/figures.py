@@ -12,6 +12,7 @@ from __future__ import annotations
 from tiersim.report.calibration import link_sweep, measured_vs_simulated
 from tiersim.report.capacity import _evict_color, capacity_frontier, savings_vs_batch, throughput_frontier
 from tiersim.report.quality import quality_heatmap
+from tiersim.report.serving import latency_vs_load, serving_timeline
 from tiersim.report.simulation import hbm_occupancy, pcie_traffic
 from tiersim.report.style import (BASELINE_COLORS, BASELINE_NAMES, FONT, LINE_RED, NICE_OVERHEADS, STRATEGY_SYMBOLS,
                                   TIER_COLORS, _human_bytes, _layout, _overhead_axis, _pct, config_label)
@@ -19,6 +20,6 @@ from tiersim.report.style import (BASELINE_COLORS, BASELINE_NAMES, FONT, LINE_RE
 __all__ = [
     "BASELINE_COLORS", "BASELINE_NAMES", "FONT", "LINE_RED", "NICE_OVERHEADS", "STRATEGY_SYMBOLS", "TIER_COLORS",
     "capacity_frontier", "config_label", "hbm_occupancy", "link_sweep", "measured_vs_simulated", "pcie_traffic",
-    "quality_heatmap", "savings_vs_batch", "throughput_frontier",
+    "latency_vs_load", "quality_heatmap", "savings_vs_batch", "serving_timeline", "throughput_frontier",
 ]
 _PRIVATE = (_evict_color, _human_bytes, _layout, _overhead_axis, _pct)  # kept importable from here, as before

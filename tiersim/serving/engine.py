@@ -27,6 +27,7 @@ import simpy
 from tiersim.hierarchy.config import TierConfig
 from tiersim.serving import memory
 from tiersim.serving.memory import BLOCK_TOKENS, blocks
+from tiersim.serving.onfull import OnFull
 from tiersim.serving.stepcost import StepPricer
 from tiersim.serving.workload import Requests
 
@@ -75,11 +76,15 @@ class Request:
     version: int = 0
 
 
-class Engine:
+class Engine(OnFull):
     """One serving run: ``requests`` on ``pricer``'s model and GPUs under ``config``."""
 
-    def __init__(self, requests: Requests, pricer: StepPricer, config: EngineConfig):
+    def __init__(self, requests: Requests, pricer: StepPricer, config: EngineConfig,
+                 stop_after_late: tuple[float, int] | None = None):
+        """``stop_after_late = (ttft_s, count)``: end the run once ``count`` requests got their first token later
+        than ``ttft_s`` after arriving (a capacity search's point that has already failed its p99)."""
         self.pricer, self.config = pricer, config
+        self.stop_after_late, self.late, self.stopped = stop_after_late, 0, False
         memory.check_on_full(config.on_full)
         self.budget = memory.budget(pricer.model, pricer.rank, pricer.gpu, config.max_batch, config.token_budget)
         for i, (p, o) in enumerate(zip(requests.prompt.tolist(), requests.output.tolist())):
@@ -146,76 +151,6 @@ class Engine:
     def _set_staging(self) -> None:
         self.pool.staging = self.budget.staging_blocks(self.sum_spilled)
 
-    # -- the on-full policies --------------------------------------------------------------------------------
-    def _victim(self) -> Request | None:
-        return max(self.decoding.values(), key=lambda r: r.order, default=None)
-
-    def _preempt(self, r: Request, swap: bool) -> float:
-        """Free ``r``'s blocks and queue it at the front; seconds of KV moved over the link (swap)."""
-        self._leave(r)
-        seconds = 0.0
-        ddr_room = self.budget.ddr_bytes - (self.swapped_tokens + self.sum_spilled) * self.pricer.kv_per_token
-        swap = swap and r.cached * self.pricer.kv_per_token <= ddr_room and r.spilled == 0
-        self.pool.give(r.blocks)
-        self.pool.reserved -= max(r.reserve, 0)
-        r.blocks = r.reserve = 0
-        if swap:
-            seconds = self._move(r.cached, "d2h")
-            r.swapped = True
-            self.swapped_tokens += r.cached
-        else:
-            r.recomputed += r.cached
-            r.target, r.prefilled, r.cached, r.spilled = r.cached, 0, 0, 0
-        r.preemptions += 1
-        self.preemptions += 1
-        self.waiting.appendleft(r)
-        self._set_staging()
-        return seconds
-
-    def _spill_one(self) -> int:
-        """Move the tier split's DDR share of the longest decoding request to DDR; tokens moved (0: none)."""
-        ddr_room = self.budget.ddr_bytes - (self.swapped_tokens + self.sum_spilled) * self.pricer.kv_per_token
-        best, best_n = None, 0
-        for r in self.decoding.values():
-            cached = r.join_cached + self.g - r.join_step
-            n = memory.spill_tokens(self.config.tiers, cached, r.spilled)
-            freed = blocks(cached - r.spilled) - blocks(cached - r.spilled - n)
-            if freed > 0 and n * self.pricer.kv_per_token <= ddr_room and n > best_n:
-                best, best_n = r, n
-        if best is None:
-            return 0
-        self._leave(best)
-        before = best.blocks
-        best.spilled += best_n
-        best.spills += 1
-        best.spilled_peak = max(best.spilled_peak, best.spilled)
-        best.blocks = blocks(self._hbm_tokens(best))
-        self.pool.give(before - best.blocks)
-        self._join(best)
-        self.spilled_tokens_total += best_n
-        self.moved_bytes["d2h"] += best_n * self.pricer.kv_per_token
-        self._set_staging()
-        return best_n
-
-    def _restore(self) -> float:
-        """Bring spilled tokens back to HBM while the pool has room to spare; seconds of copies."""
-        seconds = 0.0
-        for r in sorted((r for r in self.decoding.values() if r.spilled), key=lambda r: r.order):
-            cached = r.join_cached + self.g - r.join_step
-            extra = blocks(cached) - blocks(cached - r.spilled)
-            staging_after = self.budget.staging_blocks(self.sum_spilled - r.spilled)
-            room = self.pool.free + self.pool.staging - staging_after - int(self.phase.sum())
-            if room - extra < memory.RESTORE_HEADROOM * self.pool.total:
-                continue
-            self._leave(r)  # sum_spilled no longer counts r's DDR tokens
-            seconds += self._move(r.spilled, "h2d")
-            r.spilled = 0
-            self._set_staging()
-            self.pool.take(blocks(r.cached) - r.blocks)
-            r.blocks = blocks(r.cached)
-            self._join(r)
-        return seconds
-
     def _move(self, tokens: int, direction: str) -> float:
         self.moved_bytes[direction] += tokens * self.pricer.kv_per_token
         return self.pricer.move_s(tokens, direction)
@@ -223,25 +158,6 @@ class Engine:
     def _next_need(self) -> int:
         """Blocks the decoding requests need before the next step (those whose HBM tokens fill their blocks)."""
         return int(self.phase[(-self.g) % BLOCK_TOKENS])
-
-    def _make_room(self) -> tuple[float, float, bool]:
-        """Free blocks for the next decode step by ``--on-full``: (serial seconds, demoted tokens, preempted)."""
-        seconds, demoted, preempted = 0.0, 0.0, False
-        policy = self.config.on_full
-        if policy == "queue":
-            return seconds, demoted, preempted
-        while self._next_need() > self.pool.free:
-            if policy == "spill":
-                moved = self._spill_one()
-                if moved:
-                    demoted += moved
-                    continue
-            victim = self._victim()
-            if victim is None:
-                break
-            seconds += self._preempt(victim, swap=policy == "preempt-swap")
-            preempted = True
-        return seconds, demoted, preempted
 
     def _admit(self, room_rows: int) -> tuple[float, list[Request]]:
         """Admit waiting requests FCFS while the batch and memory allow; (serial seconds, swapped in)."""
@@ -264,6 +180,8 @@ class Engine:
                 continue
             if room_rows <= 0:
                 break
+            if self.sum_spilled and self.config.on_full == "spill":
+                break  # spill is an overflow buffer for the running requests, not room for new ones
             if r.target == 0 and r.generated == 0:
                 r.target = r.prompt
             need = blocks(r.target)
@@ -320,7 +238,7 @@ class Engine:
     def scheduler(self):
         env, config, pricer = self.env, self.config, self.pricer
         n = len(self.requests)
-        while self.done < n:
+        while self.done < n and not self.stopped:
             if not (self.decoding or self.prefilling or self.waiting):
                 self.arrived = env.event()
                 yield self.arrived
@@ -396,6 +314,9 @@ class Engine:
                     r.generated += 1
                     if math.isnan(r.first_token):
                         r.first_token = now
+                        if self.stop_after_late and now - r.arrival > self.stop_after_late[0]:
+                            self.late += 1
+                            self.stopped = self.late >= self.stop_after_late[1]
                     if r.generated >= r.output:
                         self._finish(r)
                     else:

@@ -30,6 +30,10 @@ class SLO:
 
 
 def percentiles(values: np.ndarray) -> dict[str, float]:
+    """p50/p90/p99 and the mean over the values known (a stopped run leaves the rest NaN)."""
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return {f"p{p}": float("nan") for p in PERCENTILES} | {"mean": float("nan")}
     return {f"p{p}": float(np.percentile(values, p)) for p in PERCENTILES} | {"mean": float(np.mean(values))}
 
 
@@ -54,16 +58,18 @@ def summary(engine, slo: SLO, rows: dict[str, np.ndarray] | None = None) -> dict
     makespan = float(engine.env.now)
     span = float(rows["arrival_s"][-1] - rows["arrival_s"][0]) if n > 1 else 0.0
     tp = engine.pricer.tp
-    tokens = int(rows["output_tokens"].sum())
+    tokens = int(sum(r.generated for r in engine.requests))  # all asked for, unless the run stopped early
     ms = lambda key: {k: v * 1e3 for k, v in percentiles(rows[key]).items()}  # noqa: E731
-    p99_ttft, p99_tpot = float(np.percentile(rows["ttft_s"], 99)), float(np.percentile(rows["tpot_s"], 99))
+    p99_ttft, p99_tpot = percentiles(rows["ttft_s"])["p99"], percentiles(rows["tpot_s"])["p99"]
+    stopped = bool(getattr(engine, "stopped", False))
     in_system = engine.area / makespan if makespan > 0 else 0.0
     return {
         "requests": n,
         "offered_qps": (n - 1) / span if span > 0 else math.nan,
         "makespan_s": makespan,
         "ttft_ms": ms("ttft_s"), "tpot_ms": ms("tpot_s"), "e2e_ms": ms("e2e_s"), "queue_ms": ms("queue_s"),
-        "within_slo": bool(p99_ttft <= slo.ttft_s and p99_tpot <= slo.tpot_s),
+        "within_slo": bool(not stopped and p99_ttft <= slo.ttft_s and p99_tpot <= slo.tpot_s),
+        "stopped_early": stopped,
         "slo": {"ttft_ms": slo.ttft_s * 1e3, "tpot_ms": slo.tpot_s * 1e3, "percentile": 99},
         "goodput_qps": goodput(rows, span, makespan),
         "slo_attainment": float(rows["meets_slo"].mean()),
@@ -77,7 +83,7 @@ def summary(engine, slo: SLO, rows: dict[str, np.ndarray] | None = None) -> dict
         "steps": int(engine.steps), "prefill_steps": int(engine.prefill_steps),
         "mean_batch": mean_batch(engine),
         "kv_budget_gb_per_gpu": engine.budget.kv_gb,
-        "littles_law": {"mean_in_system": in_system, "lambda_times_e2e": n / makespan * float(rows["e2e_s"].mean())
+        "littles_law": {"mean_in_system": in_system, "lambda_times_e2e": n / makespan * float(np.mean(rows["e2e_s"]))
                         if makespan > 0 else 0.0},
     }
 

@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from tiersim.hierarchy.config import TierConfig
 from tiersim.serving import metrics
 from tiersim.serving.engine import Engine, EngineConfig
 from tiersim.serving.stepcost import StepPricer
@@ -45,10 +44,15 @@ class Result:
     summary: dict
 
 
-def simulate(spec: ServeSpec, requests: Requests) -> Result:
-    """Serve ``requests`` under ``spec``: the engine run, its per-request rows and summary."""
+def simulate(spec: ServeSpec, requests: Requests, early_stop: bool = False) -> Result:
+    """Serve ``requests`` under ``spec``: the engine run, its per-request rows and summary.
+
+    ``early_stop``: end the run as soon as more than 1% of the requests (plus one) got their first token past the
+    TTFT SLO: its p99 TTFT then misses the SLO whatever the rest do (a search point needs no more). The summary of
+    a stopped run covers the requests that got that far (``stopped_early``; its percentiles are lower bounds)."""
     pricer = StepPricer(spec.model, spec.gpu, spec.tp, spec.strategy)
-    engine = Engine(requests, pricer, spec.engine).run()
+    late = (spec.slo.ttft_s, int(np.ceil(0.01 * len(requests))) + 1) if early_stop else None
+    engine = Engine(requests, pricer, spec.engine, late).run()
     rows = metrics.request_rows(engine, spec.slo)
     return Result(spec, requests, engine, rows, metrics.summary(engine, spec.slo, rows))
 
@@ -70,7 +74,3 @@ def write(path, result: Result):
             "kv_block_tokens": 16, "hbm_blocks": result.engine.budget.blocks}
     return fileformat.write_table(path, frame, meta)
 
-
-def default_tiers() -> TierConfig:
-    """The split spill moves by when no --hbm/--ddr is given: half of each request's context to DDR."""
-    return TierConfig(hbm=0.5, ddr=0.5)

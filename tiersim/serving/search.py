@@ -3,7 +3,10 @@
 Every point replays the same requests (same seed: same lengths, same gap shape) at another rate
 (``workload.at_rate``), so a point differs from the next only by load; the search assumes the p99 latencies
 grow with load, which holds away from a few percent of noise at the edge. It stops when the bracket is within
-``tolerance`` (relative). The answer's first line says it in words, as the batch planner's does.
+``tolerance`` (relative). A point stops as soon as its p99 TTFT is sure to miss (more than 1% of the requests
+got their first token late): past the knee a run would otherwise simulate a queue growing for hours, and the
+search needs only the verdict (``stopped_early``; its latencies are lower bounds). The answer's first line says
+it in words, as the batch planner's does.
 """
 
 from __future__ import annotations
@@ -31,12 +34,12 @@ class Bracket:
 
 def point(spec: serving_run.ServeSpec, requests: Requests, qps: float, burstiness: float, seed: int) -> dict:
     """One run at ``qps``: the figures a latency-vs-load curve and the search need."""
-    s = serving_run.simulate(spec, at_rate(requests, qps, burstiness, seed)).summary
+    s = serving_run.simulate(spec, at_rate(requests, qps, burstiness, seed), early_stop=True).summary
     return {"qps": qps, "ttft_p99_ms": s["ttft_ms"]["p99"], "tpot_p99_ms": s["tpot_ms"]["p99"],
             "ttft_p50_ms": s["ttft_ms"]["p50"], "tpot_p50_ms": s["tpot_ms"]["p50"], "e2e_p99_ms": s["e2e_ms"]["p99"],
             "goodput_qps": s["goodput_qps"], "tokens_per_s_per_gpu": s["tokens_per_s_per_gpu"],
             "preemptions": s["preemptions"], "spilled_gb": s["spilled_gb"], "within_slo": s["within_slo"],
-            "mean_batch": s["mean_batch"]}
+            "mean_batch": s["mean_batch"], "stopped_early": s["stopped_early"]}
 
 
 def max_qps(spec: serving_run.ServeSpec, requests: Requests, bracket: Bracket, burstiness: float = 1.0,

@@ -111,8 +111,26 @@ def main(argv: list[str] | None = None) -> int:
         model = args.model or (doc.get("model_shape") or {}).get("name") or points[0]["model"]
         gpu = args.gpu or doc.get("gpu_preset") or "h100-sxm"
         calibration = args.calibration or (args.file if doc.get("kind") == "calibration" else None)
+        smoke = str((doc.get("device") or {}).get("name") or "").startswith("cpu")
+        if smoke and calibration == args.file:
+            calibration = None  # a CPU smoke run calibrates no GPU preset: the path is exercised, not the numbers
         engine = "auto" if importlib.util.find_spec("simpy") else "fast"
-        scenario = assemble(1, model=model, gpu=gpu, calibration=calibration, profile=args.profile, engine=engine)
+        from tiersim.simulator.presets import MODELS
+
+        if args.model is None and model not in MODELS and doc.get("model_shape"):
+            # A shape with no preset (the CPU smoke run's ``tiny``): the file's own shape, priced as measured.
+            from dataclasses import fields
+
+            from tiersim.shapes import ModelShape
+            from tiersim.simulator.presets import Model
+
+            names = {f.name for f in fields(ModelShape)}
+            shape = ModelShape(**{k: v for k, v in doc["model_shape"].items() if k in names})
+            scenario = assemble(1, gpu=gpu, calibration=calibration, engine=engine)
+            scenario = replace(scenario, model=Model.from_shape(shape))
+        else:
+            scenario = assemble(1, model=model, gpu=gpu, calibration=calibration, profile=args.profile,
+                                engine=engine)
         result = compare(scenario, points, doc)
     except TiersimError as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)

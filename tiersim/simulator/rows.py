@@ -122,6 +122,7 @@ class Row:
             "hbm_capacity_gb": self.hbm_capacity_gb,
             "fits": self.fits, "hbm_fits": self.hbm_fits, "ddr_fits": self.ddr_fits,
             "within_slo": tpot_slo_ms is None or self.step_ms <= tpot_slo_ms,
+            "compute_model": self.compute_model,  # a batch range's table names the model it priced from this
         }
 
 

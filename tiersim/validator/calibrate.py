@@ -213,6 +213,20 @@ def run_validation(
     ``budget_s`` bounds the decode grid: once it is spent the remaining points are listed as skipped,
     so a run on a borrowed GPU always ends with a file rather than being killed with nothing.
     """
+
+    def measure(shape, batches, contexts, hbms, dev):
+        return _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_sizes, command, log,
+                        budget_s, sdpa, profile)
+
+    return checked_run(measure, shape_name, batches, contexts, hbms, device, steps, warmup, prefill, budget_s, sdpa,
+                       out, profile, log)
+
+
+def checked_run(measure, shape_name, batches, contexts, hbms, device, steps, warmup, prefill, budget_s, sdpa, out,
+                profile, log) -> dict:
+    """Either executor's run: every argument checked before any GPU time is spent, then
+    ``measure(shape, batches, contexts, hbms, dev)`` on one CPU thread in smoke mode, the file written."""
+    from tiersim.validator.sdpa import SDPA_CHOICES
     from tiersim.validator.shapes import get_shape, parameter_count
 
     batches, contexts = [int(b) for b in batches], [int(c) for c in contexts]
@@ -225,8 +239,6 @@ def run_validation(
             "CPU smoke mode, which only proves the code path; use --model-shape tiny (its default) on a CPU"
         )
     check_grid(batches, contexts, hbms, steps, warmup, prefill, budget_s)
-    from tiersim.validator.sdpa import SDPA_CHOICES
-
     if sdpa not in SDPA_CHOICES:
         raise TiersimError(f"--sdpa must be one of {', '.join(SDPA_CHOICES)}, got {sdpa!r}")
     check_out(out)
@@ -235,8 +247,7 @@ def run_validation(
 
         load_profile(profile)  # a missing or foreign file is refused before any GPU time is spent
     with single_threaded_cpu(dev):
-        doc = _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_sizes, command, log,
-                       budget_s, sdpa, profile)
+        doc = measure(shape, batches, contexts, hbms, dev)
     if out is not None:
         fileformat.write_document(out, doc)
         log(f"wrote {out}")
@@ -267,7 +278,7 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_
              budget_s, sdpa="no-cudnn", profile=None) -> dict:
 
     from tiersim.hierarchy.config import TierConfig
-    from tiersim.validator import compute, decode, link
+    from tiersim.validator import compute, decode, grid, link
     from tiersim.validator.shapes import build_model
 
     info = device_info(dev)
@@ -288,78 +299,32 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_
               "retier_every": defaults.retier_every}
 
     points, baselines = [], []
-    started = time.monotonic()
-    for batch in batches:
-        for context in contexts:
-            baseline = None
-            for hbm in [1.0] + [h for h in hbms if h != 1.0]:
-                if budget_s is not None and time.monotonic() - started > budget_s:
-                    m, why = None, f"skipped: time budget of {budget_s:g} s spent"
-                else:
-                    log(f"decode: batch {batch}, context {context}, hbm {hbm}")
-                    m, why = _run_point_or_oom(decode, model, batch, context, hbm, steps, warmup, prefill, sdpa)
-                if why:
-                    log(f"  {why}")
-                if hbm == 1.0:
-                    baseline = m
-                    if m:
-                        baselines.append(m)
-                if hbm not in hbms:
-                    continue
-                points.append(ValidationPoint.measured(shape.name, batch, context, hbm, m, baseline, why))
-                if m:
-                    stall = "not timed" if m["stall_ms"] is None else f"{m['stall_ms']:.3f} ms"  # CPU: no events
-                    log(f"  step {m['step_ms']:.3f} ms (baseline "
-                        f"{'not run' if not baseline else format(baseline['step_ms'], '.3f')}), stall {stall},"
-                        f" H2D {m['h2d_bytes'] / 1e6:.1f} MB/step")
+
+    def run(batch, context, hbm):
+        return decode.run_point(model, batch, context, hbm, steps=steps, warmup=warmup, prefill=prefill, sdpa=sdpa)
+
+    for batch, context, hbm, m, baseline, why in grid.measure_grid(batches, contexts, hbms, run, baselines, log,
+                                                                   "decode", budget_s, time.monotonic()):
+        points.append(ValidationPoint.measured(shape.name, batch, context, hbm, m, baseline, why))
+        if m:
+            stall = "not timed" if m["stall_ms"] is None else f"{m['stall_ms']:.3f} ms"  # CPU: no events
+            log(f"  step {m['step_ms']:.3f} ms (baseline "
+                f"{'not run' if not baseline else format(baseline['step_ms'], '.3f')}), stall {stall},"
+                f" H2D {m['h2d_bytes'] / 1e6:.1f} MB/step")
 
     model_doc = sim_model(shape, params)
     probe = min(8, steps) if dev.type == "cuda" else 0
     settings = {"steps": steps, "warmup": warmup, "probe_steps": probe, "prefill": prefill, "budget_s": budget_s,
                 "sdpa": sdpa,
                 **policy}
-    fit = compute.fit_layer_model(
-        [layer_bytes(model_doc, b["batch"], effective_context(b["context"], warmup, steps)) for b in baselines],
-        [b["step_ms"] / 1e3 / shape.num_layers for b in baselines],
-        fallback_gbps=copy_rate,
-    )
-    doc = {
-        **fileformat.header(fileformat.CALIBRATION),
-        "command": command,
-        "executor": "hf-eager",
-        "device": info,
-        "gpu_preset": base_gpu_preset(info["name"] if dev.type == "cuda" else None),
-        "model_shape": {**shape.to_dict(), "params": params},
-        "settings": settings,
-        "link": link_doc,
-        "compute": {
-            "hbm_bw_gbps": fit["hbm_bw_gbps"],
-            "peak_tflops": tflops,
-            "layer_overhead_us": fit["layer_overhead_us"],
-            "copy_gbps": copy_rate,
-            "method": fit["method"],
-        },
-        "points": [],
-    }
+    doc = grid.calibration_doc(command, "hf-eager", info, dev, shape, params, settings, link_doc, tflops, copy_rate,
+                               grid.layer_fit(model_doc, shape, baselines, warmup, steps, copy_rate))
     add_predictions(doc, points, model_doc, policy, settings, profile)
     doc["points"] = [asdict(p) for p in points]
     if table_note := doc.get("compute_model"):
         log(f"simulator: {table_note}")
     finish(doc)
     return doc
-
-
-def _run_point_or_oom(decode, model, batch, context, hbm, steps, warmup, prefill, sdpa="no-cudnn"):
-    """(measurement, None), or (None, why) when the device or pinned host memory ran out."""
-    import torch
-
-    try:
-        return decode.run_point(model, batch, context, hbm, steps=steps, warmup=warmup, prefill=prefill,
-                                sdpa=sdpa), None
-    except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:  # cudaHostAlloc failures are RuntimeErrors
-        if "out of memory" not in str(exc).lower():
-            raise
-        return None, "out of memory: point skipped"
 
 
 @dataclass

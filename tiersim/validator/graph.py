@@ -15,6 +15,9 @@ Two shapes of the same step:
   over, so on CPU the attention output and logits are bit-identical to ``TieredCache`` (the tests).
 * ``exact=False`` (what the graph captures): attention reads the whole static buffer under a length
   mask, so shapes never change; equal to the exact step up to float rounding of the masked softmax.
+  The attention is computed here (the listener's ``attend_split``): SDPA with the query heads of each
+  KV head as query rows (grouped-query attention by reshape), because transformers' SDPA path repeats
+  K and V per query head whenever a mask is given (7x the KV bytes for a 28/4-head model).
 
 The graph wrapper (:class:`CapturedStep`) is CUDA-only; on CPU the same eager step runs. Strategies:
 ``prefetch`` only; host attention and hybrid (host threads joined to the graph by events) are refused.
@@ -80,6 +83,7 @@ class GraphStep:
         self.side = torch.cuda.Stream(device=buffers.device) if self.cuda else None
         self.events = [torch.cuda.Event() for _ in self.decoders] if self.cuda else None
         self.offloaded = buffers.offloads  # static shape: decided once for the run
+        self._kv = None  # the keys/values ``update`` handed out, for ``attend_split`` (static shape)
 
     # -- the step ----------------------------------------------------------------------------------
     def forward(self) -> torch.Tensor:
@@ -116,12 +120,15 @@ class GraphStep:
         lt.hbm_v.index_copy_(2, buf.hbm_len_t, value_states)
         lt.hbm_slots.index_copy_(1, buf.hbm_len_t, buf.n_seen_t.expand(buf.batch, 1))
         lt.tiers.index_fill_(1, buf.n_seen_t, HBM)
-        if self.scoring:
+        if self.scoring or not self.exact:
             scoring.set_listener(self, layer_idx)
         n = buf.n_seen + 1
         if not self.offloaded or (self.exact and lt.n_ddr == 0):
             # HBM holds every token in token order (nothing ever left it).
-            return (lt.hbm_k[:, :, :n], lt.hbm_v[:, :, :n]) if self.exact else (lt.hbm_k, lt.hbm_v)
+            if self.exact:
+                return lt.hbm_k[:, :, :n], lt.hbm_v[:, :, :n]
+            self._kv = (lt.hbm_k, lt.hbm_v, buf.mask[..., : buf.cap_tokens])
+            return lt.hbm_k, lt.hbm_v
         if self.copies:
             if layer_idx + 1 < len(self.decoders):
                 self._prefetch(layer_idx + 1)  # while this layer computes
@@ -132,7 +139,10 @@ class GraphStep:
         n_d = lt.n_ddr if self.exact else buf.cap_ddr
         _scatter(keys, values, lt.hbm_slots[:, :n_h], lt.hbm_k[:, :, :n_h], lt.hbm_v[:, :, :n_h])
         _scatter(keys, values, lt.ddr_slots[:, :n_d], stage_k[:, :, :n_d], stage_v[:, :, :n_d])
-        return (keys[:, :, :n], values[:, :, :n]) if self.exact else (keys, values)
+        if self.exact:
+            return keys[:, :, :n], values[:, :, :n]
+        self._kv = (keys, values, buf.mask)
+        return keys, values
 
     def _prefetch(self, layer_idx: int) -> None:
         """Copy the layer's DDR buffer into staging ``layer_idx % 2`` (side stream on CUDA)."""
@@ -168,8 +178,23 @@ class GraphStep:
     def queries_to_score(self, layer_idx, q_len: int) -> int:
         return 1 if self.scoring else 0
 
-    def attend_split(self, *args, **kwargs):
-        return None  # prefetch: attention runs over the assembled tokens
+    def attend_split(self, layer_idx: int, query: torch.Tensor, attention_mask, scaling: float, n_queries: int):
+        """Exact shape: None (the stock SDPA path, as TieredCache). Static shape: the attention output
+        [B, 1, Hq, D] over the whole buffers under the length mask, GQA by reshape; the scores go to
+        ``observe_attention`` as the stock path would send them."""
+        if self.exact:
+            return None
+        keys, values, mask = self._kv
+        self._kv = None
+        batch, q_heads, q_len, dim = query.shape
+        kv_heads = keys.shape[1]
+        grouped = query.reshape(batch, kv_heads, (q_heads // kv_heads) * q_len, dim)
+        out = torch.nn.functional.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask, scale=scaling)
+        output = out.reshape(batch, q_heads, q_len, dim).transpose(1, 2).contiguous()
+        if n_queries:
+            probs = scoring.attention_probabilities(query, keys, mask, scaling, n_queries)
+            self.observe_attention(layer_idx, probs)
+        return output
 
     def prepare_attention(self, layer_idx, query, attention_mask):
         return attention_mask

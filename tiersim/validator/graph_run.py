@@ -27,11 +27,10 @@ from dataclasses import asdict
 
 import torch
 
-from tiersim import fileformat
 from tiersim.errors import TiersimError
 from tiersim.validator.timing import Stopwatch, summarize
 
-EXECUTORS = {"cuda": "cuda-graph", "cpu": "graph-eager"}
+EXECUTORS = {"cuda": "cuda-graph", "cpu": "graph-eager"}  # "cuda-eager": a point whose capture failed
 DEFAULT_BATCHES = (1, 8, 32, 64)
 DEFAULT_CONTEXTS = (2048, 8192)
 DEFAULT_HBM = (1.0, 0.5, 0.25)
@@ -81,7 +80,7 @@ class HostArena:
         if start + size > self.storage.numel():
             raise TiersimError("host arena too small for this point (a sizing bug)")  # pragma: no cover
         self.offset = start + size
-        return self.storage[start:start + size].view(dtype).view(shape).zero_()
+        return self.storage[start:start + size].view(dtype).view(shape)  # not zeroed: TierBuffers.load does
 
 
 def ddr_host_bytes(shape, batch: int, context: int, hbm: float, max_steps: int, retier_every: int, dtype) -> int:
@@ -122,6 +121,7 @@ def measure_point(model, batch: int, context: int, hbm: float, steps: int, warmu
     generator = torch.Generator(device=dev)
     generator.manual_seed(seed)
     retier_ms: list[float] = []
+    full = busy = runs = None
 
     def maybe_retier() -> None:
         k = buffers.n_seen - context
@@ -139,8 +139,16 @@ def measure_point(model, batch: int, context: int, hbm: float, steps: int, warmu
             ids = torch.randint(cfg.vocab_size, (batch, 1), generator=generator, device=dev)
             full.ids.copy_(ids)
             busy.ids.copy_(ids)
+            capture_error = None
             if watch.cuda:
-                runs = {"full": CapturedStep(full, warmup).replay, "busy": CapturedStep(busy, warmup).replay}
+                try:
+                    runs = {"full": CapturedStep(full, warmup).replay, "busy": CapturedStep(busy, warmup).replay}
+                except Exception as exc:  # noqa: BLE001 - a step that cannot be captured is timed eagerly, and says so
+                    if "out of memory" in str(exc).lower():
+                        raise
+                    capture_error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+                    torch.cuda.synchronize(dev)
+                    runs = {"full": full.run, "busy": busy.run}
             else:
                 runs = {"full": full.run, "busy": busy.run}
                 for _ in range(max(warmup, 1)):
@@ -184,9 +192,11 @@ def measure_point(model, batch: int, context: int, hbm: float, steps: int, warmu
                            "ddr": counts["ddr"] * buffers.token_bytes * cfg.num_hidden_layers,
                            "staging": 2 * buffers.cap_ddr * buffers.token_bytes},
             "tiers": counts, "steps": steps, "warmup": warmup, "sdpa": sdpa,
+            "executor": EXECUTORS[dev.type] if capture_error is None else "cuda-eager", "capture_error": capture_error,
         }
     finally:
-        del buffers
+        # Drop the graphs and steps too, so their pools and the buffers are free before the next point.
+        buffers = full = busy = runs = None  # noqa: F841
         gc.collect()
         if watch.cuda:
             torch.cuda.empty_cache()
@@ -197,39 +207,27 @@ def run_graph(shape_name: str | None = None, batches=DEFAULT_BATCHES, contexts=D
               device: str | None = "cuda", steps: int = 16, warmup: int = 3, out=None, budget_s: float | None = None,
               sdpa: str = "no-cudnn", profile=None, sweep_sizes=None, retier_every: int = 16,
               command: str | None = None, log=lambda _m: None) -> dict:
-    """Measure the grid with the graph executor; write ``out`` (a calibration file) atomically when given."""
+    """Measure the grid with the graph executor; write ``out`` (a calibration file) atomically when given.
+
+    ``budget_s`` counts from the start (link sweep, model build and pinning included); points that would
+    start after it are listed as skipped, so a run under a timeout still ends with its file."""
     from tiersim.validator import calibrate
-    from tiersim.validator.sdpa import SDPA_CHOICES
-    from tiersim.validator.shapes import get_shape, parameter_count
 
-    batches, contexts, hbms = [int(b) for b in batches], [int(c) for c in contexts], [float(h) for h in hbms]
-    dev = calibrate.resolve_device(device)
-    shape = get_shape(shape_name or calibrate.DEFAULT_SHAPE[dev.type])
-    if dev.type == "cpu" and parameter_count(shape) > calibrate.CPU_MAX_PARAMS:
-        raise TiersimError(f"--model-shape {shape.name} is far too large for the CPU smoke mode; use --model-shape tiny")
-    calibrate.check_grid(batches, contexts, hbms, steps, warmup, "synthetic", budget_s)
-    if sdpa not in SDPA_CHOICES:
-        raise TiersimError(f"--sdpa must be one of {', '.join(SDPA_CHOICES)}, got {sdpa!r}")
-    calibrate.check_out(out)
-    if profile is not None:
-        from tiersim.simulator.profile import load_profile
+    def measure(shape, batches, contexts, hbms, dev):
+        return _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa, profile, sweep_sizes,
+                        retier_every, command, log)
 
-        load_profile(profile)
-    with calibrate.single_threaded_cpu(dev):
-        doc = _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa, profile, sweep_sizes,
-                       retier_every, command, log)
-    if out is not None:
-        fileformat.write_document(out, doc)
-        log(f"wrote {out}")
-    return doc
+    return calibrate.checked_run(measure, shape_name, batches, contexts, hbms, device, steps, warmup, "synthetic",
+                                 budget_s, sdpa, out, profile, log)
 
 
 def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa, profile, sweep_sizes,
              retier_every, command, log) -> dict:
     from tiersim.hierarchy.config import TierConfig
-    from tiersim.validator import calibrate, compute, link
+    from tiersim.validator import calibrate, compute, grid, link
     from tiersim.validator.shapes import build_model
 
+    started = time.monotonic()  # the budget covers the sweep, the build and the pinning too: the file must be written
     info = calibrate.device_info(dev)
     executor = EXECUTORS[dev.type]
     log(f"device: {info['name']} (torch {info['torch']}, CUDA {info['cuda']}); executor {executor}")
@@ -245,41 +243,27 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
         need = max(ddr_host_bytes(shape, b, c, h, max_steps, retier_every, model.dtype)
                    for b in batches for c in contexts for h in hbms)
         log(f"pinning {need / 1e9:.1f} GB of host memory for the DDR tier")
-        arena = HostArena(need)
+        try:
+            arena = HostArena(need)
+        except RuntimeError as exc:  # the host cannot pin it at once: each point pins its own tensors
+            log(f"  could not pin one arena ({(str(exc).splitlines() or [''])[0][:120]}); pinning per point")
     points, extras, baselines = [], [], []
-    started = time.monotonic()
-    for batch in batches:
-        for context in contexts:
-            baseline = None
-            for hbm in [1.0] + [h for h in hbms if h != 1.0]:
-                m, why = None, None
-                if budget_s is not None and time.monotonic() - started > budget_s:
-                    why = f"skipped: time budget of {budget_s:g} s spent"
-                else:
-                    log(f"graph: batch {batch}, context {context}, hbm {hbm}")
-                    try:
-                        m = measure_point(model, batch, context, hbm, steps, warmup, retier_every, sdpa=sdpa,
-                                          arena=arena)
-                    except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
-                        if "out of memory" not in str(exc).lower():
-                            raise
-                        gc.collect()
-                        why = "out of memory: point skipped"
-                if why:
-                    log(f"  {why}")
-                if hbm == 1.0:
-                    baseline = m
-                    if m:
-                        baselines.append(m)
-                if hbm not in hbms:
-                    continue
-                points.append(calibrate.ValidationPoint.measured(shape.name, batch, context, hbm, m, baseline, why))
-                extras.append({k: m[k] for k in ("step_ms_p10", "gpu_busy_ms", "gpu_busy_ms_p10", "gpu_busy_ms_p90",
-                                                 "copy_ms", "h2d_gbps_in_step", "retier_ms", "tiers")} if m else {})
-                if m:
-                    log(f"  step {m['step_ms']:.3f} ms (busy {m['gpu_busy_ms']:.3f}, stall {m['stall_ms']:.3f}), "
-                        f"H2D {m['h2d_bytes'] / 1e6:.1f} MB/step"
-                        + (f" at {m['prefetch_gbps']:.1f} GB/s alone" if m["prefetch_gbps"] else ""))
+
+    def run(batch, context, hbm):
+        return measure_point(model, batch, context, hbm, steps, warmup, retier_every, sdpa=sdpa, arena=arena)
+
+    walk = grid.measure_grid(batches, contexts, hbms, run, baselines, log, "graph", budget_s, started)
+    for batch, context, hbm, m, baseline, why in walk:
+        points.append(calibrate.ValidationPoint.measured(shape.name, batch, context, hbm, m, baseline, why))
+        extras.append({k: m[k] for k in ("step_ms_p10", "gpu_busy_ms", "gpu_busy_ms_p10", "gpu_busy_ms_p90",
+                                         "copy_ms", "h2d_gbps_in_step", "retier_ms", "tiers", "executor",
+                                         "capture_error")} if m else {})
+        if m and m["capture_error"]:
+            log(f"  not captured ({m['capture_error']}): timed eagerly")
+        if m:
+            log(f"  step {m['step_ms']:.3f} ms (busy {m['gpu_busy_ms']:.3f}, stall {m['stall_ms']:.3f}), "
+                f"H2D {m['h2d_bytes'] / 1e6:.1f} MB/step"
+                + (f" at {m['prefetch_gbps']:.1f} GB/s alone" if m["prefetch_gbps"] else ""))
     model_doc = calibrate.sim_model(shape, params)
     defaults = TierConfig()
     policy = {"sink_tokens": defaults.sink_tokens, "recent_window": defaults.recent_window,
@@ -287,24 +271,11 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
     # Full and copy-free replays alternate, so the timed full steps span 2 * steps tokens after 2 * warmup.
     settings = {"steps": 2 * steps, "warmup": 2 * max(warmup, 1), "timed_steps": steps, "prefill": "synthetic",
                 "budget_s": budget_s, "sdpa": sdpa, "interleaved": True, **policy}
-    fit = compute.fit_layer_model(
-        [calibrate.layer_bytes(model_doc, b["batch"], calibrate.effective_context(b["context"], settings["warmup"],
-                                                                                  settings["steps"]))
-         for b in baselines],
-        [b["step_ms"] / 1e3 / shape.num_layers for b in baselines], fallback_gbps=copy_rate)
-    doc = {
-        **fileformat.header(fileformat.CALIBRATION),
-        "command": command,
-        "executor": executor,
-        "device": info,
-        "gpu_preset": calibrate.base_gpu_preset(info["name"] if dev.type == "cuda" else None),
-        "model_shape": {**shape.to_dict(), "params": params},
-        "settings": settings,
-        "link": link_doc,
-        "compute": {"hbm_bw_gbps": fit["hbm_bw_gbps"], "peak_tflops": tflops,
-                    "layer_overhead_us": fit["layer_overhead_us"], "copy_gbps": copy_rate, "method": fit["method"]},
-        "points": [],
-    }
+    fit = grid.layer_fit(model_doc, shape, baselines, settings["warmup"], settings["steps"], copy_rate)
+    # The file is a CUDA-graph measurement only if every measured point was replayed from a graph.
+    executor = next((e["executor"] for e in extras if e and e["executor"] != executor), executor)
+    doc = grid.calibration_doc(command, executor, info, dev, shape, params, settings, link_doc, tflops, copy_rate,
+                               fit)
     calibrate.add_predictions(doc, points, model_doc, policy, settings, profile)
     doc["points"] = [{**asdict(p), **extra} for p, extra in zip(points, extras)]
     calibrate.finish(doc)

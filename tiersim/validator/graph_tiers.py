@@ -75,7 +75,7 @@ class LayerTiers:
 class TierBuffers:
     """Every buffer of one point, allocated once; :meth:`load` places a prefill, :meth:`retier` re-places.
 
-    ``host(shape, dtype)``, when given, hands out the DDR tier's host tensors (zeroed), e.g. views of one
+    ``host(shape, dtype)``, when given, hands out the DDR tier's host tensors (uninitialised), e.g. views of one
     pinned arena shared by a grid's points; by default each is its own (pinned on CUDA) allocation.
     """
 
@@ -167,9 +167,13 @@ class TierBuffers:
         lt.hbm_k[:, :, :n_h] = _gather(keys, hbm_idx)
         lt.hbm_v[:, :, :n_h] = _gather(values, hbm_idx)
         lt.hbm_slots[:, :n_h] = hbm_idx
-        if n_d:
-            lt.ddr_k[:, :, :n_d].copy_(_gather(keys, ddr_idx))
-            lt.ddr_v[:, :, :n_d].copy_(_gather(values, ddr_idx))
+        if self.cap_ddr:
+            # The whole buffer in one contiguous copy (a DMA into pinned memory, not a strided host copy);
+            # unused entries, staged to the trash slot every step, must be finite (weight 0 x NaN = NaN): zeros.
+            for host, src in ((lt.ddr_k, keys), (lt.ddr_v, values)):
+                block = torch.zeros(host.shape, dtype=self.dtype, device=self.device)
+                block[:, :, :n_d] = _gather(src, ddr_idx)
+                host.copy_(block)
             lt.ddr_slots[:, :n_d] = ddr_idx
         lt.n_hbm, lt.n_ddr = n_h, n_d
         self._sync_counters()
@@ -211,29 +215,48 @@ class TierBuffers:
         return moved
 
     def _move(self, lt: LayerTiers, new: torch.Tensor) -> tuple[int, int]:
-        """Row by row (rows may swap different tokens, every row ends with the same counts): staying tokens
-        are compacted where they are, demotions go D2H, promotions H2D."""
+        """Move what changed, every row at once. Rows may swap different tokens, but every row ends with
+        the same counts, so the DDR tier grows by the same ``g`` in each: promotions leave holes in the host
+        buffer that the first demotions fill, the other ``g`` demotions are appended (the host writes only
+        the moved tokens); the HBM tier is compacted on the device."""
+        n_h, n_d = lt.n_hbm, lt.n_ddr
         n_h_new, n_d_new = int((new[0] == HBM).sum()), int((new[0] == DDR).sum())
-        demoted = promoted = 0
-        for b in range(self.batch):
-            hs, ds = lt.hbm_slots[b, : lt.n_hbm], lt.ddr_slots[b, : lt.n_ddr]
-            keep_h, keep_d = new[b, hs] == HBM, new[b, ds] == DDR
-            if int(keep_h.sum()) + int((~keep_d).sum()) != n_h_new:
-                raise AssertionError("rows of a batch must hold the same tier counts")  # pragma: no cover
-            host_keep, host_prom = keep_d.cpu(), (~keep_d).cpu()
-            hk, hv = lt.hbm_k[b, :, : lt.n_hbm], lt.hbm_v[b, :, : lt.n_hbm]
-            dk, dv = lt.ddr_k[b, :, : lt.n_ddr], lt.ddr_v[b, :, : lt.n_ddr]
-            dem_k, dem_v = hk[:, ~keep_h].to("cpu"), hv[:, ~keep_h].to("cpu")
-            prom_k, prom_v = dk[:, host_prom].to(self.device), dv[:, host_prom].to(self.device)
-            new_hk, new_hv = torch.cat((hk[:, keep_h], prom_k), dim=1), torch.cat((hv[:, keep_h], prom_v), dim=1)
-            new_dk, new_dv = torch.cat((dk[:, host_keep], dem_k), dim=1), torch.cat((dv[:, host_keep], dem_v), dim=1)
-            new_hs = torch.cat((hs[keep_h], ds[~keep_d]))
-            new_ds = torch.cat((ds[keep_d], hs[~keep_h]))
-            lt.hbm_k[b, :, :n_h_new], lt.hbm_v[b, :, :n_h_new] = new_hk, new_hv
-            lt.ddr_k[b, :, :n_d_new], lt.ddr_v[b, :, :n_d_new] = new_dk, new_dv
-            lt.hbm_slots[b, :n_h_new], lt.ddr_slots[b, :n_d_new] = new_hs, new_ds
-            lt.hbm_slots[b, n_h_new:], lt.ddr_slots[b, n_d_new:] = self.trash, self.trash
-            demoted += int((~keep_h).sum())
-            promoted += int((~keep_d).sum())
+        if n_d_new < n_d:
+            raise AssertionError("the DDR target never shrinks as the context grows")  # pragma: no cover
+        hs, ds = lt.hbm_slots[:, :n_h], lt.ddr_slots[:, :n_d]
+        keep_h, keep_d = new.gather(1, hs) == HBM, new.gather(1, ds) == DDR
+        n_dem, n_pro = (~keep_h).sum(dim=1), (~keep_d).sum(dim=1)  # per row; n_dem - n_pro = n_d_new - n_d
+        q, p = int(n_dem.max()), int(n_pro.max())
+        dem_idx, pro_idx = _ascending(~keep_h, q), _ascending(~keep_d, p)  # entries, valid below n_dem / n_pro
+        # Promotions first (their host entries are about to be overwritten): host gather, then H2D.
+        pro_host = pro_idx.cpu()
+        prom_k = _gather(lt.ddr_k, pro_host).to(self.device)
+        prom_v = _gather(lt.ddr_v, pro_host).to(self.device)
+        prom_slots = ds.gather(1, pro_idx)
+        # Demotions: device gather, then D2H.
+        dem_k, dem_v = _gather(lt.hbm_k, dem_idx).cpu(), _gather(lt.hbm_v, dem_idx).cpu()
+        dem_slots = hs.gather(1, dem_idx)
+        # HBM: the staying entries and the promotions, compacted in place of the old tier.
+        cols = torch.arange(p, device=self.device)[None, :]
+        valid = torch.cat((keep_h, cols < n_pro[:, None]), dim=1)
+        sel = _ascending(valid, n_h_new)
+        for buf, arrived in ((lt.hbm_k, prom_k), (lt.hbm_v, prom_v)):
+            buf[:, :, :n_h_new] = _gather(torch.cat((buf[:, :, :n_h], arrived), dim=2), sel)
+        lt.hbm_slots[:, :n_h_new] = torch.cat((hs, prom_slots), dim=1).gather(1, sel)
+        lt.hbm_slots[:, n_h_new:] = self.trash
+        # DDR: demotion j of a row fills that row's j-th hole while there are holes, then is appended.
+        j = torch.arange(q, device=self.device)[None, :]
+        appended = n_d + j - n_pro[:, None]
+        if p:
+            hole = pro_idx.gather(1, j.clamp(max=p - 1).expand(self.batch, q))
+            target = torch.where(j < n_pro[:, None], hole, appended)
+        else:
+            target = appended.expand(self.batch, q)
+        rows, cols = torch.nonzero(j < n_dem[:, None], as_tuple=True)
+        at = target[rows, cols]
+        rows_h, cols_h, at_h = rows.cpu(), cols.cpu(), at.cpu()
+        lt.ddr_k[rows_h, :, at_h] = dem_k[rows_h, :, cols_h]
+        lt.ddr_v[rows_h, :, at_h] = dem_v[rows_h, :, cols_h]
+        lt.ddr_slots[rows, at] = dem_slots[rows, cols]
         lt.n_hbm, lt.n_ddr = n_h_new, n_d_new
-        return demoted, promoted
+        return int(n_dem.sum()), int(n_pro.sum())

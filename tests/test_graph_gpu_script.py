@@ -1,0 +1,39 @@
+"""scripts/gpu_validate.sh in its DRY_RUN=1 mode: every step of the GPU run, in order, on the CPU at tiny sizes,
+with simpy, plotly, pandas, typer and rich made unimportable (the GPU machine's torch + numpy world)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BLOCKED = ("simpy", "plotly", "pandas", "pyarrow", "typer", "rich", "click")
+
+
+def test_dry_run_runs_every_step_in_order_and_prints_the_median_error_last(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    # None in sys.modules: ``import`` fails and availability probes (importlib.util.find_spec) say "absent".
+    (site / "sitecustomize.py").write_text(f"import sys\nfor _n in {BLOCKED!r}:\n    sys.modules[_n] = None\n")
+    dest = tmp_path / "out"
+    env = {**os.environ, "DRY_RUN": "1", "DEST": str(dest), "PYTHONPATH": str(site), "OUT": ""}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_validate.sh")], capture_output=True, text=True,
+                          env=env, timeout=600, cwd=tmp_path)
+    out = proc.stdout
+    assert proc.returncode == 0, (out + proc.stderr)[-4000:]
+    steps = [line.split(" ", 2)[2] for line in out.splitlines() if line.startswith("== ") and line[3:4].isdigit()
+             and ":" in line[3:12]]
+    names = [s.split(":")[0] for s in steps]
+    assert names == ["cuda tests", "graph grid", "operator profile", "simulate --against"], steps
+    assert "FAILED" not in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("median |error| ") and last.endswith("points)")
+    graph = json.loads((dest / "cpu-dry-run-graph.json").read_text())
+    assert graph["kind"] == "calibration" and graph["executor"] == "graph-eager"
+    assert {p["hbm"] for p in graph["points"]} == {1.0, 0.5} and all(p["measured_step_ms"] for p in graph["points"])
+    assert json.loads((dest / "cpu-dry-run-operators.json").read_text())["kind"] == "operator-profile"
+    against = (dest / "cpu-dry-run-against.txt").read_text()
+    assert "executor graph-eager" in against and "predicts a host-bound engine" in against
+    assert "skipped" in (dest / "cpu-dry-run-tests.txt").read_text()
