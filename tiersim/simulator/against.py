@@ -24,7 +24,10 @@ MAX_MS = 1e7  # ms per step: nearly three hours, beyond any decode step measured
 def load_measurements(path: str | Path) -> tuple[dict, list[dict]]:
     """(document, points): each point ``{model, batch, context, hbm, measured_ms, steps, label}``."""
     path = Path(path)
+    from tiersim.simulator.calibration import check_objects
+
     doc, _ = fileformat.read(path, [fileformat.CALIBRATION, fileformat.OPERATOR_PROFILE], label="--against")
+    check_objects(doc, f"--against: {path}", ("device", "settings", "model_shape", "models"))
     try:
         points = _points(doc, _Fields(path))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
