@@ -145,3 +145,23 @@ def test_json_output_is_strict_json_for_a_single_request():
 
     doc = json.loads(out, parse_constant=refuse)
     assert doc["runs"][0]["offered_qps"] is None and doc["runs"][0]["requests"] == 1
+
+
+def test_serve_and_capacity_qps_take_and_name_the_engine_overhead():
+    from tiersim.simulator import engines
+
+    args = [*QUICK, "--requests", "3", "--qps", "0.001", "--on-full", "queue"]
+    runs = {e: _json(["serve", *args, "--format", "json", "--engine-overhead", e])["runs"][0]
+            for e in ("none", "vllm")}
+    gap = runs["vllm"]["tpot_ms"]["p50"] - runs["none"]["tpot_ms"]["p50"]
+    assert gap == pytest.approx(engines.get("vllm").host_s(1) * 1e3, rel=1e-6)
+    assert runs["vllm"]["engine_overhead"] == engines.get("vllm").describe()
+    code, text, err = invoke(["serve", *args, "--engine-overhead", "vllm"])
+    assert code == 0, err
+    assert "engine overhead vllm" in text
+    code, text, err = invoke(["capacity", "--qps", "1..4", *QUICK, "--requests", "20", "--on-full", "queue",
+                              "--engine-overhead", "vllm"])
+    assert code == 0, err
+    assert "engine overhead vllm" in text
+    code, _, err = invoke(["serve", *args, "--engine-overhead", "nope"])
+    assert code == 2 and "--engine-overhead" in err and len(err.strip().splitlines()) == 1

@@ -191,7 +191,8 @@ def capacity(
         batch_only({"--batch": batch != str(DEFAULT_BATCH), "--max-evict": max_evict != 0.0,
                     "--max-overhead": max_overhead != 10.0, "--ray": ray, "--ray-address": ray_address is not None},
                    workload, compute)
-        return capacity_qps(qps, target, serving, strategy, workload.lengths, workload.seed, tpot_slo, fmt, out, report)
+        return capacity_qps(qps, target, serving, strategy, workload.lengths, workload.seed, tpot_slo, fmt, out, report,
+                            compute.engine_overhead)
     serving_only(serving)
     from tiersim.fileformat import write_document
     from tiersim.simulator import planner

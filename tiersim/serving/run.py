@@ -32,7 +32,8 @@ class ServeSpec:
         e = self.engine
         return {"model": self.model.name, "gpu": self.gpu.name, "tp": self.tp, "strategy": self.strategy,
                 "on_full": e.on_full, "max_batch": e.max_batch, "token_budget": e.token_budget,
-                "tiers": e.tiers.ratios() | e.tiers.structure(), "slo": asdict(self.slo)}
+                "tiers": e.tiers.ratios() | e.tiers.structure(), "slo": asdict(self.slo),
+                "engine_overhead": self.gpu.engine or "none (device time only)"}
 
 
 @dataclass
