@@ -32,7 +32,7 @@ def test_serve_runs_every_policy_and_writes_the_per_request_file(tmp_path):
     assert [r["on_full"] for r in doc["runs"]] == list(memory.ON_FULL)
     assert all(r["requests"] == 40 and r["output_tokens"] > 0 for r in doc["runs"])
     document, table = fileformat.read(out, [fileformat.SERVING], label="x")
-    assert document["kind"] == "serving" and table.num_rows == 40 and "ttft_s" in table.column_names
+    assert document["kind"] == "serving" and table.num_rows == 40 * len(memory.ON_FULL) and "ttft_s" in table.column_names
     assert document["timeline"]["batch"]
     replay = _json(["serve", "--model", "r1-distill-qwen-1.5b", "--requests-file", str(saved), "--format", "json"])
     for a, b in zip(doc["runs"], replay["runs"]):  # a request file replays the run it was saved from
@@ -165,3 +165,29 @@ def test_serve_and_capacity_qps_take_and_name_the_engine_overhead():
     assert "engine overhead vllm" in text
     code, _, err = invoke(["serve", *args, "--engine-overhead", "nope"])
     assert code == 2 and "--engine-overhead" in err and len(err.strip().splitlines()) == 1
+
+
+def test_serve_out_keeps_every_policys_rows_and_a_version_1_file_still_reads(tmp_path):
+    import pyarrow.parquet as pq
+
+    from tiersim.report.build import build_report
+
+    out = tmp_path / "serve.parquet"
+    doc = _json(["serve", *QUICK, "--qps", "3", "--format", "json", "--on-full", "spill,queue", "--out", str(out)])
+    document, table = fileformat.read(out, [fileformat.SERVING], label="x")
+    assert document["schema_version"] == fileformat.SERVING.schema_version >= 2
+    frame = table.to_pandas()
+    assert frame["on_full"].tolist() == ["spill"] * 40 + ["queue"] * 40
+    for run in doc["runs"]:  # each policy's rows are its run's: its p50 TTFT from them
+        rows = frame[frame["on_full"] == run["on_full"]]
+        assert rows["ttft_s"].median() * 1e3 == pytest.approx(run["ttft_ms"]["p50"], rel=1e-12)
+    assert [r["on_full"] for r in document["runs"]] == ["spill", "queue"] and document["on_full"] == "spill"
+    # A version-1 file (the first policy's rows, no on_full column) is still read, and drawn by the report.
+    old = tmp_path / "old.parquet"
+    meta = {**json.loads(pq.read_schema(out).metadata[fileformat.META_KEY]), "schema_version": 1}
+    meta.pop("runs")
+    v1 = table.slice(0, 40).drop_columns(["on_full"])  # the spill rows
+    fileformat.write_table(old, v1.to_pandas(), meta)
+    document, back = fileformat.read(old, [fileformat.SERVING], label="x")
+    assert document["schema_version"] == 1 and back.num_rows == 40
+    assert "serving_timeline" in build_report([str(old)])

@@ -137,7 +137,7 @@ def serve(
     engine_overhead: str = options.opt("none", "--engine-overhead", help=_ENGINE["help"],
                                        choices=_ENGINE["bounds"].choices),
     fmt: str = options.opt("table", "--format", help="table or json", choices=FORMATS),
-    out: Path = typer.Option(None, help="per-request rows of the first policy (Parquet, kind 'serving')"),
+    out: Path = typer.Option(None, help="per-request rows of every policy, an on_full column first (Parquet, kind 'serving')"),
     save_requests: Path = typer.Option(None, "--save-requests", help="write the requests replayed (CSV, JSON lines "
                                        "or Parquet), to replay with --requests-file"),
     report: Path = typer.Option(None, help="also write an HTML report of the first policy's run (its timeline)"),
@@ -166,10 +166,10 @@ def serve(
         from tiersim.cli.cmd_simulate import _this_run, _write_report
 
         with tempfile.TemporaryDirectory() as tmp:  # the report reads the file --out writes
-            path = serving_run.write(Path(tmp) / "serving.parquet", results[0])
+            path = serving_run.write(Path(tmp) / "serving.parquet", results)
             _write_report([path], report, _this_run("serve"))
 
-    writes = [(out, lambda: (serving_run.write(out, results[0]), wrote(out))), (report, write_report),
+    writes = [(out, lambda: (serving_run.write(out, results), wrote(out))), (report, write_report),
               (save_requests, lambda: (workload.write_requests(save_requests, requests), wrote(save_requests)))]
     first = _first_line(spec, results)
     if fmt == "json":
