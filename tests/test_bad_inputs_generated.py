@@ -621,3 +621,41 @@ def _plotted_fields() -> set[str]:
     from tiersim.report.loaders import REQUIRED
 
     return {c for tables in REQUIRED.values() for columns in tables.values() for c in columns}
+
+
+# -- JSON input files of the right kind with one field of the wrong type ---------------------------------------------
+JSON_INPUTS = [(c, s) for c, s in INPUTS if VALID_INPUT.get(s.flag, "").endswith(".json") and s.flag != "INPUT"
+               and not getattr(COMMANDS[c], "tiersim_loads_model", False)]
+
+
+def _paths(document, prefix=()):
+    """Every place in a JSON document (a list's first two items), for a mutation to land on."""
+    if prefix:
+        yield prefix
+    if isinstance(document, dict):
+        for key, value in document.items():
+            yield from _paths(value, prefix + (key,))
+    elif isinstance(document, list):
+        for i, value in enumerate(document[:2]):
+            yield from _paths(value, prefix + (i,))
+
+
+@settings(max_examples=30, **SETTINGS)  # each accepted case runs its command: the hunt behind it ran 1,200
+@given(data=st.data())
+def test_a_json_input_with_a_wrong_field_is_refused_or_used_never_a_crash(work, data):
+    """A valid calibration, profile or model config given to a command with any one field anywhere in it
+    replaced by any JSON value: refused in one line naming the option, or used; never a traceback (the
+    kind's declared shape, tiersim.fileformat.SHAPES, is checked by the one read)."""
+    command, spec = data.draw(st.sampled_from(JSON_INPUTS))
+    document = json.loads((work / VALID_INPUT[spec.flag]).read_text())
+    place = data.draw(st.sampled_from(sorted(_paths(document), key=repr)))
+    target = document
+    for key in place[:-1]:
+        target = target[key]
+    target[place[-1]] = data.draw(JSON_VALUES)
+    path = work / f"mutated-{command}-{spec.name}.json"
+    path.write_text(json.dumps(document))
+    code, out, err = invoke(_input_args(command, spec, path))  # an unexpected exception fails the test here
+    assert "Traceback" not in err and code in (0, 2), (place, err[-300:])
+    if code == 2:
+        assert err.strip().splitlines()[-1].startswith("error:"), err

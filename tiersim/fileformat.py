@@ -51,6 +51,63 @@ KINDS: dict[str, FileKind] = {k.name: k for k in (TRACE, SIMULATION, CAPACITY, Q
                                                   SERVING_CAPACITY)}
 
 
+#: What readers of a kind index into, checked by :func:`check` so that a file of the right kind with a field
+#: of the wrong type is one line naming the field, not a TypeError in whichever reader touches it first:
+#: ``objects`` (absent, null or an object), ``numbers`` (``section.field``: absent, null or a finite number),
+#: ``tables`` (a list of row objects) with the row fields that are numbers (``#``: a count, 0..2**53), and
+#: ``required``: the row fields every row has.
+SHAPES: dict[str, dict[str, Any]] = {
+    "calibration": {
+        "objects": ("device", "model_shape", "settings", "link", "compute", "summary"),
+        "numbers": ("link.h2d_gbps", "link.d2h_gbps", "link.bidir_total_gbps", "link.copy_latency_us",
+                    "compute.hbm_bw_gbps", "compute.peak_tflops", "compute.layer_overhead_us", "compute.copy_gbps",
+                    "summary.median_abs_sim_error_pct", "summary.max_abs_sim_error_pct", "summary.max_overhead_pct",
+                    "summary.prefetch_gbps_max", "summary.prefetch_share_of_peak_h2d"),
+        "tables": {"points": ("#batch", "#context", "hbm", "measured_step_ms", "simulated_step_ms", "sim_error_pct",
+                              "baseline_step_ms", "overhead_pct", "stall_ms", "simulated_stall_ms", "#h2d_bytes",
+                              "#d2h_bytes", "prefetch_gbps")},
+        "required": {"points": ("batch", "context", "hbm")},
+    },
+    "operator-profile": {"objects": ("device", "settings", "models")},
+}
+_COUNT_MAX = 2**53
+
+
+def _check_shape(document: dict, kind: str, where: str, error: type[TiersimError]) -> None:
+    import math
+
+    shape = SHAPES.get(kind) or {}
+
+    def number(value: Any, name: str, count: bool = False) -> None:
+        if value is None:
+            return
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if ok and count:
+            ok = value == int(value) and 0 <= value <= _COUNT_MAX
+        if not ok:
+            raise error(f"{where}: {name} must be {'a count' if count else 'a number'}, got {value!r}")
+
+    for name in shape.get("objects", ()):
+        if document.get(name) is not None and not isinstance(document[name], Mapping):
+            raise error(f"{where}: {name} must be an object, got {document[name]!r}")
+    for dotted in shape.get("numbers", ()):
+        section, field = dotted.split(".")
+        number((document.get(section) or {}).get(field), dotted)
+    for table, fields in shape.get("tables", {}).items():
+        rows = document.get(table)
+        if rows is None:
+            continue
+        if not isinstance(rows, list) or not all(isinstance(r, Mapping) for r in rows):
+            raise error(f"{where}: {table} must be a list of objects")
+        for i, row in enumerate(rows):
+            missing = [f for f in shape.get("required", {}).get(table, ()) if row.get(f) is None]
+            if missing:
+                raise error(f"{where}: {table}[{i}] lacks {missing[0]!r}")
+            for field in fields:
+                name = field.lstrip("#")
+                number(row.get(name), f"{table}[{i}].{name}", count=field.startswith("#"))
+
+
 def stamp(kind: FileKind) -> dict[str, Any]:
     """What the file is and who wrote it, without a time (outputs that must be byte-reproducible)."""
     from tiersim import __version__
@@ -81,6 +138,7 @@ def check(document: Any, accepted: Sequence[FileKind], *, label: str, source: st
     if version > names[kind].schema_version:
         raise error(f"{label}: {source}: {kind} schema_version {version} is newer than this tiersim reads "
                     f"({names[kind].schema_version}); upgrade tiersim")
+    _check_shape(document, kind, f"{label}: {source}", error)
     return document
 
 
