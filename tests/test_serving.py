@@ -215,3 +215,26 @@ def test_any_small_workload_conserves_requests_tokens_and_blocks(n, qps, sigma, 
     assert (rows["queue_s"] >= 0).all() and (rows["ttft_s"] >= rows["queue_s"]).all()
     assert (rows["e2e_s"] >= rows["ttft_s"]).all()
     assert (e.pool.used, e.pool.reserved, e.pool.staging, e.sum_spilled, e.swapped_tokens) == (0, 0, 0, 0, 0)
+
+
+def test_an_engine_overhead_raises_low_load_tpot_by_its_per_step_line():
+    """--engine-overhead reaches serving through engines.apply, the step model's one place: at batch 1 every
+    decode step costs the engine's fixed + per-sequence line more, and nothing else changes."""
+    from tiersim.simulator import engines
+
+    reqs = workload.synthetic(4, 0.002, 300, 40, seed=3)  # requests alone: every decode step at batch 1
+    plain = simulate(spec(gpu=engines.apply(GPU, "none", MODEL.num_layers)), reqs)
+    vllm = simulate(spec(gpu=engines.apply(GPU, "vllm", MODEL.num_layers)), reqs)
+    line = engines.get("vllm").host_s(1)
+    assert line > 0
+    np.testing.assert_allclose(vllm.rows["tpot_s"] - plain.rows["tpot_s"], line, rtol=1e-9)
+    assert "vllm" in vllm.spec.describe()["engine_overhead"]
+
+
+def test_a_host_floor_holds_for_prefill_only_steps_too():
+    from tiersim.simulator import engines
+
+    eager = engines.apply(GPU, "hf-eager", MODEL.num_layers)
+    pricer, plain = StepPricer(MODEL, eager), StepPricer(MODEL, GPU)
+    chunk = [(4, 0, True)]
+    assert plain.step_s(0, 0.0, 0.0, chunk) < eager.step_host_floor == pricer.step_s(0, 0.0, 0.0, chunk)

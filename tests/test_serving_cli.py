@@ -32,7 +32,7 @@ def test_serve_runs_every_policy_and_writes_the_per_request_file(tmp_path):
     assert [r["on_full"] for r in doc["runs"]] == list(memory.ON_FULL)
     assert all(r["requests"] == 40 and r["output_tokens"] > 0 for r in doc["runs"])
     document, table = fileformat.read(out, [fileformat.SERVING], label="x")
-    assert document["kind"] == "serving" and table.num_rows == 40 and "ttft_s" in table.column_names
+    assert document["kind"] == "serving" and table.num_rows == 40 * len(memory.ON_FULL) and "ttft_s" in table.column_names
     assert document["timeline"]["batch"]
     replay = _json(["serve", "--model", "r1-distill-qwen-1.5b", "--requests-file", str(saved), "--format", "json"])
     for a, b in zip(doc["runs"], replay["runs"]):  # a request file replays the run it was saved from
@@ -67,6 +67,10 @@ def test_capacity_qps_finds_a_rate_and_says_it_first(tmp_path):
     (["capacity", "--qps", "5..1"], "--qps"),
     (["capacity", "--qps", "x"], "--qps"),
     (["capacity", "--on-full", "spill"], "--on-full applies to capacity --qps"),
+    (["capacity", "--qps", "1..2", "--batch", "8"], "--batch is the batch planner's"),
+    (["capacity", "--qps", "1..2", "--steps", "9"], "--steps is the batch planner's"),
+    (["capacity", "--qps", "1..2", "--ray"], "--ray is the batch planner's"),
+    (["capacity", "--qps", "1..2", "--prefetch", "cover99"], "--prefetch is the batch planner's"),
     (["serve", "--model", "qwq-32b", "--gpu", "h100-pcie", "--tp", "2"], "--tp 2"),
 ])
 def test_bad_serving_options_are_one_line_exit_2(args, words):
@@ -129,3 +133,61 @@ def test_a_policy_that_cannot_hold_a_request_is_said_and_the_others_still_plan(t
     assert doc["policies"]["spill"]["max_qps"] > 0 and "unservable" in doc["policies"]["queue"]
     code, out, err = invoke(["serve", *args, "--on-full", "queue"])
     assert code == 2 and "use a larger --tp or --on-full spill" in err
+
+
+def test_json_output_is_strict_json_for_a_single_request():
+    code, out, err = invoke(["serve", "--model", "r1-distill-qwen-1.5b", "--requests", "1", "--lengths", "50",
+                             "--format", "json"])
+    assert code == 0, err
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in the JSON document")
+
+    doc = json.loads(out, parse_constant=refuse)
+    assert doc["runs"][0]["offered_qps"] is None and doc["runs"][0]["requests"] == 1
+
+
+def test_serve_and_capacity_qps_take_and_name_the_engine_overhead():
+    from tiersim.simulator import engines
+
+    args = [*QUICK, "--requests", "3", "--qps", "0.001", "--on-full", "queue"]
+    runs = {e: _json(["serve", *args, "--format", "json", "--engine-overhead", e])["runs"][0]
+            for e in ("none", "vllm")}
+    gap = runs["vllm"]["tpot_ms"]["p50"] - runs["none"]["tpot_ms"]["p50"]
+    assert gap == pytest.approx(engines.get("vllm").host_s(1) * 1e3, rel=1e-6)
+    assert runs["vllm"]["engine_overhead"] == engines.get("vllm").describe()
+    code, text, err = invoke(["serve", *args, "--engine-overhead", "vllm"])
+    assert code == 0, err
+    assert "engine overhead vllm" in text
+    code, text, err = invoke(["capacity", "--qps", "1..4", *QUICK, "--requests", "20", "--on-full", "queue",
+                              "--engine-overhead", "vllm"])
+    assert code == 0, err
+    assert "engine overhead vllm" in text
+    code, _, err = invoke(["serve", *args, "--engine-overhead", "nope"])
+    assert code == 2 and "--engine-overhead" in err and len(err.strip().splitlines()) == 1
+
+
+def test_serve_out_keeps_every_policys_rows_and_a_version_1_file_still_reads(tmp_path):
+    import pyarrow.parquet as pq
+
+    from tiersim.report.build import build_report
+
+    out = tmp_path / "serve.parquet"
+    doc = _json(["serve", *QUICK, "--qps", "3", "--format", "json", "--on-full", "spill,queue", "--out", str(out)])
+    document, table = fileformat.read(out, [fileformat.SERVING], label="x")
+    assert document["schema_version"] == fileformat.SERVING.schema_version >= 2
+    frame = table.to_pandas()
+    assert frame["on_full"].tolist() == ["spill"] * 40 + ["queue"] * 40
+    for run in doc["runs"]:  # each policy's rows are its run's: its p50 TTFT from them
+        rows = frame[frame["on_full"] == run["on_full"]]
+        assert rows["ttft_s"].median() * 1e3 == pytest.approx(run["ttft_ms"]["p50"], rel=1e-12)
+    assert [r["on_full"] for r in document["runs"]] == ["spill", "queue"] and document["on_full"] == "spill"
+    # A version-1 file (the first policy's rows, no on_full column) is still read, and drawn by the report.
+    old = tmp_path / "old.parquet"
+    meta = {**json.loads(pq.read_schema(out).metadata[fileformat.META_KEY]), "schema_version": 1}
+    meta.pop("runs")
+    v1 = table.slice(0, 40).drop_columns(["on_full"])  # the spill rows
+    fileformat.write_table(old, v1.to_pandas(), meta)
+    document, back = fileformat.read(old, [fileformat.SERVING], label="x")
+    assert document["schema_version"] == 1 and back.num_rows == 40
+    assert "serving_timeline" in build_report([str(old)])

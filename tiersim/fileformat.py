@@ -44,7 +44,7 @@ OPERATOR_PROFILE = FileKind("operator-profile", 1, ("json",))
 REPORT = FileKind("report", 1, ("html",))
 TRACE_PROJECTION = FileKind("trace-projection", 1, ("json",))  # the bundled trace's fit, shipped beside it
 REQUESTS = FileKind("requests", 1, ("parquet",))  # a serving workload (CSV and JSON lines are read too)
-SERVING = FileKind("serving", 1, ("parquet",))  # one serving run: per-request rows, summary and timeline
+SERVING = FileKind("serving", 2, ("parquet",))  # serving runs: per-request rows (2: of every policy), summary, timeline
 SERVING_CAPACITY = FileKind("serving-capacity", 1, ("json",))  # highest QPS within SLOs, per on-full policy
 KINDS: dict[str, FileKind] = {k.name: k for k in (TRACE, SIMULATION, CAPACITY, QUALITY_GRID, CALIBRATION,
                                                   OPERATOR_PROFILE, REPORT, TRACE_PROJECTION, REQUESTS, SERVING,

@@ -11,7 +11,7 @@ import typer
 
 from tiersim.cli import options
 from tiersim.cli.app import add_columns, app, compact_table, console, deliver, wrote
-from tiersim.cli.groups import Target
+from tiersim.cli.groups import ComputeModel, Target
 from tiersim.errors import TiersimError
 from tiersim.hierarchy import strategies
 from tiersim.options import option, parse_list
@@ -21,6 +21,8 @@ ON_FULL = ("preempt-recompute", "preempt-swap", "queue", "spill")  # tiersim.ser
 TP_SIZES = (1, 2, 4, 8)  # tiersim.simulator.parallel.TP_SIZES (tested equal)
 MAX_TOKENS = 10_000_000
 MAX_REQUESTS = 10_000_000
+# simulate / capacity's --engine-overhead, the same words and choices (tiersim.simulator.engines)
+_ENGINE = next(f for f in dataclasses.fields(ComputeModel) if f.name == "engine_overhead").metadata
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +56,22 @@ def serving_only(serving: Serving) -> None:
             raise TiersimError(f"{flag(field)} applies to capacity --qps (the serving search) only; add --qps or drop it")
 
 
+def batch_only(given: dict[str, bool], *groups) -> None:
+    """One line when a batch-planner option is given to `capacity --qps` (the serving search would ignore it):
+    ``given`` flags set by hand, and every field of ``groups`` but --lengths, --seed and --engine-overhead (which
+    the serving search takes) away from its default."""
+    from tiersim.options import flag
+
+    for group in groups:
+        for field in dataclasses.fields(group):
+            if field.name not in ("lengths", "seed", "engine_overhead") and getattr(group, field.name) != field.default:
+                given = {**given, flag(field): True}
+    for name, on in given.items():
+        if on:
+            raise TiersimError(f"{name.split('/')[0]} is the batch planner's; capacity --qps (the serving search) does "
+                               "not use it: drop it, or drop --qps")
+
+
 def policies(text: str) -> list[str]:
     names = list(ON_FULL) if text.strip() == "all" else parse_list(text, str, "--on-full")
     bad = [n for n in names if n not in ON_FULL]
@@ -66,19 +84,20 @@ DEFAULT_TPOT_SLO = 50.0  # ms, p99
 
 
 def build(target: Target, serving: Serving, strategy: str, lengths: str | None, seed: int, qps: float | None,
-          tpot_slo: float | None = None):
-    """(spec, requests, policies) from the options: every refusal is one line naming the option."""
+          tpot_slo: float | None = None, engine_overhead: str = "none"):
+    """(spec, requests, policies) from the options: every refusal is one line naming the option. The engine
+    overhead reaches the GPU through ``engines.apply``, as for simulate / capacity (the step model reads it)."""
     from tiersim.hierarchy.config import TierConfig
     from tiersim.serving import metrics, workload
     from tiersim.serving.engine import EngineConfig
     from tiersim.serving.run import ServeSpec
-    from tiersim.simulator import parallel, presets
+    from tiersim.simulator import engines, parallel, presets
     from tiersim.traces.lengths import parse_lengths
 
     if strategy not in strategies.NAMES:
         raise TiersimError(f"--strategy must be one of {', '.join(strategies.NAMES)}, got {strategy!r}")
     model = presets.model_from_config(target.model_config) if target.model_config else presets.get_model(target.model)
-    gpu = presets.get_gpu(target.gpu)
+    gpu = engines.apply(presets.get_gpu(target.gpu), engine_overhead, model.num_layers)
     parallel.check_tp(model, serving.tp)
     names = policies(serving.on_full)
     if serving.requests_file is not None:
@@ -115,8 +134,10 @@ def serve(
     seed: int = options.opt(0, help="seed of the arrivals and lengths", min=0, max=2**32 - 1),
     tpot_slo: float = options.opt(DEFAULT_TPOT_SLO, "--tpot-slo", help="SLO: p99 time per output token, ms",
                                   min=0.001),
+    engine_overhead: str = options.opt("none", "--engine-overhead", help=_ENGINE["help"],
+                                       choices=_ENGINE["bounds"].choices),
     fmt: str = options.opt("table", "--format", help="table or json", choices=FORMATS),
-    out: Path = typer.Option(None, help="per-request rows of the first policy (Parquet, kind 'serving')"),
+    out: Path = typer.Option(None, help="per-request rows of every policy, an on_full column first (Parquet, kind 'serving')"),
     save_requests: Path = typer.Option(None, "--save-requests", help="write the requests replayed (CSV, JSON lines "
                                        "or Parquet), to replay with --requests-file"),
     report: Path = typer.Option(None, help="also write an HTML report of the first policy's run (its timeline)"),
@@ -127,7 +148,7 @@ def serve(
     from tiersim.serving import workload
     from tiersim.serving.memory import Unservable
 
-    spec, requests, names = build(target, serving, strategy, lengths, seed, qps, tpot_slo)
+    spec, requests, names = build(target, serving, strategy, lengths, seed, qps, tpot_slo, engine_overhead)
     results, refused = [], {}
     for name in names:
         try:
@@ -145,10 +166,10 @@ def serve(
         from tiersim.cli.cmd_simulate import _this_run, _write_report
 
         with tempfile.TemporaryDirectory() as tmp:  # the report reads the file --out writes
-            path = serving_run.write(Path(tmp) / "serving.parquet", results[0])
+            path = serving_run.write(Path(tmp) / "serving.parquet", results)
             _write_report([path], report, _this_run("serve"))
 
-    writes = [(out, lambda: (serving_run.write(out, results[0]), wrote(out))), (report, write_report),
+    writes = [(out, lambda: (serving_run.write(out, results), wrote(out))), (report, write_report),
               (save_requests, lambda: (workload.write_requests(save_requests, requests), wrote(save_requests)))]
     first = _first_line(spec, results)
     if fmt == "json":
@@ -172,7 +193,7 @@ def _engine_words(spec) -> str:
     e = spec.engine
     where = f"{spec.tp} x {spec.gpu.name}" if spec.tp > 1 else spec.gpu.name
     return (f"{spec.model.name} on {where}, max batch {e.max_batch}, {e.token_budget} tokens per step, "
-            f"DDR read by {spec.strategy}")
+            f"DDR read by {spec.strategy}, engine overhead {spec.gpu.engine}")
 
 
 def _first_line(spec, results) -> str:
@@ -221,7 +242,8 @@ def parse_qps_range(text: str) -> tuple[float, float]:
 
 
 def capacity_qps(qps: str, target: Target, serving: Serving, strategy: str, lengths: str | None, seed: int,
-                 tpot_slo: float | None, fmt: str, out: Path | None, report: Path | None) -> None:
+                 tpot_slo: float | None, fmt: str, out: Path | None, report: Path | None,
+                 engine_overhead: str = "none") -> None:
     """`tiersim capacity --qps`: per --on-full policy the highest rate within the SLOs (bisection)."""
     from tiersim.cli.progress import meter
     from tiersim.fileformat import SERVING_CAPACITY, header, write_document
@@ -229,7 +251,7 @@ def capacity_qps(qps: str, target: Target, serving: Serving, strategy: str, leng
 
     lo, hi = parse_qps_range(qps)
     strategy = "prefetch" if strategy == "all" else strategy
-    spec, requests, names = build(target, serving, strategy, lengths, seed, None, tpot_slo)
+    spec, requests, names = build(target, serving, strategy, lengths, seed, None, tpot_slo, engine_overhead)
     if serving.requests_file is None:  # the search sets the rate: the lengths are what the workload says
         kind = "Poisson" if serving.burstiness == 1 else f"gamma CV {serving.burstiness:g}"
         requests = dataclasses.replace(requests, source=f"{kind} arrivals")

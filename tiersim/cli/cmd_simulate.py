@@ -14,7 +14,7 @@ from tiersim.cli import options
 from tiersim.cli.app import (
     RAY_ADDRESS_HELP, add_columns, app, check_output_path, compact_table, console, deliver, err_console, wrote,
 )
-from tiersim.cli.cmd_serve import Serving, capacity_qps, serving_only
+from tiersim.cli.cmd_serve import Serving, batch_only, capacity_qps, serving_only
 from tiersim.cli.groups import ComputeModel, Target, Workload
 from tiersim.cli.progress import meter
 from tiersim.errors import ConfigError, TiersimError
@@ -187,8 +187,12 @@ def capacity(
     """Plan HBM: the most tokens/s within a TPOT budget, which split and strategy gets there, and the
     full cache at its largest batch; with one batch, also the simulated grid and a batch sweep. With --qps:
     the highest request rate within p99 TTFT / TPOT SLOs per --on-full policy."""
-    if qps is not None:  # the serving simulator's search (tiersim.cli.cmd_serve)
-        return capacity_qps(qps, target, serving, strategy, workload.lengths, workload.seed, tpot_slo, fmt, out, report)
+    if qps is not None:  # the serving simulator's search (tiersim.cli.cmd_serve); the batch planner's options refused
+        batch_only({"--batch": batch != str(DEFAULT_BATCH), "--max-evict": max_evict != 0.0,
+                    "--max-overhead": max_overhead != 10.0, "--ray": ray, "--ray-address": ray_address is not None},
+                   workload, compute)
+        return capacity_qps(qps, target, serving, strategy, workload.lengths, workload.seed, tpot_slo, fmt, out, report,
+                            compute.engine_overhead)
     serving_only(serving)
     from tiersim.fileformat import write_document
     from tiersim.simulator import planner

@@ -246,7 +246,7 @@ class Engine(OnFull):
             serial += seconds
             room = config.token_budget - len(self.decoding)
             room -= sum(r.target - r.prefilled for r in self.prefilling)
-            if not preempted:
+            if not preempted or not (self.decoding or self.prefilling):  # (an engine emptied by preemption admits)
                 seconds, resumed = self._admit(room)
                 serial += seconds
                 for r in resumed:

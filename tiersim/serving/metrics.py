@@ -10,7 +10,6 @@ time by the processes), against the per-request rows.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,7 +64,7 @@ def summary(engine, slo: SLO, rows: dict[str, np.ndarray] | None = None) -> dict
     in_system = engine.area / makespan if makespan > 0 else 0.0
     return {
         "requests": n,
-        "offered_qps": (n - 1) / span if span > 0 else math.nan,
+        "offered_qps": (n - 1) / span if span > 0 else None,  # one request (or all at once): no rate
         "makespan_s": makespan,
         "ttft_ms": ms("ttft_s"), "tpot_ms": ms("tpot_s"), "e2e_ms": ms("e2e_s"), "queue_ms": ms("queue_s"),
         "within_slo": bool(not stopped and p99_ttft <= slo.ttft_s and p99_tpot <= slo.tpot_s),

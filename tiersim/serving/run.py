@@ -32,7 +32,8 @@ class ServeSpec:
         e = self.engine
         return {"model": self.model.name, "gpu": self.gpu.name, "tp": self.tp, "strategy": self.strategy,
                 "on_full": e.on_full, "max_batch": e.max_batch, "token_budget": e.token_budget,
-                "tiers": e.tiers.ratios() | e.tiers.structure(), "slo": asdict(self.slo)}
+                "tiers": e.tiers.ratios() | e.tiers.structure(), "slo": asdict(self.slo),
+                "engine_overhead": self.gpu.engine or "none (device time only)"}
 
 
 @dataclass
@@ -62,15 +63,18 @@ def document(result: Result) -> dict:
     return {**result.spec.describe(), "workload": result.requests.describe(), **result.summary}
 
 
-def write(path, result: Result):
-    """The per-request rows as Parquet (kind ``serving``), the summary and a thinned timeline in its header."""
+def write(path, results: Result | list[Result]):
+    """Every run's per-request rows as Parquet (kind ``serving``, an ``on_full`` column first: schema 2), the
+    first run's description, summary and thinned timeline in the header, and ``runs``: every run's document."""
     import pandas as pd
 
     from tiersim import fileformat
 
-    frame = pd.DataFrame({k: result.rows[k] for k in metrics.REQUEST_COLUMNS})
-    meta = {**fileformat.header(fileformat.SERVING), **document(result),
-            "timeline": metrics.thin(metrics.timeline(result.engine)),
-            "kv_block_tokens": 16, "hbm_blocks": result.engine.budget.blocks}
+    results = [results] if isinstance(results, Result) else list(results)
+    first = results[0]
+    frame = pd.concat([pd.DataFrame({"on_full": r.spec.engine.on_full, **{k: r.rows[k] for k in metrics.REQUEST_COLUMNS}})
+                       for r in results], ignore_index=True)
+    meta = {**fileformat.header(fileformat.SERVING), **document(first),
+            "timeline": metrics.thin(metrics.timeline(first.engine)),
+            "kv_block_tokens": 16, "hbm_blocks": first.engine.budget.blocks, "runs": [document(r) for r in results]}
     return fileformat.write_table(path, frame, meta)
-

@@ -89,8 +89,8 @@ class StepPricer:
         if not chunks:
             return float(self.decode_s(batch, hbm, ddr, demoted)[0]) if batch else 0.0
         if batch == 0:
-            layer, after = self._chunk_layer_s(0, 0.0, 0.0, chunks)
-            return self.layers * layer + after
+            layer, after = self._chunk_layer_s(0, 0.0, 0.0, chunks)  # an engine's host floor holds here too
+            return max(self.layers * layer + after, self.gpu.step_host_floor)
         costs = self.decode_costs(batch, hbm, ddr, demoted)
         kv = (hbm + ddr) * self.kv_per_token_layer
         layer, after = self._chunk_layer_s(batch, kv, hbm + ddr, chunks)
