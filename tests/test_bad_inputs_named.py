@@ -161,7 +161,10 @@ def test_the_cli_bounds_are_the_simulators():
     from tiersim.cli import groups
     from tiersim.simulator import capacity
 
+    from tiersim.simulator import fastpath, presets
+
     assert (groups.MAX_TOKENS, groups.MAX_STEPS) == (capacity.MAX_TOKENS, capacity.MAX_STEPS)
+    assert groups.HOST_OVERHEADS == tuple(presets.HOST_OVERHEADS) and groups.ENGINES == fastpath.ENGINES
 
 
 @pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--warmup", "0"), ("--budget-s", "nan"),
