@@ -37,9 +37,9 @@ def host_bound_note(doc: dict, label: str = "calibration") -> str | None:
             "graph` on a GPU: executor cuda-graph)")
 
 
-def load_calibration(path: str | Path) -> dict:
-    """A calibration document from `tiersim validate`, or one clear error."""
-    return fileformat.read(path, [fileformat.CALIBRATION], label="calibration file")[0]
+def load_calibration(path: str | Path, label: str = "calibration file") -> dict:
+    """A calibration document from `tiersim validate`, or one clear error (starting with ``label``)."""
+    return fileformat.read(path, [fileformat.CALIBRATION], label=label)[0]
 
 
 def apply_calibration(gpu: GPU, calibration: dict) -> GPU:
