@@ -211,3 +211,19 @@ def test_the_grid_command_refuses_a_missing_kvpress_or_a_bad_name_in_one_line(mo
         assert len([line for line in err.splitlines() if line.strip()]) == 1
     code, _, err = invoke(["grid", "--kl", "--ray", "--n", "1"])
     assert code != 0 and "--kl runs in this process" in err
+
+
+def test_a_real_kvpress_press_where_kvpress_is_installed(tiny_llama):
+    """Runs only in a kvpress venv (transformers < 5.3; docs/quality.md): the adapter against kvpress itself."""
+    kvpress = pytest.importorskip("kvpress")
+    ids = random_prompt(tiny_llama, 40, seed=2)
+    reference, _ = presses.decode(tiny_llama, ids, 10)
+    for name in ("ExpectedAttention", "Knorm", "TOVA"):
+        spec = presses.PressSpec(name)
+        kept, _ = presses.decode(tiny_llama, ids, 10, press=presses.make_press(spec, 0.0, 16, module=kvpress), spec=spec)
+        assert kept == reference, name  # a press at ratio 0 prunes nothing: the same tokens
+        press = presses.make_press(spec, 0.5, 16, module=kvpress)
+        cache = DynamicCache()
+        with press(tiny_llama), torch.inference_mode():
+            tiny_llama(input_ids=ids, past_key_values=cache)
+        assert cache.get_seq_length() == 20, name

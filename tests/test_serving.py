@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from tiersim.errors import TiersimError
 from tiersim.serving import memory, metrics, workload
 from tiersim.serving.engine import EngineConfig
 from tiersim.serving.run import ServeSpec, simulate
@@ -119,6 +120,15 @@ def test_spill_with_prefetch_keeps_every_token_and_only_adds_stalls():
     assert pricer.decode_s(32, 20_000, 20_000)[0] > pricer.decode_s(32, 40_000)[0]  # the same tokens, a stall
 
 
+def test_staging_buffers_follow_the_strategy():
+    """Spilled tokens take two one-layer staging buffers in HBM where the strategy stages them (the step model's
+    StepCosts.staged): prefetch all of them, host attention none."""
+    prefetch, host = StepPricer(MODEL, GPU, 1, "prefetch"), StepPricer(MODEL, GPU, 1, "host-attention")
+    assert (prefetch.staged_share(), host.staged_share()) == (1.0, 0.0)
+    b = memory.budget(MODEL, MODEL, GPU, 256, 2048)
+    assert b.staging_blocks(28 * 16 * 10) == 20 and replace(b, staged=0.0).staging_blocks(28 * 16 * 10) == 0
+
+
 def test_tensor_parallel_halves_the_kv_and_weights_per_gpu():
     model = presets.get_model("qwq-32b")
     one, two = StepPricer(model, GPU, 1), StepPricer(model, GPU, 2)
@@ -176,3 +186,32 @@ def test_a_search_point_stopped_early_has_the_full_runs_verdict():
 def test_spec_policy_replace_keeps_the_rest():
     s = spec("queue", max_batch=7)
     assert s.with_policy("spill").engine == replace(s.engine, on_full="spill")
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from tiersim.hierarchy.strategies import NAMES as STRATEGIES  # noqa: E402
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, database=None)
+@given(n=st.integers(1, 40), qps=st.floats(0.5, 200), sigma=st.floats(0, 1.5), kv=st.floats(0.05, 0.6),
+       on_full=st.sampled_from(memory.ON_FULL), max_batch=st.integers(1, 64), budget=st.integers(16, 4096),
+       seed=st.integers(0, 1000), tp=st.sampled_from([1, 2]), strategy=st.sampled_from(sorted(STRATEGIES)))
+def test_any_small_workload_conserves_requests_tokens_and_blocks(n, qps, sigma, kv, on_full, max_batch, budget, seed,
+                                                                 tp, strategy):
+    """Random workloads, memory budgets and engine limits: every request finishes once with its tokens, in order
+    of its own events, and every block comes back (no deadlock, no overdrawn pool)."""
+    reqs = workload.synthetic(n, qps, 120, 300, sigma=sigma, seed=seed)
+    try:
+        s = replace(spec(on_full, tight_gpu(MODEL, kv, tp), max_batch=max_batch, token_budget=budget), tp=tp,
+                    strategy=strategy)
+        result = simulate(s, reqs)
+    except TiersimError as exc:  # no KV left beside the workspace, or a request longer than the budget
+        assert "use a larger --tp" in str(exc) and "\n" not in str(exc)
+        return
+    e, rows = result.engine, result.rows
+    assert all(r.generated == r.output for r in e.requests)
+    assert (rows["queue_s"] >= 0).all() and (rows["ttft_s"] >= rows["queue_s"]).all()
+    assert (rows["e2e_s"] >= rows["ttft_s"]).all()
+    assert (e.pool.used, e.pool.reserved, e.pool.staging, e.sum_spilled, e.swapped_tokens) == (0, 0, 0, 0, 0)

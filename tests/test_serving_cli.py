@@ -107,3 +107,25 @@ def test_capacity_qps_keeps_a_request_files_lengths(tmp_path):
                  "--on-full", "queue", "--format", "json"])
     assert "3 requests" in doc["workload"] and "outputs mean 30" in doc["workload"]
     assert doc["policies"]["queue"]["points"][0]["qps"] == 1.0
+
+
+def test_a_policy_that_cannot_hold_a_request_is_said_and_the_others_still_plan(tmp_path, monkeypatch):
+    """One GPU with ~0.25 GB of KV and a 12K-token request: only spill (the DDR tier) can ever run it."""
+    from tiersim.serving import workload
+    from tiersim.simulator import presets
+
+    gpu, model = presets.get_gpu("h100-sxm"), presets.get_model("r1-distill-qwen-1.5b")
+    tight = presets.with_overrides(gpu, hbm_bytes=model.weight_bytes + gpu.reserved_bytes + 0.75e9)
+    monkeypatch.setitem(presets.GPUS, "tight-test", tight)
+    path = workload.write_requests(tmp_path / "w.csv", workload.check([0.0, 1.0, 2.0], [100, 100, 100],
+                                                                      [200, 12_000, 300], "x"))
+    args = ["--model", model.name, "--requests-file", str(path), "--gpu", "tight-test"]
+    code, out, err = invoke(["serve", *args])
+    assert code == 0, err
+    assert "--on-full preempt-recompute, preempt-swap, queue cannot serve this workload" in " ".join(out.split())
+    doc = _json(["capacity", "--qps", "0.1..10", *args, "--format", "json"])
+    assert doc["recommendation"].endswith("with --on-full spill (preempt-recompute, preempt-swap, queue cannot "
+                                          "hold the longest request).")
+    assert doc["policies"]["spill"]["max_qps"] > 0 and "unservable" in doc["policies"]["queue"]
+    code, out, err = invoke(["serve", *args, "--on-full", "queue"])
+    assert code == 2 and "use a larger --tp or --on-full spill" in err

@@ -26,6 +26,18 @@ def test_latency_vs_load_has_one_curve_per_policy_and_the_slos(tmp_path):
     doc = json.loads(cap.read_text())
     drawn = sorted(x for t in fig.data if t.name == "spill" and t.yaxis == "y" for x in t.x)
     assert drawn == sorted(p["qps"] for p in doc["policies"]["spill"]["points"])
+    spill = [p for p in sorted(doc["policies"]["spill"]["points"], key=lambda p: p["qps"])]
+    trace = next(t for t in fig.data if t.name == "spill" and t.yaxis == "y")
+    assert [sym.endswith("-open") for sym in trace.marker.symbol] == [p["stopped_early"] for p in spill]
+    assert any(p["stopped_early"] for p in spill)  # past the knee the search stopped early: drawn open
     page = build_report([cap, run])
     assert "latency-vs-load" in page and "serving-timeline" in page
     assert doc["recommendation"] in page
+
+
+def test_serve_report_draws_the_timeline(tmp_path):
+    page = tmp_path / "serve.html"
+    code, _, err = invoke(["serve", *QUICK, "--qps", "5", "--on-full", "spill", "--report", str(page)])
+    assert code == 0, err
+    text = page.read_text(encoding="utf-8")
+    assert "serving-timeline" in text and "this run: tiersim serve" in text

@@ -99,7 +99,8 @@ def build(target: Target, serving: Serving, strategy: str, lengths: str | None, 
 
 
 @app.command()
-@options.command(outputs={"out": (".parquet",), "save_requests": (".csv", ".jsonl", ".parquet")},
+@options.command(outputs={"out": (".parquet",), "save_requests": (".csv", ".jsonl", ".parquet"),
+                          "report": (".html", ".htm")},
                  example=["--requests", "3", "--qps", "1", "--lengths", "8", "--prompt-lengths", "8",
                           "--on-full", "queue"])
 def serve(
@@ -118,16 +119,36 @@ def serve(
     out: Path = typer.Option(None, help="per-request rows of the first policy (Parquet, kind 'serving')"),
     save_requests: Path = typer.Option(None, "--save-requests", help="write the requests replayed (CSV, JSON lines "
                                        "or Parquet), to replay with --requests-file"),
+    report: Path = typer.Option(None, help="also write an HTML report of the first policy's run (its timeline)"),
 ) -> None:
     """Serve a request workload: TTFT, TPOT and E2E percentiles, goodput at the SLOs, preemptions and
     spilled GB, per --on-full policy on the same requests."""
     from tiersim.serving import run as serving_run
     from tiersim.serving import workload
+    from tiersim.serving.memory import Unservable
 
     spec, requests, names = build(target, serving, strategy, lengths, seed, qps, tpot_slo)
-    results = [serving_run.simulate(spec.with_policy(name), requests) for name in names]
+    results, refused = [], {}
+    for name in names:
+        try:
+            results.append(serving_run.simulate(spec.with_policy(name), requests))
+        except Unservable as exc:  # this policy can never hold a request: the others still answer
+            refused[name] = str(exc)
+    if not results:
+        raise Unservable(next(iter(refused.values())))
     documents = [serving_run.document(r) for r in results]
-    writes = [(out, lambda: (serving_run.write(out, results[0]), wrote(out))),
+    documents += [{"on_full": name, "unservable": why} for name, why in refused.items()]
+
+    def write_report():
+        import tempfile
+
+        from tiersim.cli.cmd_simulate import _this_run, _write_report
+
+        with tempfile.TemporaryDirectory() as tmp:  # the report reads the file --out writes
+            path = serving_run.write(Path(tmp) / "serving.parquet", results[0])
+            _write_report([path], report, _this_run("serve"))
+
+    writes = [(out, lambda: (serving_run.write(out, results[0]), wrote(out))), (report, write_report),
               (save_requests, lambda: (workload.write_requests(save_requests, requests), wrote(save_requests)))]
     first = _first_line(spec, results)
     if fmt == "json":
@@ -136,7 +157,15 @@ def serve(
     console.print(f"[bold]{first}[/]", highlight=False, soft_wrap=True)
     console.print(f"{requests.describe()}; {_engine_words(spec)}", highlight=False)
     console.print(_runs_table(results))
+    _notes(refused)
     deliver(None, writes)
+
+
+def _notes(refused: dict[str, str]) -> None:
+    """One note per reason: the policies that cannot serve the workload, and why."""
+    for why in dict.fromkeys(refused.values()):
+        names = [n for n, w in refused.items() if w == why]
+        console.print(f"[yellow]note:[/] --on-full {', '.join(names)} cannot serve this workload: {why}", highlight=False)
 
 
 def _engine_words(spec) -> str:
@@ -154,9 +183,10 @@ def _first_line(spec, results) -> str:
         best = max(results, key=lambda r: r.summary["goodput_qps"])
         return (f"No --on-full policy meets {limits} at this load; the most goodput is {best.spec.engine.on_full}'s "
                 f"{best.summary['goodput_qps']:.3g} requests/s.")
-    best = max(ok, key=lambda r: r.summary["goodput_qps"])
-    return (f"{best.spec.engine.on_full} meets {limits} with {best.summary['goodput_qps']:.3g} requests/s of goodput "
-            f"({len(ok)} of {len(results)} policies meet it).")
+    top = max(r.summary["goodput_qps"] for r in ok)
+    best = [r.spec.engine.on_full for r in ok if r.summary["goodput_qps"] == top]
+    return (f"{' = '.join(best)} {'meets' if len(best) == 1 else 'meet'} {limits} with {top:.3g} requests/s of "
+            f"goodput ({len(ok)} of {len(results)} policies meet it).")
 
 
 def _runs_table(results):
@@ -233,6 +263,7 @@ def capacity_qps(qps: str, target: Target, serving: Serving, strategy: str, leng
         best = max((p for p in a["points"] if p["within_slo"]), key=lambda p: p["qps"], default=None)
         cells = ("-",) * 4 if best is None else (f"{best['ttft_p99_ms']:,.0f}", f"{best['tpot_p99_ms']:.1f}",
                                                  f"{best['goodput_qps']:.3g}", f"{best['tokens_per_s_per_gpu']:,.0f}")
-        table.add_row(name, search._rate(a), *cells, str(len(a["points"])))
+        table.add_row(name, "cannot" if "unservable" in a else search._rate(a), *cells, str(len(a["points"])))
     console.print(table)
+    _notes({name: a["unservable"] for name, a in answers.items() if "unservable" in a})
     deliver(None, writes)

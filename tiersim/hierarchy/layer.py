@@ -143,29 +143,23 @@ class TieredLayer(CacheLayerMixin):
     def num_ddr(self) -> int:
         return sum(c.live_row0 for c in self.ddr)
 
-    @property
-    def num_compressed(self) -> int:
-        return int((self.tiers[0] == COMPRESSED).sum())
+    num_compressed = property(lambda self: int((self.tiers[0] == COMPRESSED).sum()))
 
     def get_seq_length(self) -> int:
         """Tokens seen (evicted ones included): transformers derives new tokens and positions from it."""
         return self.context_len
 
     def get_mask_sizes(self, query_length) -> tuple[int, int]:
-        """The mask spans the retained tokens (what attention gets) plus the new queries.
-
-        transformers before 5.3 passes the queries' ``cache_position`` tensor instead of their count.
-        """
+        """The mask spans the retained tokens plus the new queries (a count, or before transformers 5.3
+        the queries' ``cache_position`` tensor)."""
         if isinstance(query_length, torch.Tensor):
             query_length = query_length.shape[0]
         return self.num_retained + query_length, 0
 
-    def get_max_length(self) -> int:
+    def get_max_length(self) -> int:  # no fixed capacity; transformers before 5.3 asks get_max_cache_shape
         return -1
 
-    def get_max_cache_shape(self) -> int:
-        """No fixed capacity (transformers before 5.3 asks under this name)."""
-        return -1
+    get_max_cache_shape = get_max_length
 
     def update(self, key_states, value_states, *args, **kwargs):
         """Append the new tokens; return what attention gets (the layer's ``access`` decides)."""

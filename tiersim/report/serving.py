@@ -20,18 +20,25 @@ POLICY_SYMBOLS = {"preempt-recompute": "x", "preempt-swap": "diamond", "queue": 
 
 def latency_vs_load(points: pd.DataFrame, slo: dict | None = None, title: str = "Latency against load",
                     subtitle: str | None = None) -> go.Figure:
-    """p99 TTFT and p99 TPOT against the request rate, one curve per --on-full policy, the SLOs as lines."""
+    """p99 TTFT and p99 TPOT against the request rate, one curve per --on-full policy, the SLOs as lines (open
+    markers: points the search stopped once they missed, their latencies lower bounds)."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("p99 time to first token", "p99 time per output token"),
                         horizontal_spacing=0.1)
     for policy, group in points.groupby("on_full", sort=False):
         group = group.sort_values("qps")
         color = POLICY_COLORS.get(policy, "#111827")
+        # A point the search stopped early (its p99 TTFT already sure to miss) holds lower bounds: open markers, "≥".
+        stopped = group["stopped_early"].fillna(False).astype(bool) if "stopped_early" in group else \
+            pd.Series(False, index=group.index)
+        symbol = POLICY_SYMBOLS.get(policy, "circle")
         for col, key in ((1, "ttft_p99_ms"), (2, "tpot_p99_ms")):
             fig.add_trace(go.Scatter(
                 x=group["qps"], y=group[key], mode="lines+markers", name=policy, legendgroup=policy,
                 showlegend=col == 1, line=dict(color=color, width=2),
-                marker=dict(symbol=POLICY_SYMBOLS.get(policy, "circle"), size=8, color=color),
-                hovertemplate=f"<b>{policy}</b><br>%{{x:.3g}} requests/s<br>%{{y:,.1f}} ms<extra></extra>"), 1, col)
+                marker=dict(symbol=[symbol + "-open" if s else symbol for s in stopped], size=8, color=color),
+                customdata=["≥ " if s else "" for s in stopped],
+                hovertemplate=f"<b>{policy}</b><br>%{{x:.3g}} requests/s<br>%{{customdata}}%{{y:,.1f}} ms"
+                              "<extra></extra>"), 1, col)
     for col, key in ((1, "ttft_ms"), (2, "tpot_ms")):
         if slo and slo.get(key):
             fig.add_hline(y=slo[key], line=dict(color=LINE_RED, width=1.5, dash="dash"), row=1, col=col,

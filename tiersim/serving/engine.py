@@ -19,7 +19,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import simpy
@@ -86,7 +86,8 @@ class Engine(OnFull):
         self.pricer, self.config = pricer, config
         self.stop_after_late, self.late, self.stopped = stop_after_late, 0, False
         memory.check_on_full(config.on_full)
-        self.budget = memory.budget(pricer.model, pricer.rank, pricer.gpu, config.max_batch, config.token_budget)
+        self.budget = replace(memory.budget(pricer.model, pricer.rank, pricer.gpu, config.max_batch,
+                                            config.token_budget), staged=pricer.staged_share())
         for i, (p, o) in enumerate(zip(requests.prompt.tolist(), requests.output.tolist())):
             memory.check_fits(self.budget, config.tiers, config.on_full, p, o, i)
         self.requests = [Request(i, a, p, o) for i, (a, p, o) in enumerate(zip(
@@ -195,17 +196,15 @@ class Engine(OnFull):
             self.admitted += 1
             r.order = self.admitted
             if math.isnan(r.scheduled):
-                r.scheduled = self.env.now
+                r.scheduled = max(self.env.now, r.arrival)  # the clock sums gaps: no rounding before arrival
             self.prefilling.append(r)
             room_rows -= r.target - r.prefilled
         return seconds, resumed
 
     # -- the processes ---------------------------------------------------------------------------------------
     def arrivals(self):
-        last = 0.0
         for r in self.requests:
-            yield self.env.timeout(r.arrival - last)
-            last = r.arrival
+            yield self.env.timeout(max(r.arrival - self.env.now, 0.0))  # from the clock: no drift over gaps
             self.waiting.append(r)
             self._count(+1)
             self.area_at_last_arrival = self.area

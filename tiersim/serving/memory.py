@@ -49,6 +49,7 @@ class Budget:
     ddr_bytes: float
     weights_bytes: float
     layers: int
+    staged: float = 1.0  # share of DDR tokens the strategy stages in HBM (stepcost.StepPricer.staged_share)
 
     @property
     def kv_gb(self) -> float:
@@ -56,7 +57,8 @@ class Budget:
 
     def staging_blocks(self, ddr_tokens: int) -> int:
         """HBM blocks the two one-layer staging buffers take while ``ddr_tokens`` tokens are read from DDR."""
-        return -(-2 * int(ddr_tokens) // (BLOCK_TOKENS * self.layers)) if ddr_tokens else 0
+        staged = int(-(-int(ddr_tokens) * self.staged // 1))
+        return -(-2 * staged // (BLOCK_TOKENS * self.layers)) if staged else 0
 
 
 def budget(model: Model, rank: Model, gpu: GPU, max_batch: int, token_budget: int) -> Budget:
@@ -78,8 +80,13 @@ def spill_tokens(tiers: TierConfig, context: int, spilled: int) -> int:
     return max(target - int(spilled), 0)
 
 
+class Unservable(TiersimError):
+    """A request of the workload can never run under this policy (it would wait forever): the policy has no
+    answer for the workload, while another (spill, a larger TP) may."""
+
+
 def check_fits(budget: Budget, tiers: TierConfig, on_full: str, prompt: int, output: int, index: int) -> None:
-    """One line if a single request could never run alone under ``on_full`` (it would wait forever)."""
+    """:class:`Unservable` (one line) if a single request could never run alone under ``on_full``."""
     longest = prompt + output - 1
     need = blocks(longest)
     if on_full == "spill":
@@ -87,7 +94,7 @@ def check_fits(budget: Budget, tiers: TierConfig, on_full: str, prompt: int, out
         need = blocks(longest - moved) + budget.staging_blocks(moved)
     if need > budget.blocks or blocks(prompt) > budget.blocks:
         gb = need * budget.block_bytes / GB
-        raise TiersimError(f"request {index + 1} ({prompt:,} prompt + {output:,} output tokens) needs {gb:.1f} GB of "
+        raise Unservable(f"request {index + 1} ({prompt:,} prompt + {output:,} output tokens) needs {gb:.1f} GB of "
                            f"KV per GPU, more than the {budget.kv_gb:.1f} GB left beside the weights; use a larger "
                            f"--tp{'' if on_full == 'spill' else ' or --on-full spill'}")
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from tiersim.serving import run as serving_run
+from tiersim.serving.memory import Unservable
 from tiersim.serving.workload import Requests, at_rate
 
 TOLERANCE = 0.05
@@ -56,7 +57,11 @@ def max_qps(spec: serving_run.ServeSpec, requests: Requests, bracket: Bracket, b
         return p["within_slo"]
 
     lo, hi = bracket.lo, bracket.hi
-    if not at(lo):
+    try:
+        first = at(lo)
+    except Unservable as exc:  # a request this policy can never hold: no rate is within the SLOs
+        return {"max_qps": 0.0, "points": points, "bounded": True, "unservable": str(exc)}
+    if not first:
         return {"max_qps": 0.0, "points": points, "bounded": True}
     if at(hi):
         return {"max_qps": hi, "points": points, "bounded": False}
@@ -72,17 +77,23 @@ def points_needed(bracket: Bracket, tolerance: float = TOLERANCE) -> int:
 
 
 def recommend(spec: serving_run.ServeSpec, answers: dict[str, dict]) -> str:
-    """The answer in one sentence: the best policy's rate, and every other policy's beside it."""
+    """The answer in one sentence: the best policy's rate, and every other policy's beside it (or why it has none)."""
     slo = spec.slo
     where = f"{spec.model.name} on {spec.tp} x {spec.gpu.name}" if spec.tp > 1 else f"{spec.model.name} on {spec.gpu.name}"
     limits = f"p99 TTFT {slo.ttft_s * 1e3:g} ms and p99 TPOT {slo.tpot_s * 1e3:g} ms"
-    words = {name: _rate(a) for name, a in answers.items()}
-    best = max(answers, key=lambda n: answers[n]["max_qps"])
-    if answers[best]["max_qps"] <= 0:
-        return f"{where} meets {limits} at no rate searched, under every --on-full policy ({', '.join(answers)})."
-    others = ", ".join(f"{n} {words[n]}" for n in answers if n != best)
-    return (f"{where} serves {words[best]} requests/s within {limits} with --on-full {best}"
-            + (f" ({others})." if others else "."))
+    served = {n: a for n, a in answers.items() if "unservable" not in a}
+    refused = [n for n in answers if n not in served]
+    if not served:
+        raise Unservable(answers[refused[0]]["unservable"])
+    words = {name: _rate(a) for name, a in served.items()}
+    top = max(a["max_qps"] for a in served.values())
+    best = [n for n, a in served.items() if a["max_qps"] == top]
+    cannot = f"; {', '.join(refused)} cannot hold the longest request" if refused else ""
+    if top <= 0:
+        return f"{where} meets {limits} at no rate searched, under every --on-full policy tried ({', '.join(served)}){cannot}."
+    others = ", ".join(f"{n} {words[n]}" for n in served if n not in best)
+    return (f"{where} serves {words[best[0]]} requests/s within {limits} with --on-full {' = '.join(best)}"
+            + (f" ({others}{cannot})." if others else f"{' (' + cannot[2:] + ')' if cannot else ''}."))
 
 
 def _rate(answer: dict) -> str:

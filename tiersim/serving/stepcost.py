@@ -44,6 +44,11 @@ class StepPricer:
         self.kv_per_token = self.rank.kv_bytes_per_token  # one rank's bytes per token, all layers
         self.kv_per_token_layer = self.rank.kv_bytes_per_token_layer
 
+    def staged_share(self) -> float:
+        """Share of the DDR tokens the strategy stages in HBM (sets the staging buffers): the step model's own
+        answer (``StepCosts.staged``) at a representative step; 0 for host attention, 1 for prefetch."""
+        return float(self.decode_costs(8, 8_000.0, 8_000.0).staged)
+
     def _allreduce(self, rows):
         return parallel.layer_allreduce_s(self.model, self.gpu, self.tp, rows) if self.tp > 1 else 0.0
 

@@ -10,6 +10,7 @@ the scenario's are left out and counted.
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -17,12 +18,18 @@ from pathlib import Path
 from tiersim import fileformat
 from tiersim.errors import TiersimError
 
+MAX_STEPS = 100_000  # the validator's own bound on --steps and --warmup
+MAX_MS = 1e7  # ms per step: nearly three hours, beyond any decode step measured
+
 def load_measurements(path: str | Path) -> tuple[dict, list[dict]]:
     """(document, points): each point ``{model, batch, context, hbm, measured_ms, steps, label}``."""
     path = Path(path)
+    from tiersim.simulator.calibration import check_objects
+
     doc, _ = fileformat.read(path, [fileformat.CALIBRATION, fileformat.OPERATOR_PROFILE], label="--against")
+    check_objects(doc, f"--against: {path}", ("device", "settings", "model_shape", "models"))
     try:
-        points = _points(doc)
+        points = _points(doc, _Fields(path))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise TiersimError(f"--against: {path}: a measured point is malformed ({type(exc).__name__}: {exc})") from None
     if not points:
@@ -30,30 +37,64 @@ def load_measurements(path: str | Path) -> tuple[dict, list[dict]]:
     return doc, points
 
 
-def _points(doc: dict) -> list[dict]:
-    """The measured decode steps of a calibration or operator-profile document."""
+class _Fields:
+    """Checks a file's fields before they become simulated work or a printed error: the same bounds as the
+    options that set them (a NaN time, batch 0 or 1e9 steps in a file is one line naming it, not a traceback,
+    a +nan% error or a machine out of memory)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def _bad(self, name: str, value, want: str):
+        raise TiersimError(f"--against: {self.path}: {name} must be {want}, got {value!r}")
+
+    def whole(self, name: str, value, lo: int, hi: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or value != int(value) or not lo <= value <= hi:
+            self._bad(name, value, f"a whole number in {lo:,}..{hi:,}")
+        return int(value)
+
+    def number(self, name: str, value, lo: float, hi: float, above: bool = False) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or not (lo < value if above else lo <= value) or not value <= hi:
+            self._bad(name, value, f"a number in {'(' if above else '['}{lo:g}, {hi:g}]")
+        return float(value)
+
+
+def _points(doc: dict, check: _Fields) -> list[dict]:
+    """The measured decode steps of a calibration or operator-profile document, each field checked."""
+    from tiersim.simulator.scenario import MAX_BATCH, MAX_TOKENS
+
+    def point(model, batch, context, warmup, hbm, measured, steps, label, where) -> dict:
+        """``where``: (a point's field prefix, the warmup's name, the measured time's key, the steps' name)."""
+        warmup = check.whole(where[1], warmup, 0, MAX_STEPS)
+        return {"model": model, "batch": check.whole(f"{where[0]}batch", batch, 1, MAX_BATCH),
+                "context": check.whole(f"{where[0]}context", context, 0, MAX_TOKENS) + warmup,
+                "hbm": check.number(f"{where[0]}hbm", hbm, 0.0, 1.0),
+                "measured_ms": check.number(f"{where[0]}{where[2]}", measured, 0.0, MAX_MS, above=True),
+                "steps": check.whole(where[3], steps, 1, MAX_STEPS), "label": label}
+
     kind = doc["kind"]
     points = []
     if kind == "calibration":
         settings = doc.get("settings") or {}
         model = (doc.get("model_shape") or {}).get("name")
-        for p in doc.get("points") or []:
-            if p.get("measured_step_ms"):
-                points.append({"model": p.get("model_shape", model), "batch": int(p["batch"]),
-                               "context": int(p["context"]) + int(settings.get("warmup", 0)), "hbm": float(p["hbm"]),
-                               "measured_ms": float(p["measured_step_ms"]), "steps": int(settings.get("steps", 24)),
-                               "label": "tiered"})
+        for i, p in enumerate(doc.get("points") or []):
+            if p.get("measured_step_ms") is not None and p.get("measured_step_ms") != 0:  # 0/None: not measured
+                points.append(point(p.get("model_shape", model), p["batch"], p["context"], settings.get("warmup", 0),
+                                    p["hbm"], p["measured_step_ms"], settings.get("steps", 24), "tiered",
+                                    (f"point {i + 1}'s ", "settings.warmup", "measured_step_ms", "settings.steps")))
     else:
-        warmup = int((doc.get("settings") or {}).get("decode_warmup", 3))
+        warmup = (doc.get("settings") or {}).get("decode_warmup", 3)
         for model, entry in (doc.get("models") or {}).items():
             runs = list(entry.get("decode") or [])
             runs += [r for r in entry.get("decode_compare") or [] if r.get("cache") == "tiered"]
-            for r in runs:
-                if r.get("step_ms"):
-                    points.append({"model": model, "batch": int(r["batch"]),
-                                   "context": int(r["context"]) + warmup, "hbm": float(r["hbm"]),
-                                   "measured_ms": float(r["step_ms"]), "steps": int(r.get("steps", 10)),
-                                   "label": f"{r['cache']} {r.get('sdpa', 'default')}"})
+            for i, r in enumerate(runs):
+                if r.get("step_ms") is not None and r.get("step_ms") != 0:
+                    points.append(point(model, r["batch"], r["context"], warmup, r["hbm"], r["step_ms"],
+                                        r.get("steps", 10), f"{r['cache']} {r.get('sdpa', 'default')}",
+                                        (f"{model} run {i + 1}'s ", "settings.decode_warmup", "step_ms",
+                                         f"{model} run {i + 1}'s steps")))
     return points
 
 
@@ -77,8 +118,13 @@ def compare(scenario, points: list[dict], doc: dict | None = None) -> dict:
         error = 100.0 * (row["step_ms"] / p["measured_ms"] - 1.0)
         rows.append({**p, "simulated_ms": row["step_ms"], "error_pct": error, "compute_model": row["compute_model"]})
     if not rows:
+        from tiersim.simulator.presets import MODELS
+
+        names = sorted({str(p["model"]) for p in points})
+        hint = ("choose it with --model" if any(n in MODELS for n in names) else
+                "no model preset has that shape: `python -m tiersim.simulator.against FILE` prices the file's own")
         raise TiersimError(f"--against: no measured point is of model {scenario.model.name} "
-                           f"(the file has {', '.join(sorted({p['model'] for p in points}))}); choose it with --model")
+                           f"(the file has {', '.join(names)}); {hint}")
     errors = [abs(r["error_pct"]) for r in rows]
     worst = max(rows, key=lambda r: abs(r["error_pct"]))
     result = {"rows": rows, "skipped_other_models": skipped, "median_abs_error_pct": statistics.median(errors),

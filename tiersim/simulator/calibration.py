@@ -7,6 +7,7 @@ matrix throughput, per-layer overhead).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from tiersim import fileformat
@@ -37,9 +38,41 @@ def host_bound_note(doc: dict, label: str = "calibration") -> str | None:
             "graph` on a GPU: executor cuda-graph)")
 
 
+#: (section, key, lowest, highest) of every number apply_calibration reads: a measured figure far outside any
+#: host link or GPU (a NaN, 1e-300 GB/s, 1e308) would price every step as NaN or zero, so it is refused.
+NUMBERS = (("link", "h2d_gbps", 1e-3, 1e5), ("link", "d2h_gbps", 1e-3, 1e5), ("link", "bidir_total_gbps", 1e-3, 2e5),
+           ("link", "copy_latency_us", 1e-3, 1e6), ("compute", "hbm_bw_gbps", 1e-3, 1e6),
+           ("compute", "peak_tflops", 1e-6, 1e6), ("compute", "layer_overhead_us", 1e-3, 1e7))
+OBJECTS = ("device", "link", "compute", "settings", "model_shape")
+TEXTS = ("executor", "gpu_preset")
+
+
 def load_calibration(path: str | Path, label: str = "calibration file") -> dict:
-    """A calibration document from `tiersim validate`, or one clear error (starting with ``label``)."""
-    return fileformat.read(path, [fileformat.CALIBRATION], label=label)[0]
+    """A calibration document from `tiersim validate`, or one clear error naming ``label`` (the option or
+    the file's role), the file and the field."""
+    doc = fileformat.read(path, [fileformat.CALIBRATION], label=label)[0]
+    check_objects(doc, f"{label} {path}", OBJECTS)
+    for field in TEXTS:
+        if doc.get(field) is not None and not isinstance(doc[field], str):
+            raise TiersimError(f"{label} {path}: {field} must be text, got {doc[field]!r:.40}")
+    for section, key, lo, hi in NUMBERS:
+        value = (doc.get(section) or {}).get(key)
+        if value is not None and not _in_range(value, lo, hi):
+            raise TiersimError(f"{label} {path}: {section}.{key} must be a number in {lo:g}..{hi:g}, "
+                               f"got {value!r:.40}")
+    return doc
+
+
+def check_objects(doc: dict, where: str, fields) -> None:
+    """Each of ``fields`` absent, null or a JSON object: a measurement file's sections are read with ``.get``."""
+    for field in fields:
+        if doc.get(field) is not None and not isinstance(doc[field], dict):
+            raise TiersimError(f"{where}: {field} must be an object, got {doc[field]!r:.40}")
+
+
+def _in_range(value, lo: float, hi: float) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and lo <= value <= hi)
 
 
 def apply_calibration(gpu: GPU, calibration: dict) -> GPU:
@@ -51,7 +84,7 @@ def apply_calibration(gpu: GPU, calibration: dict) -> GPU:
         value = section.get(key)
         if value is None:
             return None
-        if not isinstance(value, (int, float)) or value <= 0:
+        if not _in_range(value, 1e-300, math.inf) or value <= 0:  # positive, finite, a number (not a bool)
             raise TiersimError(f"calibration: {key} must be a positive number, got {value!r}")
         return float(value) * scale
 

@@ -33,7 +33,10 @@ STEP_SMALL = ("embedding", "rotary_emb", "final_norm")
 
 def load_profile(path: str | Path) -> dict:
     """The profile document, or one clear error (missing, not JSON, wrong kind, newer schema)."""
+    from tiersim.simulator.calibration import check_objects
+
     doc, _ = fileformat.read(path, [fileformat.OPERATOR_PROFILE], label="--profile")
+    check_objects(doc, f"--profile: {path}", ("device", "settings"))
     if not isinstance(doc.get("models"), dict):
         raise TiersimError(f"--profile: {path} has no 'models' tables")
     return doc

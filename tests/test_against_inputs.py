@@ -1,0 +1,89 @@
+"""`simulate --against` reads measured points from a file a user or another machine wrote: every field it
+turns into work or a figure is checked first (found in review: a NaN or negative measured time was compared
+and printed as an error of +nan%, batch 0 was a numpy traceback, steps 1e9 ran the machine out of memory)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from tiersim.errors import TiersimError
+from tiersim.simulator.against import load_measurements
+
+GOOD = {"kind": "calibration", "schema_version": 1, "executor": "cuda-graph",
+        "device": {"name": "NVIDIA H100 80GB HBM3"}, "gpu_preset": "h100-sxm",
+        "model_shape": {"name": "r1-distill-qwen-7b"}, "settings": {"steps": 8, "warmup": 2},
+        "points": [{"batch": 1, "context": 2048, "hbm": 0.5, "measured_step_ms": 9.5}]}
+
+
+def _write(tmp_path, doc):
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def _with(where: str, key: str, value):
+    doc = copy.deepcopy(GOOD)
+    (doc["points"][0] if where == "point" else doc["settings"])[key] = value
+    return doc
+
+
+def test_a_good_point_reads(tmp_path):
+    _, points = load_measurements(_write(tmp_path, GOOD))
+    assert points == [{"model": "r1-distill-qwen-7b", "batch": 1, "context": 2050, "hbm": 0.5, "measured_ms": 9.5,
+                       "steps": 8, "label": "tiered"}]
+
+
+@pytest.mark.parametrize("where,key,value", [
+    ("point", "measured_step_ms", float("nan")), ("point", "measured_step_ms", float("inf")),
+    ("point", "measured_step_ms", -5.0), ("point", "measured_step_ms", "abc"),
+    ("point", "batch", 0), ("point", "batch", -1), ("point", "batch", 1.5), ("point", "batch", 10**9),
+    ("point", "context", -3), ("point", "context", 10**12), ("point", "context", 2.5),
+    ("point", "hbm", 2.0), ("point", "hbm", float("nan")), ("point", "hbm", -0.1), ("point", "hbm", "x"),
+    ("settings", "steps", 10**9), ("settings", "steps", 0), ("settings", "warmup", -1),
+    ("settings", "warmup", 10**12),
+])
+def test_a_bad_field_is_one_line_naming_the_file_and_the_field(tmp_path, where, key, value):
+    path = _write(tmp_path, _with(where, key, value))
+    with pytest.raises(TiersimError) as info:
+        load_measurements(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and ("measured_step_ms" if key == "measured_step_ms"
+                                                              else key) in message, message
+
+
+def test_an_operator_profile_run_is_checked_the_same_way(tmp_path):
+    doc = {"kind": "operator-profile", "schema_version": 1, "settings": {"decode_warmup": 3},
+           "models": {"r1-distill-qwen-7b": {"decode": [
+               {"cache": "dynamic", "batch": 0, "context": 2048, "hbm": 1.0, "step_ms": 30.0, "steps": 10}]}}}
+    path = _write(tmp_path, doc)
+    with pytest.raises(TiersimError, match="batch"):
+        load_measurements(path)
+
+
+def test_the_module_entry_point_exits_2_on_a_bad_point(tmp_path, capsys):
+    from tiersim.simulator.against import main
+
+    assert main([str(_write(tmp_path, _with("point", "batch", 0)))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "batch" in err[0]
+
+
+def test_a_shape_with_no_preset_is_told_the_way_that_prices_it(tmp_path):
+    """A CPU smoke calibration is of the validator's ``tiny`` shape, which no --model names: the error must not
+    send the user to --model (found in review: 'choose it with --model', then 'unknown model preset tiny')."""
+    from tiersim.simulator.against import compare
+    from tiersim.simulator.scenario import assemble
+
+    doc = copy.deepcopy(GOOD)
+    doc["model_shape"] = {"name": "tiny"}
+    _, points = load_measurements(_write(tmp_path, doc))
+    with pytest.raises(TiersimError) as info:
+        compare(assemble(1, engine="fast"), points)
+    assert "python -m tiersim.simulator.against" in str(info.value) and "--model" not in str(info.value)
+    doc["model_shape"] = {"name": "qwen3-8b"}
+    _, points = load_measurements(_write(tmp_path, doc))
+    with pytest.raises(TiersimError, match="choose it with --model"):
+        compare(assemble(1, engine="fast"), points)
