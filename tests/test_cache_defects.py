@@ -96,6 +96,15 @@ def test_stats_count_every_storage_the_cache_keeps_alive(tiny_llama, strategy, s
         assert held["predictor"] > 0  # the per-page key bounds live on the device
 
 
+@pytest.mark.parametrize("policy", ["streamingllm", "h2o", "snapkv", "rkv"])
+def test_stats_count_every_storage_under_every_eviction_baseline(tiny_llama, policy):
+    options = {"every": 16} if policy == "rkv" else {}
+    cache = TieredCache(TierConfig(hbm=0.4, evict=0.6, policy=policy, retier_every=8, policy_options=options))
+    generate(tiny_llama, random_prompt(tiny_llama, 40, batch=2), cache, 20)
+    held = cache.stats()["bytes"]
+    assert held["device_resident"] + held["ddr_allocated"] == sum(_reachable_storages(cache).values())
+
+
 @pytest.mark.parametrize("strategy,share", [("host-attention", 1.0), ("hybrid", 0.5)])
 def test_host_attention_reports_the_layer_it_assembles_to_re_tier(tiny_llama, strategy, share):
     cache = TieredCache(TierConfig(hbm=0.3, ddr=0.7, strategy=strategy, fetch_share=share, **SMALL))

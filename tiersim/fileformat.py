@@ -57,18 +57,18 @@ KINDS: dict[str, FileKind] = {k.name: k for k in (TRACE, SIMULATION, CAPACITY, Q
 #: ``tables`` (a list of row objects) with the row fields that are numbers (``#``: a count, 0..2**53), and
 #: ``required``: the row fields every row has.
 SHAPES: dict[str, dict[str, Any]] = {
+    # Its link and compute sections, the numbers the simulator applies, are held to their ranges by their
+    # reader (simulator.calibration.load_calibration); here what the side-by-side printout reads.
     "calibration": {
-        "objects": ("device", "model_shape", "settings", "link", "compute", "summary"),
-        "numbers": ("link.h2d_gbps", "link.d2h_gbps", "link.bidir_total_gbps", "link.copy_latency_us",
-                    "compute.hbm_bw_gbps", "compute.peak_tflops", "compute.layer_overhead_us", "compute.copy_gbps",
-                    "summary.median_abs_sim_error_pct", "summary.max_abs_sim_error_pct", "summary.max_overhead_pct",
+        "objects": ("summary",),
+        "numbers": ("summary.median_abs_sim_error_pct", "summary.max_abs_sim_error_pct", "summary.max_overhead_pct",
                     "summary.prefetch_gbps_max", "summary.prefetch_share_of_peak_h2d"),
         "tables": {"points": ("#batch", "#context", "hbm", "measured_step_ms", "simulated_step_ms", "sim_error_pct",
                               "baseline_step_ms", "overhead_pct", "stall_ms", "simulated_stall_ms", "#h2d_bytes",
                               "#d2h_bytes", "prefetch_gbps")},
         "required": {"points": ("batch", "context", "hbm")},
     },
-    "operator-profile": {"objects": ("device", "settings", "models")},
+    "operator-profile": {"objects": ("models",)},  # device and settings: simulator.profile's reader
 }
 _COUNT_MAX = 2**53
 

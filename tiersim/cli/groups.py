@@ -20,6 +20,9 @@ _TARGET_MODEL = "r1-distill-qwen-7b"
 #: at start-up; tests/test_bad_inputs_generated.py holds them equal.
 MAX_TOKENS = 10_000_000
 MAX_STEPS = 1_000_000
+#: The simulator's --host-overhead and --engine names (presets.HOST_OVERHEADS, fastpath.ENGINES; tested equal).
+HOST_OVERHEADS = ("none", "sync")
+ENGINES = ("auto", "fast", "simpy")
 
 STRATEGY_HELP = strategies.help_text(strategies.CACHE_STRATEGIES)  # the cache runs these (the registry says)
 
@@ -95,11 +98,12 @@ class ComputeModel:
                               "(--no-host-floor: a launch-free engine, device time only)", flag="--host-floor/--no-host-floor")
     host_overhead: str = option("none", "per-step host work the GPU waits for: none (an engine that overlaps "
                                         "it), or sync (a Python serving engine that does not: 1.17 ms + 0.1 ms per "
-                                        "sequence, vidur's public CPU profile)")
+                                        "sequence, vidur's public CPU profile)", choices=HOST_OVERHEADS)
     engine_overhead: str = option("none", "per-step host/engine cost of the serving engine (a cited line per engine, "
                                   "docs/simulator.md): none (device time only), vllm (0.08 ms/step: vLLM v0.11 on an H100), "
                                   "sglang (none left: its overlap scheduler, measured on an H100), hf-eager (this "
                                   "project's H100 validator harness: a launch-bound host floor per layer)",
                                   choices=("none", "vllm", "sglang", "hf-eager"))
     engine: str = option("auto", "step-time model: auto (the exact per-step recurrence, or SimPy where demotions and "
-                                 "prefetches really share the link), fast, or simpy (the event-by-event reference)")
+                                 "prefetches really share the link), fast, or simpy (the event-by-event reference)",
+                        choices=ENGINES)

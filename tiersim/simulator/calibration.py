@@ -47,17 +47,18 @@ OBJECTS = ("device", "link", "compute", "settings", "model_shape")
 TEXTS = ("executor", "gpu_preset")
 
 
-def load_calibration(path: str | Path) -> dict:
-    """A calibration document from `tiersim validate`, or one clear error naming the file and the field."""
-    doc = fileformat.read(path, [fileformat.CALIBRATION], label="calibration file")[0]
-    check_objects(doc, f"calibration file {path}", OBJECTS)
+def load_calibration(path: str | Path, label: str = "calibration file") -> dict:
+    """A calibration document from `tiersim validate`, or one clear error naming ``label`` (the option or
+    the file's role), the file and the field."""
+    doc = fileformat.read(path, [fileformat.CALIBRATION], label=label)[0]
+    check_objects(doc, f"{label} {path}", OBJECTS)
     for field in TEXTS:
         if doc.get(field) is not None and not isinstance(doc[field], str):
-            raise TiersimError(f"calibration file {path}: {field} must be text, got {doc[field]!r:.40}")
+            raise TiersimError(f"{label} {path}: {field} must be text, got {doc[field]!r:.40}")
     for section, key, lo, hi in NUMBERS:
         value = (doc.get(section) or {}).get(key)
         if value is not None and not _in_range(value, lo, hi):
-            raise TiersimError(f"calibration file {path}: {section}.{key} must be a number in {lo:g}..{hi:g}, "
+            raise TiersimError(f"{label} {path}: {section}.{key} must be a number in {lo:g}..{hi:g}, "
                                f"got {value!r:.40}")
     return doc
 

@@ -17,9 +17,9 @@ def load(path: str | Path) -> dict:
     from tiersim.errors import TiersimError
     from tiersim.simulator.calibration import load_calibration
 
-    doc = load_calibration(path)
+    doc = load_calibration(path, label="--compare")
     if not isinstance(doc.get("points"), list):
-        raise TiersimError(f"calibration file has no 'points' list: {path}")
+        raise TiersimError(f"--compare: {path} has no 'points' list")
     return doc
 
 

@@ -1,0 +1,181 @@
+"""The cases issue 26 named, each as the issue's walk-through met it: silently wrong answers, unbounded
+work, unclear words, Ctrl-C and resume, and the two front ends' shared ranges (the generated cases over
+every command are in test_bad_inputs_generated.py, whose fixtures and helpers these use)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cli_run import invoke
+from test_bad_inputs_generated import GOOD_CONFIG, assert_refused, work  # noqa: F401  (work: the fixture)
+
+from tiersim.errors import TiersimError
+from tiersim.traces import default_trace_path
+
+
+# -- silently wrong answers the issue found ----------------------------------------------------------------------
+@pytest.mark.parametrize("config, words", [
+    ({**GOOD_CONFIG, "use_sliding_window": True, "sliding_window": 4096}, "sliding-window"),
+    ({**GOOD_CONFIG, "model_type": "mistral", "sliding_window": 4096}, "sliding-window"),
+    ({**GOOD_CONFIG, "torch_dtype": "int3"}, "torch_dtype"),
+    ({**GOOD_CONFIG, "torch_dtype": 16}, "torch_dtype"),
+])
+def test_model_configs_the_simulator_would_misplan_are_refused(work, config, words):
+    path = work / "odd-config.json"
+    path.write_text(json.dumps(config))
+    _, err = assert_refused(["capacity", "--model-config", str(path), "--batch", "2", "--steps", "2"])
+    assert words in err
+
+
+def test_full_attention_configs_still_plan(work):
+    path = work / "qwen-like.json"
+    path.write_text(json.dumps({**GOOD_CONFIG, "torch_dtype": "bfloat16", "use_sliding_window": False,
+                                "sliding_window": 131072}))
+    code, out, err = invoke(["simulate", "--model-config", str(path), "--steps", "2", "--batch", "2", "--format", "json"])
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["capacity", "--model-config", "{config}", "--model", "llama-3.1-8b"], "give one"),
+    (["synth", "--sigma", "50"], "--sigma"),
+    (["synth", "--lengths", "1e9"], "available"),
+    (["synth", "--layers", "100000"], "--layers"),
+    (["synth", "--n", "100000000"], "--n"),
+    (["synth", "--lengths", "nan"], "--lengths"),
+    (["capture", "--n", "100000"], "36 prompts"),
+    (["grid", "--prompts", "{work}"], "is a directory"),
+    (["simulate", "--hbm", "0.63", "--ddr", "0.5"], "1.13"),
+    (["capture", "--hbm", "1.5"], "--hbm"),
+])
+def test_the_issues_silent_and_unclear_cases(work, args, words):
+    args = [a.replace("{config}", str(work / "config.json")).replace("{work}", str(work)) for a in args]
+    _, err = assert_refused(args)
+    assert words in err and "1.1300000000000001" not in err and "TierConfig" not in err
+
+
+def test_a_report_field_of_the_wrong_type_is_refused(work):
+    document = json.loads((work / "capacity.json").read_text())
+    document["rows"][0]["step_ms"] = "fast"
+    path = work / "typed.json"
+    path.write_text(json.dumps(document))
+    _, err = assert_refused(["report", str(path), "--out", str(work / "typed.html")])
+    assert "step_ms" in err
+
+
+def test_synth_bounds_follow_the_memory_available(monkeypatch):
+    from tiersim.errors import TiersimError
+    from tiersim.traces import read
+    from tiersim.traces import synth
+
+    profile = synth.fit(read(default_trace_path()))
+    monkeypatch.setattr(synth, "available_memory", lambda: 100 * 10**6)  # 100 MB: 125,000 rows
+    with pytest.raises(TiersimError, match="lower --n, --lengths or --layers"):
+        synth.synthesize(profile, n=4, mean_length=2000, num_layers=30)
+    assert len(synth.synthesize(profile, n=1, mean_length=100, num_layers=30).steps) < 10_000
+
+
+@pytest.mark.parametrize("args, refused", [
+    (["--max-new-tokens", "1000000"], "lower --max-new-tokens or --n"),  # 16 GB of recorded rows
+    (["--max-new-tokens", "8192", "--full"], "or leave out --full"),  # ~2.5e8 attention entries
+    (["--max-new-tokens", "128", "--n", "2"], None),  # the default size: a few MB
+])
+def test_capture_bounds_follow_the_memory_available(work, monkeypatch, args, refused):
+    """Before its first token a capture estimates what it will hold (the recorded rows, the KV cache,
+    the merged trace; tiersim.traces.capture.check_fits) against the memory available: 8 GB here."""
+    import tiersim.models
+    import tiersim.options
+    import tiersim.traces.capture
+
+    shape = {"num_layers": 30, "kv_bytes_per_token": 30 * 2 * 3 * 64 * 2}  # SmolLM2-135M
+    ran = []
+    monkeypatch.setattr(tiersim.options, "available_memory", lambda: 8 * 10**9)
+    monkeypatch.setattr(tiersim.models, "load_model", lambda *a, **k: (None, None))
+    monkeypatch.setattr(tiersim.models, "describe_model", lambda model: shape)
+    monkeypatch.setattr(tiersim.traces.capture, "capture", lambda *a, **k: ran.append(1) or _stop())
+    command = ["capture", *args, "--out", str(work / "bounded.parquet"), "--no-resume"]
+    if refused:
+        _, err = assert_refused(command)
+        assert refused in err and "available" in err and not ran
+    else:
+        code, _, err = invoke(command)
+        assert ran and "boom" in err  # past the check: the (stubbed) generation ran
+
+
+def _stop():
+    raise TiersimError("boom")
+
+
+def test_an_interrupted_capture_keeps_its_sequences_and_resumes(work, monkeypatch):
+    import tiersim.models
+    import tiersim.traces.capture
+    from tiersim.traces import Trace, read
+    from tiersim.traces.resume import parts_path
+
+    source = read(default_trace_path())
+    calls = []
+
+    def one_sequence(model, tokenizer, items, *args, on_sequence=None, **kwargs):
+        """The model's run of one prompt: a sequence of the bundled trace, renamed; Ctrl-C on the 2nd call."""
+        calls.append(items[0].id)
+        if interrupt_at and len(calls) == interrupt_at:
+            raise KeyboardInterrupt
+        on_sequence(type("Done", (), {"prompt_id": items[0].id, "new_tokens": 1, "seconds": 1.0})())
+        steps = source.steps[source.steps.seq_id == 0].copy()
+        sequence = {**source.meta["sequences"][0], "seq_id": 0, "prompt_id": items[0].id}
+        return Trace(meta={**source.meta, "sequences": [sequence]}, steps=steps)
+
+    monkeypatch.setattr(tiersim.models, "load_model", lambda *a, **k: (None, None))
+    monkeypatch.setattr(tiersim.models, "describe_model", lambda model: {})
+    monkeypatch.setattr(tiersim.traces.capture, "capture", one_sequence)
+    out = work / "cut.parquet"
+    args = ["capture", "--n", "3", "--max-new-tokens", "1", "--out", str(out)]
+    interrupt_at = 2
+    code, _, err = invoke(args)
+    lines = err.strip().splitlines()
+    assert code == 130 and "Traceback" not in err
+    assert lines[-1].startswith(f"interrupted: capture kept 1 of 3 sequences in {parts_path(out)}"), lines
+    assert not out.exists() and len(list(parts_path(out).glob("*.parquet"))) == 1
+
+    calls.clear()
+    interrupt_at = None
+    code, _, err = invoke(args)
+    assert code == 0, err
+    assert "resuming" in err and len(calls) == 2  # only the two that had not finished
+    trace = read(out)
+    assert [s["seq_id"] for s in trace.meta["sequences"]] == [0, 1, 2]
+    assert sorted(trace.steps.seq_id.unique()) == [0, 1, 2] and not parts_path(out).exists()
+
+
+def test_validate_without_cuda_is_an_error_line(work):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    _, err = assert_refused(["validate", "--device", "cuda"])
+    assert "no CUDA device" in err
+
+
+def test_the_cli_bounds_are_the_simulators():
+    from tiersim.cli import groups
+    from tiersim.simulator import capacity
+
+    from tiersim.simulator import fastpath, presets
+
+    assert (groups.MAX_TOKENS, groups.MAX_STEPS) == (capacity.MAX_TOKENS, capacity.MAX_STEPS)
+    assert groups.HOST_OVERHEADS == tuple(presets.HOST_OVERHEADS) and groups.ENGINES == fastpath.ENGINES
+
+
+@pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--warmup", "0"), ("--budget-s", "nan"),
+                                         ("--prefill", "maybe"), ("--batch", "0,8"), ("--hbm", "0.5,2")])
+def test_both_front_ends_refuse_a_value_out_of_its_declared_range_in_the_same_words(capsys, flag, value):
+    from tiersim.validator.__main__ import parser
+
+    with pytest.raises(SystemExit) as exc:
+        parser().parse_args([flag, value])
+    assert exc.value.code == 2
+    argparse_words = capsys.readouterr().err.strip().splitlines()[-1]
+    _, err = assert_refused(["validate", "--device", "cpu", flag, value])
+    cli_words = err.strip().removeprefix("error: ")
+    assert flag in cli_words and cli_words.split(flag, 1)[1].lstrip(": ") in argparse_words, (cli_words, argparse_words)
