@@ -140,8 +140,18 @@ def _from_document(document: dict, source: str) -> ReportInput:
         if missing:
             raise TiersimError(f"report input {source}: {kind} {name} lacks column {missing[0]!r}")
     for name, frame in tables.items():
-        _check_numbers(frame, f"report input {source}: {kind} {name}")
+        _check_numbers(frame, f"report input {source}: {kind} {name}", REQUIRED[kind].get(name, ()))
+    for key in HEADER_NUMBERS.get(kind, ()):
+        value = meta.get(key)
+        if value is not None and not (_number(value) and not isinstance(value, (bool, np.bool_))
+                                      and np.isfinite(value) and value >= 0):
+            raise TiersimError(f"report input {source}: {key} must be a number >= 0, got {value!r:.40}")
     return ReportInput(kind, source, meta, tables)
+
+
+#: Header figures a section prints or divides by (the serving summary; the KV budget its timeline is a share
+#: of): each a finite number >= 0 where present, so a NaN, -1 or `true` is refused, not printed as a result.
+HEADER_NUMBERS = {"serving": ("requests", "goodput_qps", "preemptions", "spilled_gb", "hbm_blocks", "tp")}
 
 
 #: Columns that hold text (labels); every other column a figure may read holds numbers or booleans.
@@ -155,10 +165,11 @@ _NUMERIC_HINT = ("_ms", "_gb", "_pct", "_gbps", "_s", "_bytes", "tokens_per_s", 
                  "compressed", "evict", "fits", "step", "share", "accuracy", "exact_match")
 
 
-def _check_numbers(frame: pd.DataFrame, where: str) -> None:
+def _check_numbers(frame: pd.DataFrame, where: str, required: tuple[str, ...] = ()) -> None:
     """The fields the figures plot are numbers: a capacity file whose ``step_ms`` is text is refused
     with one line, not drawn as an empty or wrong figure. A column is one of numbers by its name (the
-    hints below) or by its values (most of them numbers: one odd value is refused, wherever it is)."""
+    hints below, or a ``required`` column a figure reads that is not a label) or by its values (most of
+    them numbers: one odd value is refused, wherever it is)."""
     for column in frame.columns:
         name = str(column)
         values = frame[column]
@@ -170,7 +181,7 @@ def _check_numbers(frame: pd.DataFrame, where: str) -> None:
         if values.dtype.kind in "biuf":
             continue
         known = [v for v in values if not (v is None or (isinstance(v, float) and v != v))]
-        hinted = any(name == h or name.endswith(h) for h in _NUMERIC_HINT)
+        hinted = name in required or any(name == h or name.endswith(h) for h in _NUMERIC_HINT)
         if not hinted and sum(_number(v) for v in known) * 2 <= len(known):
             continue  # a column of labels (most of its values are not numbers)
         bad = [v for v in values if not _numbers(v, name)]

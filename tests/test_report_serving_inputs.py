@@ -1,0 +1,67 @@
+"""A serving file's figures and summary read numbers: a column the timeline draws, or a header figure the
+summary prints, that is text, negative or not a number is refused in one line (found in review: a timeline whose
+``waiting`` or ``ddr_held_tokens`` were strings, and a header with ``goodput_qps`` NaN or -1, ``spilled_gb`` true,
+``hbm_blocks`` -1, were drawn with exit 0)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from cli_run import invoke
+
+from tiersim.errors import TiersimError
+from tiersim.report import build_report
+
+QUICK = ["--model", "r1-distill-qwen-1.5b", "--requests", "40", "--lengths", "100", "--prompt-lengths", "50"]
+
+
+@pytest.fixture(scope="module")
+def serving_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("serve") / "run.parquet"
+    code, _, err = invoke(["serve", *QUICK, "--qps", "4", "--on-full", "queue", "--out", str(path), "--format",
+                           "json"])
+    assert code == 0, err
+    return path
+
+
+def _rewrite(src, dst, change):
+    table = pq.read_table(src)
+    meta = json.loads(table.schema.metadata[b"tiersim"])
+    change(meta)
+    md = dict(table.schema.metadata)
+    md[b"tiersim"] = json.dumps(meta).encode()
+    pq.write_table(table.replace_schema_metadata(md), dst)
+    return dst
+
+
+def test_the_good_file_draws(serving_file):
+    assert "serving-timeline" in build_report([serving_file])
+
+
+def _timeline(column, value):
+    def change(meta):
+        n = len(meta["timeline"][column])
+        meta["timeline"][column] = [value] * n
+    return change
+
+
+def _header(key, value):
+    def change(meta):
+        meta[key] = value
+    return change
+
+
+@pytest.mark.parametrize("name,change", [
+    ("waiting", _timeline("waiting", "x")), ("ddr_held_tokens", _timeline("ddr_held_tokens", "x")),
+    ("goodput_qps", _header("goodput_qps", float("nan"))), ("goodput_qps", _header("goodput_qps", -1)),
+    ("spilled_gb", _header("spilled_gb", True)), ("hbm_blocks", _header("hbm_blocks", -1)),
+    ("hbm_blocks", _header("hbm_blocks", [1])), ("preemptions", _header("preemptions", -3)),
+])
+def test_a_bad_figure_is_one_line_naming_the_field(serving_file, tmp_path, name, change):
+    bad = _rewrite(serving_file, tmp_path / "bad.parquet", change)
+    with pytest.raises(TiersimError) as info:
+        build_report([bad])
+    assert name in str(info.value) and "\n" not in str(info.value), str(info.value)
