@@ -86,3 +86,23 @@ def test_an_operator_profile_section_of_the_wrong_type_is_one_line(tmp_path, fie
         with pytest.raises(TiersimError) as info:
             load(path)
         assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_calibrated_link_is_measured_not_assumed(tmp_path):
+    """A calibration that measured the host link replaces an assumed preset link: the GPU no longer says it is
+    assumed, and simulate no longer warns so (found in review: --gpu h200 with an h200 calibration printed
+    'the h200 preset's host link ... is an assumption' over the measured 52 GB/s)."""
+    from tests.cli_run import invoke
+
+    doc = copy.deepcopy(GOOD)
+    doc["gpu_preset"], doc["device"]["name"] = "h200", "NVIDIA H200"
+    path = _write(tmp_path, doc)
+    assert get_gpu("h200").link_assumed
+    gpu = apply_calibration(get_gpu("h200"), load_calibration(path))
+    assert not gpu.link_assumed and "NVIDIA H200" in gpu.link_source and gpu.h2d_bw == 52e9
+    code, out, err = invoke(["simulate", "--gpu", "h200", "--calibration", str(path), "--steps", "2", "--batch", "2",
+                             "--format", "json"])
+    assert code == 0 and "assumption" not in err, err
+    assert json.loads(out)["gpu"]["link_assumed"] is False
+    code, _, err = invoke(["simulate", "--gpu", "h200", "--steps", "2", "--batch", "2", "--format", "json"])
+    assert code == 0 and "assumption" in err  # without a calibration the note stays

@@ -91,10 +91,15 @@ def apply_calibration(gpu: GPU, calibration: dict) -> GPU:
     hbm_bw = num(compute, "hbm_bw_gbps", GB)
     peak = num(compute, "peak_tflops", 1e12)
     overhead = num(compute, "layer_overhead_us", 1e-6)
+    device = (calibration.get("device") or {}).get("name", "unknown device")
+    h2d, d2h = num(link, "h2d_gbps", GB), num(link, "d2h_gbps", GB)
+    measured_link = h2d is not None and d2h is not None  # an assumed preset link is assumed no more
     return with_overrides(
         gpu,
-        h2d_bw=num(link, "h2d_gbps", GB),
-        d2h_bw=num(link, "d2h_gbps", GB),
+        link_assumed=False if measured_link else None,
+        link_source=f"measured: the calibration's link sweep on {device}" if measured_link else None,
+        h2d_bw=h2d,
+        d2h_bw=d2h,
         bidir_bw=num(link, "bidir_total_gbps", GB),
         copy_latency=num(link, "copy_latency_us", 1e-6),
         # Measured rates are achieved rates: use them as the datasheet figure at 100% efficiency.
@@ -111,5 +116,5 @@ def apply_calibration(gpu: GPU, calibration: dict) -> GPU:
         flops_efficiency=1.0 if peak else None,
         layer_overhead=overhead,
         layer_overhead_per_width=0.0 if overhead is not None else None,
-        name=f"{gpu.name} (calibrated: {calibration.get('device', {}).get('name', 'unknown device')})",
+        name=f"{gpu.name} (calibrated: {device})",
     )

@@ -237,15 +237,15 @@ def assemble(batch: int, model: str = "r1-distill-qwen-7b", model_config: str | 
     mean_length = None if lengths.strip().lower() == "trace" else parse_lengths(lengths)
     mdl = model_from_config(model_config) if model_config else get_model(model)
     hw = get_gpu(gpu)
-    if hw.link_assumed and warn is not None:  # issue 22: every host link is a cited measurement or says it is not
-        warn(f"the {hw.name} preset's host link ({hw.h2d_bw / 1e9:.0f} GB/s H2D, {hw.d2h_bw / 1e9:.0f} D2H) is an "
-             f"assumption, not a measurement of this GPU ({hw.link_source.removeprefix('assumed: ')})")
     if calibration:
         cal = load_calibration(calibration)
         check_device(cal, gpu, "--calibration")
         if warn is not None and (note := host_bound_note(cal, "--calibration")):
             warn(note)
         hw = apply_calibration(hw, cal)
+    if hw.link_assumed and warn is not None:  # issue 22: every host link is a cited measurement or says it is not
+        warn(f"the {gpu} preset's host link ({hw.h2d_bw / 1e9:.0f} GB/s H2D, {hw.d2h_bw / 1e9:.0f} D2H) is an "
+             f"assumption, not a measurement of this GPU ({hw.link_source.removeprefix('assumed: ')})")
     if host_overhead != "none":
         hw = with_host_overhead(hw, host_overhead)
     if engine_overhead != "none" or host_overhead == "none":  # an engine preset (issue 22); named in the output
