@@ -106,3 +106,16 @@ def test_a_calibrated_link_is_measured_not_assumed(tmp_path):
     assert json.loads(out)["gpu"]["link_assumed"] is False
     code, _, err = invoke(["simulate", "--gpu", "h200", "--steps", "2", "--batch", "2", "--format", "json"])
     assert code == 0 and "assumption" in err  # without a calibration the note stays
+
+
+@pytest.mark.parametrize("batch", ["2", "1..2"])
+def test_the_capacity_file_marks_an_assumed_link(batch):
+    """Issue 22: an assumed link is marked in the output, not only on stderr (found in review: capacity's JSON,
+    grid or batch range, said nothing of it)."""
+    from tests.cli_run import invoke
+
+    for gpu, assumed in (("h200", True), ("h100-sxm", False)):
+        code, out, err = invoke(["capacity", "--gpu", gpu, "--batch", batch, "--steps", "2", "--format", "json"])
+        assert code == 0, err
+        link = json.loads(out)["gpu_link"]
+        assert link["assumed"] is assumed and link["source"].startswith("assumed" if assumed else "measured")

@@ -241,6 +241,7 @@ def grid_result(scenario: Scenario, max_overhead: float = 10.0, progress=None, m
         **fileformat.stamp(fileformat.CAPACITY),
         "model": scenario.model.name,
         "gpu": scenario.gpu.name,
+        "gpu_link": link_mark(scenario.gpu),
         "batch": scenario.batch,
         "trace": scenario.trace_label,
         "mean_length": scenario.mean_length,
@@ -264,7 +265,8 @@ def range_result(scenario: Scenario, max_overhead: float, answer: dict) -> dict:
     exact = [r for r in rows if not r["approximate"]]
     return {
         **fileformat.stamp(fileformat.CAPACITY),
-        "model": scenario.model.name, "gpu": scenario.gpu.name, "batch": scenario.batch,
+        "model": scenario.model.name, "gpu": scenario.gpu.name, "gpu_link": link_mark(scenario.gpu),
+        "batch": scenario.batch,
         "batches": answer["batches"], "trace": scenario.trace_label, "mean_length": scenario.mean_length,
         "context": scenario.context, "prompt_len": scenario.prompt_len, "prefetch": scenario.prefetch,
         "max_overhead_pct": max_overhead, "rows": rows,
@@ -273,6 +275,11 @@ def range_result(scenario: Scenario, max_overhead: float, answer: dict) -> dict:
         "best_lossless": best_row([r for r in exact if r["evict"] == 0 and r["compressed"] == 0], max_overhead),
         "batch_sweep": [],
     }
+
+
+def link_mark(gpu) -> dict:
+    """Where the GPU's host-link figures come from, in the file (issue 22: an assumed link says so)."""
+    return {"assumed": gpu.link_assumed, "source": gpu.link_source}
 
 
 def best_row(rows: list[dict], max_overhead: float) -> dict | None:
