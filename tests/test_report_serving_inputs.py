@@ -65,3 +65,33 @@ def test_a_bad_figure_is_one_line_naming_the_field(serving_file, tmp_path, name,
     with pytest.raises(TiersimError) as info:
         build_report([bad])
     assert name in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+@pytest.fixture(scope="module")
+def capacity_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cap") / "cap.json"
+    code, _, err = invoke(["capacity", "--qps", "2..8", *QUICK, "--on-full", "queue", "--out", str(path),
+                           "--format", "json"])
+    assert code == 0, err
+    return path
+
+
+@pytest.mark.parametrize("name,value", [("qps", -1.0), ("qps", float("nan")), ("ttft_p99_ms", -5.0),
+                                        ("tpot_p99_ms", True), ("slo", {"ttft_s": float("nan"), "tpot_s": 0.05}),
+                                        ("slo", {"ttft_s": 2.0, "tpot_s": -1})])
+def test_a_serving_capacity_point_out_of_range_is_one_line(capacity_file, tmp_path, name, value):
+    """Latency against load is drawn on log axes from each point's rate and p99s, with the file's SLOs as lines:
+    a negative or NaN rate, a negative latency, `true` as a latency or a NaN/negative SLO is refused (found in
+    review: all drawn with exit 0)."""
+    doc = json.loads(capacity_file.read_text())
+    if name == "slo":
+        doc["slo"] = value
+    else:
+        for point in doc["points"]:
+            point[name] = value
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doc))
+    assert "latency-vs-load" in build_report([capacity_file])
+    with pytest.raises(TiersimError) as info:
+        build_report([bad])
+    assert name in str(info.value) and "\n" not in str(info.value), str(info.value)

@@ -141,6 +141,18 @@ def _from_document(document: dict, source: str) -> ReportInput:
             raise TiersimError(f"report input {source}: {kind} {name} lacks column {missing[0]!r}")
     for name, frame in tables.items():
         _check_numbers(frame, f"report input {source}: {kind} {name}", REQUIRED[kind].get(name, ()))
+    for (table, column), (lo, nan_ok) in COLUMN_RANGES.get(kind, {}).items():
+        values = tables[table].get(column)
+        for v in [] if values is None else values:
+            v = float("nan") if v is None else v  # a missing value is NaN here
+            if isinstance(v, (bool, np.bool_)) or not (v >= lo or (nan_ok and v != v)):
+                raise TiersimError(f"report input {source}: {kind} {table}: column {column!r} must hold numbers "
+                                   f"{'> 0' if lo > 0 else '>= 0'}, got {v!r}")
+    for key in SLO_SECONDS.get(kind, ()):
+        value = (meta.get("slo") or {}).get(key) if isinstance(meta.get("slo") or {}, Mapping) else None
+        if value is not None and not (_number(value) and not isinstance(value, (bool, np.bool_))
+                                      and np.isfinite(value) and value > 0):
+            raise TiersimError(f"report input {source}: slo.{key} must be a number > 0, got {value!r:.40}")
     for key in HEADER_NUMBERS.get(kind, ()):
         value = meta.get(key)
         if value is not None and not (_number(value) and not isinstance(value, (bool, np.bool_))
@@ -151,6 +163,12 @@ def _from_document(document: dict, source: str) -> ReportInput:
 
 #: Header figures a section prints or divides by (the serving summary; the KV budget its timeline is a share
 #: of): each a finite number >= 0 where present, so a NaN, -1 or `true` is refused, not printed as a result.
+#: (table, column): (lowest, NaN allowed) of the columns drawn on log axes: a rate > 0, latencies >= 0 (NaN: a
+#: point stopped before any request reached it), never a boolean.
+COLUMN_RANGES = {"serving-capacity": {("points", "qps"): (1e-300, False), ("points", "ttft_p99_ms"): (0.0, True),
+                                      ("points", "tpot_p99_ms"): (0.0, True)}}
+#: The SLOs a section draws as lines (seconds in the file).
+SLO_SECONDS = {"serving-capacity": ("ttft_s", "tpot_s")}
 HEADER_NUMBERS = {"serving": ("requests", "goodput_qps", "preemptions", "spilled_gb", "hbm_blocks", "tp")}
 
 
