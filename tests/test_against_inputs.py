@@ -87,3 +87,18 @@ def test_a_shape_with_no_preset_is_told_the_way_that_prices_it(tmp_path):
     _, points = load_measurements(_write(tmp_path, doc))
     with pytest.raises(TiersimError, match="choose it with --model"):
         compare(assemble(1, engine="fast"), points)
+
+
+def test_validator_compare_refuses_an_out_it_would_not_write(tmp_path, capsys):
+    """``--compare FILE`` prints a calibration already written; an ``--out`` (or ``--profile``) beside it belongs
+    to a new run that does not happen (found in review: exit 0 and no file written, without a word)."""
+    from tiersim.validator.__main__ import main
+
+    cal = _write(tmp_path, GOOD)
+    assert main(["--compare", str(cal)]) == 0
+    capsys.readouterr()
+    for extra in (["--out", str(tmp_path / "other.json")], ["--profile", str(cal)]):
+        assert main(["--compare", str(cal), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and extra[0] in err[0]
+    assert not (tmp_path / "other.json").exists()

@@ -13,7 +13,7 @@ import sys
 
 from tiersim.errors import TiersimError
 from tiersim.options import add_arguments
-from tiersim.validator.options import ValidateOptions
+from tiersim.validator.options import ValidateOptions, check_compare
 
 
 def parser() -> argparse.ArgumentParser:
@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.compare:
+            check_compare(args.compare, args.out, args.profile)
             print(compare.format_text(compare.load(args.compare)))
             return 0
         argv = sys.argv[1:] if argv is None else argv

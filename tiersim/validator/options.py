@@ -42,3 +42,13 @@ class ValidateOptions:
     profile: Path | None = option(None, "operator profile (python -m tiersim.validator.operators) for the predictions")
     out: Path | None = option(None, "calibration JSON to write, e.g. docs/validation/h100.json", output=(".json",))
     compare: Path | None = option(None, "print measured vs simulated from this calibration JSON")
+
+
+def check_compare(compare, out, profile) -> None:
+    """``--compare`` prints a calibration already written: an ``--out`` or ``--profile`` beside it belongs to a new
+    run that does not happen, so it is refused rather than silently dropped (no file would be written)."""
+    from tiersim.errors import TiersimError
+
+    for flag, value in (("--out", out), ("--profile", profile)):
+        if compare is not None and value is not None:
+            raise TiersimError(f"{flag} is for a new run; --compare only prints {compare}: drop {flag} or --compare")
