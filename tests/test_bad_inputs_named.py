@@ -179,3 +179,19 @@ def test_both_front_ends_refuse_a_value_out_of_its_declared_range_in_the_same_wo
     _, err = assert_refused(["validate", "--device", "cpu", flag, value])
     cli_words = err.strip().removeprefix("error: ")
     assert flag in cli_words and cli_words.split(flag, 1)[1].lstrip(": ") in argparse_words, (cli_words, argparse_words)
+
+
+# -- found by the session's review: options that were dropped without a word -----------------------------------
+def test_validate_compare_refuses_an_out_it_would_not_write(work):
+    calibration = work / "calibration.json"
+    _, err = assert_refused(["validate", "--compare", str(calibration), "--out", str(work / "other.json")])
+    assert "--out is for a new run" in err and not (work / "other.json").exists()
+
+
+@pytest.mark.parametrize("text", ["1,,2", ",2"])
+def test_an_empty_item_inside_a_list_option_is_refused(text):
+    from tiersim.options import parse_list
+
+    with pytest.raises(TiersimError, match="an empty item"):
+        parse_list(text, int, "--batch")
+    assert parse_list("1,2,", int, "--batch") == [1, 2]

@@ -227,3 +227,10 @@ def test_a_real_kvpress_press_where_kvpress_is_installed(tiny_llama):
         with press(tiny_llama), torch.inference_mode():
             tiny_llama(input_ids=ids, past_key_values=cache)
         assert cache.get_seq_length() == 20, name
+
+
+@pytest.mark.parametrize("text", ["", " ", ",", " , "])
+def test_a_kvpress_option_naming_no_press_is_refused(text):
+    with pytest.raises(TiersimError, match="--kvpress: expected comma-separated press names"):
+        presses.parse_presses(text)
+    assert presses.parse_presses(None) == []

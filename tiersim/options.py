@@ -145,8 +145,11 @@ _ONE = {int: "an integer", float: "a number"}
 def parse_list(text: str, kind: Callable[[str], Any], option_flag: str) -> list:
     """``'1,8,32'`` -> ``[1, 8, 32]``; bad text is one TiersimError naming the option."""
     words = _WORDS.get(kind, f"{getattr(kind, '__name__', 'value')} values")
+    parts = [part.strip() for part in text.split(",")]
+    if not all(parts[:-1]):  # '1,,2' or ',2': a slip, not a shorter list (a trailing comma is fine)
+        raise TiersimError(f"{option_flag}: expected comma-separated {words}, got {text!r} (an empty item)")
     try:
-        values = [kind(part) for part in text.split(",") if part.strip()]
+        values = [kind(part) for part in parts if part]
     except ValueError:
         raise TiersimError(f"{option_flag}: expected comma-separated {words}, got {text!r}") from None
     if not values:

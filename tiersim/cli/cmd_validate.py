@@ -43,6 +43,9 @@ def validate(opts: ValidateOptions = ValidateOptions()) -> None:
     from tiersim.validator import compare as compare_mod
 
     if opts.compare is not None:
+        from tiersim.validator.options import check_compare
+
+        check_compare(opts.compare, opts.out, opts.profile)
         _show(compare_mod.load(opts.compare))
         return
     lists = list_values(opts)  # --batch, --context, --hbm, each a one-line error when it is not a list

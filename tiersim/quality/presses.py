@@ -51,8 +51,15 @@ def parse_press(text: str) -> PressSpec:
 
 
 def parse_presses(text: str | None) -> list[PressSpec]:
-    """A comma list of presses ('' or None: none)."""
-    return [parse_press(part) for part in (text or "").split(",") if part.strip()]
+    """A comma list of presses (None: none). Given but naming no press ('', ',') is refused (a trailing comma is fine): it would
+    silently run the whole grid without the comparison asked for."""
+    if text is None:
+        return []
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts:
+        raise TiersimError(f"--kvpress: expected comma-separated press names (e.g. SnapKV,ExpectedAttention@decode), "
+                           f"got {text!r}")
+    return [parse_press(part) for part in parts]
 
 
 def import_kvpress():
