@@ -191,3 +191,18 @@ def test_serve_out_keeps_every_policys_rows_and_a_version_1_file_still_reads(tmp
     document, back = fileformat.read(old, [fileformat.SERVING], label="x")
     assert document["schema_version"] == 1 and back.num_rows == 40
     assert "serving_timeline" in build_report([str(old)])
+
+
+def test_goodput_never_exceeds_what_the_engine_drained():
+    """At an offered rate far past what the engine drains, goodput is the SLO-meeting requests over the makespan."""
+    doc = _json(["serve", "--requests", "10", "--lengths", "20", "--qps", "1e9", "--on-full", "queue",
+                 "--format", "json"])
+    run = doc["runs"][0]
+    met = run["slo_attainment"] * run["requests"]
+    assert run["goodput_qps"] <= met / run["makespan_s"] * (1 + 1e-12)
+    assert run["goodput_qps"] <= run["throughput_qps"]
+
+
+def test_capacity_qps_has_serves_upper_bound():
+    code, _, err = invoke(["capacity", "--qps", "1..1e12", "--requests", "10", "--lengths", "50"])
+    assert code != 0 and "1e+09" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

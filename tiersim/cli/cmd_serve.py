@@ -21,6 +21,7 @@ ON_FULL = ("preempt-recompute", "preempt-swap", "queue", "spill")  # tiersim.ser
 TP_SIZES = (1, 2, 4, 8)  # tiersim.simulator.parallel.TP_SIZES (tested equal)
 MAX_TOKENS = 10_000_000
 MAX_REQUESTS = 10_000_000
+QPS_MAX = 1e9  # requests/s: `serve --qps` and `capacity --qps` share this bound
 # simulate / capacity's --engine-overhead, the same words and choices (tiersim.simulator.engines)
 _ENGINE = next(f for f in dataclasses.fields(ComputeModel) if f.name == "engine_overhead").metadata
 
@@ -126,7 +127,7 @@ def serve(
     target: Target = Target(),
     serving: Serving = Serving(),
     qps: float = options.opt(1.0, "--qps", help="synthetic arrivals per second (ignored with --requests-file)",
-                             min=1e-9, max=1e9),
+                             min=1e-9, max=QPS_MAX),
     lengths: str = typer.Option(None, help="mean output tokens (log-normal): a number or gsm8k/math500/amc23/gpqa/"
                                 "aime (default: math500)"),
     strategy: str = typer.Option("prefetch", help="how spilled DDR tokens reach attention: "
@@ -238,6 +239,8 @@ def parse_qps_range(text: str) -> tuple[float, float]:
         values = [values[0] / 64, values[0]]
     if len(values) != 2 or not all(math.isfinite(v) and v > 0 for v in values) or values[0] >= values[1]:
         raise TiersimError(f"--qps: expected a rate > 0 or a range LO..HI with 0 < LO < HI, got {text!r}")
+    if values[1] > QPS_MAX:  # the same bound as serve's --qps
+        raise TiersimError(f"--qps: at most {QPS_MAX:g} requests/s, got {text!r}")
     return values[0], values[1]
 
 
