@@ -206,3 +206,16 @@ def test_goodput_never_exceeds_what_the_engine_drained():
 def test_capacity_qps_has_serves_upper_bound():
     code, _, err = invoke(["capacity", "--qps", "1..1e12", "--requests", "10", "--lengths", "50"])
     assert code != 0 and "1e+09" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", [["serve", "--on-full", "queue"], ["capacity", "--qps", "0.5..2", "--on-full", "queue"]])
+def test_an_assumed_host_link_is_noted_and_marked_like_simulate(command):
+    """A preset whose host link is an assumption says so on stderr and in the document, as simulate does."""
+    from tiersim.simulator import presets
+
+    gpu = presets.get_gpu("h200")
+    assert gpu.link_assumed  # the case under test
+    code, out, err = invoke([*command, "--gpu", "h200", "--requests", "5", "--lengths", "20", "--format", "json"])
+    assert code == 0, err
+    assert "assumption, not a measurement" in " ".join(err.split())
+    assert json.loads(out)["gpu_link"] == {"assumed": True, "source": gpu.link_source}

@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from tiersim.cli import options
-from tiersim.cli.app import add_columns, app, compact_table, console, deliver, wrote
+from tiersim.cli.app import add_columns, app, compact_table, console, deliver, err_console, wrote
 from tiersim.cli.groups import ComputeModel, Target
 from tiersim.errors import TiersimError
 from tiersim.hierarchy import strategies
@@ -93,6 +93,7 @@ def build(target: Target, serving: Serving, strategy: str, lengths: str | None, 
     from tiersim.serving.engine import EngineConfig
     from tiersim.serving.run import ServeSpec
     from tiersim.simulator import engines, parallel, presets
+    from tiersim.simulator.scenario import assumed_link_note
     from tiersim.traces.lengths import parse_lengths
 
     if strategy not in strategies.NAMES:
@@ -100,6 +101,8 @@ def build(target: Target, serving: Serving, strategy: str, lengths: str | None, 
     model = presets.model_from_config(target.model_config) if target.model_config else presets.get_model(target.model)
     gpu = engines.apply(presets.get_gpu(target.gpu), engine_overhead, model.num_layers)
     parallel.check_tp(model, serving.tp)
+    if serving.tp > 1:  # refused here, before the link note, so a refusal stays one line
+        parallel.link_line(gpu, serving.tp)
     names = policies(serving.on_full)
     if serving.requests_file is not None:
         requests = workload.read_requests(serving.requests_file)
@@ -115,6 +118,8 @@ def build(target: Target, serving: Serving, strategy: str, lengths: str | None, 
     engine = EngineConfig(serving.max_batch, serving.token_budget, names[0], tiers)
     tpot = DEFAULT_TPOT_SLO if tpot_slo is None else tpot_slo
     slo = metrics.SLO(serving.ttft_slo / 1e3, tpot / 1e3)
+    if note := assumed_link_note(gpu, target.gpu):  # simulate / capacity's note (issue 22), once the options pass
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     return ServeSpec(model, gpu, serving.tp, strategy, engine, slo), requests, names
 
 
@@ -148,6 +153,7 @@ def serve(
     from tiersim.serving import run as serving_run
     from tiersim.serving import workload
     from tiersim.serving.memory import Unservable
+    from tiersim.simulator.capacity import link_mark
 
     spec, requests, names = build(target, serving, strategy, lengths, seed, qps, tpot_slo, engine_overhead)
     results, refused = [], {}
@@ -174,7 +180,7 @@ def serve(
               (save_requests, lambda: (workload.write_requests(save_requests, requests), wrote(save_requests)))]
     first = _first_line(spec, results)
     if fmt == "json":
-        deliver({"recommendation": first, "runs": documents}, writes)
+        deliver({"recommendation": first, "gpu_link": link_mark(spec.gpu), "runs": documents}, writes)
         return
     console.print(f"[bold]{first}[/]", highlight=False, soft_wrap=True)
     console.print(f"{requests.describe()}; {_engine_words(spec)}", highlight=False)
@@ -251,6 +257,7 @@ def capacity_qps(qps: str, target: Target, serving: Serving, strategy: str, leng
     from tiersim.cli.progress import meter
     from tiersim.fileformat import SERVING_CAPACITY, header, write_document
     from tiersim.serving import search
+    from tiersim.simulator.capacity import link_mark
 
     lo, hi = parse_qps_range(qps)
     strategy = "prefetch" if strategy == "all" else strategy
@@ -266,7 +273,8 @@ def capacity_qps(qps: str, target: Target, serving: Serving, strategy: str, leng
                                            tick=progress.advance)
     first = search.recommend(spec, answers)
     document = {**header(SERVING_CAPACITY), "recommendation": first, **spec.describe(),
-                "workload": requests.describe(), "qps_range": [lo, hi], "policies": answers,
+                "gpu_link": link_mark(spec.gpu), "workload": requests.describe(), "qps_range": [lo, hi],
+                "policies": answers,
                 "points": [{**p, "on_full": name} for name, a in answers.items() for p in a["points"]]}
     document.pop("on_full")
 
