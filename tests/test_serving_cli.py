@@ -219,3 +219,15 @@ def test_an_assumed_host_link_is_noted_and_marked_like_simulate(command):
     assert code == 0, err
     assert "assumption, not a measurement" in " ".join(err.split())
     assert json.loads(out)["gpu_link"] == {"assumed": True, "source": gpu.link_source}
+
+
+@pytest.mark.parametrize("tpot", ["0", "0.0001"])
+def test_serve_and_capacity_qps_refuse_the_same_tpot_slo(tpot):
+    """capacity --qps and serve share one --tpot-slo bound: the same one-line refusal, word for word."""
+    seen = []
+    for command in (["serve"], ["capacity", "--qps", "5"]):
+        code, _, err = invoke([*command, "--tpot-slo", tpot, "--requests", "3", "--lengths", "8"])
+        lines = [x for x in err.splitlines() if x.strip()]
+        assert code == 2 and len(lines) == 1 and "--tpot-slo must be >= 0.001" in lines[0], err
+        seen.append(lines[0])
+    assert seen[0] == seen[1]

@@ -22,6 +22,7 @@ TP_SIZES = (1, 2, 4, 8)  # tiersim.simulator.parallel.TP_SIZES (tested equal)
 MAX_TOKENS = 10_000_000
 MAX_REQUESTS = 10_000_000
 QPS_MAX = 1e9  # requests/s: `serve --qps` and `capacity --qps` share this bound
+TPOT_SLO_MIN = 0.001  # ms: `serve --tpot-slo` and `capacity --qps --tpot-slo` share this bound
 # simulate / capacity's --engine-overhead, the same words and choices (tiersim.simulator.engines)
 _ENGINE = next(f for f in dataclasses.fields(ComputeModel) if f.name == "engine_overhead").metadata
 
@@ -116,6 +117,8 @@ def build(target: Target, serving: Serving, strategy: str, lengths: str | None, 
                                       serving.burstiness, seed)
     tiers = TierConfig(hbm=1.0 - serving.spill_ddr, ddr=serving.spill_ddr)
     engine = EngineConfig(serving.max_batch, serving.token_budget, names[0], tiers)
+    if tpot_slo is not None and not tpot_slo >= TPOT_SLO_MIN:  # capacity's option allows 0: the same bound as serve's
+        raise TiersimError(f"--tpot-slo must be >= {TPOT_SLO_MIN:g}, got {tpot_slo:g}")
     tpot = DEFAULT_TPOT_SLO if tpot_slo is None else tpot_slo
     slo = metrics.SLO(serving.ttft_slo / 1e3, tpot / 1e3)
     if note := assumed_link_note(gpu, target.gpu):  # simulate / capacity's note (issue 22), once the options pass
@@ -139,7 +142,7 @@ def serve(
                                  + strategies.help_text()),
     seed: int = options.opt(0, help="seed of the arrivals and lengths", min=0, max=2**32 - 1),
     tpot_slo: float = options.opt(DEFAULT_TPOT_SLO, "--tpot-slo", help="SLO: p99 time per output token, ms",
-                                  min=0.001),
+                                  min=TPOT_SLO_MIN),
     engine_overhead: str = options.opt("none", "--engine-overhead", help=_ENGINE["help"],
                                        choices=_ENGINE["bounds"].choices),
     fmt: str = options.opt("table", "--format", help="table or json", choices=FORMATS),
