@@ -231,3 +231,10 @@ def test_serve_and_capacity_qps_refuse_the_same_tpot_slo(tpot):
         assert code == 2 and len(lines) == 1 and "--tpot-slo must be >= 0.001" in lines[0], err
         seen.append(lines[0])
     assert seen[0] == seen[1]
+
+
+def test_capacity_qps_says_plainly_when_no_rate_met_the_slos():
+    doc = _json(["capacity", *QUICK, "--qps", "1..4", "--on-full", "queue", "--ttft-slo", "0.001", "--format", "json"])
+    assert doc["policies"]["queue"]["max_qps"] == 0
+    first = doc["recommendation"]
+    assert first.startswith("No rate met the SLOs") and " meets " not in first and "misses" in first
