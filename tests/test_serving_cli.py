@@ -238,3 +238,30 @@ def test_capacity_qps_says_plainly_when_no_rate_met_the_slos():
     assert doc["policies"]["queue"]["max_qps"] == 0
     first = doc["recommendation"]
     assert first.startswith("No rate met the SLOs") and " meets " not in first and "misses" in first
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--requests", "10"], "--requests shapes synthetic requests; --requests-file"),
+    (["--qps", "5"], "--qps shapes synthetic requests; --requests-file"),
+    (["--lengths", "50"], "--lengths shapes"),
+    (["--on-full", "queue", "--spill-ddr", "0.3"], "--spill-ddr applies to spilled tokens only"),
+    (["--on-full", "queue,preempt-swap", "--strategy", "host-attention"], "--strategy applies to spilled tokens only"),
+])
+def test_an_option_that_would_be_ignored_is_refused_in_one_line(tmp_path, extra, words):
+    saved = tmp_path / "r.csv"
+    assert invoke(["serve", "--requests", "3", "--lengths", "8", "--on-full", "queue", "--save-requests",
+                   str(saved)])[0] == 0
+    replay = ["--requests-file", str(saved)] if "spilled" not in words else ["--requests", "3", "--lengths", "8"]
+    code, _, err = invoke(["serve", *replay, *extra])
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1 and words in lines[0], err
+
+
+def test_spill_options_with_spill_and_a_file_alone_still_run(tmp_path):
+    saved = tmp_path / "r.csv"
+    assert invoke(["serve", "--requests", "3", "--lengths", "8", "--on-full", "queue", "--save-requests",
+                   str(saved)])[0] == 0
+    for args in (["--requests-file", str(saved)], ["--requests", "3", "--lengths", "8", "--on-full", "queue,spill",
+                                                   "--spill-ddr", "0.3", "--strategy", "host-attention"]):
+        code, _, err = invoke(["serve", *args, "--format", "json"])
+        assert code == 0, err

@@ -83,6 +83,28 @@ def policies(text: str) -> list[str]:
 
 
 DEFAULT_TPOT_SLO = 50.0  # ms, p99
+DEFAULT_QPS = 1.0  # serve's --qps
+
+
+def ignored(serving: Serving, strategy: str, lengths: str | None, qps: float | None, names: list[str]) -> None:
+    """One line when an option given would be silently ignored: a synthetic workload's options beside
+    --requests-file (``qps`` None: capacity --qps, whose search sets the rate), or the spill-only --spill-ddr and
+    --strategy without spill in --on-full. (A value equal to the default cannot be told from no option.)"""
+    defaults = {f.name: f.default for f in dataclasses.fields(Serving)}
+    if serving.requests_file is not None:
+        given = [("--requests", serving.requests != defaults["requests"]), ("--lengths", lengths is not None),
+                 ("--prompt-lengths", serving.prompt_lengths != defaults["prompt_lengths"]),
+                 ("--sigma", serving.sigma != defaults["sigma"])]
+        if qps is not None:  # serve: the file's arrival times are replayed as they are
+            given += [("--qps", qps != DEFAULT_QPS), ("--burstiness", serving.burstiness != defaults["burstiness"])]
+        for name, on in given:
+            if on:
+                raise TiersimError(f"{name} shapes synthetic requests; --requests-file replays its own: drop one")
+    if "spill" not in names:
+        spill_only = (("--spill-ddr", serving.spill_ddr != defaults["spill_ddr"]), ("--strategy", strategy != "prefetch"))
+        for name, on in spill_only:
+            if on:
+                raise TiersimError(f"{name} applies to spilled tokens only; add spill to --on-full or drop {name}")
 
 
 def build(target: Target, serving: Serving, strategy: str, lengths: str | None, seed: int, qps: float | None,
@@ -105,6 +127,7 @@ def build(target: Target, serving: Serving, strategy: str, lengths: str | None, 
     if serving.tp > 1:  # refused here, before the link note, so a refusal stays one line
         parallel.link_line(gpu, serving.tp)
     names = policies(serving.on_full)
+    ignored(serving, strategy, lengths, qps, names)
     if serving.requests_file is not None:
         requests = workload.read_requests(serving.requests_file)
     else:
@@ -134,7 +157,7 @@ def build(target: Target, serving: Serving, strategy: str, lengths: str | None, 
 def serve(
     target: Target = Target(),
     serving: Serving = Serving(),
-    qps: float = options.opt(1.0, "--qps", help="synthetic arrivals per second (ignored with --requests-file)",
+    qps: float = options.opt(DEFAULT_QPS, "--qps", help="synthetic arrivals per second (not with --requests-file)",
                              min=1e-9, max=QPS_MAX),
     lengths: str = typer.Option(None, help="mean output tokens (log-normal): a number or gsm8k/math500/amc23/gpqa/"
                                 "aime (default: math500)"),
