@@ -238,3 +238,16 @@ def test_a_host_floor_holds_for_prefill_only_steps_too():
     pricer, plain = StepPricer(MODEL, eager), StepPricer(MODEL, GPU)
     chunk = [(4, 0, True)]
     assert plain.step_s(0, 0.0, 0.0, chunk) < eager.step_host_floor == pricer.step_s(0, 0.0, 0.0, chunk)
+
+
+def test_out_of_hbm_names_the_token_budget_when_the_workspace_is_the_cause():
+    """The weights fit, a huge --token-budget's step workspace does not: the message names --token-budget,
+    not the weights / --tp; with too little HBM for the weights themselves it still names --tp."""
+    with pytest.raises(TiersimError) as info:
+        memory.budget(MODEL, MODEL, GPU, 256, 10_000_000)
+    assert "--token-budget 10,000,000" in str(info.value) and "--tp" not in str(info.value)
+    memory.budget(MODEL, MODEL, GPU, 256, 2048)  # the same weights with the default budget fit
+    small = replace(GPU, hbm_bytes=MODEL.weight_bytes * 0.9)
+    with pytest.raises(TiersimError, match="use a larger --tp") as info:
+        memory.budget(MODEL, MODEL, small, 256, 2048)
+    assert "--token-budget" not in str(info.value)

@@ -191,3 +191,77 @@ def test_serve_out_keeps_every_policys_rows_and_a_version_1_file_still_reads(tmp
     document, back = fileformat.read(old, [fileformat.SERVING], label="x")
     assert document["schema_version"] == 1 and back.num_rows == 40
     assert "serving_timeline" in build_report([str(old)])
+
+
+def test_goodput_never_exceeds_what_the_engine_drained():
+    """At an offered rate far past what the engine drains, goodput is the SLO-meeting requests over the makespan."""
+    doc = _json(["serve", "--requests", "10", "--lengths", "20", "--qps", "1e9", "--on-full", "queue",
+                 "--format", "json"])
+    run = doc["runs"][0]
+    met = run["slo_attainment"] * run["requests"]
+    assert run["goodput_qps"] == pytest.approx(met / run["makespan_s"], rel=1e-12)
+    assert run["goodput_qps"] <= run["throughput_qps"]
+
+
+def test_capacity_qps_has_serves_upper_bound():
+    code, _, err = invoke(["capacity", "--qps", "1..1e12", "--requests", "10", "--lengths", "50"])
+    assert code != 0 and "1e+09" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", [["serve", "--on-full", "queue"], ["capacity", "--qps", "0.5..2", "--on-full", "queue"]])
+def test_an_assumed_host_link_is_noted_and_marked_like_simulate(command):
+    """A preset whose host link is an assumption says so on stderr and in the document, as simulate does."""
+    from tiersim.simulator import presets
+
+    gpu = presets.get_gpu("h200")
+    assert gpu.link_assumed  # the case under test
+    code, out, err = invoke([*command, "--gpu", "h200", "--requests", "5", "--lengths", "20", "--format", "json"])
+    assert code == 0, err
+    assert "assumption, not a measurement" in " ".join(err.split())
+    assert json.loads(out)["gpu_link"] == {"assumed": True, "source": gpu.link_source}
+
+
+@pytest.mark.parametrize("tpot", ["0", "0.0001"])
+def test_serve_and_capacity_qps_refuse_the_same_tpot_slo(tpot):
+    """capacity --qps and serve share one --tpot-slo bound: the same one-line refusal, word for word."""
+    seen = []
+    for command in (["serve"], ["capacity", "--qps", "5"]):
+        code, _, err = invoke([*command, "--tpot-slo", tpot, "--requests", "3", "--lengths", "8"])
+        lines = [x for x in err.splitlines() if x.strip()]
+        assert code == 2 and len(lines) == 1 and "--tpot-slo must be >= 0.001" in lines[0], err
+        seen.append(lines[0])
+    assert seen[0] == seen[1]
+
+
+def test_capacity_qps_says_plainly_when_no_rate_met_the_slos():
+    doc = _json(["capacity", *QUICK, "--qps", "1..4", "--on-full", "queue", "--ttft-slo", "0.001", "--format", "json"])
+    assert doc["policies"]["queue"]["max_qps"] == 0
+    first = doc["recommendation"]
+    assert first.startswith("No rate met the SLOs") and " meets " not in first and "misses" in first
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--requests", "10"], "--requests shapes synthetic requests; --requests-file"),
+    (["--qps", "5"], "--qps shapes synthetic requests; --requests-file"),
+    (["--lengths", "50"], "--lengths shapes"),
+    (["--on-full", "queue", "--spill-ddr", "0.3"], "--spill-ddr applies to spilled tokens only"),
+    (["--on-full", "queue,preempt-swap", "--strategy", "host-attention"], "--strategy applies to spilled tokens only"),
+])
+def test_an_option_that_would_be_ignored_is_refused_in_one_line(tmp_path, extra, words):
+    saved = tmp_path / "r.csv"
+    assert invoke(["serve", "--requests", "3", "--lengths", "8", "--on-full", "queue", "--save-requests",
+                   str(saved)])[0] == 0
+    replay = ["--requests-file", str(saved)] if "spilled" not in words else ["--requests", "3", "--lengths", "8"]
+    code, _, err = invoke(["serve", *replay, *extra])
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert code == 2 and len(lines) == 1 and words in lines[0], err
+
+
+def test_spill_options_with_spill_and_a_file_alone_still_run(tmp_path):
+    saved = tmp_path / "r.csv"
+    assert invoke(["serve", "--requests", "3", "--lengths", "8", "--on-full", "queue", "--save-requests",
+                   str(saved)])[0] == 0
+    for args in (["--requests-file", str(saved)], ["--requests", "3", "--lengths", "8", "--on-full", "queue,spill",
+                                                   "--spill-ddr", "0.3", "--strategy", "host-attention"]):
+        code, _, err = invoke(["serve", *args, "--format", "json"])
+        assert code == 0, err

@@ -68,3 +68,13 @@ def test_bad_synthetic_options_are_refused():
             workload.synthetic(10, **{"qps": 1.0, "prompt_mean": 10, "output_mean": 10, **kwargs})
     with pytest.raises(TiersimError, match="expected a .csv"):
         workload.read_requests("x.txt")
+
+
+@pytest.mark.parametrize("arrival, prompt, output, shown", [
+    ([0.0, -5.0], [8, 8], [8, 8], "row 2 is -5"), ([0.0, float("nan")], [8, 8], [8, 8], "row 2 is nan"),
+    ([1.0, 0.5], [8, 8], [8, 8], "row 2 (0.5) comes before row 1 (1)"), ([0.0, 1.0], [8, 2.5], [8, 8], "row 2 is 2.5"),
+    ([0.0, 1.0], [8, 8], [0, 8], "row 1 is 0")])
+def test_a_bad_request_value_is_shown_as_the_number(arrival, prompt, output, shown):
+    with pytest.raises(TiersimError) as info:
+        workload.check(arrival, prompt, output, "f.csv")
+    assert shown in str(info.value) and "np." not in str(info.value)

@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from tiersim.cli import options
-from tiersim.cli.app import add_columns, app, compact_table, console, deliver, wrote
+from tiersim.cli.app import add_columns, app, compact_table, console, deliver, err_console, wrote
 from tiersim.cli.groups import ComputeModel, Target
 from tiersim.errors import TiersimError
 from tiersim.hierarchy import strategies
@@ -21,6 +21,8 @@ ON_FULL = ("preempt-recompute", "preempt-swap", "queue", "spill")  # tiersim.ser
 TP_SIZES = (1, 2, 4, 8)  # tiersim.simulator.parallel.TP_SIZES (tested equal)
 MAX_TOKENS = 10_000_000
 MAX_REQUESTS = 10_000_000
+QPS_MAX = 1e9  # requests/s: `serve --qps` and `capacity --qps` share this bound
+TPOT_SLO_MIN = 0.001  # ms: `serve --tpot-slo` and `capacity --qps --tpot-slo` share this bound
 # simulate / capacity's --engine-overhead, the same words and choices (tiersim.simulator.engines)
 _ENGINE = next(f for f in dataclasses.fields(ComputeModel) if f.name == "engine_overhead").metadata
 
@@ -81,6 +83,28 @@ def policies(text: str) -> list[str]:
 
 
 DEFAULT_TPOT_SLO = 50.0  # ms, p99
+DEFAULT_QPS = 1.0  # serve's --qps
+
+
+def ignored(serving: Serving, strategy: str, lengths: str | None, qps: float | None, names: list[str]) -> None:
+    """One line when an option given would be silently ignored: a synthetic workload's options beside
+    --requests-file (``qps`` None: capacity --qps, whose search sets the rate), or the spill-only --spill-ddr and
+    --strategy without spill in --on-full. (A value equal to the default cannot be told from no option.)"""
+    defaults = {f.name: f.default for f in dataclasses.fields(Serving)}
+    if serving.requests_file is not None:
+        given = [("--requests", serving.requests != defaults["requests"]), ("--lengths", lengths is not None),
+                 ("--prompt-lengths", serving.prompt_lengths != defaults["prompt_lengths"]),
+                 ("--sigma", serving.sigma != defaults["sigma"])]
+        if qps is not None:  # serve: the file's arrival times are replayed as they are
+            given += [("--qps", qps != DEFAULT_QPS), ("--burstiness", serving.burstiness != defaults["burstiness"])]
+        for name, on in given:
+            if on:
+                raise TiersimError(f"{name} shapes synthetic requests; --requests-file replays its own: drop one")
+    if "spill" not in names:
+        spill_only = (("--spill-ddr", serving.spill_ddr != defaults["spill_ddr"]), ("--strategy", strategy != "prefetch"))
+        for name, on in spill_only:
+            if on:
+                raise TiersimError(f"{name} applies to spilled tokens only; add spill to --on-full or drop {name}")
 
 
 def build(target: Target, serving: Serving, strategy: str, lengths: str | None, seed: int, qps: float | None,
@@ -92,6 +116,7 @@ def build(target: Target, serving: Serving, strategy: str, lengths: str | None, 
     from tiersim.serving.engine import EngineConfig
     from tiersim.serving.run import ServeSpec
     from tiersim.simulator import engines, parallel, presets
+    from tiersim.simulator.scenario import assumed_link_note
     from tiersim.traces.lengths import parse_lengths
 
     if strategy not in strategies.NAMES:
@@ -99,7 +124,10 @@ def build(target: Target, serving: Serving, strategy: str, lengths: str | None, 
     model = presets.model_from_config(target.model_config) if target.model_config else presets.get_model(target.model)
     gpu = engines.apply(presets.get_gpu(target.gpu), engine_overhead, model.num_layers)
     parallel.check_tp(model, serving.tp)
+    if serving.tp > 1:  # refused here, before the link note, so a refusal stays one line
+        parallel.link_line(gpu, serving.tp)
     names = policies(serving.on_full)
+    ignored(serving, strategy, lengths, qps, names)
     if serving.requests_file is not None:
         requests = workload.read_requests(serving.requests_file)
     else:
@@ -112,8 +140,12 @@ def build(target: Target, serving: Serving, strategy: str, lengths: str | None, 
                                       serving.burstiness, seed)
     tiers = TierConfig(hbm=1.0 - serving.spill_ddr, ddr=serving.spill_ddr)
     engine = EngineConfig(serving.max_batch, serving.token_budget, names[0], tiers)
+    if tpot_slo is not None and not tpot_slo >= TPOT_SLO_MIN:  # capacity's option allows 0: the same bound as serve's
+        raise TiersimError(f"--tpot-slo must be >= {TPOT_SLO_MIN:g}, got {tpot_slo:g}")
     tpot = DEFAULT_TPOT_SLO if tpot_slo is None else tpot_slo
     slo = metrics.SLO(serving.ttft_slo / 1e3, tpot / 1e3)
+    if note := assumed_link_note(gpu, target.gpu):  # simulate / capacity's note (issue 22), once the options pass
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     return ServeSpec(model, gpu, serving.tp, strategy, engine, slo), requests, names
 
 
@@ -125,15 +157,15 @@ def build(target: Target, serving: Serving, strategy: str, lengths: str | None, 
 def serve(
     target: Target = Target(),
     serving: Serving = Serving(),
-    qps: float = options.opt(1.0, "--qps", help="synthetic arrivals per second (ignored with --requests-file)",
-                             min=1e-9, max=1e9),
+    qps: float = options.opt(DEFAULT_QPS, "--qps", help="synthetic arrivals per second (not with --requests-file)",
+                             min=1e-9, max=QPS_MAX),
     lengths: str = typer.Option(None, help="mean output tokens (log-normal): a number or gsm8k/math500/amc23/gpqa/"
                                 "aime (default: math500)"),
     strategy: str = typer.Option("prefetch", help="how spilled DDR tokens reach attention: "
                                  + strategies.help_text()),
     seed: int = options.opt(0, help="seed of the arrivals and lengths", min=0, max=2**32 - 1),
     tpot_slo: float = options.opt(DEFAULT_TPOT_SLO, "--tpot-slo", help="SLO: p99 time per output token, ms",
-                                  min=0.001),
+                                  min=TPOT_SLO_MIN),
     engine_overhead: str = options.opt("none", "--engine-overhead", help=_ENGINE["help"],
                                        choices=_ENGINE["bounds"].choices),
     fmt: str = options.opt("table", "--format", help="table or json", choices=FORMATS),
@@ -147,6 +179,7 @@ def serve(
     from tiersim.serving import run as serving_run
     from tiersim.serving import workload
     from tiersim.serving.memory import Unservable
+    from tiersim.simulator.capacity import link_mark
 
     spec, requests, names = build(target, serving, strategy, lengths, seed, qps, tpot_slo, engine_overhead)
     results, refused = [], {}
@@ -173,7 +206,7 @@ def serve(
               (save_requests, lambda: (workload.write_requests(save_requests, requests), wrote(save_requests)))]
     first = _first_line(spec, results)
     if fmt == "json":
-        deliver({"recommendation": first, "runs": documents}, writes)
+        deliver({"recommendation": first, "gpu_link": link_mark(spec.gpu), "runs": documents}, writes)
         return
     console.print(f"[bold]{first}[/]", highlight=False, soft_wrap=True)
     console.print(f"{requests.describe()}; {_engine_words(spec)}", highlight=False)
@@ -238,6 +271,8 @@ def parse_qps_range(text: str) -> tuple[float, float]:
         values = [values[0] / 64, values[0]]
     if len(values) != 2 or not all(math.isfinite(v) and v > 0 for v in values) or values[0] >= values[1]:
         raise TiersimError(f"--qps: expected a rate > 0 or a range LO..HI with 0 < LO < HI, got {text!r}")
+    if values[1] > QPS_MAX:  # the same bound as serve's --qps
+        raise TiersimError(f"--qps: at most {QPS_MAX:g} requests/s, got {text!r}")
     return values[0], values[1]
 
 
@@ -248,6 +283,7 @@ def capacity_qps(qps: str, target: Target, serving: Serving, strategy: str, leng
     from tiersim.cli.progress import meter
     from tiersim.fileformat import SERVING_CAPACITY, header, write_document
     from tiersim.serving import search
+    from tiersim.simulator.capacity import link_mark
 
     lo, hi = parse_qps_range(qps)
     strategy = "prefetch" if strategy == "all" else strategy
@@ -263,7 +299,8 @@ def capacity_qps(qps: str, target: Target, serving: Serving, strategy: str, leng
                                            tick=progress.advance)
     first = search.recommend(spec, answers)
     document = {**header(SERVING_CAPACITY), "recommendation": first, **spec.describe(),
-                "workload": requests.describe(), "qps_range": [lo, hi], "policies": answers,
+                "gpu_link": link_mark(spec.gpu), "workload": requests.describe(), "qps_range": [lo, hi],
+                "policies": answers,
                 "points": [{**p, "on_full": name} for name, a in answers.items() for p in a["points"]]}
     document.pop("on_full")
 

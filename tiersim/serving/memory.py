@@ -68,6 +68,11 @@ def budget(model: Model, rank: Model, gpu: GPU, max_batch: int, token_budget: in
         + max_batch * rank.logits_bytes_per_sequence
     left = gpu.hbm_bytes - rank.weight_bytes - activations - gpu.reserved_bytes
     block_bytes = BLOCK_TOKENS * rank.kv_bytes_per_token
+    if left < block_bytes and left + activations >= block_bytes:  # the weights fit: the step workspace is the cause
+        knob, value = ("--token-budget", token_budget) if token_budget >= max_batch else ("--max-batch", max_batch)
+        raise TiersimError(f"{model.name} on {gpu.name}: the step workspace of {knob} {value:,} "
+                           f"({activations / GB:.1f} GB per GPU) leaves no HBM for KV beside the weights "
+                           f"({rank.weight_bytes / GB:.1f} GB) in {gpu.hbm_bytes / GB:.0f} GB; use a smaller {knob}")
     if left < block_bytes:
         raise TiersimError(f"{model.name} on {gpu.name}: its weights ({rank.weight_bytes / GB:.1f} GB per GPU) and "
                            f"workspace leave no HBM for KV in {gpu.hbm_bytes / GB:.0f} GB; use a larger --tp")

@@ -70,7 +70,7 @@ def summary(engine, slo: SLO, rows: dict[str, np.ndarray] | None = None) -> dict
         "within_slo": bool(not stopped and p99_ttft <= slo.ttft_s and p99_tpot <= slo.tpot_s),
         "stopped_early": stopped,
         "slo": {"ttft_ms": slo.ttft_s * 1e3, "tpot_ms": slo.tpot_s * 1e3, "percentile": 99},
-        "goodput_qps": goodput(rows, span, makespan),
+        "goodput_qps": goodput(rows, makespan),
         "slo_attainment": float(rows["meets_slo"].mean()),
         "throughput_qps": n / makespan if makespan > 0 else 0.0,
         "tokens_per_s_per_gpu": tokens / makespan / tp if makespan > 0 else 0.0,
@@ -87,11 +87,11 @@ def summary(engine, slo: SLO, rows: dict[str, np.ndarray] | None = None) -> dict
     }
 
 
-def goodput(rows: dict[str, np.ndarray], span: float, makespan: float) -> float:
-    """Requests per second that met both SLOs: the offered rate (over the arrivals' span) x the share that met them."""
-    n = len(rows["request"])
-    rate = (n - 1) / span if span > 0 else (n / makespan if makespan > 0 else 0.0)
-    return float(rate * rows["meets_slo"].mean())
+def goodput(rows: dict[str, np.ndarray], makespan: float) -> float:
+    """Requests per second that met both SLOs: those requests over the run's makespan (first arrival's clock to the
+    last finish). Not the offered rate x the share that met them, which grows with the offered rate however little
+    the engine drains (1e9/s offered read as 6.65e8/s of goodput); this one never exceeds the completion rate."""
+    return float(rows["meets_slo"].sum() / makespan) if makespan > 0 else 0.0
 
 
 def timeline(engine) -> dict[str, np.ndarray]:

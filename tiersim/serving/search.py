@@ -90,7 +90,10 @@ def recommend(spec: serving_run.ServeSpec, answers: dict[str, dict]) -> str:
     best = [n for n, a in served.items() if a["max_qps"] == top]
     cannot = f"; {', '.join(refused)} cannot hold the longest request" if refused else ""
     if top <= 0:
-        return f"{where} meets {limits} at no rate searched, under every --on-full policy tried ({', '.join(served)}){cannot}."
+        rates = [p["qps"] for a in served.values() for p in a["points"]]
+        lowest = f" (the lowest, {min(rates):.3g} requests/s, included)" if rates else ""
+        return (f"No rate met the SLOs: {where} misses {limits} at every rate searched{lowest}, under every "
+                f"--on-full policy tried ({', '.join(served)}){cannot}.")
     others = ", ".join(f"{n} {words[n]}" for n in served if n not in best)
     return (f"{where} serves {words[best[0]]} requests/s within {limits} with --on-full {' = '.join(best)}"
             + (f" ({others}{cannot})." if others else f"{' (' + cannot[2:] + ')' if cannot else ''}."))

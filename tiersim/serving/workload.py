@@ -94,14 +94,14 @@ def check(arrival, prompt, output, where: str) -> Requests:
         raise TiersimError(f"{where}: {len(arrival):,} requests, more than the {MAX_REQUESTS:,} a run takes")
     if not np.isfinite(arrival).all():
         row = int(np.flatnonzero(~np.isfinite(arrival))[0])
-        raise TiersimError(f"{where}: arrival_s must be finite numbers; row {row + 1} is {arrival[row]!r}")
+        raise TiersimError(f"{where}: arrival_s must be finite numbers; row {row + 1} is {arrival[row]:g}")
     if (arrival < 0).any():
         row = int(np.flatnonzero(arrival < 0)[0])
-        raise TiersimError(f"{where}: arrival_s must be >= 0; row {row + 1} is {arrival[row]!r}")
+        raise TiersimError(f"{where}: arrival_s must be >= 0; row {row + 1} is {arrival[row]:g}")
     if (np.diff(arrival) < 0).any():
         row = int(np.flatnonzero(np.diff(arrival) < 0)[0]) + 1
-        raise TiersimError(f"{where}: arrival_s must be sorted (non-decreasing); row {row + 1} ({arrival[row]!r}) "
-                           f"comes before row {row} ({arrival[row - 1]!r})")
+        raise TiersimError(f"{where}: arrival_s must be sorted (non-decreasing); row {row + 1} ({arrival[row]:g}) "
+                           f"comes before row {row} ({arrival[row - 1]:g})")
     columns = []
     for name, values in (("prompt_tokens", prompt), ("output_tokens", output)):
         values = np.asarray(values, dtype=float)
@@ -109,7 +109,7 @@ def check(arrival, prompt, output, where: str) -> Requests:
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             raise TiersimError(f"{where}: {name} must be whole numbers in 1..{MAX_TOKENS:,}; row {row + 1} is "
-                               f"{values[row]!r}")
+                               f"{values[row]:g}")
         columns.append(values.astype(np.int64))
     return Requests(arrival, columns[0], columns[1], where)
 

@@ -200,6 +200,15 @@ def load_trace(path: str | Path | None):
     return read(bundled) if bundled.exists() else None
 
 
+def assumed_link_note(hw, gpu: str) -> str | None:
+    """The one-line note when a GPU's host link is assumed, not measured (issue 22: every host link is a cited
+    measurement or says it is not); None when it is measured. Shared by simulate / capacity and serve."""
+    if not hw.link_assumed:
+        return None
+    return (f"the {gpu} preset's host link ({hw.h2d_bw / 1e9:.0f} GB/s H2D, {hw.d2h_bw / 1e9:.0f} D2H) is an "
+            f"assumption, not a measurement of this GPU ({hw.link_source.removeprefix('assumed: ')})")
+
+
 def assemble(batch: int, model: str = "r1-distill-qwen-7b", model_config: str | Path | None = None,
              gpu: str = "h100-sxm", trace: str | Path | None = None, lengths: str | None = None,
              context: int | None = None, prefetch: str = "all", steps: int = 256, seed: int = 0,
@@ -243,9 +252,8 @@ def assemble(batch: int, model: str = "r1-distill-qwen-7b", model_config: str | 
         if warn is not None and (note := host_bound_note(cal, "--calibration")):
             warn(note)
         hw = apply_calibration(hw, cal)
-    if hw.link_assumed and warn is not None:  # issue 22: every host link is a cited measurement or says it is not
-        warn(f"the {gpu} preset's host link ({hw.h2d_bw / 1e9:.0f} GB/s H2D, {hw.d2h_bw / 1e9:.0f} D2H) is an "
-             f"assumption, not a measurement of this GPU ({hw.link_source.removeprefix('assumed: ')})")
+    if warn is not None and (note := assumed_link_note(hw, gpu)):
+        warn(note)
     if host_overhead != "none":
         hw = with_host_overhead(hw, host_overhead)
     if engine_overhead != "none" or host_overhead == "none":  # an engine preset (issue 22); named in the output
