@@ -405,3 +405,13 @@ def test_every_architecture_of_the_table_builds_and_decodes(arch):
     finally:
         torch.set_num_threads(threads)
     assert point["h2d_bytes"] == tier_targets(TierConfig(hbm=0.5, ddr=0.5), 100, protected=68)["ddr"] * shape.kv_bytes_per_token
+
+
+@pytest.mark.parametrize("device", ["cuda:abc", "cuda:", "cuda:-1", "tpu"])
+def test_a_malformed_device_is_a_format_error_on_any_machine(device):
+    from tiersim.errors import TiersimError
+    from tiersim.validator.calibrate import NoDeviceError, resolve_device
+
+    with pytest.raises(TiersimError, match="--device must be 'cuda', 'cuda:N' or 'cpu'") as caught:
+        resolve_device(device)
+    assert not isinstance(caught.value, NoDeviceError)

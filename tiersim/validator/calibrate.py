@@ -37,6 +37,8 @@ def resolve_device(device: str | None):
     import torch
 
     name = (device or "cuda").strip().lower()
+    if name.startswith("cuda:") and not name[5:].isdigit():  # a typo, whatever the machine has
+        raise TiersimError(f"--device must be 'cuda', 'cuda:N' or 'cpu', got {device!r}")
     if name == "cuda" or name.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise NoDeviceError(
