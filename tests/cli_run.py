@@ -26,6 +26,20 @@ def invoke(args: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def assert_refused(args: list[str], *, before_work: bool = True) -> tuple[str, str]:
+    """Refused as a user must see it: exit 2, one ``error:`` line, no traceback (``before_work``: nothing
+    else printed, no output). Returns (stdout, stderr)."""
+    code, out, err = invoke(args)
+    assert "Traceback" not in err, err
+    assert code == 2, f"exit {code} for tiersim {' '.join(args)}: {err or out[:200]}"  # no silent accept
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error:") and sum(x.startswith("error:") for x in lines) == 1, err
+    if before_work:
+        assert len(lines) == 1, err  # refused before any progress, load or write
+        assert not out, out
+    return out, err
+
+
 def tiersim_process(*args: str) -> subprocess.CompletedProcess:
     """`python -m tiersim ARGS` in a fresh process: the console entry point as a user runs it."""
     return subprocess.run([sys.executable, "-m", "tiersim", *args], capture_output=True, text=True)

@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cli_run import example, invoke
+from cli_run import assert_refused, example, invoke
 
 from tiersim.cli.main import app
 from tiersim.cli.options import describe
@@ -118,17 +118,6 @@ def base_args(command: str, without=None, commands=None) -> list[str]:
         return args[:i] + args[i + 1 + takes_value:]
     return args
 
-
-def assert_refused(args: list[str], *, before_work: bool = True) -> tuple[str, str]:
-    code, out, err = invoke(args)
-    assert "Traceback" not in err, err
-    assert code == 2, f"exit {code} for tiersim {' '.join(args)}: {err or out[:200]}"  # no silent accept
-    lines = [line for line in err.strip().splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("error:") and sum(x.startswith("error:") for x in lines) == 1, err
-    if before_work:
-        assert len(lines) == 1, err  # refused before any progress, load or write
-        assert not out, out
-    return out, err
 
 
 # -- option values: every number, every choice, every option of every command ------------------------------

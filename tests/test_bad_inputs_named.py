@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from cli_run import invoke
-from test_bad_inputs_generated import GOOD_CONFIG, assert_refused, work  # noqa: F401  (work: the fixture)
+from cli_run import assert_refused, invoke
+from test_bad_inputs_generated import GOOD_CONFIG, work  # noqa: F401  (work: the fixture)
 
 from tiersim.errors import TiersimError
 from tiersim.traces import default_trace_path
