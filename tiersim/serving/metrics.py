@@ -3,9 +3,9 @@
 TTFT is arrival to the end of the step that sampled the first token; TPOT the time per output token after it,
 ``(finish - first token) / (output - 1)``; E2E arrival to finish; queueing delay arrival to the first step that
 prefilled any of the prompt. Goodput counts the requests per second that met both SLOs (DistServe's
-definition), here the offered rate times the share of requests that met both (the drain after the last
-arrival would otherwise count against a run that kept up). Little's law is checked on the engine's own count of requests in the system (integrated over
-time by the processes), against the per-request rows.
+definition): those requests over the run's makespan (:func:`goodput`), so it never exceeds what the engine
+drained. Little's law is checked on the engine's own count of requests in the system (integrated over time by
+the processes), against the per-request rows.
 """
 
 from __future__ import annotations
