@@ -10,7 +10,7 @@ from rich.table import Table
 
 from tiersim.cli import options
 from tiersim.cli.app import (
-    RAY_ADDRESS_HELP, THREADS_HELP, add_columns, app, apply_threads, check_output_path, compact_table, console, deliver,
+    RAY_ADDRESS_HELP, THREADS_HELP, add_columns, app, apply_threads, compact_table, console, deliver,
     err_console, parse_float_list,
 )
 from tiersim.cli.groups import STRATEGY_HELP, CacheShape, ModelRun
@@ -73,12 +73,6 @@ def grid(
     model, device, dtype = runtime.model, runtime.device, runtime.dtype
     if output_format not in ("table", "json"):
         raise TiersimError(f"--format must be table or json, got {output_format!r}")
-    check_output_path(out, "--out", (".json", ".parquet"))
-    check_output_path(report, "--report", (".html", ".htm"))
-    if max_new_tokens < 1:
-        raise TiersimError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
-    if device not in ("cpu", "cuda"):
-        raise TiersimError(f"--device must be cpu or cuda, got {device!r}")
     from tiersim.quality import presses
 
     specs = presses.parse_presses(kvpress)

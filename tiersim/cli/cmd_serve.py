@@ -11,7 +11,7 @@ import typer
 
 from tiersim.cli import options
 from tiersim.cli.app import add_columns, app, compact_table, console, deliver, err_console, wrote
-from tiersim.cli.groups import ComputeModel, Target
+from tiersim.cli.groups import MAX_TOKENS, ComputeModel, Target
 from tiersim.errors import TiersimError
 from tiersim.hierarchy import strategies
 from tiersim.options import option, parse_list
@@ -19,7 +19,6 @@ from tiersim.options import option, parse_list
 FORMATS = ("table", "json")
 ON_FULL = ("preempt-recompute", "preempt-swap", "queue", "spill")  # tiersim.serving.memory.ON_FULL (tested equal)
 TP_SIZES = (1, 2, 4, 8)  # tiersim.simulator.parallel.TP_SIZES (tested equal)
-MAX_TOKENS = 10_000_000
 MAX_REQUESTS = 10_000_000
 QPS_MAX = 1e9  # requests/s: `serve --qps` and `capacity --qps` share this bound
 TPOT_SLO_MIN = 0.001  # ms: `serve --tpot-slo` and `capacity --qps --tpot-slo` share this bound

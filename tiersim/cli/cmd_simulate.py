@@ -12,7 +12,7 @@ import typer
 from tiersim.cli import capacity_view as view
 from tiersim.cli import options
 from tiersim.cli.app import (
-    RAY_ADDRESS_HELP, add_columns, app, check_output_path, compact_table, console, deliver, err_console, wrote,
+    RAY_ADDRESS_HELP, add_columns, app, compact_table, console, deliver, err_console, wrote,
 )
 from tiersim.cli.cmd_serve import Serving, batch_only, capacity_qps, serving_only
 from tiersim.cli.groups import ComputeModel, Target, Workload
@@ -109,8 +109,6 @@ def simulate(
     from tiersim.simulator.results import simulation_meta, write_timeline
 
     _check_format(fmt)
-    check_output_path(out, "--out", (".parquet",))
-    check_output_path(report, "--report", (".html", ".htm"))
     if max_error is not None and (against is None or not max_error >= 0):
         raise TiersimError(f"--max-error needs --against and a value >= 0, got {max_error}")
     scenario = _scenario(target, workload, compute, batch)
@@ -201,8 +199,6 @@ def capacity(
     _check_format(fmt)
     if not max_overhead >= 0:  # NaN too
         raise TiersimError(f"--max-overhead must be >= 0, got {max_overhead}")
-    check_output_path(out, "--out", (".json",))
-    check_output_path(report, "--report", (".html", ".htm"))
     if tpot_slo is not None and not tpot_slo > 0:
         raise TiersimError(f"--tpot-slo must be > 0 ms, got {tpot_slo}")
     if not 0.0 <= max_evict < 1.0:

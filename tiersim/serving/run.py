@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from tiersim.serving import metrics
+from tiersim.serving import memory, metrics
 from tiersim.serving.engine import Engine, EngineConfig
 from tiersim.serving.stepcost import StepPricer
 from tiersim.serving.workload import Requests
@@ -76,5 +76,5 @@ def write(path, results: Result | list[Result]):
                        for r in results], ignore_index=True)
     meta = {**fileformat.header(fileformat.SERVING), **document(first),
             "timeline": metrics.thin(metrics.timeline(first.engine)),
-            "kv_block_tokens": 16, "hbm_blocks": first.engine.budget.blocks, "runs": [document(r) for r in results]}
+            "kv_block_tokens": memory.BLOCK_TOKENS, "hbm_blocks": first.engine.budget.blocks, "runs": [document(r) for r in results]}
     return fileformat.write_table(path, frame, meta)
