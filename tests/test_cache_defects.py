@@ -37,7 +37,7 @@ def _max_diff(out, ref) -> float:
 
 
 # -- every strategy's attention sees every tier --------------------------------------------------------------
-@pytest.mark.parametrize("strategy,share", STRATEGIES)
+@pytest.mark.parametrize("strategy,share", STRATEGIES[1:])  # prefetch is the reference itself
 def test_an_empty_ddr_tier_beside_a_compressed_one_keeps_the_compressed_tokens(tiny_llama, strategy, share):
     """Short contexts fill the compressed tier before DDR: host-attention once attended to HBM alone."""
     config = dict(hbm=0.5, compressed=0.5, compressed_bits=8, quant_group=8, **SMALL)

@@ -84,8 +84,7 @@ CASES = [pytest.param(s, share, mix, dtype, batch, id=f"{s}@{share:g}-{mix}-{dty
          if not (batch == "padded" and ("evict" in MIXES[mix] or dtype != "float32"))]
 
 
-def test_the_matrix_covers_every_strategy_the_cache_runs():
-    assert {s for s, _ in RUNS} == set(CACHE_STRATEGIES)
+def test_the_matrix_keeps_the_mix_that_once_lost_the_compressed_tier():
     assert any("ddr" not in MIXES[m] and "compressed" in MIXES[m] for m in MIXES)
 
 

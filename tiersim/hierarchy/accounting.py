@@ -13,6 +13,8 @@ import dataclasses
 
 import torch
 
+from tiersim.hierarchy.ddr import DDRChunk
+
 ROLES = ("hbm", "compressed", "staging", "predictor", "bookkeeping", "ddr", "ddr_allocated")
 DEVICE_ROLES = ("hbm", "compressed", "staging", "predictor", "bookkeeping")
 
@@ -56,7 +58,7 @@ def owned_tensors(cache):
         if obj is None or id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool)):
             return
         seen.add(id(obj))
-        is_chunk = type(obj).__name__ == "DDRChunk"
+        is_chunk = isinstance(obj, DDRChunk)
         for name, value in _children(obj):
             if name in _SKIP:
                 continue
