@@ -26,14 +26,20 @@ def model():
     return build_model(get_shape("tiny"), "cpu", dtype=torch.float32)
 
 
-def _pair(model, hbm: float, batch: int, steps: int, device="cpu", **policy):
-    """A TieredCache and TierBuffers filled with the same synthetic prefill (same seed, same draws)."""
+def _pair(model, hbm: float, batch: int, steps: int, device="cpu", split=None, **policy):
+    """A TieredCache and TierBuffers filled with the same synthetic prefill (same seed, same draws); ``split``
+    (ddr, compressed, evict) beside ``hbm``, by default all of the rest in DDR."""
     from tiersim.hierarchy.cache import TieredCache
+    from tiersim.hierarchy.config import TierConfig
     from tiersim.validator.decode import synthetic_prefill, tier_config
     from tiersim.validator.graph_run import load_synthetic
     from tiersim.validator.graph_tiers import TierBuffers
 
-    config = tier_config(hbm, **policy)
+    if split is None:
+        config = tier_config(hbm, **policy)
+    else:
+        ddr, comp, evict = split
+        config = TierConfig(hbm=hbm, ddr=ddr, compressed=comp, evict=evict, quant_group=16, **policy)
     cache = TieredCache(config)
     with torch.inference_mode():
         synthetic_prefill(model, cache, batch, B_CONTEXT, torch.Generator(device=device).manual_seed(0))
@@ -97,15 +103,78 @@ def test_exact_step_is_bit_identical_to_the_tiered_cache(model, hbm, batch):
         assert buffers.counts(0)["ddr"] > 0
 
 
-@pytest.mark.parametrize("hbm", [1.0, 0.5])
-def test_static_step_equals_the_exact_step_up_to_rounding(model, hbm):
-    """The graph's shape (whole buffers under a length mask) gives the exact step's logits within float
-    rounding and the same tiers: the padding changes only the softmax's summation order."""
+LOSSY = [  # (hbm, (ddr, compressed, evict), policy): HBM 0.5 / 0.25 with compressed and evicted shares
+    (0.5, (0.2, 0.2, 0.1), {}),
+    (0.25, (0.35, 0.3, 0.1), {}),
+    (0.5, (0.0, 0.5, 0.0), {}),  # no DDR tier at all
+    (0.5, (0.0, 0.3, 0.2), {}),
+    # the sinks and window squeeze DDR, which then shrinks at some re-tierings (entries move into holes)
+    (0.3, (0.3, 0.2, 0.2), {"retier_every": 1, "recent_window": 64}),
+]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("hbm, split, policy", LOSSY)
+def test_compressed_and_evicted_shares_are_bit_identical_to_the_tiered_cache(model, hbm, split, policy, batch):
+    """With a compressed tier (the cache's quantizer, its residual) and evictions: every step's attention output
+    and logits equal TieredCache's bit for bit, the retained tokens' tier codes and the counts are the cache's
+    after every re-tiering; tokens really are quantized and evicted along the way."""
+    from tiersim.compat import cache_kwargs
+    from tiersim.hierarchy import scoring
+    from tiersim.hierarchy.policy import EVICTED
+    from tiersim.validator.graph import GraphStep
+
+    steps = 13
+    policy = {"retier_every": 4, "recent_window": 16, **policy}
+    cache, buffers = _pair(model, hbm, batch, steps, split=split, **policy)
+    step = GraphStep(model, buffers, exact=True)
+    ids = torch.randint(model.config.vocab_size, (steps, batch, 1), generator=torch.Generator().manual_seed(1))
+    arg = cache_kwargs(model, cache)
+    moved = {"demoted": 0, "compressed": 0, "evicted": 0}
+    ddr_sizes = [buffers.layers[0].n_ddr]
+    try:
+        with torch.inference_mode():
+            for i in range(steps):
+                ref_attn, out_attn = [], []
+                hooks = _attention_outputs(model, ref_attn)
+                ref = model(input_ids=ids[i], **arg, use_cache=True, logits_to_keep=1).logits
+                for h in hooks:
+                    h.remove()
+                hooks = _attention_outputs(model, out_attn)
+                step.ids.copy_(ids[i])
+                out = step.run()
+                for h in hooks:
+                    h.remove()
+                assert torch.equal(ref, out), f"step {i}: logits differ by {(ref - out).abs().max():.3g}"
+                assert all(torch.equal(a, b) for a, b in zip(ref_attn, out_attn)), f"step {i}: attention differs"
+                if buffers.due(i + 1):
+                    for key, value in buffers.retier(i + 1).items():
+                        moved[key] = moved.get(key, 0) + value
+                    assert buffers.counts(0) == cache.tier_counts(0)
+                    ddr_sizes.append(buffers.layers[0].n_ddr)
+                n = buffers.n_seen
+                for layer in range(model.config.num_hidden_layers):
+                    mine = buffers.layers[layer].tiers[:, :n]
+                    assert torch.equal(mine[mine != EVICTED].view(batch, -1), cache.layers[layer].tiers), (i, layer)
+    finally:
+        scoring.clear_listener()
+    counts = buffers.counts(0)
+    assert counts["compressed"] > 0 and moved["compressed"] > 0
+    assert (counts["evicted"] > 0) == (split[2] > 0) and (moved["demoted"] > 0) == (split[0] > 0)
+    if policy["retier_every"] == 1:  # the case is there for it: the DDR tier shrank at some re-tiering
+        assert any(b < a for a, b in zip(ddr_sizes, ddr_sizes[1:])), ddr_sizes
+
+
+@pytest.mark.parametrize("hbm, split", [(1.0, None), (0.5, None), (0.5, (0.2, 0.2, 0.1)), (0.25, (0.35, 0.3, 0.1))])
+def test_static_step_equals_the_exact_step_up_to_rounding(model, hbm, split):
+    """The graph's shape (whole buffers under a mask; the compressed buffer dequantized whole, evicted slots
+    masked) gives the exact step's logits within float rounding and the same tiers: the padding changes only
+    the softmax's summation order."""
     from tiersim.validator.graph import GraphStep
 
     steps, batch = 9, 2
-    _, exact_buf = _pair(model, hbm, batch, steps, retier_every=4, recent_window=16)
-    _, static_buf = _pair(model, hbm, batch, steps, retier_every=4, recent_window=16)
+    _, exact_buf = _pair(model, hbm, batch, steps, split=split, retier_every=4, recent_window=16)
+    _, static_buf = _pair(model, hbm, batch, steps, split=split, retier_every=4, recent_window=16)
     exact, static = GraphStep(model, exact_buf, exact=True), GraphStep(model, static_buf)
     ids = torch.randint(model.config.vocab_size, (steps, batch, 1), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
@@ -158,7 +227,7 @@ def test_retiering_moves_only_the_tokens_whose_tier_changed(model):
         after = [lt.tiers[:, : buffers.n_seen] for lt in buffers.layers]
         demoted = sum(int(((b == HBM) & (a == DDR)).sum()) for b, a in zip(before, after))
         promoted = sum(int(((b == DDR) & (a == HBM)).sum()) for b, a in zip(before, after))
-        assert moved == {"demoted": demoted, "promoted": promoted}
+        assert moved == {"demoted": demoted, "promoted": promoted, "compressed": 0, "evicted": 0}
         d2h += demoted
         assert demoted < sum(lt.n_ddr for lt in buffers.layers) * buffers.batch
         _check_slots(buffers)
@@ -188,12 +257,14 @@ def test_other_strategies_are_refused_in_one_line(model, strategy):
     assert "\n" not in str(err.value)
 
 
-def test_lossy_splits_are_refused_in_one_line():
+def test_a_quant_group_that_does_not_tile_the_head_is_refused_in_one_line():
     from tiersim.hierarchy.config import TierConfig
     from tiersim.validator.graph_tiers import TierBuffers
 
-    with pytest.raises(TiersimError, match="lossless splits only"):
-        TierBuffers(TierConfig(hbm=0.5, ddr=0.3, compressed=0.2), 2, 1, 2, 16, 64, 4, "cpu", torch.float32)
+    config = TierConfig(hbm=0.5, ddr=0.3, compressed=0.2, quant_group=12)
+    with pytest.raises(TiersimError, match="quant_group=12 does not divide head_dim 16") as err:
+        TierBuffers(config, 2, 1, 2, 16, 64, 4, "cpu", torch.float32)
+    assert "\n" not in str(err.value)
 
 
 def test_cpu_grid_writes_a_graph_eager_calibration(tmp_path):
