@@ -293,6 +293,49 @@ def test_cpu_grid_writes_a_graph_eager_calibration(tmp_path):
     assert loaded["executor"] == "graph-eager" and len(measured) == 4
 
 
+def test_cpu_grid_with_a_compressed_share(tmp_path):
+    """--compressed: every HBM < 1 point keeps that share of the context quantized (the rest in DDR, so fewer
+    bytes cross the link), the file says so per point, and --against prices the point with the same split."""
+    from tiersim.simulator.against import compare, load_measurements
+    from tiersim.simulator.scenario import assemble
+    from tiersim.validator.graph_run import run_graph
+
+    out = tmp_path / "comp.json"
+    common = dict(device="cpu", steps=2, warmup=1, sweep_sizes=[4096, 65536])
+    lossless = run_graph("tiny", [2], [256], [1.0, 0.5], **common)
+    doc = run_graph("tiny", [2], [256], [1.0, 0.5], out=out, compressed=0.25, **common)
+    points = {p["hbm"]: p for p in doc["points"]}
+    plain = {p["hbm"]: p for p in lossless["points"]}
+    assert points[1.0]["compressed"] == 0.0 and points[0.5]["compressed"] == 0.25
+    assert doc["settings"]["compressed"] == 0.25 and doc["settings"]["quant_group"] == 16  # the tiny head
+    tiers = points[0.5]["tiers"]
+    # the same tokens leave HBM; a quarter of the context is quantized, the rest of them is in DDR
+    assert tiers["hbm"] == plain[0.5]["tiers"]["hbm"] and tiers["compressed"] + tiers["ddr"] == plain[0.5]["tiers"]["ddr"]
+    assert tiers["compressed"] == 64 and tiers["ddr"] > 0  # floor(0.25 * 256) at the prefill, the last re-tiering
+    assert points[0.5]["tier_bytes"]["compressed"] > 0 and plain[0.5]["tier_bytes"]["compressed"] == 0
+    assert 0 < points[0.5]["h2d_bytes"] < plain[0.5]["h2d_bytes"]
+    assert points[0.5]["simulated_step_ms"] > 0 and points[0.5]["overhead_pct"] is not None
+    loaded, measured = load_measurements(out)
+    assert [m["compressed"] for m in measured] == [0.0, 0.25]
+    result = compare(assemble(1, model="r1-distill-qwen-7b", gpu="h100-sxm", engine="fast"),
+                     [{**m, "model": "r1-distill-qwen-7b"} for m in measured], loaded)
+    assert len(result["rows"]) == 2 and all(r["simulated_ms"] > 0 for r in result["rows"])
+
+
+def test_the_hf_executor_refuses_a_compressed_share_in_one_line():
+    from tiersim.validator.__main__ import main
+
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["--device", "cpu", "--compressed", "0.2", "--batch", "1", "--context", "8", "--hbm", "1"])
+    lines = err.getvalue().strip().splitlines()
+    assert code == 2 and lines == ["error: --compressed 0.2: the hf executor times lossless splits only; "
+                                   "use --executor graph"]
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_cuda_graph_replay_equals_the_eager_static_step():
     """The captured graph runs the static step's kernels: its logits equal the eager static step's (within bf16

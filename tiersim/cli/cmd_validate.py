@@ -49,6 +49,9 @@ def validate(opts: ValidateOptions = ValidateOptions()) -> None:
         _show(compare_mod.load(opts.compare))
         return
     lists = list_values(opts)  # --batch, --context, --hbm, each a one-line error when it is not a list
+    from tiersim.validator.options import executor_options
+
+    extra = executor_options(opts.executor, opts.compressed)
     run = calibrate.run_validation
     if opts.executor == "graph":
         from tiersim.validator.graph_run import run_validation_graph as run
@@ -57,7 +60,7 @@ def validate(opts: ValidateOptions = ValidateOptions()) -> None:
             opts.model_shape, lists["batch"], lists["context"], lists["hbm"], device=opts.device, steps=opts.steps, warmup=opts.warmup,
             prefill=opts.prefill, out=opts.out, budget_s=opts.budget_s, sdpa=opts.sdpa, profile=opts.profile,
             command=shlex.join(["tiersim", *sys.argv[1:]]) if sys.argv[1:2] == ["validate"] else None,
-            log=lambda msg: err_console.print(msg, highlight=False, markup=False),
+            log=lambda msg: err_console.print(msg, highlight=False, markup=False), **extra,
         )
     except calibrate.NoDeviceError as exc:  # a usage error like any other: one `error:` line, exit 2
         raise TiersimError(str(exc).splitlines()[0]) from None

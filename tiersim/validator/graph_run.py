@@ -19,7 +19,6 @@ per point, so ``tiersim simulate --against`` and ``--calibration`` read it like 
 
 from __future__ import annotations
 
-import gc
 import math
 import statistics
 import time
@@ -28,6 +27,10 @@ from dataclasses import asdict
 import torch
 
 from tiersim.errors import TiersimError
+from tiersim.hierarchy.config import TierConfig
+from tiersim.hierarchy.quant_layout import bytes_per_token_layer
+from tiersim.hierarchy.support import head_dim_of
+from tiersim.validator.operators_timing import free, frozen_heap, is_oom
 from tiersim.validator.timing import Stopwatch, summarize
 
 EXECUTORS = {"cuda": "cuda-graph", "cpu": "graph-eager"}  # "cuda-eager": a point whose capture failed
@@ -83,12 +86,29 @@ class HostArena:
         return self.storage[start:start + size].view(dtype).view(shape)  # not zeroed: TierBuffers.load does
 
 
-def ddr_host_bytes(shape, batch: int, context: int, hbm: float, max_steps: int, retier_every: int, dtype) -> int:
-    """Pinned bytes a point's DDR tier takes (both K and V, all layers)."""
-    from tiersim.validator.decode import tier_config
-    from tiersim.validator.graph_tiers import targets
+def run_steps(steps: int, warmup: int) -> int:
+    """Decode steps a point's buffers must hold: the full and the copy-free step's warm-up and timed replays
+    (they alternate), and one more."""
+    return 2 * (max(warmup, 1) + steps) + 1
 
-    cap = targets(tier_config(hbm, retier_every=retier_every), context + max_steps)["ddr"]
+
+def point_config(hbm: float, compressed: float = 0.0, retier_every: int = 16, head_dim: int | None = None,
+                 **strategy) -> TierConfig:
+    """A point's split: ``hbm`` in HBM; of the rest, ``compressed`` (at most all of it) in the compressed tier,
+    quantized in groups of the cache's default ``quant_group`` or the whole head when narrower, the rest in DDR."""
+    share = min(compressed, 1.0 - hbm) if hbm < 1.0 else 0.0
+    group = TierConfig.quant_group if head_dim is None else min(TierConfig.quant_group, head_dim)
+    return TierConfig(hbm=hbm, ddr=1.0 - hbm - share, compressed=share, retier_every=retier_every, quant_group=group,
+                      **strategy)
+
+
+def ddr_host_bytes(shape, batch: int, context: int, hbm: float, max_steps: int, retier_every: int, dtype,
+                   compressed: float = 0.0) -> int:
+    """Pinned bytes a point's DDR tier takes (both K and V, all layers)."""
+    from tiersim.validator.graph_tiers import capacities
+
+    config = point_config(hbm, compressed, retier_every, shape.head_dim)
+    cap = capacities(config, context, context + max_steps)["ddr"]
     item = torch.empty((), dtype=dtype).element_size()
     return 2 * shape.num_layers * (batch * shape.num_kv_heads * cap * shape.head_dim * item + 64)
 
@@ -101,18 +121,19 @@ def _p10(values: list[float]) -> float | None:
 
 
 def measure_point(model, batch: int, context: int, hbm: float, steps: int, warmup: int, retier_every: int = 16,
-                  seed: int = 0, sdpa: str = "no-cudnn", arena: HostArena | None = None) -> dict:
-    """Time one point (see the module docstring); returns the measurement dict."""
-    from tiersim.validator.decode import tier_config
+                  seed: int = 0, sdpa: str = "no-cudnn", arena: HostArena | None = None,
+                  compressed: float = 0.0) -> dict:
+    """Time one point (see the module docstring); returns the measurement dict. ``compressed``: the share of
+    the context in the compressed tier when ``hbm`` < 1 (:func:`point_config`)."""
     from tiersim.validator.graph import CapturedStep, GraphStep
     from tiersim.validator.graph_tiers import TierBuffers
     from tiersim.validator.sdpa import sdpa_backends
 
     dev = model.device
     cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    config = tier_config(hbm, retier_every=retier_every)
-    max_steps = 2 * (max(warmup, 1) + steps) + 1
+    head_dim = head_dim_of(cfg)
+    config = point_config(hbm, compressed, retier_every, head_dim)
+    max_steps = run_steps(steps, warmup)
     watch = Stopwatch(dev)
     if arena is not None:
         arena.reset()
@@ -144,7 +165,7 @@ def measure_point(model, batch: int, context: int, hbm: float, steps: int, warmu
                 try:
                     runs = {"full": CapturedStep(full, warmup).replay, "busy": CapturedStep(busy, warmup).replay}
                 except Exception as exc:  # noqa: BLE001 - a step that cannot be captured is timed eagerly, and says so
-                    if "out of memory" in str(exc).lower():
+                    if is_oom(exc):
                         raise
                     capture_error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
                     torch.cuda.synchronize(dev)
@@ -190,40 +211,45 @@ def measure_point(model, batch: int, context: int, hbm: float, steps: int, warmu
             "retiers": buffers.retiers, "retier_ms": statistics.median(retier_ms) if retier_ms else None,
             "tier_bytes": {"hbm": counts["hbm"] * buffers.token_bytes * cfg.num_hidden_layers,
                            "ddr": counts["ddr"] * buffers.token_bytes * cfg.num_hidden_layers,
+                           "compressed": round(counts["compressed"] * batch * cfg.num_hidden_layers * bytes_per_token_layer(
+                               cfg.num_key_value_heads, head_dim, config.compressed_bits, config.quant_group)),
                            "staging": 2 * buffers.cap_ddr * buffers.token_bytes},
+            "compressed": config.compressed,
             "tiers": counts, "steps": steps, "warmup": warmup, "sdpa": sdpa,
             "executor": EXECUTORS[dev.type] if capture_error is None else "cuda-eager", "capture_error": capture_error,
         }
     finally:
         # Drop the graphs and steps too, so their pools and the buffers are free before the next point.
         buffers = full = busy = runs = None  # noqa: F841
-        gc.collect()
-        if watch.cuda:
-            torch.cuda.empty_cache()
+        free(dev)
 
 
 # -- the grid --------------------------------------------------------------------------------------
 def run_graph(shape_name: str | None = None, batches=DEFAULT_BATCHES, contexts=DEFAULT_CONTEXTS, hbms=DEFAULT_HBM,
               device: str | None = "cuda", steps: int = 16, warmup: int = 3, out=None, budget_s: float | None = None,
               sdpa: str = "no-cudnn", profile=None, sweep_sizes=None, retier_every: int = 16,
-              command: str | None = None, log=lambda _m: None) -> dict:
+              command: str | None = None, log=lambda _m: None, compressed: float = 0.0) -> dict:
     """Measure the grid with the graph executor; write ``out`` (a calibration file) atomically when given.
 
     ``budget_s`` counts from the start (link sweep, model build and pinning included); points that would
-    start after it are listed as skipped, so a run under a timeout still ends with its file."""
+    start after it are listed as skipped, so a run under a timeout still ends with its file. ``compressed``:
+    the share of the context in the compressed tier at every HBM < 1 point (:func:`point_config`)."""
     from tiersim.validator import calibrate
 
+    if not 0.0 <= compressed <= 1.0:
+        raise TiersimError(f"--compressed must be in [0, 1], got {compressed!r}")
+
     def measure(shape, batches, contexts, hbms, dev):
-        return _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa, profile, sweep_sizes,
-                        retier_every, command, log)
+        with frozen_heap():  # what is loaded by now: each point's collection then scans only what the run made
+            return _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa, profile, sweep_sizes,
+                            retier_every, command, log, compressed)
 
     return calibrate.checked_run(measure, shape_name, batches, contexts, hbms, device, steps, warmup, "synthetic",
                                  budget_s, sdpa, out, profile, log)
 
 
 def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa, profile, sweep_sizes,
-             retier_every, command, log) -> dict:
-    from tiersim.hierarchy.config import TierConfig
+             retier_every, command, log, compressed=0.0) -> dict:
     from tiersim.validator import calibrate, compute, grid, link
     from tiersim.validator.shapes import build_model
 
@@ -239,8 +265,7 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
     params = sum(p.numel() for p in model.parameters())
     arena = None
     if dev.type == "cuda":
-        max_steps = 2 * (max(warmup, 1) + steps) + 1
-        need = max(ddr_host_bytes(shape, b, c, h, max_steps, retier_every, model.dtype)
+        need = max(ddr_host_bytes(shape, b, c, h, run_steps(steps, warmup), retier_every, model.dtype, compressed)
                    for b in batches for c in contexts for h in hbms)
         log(f"pinning {need / 1e9:.1f} GB of host memory for the DDR tier")
         try:
@@ -250,9 +275,11 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
     points, extras, baselines = [], [], []
 
     def run(batch, context, hbm):
-        return measure_point(model, batch, context, hbm, steps, warmup, retier_every, sdpa=sdpa, arena=arena)
+        return measure_point(model, batch, context, hbm, steps, warmup, retier_every, sdpa=sdpa, arena=arena,
+                             compressed=compressed)
 
-    walk = grid.measure_grid(batches, contexts, hbms, run, baselines, log, "graph", budget_s, started)
+    label = f"graph (compressed {compressed:g})" if compressed else "graph"
+    walk = grid.measure_grid(batches, contexts, hbms, run, baselines, log, label, budget_s, started)
     for batch, context, hbm, m, baseline, why in walk:
         points.append(calibrate.ValidationPoint.measured(shape.name, batch, context, hbm, m, baseline, why))
         extras.append({k: m[k] for k in ("step_ms_p10", "gpu_busy_ms", "gpu_busy_ms_p10", "gpu_busy_ms_p90",
@@ -265,12 +292,12 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
                 f"H2D {m['h2d_bytes'] / 1e6:.1f} MB/step"
                 + (f" at {m['prefetch_gbps']:.1f} GB/s alone" if m["prefetch_gbps"] else ""))
     model_doc = calibrate.sim_model(shape, params)
-    defaults = TierConfig()
-    policy = {"sink_tokens": defaults.sink_tokens, "recent_window": defaults.recent_window,
-              "retier_every": retier_every}
+    split = point_config(0.5, compressed, retier_every, shape.head_dim)
+    policy = {"sink_tokens": split.sink_tokens, "recent_window": split.recent_window, "retier_every": retier_every,
+              "compressed_bits": split.compressed_bits, "quant_group": split.quant_group}
     # Full and copy-free replays alternate, so the timed full steps span 2 * steps tokens after 2 * warmup.
     settings = {"steps": 2 * steps, "warmup": 2 * max(warmup, 1), "timed_steps": steps, "prefill": "synthetic",
-                "budget_s": budget_s, "sdpa": sdpa, "interleaved": True, **policy}
+                "budget_s": budget_s, "sdpa": sdpa, "interleaved": True, "compressed": compressed, **policy}
     fit = grid.layer_fit(model_doc, shape, baselines, settings["warmup"], settings["steps"], copy_rate)
     # The file is a CUDA-graph measurement only if every measured point was replayed from a graph.
     executor = next((e["executor"] for e in extras if e and e["executor"] != executor), executor)
@@ -280,16 +307,17 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
     doc["points"] = [{**asdict(p), **extra} for p, extra in zip(points, extras)]
     calibrate.finish(doc)
     del model
-    gc.collect()
+    free(dev)
     return doc
 
 
 def run_validation_graph(shape_name=None, batches=DEFAULT_BATCHES, contexts=DEFAULT_CONTEXTS, hbms=DEFAULT_HBM,
                          device="cuda", steps: int = 16, warmup: int = 3, prefill: str = "synthetic", out=None,
                          sweep_sizes=None, command=None, log=lambda _m: None, budget_s=None, sdpa="no-cudnn",
-                         profile=None) -> dict:
+                         profile=None, compressed: float = 0.0) -> dict:
     """``tiersim validate --executor graph``: :func:`run_graph` behind ``run_validation``'s signature."""
     if prefill != "synthetic":
         raise TiersimError(f"--prefill {prefill}: the graph executor fills its buffers with the synthetic prefill only")
     return run_graph(shape_name, batches, contexts, hbms, device=device, steps=steps, warmup=warmup, out=out,
-                     budget_s=budget_s, sdpa=sdpa, profile=profile, sweep_sizes=sweep_sizes, command=command, log=log)
+                     budget_s=budget_s, sdpa=sdpa, profile=profile, sweep_sizes=sweep_sizes, command=command, log=log,
+                     compressed=compressed)

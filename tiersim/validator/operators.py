@@ -37,7 +37,7 @@ from tiersim import fileformat
 from tiersim.errors import TiersimError
 from tiersim.validator.operators_decode import decode_table
 from tiersim.validator.operators_tables import attention_table, gemm_table, small_op_table
-from tiersim.validator.operators_timing import MIN_CALLS, REPS, ROTATE_BYTES, Budget, OpTimer, free
+from tiersim.validator.operators_timing import MIN_CALLS, REPS, ROTATE_BYTES, Budget, OpTimer, free, frozen_heap
 from tiersim.validator.sdpa import SDPA_CHOICES
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -126,7 +126,9 @@ def run(shapes: list[str], device: str = "cuda", out=None, budget_s: float | Non
     log(f"device: {info['name']} (torch {info['torch']}, CUDA {info['cuda']}, driver {info['driver']})")
     started = time.monotonic()
     models = {}
-    with single_threaded_cpu(dev):
+    import transformers.modeling_utils  # noqa: F401  (loaded before the heap is frozen: what every table imports)
+
+    with single_threaded_cpu(dev), frozen_heap():
         for n, name in enumerate(shapes):
             left = None if budget_s is None else budget_s - (time.monotonic() - started)
             share = None if left is None else max(left, 0.0) / (len(shapes) - n)

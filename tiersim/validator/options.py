@@ -39,6 +39,8 @@ class ValidateOptions:
     executor: str = option("hf", "hf (HF eager generate over TieredCache: measures a host-bound engine) or graph "
                            "(the step captured once as a CUDA graph and replayed; eager on CPU)",
                            choices=("hf", "graph"))
+    compressed: float = option(0.0, "--executor graph: of what leaves HBM at each HBM < 1 point, this share of the "
+                               "context goes to the compressed tier (at most all of it), the rest to DDR", min=0, max=1)
     profile: Path | None = option(None, "operator profile (python -m tiersim.validator.operators) for the predictions")
     out: Path | None = option(None, "calibration JSON to write, e.g. docs/validation/h100.json", output=(".json",))
     compare: Path | None = option(None, "print measured vs simulated from this calibration JSON")
@@ -52,3 +54,15 @@ def check_compare(compare, out, profile) -> None:
     for flag, value in (("--out", out), ("--profile", profile)):
         if compare is not None and value is not None:
             raise TiersimError(f"{flag} is for a new run; --compare only prints {compare}: drop {flag} or --compare")
+
+
+def executor_options(executor: str, compressed: float) -> dict:
+    """The options only the graph executor takes, as ``run``'s keyword arguments; the HF harness times lossless
+    splits only, so a ``--compressed`` share for it is refused in one line rather than silently dropped."""
+    from tiersim.errors import TiersimError
+
+    if executor == "graph":
+        return {"compressed": compressed}
+    if compressed:
+        raise TiersimError(f"--compressed {compressed:g}: the hf executor times lossless splits only; use --executor graph")
+    return {}
