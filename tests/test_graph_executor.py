@@ -293,33 +293,34 @@ def test_cpu_grid_writes_a_graph_eager_calibration(tmp_path):
     assert loaded["executor"] == "graph-eager" and len(measured) == 4
 
 
-def test_cpu_grid_with_a_compressed_share(tmp_path):
-    """--compressed: every HBM < 1 point keeps that share of the context quantized (the rest in DDR, so fewer
-    bytes cross the link), the file says so per point, and --against prices the point with the same split."""
+def test_cpu_grid_with_the_compressed_check(tmp_path):
+    """--compressed: after the lossless grid, its first batch and context again with that share of the context
+    quantized (the rest in DDR, so fewer bytes cross the link), against its own HBM 1.0; the file says so per point,
+    and --against prices each point with its split."""
     from tiersim.simulator.against import compare, load_measurements
     from tiersim.simulator.scenario import assemble
     from tiersim.validator.graph_run import run_graph
 
     out = tmp_path / "comp.json"
-    common = dict(device="cpu", steps=2, warmup=1, sweep_sizes=[4096, 65536])
-    lossless = run_graph("tiny", [2], [256], [1.0, 0.5], **common)
-    doc = run_graph("tiny", [2], [256], [1.0, 0.5], out=out, compressed=0.25, **common)
-    points = {p["hbm"]: p for p in doc["points"]}
-    plain = {p["hbm"]: p for p in lossless["points"]}
-    assert points[1.0]["compressed"] == 0.0 and points[0.5]["compressed"] == 0.25
+    doc = run_graph("tiny", [2, 1], [256], [1.0, 0.5], out=out, compressed=0.25, device="cpu", steps=2, warmup=1,
+                    sweep_sizes=[4096, 65536])
+    keys = [(p["batch"], p["hbm"], p["compressed"]) for p in doc["points"]]
+    assert keys == [(2, 1.0, 0.0), (2, 0.5, 0.0), (1, 1.0, 0.0), (1, 0.5, 0.0), (2, 0.5, 0.25)]
+    plain, comp = doc["points"][1], doc["points"][4]
     assert doc["settings"]["compressed"] == 0.25 and doc["settings"]["quant_group"] == 16  # the tiny head
-    tiers = points[0.5]["tiers"]
     # the same tokens leave HBM; a quarter of the context is quantized, the rest of them is in DDR
-    assert tiers["hbm"] == plain[0.5]["tiers"]["hbm"] and tiers["compressed"] + tiers["ddr"] == plain[0.5]["tiers"]["ddr"]
-    assert tiers["compressed"] == 64 and tiers["ddr"] > 0  # floor(0.25 * 256) at the prefill, the last re-tiering
-    assert points[0.5]["tier_bytes"]["compressed"] > 0 and plain[0.5]["tier_bytes"]["compressed"] == 0
-    assert 0 < points[0.5]["h2d_bytes"] < plain[0.5]["h2d_bytes"]
-    assert points[0.5]["simulated_step_ms"] > 0 and points[0.5]["overhead_pct"] is not None
+    assert comp["tiers"]["hbm"] == plain["tiers"]["hbm"]
+    assert comp["tiers"]["compressed"] + comp["tiers"]["ddr"] == plain["tiers"]["ddr"]
+    assert comp["tiers"]["compressed"] == 64 and comp["tiers"]["ddr"] > 0  # floor(0.25 * 256), the prefill's
+    assert comp["tier_bytes"]["compressed"] > 0 and plain["tier_bytes"]["compressed"] == 0
+    assert 0 < comp["h2d_bytes"] < plain["h2d_bytes"]
+    assert comp["simulated_step_ms"] > 0 and comp["overhead_pct"] is not None and comp["baseline_step_ms"] > 0
     loaded, measured = load_measurements(out)
-    assert [m["compressed"] for m in measured] == [0.0, 0.25]
+    assert [m["compressed"] for m in measured] == [0.0, 0.0, 0.0, 0.0, 0.25]
     result = compare(assemble(1, model="r1-distill-qwen-7b", gpu="h100-sxm", engine="fast"),
                      [{**m, "model": "r1-distill-qwen-7b"} for m in measured], loaded)
-    assert len(result["rows"]) == 2 and all(r["simulated_ms"] > 0 for r in result["rows"])
+    rows = result["rows"]
+    assert len(rows) == 5 and rows[4]["simulated_ms"] != rows[1]["simulated_ms"]
 
 
 def test_the_hf_executor_refuses_a_compressed_share_in_one_line():
@@ -337,16 +338,18 @@ def test_the_hf_executor_refuses_a_compressed_share_in_one_line():
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_cuda_graph_replay_equals_the_eager_static_step():
-    """The captured graph runs the static step's kernels: its logits equal the eager static step's (within bf16
-    rounding: cuBLAS may pick another algorithm for the capture stream's workspace) and pick the same token."""
+@pytest.mark.parametrize("split", [None, (0.2, 0.2, 0.1)])
+def test_cuda_graph_replay_equals_the_eager_static_step(split):
+    """The captured graph runs the static step's kernels (with a compressed and an evicted share: the dequantization
+    inside the graph, the per-row masks): its logits equal the eager static step's (within bf16 rounding: cuBLAS may
+    pick another algorithm for the capture stream's workspace) and pick the same token."""
     from tiersim.validator.graph import CapturedStep, GraphStep
     from tiersim.validator.shapes import build_model, get_shape
 
     dev = torch.device("cuda")
     model = build_model(get_shape("tiny"), dev)
-    _, eager_buf = _pair(model, 0.5, 2, 16, device=dev, retier_every=4, recent_window=16)
-    _, graph_buf = _pair(model, 0.5, 2, 16, device=dev, retier_every=4, recent_window=16)
+    _, eager_buf = _pair(model, 0.5, 2, 16, device=dev, split=split, retier_every=4, recent_window=16)
+    _, graph_buf = _pair(model, 0.5, 2, 16, device=dev, split=split, retier_every=4, recent_window=16)
     eager, graphed = GraphStep(model, eager_buf), GraphStep(model, graph_buf)
     with torch.inference_mode():
         for _ in range(2):

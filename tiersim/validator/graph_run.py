@@ -19,6 +19,7 @@ per point, so ``tiersim simulate --against`` and ``--calibration`` read it like 
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import time
@@ -102,12 +103,11 @@ def point_config(hbm: float, compressed: float = 0.0, retier_every: int = 16, he
                       **strategy)
 
 
-def ddr_host_bytes(shape, batch: int, context: int, hbm: float, max_steps: int, retier_every: int, dtype,
-                   compressed: float = 0.0) -> int:
-    """Pinned bytes a point's DDR tier takes (both K and V, all layers)."""
+def ddr_host_bytes(shape, batch: int, context: int, hbm: float, max_steps: int, retier_every: int, dtype) -> int:
+    """Pinned bytes a lossless point's DDR tier takes (both K and V, all layers; a compressed share takes less)."""
     from tiersim.validator.graph_tiers import capacities
 
-    config = point_config(hbm, compressed, retier_every, shape.head_dim)
+    config = point_config(hbm, 0.0, retier_every, shape.head_dim)
     cap = capacities(config, context, context + max_steps)["ddr"]
     item = torch.empty((), dtype=dtype).element_size()
     return 2 * shape.num_layers * (batch * shape.num_kv_heads * cap * shape.head_dim * item + 64)
@@ -232,8 +232,9 @@ def run_graph(shape_name: str | None = None, batches=DEFAULT_BATCHES, contexts=D
     """Measure the grid with the graph executor; write ``out`` (a calibration file) atomically when given.
 
     ``budget_s`` counts from the start (link sweep, model build and pinning included); points that would
-    start after it are listed as skipped, so a run under a timeout still ends with its file. ``compressed``:
-    the share of the context in the compressed tier at every HBM < 1 point (:func:`point_config`)."""
+    start after it are listed as skipped, so a run under a timeout still ends with its file. ``compressed`` > 0
+    adds the compressed check after the grid: its first batch and context again, each HBM < 1 ratio with that
+    share of the context in the compressed tier (:func:`point_config`), against a fresh HBM 1.0 baseline."""
     from tiersim.validator import calibrate
 
     if not 0.0 <= compressed <= 1.0:
@@ -265,7 +266,7 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
     params = sum(p.numel() for p in model.parameters())
     arena = None
     if dev.type == "cuda":
-        need = max(ddr_host_bytes(shape, b, c, h, run_steps(steps, warmup), retier_every, model.dtype, compressed)
+        need = max(ddr_host_bytes(shape, b, c, h, run_steps(steps, warmup), retier_every, model.dtype)
                    for b in batches for c in contexts for h in hbms)
         log(f"pinning {need / 1e9:.1f} GB of host memory for the DDR tier")
         try:
@@ -274,14 +275,20 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
             log(f"  could not pin one arena ({(str(exc).splitlines() or [''])[0][:120]}); pinning per point")
     points, extras, baselines = [], [], []
 
-    def run(batch, context, hbm):
+    def run(batch, context, hbm, share=0.0):
         return measure_point(model, batch, context, hbm, steps, warmup, retier_every, sdpa=sdpa, arena=arena,
-                             compressed=compressed)
+                             compressed=share)
 
-    label = f"graph (compressed {compressed:g})" if compressed else "graph"
-    walk = grid.measure_grid(batches, contexts, hbms, run, baselines, log, label, budget_s, started)
-    for batch, context, hbm, m, baseline, why in walk:
+    walk = ((0.0, *point) for point in grid.measure_grid(batches, contexts, hbms, run, baselines, log, "graph",
+                                                          budget_s, started))
+    offloaded = [h for h in hbms if h < 1.0]
+    if compressed and offloaded:  # the compressed check: the grid's first batch and context, against its own HBM 1.0
+        check = grid.measure_grid(batches[:1], contexts[:1], offloaded, lambda b, c, h: run(b, c, h, compressed), [],
+                                  log, f"graph, compressed {compressed:g}", budget_s, started)
+        walk = itertools.chain(walk, ((compressed, *point) for point in check))
+    for share, batch, context, hbm, m, baseline, why in walk:
         points.append(calibrate.ValidationPoint.measured(shape.name, batch, context, hbm, m, baseline, why))
+        points[-1].compressed = share
         extras.append({k: m[k] for k in ("step_ms_p10", "gpu_busy_ms", "gpu_busy_ms_p10", "gpu_busy_ms_p90",
                                          "copy_ms", "h2d_gbps_in_step", "retier_ms", "tiers", "executor",
                                          "capture_error")} if m else {})

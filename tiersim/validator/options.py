@@ -39,8 +39,9 @@ class ValidateOptions:
     executor: str = option("hf", "hf (HF eager generate over TieredCache: measures a host-bound engine) or graph "
                            "(the step captured once as a CUDA graph and replayed; eager on CPU)",
                            choices=("hf", "graph"))
-    compressed: float = option(0.0, "--executor graph: of what leaves HBM at each HBM < 1 point, this share of the "
-                               "context goes to the compressed tier (at most all of it), the rest to DDR", min=0, max=1)
+    compressed: float = option(0.0, "--executor graph: after the grid, its first batch and context again at each HBM "
+                               "< 1 ratio with this share of the context in the compressed tier (the rest of what "
+                               "leaves HBM in DDR)", min=0, max=1)
     profile: Path | None = option(None, "operator profile (python -m tiersim.validator.operators) for the predictions")
     out: Path | None = option(None, "calibration JSON to write, e.g. docs/validation/h100.json", output=(".json",))
     compare: Path | None = option(None, "print measured vs simulated from this calibration JSON")
