@@ -111,9 +111,10 @@ def regime(model: Model, gpu: GPU, batch: int, length: int, latency_s: float, pr
     return "decode small batch" if batch <= SMALL_BATCH else "decode large batch"
 
 
-def points(doc: dict | None = None, engine_overrides: dict[str, str] | None = None) -> list[RunPoint]:
+def points(doc: dict | None = None, engine_overrides: dict[str, str] | None = None, gpu_transform=None
+           ) -> list[RunPoint]:
     """Every run of the data file priced with its source's engine preset (``engine_overrides``: source ->
-    another preset, to compare engine lines)."""
+    another preset, to compare engine lines; ``gpu_transform(gpu) -> gpu``: other physics constants)."""
     doc = doc or load()
     out = []
     for p in doc["points"]:
@@ -122,7 +123,8 @@ def points(doc: dict | None = None, engine_overrides: dict[str, str] | None = No
             raise ValueError(f"{DATA}: source {p['source']} has role {src['role']!r}; nothing here is fitted on")
         name = (engine_overrides or {}).get(p["source"], src["engine_overhead"])
         model = model_for(doc, p["model"])
-        gpu = engines.apply(gpu_for(doc, p["gpu"]), name, model.num_layers)
+        gpu = gpu_for(doc, p["gpu"])
+        gpu = engines.apply(gpu_transform(gpu) if gpu_transform else gpu, name, model.num_layers)
         b, n = p["batch"], p["length"]
         pre = prefill_batch_s(model, gpu, b, n)
         run = pre + float(decode_steps_s(model, gpu, b, n).sum())
