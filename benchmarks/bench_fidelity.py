@@ -132,12 +132,15 @@ def decode_runs() -> None:
     lines = [f"- {src} {reg}: median {v['median_pct']:.2f}%, worst {v['worst_pct']:.1f}% over {v['points']} runs "
              f"({', '.join(v['gpus'])}; {len(v['models'])} models)"
              for (src, reg), v in summary.items() if reg.startswith("decode ")]
-    body = ("Public whole decode runs (B prompts of L tokens, L output tokens; the batch's latency / L) of TensorRT-LLM "
-            "and vLLM 0.5 on an A100 40GB (ALCF Polaris) and an H100, from github.com/argonne-lcf/LLM-Inference-Bench "
-            "(tiersim/data/public-decode-steps.json): no constant was fitted on them. Each run is priced as run: one "
-            "batched prefill, then L decode steps at contexts L..2L-1, with the source's --engine-overhead (TensorRT-LLM: "
-            "none; vLLM 0.5: vllm-sync). Runs are classified by code before they are compared: preempted (the batch's "
-            "KV outgrows HBM), prefill > 10% of the simulated run, failed (faster than the weights can be read).\n\n"
+    body = ("Decode steps of real engines measured by sources no constant was fitted on "
+            "(tiersim/data/public-decode-steps.json): whole runs (B prompts of L tokens, L output tokens; the batch's "
+            "latency / L) of TensorRT-LLM and vLLM 0.5 on an A100 40GB (ALCF Polaris) and an H100, from "
+            "github.com/argonne-lcf/LLM-Inference-Bench, priced as run (one batched prefill, then the L - 1 further "
+            "decode steps); and TensorRT-LLM 0.9.0 token-to-token latencies (the mean decode step after the first "
+            "token) on an A100-SXM4-80GB and an H100 80GB HBM3, from an NVIDIA DLI course table, priced as the mean "
+            "of those steps. Engine presets: TensorRT-LLM none, vLLM 0.5 vllm-sync. Points are classified by code "
+            "before they are compared: preempted (a whole run's KV outgrows HBM), prefill > 10% of the simulated run, "
+            "failed (faster than the weights can be read).\n\n"
             + "\n".join(lines) + "\n\n"
             + markdown_table(["source", "engine preset", "GPU", "regime", "runs", "models", "batch", "median |err| %",
                               "worst |err| %", "median signed %", "old roofline median %"], table) + "\n")

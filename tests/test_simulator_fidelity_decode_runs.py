@@ -42,32 +42,43 @@ def test_every_source_is_cited_held_out_and_priced_with_a_named_engine_preset():
     assert a100.weight_efficiency == get_gpu("a100-80g").weight_efficiency
 
 
-def test_regime_names_what_a_run_measures():
+def test_regime_names_what_a_point_measures():
     doc = df.load()
     model, gpu = df.model_for(doc, "llama-2-7b"), df.gpu_for(doc, "h100")
     fits = 0.9 * gpu.hbm_bytes - model.weight_bytes - 1 * GB  # bytes of KV an engine keeps beside the weights
     tokens = int(fits / model.kv_bytes_per_token)
-    ok = 1.0e3  # a plausible latency (s) for any of the runs below: not the failed-run case
-    assert df.regime(model, gpu, 1, 128, ok, 0.01) == "decode small batch"
-    assert df.regime(model, gpu, 16, 128, ok, 0.01) == "decode large batch"
-    assert df.regime(model, gpu, 16, 128, ok, 0.2).startswith("decode run, prefill")
-    assert df.regime(model, gpu, 2, tokens // 4 - 8, ok, 0.01) == "decode small batch"
-    assert df.regime(model, gpu, 2, tokens // 4 + 8, ok, 0.01).startswith("preempted")
+    ok = 1.0  # a plausible time (s) per output token for any point below: not the failed-run case
+    assert df.regime(model, gpu, 1, 256, ok, 0.01) == "decode small batch"
+    assert df.regime(model, gpu, 16, 256, ok, 0.01) == "decode large batch"
+    assert df.regime(model, gpu, 16, 256, ok, 0.2).startswith("decode run, prefill")
+    assert df.regime(model, gpu, 2, tokens // 2 - 8, ok, 0.01) == "decode small batch"
+    assert df.regime(model, gpu, 2, tokens // 2 + 8, ok, 0.01).startswith("preempted")
     # faster than one read of the weights per output token at the datasheet bandwidth: a failed measurement
-    weights_s = 128 * model.weight_bytes / gpu.hbm_bw
-    assert df.regime(model, gpu, 1, 128, 0.9 * weights_s, 0.01).startswith("failed")
-    assert df.regime(model, gpu, 1, 128, 1.1 * weights_s, 0.01) == "decode small batch"
+    weights_s = model.weight_bytes / gpu.hbm_bw
+    assert df.regime(model, gpu, 1, 256, 0.9 * weights_s, 0.01).startswith("failed")
+    assert df.regime(model, gpu, 1, 256, 1.1 * weights_s, 0.01) == "decode small batch"
+    # the source table's own failed rows are the ones classified so (TensorRT-LLM Qwen2-7B at L = 2048)
+    failed = {(p.source, p.model, p.length) for p in df.points() if p.regime.startswith("failed")}
+    assert failed == {("argonne-trtllm", "qwen2-7b", 2048)}
 
 
-def test_runs_are_priced_as_prefill_plus_every_decode_step():
+def test_points_are_priced_as_the_source_measured_them():
     doc = df.load()
     model, gpu = df.model_for(doc, "llama-3-8b"), df.gpu_for(doc, "h100")
-    steps = df.decode_steps_s(model, gpu, 4, 256)
-    assert len(steps) == 255 and all(steps[1:] >= steps[:-1])  # one step per output token after the first
+    steps = df.decode_steps_s(model, gpu, 4, 256, 255)
+    assert len(steps) == 255 and all(steps[1:] >= steps[:-1])  # one step per context, growing with it
     pts = {(p.source, p.gpu, p.model, p.batch, p.length): p for p in df.points()}
-    p = pts[("argonne-trtllm", "h100", "llama-3-8b", 1, 256)]  # engine none: device time only
-    run = df.prefill_batch_s(model, gpu, 1, 256) + df.decode_steps_s(model, gpu, 1, 256).sum()
-    assert p.simulated_ms == pytest.approx(1e3 * run / 256)
+    # a whole run (engine none: device time only): batched prefill + the L - 1 further steps, over L tokens
+    p = pts[("argonne-trtllm", "h100", "llama-3-8b", 1, 256)]
+    run = df.prefill_batch_s(model, gpu, 1, 256) + df.decode_steps_s(model, gpu, 1, 256, 255).sum()
+    assert p.simulated_ms == pytest.approx(1e3 * run / 256) and p.prefill_share > 0
+    # a token-to-token latency: the mean of the O - 1 steps after the first token, no prefill
+    gj, a100 = df.model_for(doc, "gpt-j-6b"), df.gpu_for(doc, "a100-80gb")
+    row, q = next((r, q) for r, q in zip(doc["points"], df.points()) if r["source"] == "nvidia-dli-trtllm"
+                  and r["model"] == "gpt-j-6b" and r["gpu"] == "a100-80gb" and r["batch"] == 8 and r["input"] == 2048)
+    mean = df.decode_steps_s(gj, a100, 8, 2048, row["output"] - 1).mean()
+    assert q.simulated_ms == pytest.approx(1e3 * mean) and q.prefill_share == 0 and q.reference_ms == row["t2t_ms"]
+    assert gj.mlp_matrices == 2  # GPT-J's MLP is a plain up + GELU + down, as its config says
 
 
 def test_held_out_decode_error_stays_far_below_the_bandwidth_only_predictor(shipped):
@@ -82,7 +93,7 @@ def test_held_out_decode_error_stays_far_below_the_bandwidth_only_predictor(ship
             assert v["median_pct"] < naive[key]["median_pct"] / 3, key
             assert len(v["gpus"]) == 2 and len(v["models"]) >= 3, key
             checked += 1
-    assert checked == 4
+    assert checked == 2 * len(df.load()["sources"])  # both decode regimes of every source
 
 
 def test_vllm_sync_line_explains_vllm_0_5_and_meets_the_small_batch_worst_target(shipped):

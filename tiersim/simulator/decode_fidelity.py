@@ -1,14 +1,16 @@
 """Whole decode runs of real engines, measured by others, against the simulator: held-out decode error by source.
 
 ``fidelity`` checks the physics against per-operator tables (vidur's), the same kind of data it was fitted on.
-A real engine's run adds what those tables leave out: the LM head, sampling, the engine's per-step host work,
-its own attention kernel. ``tiersim/data/public-decode-steps.json`` holds such runs (B prompts of L tokens, L
-output tokens each, the batch's end-to-end latency) from sources no constant was fitted on; each is priced as
-the engine ran it: one batched prefill (``prefill`` physics), then L decode steps at contexts L..2L-1 with the
-whole KV in HBM (``prefill.mixed_step_s`` with no prefill rows: what ``analytic.layer_costs`` charges), with the
-source's ``--engine-overhead`` preset. A run is classified before it is compared (:func:`regime`): runs whose
-KV outgrows HBM (the engine preempts and recomputes), runs dominated by their prefill, and runs faster than
-their weights can be read (a failed measurement) are reported apart, never silently dropped.
+A real engine's step adds what those tables leave out: the LM head, sampling, the engine's per-step host work,
+its own attention kernel. ``tiersim/data/public-decode-steps.json`` holds such measurements from sources no
+constant was fitted on, of two kinds: *whole runs* (B prompts of L tokens, L output tokens each, the batch's
+end-to-end latency), priced as the engine ran them: one batched prefill (``prefill`` physics), then the L - 1
+further decode steps; and *token-to-token latencies* (the mean decode step after the first token of a batch of B
+requests of I input and O output tokens), priced as the mean of those O - 1 steps. Each decode step holds the
+whole KV in HBM (``prefill.mixed_step_s`` with no prefill rows: what ``analytic.layer_costs`` charges) and pays
+the source's ``--engine-overhead`` preset. A point is classified before it is compared (:func:`regime`): runs
+whose KV outgrows HBM (the engine preempts and recomputes), runs dominated by their prefill, and measurements
+faster than the weights can be read (a failed run) are reported apart, never silently dropped.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def model_for(doc: dict, key: str) -> Model:
     s = doc["models"][key]
     return Model.from_shape(ModelShape(key, s["architecture"], s["num_layers"], s["hidden_size"],
                                        s["intermediate_size"], s["num_attention_heads"], s["num_kv_heads"],
-                                       s["head_dim"], s["vocab_size"]))
+                                       s["head_dim"], s["vocab_size"], gated_mlp=s.get("gated_mlp", True)))
 
 
 def prefill_batch_s(model: Model, gpu: GPU, batch: int, length: int) -> float:
@@ -65,10 +67,10 @@ def prefill_batch_s(model: Model, gpu: GPU, batch: int, length: int) -> float:
                  + physics.lm_head_s(model, gpu, batch) + physics.host_overhead_s(gpu, batch))
 
 
-def decode_steps_s(model: Model, gpu: GPU, batch: int, length: int) -> np.ndarray:
-    """The ``length`` decode steps of the run (the first output token comes with the prefill, then one per
-    step), each at its own context, the whole KV in HBM."""
-    contexts = np.arange(length, 2 * length - 1, dtype=float)
+def decode_steps_s(model: Model, gpu: GPU, batch: int, context: int, steps: int) -> np.ndarray:
+    """``steps`` decode steps after a prompt of ``context`` tokens (the first output token comes with the
+    prefill, then one per step), each at its own context, the whole KV in HBM."""
+    contexts = np.arange(context, context + steps, dtype=float)
     kv = batch * contexts * model.kv_bytes_per_token_layer
     step = np.asarray(prefill.mixed_step_s(model, gpu, batch, kv, 0), dtype=float)
     return np.maximum(step, gpu.step_host_floor)
@@ -82,10 +84,10 @@ class RunPoint:
     gpu: str
     model: str
     batch: int
-    length: int
-    reference_ms: float  # per output token: the batch's latency / L
+    length: int  # the prompt's tokens (a whole run's output is as long)
+    reference_ms: float  # per output token: a whole run's latency / L, or the token-to-token latency
     simulated_ms: float
-    prefill_share: float  # of the simulated run
+    prefill_share: float  # of the simulated run (0: a token-to-token latency has no prefill in it)
     regime: str
 
     @property
@@ -93,18 +95,21 @@ class RunPoint:
         return 100.0 * (self.simulated_ms / self.reference_ms - 1.0)
 
 
-def regime(model: Model, gpu: GPU, batch: int, length: int, latency_s: float, prefill_share: float) -> str:
-    """Which regime a run measures: ``decode small batch`` / ``decode large batch``, or why it is apart.
+def regime(model: Model, gpu: GPU, batch: int, tokens: int, per_token_s: float, prefill_share: float,
+           preempts: bool = True) -> str:
+    """Which regime a point measures: ``decode small batch`` / ``decode large batch``, or why it is apart.
 
-    * ``preempted``: the batch's KV at its last step (``batch x 2L`` tokens) exceeds what HBM holds after the
+    * ``preempted``: the batch's KV at its last step (``batch x tokens``) exceeds what HBM holds after the
       weights (:data:`HBM_UTILIZATION`, :data:`WORKSPACE_BYTES`): the engine swaps or recomputes sequences.
-    * ``failed run``: faster than reading the weights once per output token at the datasheet bandwidth.
+      Only where the engine does (``preempts``): a static batch that does not fit fails instead, and its
+      table has no measurement for it.
+    * ``failed run``: faster per output token than reading the weights once at the datasheet bandwidth.
     * ``prefill-heavy``: the simulated prefill is over :data:`PREFILL_HEAVY` of the run.
     """
-    kv = batch * 2 * length * model.kv_bytes_per_token
-    if kv > HBM_UTILIZATION * gpu.hbm_bytes - model.weight_bytes - WORKSPACE_BYTES:
+    kv = batch * tokens * model.kv_bytes_per_token
+    if preempts and kv > HBM_UTILIZATION * gpu.hbm_bytes - model.weight_bytes - WORKSPACE_BYTES:
         return "preempted (KV over HBM)"
-    if latency_s < length * model.weight_bytes / gpu.hbm_bw:
+    if per_token_s < model.weight_bytes / gpu.hbm_bw:
         return "failed run (faster than the weights)"
     if prefill_share > PREFILL_HEAVY:
         return "decode run, prefill > 10%"
@@ -125,12 +130,19 @@ def points(doc: dict | None = None, engine_overrides: dict[str, str] | None = No
         model = model_for(doc, p["model"])
         gpu = gpu_for(doc, p["gpu"])
         gpu = engines.apply(gpu_transform(gpu) if gpu_transform else gpu, name, model.num_layers)
-        b, n = p["batch"], p["length"]
-        pre = prefill_batch_s(model, gpu, b, n)
-        run = pre + float(decode_steps_s(model, gpu, b, n).sum())
-        out.append(RunPoint(p["source"], src["role"], name, p["gpu"], p["model"], b, n,
-                            1e3 * p["latency_s"] / n, 1e3 * run / n, pre / run,
-                            regime(model, gpu, b, n, p["latency_s"], pre / run)))
+        b = p["batch"]
+        if "t2t_ms" in p:  # token-to-token latency: the mean decode step after the first token
+            n, steps = p["input"], p["output"] - 1
+            ref, pre = p["t2t_ms"] * 1e-3, 0.0
+            sim = float(decode_steps_s(model, gpu, b, n, steps).mean())
+            share, tokens, preempts = 0.0, n + p["output"], False
+        else:  # a whole run: its latency over its L output tokens
+            n = p["length"]
+            ref, pre = p["latency_s"] / n, prefill_batch_s(model, gpu, b, n)
+            run = pre + float(decode_steps_s(model, gpu, b, n, n - 1).sum())
+            sim, share, tokens, preempts = run / n, pre / run, 2 * n, True
+        out.append(RunPoint(p["source"], src["role"], name, p["gpu"], p["model"], b, n, 1e3 * ref, 1e3 * sim,
+                            share, regime(model, gpu, b, tokens, ref, share, preempts)))
     return out
 
 
