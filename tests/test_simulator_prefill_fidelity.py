@@ -48,10 +48,10 @@ def test_each_source_is_within_its_stated_error():
     """The figures docs/simulator.md quotes (median |error| per source, %), to the rounding stated there."""
     stated = {"vidur-ops": 3.5, "fa3-h100": 0.6, "vidur-ops-tp": 3.6, "tiersim-h100-operators": 7.3, "splitwise": 23.3,
               "trtllm-v0.5-a100": 7.3, "argonne-trtllm": 7.5, "argonne-vllm": 8.4, "argonne-dsmii": 35.3,
-              "splitwise+engine-step": 14.2}
+              "distserve-swift": 10.4, "distserve-vllm": 39.9, "splitwise+engine-step": 14.2}
     for source, median in stated.items():
         assert SUMMARY[source]["median_pct"] == pytest.approx(median, abs=0.1), source
-    assert SUMMARY["held_out"]["median_pct"] == pytest.approx(15.0, abs=0.1)
+    assert SUMMARY["held_out"]["median_pct"] == pytest.approx(19.0, abs=0.1)
 
 
 def _ttft_sources(role: str) -> set[str]:
@@ -60,7 +60,7 @@ def _ttft_sources(role: str) -> set[str]:
 
 def test_no_ttft_source_is_fitted_on_and_every_one_is_reported():
     assert _ttft_sources("held_out") == {"splitwise", "trtllm-v0.5-a100", "argonne-vllm", "argonne-trtllm",
-                                         "argonne-dsmii"}
+                                         "argonne-dsmii", "distserve-swift", "distserve-vllm"}
     assert not _ttft_sources("fit")
     ttft = {r.source for r in ROWS if r.regime == "ttft" and r.role == "held_out"}
     assert ttft == _ttft_sources("held_out")
