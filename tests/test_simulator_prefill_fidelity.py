@@ -9,6 +9,7 @@ import statistics
 
 import pytest
 
+from tiersim.simulator import parallel
 from tiersim.simulator import prefill_fidelity as pf
 from tiersim.simulator.presets import get_gpu
 
@@ -119,3 +120,22 @@ def test_error_rows_are_plain_rows_per_source_and_regime():
     assert all(r["reference_ms"] > 0 and r["simulated_ms"] > 0 for r in rows)
     r = rows[0]
     assert r["error_pct"] == pytest.approx(100 * (r["simulated_ms"] / r["reference_ms"] - 1))
+
+
+@pytest.mark.parametrize("name", sorted(REF["models"]))
+def test_every_reference_model_prices_monotone_in_prompt_and_tp(name):
+    """Each TTFT model of the data file, on each GPU it was measured on: a longer prompt takes longer at every TP it
+    can shard to, and from 1K tokens up a wider TP is faster (the GEMMs and attention split, the all-reduces do not
+    grow with TP): the mechanisms the held-out rows test, checked where no row exists too."""
+    model = pf.model_from_shape(name, REF["models"][name])
+    gpus = pf._gpus(None)
+    for key in sorted({c["gpu"] for c in REF["ttft_cases"] if c["model"] == name}):
+        gpu = gpus[key]
+        tps = [tp for tp in (1, 2, 4, 8) if model.num_kv_heads % tp == 0 and model.num_attention_heads % tp == 0
+               and model.weight_bytes / tp < 0.9 * gpu.hbm_bytes and (tp == 1 or gpu.name in parallel.NVLINK_OF)]
+        for tp in tps:
+            t = [parallel.tp_prefill_s(model, gpu, tp, n) for n in (128, 512, 1024, 2048, 4096, 8192)]
+            assert all(b > a for a, b in zip(t, t[1:])), (key, tp)
+        for n in (1024, 4096):
+            t = [parallel.tp_prefill_s(model, gpu, tp, n) for tp in tps]
+            assert all(b < a for a, b in zip(t, t[1:])), (key, n)
