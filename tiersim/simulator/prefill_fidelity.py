@@ -12,6 +12,8 @@ docs/simulator.md, "Prefill"):
   models at 128 and 2048 tokens, TP 1/4/8;
 * ``argonne-vllm``, ``argonne-trtllm``, ``argonne-dsmii`` (held out): LLM-Inference-Bench's TTFT of 16 prompts x
   1024 tokens on one A100, H100 or GH200 (fp16), three 7-8B models, per engine;
+* ``distserve-swift``, ``distserve-vllm`` (held out): DistServe's fitted prefill lines (its C++ engine, and vLLM as its
+  authors profiled it) for OPT-13B/66B on A100 at TP 1-8, evaluated at 128-2048 tokens;
 * ``tiersim-h100-operators`` (held out): this project's own H100 GEMM run at 128-512 tokens.
 
 ``FIT_SOURCES`` are the only ones :func:`fit` reads; every row of another source is held out and is what the
