@@ -101,7 +101,8 @@ def by_source() -> None:
     regimes = [[k, len(v), f"{statistics.median(v):.2f}", f"{max(v):.1f}"] for k, v in sorted(held.items())]
     body = ("Every reference point of every source, priced with the presets as shipped (`fidelity.error_rows`). "
             "Roles are the data files' own: `fit` (the constants were fitted on it), `held_out` (reported only), "
-            "`check` (a fit source's points its fit did not read). Signed error < 0: the simulator is faster.\n\n"
+            "`check` (points no fit read and no held-out figure counts: a fit source's unread points, the Splitwise "
+            "engine-step decomposition). Signed error < 0: the simulator is faster.\n\n"
             + markdown_table(["source", "role", "regime", "points", "median |err| %", "worst |err| %",
                               "median signed %"], table)
             + "\n\nHeld out only, per regime:\n\n"
