@@ -7,6 +7,7 @@ from transformers import DynamicCache
 from tiersim.compat import cache_kwargs
 from tiersim.errors import ConfigError
 from tiersim.hierarchy import TierConfig
+from tiersim.hierarchy import pages
 from tiersim.hierarchy.access import Selective
 from tiersim.hierarchy.cache import TieredCache
 
@@ -68,10 +69,10 @@ def test_the_page_bound_is_an_upper_bound_of_every_key_in_the_page():
 
     chunk = Chunk()
     chunk.keys = keys
-    lo, hi = Selective(0.5)._bounds(chunk, torch.device("cpu"))
+    lo, hi = pages.page_bounds(chunk, torch.device("cpu"), Selective.PAGE)
     assert lo.shape == (2, 2, 3, 8)  # 40 tokens = 3 pages of 16 (the last one partial)
     query = torch.randn(2, 4, 1, 8, generator=gen)
-    bound = Selective._upper_bound(query, lo, hi)
+    bound = pages.upper_bound(query, lo, hi)
     group_q = query.reshape(2, 2, 2, 8)
     logits = group_q @ keys.transpose(-1, -2)  # [B, Hkv, g, 40]
     for page in range(3):

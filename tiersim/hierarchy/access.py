@@ -346,8 +346,8 @@ class Selective(Prefetch):
             return attention_mask
         keys, values = self.buffers.pop(layer.index)
         batch, q_len, n_keys = query.shape[0], query.shape[2], layer.num_retained
-        bounds = [self._bounds(c, layer.device) for c in layer.ddr]
-        scores = torch.cat([self._upper_bound(query, lo, hi) for lo, hi in bounds], dim=1)  # [B, pages]
+        bounds = [pages.page_bounds(c, layer.device, self.PAGE) for c in layer.ddr]
+        scores = torch.cat([pages.upper_bound(query, lo, hi) for lo, hi in bounds], dim=1)  # [B, pages]
         live = torch.cat([pages.live_per_page(c, lo.shape[2], self.PAGE) for c, (lo, _) in zip(layer.ddr, bounds)],
                          dim=1)
         chosen = pages.choose(scores, live, self.share)
@@ -378,11 +378,6 @@ class Selective(Prefetch):
         self.ddr_tokens += live_row0
         self.fetched_last[layer.index] = fetched_row0
         return allowed
-
-    def _bounds(self, chunk, device):
-        return pages.page_bounds(chunk, device, self.PAGE)
-
-    _upper_bound = staticmethod(pages.upper_bound)
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -143,8 +143,6 @@ class TieredLayer(CacheLayerMixin):
     def num_ddr(self) -> int:
         return sum(c.live_row0 for c in self.ddr)
 
-    num_compressed = property(lambda self: int((self.tiers[0] == COMPRESSED).sum()))
-
     def get_seq_length(self) -> int:
         """Tokens seen (evicted ones included): transformers derives new tokens and positions from it."""
         return self.context_len
