@@ -12,7 +12,7 @@ from tiersim.errors import TiersimError
 from tiersim.serving import memory, metrics, workload
 from tiersim.serving.engine import EngineConfig
 from tiersim.serving.run import ServeSpec, simulate
-from tiersim.serving.stepcost import StepPricer, decode_step_reference
+from tiersim.serving.stepcost import StepPricer
 from tiersim.simulator import parallel, prefill, presets
 
 MODEL = presets.get_model("r1-distill-qwen-1.5b")
@@ -23,6 +23,23 @@ def tight_gpu(model, kv_gb: float, tp: int = 1):
     """The H100 with only ~``kv_gb`` GB of HBM left for KV per GPU: memory pressure at small sizes."""
     rank = parallel.shard(model, tp)
     return presets.with_overrides(GPU, hbm_bytes=rank.weight_bytes + GPU.reserved_bytes + 0.5e9 + kv_gb * 1e9)
+
+
+def decode_step_reference(model, gpu, batch: int, hbm) -> np.ndarray:
+    """The step model's decode step held in HBM, straight from ``prefill.mixed_step_s`` (``physics.layer_s``) rather
+    than through the serving pricer: what the low-load and saturation checks compare the engine against."""
+    kv = np.asarray(hbm, dtype=float) * model.kv_bytes_per_token_layer
+    return np.array([prefill.mixed_step_s(model, gpu, batch, k, 0.0) for k in np.atleast_1d(kv)])
+
+
+def prefill_alone_s(pricer: StepPricer, prompt: int, chunk: int) -> float:
+    """One prompt prefilled alone in chunks of ``chunk`` tokens, one pricer step per chunk (the low-load TTFT)."""
+    t, done = 0.0, 0
+    while done < prompt:
+        n = min(chunk, prompt - done)
+        t += pricer.step_s(0, 0.0, 0.0, [(n, done, done + n == prompt)])
+        done += n
+    return t
 
 
 def spec(on_full="preempt-recompute", gpu=GPU, model=MODEL, **engine) -> ServeSpec:
@@ -68,7 +85,7 @@ def test_low_load_ttft_is_one_prefill_and_tpot_the_step_model_at_batch_one():
 def test_chunked_prefill_alone_costs_the_chunks():
     reqs = workload.check([0.0], [3000], [2], "x")
     result = simulate(spec(token_budget=512), reqs)
-    expected = StepPricer(MODEL, GPU).prefill_alone_s(3000, 512)
+    expected = prefill_alone_s(StepPricer(MODEL, GPU), 3000, 512)
     assert result.rows["ttft_s"][0] == pytest.approx(expected, rel=1e-12)
     starts = np.arange(0, 3000, 512)
     assert expected == pytest.approx(prefill.chunked_prefill_s(MODEL, GPU, 3000, 512), rel=0.02)
