@@ -20,18 +20,19 @@ with the same functions, never a second copy of the math:
   and writes output, log-sum-exp and probabilities into static result buffers, which go up and are
   ``merge``d; the scores come from ``merged_probabilities`` (the cache's scatter).
 
-Why the CUDA graph is cut per layer (:class:`SegmentedCapture`): a graph replays device work only, and
-the host part needs the layer's query, which exists only mid-step, while its result is needed before
-the layer's output projection. torch exposes no host nodes, and a host node could not run torch code
-anyway, so the step is captured as ``2L + 1`` graphs over one memory pool: ``A_l`` (merge and the rest
-of layer l-1, layer l up to its query, the query's D2H), ``D_l`` (hybrid's share H2D, the device part).
-Replay: ``A_l``, an event, ``D_l`` (launched: the GPU runs it while the host works), the CPU waits for the
-event, runs the host part, then ``A_{l+1}``. Cost per layer beyond prefetch's single graph: one graph
-launch more (a few microseconds each), a D2H of the query and an H2D of output + lse + probabilities,
-and the host part on the critical path: the GPU idles for max(0, host - device part) per layer, which is
-the ``stall`` this strategy has. When the capture fails the same step runs eagerly on CUDA, the host part
-on a worker thread joined by the same event (the point says ``cuda-eager``). Neither CUDA path has run
-here yet (no GPU lent): the tests marked ``cuda`` hold them to the eager step when one is.
+Why the CUDA graph is cut per layer (:class:`~tiersim.validator.graph_segments.SegmentedCapture`): a
+graph replays device work only, and the host part needs the layer's query, which exists only mid-step,
+while its result is needed before the layer's output projection. torch exposes no host nodes (and a
+host node could not run torch code anyway), so the step is captured as ``2L + 1`` graphs over one
+memory pool: ``A_l`` (merge and the rest of layer l-1, layer l up to its query, the query's D2H) and
+``D_l`` (hybrid's share H2D, the device part). Replay: ``A_l``, an event, ``D_l`` (launched: the GPU
+runs it while the host works), the CPU waits for the event, runs the host part, then ``A_{l+1}``. Cost
+per layer beyond prefetch's single graph: two graph launches (a few microseconds each), a D2H of the
+query and an H2D of output + lse + probabilities, and the host part on the critical path: the GPU idles
+for max(0, host - device part) per layer, which is this strategy's ``stall``. When the capture fails the
+same step runs eagerly on CUDA, the host part on a worker thread joined by the same event (the point
+says ``cuda-eager``). Neither CUDA path has run yet (no GPU lent): the tests marked ``cuda`` hold them
+to the eager step when one is.
 
 ``copies=False`` is the same step without its host part and copies (stale result buffers, weight 0 on
 the first step): its time is the GPU-busy time, and the difference to the full step is the stall.
@@ -102,9 +103,13 @@ def make_step(model, buffers, exact: bool = False, copies: bool = True) -> Graph
 
 
 def capture(step: GraphStep, warmup: int = 2):
-    """The step recorded for replay: one graph (prefetch) or one per host point (:class:`SegmentedCapture`)."""
-    return SegmentedCapture(step, warmup) if isinstance(step, HostStep) and step.offloaded else CapturedStep(step,
-                                                                                                        warmup)
+    """The step recorded for replay: one graph (prefetch), or one per segment between host points
+    (:class:`~tiersim.validator.graph_segments.SegmentedCapture`)."""
+    if isinstance(step, HostStep) and step.offloaded:
+        from tiersim.validator.graph_segments import SegmentedCapture
+
+        return SegmentedCapture(step, warmup)
+    return CapturedStep(step, warmup)
 
 
 class _LayerView:
@@ -331,73 +336,6 @@ class HostStep(GraphStep):
         return Partial(up(st.out), up(st.lse), [up(st.probs)] if st.scored else None)
 
 
-class SegmentedCapture:
-    """A :class:`HostStep` recorded as ``2L + 1`` CUDA graphs with the host part between them (CUDA only)."""
-
-    def __init__(self, step: HostStep, warmup: int = 2) -> None:
-        if not step.cuda or step.exact:
-            raise TiersimError("a CUDA graph needs the static step on a CUDA device")
-        self.step, device = step, step.buffers.device
-        stream = torch.cuda.Stream(device=device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):  # warm up off the default stream, as torch's graph docs ask
-            for _ in range(max(warmup, 1)):
-                step.run()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        torch.cuda.synchronize(device)
-        self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: list = []
-        self.points: list = []  # after graphs[i]: a layer's host part (int) or the device part's end (None)
-        self.event = torch.cuda.Event()
-        self.warmup = max(warmup, 1)
-        step.capture = self
-        try:
-            with torch.cuda.stream(stream):
-                self._begin()
-                self.logits = step.forward()  # recorded, not run: the counters did not move
-                self.graphs[-1].capture_end()
-        except Exception:
-            with torch.cuda.stream(stream):  # leave no stream capturing: the point runs eagerly next
-                if torch.cuda.is_current_stream_capturing():
-                    try:
-                        self.graphs[-1].capture_end()
-                    except RuntimeError:  # an invalidated capture still ends; its error is the first one
-                        pass
-            raise
-        finally:
-            step.capture = None
-        torch.cuda.synchronize(device)
-
-    def _begin(self) -> None:
-        graph = torch.cuda.CUDAGraph()
-        graph.capture_begin(pool=self.pool)
-        self.graphs.append(graph)
-
-    def cut(self, layer_idx: int | None) -> None:
-        """End the segment being recorded and start the next (the step calls this at its host points)."""
-        self.graphs[-1].capture_end()
-        self.points.append(layer_idx)
-        self._begin()
-
-    def replay(self) -> torch.Tensor:
-        step = self.step
-        step.refresh()
-        step._host_ms = 0.0
-        stream = torch.cuda.current_stream(step.buffers.device)
-        self.graphs[0].replay()
-        for i in range(0, len(self.points), 2):
-            layer = self.points[i]
-            self.event.record(stream)
-            self.graphs[i + 1].replay()  # the device part, while the host works
-            if step.copies:
-                self.event.synchronize()  # the query is down
-                step.host_part(layer)
-            self.graphs[i + 2].replay()
-        step.buffers.advanced()
-        step.host_times.append(step._host_ms)
-        return self.logits
-
-
 def amend(point: dict, step: GraphStep, copy_ms: float | None) -> dict:
     """A point's measurement (graph_run.measure_point) corrected for a host strategy's traffic, with its
     host time; unchanged for prefetch."""
@@ -411,6 +349,6 @@ def amend(point: dict, step: GraphStep, copy_ms: float | None) -> dict:
              "h2d_bytes": traffic["h2d"], "d2h_bytes": point["d2h_bytes"] + traffic["d2h"],
              "prefetch_gbps": fetched / copy_ms / 1e6 if fetched and copy_ms else None,
              "h2d_gbps_in_step": traffic["h2d"] / point["step_ms"] / 1e6 if traffic["h2d"] else None,
-             "host_ms": host[len(host) // 2] if host else None}
+             "host_ms": host[len(host) // 2] if host and step.offloaded else None}
     point["tier_bytes"] = {**point["tier_bytes"], "staging": traffic["staging"]}
     return point
