@@ -4,8 +4,9 @@ The exact step hands each layer to the cache's own ``HostAttention`` / ``Hybrid`
 tokens inside each part can differ from the cache's (its DDR tier is one chunk per demotion batch, with holes;
 the buffers keep one, holes refilled). So: bit-identical while no re-tiering has moved a token (the layouts
 coincide), and after that within float32 summation order. The bound: the cache's own host-attention claim in
-float32 is identical tokens and logits within 1e-4 (docs/quality.md); here the largest |logit difference|
-measured on this model is 2.1e-7 (logits of order 1), so the tests hold it to 1e-5 and identical tokens.
+float32 is identical tokens and logits within 1e-4 (docs/quality.md); over the exact test's cases the largest
+|logit difference| is 1.9e-7 with logits up to 0.59 (``pytest -s -k exact_host`` prints it per case), so the
+tests hold it to 1e-5 and identical tokens.
 The CUDA paths (segmented capture, eager with events) are skipped without a GPU.
 """
 
@@ -21,7 +22,7 @@ from tiersim.errors import TiersimError
 
 CUDA = torch.cuda.is_available()
 CONTEXT = 120
-BOUND = 1e-5  # float32, after the layouts diverge (measured: <= 2.1e-7)
+BOUND = 1e-5  # float32, after the layouts diverge (measured: <= 1.9e-7)
 STRATEGIES = [("host-attention", {}), ("hybrid", {"fetch_share": 0.5})]
 
 
@@ -116,6 +117,8 @@ def test_exact_host_step_matches_the_tiered_cache(model, strategy, share, hbm, b
                 assert buffers.counts(0) == cache.tier_counts(0)
     finally:
         scoring.clear_listener()
+    print(f"{strategy} hbm {hbm} batch {batch}: " + (f"largest |logit difference| after the layouts diverged "
+                                                     f"{max(diverged):.3g}" if diverged else "bit-identical throughout"))
     if hbm < 1.0:  # the DDR tier was attended on the host, and the bound branch ran after a re-tiering
         assert buffers.counts(0)["ddr"] > 0 and moved > 0 and diverged
         assert step.access.ddr_tokens > 0
@@ -306,7 +309,10 @@ def test_cuda_exact_host_step_matches_the_tiered_cache(strategy, share):
         for i in range(6):
             ref = model(input_ids=ids[i], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits
             step.ids.copy_(ids[i])
-            out = step.run()  # bf16: the cache's bound for host attention (docs/quality.md)
-            torch.testing.assert_close(out, ref, rtol=0.04, atol=0.04)
+            out = step.run()
+            # bf16: the cache's own host-attention claim against the full cache is logits within ~3.5% of their
+            # scale (docs/quality.md); two host-attention runs whose parts differ in token order, the same or less
+            scale = float(ref.float().abs().max())
+            assert float((out.float() - ref.float()).abs().max()) <= 0.035 * scale, f"step {i}"
             if buffers.due(i + 1):
                 buffers.retier(i + 1)
