@@ -38,7 +38,7 @@ else
   COMPRESSED=${COMPRESSED:-0.25}
   OPS_BUDGET_S=${OPS_BUDGET_S:-50} DEST=${DEST:-docs/validation}
   ops_args=()
-  cuda_tests=(tests/test_cuda_cache.py tests/test_validator.py tests/test_graph_executor.py)
+  cuda_tests=(tests/test_cuda_cache.py tests/test_validator.py tests/test_graph_executor.py tests/test_graph_host.py)
   "$PY" - <<'PYEOF' || exit 1
 import sys
 try:

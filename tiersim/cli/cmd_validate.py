@@ -51,7 +51,7 @@ def validate(opts: ValidateOptions = ValidateOptions()) -> None:
     lists = list_values(opts)  # --batch, --context, --hbm, each a one-line error when it is not a list
     from tiersim.validator.options import executor_options
 
-    extra = executor_options(opts.executor, opts.compressed)
+    extra = executor_options(opts.executor, opts.strategy, opts.fetch_share, opts.compressed)
     run = calibrate.run_validation
     if opts.executor == "graph":
         from tiersim.validator.graph_run import run_validation_graph as run

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
             print(compare.format_text(compare.load(args.compare)))
             return 0
         argv = sys.argv[1:] if argv is None else argv
-        extra = executor_options(args.executor, args.compressed)
+        extra = executor_options(args.executor, args.strategy, args.fetch_share, args.compressed)
         run = calibrate.run_validation
         if args.executor == "graph":
             from tiersim.validator.graph_run import run_validation_graph as run

@@ -20,7 +20,7 @@ Two shapes of the same step:
   K and V per query head whenever a mask is given (7x the KV bytes for a 28/4-head model).
 
 The graph wrapper (:class:`CapturedStep`) is CUDA-only; on CPU the same eager step runs. Strategies:
-``prefetch`` only; host attention and hybrid (host threads joined to the graph by events) are refused.
+``prefetch`` here; host attention and hybrid in :mod:`tiersim.validator.graph_host` (``make_step`` picks).
 """
 
 from __future__ import annotations
@@ -41,16 +41,16 @@ STRATEGIES = ("prefetch",)
 
 def check_strategy(strategy: str, allowed=STRATEGIES) -> None:
     if strategy not in allowed:
-        raise TiersimError(f"--strategy {strategy}: the graph executor runs prefetch only (host attention and hybrid "
-                           "need host threads joined to the graph by events: not built)")
+        raise TiersimError(f"--strategy {strategy}: {' and '.join(allowed)} only in this step "
+                           "(tiersim.validator.graph_host.make_step picks the step for a strategy)")
 
 
 class GraphStep:
     """The decode step over ``buffers`` for ``model`` (a transformers causal LM of a supported shape).
 
-    ``STRATEGIES``: what this class runs (a subclass, :class:`tiersim.validator.graph_host.HostStep`, runs
-    host-attention and hybrid). It is the model's cache during the step (``update``) and the scoring attention's listener
-    (``queries_to_score`` / ``observe_attention``), the two hooks ``TieredCache`` uses.
+    It is the model's cache during the step (``update``) and the scoring attention's listener
+    (``queries_to_score`` / ``observe_attention``), the two hooks ``TieredCache`` uses. ``STRATEGIES``: what
+    the class runs (its subclass :class:`tiersim.validator.graph_host.HostStep`: host-attention and hybrid).
     ``copies=False`` drops the H2D copies and their waits (the same kernels on stale staging): its
     time is the GPU-busy time of the step, and the difference to the full step is the stall.
     """

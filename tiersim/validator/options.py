@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from tiersim.hierarchy.strategies import CACHE_STRATEGIES
 from tiersim.options import option
 
 #: The decode grid timed when none is given (CLI, ``python -m tiersim.validator`` and ``run_validation``).
@@ -39,6 +40,11 @@ class ValidateOptions:
     executor: str = option("hf", "hf (HF eager generate over TieredCache: measures a host-bound engine) or graph "
                            "(the step captured once as a CUDA graph and replayed; eager on CPU)",
                            choices=("hf", "graph"))
+    strategy: str = option("prefetch", "how the DDR tier reaches attention (--executor graph): prefetch, "
+                           "host-attention (attended on CPU threads, merged by log-sum-exp) or hybrid "
+                           "(--fetch-share of it fetched, the rest on the host)", choices=CACHE_STRATEGIES)
+    fetch_share: float | None = option(None, "hybrid: the share of the DDR tier fetched to the GPU (default 0.5)",
+                                       min=0, max=1, show_default=False)
     compressed: float = option(0.0, "--executor graph: after the grid, its first batch and context again at each HBM "
                                "< 1 ratio with this share of the context in the compressed tier (the rest of what "
                                "leaves HBM in DDR)", min=0, max=1)
@@ -57,13 +63,17 @@ def check_compare(compare, out, profile) -> None:
             raise TiersimError(f"{flag} is for a new run; --compare only prints {compare}: drop {flag} or --compare")
 
 
-def executor_options(executor: str, compressed: float) -> dict:
-    """The options only the graph executor takes, as ``run``'s keyword arguments; the HF harness times lossless
-    splits only, so a ``--compressed`` share for it is refused in one line rather than silently dropped."""
+def executor_options(executor: str, strategy: str, fetch_share, compressed: float) -> dict:
+    """The options only the graph executor takes, as ``run``'s keyword arguments. The HF harness times prefetch over
+    lossless splits only: another ``--strategy``, a ``--fetch-share`` or a ``--compressed`` share for it is refused
+    in one line rather than silently dropped; the graph executor checks its own (graph_host.strategy_options)."""
     from tiersim.errors import TiersimError
 
     if executor == "graph":
-        return {"compressed": compressed}
+        return {"strategy": strategy, "fetch_share": fetch_share, "compressed": compressed}
+    if strategy != "prefetch" or fetch_share is not None:
+        flag = f"--strategy {strategy}" if strategy != "prefetch" else f"--fetch-share {fetch_share:g}"
+        raise TiersimError(f"{flag}: the hf executor times prefetch only; use --executor graph")
     if compressed:
         raise TiersimError(f"--compressed {compressed:g}: the hf executor times lossless splits only; use --executor graph")
     return {}
