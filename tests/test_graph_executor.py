@@ -57,6 +57,24 @@ def _attention_outputs(model, sink: list):
             for layer in model.model.layers]
 
 
+def _assert_same_step(model, cache_arg, step, ids, i: int) -> None:
+    """One decode step of ``ids`` through the model over the TieredCache (``cache_arg``) and through ``step``: the
+    logits and every layer's attention output are equal bit for bit."""
+    ref_attn, out_attn = [], []
+    hooks = _attention_outputs(model, ref_attn)
+    ref = model(input_ids=ids, **cache_arg, use_cache=True, logits_to_keep=1).logits
+    for h in hooks:
+        h.remove()
+    hooks = _attention_outputs(model, out_attn)
+    step.ids.copy_(ids)
+    out = step.run()
+    for h in hooks:
+        h.remove()
+    assert torch.equal(ref, out), f"step {i}: logits differ by {(ref - out).abs().max():.3g}"
+    assert len(ref_attn) == len(out_attn) == model.config.num_hidden_layers
+    assert all(torch.equal(a, b) for a, b in zip(ref_attn, out_attn)), f"step {i}: attention differs"
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("hbm", [1.0, 0.5, 0.25])
 def test_exact_step_is_bit_identical_to_the_tiered_cache(model, hbm, batch):
@@ -75,19 +93,7 @@ def test_exact_step_is_bit_identical_to_the_tiered_cache(model, hbm, batch):
     try:
         with torch.inference_mode():
             for i in range(steps):
-                ref_attn, out_attn = [], []
-                hooks = _attention_outputs(model, ref_attn)
-                ref = model(input_ids=ids[i], **arg, use_cache=True, logits_to_keep=1).logits
-                for h in hooks:
-                    h.remove()
-                hooks = _attention_outputs(model, out_attn)
-                step.ids.copy_(ids[i])
-                out = step.run()
-                for h in hooks:
-                    h.remove()
-                assert torch.equal(ref, out), f"step {i}: logits differ by {(ref - out).abs().max():.3g}"
-                assert len(ref_attn) == len(out_attn) == model.config.num_hidden_layers
-                assert all(torch.equal(a, b) for a, b in zip(ref_attn, out_attn)), f"step {i}: attention differs"
+                _assert_same_step(model, arg, step, ids[i], i)
                 if buffers.due(i + 1):
                     m = buffers.retier(i + 1)
                     moved += m["demoted"] + m["promoted"]
@@ -135,18 +141,7 @@ def test_compressed_and_evicted_shares_are_bit_identical_to_the_tiered_cache(mod
     try:
         with torch.inference_mode():
             for i in range(steps):
-                ref_attn, out_attn = [], []
-                hooks = _attention_outputs(model, ref_attn)
-                ref = model(input_ids=ids[i], **arg, use_cache=True, logits_to_keep=1).logits
-                for h in hooks:
-                    h.remove()
-                hooks = _attention_outputs(model, out_attn)
-                step.ids.copy_(ids[i])
-                out = step.run()
-                for h in hooks:
-                    h.remove()
-                assert torch.equal(ref, out), f"step {i}: logits differ by {(ref - out).abs().max():.3g}"
-                assert all(torch.equal(a, b) for a, b in zip(ref_attn, out_attn)), f"step {i}: attention differs"
+                _assert_same_step(model, arg, step, ids[i], i)
                 if buffers.due(i + 1):
                     for key, value in buffers.retier(i + 1).items():
                         moved[key] = moved.get(key, 0) + value
