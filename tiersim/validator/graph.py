@@ -6,15 +6,18 @@ the embedding, then per layer transformers' own decoder layer (norms, projection
 model's modules, so the math is the model's), whose ``cache.update`` lands in :class:`GraphStep`:
 the new token is written into the layer's HBM tier, layer l+1's DDR tier is copied H2D into the
 other staging buffer on a side stream (layer-ahead prefetch), the compute stream waits for layer l's
-copy, and HBM + staged tokens are scattered into token order for attention. Attention is the
-``"tiersim"`` implementation (SDPA, plus the scores the policy ranks by when tokens may leave HBM).
+copy, the compressed tier is dequantized on the device, and HBM + staged + dequantized tokens are
+scattered into token order for attention. Attention is the ``"tiersim"`` implementation (SDPA, plus
+the scores the policy ranks by when tokens may leave HBM).
 
 Two shapes of the same step:
 
-* ``exact=True`` (eager only): attention reads exactly the tokens held, as ``TieredCache`` hands them
-  over, so on CPU the attention output and logits are bit-identical to ``TieredCache`` (the tests).
-* ``exact=False`` (what the graph captures): attention reads the whole static buffer under a length
-  mask, so shapes never change; equal to the exact step up to float rounding of the masked softmax.
+* ``exact=True`` (eager only): attention reads exactly the tokens held (the retained ones, in token
+  order), as ``TieredCache`` hands them over, so on CPU the attention output and logits are bit-identical
+  to ``TieredCache`` (the tests), compressed and evicted shares included.
+* ``exact=False`` (what the graph captures): attention reads the whole static buffer under a mask (the
+  tokens seen, less the evicted ones), so shapes never change; equal to the exact step up to float
+  rounding of the masked softmax.
   The attention is computed here (the listener's ``attend_split``): SDPA with the query heads of each
   KV head as query rows (grouped-query attention by reshape), because transformers' SDPA path repeats
   K and V per query head whenever a mask is given (7x the KV bytes for a 28/4-head model).
