@@ -317,6 +317,9 @@ def test_cpu_grid_with_the_compressed_check(tmp_path):
                      [{**m, "model": "r1-distill-qwen-7b"} for m in measured], loaded)
     rows = result["rows"]
     assert len(rows) == 5 and rows[4]["simulated_ms"] != rows[1]["simulated_ms"]
+    from tiersim.validator import compare as table
+
+    assert [r[3] for r in table.rows(doc)] == ["1", "0.5", "1", "0.5", "0.5 +c0.25"]  # validate --compare's table
 
 
 def test_the_hf_executor_refuses_a_compressed_share_in_one_line():

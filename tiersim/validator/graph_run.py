@@ -201,6 +201,7 @@ def measure_point(model, batch: int, context: int, hbm: float, steps: int, warmu
         step, gpu = summarize(times["full"]), summarize(times["busy"])
         staged = buffers.staged_bytes()
         counts = buffers.counts()
+        comp_token = bytes_per_token_layer(cfg.num_key_value_heads, head_dim, config.compressed_bits, config.quant_group)
         return graph_host.amend({
             "batch": batch, "context": context, "hbm": hbm,
             "step_ms": step["median"], "step_ms_mean": step["mean"], "step_ms_p90": step["p90"],
@@ -215,8 +216,7 @@ def measure_point(model, batch: int, context: int, hbm: float, steps: int, warmu
             "retiers": buffers.retiers, "retier_ms": statistics.median(retier_ms) if retier_ms else None,
             "tier_bytes": {"hbm": counts["hbm"] * buffers.token_bytes * cfg.num_hidden_layers,
                            "ddr": counts["ddr"] * buffers.token_bytes * cfg.num_hidden_layers,
-                           "compressed": round(counts["compressed"] * batch * cfg.num_hidden_layers * bytes_per_token_layer(
-                               cfg.num_key_value_heads, head_dim, config.compressed_bits, config.quant_group)),
+                           "compressed": round(counts["compressed"] * batch * cfg.num_hidden_layers * comp_token),
                            "staging": 2 * buffers.cap_ddr * buffers.token_bytes},
             "compressed": config.compressed,
             "tiers": counts, "steps": steps, "warmup": warmup, "sdpa": sdpa,

@@ -138,7 +138,8 @@ class TierBuffers:
             ddr_slots=torch.full((b, self.cap_ddr), self.trash, dtype=torch.long, device=dev),
             tiers=torch.zeros((b, self.cap_tokens), dtype=torch.uint8, device=dev),
             cumulative=torch.zeros((b, self.cap_tokens + 1), dtype=torch.float32, device=dev),
-            mask=torch.zeros((b, 1, 1, self.cap_tokens + 1), dtype=torch.bool, device=dev) if self.evicts else self.mask,
+            mask=(torch.zeros((b, 1, 1, self.cap_tokens + 1), dtype=torch.bool, device=dev) if self.evicts
+                  else self.mask),
             comp=comp,
         )
 
@@ -236,7 +237,8 @@ class TierBuffers:
         """The layer in token order as the last step's attention saw it (HBM, the compressed tier dequantized, its
         residual), with the DDR tokens that leave DDR for the device copied H2D: the cache re-tiers from that."""
         keys, values = self.assembled
-        scatter_tokens(keys, values, lt.hbm_slots[:, : lt.n_hbm], lt.hbm_k[:, :, : lt.n_hbm], lt.hbm_v[:, :, : lt.n_hbm])
+        n_h = lt.n_hbm
+        scatter_tokens(keys, values, lt.hbm_slots[:, :n_h], lt.hbm_k[:, :, :n_h], lt.hbm_v[:, :, :n_h], self.rows)
         if lt.comp is not None:
             for tier_k, tier_v, index in lt.comp.exact_tiers():
                 index.scatter(keys, values, tier_k, tier_v)

@@ -75,5 +75,6 @@ def executor_options(executor: str, strategy: str, fetch_share, compressed: floa
         flag = f"--strategy {strategy}" if strategy != "prefetch" else f"--fetch-share {fetch_share:g}"
         raise TiersimError(f"{flag}: the hf executor times prefetch only; use --executor graph")
     if compressed:
-        raise TiersimError(f"--compressed {compressed:g}: the hf executor times lossless splits only; use --executor graph")
+        raise TiersimError(f"--compressed {compressed:g}: the hf executor times lossless splits only; "
+                           "use --executor graph")
     return {}
