@@ -113,8 +113,8 @@ def by_source() -> None:
 
 
 def decode_runs() -> None:
-    """Issue 22: real engines' whole decode runs from sources no constant was fitted on, per source, GPU and regime
-    (``decode_fidelity``), against the old roofline on the same runs."""
+    """Issue 22: real engines' decode steps (whole runs, token-to-token latencies) per source, role, GPU and regime
+    (``decode_fidelity``), against the old roofline on the same points."""
     from tiersim.simulator import decode_fidelity
 
     pts = decode_fidelity.points()
@@ -150,7 +150,7 @@ def decode_runs() -> None:
             + markdown_table(["source", "role", "engine preset", "GPU", "regime", "points", "models", "batch", "median |err| %",
                               "worst |err| %", "median signed %", "old roofline median %"], table) + "\n")
     print(body)
-    write_section("Decode runs of real engines, sources not fitted on (issue #22)",
+    write_section("Decode steps of real engines by source, fit and held out (issue #22)",
                   "python benchmarks/bench_fidelity.py", body)
 
 
