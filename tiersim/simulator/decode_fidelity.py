@@ -1,9 +1,10 @@
-"""Whole decode runs of real engines, measured by others, against the simulator: held-out decode error by source.
+"""Decode steps of real engines, measured by others, against the simulator: decode error by source and role.
 
 ``fidelity`` checks the physics against per-operator tables (vidur's), the same kind of data it was fitted on.
 A real engine's step adds what those tables leave out: the LM head, sampling, the engine's per-step host work,
-its own attention kernel. ``tiersim/data/public-decode-steps.json`` holds such measurements from sources no
-constant was fitted on, of two kinds: *whole runs* (B prompts of L tokens, L output tokens each, the batch's
+its own attention kernel. ``tiersim/data/public-decode-steps.json`` holds such measurements, each source with its
+role (``held_out``: nothing fitted on it; ``fit``: an engine preset's constant was, :func:`fit_attention_block_bw`),
+of two kinds: *whole runs* (B prompts of L tokens, L output tokens each, the batch's
 end-to-end latency), priced as the engine ran them: one batched prefill (``prefill`` physics), then the L - 1
 further decode steps; and *token-to-token latencies* (the mean decode step after the first token of a batch of B
 requests of I input and O output tokens), priced as the mean of those O - 1 steps. Each decode step holds the
