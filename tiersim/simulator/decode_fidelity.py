@@ -3,7 +3,8 @@
 ``fidelity`` checks the physics against per-operator tables (vidur's), the same kind of data it was fitted on.
 A real engine's step adds what those tables leave out: the LM head, sampling, the engine's per-step host work,
 its own attention kernel. ``tiersim/data/public-decode-steps.json`` holds such measurements, each source with its
-role (``held_out``: nothing fitted on it; ``fit``: an engine preset's constant was, :func:`fit_attention_block_bw`),
+role (``held_out``: nothing fitted on it; ``fit``: an engine preset's constant was, :func:`fit_attention_block_bw`;
+``check``: a fit source's points the fit did not read),
 of two kinds: *whole runs* (B prompts of L tokens, L output tokens each, the batch's
 end-to-end latency), priced as the engine ran them: one batched prefill (``prefill`` physics), then the L - 1
 further decode steps; and *token-to-token latencies* (the mean decode step after the first token of a batch of B
@@ -55,7 +56,8 @@ def model_for(doc: dict, key: str) -> Model:
     s = doc["models"][key]
     return Model.from_shape(ModelShape(key, s["architecture"], s["num_layers"], s["hidden_size"],
                                        s["intermediate_size"], s["num_attention_heads"], s["num_kv_heads"],
-                                       s["head_dim"], s["vocab_size"], gated_mlp=s.get("gated_mlp", True)))
+                                       s["head_dim"], s["vocab_size"], gated_mlp=s.get("gated_mlp", True),
+                                       dtype_bytes=s.get("dtype_bytes", 2), kv_dtype_bytes=s.get("kv_dtype_bytes", 2)))
 
 
 def prefill_batch_s(model: Model, gpu: GPU, batch: int, length: int) -> float:
@@ -126,8 +128,8 @@ def points(doc: dict | None = None, engine_overrides: dict[str, str] | None = No
     out = []
     for p in doc["points"]:
         src = doc["sources"][p["source"]]
-        if src["role"] not in ("fit", "held_out"):
-            raise ValueError(f"{DATA}: source {p['source']} has role {src['role']!r}, not fit/held_out")
+        if src["role"] not in ("fit", "held_out", "check"):
+            raise ValueError(f"{DATA}: source {p['source']} has role {src['role']!r}, not fit/held_out/check")
         name = (engine_overrides or {}).get(p["source"], src["engine_overhead"])
         model = model_for(doc, p["model"])
         gpu = engines.apply(gpu_for(doc, p["gpu"]), name, model.num_layers)
