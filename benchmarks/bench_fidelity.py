@@ -135,8 +135,8 @@ def decode_runs() -> None:
     lines = [f"- {src} ({roles[src]}) {reg}: median {v['median_pct']:.2f}%, worst {v['worst_pct']:.1f}% over {v['points']} points "
              f"({', '.join(v['gpus'])}; {len(v['models'])} models)"
              for (src, reg), v in summary.items() if reg.startswith("decode ")]
-    body = ("Decode steps of real engines measured by sources no constant was fitted on "
-            "(tiersim/data/public-decode-steps.json): whole runs (B prompts of L tokens, L output tokens; the batch's "
+    body = ("Decode steps of real engines measured by others (tiersim/data/public-decode-steps.json; each source's "
+            "role: held out, fit, or check): whole runs (B prompts of L tokens, L output tokens; the batch's "
             "latency / L) of TensorRT-LLM and vLLM 0.5 on an A100 40GB (ALCF Polaris) and an H100, from "
             "github.com/argonne-lcf/LLM-Inference-Bench, priced as run (one batched prefill, then the L - 1 further "
             "decode steps); and TensorRT-LLM 0.9.0 token-to-token latencies (the mean decode step after the first "
