@@ -322,6 +322,24 @@ def test_cpu_grid_with_the_compressed_check(tmp_path):
     assert [r[3] for r in table.rows(doc)] == ["1", "0.5", "1", "0.5", "0.5 +c0.25"]  # validate --compare's table
 
 
+def test_the_host_strategies_refuse_a_compressed_or_evicted_share_in_one_line(model):
+    """Their step attends to HBM and DDR only: a compressed check with one is refused before anything runs, and
+    buffers that hold a compressed or evicted share are refused by the step itself."""
+    from tiersim.hierarchy.config import TierConfig
+    from tiersim.validator import graph_host
+    from tiersim.validator.graph_run import run_graph
+    from tiersim.validator.graph_tiers import TierBuffers
+
+    with pytest.raises(TiersimError, match="--compressed 0.25: the graph executor's hybrid step holds lossless") as err:
+        run_graph("tiny", [1], [96], [1.0, 0.5], device="cpu", strategy="hybrid", compressed=0.25)
+    assert "\n" not in str(err.value)
+    for split in ({"compressed": 0.2}, {"evict": 0.2}):
+        config = TierConfig(hbm=0.5, ddr=0.3, strategy="host-attention", quant_group=16, **split)
+        buffers = TierBuffers(config, 2, 1, 2, 16, 96, 4, "cpu", torch.float32)
+        with pytest.raises(TiersimError, match="host step holds lossless splits only"):
+            graph_host.make_step(model, buffers)
+
+
 def test_the_hf_executor_refuses_a_compressed_share_in_one_line():
     from tiersim.validator.__main__ import main
 
