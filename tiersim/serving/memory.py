@@ -27,7 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tiersim.errors import TiersimError
-from tiersim.hierarchy.config import TierConfig, tier_targets
+import numpy as np
+
+from tiersim.hierarchy.config import TierConfig, tier_targets, tier_targets_array
 from tiersim.simulator import analytic
 from tiersim.simulator.presets import GB, GPU, Model
 
@@ -104,6 +106,17 @@ def spill_tokens(tiers: TierConfig, context: int, spilled: int) -> int:
     """More tokens of a request holding ``context`` to move to DDR under the tier split (0: nothing more)."""
     target = tier_targets(tiers, int(context), tiers.sink_tokens + tiers.recent_window)["ddr"]
     return max(target - int(spilled), 0)
+
+
+def spill_tokens_many(tiers: TierConfig, contexts: np.ndarray, spilled: np.ndarray) -> np.ndarray:
+    """:func:`spill_tokens` over arrays of requests (``tier_targets_array``, the same counts): the engine weighs
+    every decoding request at each spill."""
+    return np.maximum(tier_targets_array(tiers, contexts)["ddr"].astype(np.int64) - spilled, 0)
+
+
+def blocks_many(tokens: np.ndarray) -> np.ndarray:
+    """:func:`blocks` over an array."""
+    return -(-tokens // BLOCK_TOKENS)
 
 
 class Unservable(TiersimError):
