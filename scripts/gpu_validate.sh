@@ -31,7 +31,7 @@ else
   HBM=${HBM:-1.0,0.5,0.25} STEPS=${STEPS:-16} WARMUP=${WARMUP:-2} GRID_BUDGET_S=${GRID_BUDGET_S:-130}
   OPS_BUDGET_S=${OPS_BUDGET_S:-50} DEST=${DEST:-docs/validation}
   ops_args=()
-  cuda_tests=(tests/test_cuda_cache.py tests/test_validator.py tests/test_graph_executor.py)
+  cuda_tests=(tests/test_cuda_cache.py tests/test_validator.py tests/test_graph_executor.py tests/test_graph_host.py)
   "$PY" - <<'PYEOF' || exit 1
 import sys
 try:

@@ -176,6 +176,7 @@ def test_retiering_moves_only_the_tokens_whose_tier_changed(model):
 
 @pytest.mark.parametrize("strategy", ["host-attention", "hybrid", "selective"])
 def test_other_strategies_are_refused_in_one_line(model, strategy):
+    """The prefetch step runs prefetch only (host-attention and hybrid: tests/test_graph_host.py)."""
     from tiersim.hierarchy.config import TierConfig
     from tiersim.validator.graph import GraphStep
     from tiersim.validator.graph_tiers import TierBuffers
@@ -183,7 +184,7 @@ def test_other_strategies_are_refused_in_one_line(model, strategy):
     share = {"fetch_share": 0.5} if strategy in ("hybrid", "selective") else {}
     config = TierConfig(hbm=0.5, ddr=0.5, strategy=strategy, **share)
     buffers = TierBuffers(config, 2, 1, 2, 16, 64, 4, "cpu", torch.float32)
-    with pytest.raises(TiersimError, match=f"--strategy {strategy}: the graph executor runs prefetch only") as err:
+    with pytest.raises(TiersimError, match=f"--strategy {strategy}: prefetch only in this step") as err:
         GraphStep(model, buffers)
     assert "\n" not in str(err.value)
 

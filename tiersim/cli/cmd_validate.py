@@ -49,15 +49,20 @@ def validate(opts: ValidateOptions = ValidateOptions()) -> None:
         _show(compare_mod.load(opts.compare))
         return
     lists = list_values(opts)  # --batch, --context, --hbm, each a one-line error when it is not a list
-    run = calibrate.run_validation
+    from tiersim.validator.options import check_strategy
+
+    check_strategy(opts.executor, opts.strategy, opts.fetch_share)
+    run, extra = calibrate.run_validation, {}
     if opts.executor == "graph":
         from tiersim.validator.graph_run import run_validation_graph as run
+
+        extra = {"strategy": opts.strategy, "fetch_share": opts.fetch_share}
     try:
         doc = run(
             opts.model_shape, lists["batch"], lists["context"], lists["hbm"], device=opts.device, steps=opts.steps, warmup=opts.warmup,
             prefill=opts.prefill, out=opts.out, budget_s=opts.budget_s, sdpa=opts.sdpa, profile=opts.profile,
             command=shlex.join(["tiersim", *sys.argv[1:]]) if sys.argv[1:2] == ["validate"] else None,
-            log=lambda msg: err_console.print(msg, highlight=False, markup=False),
+            log=lambda msg: err_console.print(msg, highlight=False, markup=False), **extra,
         )
     except calibrate.NoDeviceError as exc:  # a usage error like any other: one `error:` line, exit 2
         raise TiersimError(str(exc).splitlines()[0]) from None

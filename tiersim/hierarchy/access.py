@@ -27,7 +27,7 @@ from tiersim.errors import ConfigError
 from tiersim.hierarchy import ddr, pages
 from tiersim.hierarchy.config import STRATEGIES
 from tiersim.hierarchy.masks import allowed_keys
-from tiersim.hierarchy.split_attention import Segment, allowed_columns, merge, partial_attention
+from tiersim.hierarchy.split_attention import Segment, allowed_columns, merge, merged_probabilities, partial_attention
 
 
 class DDRAccess:
@@ -207,15 +207,7 @@ class HostAttention(DDRAccess):
         output = out.to(query.dtype).transpose(1, 2).contiguous()
         if not n_probs:
             return output, None
-        batch, q_heads = query.shape[:2]
-        full = torch.zeros((batch, q_heads, n_probs, n_keys + 1), dtype=torch.float32, device=query.device)
-        parts = [(p, s, w) for part, slots, w in zip(parts, slots_of, weights) for p, s in zip(part.probs, slots)]
-        for p, (slots, valid), w in parts:
-            target = torch.where(valid, slots, torch.full_like(slots, n_keys)) if valid is not None else slots
-            index = target[:, None, None, :].expand(batch, q_heads, n_probs, target.shape[1])
-            weighted = (p.double() * w[:, :, q_len - n_probs :, None]).float()
-            full.scatter_(-1, index, weighted)
-        return output, full[..., :n_keys]
+        return output, merged_probabilities(parts, slots_of, weights, q_len, n_probs, n_keys)
 
     def split(self, layer):
         """(device copies of DDR tokens attended on the device as (keys, values, slot, valid),

@@ -92,6 +92,24 @@ def merge(parts: list) -> tuple[torch.Tensor, torch.Tensor, list]:
     return out, lse, weights
 
 
+def merged_probabilities(parts: list, slots_of: list, weights: list, q_len: int, n_probs: int,
+                         n_keys: int) -> torch.Tensor:
+    """The merged attention's probabilities of the last ``n_probs`` queries over the ``n_keys`` retained slots,
+    [B, Hq, n, n_keys] float32: each part's within-part probabilities (``Partial.probs``, one per segment)
+    times its merge weight (:func:`merge`), scattered to the slots its
+    segments hold (``slots_of``: per part, per segment (slots [B, m], valid [B, m] or None)). Sync-free, so a
+    captured graph (tiersim.validator.graph_host) can hold it."""
+    first = parts[0].probs[0]
+    batch, q_heads = first.shape[:2]
+    full = torch.zeros((batch, q_heads, n_probs, n_keys + 1), dtype=torch.float32, device=first.device)
+    for part, slots, w in zip(parts, slots_of, weights):
+        for p, (slot, valid) in zip(part.probs, slots):
+            target = torch.where(valid, slot, torch.full_like(slot, n_keys)) if valid is not None else slot
+            index = target[:, None, None, :].expand(batch, q_heads, n_probs, target.shape[1])
+            full.scatter_(-1, index, (p.double() * w[:, :, q_len - n_probs :, None]).float())
+    return full[..., :n_keys]
+
+
 def allowed_columns(attention_mask: torch.Tensor | None, slots: torch.Tensor, valid: torch.Tensor | None,
                     q_len: int, n_keys: int) -> torch.Tensor | None:
     """The mask's verdict for the keys at ``slots`` [B, m] (the retained order): [B, 1|Hq, q, m] bool.

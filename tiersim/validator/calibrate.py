@@ -149,7 +149,8 @@ def layer_bytes(model, batch: int, context: float) -> float:
 
 
 def predict(model, gpu, policy: dict, batch: int, context: float, hbm: float, table=None) -> dict:
-    """The simulator's closed-form step time and stall for one steady (non re-tiering) decode step."""
+    """The simulator's closed-form step time and stall for one steady (non re-tiering) decode step
+    (``policy`` may name a TierConfig ``strategy`` and ``fetch_share``: then that strategy's costs)."""
     from tiersim.hierarchy.config import TierConfig, tier_targets_array
     from tiersim.simulator.analytic import Offload, Workload, closed_form, layer_costs
 
@@ -158,7 +159,15 @@ def predict(model, gpu, policy: dict, batch: int, context: float, hbm: float, ta
     one = np.array([float(batch * context)])
     work = Workload(batch=batch, steps=np.array([0]), context=one, full_context=one,
                     hbm=tg["hbm"] * batch, ddr=tg["ddr"] * batch, compressed=np.zeros(1), demoted=np.zeros(1))
-    step, stall = closed_form(layer_costs(model, gpu, pol, work, table), model.num_layers)
+    strategy = pol.tiers.strategy
+    if strategy == "prefetch":
+        costs = layer_costs(model, gpu, pol, work, table)
+    else:  # the graph executor's host-attention / hybrid points: the strategy's own costs (hybrid at its share)
+        from tiersim.simulator.strategies import step_costs
+
+        share = 1.0 - pol.tiers.fetch_share if strategy == "hybrid" else None
+        costs = step_costs(strategy, model, gpu, pol, work, table=table, share=share)
+    step, stall = closed_form(costs, model.num_layers)
     return {"step_ms": float(step[0]) * 1e3, "stall_ms": float(stall[0]) * 1e3}
 
 

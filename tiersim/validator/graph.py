@@ -20,7 +20,7 @@ Two shapes of the same step:
   K and V per query head whenever a mask is given (7x the KV bytes for a 28/4-head model).
 
 The graph wrapper (:class:`CapturedStep`) is CUDA-only; on CPU the same eager step runs. Strategies:
-``prefetch`` only; host attention and hybrid (host threads joined to the graph by events) are refused.
+``prefetch`` here; host attention and hybrid in :mod:`tiersim.validator.graph_host` (``make_step`` picks).
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ from tiersim.validator.graph_tiers import TierBuffers
 STRATEGIES = ("prefetch",)
 
 
-def check_strategy(strategy: str) -> None:
-    if strategy not in STRATEGIES:
-        raise TiersimError(f"--strategy {strategy}: the graph executor runs prefetch only (host attention and hybrid "
-                           "need host threads joined to the graph by events: not built)")
+def check_strategy(strategy: str, allowed=STRATEGIES) -> None:
+    if strategy not in allowed:
+        raise TiersimError(f"--strategy {strategy}: {' and '.join(allowed)} only in this step "
+                           "(tiersim.validator.graph_host.make_step picks the step for a strategy)")
 
 
 def _scatter(dst_k, dst_v, slots, src_k, src_v) -> None:
@@ -61,14 +61,17 @@ class GraphStep:
     """The decode step over ``buffers`` for ``model`` (a transformers causal LM of a supported shape).
 
     It is the model's cache during the step (``update``) and the scoring attention's listener
-    (``queries_to_score`` / ``observe_attention``), the two hooks ``TieredCache`` uses.
+    (``queries_to_score`` / ``observe_attention``), the two hooks ``TieredCache`` uses. ``STRATEGIES``: what
+    the class runs (its subclass :class:`tiersim.validator.graph_host.HostStep`: host-attention and hybrid).
     ``copies=False`` drops the H2D copies and their waits (the same kernels on stale staging): its
     time is the GPU-busy time of the step, and the difference to the full step is the stall.
     """
 
+    STRATEGIES = STRATEGIES
+
     def __init__(self, model, buffers: TierBuffers, exact: bool = False, copies: bool = True) -> None:
         self.model, self.buffers, self.exact, self.copies = model, buffers, exact, copies
-        check_strategy(buffers.config.strategy)
+        check_strategy(buffers.config.strategy, self.STRATEGIES)
         self.scoring = buffers.config.offloads  # the cache scores only when tokens may leave HBM
         if self.scoring and getattr(model.config, "_attn_implementation", None) != scoring.ATTN_IMPLEMENTATION:
             raise TiersimError("the graph executor needs the 'tiersim' attention to score tokens "
@@ -113,7 +116,8 @@ class GraphStep:
         return logits
 
     # -- the cache hook ----------------------------------------------------------------------------
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int):
+        """Write the new token into the layer's HBM tier; route the layer's attention here. Returns the layer."""
         buf = self.buffers
         lt = buf.layers[layer_idx]
         lt.hbm_k.index_copy_(2, buf.hbm_len_t, key_states)
@@ -122,6 +126,11 @@ class GraphStep:
         lt.tiers.index_fill_(1, buf.n_seen_t, HBM)
         if self.scoring or not self.exact:
             scoring.set_listener(self, layer_idx)
+        return lt
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        buf = self.buffers
+        lt = self.append(key_states, value_states, layer_idx)
         n = buf.n_seen + 1
         if not self.offloaded or (self.exact and lt.n_ddr == 0):
             # HBM holds every token in token order (nothing ever left it).

@@ -101,17 +101,19 @@ def _p10(values: list[float]) -> float | None:
 
 
 def measure_point(model, batch: int, context: int, hbm: float, steps: int, warmup: int, retier_every: int = 16,
-                  seed: int = 0, sdpa: str = "no-cudnn", arena: HostArena | None = None) -> dict:
-    """Time one point (see the module docstring); returns the measurement dict."""
+                  seed: int = 0, sdpa: str = "no-cudnn", arena: HostArena | None = None,
+                  strategy: dict | None = None) -> dict:
+    """Time one point (see the module docstring); returns the measurement dict. ``strategy``: TierConfig's
+    ``strategy`` / ``fetch_share`` (default prefetch; host-attention and hybrid: tiersim.validator.graph_host)."""
+    from tiersim.validator import graph_host
     from tiersim.validator.decode import tier_config
-    from tiersim.validator.graph import CapturedStep, GraphStep
     from tiersim.validator.graph_tiers import TierBuffers
     from tiersim.validator.sdpa import sdpa_backends
 
     dev = model.device
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    config = tier_config(hbm, retier_every=retier_every)
+    config = tier_config(hbm, retier_every=retier_every, **(strategy or {}))
     max_steps = 2 * (max(warmup, 1) + steps) + 1
     watch = Stopwatch(dev)
     if arena is not None:
@@ -129,20 +131,22 @@ def measure_point(model, batch: int, context: int, hbm: float, steps: int, warmu
             watch.sync()
             t0 = time.perf_counter()
             buffers.retier(k)
+            graph_host.refresh(full, busy)
             watch.sync()
             retier_ms.append((time.perf_counter() - t0) * 1e3)
 
     try:
         with torch.inference_mode(), sdpa_backends(sdpa):
             load_synthetic(buffers, model, generator)
-            full, busy = GraphStep(model, buffers), GraphStep(model, buffers, copies=False)
+            full, busy = graph_host.make_step(model, buffers), graph_host.make_step(model, buffers, copies=False)
             ids = torch.randint(cfg.vocab_size, (batch, 1), generator=generator, device=dev)
             full.ids.copy_(ids)
             busy.ids.copy_(ids)
             capture_error = None
             if watch.cuda:
                 try:
-                    runs = {"full": CapturedStep(full, warmup).replay, "busy": CapturedStep(busy, warmup).replay}
+                    runs = {"full": graph_host.capture(full, warmup).replay,
+                            "busy": graph_host.capture(busy, warmup).replay}
                 except Exception as exc:  # noqa: BLE001 - a step that cannot be captured is timed eagerly, and says so
                     if "out of memory" in str(exc).lower():
                         raise
@@ -157,6 +161,7 @@ def measure_point(model, batch: int, context: int, hbm: float, steps: int, warmu
             watch.sync()
             if any(buffers.due(k) for k in range(1, buffers.n_seen - context + 1)):
                 buffers.retier(buffers.n_seen - context)
+                graph_host.refresh(full, busy)
             marks: dict[str, list] = {"full": [], "busy": []}
             for _ in range(steps):
                 for name, replay in runs.items():
@@ -176,7 +181,7 @@ def measure_point(model, batch: int, context: int, hbm: float, steps: int, warmu
         step, gpu = summarize(times["full"]), summarize(times["busy"])
         staged = buffers.staged_bytes()
         counts = buffers.counts()
-        return {
+        return graph_host.amend({
             "batch": batch, "context": context, "hbm": hbm,
             "step_ms": step["median"], "step_ms_mean": step["mean"], "step_ms_p90": step["p90"],
             "step_ms_p10": _p10(times["full"]),
@@ -193,7 +198,7 @@ def measure_point(model, batch: int, context: int, hbm: float, steps: int, warmu
                            "staging": 2 * buffers.cap_ddr * buffers.token_bytes},
             "tiers": counts, "steps": steps, "warmup": warmup, "sdpa": sdpa,
             "executor": EXECUTORS[dev.type] if capture_error is None else "cuda-eager", "capture_error": capture_error,
-        }
+        }, full, copy_ms)
     finally:
         # Drop the graphs and steps too, so their pools and the buffers are free before the next point.
         buffers = full = busy = runs = None  # noqa: F841
@@ -206,23 +211,27 @@ def measure_point(model, batch: int, context: int, hbm: float, steps: int, warmu
 def run_graph(shape_name: str | None = None, batches=DEFAULT_BATCHES, contexts=DEFAULT_CONTEXTS, hbms=DEFAULT_HBM,
               device: str | None = "cuda", steps: int = 16, warmup: int = 3, out=None, budget_s: float | None = None,
               sdpa: str = "no-cudnn", profile=None, sweep_sizes=None, retier_every: int = 16,
-              command: str | None = None, log=lambda _m: None) -> dict:
+              command: str | None = None, log=lambda _m: None, strategy: str = "prefetch",
+              fetch_share: float | None = None) -> dict:
     """Measure the grid with the graph executor; write ``out`` (a calibration file) atomically when given.
 
     ``budget_s`` counts from the start (link sweep, model build and pinning included); points that would
-    start after it are listed as skipped, so a run under a timeout still ends with its file."""
-    from tiersim.validator import calibrate
+    start after it are listed as skipped, so a run under a timeout still ends with its file. ``strategy``
+    (``fetch_share`` for hybrid): how the DDR tier reaches attention (tiersim.validator.graph_host)."""
+    from tiersim.validator import calibrate, graph_host
+
+    chosen = graph_host.strategy_options(strategy, fetch_share)  # refused in one line before anything runs
 
     def measure(shape, batches, contexts, hbms, dev):
         return _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa, profile, sweep_sizes,
-                        retier_every, command, log)
+                        retier_every, command, log, chosen)
 
     return calibrate.checked_run(measure, shape_name, batches, contexts, hbms, device, steps, warmup, "synthetic",
                                  budget_s, sdpa, out, profile, log)
 
 
 def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa, profile, sweep_sizes,
-             retier_every, command, log) -> dict:
+             retier_every, command, log, chosen=None) -> dict:
     from tiersim.hierarchy.config import TierConfig
     from tiersim.validator import calibrate, compute, grid, link
     from tiersim.validator.shapes import build_model
@@ -250,33 +259,36 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
     points, extras, baselines = [], [], []
 
     def run(batch, context, hbm):
-        return measure_point(model, batch, context, hbm, steps, warmup, retier_every, sdpa=sdpa, arena=arena)
+        return measure_point(model, batch, context, hbm, steps, warmup, retier_every, sdpa=sdpa, arena=arena,
+                             strategy=chosen)
 
     walk = grid.measure_grid(batches, contexts, hbms, run, baselines, log, "graph", budget_s, started)
     for batch, context, hbm, m, baseline, why in walk:
         points.append(calibrate.ValidationPoint.measured(shape.name, batch, context, hbm, m, baseline, why))
         extras.append({k: m[k] for k in ("step_ms_p10", "gpu_busy_ms", "gpu_busy_ms_p10", "gpu_busy_ms_p90",
                                          "copy_ms", "h2d_gbps_in_step", "retier_ms", "tiers", "executor",
-                                         "capture_error")} if m else {})
+                                         "capture_error", "strategy", "host_ms")} if m else {})
         if m and m["capture_error"]:
             log(f"  not captured ({m['capture_error']}): timed eagerly")
         if m:
             log(f"  step {m['step_ms']:.3f} ms (busy {m['gpu_busy_ms']:.3f}, stall {m['stall_ms']:.3f}), "
                 f"H2D {m['h2d_bytes'] / 1e6:.1f} MB/step"
-                + (f" at {m['prefetch_gbps']:.1f} GB/s alone" if m["prefetch_gbps"] else ""))
+                + (f" at {m['prefetch_gbps']:.1f} GB/s alone" if m["prefetch_gbps"] else "")
+                + (f", host {m['host_ms']:.3f} ms" if m.get("host_ms") is not None else ""))
     model_doc = calibrate.sim_model(shape, params)
     defaults = TierConfig()
     policy = {"sink_tokens": defaults.sink_tokens, "recent_window": defaults.recent_window,
               "retier_every": retier_every}
+    settings_strategy = chosen or {"strategy": "prefetch"}
     # Full and copy-free replays alternate, so the timed full steps span 2 * steps tokens after 2 * warmup.
     settings = {"steps": 2 * steps, "warmup": 2 * max(warmup, 1), "timed_steps": steps, "prefill": "synthetic",
-                "budget_s": budget_s, "sdpa": sdpa, "interleaved": True, **policy}
+                "budget_s": budget_s, "sdpa": sdpa, "interleaved": True, **policy, **settings_strategy}
     fit = grid.layer_fit(model_doc, shape, baselines, settings["warmup"], settings["steps"], copy_rate)
     # The file is a CUDA-graph measurement only if every measured point was replayed from a graph.
     executor = next((e["executor"] for e in extras if e and e["executor"] != executor), executor)
     doc = grid.calibration_doc(command, executor, info, dev, shape, params, settings, link_doc, tflops, copy_rate,
                                fit)
-    calibrate.add_predictions(doc, points, model_doc, policy, settings, profile)
+    calibrate.add_predictions(doc, points, model_doc, {**policy, **(chosen or {})}, settings, profile)
     doc["points"] = [{**asdict(p), **extra} for p, extra in zip(points, extras)]
     calibrate.finish(doc)
     del model
@@ -287,9 +299,10 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
 def run_validation_graph(shape_name=None, batches=DEFAULT_BATCHES, contexts=DEFAULT_CONTEXTS, hbms=DEFAULT_HBM,
                          device="cuda", steps: int = 16, warmup: int = 3, prefill: str = "synthetic", out=None,
                          sweep_sizes=None, command=None, log=lambda _m: None, budget_s=None, sdpa="no-cudnn",
-                         profile=None) -> dict:
+                         profile=None, strategy: str = "prefetch", fetch_share: float | None = None) -> dict:
     """``tiersim validate --executor graph``: :func:`run_graph` behind ``run_validation``'s signature."""
     if prefill != "synthetic":
         raise TiersimError(f"--prefill {prefill}: the graph executor fills its buffers with the synthetic prefill only")
     return run_graph(shape_name, batches, contexts, hbms, device=device, steps=steps, warmup=warmup, out=out,
-                     budget_s=budget_s, sdpa=sdpa, profile=profile, sweep_sizes=sweep_sizes, command=command, log=log)
+                     budget_s=budget_s, sdpa=sdpa, profile=profile, sweep_sizes=sweep_sizes, command=command, log=log,
+                     strategy=strategy, fetch_share=fetch_share)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from tiersim.hierarchy.strategies import CACHE_STRATEGIES
 from tiersim.options import option
 
 #: The decode grid timed when none is given (CLI, ``python -m tiersim.validator`` and ``run_validation``).
@@ -39,6 +40,11 @@ class ValidateOptions:
     executor: str = option("hf", "hf (HF eager generate over TieredCache: measures a host-bound engine) or graph "
                            "(the step captured once as a CUDA graph and replayed; eager on CPU)",
                            choices=("hf", "graph"))
+    strategy: str = option("prefetch", "how the DDR tier reaches attention (--executor graph): prefetch, "
+                           "host-attention (attended on CPU threads, merged by log-sum-exp) or hybrid "
+                           "(--fetch-share of it fetched, the rest on the host)", choices=CACHE_STRATEGIES)
+    fetch_share: float | None = option(None, "hybrid: the share of the DDR tier fetched to the GPU (default 0.5)",
+                                       min=0, max=1, show_default=False)
     profile: Path | None = option(None, "operator profile (python -m tiersim.validator.operators) for the predictions")
     out: Path | None = option(None, "calibration JSON to write, e.g. docs/validation/h100.json", output=(".json",))
     compare: Path | None = option(None, "print measured vs simulated from this calibration JSON")
@@ -52,3 +58,13 @@ def check_compare(compare, out, profile) -> None:
     for flag, value in (("--out", out), ("--profile", profile)):
         if compare is not None and value is not None:
             raise TiersimError(f"{flag} is for a new run; --compare only prints {compare}: drop {flag} or --compare")
+
+
+def check_strategy(executor: str, strategy: str, fetch_share) -> None:
+    """The HF harness times prefetch only: another ``--strategy`` (or a ``--fetch-share``) is refused in one
+    line rather than silently timing prefetch; the graph executor checks its own (graph_host.strategy_options)."""
+    from tiersim.errors import TiersimError
+
+    if executor != "graph" and (strategy != "prefetch" or fetch_share is not None):
+        flag = f"--strategy {strategy}" if strategy != "prefetch" else f"--fetch-share {fetch_share:g}"
+        raise TiersimError(f"{flag}: the hf executor times prefetch only; use --executor graph")
