@@ -47,8 +47,9 @@ RESTORE_HEADROOM = 0.05
 #: Spill's cap: the most a decode step may cost over the same batch held in HBM because it reads spilled tokens
 #: (the step model's price under ``--strategy``), as a share. Past it the step preempts (recompute) instead:
 #: uncapped, the spilled tokens' reads slowed every step 4-6x under overload and the queue behind starved
-#: (docs/serving.md, "Spill's cap"). 0.05 was the best of the caps measured there (0-0.5) under overload and
-#: changes nothing below the knee, where the reads hide behind the step's compute.
+#: (docs/serving.md, "Spill's cap"). Caps 0-0.05 measured alike there under overload, larger ones worse; 0.05
+#: leaves a strategy whose reads never fully hide a little room. Below the knee, where the reads hide behind the
+#: step's compute, the cap never refuses and changes nothing.
 SPILL_CAP = 0.05
 
 
