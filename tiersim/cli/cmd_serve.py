@@ -316,7 +316,7 @@ def capacity_qps(qps: str, target: Target, serving: Serving, strategy: str, leng
                 "gpu_link": link_mark(spec.gpu), "workload": requests.describe(), "qps_range": [lo, hi],
                 "policies": answers,
                 "points": [{**p, "on_full": name} for name, a in answers.items() for p in a["points"]]}
-    document.pop("on_full")
+    document.pop("on_full"), document.pop("oracle")  # per policy (the policies' names say which is the oracle)
 
     from tiersim.cli.reports import write_report
 
