@@ -49,14 +49,12 @@ def validate(opts: ValidateOptions = ValidateOptions()) -> None:
         _show(compare_mod.load(opts.compare))
         return
     lists = list_values(opts)  # --batch, --context, --hbm, each a one-line error when it is not a list
-    from tiersim.validator.options import check_strategy
+    from tiersim.validator.options import executor_options
 
-    check_strategy(opts.executor, opts.strategy, opts.fetch_share)
-    run, extra = calibrate.run_validation, {}
+    extra = executor_options(opts.executor, opts.strategy, opts.fetch_share, opts.compressed)
+    run = calibrate.run_validation
     if opts.executor == "graph":
         from tiersim.validator.graph_run import run_validation_graph as run
-
-        extra = {"strategy": opts.strategy, "fetch_share": opts.fetch_share}
     try:
         doc = run(
             opts.model_shape, lists["batch"], lists["context"], lists["hbm"], device=opts.device, steps=opts.steps, warmup=opts.warmup,

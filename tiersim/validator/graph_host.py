@@ -149,6 +149,9 @@ class HostStep(GraphStep):
     def __init__(self, model, buffers, exact: bool = False, copies: bool = True) -> None:
         super().__init__(model, buffers, exact=exact, copies=copies)
         config = buffers.config
+        if buffers.cap_comp or buffers.evicts:  # its attention reads HBM and DDR only
+            raise TiersimError(f"--strategy {config.strategy}: the graph executor's host step holds lossless splits "
+                               "only (no compressed or evicted share)")
         self.access = make_access(config.strategy, config.fetch_share)  # the cache's own strategy object
         self.hybrid = config.strategy == "hybrid"
         cap = buffers.cap_ddr
