@@ -62,6 +62,39 @@ def test_compressed_and_evicted_shares_are_bit_identical_to_the_tiered_cache(mod
         assert any(b < a for a, b in zip(ddr_sizes, ddr_sizes[1:])), ddr_sizes
 
 
+def test_the_estimated_group_capacity_holds_a_churning_run_and_an_overflow_is_one_line(model, monkeypatch):
+    """Buffers too large for one group per token hold group_capacity's estimate: enough for a churning split
+    (re-tiering every other step) with identical results; a state with more groups is refused."""
+    from tiersim.compat import cache_kwargs
+    from tiersim.hierarchy import compressed, scoring
+    from tiersim.hierarchy.quant import quantize_kv
+    from tiersim.validator import graph_compressed
+    from tiersim.validator.graph import GraphStep
+
+    monkeypatch.setattr(graph_compressed, "FULL_BOUND_BYTES", 0)
+    steps = 13
+    cache, buffers = _pair(model, 0.25, 3, steps, split=(0.35, 0.3, 0.1), retier_every=2, recent_window=16)
+    comp = buffers.layers[0].comp
+    assert comp.static.key_scale.shape[2] < buffers.cap_comp  # the estimate, not the full bound
+    step = GraphStep(model, buffers, exact=True)
+    ids = torch.randint(model.config.vocab_size, (steps, 3, 1), generator=torch.Generator().manual_seed(1))
+    arg = cache_kwargs(model, cache)
+    try:
+        with torch.inference_mode():
+            for i in range(steps):
+                _assert_same_step(model, arg, step, ids[i], i)
+                if buffers.due(i + 1):
+                    buffers.retier(i + 1)
+    finally:
+        scoring.clear_listener()
+    cap = comp.static.key_scale.shape[2]
+    keys = torch.randn((3, 2, 16 * (cap + 1), 16))  # one more full group than the buffer holds
+    many = compressed.CompressedTier(quantize_kv(keys, keys, group=16))
+    with pytest.raises(TiersimError, match=f"holds {cap + 1} key scale groups, its static buffer {cap}") as err:
+        comp.store(many)
+    assert "\n" not in str(err.value)
+
+
 def test_a_quant_group_that_does_not_tile_the_head_is_refused_in_one_line():
     from tiersim.hierarchy.config import TierConfig
     from tiersim.validator.graph_tiers import TierBuffers
