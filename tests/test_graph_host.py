@@ -199,14 +199,28 @@ def test_hybrid_moves_its_share_and_host_attention_only_results(model):
     assert host["d2h"] > hybrid["d2h"] > 0  # the query both ways; the mask columns of the host part's tokens
 
 
+def _against(path, capsys) -> dict:
+    """``python -m tiersim.simulator.against PATH``'s simulated ms per hbm."""
+    from tiersim.simulator.against import main
+
+    capsys.readouterr()
+    assert main([str(path)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("tiered")]
+    return {float(r[3]): float(r[5]) for r in rows}
+
+
 @pytest.mark.parametrize("strategy, share", [("host-attention", None), ("hybrid", 0.5)])
-def test_cpu_grid_records_the_strategy_its_host_time_and_prices_it(tmp_path, strategy, share):
+def test_cpu_grid_records_the_strategy_its_host_time_and_prices_it(tmp_path, strategy, share, capsys):
+    """The file names the strategy, each offloaded point its host time and traffic, and both the file's own
+    prediction and ``--against`` price the strategy measured, not prefetch."""
     from tiersim.validator.graph_run import run_graph
 
     kwargs = {"device": "cpu", "steps": 2, "warmup": 1, "sweep_sizes": [4096, 65536]}
-    out = tmp_path / "g.json"
+    out, ref_out = tmp_path / "g.json", tmp_path / "p.json"
     doc = run_graph("tiny", [1], [96], [1.0, 0.5], out=out, strategy=strategy, fetch_share=share, **kwargs)
-    ref = run_graph("tiny", [1], [96], [0.5], **kwargs)
+    ref = run_graph("tiny", [1], [96], [0.5], out=ref_out, **kwargs)
+    simulated, simulated_prefetch = _against(out, capsys), _against(ref_out, capsys)
+    assert simulated[0.5] != simulated_prefetch[0.5] and simulated[1.0] > 0
     assert doc["executor"] == "graph-eager" and doc["settings"]["strategy"] == strategy
     points = {p["hbm"]: p for p in doc["points"]}
     off, prefetch = points[0.5], ref["points"][0]
@@ -316,3 +330,19 @@ def test_cuda_exact_host_step_matches_the_tiered_cache(strategy, share):
             assert float((out.float() - ref.float()).abs().max()) <= 0.035 * scale, f"step {i}"
             if buffers.due(i + 1):
                 buffers.retier(i + 1)
+
+
+@pytest.mark.parametrize("settings, words", [({"strategy": "bogus"}, "point 1's strategy 'bogus' is not one of"),
+                                             ({"strategy": "hybrid", "fetch_share": 2}, "point 1's fetch_share")])
+def test_against_refuses_a_strategy_it_cannot_price_in_one_line(tmp_path, settings, words):
+    from pathlib import Path
+
+    from tiersim.simulator.against import load_measurements
+
+    doc = json.loads((Path(__file__).resolve().parent.parent / "docs/validation/h100-80gb-hbm3.json").read_text())
+    doc["settings"].update(settings)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(TiersimError, match=words) as err:
+        load_measurements(path)
+    assert "\n" not in str(err.value)
