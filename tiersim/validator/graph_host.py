@@ -198,10 +198,17 @@ class HostStep(GraphStep):
     # -- the step --------------------------------------------------------------------------------
     def run(self) -> torch.Tensor:
         self.refresh()
-        self._host_ms = 0.0
+        self.step_started()
         logits = super().run()
-        self.host_times.append(self._host_ms)
+        self.step_done()
         return logits
+
+    def step_started(self) -> None:
+        self._host_ms = 0.0
+
+    def step_done(self) -> None:
+        """Record the step's host time (the host parts of every layer, summed)."""
+        self.host_times.append(self._host_ms)
 
     def _split(self, layer_idx: int) -> bool:
         return self.offloaded and not (self.exact and self.buffers.layers[layer_idx].n_ddr == 0)
