@@ -86,6 +86,7 @@ def main() -> None:
               f"ref {p.reference_ms:8.3f} ms  sim {p.simulated_ms:8.3f} ms  {p.error_pct:+6.1f}%")
     write_section("Simulator fidelity (issue #16)", "python benchmarks/bench_fidelity.py", body)
     by_source()
+    decode_runs()
 
 
 def by_source() -> None:
@@ -100,13 +101,53 @@ def by_source() -> None:
     regimes = [[k, len(v), f"{statistics.median(v):.2f}", f"{max(v):.1f}"] for k, v in sorted(held.items())]
     body = ("Every reference point of every source, priced with the presets as shipped (`fidelity.error_rows`). "
             "Roles are the data files' own: `fit` (the constants were fitted on it), `held_out` (reported only), "
-            "`check` (a fit source's points its fit did not read). Signed error < 0: the simulator is faster.\n\n"
+            "`check` (points no fit read and no held-out figure counts: a fit source's unread points, the Splitwise "
+            "engine-step decomposition). Signed error < 0: the simulator is faster.\n\n"
             + markdown_table(["source", "role", "regime", "points", "median |err| %", "worst |err| %",
                               "median signed %"], table)
             + "\n\nHeld out only, per regime:\n\n"
             + markdown_table(["regime", "points", "median |err| %", "worst |err| %"], regimes) + "\n")
     print(body)
     write_section("Simulator fidelity by source (issue #22)", "python benchmarks/bench_fidelity.py", body)
+
+
+def decode_runs() -> None:
+    """Issue 22: real engines' whole decode runs from sources no constant was fitted on, per source, GPU and regime
+    (``decode_fidelity``), against the old roofline on the same runs."""
+    from tiersim.simulator import decode_fidelity
+
+    pts = decode_fidelity.points()
+    old = decode_fidelity.points(gpu_transform=old_roofline)
+    groups: dict[tuple, list] = {}
+    for p, q in zip(pts, old):
+        groups.setdefault((p.source, p.engine, p.gpu, p.regime), []).append((p, q))
+    table = []
+    for (src, eng, gpu, reg), pairs in sorted(groups.items()):
+        new_e = [abs(p.error_pct) for p, _ in pairs]
+        table.append([src, eng, gpu, reg, len(pairs), len({p.model for p, _ in pairs}),
+                      f"{min(p.batch for p, _ in pairs)}-{max(p.batch for p, _ in pairs)}",
+                      f"{statistics.median(new_e):.2f}", f"{max(new_e):.1f}",
+                      f"{statistics.median(p.error_pct for p, _ in pairs):+.1f}",
+                      f"{statistics.median(abs(q.error_pct) for _, q in pairs):.1f}"])
+    summary = decode_fidelity.summary(pts)
+    lines = [f"- {src} {reg}: median {v['median_pct']:.2f}%, worst {v['worst_pct']:.1f}% over {v['points']} runs "
+             f"({', '.join(v['gpus'])}; {len(v['models'])} models)"
+             for (src, reg), v in summary.items() if reg.startswith("decode ")]
+    body = ("Decode steps of real engines measured by sources no constant was fitted on "
+            "(tiersim/data/public-decode-steps.json): whole runs (B prompts of L tokens, L output tokens; the batch's "
+            "latency / L) of TensorRT-LLM and vLLM 0.5 on an A100 40GB (ALCF Polaris) and an H100, from "
+            "github.com/argonne-lcf/LLM-Inference-Bench, priced as run (one batched prefill, then the L - 1 further "
+            "decode steps); and TensorRT-LLM 0.9.0 token-to-token latencies (the mean decode step after the first "
+            "token) on an A100-SXM4-80GB and an H100 80GB HBM3, from an NVIDIA DLI course table, priced as the mean "
+            "of those steps. Engine presets: TensorRT-LLM none, vLLM 0.5 vllm-sync. Points are classified by code "
+            "before they are compared: preempted (a whole run's KV outgrows HBM), prefill > 10% of the simulated run, "
+            "failed (faster than the weights can be read).\n\n"
+            + "\n".join(lines) + "\n\n"
+            + markdown_table(["source", "engine preset", "GPU", "regime", "runs", "models", "batch", "median |err| %",
+                              "worst |err| %", "median signed %", "old roofline median %"], table) + "\n")
+    print(body)
+    write_section("Decode runs of real engines, sources not fitted on (issue #22)",
+                  "python benchmarks/bench_fidelity.py", body)
 
 
 if __name__ == "__main__":

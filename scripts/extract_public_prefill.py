@@ -1,9 +1,13 @@
 """Rebuild tiersim/data/public-prefill-profiles.json from the public sources it cites.
 
-Usage: python scripts/extract_public_prefill.py VIDUR_DIR SPLITWISE_CSV [OUT]
+Usage: python scripts/extract_public_prefill.py VIDUR_DIR SPLITWISE_CSV ARGONNE_TTFT_CSV DISTSERVE_PROFILE_DIR [OUT]
 VIDUR_DIR holds data/profiling/compute/<gpu>/<org>/<model>/mlp.csv as in github.com/microsoft/vidur @ 7d47513;
-SPLITWISE_CSV is data/perf_model.csv of github.com/Mutinifni/splitwise-sim @ 8f99e7d. The kernel figures
-(FlashAttention-3 on H100) and this project's own H100 GEMM run are read from where the file says.
+SPLITWISE_CSV is data/perf_model.csv of github.com/Mutinifni/splitwise-sim @ 8f99e7d; ARGONNE_TTFT_CSV is
+Plots/Fig_21/all_results_TTFT.csv of github.com/argonne-lcf/LLM-Inference-Bench @ 4211f5d; DISTSERVE_PROFILE_DIR
+holds profiler-a100-80g.{vllm,distserve}.json as in github.com/LLMServe/DistServe @ 82831f1,
+simdistserve/estimators/profile_data. The kernel figures
+(FlashAttention-3 on H100), TensorRT-LLM's published first-token table and this project's own H100 GEMM run are
+transcribed by hand where the file says: the TTFT cases of other sources are kept as they are.
 """
 
 from __future__ import annotations
@@ -55,22 +59,73 @@ def _vidur_case(gpu: str, path: Path, df: pd.DataFrame, tp: int) -> dict:
 
 
 def splitwise_cases(csv: Path) -> list[dict]:
+    """Batch-1 prompt phase per (model, GPU, TP); ``decode_ms``: the same runs' median batch-1 token time (what that
+    engine takes per decode step, read by the engine-step check, never by a fit)."""
     df = pd.read_csv(csv)
     df = df[(df.batch_size == 1) & (df.hardware.isin(["a100-80gb", "h100-80gb"]))]
-    med = df.groupby(["model", "hardware", "tensor_parallel", "prompt_size"]).prompt_time.median()
+    keys = ["model", "hardware", "tensor_parallel"]
+    med = df.groupby([*keys, "prompt_size"]).prompt_time.median()
+    decode = df.groupby(keys).token_time.median()
     out = []
     for (model, hw, tp), sub in med.groupby(level=[0, 1, 2]):
-        out.append({"gpu": hw.split("-")[0], "model": model, "tp": int(tp),
+        out.append({"source": "splitwise", "gpu": hw.split("-")[0], "model": model, "tp": int(tp), "sequences": 1,
+                    "decode_ms": round(float(decode[(model, hw, tp)]), 2),
                     "points": [{"prompt": int(k[3]), "ttft_ms": round(float(v), 2)} for k, v in sub.items()]})
     return out
 
 
+#: LLM-Inference-Bench's hardware and framework names -> this project's GPU keys and source names (hardware
+#: without a preset here, AMD, Intel, SambaNova, is left out).
+ARGONNE_GPUS = {"Nvidia A100 GPU": "a100", "Nvidia H100 GPU": "h100", "Nvidia GH200 GPU": "gh200"}
+ARGONNE_SOURCES = {"vLLM": "argonne-vllm", "TensorRT-LLM": "argonne-trtllm", "Deepspeed-MII": "argonne-dsmii"}
+ARGONNE_MODELS = {"meta-llama/Llama-2-7b-hf": "llama2-7b", "meta-llama/Meta-Llama-3-8B": "llama3-8b",
+                  "mistralai/Mistral-7B-v0.1": "mistral-7b"}
+
+
+def argonne_cases(csv: Path) -> list[dict]:
+    """One batch of equal prompts per (framework, GPU, model): input length, 1 output token, latency in s -> ms."""
+    df = pd.read_csv(csv).dropna(subset=["Latency"])
+    df = df[df.Hardware.isin(ARGONNE_GPUS) & df.Framework.isin(ARGONNE_SOURCES) & (df["Output Length"] == 1)]
+    out = []
+    for _, r in df.iterrows():
+        point = {"prompt": int(r["Input Length"]), "ttft_ms": round(float(r.Latency) * 1e3, 2)}
+        out.append({"source": ARGONNE_SOURCES[r.Framework], "gpu": ARGONNE_GPUS[r.Hardware],
+                    "model": ARGONNE_MODELS[r.Model], "tp": int(r["Num of Hardware"]),
+                    "sequences": int(r["Batch Size"]), "points": [point]})
+    return out
+
+
+#: DistServe's profiled engines (its fitted prefill line per model and TP) -> source names; the prompt lengths the
+#: line is evaluated at (OPT's 2048-position window bounds what was profiled).
+DISTSERVE_SOURCES = {"vllm": "distserve-vllm", "distserve": "distserve-swift"}
+DISTSERVE_MODELS = {"facebook/opt-13b": "opt-13b", "facebook/opt-66b": "opt-66b"}
+DISTSERVE_PROMPTS = (128, 512, 1024, 2048)
+
+
+def distserve_cases(root: Path) -> list[dict]:
+    """One batch-1 prompt per (engine, model, TP): DistServe's line ``a + b n + c n^2`` (ms) at each prompt length."""
+    out = []
+    for engine, source in DISTSERVE_SOURCES.items():
+        doc = json.loads((root / f"profiler-a100-80g.{engine}.json").read_text())
+        for hf, per_tp in doc.items():
+            for tp, params in per_tp.items():
+                if int(tp) not in (1, 2, 4, 8):  # TP 3 is not a sharding this project prices
+                    continue
+                a, b, c = params["prefill"]
+                points = [{"prompt": n, "ttft_ms": round(a + b * n + c * n * n, 2)} for n in DISTSERVE_PROMPTS]
+                out.append({"source": source, "gpu": "a100", "model": DISTSERVE_MODELS[hf], "tp": int(tp),
+                            "sequences": 1, "line_ms": [a, b, c], "points": points})
+    return out
+
+
 def main(argv: list[str]) -> None:
-    vidur, split = Path(argv[1]), Path(argv[2])
-    out = Path(argv[3]) if len(argv) > 3 else Path("tiersim/data/public-prefill-profiles.json")
+    vidur, split, argonne, distserve = Path(argv[1]), Path(argv[2]), Path(argv[3]), Path(argv[4])
+    out = Path(argv[5]) if len(argv) > 5 else Path("tiersim/data/public-prefill-profiles.json")
     data = json.loads(out.read_text()) if out.exists() else {}
     data["gemm_cases"] = vidur_cases(vidur)
-    data["ttft_cases"] = splitwise_cases(split)
+    rebuilt = splitwise_cases(split) + argonne_cases(argonne) + distserve_cases(distserve)
+    kept = [c for c in data.get("ttft_cases", []) if c.get("source", "splitwise") not in {c["source"] for c in rebuilt}]
+    data["ttft_cases"] = rebuilt + kept
     out.write_text(json.dumps(data, indent=1) + "\n")
 
 

@@ -24,6 +24,7 @@ def _json(args):
 
 def test_the_cli_vocabulary_is_the_simulators():
     assert cmd_serve.ON_FULL == memory.ON_FULL and cmd_serve.TP_SIZES == parallel.TP_SIZES
+    assert cmd_serve.ORACLE == memory.ORACLE and cmd_serve.SPILL_CAP == memory.SPILL_CAP
 
 
 def test_serve_runs_every_policy_and_writes_the_per_request_file(tmp_path):
@@ -123,7 +124,10 @@ def test_a_policy_that_cannot_hold_a_request_is_said_and_the_others_still_plan(t
     args = ["--model", model.name, "--requests-file", str(path), "--gpu", "tight-test"]
     code, out, err = invoke(["serve", *args])
     assert code == 0, err
-    assert "--on-full preempt-recompute, preempt-swap, queue cannot serve this workload" in " ".join(out.split())
+    said = " ".join(out.split())
+    assert "--on-full preempt-recompute, preempt-swap cannot serve this workload" in said
+    assert "--on-full queue cannot serve this workload: request 1 (100 prompt + 200 output tokens, reserving " \
+           "max_tokens 16,384)" in said  # its own reason: the reservation
     doc = _json(["capacity", "--qps", "0.1..10", *args, "--format", "json"])
     assert doc["recommendation"].endswith("with --on-full spill (preempt-recompute, preempt-swap, queue cannot "
                                           "hold the longest request).")
@@ -243,6 +247,7 @@ def test_capacity_qps_says_plainly_when_no_rate_met_the_slos():
     (["--lengths", "50"], "--lengths shapes"),
     (["--on-full", "queue", "--spill-ddr", "0.3"], "--spill-ddr applies to spilled tokens only"),
     (["--on-full", "queue,preempt-swap", "--strategy", "host-attention"], "--strategy applies to spilled tokens only"),
+    (["--on-full", "queue", "--spill-cap", "0.2"], "--spill-cap applies to spilled tokens only"),
 ])
 def test_an_option_that_would_be_ignored_is_refused_in_one_line(tmp_path, extra, words):
     saved = tmp_path / "r.csv"
@@ -262,3 +267,18 @@ def test_spill_options_with_spill_and_a_file_alone_still_run(tmp_path):
                                                    "--spill-ddr", "0.3", "--strategy", "host-attention"]):
         code, _, err = invoke(["serve", *args, "--format", "json"])
         assert code == 0, err
+
+
+def test_the_oracle_runs_only_by_name_and_says_so():
+    """all = the four policies a real engine has; queue-oracle (queue reserving the true outputs) only when named,
+    beside them, marked in the document; --max-tokens cuts every policy's outputs, with a note."""
+    assert "queue-oracle" not in [r["on_full"] for r in _json(["serve", *QUICK, "--format", "json"])["runs"]]
+    doc = _json(["serve", *QUICK, "--on-full", "all,queue-oracle", "--format", "json"])
+    assert [r["on_full"] for r in doc["runs"]] == [*memory.ON_FULL, memory.ORACLE]
+    assert [r["oracle"] for r in doc["runs"]] == [False] * 4 + [True]
+    (max_tokens,) = {r["max_tokens"] for r in doc["runs"]}  # the power of two covering the ~200-token outputs
+    assert max_tokens in (256, 512, 1024)
+    code, out, err = invoke(["serve", *QUICK, "--max-tokens", "150", "--on-full", "queue", "--format", "json"])
+    run = json.loads(out)["runs"][0]
+    assert code == 0 and run["max_tokens"] == 150 and "--max-tokens 150 cuts" in err
+    assert run["output_tokens"] <= 150 * 40

@@ -87,3 +87,13 @@ def test_tp_prefill_is_the_shard_plus_the_all_reduces():
     assert t[1] > t[2] > t[4] > t[8] > t[1] / 8  # compute splits, all-reduces do not
     comm = QWQ.num_layers * parallel.layer_allreduce_s(QWQ, H100, 4, 4096)
     assert t[4] == pytest.approx(float(prefill.prefill_s(parallel.shard(QWQ, 4), H100, 4096)) + comm)
+
+
+def test_tp_prefill_of_a_batch_all_reduces_every_row():
+    """A batch of prompts on TP GPUs: the rank's batch prefill plus all-reduces of every row of the batch."""
+    from tiersim.simulator import prefill
+
+    t = parallel.tp_prefill_s(QWQ, H100, 4, 1024, sequences=8)
+    comm = QWQ.num_layers * parallel.layer_allreduce_s(QWQ, H100, 4, 8 * 1024)
+    assert t == pytest.approx(float(prefill.prefill_s(parallel.shard(QWQ, 4), H100, 1024, sequences=8)) + comm)
+    assert parallel.tp_prefill_s(QWQ, H100, 4, 1024, sequences=1) == parallel.tp_prefill_s(QWQ, H100, 4, 1024)

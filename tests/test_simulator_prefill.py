@@ -95,3 +95,31 @@ def test_whole_prefill_and_step_add_the_layers_the_head_and_the_host():
     # Chunked prefill of a prompt alone costs at least the one-shot prefill (more steps, same work).
     assert prefill.chunked_prefill_s(QWEN7, H100, 4096, 4096) == pytest.approx(float(prefill.prefill_s(QWEN7, H100, 4096)))
     assert prefill.chunked_prefill_s(QWEN7, H100, 4096, 512) > float(prefill.prefill_s(QWEN7, H100, 4096))
+
+
+def test_one_sequence_is_the_single_prompt_bit_for_bit():
+    """``sequences=1`` is the single chunk's formula exactly: layers x layer + gather + LM head + host."""
+    for n, ctx in ((1, 0), (700, 0), (2048, 0), (512, 3000)):
+        single = (QWEN7.num_layers * float(prefill.prefill_layer_s(QWEN7, H100, n, ctx))
+                  + physics.gather_s(QWEN7, H100, max(n - 1, 0)) + physics.lm_head_s(QWEN7, H100, 1)
+                  + physics.host_overhead_s(H100, 1))
+        assert float(prefill.prefill_s(QWEN7, H100, n, ctx, sequences=1)) == single
+    with pytest.raises(ValueError):
+        prefill.prefill_s(QWEN7, H100, 128, sequences=0)
+
+
+@pytest.mark.parametrize("gpu", [H100, A100], ids=["h100", "a100"])
+def test_a_batch_of_prompts_shares_the_weights_and_keeps_attention_per_prompt(gpu):
+    """16 prompts of 1K tokens in one forward: the GEMMs' FLOPs add (compute-bound: ~16 x one prompt's, less the
+    weight read and per-kernel costs paid once), attention stays per prompt (far less than one 16K-token prompt's
+    quadratic attention), and the time grows with both the prompts and their length."""
+    one = float(prefill.prefill_s(QWQ, gpu, 1024))
+    batch = float(prefill.prefill_s(QWQ, gpu, 1024, sequences=16))
+    assert 12 * one < batch < 16 * one
+    assert batch < float(prefill.prefill_s(QWQ, gpu, 16 * 1024))  # one long prompt attends over all 16K keys
+    gemm = QWQ.num_layers * float(prefill.gemm_s(QWQ, gpu, 16 * 1024))
+    attn = QWQ.num_layers * 16 * float(prefill.prefill_attention_s(QWQ, gpu, 1024))
+    assert gemm + attn < batch < (gemm + attn) * 1.15  # small ops, gather, 16 LM-head rows and the host on top
+    times = [float(prefill.prefill_s(QWQ, gpu, t, sequences=s)) for s in (1, 2, 4, 8) for t in (256, 1024)]
+    assert all(b > a for a, b in zip(times[::2], times[1::2]))  # longer prompts, same batch
+    assert all(b > a for a, b in zip(times[::2], times[2::2]))  # more prompts, same length

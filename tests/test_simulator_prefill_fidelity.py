@@ -9,6 +9,7 @@ import statistics
 
 import pytest
 
+from tiersim.simulator import parallel
 from tiersim.simulator import prefill_fidelity as pf
 from tiersim.simulator.presets import get_gpu
 
@@ -46,10 +47,47 @@ def test_the_fit_reads_only_the_fit_sources():
 
 def test_each_source_is_within_its_stated_error():
     """The figures docs/simulator.md quotes (median |error| per source, %), to the rounding stated there."""
-    stated = {"vidur-ops": 3.5, "fa3-h100": 0.6, "vidur-ops-tp": 3.6, "tiersim-h100-operators": 7.3, "splitwise": 23.3}
+    stated = {"vidur-ops": 3.5, "fa3-h100": 0.6, "vidur-ops-tp": 3.6, "tiersim-h100-operators": 7.3, "splitwise": 23.3,
+              "trtllm-v0.5-a100": 7.3, "argonne-trtllm": 7.5, "argonne-vllm": 8.4, "argonne-dsmii": 35.3,
+              "distserve-swift": 10.4, "distserve-vllm": 39.9, "splitwise+engine-step": 14.2}
     for source, median in stated.items():
         assert SUMMARY[source]["median_pct"] == pytest.approx(median, abs=0.1), source
-    assert SUMMARY["held_out"]["median_pct"] == pytest.approx(22.4, abs=0.1)
+    assert SUMMARY["held_out"]["median_pct"] == pytest.approx(19.0, abs=0.1)
+
+
+def _ttft_sources(role: str) -> set[str]:
+    return {c["source"] for c in REF["ttft_cases"] if REF["sources"][c["source"]]["role"] == role}
+
+
+def test_no_ttft_source_is_fitted_on_and_every_one_is_reported():
+    assert _ttft_sources("held_out") == {"splitwise", "trtllm-v0.5-a100", "argonne-vllm", "argonne-trtllm",
+                                         "argonne-dsmii", "distserve-swift", "distserve-vllm"}
+    assert not _ttft_sources("fit")
+    ttft = {r.source for r in ROWS if r.regime == "ttft" and r.role == "held_out"}
+    assert ttft == _ttft_sources("held_out")
+
+
+def test_the_gpu_physics_is_never_much_slower_than_a_real_engine():
+    """An engine adds host work to the GPU's; it cannot make the GPU's work faster than the physics by much. So a
+    held-out TTFT source the simulator misses by more than the issue's 10% must be missed on the fast side (the
+    engine's own cost, not charged here), and no held-out TTFT point may be priced over 15% slower than measured
+    (the worst today: Falcon-180B on 8 A100s at 2K tokens, +13.1%). A GEMM, attention or all-reduce term made too slow
+    fails here; one made too fast fails the stated medians above."""
+    for source in _ttft_sources("held_out"):
+        s = SUMMARY[source]
+        assert s["median_pct"] <= 10.0 or s["median_signed_pct"] < -10.0, source
+    worst = max(r.error_pct for r in ROWS if r.regime == "ttft" and r.role == "held_out")
+    assert 10.0 < worst < 15.0
+
+
+def test_current_engines_meet_the_ttft_target_per_source():
+    """TensorRT-LLM (v0.5 and 2024) and vLLM (2024), no server in the path, A100/H100/GH200, 128-16K tokens per
+    forward: each within the issue's 10% median, and within 10% pooled (35 points; the figure docs/simulator.md quotes)."""
+    current = {"trtllm-v0.5-a100", "argonne-vllm", "argonne-trtllm"}
+    for source in current:
+        assert SUMMARY[source]["median_pct"] <= 10.0, source
+    pooled = [abs(r.error_pct) for r in ROWS if r.source in current]
+    assert len(pooled) == 26 and statistics.median(pooled) == pytest.approx(7.5, abs=0.1)
 
 
 def test_the_cleanest_held_out_case_is_within_the_target():
@@ -61,6 +99,20 @@ def test_the_cleanest_held_out_case_is_within_the_target():
     assert SUMMARY["splitwise"]["median_signed_pct"] < -15
 
 
+def test_the_engine_step_check_charges_that_engines_own_decode_excess():
+    """Each Splitwise point is checked a second time with that engine's batch-1 decode step minus the simulated one
+    added (the same runs' token_time): the miss that remains is its long-prompt, TP >= 4 rows, not its small prompts."""
+    plain = {(r.gpu, r.model, r.tp, r.tokens): r for r in ROWS if r.source == "splitwise"}
+    check = [r for r in ROWS if r.source == "splitwise+engine-step"]
+    assert len(check) == len(plain) and {r.role for r in check} == {"check"}
+    for r in check:
+        p = plain[(r.gpu, r.model, r.tp, r.tokens)]
+        assert r.reference_ms == p.reference_ms
+    short = [abs(r.error_pct) for r in check if r.gpu == "a100" and r.tokens <= 2048]
+    long_tp = [r.error_pct for r in check if r.tp >= 4 and r.tokens >= 4096]
+    assert statistics.median(short) < 6.0 and max(long_tp) < -13.0
+
+
 def test_error_rows_are_plain_rows_per_source_and_regime():
     rows = pf.error_rows()
     assert {r["regime"] for r in rows} == {"gemm", "attention", "ttft"}
@@ -68,3 +120,22 @@ def test_error_rows_are_plain_rows_per_source_and_regime():
     assert all(r["reference_ms"] > 0 and r["simulated_ms"] > 0 for r in rows)
     r = rows[0]
     assert r["error_pct"] == pytest.approx(100 * (r["simulated_ms"] / r["reference_ms"] - 1))
+
+
+@pytest.mark.parametrize("name", sorted(REF["models"]))
+def test_every_reference_model_prices_monotone_in_prompt_and_tp(name):
+    """Each TTFT model of the data file, on each GPU it was measured on: a longer prompt takes longer at every TP it
+    can shard to, and from 1K tokens up a wider TP is faster (the GEMMs and attention split, the all-reduces do not
+    grow with TP): the mechanisms the held-out rows test, checked where no row exists too."""
+    model = pf.model_from_shape(name, REF["models"][name])
+    gpus = pf._gpus(None)
+    for key in sorted({c["gpu"] for c in REF["ttft_cases"] if c["model"] == name}):
+        gpu = gpus[key]
+        tps = [tp for tp in (1, 2, 4, 8) if model.num_kv_heads % tp == 0 and model.num_attention_heads % tp == 0
+               and model.weight_bytes / tp < 0.9 * gpu.hbm_bytes and (tp == 1 or gpu.name in parallel.NVLINK_OF)]
+        for tp in tps:
+            t = [parallel.tp_prefill_s(model, gpu, tp, n) for n in (128, 512, 1024, 2048, 4096, 8192)]
+            assert all(b > a for a, b in zip(t, t[1:])), (key, tp)
+        for n in (1024, 4096):
+            t = [parallel.tp_prefill_s(model, gpu, tp, n) for tp in tps]
+            assert all(b < a for a, b in zip(t, t[1:])), (key, n)

@@ -139,9 +139,9 @@ def grid(
         err_console.print(f"wrote {out}", highlight=False, markup=False)
 
     def write_html():
-        from tiersim.cli.cmd_simulate import _this_run, _write_report
+        from tiersim.cli.reports import write_report
 
-        _write_report([document], report, _this_run("grid"))  # names its input by this command line
+        write_report([document], report, "grid")  # names its input by this command line
 
     # The document (or the table) first, then the files: a full disk costs a file, never the result.
     if output_format != "json":

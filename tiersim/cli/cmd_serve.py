@@ -18,10 +18,11 @@ from tiersim.options import option, parse_list
 
 FORMATS = ("table", "json")
 ON_FULL = ("preempt-recompute", "preempt-swap", "queue", "spill")  # tiersim.serving.memory.ON_FULL (tested equal)
+ORACLE = "queue-oracle"  # tiersim.serving.memory.ORACLE (tested equal): by name only, never in "all"
+SPILL_CAP = 0.05  # tiersim.serving.memory.SPILL_CAP (tested equal)
 TP_SIZES = (1, 2, 4, 8)  # tiersim.simulator.parallel.TP_SIZES (tested equal)
 MAX_REQUESTS = 10_000_000
 QPS_MAX = 1e9  # requests/s: `serve --qps` and `capacity --qps` share this bound
-TPOT_SLO_MIN = 0.001  # ms: `serve --tpot-slo` and `capacity --qps --tpot-slo` share this bound
 # simulate / capacity's --engine-overhead, the same words and choices (tiersim.simulator.engines)
 _ENGINE = next(f for f in dataclasses.fields(ComputeModel) if f.name == "engine_overhead").metadata
 
@@ -32,7 +33,8 @@ class Serving:
 
     tp: int = option(1, "tensor-parallel GPUs of one node (weights and KV heads split, two all-reduces per layer)",
                      choices=TP_SIZES)
-    on_full: str = option("all", "when the next step's KV does not fit: all, or a comma list of " + ", ".join(ON_FULL))
+    on_full: str = option("all", "when the next step's KV does not fit: all, or a comma list of all, " + ", ".join(ON_FULL)
+                          + f" ({ORACLE}: queue reserving the true output lengths, an oracle, by name only)")
     requests: int = option(1000, "synthetic requests per run", min=1, max=MAX_REQUESTS)
     requests_file: Path | None = option(None, "replay these requests instead (CSV, JSON lines or Parquet with "
                                         "arrival_s, prompt_tokens, output_tokens; docs/file-formats.md)", input=True)
@@ -45,6 +47,12 @@ class Serving:
                                "(chunked prefill)", min=1, max=MAX_TOKENS)
     spill_ddr: float = option(0.5, "spill: the tier split's DDR share of a request's context moved when HBM runs "
                               "out (the least-attended tokens; sinks and the recent window stay)", min=0.01, max=1)
+    spill_cap: float = option(SPILL_CAP, "spill: the most reading spilled tokens may slow a step, as a share of the "
+                              "same batch in HBM (the step model's price); past it spill preempts (recompute)",
+                              min=0, max=1000)
+    max_tokens: int | None = option(None, "output tokens each request may generate at most (outputs longer are cut, "
+                                    "for every policy); queue reserves prompt + max_tokens (default: the power of "
+                                    "two covering the longest output)", min=1, max=MAX_TOKENS)
     ttft_slo: float = option(2000.0, "SLO: p99 time to first token, ms", min=0.001)
 
 
@@ -74,10 +82,10 @@ def batch_only(given: dict[str, bool], *groups) -> None:
 
 
 def policies(text: str) -> list[str]:
-    names = list(ON_FULL) if text.strip() == "all" else parse_list(text, str, "--on-full")
-    bad = [n for n in names if n not in ON_FULL]
+    names = [n for item in parse_list(text, str, "--on-full") for n in (ON_FULL if item == "all" else (item,))]
+    bad = [n for n in names if n not in (*ON_FULL, ORACLE)]
     if bad:
-        raise TiersimError(f"--on-full: unknown policy {bad[0]!r}; choose all or from {', '.join(ON_FULL)}")
+        raise TiersimError(f"--on-full: unknown policy {bad[0]!r}; choose all or from {', '.join((*ON_FULL, ORACLE))}")
     return list(dict.fromkeys(names))
 
 
@@ -100,7 +108,8 @@ def ignored(serving: Serving, strategy: str, lengths: str | None, qps: float | N
             if on:
                 raise TiersimError(f"{name} shapes synthetic requests; --requests-file replays its own: drop one")
     if "spill" not in names:
-        spill_only = (("--spill-ddr", serving.spill_ddr != defaults["spill_ddr"]), ("--strategy", strategy != "prefetch"))
+        spill_only = (("--spill-ddr", serving.spill_ddr != defaults["spill_ddr"]),
+                      ("--spill-cap", serving.spill_cap != defaults["spill_cap"]), ("--strategy", strategy != "prefetch"))
         for name, on in spill_only:
             if on:
                 raise TiersimError(f"{name} applies to spilled tokens only; add spill to --on-full or drop {name}")
@@ -111,7 +120,7 @@ def build(target: Target, serving: Serving, strategy: str, lengths: str | None, 
     """(spec, requests, policies) from the options: every refusal is one line naming the option. The engine
     overhead reaches the GPU through ``engines.apply``, as for simulate / capacity (the step model reads it)."""
     from tiersim.hierarchy.config import TierConfig
-    from tiersim.serving import metrics, workload
+    from tiersim.serving import memory, metrics, workload
     from tiersim.serving.engine import EngineConfig
     from tiersim.serving.run import ServeSpec
     from tiersim.simulator import engines, parallel, presets
@@ -137,10 +146,14 @@ def build(target: Target, serving: Serving, strategy: str, lengths: str | None, 
             raise TiersimError(str(exc).replace("--lengths", "--prompt-lengths")) from None
         requests = workload.synthetic(serving.requests, 1.0 if qps is None else qps, prompt, output, serving.sigma,
                                       serving.burstiness, seed)
+    if serving.max_tokens is not None:
+        requests, cut = workload.cut_outputs(requests, serving.max_tokens)
+        if cut:
+            err_console.print(f"[yellow]note:[/] --max-tokens {serving.max_tokens:,} cuts {cut:,} of {len(requests):,} "
+                              "outputs (every policy serves them cut)", highlight=False, soft_wrap=True)
+    max_tokens = serving.max_tokens or memory.default_max_tokens(requests.output)
     tiers = TierConfig(hbm=1.0 - serving.spill_ddr, ddr=serving.spill_ddr)
-    engine = EngineConfig(serving.max_batch, serving.token_budget, names[0], tiers)
-    if tpot_slo is not None and not tpot_slo >= TPOT_SLO_MIN:  # capacity's option allows 0: the same bound as serve's
-        raise TiersimError(f"--tpot-slo must be >= {TPOT_SLO_MIN:g}, got {tpot_slo:g}")
+    engine = EngineConfig(serving.max_batch, serving.token_budget, names[0], tiers, serving.spill_cap, max_tokens)
     tpot = DEFAULT_TPOT_SLO if tpot_slo is None else tpot_slo
     slo = metrics.SLO(serving.ttft_slo / 1e3, tpot / 1e3)
     if note := assumed_link_note(gpu, target.gpu):  # simulate / capacity's note (issue 22), once the options pass
@@ -163,8 +176,7 @@ def serve(
     strategy: str = typer.Option("prefetch", help="how spilled DDR tokens reach attention: "
                                  + strategies.help_text()),
     seed: int = options.opt(0, help="seed of the arrivals and lengths", min=0, max=2**32 - 1),
-    tpot_slo: float = options.opt(DEFAULT_TPOT_SLO, "--tpot-slo", help="SLO: p99 time per output token, ms",
-                                  min=TPOT_SLO_MIN),
+    tpot_slo: float = options.tpot_slo(DEFAULT_TPOT_SLO, "SLO: p99 time per output token, ms"),
     engine_overhead: str = options.opt("none", "--engine-overhead", help=_ENGINE["help"],
                                        choices=_ENGINE["bounds"].choices),
     fmt: str = options.opt("table", "--format", help="table or json", choices=FORMATS),
@@ -192,16 +204,16 @@ def serve(
     documents = [serving_run.document(r) for r in results]
     documents += [{"on_full": name, "unservable": why} for name, why in refused.items()]
 
-    def write_report():
+    def html():
         import tempfile
 
-        from tiersim.cli.cmd_simulate import _this_run, _write_report
+        from tiersim.cli.reports import write_report
 
         with tempfile.TemporaryDirectory() as tmp:  # the report reads the file --out writes
             path = serving_run.write(Path(tmp) / "serving.parquet", results)
-            _write_report([path], report, _this_run("serve"))
+            write_report([path], report, "serve")
 
-    writes = [(out, lambda: (serving_run.write(out, results), wrote(out))), (report, write_report),
+    writes = [(out, lambda: (serving_run.write(out, results), wrote(out))), (report, html),
               (save_requests, lambda: (workload.write_requests(save_requests, requests), wrote(save_requests)))]
     first = _first_line(spec, results)
     if fmt == "json":
@@ -224,8 +236,8 @@ def _notes(refused: dict[str, str]) -> None:
 def _engine_words(spec) -> str:
     e = spec.engine
     where = f"{spec.tp} x {spec.gpu.name}" if spec.tp > 1 else spec.gpu.name
-    return (f"{spec.model.name} on {where}, max batch {e.max_batch}, {e.token_budget} tokens per step, "
-            f"DDR read by {spec.strategy}, engine overhead {spec.gpu.engine}")
+    return (f"{spec.model.name} on {where}, max batch {e.max_batch}, {e.token_budget} tokens per step, max_tokens "
+            f"{e.max_tokens:,}, DDR read by {spec.strategy} (spill cap {e.spill_cap:.0%}), engine overhead {spec.gpu.engine}")
 
 
 def _first_line(spec, results) -> str:
@@ -303,12 +315,10 @@ def capacity_qps(qps: str, target: Target, serving: Serving, strategy: str, leng
                 "points": [{**p, "on_full": name} for name, a in answers.items() for p in a["points"]]}
     document.pop("on_full")
 
-    def write_report():
-        from tiersim.cli.cmd_simulate import _this_run, _write_report
+    from tiersim.cli.reports import write_report
 
-        _write_report([document], report, _this_run("capacity"))
-
-    writes = [(out, lambda: (write_document(out, document), wrote(out))), (report, write_report)]
+    writes = [(out, lambda: (write_document(out, document), wrote(out))),
+              (report, lambda: write_report([document], report, "capacity"))]
     if fmt == "json":
         deliver(document, writes)
         return
@@ -321,7 +331,7 @@ def capacity_qps(qps: str, target: Target, serving: Serving, strategy: str, leng
         best = max((p for p in a["points"] if p["within_slo"]), key=lambda p: p["qps"], default=None)
         cells = ("-",) * 4 if best is None else (f"{best['ttft_p99_ms']:,.0f}", f"{best['tpot_p99_ms']:.1f}",
                                                  f"{best['goodput_qps']:.3g}", f"{best['tokens_per_s_per_gpu']:,.0f}")
-        table.add_row(name, "cannot" if "unservable" in a else search._rate(a), *cells, str(len(a["points"])))
+        table.add_row(name, "cannot" if "unservable" in a else search.rate_words(a), *cells, str(len(a["points"])))
     console.print(table)
     _notes({name: a["unservable"] for name, a in answers.items() if "unservable" in a})
     deliver(None, writes)

@@ -17,6 +17,7 @@ from tiersim.cli.app import (
 from tiersim.cli.cmd_serve import Serving, batch_only, capacity_qps, serving_only
 from tiersim.cli.groups import ComputeModel, Target, Workload
 from tiersim.cli.progress import meter
+from tiersim.cli import reports
 from tiersim.errors import ConfigError, TiersimError
 from tiersim.hierarchy import strategies
 
@@ -127,14 +128,14 @@ def simulate(
 
     def write_report():
         if out and out.exists():
-            _write_report([out], report)
+            reports.write_report([out], report)
         else:  # the report reads the same file `--out` would write
             import tempfile
 
             with tempfile.TemporaryDirectory() as tmp:
                 timeline_path = Path(tmp) / "simulation.parquet"
                 write_timeline(timeline_path, timeline, meta)
-                _write_report([timeline_path], report, _this_run("simulate"))
+                reports.write_report([timeline_path], report, "simulate")
 
     if fmt == "json":  # the document first: a file that cannot be written never costs the result
         deliver({**meta, "baseline": baseline, "rows": [row]}, [(out, write_out), (report, write_report)])
@@ -162,8 +163,8 @@ def capacity(
                                           "(powers of two between the ends)"),
     target: Target = Target(),
     workload: Workload = Workload(),
-    tpot_slo: float = options.opt(None, "--tpot-slo", help="latency budget: mean time per output token, ms",
-                                  min=0),
+    tpot_slo: float = options.tpot_slo(None, "latency budget: mean time per output token, ms (with --qps: the "
+                                       "p99 SLO, default 50)"),
     max_evict: float = options.opt(0.0, "--max-evict", help="quality budget: largest share of the KV evicted",
                                    min=0, max=0.999),
     strategy: str = typer.Option("all", help="offload strategies compared: all, or a comma list of "
@@ -199,8 +200,6 @@ def capacity(
     _check_format(fmt)
     if not max_overhead >= 0:  # NaN too
         raise TiersimError(f"--max-overhead must be >= 0, got {max_overhead}")
-    if tpot_slo is not None and not tpot_slo > 0:
-        raise TiersimError(f"--tpot-slo must be > 0 ms, got {tpot_slo}")
     if not 0.0 <= max_evict < 1.0:
         raise TiersimError(f"--max-evict must be in [0, 1), got {max_evict}")
     batches = planner.parse_batches(batch)
@@ -234,32 +233,10 @@ def capacity(
     result = {"recommendation": answer["recommendation"], **result,
               "planner": {k: v for k, v in answer.items() if k != "points"}, "points": answer["points"]}
     writes = [(out, lambda: (write_document(out, result), wrote(out))),
-              (report, lambda: _write_report([result], report, _this_run("capacity")))]
+              (report, lambda: reports.write_report([result], report, "capacity"))]
     if fmt == "json":  # the document first: a file that cannot be written never costs the result
         deliver(result, writes)
         return
     view.print_capacity(result, scenario)
     deliver(None, writes)
 
-
-def _this_run(command: str) -> str:
-    """How a report names an input this very run computed: its command line, not ``<in memory>``."""
-    import shlex
-    import sys
-
-    args = sys.argv[1:] if sys.argv[1:2] == [command] else [command]
-    return "this run: " + shlex.join(["tiersim", *args])
-
-
-def _write_report(inputs: list, path: Path, source: str | None = None) -> None:
-    """Write the report; ``source``: the name of inputs this run computed (see :func:`_this_run`)."""
-    try:
-        from tiersim.report import write_report
-        from tiersim.report.loaders import load_input
-    except ImportError:
-        raise TiersimError("--report needs tiersim.report, which this installation lacks") from None
-    loaded = [load_input(item) for item in inputs]
-    for item in loaded if source else ():
-        item.source = source
-    write_report(loaded, path)
-    wrote(path)

@@ -31,6 +31,15 @@ WIDE_COLUMNS = 1000  # what --wide draws at: wider than any table, the terminal 
 WIDE_HELP = "tables with every column, however wide (default: columns that do not fit the terminal are left out)"
 
 
+#: The least --tpot-slo (ms) any command takes: serve, capacity --qps (p99) and capacity's planner (mean) share it.
+TPOT_SLO_MIN = 0.001
+
+
+def tpot_slo(default: float | None, help: str) -> Any:
+    """``--tpot-slo`` as every command declares it: one bound (:data:`TPOT_SLO_MIN`), checked with the rest."""
+    return opt(default, "--tpot-slo", help=help, min=TPOT_SLO_MIN)
+
+
 def opt(default: Any, *param_decls: str, help: str | None = None, min: float | None = None,
         max: float | None = None, choices: tuple | None = None, finite: bool = True,
         output: tuple[str, ...] | None = None, input: bool | str = False, **kwargs: Any) -> Any:

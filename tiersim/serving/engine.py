@@ -45,6 +45,8 @@ class EngineConfig:
     token_budget: int = 2048
     on_full: str = "preempt-recompute"
     tiers: TierConfig = field(default_factory=lambda: TierConfig(hbm=0.5, ddr=0.5))
+    spill_cap: float = memory.SPILL_CAP  # spill: the most a step may slow down reading spilled tokens
+    max_tokens: int | None = None  # what each request asked for at most (queue reserves it); None: default_max_tokens
 
 
 @dataclass(eq=False)
@@ -86,10 +88,12 @@ class Engine(OnFull):
         self.pricer, self.config = pricer, config
         self.stop_after_late, self.late, self.stopped = stop_after_late, 0, False
         memory.check_on_full(config.on_full)
+        self.reserving = config.on_full in memory.RESERVING
+        self.max_tokens = memory.default_max_tokens(requests.output) if config.max_tokens is None else config.max_tokens
         self.budget = replace(memory.budget(pricer.model, pricer.rank, pricer.gpu, config.max_batch,
                                             config.token_budget), staged=pricer.staged_share())
         for i, (p, o) in enumerate(zip(requests.prompt.tolist(), requests.output.tolist())):
-            memory.check_fits(self.budget, config.tiers, config.on_full, p, o, i)
+            memory.check_fits(self.budget, config.tiers, config.on_full, p, o, i, self.max_tokens)
         self.requests = [Request(i, a, p, o) for i, (a, p, o) in enumerate(zip(
             requests.arrival.tolist(), requests.prompt.tolist(), requests.output.tolist()))]
         self.pool = memory.Pool(self.budget.blocks)
@@ -124,6 +128,18 @@ class Engine(OnFull):
     def _hbm_tokens(self, r: Request) -> int:
         return r.cached - r.spilled
 
+    def _cached_now(self, r: Request) -> int:
+        """A decoding request's KV tokens now, from its lazy counters (``r.cached`` is as of its join)."""
+        return r.join_cached + self.g - r.join_step
+
+    def _batch_tokens(self) -> int:
+        """KV tokens the decoding requests attend at the next step, HBM and DDR together (lazy counters)."""
+        return self.sum_c + len(self.decoding) * (self.g + 1)
+
+    def _ddr_room(self) -> float:
+        """Bytes of DDR still free for swapped and spilled KV."""
+        return self.budget.ddr_bytes - (self.swapped_tokens + self.sum_spilled) * self.pricer.kv_per_token
+
     def _join(self, r: Request) -> None:
         r.join_step, r.join_cached, r.join_generated = self.g, r.cached, r.generated
         self.decoding[r.index] = r
@@ -134,13 +150,12 @@ class Engine(OnFull):
 
     def _leave(self, r: Request) -> None:
         """Take ``r`` out of the decode batch with its counters brought up to date."""
-        steps = self.g - r.join_step
         self.phase[(r.join_cached - r.spilled - r.join_step) % BLOCK_TOKENS] -= 1
         self.sum_c -= r.join_cached - r.join_step
         self.sum_spilled -= r.spilled
-        r.cached, r.generated = r.join_cached + steps, r.join_generated + steps
+        r.cached, r.generated = self._cached_now(r), r.join_generated + self.g - r.join_step
         r.blocks = blocks(self._hbm_tokens(r))
-        if self.config.on_full == "queue":  # the blocks grown came out of the reservation
+        if self.reserving:  # the blocks grown came out of the reservation
             r.reserve -= r.blocks - blocks(r.join_cached - r.spilled)
         r.version += 1
         del self.decoding[r.index]
@@ -165,7 +180,7 @@ class Engine(OnFull):
         seconds, resumed = 0.0, []
         busy = bool(self.decoding or self.prefilling)
         watermark = int(memory.WATERMARK * self.pool.total) if busy else 0
-        queue = self.config.on_full == "queue"
+        queue = self.reserving
         while self.waiting and len(self.decoding) + len(self.prefilling) < self.config.max_batch:
             r = self.waiting[0]
             if r.swapped:
@@ -181,12 +196,11 @@ class Engine(OnFull):
                 continue
             if room_rows <= 0:
                 break
-            if self.sum_spilled and self.config.on_full == "spill":
-                break  # spill is an overflow buffer for the running requests, not room for new ones
             if r.target == 0 and r.generated == 0:
                 r.target = r.prompt
             need = blocks(r.target)
-            reserve = blocks(r.prompt + r.output - 1) - need if queue else 0
+            reserve = blocks(r.prompt + memory.reservation(self.config.on_full, r.output, self.max_tokens) - 1) - need \
+                if queue else 0
             if need + reserve + (0 if queue else watermark + self._next_need()) > self.pool.free:
                 break
             self.waiting.popleft()
@@ -265,12 +279,8 @@ class Engine(OnFull):
                 room -= size
             batch = len(self.decoding)
             need = self._next_need()
-            if config.on_full == "queue":  # the decode blocks come out of the reservations
-                self.pool.reserved -= need
-                self.pool.used += need
-            else:
-                self.pool.take(need)
-            hbm = self.sum_c + batch * self.g - self.sum_spilled + batch
+            self._allocate(need)
+            hbm = self._batch_tokens() - self.sum_spilled
             ddr = self.sum_spilled
             start = env.now
             if chunks or serial or demoted or not batch:
@@ -286,7 +296,7 @@ class Engine(OnFull):
                 self.prefill_steps += bool(chunks)
                 run = 1
             else:
-                run = self._decode_run(need)
+                run, grown = self._decode_run()
                 times = pricer.decode_s(batch, hbm + batch * np.arange(run, dtype=float), self.sum_spilled)
                 ends = np.cumsum(times)
                 cut = len(self.decoding) + len(self.prefilling) < config.max_batch and not self.waiting
@@ -301,7 +311,8 @@ class Engine(OnFull):
                         run = k + 1
                 else:
                     yield env.timeout(float(ends[-1]))
-                self._take_blocks(run, need)
+                if run > 1:  # the blocks decode steps 2..run allocate (the first step's were taken before it)
+                    self._allocate(int(grown[run - 2]))
                 self.steps += run
             self.g += run
             now = env.now
@@ -323,28 +334,23 @@ class Engine(OnFull):
             self._finish_due()
             self._record(start, run, batch, sum(size for _, size in chunked), hbm, ddr)
 
-    def _decode_run(self, first_need: int) -> int:
-        """Decode steps the batch can run unchanged: until the first finish, and while blocks last."""
+    def _allocate(self, n: int) -> None:
+        """Blocks the decoding requests grow into: out of their reservations (queue), else out of the pool."""
+        if self.reserving:
+            self.pool.reserved -= n
+            self.pool.used += n
+        else:
+            self.pool.take(n)
+
+    def _decode_run(self) -> tuple[int, np.ndarray]:
+        """Decode steps the batch can run unchanged (until the first finish, and while blocks last), and the
+        cumulative blocks steps 2, 3, ... of the run allocate (the first step's were taken before it)."""
         run = min(MAX_RUN, self.finishing[0][0] - self.g) if self.finishing else 1
         run = max(run, 1)
-        if self.config.on_full == "queue" or run == 1:
-            return run
-        k = np.arange(1, run)
-        needs = self.phase[(-(self.g + k)) % BLOCK_TOKENS]
-        fits = np.cumsum(needs) <= self.pool.free  # the first step's blocks are already taken
-        return 1 + int(np.argmin(fits)) if not fits.all() else run
-
-    def _take_blocks(self, run: int, first_need: int) -> None:
-        """Take the blocks decode steps 2..run allocate (the first step's were taken before it)."""
-        if run <= 1:
-            return
-        k = np.arange(1, run)
-        total = int(self.phase[(-(self.g + k)) % BLOCK_TOKENS].sum())
-        if self.config.on_full == "queue":
-            self.pool.reserved -= total
-            self.pool.used += total
-        else:
-            self.pool.take(total)
+        grown = np.cumsum(self.phase[(-(self.g + np.arange(1, run))) % BLOCK_TOKENS])
+        if not self.reserving and len(grown) and grown[-1] > self.pool.free:  # a reservation never runs out
+            run = 1 + int(np.argmax(grown > self.pool.free))
+        return run, grown
 
     def run(self) -> "Engine":
         self.env.process(self.arrivals())

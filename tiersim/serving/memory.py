@@ -12,11 +12,14 @@ When the next step would not fit, ``--on-full`` says what gives (docs/serving.md
 * ``preempt-recompute``: the most recently admitted decoding request loses its KV and is prefilled again
   (prompt + generated tokens) when it is readmitted (vLLM's default);
 * ``preempt-swap``: that request's KV crosses the link to DDR and back on readmission;
-* ``queue``: a request is admitted only when its whole prompt + output can be reserved (it never overflows;
-  an oracle on the output length, the best a queueing engine can do);
+* ``queue``: a request is admitted only when its prompt + ``max_tokens`` can be reserved (it never overflows:
+  the reservation rule of an engine that knows what the request asked for, not what it will generate);
+  ``queue-oracle`` reserves the true output length instead (an oracle no engine has: the best a queueing
+  engine could do; only when asked for by name);
 * ``spill``: running requests keep running; the tier policy's DDR share of the longest ones' least-attended
   tokens (``hierarchy.config.tier_targets``: sinks and the recent window stay) moves to DDR and is read by
-  ``--strategy`` each step until HBM frees up and it is brought back.
+  ``--strategy`` each step until HBM frees up and it is brought back, as long as reading it costs the step at
+  most :data:`SPILL_CAP` more than the same batch held in HBM; past that cap the step preempts (recompute).
 """
 
 from __future__ import annotations
@@ -29,11 +32,29 @@ from tiersim.simulator import analytic
 from tiersim.simulator.presets import GB, GPU, Model
 
 BLOCK_TOKENS = 16
+#: The policies ``--on-full all`` compares: what a real engine can do.
 ON_FULL = ("preempt-recompute", "preempt-swap", "queue", "spill")
+#: Accepted by name only: ``queue`` with the true output lengths reserved (an oracle, labelled as one).
+ORACLE = "queue-oracle"
+POLICIES = ON_FULL + (ORACLE,)
+RESERVING = ("queue", ORACLE)  # admission reserves the rest of the request: nothing to do when full
 #: Blocks kept free at admission (vLLM's watermark, 1%), so a new prompt does not preempt at once.
 WATERMARK = 0.01
 #: Free share of the pool a spilled request needs before its DDR tokens come back (hysteresis: no thrash).
 RESTORE_HEADROOM = 0.05
+#: Spill's cap: the most a decode step may cost over the same batch held in HBM because it reads spilled tokens
+#: (the step model's price under ``--strategy``), as a share. Past it the step preempts (recompute) instead:
+#: uncapped, the spilled tokens' reads slowed every step 4-6x under overload and the queue behind starved
+#: (docs/serving.md, "Spill's cap"). 0.05 was the best of the caps measured there (0-0.5) under overload and
+#: changes nothing below the knee, where the reads hide behind the step's compute.
+SPILL_CAP = 0.05
+
+
+def default_max_tokens(outputs) -> int:
+    """``max_tokens`` when none is given: the smallest power of two that cuts no output of the workload (a
+    service's cap set to cover its longest answers, the least a ``max_tokens`` reservation can hold)."""
+    longest = int(max(outputs, default=1))
+    return 1 << max(longest - 1, 0).bit_length()
 
 
 def blocks(tokens) -> int:
@@ -90,18 +111,30 @@ class Unservable(TiersimError):
     answer for the workload, while another (spill, a larger TP) may."""
 
 
-def check_fits(budget: Budget, tiers: TierConfig, on_full: str, prompt: int, output: int, index: int) -> None:
+def reservation(on_full: str, output: int, max_tokens: int) -> int:
+    """Output tokens a reserving policy holds room for at admission: ``max_tokens`` (queue), the truth (oracle)."""
+    return output if on_full == ORACLE else max_tokens
+
+
+def check_fits(budget: Budget, tiers: TierConfig, on_full: str, prompt: int, output: int, index: int,
+               max_tokens: int) -> None:
     """:class:`Unservable` (one line) if a single request could never run alone under ``on_full``."""
-    longest = prompt + output - 1
+    if output > max_tokens:
+        raise TiersimError(f"request {index + 1} asks for {output:,} output tokens, more than max_tokens "
+                           f"{max_tokens:,}")
+    reserved = on_full in RESERVING
+    longest = prompt + (reservation(on_full, output, max_tokens) if reserved else output) - 1
     need = blocks(longest)
     if on_full == "spill":
         moved = spill_tokens(tiers, longest, 0)
         need = blocks(longest - moved) + budget.staging_blocks(moved)
     if need > budget.blocks or blocks(prompt) > budget.blocks:
         gb = need * budget.block_bytes / GB
-        raise Unservable(f"request {index + 1} ({prompt:,} prompt + {output:,} output tokens) needs {gb:.1f} GB of "
+        held = f", reserving max_tokens {max_tokens:,}" if on_full == "queue" else ""
+        raise Unservable(f"request {index + 1} ({prompt:,} prompt + {output:,} output tokens{held}) needs {gb:.1f} GB of "
                            f"KV per GPU, more than the {budget.kv_gb:.1f} GB left beside the weights; use a larger "
-                           f"--tp{'' if on_full == 'spill' else ' or --on-full spill'}")
+                           f"--tp{'' if on_full == 'spill' else ' or --on-full spill'}"
+                           f"{' or a smaller --max-tokens' if on_full == 'queue' else ''}")
 
 
 class Pool:
@@ -127,7 +160,7 @@ class Pool:
 
 
 def check_on_full(name: str) -> str:
-    if name not in ON_FULL:
-        raise TiersimError(f"--on-full must be one of {', '.join(ON_FULL)}, got {name!r}")
+    if name not in POLICIES:
+        raise TiersimError(f"--on-full must be one of {', '.join(POLICIES)}, got {name!r}")
     return name
 

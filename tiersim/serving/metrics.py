@@ -58,16 +58,16 @@ def summary(engine, slo: SLO, rows: dict[str, np.ndarray] | None = None) -> dict
     span = float(rows["arrival_s"][-1] - rows["arrival_s"][0]) if n > 1 else 0.0
     tp = engine.pricer.tp
     tokens = int(sum(r.generated for r in engine.requests))  # all asked for, unless the run stopped early
-    ms = lambda key: {k: v * 1e3 for k, v in percentiles(rows[key]).items()}  # noqa: E731
-    p99_ttft, p99_tpot = percentiles(rows["ttft_s"])["p99"], percentiles(rows["tpot_s"])["p99"]
+    seconds = {key: percentiles(rows[f"{key}_s"]) for key in ("ttft", "tpot", "e2e", "queue")}
+    ms = {key: {k: v * 1e3 for k, v in p.items()} for key, p in seconds.items()}
     stopped = bool(getattr(engine, "stopped", False))
     in_system = engine.area / makespan if makespan > 0 else 0.0
     return {
         "requests": n,
         "offered_qps": (n - 1) / span if span > 0 else None,  # one request (or all at once): no rate
         "makespan_s": makespan,
-        "ttft_ms": ms("ttft_s"), "tpot_ms": ms("tpot_s"), "e2e_ms": ms("e2e_s"), "queue_ms": ms("queue_s"),
-        "within_slo": bool(not stopped and p99_ttft <= slo.ttft_s and p99_tpot <= slo.tpot_s),
+        "ttft_ms": ms["ttft"], "tpot_ms": ms["tpot"], "e2e_ms": ms["e2e"], "queue_ms": ms["queue"],
+        "within_slo": bool(not stopped and seconds["ttft"]["p99"] <= slo.ttft_s and seconds["tpot"]["p99"] <= slo.tpot_s),
         "stopped_early": stopped,
         "slo": {"ttft_ms": slo.ttft_s * 1e3, "tpot_ms": slo.tpot_s * 1e3, "percentile": 99},
         "goodput_qps": goodput(rows, makespan),

@@ -17,7 +17,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 class OnFull:
-    """``--on-full``: preempt (recompute or swap), queue (nothing to do: reservations), spill; and restore."""
+    """``--on-full``: preempt (recompute or swap), queue (nothing to do: reservations), spill within its cap
+    (then preempt); and restore."""
 
     def _victim(self) -> Request | None:
         return max(self.decoding.values(), key=lambda r: r.order, default=None)
@@ -26,8 +27,7 @@ class OnFull:
         """Free ``r``'s blocks and queue it at the front; seconds of KV moved over the link (swap)."""
         self._leave(r)
         seconds = 0.0
-        ddr_room = self.budget.ddr_bytes - (self.swapped_tokens + self.sum_spilled) * self.pricer.kv_per_token
-        swap = swap and r.cached * self.pricer.kv_per_token <= ddr_room and r.spilled == 0
+        swap = swap and r.cached * self.pricer.kv_per_token <= self._ddr_room() and r.spilled == 0
         self.pool.give(r.blocks)
         self.pool.reserved -= max(r.reserve, 0)
         r.blocks = r.reserve = 0
@@ -45,16 +45,17 @@ class OnFull:
         return seconds
 
     def _spill_one(self) -> int:
-        """Move the tier split's DDR share of the longest decoding request to DDR; tokens moved (0: none)."""
-        ddr_room = self.budget.ddr_bytes - (self.swapped_tokens + self.sum_spilled) * self.pricer.kv_per_token
+        """Move the tier split's DDR share of the longest decoding request to DDR; tokens moved (0: none, or
+        reading them would cost the step more than the spill cap)."""
+        ddr_room = self._ddr_room()
         best, best_n = None, 0
         for r in self.decoding.values():
-            cached = r.join_cached + self.g - r.join_step
+            cached = self._cached_now(r)
             n = memory.spill_tokens(self.config.tiers, cached, r.spilled)
             freed = blocks(cached - r.spilled) - blocks(cached - r.spilled - n)
             if freed > 0 and n * self.pricer.kv_per_token <= ddr_room and n > best_n:
                 best, best_n = r, n
-        if best is None:
+        if best is None or not self._within_cap(best_n):
             return 0
         self._leave(best)
         before = best.blocks
@@ -69,11 +70,22 @@ class OnFull:
         self._set_staging()
         return best_n
 
+    def _within_cap(self, more: int) -> bool:
+        """Whether the next decode step, reading ``more`` tokens from DDR beside those already there, costs at
+        most ``spill_cap`` over the same batch with every token in HBM (the step model's price, by --strategy).
+        A request decoding alone always may: preempting it instead would only queue it to overflow again (spill
+        is how a request longer than HBM runs at all, ``memory.check_fits``)."""
+        batch, tokens, ddr = len(self.decoding), self._batch_tokens(), self.sum_spilled + more
+        if batch == 1:
+            return True
+        spilled = self.pricer.decode_s(batch, tokens - ddr, ddr)[0]
+        return spilled <= (1.0 + self.config.spill_cap) * self.pricer.decode_s(batch, tokens)[0]
+
     def _restore(self) -> float:
         """Bring spilled tokens back to HBM while the pool has room to spare; seconds of copies."""
         seconds = 0.0
         for r in sorted((r for r in self.decoding.values() if r.spilled), key=lambda r: r.order):
-            cached = r.join_cached + self.g - r.join_step
+            cached = self._cached_now(r)
             extra = blocks(cached) - blocks(cached - r.spilled)
             staging_after = self.budget.staging_blocks(self.sum_spilled - r.spilled)
             room = self.pool.free + self.pool.staging - staging_after - int(self.phase.sum())
@@ -92,7 +104,7 @@ class OnFull:
         """Free blocks for the next decode step by ``--on-full``: (serial seconds, demoted tokens, preempted)."""
         seconds, demoted, preempted = 0.0, 0.0, False
         policy = self.config.on_full
-        if policy == "queue":
+        if policy in memory.RESERVING:
             return seconds, demoted, preempted
         while self._next_need() > self.pool.free:
             if policy == "spill":

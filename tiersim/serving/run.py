@@ -32,6 +32,7 @@ class ServeSpec:
         e = self.engine
         return {"model": self.model.name, "gpu": self.gpu.name, "tp": self.tp, "strategy": self.strategy,
                 "on_full": e.on_full, "max_batch": e.max_batch, "token_budget": e.token_budget,
+                "spill_cap": e.spill_cap, "max_tokens": e.max_tokens, "oracle": e.on_full == memory.ORACLE,
                 "tiers": e.tiers.ratios() | e.tiers.structure(), "slo": asdict(self.slo),
                 "engine_overhead": self.gpu.engine or "none (device time only)"}
 

@@ -85,7 +85,7 @@ def recommend(spec: serving_run.ServeSpec, answers: dict[str, dict]) -> str:
     refused = [n for n in answers if n not in served]
     if not served:
         raise Unservable(answers[refused[0]]["unservable"])
-    words = {name: _rate(a) for name, a in served.items()}
+    words = {name: rate_words(a) for name, a in served.items()}
     top = max(a["max_qps"] for a in served.values())
     best = [n for n, a in served.items() if a["max_qps"] == top]
     cannot = f"; {', '.join(refused)} cannot hold the longest request" if refused else ""
@@ -99,7 +99,8 @@ def recommend(spec: serving_run.ServeSpec, answers: dict[str, dict]) -> str:
             + (f" ({others}{cannot})." if others else f"{' (' + cannot[2:] + ')' if cannot else ''}."))
 
 
-def _rate(answer: dict) -> str:
+def rate_words(answer: dict) -> str:
+    """A search's answer as a table or a sentence shows it: the rate, ">= HI" when HI still met the SLOs."""
     q = answer["max_qps"]
     text = f"{q:.3g}" if q > 0 else "0"
     return text if answer["bounded"] else f">= {text}"

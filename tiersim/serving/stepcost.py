@@ -104,20 +104,3 @@ class StepPricer:
             return 0.0
         return float(copy_s(self.gpu, tokens * self.kv_per_token, direction,
                             calls=COPY_CALLS_PER_LAYER * self.layers))
-
-    def prefill_alone_s(self, prompt: int, chunk: int) -> float:
-        """One prompt prefilled alone in chunks of ``chunk`` tokens (the low-load TTFT), via :meth:`step_s`."""
-        t, done = 0.0, 0
-        while done < prompt:
-            n = min(chunk, prompt - done)
-            t += self.step_s(0, 0.0, 0.0, [(n, done, done + n == prompt)])
-            done += n
-        return t
-
-
-def decode_step_reference(model: Model, gpu: GPU, batch: int, hbm) -> np.ndarray:
-    """Today's step model for a decode step held in HBM (``physics.layer_s`` via ``prefill.mixed_step_s``), the
-    figure the low-load and saturation checks compare against."""
-    kv = np.asarray(hbm, dtype=float) * model.kv_bytes_per_token_layer
-    return np.array([prefill.mixed_step_s(model, gpu, batch, k, 0.0) for k in np.atleast_1d(kv)])
-

@@ -14,7 +14,7 @@ Parquet; docs/file-formats.md, kind ``requests``). Whatever is wrong with it is 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +83,12 @@ def at_rate(requests: Requests, qps: float, burstiness: float = 1.0, seed: int =
     """The same requests (lengths kept) on new synthetic arrivals at ``qps`` (what a capacity search varies)."""
     fresh = synthetic(len(requests), qps, 1.0, 1.0, burstiness=burstiness, seed=seed)
     return Requests(fresh.arrival, requests.prompt, requests.output, fresh.source)
+
+
+def cut_outputs(requests: Requests, max_tokens: int) -> tuple[Requests, int]:
+    """The requests with every output cut at ``max_tokens`` (what an engine stops a request at), and how many were."""
+    cut = int((requests.output > max_tokens).sum())
+    return replace(requests, output=np.minimum(requests.output, max_tokens)), cut
 
 
 def check(arrival, prompt, output, where: str) -> Requests:

@@ -286,9 +286,10 @@ def engine_tpot_rows() -> list[dict]:
 # -- every source in one table: error per source, role and regime -------------------------------------------------
 def error_rows() -> list[dict]:
     """One row per reference point of every source (decode steps, attention kernels, prefill, engines, the
-    validator's offloaded steps): ``source, role, regime, reference_ms, simulated_ms, error_pct``. Roles come from
-    the data files (``fit``, ``held_out``, ``check``: a fit source's points its fit did not read)."""
-    from tiersim.simulator import prefill_fidelity
+    validator's offloaded steps, real engines' whole decode runs): ``source, role, regime, reference_ms,
+    simulated_ms, error_pct``. Roles come from the data files (``fit``, ``held_out``, ``check``: a fit source's
+    points its fit did not read)."""
+    from tiersim.simulator import decode_fidelity, prefill_fidelity
 
     rows = [{"source": "vidur-decode", "role": "fit" if p.fit else "held_out",
              "regime": "decode small batch" if p.batch <= 8 else "decode large batch", "reference_ms": p.reference_ms,
@@ -305,6 +306,7 @@ def error_rows() -> list[dict]:
     rows += [{**{k: r[k] for k in ("source", "role", "reference_ms", "simulated_ms", "error_pct")},
               "regime": "offload (KV over PCIe)" if r["regime"] == "offloaded" else "eager harness, KV in HBM"}
              for r in engine_rows()]
+    rows += decode_fidelity.error_rows()
     return rows
 
 

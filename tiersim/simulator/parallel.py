@@ -118,14 +118,16 @@ def host_bw_per_rank(gpu: GPU) -> float:
     return gpu.host_bw_per_gpu
 
 
-def tp_prefill_s(model: Model, gpu: GPU, tp: int, tokens, context=0) -> float:
-    """One request's prefill chunk on ``tp`` GPUs: one rank's prefill of the shard plus two all-reduces per layer.
+def tp_prefill_s(model: Model, gpu: GPU, tp: int, tokens, context=0, sequences: int = 1) -> float:
+    """One request's prefill chunk on ``tp`` GPUs: one rank's prefill of the shard plus two all-reduces per layer
+    (of every row: ``sequences x tokens`` when ``sequences`` equal prompts are prefilled in one forward).
 
-    At TP 1 this is ``prefill.prefill_s(model, gpu, tokens, context)``. A TP mixed step composes the same way:
-    ``prefill.mixed_layer_s(shard(model, tp), ...) + layer_allreduce_s(model, gpu, tp, decode + prefill rows)``.
+    At TP 1 this is ``prefill.prefill_s(model, gpu, tokens, context, sequences)``. A TP mixed step composes the same
+    way: ``prefill.mixed_layer_s(shard(model, tp), ...) + layer_allreduce_s(model, gpu, tp, decode + prefill rows)``.
     """
     from tiersim.simulator import prefill
 
     rank = shard(model, tp)
-    t = prefill.prefill_s(rank, gpu, tokens, context) + model.num_layers * layer_allreduce_s(model, gpu, tp, tokens)
-    return float(t)
+    rows = int(sequences) * np.asarray(tokens, dtype=float)
+    allreduce = model.num_layers * layer_allreduce_s(model, gpu, tp, rows)
+    return float(prefill.prefill_s(rank, gpu, tokens, context, sequences) + allreduce)

@@ -106,18 +106,30 @@ def prefill_layer_s(model: Model, gpu: GPU, tokens, context=0):
     return _scalar_or_array(t)
 
 
-def prefill_s(model: Model, gpu: GPU, tokens, context=0):
+def prefill_s(model: Model, gpu: GPU, tokens, context=0, sequences: int = 1):
     """The whole forward of one prefill chunk: every layer, the embedding gather, the LM head for the
     last token (one sampled token), and the engine's per-step host work for one sequence.
 
-    ``prefill_s(model, gpu, prompt)`` is the GPU side of a single request's time to first token.
+    ``prefill_s(model, gpu, prompt)`` is the GPU side of a single request's time to first token. With
+    ``sequences = n`` it is one forward over ``n`` such chunks batched (an engine prefilling ``n`` equal
+    prompts together): the GEMMs and small ops run once over all ``n x tokens`` rows (the weights are read
+    once, the FLOPs add), attention is per sequence (each prompt attends to its own keys only), and the LM
+    head samples ``n`` tokens. ``sequences = 1`` is the single chunk exactly.
     """
-    tokens = _arr(tokens)
-    rows = np.maximum(tokens - 1.0, 0.0)  # the LM head's own gather has the last row
-    gather = physics.gather_s(model, gpu, rows)
-    head = physics.lm_head_s(model, gpu, 1)
-    host = physics.host_overhead_s(gpu, 1)
-    t = model.num_layers * _arr(prefill_layer_s(model, gpu, tokens, context)) + gather + head + host
+    tokens, n = _arr(tokens), int(sequences)
+    if n < 1:
+        raise ValueError(f"sequences must be >= 1, got {sequences!r}")
+    if n == 1:
+        layer = _arr(prefill_layer_s(model, gpu, tokens, context))
+    else:
+        rows = n * tokens
+        layer = (gemm_s(model, gpu, rows) + n * prefill_attention_s(model, gpu, tokens, context)
+                 + small_ops_s(model, gpu, rows))
+    gathered = np.maximum(n * tokens - n, 0.0)  # the LM head's own gather has each sequence's last row
+    gather = physics.gather_s(model, gpu, gathered)
+    head = physics.lm_head_s(model, gpu, n)
+    host = physics.host_overhead_s(gpu, n)
+    t = model.num_layers * layer + gather + head + host
     return _scalar_or_array(t)
 
 

@@ -8,11 +8,19 @@ docs/simulator.md, "Prefill"):
 * ``fa3-h100`` (fit): FlashAttention-3's forward rate on an H100 at 512-16K tokens;
 * ``splitwise`` (held out): the prompt phase of one request (batch 1, 128-8192 tokens) of Llama-2-70B at TP 2/4/8
   and BLOOM-176B at TP 8 on DGX-A100 and DGX-H100, end to end in the Splitwise authors' engine;
+* ``trtllm-v0.5-a100`` (held out): TensorRT-LLM v0.5's published batch-1 first-token latency on A100 (FP16), four
+  models at 128 and 2048 tokens, TP 1/4/8;
+* ``argonne-vllm``, ``argonne-trtllm``, ``argonne-dsmii`` (held out): LLM-Inference-Bench's TTFT of 16 prompts x
+  1024 tokens on one A100, H100 or GH200 (fp16), three 7-8B models, per engine;
+* ``distserve-swift``, ``distserve-vllm`` (held out): DistServe's fitted prefill lines (its C++ engine, and vLLM as its
+  authors profiled it) for OPT-13B/66B on A100 at TP 1-8, evaluated at 128-2048 tokens;
 * ``tiersim-h100-operators`` (held out): this project's own H100 GEMM run at 128-512 tokens.
 
 ``FIT_SOURCES`` are the only ones :func:`fit` reads; every row of another source is held out and is what the
 reported error means. :func:`rows` prices every point with the presets as shipped; :func:`summary` gives the
-median and worst |error| per source (the fidelity benchmark calls :func:`error_rows`).
+median and worst |error| per source (the fidelity benchmark calls :func:`error_rows`). One more set of rows,
+``splitwise+engine-step`` (check), adds to each Splitwise point that engine's own per-step excess (its batch-1
+decode step minus the simulated one): not a fit (nothing is changed by it), the decomposition of that source's miss.
 """
 
 from __future__ import annotations
@@ -30,6 +38,11 @@ from tiersim.simulator.presets import GPU, Model, get_gpu, get_model
 REFERENCE = "public-prefill-profiles.json"
 FIT_SOURCES = frozenset({"vidur-ops", "fa3-h100"})
 PRESET = fidelity.PRESET  # {"a100": "a100-80g", "h100": "h100-sxm"}
+#: Every GPU key of the reference: the fitted two and the GH200 (whose prefill constants are the H100's: an
+#: assumption its TTFT rows test).
+TTFT_PRESET = {**PRESET, "gh200": "gh200"}
+#: Decode context (tokens) at which the engine-step check prices the simulated batch-1 decode step.
+ENGINE_STEP_CONTEXT = 1024
 
 
 def load_reference() -> dict:
@@ -43,10 +56,12 @@ class Row:
     gpu: str
     model: str
     tp: int
-    tokens: int
+    tokens: int  # per sequence
     reference_ms: float
     simulated_ms: float
-    role: str  # "fit", "held_out", or "check" (a fit source's points the fit did not read: vidur's TP > 1 shards)
+    role: str  # "fit", "held_out", or "check" (points no fit read and no held-out figure counts: vidur's TP > 1
+    #            shards, the Splitwise engine-step decomposition)
+    sequences: int = 1  # equal prompts prefilled together (a batch's TTFT)
 
     @property
     def fit(self) -> bool:
@@ -73,7 +88,15 @@ def model_from_shape(name: str, shape: dict) -> Model:
 
 
 def _gpus(gpus: dict[str, GPU] | None) -> dict[str, GPU]:
-    return gpus or {k: get_gpu(v) for k, v in PRESET.items()}
+    return gpus or {k: get_gpu(v) for k, v in TTFT_PRESET.items()}
+
+
+def decode_step_s(model: Model, gpu: GPU, tp: int, context: int = ENGINE_STEP_CONTEXT) -> float:
+    """The simulated batch-1 decode step held in HBM on ``tp`` GPUs (no engine cost): layers, all-reduces, LM head."""
+    rank = parallel.shard(model, tp)
+    kv = context * rank.kv_bytes_per_token_layer
+    layer = float(physics.layer_s(rank, gpu, 1, kv)) + float(parallel.layer_allreduce_s(model, gpu, tp, 1))
+    return model.num_layers * layer + physics.lm_head_s(rank, gpu, 1)
 
 
 def rows(gpus: dict[str, GPU] | None = None, reference: dict | None = None) -> list[Row]:
@@ -109,13 +132,20 @@ def rows(gpus: dict[str, GPU] | None = None, reference: dict | None = None) -> l
             out.append(Row("tiersim-h100-operators", "gemm", case["gpu"], case["model"], 1, p["tokens"], p["gemm_ms"],
                            sim, "held_out"))
     shapes = reference["models"]
+    roles = {k: v["role"] for k, v in reference["sources"].items()}
     for case in reference["ttft_cases"]:
-        gpu, tp = gpus[case["gpu"]], case["tp"]
+        gpu, tp, n = gpus[case["gpu"]], case["tp"], case.get("sequences", 1)
+        source = case.get("source", "splitwise")
         model = model_from_shape(case["model"], shapes[case["model"]])
+        # The engine-step check: that engine's decode step minus the simulated one, charged once per forward.
+        excess = case["decode_ms"] - decode_step_s(model, gpu, tp) * 1e3 if "decode_ms" in case else None
         for p in case["points"]:
-            sim = parallel.tp_prefill_s(model, gpu, tp, p["prompt"]) * 1e3
-            out.append(Row("splitwise", "ttft", case["gpu"], case["model"], tp, p["prompt"], p["ttft_ms"], sim,
-                           "held_out"))
+            sim = parallel.tp_prefill_s(model, gpu, tp, p["prompt"], sequences=n) * 1e3
+            out.append(Row(source, "ttft", case["gpu"], case["model"], tp, p["prompt"], p["ttft_ms"], sim,
+                           roles[source], n))
+            if excess is not None:
+                out.append(Row(f"{source}+engine-step", "ttft", case["gpu"], case["model"], tp, p["prompt"],
+                               p["ttft_ms"], sim + excess, "check", n))
     return out
 
 

@@ -1,0 +1,106 @@
+"""Real engines' whole decode runs from sources no constant was fitted on (tiersim/data/public-decode-steps.json),
+priced by ``decode_fidelity``: the file's citations and roles, the run classification, and held-out bounds that a
+physics regression would cross (derived from the same runs, not copied results)."""
+
+from dataclasses import replace
+
+import pytest
+
+from tiersim.simulator import decode_fidelity as df
+from tiersim.simulator import engines
+from tiersim.simulator.presets import GB, get_gpu
+
+DECODE = ("decode small batch", "decode large batch")
+
+
+def bandwidth_only(gpu):
+    """The naive predictor: weights and KV at the datasheet bandwidth, nothing else (no kernel, small-op or
+    attention-floor cost, no batch slowdown)."""
+    return replace(gpu, weight_efficiency=1.0, attn_efficiency=1.0, gemm_kernel_s=0.0, attn_kernel_s=0.0,
+                   gemm_batch_slowdown=0.0, layer_overhead=0.0, layer_overhead_per_width=0.0)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return df.summary(df.points())
+
+
+def test_every_source_is_cited_held_out_and_priced_with_a_named_engine_preset():
+    doc = df.load()
+    for name, src in doc["sources"].items():
+        assert src["role"] == "held_out", name  # nothing in this file was fitted on
+        assert "@ " in src["where"] and src["engine_overhead"] in engines.names(), name
+    for key, spec in doc["gpus"].items():
+        assert spec["source"] and df.gpu_for(doc, key).hbm_bw > 0
+    for key, spec in doc["models"].items():
+        assert spec["config"].startswith("huggingface.co/") and df.model_for(doc, key).num_layers == spec["num_layers"]
+    assert {p["source"] for p in doc["points"]} == set(doc["sources"])
+    assert all(p["gpu"] in doc["gpus"] and p["model"] in doc["models"] for p in doc["points"])
+    # the A100 runs are read as a 40 GB A100: capacity and datasheet bandwidth, the A100 fit's constants
+    a100 = df.gpu_for(doc, "a100-40gb")
+    assert a100.hbm_bytes == 40e9 and a100.hbm_bw < get_gpu("a100-80g").hbm_bw
+    assert a100.weight_efficiency == get_gpu("a100-80g").weight_efficiency
+
+
+def test_regime_names_what_a_point_measures():
+    doc = df.load()
+    model, gpu = df.model_for(doc, "llama-2-7b"), df.gpu_for(doc, "h100")
+    fits = 0.9 * gpu.hbm_bytes - model.weight_bytes - 1 * GB  # bytes of KV an engine keeps beside the weights
+    tokens = int(fits / model.kv_bytes_per_token)
+    ok = 1.0  # a plausible time (s) per output token for any point below: not the failed-run case
+    assert df.regime(model, gpu, 1, 256, ok, 0.01) == "decode small batch"
+    assert df.regime(model, gpu, 16, 256, ok, 0.01) == "decode large batch"
+    assert df.regime(model, gpu, 16, 256, ok, 0.2).startswith("decode run, prefill")
+    assert df.regime(model, gpu, 2, tokens // 2 - 8, ok, 0.01) == "decode small batch"
+    assert df.regime(model, gpu, 2, tokens // 2 + 8, ok, 0.01).startswith("preempted")
+    # faster than one read of the weights per output token at the datasheet bandwidth: a failed measurement
+    weights_s = model.weight_bytes / gpu.hbm_bw
+    assert df.regime(model, gpu, 1, 256, 0.9 * weights_s, 0.01).startswith("failed")
+    assert df.regime(model, gpu, 1, 256, 1.1 * weights_s, 0.01) == "decode small batch"
+    # the source table's own failed rows are the ones classified so (TensorRT-LLM Qwen2-7B at L = 2048)
+    failed = {(p.source, p.model, p.length) for p in df.points() if p.regime.startswith("failed")}
+    assert failed == {("argonne-trtllm", "qwen2-7b", 2048)}
+
+
+def test_points_are_priced_as_the_source_measured_them():
+    doc = df.load()
+    model, gpu = df.model_for(doc, "llama-3-8b"), df.gpu_for(doc, "h100")
+    steps = df.decode_steps_s(model, gpu, 4, 256, 255)
+    assert len(steps) == 255 and all(steps[1:] >= steps[:-1])  # one step per context, growing with it
+    pts = {(p.source, p.gpu, p.model, p.batch, p.length): p for p in df.points()}
+    # a whole run (engine none: device time only): batched prefill + the L - 1 further steps, over L tokens
+    p = pts[("argonne-trtllm", "h100", "llama-3-8b", 1, 256)]
+    run = df.prefill_batch_s(model, gpu, 1, 256) + df.decode_steps_s(model, gpu, 1, 256, 255).sum()
+    assert p.simulated_ms == pytest.approx(1e3 * run / 256) and p.prefill_share > 0
+    # a token-to-token latency: the mean of the O - 1 steps after the first token, no prefill
+    gj, a100 = df.model_for(doc, "gpt-j-6b"), df.gpu_for(doc, "a100-80gb")
+    row, q = next((r, q) for r, q in zip(doc["points"], df.points()) if r["source"] == "nvidia-dli-trtllm"
+                  and r["model"] == "gpt-j-6b" and r["gpu"] == "a100-80gb" and r["batch"] == 8 and r["input"] == 2048)
+    mean = df.decode_steps_s(gj, a100, 8, 2048, row["output"] - 1).mean()
+    assert q.simulated_ms == pytest.approx(1e3 * mean) and q.prefill_share == 0 and q.reference_ms == row["t2t_ms"]
+    assert gj.mlp_matrices == 2  # GPT-J's MLP is a plain up + GELU + down, as its config says
+
+
+def test_held_out_decode_error_stays_far_below_the_bandwidth_only_predictor(shipped):
+    """Per source and decode regime, the shipped physics' held-out median |error| is under a third of what the
+    bandwidth-only predictor misses the same runs by: dropping a term (kernel costs, attention floor, small ops,
+    the engine line) or breaking one moves it toward that predictor."""
+    naive = df.summary(df.points(engine_overrides={s: "none" for s in df.load()["sources"]},
+                                 gpu_transform=bandwidth_only))
+    checked = 0
+    for key, v in shipped.items():
+        if key[1] in DECODE:
+            assert v["median_pct"] < naive[key]["median_pct"] / 3, key
+            assert len(v["gpus"]) == 2 and len(v["models"]) >= 3, key
+            checked += 1
+    assert checked == 2 * len(df.load()["sources"])  # both decode regimes of every source
+
+
+def test_vllm_sync_line_explains_vllm_0_5_and_meets_the_small_batch_worst_target(shipped):
+    """vLLM 0.5 is a synchronous engine: its runs priced with vllm-sync (vidur's CPU line, fitted elsewhere) are
+    closer than with no engine cost or with the v0.11 vllm preset, and within the issue's 10% small-batch worst."""
+    for other in ("none", "vllm"):
+        alt = df.summary(df.points(engine_overrides={"argonne-vllm": other}))
+        for reg in DECODE:
+            assert shipped[("argonne-vllm", reg)]["median_pct"] < alt[("argonne-vllm", reg)]["median_pct"], (other, reg)
+    assert shipped[("argonne-vllm", "decode small batch")]["worst_pct"] <= 10.0

@@ -1,0 +1,162 @@
+"""Whole decode runs of real engines, measured by others, against the simulator: held-out decode error by source.
+
+``fidelity`` checks the physics against per-operator tables (vidur's), the same kind of data it was fitted on.
+A real engine's step adds what those tables leave out: the LM head, sampling, the engine's per-step host work,
+its own attention kernel. ``tiersim/data/public-decode-steps.json`` holds such measurements from sources no
+constant was fitted on, of two kinds: *whole runs* (B prompts of L tokens, L output tokens each, the batch's
+end-to-end latency), priced as the engine ran them: one batched prefill (``prefill`` physics), then the L - 1
+further decode steps; and *token-to-token latencies* (the mean decode step after the first token of a batch of B
+requests of I input and O output tokens), priced as the mean of those O - 1 steps. Each decode step holds the
+whole KV in HBM (``prefill.mixed_step_s`` with no prefill rows: what ``analytic.layer_costs`` charges) and pays
+the source's ``--engine-overhead`` preset. A point is classified before it is compared (:func:`regime`): runs
+whose KV outgrows HBM (the engine preempts and recomputes), runs dominated by their prefill, and measurements
+faster than the weights can be read (a failed run) are reported apart, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, replace
+from functools import cache
+from importlib import resources
+
+import numpy as np
+
+from tiersim.shapes import ModelShape
+from tiersim.simulator import engines, physics, prefill
+from tiersim.simulator.presets import GB, GPU, Model, get_gpu
+
+DATA = "public-decode-steps.json"
+#: Share of HBM an engine gives its weights and KV cache (vLLM's and TensorRT-LLM's default 0.9), less a
+#: workspace for activations: a batch whose KV at its last step needs more is preempted, not decoded.
+HBM_UTILIZATION = 0.9
+WORKSPACE_BYTES = 1.0 * GB
+#: A run whose simulated prefill is more than this share of its simulated time is a prefill measurement.
+PREFILL_HEAVY = 0.10
+#: Batches up to this size are the small-batch regime (the issue's <= 10% worst target).
+SMALL_BATCH = 8
+
+
+@cache
+def load() -> dict:
+    return json.loads(resources.files("tiersim").joinpath("data", DATA).read_text())
+
+
+def gpu_for(doc: dict, key: str) -> GPU:
+    """The preset a source's GPU is read as, with the datasheet figures the data file states for it."""
+    spec = doc["gpus"][key]
+    gpu = get_gpu(spec["preset"])
+    return replace(gpu, **{k: float(spec[k]) for k in ("hbm_bytes", "hbm_bw") if k in spec})
+
+
+def model_for(doc: dict, key: str) -> Model:
+    s = doc["models"][key]
+    return Model.from_shape(ModelShape(key, s["architecture"], s["num_layers"], s["hidden_size"],
+                                       s["intermediate_size"], s["num_attention_heads"], s["num_kv_heads"],
+                                       s["head_dim"], s["vocab_size"], gated_mlp=s.get("gated_mlp", True)))
+
+
+def prefill_batch_s(model: Model, gpu: GPU, batch: int, length: int) -> float:
+    """``batch`` prompts of ``length`` tokens prefilled in one forward: GEMMs and small ops over every row,
+    causal attention per prompt, the LM head for the batch's last rows and one step's host work."""
+    rows = batch * length
+    layer = (physics.gemm_s(model, gpu, rows) + batch * prefill.prefill_attention_s(model, gpu, length)
+             + prefill.small_ops_s(model, gpu, rows))
+    return float(model.num_layers * layer + physics.gather_s(model, gpu, rows - batch)
+                 + physics.lm_head_s(model, gpu, batch) + physics.host_overhead_s(gpu, batch))
+
+
+def decode_steps_s(model: Model, gpu: GPU, batch: int, context: int, steps: int) -> np.ndarray:
+    """``steps`` decode steps after a prompt of ``context`` tokens (the first output token comes with the
+    prefill, then one per step), each at its own context, the whole KV in HBM."""
+    contexts = np.arange(context, context + steps, dtype=float)
+    kv = batch * contexts * model.kv_bytes_per_token_layer
+    step = np.asarray(prefill.mixed_step_s(model, gpu, batch, kv, 0), dtype=float)
+    return np.maximum(step, gpu.step_host_floor)
+
+
+@dataclass
+class RunPoint:
+    source: str
+    role: str
+    engine: str
+    gpu: str
+    model: str
+    batch: int
+    length: int  # the prompt's tokens (a whole run's output is as long)
+    reference_ms: float  # per output token: a whole run's latency / L, or the token-to-token latency
+    simulated_ms: float
+    prefill_share: float  # of the simulated run (0: a token-to-token latency has no prefill in it)
+    regime: str
+
+    @property
+    def error_pct(self) -> float:
+        return 100.0 * (self.simulated_ms / self.reference_ms - 1.0)
+
+
+def regime(model: Model, gpu: GPU, batch: int, tokens: int, per_token_s: float, prefill_share: float,
+           preempts: bool = True) -> str:
+    """Which regime a point measures: ``decode small batch`` / ``decode large batch``, or why it is apart.
+
+    * ``preempted``: the batch's KV at its last step (``batch x tokens``) exceeds what HBM holds after the
+      weights (:data:`HBM_UTILIZATION`, :data:`WORKSPACE_BYTES`): the engine swaps or recomputes sequences.
+      Only where the engine does (``preempts``): a static batch that does not fit fails instead, and its
+      table has no measurement for it.
+    * ``failed run``: faster per output token than reading the weights once at the datasheet bandwidth.
+    * ``prefill-heavy``: the simulated prefill is over :data:`PREFILL_HEAVY` of the run.
+    """
+    kv = batch * tokens * model.kv_bytes_per_token
+    if preempts and kv > HBM_UTILIZATION * gpu.hbm_bytes - model.weight_bytes - WORKSPACE_BYTES:
+        return "preempted (KV over HBM)"
+    if per_token_s < model.weight_bytes / gpu.hbm_bw:
+        return "failed run (faster than the weights)"
+    if prefill_share > PREFILL_HEAVY:
+        return "decode run, prefill > 10%"
+    return "decode small batch" if batch <= SMALL_BATCH else "decode large batch"
+
+
+def points(doc: dict | None = None, engine_overrides: dict[str, str] | None = None, gpu_transform=None
+           ) -> list[RunPoint]:
+    """Every run of the data file priced with its source's engine preset (``engine_overrides``: source ->
+    another preset, to compare engine lines; ``gpu_transform(gpu) -> gpu``: other physics constants)."""
+    doc = doc or load()
+    out = []
+    for p in doc["points"]:
+        src = doc["sources"][p["source"]]
+        if src["role"] not in ("held_out", "check"):
+            raise ValueError(f"{DATA}: source {p['source']} has role {src['role']!r}; nothing here is fitted on")
+        name = (engine_overrides or {}).get(p["source"], src["engine_overhead"])
+        model = model_for(doc, p["model"])
+        gpu = gpu_for(doc, p["gpu"])
+        gpu = engines.apply(gpu_transform(gpu) if gpu_transform else gpu, name, model.num_layers)
+        b = p["batch"]
+        if "t2t_ms" in p:  # token-to-token latency: the mean decode step after the first token
+            n, steps = p["input"], p["output"] - 1
+            ref, pre = p["t2t_ms"] * 1e-3, 0.0
+            sim = float(decode_steps_s(model, gpu, b, n, steps).mean())
+            share, tokens, preempts = 0.0, n + p["output"], False
+        else:  # a whole run: its latency over its L output tokens
+            n = p["length"]
+            ref, pre = p["latency_s"] / n, prefill_batch_s(model, gpu, b, n)
+            run = pre + float(decode_steps_s(model, gpu, b, n, n - 1).sum())
+            sim, share, tokens, preempts = run / n, pre / run, 2 * n, True
+        out.append(RunPoint(p["source"], src["role"], name, p["gpu"], p["model"], b, n, 1e3 * ref, 1e3 * sim,
+                            share, regime(model, gpu, b, tokens, ref, share, preempts)))
+    return out
+
+
+def error_rows(doc: dict | None = None) -> list[dict]:
+    """``fidelity.error_rows``' shape: one row per run (source, role, regime, reference/simulated ms, error)."""
+    return [{"source": p.source, "role": p.role, "regime": p.regime, "reference_ms": p.reference_ms,
+             "simulated_ms": p.simulated_ms, "error_pct": p.error_pct} for p in points(doc)]
+
+
+def summary(pts: list[RunPoint]) -> dict[tuple, dict]:
+    """Per (source, regime): points, median and worst |error| (%), GPUs and models covered."""
+    groups: dict[tuple, list[RunPoint]] = {}
+    for p in pts:
+        groups.setdefault((p.source, p.regime), []).append(p)
+    return {k: {"points": len(v), "median_pct": statistics.median(abs(p.error_pct) for p in v),
+                "worst_pct": max(abs(p.error_pct) for p in v), "gpus": sorted({p.gpu for p in v}),
+                "models": sorted({p.model for p in v})} for k, v in sorted(groups.items())}
