@@ -71,10 +71,17 @@ class SegmentedCapture:
         step.refresh()
         step.step_started()
         stream = torch.cuda.current_stream(step.buffers.device)
+        last = len(self.points) // 2 - 1
+        if step.fetches:
+            step.fetch_share(0)
         self.graphs[0].replay()
         for i in range(0, len(self.points), 2):
             layer = self.points[i]
             self.event.record(stream)
+            if step.fetches:
+                if layer < last:
+                    step.fetch_share(layer + 1)  # one layer ahead, on the side stream
+                step.wait_share(layer)
             self.graphs[i + 1].replay()  # the device part, while the host works
             if step.copies:
                 self.event.synchronize()  # the query is down
