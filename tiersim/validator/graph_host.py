@@ -16,10 +16,11 @@ with the same functions, never a second copy of the math:
   whole HBM buffer (plus, for hybrid, the share of the DDR buffer's capacity, packed contiguously in
   pinned memory whenever re-tiering changes it and copied H2D one layer ahead on a side stream, as the
   simulator's hybrid prices it; the cache copies it when the layer attends: same data, other timing),
-  under the length mask; the query and the DDR columns of the
-  mask go down to static (pinned) buffers, a CPU thread runs ``partial_attention`` over the DDR buffer
-  and writes output, log-sum-exp and probabilities into static result buffers, which go up and are
-  ``merge``d; the scores come from ``merged_probabilities`` (the cache's scatter).
+  under the length mask; the query and the DDR columns of the mask go down to static (pinned) buffers,
+  the host runs ``partial_attention`` over the DDR buffer on torch's CPU threads (eagerly on CUDA from a
+  worker thread joined by an event; inline when the device is the CPU) and writes output, log-sum-exp
+  and probabilities into static result buffers, which go up and are ``merge``d; the scores come from
+  ``merged_probabilities`` (the cache's scatter).
 
 Why the CUDA graph is cut per layer (:class:`~tiersim.validator.graph_segments.SegmentedCapture`): a
 graph replays device work only, and the host part needs the layer's query, which exists only mid-step,
@@ -330,13 +331,16 @@ class HostStep(GraphStep):
             st.mask.copy_(host_mask.expand(st.mask.shape), non_blocking=self.cuda)
         if self.capture is not None:
             return None  # the replay runs the host part between the graphs
-        if self.cuda:
-            self._ready.record(torch.cuda.current_stream(self.buffers.device))
+        if not self.cuda:
+            # The CPU is the device too: a second Python thread would only contend for the GIL with the device
+            # part's many small ops (measured: hybrid's tiny step 2 ms inline, 6-8 ms with a thread).
+            self.host_part(layer_idx)
+            return None
+        self._ready.record(torch.cuda.current_stream(self.buffers.device))
         return self._pool.submit(self._host_thread, layer_idx, torch.is_inference_mode_enabled())
 
     def _host_thread(self, layer_idx: int, inference: bool) -> None:
-        if self._ready is not None:
-            self._ready.synchronize()
+        self._ready.synchronize()  # the query and mask are down
         with torch.inference_mode(inference):
             self.host_part(layer_idx)
 
