@@ -165,7 +165,8 @@ def test_exact_host_step_in_bfloat16_within_the_cache_s_bound(strategy, share):
     assert buffers.retiers >= 2 and buffers.counts(0)["ddr"] > 0
 
 
-@pytest.mark.parametrize("strategy, share", STRATEGIES)
+@pytest.mark.parametrize("strategy, share", [*STRATEGIES, ("hybrid", {"fetch_share": 0.0}),
+                                             ("hybrid", {"fetch_share": 1.0})])
 def test_static_step_equals_the_exact_step_up_to_rounding(model, strategy, share):
     """The graph's shape (whole buffers under the length mask, the host part on a thread, hybrid's share packed
     after each re-tiering by the step itself) gives the exact step's logits within BOUND and the same tiers."""
