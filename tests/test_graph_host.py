@@ -385,3 +385,88 @@ def test_against_refuses_a_strategy_it_cannot_price_in_one_line(tmp_path, settin
     with pytest.raises(TiersimError, match=words) as err:
         load_measurements(path)
     assert "\n" not in str(err.value)
+
+
+class _FakeCuda:
+    """Just enough of torch.cuda for SegmentedCapture's bookkeeping on a CPU: graphs that log their replays."""
+
+    def __init__(self, log: list) -> None:
+        self.log = log
+        fake = self
+
+        class Graph:
+            made = 0
+
+            def __init__(self):
+                self.index = Graph.made
+                Graph.made += 1
+
+            def capture_begin(self, pool=None):
+                fake.log.append(f"begin {self.index}")
+
+            def capture_end(self):
+                fake.log.append(f"end {self.index}")
+
+            def replay(self):
+                fake.log.append(f"g{self.index}")
+
+        class Event:
+            def record(self, stream=None):
+                pass
+
+            def synchronize(self):
+                pass
+
+        class Stream:
+            def __init__(self, device=None):
+                pass
+
+            def wait_stream(self, other):
+                pass
+
+            def wait_event(self, event):
+                fake.log.append("wait")
+
+        self.CUDAGraph, self.Event, self.Stream = Graph, Event, Stream
+
+    def install(self, monkeypatch) -> None:
+        import contextlib
+
+        for name, value in {"CUDAGraph": self.CUDAGraph, "Event": self.Event, "Stream": self.Stream,
+                            "stream": lambda s=None: contextlib.nullcontext(),
+                            "current_stream": lambda device=None: self.Stream(),
+                            "synchronize": lambda device=None: None, "graph_pool_handle": lambda: None,
+                            "is_current_stream_capturing": lambda: False}.items():
+            monkeypatch.setattr(torch.cuda, name, value)
+
+
+@pytest.mark.parametrize("copies", [True, False])
+def test_segmented_replay_runs_the_host_part_between_the_right_graphs(model, monkeypatch, copies):
+    """2L + 1 segments, cut after each layer's query goes down and after its device part; a replay runs layer l's
+    host part after D_l is launched and before A_{l+1}, with hybrid's next share started one layer ahead and
+    waited for before D_l (logged by a stand-in for torch.cuda: the graphs themselves need a GPU)."""
+    from tiersim.validator.graph_host import HostStep, make_step
+    from tiersim.validator.graph_segments import SegmentedCapture
+
+    log: list = []
+    fake = _FakeCuda(log)
+    step = make_step(model, _buffers(model, 0.5, 1, 8, "hybrid", fetch_share=0.5), copies=copies)
+    fake.install(monkeypatch)
+    layers = model.config.num_hidden_layers
+    step.cuda, step.side, step.events, step._ready = True, fake.Stream(), [fake.Event() for _ in range(layers)], \
+        fake.Event()
+    monkeypatch.setattr(HostStep, "host_part", lambda self, i: log.append(f"host {i}"))
+    monkeypatch.setattr(HostStep, "fetch_share", lambda self, i: log.append(f"fetch {i}"))
+    with torch.inference_mode():
+        captured = SegmentedCapture(step, warmup=1)
+    recorded = [e for e in log if e.startswith(("begin", "end"))]
+    assert len(captured.graphs) == 2 * layers + 1 and captured.points == [p for i in range(layers) for p in (i, None)]
+    assert recorded == [f"{w} {i}" for i in range(2 * layers + 1) for w in ("begin", "end")]
+    log.clear()
+    captured.replay()
+    if copies:
+        assert layers == 2  # the tiny shape: the order written out
+        assert log == ["fetch 0", "g0", "fetch 1", "wait", "g1", "host 0", "g2", "wait", "g3", "host 1", "g4"]
+    else:  # the copy-free twin: the segments back to back, nothing between them
+        assert log == [f"g{i}" for i in range(2 * layers + 1)]
+    assert step.buffers.n_seen == CONTEXT + 2  # the warm-up step and the replay
