@@ -36,7 +36,7 @@ query and an H2D of output + lse + probabilities, and the host part on the criti
 for max(0, host - device part) per layer, which is this strategy's ``stall``. When the capture fails the
 same step runs eagerly on CUDA, the host part on a worker thread joined by the same event (the point
 says ``cuda-eager``). Neither CUDA path has run yet (no GPU lent): the tests marked ``cuda`` hold them
-to the eager step when one is.
+to the eager step when one is (on CPU, a stand-in for torch.cuda checks only the cuts and the replay order).
 
 ``copies=False`` is the same step without its host part and copies (stale result buffers, weight 0 on
 the first step): its time is the GPU-busy time, and the difference to the full step is the stall.
