@@ -117,8 +117,9 @@ def test_exact_host_step_matches_the_tiered_cache(model, strategy, share, hbm, b
                 assert buffers.counts(0) == cache.tier_counts(0)
     finally:
         scoring.clear_listener()
-    print(f"{strategy} hbm {hbm} batch {batch}: " + (f"largest |logit difference| after the layouts diverged "
-                                                     f"{max(diverged):.3g}" if diverged else "bit-identical throughout"))
+    verdict = f"largest |logit difference| after the layouts diverged {max(diverged):.3g}" if diverged else \
+        "bit-identical throughout"
+    print(f"{strategy} hbm {hbm} batch {batch}: {verdict}")
     if hbm < 1.0:  # the DDR tier was attended on the host, and the bound branch ran after a re-tiering
         assert buffers.counts(0)["ddr"] > 0 and moved > 0 and diverged
         assert step.access.ddr_tokens > 0
