@@ -270,6 +270,11 @@ def test_cpu_grid_records_the_strategy_its_host_time_and_prices_it(tmp_path, str
     assert off["simulated_step_ms"] > 0 and off["simulated_step_ms"] != prefetch["simulated_step_ms"]
     assert points[1.0]["host_ms"] is None and points[1.0]["h2d_bytes"] == 0
     assert json.loads(out.read_text())["settings"]["strategy"] == strategy
+    from tiersim.validator.compare import format_text
+
+    line = next(x for x in format_text(doc).splitlines() if x.startswith(f"strategy {strategy}"))
+    assert f"host {off['host_ms']:.3f} ms at batch 1, context 96, hbm 0.5" in line and "hbm 1:" not in line
+    assert not any(x.startswith("strategy") for x in format_text(ref).splitlines())
 
 
 def test_refusals_are_one_line():
