@@ -476,3 +476,22 @@ def test_segmented_replay_runs_the_host_part_between_the_right_graphs(model, mon
     else:  # the copy-free twin: the segments back to back, nothing between them
         assert log == [f"g{i}" for i in range(2 * layers + 1)]
     assert step.buffers.n_seen == CONTEXT + 2  # the warm-up step and the replay
+
+
+def test_host_strategies_run_and_are_priced_with_torch_and_numpy_only(tmp_path):
+    """The GPU machine has no simpy, plotly, pandas, typer or rich: the hybrid grid and ``--against`` on its
+    file run with those imports blocked (the simulator's step costs are numpy only)."""
+    from test_validator_torch_only import _run
+
+    out = tmp_path / "h.json"
+    proc = _run(f"""
+import sys
+from tiersim.validator.graph_run import run_graph
+from tiersim.simulator.against import main
+doc = run_graph('tiny', [1], [80], [1.0, 0.5], device='cpu', steps=1, warmup=1, out={str(out)!r},
+                sweep_sizes=[4096, 65536], strategy='hybrid', fetch_share=0.5)
+print('HOST', doc['points'][1]['host_ms'] > 0)
+sys.exit(main([{str(out)!r}]))
+""")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "HOST True" in proc.stdout and proc.stdout.strip().splitlines()[-1].startswith("median |error| ")
