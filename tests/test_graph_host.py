@@ -495,3 +495,18 @@ sys.exit(main([{str(out)!r}]))
 """)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "HOST True" in proc.stdout and proc.stdout.strip().splitlines()[-1].startswith("median |error| ")
+
+
+def test_a_lossy_split_is_refused_by_the_host_step_in_one_line(model, monkeypatch):
+    """Its device part attends the HBM tier only: were the buffers to hold a compressed tier (graph_tiers refuses
+    one today), the host strategies would drop it, so they refuse it themselves."""
+    from tiersim.hierarchy.config import TierConfig
+    from tiersim.validator import graph_tiers
+    from tiersim.validator.graph_host import make_step
+
+    monkeypatch.setattr(graph_tiers, "check_config", lambda config: None)
+    config = TierConfig(hbm=0.5, ddr=0.3, compressed=0.2, strategy="host-attention")
+    buffers = graph_tiers.TierBuffers(config, 2, 1, 2, 16, 64, 4, "cpu", torch.float32)
+    with pytest.raises(TiersimError, match="host strategies run lossless splits only") as err:
+        make_step(model, buffers)
+    assert "\n" not in str(err.value)

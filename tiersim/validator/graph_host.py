@@ -151,8 +151,12 @@ class HostStep(GraphStep):
     STRATEGIES = HOST_STRATEGIES
 
     def __init__(self, model, buffers, exact: bool = False, copies: bool = True) -> None:
-        super().__init__(model, buffers, exact=exact, copies=copies)
         config = buffers.config
+        if not config.is_lossless:  # the device part attends the HBM tier only: a compressed tier would be lost
+            raise TiersimError(f"--strategy {config.strategy}: the graph executor's host strategies run lossless "
+                               f"splits only (compressed = evict = 0); got compressed={config.compressed}, "
+                               f"evict={config.evict}")
+        super().__init__(model, buffers, exact=exact, copies=copies)
         self.access = make_access(config.strategy, config.fetch_share)  # the cache's own strategy object
         self.hybrid = config.strategy == "hybrid"
         cap = buffers.cap_ddr
