@@ -295,6 +295,8 @@ def test_refusals_are_one_line():
     (["--fetch-share", "0.5"], "--fetch-share 0.5: the hf executor times prefetch only"),
     (["--executor", "graph", "--strategy", "selective"], "--strategy selective: the graph executor runs"),
     (["--executor", "graph", "--strategy", "prefetch", "--fetch-share", "0.5"], "only hybrid takes"),
+    (["--executor", "graph", "--strategy", "hybrid", "--compare", "docs/validation/h100-80gb-hbm3.json"],
+     "--strategy hybrid is for a new run; --compare only prints"),
 ])
 def test_validate_refuses_what_is_not_built_in_one_line(args, words):
     from cli_run import assert_refused

@@ -41,7 +41,9 @@ def validate(opts: ValidateOptions = ValidateOptions()) -> None:
     (--executor graph: the step captured as a CUDA graph, the GPU-bound measurement)."""
     from tiersim.validator import calibrate
     from tiersim.validator import compare as compare_mod
+    from tiersim.validator.options import check_strategy
 
+    check_strategy(opts.executor, opts.strategy, opts.fetch_share, opts.compare)
     if opts.compare is not None:
         from tiersim.validator.options import check_compare
 
@@ -49,9 +51,6 @@ def validate(opts: ValidateOptions = ValidateOptions()) -> None:
         _show(compare_mod.load(opts.compare))
         return
     lists = list_values(opts)  # --batch, --context, --hbm, each a one-line error when it is not a list
-    from tiersim.validator.options import check_strategy
-
-    check_strategy(opts.executor, opts.strategy, opts.fetch_share)
     run, extra = calibrate.run_validation, {}
     if opts.executor == "graph":
         from tiersim.validator.graph_run import run_validation_graph as run

@@ -27,12 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     from tiersim.validator import calibrate, compare
 
     try:
+        check_strategy(args.executor, args.strategy, args.fetch_share, args.compare)
         if args.compare:
             check_compare(args.compare, args.out, args.profile)
             print(compare.format_text(compare.load(args.compare)))
             return 0
         argv = sys.argv[1:] if argv is None else argv
-        check_strategy(args.executor, args.strategy, args.fetch_share)
         run, extra = calibrate.run_validation, {}
         if args.executor == "graph":
             from tiersim.validator.graph_run import run_validation_graph as run

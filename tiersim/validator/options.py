@@ -60,11 +60,16 @@ def check_compare(compare, out, profile) -> None:
             raise TiersimError(f"{flag} is for a new run; --compare only prints {compare}: drop {flag} or --compare")
 
 
-def check_strategy(executor: str, strategy: str, fetch_share) -> None:
-    """The HF harness times prefetch only: another ``--strategy`` (or a ``--fetch-share``) is refused in one
-    line rather than silently timing prefetch; the graph executor checks its own (graph_host.strategy_options)."""
+def check_strategy(executor: str, strategy: str, fetch_share, compare=None) -> None:
+    """The HF harness times prefetch only, and ``--compare`` runs nothing: another ``--strategy`` (or a
+    ``--fetch-share``) is refused in one line rather than silently dropped; the graph executor checks its
+    own (graph_host.strategy_options)."""
     from tiersim.errors import TiersimError
 
-    if executor != "graph" and (strategy != "prefetch" or fetch_share is not None):
-        flag = f"--strategy {strategy}" if strategy != "prefetch" else f"--fetch-share {fetch_share:g}"
+    if strategy == "prefetch" and fetch_share is None:
+        return
+    flag = f"--strategy {strategy}" if strategy != "prefetch" else f"--fetch-share {fetch_share:g}"
+    if compare is not None:
+        raise TiersimError(f"{flag} is for a new run; --compare only prints {compare}: drop {flag} or --compare")
+    if executor != "graph":
         raise TiersimError(f"{flag}: the hf executor times prefetch only; use --executor graph")
