@@ -2,7 +2,8 @@
 
 With a graph calibration file (``<gpu>-graph.json`` from ``bash scripts/gpu_validate.sh``): the calibrated
 simulator's median |error| (<= 5%, goal 2%), the overhead at HBM 0.5 / batch 1 / 2K (<= 3%), the prefetch
-rate against peak H2D (>= 85%) and the link-bound points' stall against the simulator's. Without one: the
+rate against peak H2D (>= 85%), the link-bound points' stall against the simulator's and the compressed
+check's overhead and simulator error. Without one: the
 script's DRY_RUN=1 mode (every step on the CPU at tiny sizes), timed against its 30 s target.
 Run: python benchmarks/bench_graph.py [--calibration docs/validation/<gpu>-graph.json]
 """
@@ -31,7 +32,9 @@ def _from_file(path: Path) -> str:
 
     doc = compare.load(path)
     points, s = doc["points"], doc["summary"]
-    head = next((p for p in points if (p["batch"], p["context"], p["hbm"]) == (1, 2048, 0.5)), None)
+    lossless = [p for p in points if not p.get("compressed")]
+    head = next((p for p in lossless if (p["batch"], p["context"], p["hbm"]) == (1, 2048, 0.5)), None)
+    checks = [p for p in points if p.get("compressed")]
     share = s.get("prefetch_share_of_peak_h2d")
     rows = [
         ["median abs simulator error (calibrated closed form)", "≤ 5% (goal 2%)",
@@ -39,9 +42,12 @@ def _from_file(path: Path) -> str:
         ["overhead, HBM 0.5 / batch 1 / 2K", "≤ 3%", _fmt(head["overhead_pct"] if head else None, 1, "%")],
         ["prefetch rate / peak H2D", "≥ 85%", _fmt(None if share is None else 100 * share, 0, "%")],
     ]
-    bound = sorted((p for p in points if p["hbm"] == 0.25 and p.get("stall_ms")), key=lambda p: -p["stall_ms"])[:3]
+    bound = sorted((p for p in lossless if p["hbm"] == 0.25 and p.get("stall_ms")), key=lambda p: -p["stall_ms"])[:3]
     rows += [[f"stall, batch {p['batch']} / {p['context']} / HBM 0.25", "simulated "
               + _fmt(p.get("simulated_stall_ms"), 2, " ms"), _fmt(p["stall_ms"], 2, " ms")] for p in bound]
+    rows += [[f"compressed check, HBM {p['hbm']:g} + compressed {p['compressed']:g} / batch {p['batch']} / "
+              f"{p['context']}: overhead (simulator's error)", "—",
+              f"{_fmt(p.get('overhead_pct'), 1, '%')} ({_fmt(p.get('sim_error_pct'), 1, '%')})"] for p in checks]
     return (f"Source: `{path}`; executor {doc.get('executor') or 'hf-eager'}; device {doc['device']['name']}; "
             f"{len(points)} points.\n\n" + markdown_table(["target", "wanted", "measured"], rows))
 

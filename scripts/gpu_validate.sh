@@ -5,13 +5,18 @@
 #
 #   1. the CUDA tests: cache, validator instrumentation, graph executor (replay == eager)   <= 60 s
 #   2. the graph-executor grid (the decode step captured as a CUDA graph): 7B shape,
-#      batch 1,8,32,64 x context 2K,8K x HBM 1.0,0.5,0.25, writes <gpu>-graph.json           <= 180 s
+#      batch 1,8,32,64 x context 2K,8K x HBM 1.0,0.5,0.25, then the compressed check (batch 1,
+#      2K, HBM 0.5 and 0.25 with a quarter of the context quantized, if the budget is left),
+#      writes <gpu>-graph.json                                                                <= 180 s
 #   3. the operator profile of the same shape, writes <gpu>-operators.json                    <= 75 s
 #   4. measured vs simulated on the grid's file (python -m tiersim.simulator.against, the
 #      recurrence without simpy); the median |error| is the script's last line               <= 30 s
 #
 #   bash scripts/gpu_validate.sh               # writes docs/validation/<gpu>-{graph,operators}.{json,txt}, -tests.txt
 #   DRY_RUN=1 bash scripts/gpu_validate.sh     # the whole script on the CPU at tiny sizes (< 30 s), into a temp dir
+#
+# Each step is one Python process, and importing transformers is most of a dry run's CPU time (~3 s of the
+# grid's and the profile's 4-5 s each): the dry run keeps the GPU run's steps and starts nothing more.
 #
 # If $OUT is set (the device tool's output folder), every result file is copied there too.
 set -uo pipefail
@@ -23,12 +28,14 @@ if [ "${DRY_RUN:-0}" = "1" ]; then
   export OMP_NUM_THREADS=1
   DEVICE=cpu SHAPE=${SHAPE:-tiny} BATCH=${BATCH:-1} CONTEXT=${CONTEXT:-80} HBM=${HBM:-1.0,0.5}
   STEPS=${STEPS:-1} WARMUP=${WARMUP:-1} GRID_BUDGET_S=${GRID_BUDGET_S:-20} OPS_BUDGET_S=${OPS_BUDGET_S:-2}
+  COMPRESSED=${COMPRESSED:-0.25}
   DEST=${DEST:-$(mktemp -d)} slug=cpu-dry-run
   ops_args=(--steps 1 --warmup 1)
   cuda_tests=(tests/test_graph_executor.py)  # every CUDA test skips on a CPU: collecting one file proves the step
 else
   DEVICE=cuda SHAPE=${SHAPE:-r1-distill-qwen-7b} BATCH=${BATCH:-1,8,32,64} CONTEXT=${CONTEXT:-2048,8192}
   HBM=${HBM:-1.0,0.5,0.25} STEPS=${STEPS:-16} WARMUP=${WARMUP:-2} GRID_BUDGET_S=${GRID_BUDGET_S:-130}
+  COMPRESSED=${COMPRESSED:-0.25}
   OPS_BUDGET_S=${OPS_BUDGET_S:-50} DEST=${DEST:-docs/validation}
   ops_args=()
   cuda_tests=(tests/test_cuda_cache.py tests/test_validator.py tests/test_graph_executor.py tests/test_graph_host.py)
@@ -55,18 +62,19 @@ run_step() {  # run_step NAME SECONDS CMD...: run under a timeout, remember a fa
   [ "$rc" -eq 0 ] || failed+=("$name (exit $rc)")
 }
 
-echo "== $(date -u +%FT%TZ) $slug: $("$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"
+echo "== $(date -u +%FT%TZ) $slug: $("$PY" -c 'from importlib.metadata import version as v; print("torch", v("torch"), "transformers", v("transformers"))')"
 [ "$DEVICE" = cuda ] && { nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.current,pcie.link.width.current --format=csv || true; }
 
 # 1. The CUDA code paths (skipped on a CPU): pinned DDR, side-stream prefetch, graph replay == eager step.
-run_step "cuda tests" 60 bash -c "set -o pipefail; '$PY' -m pytest -q -p no:cacheprovider ${cuda_tests[*]} \
-  -k cuda -rs 2>&1 | tee '$DEST/$slug-tests.txt'"
+# (hypothesis's and anyio's pytest plugins are not loaded: no CUDA test uses them, and they cost a second.)
+run_step "cuda tests" 60 bash -c "set -o pipefail; '$PY' -m pytest -q -p no:cacheprovider -p no:hypothesispytest \
+  -p no:anyio ${cuda_tests[*]} -k test_cuda -rs 2>&1 | tee '$DEST/$slug-tests.txt'"
 
 # 2. The graph-executor grid: link sweep, captured decode steps per point, compute fit, calibration file.
-run_step "graph grid: $SHAPE, batch $BATCH, context $CONTEXT, hbm $HBM" $((GRID_BUDGET_S + 50)) bash -c \
+run_step "graph grid: $SHAPE, batch $BATCH, context $CONTEXT, hbm $HBM, compressed check $COMPRESSED" $((GRID_BUDGET_S + 50)) bash -c \
   "set -o pipefail; '$PY' -m tiersim.validator --executor graph --device $DEVICE --model-shape '$SHAPE' \
   --batch '$BATCH' --context '$CONTEXT' --hbm '$HBM' --steps $STEPS --warmup $WARMUP --budget-s $GRID_BUDGET_S \
-  --out '$DEST/$slug-graph.json' | tee '$DEST/$slug-graph.txt'"
+  --compressed $COMPRESSED --out '$DEST/$slug-graph.json' | tee '$DEST/$slug-graph.txt'"
 
 # 3. The operator profile (GEMMs, small ops, attention, HF decode steps) of the same shape.
 run_step "operator profile: $SHAPE" $((OPS_BUDGET_S + 25)) bash -c \

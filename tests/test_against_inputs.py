@@ -32,8 +32,8 @@ def _with(where: str, key: str, value):
 
 def test_a_good_point_reads(tmp_path):
     _, points = load_measurements(_write(tmp_path, GOOD))
-    assert points == [{"model": "r1-distill-qwen-7b", "batch": 1, "context": 2050, "hbm": 0.5, "measured_ms": 9.5,
-                       "steps": 8, "label": "tiered"}]
+    assert points == [{"model": "r1-distill-qwen-7b", "batch": 1, "context": 2050, "hbm": 0.5, "compressed": 0.0,
+                       "measured_ms": 9.5, "steps": 8, "label": "tiered"}]
 
 
 @pytest.mark.parametrize("where,key,value", [
@@ -42,6 +42,7 @@ def test_a_good_point_reads(tmp_path):
     ("point", "batch", 0), ("point", "batch", -1), ("point", "batch", 1.5), ("point", "batch", 10**9),
     ("point", "context", -3), ("point", "context", 10**12), ("point", "context", 2.5),
     ("point", "hbm", 2.0), ("point", "hbm", float("nan")), ("point", "hbm", -0.1), ("point", "hbm", "x"),
+    ("point", "compressed", 0.6), ("point", "compressed", -0.1), ("point", "compressed", "x"),  # hbm 0.5: at most 0.5
     ("settings", "steps", 10**9), ("settings", "steps", 0), ("settings", "warmup", -1),
     ("settings", "warmup", 10**12),
 ])

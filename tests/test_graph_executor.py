@@ -26,14 +26,20 @@ def model():
     return build_model(get_shape("tiny"), "cpu", dtype=torch.float32)
 
 
-def _pair(model, hbm: float, batch: int, steps: int, device="cpu", **policy):
-    """A TieredCache and TierBuffers filled with the same synthetic prefill (same seed, same draws)."""
+def _pair(model, hbm: float, batch: int, steps: int, device="cpu", split=None, **policy):
+    """A TieredCache and TierBuffers filled with the same synthetic prefill (same seed, same draws); ``split``
+    (ddr, compressed, evict) beside ``hbm``, by default all of the rest in DDR."""
     from tiersim.hierarchy.cache import TieredCache
+    from tiersim.hierarchy.config import TierConfig
     from tiersim.validator.decode import synthetic_prefill, tier_config
     from tiersim.validator.graph_run import load_synthetic
     from tiersim.validator.graph_tiers import TierBuffers
 
-    config = tier_config(hbm, **policy)
+    if split is None:
+        config = tier_config(hbm, **policy)
+    else:
+        ddr, comp, evict = split
+        config = TierConfig(hbm=hbm, ddr=ddr, compressed=comp, evict=evict, quant_group=16, **policy)
     cache = TieredCache(config)
     with torch.inference_mode():
         synthetic_prefill(model, cache, batch, B_CONTEXT, torch.Generator(device=device).manual_seed(0))
@@ -49,6 +55,24 @@ def _attention_outputs(model, sink: list):
     """Hooks that append every layer's attention output (before o_proj's residual) to ``sink``."""
     return [layer.self_attn.register_forward_hook(lambda _m, _a, out: sink.append(out[0].clone()))
             for layer in model.model.layers]
+
+
+def _assert_same_step(model, cache_arg, step, ids, i: int) -> None:
+    """One decode step of ``ids`` through the model over the TieredCache (``cache_arg``) and through ``step``: the
+    logits and every layer's attention output are equal bit for bit."""
+    ref_attn, out_attn = [], []
+    hooks = _attention_outputs(model, ref_attn)
+    ref = model(input_ids=ids, **cache_arg, use_cache=True, logits_to_keep=1).logits
+    for h in hooks:
+        h.remove()
+    hooks = _attention_outputs(model, out_attn)
+    step.ids.copy_(ids)
+    out = step.run()
+    for h in hooks:
+        h.remove()
+    assert torch.equal(ref, out), f"step {i}: logits differ by {(ref - out).abs().max():.3g}"
+    assert len(ref_attn) == len(out_attn) == model.config.num_hidden_layers
+    assert all(torch.equal(a, b) for a, b in zip(ref_attn, out_attn)), f"step {i}: attention differs"
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -69,19 +93,7 @@ def test_exact_step_is_bit_identical_to_the_tiered_cache(model, hbm, batch):
     try:
         with torch.inference_mode():
             for i in range(steps):
-                ref_attn, out_attn = [], []
-                hooks = _attention_outputs(model, ref_attn)
-                ref = model(input_ids=ids[i], **arg, use_cache=True, logits_to_keep=1).logits
-                for h in hooks:
-                    h.remove()
-                hooks = _attention_outputs(model, out_attn)
-                step.ids.copy_(ids[i])
-                out = step.run()
-                for h in hooks:
-                    h.remove()
-                assert torch.equal(ref, out), f"step {i}: logits differ by {(ref - out).abs().max():.3g}"
-                assert len(ref_attn) == len(out_attn) == model.config.num_hidden_layers
-                assert all(torch.equal(a, b) for a, b in zip(ref_attn, out_attn)), f"step {i}: attention differs"
+                _assert_same_step(model, arg, step, ids[i], i)
                 if buffers.due(i + 1):
                     m = buffers.retier(i + 1)
                     moved += m["demoted"] + m["promoted"]
@@ -97,15 +109,67 @@ def test_exact_step_is_bit_identical_to_the_tiered_cache(model, hbm, batch):
         assert buffers.counts(0)["ddr"] > 0
 
 
-@pytest.mark.parametrize("hbm", [1.0, 0.5])
-def test_static_step_equals_the_exact_step_up_to_rounding(model, hbm):
-    """The graph's shape (whole buffers under a length mask) gives the exact step's logits within float
-    rounding and the same tiers: the padding changes only the softmax's summation order."""
+LOSSY = [  # (hbm, (ddr, compressed, evict), policy): HBM 0.5 / 0.25 with compressed and evicted shares
+    (0.5, (0.2, 0.2, 0.1), {}),
+    (0.25, (0.35, 0.3, 0.1), {}),
+    (0.5, (0.0, 0.5, 0.0), {}),  # no DDR tier at all
+    (0.5, (0.0, 0.3, 0.2), {}),
+    # the sinks and window squeeze DDR, which then shrinks at some re-tierings (entries move into holes)
+    (0.3, (0.3, 0.2, 0.2), {"retier_every": 1, "recent_window": 64}),
+]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("hbm, split, policy", LOSSY)
+def test_compressed_and_evicted_shares_are_bit_identical_to_the_tiered_cache(model, hbm, split, policy, batch):
+    """With a compressed tier (the cache's quantizer, its residual) and evictions: every step's attention output
+    and logits equal TieredCache's bit for bit, the retained tokens' tier codes and the counts are the cache's
+    after every re-tiering; tokens really are quantized and evicted along the way."""
+    from tiersim.compat import cache_kwargs
+    from tiersim.hierarchy import scoring
+    from tiersim.hierarchy.policy import EVICTED
+    from tiersim.validator.graph import GraphStep
+
+    steps = 13
+    policy = {"retier_every": 4, "recent_window": 16, **policy}
+    cache, buffers = _pair(model, hbm, batch, steps, split=split, **policy)
+    step = GraphStep(model, buffers, exact=True)
+    ids = torch.randint(model.config.vocab_size, (steps, batch, 1), generator=torch.Generator().manual_seed(1))
+    arg = cache_kwargs(model, cache)
+    moved = {"demoted": 0, "compressed": 0, "evicted": 0}
+    ddr_sizes = [buffers.layers[0].n_ddr]
+    try:
+        with torch.inference_mode():
+            for i in range(steps):
+                _assert_same_step(model, arg, step, ids[i], i)
+                if buffers.due(i + 1):
+                    for key, value in buffers.retier(i + 1).items():
+                        moved[key] = moved.get(key, 0) + value
+                    assert buffers.counts(0) == cache.tier_counts(0)
+                    ddr_sizes.append(buffers.layers[0].n_ddr)
+                n = buffers.n_seen
+                for layer in range(model.config.num_hidden_layers):
+                    mine = buffers.layers[layer].tiers[:, :n]
+                    assert torch.equal(mine[mine != EVICTED].view(batch, -1), cache.layers[layer].tiers), (i, layer)
+    finally:
+        scoring.clear_listener()
+    counts = buffers.counts(0)
+    assert counts["compressed"] > 0 and moved["compressed"] > 0
+    assert (counts["evicted"] > 0) == (split[2] > 0) and (moved["demoted"] > 0) == (split[0] > 0)
+    if policy["retier_every"] == 1:  # the case is there for it: the DDR tier shrank at some re-tiering
+        assert any(b < a for a, b in zip(ddr_sizes, ddr_sizes[1:])), ddr_sizes
+
+
+@pytest.mark.parametrize("hbm, split", [(1.0, None), (0.5, None), (0.5, (0.2, 0.2, 0.1)), (0.25, (0.35, 0.3, 0.1))])
+def test_static_step_equals_the_exact_step_up_to_rounding(model, hbm, split):
+    """The graph's shape (whole buffers under a mask; the compressed buffer dequantized whole, evicted slots
+    masked) gives the exact step's logits within float rounding and the same tiers: the padding changes only
+    the softmax's summation order."""
     from tiersim.validator.graph import GraphStep
 
     steps, batch = 9, 2
-    _, exact_buf = _pair(model, hbm, batch, steps, retier_every=4, recent_window=16)
-    _, static_buf = _pair(model, hbm, batch, steps, retier_every=4, recent_window=16)
+    _, exact_buf = _pair(model, hbm, batch, steps, split=split, retier_every=4, recent_window=16)
+    _, static_buf = _pair(model, hbm, batch, steps, split=split, retier_every=4, recent_window=16)
     exact, static = GraphStep(model, exact_buf, exact=True), GraphStep(model, static_buf)
     ids = torch.randint(model.config.vocab_size, (steps, batch, 1), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
@@ -158,7 +222,7 @@ def test_retiering_moves_only_the_tokens_whose_tier_changed(model):
         after = [lt.tiers[:, : buffers.n_seen] for lt in buffers.layers]
         demoted = sum(int(((b == HBM) & (a == DDR)).sum()) for b, a in zip(before, after))
         promoted = sum(int(((b == DDR) & (a == HBM)).sum()) for b, a in zip(before, after))
-        assert moved == {"demoted": demoted, "promoted": promoted}
+        assert moved == {"demoted": demoted, "promoted": promoted, "compressed": 0, "evicted": 0}
         d2h += demoted
         assert demoted < sum(lt.n_ddr for lt in buffers.layers) * buffers.batch
         _check_slots(buffers)
@@ -189,12 +253,14 @@ def test_other_strategies_are_refused_in_one_line(model, strategy):
     assert "\n" not in str(err.value)
 
 
-def test_lossy_splits_are_refused_in_one_line():
+def test_a_quant_group_that_does_not_tile_the_head_is_refused_in_one_line():
     from tiersim.hierarchy.config import TierConfig
     from tiersim.validator.graph_tiers import TierBuffers
 
-    with pytest.raises(TiersimError, match="lossless splits only"):
-        TierBuffers(TierConfig(hbm=0.5, ddr=0.3, compressed=0.2), 2, 1, 2, 16, 64, 4, "cpu", torch.float32)
+    config = TierConfig(hbm=0.5, ddr=0.3, compressed=0.2, quant_group=12)
+    with pytest.raises(TiersimError, match="quant_group=12 does not divide head_dim 16") as err:
+        TierBuffers(config, 2, 1, 2, 16, 64, 4, "cpu", torch.float32)
+    assert "\n" not in str(err.value)
 
 
 def test_cpu_grid_writes_a_graph_eager_calibration(tmp_path):
@@ -223,17 +289,66 @@ def test_cpu_grid_writes_a_graph_eager_calibration(tmp_path):
     assert loaded["executor"] == "graph-eager" and len(measured) == 4
 
 
+def test_cpu_grid_with_the_compressed_check(tmp_path):
+    """--compressed: after the lossless grid, its first batch and context again with that share of the context
+    quantized (the rest in DDR, so fewer bytes cross the link), against its own HBM 1.0; the file says so per point,
+    and --against prices each point with its split."""
+    from tiersim.simulator.against import compare, load_measurements
+    from tiersim.simulator.scenario import assemble
+    from tiersim.validator.graph_run import run_graph
+
+    out = tmp_path / "comp.json"
+    doc = run_graph("tiny", [2, 1], [256], [1.0, 0.5], out=out, compressed=0.25, device="cpu", steps=2, warmup=1,
+                    sweep_sizes=[4096, 65536])
+    keys = [(p["batch"], p["hbm"], p["compressed"]) for p in doc["points"]]
+    assert keys == [(2, 1.0, 0.0), (2, 0.5, 0.0), (1, 1.0, 0.0), (1, 0.5, 0.0), (2, 0.5, 0.25)]
+    plain, comp = doc["points"][1], doc["points"][4]
+    assert doc["settings"]["compressed"] == 0.25 and doc["settings"]["quant_group"] == 16  # the tiny head
+    # the same tokens leave HBM; a quarter of the context is quantized, the rest of them is in DDR
+    assert comp["tiers"]["hbm"] == plain["tiers"]["hbm"]
+    assert comp["tiers"]["compressed"] + comp["tiers"]["ddr"] == plain["tiers"]["ddr"]
+    assert comp["tiers"]["compressed"] == 64 and comp["tiers"]["ddr"] > 0  # floor(0.25 * 256), the prefill's
+    assert comp["tier_bytes"]["compressed"] > 0 and plain["tier_bytes"]["compressed"] == 0
+    assert 0 < comp["h2d_bytes"] < plain["h2d_bytes"]
+    assert comp["simulated_step_ms"] > 0 and comp["overhead_pct"] is not None and comp["baseline_step_ms"] > 0
+    loaded, measured = load_measurements(out)
+    assert [m["compressed"] for m in measured] == [0.0, 0.0, 0.0, 0.0, 0.25]
+    result = compare(assemble(1, model="r1-distill-qwen-7b", gpu="h100-sxm", engine="fast"),
+                     [{**m, "model": "r1-distill-qwen-7b"} for m in measured], loaded)
+    rows = result["rows"]
+    assert len(rows) == 5 and rows[4]["simulated_ms"] != rows[1]["simulated_ms"]
+    from tiersim.validator import compare as table
+
+    assert [r[3] for r in table.rows(doc)] == ["1", "0.5", "1", "0.5", "0.5 +c0.25"]  # validate --compare's table
+
+
+def test_the_hf_executor_refuses_a_compressed_share_in_one_line():
+    from tiersim.validator.__main__ import main
+
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["--device", "cpu", "--compressed", "0.2", "--batch", "1", "--context", "8", "--hbm", "1"])
+    lines = err.getvalue().strip().splitlines()
+    assert code == 2 and lines == ["error: --compressed 0.2: the hf executor times lossless splits only; "
+                                   "use --executor graph"]
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
-def test_cuda_graph_replay_equals_the_eager_static_step():
-    """The captured graph runs the static step's kernels: its logits equal the eager static step's (within bf16
-    rounding: cuBLAS may pick another algorithm for the capture stream's workspace) and pick the same token."""
+@pytest.mark.parametrize("split", [None, (0.2, 0.2, 0.1)])
+def test_cuda_graph_replay_equals_the_eager_static_step(split):
+    """The captured graph runs the static step's kernels (with a compressed and an evicted share: the dequantization
+    inside the graph, the per-row masks): its logits equal the eager static step's (within bf16 rounding: cuBLAS may
+    pick another algorithm for the capture stream's workspace) and pick the same token."""
     from tiersim.validator.graph import CapturedStep, GraphStep
     from tiersim.validator.shapes import build_model, get_shape
 
     dev = torch.device("cuda")
     model = build_model(get_shape("tiny"), dev)
-    _, eager_buf = _pair(model, 0.5, 2, 16, device=dev, retier_every=4, recent_window=16)
-    _, graph_buf = _pair(model, 0.5, 2, 16, device=dev, retier_every=4, recent_window=16)
+    _, eager_buf = _pair(model, 0.5, 2, 16, device=dev, split=split, retier_every=4, recent_window=16)
+    _, graph_buf = _pair(model, 0.5, 2, 16, device=dev, split=split, retier_every=4, recent_window=16)
     eager, graphed = GraphStep(model, eager_buf), GraphStep(model, graph_buf)
     with torch.inference_mode():
         for _ in range(2):

@@ -33,6 +33,7 @@ def test_dry_run_runs_every_step_in_order_and_prints_the_median_error_last(tmp_p
     graph = json.loads((dest / "cpu-dry-run-graph.json").read_text())
     assert graph["kind"] == "calibration" and graph["executor"] == "graph-eager"
     assert {p["hbm"] for p in graph["points"]} == {1.0, 0.5} and all(p["measured_step_ms"] for p in graph["points"])
+    assert [(p["hbm"], p["compressed"]) for p in graph["points"]] == [(1.0, 0.0), (0.5, 0.0), (0.5, 0.25)]
     assert json.loads((dest / "cpu-dry-run-operators.json").read_text())["kind"] == "operator-profile"
     against = (dest / "cpu-dry-run-against.txt").read_text()
     assert "executor graph-eager" in against and "predicts a host-bound engine" in against

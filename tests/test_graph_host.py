@@ -499,16 +499,18 @@ sys.exit(main([{str(out)!r}]))
     assert "HOST True" in proc.stdout and proc.stdout.strip().splitlines()[-1].startswith("median |error| ")
 
 
-def test_a_lossy_split_is_refused_by_the_host_step_in_one_line(model, monkeypatch):
-    """Its device part attends the HBM tier only: were the buffers to hold a compressed tier (graph_tiers refuses
-    one today), the host strategies would drop it, so they refuse it themselves."""
+@pytest.mark.parametrize("split", [{"compressed": 0.2}, {"evict": 0.1}])
+def test_a_lossy_split_is_refused_by_the_host_step_in_one_line(model, split):
+    """Its device part attends the HBM tier only: buffers holding a compressed tier or evicting would lose those
+    tokens' part of attention silently, so the host strategies refuse them themselves."""
     from tiersim.hierarchy.config import TierConfig
-    from tiersim.validator import graph_tiers
     from tiersim.validator.graph_host import make_step
+    from tiersim.validator.graph_tiers import TierBuffers
 
-    monkeypatch.setattr(graph_tiers, "check_config", lambda config: None)
-    config = TierConfig(hbm=0.5, ddr=0.3, compressed=0.2, strategy="host-attention")
-    buffers = graph_tiers.TierBuffers(config, 2, 1, 2, 16, 64, 4, "cpu", torch.float32)
+    cfg = model.config
+    config = TierConfig(hbm=0.5, ddr=0.5 - sum(split.values()), strategy="host-attention", quant_group=8, **split)
+    buffers = TierBuffers(config, cfg.num_hidden_layers, 1, cfg.num_key_value_heads, cfg.head_dim, 64, 4, "cpu",
+                          torch.float32)
     with pytest.raises(TiersimError, match="host strategies run lossless splits only") as err:
         make_step(model, buffers)
     assert "\n" not in str(err.value)

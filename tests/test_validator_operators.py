@@ -36,7 +36,9 @@ def smoke(tmp_path_factory):
 
 
 def test_smoke_profile_has_every_table(smoke):
-    from tiersim.validator.operators import SDPA_CHOICES, SMOKE, linear_shapes
+    from tiersim.validator.operators import SMOKE
+    from tiersim.validator.operators_tables import linear_shapes
+    from tiersim.validator.sdpa import SDPA_CHOICES
     from tiersim.validator.shapes import get_shape
 
     doc, path, _ = smoke
@@ -82,7 +84,7 @@ def test_smoke_prints_the_short_table_last_and_imports_only_torch_and_numpy(smok
 
 
 def test_rotation_covers_the_l2_but_not_more_copies_than_layers():
-    from tiersim.validator.operators import ROTATE_BYTES, copies_for
+    from tiersim.validator.operators_timing import ROTATE_BYTES, copies_for
 
     assert copies_for(ROTATE_BYTES * 2, 28) == 1
     assert copies_for(ROTATE_BYTES / 4, 28) == 4
@@ -114,7 +116,7 @@ def test_kernel_time_counts_device_rows_once():
     """A CPU operator's row repeats the time of the kernels it launched: only device rows are summed."""
     from types import SimpleNamespace
 
-    from tiersim.validator.operators import _top_ops
+    from tiersim.validator.operators_decode import _top_ops
 
     def row(key, cpu, dev, device_type):
         return SimpleNamespace(key=key, count=2, self_cpu_time_total=cpu, cpu_time_total=cpu,

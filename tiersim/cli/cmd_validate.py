@@ -41,9 +41,9 @@ def validate(opts: ValidateOptions = ValidateOptions()) -> None:
     (--executor graph: the step captured as a CUDA graph, the GPU-bound measurement)."""
     from tiersim.validator import calibrate
     from tiersim.validator import compare as compare_mod
-    from tiersim.validator.options import check_strategy
+    from tiersim.validator.options import check_compare_runs_nothing
 
-    check_strategy(opts.executor, opts.strategy, opts.fetch_share, opts.compare)
+    check_compare_runs_nothing(opts.compare, opts.strategy, opts.fetch_share, opts.compressed)
     if opts.compare is not None:
         from tiersim.validator.options import check_compare
 
@@ -51,11 +51,12 @@ def validate(opts: ValidateOptions = ValidateOptions()) -> None:
         _show(compare_mod.load(opts.compare))
         return
     lists = list_values(opts)  # --batch, --context, --hbm, each a one-line error when it is not a list
-    run, extra = calibrate.run_validation, {}
+    from tiersim.validator.options import executor_options
+
+    extra = executor_options(opts.executor, opts.strategy, opts.fetch_share, opts.compressed)
+    run = calibrate.run_validation
     if opts.executor == "graph":
         from tiersim.validator.graph_run import run_validation_graph as run
-
-        extra = {"strategy": opts.strategy, "fetch_share": opts.fetch_share}
     try:
         doc = run(
             opts.model_shape, lists["batch"], lists["context"], lists["hbm"], device=opts.device, steps=opts.steps, warmup=opts.warmup,

@@ -44,15 +44,17 @@ def padded_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(valid, order, first), valid
 
 
-def scatter_tokens(keys, values, slot, src_k, src_v) -> None:
-    """Write ``src`` [B, H, m, D] into ``keys``/``values`` at per-row slots [B, m] (every entry valid)."""
+def scatter_tokens(keys, values, slot, src_k, src_v, rows=None) -> None:
+    """Write ``src`` [B, H, m, D] into ``keys``/``values`` at per-row slots [B, m] (every entry valid).
+
+    ``rows``: a [B, 1] :func:`batch_rows` made once (a captured CUDA graph then runs no arange per call)."""
     if src_k.shape[2] == 0:
         return
     if keys.shape[0] == 1:
         keys.index_copy_(2, slot[0], src_k)
         values.index_copy_(2, slot[0], src_v)
         return
-    rows = batch_rows(keys.shape[0], keys.device)
+    rows = batch_rows(keys.shape[0], keys.device) if rows is None else rows
     keys[rows, :, slot] = src_k.permute(0, 2, 1, 3)
     values[rows, :, slot] = src_v.permute(0, 2, 1, 3)
 

@@ -16,6 +16,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from tiersim.errors import TiersimError
+from tiersim.hierarchy import compressed
 from tiersim.hierarchy.config import TierConfig
 from tiersim.hierarchy.ddr import DDRChunk, compact, to_host
 from tiersim.hierarchy.index import (
@@ -29,7 +30,7 @@ from tiersim.hierarchy.index import (
     scatter_tokens,
 )
 from tiersim.hierarchy.policy import COMPRESSED, DDR, EVICTED, HBM, LayerView, assign_tiers
-from tiersim.hierarchy.quant import QuantizedKV, quantize_kv
+from tiersim.hierarchy.quant import QuantizedKV
 
 
 @dataclass
@@ -318,61 +319,14 @@ class TieredLayer(CacheLayerMixin):
         return moves, True
 
     def _retier_compressed(self, keys, values, old, new, new_slot_of_old) -> None:
-        """Quantized tokens that stay keep their codes; arrivals wait at full precision (a residual,
-        as in KIVI) until some row holds ``quant_group`` of them, then are quantized together.
-
-        Quantizing each re-tier's few arrivals as their own key scale group would cost a float32
-        scale and minimum per channel for every one or two tokens, as much as the tokens themselves.
-        Rows may hold different numbers of quantized and residual tokens (padded, ``valid``).
-        """
-        if not bool((new == COMPRESSED).any()):
-            self.comp, self.comp_slot, self.comp_index = None, empty_columns(new.shape[0], new.device), None
-            self.residual_k = self.residual_v = self.residual_index = None
-            return
-        group = self.config.quant_group
-
-        def staying(index: TokenIndex) -> torch.Tensor:
-            safe = torch.where(index.valid, index.slot, torch.zeros_like(index.slot))
-            return index.valid & (new.gather(1, safe) == COMPRESSED)
-
-        # The residual: tokens that stay, then the arrivals (slots in the old order until the end).
-        res_k, res_v, res_slot, res_valid = [], [], [], []
-        if self.residual_index is not None:
-            res_k.append(self.residual_k)
-            res_v.append(self.residual_v)
-            res_slot.append(self.residual_index.slot)
-            res_valid.append(staying(self.residual_index))
-        arriving, arriving_valid = padded_index((new == COMPRESSED) & (old != COMPRESSED))
-        if arriving.shape[1]:
-            res_k.append(gather_tokens(keys, arriving))
-            res_v.append(gather_tokens(values, arriving))
-            res_slot.append(arriving)
-            res_valid.append(arriving_valid)
-        comp, comp_slot, comp_valid = self.comp, None, None
-        if comp is not None:
-            comp_slot, comp_valid = self.comp_index.slot, staying(self.comp_index)
-        self.residual_k = self.residual_v = self.residual_index = None
-        if res_k:
-            index, valid = padded_index(torch.cat(res_valid, dim=1))
-            rk = gather_tokens(torch.cat(res_k, dim=2), index)
-            rv = gather_tokens(torch.cat(res_v, dim=2), index)
-            rslot = torch.cat(res_slot, dim=1).gather(1, index)
-            if index.shape[1] >= group:  # some row has a full group: quantize every row's residual
-                fresh = quantize_kv(rk, rv, bits=self.config.compressed_bits, group=group)
-                comp = QuantizedKV.concat(comp, fresh)
-                comp_slot = rslot if comp_slot is None else torch.cat((comp_slot, rslot), dim=1)
-                comp_valid = valid if comp_valid is None else torch.cat((comp_valid, valid), dim=1)
-            elif index.shape[1]:
-                self.residual_k, self.residual_v = rk, rv
-                self.residual_index = TokenIndex(valid, new_slot_of_old.gather(1, rslot))
-        self.comp, self.comp_index = None, None
-        self.comp_slot = empty_columns(new.shape[0], new.device)
-        if comp is not None:
-            index, valid = padded_index(comp_valid)
-            if index.shape[1]:
-                self.comp = comp.select(index)  # drops the tokens that left, and their empty groups
-                self.comp_slot = new_slot_of_old.gather(1, comp_slot.gather(1, index))
-                self.comp_index = TokenIndex(valid, self.comp_slot)
+        """The compressed tier's own rule (:func:`tiersim.hierarchy.compressed.retier`)."""
+        state = compressed.retier(
+            compressed.CompressedTier(self.comp, self.comp_index, self.residual_k, self.residual_v, self.residual_index),
+            keys, values, old, new, new_slot_of_old, self.config.compressed_bits, self.config.quant_group,
+        )
+        self.comp, self.comp_index = state.comp, state.comp_index
+        self.residual_k, self.residual_v, self.residual_index = state.residual_k, state.residual_v, state.residual_index
+        self.comp_slot = state.comp_index.slot if state.comp_index is not None else empty_columns(new.shape[0], new.device)
 
     def _retier_ddr(self, keys, values, old, new, new_slot_of_old) -> None:
         chunks = []

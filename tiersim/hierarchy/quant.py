@@ -102,14 +102,15 @@ class QuantizedKV:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
-    def dequantize(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def dequantize(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Approximations of the keys and values in the tier's dtype, [B, H, n, D] each.
 
         codes * scale + min is computed in float32 and rounded to the dtype once at the end: in
-        bf16 the product alone would already miss the half-step bound.
+        bf16 the product alone would already miss the half-step bound. ``rows``: the [B, 1] row numbers,
+        made once by a caller that replays this in a CUDA graph.
         """
-        batch = self.key_group.shape[0]
-        rows = torch.arange(batch, device=self.key_group.device)[:, None]
+        if rows is None:
+            rows = torch.arange(self.key_group.shape[0], device=self.key_group.device)[:, None]
         k_scale = self.key_scale[rows, :, self.key_group].permute(0, 2, 1, 3)  # [B, H, n, D]
         k_min = self.key_min[rows, :, self.key_group].permute(0, 2, 1, 3)
         keys = _reconstruct(k_min, _unpack(self.key_codes, self.bits).float(), k_scale)

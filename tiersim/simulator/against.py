@@ -74,12 +74,13 @@ def _points(doc: dict, check: _Fields) -> list[dict]:
     """The measured decode steps of a calibration or operator-profile document, each field checked."""
     from tiersim.simulator.scenario import MAX_BATCH, MAX_TOKENS
 
-    def point(model, batch, context, warmup, hbm, measured, steps, label, where) -> dict:
+    def point(model, batch, context, warmup, hbm, measured, steps, label, where, compressed=0.0) -> dict:
         """``where``: (a point's field prefix, the warmup's name, the measured time's key, the steps' name)."""
         warmup = check.whole(where[1], warmup, 0, MAX_STEPS)
+        hbm = check.number(f"{where[0]}hbm", hbm, 0.0, 1.0)
         return {"model": model, "batch": check.whole(f"{where[0]}batch", batch, 1, MAX_BATCH),
                 "context": check.whole(f"{where[0]}context", context, 0, MAX_TOKENS) + warmup,
-                "hbm": check.number(f"{where[0]}hbm", hbm, 0.0, 1.0),
+                "hbm": hbm, "compressed": check.number(f"{where[0]}compressed", compressed, 0.0, 1.0 - hbm),
                 "measured_ms": check.number(f"{where[0]}{where[2]}", measured, 0.0, MAX_MS, above=True),
                 "steps": check.whole(where[3], steps, 1, MAX_STEPS), "label": label}
 
@@ -92,7 +93,8 @@ def _points(doc: dict, check: _Fields) -> list[dict]:
             if p.get("measured_step_ms") is not None and p.get("measured_step_ms") != 0:  # 0/None: not measured
                 points.append(point(p.get("model_shape", model), p["batch"], p["context"], settings.get("warmup", 0),
                                     p["hbm"], p["measured_step_ms"], settings.get("steps", 24), "tiered",
-                                    (f"point {i + 1}'s ", "settings.warmup", "measured_step_ms", "settings.steps")))
+                                    (f"point {i + 1}'s ", "settings.warmup", "measured_step_ms", "settings.steps"),
+                                    p.get("compressed", 0.0)))
                 # The graph executor's host strategies: simulated as measured, not as prefetch.
                 strategy = _strategy(p.get("strategy") or settings.get("strategy"), i)
                 if strategy not in (None, "prefetch"):
@@ -130,7 +132,8 @@ def compare(scenario, points: list[dict], doc: dict | None = None) -> dict:
             skipped += 1
             continue
         sc = replace(scenario, batch=p["batch"], context=p["context"], steps=max(p["steps"], 1))
-        row, _ = run(sc, sc.policy(p["hbm"], round(1.0 - p["hbm"], 6), 0.0, 0.0), largest=False,
+        comp = p["compressed"]
+        row, _ = run(sc, sc.policy(p["hbm"], round(1.0 - p["hbm"] - comp, 6), comp, 0.0), largest=False,
                      strategy=p.get("strategy"), share=p.get("host_share"))
         error = 100.0 * (row["step_ms"] / p["measured_ms"] - 1.0)
         rows.append({**p, "simulated_ms": row["step_ms"], "error_pct": error, "compute_model": row["compute_model"]})

@@ -13,7 +13,7 @@ import sys
 
 from tiersim.errors import TiersimError
 from tiersim.options import add_arguments
-from tiersim.validator.options import ValidateOptions, check_compare, check_strategy
+from tiersim.validator.options import ValidateOptions, check_compare, check_compare_runs_nothing, executor_options
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,17 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     from tiersim.validator import calibrate, compare
 
     try:
-        check_strategy(args.executor, args.strategy, args.fetch_share, args.compare)
+        check_compare_runs_nothing(args.compare, args.strategy, args.fetch_share, args.compressed)
         if args.compare:
             check_compare(args.compare, args.out, args.profile)
             print(compare.format_text(compare.load(args.compare)))
             return 0
         argv = sys.argv[1:] if argv is None else argv
-        run, extra = calibrate.run_validation, {}
+        extra = executor_options(args.executor, args.strategy, args.fetch_share, args.compressed)
+        run = calibrate.run_validation
         if args.executor == "graph":
             from tiersim.validator.graph_run import run_validation_graph as run
-
-            extra = {"strategy": args.strategy, "fetch_share": args.fetch_share}
         doc = run(
             args.model_shape, args.batch, args.context, args.hbm, device=args.device, steps=args.steps,
             warmup=args.warmup, prefill=args.prefill, out=args.out, budget_s=args.budget_s, sdpa=args.sdpa,

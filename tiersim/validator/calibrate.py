@@ -148,17 +148,20 @@ def layer_bytes(model, batch: int, context: float) -> float:
     return model.step_weight_bytes(batch) / model.num_layers + batch * context * model.kv_bytes_per_token_layer
 
 
-def predict(model, gpu, policy: dict, batch: int, context: float, hbm: float, table=None) -> dict:
-    """The simulator's closed-form step time and stall for one steady (non re-tiering) decode step
-    (``policy`` may name a TierConfig ``strategy`` and ``fetch_share``: then that strategy's costs)."""
+def predict(model, gpu, policy: dict, batch: int, context: float, hbm: float, table=None,
+            compressed: float = 0.0) -> dict:
+    """The simulator's closed-form step time and stall for one steady (non re-tiering) decode step; of what is
+    not in HBM, ``compressed`` is in the compressed tier, the rest in DDR (``policy`` may name a TierConfig
+    ``strategy`` and ``fetch_share``: then that strategy's costs)."""
     from tiersim.hierarchy.config import TierConfig, tier_targets_array
     from tiersim.simulator.analytic import Offload, Workload, closed_form, layer_costs
 
-    pol = Offload(TierConfig(hbm=hbm, ddr=1.0 - hbm, **policy))
+    pol = Offload(TierConfig(hbm=hbm, ddr=1.0 - hbm - compressed, compressed=compressed, **policy))
     tg = tier_targets_array(pol.tiers, np.array([float(context)]))
     one = np.array([float(batch * context)])
     work = Workload(batch=batch, steps=np.array([0]), context=one, full_context=one,
-                    hbm=tg["hbm"] * batch, ddr=tg["ddr"] * batch, compressed=np.zeros(1), demoted=np.zeros(1))
+                    hbm=tg["hbm"] * batch, ddr=tg["ddr"] * batch, compressed=tg["compressed"] * batch,
+                    demoted=np.zeros(1))
     strategy = pol.tiers.strategy
     if strategy == "prefetch":
         costs = layer_costs(model, gpu, pol, work, table)
@@ -196,7 +199,7 @@ def add_predictions(doc: dict, points: list[ValidationPoint], model, policy: dic
         if point.measured_step_ms is None:
             continue
         ctx = effective_context(point.context, settings["warmup"], settings["steps"])
-        pred = predict(model, gpu, policy, point.batch, ctx, point.hbm, table)
+        pred = predict(model, gpu, policy, point.batch, ctx, point.hbm, table, point.compressed)
         point.predicted(pred["step_ms"], pred["stall_ms"])
 
 
@@ -362,6 +365,7 @@ class ValidationPoint:
     retiers: int | None = None
     tier_bytes: dict | None = None  # the cache's stats()["bytes"]
     error: str | None = None  # why the point has no measurement
+    compressed: float = 0.0  # share of the context in the compressed tier (the graph executor's --compressed)
 
     @classmethod
     def measured(cls, shape: str, batch: int, context: int, hbm: float, m: dict | None, baseline: dict | None,
@@ -373,6 +377,7 @@ class ValidationPoint:
             point.h2d_bytes, point.d2h_bytes = m["h2d_bytes"], m["d2h_bytes"]
             point.measured_step_ms_mean, point.measured_step_ms_p90 = m["step_ms_mean"], m["step_ms_p90"]
             point.prefetch_gbps, point.retiers, point.tier_bytes = m["prefetch_gbps"], m["retiers"], m["tier_bytes"]
+            point.compressed = m.get("compressed", 0.0)
         point.baseline_step_ms = baseline["step_ms"] if baseline else None
         if point.measured_step_ms is not None and point.baseline_step_ms:
             point.overhead_pct = 100.0 * (point.measured_step_ms - point.baseline_step_ms) / point.baseline_step_ms

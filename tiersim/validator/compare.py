@@ -50,7 +50,7 @@ def rows(doc: dict) -> list[list[str]]:
             str(p.get("model_shape", "")),
             str(p["batch"]),
             str(p["context"]),
-            f"{p['hbm']:g}",
+            f"{p['hbm']:g}" + (f" +c{p['compressed']:g}" if p.get("compressed") else ""),  # the compressed check
             _num(p.get("measured_step_ms"), 3),
             _num(p.get("simulated_step_ms"), 3),
             _signed(p.get("sim_error_pct")),

@@ -18,6 +18,7 @@ from tiersim.hierarchy import scoring
 from tiersim.hierarchy.access import Prefetch
 from tiersim.hierarchy.cache import TieredCache
 from tiersim.hierarchy.config import TierConfig
+from tiersim.hierarchy.support import head_dim_of
 from tiersim.validator.sdpa import sdpa_backends
 from tiersim.validator.timing import Stopwatch, summarize
 
@@ -84,9 +85,7 @@ def tier_config(hbm: float, **policy) -> TierConfig:
 
 def synthetic_kv(model_config, batch: int, context: int, generator: torch.Generator, device, dtype):
     """Random K/V [B, Hkv, context, D] for one layer (keys first, then values, from ``generator``)."""
-    heads = model_config.num_attention_heads
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
-    shape = (batch, model_config.num_key_value_heads, context, head_dim)
+    shape = (batch, model_config.num_key_value_heads, context, head_dim_of(model_config))
     keys = torch.randn(shape, generator=generator, device=device, dtype=dtype)
     return keys, torch.randn(shape, generator=generator, device=device, dtype=dtype)
 

@@ -6,15 +6,18 @@ the embedding, then per layer transformers' own decoder layer (norms, projection
 model's modules, so the math is the model's), whose ``cache.update`` lands in :class:`GraphStep`:
 the new token is written into the layer's HBM tier, layer l+1's DDR tier is copied H2D into the
 other staging buffer on a side stream (layer-ahead prefetch), the compute stream waits for layer l's
-copy, and HBM + staged tokens are scattered into token order for attention. Attention is the
-``"tiersim"`` implementation (SDPA, plus the scores the policy ranks by when tokens may leave HBM).
+copy, the compressed tier is dequantized on the device, and HBM + staged + dequantized tokens are
+scattered into token order for attention. Attention is the ``"tiersim"`` implementation (SDPA, plus
+the scores the policy ranks by when tokens may leave HBM).
 
 Two shapes of the same step:
 
-* ``exact=True`` (eager only): attention reads exactly the tokens held, as ``TieredCache`` hands them
-  over, so on CPU the attention output and logits are bit-identical to ``TieredCache`` (the tests).
-* ``exact=False`` (what the graph captures): attention reads the whole static buffer under a length
-  mask, so shapes never change; equal to the exact step up to float rounding of the masked softmax.
+* ``exact=True`` (eager only): attention reads exactly the tokens held (the retained ones, in token
+  order), as ``TieredCache`` hands them over, so on CPU the attention output and logits are bit-identical
+  to ``TieredCache`` (the tests), compressed and evicted shares included.
+* ``exact=False`` (what the graph captures): attention reads the whole static buffer under a mask (the
+  tokens seen, less the evicted ones), so shapes never change; equal to the exact step up to float
+  rounding of the masked softmax.
   The attention is computed here (the listener's ``attend_split``): SDPA with the query heads of each
   KV head as query rows (grouped-query attention by reshape), because transformers' SDPA path repeats
   K and V per query head whenever a mask is given (7x the KV bytes for a 28/4-head model).
@@ -32,7 +35,8 @@ import torch
 from tiersim.compat import cache_kwargs
 from tiersim.errors import TiersimError
 from tiersim.hierarchy import scoring
-from tiersim.hierarchy.policy import HBM
+from tiersim.hierarchy.index import gather_tokens, masked_index, scatter_tokens
+from tiersim.hierarchy.policy import EVICTED, HBM
 from tiersim.validator.graph_tiers import TierBuffers
 
 STRATEGIES = ("prefetch",)
@@ -42,19 +46,6 @@ def check_strategy(strategy: str, allowed=STRATEGIES) -> None:
     if strategy not in allowed:
         raise TiersimError(f"--strategy {strategy}: {' and '.join(allowed)} only in this step "
                            "(tiersim.validator.graph_host.make_step picks the step for a strategy)")
-
-
-def _scatter(dst_k, dst_v, slots, src_k, src_v) -> None:
-    """dst [B, H, S, D] at per-row slots [B, m] <- src [B, H, m, D] (capturable: no sync)."""
-    if src_k.shape[2] == 0:
-        return
-    if dst_k.shape[0] == 1:
-        dst_k.index_copy_(2, slots[0], src_k[0:1])
-        dst_v.index_copy_(2, slots[0], src_v[0:1])
-        return
-    rows = torch.arange(dst_k.shape[0], device=dst_k.device)[:, None]
-    dst_k[rows, :, slots] = src_k.permute(0, 2, 1, 3)
-    dst_v[rows, :, slots] = src_v.permute(0, 2, 1, 3)
 
 
 class GraphStep:
@@ -87,15 +78,15 @@ class GraphStep:
         self.events = [torch.cuda.Event() for _ in self.decoders] if self.cuda else None
         self.offloaded = buffers.offloads  # static shape: decided once for the run
         self._kv = None  # the keys/values ``update`` handed out, for ``attend_split`` (static shape)
+        self._kept = None  # the retained slots the exact step handed out, once tokens were evicted
 
     # -- the step ----------------------------------------------------------------------------------
     def forward(self) -> torch.Tensor:
         """Logits [B, 1, vocab] of the next token after ``self.ids``; advances the device counters."""
         buf = self.buffers
-        mask = None
-        if not self.exact:
-            buf.mask.index_fill_(-1, buf.n_seen_t, True)  # the new token sees itself
-            mask = buf.mask if self.offloaded else buf.mask[..., : buf.cap_tokens]
+        for m in buf.masks:
+            m.index_fill_(-1, buf.n_seen_t, True)  # the new token sees itself
+        mask = None if self.exact else buf.mask if buf.assembles else buf.mask[..., : buf.cap_tokens]
         if self.offloaded and self.copies:
             self._prefetch(0)
         hidden = self.embed(self.ids)
@@ -132,26 +123,38 @@ class GraphStep:
         buf = self.buffers
         lt = self.append(key_states, value_states, layer_idx)
         n = buf.n_seen + 1
-        if not self.offloaded or (self.exact and lt.n_ddr == 0):
+        self._kept = None
+        if not buf.assembles or (self.exact and lt.n_hbm + 1 == n):
             # HBM holds every token in token order (nothing ever left it).
             if self.exact:
                 return lt.hbm_k[:, :, :n], lt.hbm_v[:, :, :n]
-            self._kv = (lt.hbm_k, lt.hbm_v, buf.mask[..., : buf.cap_tokens])
+            self._kv = (lt.hbm_k, lt.hbm_v, lt.mask[..., : buf.cap_tokens])
             return lt.hbm_k, lt.hbm_v
-        if self.copies:
+        if self.offloaded and self.copies:
             if layer_idx + 1 < len(self.decoders):
                 self._prefetch(layer_idx + 1)  # while this layer computes
             self._wait(layer_idx)
-        stage_k, stage_v = buf.staging[layer_idx % 2]
         keys, values = buf.assembled
+        rows = buf.rows
         n_h = lt.n_hbm + 1 if self.exact else buf.cap_hbm
-        n_d = lt.n_ddr if self.exact else buf.cap_ddr
-        _scatter(keys, values, lt.hbm_slots[:, :n_h], lt.hbm_k[:, :, :n_h], lt.hbm_v[:, :, :n_h])
-        _scatter(keys, values, lt.ddr_slots[:, :n_d], stage_k[:, :, :n_d], stage_v[:, :, :n_d])
-        if self.exact:
-            return keys[:, :, :n], values[:, :, :n]
-        self._kv = (keys, values, buf.mask)
-        return keys, values
+        scatter_tokens(keys, values, lt.hbm_slots[:, :n_h], lt.hbm_k[:, :, :n_h], lt.hbm_v[:, :, :n_h], rows)
+        if self.offloaded:
+            n_d = lt.n_ddr if self.exact else buf.cap_ddr
+            stage_k, stage_v = buf.staging[layer_idx % 2]
+            scatter_tokens(keys, values, lt.ddr_slots[:, :n_d], stage_k[:, :, :n_d], stage_v[:, :, :n_d], rows)
+        if lt.comp is not None and self.exact:  # the valid tokens, as the cache's device tiers hand them over
+            for tier_k, tier_v, index in lt.comp.exact_tiers():
+                index.scatter(keys, values, tier_k, tier_v)
+        elif lt.comp is not None:  # the whole buffer, dequantized in the step; unused entries to the trash slot
+            for tier_k, tier_v, slots in lt.comp.device_tiers(rows):
+                scatter_tokens(keys, values, slots, tier_k, tier_v, rows)
+        if not self.exact:
+            self._kv = (keys, values, lt.mask)
+            return keys, values
+        if lt.n_evicted:  # the retained tokens, in token order, as the cache compacts them
+            self._kept = masked_index(lt.tiers[:, :n] != EVICTED, n - lt.n_evicted)
+            return gather_tokens(keys, self._kept), gather_tokens(values, self._kept)
+        return keys[:, :, :n], values[:, :, :n]
 
     def _prefetch(self, layer_idx: int) -> None:
         """Copy the layer's DDR buffer into staging ``layer_idx % 2`` (side stream on CUDA)."""
@@ -211,7 +214,11 @@ class GraphStep:
     def observe_attention(self, layer_idx: int, probs: torch.Tensor, visible=None, scratch_bytes: int = 0) -> None:
         """Accumulate the step's attention (mean over query heads) into the tokens' scores, as the cache does."""
         last = probs[:, :, -1, :].mean(dim=1)
-        self.buffers.layers[layer_idx].cumulative[:, : last.shape[-1]].add_(last)
+        cumulative = self.buffers.layers[layer_idx].cumulative
+        if self._kept is not None:  # the exact step saw the retained tokens only: back to their slots
+            cumulative.scatter_add_(1, self._kept, last)
+        else:
+            cumulative[:, : last.shape[-1]].add_(last)
 
 
 class CapturedStep:

@@ -22,7 +22,7 @@ per point, so ``tiersim simulate --against`` and ``--calibration`` read it like 
 
 from __future__ import annotations
 
-import gc
+import itertools
 import math
 import statistics
 import time
@@ -31,6 +31,10 @@ from dataclasses import asdict
 import torch
 
 from tiersim.errors import TiersimError
+from tiersim.hierarchy.config import TierConfig
+from tiersim.hierarchy.quant_layout import bytes_per_token_layer
+from tiersim.hierarchy.support import head_dim_of
+from tiersim.validator.operators_timing import free, frozen_heap, is_oom
 from tiersim.validator.timing import Stopwatch, summarize
 
 EXECUTORS = {"cuda": "cuda-graph", "cpu": "graph-eager"}  # "cuda-eager": a point whose capture failed
@@ -86,12 +90,28 @@ class HostArena:
         return self.storage[start:start + size].view(dtype).view(shape)  # not zeroed: TierBuffers.load does
 
 
-def ddr_host_bytes(shape, batch: int, context: int, hbm: float, max_steps: int, retier_every: int, dtype) -> int:
-    """Pinned bytes a point's DDR tier takes (both K and V, all layers)."""
-    from tiersim.validator.decode import tier_config
-    from tiersim.validator.graph_tiers import targets
+def run_steps(steps: int, warmup: int) -> int:
+    """Decode steps a point's buffers must hold: the full and the copy-free step's warm-up and timed replays
+    (they alternate), and one more."""
+    return 2 * (max(warmup, 1) + steps) + 1
 
-    cap = targets(tier_config(hbm, retier_every=retier_every), context + max_steps)["ddr"]
+
+def point_config(hbm: float, compressed: float = 0.0, retier_every: int = 16, head_dim: int | None = None,
+                 **strategy) -> TierConfig:
+    """A point's split: ``hbm`` in HBM; of the rest, ``compressed`` (at most all of it) in the compressed tier,
+    quantized in groups of the cache's default ``quant_group`` or the whole head when narrower, the rest in DDR."""
+    share = min(compressed, 1.0 - hbm) if hbm < 1.0 else 0.0
+    group = TierConfig.quant_group if head_dim is None else min(TierConfig.quant_group, head_dim)
+    return TierConfig(hbm=hbm, ddr=1.0 - hbm - share, compressed=share, retier_every=retier_every, quant_group=group,
+                      **strategy)
+
+
+def ddr_host_bytes(shape, batch: int, context: int, hbm: float, max_steps: int, retier_every: int, dtype) -> int:
+    """Pinned bytes a lossless point's DDR tier takes (both K and V, all layers; a compressed share takes less)."""
+    from tiersim.validator.graph_tiers import capacities
+
+    config = point_config(hbm, 0.0, retier_every, shape.head_dim)
+    cap = capacities(config, context, context + max_steps)["ddr"]
     item = torch.empty((), dtype=dtype).element_size()
     return 2 * shape.num_layers * (batch * shape.num_kv_heads * cap * shape.head_dim * item + 64)
 
@@ -105,19 +125,19 @@ def _p10(values: list[float]) -> float | None:
 
 def measure_point(model, batch: int, context: int, hbm: float, steps: int, warmup: int, retier_every: int = 16,
                   seed: int = 0, sdpa: str = "no-cudnn", arena: HostArena | None = None,
-                  strategy: dict | None = None) -> dict:
+                  strategy: dict | None = None, compressed: float = 0.0) -> dict:
     """Time one point (see the module docstring); returns the measurement dict. ``strategy``: TierConfig's
-    ``strategy`` / ``fetch_share`` (default prefetch; host-attention and hybrid: tiersim.validator.graph_host)."""
+    ``strategy`` / ``fetch_share`` (default prefetch; host-attention and hybrid: tiersim.validator.graph_host);
+    ``compressed``: the share of the context in the compressed tier when ``hbm`` < 1 (:func:`point_config`)."""
     from tiersim.validator import graph_host
-    from tiersim.validator.decode import tier_config
     from tiersim.validator.graph_tiers import TierBuffers
     from tiersim.validator.sdpa import sdpa_backends
 
     dev = model.device
     cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    config = tier_config(hbm, retier_every=retier_every, **(strategy or {}))
-    max_steps = 2 * (max(warmup, 1) + steps) + 1
+    head_dim = head_dim_of(cfg)
+    config = point_config(hbm, compressed, retier_every, head_dim, **(strategy or {}))
+    max_steps = run_steps(steps, warmup)
     watch = Stopwatch(dev)
     if arena is not None:
         arena.reset()
@@ -151,7 +171,7 @@ def measure_point(model, batch: int, context: int, hbm: float, steps: int, warmu
                     runs = {"full": graph_host.capture(full, warmup).replay,
                             "busy": graph_host.capture(busy, warmup).replay}
                 except Exception as exc:  # noqa: BLE001 - a step that cannot be captured is timed eagerly, and says so
-                    if "out of memory" in str(exc).lower():
+                    if is_oom(exc):
                         raise
                     capture_error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
                     torch.cuda.synchronize(dev)
@@ -184,6 +204,7 @@ def measure_point(model, batch: int, context: int, hbm: float, steps: int, warmu
         step, gpu = summarize(times["full"]), summarize(times["busy"])
         staged = buffers.staged_bytes()
         counts = buffers.counts()
+        comp_token = bytes_per_token_layer(cfg.num_key_value_heads, head_dim, config.compressed_bits, config.quant_group)
         return graph_host.amend({
             "batch": batch, "context": context, "hbm": hbm,
             "step_ms": step["median"], "step_ms_mean": step["mean"], "step_ms_p90": step["p90"],
@@ -198,16 +219,16 @@ def measure_point(model, batch: int, context: int, hbm: float, steps: int, warmu
             "retiers": buffers.retiers, "retier_ms": statistics.median(retier_ms) if retier_ms else None,
             "tier_bytes": {"hbm": counts["hbm"] * buffers.token_bytes * cfg.num_hidden_layers,
                            "ddr": counts["ddr"] * buffers.token_bytes * cfg.num_hidden_layers,
+                           "compressed": round(counts["compressed"] * batch * cfg.num_hidden_layers * comp_token),
                            "staging": 2 * buffers.cap_ddr * buffers.token_bytes},
+            "compressed": config.compressed,
             "tiers": counts, "steps": steps, "warmup": warmup, "sdpa": sdpa,
             "executor": EXECUTORS[dev.type] if capture_error is None else "cuda-eager", "capture_error": capture_error,
         }, full, copy_ms)
     finally:
         # Drop the graphs and steps too, so their pools and the buffers are free before the next point.
         buffers = full = busy = runs = None  # noqa: F841
-        gc.collect()
-        if watch.cuda:
-            torch.cuda.empty_cache()
+        free(dev)
 
 
 # -- the grid --------------------------------------------------------------------------------------
@@ -215,27 +236,36 @@ def run_graph(shape_name: str | None = None, batches=DEFAULT_BATCHES, contexts=D
               device: str | None = "cuda", steps: int = 16, warmup: int = 3, out=None, budget_s: float | None = None,
               sdpa: str = "no-cudnn", profile=None, sweep_sizes=None, retier_every: int = 16,
               command: str | None = None, log=lambda _m: None, strategy: str = "prefetch",
-              fetch_share: float | None = None) -> dict:
+              fetch_share: float | None = None, compressed: float = 0.0) -> dict:
     """Measure the grid with the graph executor; write ``out`` (a calibration file) atomically when given.
 
     ``budget_s`` counts from the start (link sweep, model build and pinning included); points that would
     start after it are listed as skipped, so a run under a timeout still ends with its file. ``strategy``
-    (``fetch_share`` for hybrid): how the DDR tier reaches attention (tiersim.validator.graph_host)."""
+    (``fetch_share`` for hybrid): how the DDR tier reaches attention (tiersim.validator.graph_host).
+    ``compressed`` > 0 adds the compressed check after the grid: its first batch and context again, each HBM < 1
+    ratio with that share of the context in the compressed tier (:func:`point_config`), against a fresh HBM 1.0
+    baseline (prefetch only: the host strategies' steps hold lossless splits)."""
     from tiersim.validator import calibrate, graph_host
 
     chosen = graph_host.strategy_options(strategy, fetch_share)  # refused in one line before anything runs
+    if compressed and chosen is not None:
+        raise TiersimError(f"--compressed {compressed:g}: the graph executor's {strategy} step holds lossless "
+                           "splits only; use --strategy prefetch")
+
+    if not 0.0 <= compressed <= 1.0:
+        raise TiersimError(f"--compressed must be in [0, 1], got {compressed!r}")
 
     def measure(shape, batches, contexts, hbms, dev):
-        return _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa, profile, sweep_sizes,
-                        retier_every, command, log, chosen)
+        with frozen_heap():  # what is loaded by now: each point's collection then scans only what the run made
+            return _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa, profile, sweep_sizes,
+                            retier_every, command, log, chosen, compressed)
 
     return calibrate.checked_run(measure, shape_name, batches, contexts, hbms, device, steps, warmup, "synthetic",
                                  budget_s, sdpa, out, profile, log)
 
 
 def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa, profile, sweep_sizes,
-             retier_every, command, log, chosen=None) -> dict:
-    from tiersim.hierarchy.config import TierConfig
+             retier_every, command, log, chosen=None, compressed=0.0) -> dict:
     from tiersim.validator import calibrate, compute, grid, link
     from tiersim.validator.shapes import build_model
 
@@ -251,8 +281,7 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
     params = sum(p.numel() for p in model.parameters())
     arena = None
     if dev.type == "cuda":
-        max_steps = 2 * (max(warmup, 1) + steps) + 1
-        need = max(ddr_host_bytes(shape, b, c, h, max_steps, retier_every, model.dtype)
+        need = max(ddr_host_bytes(shape, b, c, h, run_steps(steps, warmup), retier_every, model.dtype)
                    for b in batches for c in contexts for h in hbms)
         log(f"pinning {need / 1e9:.1f} GB of host memory for the DDR tier")
         try:
@@ -261,13 +290,20 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
             log(f"  could not pin one arena ({(str(exc).splitlines() or [''])[0][:120]}); pinning per point")
     points, extras, baselines = [], [], []
 
-    def run(batch, context, hbm):
+    def run(batch, context, hbm, share=0.0):
         return measure_point(model, batch, context, hbm, steps, warmup, retier_every, sdpa=sdpa, arena=arena,
-                             strategy=chosen)
+                             strategy=chosen, compressed=share)
 
-    walk = grid.measure_grid(batches, contexts, hbms, run, baselines, log, "graph", budget_s, started)
-    for batch, context, hbm, m, baseline, why in walk:
+    walk = ((0.0, *point) for point in grid.measure_grid(batches, contexts, hbms, run, baselines, log, "graph",
+                                                          budget_s, started))
+    offloaded = [h for h in hbms if h < 1.0]
+    if compressed and offloaded:  # the compressed check: the grid's first batch and context, against its own HBM 1.0
+        check = grid.measure_grid(batches[:1], contexts[:1], offloaded, lambda b, c, h: run(b, c, h, compressed), [],
+                                  log, f"graph, compressed {compressed:g}", budget_s, started)
+        walk = itertools.chain(walk, ((compressed, *point) for point in check))
+    for share, batch, context, hbm, m, baseline, why in walk:
         points.append(calibrate.ValidationPoint.measured(shape.name, batch, context, hbm, m, baseline, why))
+        points[-1].compressed = share
         extras.append({k: m[k] for k in ("step_ms_p10", "gpu_busy_ms", "gpu_busy_ms_p10", "gpu_busy_ms_p90",
                                          "copy_ms", "h2d_gbps_in_step", "retier_ms", "tiers", "executor",
                                          "capture_error", "strategy", "host_ms")} if m else {})
@@ -279,13 +315,14 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
                 + (f" at {m['prefetch_gbps']:.1f} GB/s alone" if m["prefetch_gbps"] else "")
                 + (f", host {m['host_ms']:.3f} ms" if m.get("host_ms") is not None else ""))
     model_doc = calibrate.sim_model(shape, params)
-    defaults = TierConfig()
-    policy = {"sink_tokens": defaults.sink_tokens, "recent_window": defaults.recent_window,
-              "retier_every": retier_every}
+    split = point_config(0.5, compressed, retier_every, shape.head_dim)
+    policy = {"sink_tokens": split.sink_tokens, "recent_window": split.recent_window, "retier_every": retier_every,
+              "compressed_bits": split.compressed_bits, "quant_group": split.quant_group}
     settings_strategy = chosen or {"strategy": "prefetch"}
     # Full and copy-free replays alternate, so the timed full steps span 2 * steps tokens after 2 * warmup.
     settings = {"steps": 2 * steps, "warmup": 2 * max(warmup, 1), "timed_steps": steps, "prefill": "synthetic",
-                "budget_s": budget_s, "sdpa": sdpa, "interleaved": True, **policy, **settings_strategy}
+                "budget_s": budget_s, "sdpa": sdpa, "interleaved": True, "compressed": compressed, **policy,
+                **settings_strategy}
     fit = grid.layer_fit(model_doc, shape, baselines, settings["warmup"], settings["steps"], copy_rate)
     # The file is a CUDA-graph measurement only if every measured point was replayed from a graph.
     executor = next((e["executor"] for e in extras if e and e["executor"] != executor), executor)
@@ -295,17 +332,18 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
     doc["points"] = [{**asdict(p), **extra} for p, extra in zip(points, extras)]
     calibrate.finish(doc)
     del model
-    gc.collect()
+    free(dev)
     return doc
 
 
 def run_validation_graph(shape_name=None, batches=DEFAULT_BATCHES, contexts=DEFAULT_CONTEXTS, hbms=DEFAULT_HBM,
                          device="cuda", steps: int = 16, warmup: int = 3, prefill: str = "synthetic", out=None,
                          sweep_sizes=None, command=None, log=lambda _m: None, budget_s=None, sdpa="no-cudnn",
-                         profile=None, strategy: str = "prefetch", fetch_share: float | None = None) -> dict:
+                         profile=None, strategy: str = "prefetch", fetch_share: float | None = None,
+                         compressed: float = 0.0) -> dict:
     """``tiersim validate --executor graph``: :func:`run_graph` behind ``run_validation``'s signature."""
     if prefill != "synthetic":
         raise TiersimError(f"--prefill {prefill}: the graph executor fills its buffers with the synthetic prefill only")
     return run_graph(shape_name, batches, contexts, hbms, device=device, steps=steps, warmup=warmup, out=out,
                      budget_s=budget_s, sdpa=sdpa, profile=profile, sweep_sizes=sweep_sizes, command=command, log=log,
-                     strategy=strategy, fetch_share=fetch_share)
+                     strategy=strategy, fetch_share=fetch_share, compressed=compressed)

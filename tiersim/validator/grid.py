@@ -13,6 +13,7 @@ import time
 from tiersim import fileformat
 from tiersim.validator import compute
 from tiersim.validator.calibrate import base_gpu_preset, effective_context, layer_bytes
+from tiersim.validator.operators_timing import is_oom
 
 
 def measure_grid(batches, contexts, hbms, measure, baselines: list, log, label: str, budget_s=None, started=None):
@@ -22,8 +23,6 @@ def measure_grid(batches, contexts, hbms, measure, baselines: list, log, label: 
     and ``why`` says so). Yields ``(batch, context, hbm, m, baseline, why)`` for the ratios in ``hbms``; the
     measured baselines are appended to ``baselines`` (the compute fit's points)."""
     import gc
-
-    import torch
 
     for batch in batches:
         for context in contexts:
@@ -36,8 +35,8 @@ def measure_grid(batches, contexts, hbms, measure, baselines: list, log, label: 
                     log(f"{label}: batch {batch}, context {context}, hbm {hbm}")
                     try:
                         m = measure(batch, context, hbm)
-                    except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:  # cudaHostAlloc: a RuntimeError
-                        if "out of memory" not in str(exc).lower():
+                    except RuntimeError as exc:  # torch.cuda.OutOfMemoryError; cudaHostAlloc: a RuntimeError
+                        if not is_oom(exc):
                             raise
                         gc.collect()
                         why = "out of memory: point skipped"

@@ -19,8 +19,8 @@ plotly, rich or typer). ``--device cpu`` is the smoke mode: same code path, tiny
 
 The work is split by job: ``operators_timing`` (the clock, rotation, budget), ``operators_tables``
 (GEMM, small-op and attention tables), ``operators_decode`` (whole HF decode steps); this module
-runs them per shape, writes the file and prints the short table. Every name the three export is
-re-exported here, so ``from tiersim.validator.operators import ...`` keeps working.
+runs them per shape, writes the file and prints the short table; import a name from the module that
+defines it.
 """
 
 from __future__ import annotations
@@ -35,42 +35,16 @@ import torch
 
 from tiersim import fileformat
 from tiersim.errors import TiersimError
-from tiersim.validator.operators_decode import (  # noqa: F401  (re-exported)
-    TOP_OPS,
-    _dynamic_cache,
-    _fill_dynamic,
-    _python_profile,
-    _top_ops,
-    decode_step,
-    decode_table,
-    make_cache,
-)
-from tiersim.validator.operators_tables import (  # noqa: F401  (re-exported)
-    _AttentionModule,
-    _hf_module,
-    attention_table,
-    gemm_table,
-    linear_shapes,
-    small_op_table,
-)
-from tiersim.validator.operators_timing import (  # noqa: F401  (re-exported)
-    MIN_CALLS,
-    REPS,
-    ROTATE_BYTES,
-    Budget,
-    OpTimer,
-    copies_for,
-    free,
-    is_oom,
-)
-from tiersim.validator.sdpa import SDPA_CHOICES, sdpa_backends  # noqa: F401  (re-exported)
+from tiersim.validator.operators_decode import decode_table
+from tiersim.validator.operators_tables import attention_table, gemm_table, small_op_table
+from tiersim.validator.operators_timing import MIN_CALLS, REPS, ROTATE_BYTES, Budget, OpTimer, free, frozen_heap
+from tiersim.validator.sdpa import SDPA_CHOICES
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 ATTN_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 ATTN_CONTEXTS = (512, 1024, 2048, 4096, 8192, 16384)
 DECODE_POINTS = ((1, 2048), (8, 2048), (32, 2048), (1, 8192), (8, 8192), (32, 8192))
 SMOKE = {"tokens": (1, 4, 16), "batches": (1, 2), "contexts": (64, 128), "decode": ((1, 96), (2, 96))}
-_free, _is_oom = free, is_oom
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -152,7 +126,9 @@ def run(shapes: list[str], device: str = "cuda", out=None, budget_s: float | Non
     log(f"device: {info['name']} (torch {info['torch']}, CUDA {info['cuda']}, driver {info['driver']})")
     started = time.monotonic()
     models = {}
-    with single_threaded_cpu(dev):
+    import transformers.modeling_utils  # noqa: F401  (loaded before the heap is frozen: what every table imports)
+
+    with single_threaded_cpu(dev), frozen_heap():
         for n, name in enumerate(shapes):
             left = None if budget_s is None else budget_s - (time.monotonic() - started)
             share = None if left is None else max(left, 0.0) / (len(shapes) - n)

@@ -28,12 +28,10 @@ def _dynamic_cache(model):
 
 
 def _fill_dynamic(model, cache, batch: int, context: int, generator) -> None:
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    shape = (batch, cfg.num_key_value_heads, context, head_dim)
-    for layer in range(cfg.num_hidden_layers):
-        k = torch.randn(shape, generator=generator, device=model.device, dtype=model.dtype)
-        cache.update(k, torch.randn_like(k), layer)
+    from tiersim.validator import decode
+
+    for layer in range(model.config.num_hidden_layers):
+        cache.update(*decode.synthetic_kv(model.config, batch, context, generator, model.device, model.dtype), layer)
 
 
 def make_cache(model, kind: str, hbm: float, batch: int, context: int, seed: int = 0):

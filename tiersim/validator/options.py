@@ -45,6 +45,9 @@ class ValidateOptions:
                            "(--fetch-share of it fetched, the rest on the host)", choices=CACHE_STRATEGIES)
     fetch_share: float | None = option(None, "hybrid: the share of the DDR tier fetched to the GPU (default 0.5)",
                                        min=0, max=1, show_default=False)
+    compressed: float = option(0.0, "--executor graph: after the grid, its first batch and context again at each HBM "
+                               "< 1 ratio with this share of the context in the compressed tier (the rest of what "
+                               "leaves HBM in DDR)", min=0, max=1)
     profile: Path | None = option(None, "operator profile (python -m tiersim.validator.operators) for the predictions")
     out: Path | None = option(None, "calibration JSON to write, e.g. docs/validation/h100.json", output=(".json",))
     compare: Path | None = option(None, "print measured vs simulated from this calibration JSON")
@@ -60,16 +63,32 @@ def check_compare(compare, out, profile) -> None:
             raise TiersimError(f"{flag} is for a new run; --compare only prints {compare}: drop {flag} or --compare")
 
 
-def check_strategy(executor: str, strategy: str, fetch_share, compare=None) -> None:
-    """The HF harness times prefetch only, and ``--compare`` runs nothing: another ``--strategy`` (or a
-    ``--fetch-share``) is refused in one line rather than silently dropped; the graph executor checks its
-    own (graph_host.strategy_options)."""
+def executor_options(executor: str, strategy: str, fetch_share, compressed: float) -> dict:
+    """The options only the graph executor takes, as ``run``'s keyword arguments. The HF harness times prefetch over
+    lossless splits only: another ``--strategy``, a ``--fetch-share`` or a ``--compressed`` share for it is refused
+    in one line rather than silently dropped; the graph executor checks its own (graph_host.strategy_options)."""
     from tiersim.errors import TiersimError
 
-    if strategy == "prefetch" and fetch_share is None:
-        return
-    flag = f"--strategy {strategy}" if strategy != "prefetch" else f"--fetch-share {fetch_share:g}"
-    if compare is not None:
-        raise TiersimError(f"{flag} is for a new run; --compare only prints {compare}: drop {flag} or --compare")
-    if executor != "graph":
+    if executor == "graph":
+        return {"strategy": strategy, "fetch_share": fetch_share, "compressed": compressed}
+    if strategy != "prefetch" or fetch_share is not None:
+        flag = f"--strategy {strategy}" if strategy != "prefetch" else f"--fetch-share {fetch_share:g}"
         raise TiersimError(f"{flag}: the hf executor times prefetch only; use --executor graph")
+    if compressed:
+        raise TiersimError(f"--compressed {compressed:g}: the hf executor times lossless splits only; "
+                           "use --executor graph")
+    return {}
+
+
+def check_compare_runs_nothing(compare, strategy: str, fetch_share, compressed: float) -> None:
+    """``--compare`` prints a file and runs nothing: a ``--strategy``, ``--fetch-share`` or ``--compressed``
+    beside it would be silently dropped, so it is refused in one line (as :func:`check_compare` refuses --out)."""
+    from tiersim.errors import TiersimError
+
+    if compare is None:
+        return
+    for flag, given in ((f"--strategy {strategy}", strategy != "prefetch"),
+                        (f"--fetch-share {fetch_share}", fetch_share is not None),
+                        (f"--compressed {compressed}", bool(compressed))):
+        if given:
+            raise TiersimError(f"{flag} is for a new run; --compare only prints {compare}: drop {flag} or --compare")
