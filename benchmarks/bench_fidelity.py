@@ -26,7 +26,8 @@ from tiersim.simulator.presets import get_gpu
 def old_roofline(gpu):
     """The roofline before this fit: one 0.80 HBM efficiency for every byte and 51 us of small ops."""
     return replace(gpu, weight_efficiency=gpu.hbm_efficiency, attn_efficiency=gpu.hbm_efficiency, gemm_kernel_s=0.0,
-                   attn_kernel_s=0.0, gemm_batch_slowdown=0.0, layer_overhead=51e-6, layer_overhead_per_width=0.0)
+                   attn_kernel_s=0.0, gemm_batch_slowdown=0.0, layer_overhead=51e-6, layer_overhead_per_width=0.0,
+                   attn_block_bw=0.0)
 
 
 def stats(points) -> str:
@@ -112,41 +113,45 @@ def by_source() -> None:
 
 
 def decode_runs() -> None:
-    """Issue 22: real engines' whole decode runs from sources no constant was fitted on, per source, GPU and regime
-    (``decode_fidelity``), against the old roofline on the same runs."""
+    """Issue 22: real engines' decode steps (whole runs, token-to-token latencies) per source, role, GPU and regime
+    (``decode_fidelity``), against the old roofline on the same points."""
     from tiersim.simulator import decode_fidelity
 
     pts = decode_fidelity.points()
     old = decode_fidelity.points(gpu_transform=old_roofline)
     groups: dict[tuple, list] = {}
     for p, q in zip(pts, old):
-        groups.setdefault((p.source, p.engine, p.gpu, p.regime), []).append((p, q))
+        groups.setdefault((p.source, p.role, p.engine, p.gpu, p.regime), []).append((p, q))
     table = []
-    for (src, eng, gpu, reg), pairs in sorted(groups.items()):
+    for (src, role, eng, gpu, reg), pairs in sorted(groups.items()):
         new_e = [abs(p.error_pct) for p, _ in pairs]
-        table.append([src, eng, gpu, reg, len(pairs), len({p.model for p, _ in pairs}),
+        table.append([src, role, eng, gpu, reg, len(pairs), len({p.model for p, _ in pairs}),
                       f"{min(p.batch for p, _ in pairs)}-{max(p.batch for p, _ in pairs)}",
                       f"{statistics.median(new_e):.2f}", f"{max(new_e):.1f}",
                       f"{statistics.median(p.error_pct for p, _ in pairs):+.1f}",
                       f"{statistics.median(abs(q.error_pct) for _, q in pairs):.1f}"])
     summary = decode_fidelity.summary(pts)
-    lines = [f"- {src} {reg}: median {v['median_pct']:.2f}%, worst {v['worst_pct']:.1f}% over {v['points']} runs "
+    roles = {p.source: p.role for p in pts}
+    lines = [f"- {src} ({roles[src]}) {reg}: median {v['median_pct']:.2f}%, worst {v['worst_pct']:.1f}% over {v['points']} points "
              f"({', '.join(v['gpus'])}; {len(v['models'])} models)"
              for (src, reg), v in summary.items() if reg.startswith("decode ")]
-    body = ("Decode steps of real engines measured by sources no constant was fitted on "
-            "(tiersim/data/public-decode-steps.json): whole runs (B prompts of L tokens, L output tokens; the batch's "
+    body = ("Decode steps of real engines measured by others (tiersim/data/public-decode-steps.json; each source's "
+            "role: held out, fit, or check): whole runs (B prompts of L tokens, L output tokens; the batch's "
             "latency / L) of TensorRT-LLM and vLLM 0.5 on an A100 40GB (ALCF Polaris) and an H100, from "
             "github.com/argonne-lcf/LLM-Inference-Bench, priced as run (one batched prefill, then the L - 1 further "
             "decode steps); and TensorRT-LLM 0.9.0 token-to-token latencies (the mean decode step after the first "
             "token) on an A100-SXM4-80GB and an H100 80GB HBM3, from an NVIDIA DLI course table, priced as the mean "
-            "of those steps. Engine presets: TensorRT-LLM none, vLLM 0.5 vllm-sync. Points are classified by code "
+            "of those steps (its FP8 rows at 128/128 x batch 1-8 on an H100 and an H200, where the unstated KV dtype "
+            "cannot matter, are a check: the fit did not read them). Engine presets: TensorRT-LLM trtllm (its per-block attention rate fitted on the DLI table, "
+            "role fit; the Argonne TensorRT-LLM runs are its held-out check), vLLM 0.5 vllm-sync (fitted on vidur's "
+            "CPU profile). Points are classified by code "
             "before they are compared: preempted (a whole run's KV outgrows HBM), prefill > 10% of the simulated run, "
             "failed (faster than the weights can be read).\n\n"
             + "\n".join(lines) + "\n\n"
-            + markdown_table(["source", "engine preset", "GPU", "regime", "runs", "models", "batch", "median |err| %",
+            + markdown_table(["source", "role", "engine preset", "GPU", "regime", "points", "models", "batch", "median |err| %",
                               "worst |err| %", "median signed %", "old roofline median %"], table) + "\n")
     print(body)
-    write_section("Decode runs of real engines, sources not fitted on (issue #22)",
+    write_section("Decode steps of real engines by source, fit and held out (issue #22)",
                   "python benchmarks/bench_fidelity.py", body)
 
 

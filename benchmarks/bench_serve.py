@@ -66,6 +66,9 @@ def main() -> None:
         r = one(1000 if quick else 2000, output)
         scale.append([f"{r['requests']:,} requests, ~{output:,} tokens", f"{r['wall_s']:.2f}", f"{r['iterations']:,}",
                       f"{r['wall_s'] / r['requests'] * 1e3:.2f}"])
+    r = one(1000 if quick else 2000, 13800, "spill")  # memory binds: every spill checks the cap (two step prices)
+    scale.append([f"{r['requests']:,} requests, ~13,800 tokens, spill", f"{r['wall_s']:.2f}", f"{r['iterations']:,}",
+                  f"{r['wall_s'] / r['requests'] * 1e3:.2f}"])
     n_search = 300 if quick else 1000
     searches = [[f"capacity --qps 0.02..20, {n_search:,} requests, preempt-recompute",
                  f"{search_wall('preempt-recompute', n_search):.1f}"],
@@ -79,7 +82,8 @@ def main() -> None:
         "linearly with the requests (each adds its arrival, its prefill steps and its finish) and, while the KV "
         "budget does not bind, only weakly with the output length (a longer request is longer runs, not more of "
         "them). Where it binds (the ~13,800-token rows: past this GPU's capacity at that rate) every block "
-        "exhaustion and preemption cuts a run, and the iterations multiply.",
+        "exhaustion and preemption cuts a run, and the iterations multiply; spill there also prices each "
+        "spill's step against its cap (one two-row step-model call).",
         markdown_table(["workload", "wall s", "iterations", "ms per request"], scale),
         markdown_table(["search", "wall s"], searches),
     ])

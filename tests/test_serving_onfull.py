@@ -108,3 +108,25 @@ def test_queue_names_max_tokens_when_its_reservation_cannot_fit():
     with pytest.raises(memory.Unservable, match=r"reserving max_tokens 100,000\) .* or a smaller --max-tokens"):
         simulate(spec("queue", tight_gpu(MODEL, 0.5), max_tokens=100_000), reqs)
     simulate(spec(memory.ORACLE, tight_gpu(MODEL, 0.5), max_tokens=100_000), reqs)  # the oracle reserves 300
+
+
+def test_a_request_files_own_max_tokens_is_what_queue_reserves(tmp_path):
+    """A trace that carries each request's max_tokens: queue reserves exactly that, so a file whose max_tokens are
+    the outputs is the oracle bit for bit, lengths varying; the column round-trips and is never below the output."""
+    from tiersim.serving import workload as w
+
+    reqs = w.synthetic(120, 8.0, 200, 500, sigma=0.8, seed=4)
+    own = replace(reqs, max_tokens=reqs.output.copy())
+    path = w.write_requests(tmp_path / "trace.jsonl", own)
+    back = w.read_requests(path)
+    assert np.array_equal(back.max_tokens, reqs.output) and "max_tokens per request" in back.describe()
+    gpu = tight_gpu(MODEL, 0.3)
+    queue, oracle = simulate(spec("queue", gpu), back), simulate(spec(memory.ORACLE, gpu), reqs)
+    for key in oracle.rows:
+        assert np.array_equal(queue.rows[key], oracle.rows[key]), key
+    assert simulate(spec("queue", gpu), reqs).summary["ttft_ms"]["p99"] > oracle.summary["ttft_ms"]["p99"]
+    (tmp_path / "bad.csv").write_text("arrival_s,prompt_tokens,output_tokens,max_tokens\n0,5,30,20\n")
+    with pytest.raises(TiersimError, match="row 1 has output_tokens 30 above its max_tokens 20"):
+        w.read_requests(tmp_path / "bad.csv")
+    cut, n = w.cut_outputs(back, 100)
+    assert cut.max_tokens.max() <= 100 and (cut.output <= cut.max_tokens).all()

@@ -41,3 +41,12 @@ def test_serve_report_draws_the_timeline(tmp_path):
     assert code == 0, err
     text = page.read_text(encoding="utf-8")
     assert "serving-timeline" in text and "this run: tiersim serve" in text
+
+
+def test_the_oracle_curve_says_it_is_one():
+    import pandas as pd
+
+    points = pd.DataFrame({"on_full": ["queue", "queue-oracle"], "qps": [1.0, 1.0], "ttft_p99_ms": [5.0, 4.0],
+                           "tpot_p99_ms": [9.0, 9.0], "stopped_early": [False, False]})
+    names = {t.name for t in latency_vs_load(points).data}
+    assert names == {"queue", "queue-oracle (oracle: true output lengths)"}

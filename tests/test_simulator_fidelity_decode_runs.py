@@ -2,12 +2,13 @@
 priced by ``decode_fidelity``: the file's citations and roles, the run classification, and held-out bounds that a
 physics regression would cross (derived from the same runs, not copied results)."""
 
+import copy
 from dataclasses import replace
 
 import pytest
 
 from tiersim.simulator import decode_fidelity as df
-from tiersim.simulator import engines
+from tiersim.simulator import engines, physics
 from tiersim.simulator.presets import GB, get_gpu
 
 DECODE = ("decode small batch", "decode large batch")
@@ -25,11 +26,15 @@ def shipped():
     return df.summary(df.points())
 
 
-def test_every_source_is_cited_held_out_and_priced_with_a_named_engine_preset():
+def test_every_source_is_cited_with_a_role_and_priced_with_a_named_engine_preset():
     doc = df.load()
     for name, src in doc["sources"].items():
-        assert src["role"] == "held_out", name  # nothing in this file was fitted on
+        assert src["role"] in ("fit", "held_out", "check"), name
         assert "@ " in src["where"] and src["engine_overhead"] in engines.names(), name
+    # every engine preset fitted on a source here is checked on another source it was not fitted on
+    fitted = {s["engine_overhead"] for s in doc["sources"].values() if s["role"] == "fit"}
+    held = {s["engine_overhead"] for s in doc["sources"].values() if s["role"] == "held_out"}
+    assert fitted and fitted <= held
     for key, spec in doc["gpus"].items():
         assert spec["source"] and df.gpu_for(doc, key).hbm_bw > 0
     for key, spec in doc["models"].items():
@@ -68,12 +73,14 @@ def test_points_are_priced_as_the_source_measured_them():
     steps = df.decode_steps_s(model, gpu, 4, 256, 255)
     assert len(steps) == 255 and all(steps[1:] >= steps[:-1])  # one step per context, growing with it
     pts = {(p.source, p.gpu, p.model, p.batch, p.length): p for p in df.points()}
-    # a whole run (engine none: device time only): batched prefill + the L - 1 further steps, over L tokens
+    # a whole run (its engine preset applied): batched prefill + the L - 1 further steps, over L tokens
+    gpu = engines.apply(gpu, "trtllm", model.num_layers)
     p = pts[("argonne-trtllm", "h100", "llama-3-8b", 1, 256)]
     run = df.prefill_batch_s(model, gpu, 1, 256) + df.decode_steps_s(model, gpu, 1, 256, 255).sum()
     assert p.simulated_ms == pytest.approx(1e3 * run / 256) and p.prefill_share > 0
     # a token-to-token latency: the mean of the O - 1 steps after the first token, no prefill
-    gj, a100 = df.model_for(doc, "gpt-j-6b"), df.gpu_for(doc, "a100-80gb")
+    gj = df.model_for(doc, "gpt-j-6b")
+    a100 = engines.apply(df.gpu_for(doc, "a100-80gb"), "trtllm", gj.num_layers)
     row, q = next((r, q) for r, q in zip(doc["points"], df.points()) if r["source"] == "nvidia-dli-trtllm"
                   and r["model"] == "gpt-j-6b" and r["gpu"] == "a100-80gb" and r["batch"] == 8 and r["input"] == 2048)
     mean = df.decode_steps_s(gj, a100, 8, 2048, row["output"] - 1).mean()
@@ -93,7 +100,46 @@ def test_held_out_decode_error_stays_far_below_the_bandwidth_only_predictor(ship
             assert v["median_pct"] < naive[key]["median_pct"] / 3, key
             assert len(v["gpus"]) == 2 and len(v["models"]) >= 3, key
             checked += 1
-    assert checked == 2 * len(df.load()["sources"])  # both decode regimes of every source
+    assert {key[0] for key, _ in shipped.items() if key[1] in DECODE} == set(df.load()["sources"]) and checked >= 6
+
+
+def test_unsplit_attention_blocks_slow_batch_one_only():
+    """The trtllm preset's per-block rate: batch 1 x 16 KV heads (GPT-J) reads far below the HBM share, a batch
+    whose blocks exceed the saturation point is priced exactly as without the limit."""
+    doc = df.load()
+    gj, h100 = df.model_for(doc, "gpt-j-6b"), get_gpu("h100-sxm")
+    trt = engines.apply(h100, "trtllm", gj.num_layers)
+    assert trt.attn_block_bw > 0 and engines.apply(h100, "none", gj.num_layers).attn_block_bw == 0
+    kv = 3072 * gj.kv_bytes_per_token_layer
+    slow, fast = float(physics.attention_s(trt, kv, blocks=16)), float(physics.attention_s(h100, kv, blocks=16))
+    assert slow > 2 * fast  # 16 blocks x 38.5 GB/s is a fifth of the H100's share
+    saturated = 64 * gj.num_kv_heads
+    assert float(physics.attention_s(trt, 64 * kv, blocks=saturated)) == float(physics.attention_s(h100, 64 * kv))
+    assert float(physics.layer_s(gj, trt, 64, 64 * kv)) == float(physics.layer_s(gj, h100, 64, 64 * kv))
+    assert float(physics.layer_s(gj, trt, 1, kv)) > float(physics.layer_s(gj, h100, 1, kv))
+
+
+def test_trtllm_block_rate_is_fitted_on_its_fit_source_only_and_holds_on_the_held_out_one(shipped):
+    doc = df.load()
+    fitted = df.fit_attention_block_bw("trtllm")
+    shipped_rates = dict(engines.get("trtllm").attn_block_bw)
+    assert set(fitted) == set(shipped_rates)
+    for gpu, rate in fitted.items():
+        assert shipped_rates[gpu] == pytest.approx(rate, rel=5e-4), gpu  # the preset carries the fit
+    # the fit reads fit sources only: tripling every held-out and check figure leaves it unchanged
+    doctored = copy.deepcopy(doc)
+    for p in doctored["points"]:
+        if doctored["sources"][p["source"]]["role"] != "fit":
+            for key in ("latency_s", "t2t_ms"):
+                if key in p:
+                    p[key] *= 3
+    assert df.fit_attention_block_bw("trtllm", doctored) == fitted
+    # held out (another TensorRT-LLM, other machines): the issue's small-batch targets, and better than no limit
+    small = shipped[("argonne-trtllm", "decode small batch")]
+    assert small["median_pct"] <= 3.0 and small["worst_pct"] <= 10.0
+    assert len(small["gpus"]) == 2 and len(small["models"]) >= 3
+    unlimited = df.summary(df.points(engine_overrides={"argonne-trtllm": "none"}))
+    assert small["median_pct"] < unlimited[("argonne-trtllm", "decode small batch")]["median_pct"]
 
 
 def test_vllm_sync_line_explains_vllm_0_5_and_meets_the_small_batch_worst_target(shipped):

@@ -51,8 +51,9 @@ class Serving:
                               "same batch in HBM (the step model's price); past it spill preempts (recompute)",
                               min=0, max=1000)
     max_tokens: int | None = option(None, "output tokens each request may generate at most (outputs longer are cut, "
-                                    "for every policy); queue reserves prompt + max_tokens (default: the power of "
-                                    "two covering the longest output)", min=1, max=MAX_TOKENS)
+                                    "for every policy); queue reserves prompt + max_tokens (default: a request "
+                                    "file's max_tokens column, else the power of two covering the longest output)",
+                                    min=1, max=MAX_TOKENS)
     ttft_slo: float = option(2000.0, "SLO: p99 time to first token, ms", min=0.001)
 
 
@@ -151,7 +152,8 @@ def build(target: Target, serving: Serving, strategy: str, lengths: str | None, 
         if cut:
             err_console.print(f"[yellow]note:[/] --max-tokens {serving.max_tokens:,} cuts {cut:,} of {len(requests):,} "
                               "outputs (every policy serves them cut)", highlight=False, soft_wrap=True)
-    max_tokens = serving.max_tokens or memory.default_max_tokens(requests.output)
+    # One max_tokens for all: --max-tokens, else the power of two covering the outputs; a file's own column wins.
+    max_tokens = None if requests.max_tokens is not None else serving.max_tokens or memory.default_max_tokens(requests.output)
     tiers = TierConfig(hbm=1.0 - serving.spill_ddr, ddr=serving.spill_ddr)
     engine = EngineConfig(serving.max_batch, serving.token_budget, names[0], tiers, serving.spill_cap, max_tokens)
     tpot = DEFAULT_TPOT_SLO if tpot_slo is None else tpot_slo
@@ -236,8 +238,9 @@ def _notes(refused: dict[str, str]) -> None:
 def _engine_words(spec) -> str:
     e = spec.engine
     where = f"{spec.tp} x {spec.gpu.name}" if spec.tp > 1 else spec.gpu.name
+    limit = "per request" if e.max_tokens is None else f"{e.max_tokens:,}"
     return (f"{spec.model.name} on {where}, max batch {e.max_batch}, {e.token_budget} tokens per step, max_tokens "
-            f"{e.max_tokens:,}, DDR read by {spec.strategy} (spill cap {e.spill_cap:.0%}), engine overhead {spec.gpu.engine}")
+            f"{limit}, DDR read by {spec.strategy} (spill cap {e.spill_cap:.0%}), engine overhead {spec.gpu.engine}")
 
 
 def _first_line(spec, results) -> str:
@@ -313,7 +316,7 @@ def capacity_qps(qps: str, target: Target, serving: Serving, strategy: str, leng
                 "gpu_link": link_mark(spec.gpu), "workload": requests.describe(), "qps_range": [lo, hi],
                 "policies": answers,
                 "points": [{**p, "on_full": name} for name, a in answers.items() for p in a["points"]]}
-    document.pop("on_full")
+    document.pop("on_full"), document.pop("oracle")  # per policy (the policies' names say which is the oracle)
 
     from tiersim.cli.reports import write_report
 

@@ -101,10 +101,11 @@ class ComputeModel:
                                         "sequence, vidur's public CPU profile)", choices=HOST_OVERHEADS)
     engine_overhead: str = option("none", "per-step host/engine cost of the serving engine (a cited line per engine, "
                                   "docs/simulator.md): none (device time only), vllm (0.08 ms/step: vLLM v0.11 on an H100), "
-                                  "vllm-sync (1.17 ms + 0.1 ms/seq: a synchronous engine, vLLM before v0.6), sglang (none left: "
+                                  "vllm-sync (1.17 ms + 0.1 ms/seq: a synchronous engine, vLLM before v0.6), trtllm (TensorRT-LLM: no host "
+                                  "cost, its unsplit decode attention's per-block rate), sglang (none left: "
                                   "its overlap scheduler, measured on an H100), hf-eager (this "
                                   "project's H100 validator harness: a launch-bound host floor per layer)",
-                                  choices=("none", "vllm", "vllm-sync", "sglang", "hf-eager"))
+                                  choices=("none", "vllm", "vllm-sync", "trtllm", "sglang", "hf-eager"))
     engine: str = option("auto", "step-time model: auto (the exact per-step recurrence, or SimPy where demotions and "
                                  "prefetches really share the link), fast, or simpy (the event-by-event reference)",
                         choices=ENGINES)

@@ -14,8 +14,12 @@ from tiersim.report.html import Section
 from tiersim.report.loaders import ReportInput
 from tiersim.report.style import LINE_RED, _layout, gpu_name, model_name
 
-POLICY_COLORS = {"preempt-recompute": "#dc2626", "preempt-swap": "#ea580c", "queue": "#6b7280", "spill": "#2563eb"}
-POLICY_SYMBOLS = {"preempt-recompute": "x", "preempt-swap": "diamond", "queue": "square", "spill": "circle"}
+POLICY_COLORS = {"preempt-recompute": "#dc2626", "preempt-swap": "#ea580c", "queue": "#6b7280", "spill": "#2563eb",
+                 "queue-oracle": "#9ca3af"}
+POLICY_SYMBOLS = {"preempt-recompute": "x", "preempt-swap": "diamond", "queue": "square", "spill": "circle",
+                  "queue-oracle": "square"}
+#: How a curve is named in the legend: the oracle says it is one (it reserves outputs no engine knows).
+POLICY_LABELS = {"queue-oracle": "queue-oracle (oracle: true output lengths)"}
 
 
 def latency_vs_load(points: pd.DataFrame, slo: dict | None = None, title: str = "Latency against load",
@@ -33,7 +37,8 @@ def latency_vs_load(points: pd.DataFrame, slo: dict | None = None, title: str = 
         symbol = POLICY_SYMBOLS.get(policy, "circle")
         for col, key in ((1, "ttft_p99_ms"), (2, "tpot_p99_ms")):
             fig.add_trace(go.Scatter(
-                x=group["qps"], y=group[key], mode="lines+markers", name=policy, legendgroup=policy,
+                x=group["qps"], y=group[key], mode="lines+markers", name=POLICY_LABELS.get(policy, policy),
+                legendgroup=policy,
                 showlegend=col == 1, line=dict(color=color, width=2),
                 marker=dict(symbol=[symbol + "-open" if s else symbol for s in stopped], size=8, color=color),
                 customdata=["≥ " if s else "" for s in stopped],

@@ -46,7 +46,8 @@ class EngineConfig:
     on_full: str = "preempt-recompute"
     tiers: TierConfig = field(default_factory=lambda: TierConfig(hbm=0.5, ddr=0.5))
     spill_cap: float = memory.SPILL_CAP  # spill: the most a step may slow down reading spilled tokens
-    max_tokens: int | None = None  # what each request asked for at most (queue reserves it); None: default_max_tokens
+    max_tokens: int | None = None  # what a request asked for at most (queue reserves it) where the workload does not
+    # say (Requests.max_tokens); None: memory.default_max_tokens of the outputs
 
 
 @dataclass(eq=False)
@@ -55,6 +56,7 @@ class Request:
     arrival: float
     prompt: int
     output: int
+    max_tokens: int = 0  # what it asked for at most: queue's reservation
     generated: int = 0  # tokens sampled so far
     cached: int = 0  # KV tokens held (HBM + DDR)
     spilled: int = 0  # of them in DDR (spill)
@@ -92,10 +94,11 @@ class Engine(OnFull):
         self.max_tokens = memory.default_max_tokens(requests.output) if config.max_tokens is None else config.max_tokens
         self.budget = replace(memory.budget(pricer.model, pricer.rank, pricer.gpu, config.max_batch,
                                             config.token_budget), staged=pricer.staged_share())
-        for i, (p, o) in enumerate(zip(requests.prompt.tolist(), requests.output.tolist())):
-            memory.check_fits(self.budget, config.tiers, config.on_full, p, o, i, self.max_tokens)
-        self.requests = [Request(i, a, p, o) for i, (a, p, o) in enumerate(zip(
-            requests.arrival.tolist(), requests.prompt.tolist(), requests.output.tolist()))]
+        limits = [self.max_tokens] * len(requests) if requests.max_tokens is None else requests.max_tokens.tolist()
+        for i, (p, o, m) in enumerate(zip(requests.prompt.tolist(), requests.output.tolist(), limits)):
+            memory.check_fits(self.budget, config.tiers, config.on_full, p, o, i, m)
+        self.requests = [Request(i, a, p, o, m) for i, (a, p, o, m) in enumerate(zip(
+            requests.arrival.tolist(), requests.prompt.tolist(), requests.output.tolist(), limits))]
         self.pool = memory.Pool(self.budget.blocks)
         self.env = simpy.Environment()
         self.waiting: deque[Request] = deque()
@@ -199,7 +202,7 @@ class Engine(OnFull):
             if r.target == 0 and r.generated == 0:
                 r.target = r.prompt
             need = blocks(r.target)
-            reserve = blocks(r.prompt + memory.reservation(self.config.on_full, r.output, self.max_tokens) - 1) - need \
+            reserve = blocks(r.prompt + memory.reservation(self.config.on_full, r.output, r.max_tokens) - 1) - need \
                 if queue else 0
             if need + reserve + (0 if queue else watermark + self._next_need()) > self.pool.free:
                 break

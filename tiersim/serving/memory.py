@@ -27,7 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tiersim.errors import TiersimError
-from tiersim.hierarchy.config import TierConfig, tier_targets
+import numpy as np
+
+from tiersim.hierarchy.config import TierConfig, tier_targets, tier_targets_array
 from tiersim.simulator import analytic
 from tiersim.simulator.presets import GB, GPU, Model
 
@@ -45,8 +47,9 @@ RESTORE_HEADROOM = 0.05
 #: Spill's cap: the most a decode step may cost over the same batch held in HBM because it reads spilled tokens
 #: (the step model's price under ``--strategy``), as a share. Past it the step preempts (recompute) instead:
 #: uncapped, the spilled tokens' reads slowed every step 4-6x under overload and the queue behind starved
-#: (docs/serving.md, "Spill's cap"). 0.05 was the best of the caps measured there (0-0.5) under overload and
-#: changes nothing below the knee, where the reads hide behind the step's compute.
+#: (docs/serving.md, "Spill's cap"). Caps 0-0.05 measured alike there under overload, larger ones worse; 0.05
+#: leaves a strategy whose reads never fully hide a little room. Below the knee, where the reads hide behind the
+#: step's compute, the cap never refuses and changes nothing.
 SPILL_CAP = 0.05
 
 
@@ -104,6 +107,17 @@ def spill_tokens(tiers: TierConfig, context: int, spilled: int) -> int:
     """More tokens of a request holding ``context`` to move to DDR under the tier split (0: nothing more)."""
     target = tier_targets(tiers, int(context), tiers.sink_tokens + tiers.recent_window)["ddr"]
     return max(target - int(spilled), 0)
+
+
+def spill_tokens_many(tiers: TierConfig, contexts: np.ndarray, spilled: np.ndarray) -> np.ndarray:
+    """:func:`spill_tokens` over arrays of requests (``tier_targets_array``, the same counts): the engine weighs
+    every decoding request at each spill."""
+    return np.maximum(tier_targets_array(tiers, contexts)["ddr"].astype(np.int64) - spilled, 0)
+
+
+def blocks_many(tokens: np.ndarray) -> np.ndarray:
+    """:func:`blocks` over an array."""
+    return -(-tokens // BLOCK_TOKENS)
 
 
 class Unservable(TiersimError):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from tiersim.serving import memory
 from tiersim.serving.memory import blocks
 
@@ -47,14 +49,15 @@ class OnFull:
     def _spill_one(self) -> int:
         """Move the tier split's DDR share of the longest decoding request to DDR; tokens moved (0: none, or
         reading them would cost the step more than the spill cap)."""
-        ddr_room = self._ddr_room()
-        best, best_n = None, 0
-        for r in self.decoding.values():
-            cached = self._cached_now(r)
-            n = memory.spill_tokens(self.config.tiers, cached, r.spilled)
-            freed = blocks(cached - r.spilled) - blocks(cached - r.spilled - n)
-            if freed > 0 and n * self.pricer.kv_per_token <= ddr_room and n > best_n:
-                best, best_n = r, n
+        rs = list(self.decoding.values())
+        count = len(rs)
+        spilled = np.fromiter((r.spilled for r in rs), np.int64, count)
+        cached = np.fromiter((r.join_cached - r.join_step for r in rs), np.int64, count) + self.g
+        more = memory.spill_tokens_many(self.config.tiers, cached, spilled)
+        freed = memory.blocks_many(cached - spilled) - memory.blocks_many(cached - spilled - more)
+        more[(freed <= 0) | (more * self.pricer.kv_per_token > self._ddr_room())] = 0
+        pick = int(np.argmax(more)) if count else 0  # the first of the longest, as the decoding order has them
+        best, best_n = (rs[pick], int(more[pick])) if count and more[pick] > 0 else (None, 0)
         if best is None or not self._within_cap(best_n):
             return 0
         self._leave(best)
@@ -78,8 +81,9 @@ class OnFull:
         batch, tokens, ddr = len(self.decoding), self._batch_tokens(), self.sum_spilled + more
         if batch == 1:
             return True
-        spilled = self.pricer.decode_s(batch, tokens - ddr, ddr)[0]
-        return spilled <= (1.0 + self.config.spill_cap) * self.pricer.decode_s(batch, tokens)[0]
+        spilled, in_hbm = self.pricer.decode_s(batch, np.array([tokens - ddr, tokens], dtype=float),
+                                               np.array([ddr, 0.0]))  # one array call: both prices
+        return spilled <= (1.0 + self.config.spill_cap) * in_hbm
 
     def _restore(self) -> float:
         """Bring spilled tokens back to HBM while the pool has room to spare; seconds of copies."""

@@ -7,7 +7,8 @@ distribution the batch planner draws from. The arrival draws and the length draw
 one seed, so the same seed at another rate keeps every request's lengths and only rescales the gaps: a capacity
 search compares like with like.
 
-A request file has one row per request: ``arrival_s, prompt_tokens, output_tokens`` (CSV, JSON lines or
+A request file has one row per request: ``arrival_s, prompt_tokens, output_tokens`` and optionally
+``max_tokens``, what the request asked for at most (what a reserving queue holds room for; CSV, JSON lines or
 Parquet; docs/file-formats.md, kind ``requests``). Whatever is wrong with it is one line naming the file.
 """
 
@@ -22,6 +23,7 @@ import numpy as np
 from tiersim.errors import TiersimError
 
 COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
+MAX_TOKENS_COLUMN = "max_tokens"  # optional: each request's own cap (a trace's max_tokens); never below its output
 SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 #: Longest prompt or output a request may ask for (the simulator's token bound).
 MAX_TOKENS = 10_000_000
@@ -31,12 +33,14 @@ DEFAULT_SIGMA = 0.35  # the batch planner's spread of generated lengths (scenari
 
 @dataclass(frozen=True)
 class Requests:
-    """What arrives: arrival times (s, sorted), prompt and output tokens per request, and where it came from."""
+    """What arrives: arrival times (s, sorted), prompt and output tokens per request, where it came from, and
+    each request's ``max_tokens`` when the workload says (None: the engine's one value for all)."""
 
     arrival: np.ndarray
     prompt: np.ndarray
     output: np.ndarray
     source: str = "synthetic"
+    max_tokens: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.arrival)
@@ -46,8 +50,9 @@ class Requests:
         return float(self.arrival[-1] - self.arrival[0]) if len(self) > 1 else 0.0
 
     def describe(self) -> str:
+        own = "" if self.max_tokens is None else f", max_tokens per request (mean {self.max_tokens.mean():,.0f})"
         return (f"{len(self):,} requests ({self.source}), prompts mean {self.prompt.mean():,.0f} tokens, "
-                f"outputs mean {self.output.mean():,.0f} (p99 {np.percentile(self.output, 99):,.0f})")
+                f"outputs mean {self.output.mean():,.0f} (p99 {np.percentile(self.output, 99):,.0f}){own}")
 
 
 def lognormal_lengths(rng: np.random.Generator, n: int, mean: float, sigma: float) -> np.ndarray:
@@ -82,17 +87,19 @@ def synthetic(n: int, qps: float, prompt_mean: float, output_mean: float, sigma:
 def at_rate(requests: Requests, qps: float, burstiness: float = 1.0, seed: int = 0) -> Requests:
     """The same requests (lengths kept) on new synthetic arrivals at ``qps`` (what a capacity search varies)."""
     fresh = synthetic(len(requests), qps, 1.0, 1.0, burstiness=burstiness, seed=seed)
-    return Requests(fresh.arrival, requests.prompt, requests.output, fresh.source)
+    return replace(requests, arrival=fresh.arrival, source=fresh.source)
 
 
 def cut_outputs(requests: Requests, max_tokens: int) -> tuple[Requests, int]:
-    """The requests with every output cut at ``max_tokens`` (what an engine stops a request at), and how many were."""
+    """The requests with every output cut at ``max_tokens`` (what an engine stops a request at), and how many were;
+    a request's own ``max_tokens`` is capped the same way."""
     cut = int((requests.output > max_tokens).sum())
-    return replace(requests, output=np.minimum(requests.output, max_tokens)), cut
+    own = None if requests.max_tokens is None else np.minimum(requests.max_tokens, max_tokens)
+    return replace(requests, output=np.minimum(requests.output, max_tokens), max_tokens=own), cut
 
 
-def check(arrival, prompt, output, where: str) -> Requests:
-    """The three columns as a :class:`Requests` if they describe a workload; one line naming ``where`` if not."""
+def check(arrival, prompt, output, where: str, max_tokens=None) -> Requests:
+    """The columns as a :class:`Requests` if they describe a workload; one line naming ``where`` if not."""
     arrival = np.asarray(arrival, dtype=float)
     if len(arrival) == 0:
         raise TiersimError(f"{where}: no requests (the file is empty)")
@@ -109,7 +116,8 @@ def check(arrival, prompt, output, where: str) -> Requests:
         raise TiersimError(f"{where}: arrival_s must be sorted (non-decreasing); row {row + 1} ({arrival[row]:g}) "
                            f"comes before row {row} ({arrival[row - 1]:g})")
     columns = []
-    for name, values in (("prompt_tokens", prompt), ("output_tokens", output)):
+    named = [("prompt_tokens", prompt), ("output_tokens", output)]
+    for name, values in named + ([(MAX_TOKENS_COLUMN, max_tokens)] if max_tokens is not None else []):
         values = np.asarray(values, dtype=float)
         bad = ~np.isfinite(values) | (values != np.round(values)) | (values < 1) | (values > MAX_TOKENS)
         if bad.any():
@@ -117,7 +125,12 @@ def check(arrival, prompt, output, where: str) -> Requests:
             raise TiersimError(f"{where}: {name} must be whole numbers in 1..{MAX_TOKENS:,}; row {row + 1} is "
                                f"{values[row]:g}")
         columns.append(values.astype(np.int64))
-    return Requests(arrival, columns[0], columns[1], where)
+    own = columns[2] if max_tokens is not None else None
+    if own is not None and (own < columns[1]).any():
+        row = int(np.flatnonzero(own < columns[1])[0])
+        raise TiersimError(f"{where}: row {row + 1} has output_tokens {columns[1][row]:,} above its max_tokens "
+                           f"{own[row]:,} (a request stops at its max_tokens)")
+    return Requests(arrival, columns[0], columns[1], where, own)
 
 
 def _format(path: Path, label: str) -> str:
@@ -169,11 +182,12 @@ def read_requests(path: str | Path, label: str = "--requests-file") -> Requests:
     if missing:
         raise TiersimError(f"{label}: {path}: missing column(s) {', '.join(missing)} (a request file has "
                            f"{', '.join(COLUMNS)})")
+    names = COLUMNS + ((MAX_TOKENS_COLUMN,) if MAX_TOKENS_COLUMN in frame.columns else ())
     try:
-        values = [pd.to_numeric(frame[c], errors="raise") for c in COLUMNS]
+        values = [pd.to_numeric(frame[c], errors="raise") for c in names]
     except (ValueError, TypeError) as exc:
         raise TiersimError(f"{label}: {path}: every value must be a number ({str(exc)[:120]})") from None
-    return check(*values, where=f"{label}: {path}")
+    return check(*values[:3], where=f"{label}: {path}", max_tokens=values[3] if len(values) > 3 else None)
 
 
 def write_requests(path: str | Path, requests: Requests) -> Path:
@@ -187,6 +201,8 @@ def write_requests(path: str | Path, requests: Requests) -> Path:
     fmt = _format(path, "request file")
     frame = pd.DataFrame({"arrival_s": requests.arrival, "prompt_tokens": requests.prompt,
                           "output_tokens": requests.output})
+    if requests.max_tokens is not None:
+        frame[MAX_TOKENS_COLUMN] = requests.max_tokens
     if fmt == "parquet":
         return fileformat.write_table(path, frame, {**fileformat.header(fileformat.REQUESTS), "source": requests.source})
     with atomic_path(path) as tmp:
@@ -195,6 +211,5 @@ def write_requests(path: str | Path, requests: Requests) -> Path:
         else:  # json.dumps writes each float's shortest exact repr: the file reads back bit for bit
             import json
 
-            rows = zip(requests.arrival.tolist(), requests.prompt.tolist(), requests.output.tolist())
-            tmp.write_text("".join(json.dumps(dict(zip(COLUMNS, row))) + "\n" for row in rows))
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in frame.to_dict("records")))
     return path

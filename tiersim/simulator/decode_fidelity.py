@@ -1,9 +1,11 @@
-"""Whole decode runs of real engines, measured by others, against the simulator: held-out decode error by source.
+"""Decode steps of real engines, measured by others, against the simulator: decode error by source and role.
 
 ``fidelity`` checks the physics against per-operator tables (vidur's), the same kind of data it was fitted on.
 A real engine's step adds what those tables leave out: the LM head, sampling, the engine's per-step host work,
-its own attention kernel. ``tiersim/data/public-decode-steps.json`` holds such measurements from sources no
-constant was fitted on, of two kinds: *whole runs* (B prompts of L tokens, L output tokens each, the batch's
+its own attention kernel. ``tiersim/data/public-decode-steps.json`` holds such measurements, each source with its
+role (``held_out``: nothing fitted on it; ``fit``: an engine preset's constant was, :func:`fit_attention_block_bw`;
+``check``: a fit source's points the fit did not read),
+of two kinds: *whole runs* (B prompts of L tokens, L output tokens each, the batch's
 end-to-end latency), priced as the engine ran them: one batched prefill (``prefill`` physics), then the L - 1
 further decode steps; and *token-to-token latencies* (the mean decode step after the first token of a batch of B
 requests of I input and O output tokens), priced as the mean of those O - 1 steps. Each decode step holds the
@@ -54,7 +56,8 @@ def model_for(doc: dict, key: str) -> Model:
     s = doc["models"][key]
     return Model.from_shape(ModelShape(key, s["architecture"], s["num_layers"], s["hidden_size"],
                                        s["intermediate_size"], s["num_attention_heads"], s["num_kv_heads"],
-                                       s["head_dim"], s["vocab_size"], gated_mlp=s.get("gated_mlp", True)))
+                                       s["head_dim"], s["vocab_size"], gated_mlp=s.get("gated_mlp", True),
+                                       dtype_bytes=s.get("dtype_bytes", 2), kv_dtype_bytes=s.get("kv_dtype_bytes", 2)))
 
 
 def prefill_batch_s(model: Model, gpu: GPU, batch: int, length: int) -> float:
@@ -118,18 +121,19 @@ def regime(model: Model, gpu: GPU, batch: int, tokens: int, per_token_s: float, 
 
 def points(doc: dict | None = None, engine_overrides: dict[str, str] | None = None, gpu_transform=None
            ) -> list[RunPoint]:
-    """Every run of the data file priced with its source's engine preset (``engine_overrides``: source ->
-    another preset, to compare engine lines; ``gpu_transform(gpu) -> gpu``: other physics constants)."""
+    """Every point of the data file priced with its source's engine preset (``engine_overrides``: source ->
+    another preset, to compare engine lines; ``gpu_transform(gpu) -> gpu``, applied after the preset: other
+    physics constants)."""
     doc = doc or load()
     out = []
     for p in doc["points"]:
         src = doc["sources"][p["source"]]
-        if src["role"] not in ("held_out", "check"):
-            raise ValueError(f"{DATA}: source {p['source']} has role {src['role']!r}; nothing here is fitted on")
+        if src["role"] not in ("fit", "held_out", "check"):
+            raise ValueError(f"{DATA}: source {p['source']} has role {src['role']!r}, not fit/held_out/check")
         name = (engine_overrides or {}).get(p["source"], src["engine_overhead"])
         model = model_for(doc, p["model"])
-        gpu = gpu_for(doc, p["gpu"])
-        gpu = engines.apply(gpu_transform(gpu) if gpu_transform else gpu, name, model.num_layers)
+        gpu = engines.apply(gpu_for(doc, p["gpu"]), name, model.num_layers)
+        gpu = gpu_transform(gpu) if gpu_transform else gpu
         b = p["batch"]
         if "t2t_ms" in p:  # token-to-token latency: the mean decode step after the first token
             n, steps = p["input"], p["output"] - 1
@@ -144,6 +148,39 @@ def points(doc: dict | None = None, engine_overrides: dict[str, str] | None = No
         out.append(RunPoint(p["source"], src["role"], name, p["gpu"], p["model"], b, n, 1e3 * ref, 1e3 * sim,
                             share, regime(model, gpu, b, tokens, ref, share, preempts)))
     return out
+
+
+#: Saturation points tried by :func:`fit_attention_block_bw`: blocks at which the per-block rate reaches the HBM share.
+BLOCK_GRID = tuple(range(8, 257, 8))
+
+
+def fit_attention_block_bw(engine: str = "trtllm", doc: dict | None = None) -> dict[str, float]:
+    """Per GPU preset, the per-block decode-attention rate (bytes/s, ``GPU.attn_block_bw``) of ``engine``'s kernel,
+    fitted on the **fit** sources priced with that engine only: least squares on relative error over their decode
+    points (small and large batch), the rate written as ``HBM share / saturating blocks`` with the blocks on
+    :data:`BLOCK_GRID`. Held-out sources are never read."""
+    doc = doc or load()
+    fit = {k for k, s in doc["sources"].items() if s["role"] == "fit" and s["engine_overhead"] == engine}
+    sub = {**doc, "points": [p for p in doc["points"] if p["source"] in fit]}
+    out = {}
+    for preset in sorted({doc["gpus"][p["gpu"]]["preset"] for p in sub["points"]}):
+        base = get_gpu(preset)
+        share = base.hbm_bw * base.attn_efficiency
+        best = None
+        for blocks in BLOCK_GRID:
+            rate = share / blocks
+            pts = points(sub, gpu_transform=lambda g, r=rate, n=preset: replace(g, attn_block_bw=r) if g.name == n else g,
+                         engine_overrides={k: "none" for k in fit})
+            sse = sum((p.error_pct / 100.0) ** 2 for p in pts if p.regime in DECODE_REGIMES
+                      and doc["gpus"][p.gpu]["preset"] == preset)
+            if best is None or sse < best[0]:
+                best = (sse, rate)
+        out[preset] = best[1]
+    return out
+
+
+#: The regimes a decode figure is read from (the others are reported apart: preempted, prefill-heavy, failed).
+DECODE_REGIMES = ("decode small batch", "decode large batch")
 
 
 def error_rows(doc: dict | None = None) -> list[dict]:

@@ -3,8 +3,10 @@
 A decode step's device time is the GPU's; the engine around it adds host work the GPU may wait for (scheduling,
 sampling, input preparation, output processing: ``fixed + per_sequence x batch`` per step) and, for an eager
 harness that launches every operator from Python, a host floor (the step lasts at least ``floor_per_layer x
-layers``: it is launch-bound). One line per engine, each with the GPU/CPU it was measured on and its source, in
-``tiersim/data/public-engine-overheads.json``; ``--engine-overhead NAME`` picks one and the output names it.
+layers``: it is launch-bound). An engine whose decode attention does not split the KV also carries the read rate of
+one thread block per GPU (``GPU.attn_block_bw``: batch 1 with few KV heads cannot fill HBM). One line per engine,
+each with the GPU/CPU it was measured on and its source, in ``tiersim/data/public-engine-overheads.json``;
+``--engine-overhead NAME`` picks one and the output names it.
 stdlib only (the validator's machine imports presets).
 """
 
@@ -32,6 +34,12 @@ class EngineOverhead:
     role: str  # "fit" (from a measurement), "assumption", or "definition" (none)
     measured_on: str
     source: str
+    #: (GPU preset, bytes/s) of one decode-attention thread block, for a kernel that does not split the KV; a GPU
+    #: not listed gets no limit (it was not fitted there).
+    attn_block_bw: tuple[tuple[str, float], ...] = ()
+
+    def block_bw(self, gpu_name: str) -> float:
+        return dict(self.attn_block_bw).get(gpu_name, 0.0)
 
     def host_s(self, batch: int) -> float:
         return self.fixed_s + self.per_sequence_s * batch
@@ -48,6 +56,9 @@ class EngineOverhead:
             parts.append(f"{self.fixed_s * 1e3:.2f} ms + {self.per_sequence_s * 1e3:.3f} ms/seq per step")
         if self.floor_per_layer_s:
             parts.append(f"host floor {self.floor_per_layer_s * 1e3:.3f} ms/layer")
+        if self.attn_block_bw:
+            parts.append("decode attention " + ", ".join(f"{bw / 1e9:.1f} GB/s per block on {g}"
+                                                         for g, bw in self.attn_block_bw))
         line = "; ".join(parts) or "no host cost"
         where = "assumed, not measured" if self.role == "assumption" else self.measured_on.split(" (")[0].split(",")[0]
         return f"{self.name} ({line}; {where})"
@@ -61,8 +72,9 @@ def presets() -> dict[str, EngineOverhead]:
     for name, e in doc["engines"].items():
         if e["role"] not in ("fit", "assumption", "definition"):
             raise ValueError(f"{DATA}: engine {name} has role {e['role']!r}")
+        blocks = tuple((g, float(v) * 1e9) for g, v in sorted(e.get("attention_block_gbps", {}).items()))
         out[name] = EngineOverhead(name, e["fixed_ms"] * 1e-3, e["per_sequence_ms"] * 1e-3,
-                                   e["floor_per_layer_ms"] * 1e-3, e["role"], e["measured_on"], e["source"])
+                                   e["floor_per_layer_ms"] * 1e-3, e["role"], e["measured_on"], e["source"], blocks)
     return out
 
 
@@ -80,4 +92,4 @@ def apply(gpu: GPU, name: str, num_layers: int) -> GPU:
     """``gpu`` charging engine ``name``'s per-step line for a model of ``num_layers`` layers."""
     e = get(name)
     return replace(gpu, step_overhead=e.fixed_s, step_overhead_per_sequence=e.per_sequence_s,
-                   step_host_floor=e.floor_s(num_layers), engine=e.describe())
+                   step_host_floor=e.floor_s(num_layers), attn_block_bw=e.block_bw(gpu.name), engine=e.describe())

@@ -5,7 +5,8 @@ items 1-2): streaming a layer's weights through its GEMMs reaches one share of t
 bandwidth, slows down as the token count grows (+10% from 1 to 64 tokens on an A100) and pays a
 fixed cost per kernel, while decode attention reads the KV cache at another share after a fixed
 kernel cost that dominates short contexts (46% of peak at batch 1 / 8K on an A100, ~80% at large
-batch). The small element-wise ops (norms, RoPE, activation, residual add) are launch-bound and
+batch). A kernel that does not split the KV (one thread block per sequence and KV head, TensorRT-LLM 0.9's)
+reads at most ``blocks x GPU.attn_block_bw``: at batch 1 it leaves HBM idle (an engine preset sets the rate). The small element-wise ops (norms, RoPE, activation, residual add) are launch-bound and
 grow with the layer's width. Each term below is one of those observations; the constants live on
 the GPU preset (``presets.GPU``) with the data they were fitted on, and ``fidelity`` re-fits and
 checks them against the public tables (docs/simulator.md, "Fidelity").
@@ -90,10 +91,17 @@ def gemm_s(model: Model, gpu: GPU, rows):
     return (memory ** p + compute ** p) ** (1.0 / p)
 
 
-def attention_s(gpu: GPU, kv_bytes):
-    """Seconds of decode attention reading ``kv_bytes`` of KV (the batch's, one layer); 0 for none."""
+def attention_s(gpu: GPU, kv_bytes, blocks=None):
+    """Seconds of decode attention reading ``kv_bytes`` of KV (the batch's, one layer); 0 for none.
+
+    ``blocks`` (sequences x KV heads) caps the read rate at ``blocks x gpu.attn_block_bw`` where the engine's
+    kernel does not split the KV (``attn_block_bw > 0``): one block per sequence and KV head cannot keep HBM
+    busy at batch 1 (TensorRT-LLM 0.9's decode attention: docs/simulator.md, "Fidelity")."""
     kv_bytes = np.asarray(kv_bytes, dtype=float)
-    return np.where(kv_bytes > 0, gpu.attn_kernel_s + kv_bytes / (gpu.hbm_bw * gpu.attn_efficiency), 0.0)
+    bw = gpu.hbm_bw * gpu.attn_efficiency
+    if gpu.attn_block_bw > 0 and blocks is not None:
+        bw = np.minimum(bw, np.maximum(np.asarray(blocks, dtype=float), 1.0) * gpu.attn_block_bw)
+    return np.where(kv_bytes > 0, gpu.attn_kernel_s + kv_bytes / bw, 0.0)
 
 
 def small_ops_s(gpu: GPU, model: Model) -> float:
@@ -109,7 +117,8 @@ def layer_s(model: Model, gpu: GPU, batch: int, kv_read, extra_bytes=0.0, attend
     rows: the same curve a prefill chunk of that many rows is priced on); ``extra_bytes`` (the cache's own
     passes) stream at the plain HBM efficiency.
     """
-    t_attn = attention_s(gpu, kv_read) + np.asarray(extra_bytes, dtype=float) / (gpu.hbm_bw * gpu.hbm_efficiency)
+    t_attn = (attention_s(gpu, kv_read, blocks=batch * model.num_kv_heads)
+              + np.asarray(extra_bytes, dtype=float) / (gpu.hbm_bw * gpu.hbm_efficiency))
     attended = 0.0 if attended is None else attended
     flops = 4 * np.asarray(attended, dtype=float) * model.num_attention_heads * model.head_dim
     t_attn = np.maximum(t_attn, flops / (gpu.peak_flops * gpu.flops_efficiency))

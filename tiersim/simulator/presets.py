@@ -49,6 +49,11 @@ class GPU:
     #: share stays the large-read fit: long-context steps move by the floor's 11 us per layer only.
     attn_kernel_s: float = 18.3e-6
     attn_efficiency: float = 0.92
+    #: Bytes/s one thread block of a decode-attention kernel that does not split the KV streams: such a kernel
+    #: (one block per sequence and KV head) reads at ``min(share of HBM, blocks x this)``, so a batch of one
+    #: with few KV heads leaves HBM idle. 0: the kernel splits the KV (the fit sources' paged kernels), no limit.
+    #: Set by an engine preset (``--engine-overhead trtllm``), fitted per GPU (decode_fidelity.fit_attention_block_bw).
+    attn_block_bw: float = 0.0
     #: Small ops per decoder layer (2 RMSNorm, RoPE, activation, residual add, fused as a serving engine runs
     #: them): a launch-bound floor plus a term per element of width (hidden + intermediate). HF eager runs
     #: them unfused, ~51 us at 1 token on an H100 (docs/validation/h100-80gb-hbm3-operators.json): a
