@@ -152,7 +152,7 @@ def test_the_host_strategies_refuse_a_compressed_or_evicted_share_in_one_line(mo
     for split in ({"compressed": 0.2}, {"evict": 0.2}):
         config = TierConfig(hbm=0.5, ddr=0.3, strategy="host-attention", quant_group=16, **split)
         buffers = TierBuffers(config, 2, 1, 2, 16, 96, 4, "cpu", torch.float32)
-        with pytest.raises(TiersimError, match="host step holds lossless splits only"):
+        with pytest.raises(TiersimError, match="host strategies run lossless splits only"):
             graph_host.make_step(model, buffers)
 
 
