@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_graph_executor import _assert_same_step, _pair, model  # noqa: F401  (model: the fixture)
+from test_graph_executor import _assert_same_step, _pair, _retier_and_compare, model  # noqa: F401  (model: the fixture)
 from tiersim.errors import TiersimError
 
 
@@ -29,7 +29,6 @@ def test_compressed_and_evicted_shares_are_bit_identical_to_the_tiered_cache(mod
     after every re-tiering; tokens really are quantized and evicted along the way."""
     from tiersim.compat import cache_kwargs
     from tiersim.hierarchy import scoring
-    from tiersim.hierarchy.policy import EVICTED
     from tiersim.validator.graph import GraphStep
 
     steps = 13
@@ -44,15 +43,11 @@ def test_compressed_and_evicted_shares_are_bit_identical_to_the_tiered_cache(mod
         with torch.inference_mode():
             for i in range(steps):
                 _assert_same_step(model, arg, step, ids[i], i)
-                if buffers.due(i + 1):
-                    for key, value in buffers.retier(i + 1).items():
-                        moved[key] = moved.get(key, 0) + value
-                    assert buffers.counts(0) == cache.tier_counts(0)
+                retiered = _retier_and_compare(model, buffers, cache, i)
+                for key, value in retiered.items():
+                    moved[key] = moved.get(key, 0) + value
+                if retiered:
                     ddr_sizes.append(buffers.layers[0].n_ddr)
-                n = buffers.n_seen
-                for layer in range(model.config.num_hidden_layers):
-                    mine = buffers.layers[layer].tiers[:, :n]
-                    assert torch.equal(mine[mine != EVICTED].view(batch, -1), cache.layers[layer].tiers), (i, layer)
     finally:
         scoring.clear_listener()
     counts = buffers.counts(0)
@@ -83,8 +78,7 @@ def test_the_estimated_group_capacity_holds_a_churning_run_and_an_overflow_is_on
         with torch.inference_mode():
             for i in range(steps):
                 _assert_same_step(model, arg, step, ids[i], i)
-                if buffers.due(i + 1):
-                    buffers.retier(i + 1)
+                _retier_and_compare(model, buffers, cache, i)
     finally:
         scoring.clear_listener()
     cap = comp.static.key_scale.shape[2]
