@@ -162,3 +162,17 @@ def test_the_hf_executor_refuses_a_compressed_share_in_one_line():
     lines = err.getvalue().strip().splitlines()
     assert code == 2 and lines == ["error: --compressed 0.2: the hf executor times lossless splits only; "
                                    "use --executor graph"]
+
+
+def test_a_compressed_share_above_what_leaves_hbm_is_capped_in_the_file_and_the_prediction():
+    """--compressed 0.5 at HBM 0.75: the point runs with a quarter of the context compressed (all that leaves HBM);
+    the file records that share and the simulator prices that split (it used to price hbm 0.75 + compressed 0.5,
+    an invalid TierConfig, and fail after the whole grid had been measured)."""
+    from tiersim.validator.graph_run import run_graph
+
+    doc = run_graph("tiny", [1], [128], [1.0, 0.75], compressed=0.5, device="cpu", steps=1, warmup=1,
+                    sweep_sizes=[4096, 65536])
+    comp = [p for p in doc["points"] if p["compressed"]]
+    assert len(comp) == 1 and comp[0]["hbm"] == 0.75 and comp[0]["compressed"] == 0.25
+    assert comp[0]["tiers"]["ddr"] == 0 and comp[0]["tiers"]["compressed"] > 0
+    assert comp[0]["simulated_step_ms"] > 0

@@ -303,7 +303,7 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
         walk = itertools.chain(walk, ((compressed, *point) for point in check))
     for share, batch, context, hbm, m, baseline, why in walk:
         points.append(calibrate.ValidationPoint.measured(shape.name, batch, context, hbm, m, baseline, why))
-        points[-1].compressed = share
+        points[-1].compressed = point_config(hbm, share).compressed  # capped at 1 - hbm, as the point ran
         extras.append({k: m[k] for k in ("step_ms_p10", "gpu_busy_ms", "gpu_busy_ms_p10", "gpu_busy_ms_p90",
                                          "copy_ms", "h2d_gbps_in_step", "retier_ms", "tiers", "executor",
                                          "capture_error", "strategy", "host_ms")} if m else {})
