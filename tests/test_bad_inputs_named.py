@@ -167,6 +167,14 @@ def test_the_cli_bounds_are_the_simulators():
     assert groups.HOST_OVERHEADS == tuple(presets.HOST_OVERHEADS) and groups.ENGINES == fastpath.ENGINES
 
 
+def test_the_cli_engine_presets_are_the_data_files():
+    """--engine-overhead's choices (simulate, capacity, serve) are every preset of public-engine-overheads.json."""
+    from tiersim.cli import groups
+    from tiersim.simulator import engines
+
+    assert sorted(groups.ENGINE_OVERHEADS) == sorted(engines.names())
+
+
 @pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--warmup", "0"), ("--budget-s", "nan"),
                                          ("--prefill", "maybe"), ("--batch", "0,8"), ("--hbm", "0.5,2")])
 def test_both_front_ends_refuse_a_value_out_of_its_declared_range_in_the_same_words(capsys, flag, value):

@@ -23,6 +23,8 @@ MAX_STEPS = 1_000_000
 #: The simulator's --host-overhead and --engine names (presets.HOST_OVERHEADS, fastpath.ENGINES; tested equal).
 HOST_OVERHEADS = ("none", "sync")
 ENGINES = ("auto", "fast", "simpy")
+#: The engine presets of tiersim/data/public-engine-overheads.json (simulator.engines.names(); tested equal).
+ENGINE_OVERHEADS = ("none", "vllm", "vllm-sync", "trtllm", "sglang", "hf-eager")
 
 STRATEGY_HELP = strategies.help_text(strategies.CACHE_STRATEGIES)  # the cache runs these (the registry says)
 
@@ -105,7 +107,7 @@ class ComputeModel:
                                   "cost, its unsplit decode attention's per-block rate), sglang (none left: "
                                   "its overlap scheduler, measured on an H100), hf-eager (this "
                                   "project's H100 validator harness: a launch-bound host floor per layer)",
-                                  choices=("none", "vllm", "vllm-sync", "trtllm", "sglang", "hf-eager"))
+                                  choices=ENGINE_OVERHEADS)
     engine: str = option("auto", "step-time model: auto (the exact per-step recurrence, or SimPy where demotions and "
                                  "prefetches really share the link), fast, or simpy (the event-by-event reference)",
                         choices=ENGINES)
