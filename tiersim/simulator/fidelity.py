@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from importlib import resources
 
 import numpy as np
@@ -135,10 +135,6 @@ def fit(reference: dict | None = None, cases: set = FIT) -> dict[str, dict[str, 
             fitted.update(attn_kernel_s=ta, attn_efficiency=1.0 / (ya * bw))
         out[gpu_key] = {k: float(v) for k, v in fitted.items()}
     return out
-
-
-def with_fit(gpu: GPU, values: dict[str, float]) -> GPU:
-    return replace(gpu, **values)
 
 
 # -- decode attention kernels against public H100 kernel benchmarks ---------------------------------------------
