@@ -109,3 +109,15 @@ def test_presets_lists_every_engine_preset_in_its_table_and_its_json():
     doc = json.loads(_tiersim("presets", "--format", "json").stdout)
     assert doc["engines"]["hf-eager"]["floor_per_layer_s"] == engines.get("hf-eager").floor_per_layer_s
     assert set(doc["engines"]) == set(engines.names())
+
+
+def test_both_host_flags_are_refused_naming_the_preset_that_is_the_sync_line():
+    """The refusal points to the preset equal to --host-overhead sync: vllm-sync, vidur's line (vllm is v0.11's
+    0.08 ms, another line)."""
+    from tiersim.simulator.presets import HOST_OVERHEADS
+
+    sync = engines.get("vllm-sync")
+    assert (sync.fixed_s, sync.per_sequence_s) == pytest.approx(HOST_OVERHEADS["sync"])
+    assert engines.get("vllm").host_s(8) != pytest.approx(sync.host_s(8))
+    bad = _tiersim("simulate", "--engine-overhead", "trtllm", "--host-overhead", "sync")
+    assert bad.returncode == 2 and "(--engine-overhead vllm-sync is --host-overhead sync)" in bad.stderr

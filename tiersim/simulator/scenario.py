@@ -261,7 +261,7 @@ def assemble(batch: int, model: str = "r1-distill-qwen-7b", model_config: str | 
 
         if host_overhead != "none":
             raise TiersimError(f"use either --host-overhead {host_overhead} or --engine-overhead {engine_overhead}, "
-                               "not both (--engine-overhead vllm is --host-overhead sync)")
+                               "not both (--engine-overhead vllm-sync is --host-overhead sync)")
         hw = engines.apply(hw, engine_overhead, mdl.num_layers)
     table, note = None, "roofline (no --profile given)"
     if profile:
