@@ -46,10 +46,8 @@ def load() -> dict:
 
 
 def gpu_for(doc: dict, key: str) -> GPU:
-    """The preset a source's GPU is read as, with the datasheet figures the data file states for it."""
-    spec = doc["gpus"][key]
-    gpu = get_gpu(spec["preset"])
-    return replace(gpu, **{k: float(spec[k]) for k in ("hbm_bytes", "hbm_bw") if k in spec})
+    """The preset a source's GPU is read as (the data file names it and says why)."""
+    return get_gpu(doc["gpus"][key]["preset"])
 
 
 def model_for(doc: dict, key: str) -> Model:
