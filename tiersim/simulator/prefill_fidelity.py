@@ -14,7 +14,11 @@ docs/simulator.md, "Prefill"):
   1024 tokens on one A100, H100 or GH200 (fp16), three 7-8B models, per engine;
 * ``distserve-swift``, ``distserve-vllm`` (held out): DistServe's fitted prefill lines (its C++ engine, and vLLM as its
   authors profiled it) for OPT-13B/66B on A100 at TP 1-8, evaluated at 128-2048 tokens;
-* ``tiersim-h100-operators`` (held out): this project's own H100 GEMM run at 128-512 tokens.
+* ``tiersim-h100-operators`` (held out): this project's own H100 GEMM run at 128-512 tokens;
+* ``nvidia-dli-trtllm-ttft`` (check): the first-token latencies of the TensorRT-LLM 0.9.0 table whose token-to-token
+  latencies fit the trtllm engine's decode block rate (``tiersim/data/public-decode-steps.json``, read from there):
+  one static batch of 1-896 prompts of 128 or 2048 tokens, A100-80GB and H100, four models. No prefill constant is
+  fitted on it; it is a check, not held out, since each fitted token-to-token latency was derived from this column.
 
 ``FIT_SOURCES`` are the only ones :func:`fit` reads; every row of another source is held out and is what the
 reported error means. :func:`rows` prices every point with the presets as shipped; :func:`summary` gives the
@@ -32,17 +36,22 @@ from importlib import resources
 
 import numpy as np
 
-from tiersim.simulator import fidelity, parallel, physics, prefill
+from tiersim.simulator import decode_fidelity, engines, fidelity, parallel, physics, prefill
 from tiersim.simulator.presets import GPU, Model, get_gpu, get_model
 
 REFERENCE = "public-prefill-profiles.json"
 FIT_SOURCES = frozenset({"vidur-ops", "fa3-h100"})
 PRESET = fidelity.PRESET  # {"a100": "a100-80g", "h100": "h100-sxm"}
-#: Every GPU key of the reference: the fitted two and the GH200 (whose prefill constants are the H100's: an
-#: assumption its TTFT rows test).
-TTFT_PRESET = {**PRESET, "gh200": "gh200"}
+#: Every GPU key of the reference: the fitted two, the 40 GB A100 (LLM-Inference-Bench's Polaris A100s; the 80 GB
+#: part's constants) and the GH200 (whose prefill constants are the H100's: an assumption its TTFT rows test).
+TTFT_PRESET = {**PRESET, "a100-40gb": "a100-40g", "gh200": "gh200"}
 #: Decode context (tokens) at which the engine-step check prices the simulated batch-1 decode step.
 ENGINE_STEP_CONTEXT = 1024
+#: The decode-steps source whose first-token latencies are priced here, its rows' name, and its GPU keys -> this
+#: reference's GPU keys (the same presets).
+DLI_SOURCE = "nvidia-dli-trtllm"
+DLI_TTFT = "nvidia-dli-trtllm-ttft"
+DLI_GPUS = {"a100-80gb": "a100", "h100-80gb-hbm3": "h100"}
 
 
 def load_reference() -> dict:
@@ -146,6 +155,26 @@ def rows(gpus: dict[str, GPU] | None = None, reference: dict | None = None) -> l
             if excess is not None:
                 out.append(Row(f"{source}+engine-step", "ttft", case["gpu"], case["model"], tp, p["prompt"],
                                p["ttft_ms"], sim + excess, "check", n))
+    return out + dli_ttft_rows(gpus)
+
+
+def dli_ttft_rows(gpus: dict[str, GPU] | None = None) -> list[Row]:
+    """The DLI TensorRT-LLM table's first-token latencies (:data:`DLI_TTFT`): one static batch of ``batch`` prompts
+    of ``input`` tokens, priced as one batched prefill (``prefill.prefill_s`` with ``sequences``) with the source's
+    engine preset (trtllm: no host cost), role from the data file (``ttft_role``)."""
+    gpus = _gpus(gpus)
+    doc = decode_fidelity.load()
+    src = doc["sources"][DLI_SOURCE]
+    out = []
+    for p in doc["points"]:
+        if p["source"] != DLI_SOURCE or "first_token_ms" not in p:
+            continue
+        key = DLI_GPUS[p["gpu"]]
+        model = decode_fidelity.model_for(doc, p["model"])
+        gpu = engines.apply(gpus[key], src["engine_overhead"], model.num_layers)
+        sim = float(prefill.prefill_s(model, gpu, p["input"], sequences=p["batch"])) * 1e3
+        out.append(Row(DLI_TTFT, "ttft", key, p["model"], 1, p["input"], p["first_token_ms"], sim, src["ttft_role"],
+                       p["batch"]))
     return out
 
 
