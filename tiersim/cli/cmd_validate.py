@@ -41,7 +41,9 @@ def validate(opts: ValidateOptions = ValidateOptions()) -> None:
     (--executor graph: the step captured as a CUDA graph, the GPU-bound measurement)."""
     from tiersim.validator import calibrate
     from tiersim.validator import compare as compare_mod
+    from tiersim.validator.options import check_compare_runs_nothing
 
+    check_compare_runs_nothing(opts.compare, opts.strategy, opts.fetch_share, opts.compressed)
     if opts.compare is not None:
         from tiersim.validator.options import check_compare
 

@@ -61,6 +61,15 @@ class _Fields:
         return float(value)
 
 
+def _strategy(name, index: int) -> str | None:
+    """A calibration point's strategy (None: the scenario's own, prefetch); one that is not registered is refused."""
+    from tiersim.hierarchy.strategies import NAMES
+
+    if name is None or name in NAMES:
+        return name
+    raise TiersimError(f"--against: point {index + 1}'s strategy {name!r} is not one of {', '.join(NAMES)}")
+
+
 def _points(doc: dict, check: _Fields) -> list[dict]:
     """The measured decode steps of a calibration or operator-profile document, each field checked."""
     from tiersim.simulator.scenario import MAX_BATCH, MAX_TOKENS
@@ -86,6 +95,13 @@ def _points(doc: dict, check: _Fields) -> list[dict]:
                                     p["hbm"], p["measured_step_ms"], settings.get("steps", 24), "tiered",
                                     (f"point {i + 1}'s ", "settings.warmup", "measured_step_ms", "settings.steps"),
                                     p.get("compressed", 0.0)))
+                # The graph executor's host strategies: simulated as measured, not as prefetch.
+                strategy = _strategy(p.get("strategy") or settings.get("strategy"), i)
+                if strategy not in (None, "prefetch"):
+                    fetched = p.get("fetch_share", settings.get("fetch_share"))
+                    points[-1]["strategy"] = strategy
+                    points[-1]["host_share"] = (1.0 - check.number(f"point {i + 1}'s fetch_share", fetched, 0.0, 1.0)
+                                                if strategy == "hybrid" and fetched is not None else None)
     else:
         warmup = (doc.get("settings") or {}).get("decode_warmup", 3)
         for model, entry in (doc.get("models") or {}).items():
@@ -117,7 +133,8 @@ def compare(scenario, points: list[dict], doc: dict | None = None) -> dict:
             continue
         sc = replace(scenario, batch=p["batch"], context=p["context"], steps=max(p["steps"], 1))
         comp = p["compressed"]
-        row, _ = run(sc, sc.policy(p["hbm"], round(1.0 - p["hbm"] - comp, 6), comp, 0.0), largest=False)
+        row, _ = run(sc, sc.policy(p["hbm"], round(1.0 - p["hbm"] - comp, 6), comp, 0.0), largest=False,
+                     strategy=p.get("strategy"), share=p.get("host_share"))
         error = 100.0 * (row["step_ms"] / p["measured_ms"] - 1.0)
         rows.append({**p, "simulated_ms": row["step_ms"], "error_pct": error, "compute_model": row["compute_model"]})
     if not rows:

@@ -86,10 +86,12 @@ def largest_batch(scenario: Scenario, policy: Offload, steps: int | None = None)
     return MAX_BATCH
 
 
-def priced(scenario: Scenario, policy: Offload, batch: int, steps: int, strategy: str | None = None):
+def priced(scenario: Scenario, policy: Offload, batch: int, steps: int, strategy: str | None = None,
+           share: float | None = None):
     """(workload, the strategy's StepCosts, its memory at peak) for one config: what every solver times.
 
-    ``strategy`` defaults to the scenario's (``prefetch``, or ``selective`` under ``--prefetch cover99|90``)."""
+    ``strategy`` defaults to the scenario's (``prefetch``, or ``selective`` under ``--prefetch cover99|90``);
+    ``share``: a splitting strategy's fixed split (``strategies.step_costs``), as a measurement ran it."""
     from tiersim.simulator.strategies import step_costs
 
     work = workload(scenario, policy, batch, steps)
@@ -98,22 +100,23 @@ def priced(scenario: Scenario, policy: Offload, batch: int, steps: int, strategy
     # The share a fetch-some strategy takes (selective): the split's own under --prefetch cover99|90, else the
     # trace's 99% cover. Strategies that fetch everything ignore it.
     cover = policy.prefetch if policy.prefetch < 1.0 else float(scenario.cover["cover99"])
-    costs = step_costs(name, model, gpu, policy, work, cover=cover, table=scenario.table, note=scenario.compute_note)
+    costs = step_costs(name, model, gpu, policy, work, cover=cover, table=scenario.table, share=share,
+                       note=scenario.compute_note)
     mem = analytic.memory(model, gpu, replace(policy, prefetch=costs.staged), work)
     return work, costs, mem
 
 
 def run(scenario: Scenario, policy: Offload, batch: int | None = None, steps: int | None = None,
-        largest: bool = True, strategy: str | None = None):
+        largest: bool = True, strategy: str | None = None, share: float | None = None):
     """One config through the scenario's solver: (summary row without overhead, per-step timeline dict).
 
     ``largest=False`` skips the largest-batch search (``max_batch`` is then None); ``strategy`` is any
-    registered strategy (default: the scenario's own).
+    registered strategy (default: the scenario's own), ``share`` its fixed split (default: its best).
     """
     batch = batch or scenario.batch
     steps = steps or scenario.steps
     model, gpu = scenario.model, scenario.gpu
-    work, costs, mem = priced(scenario, policy, batch, steps, strategy)
+    work, costs, mem = priced(scenario, policy, batch, steps, strategy, share)
     result = solve(costs, model.num_layers, gpu, scenario.engine)
     step = result.step_time
     row = Row.of(policy, costs, result, work, mem, gpu,

@@ -13,7 +13,7 @@ import sys
 
 from tiersim.errors import TiersimError
 from tiersim.options import add_arguments
-from tiersim.validator.options import ValidateOptions, check_compare, executor_options
+from tiersim.validator.options import ValidateOptions, check_compare, check_compare_runs_nothing, executor_options
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     from tiersim.validator import calibrate, compare
 
     try:
+        check_compare_runs_nothing(args.compare, args.strategy, args.fetch_share, args.compressed)
         if args.compare:
             check_compare(args.compare, args.out, args.profile)
             print(compare.format_text(compare.load(args.compare)))

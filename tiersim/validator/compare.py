@@ -78,6 +78,14 @@ def summary_lines(doc: dict) -> list[str]:
         f"compute: HBM {_num(comp.get('hbm_bw_gbps'), 1)} GB/s (decode fit), matmul {_num(comp.get('peak_tflops'), 1)} "
         f"TFLOP/s, layer overhead {_num(comp.get('layer_overhead_us'), 1)} us",
     ]
+    strategy = (doc.get("settings") or {}).get("strategy")
+    if strategy not in (None, "prefetch"):  # the graph executor's host strategies: where the stall comes from
+        host = [(p["batch"], p["context"], p["hbm"], p["host_ms"]) for p in doc["points"]
+                if not _missing(p.get("host_ms"))]
+        share = (doc.get("settings") or {}).get("fetch_share")
+        lines.append(f"strategy {strategy}" + (f" (fetch share {share:g})" if share is not None else "") + ": "
+                     + ("; ".join(f"host {ms:.3f} ms at batch {b}, context {c}, hbm {h:g}" for b, c, h, ms in host)
+                        or "no host part measured"))
     if s:
         share = s.get("prefetch_share_of_peak_h2d")
         lines.append(

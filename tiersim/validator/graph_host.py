@@ -14,25 +14,29 @@ with the same functions, never a second copy of the math:
   only (bound and measurements: tests/test_graph_host.py, docs/validation/README.md).
 * ``exact=False`` (static shapes, what a graph holds): the device part is ``partial_attention`` over the
   whole HBM buffer (plus, for hybrid, the share of the DDR buffer's capacity, packed contiguously in
-  pinned memory whenever re-tiering changes it and copied H2D just before the device part, as the
-  cache copies it "when the layer attends"), under the length mask; the query and the DDR columns of the
-  mask go down to static (pinned) buffers, a CPU thread runs ``partial_attention`` over the DDR buffer
-  and writes output, log-sum-exp and probabilities into static result buffers, which go up and are
-  ``merge``d; the scores come from ``merged_probabilities`` (the cache's scatter).
+  pinned memory whenever re-tiering changes it and copied H2D one layer ahead on a side stream, as the
+  simulator's hybrid prices it; the cache copies it when the layer attends: same data, other timing),
+  under the length mask; the query and the DDR columns of the mask go down to static (pinned) buffers,
+  the host runs ``partial_attention`` over the DDR buffer on torch's CPU threads (eagerly on CUDA from a
+  worker thread joined by an event; inline when the device is the CPU) and writes output, log-sum-exp
+  and probabilities into static result buffers, which go up and are ``merge``d; the scores come from
+  ``merged_probabilities`` (the cache's scatter).
 
 Why the CUDA graph is cut per layer (:class:`~tiersim.validator.graph_segments.SegmentedCapture`): a
 graph replays device work only, and the host part needs the layer's query, which exists only mid-step,
 while its result is needed before the layer's output projection. torch exposes no host nodes (and a
 host node could not run torch code anyway), so the step is captured as ``2L + 1`` graphs over one
 memory pool: ``A_l`` (merge and the rest of layer l-1, layer l up to its query, the query's D2H) and
-``D_l`` (hybrid's share H2D, the device part). Replay: ``A_l``, an event, ``D_l`` (launched: the GPU
-runs it while the host works), the CPU waits for the event, runs the host part, then ``A_{l+1}``. Cost
+``D_l`` (the device part). Replay: ``A_l``, an event, hybrid's share of layer l+1 copied on the side
+stream (plain async copies between graphs: a graph cannot leave a side stream unjoined), the compute
+stream waits for layer l's share, ``D_l`` (launched: the GPU runs it while the host works), the CPU
+waits for the event, runs the host part, then ``A_{l+1}``. Cost
 per layer beyond prefetch's single graph: two graph launches (a few microseconds each), a D2H of the
 query and an H2D of output + lse + probabilities, and the host part on the critical path: the GPU idles
 for max(0, host - device part) per layer, which is this strategy's ``stall``. When the capture fails the
 same step runs eagerly on CUDA, the host part on a worker thread joined by the same event (the point
 says ``cuda-eager``). Neither CUDA path has run yet (no GPU lent): the tests marked ``cuda`` hold them
-to the eager step when one is.
+to the eager step when one is (on CPU, a stand-in for torch.cuda checks only the cuts and the replay order).
 
 ``copies=False`` is the same step without its host part and copies (stale result buffers, weight 0 on
 the first step): its time is the GPU-busy time, and the difference to the full step is the stall.
@@ -147,11 +151,12 @@ class HostStep(GraphStep):
     STRATEGIES = HOST_STRATEGIES
 
     def __init__(self, model, buffers, exact: bool = False, copies: bool = True) -> None:
-        super().__init__(model, buffers, exact=exact, copies=copies)
         config = buffers.config
-        if buffers.cap_comp or buffers.evicts:  # its attention reads HBM and DDR only
-            raise TiersimError(f"--strategy {config.strategy}: the graph executor's host step holds lossless splits "
-                               "only (no compressed or evicted share)")
+        if not config.is_lossless:  # the device part attends the HBM tier only: a compressed tier would be lost
+            raise TiersimError(f"--strategy {config.strategy}: the graph executor's host strategies run lossless "
+                               f"splits only (compressed = evict = 0); got compressed={config.compressed}, "
+                               f"evict={config.evict}")
+        super().__init__(model, buffers, exact=exact, copies=copies)
         self.access = make_access(config.strategy, config.fetch_share)  # the cache's own strategy object
         self.hybrid = config.strategy == "hybrid"
         cap = buffers.cap_ddr
@@ -201,10 +206,17 @@ class HostStep(GraphStep):
     # -- the step --------------------------------------------------------------------------------
     def run(self) -> torch.Tensor:
         self.refresh()
-        self._host_ms = 0.0
+        self.step_started()
         logits = super().run()
-        self.host_times.append(self._host_ms)
+        self.step_done()
         return logits
+
+    def step_started(self) -> None:
+        self._host_ms = 0.0
+
+    def step_done(self) -> None:
+        """Record the step's host time (the host parts of every layer, summed)."""
+        self.host_times.append(self._host_ms)
 
     def _split(self, layer_idx: int) -> bool:
         return self.offloaded and not (self.exact and self.buffers.layers[layer_idx].n_ddr == 0)
@@ -215,15 +227,36 @@ class HostStep(GraphStep):
         lt = self.append(key_states, value_states, layer_idx)
         return lt.hbm_k, lt.hbm_v  # not read: attend_split computes the output from every tier
 
-    def _prefetch(self, layer_idx: int) -> None:
-        """Nothing one layer ahead: the hybrid share is copied when the layer attends (as in the cache)."""
+    @property
+    def fetches(self) -> bool:
+        """Whether the step copies a hybrid share H2D (host attention and the copy-free step do not)."""
+        return self._share is not None
 
-    def copy_all(self) -> None:
-        """Only the step's H2D copies of the hybrid shares (the link's rate on this traffic, alone)."""
-        if self._share is None:
+    def _prefetch(self, layer_idx: int) -> None:
+        """Hybrid's share of layer ``layer_idx`` into staging ``layer_idx % 2``, one layer ahead on the side
+        stream (as the simulator's hybrid prices its fetched part); host attention fetches nothing. While a
+        graph records, nothing: the segmented replay issues these copies between its graphs."""
+        if self._share is None or self.capture is not None:
             return
-        for i in range(len(self.decoders)):
-            self._stage(i)
+        staged = self._staged(layer_idx)
+        if not self.cuda:
+            for dst, src in zip(staged, self._share[layer_idx]):
+                dst.copy_(src)
+            return
+        # The staging buffer was last read two layers ago, on the compute stream: start after it.
+        self.side.wait_stream(torch.cuda.current_stream(self.buffers.device))
+        with torch.cuda.stream(self.side):
+            for dst, src in zip(staged, self._share[layer_idx]):
+                dst.copy_(src, non_blocking=True)
+            self.events[layer_idx].record(self.side)
+
+    def fetch_share(self, layer_idx: int) -> None:
+        """Start layer ``layer_idx``'s share copy (the segmented replay, between graphs)."""
+        self._prefetch(layer_idx)
+
+    def wait_share(self, layer_idx: int) -> None:
+        """The compute stream waits for layer ``layer_idx``'s share (before its device part)."""
+        self._wait(layer_idx)
 
     def attend_split(self, layer_idx: int, query: torch.Tensor, attention_mask, scaling: float, n_queries: int):
         if not self._split(layer_idx):
@@ -261,7 +294,11 @@ class HostStep(GraphStep):
         segments = [Segment(lt.hbm_k, lt.hbm_v, allowed_columns(mask, lt.hbm_slots, None, q_len, n_keys))]
         slots = [(lt.hbm_slots, None)]
         if self.n_fetch:
-            stage_k, stage_v = self._stage(layer_idx) if self.copies else self._staged(layer_idx)
+            if self.fetches and self.capture is None:
+                if layer_idx + 1 < len(self.decoders):
+                    self._prefetch(layer_idx + 1)  # while this layer attends (layer 0: at the step's start)
+                self._wait(layer_idx)
+            stage_k, stage_v = self._staged(layer_idx)  # the copy-free step: stale
             fetched_slots = lt.ddr_slots[:, self.cut :]
             segments.append(Segment(stage_k, stage_v, allowed_columns(mask, fetched_slots, None, q_len, n_keys)))
             slots.append((fetched_slots, None))
@@ -285,13 +322,6 @@ class HostStep(GraphStep):
         n = shape[0] * shape[1] * shape[2] * shape[3]
         return tuple(s.view(-1)[:n].view(shape) for s in buf.staging[layer_idx % 2])
 
-    def _stage(self, layer_idx: int):
-        """Copy the layer's packed hybrid share into its staging views (on the compute stream)."""
-        staged = self._staged(layer_idx)
-        for dst, src in zip(staged, self._share[layer_idx]):
-            dst.copy_(src, non_blocking=self.cuda)
-        return staged
-
     def _send(self, layer_idx: int, query, host_mask):
         """Query and the DDR columns of the mask into the static host buffers; eagerly, start the host part
         (on CUDA it waits for the copies by an event). Returns the host part's future (None: none started)."""
@@ -305,13 +335,16 @@ class HostStep(GraphStep):
             st.mask.copy_(host_mask.expand(st.mask.shape), non_blocking=self.cuda)
         if self.capture is not None:
             return None  # the replay runs the host part between the graphs
-        if self.cuda:
-            self._ready.record(torch.cuda.current_stream(self.buffers.device))
+        if not self.cuda:
+            # The CPU is the device too: a second Python thread would only contend for the GIL with the device
+            # part's many small ops (measured: hybrid's tiny step 2 ms inline, 6-8 ms with a thread).
+            self.host_part(layer_idx)
+            return None
+        self._ready.record(torch.cuda.current_stream(self.buffers.device))
         return self._pool.submit(self._host_thread, layer_idx, torch.is_inference_mode_enabled())
 
     def _host_thread(self, layer_idx: int, inference: bool) -> None:
-        if self._ready is not None:
-            self._ready.synchronize()
+        self._ready.synchronize()  # the query and mask are down
         with torch.inference_mode(inference):
             self.host_part(layer_idx)
 

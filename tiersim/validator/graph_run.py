@@ -12,6 +12,9 @@ every ``retier_every`` steps and is timed apart. Per point:
   those bytes over the full step (the rate decode sustained);
 * ``overhead_pct`` against HBM 1.0 at the same batch and lengths.
 
+``--strategy host-attention|hybrid``: the steps are :mod:`tiersim.validator.graph_host`'s (the copy-free
+twin skips the host part too), whose ``amend`` adds ``host_ms`` and counts their own traffic.
+
 The file is a ``calibration`` (``executor``: ``cuda-graph`` on CUDA, ``graph-eager`` on CPU), with the
 link sweep and the compute fit from the graph's HBM-1.0 points, and the calibrated simulator's prediction
 per point, so ``tiersim simulate --against`` and ``--calibration`` read it like the HF harness's.

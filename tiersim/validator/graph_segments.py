@@ -8,9 +8,14 @@ CUDA only; not yet run on a GPU (none lent): tests/test_graph_host.py holds it t
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from tiersim.errors import TiersimError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tiersim.validator.graph_host import HostStep
 
 
 class SegmentedCapture:
@@ -64,17 +69,24 @@ class SegmentedCapture:
     def replay(self) -> torch.Tensor:
         step = self.step
         step.refresh()
-        step._host_ms = 0.0
+        step.step_started()
         stream = torch.cuda.current_stream(step.buffers.device)
+        last = len(self.points) // 2 - 1
+        if step.fetches:
+            step.fetch_share(0)
         self.graphs[0].replay()
         for i in range(0, len(self.points), 2):
             layer = self.points[i]
             self.event.record(stream)
+            if step.fetches:
+                if layer < last:
+                    step.fetch_share(layer + 1)  # one layer ahead, on the side stream
+                step.wait_share(layer)
             self.graphs[i + 1].replay()  # the device part, while the host works
             if step.copies:
                 self.event.synchronize()  # the query is down
                 step.host_part(layer)
             self.graphs[i + 2].replay()
         step.buffers.advanced()
-        step.host_times.append(step._host_ms)
+        step.step_done()
         return self.logits

@@ -281,10 +281,9 @@ class TierBuffers:
         n_d, n_d_new = lt.n_ddr, int((new[0] == DDR).sum())
         if not (n_d or n_d_new):
             return
-        ds = lt.ddr_slots[:, :n_d]
-        keep = new.gather(1, ds) == DDR
-        leaving = new.gather(1, ds)
-        moved["promoted"] = moved.get("promoted", 0) + int(((leaving == HBM) | (leaving == COMPRESSED)).sum())
+        now = new.gather(1, lt.ddr_slots[:, :n_d])  # each DDR entry's new tier
+        keep = now == DDR
+        moved["promoted"] = moved.get("promoted", 0) + int(((now == HBM) | (now == COMPRESSED)).sum())
         arriving = (new == DDR) & (old != DDR)
         n_arr = arriving.sum(dim=1)
         a = int(n_arr.max())

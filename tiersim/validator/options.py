@@ -78,3 +78,17 @@ def executor_options(executor: str, strategy: str, fetch_share, compressed: floa
         raise TiersimError(f"--compressed {compressed:g}: the hf executor times lossless splits only; "
                            "use --executor graph")
     return {}
+
+
+def check_compare_runs_nothing(compare, strategy: str, fetch_share, compressed: float) -> None:
+    """``--compare`` prints a file and runs nothing: a ``--strategy``, ``--fetch-share`` or ``--compressed``
+    beside it would be silently dropped, so it is refused in one line (as :func:`check_compare` refuses --out)."""
+    from tiersim.errors import TiersimError
+
+    if compare is None:
+        return
+    for flag, given in ((f"--strategy {strategy}", strategy != "prefetch"),
+                        (f"--fetch-share {fetch_share}", fetch_share is not None),
+                        (f"--compressed {compressed}", bool(compressed))):
+        if given:
+            raise TiersimError(f"{flag} is for a new run; --compare only prints {compare}: drop {flag} or --compare")

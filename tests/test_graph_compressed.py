@@ -1,0 +1,137 @@
+"""The graph executor's compressed tier and evicted shares (tiersim.validator.graph_compressed, graph_tiers): bit-identical
+to TieredCache on CPU, the compressed check in the grid and the file, and what is refused. The CUDA replay of a
+compressed + evicted split is in test_graph_executor.py (skipped without a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_graph_executor import _assert_same_step, _pair, model  # noqa: F401  (model: the fixture)
+from tiersim.errors import TiersimError
+
+
+LOSSY = [  # (hbm, (ddr, compressed, evict), policy): HBM 0.5 / 0.25 with compressed and evicted shares
+    (0.5, (0.2, 0.2, 0.1), {}),
+    (0.25, (0.35, 0.3, 0.1), {}),
+    (0.5, (0.0, 0.5, 0.0), {}),  # no DDR tier at all
+    (0.5, (0.0, 0.3, 0.2), {}),
+    # the sinks and window squeeze DDR, which then shrinks at some re-tierings (entries move into holes)
+    (0.3, (0.3, 0.2, 0.2), {"retier_every": 1, "recent_window": 64}),
+]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("hbm, split, policy", LOSSY)
+def test_compressed_and_evicted_shares_are_bit_identical_to_the_tiered_cache(model, hbm, split, policy, batch):
+    """With a compressed tier (the cache's quantizer, its residual) and evictions: every step's attention output
+    and logits equal TieredCache's bit for bit, the retained tokens' tier codes and the counts are the cache's
+    after every re-tiering; tokens really are quantized and evicted along the way."""
+    from tiersim.compat import cache_kwargs
+    from tiersim.hierarchy import scoring
+    from tiersim.hierarchy.policy import EVICTED
+    from tiersim.validator.graph import GraphStep
+
+    steps = 13
+    policy = {"retier_every": 4, "recent_window": 16, **policy}
+    cache, buffers = _pair(model, hbm, batch, steps, split=split, **policy)
+    step = GraphStep(model, buffers, exact=True)
+    ids = torch.randint(model.config.vocab_size, (steps, batch, 1), generator=torch.Generator().manual_seed(1))
+    arg = cache_kwargs(model, cache)
+    moved = {"demoted": 0, "compressed": 0, "evicted": 0}
+    ddr_sizes = [buffers.layers[0].n_ddr]
+    try:
+        with torch.inference_mode():
+            for i in range(steps):
+                _assert_same_step(model, arg, step, ids[i], i)
+                if buffers.due(i + 1):
+                    for key, value in buffers.retier(i + 1).items():
+                        moved[key] = moved.get(key, 0) + value
+                    assert buffers.counts(0) == cache.tier_counts(0)
+                    ddr_sizes.append(buffers.layers[0].n_ddr)
+                n = buffers.n_seen
+                for layer in range(model.config.num_hidden_layers):
+                    mine = buffers.layers[layer].tiers[:, :n]
+                    assert torch.equal(mine[mine != EVICTED].view(batch, -1), cache.layers[layer].tiers), (i, layer)
+    finally:
+        scoring.clear_listener()
+    counts = buffers.counts(0)
+    assert counts["compressed"] > 0 and moved["compressed"] > 0
+    assert (counts["evicted"] > 0) == (split[2] > 0) and (moved["demoted"] > 0) == (split[0] > 0)
+    if policy["retier_every"] == 1:  # the case is there for it: the DDR tier shrank at some re-tiering
+        assert any(b < a for a, b in zip(ddr_sizes, ddr_sizes[1:])), ddr_sizes
+
+
+def test_a_quant_group_that_does_not_tile_the_head_is_refused_in_one_line():
+    from tiersim.hierarchy.config import TierConfig
+    from tiersim.validator.graph_tiers import TierBuffers
+
+    config = TierConfig(hbm=0.5, ddr=0.3, compressed=0.2, quant_group=12)
+    with pytest.raises(TiersimError, match="quant_group=12 does not divide head_dim 16") as err:
+        TierBuffers(config, 2, 1, 2, 16, 64, 4, "cpu", torch.float32)
+    assert "\n" not in str(err.value)
+
+
+def test_cpu_grid_with_the_compressed_check(tmp_path):
+    """--compressed: after the lossless grid, its first batch and context again with that share of the context
+    quantized (the rest in DDR, so fewer bytes cross the link), against its own HBM 1.0; the file says so per point,
+    and --against prices each point with its split."""
+    from tiersim.simulator.against import compare, load_measurements
+    from tiersim.simulator.scenario import assemble
+    from tiersim.validator.graph_run import run_graph
+
+    out = tmp_path / "comp.json"
+    doc = run_graph("tiny", [2, 1], [256], [1.0, 0.5], out=out, compressed=0.25, device="cpu", steps=2, warmup=1,
+                    sweep_sizes=[4096, 65536])
+    keys = [(p["batch"], p["hbm"], p["compressed"]) for p in doc["points"]]
+    assert keys == [(2, 1.0, 0.0), (2, 0.5, 0.0), (1, 1.0, 0.0), (1, 0.5, 0.0), (2, 0.5, 0.25)]
+    plain, comp = doc["points"][1], doc["points"][4]
+    assert doc["settings"]["compressed"] == 0.25 and doc["settings"]["quant_group"] == 16  # the tiny head
+    # the same tokens leave HBM; a quarter of the context is quantized, the rest of them is in DDR
+    assert comp["tiers"]["hbm"] == plain["tiers"]["hbm"]
+    assert comp["tiers"]["compressed"] + comp["tiers"]["ddr"] == plain["tiers"]["ddr"]
+    assert comp["tiers"]["compressed"] == 64 and comp["tiers"]["ddr"] > 0  # floor(0.25 * 256), the prefill's
+    assert comp["tier_bytes"]["compressed"] > 0 and plain["tier_bytes"]["compressed"] == 0
+    assert 0 < comp["h2d_bytes"] < plain["h2d_bytes"]
+    assert comp["simulated_step_ms"] > 0 and comp["overhead_pct"] is not None and comp["baseline_step_ms"] > 0
+    loaded, measured = load_measurements(out)
+    assert [m["compressed"] for m in measured] == [0.0, 0.0, 0.0, 0.0, 0.25]
+    result = compare(assemble(1, model="r1-distill-qwen-7b", gpu="h100-sxm", engine="fast"),
+                     [{**m, "model": "r1-distill-qwen-7b"} for m in measured], loaded)
+    rows = result["rows"]
+    assert len(rows) == 5 and rows[4]["simulated_ms"] != rows[1]["simulated_ms"]
+    from tiersim.validator import compare as table
+
+    assert [r[3] for r in table.rows(doc)] == ["1", "0.5", "1", "0.5", "0.5 +c0.25"]  # validate --compare's table
+
+
+def test_the_host_strategies_refuse_a_compressed_or_evicted_share_in_one_line(model):
+    """Their step attends to HBM and DDR only: a compressed check with one is refused before anything runs, and
+    buffers that hold a compressed or evicted share are refused by the step itself."""
+    from tiersim.hierarchy.config import TierConfig
+    from tiersim.validator import graph_host
+    from tiersim.validator.graph_run import run_graph
+    from tiersim.validator.graph_tiers import TierBuffers
+
+    with pytest.raises(TiersimError, match="--compressed 0.25: the graph executor's hybrid step holds lossless") as err:
+        run_graph("tiny", [1], [96], [1.0, 0.5], device="cpu", strategy="hybrid", compressed=0.25)
+    assert "\n" not in str(err.value)
+    for split in ({"compressed": 0.2}, {"evict": 0.2}):
+        config = TierConfig(hbm=0.5, ddr=0.3, strategy="host-attention", quant_group=16, **split)
+        buffers = TierBuffers(config, 2, 1, 2, 16, 96, 4, "cpu", torch.float32)
+        with pytest.raises(TiersimError, match="host strategies run lossless splits only"):
+            graph_host.make_step(model, buffers)
+
+
+def test_the_hf_executor_refuses_a_compressed_share_in_one_line():
+    import contextlib
+    import io
+
+    from tiersim.validator.__main__ import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["--device", "cpu", "--compressed", "0.2", "--batch", "1", "--context", "8", "--hbm", "1"])
+    lines = err.getvalue().strip().splitlines()
+    assert code == 2 and lines == ["error: --compressed 0.2: the hf executor times lossless splits only; "
+                                   "use --executor graph"]
