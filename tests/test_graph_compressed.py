@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_graph_executor import _assert_same_step, _pair, model  # noqa: F401  (model: the fixture)
+from test_graph_executor import _assert_same_step, _pair, _retier_and_compare, model  # noqa: F401  (model: the fixture)
 from tiersim.errors import TiersimError
 
 
@@ -29,7 +29,6 @@ def test_compressed_and_evicted_shares_are_bit_identical_to_the_tiered_cache(mod
     after every re-tiering; tokens really are quantized and evicted along the way."""
     from tiersim.compat import cache_kwargs
     from tiersim.hierarchy import scoring
-    from tiersim.hierarchy.policy import EVICTED
     from tiersim.validator.graph import GraphStep
 
     steps = 13
@@ -44,15 +43,11 @@ def test_compressed_and_evicted_shares_are_bit_identical_to_the_tiered_cache(mod
         with torch.inference_mode():
             for i in range(steps):
                 _assert_same_step(model, arg, step, ids[i], i)
-                if buffers.due(i + 1):
-                    for key, value in buffers.retier(i + 1).items():
-                        moved[key] = moved.get(key, 0) + value
-                    assert buffers.counts(0) == cache.tier_counts(0)
+                retiered = _retier_and_compare(model, buffers, cache, i)
+                for key, value in retiered.items():
+                    moved[key] = moved.get(key, 0) + value
+                if retiered:
                     ddr_sizes.append(buffers.layers[0].n_ddr)
-                n = buffers.n_seen
-                for layer in range(model.config.num_hidden_layers):
-                    mine = buffers.layers[layer].tiers[:, :n]
-                    assert torch.equal(mine[mine != EVICTED].view(batch, -1), cache.layers[layer].tiers), (i, layer)
     finally:
         scoring.clear_listener()
     counts = buffers.counts(0)
@@ -60,6 +55,38 @@ def test_compressed_and_evicted_shares_are_bit_identical_to_the_tiered_cache(mod
     assert (counts["evicted"] > 0) == (split[2] > 0) and (moved["demoted"] > 0) == (split[0] > 0)
     if policy["retier_every"] == 1:  # the case is there for it: the DDR tier shrank at some re-tiering
         assert any(b < a for a, b in zip(ddr_sizes, ddr_sizes[1:])), ddr_sizes
+
+
+def test_the_estimated_group_capacity_holds_a_churning_run_and_an_overflow_is_one_line(model, monkeypatch):
+    """Buffers too large for one group per token hold group_capacity's estimate: enough for a churning split
+    (re-tiering every other step) with identical results; a state with more groups is refused."""
+    from tiersim.compat import cache_kwargs
+    from tiersim.hierarchy import compressed, scoring
+    from tiersim.hierarchy.quant import quantize_kv
+    from tiersim.validator import graph_compressed
+    from tiersim.validator.graph import GraphStep
+
+    monkeypatch.setattr(graph_compressed, "FULL_BOUND_BYTES", 0)
+    steps = 13
+    cache, buffers = _pair(model, 0.25, 3, steps, split=(0.35, 0.3, 0.1), retier_every=2, recent_window=16)
+    comp = buffers.layers[0].comp
+    assert comp.static.key_scale.shape[2] < buffers.cap_comp  # the estimate, not the full bound
+    step = GraphStep(model, buffers, exact=True)
+    ids = torch.randint(model.config.vocab_size, (steps, 3, 1), generator=torch.Generator().manual_seed(1))
+    arg = cache_kwargs(model, cache)
+    try:
+        with torch.inference_mode():
+            for i in range(steps):
+                _assert_same_step(model, arg, step, ids[i], i)
+                _retier_and_compare(model, buffers, cache, i)
+    finally:
+        scoring.clear_listener()
+    cap = comp.static.key_scale.shape[2]
+    keys = torch.randn((3, 2, 16 * (cap + 1), 16))  # one more full group than the buffer holds
+    many = compressed.CompressedTier(quantize_kv(keys, keys, group=16))
+    with pytest.raises(TiersimError, match=f"holds {cap + 1} key scale groups, its static buffer {cap}") as err:
+        comp.store(many)
+    assert "\n" not in str(err.value)
 
 
 def test_a_quant_group_that_does_not_tile_the_head_is_refused_in_one_line():

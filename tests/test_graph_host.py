@@ -18,6 +18,7 @@ import threading
 import pytest
 import torch
 
+from test_graph_executor import _assert_static_follows_exact, _retier_and_compare
 from tiersim.errors import TiersimError
 
 CUDA = torch.cuda.is_available()
@@ -108,13 +109,8 @@ def test_exact_host_step_matches_the_tiered_cache(model, strategy, share, hbm, b
                     assert torch.equal(out.argmax(-1), ref.argmax(-1)), f"step {i}: another greedy token"
                     for a, b in zip(ref_attn, out_attn):
                         torch.testing.assert_close(b, a, rtol=BOUND, atol=BOUND)
-                if buffers.due(i + 1):
-                    m = buffers.retier(i + 1)
-                    moved += m["demoted"] + m["promoted"]
-                n = buffers.n_seen
-                for layer in range(model.config.num_hidden_layers):
-                    assert torch.equal(buffers.layers[layer].tiers[:, :n], cache.layers[layer].tiers), (i, layer)
-                assert buffers.counts(0) == cache.tier_counts(0)
+                m = _retier_and_compare(model, buffers, cache, i)
+                moved += m.get("demoted", 0) + m.get("promoted", 0)
     finally:
         scoring.clear_listener()
     verdict = f"largest |logit difference| after the layouts diverged {max(diverged):.3g}" if diverged else \
@@ -177,20 +173,7 @@ def test_static_step_equals_the_exact_step_up_to_rounding(model, strategy, share
     exact_buf = _buffers(model, 0.5, batch, steps, strategy, **policy)
     static_buf = _buffers(model, 0.5, batch, steps, strategy, **policy)
     exact, static = make_step(model, exact_buf, exact=True), make_step(model, static_buf)
-    ids = torch.randint(model.config.vocab_size, (steps, batch, 1), generator=torch.Generator().manual_seed(2))
-    with torch.inference_mode():
-        for i in range(steps):
-            exact.ids.copy_(ids[i])
-            static.ids.copy_(ids[i])
-            a, b = exact.run(), static.run()
-            torch.testing.assert_close(b, a, rtol=BOUND, atol=BOUND)
-            assert torch.equal(a.argmax(-1), b.argmax(-1))
-            for buf in (exact_buf, static_buf):
-                if buf.due(i + 1):
-                    buf.retier(i + 1)
-            n = exact_buf.n_seen
-            for la, lb in zip(exact_buf.layers, static_buf.layers):
-                assert torch.equal(la.tiers[:, :n], lb.tiers[:, :n])
+    _assert_static_follows_exact(model, exact, static, steps, BOUND)
     assert static_buf.retiers >= 2 and len(static.host_times) == steps and min(static.host_times) > 0
 
 

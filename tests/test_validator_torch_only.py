@@ -32,7 +32,9 @@ def _run(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def test_every_validator_module_imports_and_the_graph_grid_runs_without_the_blocked_packages(tmp_path):
     out = tmp_path / "g.json"
     proc = _run(f"""
-import importlib, tiersim.validator as v
+import importlib, pkgutil, tiersim.validator as v
+found = {{m.name for m in pkgutil.iter_modules(v.__path__)}} - {{'__main__'}}
+assert found == set(v.__all__), ('__all__ misses', sorted(found - set(v.__all__)))  # a new module is imported too
 for name in v.__all__:
     importlib.import_module('tiersim.validator.' + name)
 from tiersim.validator.graph_run import run_graph

@@ -6,6 +6,6 @@ Imports only torch, numpy, transformers and the standard library (plus the numpy
 Submodules are imported on use so that ``import tiersim.validator`` stays cheap.
 """
 
-__all__ = ["calibrate", "compare", "compute", "decode", "fit", "graph", "graph_host", "graph_run", "graph_segments",
-           "graph_tiers", "grid", "link", "operators", "operators_decode", "operators_tables", "operators_timing",
-           "sdpa", "shapes", "timing"]
+__all__ = ["calibrate", "compare", "compute", "decode", "fit", "graph", "graph_compressed", "graph_host", "graph_run",
+           "graph_segments", "graph_tiers", "grid", "link", "operators", "operators_decode", "operators_tables",
+           "operators_timing", "options", "sdpa", "shapes", "timing"]

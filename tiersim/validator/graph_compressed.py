@@ -21,9 +21,14 @@ from tiersim.hierarchy.index import TokenIndex
 from tiersim.hierarchy.quant import QuantizedKV
 
 
+#: Per layer, the most bytes of key scales and minimums sized for as many groups as tokens (the bound that never
+#: overflows: a group holds at least one token); above it the buffers hold group_capacity's estimate.
+FULL_BOUND_BYTES = 32 << 20
+
+
 def group_capacity(tokens: int, group: int, retiers: int) -> int:
-    """Key scale groups the buffers hold: whole groups of the tier's tokens, plus room for each re-tiering's
-    last partial group and for the groups promotions thin out (never more groups than tokens)."""
+    """Key scale groups the buffers hold when the full bound is too large: whole groups of the tier's tokens,
+    plus room for each re-tiering's last partial group and for the groups promotions thin out."""
     return min(tokens, 2 * math.ceil(tokens / group) + 2 * retiers + 2)
 
 
@@ -37,7 +42,8 @@ class StaticCompressed:
         self.trash, self.dtype = trash, dtype
         packed = head_dim // 2 if self.bits == 4 else head_dim
         n_vg = head_dim // quant_layout.value_group(self.group, head_dim)
-        cap_g = group_capacity(tokens, self.group, retiers)
+        full = 2 * batch * heads * tokens * head_dim * 4  # float32 scales and minimums, one group per token
+        cap_g = tokens if full <= FULL_BOUND_BYTES else group_capacity(tokens, self.group, retiers)
         b, h, dev, f32 = batch, heads, device, torch.float32
         self.static = QuantizedKV(
             self.bits, quant_layout.value_group(self.group, head_dim),
@@ -72,12 +78,13 @@ class StaticCompressed:
         st = self.static
         comp, index = state.comp, state.comp_index
         m = comp.num_tokens if comp is not None else 0
+        groups = comp.key_scale.shape[2] if m else 0
+        if groups > st.key_scale.shape[2]:  # refused before anything is overwritten
+            raise TiersimError(f"the compressed tier holds {groups} key scale groups, its static buffer "
+                               f"{st.key_scale.shape[2]}: run fewer decode steps, a smaller batch or a larger "
+                               "quant_group")
         self.slots.fill_(self.trash)
         if m:
-            groups = comp.key_scale.shape[2]
-            if groups > st.key_scale.shape[2]:
-                raise TiersimError(f"the compressed tier holds {groups} key scale groups, its static buffer "
-                                   f"{st.key_scale.shape[2]}: a run with fewer decode steps or a larger quant_group")
             for name in ("key_codes", "value_codes", "value_scale", "value_min"):  # [B, H, n, *]
                 getattr(st, name)[:, :, :m].copy_(getattr(comp, name))
             st.key_group[:, :m].copy_(comp.key_group)
