@@ -20,9 +20,9 @@ docs/simulator.md, "Prefill"):
   one static batch of 1-896 prompts of 128 or 2048 tokens, A100-80GB and H100, four models. No prefill constant is
   fitted on it; it is a check, not held out, since each fitted token-to-token latency was derived from this column.
 
-``FIT_SOURCES`` are the only ones :func:`fit` reads; every row of another source is held out and is what the
-reported error means. :func:`rows` prices every point with the presets as shipped; :func:`summary` gives the
-median and worst |error| per source (the fidelity benchmark calls :func:`error_rows`). One more set of rows,
+``FIT_SOURCES`` are the only ones :func:`fit` reads; every row of another source is held out (or a check, so
+named) and is what the reported error means. :func:`rows` prices every point with the presets as shipped;
+:func:`summary` gives the median and worst |error| per source (the fidelity benchmark calls :func:`error_rows`). One more set of rows,
 ``splitwise+engine-step`` (check), adds to each Splitwise point that engine's own per-step excess (its batch-1
 decode step minus the simulated one): not a fit (nothing is changed by it), the decomposition of that source's miss.
 """
