@@ -76,7 +76,7 @@ def prefill_attention_s(model: Model, gpu: GPU, tokens, context=0, sequences: in
     ``sequences`` equal chunks of a batched forward run in **one** kernel call (a packed, variable-length
     FlashAttention-class launch, as vLLM and TensorRT-LLM run a batch's prompts): their work adds, the fixed
     cost is paid once, not once per prompt (at 64 prompts x 128 tokens the per-prompt floor was 18% of an H100's
-    simulated prefill)."""
+    simulated Llama-2-7B prefill)."""
     q, c = _arr(tokens), _arr(context)
     flops = 4.0 * attention_pairs(q, c) * model.num_attention_heads * model.head_dim
     compute = flops / (gpu.peak_flops * attention_efficiency(gpu, q + c))
