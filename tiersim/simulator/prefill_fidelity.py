@@ -22,9 +22,11 @@ docs/simulator.md, "Prefill"):
 
 ``FIT_SOURCES`` are the only ones :func:`fit` reads; every row of another source is held out (or a check, so
 named) and is what the reported error means. :func:`rows` prices every point with the presets as shipped;
-:func:`summary` gives the median and worst |error| per source (the fidelity benchmark calls :func:`error_rows`). One more set of rows,
-``splitwise+engine-step`` (check), adds to each Splitwise point that engine's own per-step excess (its batch-1
-decode step minus the simulated one): not a fit (nothing is changed by it), the decomposition of that source's miss.
+:func:`summary` gives the median and worst |error| per source (the fidelity benchmark calls :func:`error_rows`).
+One more set of rows, ``splitwise+engine-step`` (check), adds to each Splitwise point that engine's own per-step
+excess (its batch-1 decode step minus the simulated one): not a fit (nothing is changed by it), the decomposition of
+that source's miss. :func:`fit_dli_line` / :func:`line_rows`: a trtllm prefill line fitted on the DLI check and
+re-checked on the held-out TensorRT-LLM TTFTs, the reason no preset carries one.
 """
 
 from __future__ import annotations
@@ -175,6 +177,64 @@ def dli_ttft_rows(gpus: dict[str, GPU] | None = None) -> list[Row]:
         sim = float(prefill.prefill_s(model, gpu, p["input"], sequences=p["batch"])) * 1e3
         out.append(Row(DLI_TTFT, "ttft", key, p["model"], 1, p["input"], p["first_token_ms"], sim, src["ttft_role"],
                        p["batch"]))
+    return out
+
+
+#: GEMM efficiencies :func:`fit_dli_line` tries (its per-layer cost is least squares at each); the held-out
+#: TensorRT-LLM TTFT sources :func:`line_rows` re-prices with the line.
+LINE_GRID = tuple(float(e) for e in np.round(np.arange(0.50, 0.951, 0.01), 2))
+TRTLLM_HELD_OUT = ("argonne-trtllm", "trtllm-v0.5-a100")
+
+
+def fit_dli_line(gpus: dict[str, GPU] | None = None) -> dict[str, tuple[float, float]]:
+    """A trtllm prefill line fitted on the DLI first-token rows only (a check source), per GPU key: (GEMM efficiency,
+    seconds per layer once per forward), least squares on relative error, the cost >= 0, on :data:`LINE_GRID`.
+    Not shipped: :func:`line_rows` shows it does not carry over to the held-out TensorRT-LLM sources
+    (docs/simulator.md, "Prefill")."""
+    gpus = _gpus(gpus)
+    doc = decode_fidelity.load()
+    engine = doc["sources"][DLI_SOURCE]["engine_overhead"]
+    pts = [p for p in doc["points"] if p["source"] == DLI_SOURCE and "first_token_ms" in p]
+    out = {}
+    for key in sorted({DLI_GPUS[p["gpu"]] for p in pts}):
+        sel = [p for p in pts if DLI_GPUS[p["gpu"]] == key]
+        models = [decode_fidelity.model_for(doc, p["model"]) for p in sel]
+        ref = np.array([p["first_token_ms"] * 1e-3 for p in sel])
+        layers = np.array([m.num_layers for m in models], dtype=float)
+        best = None
+        for e in LINE_GRID:
+            g = replace(gpus[key], prefill_gemm_efficiency=e)
+            sim = np.array([float(prefill.prefill_s(m, engines.apply(g, engine, m.num_layers), p["input"],
+                                                    sequences=p["batch"])) for m, p in zip(models, sel)])
+            a, b = layers / ref, 1.0 - sim / ref  # relative error with cost f per layer: a f - b
+            f = max(float(a @ b / (a @ a)), 0.0)
+            sse = float(np.sum((a * f - b) ** 2))
+            if best is None or sse < best[0]:
+                best = (sse, e, f)
+        out[key] = (best[1], float(f"{best[2]:.3g}"))
+    return out
+
+
+def line_rows(line: dict[str, tuple[float, float]], gpus: dict[str, GPU] | None = None) -> list[Row]:
+    """The DLI rows it was fitted on and the held-out TensorRT-LLM TTFT rows (:data:`TRTLLM_HELD_OUT`) re-priced with
+    ``line`` (:func:`fit_dli_line`): its GEMM efficiency and its cost per layer per forward where the GPU is one the
+    line was fitted on (or reads that one's constants, ``GPU.physics_of``); other GPUs as shipped."""
+    gpus = _gpus(gpus)
+    by_preset = {gpus[k].name: v for k, v in line.items()}
+    shapes, doc = load_reference()["models"], decode_fidelity.load()
+    out = []
+    for r in rows(gpus):
+        if r.source not in (*TRTLLM_HELD_OUT, DLI_TTFT):
+            continue
+        gpu = gpus[r.gpu]
+        fitted = by_preset.get(gpu.name) or by_preset.get(gpu.physics_of)
+        if fitted is not None:
+            model = (decode_fidelity.model_for(doc, r.model) if r.source == DLI_TTFT
+                     else model_from_shape(r.model, shapes[r.model]))
+            g = replace(gpu, prefill_gemm_efficiency=fitted[0])
+            sim = parallel.tp_prefill_s(model, g, r.tp, r.tokens, sequences=r.sequences) + fitted[1] * model.num_layers
+            r = replace(r, simulated_ms=sim * 1e3)
+        out.append(r)
     return out
 
 
