@@ -88,6 +88,7 @@ def main() -> None:
     write_section("Simulator fidelity (issue #16)", "python benchmarks/bench_fidelity.py", body)
     by_source()
     decode_runs()
+    rejected_prefill_line()
 
 
 def by_source() -> None:
@@ -152,6 +153,33 @@ def decode_runs() -> None:
                               "worst |err| %", "median signed %", "old roofline median %"], table) + "\n")
     print(body)
     write_section("Decode steps of real engines by source, fit and held out (issue #22)",
+                  "python benchmarks/bench_fidelity.py", body)
+
+
+def rejected_prefill_line() -> None:
+    """Issue 22: a trtllm prefill line (GEMM efficiency + cost per layer per forward) fitted on the DLI first-token
+    check only, and what it does to the held-out TensorRT-LLM TTFT sources: why no preset carries it."""
+    from tiersim.simulator import prefill_fidelity as pf
+
+    line = pf.fit_dli_line()
+    shipped, fitted = pf.rows(), pf.line_rows(line)
+    table = []
+    for source in (pf.DLI_TTFT, *pf.TRTLLM_HELD_OUT):
+        for gpu in sorted({r.gpu for r in fitted if r.source == source}):
+            a = [r.error_pct for r in shipped if r.source == source and r.gpu == gpu]
+            b = [r.error_pct for r in fitted if r.source == source and r.gpu == gpu]
+            table.append([source, "check" if source == pf.DLI_TTFT else "held_out", gpu, len(a),
+                          f"{statistics.median(map(abs, a)):.2f}", f"{statistics.median(a):+.1f}",
+                          f"{statistics.median(map(abs, b)):.2f}", f"{statistics.median(b):+.1f}"])
+    body = ("A TensorRT-LLM prefill line fitted on the DLI table's first-token latencies only (`prefill_fidelity."
+            "fit_dli_line`: per GPU the GEMM efficiency and a cost per layer per forward, least squares on relative "
+            "error): " + "; ".join(f"{g} {e:.2f} of peak + {f * 1e3:.3f} ms/layer" for g, (e, f) in line.items())
+            + ". Re-pricing the held-out TensorRT-LLM TTFT sources with it (`line_rows`): not shipped (docs/simulator.md, "
+            "\"Prefill\").\n\n"
+            + markdown_table(["source", "role", "GPU", "points", "shipped median |err| %", "shipped signed %",
+                              "with the line median |err| %", "with the line signed %"], table) + "\n")
+    print(body)
+    write_section("Rejected: a TensorRT-LLM prefill line fitted on the DLI check (issue #22)",
                   "python benchmarks/bench_fidelity.py", body)
 
 

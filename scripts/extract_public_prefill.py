@@ -76,7 +76,7 @@ def splitwise_cases(csv: Path) -> list[dict]:
 
 #: LLM-Inference-Bench's hardware and framework names -> this project's GPU keys and source names (hardware
 #: without a preset here, AMD, Intel, SambaNova, is left out).
-ARGONNE_GPUS = {"Nvidia A100 GPU": "a100", "Nvidia H100 GPU": "h100", "Nvidia GH200 GPU": "gh200"}
+ARGONNE_GPUS = {"Nvidia A100 GPU": "a100-40gb", "Nvidia H100 GPU": "h100", "Nvidia GH200 GPU": "gh200"}  # Polaris: 40 GB
 ARGONNE_SOURCES = {"vLLM": "argonne-vllm", "TensorRT-LLM": "argonne-trtllm", "Deepspeed-MII": "argonne-dsmii"}
 ARGONNE_MODELS = {"meta-llama/Llama-2-7b-hf": "llama2-7b", "meta-llama/Meta-Llama-3-8B": "llama3-8b",
                   "mistralai/Mistral-7B-v0.1": "mistral-7b"}

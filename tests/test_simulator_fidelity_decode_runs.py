@@ -41,9 +41,9 @@ def test_every_source_is_cited_with_a_role_and_priced_with_a_named_engine_preset
         assert spec["config"].startswith("huggingface.co/") and df.model_for(doc, key).num_layers == spec["num_layers"]
     assert {p["source"] for p in doc["points"]} == set(doc["sources"])
     assert all(p["gpu"] in doc["gpus"] and p["model"] in doc["models"] for p in doc["points"])
-    # the A100 runs are read as a 40 GB A100: capacity and datasheet bandwidth, the A100 fit's constants
+    # the A100 runs are read as the 40 GB A100 preset: its capacity and datasheet bandwidth, the A100 fit's constants
     a100 = df.gpu_for(doc, "a100-40gb")
-    assert a100.hbm_bytes == 40e9 and a100.hbm_bw < get_gpu("a100-80g").hbm_bw
+    assert a100 == get_gpu("a100-40g") and a100.hbm_bytes == 40e9 and a100.hbm_bw < get_gpu("a100-80g").hbm_bw
     assert a100.weight_efficiency == get_gpu("a100-80g").weight_efficiency
 
 

@@ -123,3 +123,18 @@ def test_a_batch_of_prompts_shares_the_weights_and_keeps_attention_per_prompt(gp
     times = [float(prefill.prefill_s(QWQ, gpu, t, sequences=s)) for s in (1, 2, 4, 8) for t in (256, 1024)]
     assert all(b > a for a, b in zip(times[::2], times[1::2]))  # longer prompts, same batch
     assert all(b > a for a, b in zip(times[::2], times[2::2]))  # more prompts, same length
+
+
+@pytest.mark.parametrize("gpu", [H100, A100], ids=["h100", "a100"])
+def test_a_batched_prefill_pays_one_attention_floor_per_layer(gpu):
+    """n equal prompts prefilled in one forward run one attention kernel per layer (packed, variable length): a
+    dearer kernel floor adds ``layers x delta`` to the batch whatever n is; the prompts' attention work still adds."""
+    dearer = replace(gpu, attn_kernel_s=gpu.attn_kernel_s + 50e-6)
+    for n in (1, 4, 64):
+        added = float(prefill.prefill_s(QWEN7, dearer, 128, sequences=n)) - float(prefill.prefill_s(QWEN7, gpu, 128,
+                                                                                                     sequences=n))
+        assert added == pytest.approx(QWEN7.num_layers * 50e-6, rel=1e-9)
+    one = float(prefill.prefill_attention_s(QWEN7, gpu, 1024))
+    eight = float(prefill.prefill_attention_s(QWEN7, gpu, 1024, sequences=8))
+    assert eight == pytest.approx(gpu.attn_kernel_s + 8 * (one - gpu.attn_kernel_s), rel=1e-12)
+    assert float(prefill.prefill_attention_s(QWEN7, gpu, 0, sequences=8)) == 0.0

@@ -48,8 +48,9 @@ def test_the_fit_reads_only_the_fit_sources():
 def test_each_source_is_within_its_stated_error():
     """The figures docs/simulator.md quotes (median |error| per source, %), to the rounding stated there."""
     stated = {"vidur-ops": 3.5, "fa3-h100": 0.6, "vidur-ops-tp": 3.6, "tiersim-h100-operators": 7.3, "splitwise": 23.3,
-              "trtllm-v0.5-a100": 7.3, "argonne-trtllm": 7.5, "argonne-vllm": 8.4, "argonne-dsmii": 35.3,
-              "distserve-swift": 10.4, "distserve-vllm": 39.9, "splitwise+engine-step": 14.2}
+              "trtllm-v0.5-a100": 7.3, "argonne-trtllm": 7.5, "argonne-vllm": 9.6, "argonne-dsmii": 34.6,
+              "distserve-swift": 10.4, "distserve-vllm": 39.9, "splitwise+engine-step": 14.2,
+              "nvidia-dli-trtllm-ttft": 13.5}
     for source, median in stated.items():
         assert SUMMARY[source]["median_pct"] == pytest.approx(median, abs=0.1), source
     assert SUMMARY["held_out"]["median_pct"] == pytest.approx(19.0, abs=0.1)
@@ -139,3 +140,48 @@ def test_every_reference_model_prices_monotone_in_prompt_and_tp(name):
         for n in (1024, 4096):
             t = [parallel.tp_prefill_s(model, gpu, tp, n) for tp in tps]
             assert all(b < a for a, b in zip(t, t[1:])), (key, n)
+
+
+def test_the_dli_first_token_latencies_are_a_check_priced_as_one_batched_prefill():
+    """The TensorRT-LLM 0.9 table's first-token column (the decode fit source's own rows): every measured row priced
+    as one static batch, role check (from the data file), never in the held-out figure, never read by the fit."""
+    from tiersim.simulator import decode_fidelity as df
+    from tiersim.simulator import engines, prefill
+
+    doc = df.load()
+    measured = [p for p in doc["points"] if p["source"] == pf.DLI_SOURCE and "first_token_ms" in p]
+    dli = [r for r in ROWS if r.source == pf.DLI_TTFT]
+    assert doc["sources"][pf.DLI_SOURCE]["ttft_role"] == "check" and len(dli) == len(measured) == 268
+    assert {r.role for r in dli} == {"check"} and {r.gpu for r in dli} == {"a100", "h100"}
+    assert max(r.sequences for r in dli) == 896 and {r.tokens for r in dli} == {128, 2048}
+    held = [r for r in ROWS if r.role == "held_out"]
+    assert SUMMARY["held_out"]["points"] == len(held) and not any(r.source == pf.DLI_TTFT for r in held)
+    p, r = measured[0], dli[0]
+    model = df.model_for(doc, p["model"])
+    gpu = engines.apply(get_gpu(pf.PRESET[pf.DLI_GPUS[p["gpu"]]]), "trtllm", model.num_layers)
+    assert r.simulated_ms == float(prefill.prefill_s(model, gpu, p["input"], sequences=p["batch"])) * 1e3
+    # what docs/simulator.md says of it: the H100's GPT-J is the worst miss, on the fast side
+    gptj = [x.error_pct for x in dli if x.gpu == "h100" and x.model == "gpt-j-6b"]
+    assert statistics.median(gptj) < -25.0 and SUMMARY[pf.DLI_TTFT]["worst_pct"] == -min(x.error_pct for x in dli)
+
+
+def test_a_trtllm_prefill_line_fitted_on_the_dli_check_is_not_what_the_held_out_sources_say():
+    """The exploratory line (GEMM efficiency + a cost per layer per forward, fitted on the DLI first-token rows only)
+    fits its own rows but not the held-out TensorRT-LLM TTFTs: the H100 rows flip from too fast to too slow and
+    TensorRT-LLM v0.5 gets worse, which is why no preset carries it (docs/simulator.md, "Prefill")."""
+    line = pf.fit_dli_line()
+    assert set(line) == {"a100", "h100"}
+    assert all(pf.LINE_GRID[0] < e < pf.LINE_GRID[-1] and f > 0 for e, f in line.values())
+    # the fit reads the DLI rows only: a GPU table whose held-out-only preset (gh200) is doctored gives the same line
+    doctored = {**pf._gpus(None), "gh200": get_gpu("h100-pcie")}
+    assert pf.fit_dli_line(doctored) == line
+    fitted = pf.summary(pf.line_rows(line))
+    assert fitted[pf.DLI_TTFT]["median_pct"] < 0.5 * SUMMARY[pf.DLI_TTFT]["median_pct"]
+    assert fitted["trtllm-v0.5-a100"]["median_pct"] > SUMMARY["trtllm-v0.5-a100"]["median_pct"]
+    h100 = {r.model: r.error_pct for r in ROWS if r.source == "argonne-trtllm" and r.gpu == "h100"}
+    h100_line = {r.model: r.error_pct for r in pf.line_rows(line) if r.source == "argonne-trtllm" and r.gpu == "h100"}
+    assert all(h100[m] < -5.0 and h100_line[m] > 5.0 for m in h100)
+    # GPUs the line was not fitted on (nor read from) are priced as shipped
+    shipped = {(r.model, r.tokens): r.simulated_ms for r in ROWS if r.source == "argonne-trtllm" and r.gpu == "gh200"}
+    assert {(r.model, r.tokens): r.simulated_ms for r in pf.line_rows(line)
+            if r.source == "argonne-trtllm" and r.gpu == "gh200"} == shipped

@@ -26,7 +26,7 @@ from importlib import resources
 import numpy as np
 
 from tiersim.shapes import ModelShape
-from tiersim.simulator import engines, physics, prefill
+from tiersim.simulator import engines, prefill
 from tiersim.simulator.presets import GB, GPU, Model, get_gpu
 
 DATA = "public-decode-steps.json"
@@ -46,10 +46,8 @@ def load() -> dict:
 
 
 def gpu_for(doc: dict, key: str) -> GPU:
-    """The preset a source's GPU is read as, with the datasheet figures the data file states for it."""
-    spec = doc["gpus"][key]
-    gpu = get_gpu(spec["preset"])
-    return replace(gpu, **{k: float(spec[k]) for k in ("hbm_bytes", "hbm_bw") if k in spec})
+    """The preset a source's GPU is read as (the data file names it and says why)."""
+    return get_gpu(doc["gpus"][key]["preset"])
 
 
 def model_for(doc: dict, key: str) -> Model:
@@ -61,13 +59,10 @@ def model_for(doc: dict, key: str) -> Model:
 
 
 def prefill_batch_s(model: Model, gpu: GPU, batch: int, length: int) -> float:
-    """``batch`` prompts of ``length`` tokens prefilled in one forward: GEMMs and small ops over every row,
-    causal attention per prompt, the LM head for the batch's last rows and one step's host work."""
-    rows = batch * length
-    layer = (physics.gemm_s(model, gpu, rows) + batch * prefill.prefill_attention_s(model, gpu, length)
-             + prefill.small_ops_s(model, gpu, rows))
-    return float(model.num_layers * layer + physics.gather_s(model, gpu, rows - batch)
-                 + physics.lm_head_s(model, gpu, batch) + physics.host_overhead_s(gpu, batch))
+    """``batch`` prompts of ``length`` tokens prefilled in one forward (``prefill.prefill_s`` with ``sequences``):
+    GEMMs and small ops over every row, causal attention per prompt in one kernel call, the LM head for the batch's
+    last rows and one step's host work."""
+    return float(prefill.prefill_s(model, gpu, length, sequences=batch))
 
 
 def decode_steps_s(model: Model, gpu: GPU, batch: int, context: int, steps: int) -> np.ndarray:

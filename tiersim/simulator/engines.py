@@ -38,8 +38,10 @@ class EngineOverhead:
     #: not listed gets no limit (it was not fitted there).
     attn_block_bw: tuple[tuple[str, float], ...] = ()
 
-    def block_bw(self, gpu_name: str) -> float:
-        return dict(self.attn_block_bw).get(gpu_name, 0.0)
+    def block_bw(self, gpu: GPU) -> float:
+        """The per-block rate fitted on ``gpu``, else on the preset whose constants it reads (``GPU.physics_of``)."""
+        rates = dict(self.attn_block_bw)
+        return rates.get(gpu.name, rates.get(gpu.physics_of, 0.0))
 
     def host_s(self, batch: int) -> float:
         return self.fixed_s + self.per_sequence_s * batch
@@ -92,4 +94,4 @@ def apply(gpu: GPU, name: str, num_layers: int) -> GPU:
     """``gpu`` charging engine ``name``'s per-step line for a model of ``num_layers`` layers."""
     e = get(name)
     return replace(gpu, step_overhead=e.fixed_s, step_overhead_per_sequence=e.per_sequence_s,
-                   step_host_floor=e.floor_s(num_layers), attn_block_bw=e.block_bw(gpu.name), engine=e.describe())
+                   step_host_floor=e.floor_s(num_layers), attn_block_bw=e.block_bw(gpu), engine=e.describe())

@@ -33,8 +33,9 @@ TP_SIZES = (1, 2, 4, 8)
 ALLREDUCE_DATA = "public-nvlink-allreduce.json"
 ALLREDUCES_PER_LAYER = 2
 #: GPU preset -> the measured NVLink/NVSwitch node its all-reduce line comes from. The H200 is an
-#: NVLink4 HGX board like the H100 SXM: ASSUMPTION (no public H200 all-reduce table was found).
-NVLINK_OF = {"h100-sxm": "h100_dgx", "h200": "h100_dgx", "a100-80g": "a100_dgx"}
+#: NVLink4 HGX board like the H100 SXM: ASSUMPTION (no public H200 all-reduce table was found). The 40 GB A100
+#: SXM4 (DGX A100 320 GB) has the 80 GB part's NVLink3 + NVSwitch fabric (vidur's table does not name the part).
+NVLINK_OF = {"h100-sxm": "h100_dgx", "h200": "h100_dgx", "a100-80g": "a100_dgx", "a100-40g": "a100_dgx"}
 
 
 @lru_cache(maxsize=1)

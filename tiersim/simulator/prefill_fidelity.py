@@ -14,13 +14,19 @@ docs/simulator.md, "Prefill"):
   1024 tokens on one A100, H100 or GH200 (fp16), three 7-8B models, per engine;
 * ``distserve-swift``, ``distserve-vllm`` (held out): DistServe's fitted prefill lines (its C++ engine, and vLLM as its
   authors profiled it) for OPT-13B/66B on A100 at TP 1-8, evaluated at 128-2048 tokens;
-* ``tiersim-h100-operators`` (held out): this project's own H100 GEMM run at 128-512 tokens.
+* ``tiersim-h100-operators`` (held out): this project's own H100 GEMM run at 128-512 tokens;
+* ``nvidia-dli-trtllm-ttft`` (check): the first-token latencies of the TensorRT-LLM 0.9.0 table whose token-to-token
+  latencies fit the trtllm engine's decode block rate (``tiersim/data/public-decode-steps.json``, read from there):
+  one static batch of 1-896 prompts of 128 or 2048 tokens, A100-80GB and H100, four models. No prefill constant is
+  fitted on it; it is a check, not held out, since each fitted token-to-token latency was derived from this column.
 
-``FIT_SOURCES`` are the only ones :func:`fit` reads; every row of another source is held out and is what the
-reported error means. :func:`rows` prices every point with the presets as shipped; :func:`summary` gives the
-median and worst |error| per source (the fidelity benchmark calls :func:`error_rows`). One more set of rows,
-``splitwise+engine-step`` (check), adds to each Splitwise point that engine's own per-step excess (its batch-1
-decode step minus the simulated one): not a fit (nothing is changed by it), the decomposition of that source's miss.
+``FIT_SOURCES`` are the only ones :func:`fit` reads; every row of another source is held out (or a check, so
+named) and is what the reported error means. :func:`rows` prices every point with the presets as shipped;
+:func:`summary` gives the median and worst |error| per source (the fidelity benchmark calls :func:`error_rows`).
+One more set of rows, ``splitwise+engine-step`` (check), adds to each Splitwise point that engine's own per-step
+excess (its batch-1 decode step minus the simulated one): not a fit (nothing is changed by it), the decomposition of
+that source's miss. :func:`fit_dli_line` / :func:`line_rows`: a trtllm prefill line fitted on the DLI check and
+re-checked on the held-out TensorRT-LLM TTFTs, the reason no preset carries one.
 """
 
 from __future__ import annotations
@@ -32,17 +38,22 @@ from importlib import resources
 
 import numpy as np
 
-from tiersim.simulator import fidelity, parallel, physics, prefill
+from tiersim.simulator import decode_fidelity, engines, fidelity, parallel, physics, prefill
 from tiersim.simulator.presets import GPU, Model, get_gpu, get_model
 
 REFERENCE = "public-prefill-profiles.json"
 FIT_SOURCES = frozenset({"vidur-ops", "fa3-h100"})
 PRESET = fidelity.PRESET  # {"a100": "a100-80g", "h100": "h100-sxm"}
-#: Every GPU key of the reference: the fitted two and the GH200 (whose prefill constants are the H100's: an
-#: assumption its TTFT rows test).
-TTFT_PRESET = {**PRESET, "gh200": "gh200"}
+#: Every GPU key of the reference: the fitted two, the 40 GB A100 (LLM-Inference-Bench's Polaris A100s; the 80 GB
+#: part's constants) and the GH200 (whose prefill constants are the H100's: an assumption its TTFT rows test).
+TTFT_PRESET = {**PRESET, "a100-40gb": "a100-40g", "gh200": "gh200"}
 #: Decode context (tokens) at which the engine-step check prices the simulated batch-1 decode step.
 ENGINE_STEP_CONTEXT = 1024
+#: The decode-steps source whose first-token latencies are priced here, its rows' name, and its GPU keys -> this
+#: reference's GPU keys (the same presets).
+DLI_SOURCE = "nvidia-dli-trtllm"
+DLI_TTFT = "nvidia-dli-trtllm-ttft"
+DLI_GPUS = {"a100-80gb": "a100", "h100-80gb-hbm3": "h100"}
 
 
 def load_reference() -> dict:
@@ -146,6 +157,84 @@ def rows(gpus: dict[str, GPU] | None = None, reference: dict | None = None) -> l
             if excess is not None:
                 out.append(Row(f"{source}+engine-step", "ttft", case["gpu"], case["model"], tp, p["prompt"],
                                p["ttft_ms"], sim + excess, "check", n))
+    return out + dli_ttft_rows(gpus)
+
+
+def dli_ttft_rows(gpus: dict[str, GPU] | None = None) -> list[Row]:
+    """The DLI TensorRT-LLM table's first-token latencies (:data:`DLI_TTFT`): one static batch of ``batch`` prompts
+    of ``input`` tokens, priced as one batched prefill (``prefill.prefill_s`` with ``sequences``) with the source's
+    engine preset (trtllm: no host cost), role from the data file (``ttft_role``)."""
+    gpus = _gpus(gpus)
+    doc = decode_fidelity.load()
+    src = doc["sources"][DLI_SOURCE]
+    out = []
+    for p in doc["points"]:
+        if p["source"] != DLI_SOURCE or "first_token_ms" not in p:
+            continue
+        key = DLI_GPUS[p["gpu"]]
+        model = decode_fidelity.model_for(doc, p["model"])
+        gpu = engines.apply(gpus[key], src["engine_overhead"], model.num_layers)
+        sim = float(prefill.prefill_s(model, gpu, p["input"], sequences=p["batch"])) * 1e3
+        out.append(Row(DLI_TTFT, "ttft", key, p["model"], 1, p["input"], p["first_token_ms"], sim, src["ttft_role"],
+                       p["batch"]))
+    return out
+
+
+#: GEMM efficiencies :func:`fit_dli_line` tries (its per-layer cost is least squares at each); the held-out
+#: TensorRT-LLM TTFT sources :func:`line_rows` re-prices with the line.
+LINE_GRID = tuple(float(e) for e in np.round(np.arange(0.50, 0.951, 0.01), 2))
+TRTLLM_HELD_OUT = ("argonne-trtllm", "trtllm-v0.5-a100")
+
+
+def fit_dli_line(gpus: dict[str, GPU] | None = None) -> dict[str, tuple[float, float]]:
+    """A trtllm prefill line fitted on the DLI first-token rows only (a check source), per GPU key: (GEMM efficiency,
+    seconds per layer once per forward), least squares on relative error, the cost >= 0, on :data:`LINE_GRID`.
+    Not shipped: :func:`line_rows` shows it does not carry over to the held-out TensorRT-LLM sources
+    (docs/simulator.md, "Prefill")."""
+    gpus = _gpus(gpus)
+    doc = decode_fidelity.load()
+    engine = doc["sources"][DLI_SOURCE]["engine_overhead"]
+    pts = [p for p in doc["points"] if p["source"] == DLI_SOURCE and "first_token_ms" in p]
+    out = {}
+    for key in sorted({DLI_GPUS[p["gpu"]] for p in pts}):
+        sel = [p for p in pts if DLI_GPUS[p["gpu"]] == key]
+        models = [decode_fidelity.model_for(doc, p["model"]) for p in sel]
+        ref = np.array([p["first_token_ms"] * 1e-3 for p in sel])
+        layers = np.array([m.num_layers for m in models], dtype=float)
+        best = None
+        for e in LINE_GRID:
+            g = replace(gpus[key], prefill_gemm_efficiency=e)
+            sim = np.array([float(prefill.prefill_s(m, engines.apply(g, engine, m.num_layers), p["input"],
+                                                    sequences=p["batch"])) for m, p in zip(models, sel)])
+            a, b = layers / ref, 1.0 - sim / ref  # relative error with cost f per layer: a f - b
+            f = max(float(a @ b / (a @ a)), 0.0)
+            sse = float(np.sum((a * f - b) ** 2))
+            if best is None or sse < best[0]:
+                best = (sse, e, f)
+        out[key] = (best[1], float(f"{best[2]:.3g}"))
+    return out
+
+
+def line_rows(line: dict[str, tuple[float, float]], gpus: dict[str, GPU] | None = None) -> list[Row]:
+    """The DLI rows it was fitted on and the held-out TensorRT-LLM TTFT rows (:data:`TRTLLM_HELD_OUT`) re-priced with
+    ``line`` (:func:`fit_dli_line`): its GEMM efficiency and its cost per layer per forward where the GPU is one the
+    line was fitted on (or reads that one's constants, ``GPU.physics_of``); other GPUs as shipped."""
+    gpus = _gpus(gpus)
+    by_preset = {gpus[k].name: v for k, v in line.items()}
+    shapes, doc = load_reference()["models"], decode_fidelity.load()
+    out = []
+    for r in rows(gpus):
+        if r.source not in (*TRTLLM_HELD_OUT, DLI_TTFT):
+            continue
+        gpu = gpus[r.gpu]
+        fitted = by_preset.get(gpu.name) or by_preset.get(gpu.physics_of)
+        if fitted is not None:
+            model = (decode_fidelity.model_for(doc, r.model) if r.source == DLI_TTFT
+                     else model_from_shape(r.model, shapes[r.model]))
+            g = replace(gpu, prefill_gemm_efficiency=fitted[0])
+            sim = parallel.tp_prefill_s(model, g, r.tp, r.tokens, sequences=r.sequences) + fitted[1] * model.num_layers
+            r = replace(r, simulated_ms=sim * 1e3)
+        out.append(r)
     return out
 
 

@@ -94,9 +94,12 @@ class GPU:
     #: What ``torch.cuda.get_device_name`` (nvidia-smi's product name) calls this GPU, so a measurement
     #: finds its preset by lookup (``device_preset``); the sources are cited where each preset lists them.
     device_names: tuple[str, ...] = ()
+    #: The preset whose fitted constants this one reads where it has no fit of its own (an engine preset's per-GPU
+    #: figures, ``engines.apply``): "" for a preset that was fitted itself or reads the defaults.
+    physics_of: str = ""
     # Prefill physics (tiersim.simulator.prefill), fitted by tiersim.simulator.prefill_fidelity (docs/simulator.md
-    # "Prefill"). Defaults: the H100 fit; the A100's are set below GPUS. GEMMs: vidur's public per-operator profiles
-    # at 128-4096 tokens (github.com/microsoft/vidur @ 7d47513, data/profiling/compute/h100/*/mlp.csv).
+    # "Prefill"). Defaults: the H100 fit; the A100's (both parts) are set below GPUS. GEMMs: vidur's public
+    # per-operator profiles at 128-4096 tokens (github.com/microsoft/vidur @ 7d47513, data/profiling/compute/h100/*/mlp.csv).
     #: Achieved / peak dense FLOP/s of a layer's GEMMs once they are compute-bound (many tokens).
     prefill_gemm_efficiency: float = 0.705
     #: GEMM row tile: from one tile up, n token rows cost the FLOPs of ceil(n / tile) full tiles.
@@ -254,9 +257,8 @@ GPUS: dict[str, GPU] = {
             attn_efficiency=0.795, layer_overhead=3.5e-6, layer_overhead_per_width=1.24e-9,
             note="PCIe Gen4 x16: 32 theory, ~25 measured each way, ~35 both ways (H2D ~11 of it)",
             link_source="measured: nvbandwidth on A100-SXM4-80GB hosts (github.com/NVIDIA/nvbandwidth issues 53, 11)",
-            # nvidia-smi: github.com/NVIDIA/CUDALibrarySamples issue 104 (80 GB), bottlerocket-os/bottlerocket-core-kit
-            # pull 834 (40 GB, read as this preset as before).
-            device_names=("NVIDIA A100-SXM4-80GB", "NVIDIA A100-SXM4-40GB")),
+            # nvidia-smi: github.com/NVIDIA/CUDALibrarySamples issue 104.
+            device_names=("NVIDIA A100-SXM4-80GB",)),
         # GH200: its own 72-core Grace. ASSUMPTION: ~500 GB/s LPDDR5X peak (NVIDIA's Grace Hopper
         # material, rounded); 72 cores x 3.1 GHz x 32 FLOP/cycle (4 x 128-bit SVE2 FMA) = 7.1 TFLOP/s
         # peak, ~30% in attention.
@@ -276,6 +278,24 @@ GPUS: dict[str, GPU] = {
 # TFLOP/s forward as reported on an A100 (github.com/Dao-AILab/flash-attention issue 441), the H100's shape.
 GPUS["a100-80g"] = replace(GPUS["a100-80g"], prefill_gemm_efficiency=0.725, prefill_small_ops_efficiency=0.669,
                            prefill_attn_efficiency=0.52, prefill_attn_half_keys=234.0)
+
+# A100 SXM4 40GB: the launch part, same GA100 chip (108 SMs, 312 TFLOP/s dense fp16/bf16) with 40 GB of HBM2 at
+# 1,555 GB/s (NVIDIA A100 datasheet; glennklockwood.com/garden/processors/A100, techpowerup.com a100-sxm4-40-gb).
+# Its physics constants are the a100-80g fit's (shares of the datasheet bandwidth and FLOP/s: no public per-operator
+# profile of the 40 GB part was found; the Argonne Polaris A100-40GB decode runs in public-decode-steps.json test
+# that reading). Link: nvbandwidth host_to_device_memcpy_sm 25.13 GB/s at 512 MiB-1 GiB on an NVIDIA A100-SXM4-40GB
+# (github.com/NVIDIA/nvbandwidth issue 42), as on the 80 GB hosts; D2H, both ways and the copy latency are the
+# A100-SXM4-80GB hosts' (the same PCIe Gen4 x16 link). Host: the DGX A100 figures of a100-80g.
+_A100_40G = replace(
+    GPUS["a100-80g"], name="a100-40g", hbm_bytes=40 * GB, hbm_bw=1.555e12,
+    note="40 GB HBM2, 1.555 TB/s; PCIe Gen4 x16: ~25 GB/s H2D measured; D2H and both ways the 80 GB hosts'",
+    link_source="measured: nvbandwidth host_to_device_memcpy_sm 25.13 GB/s on an A100-SXM4-40GB (github.com/NVIDIA/"
+                "nvbandwidth issue 42); D2H, both ways, copy latency: the A100-SXM4-80GB hosts' (issues 53, 11), same link",
+    # nvidia-smi: github.com/NVIDIA/nvbandwidth issue 42, bottlerocket-os/bottlerocket-core-kit pull 834.
+    device_names=("NVIDIA A100-SXM4-40GB",), physics_of="a100-80g")
+_ORDER = list(GPUS)
+_ORDER.insert(_ORDER.index("a100-80g") + 1, "a100-40g")  # listed next to its 80 GB sibling
+GPUS = {key: _A100_40G if key == "a100-40g" else GPUS[key] for key in _ORDER}
 
 #: The shipped models: views of ``tiersim.shapes.MODEL_SHAPES`` (their config.json shapes, published counts).
 MODELS: dict[str, Model] = {name: Model.from_shape(shape) for name, shape in MODEL_SHAPES.items()}
@@ -346,29 +366,6 @@ def model_from_config(path: str | Path) -> Model:
         raise TiersimError(f"--model-config {path}: sliding-window attention (sliding_window={shape.sliding_window}) "
                            "is not modelled; the simulator plans full-attention decoders only")
     return Model.from_shape(shape)
-
-
-#: Weight dtypes a config.json may name (``torch_dtype``, or ``dtype`` in newer transformers); the KV
-#: cache the planner prices is bf16 whatever the weights are (Model.kv_dtype_bytes).
-CONFIG_DTYPES = ("float32", "float16", "bfloat16", "float", "half", "auto")
-
-
-def _refuse_unmodelled(cfg: dict, path: Path) -> None:
-    """Config fields that would change the plan but that the simulator does not model: refused with one
-    line rather than planned as if absent (sliding-window layers hold a bounded KV, not the full one)."""
-    for key in ("torch_dtype", "dtype"):
-        value = cfg.get(key)
-        if value is not None and (not isinstance(value, str) or value.removeprefix("torch.") not in CONFIG_DTYPES):
-            raise TiersimError(f"--model-config {path}: {key} {json.dumps(value)[:40]} is not a dtype tiersim "
-                               f"knows ({', '.join(CONFIG_DTYPES[:3])})")
-    window = cfg.get("sliding_window")
-    uses = cfg.get("use_sliding_window")
-    if uses is None:  # configs without the switch use their window when they give one (Mistral 7B v0.1)
-        uses = window is not None and cfg.get("model_type") in ("mistral", "mixtral", "gemma2", "gemma3_text")
-    if uses:
-        raise TiersimError(f"--model-config {path}: sliding-window attention (use_sliding_window, sliding_window "
-                           f"{window}) is not modelled: tiersim would plan a full cache for every layer; set "
-                           "use_sliding_window to false to plan full attention")
 
 
 #: Per-step host time an engine does not overlap with the GPU, ``(seconds per step, seconds per sequence)``.
