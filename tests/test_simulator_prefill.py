@@ -83,6 +83,22 @@ def test_a_mixed_step_adds_the_chunk_and_shares_the_weight_read():
     assert np.all(np.diff(prefill.mixed_layer_s(QWEN7, H100, d, kv, np.array([1, 256, 1024, 4096]), 0)) > 0)
 
 
+def test_an_unsplit_attention_kernel_slows_the_decode_rows_of_a_mixed_step_as_of_a_decode_step():
+    """--engine-overhead trtllm's per-block read rate (GPU.attn_block_bw) caps the decode attention of a mixed step's
+    decode rows exactly as it caps a pure decode step's (it used to be dropped as soon as a prefill chunk joined)."""
+    from tiersim.simulator import engines
+
+    trt = engines.apply(H100, "trtllm", QWEN7.num_layers)
+    assert trt.attn_block_bw > 0
+    for d in (1, 4):
+        kv = d * 8192 * QWEN7.kv_bytes_per_token_layer
+        slower = float(physics.layer_s(QWEN7, trt, d, kv)) - float(physics.layer_s(QWEN7, H100, d, kv))
+        assert slower > 0
+        mixed = float(prefill.mixed_layer_s(QWEN7, trt, d, kv, 256, 0)) - float(
+            prefill.mixed_layer_s(QWEN7, H100, d, kv, 256, 0))
+        assert mixed == pytest.approx(slower, rel=1e-9)
+
+
 def test_whole_prefill_and_step_add_the_layers_the_head_and_the_host():
     layer = float(prefill.prefill_layer_s(QWEN7, H100, 2048))
     whole = float(prefill.prefill_s(QWEN7, H100, 2048))

@@ -309,3 +309,21 @@ def test_promotion_holes_are_what_the_cache_copies_beyond_the_simulator(tiny_lla
     assert sum(r.ddr_to_hbm for r in records) > 0  # promotions happened
     assert d2h == stats["bytes_d2h"]
     assert h2d < stats["bytes_h2d"] <= 1.1 * h2d
+
+
+def test_host_attentions_window_is_the_hbm_tier_attention_the_roofline_charges_an_unsplit_kernel_too():
+    """host-attention overlaps its host part with the GPU's attention over the HBM tier: under an engine whose decode
+    kernel does not split the KV (--engine-overhead trtllm, GPU.attn_block_bw) that attention is slower at batch 1,
+    and the window is that slower attention (it used to be priced without the per-block limit)."""
+    from tiersim.simulator import engines, physics
+
+    hw = get_gpu("h100-sxm")
+    trt = engines.apply(hw, "trtllm", GQA.num_layers)
+    policy = analytic.Offload(TierConfig(0.25, 0.75, 0.0, 0.0))
+    work = _work(policy, 1, steps=8)
+    kv = work.hbm * GQA.kv_bytes_per_token_layer
+    window = strategies.step_costs("host-attention", GQA, trt, policy, work).host_window
+    attn = physics.attention_s(trt, kv, blocks=GQA.num_kv_heads)
+    assert np.all(attn > physics.attention_s(hw, kv))
+    np.testing.assert_allclose(window, np.minimum(attn, strategies.step_costs("host-attention", GQA, trt, policy,
+                                                                               work).compute))
