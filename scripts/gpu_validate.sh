@@ -3,7 +3,7 @@
 # torch, numpy, transformers and pytest only (no simpy, plotly, typer or rich; tiersim need not be
 # installed). In this order, each step under its own timeout (a failed step does not stop the next):
 #
-#   1. the CUDA tests: cache, validator instrumentation, graph executor (replay == eager)   <= 60 s
+#   1. the CUDA tests: cache, validator, graph executor and its host strategies (replay == eager) <= 60 s
 #   2. the graph-executor grid (the decode step captured as a CUDA graph): 7B shape,
 #      batch 1,8,32,64 x context 2K,8K x HBM 1.0,0.5,0.25, then the compressed check (batch 1,
 #      2K, HBM 0.5 and 0.25 with a quarter of the context quantized, if the budget is left),

@@ -38,3 +38,25 @@ def test_dry_run_runs_every_step_in_order_and_prints_the_median_error_last(tmp_p
     against = (dest / "cpu-dry-run-against.txt").read_text()
     assert "executor graph-eager" in against and "predicts a host-bound engine" in against
     assert "skipped" in (dest / "cpu-dry-run-tests.txt").read_text()
+
+
+def test_the_gpu_runs_cuda_test_files_are_collected_without_the_cli_libraries(tmp_path):
+    """Step 1 on the GPU machine (torch, numpy, transformers, pytest only) collects every file of the CUDA branch's
+    ``cuda_tests``; one file importing typer at its top (tests/test_validator.py did) is a collection error, and
+    pytest then runs no CUDA test at all. The dry run collects one file only, so this is checked here."""
+    import re
+    import sys
+
+    script = (REPO / "scripts" / "gpu_validate.sh").read_text()
+    files = re.findall(r"^\s*cuda_tests=\(([^)]*)\)\s*$", script, re.M)[-1].split()  # the CUDA branch's (second)
+    assert "tests/test_graph_host.py" in files and len(files) >= 4
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(f"import sys\nfor _n in {BLOCKED!r}:\n    sys.modules[_n] = None\n")
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "-p", "no:hypothesispytest", "-p", "no:anyio", *files, "-k", "test_cuda"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    collected = {line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line}
+    assert collected == set(files)

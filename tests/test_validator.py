@@ -15,10 +15,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from tiersim.hierarchy.config import TierConfig, tier_targets
 from tiersim.validator.fit import fit_latency_bandwidth
+
+
+def _runner():
+    """typer's CliRunner, imported where used: the GPU machine has no typer, and this file's CUDA tests must still
+    be collected there (scripts/gpu_validate.sh, step 1)."""
+    from typer.testing import CliRunner
+
+    return CliRunner()
+
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE = ["--model-shape", "tiny", "--device", "cpu", "--batch", "1,2", "--context", "96,160",
@@ -261,7 +269,7 @@ def test_compare_table_shows_measured_next_to_simulated(tmp_path):
     assert row["H2D MB/step"] == "58.720"
     text = format_text(doc)
     assert "NVIDIA H100 80GB HBM3" in text and "H2D 50.0 GB/s" in text
-    result = CliRunner().invoke(app, ["validate", "--compare", str(tmp_path / "h100.json")])
+    result = _runner().invoke(app, ["validate", "--compare", str(tmp_path / "h100.json")])
     assert result.exit_code == 0, result.output
     assert "measured vs simulated" in result.output
     assert "20.000" in result.output and "22.000" in result.output and "+10.0" in result.output
@@ -272,7 +280,7 @@ def test_compare_refuses_a_foreign_file_in_one_line(tmp_path):
 
     bad = tmp_path / "trace.json"
     bad.write_text(json.dumps({"kind": "capacity", "schema_version": 1}))
-    result = CliRunner().invoke(app, ["validate", "--compare", str(bad)])
+    result = _runner().invoke(app, ["validate", "--compare", str(bad)])
     assert result.exit_code != 0
     assert "not a tiersim calibration file" in str(result.exception or result.output)
 
@@ -283,7 +291,7 @@ def test_cli_smoke_mode_writes_the_file(tmp_path):
     out = tmp_path / "cal.json"
     args = ["validate", "--model-shape", "tiny", "--device", "cpu", "--batch", "1", "--context", "100",
             "--hbm", "0.5", "--steps", "2", "--warmup", "1", "--out", str(out)]
-    result = CliRunner().invoke(app, args)
+    result = _runner().invoke(app, args)
     assert result.exit_code == 0, result.output
     doc = json.loads(out.read_text())
     assert [p["hbm"] for p in doc["points"]] == [0.5]  # the baseline is measured but only asked-for ratios listed
@@ -301,7 +309,7 @@ def test_bad_input_names_the_field(args, field):
     from tiersim.cli.main import app
     from tiersim.errors import TiersimError
 
-    result = CliRunner().invoke(app, ["validate", "--device", "cpu", *args])
+    result = _runner().invoke(app, ["validate", "--device", "cpu", *args])
     assert isinstance(result.exception, TiersimError)
     assert field in str(result.exception) and len(str(result.exception).splitlines()) == 1
 
