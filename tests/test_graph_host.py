@@ -271,6 +271,13 @@ def test_refusals_are_one_line():
         assert "\n" not in str(err.value)
     assert strategy_options("prefetch") is None and strategy_options("hybrid") == {"strategy": "hybrid",
                                                                                    "fetch_share": 0.5}
+    # a share that says what the strategy fetches anyway passes; the other end is refused (host attention
+    # fetches none: --fetch-share 1 with it used to be dropped silently, and 0 refused)
+    assert strategy_options("prefetch", 1.0) is None and strategy_options("host-attention", 0.0) == {
+        "strategy": "host-attention"}
+    for strategy, share in (("host-attention", 1.0), ("prefetch", 0.0)):
+        with pytest.raises(TiersimError, match=f"--fetch-share {share:g}: only hybrid takes a fetched share"):
+            strategy_options(strategy, share)
 
 
 @pytest.mark.parametrize("args, words", [

@@ -81,7 +81,8 @@ def strategy_options(strategy: str, fetch_share: float | None = None) -> dict | 
     refuses, in one line, what the executor does not run."""
     check_strategy(strategy)
     if strategy != "hybrid":
-        if fetch_share is not None and fetch_share != 1.0:
+        implied = 1.0 if strategy == "prefetch" else 0.0  # the share it fetches: a --fetch-share saying so is harmless
+        if fetch_share is not None and fetch_share != implied:
             raise TiersimError(f"--fetch-share {fetch_share:g}: only hybrid takes a fetched share in the graph "
                                f"executor; --strategy {strategy} fetches {'all' if strategy == 'prefetch' else 'none'}")
         return None if strategy == "prefetch" else {"strategy": strategy}
