@@ -176,3 +176,14 @@ def test_a_compressed_share_above_what_leaves_hbm_is_capped_in_the_file_and_the_
     assert len(comp) == 1 and comp[0]["hbm"] == 0.75 and comp[0]["compressed"] == 0.25
     assert comp[0]["tiers"]["ddr"] == 0 and comp[0]["tiers"]["compressed"] > 0
     assert comp[0]["simulated_step_ms"] > 0
+
+
+def test_a_compressed_check_with_no_offloaded_ratio_says_it_runs_no_check():
+    """--compressed with --hbm 1.0 only: the grid runs, and the log says the check it asked for did not."""
+    from tiersim.validator.graph_run import run_graph
+
+    said = []
+    doc = run_graph("tiny", [1], [64], [1.0], device="cpu", compressed=0.25, steps=1, warmup=1,
+                    sweep_sizes=[4096, 65536], log=said.append)
+    assert [p["compressed"] for p in doc["points"]] == [0.0]
+    assert "--compressed 0.25: no compressed check, --hbm lists no ratio below 1" in said

@@ -297,6 +297,8 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
     walk = ((0.0, *point) for point in grid.measure_grid(batches, contexts, hbms, run, baselines, log, "graph",
                                                           budget_s, started))
     offloaded = [h for h in hbms if h < 1.0]
+    if compressed and not offloaded:  # said, not silently dropped (a script's HBM=1.0 override still runs the grid)
+        log(f"--compressed {compressed:g}: no compressed check, --hbm lists no ratio below 1")
     if compressed and offloaded:  # the compressed check: the grid's first batch and context, against its own HBM 1.0
         check = grid.measure_grid(batches[:1], contexts[:1], offloaded, lambda b, c, h: run(b, c, h, compressed), [],
                                   log, f"graph, compressed {compressed:g}", budget_s, started)
