@@ -121,3 +121,16 @@ def test_both_host_flags_are_refused_naming_the_preset_that_is_the_sync_line():
     assert engines.get("vllm").host_s(8) != pytest.approx(sync.host_s(8))
     bad = _tiersim("simulate", "--engine-overhead", "trtllm", "--host-overhead", "sync")
     assert bad.returncode == 2 and "(--engine-overhead vllm-sync is --host-overhead sync)" in bad.stderr
+
+
+def test_the_engine_line_names_the_per_block_rate_applied_on_that_gpu():
+    """trtllm's output line says the decode-attention rate it charges on the chosen GPU, and says none is charged
+    where it was not fitted (it used to list every fitted GPU's rate, also on a GPU it does not apply to)."""
+    from tiersim.simulator.presets import get_gpu
+
+    trt = engines.get("trtllm")
+    h100 = engines.apply(get_gpu("h100-sxm"), "trtllm", 28)
+    assert h100.attn_block_bw > 0 and f"{h100.attn_block_bw / 1e9:.1f} GB/s per block;" in h100.engine
+    h200 = engines.apply(get_gpu("h200"), "trtllm", 28)
+    assert h200.attn_block_bw == 0 and "no per-block attention limit on h200" in h200.engine
+    assert all(g in trt.describe() for g, _ in trt.attn_block_bw)  # without a GPU (the presets table): every one

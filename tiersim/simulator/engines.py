@@ -49,8 +49,9 @@ class EngineOverhead:
     def floor_s(self, num_layers: int) -> float:
         return self.floor_per_layer_s * num_layers
 
-    def describe(self) -> str:
-        """The line in words, for the output: 'vllm (1.17 ms + 0.100 ms/seq per step; measured on ...)'."""
+    def describe(self, gpu: GPU | None = None) -> str:
+        """The line in words, for the output: 'vllm (1.17 ms + 0.100 ms/seq per step; measured on ...)'; with
+        ``gpu``, the per-block attention rate as applied there (none where it was not fitted), else every GPU's."""
         if self.role == "definition":
             return f"{self.name} (device time only)"
         parts = []
@@ -58,7 +59,12 @@ class EngineOverhead:
             parts.append(f"{self.fixed_s * 1e3:.2f} ms + {self.per_sequence_s * 1e3:.3f} ms/seq per step")
         if self.floor_per_layer_s:
             parts.append(f"host floor {self.floor_per_layer_s * 1e3:.3f} ms/layer")
-        if self.attn_block_bw:
+        if self.attn_block_bw and gpu is not None:
+            rate = self.block_bw(gpu)
+            parts.append(f"decode attention {rate / 1e9:.1f} GB/s per block" if rate else
+                         f"no per-block attention limit on {gpu.name} (fitted on "
+                         f"{', '.join(g for g, _ in self.attn_block_bw)} only)")
+        elif self.attn_block_bw:
             parts.append("decode attention " + ", ".join(f"{bw / 1e9:.1f} GB/s per block on {g}"
                                                          for g, bw in self.attn_block_bw))
         line = "; ".join(parts) or "no host cost"
@@ -94,4 +100,4 @@ def apply(gpu: GPU, name: str, num_layers: int) -> GPU:
     """``gpu`` charging engine ``name``'s per-step line for a model of ``num_layers`` layers."""
     e = get(name)
     return replace(gpu, step_overhead=e.fixed_s, step_overhead_per_sequence=e.per_sequence_s,
-                   step_host_floor=e.floor_s(num_layers), attn_block_bw=e.block_bw(gpu), engine=e.describe())
+                   step_host_floor=e.floor_s(num_layers), attn_block_bw=e.block_bw(gpu), engine=e.describe(gpu))
