@@ -257,6 +257,26 @@ def test_validation_figures_draw_every_paired_point_and_the_sweep():
     assert sweep.layout.xaxis.type == "log" and "GB/s" in sweep.layout.yaxis.title.text
 
 
+def test_a_compressed_check_point_is_its_own_series_not_a_lossless_one():
+    """The graph executor's --compressed points share an HBM ratio with lossless ones: the figure names them apart
+    (series and hover), so a quantized measurement is never read as that share's lossless step."""
+    doc = fx.calibration_document()
+    points = pd.DataFrame(doc["points"])
+    row = int(points.index[points["hbm"] == 0.5][0])
+    points["compressed"] = 0.0
+    points.loc[row, "compressed"] = 0.25
+    fig = figures.measured_vs_simulated(points)
+    names = [t.name for t in fig.data if t.name.startswith("HBM share")]
+    assert sum(len(t.x) for t in fig.data if t.name.startswith("HBM share")) == len(points)
+    comp = next(t for t in fig.data if t.name == "HBM share 0.50 + compressed 0.25")
+    assert len(comp.x) == 1 and comp.customdata[0][3] == "0.5 + compressed 0.25"
+    lossless = next(t for t in fig.data if t.name == "HBM share 0.50")
+    assert len(lossless.x) == int((points["hbm"] == 0.5).sum()) - 1
+    assert len(names) == len(set(names))
+    plain = figures.measured_vs_simulated(pd.DataFrame(doc["points"]))  # files without the field: as before
+    assert not any("compressed" in t.name for t in plain.data)
+
+
 def test_config_labels_never_show_negative_zero():
     assert figures.config_label({"hbm": 0.9, "ddr": 1 - 0.9 - 0.1, "evict": 0.1}) == "HBM 0.90 / DDR 0.00 / evict 0.10"
 

@@ -24,9 +24,14 @@ def measured_vs_simulated(points: pd.DataFrame, title: str = "Measured vs simula
     for col in ("model_shape", "batch", "context", "hbm", "stall_ms", "overhead_pct"):
         if col not in df:
             df[col] = None
+    # The graph executor's compressed check measures the same HBM share with part of the rest quantized: its own
+    # series and hover, never drawn as a lossless point of that share.
+    df["compressed"] = pd.to_numeric(df["compressed"], errors="coerce").fillna(0.0) if "compressed" in df else 0.0
+    df["hbm_text"] = [f"{h:g}" + (f" + compressed {c:g}" if c else "") if h is not None and not pd.isna(h) else "n/a"
+                      for h, c in zip(df["hbm"], df["compressed"])]
     df["stall_text"] = df["stall_ms"].map(lambda v: "n/a" if v is None or pd.isna(v) else f"{v:.2f} ms")
     df["overhead_text"] = df["overhead_pct"].map(lambda v: "n/a" if v is None or pd.isna(v) else f"{v:+.1f}%")
-    custom_cols = ["model_shape", "batch", "context", "hbm", "error", "stall_text", "overhead_text"]
+    custom_cols = ["model_shape", "batch", "context", "hbm_text", "error", "stall_text", "overhead_text"]
     hover = ("<b>%{customdata[0]}</b>, batch %{customdata[1]}, context %{customdata[2]}, HBM %{customdata[3]}"
              "<br>measured: %{x:.2f} ms<br>simulated: %{y:.2f} ms<br>simulator error: %{customdata[4]:+.1f}%"
              "<br>measured stall: %{customdata[5]}<br>overhead vs all in HBM: %{customdata[6]}<extra></extra>")
@@ -43,10 +48,11 @@ def measured_vs_simulated(points: pd.DataFrame, title: str = "Measured vs simula
         fig.add_trace(go.Scatter(x=line, y=line, mode="lines", name="simulated = measured",
                                  line=dict(color="#111827", width=1.5), hoverinfo="skip"))
         palette = ["#dc2626", "#d97706", "#0d9488", "#2563eb", "#7c3aed", "#6b7280"]
-        for i, (hbm, group) in enumerate(df.groupby(df["hbm"].fillna(-1.0), sort=True)):
+        for i, ((hbm, comp), group) in enumerate(df.groupby([df["hbm"].fillna(-1.0), df["compressed"]], sort=True)):
             fig.add_trace(go.Scatter(
                 x=group["measured_step_ms"], y=group["simulated_step_ms"], mode="markers",
-                name=f"HBM share {hbm:.2f}" if hbm >= 0 else "HBM share unknown",
+                name=(f"HBM share {hbm:.2f}" if hbm >= 0 else "HBM share unknown")
+                + (f" + compressed {comp:.2f}" if comp else ""),
                 customdata=group[custom_cols].to_numpy(dtype=object), hovertemplate=hover,
                 marker=dict(size=12, color=palette[i % len(palette)], line=dict(width=1, color="#111827")),
             ))
