@@ -416,3 +416,16 @@ def test_chromium_probe_catches_a_broken_page(page, tmp_path):
     broken.write_text(text.replace("Plotly.newPlot(", "Plotly.noSuchFunction(", 1), encoding="utf-8")
     seen = _render(broken, tmp_path)
     assert seen["errors"] and len(seen["plots"]) == len(_figure_ids(text)) - 1
+
+
+def test_a_validation_section_says_what_measured_its_steps():
+    """The HF eager harness (host-bound) and the CUDA-graph executor (GPU-bound), prefetch and hybrid: the section
+    names the executor and the strategy, so two calibration files on one page cannot be mistaken for each other."""
+    from tiersim.report.calibration import executor_line
+
+    assert executor_line({}).startswith("Executor: hf-eager (HF eager generate over the TieredCache, a host-bound")
+    graph = executor_line({"executor": "cuda-graph", "settings": {"strategy": "hybrid", "fetch_share": 0.25,
+                                                                   "compressed": 0.25}})
+    assert graph == ("Executor: cuda-graph (the decode step replayed as a CUDA graph, GPU-bound); DDR tier read by "
+                     "hybrid (fetch share 0.25); compressed check at 0.25 of the context.")
+    assert "DDR tier read by prefetch." in executor_line({"executor": "graph-eager", "settings": {"compressed": 0.0}})

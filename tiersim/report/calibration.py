@@ -116,6 +116,23 @@ def link_sweep(sweep: pd.DataFrame, link: dict | None = None,
 
 
 # --- the section ---------------------------------------------------------------------------------
+def executor_line(meta) -> str:
+    """What measured the steps (``executor``: HF eager harness, CUDA graph, its CPU smoke run) and how the DDR tier
+    reached attention: a host-bound harness and a GPU-bound graph, or prefetch and hybrid, are not the same run."""
+    executor = meta.get("executor") or "hf-eager"
+    what = {"hf-eager": "HF eager generate over the TieredCache, a host-bound harness",
+            "cuda-graph": "the decode step replayed as a CUDA graph, GPU-bound",
+            "cuda-eager": "the graph executor's step run eagerly on CUDA, its capture having failed",
+            "graph-eager": "the graph executor's step run eagerly on the CPU, the smoke mode"}.get(executor, executor)
+    settings = meta.get("settings") or {}
+    strategy = settings.get("strategy") or "prefetch"
+    share = settings.get("fetch_share") if strategy == "hybrid" else None
+    read = strategy + (f" (fetch share {share:g})" if share is not None else "")
+    comp = settings.get("compressed")
+    check = f"; compressed check at {comp:g} of the context" if comp else ""
+    return f"Executor: {executor} ({what}); DDR tier read by {read}{check}."
+
+
 
 def calibration_section(inp: ReportInput, key: str) -> Section:
     """The page section of one ``calibration`` file: the link, the simulator's error, its figures."""
@@ -129,6 +146,7 @@ def calibration_section(inp: ReportInput, key: str) -> Section:
         parts.append(f"{link['copy_latency_us']:.1f} µs per copy")
     if parts:
         section.summary.append("Host link: " + ", ".join(parts) + ".")
+    section.summary.append(executor_line(meta))
     if not points.empty:
         paired = points.dropna(subset=["measured_step_ms", "simulated_step_ms"])
         if len(paired):
