@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from tiersim.atomic import write_text
+
 GEMMS = ["attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj"]
 SMALL = ["input_layernorm", "attn_rope", "post_attention_layernorm", "mlp_act", "add"]
 TOKENS = [128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096]
@@ -124,9 +126,10 @@ def main(argv: list[str]) -> None:
     data = json.loads(out.read_text()) if out.exists() else {}
     data["gemm_cases"] = vidur_cases(vidur)
     rebuilt = splitwise_cases(split) + argonne_cases(argonne) + distserve_cases(distserve)
-    kept = [c for c in data.get("ttft_cases", []) if c.get("source", "splitwise") not in {c["source"] for c in rebuilt}]
+    sources = {case["source"] for case in rebuilt}
+    kept = [c for c in data.get("ttft_cases", []) if c.get("source", "splitwise") not in sources]
     data["ttft_cases"] = rebuilt + kept
-    out.write_text(json.dumps(data, indent=1) + "\n")
+    write_text(out, json.dumps(data, indent=1) + "\n")  # atomically: a failed run leaves the shipped file whole
 
 
 if __name__ == "__main__":
