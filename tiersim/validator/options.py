@@ -46,8 +46,8 @@ class ValidateOptions:
     fetch_share: float | None = option(None, "hybrid: the share of the DDR tier fetched to the GPU (default 0.5)",
                                        min=0, max=1, show_default=False)
     compressed: float = option(0.0, "--executor graph: after the grid, its first batch and context again at each HBM "
-                               "< 1 ratio with this share of the context in the compressed tier (the rest of what "
-                               "leaves HBM in DDR)", min=0, max=1)
+                               "< 1 ratio with this share of the context in the compressed tier (at most what leaves "
+                               "HBM; the rest of it in DDR)", min=0, max=1)
     profile: Path | None = option(None, "operator profile (python -m tiersim.validator.operators) for the predictions")
     out: Path | None = option(None, "calibration JSON to write, e.g. docs/validation/h100.json", output=(".json",))
     compare: Path | None = option(None, "print measured vs simulated from this calibration JSON")
