@@ -121,6 +121,11 @@ def test_cpu_grid_with_the_compressed_check(tmp_path):
     assert comp["tier_bytes"]["compressed"] > 0 and plain["tier_bytes"]["compressed"] == 0
     assert 0 < comp["h2d_bytes"] < plain["h2d_bytes"]
     assert comp["simulated_step_ms"] > 0 and comp["overhead_pct"] is not None and comp["baseline_step_ms"] > 0
+    # the summary's "max transfer overhead" is the lossless points' (the check's adds dequantization); its error
+    # is in the median
+    lossless = [p["overhead_pct"] for p in doc["points"] if p["hbm"] < 1 and not p["compressed"]]
+    assert doc["summary"]["max_overhead_pct"] == max(lossless)
+    assert comp["sim_error_pct"] in doc["sim_error_pct"]
     loaded, measured = load_measurements(out)
     assert [m["compressed"] for m in measured] == [0.0, 0.0, 0.0, 0.0, 0.25]
     result = compare(assemble(1, model="r1-distill-qwen-7b", gpu="h100-sxm", engine="fast"),
