@@ -135,6 +135,18 @@ def test_cpu_grid_with_the_compressed_check(tmp_path):
     from tiersim.validator import compare as table
 
     assert [r[3] for r in table.rows(doc)] == ["1", "0.5", "1", "0.5", "0.5 +c0.25"]  # validate --compare's table
+    # the GPU script's last step (python -m tiersim.simulator.against) and simulate --against label it the same way
+    import contextlib
+    import io
+
+    from tiersim.simulator import against
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert against.main([str(out)]) == 0
+    labels = [line.split()[3:5] for line in printed.getvalue().splitlines() if line.strip().startswith("tiered")]
+    assert [" ".join(x) if x[1].startswith("+c") else x[0] for x in labels] == [
+        "1.00", "0.50", "1.00", "0.50", "0.50 +c0.25"]
 
 
 def test_the_host_strategies_refuse_a_compressed_or_evicted_share_in_one_line(model):

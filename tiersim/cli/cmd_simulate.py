@@ -49,7 +49,7 @@ def _split(scenario, hbm, ddr, compressed, evict):
 
 def _against(scenario, path: Path, max_error: float | None, fmt: str) -> None:
     """Measured vs simulated per point, the median and worst error; exit 1 past ``max_error``."""
-    from tiersim.simulator.against import compare, load_measurements
+    from tiersim.simulator.against import compare, load_measurements, split_label
 
     doc, points = load_measurements(path)
     result = compare(scenario, points, doc)
@@ -62,7 +62,7 @@ def _against(scenario, path: Path, max_error: float | None, fmt: str) -> None:
         add_columns(table, ("run", "batch", "context", "hbm", "measured ms", "simulated ms", "error"),
                 optional=("context", "batch"))
         for r in result["rows"]:
-            table.add_row(r["label"], str(r["batch"]), f"{r['context']:,}", f"{r['hbm']:.2f}", f"{r['measured_ms']:.2f}",
+            table.add_row(r["label"], str(r["batch"]), f"{r['context']:,}", split_label(r), f"{r['measured_ms']:.2f}",
                           f"{r['simulated_ms']:.2f}", f"{r['error_pct']:+.1f}%")
         console.print(table)
         console.print(f"median |error| {result['median_abs_error_pct']:.1f}%, worst {result['worst_error_pct']:+.1f}% "

@@ -61,6 +61,13 @@ class _Fields:
         return float(value)
 
 
+def split_label(row: dict) -> str:
+    """A row's split as the tables print it: the HBM share, and the compressed share of a compressed check
+    ('0.50 +c0.25'), so it never reads as the lossless point of the same HBM share."""
+    comp = row.get("compressed") or 0.0
+    return f"{row['hbm']:.2f}" + (f" +c{comp:.2f}" if comp else "")
+
+
 def _strategy(name, index: int) -> str | None:
     """A calibration point's strategy (None: the scenario's own, prefetch); one that is not registered is refused."""
     from tiersim.hierarchy.strategies import NAMES
@@ -203,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{model} on {gpu}: measured ({args.file}, executor {result['executor']}) vs simulated "
           f"(engine {engine}, compute model {result['compute_model']})")
-    print(f"{'run':>18} {'batch':>5} {'context':>7} {'hbm':>5} {'measured ms':>11} {'simulated ms':>12} {'error':>7}")
+    print(f"{'run':>18} {'batch':>5} {'context':>7} {'hbm':>11} {'measured ms':>11} {'simulated ms':>12} {'error':>7}")
     for r in result["rows"]:
-        print(f"{r['label']:>18} {r['batch']:>5} {r['context']:>7} {r['hbm']:>5.2f} {r['measured_ms']:>11.3f} "
+        print(f"{r['label']:>18} {r['batch']:>5} {r['context']:>7} {split_label(r):>11} {r['measured_ms']:>11.3f} "
               f"{r['simulated_ms']:>12.3f} {r['error_pct']:>+6.1f}%")
     if result["note"]:
         print(f"note: {result['note']}")
