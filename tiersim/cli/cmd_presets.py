@@ -46,6 +46,14 @@ def presets(fmt: str = options.opt("table", "--format", help="table or json", ch
     for e in engines.presets().values():
         engine_table.add_row(e.name, f"{e.fixed_s * 1e3:.3g}", f"{e.per_sequence_s * 1e3:.3g}",
                              f"{e.floor_per_layer_s * 1e3:.3g}", e.role, e.measured_on or "-", e.source or "-")
+    # An unsplit decode-attention kernel's read rate per thread block (trtllm's only charge), per GPU it was fitted on.
+    blocks = compact_table("Decode attention per thread block (--engine-overhead: a kernel that does not split the KV)")
+    add_columns(blocks, ("engine", "GPU preset", "GB/s per block"))
+    for e in engines.presets().values():
+        for gpu, bw in e.attn_block_bw:
+            blocks.add_row(e.name, gpu, f"{bw / 1e9:.2f}")
     console.print(gpus)
     console.print(models)
     console.print(engine_table)
+    if blocks.row_count:
+        console.print(blocks)
