@@ -272,3 +272,17 @@ def test_out_of_hbm_names_the_token_budget_when_the_workspace_is_the_cause():
     with pytest.raises(TiersimError, match="use a larger --tp") as info:
         memory.budget(MODEL, MODEL, small, 256, 2048)
     assert "--token-budget" not in str(info.value)
+
+
+@pytest.mark.parametrize("batch", [0, 4])
+def test_a_mixed_step_pays_one_prefill_attention_kernel_per_layer_however_many_chunks_it_packs(batch):
+    """The prefill chunks of one iteration run in one packed variable-length attention call (as
+    ``prefill.prefill_attention_s(sequences=n)`` prices a batched prefill): raising the kernel's fixed cost by X
+    raises the step by X per layer for the chunks (plus X per layer for the decode rows' own call), not X per chunk."""
+    extra = 1e-3
+    slower = replace(GPU, attn_kernel_s=GPU.attn_kernel_s + extra)
+    for k in (1, 2, 3):
+        chunks = [(256, 0, False)] * k
+        rise = StepPricer(MODEL, slower).step_s(batch, 2000.0 * batch, 0, chunks) - \
+            StepPricer(MODEL, GPU).step_s(batch, 2000.0 * batch, 0, chunks)
+        assert rise / extra / MODEL.num_layers == pytest.approx(1 + (batch > 0), rel=1e-9)

@@ -163,10 +163,6 @@ class Engine(OnFull):
         r.version += 1
         del self.decoding[r.index]
 
-    def _sync(self, r: Request) -> None:
-        self._leave(r)
-        self._join(r)
-
     def _set_staging(self) -> None:
         self.pool.staging = self.budget.staging_blocks(self.sum_spilled)
 

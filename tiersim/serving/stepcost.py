@@ -71,8 +71,11 @@ class StepPricer:
         total, first = float(sizes.sum()), float(contexts[0])
         done = any(c[2] for c in chunks)
         rank, gpu = self.rank, self.gpu
-        # GEMMs over every row at once; attention per chunk (the mixed layer prices one chunk's).
+        # GEMMs over every row at once; attention per chunk (the mixed layer prices one chunk's), in one packed
+        # variable-length kernel call: its fixed cost is paid once, as prefill.prefill_attention_s(sequences=n) does.
+        calls = max(int(np.count_nonzero(sizes)), 1)
         attention = float(np.sum(prefill.prefill_attention_s(rank, gpu, sizes, contexts)))
+        attention -= (calls - 1) * gpu.attn_kernel_s
         attention -= float(prefill.prefill_attention_s(rank, gpu, total, first))
         mixed = float(prefill.mixed_layer_s(rank, gpu, batch, kv_bytes, total, first, attended=attended)) + attention
         alone = float(prefill.mixed_layer_s(rank, gpu, batch, kv_bytes, 0.0, attended=attended)) if batch else 0.0
