@@ -225,7 +225,7 @@ def test_validator_core_imports_only_torch_and_numpy(smoke):
 def test_predictions_come_from_the_calibrated_closed_form(smoke):
     from tiersim.simulator.calibration import apply_calibration
     from tiersim.simulator.presets import get_gpu
-    from tiersim.validator.calibrate import effective_context, predict, sim_model
+    from tiersim.validator.predict import effective_context, predict, sim_model
     from tiersim.validator.shapes import get_shape
 
     doc = smoke[0]

@@ -266,7 +266,7 @@ def run_graph(shape_name: str | None = None, batches=DEFAULT_BATCHES, contexts=D
 
 def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa, profile, sweep_sizes,
              retier_every, command, log, chosen=None, compressed=0.0) -> dict:
-    from tiersim.validator import calibrate, compute, grid, link
+    from tiersim.validator import calibrate, compute, grid, link, predict
     from tiersim.validator.shapes import build_model
 
     started = time.monotonic()  # the budget covers the sweep, the build and the pinning too: the file must be written
@@ -316,7 +316,7 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
                 f"H2D {m['h2d_bytes'] / 1e6:.1f} MB/step"
                 + (f" at {m['prefetch_gbps']:.1f} GB/s alone" if m["prefetch_gbps"] else "")
                 + (f", host {m['host_ms']:.3f} ms" if m.get("host_ms") is not None else ""))
-    model_doc = calibrate.sim_model(shape, params)
+    model_doc = predict.sim_model(shape, params)
     split = point_config(0.5, compressed, retier_every, shape.head_dim)
     policy = {"sink_tokens": split.sink_tokens, "recent_window": split.recent_window, "retier_every": retier_every,
               "compressed_bits": split.compressed_bits, "quant_group": split.quant_group}
@@ -330,7 +330,7 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
     executor = next((e["executor"] for e in extras if e and e["executor"] != executor), executor)
     doc = grid.calibration_doc(command, executor, info, dev, shape, params, settings, link_doc, tflops, copy_rate,
                                fit)
-    calibrate.add_predictions(doc, points, model_doc, {**policy, **(chosen or {})}, settings, profile)
+    predict.add_predictions(doc, points, model_doc, {**policy, **(chosen or {})}, settings, profile)
     doc["points"] = [{**asdict(p), **extra} for p, extra in zip(points, extras)]
     calibrate.finish(doc)
     del model

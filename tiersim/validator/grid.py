@@ -12,7 +12,8 @@ import time
 
 from tiersim import fileformat
 from tiersim.validator import compute
-from tiersim.validator.calibrate import base_gpu_preset, effective_context, layer_bytes
+from tiersim.validator.calibrate import base_gpu_preset
+from tiersim.validator.predict import effective_context, layer_bytes
 from tiersim.validator.operators_timing import is_oom
 
 
