@@ -42,7 +42,9 @@ from tiersim.validator.graph_tiers import TierBuffers
 STRATEGIES = ("prefetch",)
 
 
-def check_strategy(strategy: str, allowed=STRATEGIES) -> None:
+def check_step_strategy(strategy: str, allowed=STRATEGIES) -> None:
+    """Refuse a strategy this step class does not run (``allowed``: its ``STRATEGIES``); whether the graph
+    executor runs it at all is :func:`tiersim.validator.graph_host.check_executor_strategy`."""
     if strategy not in allowed:
         raise TiersimError(f"--strategy {strategy}: {' and '.join(allowed)} only in this step "
                            "(tiersim.validator.graph_host.make_step picks the step for a strategy)")
@@ -62,7 +64,7 @@ class GraphStep:
 
     def __init__(self, model, buffers: TierBuffers, exact: bool = False, copies: bool = True) -> None:
         self.model, self.buffers, self.exact, self.copies = model, buffers, exact, copies
-        check_strategy(buffers.config.strategy, self.STRATEGIES)
+        check_step_strategy(buffers.config.strategy, self.STRATEGIES)
         self.scoring = buffers.config.offloads  # the cache scores only when tokens may leave HBM
         if self.scoring and getattr(model.config, "_attn_implementation", None) != scoring.ATTN_IMPLEMENTATION:
             raise TiersimError("the graph executor needs the 'tiersim' attention to score tokens "

@@ -66,8 +66,9 @@ HOST_STRATEGIES = ("host-attention", "hybrid")
 STRATEGIES = ("prefetch", *HOST_STRATEGIES)
 
 
-def check_strategy(strategy: str) -> None:
-    """Refuse, in one line, a strategy the graph executor does not run."""
+def check_executor_strategy(strategy: str) -> None:
+    """Refuse, in one line, a strategy the graph executor does not run in any of its step classes (which
+    class runs it is :func:`make_step`'s choice; the class checks it: ``graph.check_step_strategy``)."""
     if strategy not in STRATEGIES:
         raise TiersimError(f"--strategy {strategy}: the graph executor runs {', '.join(STRATEGIES)} "
                            "(selective picks DDR pages after the query is known: not built)")
@@ -79,7 +80,7 @@ HYBRID_SHARE = 0.5  # hybrid's fetched share when none is given
 def strategy_options(strategy: str, fetch_share: float | None = None) -> dict | None:
     """TierConfig's ``strategy`` / ``fetch_share`` for a graph run (None: prefetch, the default config);
     refuses, in one line, what the executor does not run."""
-    check_strategy(strategy)
+    check_executor_strategy(strategy)
     if strategy != "hybrid":
         implied = 1.0 if strategy == "prefetch" else 0.0  # the share it fetches: a --fetch-share saying so is harmless
         if fetch_share is not None and fetch_share != implied:
@@ -102,7 +103,7 @@ def refresh(*steps) -> None:
 def make_step(model, buffers, exact: bool = False, copies: bool = True) -> GraphStep:
     """The step for the buffers' strategy: prefetch's :class:`GraphStep` or this module's :class:`HostStep`."""
     strategy = buffers.config.strategy
-    check_strategy(strategy)
+    check_executor_strategy(strategy)
     cls = HostStep if strategy in HOST_STRATEGIES else GraphStep
     return cls(model, buffers, exact=exact, copies=copies)
 
