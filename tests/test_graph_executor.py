@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from graph_exact import assert_exact_step_follows_the_cache
 from tiersim.errors import TiersimError
 
 CUDA = torch.cuda.is_available()
@@ -275,24 +276,17 @@ def test_cuda_graph_replay_equals_the_eager_static_step(split):
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_cuda_exact_step_matches_the_tiered_cache():
-    from tiersim.compat import cache_kwargs
     from tiersim.validator.graph import GraphStep
     from tiersim.validator.shapes import build_model, get_shape
 
-    dev = torch.device("cuda")
-    model = build_model(get_shape("tiny"), dev)
-    cache, buffers = _pair(model, 0.5, 2, 6, device=dev, retier_every=4, recent_window=16)
-    step = GraphStep(model, buffers, exact=True)
-    ids = torch.randint(model.config.vocab_size, (6, 2, 1), device=dev)
-    with torch.inference_mode():
-        for i in range(6):
-            ref = model(input_ids=ids[i], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits
-            step.ids.copy_(ids[i])
-            out = step.run()  # bf16 on the GPU: the same kernels on differently strided K/V, within rounding
-            torch.testing.assert_close(out, ref)
-            assert torch.equal(out.argmax(-1), ref.argmax(-1))
-            if buffers.due(i + 1):
-                buffers.retier(i + 1)
+    model = build_model(get_shape("tiny"), torch.device("cuda"))
+    cache, buffers = _pair(model, 0.5, 2, 6, device=torch.device("cuda"), retier_every=4, recent_window=16)
+
+    def same(out, ref, i):  # bf16 on the GPU: the same kernels on differently strided K/V, within rounding
+        torch.testing.assert_close(out, ref, msg=lambda m: f"step {i}: {m}")
+        assert torch.equal(out.argmax(-1), ref.argmax(-1)), f"step {i} picks another token"
+
+    assert_exact_step_follows_the_cache(model, cache, buffers, GraphStep(model, buffers, exact=True), same)
 
 
 def _with_executor(tmp_path, executor: str | None):

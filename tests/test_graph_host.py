@@ -18,6 +18,7 @@ import threading
 import pytest
 import torch
 
+from graph_exact import assert_exact_step_follows_the_cache
 from test_graph_executor import _assert_static_follows_exact, _retier_and_compare
 from tiersim.errors import TiersimError
 
@@ -345,7 +346,6 @@ def test_cuda_segmented_capture_replays_the_eager_static_step(strategy, share):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("strategy, share", STRATEGIES)
 def test_cuda_exact_host_step_matches_the_tiered_cache(strategy, share):
-    from tiersim.compat import cache_kwargs
     from tiersim.validator.graph_host import make_step
     from tiersim.validator.shapes import build_model, get_shape
 
@@ -354,19 +354,14 @@ def test_cuda_exact_host_step_matches_the_tiered_cache(strategy, share):
     policy = {"retier_every": 4, "recent_window": 16, **share}
     cache = _cache(model, 0.5, 2, strategy, device=dev, **policy)
     buffers = _buffers(model, 0.5, 2, 6, strategy, device=dev, **policy)
-    step = make_step(model, buffers, exact=True)
-    ids = torch.randint(model.config.vocab_size, (6, 2, 1), device=dev)
-    with torch.inference_mode():
-        for i in range(6):
-            ref = model(input_ids=ids[i], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits
-            step.ids.copy_(ids[i])
-            out = step.run()
-            # bf16: the cache's own host-attention claim against the full cache is logits within ~3.5% of their
-            # scale (docs/quality.md); two host-attention runs whose parts differ in token order, the same or less
-            scale = float(ref.float().abs().max())
-            assert float((out.float() - ref.float()).abs().max()) <= 0.035 * scale, f"step {i}"
-            if buffers.due(i + 1):
-                buffers.retier(i + 1)
+
+    def near(out, ref, i):
+        # bf16: the cache's own host-attention claim against the full cache is logits within ~3.5% of their
+        # scale (docs/quality.md); two host-attention runs whose parts differ in token order, the same or less
+        scale = float(ref.float().abs().max())
+        assert float((out.float() - ref.float()).abs().max()) <= 0.035 * scale, f"step {i}"
+
+    assert_exact_step_follows_the_cache(model, cache, buffers, make_step(model, buffers, exact=True), near)
 
 
 @pytest.mark.parametrize("settings, words", [({"strategy": "bogus"}, "point 1's strategy 'bogus' is not one of"),
