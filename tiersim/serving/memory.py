@@ -26,9 +26,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tiersim.errors import TiersimError
 import numpy as np
 
+from tiersim.errors import TiersimError
 from tiersim.hierarchy.config import TierConfig, tier_targets, tier_targets_array
 from tiersim.simulator import analytic
 from tiersim.simulator.presets import GB, GPU, Model
