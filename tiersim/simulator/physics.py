@@ -6,8 +6,9 @@ bandwidth, slows down as the token count grows (+10% from 1 to 64 tokens on an A
 fixed cost per kernel, while decode attention reads the KV cache at another share after a fixed
 kernel cost that dominates short contexts (46% of peak at batch 1 / 8K on an A100, ~80% at large
 batch). A kernel that does not split the KV (one thread block per sequence and KV head, TensorRT-LLM 0.9's)
-reads at most ``blocks x GPU.attn_block_bw``: at batch 1 it leaves HBM idle (an engine preset sets the rate). The small element-wise ops (norms, RoPE, activation, residual add) are launch-bound and
-grow with the layer's width. Each term below is one of those observations; the constants live on
+reads at most ``blocks x GPU.attn_block_bw``: at batch 1 it leaves HBM idle (an engine preset sets the rate).
+The small element-wise ops (norms, RoPE, activation, residual add) are launch-bound and grow with the layer's
+width. Each term below is one of those observations; the constants live on
 the GPU preset (``presets.GPU``) with the data they were fitted on, and ``fidelity`` re-fits and
 checks them against the public tables (docs/simulator.md, "Fidelity").
 

@@ -101,13 +101,15 @@ def small_ops_s(model: Model, gpu: GPU, tokens):
     return physics.small_ops_s(gpu, model) + _arr(tokens) * small_ops_bytes_per_token(model) / bw
 
 
-def prefill_layer_s(model: Model, gpu: GPU, tokens, context=0):
-    """One decoder layer's time to prefill ``tokens`` new tokens after ``context`` cached ones (a chunk).
+def prefill_layer_s(model: Model, gpu: GPU, tokens, context=0, sequences: int = 1):
+    """One decoder layer's time to prefill ``tokens`` new tokens after ``context`` cached ones (a chunk), for
+    ``sequences`` such chunks batched in one forward (GEMMs and small ops over every row, attention per sequence).
 
     GEMMs, attention and small ops are separate kernels, so their times add. Arrays broadcast.
     """
-    t = (gemm_s(model, gpu, tokens) + prefill_attention_s(model, gpu, tokens, context)
-         + small_ops_s(model, gpu, tokens))
+    rows = int(sequences) * _arr(tokens)
+    t = (gemm_s(model, gpu, rows) + prefill_attention_s(model, gpu, tokens, context, sequences=sequences)
+         + small_ops_s(model, gpu, rows))
     return _scalar_or_array(t)
 
 
@@ -124,12 +126,7 @@ def prefill_s(model: Model, gpu: GPU, tokens, context=0, sequences: int = 1):
     tokens, n = _arr(tokens), int(sequences)
     if n < 1:
         raise ValueError(f"sequences must be >= 1, got {sequences!r}")
-    if n == 1:
-        layer = _arr(prefill_layer_s(model, gpu, tokens, context))
-    else:
-        rows = n * tokens
-        layer = (gemm_s(model, gpu, rows) + prefill_attention_s(model, gpu, tokens, context, sequences=n)
-                 + small_ops_s(model, gpu, rows))
+    layer = _arr(prefill_layer_s(model, gpu, tokens, context, n))
     gathered = np.maximum(n * tokens - n, 0.0)  # the LM head's own gather has each sequence's last row
     gather = physics.gather_s(model, gpu, gathered)
     head = physics.lm_head_s(model, gpu, n)
