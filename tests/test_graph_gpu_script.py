@@ -33,10 +33,17 @@ def test_dry_run_runs_every_step_in_order_and_prints_the_median_error_last(tmp_p
     graph = json.loads((dest / "cpu-dry-run-graph.json").read_text())
     assert graph["kind"] == "calibration" and graph["executor"] == "graph-eager"
     assert {p["hbm"] for p in graph["points"]} == {1.0, 0.5} and all(p["measured_step_ms"] for p in graph["points"])
-    assert [(p["hbm"], p["compressed"]) for p in graph["points"]] == [(1.0, 0.0), (0.5, 0.0), (0.5, 0.25)]
+    # the grid's block, then the strategy check (host attention, hybrid) at its first HBM < 1, then the compressed check
+    assert [(p["hbm"], p["compressed"], p["strategy"]) for p in graph["points"]] == [
+        (1.0, 0.0, "prefetch"), (0.5, 0.0, "prefetch"), (0.5, 0.0, "host-attention"), (0.5, 0.0, "hybrid"),
+        (0.5, 0.25, "prefetch")]
+    host = [p for p in graph["points"] if p["strategy"] != "prefetch"]
+    assert all(p["host_ms"] > 0 and p["baseline_step_ms"] == graph["points"][0]["measured_step_ms"] for p in host)
+    assert host[1]["fetch_share"] == 0.5 and graph["settings"]["strategy_check"] == ["host-attention", "hybrid"]
     assert json.loads((dest / "cpu-dry-run-operators.json").read_text())["kind"] == "operator-profile"
     against = (dest / "cpu-dry-run-against.txt").read_text()
     assert "executor graph-eager" in against and "predicts a host-bound engine" in against
+    assert against.strip().splitlines()[-1].endswith("5 points)")  # the host strategies' points simulated too
     assert "skipped" in (dest / "cpu-dry-run-tests.txt").read_text()
 
 

@@ -43,7 +43,7 @@ def validate(opts: ValidateOptions = ValidateOptions()) -> None:
     from tiersim.validator import compare as compare_mod
     from tiersim.validator.options import check_compare_runs_nothing
 
-    check_compare_runs_nothing(opts.compare, opts.strategy, opts.fetch_share, opts.compressed)
+    check_compare_runs_nothing(opts.compare, opts.strategy, opts.fetch_share, opts.compressed, opts.strategy_check)
     if opts.compare is not None:
         from tiersim.validator.options import check_compare
 
@@ -53,7 +53,8 @@ def validate(opts: ValidateOptions = ValidateOptions()) -> None:
     lists = list_values(opts)  # --batch, --context, --hbm, each a one-line error when it is not a list
     from tiersim.validator.options import executor_options
 
-    extra = executor_options(opts.executor, opts.strategy, opts.fetch_share, opts.compressed)
+    extra = executor_options(opts.executor, opts.strategy, opts.fetch_share, opts.compressed,
+                             opts.strategy_check)
     run = calibrate.run_validation
     if opts.executor == "graph":
         from tiersim.validator.graph_run import run_validation_graph as run

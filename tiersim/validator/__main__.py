@@ -27,13 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     from tiersim.validator import calibrate, compare
 
     try:
-        check_compare_runs_nothing(args.compare, args.strategy, args.fetch_share, args.compressed)
+        check_compare_runs_nothing(args.compare, args.strategy, args.fetch_share, args.compressed, args.strategy_check)
         if args.compare:
             check_compare(args.compare, args.out, args.profile)
             print(compare.format_text(compare.load(args.compare)))
             return 0
         argv = sys.argv[1:] if argv is None else argv
-        extra = executor_options(args.executor, args.strategy, args.fetch_share, args.compressed)
+        extra = executor_options(args.executor, args.strategy, args.fetch_share, args.compressed, args.strategy_check)
         run = calibrate.run_validation
         if args.executor == "graph":
             from tiersim.validator.graph_run import run_validation_graph as run

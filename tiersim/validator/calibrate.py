@@ -326,7 +326,9 @@ def finish(doc: dict) -> None:
     doc["summary"] = {
         "median_abs_sim_error_pct": statistics.median(errors) if errors else None,
         "max_abs_sim_error_pct": max(errors) if errors else None,
-        "max_overhead_pct": max((p["overhead_pct"] for p in offloaded if not p.get("compressed")), default=None),
+        # prefetch's lossless points: a compressed check or a host strategy's point is another step's overhead
+        "max_overhead_pct": max((p["overhead_pct"] for p in offloaded if not p.get("compressed")
+                                 and p.get("strategy") in (None, "prefetch")), default=None),
         "prefetch_gbps_max": best_prefetch,
         "prefetch_share_of_peak_h2d": best_prefetch / peak if best_prefetch and peak else None,
     }

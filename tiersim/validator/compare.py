@@ -50,7 +50,8 @@ def rows(doc: dict) -> list[list[str]]:
             str(p.get("model_shape", "")),
             str(p["batch"]),
             str(p["context"]),
-            f"{p['hbm']:g}" + (f" +c{p['compressed']:g}" if p.get("compressed") else ""),  # the compressed check
+            f"{p['hbm']:g}" + (f" +c{p['compressed']:g}" if p.get("compressed") else "")  # the compressed check
+            + (f" {p['strategy']}" if p.get("strategy") not in (None, "prefetch") else ""),  # a strategy's point
             _num(p.get("measured_step_ms"), 3),
             _num(p.get("simulated_step_ms"), 3),
             _signed(p.get("sim_error_pct")),

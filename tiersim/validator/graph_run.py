@@ -236,7 +236,7 @@ def run_graph(shape_name: str | None = None, batches=DEFAULT_BATCHES, contexts=D
               device: str | None = "cuda", steps: int = 16, warmup: int = 3, out=None, budget_s: float | None = None,
               sdpa: str = "no-cudnn", profile=None, sweep_sizes=None, retier_every: int = 16,
               command: str | None = None, log=lambda _m: None, strategy: str = "prefetch",
-              fetch_share: float | None = None, compressed: float = 0.0) -> dict:
+              fetch_share: float | None = None, compressed: float = 0.0, strategy_check="") -> dict:
     """Measure the grid with the graph executor; write ``out`` (a calibration file) atomically when given.
 
     ``budget_s`` counts from the start (link sweep, model build and pinning included); points that would
@@ -244,10 +244,15 @@ def run_graph(shape_name: str | None = None, batches=DEFAULT_BATCHES, contexts=D
     (``fetch_share`` for hybrid): how the DDR tier reaches attention (tiersim.validator.graph_host).
     ``compressed`` > 0 adds the compressed check after the grid: its first batch and context again, each HBM < 1
     ratio with that share of the context in the compressed tier (:func:`point_config`), against a fresh HBM 1.0
-    baseline (prefetch only: the host strategies' steps hold lossless splits)."""
+    baseline (prefetch only: the host strategies' steps hold lossless splits). ``strategy_check`` (names,
+    comma-separated or a sequence) adds, right after the grid's first batch and context (cheap points, so a
+    spent budget skips the grid's largest ones rather than these), its first HBM < 1 ratio again with each
+    host strategy, against that block's HBM 1.0 baseline (HBM 1.0 runs the same step whatever the strategy);
+    each point records its strategy and executor (prefetch runs only)."""
     from tiersim.validator import calibrate, graph_host
 
     chosen = graph_host.strategy_options(strategy, fetch_share)  # refused in one line before anything runs
+    checks = check_strategies(strategy_check, chosen)
     if compressed and chosen is not None:
         raise TiersimError(f"--compressed {compressed:g}: the graph executor's {strategy} step holds lossless "
                            "splits only; use --strategy prefetch")
@@ -258,14 +263,32 @@ def run_graph(shape_name: str | None = None, batches=DEFAULT_BATCHES, contexts=D
     def measure(shape, batches, contexts, hbms, dev):
         with frozen_heap():  # what is loaded by now: each point's collection then scans only what the run made
             return _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa, profile, sweep_sizes,
-                            retier_every, command, log, chosen, compressed)
+                            retier_every, command, log, chosen, compressed, checks)
 
     return calibrate.checked_run(measure, shape_name, batches, contexts, hbms, device, steps, warmup, "synthetic",
                                  budget_s, sdpa, out, profile, log)
 
 
+def check_strategies(names, chosen) -> tuple:
+    """``--strategy-check``'s strategies as TierConfig options, refused in one line when not a host strategy or
+    beside a run that is not prefetch's (the check's points are measured against a prefetch grid)."""
+    from tiersim.validator import graph_host
+
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    names = list(dict.fromkeys(names or ()))
+    for name in names:
+        if name not in graph_host.HOST_STRATEGIES:
+            raise TiersimError(f"--strategy-check {name}: one of {', '.join(graph_host.HOST_STRATEGIES)} "
+                               "(comma-separated)")
+    if names and chosen is not None:
+        raise TiersimError(f"--strategy-check {','.join(names)}: beside --strategy prefetch only (the check adds "
+                           "host-strategy points to a prefetch grid)")
+    return tuple(graph_host.strategy_options(name) for name in names)
+
+
 def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa, profile, sweep_sizes,
-             retier_every, command, log, chosen=None, compressed=0.0) -> dict:
+             retier_every, command, log, chosen=None, compressed=0.0, checks=()) -> dict:
     from tiersim.validator import calibrate, compute, grid, link, predict
     from tiersim.validator.shapes import build_model
 
@@ -290,13 +313,35 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
             log(f"  could not pin one arena ({(str(exc).splitlines() or [''])[0][:120]}); pinning per point")
     points, extras, baselines = [], [], []
 
-    def run(batch, context, hbm, share=0.0):
+    def run(batch, context, hbm, share=0.0, strategy=chosen):
         return measure_point(model, batch, context, hbm, steps, warmup, retier_every, sdpa=sdpa, arena=arena,
-                             strategy=chosen, compressed=share)
+                             strategy=strategy, compressed=share)
 
-    walk = ((0.0, *point) for point in grid.measure_grid(batches, contexts, hbms, run, baselines, log, "graph",
-                                                          budget_s, started))
+    def block(batch, context):
+        return ((0.0, *point) for point in grid.measure_grid([batch], [context], hbms, run, baselines, log, "graph",
+                                                              budget_s, started))
+
+    blocks = [block(b, c) for b in batches for c in contexts]  # generators: nothing runs until walked
+    first: dict = {}
+
+    def remembered(points):  # the first block, noting its HBM 1.0 baseline for the strategy check
+        for point in points:
+            first["baseline"] = point[5]
+            yield point
+
     offloaded = [h for h in hbms if h < 1.0]
+
+    def strategy_check():
+        b, c, h = batches[0], contexts[0], offloaded[0]
+        for opts in checks:
+            name = opts["strategy"]
+            m, why = grid.measure_one(b, c, h, lambda b, c, h, o=opts: run(b, c, h, strategy=o), log,
+                                      f"graph, {name}", budget_s, started)
+            yield 0.0, b, c, h, m, first.get("baseline"), why
+
+    if checks and not offloaded:
+        log("--strategy-check: no check, --hbm lists no ratio below 1")
+    walk = itertools.chain(remembered(blocks[0]), strategy_check() if checks and offloaded else (), *blocks[1:])
     if compressed and not offloaded:  # said, not silently dropped (a script's HBM=1.0 override still runs the grid)
         log(f"--compressed {compressed:g}: no compressed check, --hbm lists no ratio below 1")
     if compressed and offloaded:  # the compressed check: the grid's first batch and context, against its own HBM 1.0
@@ -306,9 +351,10 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
     for share, batch, context, hbm, m, baseline, why in walk:
         points.append(calibrate.ValidationPoint.measured(shape.name, batch, context, hbm, m, baseline, why))
         points[-1].compressed = point_config(hbm, share).compressed  # capped at 1 - hbm, as the point ran
-        extras.append({k: m[k] for k in ("step_ms_p10", "gpu_busy_ms", "gpu_busy_ms_p10", "gpu_busy_ms_p90",
-                                         "copy_ms", "h2d_gbps_in_step", "retier_ms", "tiers", "executor",
-                                         "capture_error", "strategy", "host_ms")} if m else {})
+        extras.append({**{k: m[k] for k in ("step_ms_p10", "gpu_busy_ms", "gpu_busy_ms_p10", "gpu_busy_ms_p90",
+                                            "copy_ms", "h2d_gbps_in_step", "retier_ms", "tiers", "executor",
+                                            "capture_error", "strategy", "host_ms")},
+                       **({"fetch_share": m["fetch_share"]} if m.get("strategy") == "hybrid" else {})} if m else {})
         if m and m["capture_error"]:
             log(f"  not captured ({m['capture_error']}): timed eagerly")
         if m:
@@ -324,13 +370,16 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
     # Full and copy-free replays alternate, so the timed full steps span 2 * steps tokens after 2 * warmup.
     settings = {"steps": 2 * steps, "warmup": 2 * max(warmup, 1), "timed_steps": steps, "prefill": "synthetic",
                 "budget_s": budget_s, "sdpa": sdpa, "interleaved": True, "compressed": compressed, **policy,
-                **settings_strategy}
+                **settings_strategy, "strategy_check": [o["strategy"] for o in checks]}
     fit = grid.layer_fit(model_doc, shape, baselines, settings["warmup"], settings["steps"], copy_rate)
-    # The file is a CUDA-graph measurement only if every measured point was replayed from a graph.
-    executor = next((e["executor"] for e in extras if e and e["executor"] != executor), executor)
+    # The file is a CUDA-graph measurement only if every measured point of the run's strategy was replayed from a
+    # graph (a strategy check's point whose capture failed says cuda-eager itself, and does not relabel the grid).
+    executor = next((e["executor"] for e in extras
+                     if e and e["strategy"] == settings_strategy["strategy"] and e["executor"] != executor), executor)
     doc = grid.calibration_doc(command, executor, info, dev, shape, params, settings, link_doc, tflops, copy_rate,
                                fit)
-    predict.add_predictions(doc, points, model_doc, {**policy, **(chosen or {})}, settings, profile)
+    per_point = [{k: e[k] for k in ("strategy", "fetch_share") if k in e} if e else {} for e in extras]
+    predict.add_predictions(doc, points, model_doc, {**policy, **(chosen or {})}, settings, profile, per_point)
     doc["points"] = [{**asdict(p), **extra} for p, extra in zip(points, extras)]
     calibrate.finish(doc)
     del model
@@ -342,10 +391,10 @@ def run_validation_graph(shape_name=None, batches=DEFAULT_BATCHES, contexts=DEFA
                          device="cuda", steps: int = 16, warmup: int = 3, prefill: str = "synthetic", out=None,
                          sweep_sizes=None, command=None, log=lambda _m: None, budget_s=None, sdpa="no-cudnn",
                          profile=None, strategy: str = "prefetch", fetch_share: float | None = None,
-                         compressed: float = 0.0) -> dict:
+                         compressed: float = 0.0, strategy_check="") -> dict:
     """``tiersim validate --executor graph``: :func:`run_graph` behind ``run_validation``'s signature."""
     if prefill != "synthetic":
         raise TiersimError(f"--prefill {prefill}: the graph executor fills its buffers with the synthetic prefill only")
     return run_graph(shape_name, batches, contexts, hbms, device=device, steps=steps, warmup=warmup, out=out,
                      budget_s=budget_s, sdpa=sdpa, profile=profile, sweep_sizes=sweep_sizes, command=command, log=log,
-                     strategy=strategy, fetch_share=fetch_share, compressed=compressed)
+                     strategy=strategy, fetch_share=fetch_share, compressed=compressed, strategy_check=strategy_check)

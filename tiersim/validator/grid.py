@@ -23,32 +23,39 @@ def measure_grid(batches, contexts, hbms, measure, baselines: list, log, label: 
     budget counted from ``started`` is spent or the device or pinned host memory ran out (then ``m`` is None
     and ``why`` says so). Yields ``(batch, context, hbm, m, baseline, why)`` for the ratios in ``hbms``; the
     measured baselines are appended to ``baselines`` (the compute fit's points)."""
-    import gc
-
     for batch in batches:
         for context in contexts:
             baseline = None
             for hbm in [1.0] + [h for h in hbms if h != 1.0]:
-                m, why = None, None
-                if budget_s is not None and time.monotonic() - started > budget_s:
-                    why = f"skipped: time budget of {budget_s:g} s spent"
-                else:
-                    log(f"{label}: batch {batch}, context {context}, hbm {hbm}")
-                    try:
-                        m = measure(batch, context, hbm)
-                    except RuntimeError as exc:  # torch.cuda.OutOfMemoryError; cudaHostAlloc: a RuntimeError
-                        if not is_oom(exc):
-                            raise
-                        gc.collect()
-                        why = "out of memory: point skipped"
-                if why:
-                    log(f"  {why}")
+                m, why = measure_one(batch, context, hbm, measure, log, label, budget_s, started)
                 if hbm == 1.0:
                     baseline = m
                     if m:
                         baselines.append(m)
                 if hbm in hbms:
                     yield batch, context, hbm, m, baseline, why
+
+
+def measure_one(batch, context, hbm, measure, log, label: str, budget_s=None, started=None):
+    """One point under the grid's skips: ``(m, why)``, ``m`` None when the time budget counted from ``started``
+    is spent or the device or pinned host memory ran out (``why`` says which, and is logged)."""
+    import gc
+
+    m, why = None, None
+    if budget_s is not None and time.monotonic() - started > budget_s:
+        why = f"skipped: time budget of {budget_s:g} s spent"
+    else:
+        log(f"{label}: batch {batch}, context {context}, hbm {hbm}")
+        try:
+            m = measure(batch, context, hbm)
+        except RuntimeError as exc:  # torch.cuda.OutOfMemoryError; cudaHostAlloc: a RuntimeError
+            if not is_oom(exc):
+                raise
+            gc.collect()
+            why = "out of memory: point skipped"
+    if why:
+        log(f"  {why}")
+    return m, why
 
 
 def layer_fit(model_doc: dict, shape, baselines: list, warmup: int, steps: int, copy_rate: float) -> dict:

@@ -48,6 +48,10 @@ class ValidateOptions:
     compressed: float = option(0.0, "--executor graph: after the grid, its first batch and context again at each HBM "
                                "< 1 ratio with this share of the context in the compressed tier (at most what leaves "
                                "HBM; the rest of it in DDR)", min=0, max=1)
+    strategy_check: str = option("", "--executor graph, --strategy prefetch: after the grid's first batch and "
+                                 "context, its first HBM < 1 ratio again with each of these strategies "
+                                 "(comma-separated: host-attention, hybrid at fetch share 0.5), against that "
+                                 "block's HBM 1.0 baseline", show_default=False)
     profile: Path | None = option(None, "operator profile (python -m tiersim.validator.operators) for the predictions")
     out: Path | None = option(None, "calibration JSON to write, e.g. docs/validation/h100.json", output=(".json",))
     compare: Path | None = option(None, "print measured vs simulated from this calibration JSON")
@@ -63,24 +67,28 @@ def check_compare(compare, out, profile) -> None:
             raise TiersimError(f"{flag} is for a new run; --compare only prints {compare}: drop {flag} or --compare")
 
 
-def executor_options(executor: str, strategy: str, fetch_share, compressed: float) -> dict:
+def executor_options(executor: str, strategy: str, fetch_share, compressed: float, strategy_check: str = "") -> dict:
     """The options only the graph executor takes, as ``run``'s keyword arguments. The HF harness times prefetch over
     lossless splits only: another ``--strategy``, a ``--fetch-share`` or a ``--compressed`` share for it is refused
     in one line rather than silently dropped; the graph executor checks its own (graph_host.strategy_options)."""
     from tiersim.errors import TiersimError
 
     if executor == "graph":
-        return {"strategy": strategy, "fetch_share": fetch_share, "compressed": compressed}
+        return {"strategy": strategy, "fetch_share": fetch_share, "compressed": compressed,
+                "strategy_check": strategy_check}
     if strategy != "prefetch" or fetch_share is not None:
         flag = f"--strategy {strategy}" if strategy != "prefetch" else f"--fetch-share {fetch_share:g}"
         raise TiersimError(f"{flag}: the hf executor times prefetch only; use --executor graph")
     if compressed:
         raise TiersimError(f"--compressed {compressed:g}: the hf executor times lossless splits only; "
                            "use --executor graph")
+    if strategy_check:
+        raise TiersimError(f"--strategy-check {strategy_check}: the hf executor times prefetch only; "
+                           "use --executor graph")
     return {}
 
 
-def check_compare_runs_nothing(compare, strategy: str, fetch_share, compressed: float) -> None:
+def check_compare_runs_nothing(compare, strategy: str, fetch_share, compressed: float, strategy_check: str = "") -> None:
     """``--compare`` prints a file and runs nothing: a ``--strategy``, ``--fetch-share`` or ``--compressed``
     beside it would be silently dropped, so it is refused in one line (as :func:`check_compare` refuses --out)."""
     from tiersim.errors import TiersimError
@@ -89,6 +97,7 @@ def check_compare_runs_nothing(compare, strategy: str, fetch_share, compressed: 
         return
     for flag, given in ((f"--strategy {strategy}", strategy != "prefetch"),
                         (f"--fetch-share {fetch_share}", fetch_share is not None),
-                        (f"--compressed {compressed}", bool(compressed))):
+                        (f"--compressed {compressed}", bool(compressed)),
+                        (f"--strategy-check {strategy_check}", bool(strategy_check))):
         if given:
             raise TiersimError(f"{flag} is for a new run; --compare only prints {compare}: drop {flag} or --compare")

@@ -64,8 +64,10 @@ def predict(model, gpu, policy: dict, batch: int, context: float, hbm: float, ta
 
 
 def add_predictions(doc: dict, points: list[ValidationPoint], model, policy: dict, settings: dict,
-                    profile=None) -> None:
-    """Fill each measured point's prediction from the simulator calibrated by ``doc`` (in place)."""
+                    profile=None, per_point: list[dict] | None = None) -> None:
+    """Fill each measured point's prediction from the simulator calibrated by ``doc`` (in place). ``per_point``:
+    per point, what overrides ``policy`` for it (the graph executor's strategy check: a host strategy's point in
+    a prefetch grid is predicted with that strategy's costs, as ``simulate --against`` simulates it)."""
     try:
         from tiersim.simulator.calibration import apply_calibration
         from tiersim.simulator.presets import get_gpu
@@ -84,9 +86,12 @@ def add_predictions(doc: dict, points: list[ValidationPoint], model, policy: dic
         except TiersimError as exc:  # never lose a finished measurement over the prediction
             table, why = None, f"roofline (calibrated; {exc})"
         doc["compute_model"] = table.describe() if table is not None else why
-    for point in points:
+    for i, point in enumerate(points):
         if point.measured_step_ms is None:
             continue
         ctx = effective_context(point.context, settings["warmup"], settings["steps"])
-        pred = predict(model, gpu, policy, point.batch, ctx, point.hbm, table, point.compressed)
+        own = {**policy, **(per_point[i] if per_point else {})}
+        if own.get("strategy") == "prefetch":
+            own.pop("fetch_share", None)
+        pred = predict(model, gpu, own, point.batch, ctx, point.hbm, table, point.compressed)
         point.predicted(pred["step_ms"], pred["stall_ms"])
