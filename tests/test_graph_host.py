@@ -288,12 +288,44 @@ def test_refusals_are_one_line():
     (["--executor", "graph", "--strategy", "prefetch", "--fetch-share", "0.5"], "only hybrid takes"),
     (["--executor", "graph", "--strategy", "hybrid", "--compare", "docs/validation/h100-80gb-hbm3.json"],
      "--strategy hybrid is for a new run; --compare only prints"),
+    (["--strategy-check", "hybrid"], "--strategy-check hybrid: the hf executor times prefetch only"),
+    (["--executor", "graph", "--strategy-check", "host-attention,selective"],
+     "--strategy-check selective: one of host-attention, hybrid"),
+    (["--executor", "graph", "--strategy", "hybrid", "--strategy-check", "host-attention"],
+     "--strategy-check host-attention: beside --strategy prefetch only"),
+    (["--executor", "graph", "--strategy-check", "hybrid", "--compare", "docs/validation/h100-80gb-hbm3.json"],
+     "--strategy-check hybrid is for a new run; --compare only prints"),
 ])
 def test_validate_refuses_what_is_not_built_in_one_line(args, words):
     from cli_run import assert_refused
 
     _, err = assert_refused(["validate", "--device", "cpu", "--batch", "1", "--context", "72", "--hbm", "0.5", *args])
     assert words in err
+
+
+def test_a_strategy_check_point_whose_capture_failed_does_not_relabel_the_prefetch_grid(monkeypatch):
+    """The file's executor comes from the run's own strategy's points: a host-strategy check point that ran
+    eagerly says so itself (its executor), and the prefetch grid stays what it was (here: graph-eager); a prefetch
+    point that ran eagerly does relabel the file. Its prediction is the check's strategy's, not prefetch's."""
+    from tiersim.validator import graph_run
+
+    real = graph_run.measure_point
+
+    def relabel(model, batch, context, hbm, *args, strategy=None, **kwargs):
+        m = real(model, batch, context, hbm, *args, strategy=strategy, **kwargs)
+        return {**m, "executor": "cuda-eager"} if (strategy is not None) == eager_host else m
+
+    for eager_host, expected in ((True, "graph-eager"), (False, "cuda-eager")):
+        monkeypatch.setattr(graph_run, "measure_point", relabel)
+        doc = graph_run.run_graph("tiny", [1], [72], [1.0, 0.5], device="cpu", steps=1, warmup=1,
+                                  strategy_check="host-attention,hybrid")
+        assert doc["executor"] == expected
+        by = {p["strategy"]: p for p in doc["points"] if p["hbm"] == 0.5}
+        assert set(by) == {"prefetch", "host-attention", "hybrid"}
+        assert by["host-attention"]["executor"] == ("cuda-eager" if eager_host else "graph-eager")
+        assert doc["summary"]["max_overhead_pct"] == pytest.approx(by["prefetch"]["overhead_pct"])
+    # each host point is predicted with its own strategy's costs: not the prefetch point's prediction
+    assert len({round(p["simulated_step_ms"], 9) for p in by.values()}) == 3
 
 
 @pytest.mark.parametrize("front", [["-m", "tiersim", "validate"], ["-m", "tiersim.validator"]])
