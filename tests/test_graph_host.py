@@ -303,6 +303,32 @@ def test_validate_refuses_what_is_not_built_in_one_line(args, words):
     assert words in err
 
 
+def test_host_strategies_allocate_no_device_buffer_their_step_does_not_read(model):
+    """At batch 64 x 8K the token-ordered buffer and each staging buffer are ~1 GB each on the device: prefetch's
+    step reads them, host attention reads neither (it attends the tiers in place; re-tiering assembles a layer
+    in a transient buffer), hybrid stages its share only. The steps still re-tier and follow the exact step."""
+    from tiersim.validator.graph_host import make_step
+
+    sizes = {}
+    for strategy, share in [("prefetch", {}), *STRATEGIES]:
+        buffers = _buffers(model, 0.5, 2, 8, strategy, retier_every=4, recent_window=16, **share)
+        stage = [tuple(t.shape) for pair in buffers.staging for t in pair]
+        sizes[strategy] = (buffers.assembled is not None, stage, buffers.cap_ddr)
+        if strategy != "prefetch":
+            step = make_step(model, buffers)
+            with torch.inference_mode():
+                for i in range(8):  # two re-tierings that move DDR tokens, through the transient buffer
+                    assert torch.isfinite(step.run()).all()
+                    if buffers.due(i + 1):
+                        assert sum(buffers.retier(i + 1).values()) > 0 or i < 3
+            assert buffers.assembled is None and buffers.retiers >= 1
+    cap = sizes["prefetch"][2]
+    b, h, d = 2, model.config.num_key_value_heads, model.config.head_dim
+    assert sizes["prefetch"] == (True, [(b, h, cap, d)] * 4, cap)
+    assert sizes["host-attention"] == (False, [], cap)
+    assert sizes["hybrid"] == (False, [(b, h, round(0.5 * cap), d)] * 4, cap)
+
+
 def test_a_strategy_check_point_whose_capture_failed_does_not_relabel_the_prefetch_grid(monkeypatch):
     """The file's executor comes from the run's own strategy's points: a host-strategy check point that ran
     eagerly says so itself (its executor), and the prefetch grid stays what it was (here: graph-eager); a prefetch

@@ -161,9 +161,8 @@ class HostStep(GraphStep):
         super().__init__(model, buffers, exact=exact, copies=copies)
         self.access = make_access(config.strategy, config.fetch_share)  # the cache's own strategy object
         self.hybrid = config.strategy == "hybrid"
-        cap = buffers.cap_ddr
-        self.cut = cap - round(config.fetch_share * cap) if self.hybrid else cap  # static: host takes [:cut]
-        self.n_fetch = cap - self.cut
+        self.n_fetch = buffers.n_stage  # static: the device fetches [cut:], the host takes [:cut]
+        self.cut = buffers.cap_ddr - self.n_fetch
         self.capture = None  # a SegmentedCapture while it records
         self.host_times: list[float] = []  # ms of host attention per step (summed over layers)
         self._host_ms = 0.0
@@ -318,11 +317,8 @@ class HostStep(GraphStep):
 
     # -- the host part and its copies -----------------------------------------------------------
     def _staged(self, layer_idx: int):
-        """Views of staging buffer ``layer_idx % 2`` shaped like the share, contiguous (one DMA each)."""
-        buf = self.buffers
-        shape = (buf.batch, buf.kv_heads, self.n_fetch, buf.head_dim)
-        n = shape[0] * shape[1] * shape[2] * shape[3]
-        return tuple(s.view(-1)[:n].view(shape) for s in buf.staging[layer_idx % 2])
+        """Staging buffer ``layer_idx % 2``: sized for the share (``TierBuffers.n_stage``), contiguous (one DMA each)."""
+        return self.buffers.staging[layer_idx % 2]
 
     def _send(self, layer_idx: int, query, host_mask):
         """Query and the DDR columns of the mask into the static host buffers; eagerly, start the host part

@@ -52,6 +52,18 @@ def capacities(config: TierConfig, first: int, last: int) -> dict[str, int]:
     return caps
 
 
+HOST_ATTENDED = ("host-attention", "hybrid")  # strategies whose step attends the DDR tier where it lives
+
+
+def fetched_capacity(config: TierConfig, cap_ddr: int) -> int:
+    """DDR buffer entries one layer's step copies to the device: all (prefetch), none (host attention), or hybrid's
+    ``fetch_share`` of the buffer's capacity (static shapes: the capacity, not the tokens held; its unused entries
+    are the buffer's tail, so the fetched part holds a little fewer tokens than the share of those held)."""
+    if config.strategy == "hybrid":
+        return round(config.fetch_share * cap_ddr)
+    return 0 if config.strategy in HOST_ATTENDED else cap_ddr
+
+
 def check_config(config: TierConfig, head_dim: int) -> None:
     """Refuse, in one line, what the static buffers do not hold."""
     if config.policy != "hierarchy":
@@ -108,16 +120,26 @@ class TierBuffers:
         retiers = 1 + max_steps // config.retier_every
         self.layers = [self._layer(retiers) for _ in range(num_layers)]
         self.masks = [lt.mask for lt in self.layers] if self.evicts else [self.mask]
-        self.staging = [(torch.zeros((b, h, self.cap_ddr, d), device=dev, dtype=dtype),
-                         torch.zeros((b, h, self.cap_ddr, d), device=dev, dtype=dtype))
-                        for _ in range(2 if self.cap_ddr else 0)]
-        self.assembled = ((torch.zeros((b, h, slots, d), device=dev, dtype=dtype),
-                           torch.zeros((b, h, slots, d), device=dev, dtype=dtype)) if self.assembles else None)
+        # Device buffers only the step that reads them gets (at batch 64 x 8K each is ~1 GB): staging for what is
+        # fetched (none for host attention, hybrid's share), the token-ordered buffer for prefetch's attention (the
+        # host strategies attend the tiers in place; their re-tiering assembles a layer in a transient one).
+        self.n_stage = fetched_capacity(config, self.cap_ddr)
+        self.staging = [(torch.zeros((b, h, self.n_stage, d), device=dev, dtype=dtype),
+                         torch.zeros((b, h, self.n_stage, d), device=dev, dtype=dtype))
+                        for _ in range(2 if self.n_stage else 0)]
+        self.assembled = None
+        if self.assembles and config.strategy not in HOST_ATTENDED:
+            self.assembled = self._token_ordered()
         self.n_seen = 0  # tokens in the cache (host mirror of n_seen_t)
         self.n_seen_t = torch.zeros(1, dtype=torch.long, device=dev)
         self.hbm_len_t = torch.zeros(1, dtype=torch.long, device=dev)  # every layer holds as many HBM tokens
         self.position = self.n_seen_t.view(1, 1)  # the next token's position id (a view: advances with it)
         self.retiers, self.bytes_d2h, self.bytes_h2d_retier = 0, 0, 0
+
+    def _token_ordered(self):
+        """K and V [B, H, cap_tokens + 1, D] on the device, zeroed: a layer in token order (slot = position)."""
+        shape = (self.batch, self.kv_heads, self.cap_tokens + 1, self.head_dim)
+        return tuple(torch.zeros(shape, device=self.device, dtype=self.dtype) for _ in range(2))
 
     def _layer(self, retiers: int) -> LayerTiers:
         dev, b, h, d, dt = self.device, self.batch, self.kv_heads, self.head_dim, self.dtype
@@ -235,8 +257,9 @@ class TierBuffers:
 
     def _assemble(self, lt: LayerTiers, old: torch.Tensor, new: torch.Tensor):
         """The layer in token order as the last step's attention saw it (HBM, the compressed tier dequantized, its
-        residual), with the DDR tokens that leave DDR for the device copied H2D: the cache re-tiers from that."""
-        keys, values = self.assembled
+        residual), with the DDR tokens that leave DDR for the device copied H2D: the cache re-tiers from that
+        (into the step's token-ordered buffer, or a transient one when the step has none)."""
+        keys, values = self.assembled if self.assembled is not None else self._token_ordered()
         n_h = lt.n_hbm
         scatter_tokens(keys, values, lt.hbm_slots[:, :n_h], lt.hbm_k[:, :, :n_h], lt.hbm_v[:, :, :n_h], self.rows)
         if lt.comp is not None:

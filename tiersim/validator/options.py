@@ -43,7 +43,9 @@ class ValidateOptions:
     strategy: str = option("prefetch", "how the DDR tier reaches attention (--executor graph): prefetch, "
                            "host-attention (attended on CPU threads, merged by log-sum-exp) or hybrid "
                            "(--fetch-share of it fetched, the rest on the host)", choices=CACHE_STRATEGIES)
-    fetch_share: float | None = option(None, "hybrid: the share of the DDR tier fetched to the GPU (default 0.5)",
+    fetch_share: float | None = option(None, "hybrid: the share of the DDR tier fetched to the GPU (default 0.5; "
+                                       "--executor graph: of the DDR buffer's capacity, its largest count in the "
+                                       "run, so of the tokens held a little less)",
                                        min=0, max=1, show_default=False)
     compressed: float = option(0.0, "--executor graph: after the grid, its first batch and context again at each HBM "
                                "< 1 ratio with this share of the context in the compressed tier (at most what leaves "
