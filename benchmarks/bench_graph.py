@@ -2,8 +2,8 @@
 
 With a graph calibration file (``<gpu>-graph.json`` from ``bash scripts/gpu_validate.sh``): the calibrated
 simulator's median |error| (<= 5%, goal 2%), the overhead at HBM 0.5 / batch 1 / 2K (<= 3%), the prefetch
-rate against peak H2D (>= 85%), the link-bound points' stall against the simulator's and the compressed
-check's overhead and simulator error. Without one: the
+rate against peak H2D (>= 85%), the link-bound points' stall against the simulator's, and the strategy
+check's (host attention, hybrid) and the compressed check's overhead and simulator error. Without one: the
 script's DRY_RUN=1 mode (every step on the CPU at tiny sizes), timed against its 30 s target.
 Run: python benchmarks/bench_graph.py [--calibration docs/validation/<gpu>-graph.json]
 """
@@ -32,9 +32,11 @@ def _from_file(path: Path) -> str:
 
     doc = compare.load(path)
     points, s = doc["points"], doc["summary"]
-    lossless = [p for p in points if not p.get("compressed")]
+    prefetch = [p for p in points if p.get("strategy") in (None, "prefetch")]
+    lossless = [p for p in prefetch if not p.get("compressed")]
+    strategies = [p for p in points if p.get("strategy") not in (None, "prefetch")]
     head = next((p for p in lossless if (p["batch"], p["context"], p["hbm"]) == (1, 2048, 0.5)), None)
-    checks = [p for p in points if p.get("compressed")]
+    checks = [p for p in prefetch if p.get("compressed")]
     share = s.get("prefetch_share_of_peak_h2d")
     rows = [
         ["median abs simulator error (calibrated closed form)", "≤ 5% (goal 2%)",
@@ -45,6 +47,10 @@ def _from_file(path: Path) -> str:
     bound = sorted((p for p in lossless if p["hbm"] == 0.25 and p.get("stall_ms")), key=lambda p: -p["stall_ms"])[:3]
     rows += [[f"stall, batch {p['batch']} / {p['context']} / HBM 0.25", "simulated "
               + _fmt(p.get("simulated_stall_ms"), 2, " ms"), _fmt(p["stall_ms"], 2, " ms")] for p in bound]
+    rows += [[f"{p['strategy']}" + (f" (fetch share {p['fetch_share']:g})" if p.get("fetch_share") is not None else "")
+              + f", HBM {p['hbm']:g} / batch {p['batch']} / {p['context']}: overhead (simulator's error), host ms", "—",
+              f"{_fmt(p.get('overhead_pct'), 1, '%')} ({_fmt(p.get('sim_error_pct'), 1, '%')}), "
+              f"{_fmt(p.get('host_ms'), 2, ' ms')}"] for p in strategies]
     rows += [[f"compressed check, HBM {p['hbm']:g} + compressed {p['compressed']:g} / batch {p['batch']} / "
               f"{p['context']}: overhead (simulator's error)", "—",
               f"{_fmt(p.get('overhead_pct'), 1, '%')} ({_fmt(p.get('sim_error_pct'), 1, '%')})"] for p in checks]
