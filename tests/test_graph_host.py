@@ -354,6 +354,35 @@ def test_a_strategy_check_point_whose_capture_failed_does_not_relabel_the_prefet
     assert len({round(p["simulated_step_ms"], 9) for p in by.values()}) == 3
 
 
+def test_a_failing_strategy_check_point_is_that_point_s_error_and_the_grid_goes_on(monkeypatch, tmp_path):
+    """The check runs early in the GPU script's grid, on the least-run code: an error there must not lose the grid's
+    file. The point says why in one line; the next check and the rest of the grid are measured. A grid point's own
+    error still ends the run (only the check is guarded)."""
+    from tiersim.validator import graph_run
+
+    real = graph_run.measure_point
+
+    def failing(model, batch, context, hbm, *args, strategy=None, **kwargs):
+        if strategy is not None and strategy["strategy"] == "host-attention":
+            raise ValueError("shapes do not match\nsecond line")
+        return real(model, batch, context, hbm, *args, strategy=strategy, **kwargs)
+
+    monkeypatch.setattr(graph_run, "measure_point", failing)
+    out = tmp_path / "g.json"
+    doc = graph_run.run_graph("tiny", [1, 2], [72], [1.0, 0.5], device="cpu", steps=1, warmup=1, out=out,
+                              strategy_check="host-attention,hybrid")
+    failed = [p for p in doc["points"] if p["error"]]
+    assert [p["error"] for p in failed] == ["failed: ValueError: shapes do not match"]
+    assert sum(p["measured_step_ms"] is not None for p in doc["points"]) == 5 and out.exists()
+
+    def grid_fails(model, batch, context, hbm, *args, strategy=None, **kwargs):
+        raise ValueError("a grid point")
+
+    monkeypatch.setattr(graph_run, "measure_point", grid_fails)
+    with pytest.raises(ValueError, match="a grid point"):
+        graph_run.run_graph("tiny", [1], [72], [1.0, 0.5], device="cpu", steps=1, warmup=1)
+
+
 @pytest.mark.parametrize("front", [["-m", "tiersim", "validate"], ["-m", "tiersim.validator"]])
 def test_both_front_ends_run_hybrid_in_the_graph_executor(tmp_path, front):
     import subprocess

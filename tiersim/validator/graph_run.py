@@ -335,8 +335,17 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
         b, c, h = batches[0], contexts[0], offloaded[0]
         for opts in checks:
             name = opts["strategy"]
-            m, why = grid.measure_one(b, c, h, lambda b, c, h, o=opts: run(b, c, h, strategy=o), log,
-                                      f"graph, {name}", budget_s, started)
+            try:
+                m, why = grid.measure_one(b, c, h, lambda b, c, h, o=opts: run(b, c, h, strategy=o), log,
+                                          f"graph, {name}", budget_s, started)
+            except Exception as exc:  # noqa: BLE001 - an extra point must not cost the grid its file
+                # The host strategies' CUDA paths are the least run code here, and the check comes early: its
+                # failure is the point's error, and the grid goes on (a sticky CUDA error fails the next point
+                # anyway, loudly).
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                m, why = None, f"failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
+                log(f"  {why}")
             yield 0.0, b, c, h, m, first.get("baseline"), why
 
     if checks and not offloaded:
