@@ -67,3 +67,22 @@ def test_the_gpu_runs_cuda_test_files_are_collected_without_the_cli_libraries(tm
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     collected = {line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line}
     assert collected == set(files)
+
+
+def test_the_gpu_runs_step_timeouts_sum_within_its_six_minutes():
+    """The device time the script may take is the sum of its steps' timeouts (each step is killed at its own),
+    plus the one process that checks the GPU (~3 s): it must stay within issue 23's 6 minutes with room for that
+    process and the copy to $OUT. Read from the script itself, with the CUDA branch's defaults, so a budget raised
+    in one place without taking it from another fails here."""
+    import re
+
+    script = (REPO / "scripts" / "gpu_validate.sh").read_text()
+    cuda = script[script.index("\nelse\n"):script.index("\nfi\n")]
+    defaults = {k: int(v) for k, v in re.findall(r"(\w+)=\$\{\1:-(\d+)\}", cuda)}
+    timeouts = []
+    for fixed, name, extra in re.findall(r'run_step "[^"]*" (?:(\d+)|\$\(\((\w+) \+ (\d+)\)\))', script):
+        timeouts.append(int(fixed) if fixed else defaults[name] + int(extra))
+    assert len(timeouts) == 4, timeouts  # tests, grid, profile, against
+    assert sum(timeouts) <= 345, timeouts
+    header = re.search(r"at most (\d+) s of steps", script)
+    assert header and int(header.group(1)) == sum(timeouts)  # the header's accounting is the script's
