@@ -226,8 +226,10 @@ def measure_point(model, batch: int, context: int, hbm: float, steps: int, warmu
             "executor": EXECUTORS[dev.type] if capture_error is None else "cuda-eager", "capture_error": capture_error,
         }, full, copy_ms)
     finally:
-        # Drop the graphs and steps too, so their pools and the buffers are free before the next point.
-        buffers = full = busy = runs = None  # noqa: F841
+        # Drop the graphs and steps too, so their pools and the buffers are free before the next point: the timing
+        # loop's ``replay`` is one of them (a graph's replay, or a step's run), and a step holds itself (its
+        # cache argument), so only free()'s collection releases it, and only once nothing here refers to it.
+        buffers = full = busy = runs = replay = None  # noqa: F841
         free(dev)
 
 
