@@ -1,18 +1,23 @@
 """Rebuild tiersim/data/public-prefill-profiles.json from the public sources it cites.
 
 Usage: python scripts/extract_public_prefill.py VIDUR_DIR SPLITWISE_CSV ARGONNE_TTFT_CSV DISTSERVE_PROFILE_DIR [OUT]
+   or: python scripts/extract_public_prefill.py --distserve-trace DISTSERVE_TRACE_DIR [OUT]
 VIDUR_DIR holds data/profiling/compute/<gpu>/<org>/<model>/mlp.csv as in github.com/microsoft/vidur @ 7d47513;
 SPLITWISE_CSV is data/perf_model.csv of github.com/Mutinifni/splitwise-sim @ 8f99e7d; ARGONNE_TTFT_CSV is
 Plots/Fig_21/all_results_TTFT.csv of github.com/argonne-lcf/LLM-Inference-Bench @ 4211f5d; DISTSERVE_PROFILE_DIR
 holds profiler-a100-80g.{vllm,distserve}.json as in github.com/LLMServe/DistServe @ 82831f1,
-simdistserve/estimators/profile_data. The kernel figures
+simdistserve/estimators/profile_data. DISTSERVE_TRACE_DIR holds the vllm-*.exp and distserve-c21*.exp request traces of
+simdistserve/benchmarks/alignment/data-ground-truth/opt-13b-sharegpt at DistServe @ 20a1633 (branch feat-add-simulator);
+the second form rebuilds that source's cases only. The kernel figures
 (FlashAttention-3 on H100), TensorRT-LLM's published first-token table and this project's own H100 GEMM run are
 transcribed by hand where the file says: the TTFT cases of other sources are kept as they are.
 """
 
 from __future__ import annotations
 
+import ast
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -120,16 +125,59 @@ def distserve_cases(root: Path) -> list[dict]:
     return out
 
 
-def main(argv: list[str]) -> None:
-    vidur, split, argonne, distserve = Path(argv[1]), Path(argv[2]), Path(argv[3]), Path(argv[4])
-    out = Path(argv[5]) if len(argv) > 5 else Path("tiersim/data/public-prefill-profiles.json")
-    data = json.loads(out.read_text()) if out.exists() else {}
-    data["gemm_cases"] = vidur_cases(vidur)
-    rebuilt = splitwise_cases(split) + argonne_cases(argonne) + distserve_cases(distserve)
+#: DistServe's served traces (simdistserve/benchmarks/alignment/align_with_real.py of the same commit: OPT-13B on
+#: A100-80GB; vLLM colocated at TP 1; DistServe's own engine disaggregated, its prefill instance at TP 2 in the
+#: "c21" runs, the decode instance on other GPUs) -> (source, prefill TP, whether another request's decode shares
+#: the GPUs). DistServe's runs without a stated configuration (distserve-N-rate.exp) are left out.
+DISTSERVE_TRACES = {"vllm-*.exp": ("distserve-vllm-trace", 1, True), "distserve-c21*.exp": ("distserve-swift-trace", 2, False)}
+#: A prompt is kept when it ran alone in at least this many runs (the runs replay one seeded workload): its TTFT is
+#: then a repeated measurement, the median over those runs.
+TRACE_MIN_RUNS = 3
+
+
+def distserve_trace_cases(root: Path) -> list[dict]:
+    """One request's TTFT from the DistServe authors' served traces: only the requests that had the prefill GPUs to
+    themselves, so the TTFT holds no queueing and no other request's work: no other request in flight at all between
+    their issue and first token where decodes share the GPUs (vLLM), no other request's prefill where they do not
+    (DistServe's prefill instance). Per prompt length seen alone in >= TRACE_MIN_RUNS runs, the median over them."""
+    out = []
+    for pattern, (source, tp, colocated) in DISTSERVE_TRACES.items():
+        alone: dict[int, list[float]] = {}
+        for path in sorted(root.glob(pattern)):
+            reqs = ast.literal_eval(path.read_text().strip().splitlines()[0])
+            for i, r in enumerate(reqs):
+                t0, t1 = r["issue_time"], r["first_token_time"]
+                busy_until = "complete_time" if colocated else "first_token_time"
+                if all(o[busy_until] <= t0 or o["issue_time"] >= t1 for j, o in enumerate(reqs) if j != i):
+                    alone.setdefault(int(r["prompt_len"]), []).append(float(r["ttft_ms"]))
+        points = [{"prompt": n, "ttft_ms": round(statistics.median(v), 2), "runs": len(v),
+                   "range_ms": [round(min(v), 2), round(max(v), 2)]}
+                  for n, v in sorted(alone.items()) if len(v) >= TRACE_MIN_RUNS]
+        if not points:
+            raise SystemExit(f"no {pattern} prompt ran alone in {TRACE_MIN_RUNS} runs under {root}")
+        out.append({"source": source, "gpu": "a100", "model": "opt-13b", "tp": tp, "sequences": 1, "points": points})
+    return out
+
+
+def _write(out: Path, data: dict, rebuilt: list[dict]) -> None:
     sources = {case["source"] for case in rebuilt}
     kept = [c for c in data.get("ttft_cases", []) if c.get("source", "splitwise") not in sources]
     data["ttft_cases"] = rebuilt + kept
     write_text(out, json.dumps(data, indent=1) + "\n")  # atomically: a failed run leaves the shipped file whole
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1 and argv[1] == "--distserve-trace":
+        if len(argv) < 3:
+            raise SystemExit("usage: extract_public_prefill.py --distserve-trace DISTSERVE_TRACE_DIR [OUT]")
+        out = Path(argv[3]) if len(argv) > 3 else Path("tiersim/data/public-prefill-profiles.json")
+        _write(out, json.loads(out.read_text()), distserve_trace_cases(Path(argv[2])))
+        return
+    vidur, split, argonne, distserve = Path(argv[1]), Path(argv[2]), Path(argv[3]), Path(argv[4])
+    out = Path(argv[5]) if len(argv) > 5 else Path("tiersim/data/public-prefill-profiles.json")
+    data = json.loads(out.read_text()) if out.exists() else {}
+    data["gemm_cases"] = vidur_cases(vidur)
+    _write(out, data, splitwise_cases(split) + argonne_cases(argonne) + distserve_cases(distserve))
 
 
 if __name__ == "__main__":

@@ -97,7 +97,8 @@ def _ttft_sources(role: str) -> set[str]:
 
 def test_no_ttft_source_is_fitted_on_and_every_one_is_reported():
     assert _ttft_sources("held_out") == {"splitwise", "trtllm-v0.5-a100", "argonne-vllm", "argonne-trtllm",
-                                         "argonne-dsmii", "distserve-swift", "distserve-vllm"}
+                                         "argonne-dsmii", "distserve-swift", "distserve-vllm",
+                                         "distserve-vllm-trace", "distserve-swift-trace"}
     assert not _ttft_sources("fit")
     ttft = {r.source for r in ROWS if r.regime == "ttft" and r.role == "held_out"}
     assert ttft == _ttft_sources("held_out")
@@ -225,3 +226,31 @@ def test_a_trtllm_prefill_line_fitted_on_the_dli_check_is_not_what_the_held_out_
     shipped = {(r.model, r.tokens): r.simulated_ms for r in ROWS if r.source == "argonne-trtllm" and r.gpu == "gh200"}
     assert {(r.model, r.tokens): r.simulated_ms for r in pf.line_rows(line)
             if r.source == "argonne-trtllm" and r.gpu == "gh200"} == shipped
+
+
+@pytest.mark.parametrize("trace", sorted(pf.ENGINE_LINES))
+def test_the_served_traces_keep_requests_that_ran_alone_and_check_the_engine_line(trace):
+    """DistServe's served traces (the engines its two profile lines measure): the data file holds only prompts that ran
+    alone in several runs (their median); the simulator misses them on the fast side as it does the profiles, and the
+    engine line fitted on the profile alone (never on the trace) brings each closer: the rows `<trace>+line`."""
+    profile = pf.ENGINE_LINES[trace]
+    case = next(c for c in REF["ttft_cases"] if c["source"] == trace)
+    assert (case["gpu"], case["model"], case["sequences"]) == ("a100", "opt-13b", 1)
+    assert all(p["runs"] >= 3 and p["range_ms"][0] <= p["ttft_ms"] <= p["range_ms"][1] for p in case["points"])
+    assert SUMMARY[trace]["median_signed_pct"] < -10.0
+    line = pf.fit_engine_line(ROWS, profile)
+    # fitted on the profile only: tripling the trace's measurements leaves the line as it is
+    doctored = [r if r.source != trace else r.__class__(**{**r.__dict__, "reference_ms": 3 * r.reference_ms})
+                for r in ROWS if "+" not in r.source]
+    assert pf.fit_engine_line(doctored, profile) == line
+    checked = pf.summary(pf.engine_line_rows(line, ROWS, trace))[f"{trace}+line"]
+    assert checked == SUMMARY[f"{trace}+line"] and checked["role"] == "check"
+    assert checked["median_pct"] < 0.5 * SUMMARY[trace]["median_pct"]
+    with pytest.raises(ValueError):
+        pf.fit_engine_line(ROWS, source="no-such-source")
+
+
+def test_the_docs_state_the_vllm_engine_line():
+    m = re.search(r"([\d.]+) × the simulated time \+ ([\d.]+) ms,\s+least squares on distserve-vllm only", PREFILL_DOC)
+    line = pf.fit_engine_line(ROWS)
+    assert m and line == (pytest.approx(float(m[1]), abs=0.0005), pytest.approx(float(m[2]), abs=0.005))

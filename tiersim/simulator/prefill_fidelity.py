@@ -14,6 +14,10 @@ docs/simulator.md, "Prefill"):
   1024 tokens on one A100, H100 or GH200 (fp16), three 7-8B models, per engine;
 * ``distserve-swift``, ``distserve-vllm`` (held out): DistServe's fitted prefill lines (its C++ engine, and vLLM as its
   authors profiled it) for OPT-13B/66B on A100 at TP 1-8, evaluated at 128-2048 tokens;
+* ``distserve-vllm-trace``, ``distserve-swift-trace`` (held out): the same authors' served traces (OPT-13B on
+  A100-80GB; vLLM at TP 1, their engine's prefill instance at TP 2), only the requests that had the prefill GPUs to
+  themselves: second sources of the engines the two profile lines measure (``<trace>+line``, check: each re-priced
+  with a line fitted on its engine's profile only, :func:`fit_engine_line`);
 * ``tiersim-h100-operators`` (held out): this project's own H100 GEMM run at 128-512 tokens;
 * ``nvidia-dli-trtllm-ttft`` (check): the first-token latencies of the TensorRT-LLM 0.9.0 table whose token-to-token
   latencies fit the trtllm engine's decode block rate (``tiersim/data/public-decode-steps.json``, read from there):
@@ -26,7 +30,9 @@ named) and is what the reported error means. :func:`rows` prices every point wit
 One more set of rows, ``splitwise+engine-step`` (check), adds to each Splitwise point that engine's own per-step
 excess (its batch-1 decode step minus the simulated one): not a fit (nothing is changed by it), the decomposition of
 that source's miss. :func:`fit_dli_line` / :func:`line_rows`: a trtllm prefill line fitted on the DLI check and
-re-checked on the held-out TensorRT-LLM TTFTs, the reason no preset carries one.
+re-checked on the held-out TensorRT-LLM TTFTs, the reason no preset carries one. :func:`fit_engine_line` /
+:func:`engine_line_rows`: a per-forward vLLM engine line fitted on ``distserve-vllm`` and checked on
+``distserve-vllm-trace`` (the same engine), not shipped.
 """
 
 from __future__ import annotations
@@ -157,7 +163,12 @@ def rows(gpus: dict[str, GPU] | None = None, reference: dict | None = None) -> l
             if excess is not None:
                 out.append(Row(f"{source}+engine-step", "ttft", case["gpu"], case["model"], tp, p["prompt"],
                                p["ttft_ms"], sim + excess, "check", n))
-    return out + dli_ttft_rows(gpus)
+    out += dli_ttft_rows(gpus)
+    # The engine-line checks: each served trace re-priced with its engine's line fitted on that engine's profile only.
+    for check, profile in ENGINE_LINES.items():
+        if any(r.source == check for r in out):
+            out += engine_line_rows(fit_engine_line(out, profile), out, check)
+    return out
 
 
 def dli_ttft_rows(gpus: dict[str, GPU] | None = None) -> list[Row]:
@@ -236,6 +247,35 @@ def line_rows(line: dict[str, tuple[float, float]], gpus: dict[str, GPU] | None 
             r = replace(r, simulated_ms=sim * 1e3)
         out.append(r)
     return out
+
+
+#: The engine line's fit source and the source of the same engine it is checked on (docs/simulator.md, "Prefill"),
+#: and every such pair :func:`rows` reports (served trace -> that engine's profile line).
+ENGINE_LINE_FIT = "distserve-vllm"
+ENGINE_LINE_CHECK = "distserve-vllm-trace"
+ENGINE_LINES = {ENGINE_LINE_CHECK: ENGINE_LINE_FIT, "distserve-swift-trace": "distserve-swift"}
+
+
+def fit_engine_line(points: list[Row] | None = None, source: str = ENGINE_LINE_FIT) -> tuple[float, float]:
+    """A per-forward engine prefill line ``measured = scale x simulated + intercept_ms``, least squares on relative
+    error over one TTFT source's rows only (default: DistServe's profile of vLLM). Not shipped as a preset: it is one
+    engine build's cost, checked by :func:`engine_line_rows` on the same engine's served traces, and shown earlier not
+    to carry to other vLLM builds (docs/simulator.md, "Prefill")."""
+    sel = [r for r in (rows() if points is None else points) if r.source == source]
+    if not sel:
+        raise ValueError(f"no rows of source {source!r}")
+    ref = np.array([r.reference_ms for r in sel])
+    sim = np.array([r.simulated_ms for r in sel])
+    scale, intercept = np.linalg.lstsq(np.c_[sim / ref, 1.0 / ref], np.ones(len(sel)), rcond=None)[0]
+    return float(f"{scale:.4g}"), float(f"{intercept:.4g}")
+
+
+def engine_line_rows(line: tuple[float, float], points: list[Row] | None = None,
+                     source: str = ENGINE_LINE_CHECK) -> list[Row]:
+    """``source``'s rows re-priced with ``line`` (:func:`fit_engine_line`), named ``<source>+line``, role check."""
+    scale, intercept = line
+    return [replace(r, source=f"{r.source}+line", simulated_ms=scale * r.simulated_ms + intercept, role="check")
+            for r in (rows() if points is None else points) if r.source == source]
 
 
 def summary(points: list[Row]) -> dict[str, dict]:
