@@ -92,17 +92,39 @@ def gemm_s(model: Model, gpu: GPU, rows):
     return (memory ** p + compute ** p) ** (1.0 / p)
 
 
-def attention_s(gpu: GPU, kv_bytes, blocks=None):
+def l2_miss_share(gpu: GPU, kv_bytes):
+    """Share of a layer's ``kv_bytes`` that a second read of it finds outside L2: ``max(0, 1 - L2 / bytes)``.
+
+    Zero while the layer's KV fits in ``gpu.l2_bytes`` (batch 1: a few MB against 40-50 MB), towards one as it
+    outgrows it (batch 64 x 2K: hundreds of MB)."""
+    kv_bytes = np.asarray(kv_bytes, dtype=float)
+    return np.clip(1.0 - gpu.l2_bytes / np.maximum(kv_bytes, 1.0), 0.0, 1.0)
+
+
+def reread_bytes(gpu: GPU, kv_bytes, group: int = 1):
+    """HBM bytes a kernel that reads each KV head once per query head of its ``group`` adds to one read of
+    ``kv_bytes``: ``(group - 1) x kv_bytes x share x`` :func:`l2_miss_share` (``gpu.attn_kv_reread_share``; 0
+    for MHA, for a GQA-aware kernel, and on every shipped preset)."""
+    kv_bytes = np.asarray(kv_bytes, dtype=float)
+    if gpu.attn_kv_reread_share <= 0 or group <= 1:
+        return np.zeros_like(kv_bytes)
+    return (group - 1) * kv_bytes * gpu.attn_kv_reread_share * l2_miss_share(gpu, kv_bytes)
+
+
+def attention_s(gpu: GPU, kv_bytes, blocks=None, group: int = 1):
     """Seconds of decode attention reading ``kv_bytes`` of KV (the batch's, one layer); 0 for none.
 
     ``blocks`` (sequences x KV heads) caps the read rate at ``blocks x gpu.attn_block_bw`` where the engine's
     kernel does not split the KV (``attn_block_bw > 0``): one block per sequence and KV head cannot keep HBM
-    busy at batch 1 (TensorRT-LLM 0.9's decode attention: docs/simulator.md, "Fidelity")."""
+    busy at batch 1 (TensorRT-LLM 0.9's decode attention: docs/simulator.md, "Fidelity"). ``group`` (query heads
+    per KV head) adds :func:`reread_bytes` where ``gpu.attn_kv_reread_share`` is set (a rejected try: 0 on every
+    preset)."""
     kv_bytes = np.asarray(kv_bytes, dtype=float)
     bw = gpu.hbm_bw * gpu.attn_efficiency
     if gpu.attn_block_bw > 0 and blocks is not None:
         bw = np.minimum(bw, np.maximum(np.asarray(blocks, dtype=float), 1.0) * gpu.attn_block_bw)
-    return np.where(kv_bytes > 0, gpu.attn_kernel_s + kv_bytes / bw, 0.0)
+    read = kv_bytes + reread_bytes(gpu, kv_bytes, group)
+    return np.where(kv_bytes > 0, gpu.attn_kernel_s + read / bw, 0.0)
 
 
 def small_ops_s(gpu: GPU, model: Model) -> float:
@@ -118,7 +140,8 @@ def layer_s(model: Model, gpu: GPU, batch: int, kv_read, extra_bytes=0.0, attend
     rows: the same curve a prefill chunk of that many rows is priced on); ``extra_bytes`` (the cache's own
     passes) stream at the plain HBM efficiency.
     """
-    t_attn = (attention_s(gpu, kv_read, blocks=batch * model.num_kv_heads)
+    group = max(model.num_attention_heads // max(model.num_kv_heads, 1), 1)
+    t_attn = (attention_s(gpu, kv_read, blocks=batch * model.num_kv_heads, group=group)
               + np.asarray(extra_bytes, dtype=float) / (gpu.hbm_bw * gpu.hbm_efficiency))
     attended = 0.0 if attended is None else attended
     flops = 4 * np.asarray(attended, dtype=float) * model.num_attention_heads * model.head_dim

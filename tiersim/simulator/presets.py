@@ -54,6 +54,14 @@ class GPU:
     #: with few KV heads leaves HBM idle. 0: the kernel splits the KV (the fit sources' paged kernels), no limit.
     #: Set by an engine preset (``--engine-overhead trtllm``), fitted per GPU (decode_fidelity.fit_attention_block_bw).
     attn_block_bw: float = 0.0
+    #: Share of a GQA group's repeated KV reads that reach HBM in a decode-attention kernel that reads each KV head
+    #: once per query head of its group, the part of the layer's KV that does not fit in :attr:`l2_bytes`
+    #: (``physics.attention_s``). 0 (every preset): the KV is read once, as the fit sources' GQA-aware kernels do.
+    #: Tried for TensorRT-LLM 0.9 and rejected (docs/simulator.md, "Fidelity against sources nobody fitted on").
+    attn_kv_reread_share: float = 0.0
+    #: On-chip L2 cache, bytes (datasheets: H100 50 MB, NVIDIA H100 Tensor Core GPU Architecture whitepaper;
+    #: A100 40 MB, NVIDIA A100 Tensor Core GPU Architecture whitepaper). Read only by the re-read term above.
+    l2_bytes: float = 50e6
     #: Small ops per decoder layer (2 RMSNorm, RoPE, activation, residual add, fused as a serving engine runs
     #: them): a launch-bound floor plus a term per element of width (hidden + intermediate). HF eager runs
     #: them unfused, ~51 us at 1 token on an H100 (docs/validation/h100-80gb-hbm3-operators.json): a
@@ -251,7 +259,7 @@ GPUS: dict[str, GPU] = {
         # Link: nvbandwidth on A100-SXM4-80GB hosts, PCIe Gen4 x16 (github.com/NVIDIA/nvbandwidth issues 53 and 11):
         # ~24.8 GB/s H2D and ~25 D2H one way; both at once D2H keeps ~24 while H2D falls to ~11-13: ~35 in all.
         # The engine gives H2D 11 of the 35 and D2H the other 24 while both run (bidir_h2d_share).
-        GPU("a100-80g", 80 * GB, 2.04e12, 25 * GB, 25 * GB, 35 * GB, 5e-6, 312e12, bidir_h2d_share=11 / 35,
+        GPU("a100-80g", 80 * GB, 2.04e12, 25 * GB, 25 * GB, 35 * GB, 5e-6, 312e12, bidir_h2d_share=11 / 35, l2_bytes=40e6,
             host_socket_bw=204.8 * GB, host_socket_flops=1.4e12,
             weight_efficiency=0.814, gemm_kernel_s=3.6e-6, gemm_batch_slowdown=0.114, attn_kernel_s=20.2e-6,
             attn_efficiency=0.795, layer_overhead=3.5e-6, layer_overhead_per_width=1.24e-9,
