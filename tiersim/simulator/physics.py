@@ -117,8 +117,8 @@ def attention_s(gpu: GPU, kv_bytes, blocks=None, group: int = 1):
     ``blocks`` (sequences x KV heads) caps the read rate at ``blocks x gpu.attn_block_bw`` where the engine's
     kernel does not split the KV (``attn_block_bw > 0``): one block per sequence and KV head cannot keep HBM
     busy at batch 1 (TensorRT-LLM 0.9's decode attention: docs/simulator.md, "Fidelity"). ``group`` (query heads
-    per KV head) adds :func:`reread_bytes` where ``gpu.attn_kv_reread_share`` is set (a rejected try: 0 on every
-    preset)."""
+    per KV head) adds :func:`reread_bytes` where ``gpu.attn_kv_reread_share`` is set (not yet carried by any
+    preset: 0 on every one)."""
     kv_bytes = np.asarray(kv_bytes, dtype=float)
     bw = gpu.hbm_bw * gpu.attn_efficiency
     if gpu.attn_block_bw > 0 and blocks is not None:

@@ -57,7 +57,8 @@ class GPU:
     #: Share of a GQA group's repeated KV reads that reach HBM in a decode-attention kernel that reads each KV head
     #: once per query head of its group, the part of the layer's KV that does not fit in :attr:`l2_bytes`
     #: (``physics.attention_s``). 0 (every preset): the KV is read once, as the fit sources' GQA-aware kernels do.
-    #: Tried for TensorRT-LLM 0.9 and rejected (docs/simulator.md, "Fidelity against sources nobody fitted on").
+    #: Measured for TensorRT-LLM 0.9 (0.30 fitted on the DLI table) but not yet carried by any engine preset
+    #: (docs/simulator.md, "Fidelity against sources nobody fitted on", the GQA paragraph).
     attn_kv_reread_share: float = 0.0
     #: On-chip L2 cache, bytes (datasheets: H100 50 MB, NVIDIA H100 Tensor Core GPU Architecture whitepaper;
     #: A100 40 MB, NVIDIA A100 Tensor Core GPU Architecture whitepaper). Read only by the re-read term above.
