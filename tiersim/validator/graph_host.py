@@ -60,9 +60,10 @@ from tiersim.hierarchy.split_attention import (
     merged_probabilities,
     partial_attention,
 )
+from tiersim.validator import graph_tiers
 from tiersim.validator.graph import CapturedStep, GraphStep
 
-HOST_STRATEGIES = ("host-attention", "hybrid")
+HOST_STRATEGIES = graph_tiers.HOST_STRATEGIES  # one list: the buffers size themselves by it
 STRATEGIES = ("prefetch", *HOST_STRATEGIES)
 
 

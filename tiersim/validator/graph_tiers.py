@@ -52,7 +52,7 @@ def capacities(config: TierConfig, first: int, last: int) -> dict[str, int]:
     return caps
 
 
-HOST_ATTENDED = ("host-attention", "hybrid")  # strategies whose step attends the DDR tier where it lives
+HOST_STRATEGIES = ("host-attention", "hybrid")  # strategies whose step attends the DDR tier where it lives
 
 
 def fetched_capacity(config: TierConfig, cap_ddr: int) -> int:
@@ -61,7 +61,7 @@ def fetched_capacity(config: TierConfig, cap_ddr: int) -> int:
     are the buffer's tail, so the fetched part holds a little fewer tokens than the share of those held)."""
     if config.strategy == "hybrid":
         return round(config.fetch_share * cap_ddr)
-    return 0 if config.strategy in HOST_ATTENDED else cap_ddr
+    return 0 if config.strategy in HOST_STRATEGIES else cap_ddr
 
 
 def check_config(config: TierConfig, head_dim: int) -> None:
@@ -128,7 +128,7 @@ class TierBuffers:
                          torch.zeros((b, h, self.n_stage, d), device=dev, dtype=dtype))
                         for _ in range(2 if self.n_stage else 0)]
         self.assembled = None
-        if self.assembles and config.strategy not in HOST_ATTENDED:
+        if self.assembles and config.strategy not in HOST_STRATEGIES:
             self.assembled = self._token_ordered()
         self.n_seen = 0  # tokens in the cache (host mirror of n_seen_t)
         self.n_seen_t = torch.zeros(1, dtype=torch.long, device=dev)
