@@ -133,13 +133,18 @@ def test_the_engine_line_names_the_per_block_rate_applied_on_that_gpu():
     assert h100.attn_block_bw > 0 and f"{h100.attn_block_bw / 1e9:.1f} GB/s per block;" in h100.engine
     h200 = engines.apply(get_gpu("h200"), "trtllm", 28)
     assert h200.attn_block_bw == 0 and "no per-block attention limit on h200" in h200.engine
+    assert f"GQA KV re-read share {h100.attn_kv_reread_share:.2f} beyond L2" in h100.engine
+    assert h200.attn_kv_reread_share == 0 and "no GQA re-reads on h200" in h200.engine
     assert all(g in trt.describe() for g, _ in trt.attn_block_bw)  # without a GPU (the presets table): every one
 
 
-def test_the_presets_table_shows_each_engines_per_block_attention_rate():
-    """trtllm's only charge is its per-block decode-attention rate: without that column its row read as 'none'."""
+def test_the_presets_table_shows_each_engines_per_block_attention_rate_and_gqa_reread_share():
+    """trtllm's only charges are its decode kernel's per-block rate and GQA re-read share: without those columns
+    its row read as 'none'."""
     lines = _tiersim("presets", "--wide").stdout.splitlines()
-    rates = [line.split() for line in lines[next(i for i, x in enumerate(lines) if "per thread block" in x):]
-             if line.split()[:1] in (["trtllm"], ["none"])]
-    fitted = [(e.name, g, f"{bw / 1e9:.2f}") for e in engines.presets().values() for g, bw in e.attn_block_bw]
-    assert [tuple(r) for r in rates] == fitted and {name for name, _, _ in fitted} == {"trtllm"}
+    rows = [line.split() for line in lines[next(i for i, x in enumerate(lines) if "Decode attention kernel" in x):]
+            if line.split()[:1] in (["trtllm"], ["none"])]
+    fitted = [(e.name, g, f"{bw / 1e9:.2f}", f"{dict(e.kv_reread_share)[g]:.2f}") for e in engines.presets().values()
+              for g, bw in e.attn_block_bw]
+    assert [tuple(r) for r in rows] == fitted and {name for name, *_ in fitted} == {"trtllm"}
+    assert {g for _, g, *_ in fitted} == set(dict(engines.get("trtllm").kv_reread_share))

@@ -3,6 +3,7 @@ priced by ``decode_fidelity``: the file's citations and roles, the run classific
 physics regression would cross (derived from the same runs, not copied results)."""
 
 import copy
+import statistics
 from dataclasses import replace
 
 import pytest
@@ -150,3 +151,97 @@ def test_vllm_sync_line_explains_vllm_0_5_and_meets_the_small_batch_worst_target
         for reg in DECODE:
             assert shipped[("argonne-vllm", reg)]["median_pct"] < alt[("argonne-vllm", reg)]["median_pct"], (other, reg)
     assert shipped[("argonne-vllm", "decode small batch")]["worst_pct"] <= 10.0
+
+
+def _no_rereads(gpu):
+    return replace(gpu, attn_kv_reread_share=0.0)
+
+
+def test_gqa_rereads_cost_nothing_under_l2_or_for_mha_and_their_share_of_the_rest_beyond():
+    """``physics.reread_bytes``: (group - 1) x KV x share x the share of the layer's KV outside L2; none while it
+    fits in L2 or for a group of 1, and the engine preset sets the share on the GPUs it was fitted on only."""
+    doc = df.load()
+    mistral = df.model_for(doc, "mistral-7b-v0.1")
+    group = physics.gqa_group(mistral)
+    assert group == 4 and physics.gqa_group(df.model_for(doc, "llama-2-7b")) == 1
+    for preset in ("h100-sxm", "a100-80g", "a100-40g"):
+        trt = engines.apply(get_gpu(preset), "trtllm", mistral.num_layers)
+        share = trt.attn_kv_reread_share
+        assert 0 < share < 1 and share == engines.get("trtllm").reread_share(get_gpu(preset))
+        small, big = 0.5 * trt.l2_bytes, 8 * trt.l2_bytes
+        assert float(physics.reread_bytes(trt, small, group)) == 0.0
+        assert float(physics.reread_bytes(trt, big, 1)) == 0.0
+        assert float(physics.reread_bytes(trt, big, group)) == pytest.approx((group - 1) * big * share * (1 - 1 / 8))
+        assert float(physics.attention_s(trt, small, group=group)) == float(physics.attention_s(trt, small))
+    # a GPU the share was not fitted on (nor reads the constants of) gets none; no other preset carries one
+    assert engines.apply(get_gpu("h200"), "trtllm", 32).attn_kv_reread_share == 0.0
+    assert all(not e.kv_reread_share for n, e in engines.presets().items() if n != "trtllm")
+
+
+def test_a_mixed_step_charges_the_same_gqa_rereads_as_a_decode_step():
+    """A prefill chunk beside the decode rows leaves their attention's re-reads as they are (``prefill.mixed_layer_s``
+    passes the model's group as ``physics.layer_s`` does): the serving simulator prices both alike."""
+    from tiersim.simulator import prefill
+
+    doc = df.load()
+    mistral = df.model_for(doc, "mistral-7b-v0.1")
+    trt = engines.apply(get_gpu("h100-sxm"), "trtllm", mistral.num_layers)
+    kv = 64 * 2048 * mistral.kv_bytes_per_token_layer
+    decode = [float(prefill.mixed_layer_s(mistral, g, 64, kv, 0)) for g in (trt, _no_rereads(trt))]
+    mixed = [float(prefill.mixed_layer_s(mistral, g, 64, kv, 256, 512)) for g in (trt, _no_rereads(trt))]
+    assert decode[0] > decode[1]
+    assert mixed[0] - mixed[1] == pytest.approx(decode[0] - decode[1])
+
+
+def test_trtllm_reread_share_is_fitted_on_its_fit_source_only_and_the_preset_carries_it():
+    """``fit_kv_reread_share`` reproduces the preset's shares from the data (a change to the fit source's points
+    that moves the fit fails here), never reads a held-out or check source, and with these shares the block-rate
+    fit returns the shipped rates (the two fits are a fixed point of each other, the previous test)."""
+    doc = df.load()
+    fitted = df.fit_kv_reread_share("trtllm")
+    assert fitted == dict(engines.get("trtllm").kv_reread_share)
+    assert set(fitted) == {"a100-80g", "h100-sxm"} and all(0 < v < 1 for v in fitted.values())
+    # held-out and check figures tripled: the same fit
+    doctored = copy.deepcopy(doc)
+    for p in doctored["points"]:
+        if doctored["sources"][p["source"]]["role"] != "fit":
+            for key in ("latency_s", "t2t_ms"):
+                if key in p:
+                    p[key] *= 3
+    assert df.fit_kv_reread_share("trtllm", doctored) == fitted
+    # the fit source's GQA large batches 15% slower on the H100: more of the re-reads reach HBM there, the A100 as it was
+    slower = copy.deepcopy(doc)
+    for p in slower["points"]:
+        if (p["source"] == "nvidia-dli-trtllm" and p["model"] == "mistral-7b-v0.1" and p["batch"] > df.SMALL_BATCH
+                and slower["gpus"][p["gpu"]]["preset"] == "h100-sxm"):
+            p["t2t_ms"] *= 1.15
+    moved = df.fit_kv_reread_share("trtllm", slower)
+    assert moved["h100-sxm"] > fitted["h100-sxm"] and moved["a100-80g"] == fitted["a100-80g"]
+
+
+def test_trtllm_rereads_improve_held_out_large_batches_and_leave_batch_one_and_mha_unchanged(shipped):
+    """Held out (Argonne's TensorRT-LLM runs, nothing fitted on them): the shipped share against the same preset
+    without it. Batch 16-64's median |error| falls on each GPU; every batch-1 point and every multi-head model's
+    point is priced exactly as without the term (a batch-1 layer's KV fits in L2; MHA has no group); other engines'
+    points do not move."""
+    doc = df.load()
+    off = {(p.source, p.gpu, p.model, p.batch, p.length): p for p in df.points(gpu_transform=_no_rereads)}
+    on = {(p.source, p.gpu, p.model, p.batch, p.length): p for p in df.points()}
+    groups = {k: physics.gqa_group(df.model_for(doc, k)) for k in doc["models"]}
+    moved = 0
+    for key, p in on.items():
+        q = off[key]
+        if p.batch == 1 or groups[p.model] == 1 or p.engine != "trtllm":
+            assert p.simulated_ms == q.simulated_ms, key
+        else:
+            assert p.simulated_ms >= q.simulated_ms, key
+            moved += p.simulated_ms > q.simulated_ms
+    assert moved >= 50
+    large = [k for k, p in on.items() if k[0] == "argonne-trtllm" and p.regime == "decode large batch"]
+    for gpu in ("all", *sorted({k[1] for k in large})):
+        pick = [k for k in large if gpu in ("all", k[1])]
+        after = statistics.median(abs(on[k].error_pct) for k in pick)
+        before = statistics.median(abs(off[k].error_pct) for k in pick)
+        assert after < 0.9 * before, gpu
+    assert shipped[("argonne-trtllm", "decode large batch")]["median_pct"] == pytest.approx(
+        statistics.median(abs(on[k].error_pct) for k in large))

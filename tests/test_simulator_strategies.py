@@ -266,3 +266,30 @@ def test_the_planner_prices_prefetch_as_the_engine_does(trace, hbm, profiled):
     assert planned["tpot_ms"] == pytest.approx(engine["step_ms"], rel=0.01)
     # The capacity batch sweep's closed-form cells price the same step.
     assert cap.closed_form_row(sc, policy, 64)["step_ms"] == pytest.approx(engine["step_ms"], rel=0.01)
+
+
+@pytest.mark.parametrize("strategy", ["host-attention", "hybrid"])
+def test_host_split_strategies_charge_the_engines_gqa_rereads_in_their_hbm_window(strategy):
+    """The HBM-tier attention that host attention hides under is priced as ``physics.layer_s`` prices decode
+    attention: with the model's GQA group, so an engine preset whose kernel re-reads KV heads per query head
+    (``--engine-overhead trtllm``) lengthens that window on a GQA model at a batch whose layer KV outgrows L2, and
+    a multi-head model (group 1) is unchanged."""
+    from tiersim.simulator import engines, physics
+    from tiersim.simulator.strategies import step_costs
+
+    policy = analytic.Offload(TierConfig(0.5, 0.5, 0.0, 0.0))
+    for model, grows in ((GQA, True), (MHA, False)):
+        trt = engines.apply(H100, "trtllm", model.num_layers)
+        off = replace(trt, attn_kv_reread_share=0.0)
+        assert trt.attn_kv_reread_share > 0 and physics.gqa_group(model) == (7 if model is GQA else 1)
+        work = _work(model, policy, 64)
+        hbm_kv = work.hbm * model.kv_bytes_per_token_layer
+        assert hbm_kv.min() > H100.l2_bytes  # the layer's HBM-tier KV is past L2: re-reads reach HBM
+        on, base = (step_costs(strategy, model, g, policy, work, share=1.0) for g in (trt, off))
+        want = np.minimum(physics.attention_s(trt, hbm_kv, blocks=64 * model.num_kv_heads,
+                                              group=physics.gqa_group(model)), on.compute)
+        np.testing.assert_allclose(on.host_window, want)
+        if grows:
+            assert np.all(on.host_window > base.host_window) and np.all(on.compute > base.compute)
+        else:
+            np.testing.assert_array_equal(on.host_window, base.host_window)

@@ -46,12 +46,16 @@ def presets(fmt: str = options.opt("table", "--format", help="table or json", ch
     for e in engines.presets().values():
         engine_table.add_row(e.name, f"{e.fixed_s * 1e3:.3g}", f"{e.per_sequence_s * 1e3:.3g}",
                              f"{e.floor_per_layer_s * 1e3:.3g}", e.role, e.measured_on or "-", e.source or "-")
-    # An unsplit decode-attention kernel's read rate per thread block (trtllm's only charge), per GPU it was fitted on.
-    blocks = compact_table("Decode attention per thread block (--engine-overhead: a kernel that does not split the KV)")
-    add_columns(blocks, ("engine", "GPU preset", "GB/s per block"))
+    # An engine's own decode-attention kernel, per GPU it was fitted on (trtllm's only charges): the read rate per thread
+    # block of a kernel that does not split the KV, and the share of a GQA group's repeated KV reads reaching HBM.
+    blocks = compact_table("Decode attention kernel (--engine-overhead: a kernel that does not split the KV, and "
+                           "re-reads a GQA model's KV per query head beyond L2)")
+    add_columns(blocks, ("engine", "GPU preset", "GB/s per block", "GQA re-read share"))
     for e in engines.presets().values():
-        for gpu, bw in e.attn_block_bw:
-            blocks.add_row(e.name, gpu, f"{bw / 1e9:.2f}")
+        rates, shares = dict(e.attn_block_bw), dict(e.kv_reread_share)
+        for gpu in sorted(set(rates) | set(shares)):
+            blocks.add_row(e.name, gpu, f"{rates[gpu] / 1e9:.2f}" if gpu in rates else "-",
+                           f"{shares[gpu]:.2f}" if gpu in shares else "-")
     console.print(gpus)
     console.print(models)
     console.print(engine_table)

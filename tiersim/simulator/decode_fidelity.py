@@ -3,8 +3,8 @@
 ``fidelity`` checks the physics against per-operator tables (vidur's), the same kind of data it was fitted on.
 A real engine's step adds what those tables leave out: the LM head, sampling, the engine's per-step host work,
 its own attention kernel. ``tiersim/data/public-decode-steps.json`` holds such measurements, each source with its
-role (``held_out``: nothing fitted on it; ``fit``: an engine preset's constant was, :func:`fit_attention_block_bw`;
-``check``: a fit source's points the fit did not read),
+role (``held_out``: nothing fitted on it; ``fit``: an engine preset's constants were, :func:`fit_attention_block_bw`
+and :func:`fit_kv_reread_share`; ``check``: a fit source's points the fit did not read),
 of two kinds: *whole runs* (B prompts of L tokens, L output tokens each, the batch's
 end-to-end latency), priced as the engine ran them: one batched prefill (``prefill`` physics), then the L - 1
 further decode steps; and *token-to-token latencies* (the mean decode step after the first token of a batch of B
@@ -147,29 +147,77 @@ def points(doc: dict | None = None, engine_overrides: dict[str, str] | None = No
 
 #: Saturation points tried by :func:`fit_attention_block_bw`: blocks at which the per-block rate reaches the HBM share.
 BLOCK_GRID = tuple(range(8, 257, 8))
+#: GQA re-read shares tried by :func:`fit_kv_reread_share`: 0 to 1 in steps of 0.01 (the data file's precision).
+SHARE_GRID = tuple(i / 100 for i in range(101))
+
+
+def _fit_subset(doc: dict, engine: str) -> tuple[set[str], dict]:
+    """The **fit** sources priced with ``engine`` (by source role) and the data file cut down to their points:
+    held-out and check sources are never handed to a fit."""
+    fit = {k for k, s in doc["sources"].items() if s["role"] == "fit" and s["engine_overhead"] == engine}
+    return fit, {**doc, "points": [p for p in doc["points"] if p["source"] in fit]}
+
+
+def _on_preset(doc: dict, sub: dict, preset: str) -> dict:
+    """``sub`` cut down to the points whose GPU is read as ``preset``."""
+    return {**sub, "points": [p for p in sub["points"] if doc["gpus"][p["gpu"]]["preset"] == preset]}
+
+
+def _sse(pts: list[RunPoint]) -> float:
+    """Least squares on relative error over the decode regimes (the others are reported apart, never fitted)."""
+    return sum((p.error_pct / 100.0) ** 2 for p in pts if p.regime in DECODE_REGIMES)
 
 
 def fit_attention_block_bw(engine: str = "trtllm", doc: dict | None = None) -> dict[str, float]:
     """Per GPU preset, the per-block decode-attention rate (bytes/s, ``GPU.attn_block_bw``) of ``engine``'s kernel,
     fitted on the **fit** sources priced with that engine only: least squares on relative error over their decode
     points (small and large batch), the rate written as ``HBM share / saturating blocks`` with the blocks on
-    :data:`BLOCK_GRID`. Held-out sources are never read."""
+    :data:`BLOCK_GRID`. Held-out sources are never read. The points are priced with the engine's shipped GQA
+    re-read share (:func:`fit_kv_reread_share`, fitted with the shipped rate: the two fits are a fixed point of
+    each other, tested), and no host cost (the preset's is none)."""
     doc = doc or load()
-    fit = {k for k, s in doc["sources"].items() if s["role"] == "fit" and s["engine_overhead"] == engine}
-    sub = {**doc, "points": [p for p in doc["points"] if p["source"] in fit]}
+    fit, sub = _fit_subset(doc, engine)
+    e = engines.get(engine)
     out = {}
     for preset in sorted({doc["gpus"][p["gpu"]]["preset"] for p in sub["points"]}):
         base = get_gpu(preset)
         share = base.hbm_bw * base.attn_efficiency
+        mine = _on_preset(doc, sub, preset)
         best = None
         for blocks in BLOCK_GRID:
             rate = share / blocks
-            pts = points(sub, gpu_transform=lambda g, r=rate, n=preset: replace(g, attn_block_bw=r) if g.name == n else g,
+            pts = points(mine, gpu_transform=lambda g, r=rate: replace(g, attn_block_bw=r,
+                                                                       attn_kv_reread_share=e.reread_share(g)),
                          engine_overrides={k: "none" for k in fit})
-            sse = sum((p.error_pct / 100.0) ** 2 for p in pts if p.regime in DECODE_REGIMES
-                      and doc["gpus"][p.gpu]["preset"] == preset)
+            sse = _sse(pts)
             if best is None or sse < best[0]:
                 best = (sse, rate)
+        out[preset] = best[1]
+    return out
+
+
+def fit_kv_reread_share(engine: str = "trtllm", doc: dict | None = None) -> dict[str, float]:
+    """Per GPU preset, the share of a GQA group's repeated KV reads that reach HBM (``GPU.attn_kv_reread_share``)
+    in ``engine``'s decode-attention kernel, fitted on the **fit** sources priced with that engine only (by source
+    role; held-out and check sources are never read): least squares on relative error over their decode points,
+    the share on :data:`SHARE_GRID`, everything else as the engine preset ships (its per-block rate included).
+
+    Why the term: TensorRT-LLM 0.9's decode kernel reads each KV head once per query head of its group, so a GQA
+    model (Mistral-7B's 32 query heads over 8 KV heads: 3 repeated reads per byte) re-reads its KV; a re-read
+    finds the layer's KV in L2 while it fits (a batch-1 layer's few MB against 40-50 MB) and the part outside L2
+    in HBM (``physics.reread_bytes``, ``physics.l2_miss_share``). ``share`` is how much of that outside part the
+    re-reads really fetch (the rest is hidden by the query heads of a group running close together): one figure
+    per GPU, as the L2's policy and the kernel's scheduling differ between A100 and H100."""
+    doc = doc or load()
+    _, sub = _fit_subset(doc, engine)
+    out = {}
+    for preset in sorted({doc["gpus"][p["gpu"]]["preset"] for p in sub["points"]}):
+        mine = _on_preset(doc, sub, preset)
+        best = None
+        for share in SHARE_GRID:
+            sse = _sse(points(mine, gpu_transform=lambda g, s=share: replace(g, attn_kv_reread_share=s)))
+            if best is None or sse < best[0]:
+                best = (sse, share)
         out[preset] = best[1]
     return out
 

@@ -4,7 +4,9 @@ A decode step's device time is the GPU's; the engine around it adds host work th
 sampling, input preparation, output processing: ``fixed + per_sequence x batch`` per step) and, for an eager
 harness that launches every operator from Python, a host floor (the step lasts at least ``floor_per_layer x
 layers``: it is launch-bound). An engine whose decode attention does not split the KV also carries the read rate of
-one thread block per GPU (``GPU.attn_block_bw``: batch 1 with few KV heads cannot fill HBM). One line per engine,
+one thread block per GPU (``GPU.attn_block_bw``: batch 1 with few KV heads cannot fill HBM), and one whose kernel
+reads each KV head once per query head of its GQA group the share of those re-reads that reach HBM beyond L2, per
+GPU (``GPU.attn_kv_reread_share``: large batches of GQA models). One line per engine,
 each with the GPU/CPU it was measured on and its source, in ``tiersim/data/public-engine-overheads.json``;
 ``--engine-overhead NAME`` picks one and the output names it.
 stdlib only (the validator's machine imports presets).
@@ -37,11 +39,23 @@ class EngineOverhead:
     #: (GPU preset, bytes/s) of one decode-attention thread block, for a kernel that does not split the KV; a GPU
     #: not listed gets no limit (it was not fitted there).
     attn_block_bw: tuple[tuple[str, float], ...] = ()
+    #: (GPU preset, share) of a GQA group's repeated KV reads that reach HBM (``GPU.attn_kv_reread_share``), for a
+    #: kernel that reads each KV head once per query head; a GPU not listed gets none (it was not fitted there).
+    kv_reread_share: tuple[tuple[str, float], ...] = ()
+
+    @staticmethod
+    def _on(per_gpu: tuple[tuple[str, float], ...], gpu: GPU) -> float:
+        """The figure fitted on ``gpu``, else on the preset whose constants it reads (``GPU.physics_of``), else 0."""
+        values = dict(per_gpu)
+        return values.get(gpu.name, values.get(gpu.physics_of, 0.0))
 
     def block_bw(self, gpu: GPU) -> float:
         """The per-block rate fitted on ``gpu``, else on the preset whose constants it reads (``GPU.physics_of``)."""
-        rates = dict(self.attn_block_bw)
-        return rates.get(gpu.name, rates.get(gpu.physics_of, 0.0))
+        return self._on(self.attn_block_bw, gpu)
+
+    def reread_share(self, gpu: GPU) -> float:
+        """The GQA re-read share fitted on ``gpu``, else on the preset whose constants it reads, else 0."""
+        return self._on(self.kv_reread_share, gpu)
 
     def host_s(self, batch: int) -> float:
         return self.fixed_s + self.per_sequence_s * batch
@@ -67,6 +81,13 @@ class EngineOverhead:
         elif self.attn_block_bw:
             parts.append("decode attention " + ", ".join(f"{bw / 1e9:.1f} GB/s per block on {g}"
                                                          for g, bw in self.attn_block_bw))
+        if self.kv_reread_share and gpu is not None:
+            share = self.reread_share(gpu)
+            parts.append(f"GQA KV re-read share {share:.2f} beyond L2" if share else
+                         f"no GQA re-reads on {gpu.name} (fitted on {', '.join(g for g, _ in self.kv_reread_share)} only)")
+        elif self.kv_reread_share:
+            parts.append("GQA KV re-read share " + ", ".join(f"{v:.2f} on {g}" for g, v in self.kv_reread_share)
+                         + " beyond L2")
         line = "; ".join(parts) or "no host cost"
         where = "assumed, not measured" if self.role == "assumption" else self.measured_on.split(" (")[0].split(",")[0]
         return f"{self.name} ({line}; {where})"
@@ -81,8 +102,12 @@ def presets() -> dict[str, EngineOverhead]:
         if e["role"] not in ("fit", "assumption", "definition"):
             raise ValueError(f"{DATA}: engine {name} has role {e['role']!r}")
         blocks = tuple((g, float(v) * 1e9) for g, v in sorted(e.get("attention_block_gbps", {}).items()))
+        reread = tuple((g, float(v)) for g, v in sorted(e.get("attention_kv_reread_share", {}).items()))
+        if any(not 0.0 <= v <= 1.0 for _, v in reread):
+            raise ValueError(f"{DATA}: engine {name} has a GQA re-read share outside [0, 1]")
         out[name] = EngineOverhead(name, e["fixed_ms"] * 1e-3, e["per_sequence_ms"] * 1e-3,
-                                   e["floor_per_layer_ms"] * 1e-3, e["role"], e["measured_on"], e["source"], blocks)
+                                   e["floor_per_layer_ms"] * 1e-3, e["role"], e["measured_on"], e["source"], blocks,
+                                   reread)
     return out
 
 
@@ -97,7 +122,9 @@ def get(name: str) -> EngineOverhead:
 
 
 def apply(gpu: GPU, name: str, num_layers: int) -> GPU:
-    """``gpu`` charging engine ``name``'s per-step line for a model of ``num_layers`` layers."""
+    """``gpu`` charging engine ``name``'s per-step line for a model of ``num_layers`` layers, and its decode kernel's
+    per-block rate and GQA re-read share where they were fitted for ``gpu`` (0 elsewhere: the GPU preset's kernel)."""
     e = get(name)
     return replace(gpu, step_overhead=e.fixed_s, step_overhead_per_sequence=e.per_sequence_s,
-                   step_host_floor=e.floor_s(num_layers), attn_block_bw=e.block_bw(gpu), engine=e.describe(gpu))
+                   step_host_floor=e.floor_s(num_layers), attn_block_bw=e.block_bw(gpu),
+                   attn_kv_reread_share=e.reread_share(gpu), engine=e.describe(gpu))

@@ -101,10 +101,16 @@ def l2_miss_share(gpu: GPU, kv_bytes):
     return np.clip(1.0 - gpu.l2_bytes / np.maximum(kv_bytes, 1.0), 0.0, 1.0)
 
 
+def gqa_group(model: Model) -> int:
+    """Query heads per KV head (1 for MHA): how often a kernel that is not GQA-aware reads each KV head."""
+    return max(model.num_attention_heads // max(model.num_kv_heads, 1), 1)
+
+
 def reread_bytes(gpu: GPU, kv_bytes, group: int = 1):
     """HBM bytes a kernel that reads each KV head once per query head of its ``group`` adds to one read of
     ``kv_bytes``: ``(group - 1) x kv_bytes x share x`` :func:`l2_miss_share` (``gpu.attn_kv_reread_share``; 0
-    for MHA, for a GQA-aware kernel, and on every shipped preset)."""
+    for MHA, for a GQA-aware kernel, and on every GPU preset; the ``trtllm`` engine preset sets it, fitted on the
+    DLI table by ``decode_fidelity.fit_kv_reread_share``)."""
     kv_bytes = np.asarray(kv_bytes, dtype=float)
     if gpu.attn_kv_reread_share <= 0 or group <= 1:
         return np.zeros_like(kv_bytes)
@@ -117,8 +123,10 @@ def attention_s(gpu: GPU, kv_bytes, blocks=None, group: int = 1):
     ``blocks`` (sequences x KV heads) caps the read rate at ``blocks x gpu.attn_block_bw`` where the engine's
     kernel does not split the KV (``attn_block_bw > 0``): one block per sequence and KV head cannot keep HBM
     busy at batch 1 (TensorRT-LLM 0.9's decode attention: docs/simulator.md, "Fidelity"). ``group`` (query heads
-    per KV head) adds :func:`reread_bytes` where ``gpu.attn_kv_reread_share`` is set (not yet carried by any
-    preset: 0 on every one)."""
+    per KV head, :func:`gqa_group`) adds :func:`reread_bytes` where ``gpu.attn_kv_reread_share`` is set (by the
+    ``trtllm`` engine preset only: TensorRT-LLM 0.9's decode kernel; 0 on every GPU preset). Callers pricing a
+    model's decode attention pass its group, so every path (roofline, mixed step, offload strategies) charges the
+    same re-reads."""
     kv_bytes = np.asarray(kv_bytes, dtype=float)
     bw = gpu.hbm_bw * gpu.attn_efficiency
     if gpu.attn_block_bw > 0 and blocks is not None:
@@ -140,8 +148,7 @@ def layer_s(model: Model, gpu: GPU, batch: int, kv_read, extra_bytes=0.0, attend
     rows: the same curve a prefill chunk of that many rows is priced on); ``extra_bytes`` (the cache's own
     passes) stream at the plain HBM efficiency.
     """
-    group = max(model.num_attention_heads // max(model.num_kv_heads, 1), 1)
-    t_attn = (attention_s(gpu, kv_read, blocks=batch * model.num_kv_heads, group=group)
+    t_attn = (attention_s(gpu, kv_read, blocks=batch * model.num_kv_heads, group=gqa_group(model))
               + np.asarray(extra_bytes, dtype=float) / (gpu.hbm_bw * gpu.hbm_efficiency))
     attended = 0.0 if attended is None else attended
     flops = 4 * np.asarray(attended, dtype=float) * model.num_attention_heads * model.head_dim

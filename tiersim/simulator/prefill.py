@@ -156,8 +156,9 @@ def mixed_layer_s(model: Model, gpu: GPU, decode_tokens, kv_read_bytes, prefill_
     p = _arr(prefill_tokens)
     decode = physics.layer_s(model, gpu, decode_tokens, kv_read_bytes, extra_bytes, attended)
     rows = _arr(decode_tokens) + p
-    blocks = _arr(decode_tokens) * model.num_kv_heads  # as layer_s: an unsplit kernel's per-block rate
-    mixed = (gemm_s(model, gpu, rows) + physics.attention_s(gpu, kv_read_bytes, blocks=blocks)
+    blocks = _arr(decode_tokens) * model.num_kv_heads  # as layer_s: an unsplit kernel's per-block rate, GQA re-reads
+    mixed = (gemm_s(model, gpu, rows) + physics.attention_s(gpu, kv_read_bytes, blocks=blocks,
+                                                             group=physics.gqa_group(model))
              + prefill_attention_s(model, gpu, p, prefill_context)
              + _arr(extra_bytes) / (gpu.hbm_bw * gpu.hbm_efficiency) + small_ops_s(model, gpu, rows))
     return _scalar_or_array(np.where(p > 0, mixed, decode))

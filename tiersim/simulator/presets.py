@@ -56,9 +56,10 @@ class GPU:
     attn_block_bw: float = 0.0
     #: Share of a GQA group's repeated KV reads that reach HBM in a decode-attention kernel that reads each KV head
     #: once per query head of its group, the part of the layer's KV that does not fit in :attr:`l2_bytes`
-    #: (``physics.attention_s``). 0 (every preset): the KV is read once, as the fit sources' GQA-aware kernels do.
-    #: Measured for TensorRT-LLM 0.9 (0.30 fitted on the DLI table) but not yet carried by any engine preset
-    #: (docs/simulator.md, "Fidelity against sources nobody fitted on", the GQA paragraph).
+    #: (``physics.attention_s``). 0 (every GPU preset): the KV is read once, as the fit sources' GQA-aware kernels do.
+    #: Set by an engine preset (``--engine-overhead trtllm``: TensorRT-LLM 0.9's kernel), fitted per GPU on the DLI
+    #: table (``decode_fidelity.fit_kv_reread_share``; docs/simulator.md, "Fidelity against sources nobody fitted
+    #: on", the GQA paragraph).
     attn_kv_reread_share: float = 0.0
     #: On-chip L2 cache, bytes (datasheets: H100 50 MB, NVIDIA H100 Tensor Core GPU Architecture whitepaper;
     #: A100 40 MB, NVIDIA A100 Tensor Core GPU Architecture whitepaper). Read only by the re-read term above.

@@ -86,8 +86,10 @@ def host_attention_time(model: Model, gpu: GPU, tokens: np.ndarray, batch: int) 
 
 def _hbm_attention(model: Model, gpu: GPU, work: Workload) -> np.ndarray:
     """The GPU's own attention over the HBM tier: the window host attention overlaps with (the same
-    attention term the roofline charges, ``physics.attention_s``)."""
-    return physics.attention_s(gpu, work.hbm * model.kv_bytes_per_token_layer, blocks=work.batch * model.num_kv_heads)
+    attention term the roofline charges, ``physics.attention_s``, with the model's GQA group: an engine preset whose
+    kernel re-reads KV heads per query head charges those re-reads here as in ``physics.layer_s``)."""
+    return physics.attention_s(gpu, work.hbm * model.kv_bytes_per_token_layer, blocks=work.batch * model.num_kv_heads,
+                               group=physics.gqa_group(model))
 
 
 def _best(candidates):
