@@ -27,7 +27,7 @@ def old_roofline(gpu):
     """The roofline before this fit: one 0.80 HBM efficiency for every byte and 51 us of small ops."""
     return replace(gpu, weight_efficiency=gpu.hbm_efficiency, attn_efficiency=gpu.hbm_efficiency, gemm_kernel_s=0.0,
                    attn_kernel_s=0.0, gemm_batch_slowdown=0.0, layer_overhead=51e-6, layer_overhead_per_width=0.0,
-                   attn_block_bw=0.0)
+                   attn_block_bw=0.0, attn_kv_reread_share=0.0)
 
 
 def stats(points) -> str:
@@ -88,6 +88,7 @@ def main() -> None:
     write_section("Simulator fidelity (issue #16)", "python benchmarks/bench_fidelity.py", body)
     by_source()
     decode_runs()
+    gqa_rereads()
     rejected_prefill_line()
 
 
@@ -154,6 +155,60 @@ def decode_runs() -> None:
     print(body)
     write_section("Decode steps of real engines by source, fit and held out (issue #22)",
                   "python benchmarks/bench_fidelity.py", body)
+
+
+def gqa_rereads() -> None:
+    """Issue 22: the trtllm preset's GQA KV re-read share (per GPU, fitted on the DLI table only) against the same
+    preset without it, against one share pooled over both GPUs (the alternative not shipped), and vLLM 0.5's runs
+    priced with trtllm's shares (the term is trtllm's: worse there), per source, GPU and regime."""
+    from tiersim.simulator import decode_fidelity as df
+    from tiersim.simulator import engines
+
+    shipped = dict(engines.get("trtllm").kv_reread_share)
+    fitted, pooled = df.fit_kv_reread_share("trtllm"), df.fit_kv_reread_share("trtllm", pooled=True)
+    one = next(iter(pooled.values()))
+
+    def share_of(per):
+        return lambda g: replace(g, attn_kv_reread_share=per.get(g.name, per.get(g.physics_of, 0.0)))
+
+    off = df.points(gpu_transform=lambda g: replace(g, attn_kv_reread_share=0.0))
+    on = df.points()
+    alt = df.points(gpu_transform=lambda g: share_of(pooled)(g) if g.attn_kv_reread_share > 0 else g)
+    vllm = df.points(gpu_transform=lambda g: share_of(shipped)(g) if g.engine.startswith("vllm") else g)
+    groups: dict[tuple, list] = {}
+    for a, b, c, d in zip(off, on, alt, vllm):  # the same runs in every column, grouped by the shipped regime
+        if b.regime.startswith("failed"):
+            continue
+        for gpu in ("all", df.load()["gpus"][b.gpu]["preset"]):
+            groups.setdefault((b.source, b.role, b.engine, b.regime, gpu), []).append((a, b, c, d))
+
+    def med(pts):
+        return f"{statistics.median(abs(p.error_pct) for p in pts):.2f}"
+
+    def cell(pts):
+        return f"{med(pts)} / {max(abs(p.error_pct) for p in pts):.1f} / {statistics.median(p.error_pct for p in pts):+.1f}"
+
+    table = []
+    for (src, role, eng, reg, gpu), rows in sorted(groups.items()):
+        a, b, c, d = (list(x) for x in zip(*rows))
+        trt = eng == "trtllm"
+        table.append([src, role, eng, reg, gpu, len(a), cell(a), cell(b) if trt else "-", cell(c) if trt else "-",
+                      "-" if trt else cell(d)])
+    body = ("TensorRT-LLM 0.9's decode attention reads each KV head once per query head of its GQA group; the part of a "
+            "layer's KV outside L2 (H100 50 MB, A100 40 MB) is re-read from HBM, `(group - 1) x KV x share x max(0, 1 - "
+            "L2 / KV)` bytes (`physics.reread_bytes`). The trtllm preset's share, per GPU, fitted on the DLI table only "
+            "(`decode_fidelity.fit_kv_reread_share`: least squares on relative error over its decode points): "
+            + ", ".join(f"{g} {v:.2f}" for g, v in sorted(fitted.items()))
+            + f" (shipped: {', '.join(f'{g} {v:.2f}' for g, v in sorted(shipped.items()))}); one share pooled over both "
+            f"GPUs would be {one:.2f} (not shipped). Each cell: median |error| % / worst |error| % / median signed %; "
+            "a100-40g reads a100-80g's share. Every column prices the same runs, grouped by their regime as shipped (a "
+            "run's regime depends on its simulated prefill share: "
+            + f"{sum(a.regime != b.regime for a, b in zip(off, on))} runs are prefill > 10% without the share). "
+            "Failed runs are left out.\n\n"
+            + markdown_table(["source", "role", "engine preset", "regime", "GPU", "points", "share 0",
+                              "shipped (per GPU)", f"pooled {one:.2f}", "vLLM with trtllm's shares"], table) + "\n")
+    print(body)
+    write_section("GQA KV re-reads on the trtllm preset, on and off (issue #22)", "python benchmarks/bench_fidelity.py", body)
 
 
 def rejected_prefill_line() -> None:

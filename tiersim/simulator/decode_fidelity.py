@@ -158,9 +158,9 @@ def _fit_subset(doc: dict, engine: str) -> tuple[set[str], dict]:
     return fit, {**doc, "points": [p for p in doc["points"] if p["source"] in fit]}
 
 
-def _on_preset(doc: dict, sub: dict, preset: str) -> dict:
-    """``sub`` cut down to the points whose GPU is read as ``preset``."""
-    return {**sub, "points": [p for p in sub["points"] if doc["gpus"][p["gpu"]]["preset"] == preset]}
+def _on_presets(doc: dict, sub: dict, presets) -> dict:
+    """``sub`` cut down to the points whose GPU is read as one of ``presets``."""
+    return {**sub, "points": [p for p in sub["points"] if doc["gpus"][p["gpu"]]["preset"] in presets]}
 
 
 def _sse(pts: list[RunPoint]) -> float:
@@ -182,7 +182,7 @@ def fit_attention_block_bw(engine: str = "trtllm", doc: dict | None = None) -> d
     for preset in sorted({doc["gpus"][p["gpu"]]["preset"] for p in sub["points"]}):
         base = get_gpu(preset)
         share = base.hbm_bw * base.attn_efficiency
-        mine = _on_preset(doc, sub, preset)
+        mine = _on_presets(doc, sub, (preset,))
         best = None
         for blocks in BLOCK_GRID:
             rate = share / blocks
@@ -196,7 +196,7 @@ def fit_attention_block_bw(engine: str = "trtllm", doc: dict | None = None) -> d
     return out
 
 
-def fit_kv_reread_share(engine: str = "trtllm", doc: dict | None = None) -> dict[str, float]:
+def fit_kv_reread_share(engine: str = "trtllm", doc: dict | None = None, pooled: bool = False) -> dict[str, float]:
     """Per GPU preset, the share of a GQA group's repeated KV reads that reach HBM (``GPU.attn_kv_reread_share``)
     in ``engine``'s decode-attention kernel, fitted on the **fit** sources priced with that engine only (by source
     role; held-out and check sources are never read): least squares on relative error over their decode points,
@@ -206,19 +206,22 @@ def fit_kv_reread_share(engine: str = "trtllm", doc: dict | None = None) -> dict
     model (Mistral-7B's 32 query heads over 8 KV heads: 3 repeated reads per byte) re-reads its KV; a re-read
     finds the layer's KV in L2 while it fits (a batch-1 layer's few MB against 40-50 MB) and the part outside L2
     in HBM (``physics.reread_bytes``, ``physics.l2_miss_share``). ``share`` is how much of that outside part the
-    re-reads really fetch (the rest is hidden by the query heads of a group running close together): one figure
-    per GPU, as the L2's policy and the kernel's scheduling differ between A100 and H100."""
+    re-reads are charged for (fitted, not derived: how much of it still hits L2, e.g. because a group's query heads
+    run close together, is not measured by any source here): one figure per GPU, as the L2's policy and the kernel's scheduling differ between A100 and H100 (the fit source's own
+    minima are apart: 0.23 and 0.36). ``pooled``: one share for every GPU, least squares over all their points (the
+    alternative that was measured and not shipped: docs/simulator.md)."""
     doc = doc or load()
     _, sub = _fit_subset(doc, engine)
+    presets = sorted({doc["gpus"][p["gpu"]]["preset"] for p in sub["points"]})
     out = {}
-    for preset in sorted({doc["gpus"][p["gpu"]]["preset"] for p in sub["points"]}):
-        mine = _on_preset(doc, sub, preset)
+    for group in ([presets] if pooled else [[x] for x in presets]):
+        mine = _on_presets(doc, sub, group)
         best = None
         for share in SHARE_GRID:
             sse = _sse(points(mine, gpu_transform=lambda g, s=share: replace(g, attn_kv_reread_share=s)))
             if best is None or sse < best[0]:
                 best = (sse, share)
-        out[preset] = best[1]
+        out.update({preset: best[1] for preset in group})
     return out
 
 
