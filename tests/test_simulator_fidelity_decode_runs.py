@@ -3,8 +3,10 @@ priced by ``decode_fidelity``: the file's citations and roles, the run classific
 physics regression would cross (derived from the same runs, not copied results)."""
 
 import copy
+import re
 import statistics
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -245,3 +247,67 @@ def test_trtllm_rereads_improve_held_out_large_batches_and_leave_batch_one_and_m
         assert after < 0.9 * before, gpu
     assert shipped[("argonne-trtllm", "decode large batch")]["median_pct"] == pytest.approx(
         statistics.median(abs(on[k].error_pct) for k in large))
+
+
+DOC = (Path(__file__).resolve().parent.parent / "docs" / "simulator.md").read_text()
+DECODE_DOC = DOC[DOC.index("## Fidelity against sources nobody fitted on"):DOC.index("## Calibration")]
+GQA_DOC = DECODE_DOC[DECODE_DOC.index("**The trtllm preset's GQA KV re-reads**"):DECODE_DOC.index("Held out, batch 16-64 goes")]
+GPU_WORD = {"A100": ("a100-40g", "a100-80g"), "H100": ("h100-sxm",), "H200": ("h200",)}
+
+
+def _pct(cell: str) -> float:
+    return float(cell.strip().strip("*").replace("\u2212", "-").rstrip("%"))
+
+
+def _by(pts, source, regime, preset=None):
+    doc = df.load()
+    return [p for p in pts if p.source == source and p.regime == regime
+            and (preset is None or doc["gpus"][p.gpu]["preset"] == preset)]
+
+
+def test_the_docs_trtllm_decode_rows_are_what_the_code_gives():
+    """docs/simulator.md's decode table, the rows of the sources priced with trtllm: points, median and worst |error|
+    and each GPU's median signed error, as the code computes them (a change to the preset or the data fails here
+    until the docs say so)."""
+    pts = df.points()
+    doc = df.load()
+    rows = 0
+    for line in DECODE_DOC.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 7 or ", trtllm)" not in cells[0]:
+            continue
+        source, regime = cells[0].split()[0], cells[1].split(" (")[0]
+        sel = _by(pts, source, regime)
+        assert len(sel) == int(cells[2]), (source, regime)
+        assert statistics.median(abs(p.error_pct) for p in sel) == pytest.approx(_pct(cells[4]), abs=0.005 + 1e-9)
+        assert max(abs(p.error_pct) for p in sel) == pytest.approx(_pct(cells[5]), abs=0.05 + 1e-9)
+        for word, value in re.findall(r"(A100|H100|H200) ([+\u2212-][\d.]+)%", cells[6]):
+            signed = [p.error_pct for p in sel if doc["gpus"][p.gpu]["preset"] in GPU_WORD[word]]
+            assert statistics.median(signed) == pytest.approx(_pct(value), abs=0.05 + 1e-9), (source, regime, word)
+        rows += 1
+    assert rows == 5
+
+
+def test_the_docs_gqa_reread_table_is_what_the_code_gives():
+    """The GQA paragraph's table: the same runs with the share off and as shipped, per source, shipped regime and GPU
+    preset (runs, then median / worst / median signed for each)."""
+    on = df.points()
+    off = df.points(gpu_transform=_no_rereads)
+    doc = df.load()
+    rows = 0
+    for line in GQA_DOC.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 6 or not cells[3].isdigit():
+            continue
+        source, regime, preset = cells[:3]
+        pick = [i for i, p in enumerate(on) if p.source == source and p.regime == regime
+                and doc["gpus"][p.gpu]["preset"] == preset]
+        assert len(pick) == int(cells[3]), cells[:3]
+        for pts, cell in ((off, cells[4]), (on, cells[5])):
+            median, worst, signed = (_pct(x) for x in cell.split(" / "))
+            errors = [pts[i].error_pct for i in pick]
+            assert statistics.median(map(abs, errors)) == pytest.approx(median, abs=0.005 + 1e-9), cells[:3]
+            assert max(map(abs, errors)) == pytest.approx(worst, abs=0.05 + 1e-9), cells[:3]
+            assert statistics.median(errors) == pytest.approx(signed, abs=0.05 + 1e-9), cells[:3]
+        rows += 1
+    assert rows == 12
