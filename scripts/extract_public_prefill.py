@@ -10,7 +10,7 @@ holds profiler-a100-80g.{vllm,distserve}.json as in github.com/LLMServe/DistServ
 simdistserve/estimators/profile_data. DISTSERVE_TRACE_DIR holds the vllm-*.exp and distserve-c21*.exp request traces of
 simdistserve/benchmarks/alignment/data-ground-truth/opt-13b-sharegpt at DistServe @ 20a1633 (branch feat-add-simulator);
 the second form rebuilds that source's cases only. PERFORMANCE_MD is docs/source/performance.md of
-github.com/NVIDIA/TensorRT-LLM @ 77d24b5 (TensorRT-LLM 0.9.0's tables); the third form rebuilds the trtllm-v0.9-a100
+github.com/NVIDIA/TensorRT-LLM @ 250d9c2 (TensorRT-LLM 0.9.0's tables); the third form rebuilds the trtllm-v0.9-a100
 cases only, from its "Low Latency" A100 (FP16) table. The kernel figures
 (FlashAttention-3 on H100), TensorRT-LLM's published first-token table and this project's own H100 GEMM run are
 transcribed by hand where the file says: the TTFT cases of other sources are kept as they are.
