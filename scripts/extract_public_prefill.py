@@ -2,13 +2,16 @@
 
 Usage: python scripts/extract_public_prefill.py VIDUR_DIR SPLITWISE_CSV ARGONNE_TTFT_CSV DISTSERVE_PROFILE_DIR [OUT]
    or: python scripts/extract_public_prefill.py --distserve-trace DISTSERVE_TRACE_DIR [OUT]
+   or: python scripts/extract_public_prefill.py --trtllm-perf PERFORMANCE_MD [OUT]
 VIDUR_DIR holds data/profiling/compute/<gpu>/<org>/<model>/mlp.csv as in github.com/microsoft/vidur @ 7d47513;
 SPLITWISE_CSV is data/perf_model.csv of github.com/Mutinifni/splitwise-sim @ 8f99e7d; ARGONNE_TTFT_CSV is
 Plots/Fig_21/all_results_TTFT.csv of github.com/argonne-lcf/LLM-Inference-Bench @ 4211f5d; DISTSERVE_PROFILE_DIR
 holds profiler-a100-80g.{vllm,distserve}.json as in github.com/LLMServe/DistServe @ 82831f1,
 simdistserve/estimators/profile_data. DISTSERVE_TRACE_DIR holds the vllm-*.exp and distserve-c21*.exp request traces of
 simdistserve/benchmarks/alignment/data-ground-truth/opt-13b-sharegpt at DistServe @ 20a1633 (branch feat-add-simulator);
-the second form rebuilds that source's cases only. The kernel figures
+the second form rebuilds that source's cases only. PERFORMANCE_MD is docs/source/performance.md of
+github.com/NVIDIA/TensorRT-LLM @ 250d9c2 (TensorRT-LLM 0.9.0's tables); the third form rebuilds the trtllm-v0.9-a100
+cases only, from its "Low Latency" A100 (FP16) table. The kernel figures
 (FlashAttention-3 on H100), TensorRT-LLM's published first-token table and this project's own H100 GEMM run are
 transcribed by hand where the file says: the TTFT cases of other sources are kept as they are.
 """
@@ -159,6 +162,60 @@ def distserve_trace_cases(root: Path) -> list[dict]:
     return out
 
 
+#: TensorRT-LLM 0.9.0's performance page: the section and table read, the release it must state, and its model names ->
+#: this file's model keys. Every other table of the page is FP8 (H100, H200, L40S: not modelled here). Mixtral 8x7B is
+#: left out (a mixture of experts: no MoE physics here); a model name in neither list is an error, so a changed table
+#: cannot lose rows silently. Only rows at TP > 1 are kept: the TP 1 rows are the DLI table's batch-1 first-token
+#: latencies of the same release and GPU (public-decode-steps.json, nvidia-dli-trtllm: 136.42 -> 136.4, 132.46 -> 132.4,
+#: 139.69 -> 139.6 ms), already priced as a check (that table's decode fit read its rows), not a second source.
+TRTLLM_PERF_SOURCE = "trtllm-v0.9-a100"
+TRTLLM_PERF_SECTION = "## Low Latency"
+TRTLLM_PERF_TABLE = "### A100 GPUs (FP16)"
+TRTLLM_PERF_VERSION = "All data was generated using version 0.9.0"
+TRTLLM_PERF_MODELS = {"GPT-J 6B": "gptj-6b", "Mistral 7B": "mistral-7b", "LLaMA 7B": "llama2-7b",
+                      "LLaMA 70B": "llama2-70b", "Falcon 180B": "falcon-180b"}
+TRTLLM_PERF_LEFT_OUT = {"Mixtral 8x7B"}
+#: All-reduces per layer as that release runs a model, where not the two of a sequential block: Falcon-180B's parallel
+#: attention + MLP block sums the two row-parallel outputs and reduces once (tensorrt_llm/models/falcon/model.py from
+#: late 2023 on, e.g. @ 585c756: "allreduce applies after those layer"; v0.5's reduced twice).
+TRTLLM_PERF_ALLREDUCES = {"falcon-180b": 1}
+
+
+def trtllm_perf_cases(md: Path) -> list[dict]:
+    """The batch-1 first-token latencies of TensorRT-LLM 0.9.0's A100 (FP16) low-latency table at TP > 1: one case
+    per (model, TP) as the table states them (its rows name the TP per input length), points (input length, ms)."""
+    text = md.read_text()
+    if TRTLLM_PERF_SECTION not in text:
+        raise SystemExit(f"{md}: no {TRTLLM_PERF_SECTION!r} section")
+    section = text[text.index(TRTLLM_PERF_SECTION):]
+    if TRTLLM_PERF_VERSION not in section.split("\n### ", 1)[0]:
+        raise SystemExit(f"{md}: the low-latency section does not say {TRTLLM_PERF_VERSION!r}")
+    if TRTLLM_PERF_TABLE not in section:
+        raise SystemExit(f"{md}: no {TRTLLM_PERF_TABLE!r} table in {TRTLLM_PERF_SECTION!r}")
+    table = section[section.index(TRTLLM_PERF_TABLE) + len(TRTLLM_PERF_TABLE):]
+    cases: dict[tuple[str, int], dict] = {}
+    for line in table.splitlines():
+        if line.startswith("#"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
+        if len(cells) != 5 or not cells[0] or not cells[1].isdigit():
+            continue  # header, separator, blank spacer rows, prose
+        name, batch, tp, tokens, ms = cells
+        if name in TRTLLM_PERF_LEFT_OUT or int(tp) == 1:
+            continue
+        if name not in TRTLLM_PERF_MODELS:
+            raise SystemExit(f"{md}: model {name!r} of {TRTLLM_PERF_TABLE!r} is neither mapped nor left out")
+        model = TRTLLM_PERF_MODELS[name]
+        case = cases.setdefault((model, int(tp)), {"source": TRTLLM_PERF_SOURCE, "gpu": "a100", "model": model,
+                                                   "tp": int(tp), "sequences": int(batch), "points": []})
+        if int(tp) > 1 and model in TRTLLM_PERF_ALLREDUCES:
+            case["allreduces_per_layer"] = TRTLLM_PERF_ALLREDUCES[model]
+        case["points"].append({"prompt": int(tokens), "ttft_ms": float(ms)})
+    if not cases:
+        raise SystemExit(f"{md}: no rows in {TRTLLM_PERF_TABLE!r}")
+    return list(cases.values())
+
+
 def _write(out: Path, data: dict, rebuilt: list[dict]) -> None:
     sources = {case["source"] for case in rebuilt}
     kept = [c for c in data.get("ttft_cases", []) if c.get("source", "splitwise") not in sources]
@@ -167,11 +224,14 @@ def _write(out: Path, data: dict, rebuilt: list[dict]) -> None:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1 and argv[1] == "--distserve-trace":
+    single = {"--distserve-trace": ("DISTSERVE_TRACE_DIR", distserve_trace_cases),
+              "--trtllm-perf": ("PERFORMANCE_MD", trtllm_perf_cases)}
+    if len(argv) > 1 and argv[1] in single:
+        what, cases = single[argv[1]]
         if len(argv) < 3:
-            raise SystemExit("usage: extract_public_prefill.py --distserve-trace DISTSERVE_TRACE_DIR [OUT]")
+            raise SystemExit(f"usage: extract_public_prefill.py {argv[1]} {what} [OUT]")
         out = Path(argv[3]) if len(argv) > 3 else Path("tiersim/data/public-prefill-profiles.json")
-        _write(out, json.loads(out.read_text()), distserve_trace_cases(Path(argv[2])))
+        _write(out, json.loads(out.read_text()), cases(Path(argv[2])))
         return
     vidur, split, argonne, distserve = Path(argv[1]), Path(argv[2]), Path(argv[3]), Path(argv[4])
     out = Path(argv[5]) if len(argv) > 5 else Path("tiersim/data/public-prefill-profiles.json")

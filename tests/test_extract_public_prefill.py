@@ -1,11 +1,14 @@
 """scripts/extract_public_prefill.py's merge: the rebuilt sources replace their own TTFT cases, every other source's
-cases are kept, and the file is written atomically (tiersim.atomic), never half-written."""
+cases are kept, and the file is written atomically (tiersim.atomic), never half-written; and its selection rule for
+TensorRT-LLM 0.9.0's performance page, on a made-up page of that layout."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,3 +37,68 @@ def test_rebuilt_sources_replace_their_cases_and_the_others_are_kept(tmp_path, m
     doc = json.loads(out.read_text())
     assert writes == [out] and doc["sources"] == {"x": 1} and doc["gemm_cases"] == [{"gpu": "a100"}]
     assert [c["model"] for c in doc["ttft_cases"]] == ["new-splitwise", "new-argonne", "hand-kept"]
+
+
+#: A made-up page in the layout of TensorRT-LLM 0.9.0's docs/source/performance.md (the numbers are not the page's):
+#: an FP8 table before the A100 one, TP 1 rows, a left-out model and spacer rows, all of which the rule must skip.
+PAGE = """# Performance
+## Peak Throughput
+All data was generated using version 0.9.0
+### A100 GPUs (FP16)
+| Model | Batch Size | TP (1) | Input Length | Output Length | Throughput (out tok/s/GPU) |
+| :---- | :--------- | :----- | :----------- | :------------ | -------------------------: |
+| LLaMA 70B | 64 | 4 | 128 | 128 | 1,000 |
+## Low Latency<sup>**</sup>
+All data was generated using version 0.9.0
+### H100 GPUs (FP8)
+| Model | Batch Size | TP (1) | Input Length | 1st Token Latency (ms) |
+| :---- | :--------- | :----- | :----------- | ---------------------: |
+| LLaMA 70B | 1 | 4 | 128 | 1.0 |
+### A100 GPUs (FP16)
+| Model | Batch Size | TP (1) | Input Length | 1st Token Latency (ms) |
+| :---- | :--------- | :----- | :----------- | ---------------------: |
+| LLaMA 7B | 1 | 1 | 128 | 10.0 |
+|  |  |  |  |  |
+| Mixtral 8x7B | 1 | 2 | 128 | 20.0 |
+| LLaMA 70B | 1 | 4 | 128 | 30.0 |
+| LLaMA 70B | 1 | 8 | 2048 | 300.0 |
+| Falcon 180B | 1 | 8 | 128 | 40.0 |
+| Falcon 180B | 1 | 8 | 2048 | 400.0 |
+
+(1) TP stands for Tensor Parallelism.
+## Known Issues
+| GPT-J 6B | 1 | 8 | 128 | 9.0 |
+"""
+
+
+def test_the_trtllm_page_gives_its_a100_rows_at_tp_above_1_one_case_per_model_and_tp(tmp_path):
+    m = _script()
+    page = tmp_path / "performance.md"
+    page.write_text(PAGE)
+    cases = m.trtllm_perf_cases(page)
+    got = {(c["model"], c["tp"]): [(p["prompt"], p["ttft_ms"]) for p in c["points"]] for c in cases}
+    assert got == {("llama2-70b", 4): [(128, 30.0)], ("llama2-70b", 8): [(2048, 300.0)],
+                   ("falcon-180b", 8): [(128, 40.0), (2048, 400.0)]}
+    assert {c["source"] for c in cases} == {"trtllm-v0.9-a100"} and {c["gpu"] for c in cases} == {"a100"}
+    # the engine's own layer: Falcon's parallel block reduces once, every other model as a sequential block
+    assert [c.get("allreduces_per_layer") for c in cases] == [None, None, 1]
+    out = tmp_path / "prefill.json"
+    out.write_text(json.dumps({"ttft_cases": [{"source": "trtllm-v0.9-a100", "model": "stale"},
+                                              {"source": "splitwise", "model": "kept"}]}))
+    m.main(["x", "--trtllm-perf", str(page), str(out)])
+    assert [c["model"] for c in json.loads(out.read_text())["ttft_cases"]] == ["llama2-70b", "llama2-70b",
+                                                                               "falcon-180b", "kept"]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace("| Falcon 180B | 1 | 8 | 128 |", "| Grok 1 | 1 | 8 | 128 |"), "neither mapped nor left out"),
+    (lambda t: t.replace("version 0.9.0\n### H100", "version 0.10.0\n### H100"), "does not say"),
+    (lambda t: t.replace("### A100 GPUs (FP16)\n| Model | Batch Size | TP (1) | Input Length | 1st",
+                         "### A100 GPUs (FP8)\n| Model | Batch Size | TP (1) | Input Length | 1st"), "no '### A100"),
+])
+def test_a_changed_trtllm_page_is_one_line_not_silently_fewer_rows(tmp_path, edit, message):
+    m = _script()
+    page = tmp_path / "performance.md"
+    page.write_text(edit(PAGE))
+    with pytest.raises(SystemExit, match=message):
+        m.trtllm_perf_cases(page)

@@ -96,7 +96,8 @@ def _ttft_sources(role: str) -> set[str]:
 
 
 def test_no_ttft_source_is_fitted_on_and_every_one_is_reported():
-    assert _ttft_sources("held_out") == {"splitwise", "trtllm-v0.5-a100", "argonne-vllm", "argonne-trtllm",
+    assert _ttft_sources("held_out") == {"splitwise", "trtllm-v0.5-a100", "trtllm-v0.9-a100", "argonne-vllm",
+                                         "argonne-trtllm",
                                          "argonne-dsmii", "distserve-swift", "distserve-vllm",
                                          "distserve-vllm-trace", "distserve-swift-trace"}
     assert not _ttft_sources("fit")
@@ -107,22 +108,51 @@ def test_no_ttft_source_is_fitted_on_and_every_one_is_reported():
 def test_the_gpu_physics_is_never_much_slower_than_a_real_engine():
     """An engine adds host work to the GPU's; it cannot make the GPU's work faster than the physics by much. So a
     held-out TTFT source the simulator misses by more than the issue's 10% must be missed on the fast side (the
-    engine's own cost, not charged here), and no held-out TTFT point may be priced over 15% slower than measured
-    (the worst today: Falcon-180B on 8 A100s at 2K tokens, +13.1%). A GEMM, attention or all-reduce term made too slow
+    engine's own cost, not charged here), and no held-out TTFT point may be priced over 15% slower than measured.
+    The worst, named in the docs: Falcon-180B on 8 A100s at 2K tokens, both TensorRT-LLM releases (+13.1% v0.5,
+    +13.3% 0.9: GEMMs of a hidden width no fit table reaches). A GEMM, attention or all-reduce term made too slow
     fails here; one made too fast fails the stated medians above."""
     for source in _ttft_sources("held_out"):
         s = SUMMARY[source]
         assert s["median_pct"] <= 10.0 or s["median_signed_pct"] < -10.0, source
-    worst = max(r.error_pct for r in ROWS if r.regime == "ttft" and r.role == "held_out")
+    held = [r for r in ROWS if r.regime == "ttft" and r.role == "held_out"]
+    worst = max(r.error_pct for r in held)
     assert 10.0 < worst < 15.0
+    # the points priced over 10% slow, which the docs name: the two Falcon-180B 2K-token rows and two of the 40 GB
+    # A100's 16 x 1024-token rows (its bandwidth); none at or above 11% but Falcon's
+    assert {(r.source, r.model, r.tokens) for r in held if r.error_pct > 10.0} == {
+        ("trtllm-v0.5-a100", "falcon-180b", 2048), ("trtllm-v0.9-a100", "falcon-180b", 2048),
+        ("argonne-vllm", "mistral-7b", 1024), ("argonne-trtllm", "llama2-7b", 1024)}
+    assert {r.model for r in held if r.error_pct >= 11.0} == {"falcon-180b"}
     stated = re.search(r"no held-out TTFT point is priced\s+more than \+([\d.]+)% above", PREFILL_DOC)
     assert stated and worst == pytest.approx(float(stated[1]), abs=0.05 + 1e-9)  # and the docs say which
 
 
+def test_falcon_is_priced_with_the_all_reduces_each_release_runs():
+    """TensorRT-LLM 0.9's Falcon sums its parallel attention and MLP outputs and all-reduces once per layer; v0.5's
+    reduced after each (docs/simulator.md, "Prefill"). The data file says so per case, the pricing reads it: the two
+    releases' Falcon rows differ by exactly one all-reduce of the prompt's rows per layer, and with the two of a
+    sequential block the 0.9 row at 2K tokens would be priced over 25% slow, past the bound above."""
+    cases = {c["source"]: c for c in REF["ttft_cases"] if c["model"] == "falcon-180b"}
+    assert cases["trtllm-v0.9-a100"]["allreduces_per_layer"] == 1
+    assert "allreduces_per_layer" not in cases["trtllm-v0.5-a100"]
+    model = pf.model_from_shape("falcon-180b", REF["models"]["falcon-180b"])
+    gpu = get_gpu(pf.PRESET["a100"])
+    rows = {(r.source, r.tokens): r for r in ROWS if r.model == "falcon-180b"}
+    assert {r.allreduces_per_layer for r in rows.values()} == {1, 2}
+    for n in (128, 2048):
+        one, two = rows[("trtllm-v0.9-a100", n)], rows[("trtllm-v0.5-a100", n)]
+        assert one.allreduces_per_layer == 1 and two.allreduces_per_layer == 2
+        reduce_ms = model.num_layers * parallel.allreduce_s(gpu, 8, n * model.hidden_size * model.param_bytes) * 1e3
+        assert two.simulated_ms - one.simulated_ms == pytest.approx(reduce_ms, rel=1e-9)
+    two_reduces = parallel.tp_prefill_s(model, gpu, 8, 2048) * 1e3
+    assert 100 * (two_reduces / rows[("trtllm-v0.9-a100", 2048)].reference_ms - 1) > 25.0
+
+
 def test_current_engines_meet_the_ttft_target_per_source():
-    """TensorRT-LLM (v0.5 and 2024) and vLLM (2024), no server in the path, A100/H100/GH200, 128-16K tokens per
+    """TensorRT-LLM (v0.5, 0.9 and 2024) and vLLM (2024), no server in the path, A100/H100/GH200, 128-16K tokens per
     forward: each within the issue's 10% median, and within 10% pooled (the points and figure docs/simulator.md quote)."""
-    current = {"trtllm-v0.5-a100", "argonne-vllm", "argonne-trtllm"}
+    current = {"trtllm-v0.5-a100", "trtllm-v0.9-a100", "argonne-vllm", "argonne-trtllm"}
     for source in current:
         assert SUMMARY[source]["median_pct"] <= 10.0, source
     pooled = [abs(r.error_pct) for r in ROWS if r.source in current]
@@ -218,7 +248,9 @@ def test_a_trtllm_prefill_line_fitted_on_the_dli_check_is_not_what_the_held_out_
     assert pf.fit_dli_line(doctored) == line
     fitted = pf.summary(pf.line_rows(line))
     assert fitted[pf.DLI_TTFT]["median_pct"] < 0.5 * SUMMARY[pf.DLI_TTFT]["median_pct"]
-    assert fitted["trtllm-v0.5-a100"]["median_pct"] > SUMMARY["trtllm-v0.5-a100"]["median_pct"]
+    # worse on both TensorRT-LLM releases' own published page, 0.9 (the DLI table's own release) included
+    for source in ("trtllm-v0.5-a100", "trtllm-v0.9-a100"):
+        assert fitted[source]["median_pct"] > SUMMARY[source]["median_pct"], source
     h100 = {r.model: r.error_pct for r in ROWS if r.source == "argonne-trtllm" and r.gpu == "h100"}
     h100_line = {r.model: r.error_pct for r in pf.line_rows(line) if r.source == "argonne-trtllm" and r.gpu == "h100"}
     assert all(h100[m] < -5.0 and h100_line[m] > 5.0 for m in h100)

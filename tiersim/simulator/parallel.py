@@ -105,13 +105,16 @@ def allreduce_s(gpu: GPU, tp: int, nbytes, floor_s: float | None = None):
     return t if t.ndim else float(t)
 
 
-def layer_allreduce_s(model: Model, gpu: GPU, tp: int, tokens, floor_s: float | None = None):
-    """The two all-reduces of one layer for ``tokens`` rows (after attention and after the MLP).
+def layer_allreduce_s(model: Model, gpu: GPU, tp: int, tokens, floor_s: float | None = None,
+                      allreduces: int = ALLREDUCES_PER_LAYER):
+    """The all-reduces of one layer for ``tokens`` rows: two (after attention and after the MLP) unless the engine
+    runs the layer otherwise (``allreduces``: a parallel attention + MLP block whose two row-parallel outputs are
+    summed before one reduce, as TensorRT-LLM's Falcon does from late 2023; docs/simulator.md, "Prefill").
 
     ``model`` may be the whole model or its shard: the hidden width is the same.
     """
     nbytes = np.asarray(tokens, dtype=float) * model.hidden_size * model.param_bytes
-    return ALLREDUCES_PER_LAYER * allreduce_s(gpu, tp, nbytes, floor_s)
+    return int(allreduces) * allreduce_s(gpu, tp, nbytes, floor_s)
 
 
 def host_bw_per_rank(gpu: GPU) -> float:
@@ -119,9 +122,11 @@ def host_bw_per_rank(gpu: GPU) -> float:
     return gpu.host_bw_per_gpu
 
 
-def tp_prefill_s(model: Model, gpu: GPU, tp: int, tokens, context=0, sequences: int = 1) -> float:
+def tp_prefill_s(model: Model, gpu: GPU, tp: int, tokens, context=0, sequences: int = 1,
+                 allreduces: int = ALLREDUCES_PER_LAYER) -> float:
     """One request's prefill chunk on ``tp`` GPUs: one rank's prefill of the shard plus two all-reduces per layer
-    (of every row: ``sequences x tokens`` when ``sequences`` equal prompts are prefilled in one forward).
+    (``allreduces``: :func:`layer_allreduce_s`) of every row (``sequences x tokens`` when ``sequences`` equal prompts
+    are prefilled in one forward).
 
     At TP 1 this is ``prefill.prefill_s(model, gpu, tokens, context, sequences)``. A TP mixed step composes the same
     way: ``prefill.mixed_layer_s(shard(model, tp), ...) + layer_allreduce_s(model, gpu, tp, decode + prefill rows)``.
@@ -130,5 +135,5 @@ def tp_prefill_s(model: Model, gpu: GPU, tp: int, tokens, context=0, sequences: 
 
     rank = shard(model, tp)
     rows = int(sequences) * np.asarray(tokens, dtype=float)
-    allreduce = model.num_layers * layer_allreduce_s(model, gpu, tp, rows)
+    allreduce = model.num_layers * layer_allreduce_s(model, gpu, tp, rows, allreduces=allreduces)
     return float(prefill.prefill_s(rank, gpu, tokens, context, sequences) + allreduce)

@@ -10,6 +10,9 @@ docs/simulator.md, "Prefill"):
   and BLOOM-176B at TP 8 on DGX-A100 and DGX-H100, end to end in the Splitwise authors' engine;
 * ``trtllm-v0.5-a100`` (held out): TensorRT-LLM v0.5's published batch-1 first-token latency on A100 (FP16), four
   models at 128 and 2048 tokens, TP 1/4/8;
+* ``trtllm-v0.9-a100`` (held out): the same page for TensorRT-LLM 0.9.0, its rows at TP > 1 (Llama-2-70B at TP 4 and 8,
+  Falcon-180B at TP 8; its TP 1 rows are the DLI check's own rows): Falcon priced with the one all-reduce per layer
+  that release runs its parallel block with (the case's ``allreduces_per_layer``);
 * ``argonne-vllm``, ``argonne-trtllm``, ``argonne-dsmii`` (held out): LLM-Inference-Bench's TTFT of 16 prompts x
   1024 tokens on one A100, H100 or GH200 (fp16), three 7-8B models, per engine;
 * ``distserve-swift``, ``distserve-vllm`` (held out): DistServe's fitted prefill lines (its C++ engine, and vLLM as its
@@ -79,6 +82,7 @@ class Row:
     role: str  # "fit", "held_out", or "check" (points no fit read and no held-out figure counts: vidur's TP > 1
     #            shards, the Splitwise engine-step decomposition)
     sequences: int = 1  # equal prompts prefilled together (a batch's TTFT)
+    allreduces_per_layer: int = parallel.ALLREDUCES_PER_LAYER  # as the source's engine runs the model (TTFT cases)
 
     @property
     def fit(self) -> bool:
@@ -156,10 +160,13 @@ def rows(gpus: dict[str, GPU] | None = None, reference: dict | None = None) -> l
         model = model_from_shape(case["model"], shapes[case["model"]])
         # The engine-step check: that engine's decode step minus the simulated one, charged once per forward.
         excess = case["decode_ms"] - decode_step_s(model, gpu, tp) * 1e3 if "decode_ms" in case else None
+        # How many all-reduces that engine runs per layer: two (after attention, after the MLP) unless its case says
+        # otherwise (a parallel attention + MLP block reduced once: TensorRT-LLM 0.9's Falcon).
+        ar = int(case.get("allreduces_per_layer", parallel.ALLREDUCES_PER_LAYER))
         for p in case["points"]:
-            sim = parallel.tp_prefill_s(model, gpu, tp, p["prompt"], sequences=n) * 1e3
+            sim = parallel.tp_prefill_s(model, gpu, tp, p["prompt"], sequences=n, allreduces=ar) * 1e3
             out.append(Row(source, "ttft", case["gpu"], case["model"], tp, p["prompt"], p["ttft_ms"], sim,
-                           roles[source], n))
+                           roles[source], n, ar))
             if excess is not None:
                 out.append(Row(f"{source}+engine-step", "ttft", case["gpu"], case["model"], tp, p["prompt"],
                                p["ttft_ms"], sim + excess, "check", n))
@@ -194,7 +201,7 @@ def dli_ttft_rows(gpus: dict[str, GPU] | None = None) -> list[Row]:
 #: GEMM efficiencies :func:`fit_dli_line` tries (its per-layer cost is least squares at each); the held-out
 #: TensorRT-LLM TTFT sources :func:`line_rows` re-prices with the line.
 LINE_GRID = tuple(float(e) for e in np.round(np.arange(0.50, 0.951, 0.01), 2))
-TRTLLM_HELD_OUT = ("argonne-trtllm", "trtllm-v0.5-a100")
+TRTLLM_HELD_OUT = ("argonne-trtllm", "trtllm-v0.5-a100", "trtllm-v0.9-a100")
 
 
 def fit_dli_line(gpus: dict[str, GPU] | None = None) -> dict[str, tuple[float, float]]:
@@ -243,7 +250,8 @@ def line_rows(line: dict[str, tuple[float, float]], gpus: dict[str, GPU] | None 
             model = (decode_fidelity.model_for(doc, r.model) if r.source == DLI_TTFT
                      else model_from_shape(r.model, shapes[r.model]))
             g = replace(gpu, prefill_gemm_efficiency=fitted[0])
-            sim = parallel.tp_prefill_s(model, g, r.tp, r.tokens, sequences=r.sequences) + fitted[1] * model.num_layers
+            sim = (parallel.tp_prefill_s(model, g, r.tp, r.tokens, sequences=r.sequences,
+                                         allreduces=r.allreduces_per_layer) + fitted[1] * model.num_layers)
             r = replace(r, simulated_ms=sim * 1e3)
         out.append(r)
     return out
