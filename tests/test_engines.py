@@ -148,3 +148,15 @@ def test_the_presets_table_shows_each_engines_per_block_attention_rate_and_gqa_r
               for g, bw in e.attn_block_bw]
     assert [tuple(r) for r in rows] == fitted and {name for name, *_ in fitted} == {"trtllm"}
     assert {g for _, g, *_ in fitted} == set(dict(engines.get("trtllm").kv_reread_share))
+
+
+def test_the_planner_names_the_trtllm_gqa_reread_share_it_charges():
+    """`capacity --engine-overhead trtllm` prices with the preset's GQA re-read share and says so in every row's
+    compute model (the H100's share, the GPU planned on)."""
+    from tiersim.simulator.presets import get_gpu
+
+    out = _tiersim("capacity", "--batch", "64", "--engine-overhead", "trtllm", "--format", "json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    share = engines.get("trtllm").reread_share(get_gpu("h100-sxm"))
+    assert share > 0 and all(f"GQA KV re-read share {share:.2f} beyond L2" in r["compute_model"] for r in doc["rows"])
