@@ -43,15 +43,18 @@ def _signed(value, digits: int = 1) -> str:
 
 def rows(doc: dict) -> list[list[str]]:
     """One row of strings per measured point, in ``COLUMNS`` order."""
+    from tiersim.hierarchy.strategies import point_words
+
     out = []
     for p in doc["points"]:
         h2d = p.get("h2d_bytes")
+        words = point_words(p.get("strategy"), p.get("fetch_share"))  # a strategy's point: 'hybrid fetch 0.5'
         out.append([
             str(p.get("model_shape", "")),
             str(p["batch"]),
             str(p["context"]),
             f"{p['hbm']:g}" + (f" +c{p['compressed']:g}" if p.get("compressed") else "")  # the compressed check
-            + (f" {p['strategy']}" if p.get("strategy") not in (None, "prefetch") else ""),  # a strategy's point
+            + (f" {words}" if words else ""),
             _num(p.get("measured_step_ms"), 3),
             _num(p.get("simulated_step_ms"), 3),
             _signed(p.get("sim_error_pct")),

@@ -375,12 +375,13 @@ def amend(point: dict, step: GraphStep, copy_ms: float | None) -> dict:
     """A point's measurement (graph_run.measure_point) corrected for a host strategy's traffic, with its
     host time; unchanged for prefetch."""
     if not isinstance(step, HostStep):
-        return {**point, "strategy": "prefetch", "host_ms": None}
+        return {**point, "strategy": "prefetch", "fetch_share": graph_tiers.fetched_share(step.buffers.config),
+                "host_ms": None}
     traffic = step.traffic()
     buf = step.buffers
     host = sorted(step.host_times[-point["steps"]:]) if step.host_times else []
     fetched = traffic["fetched"]
-    point = {**point, "strategy": buf.config.strategy, "fetch_share": buf.config.fetch_share,
+    point = {**point, "strategy": buf.config.strategy, "fetch_share": graph_tiers.fetched_share(buf.config),
              "h2d_bytes": traffic["h2d"], "d2h_bytes": point["d2h_bytes"] + traffic["d2h"],
              "prefetch_gbps": fetched / copy_ms / 1e6 if fetched and copy_ms else None,
              "h2d_gbps_in_step": traffic["h2d"] / point["step_ms"] / 1e6 if traffic["h2d"] else None,

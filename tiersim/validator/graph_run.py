@@ -362,10 +362,9 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
     for share, batch, context, hbm, m, baseline, why in walk:
         points.append(calibrate.ValidationPoint.measured(shape.name, batch, context, hbm, m, baseline, why))
         points[-1].compressed = point_config(hbm, share).compressed  # capped at 1 - hbm, as the point ran
-        extras.append({**{k: m[k] for k in ("step_ms_p10", "gpu_busy_ms", "gpu_busy_ms_p10", "gpu_busy_ms_p90",
-                                            "copy_ms", "h2d_gbps_in_step", "retier_ms", "tiers", "executor",
-                                            "capture_error", "strategy", "host_ms")},
-                       **({"fetch_share": m["fetch_share"]} if m.get("strategy") == "hybrid" else {})} if m else {})
+        extras.append({k: m[k] for k in ("step_ms_p10", "gpu_busy_ms", "gpu_busy_ms_p10", "gpu_busy_ms_p90",
+                                         "copy_ms", "h2d_gbps_in_step", "retier_ms", "tiers", "executor",
+                                         "capture_error", "strategy", "fetch_share", "host_ms")} if m else {})
         if m and m["capture_error"]:
             log(f"  not captured ({m['capture_error']}): timed eagerly")
         if m:
