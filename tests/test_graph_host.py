@@ -355,6 +355,10 @@ def test_a_strategy_check_point_whose_capture_failed_does_not_relabel_the_prefet
         assert set(by) == {"prefetch", "host-attention", "hybrid"}
         assert by["host-attention"]["executor"] == ("cuda-eager" if eager_host else "graph-eager")
         assert doc["summary"]["max_overhead_pct"] == pytest.approx(by["prefetch"]["overhead_pct"])
+        from tiersim.validator.compare import summary_lines
+
+        check = next(x for x in summary_lines(doc) if x.startswith("strategy check: "))
+        assert check.count("executor cuda-eager") == (2 if eager_host else 0)
     # each host point is predicted with its own strategy's costs: not the prefetch point's prediction
     assert len({round(p["simulated_step_ms"], 9) for p in by.values()}) == 3
 
@@ -443,7 +447,17 @@ def test_a_failing_strategy_check_point_is_that_point_s_error_and_the_grid_goes_
                               strategy_check="host-attention,hybrid")
     failed = [p for p in doc["points"] if p["error"]]
     assert [p["error"] for p in failed] == ["failed: ValueError: shapes do not match"]
+    assert [(p["strategy"], p["fetch_share"]) for p in failed] == [("host-attention", 0.0)]  # which one failed
     assert sum(p["measured_step_ms"] is not None for p in doc["points"]) == 5 and out.exists()
+    # the validator's text (the GPU script's <gpu>-graph.txt) says how each check point ran, or why it did not
+    from tiersim.validator.compare import format_text
+
+    line = next(x for x in format_text(doc).splitlines() if x.startswith("strategy check: "))
+    host, hybrid = line.removeprefix("strategy check: ").split("; ")
+    assert host == "host-attention at batch 1, context 72, hbm 0.5: failed: ValueError: shapes do not match"
+    ran = next(p for p in doc["points"] if p["strategy"] == "hybrid")
+    assert hybrid == (f"hybrid fetch 0.5 at batch 1, context 72, hbm 0.5: host {ran['host_ms']:.3f} ms, "
+                      f"stall {ran['stall_ms']:.3f} ms, executor graph-eager")
 
     def grid_fails(model, batch, context, hbm, *args, strategy=None, **kwargs):
         raise ValueError("a grid point")
