@@ -28,6 +28,7 @@ def _fmt(value, digits=1, suffix=""):
 
 
 def _from_file(path: Path) -> str:
+    from tiersim.hierarchy.strategies import point_words
     from tiersim.validator import compare
 
     doc = compare.load(path)
@@ -47,7 +48,7 @@ def _from_file(path: Path) -> str:
     bound = sorted((p for p in lossless if p["hbm"] == 0.25 and p.get("stall_ms")), key=lambda p: -p["stall_ms"])[:3]
     rows += [[f"stall, batch {p['batch']} / {p['context']} / HBM 0.25", "simulated "
               + _fmt(p.get("simulated_stall_ms"), 2, " ms"), _fmt(p["stall_ms"], 2, " ms")] for p in bound]
-    rows += [[f"{p['strategy']}" + (f" (fetch share {p['fetch_share']:g})" if p.get("fetch_share") is not None else "")
+    rows += [[point_words(p["strategy"], p.get("fetch_share"))  # every point has a share: hybrid's is shown
               + f", HBM {p['hbm']:g} / batch {p['batch']} / {p['context']}: overhead (simulator's error), host ms", "—",
               f"{_fmt(p.get('overhead_pct'), 1, '%')} ({_fmt(p.get('sim_error_pct'), 1, '%')}), "
               f"{_fmt(p.get('host_ms'), 2, ' ms')}"] for p in strategies]

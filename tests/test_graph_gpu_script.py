@@ -39,11 +39,14 @@ def test_dry_run_runs_every_step_in_order_and_prints_the_median_error_last(tmp_p
         (0.5, 0.25, "prefetch")]
     host = [p for p in graph["points"] if p["strategy"] != "prefetch"]
     assert all(p["host_ms"] > 0 and p["baseline_step_ms"] == graph["points"][0]["measured_step_ms"] for p in host)
-    assert host[1]["fetch_share"] == 0.5 and graph["settings"]["strategy_check"] == ["host-attention", "hybrid"]
+    assert [p["fetch_share"] for p in graph["points"]] == [1.0, 1.0, 0.0, 0.5, 1.0]  # the share each one fetched
+    assert graph["settings"]["strategy_check"] == ["host-attention", "hybrid"]
     assert json.loads((dest / "cpu-dry-run-operators.json").read_text())["kind"] == "operator-profile"
     against = (dest / "cpu-dry-run-against.txt").read_text()
     assert "executor graph-eager" in against and "predicts a host-bound engine" in against
     assert against.strip().splitlines()[-1].endswith("5 points)")  # the host strategies' points simulated too
+    rows = [" ".join(line.split()[3:-3]) for line in against.splitlines() if line.strip().startswith("tiered")]
+    assert rows == ["1.00", "0.50", "0.50 host-attention", "0.50 hybrid fetch 0.5", "0.50 +c0.25"]  # each named
     assert "skipped" in (dest / "cpu-dry-run-tests.txt").read_text()
 
 

@@ -223,14 +223,19 @@ def test_hybrid_moves_its_share_and_host_attention_only_results(model):
     assert host["d2h"] > hybrid["d2h"] > 0  # the query both ways; the mask columns of the host part's tokens
 
 
-def _against(path, capsys) -> dict:
-    """``python -m tiersim.simulator.against PATH``'s simulated ms per hbm."""
+def _against_rows(path, capsys) -> list[tuple[str, float]]:
+    """``python -m tiersim.simulator.against PATH``'s rows: (the hbm column's words, the simulated ms)."""
     from tiersim.simulator.against import main
 
     capsys.readouterr()
     assert main([str(path)]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("tiered")]
-    return {float(r[3]): float(r[5]) for r in rows}
+    return [(" ".join(r[3:-3]), float(r[-2])) for r in rows]  # run, batch, context | hbm ... | measured, sim, error
+
+
+def _against(path, capsys) -> dict:
+    """``python -m tiersim.simulator.against PATH``'s simulated ms per hbm."""
+    return {float(split.split()[0]): ms for split, ms in _against_rows(path, capsys)}
 
 
 @pytest.mark.parametrize("strategy, share", [("host-attention", None), ("hybrid", 0.5)])
@@ -350,8 +355,77 @@ def test_a_strategy_check_point_whose_capture_failed_does_not_relabel_the_prefet
         assert set(by) == {"prefetch", "host-attention", "hybrid"}
         assert by["host-attention"]["executor"] == ("cuda-eager" if eager_host else "graph-eager")
         assert doc["summary"]["max_overhead_pct"] == pytest.approx(by["prefetch"]["overhead_pct"])
+        from tiersim.validator.compare import summary_lines
+
+        check = next(x for x in summary_lines(doc) if x.startswith("strategy check: "))
+        assert check.count("executor cuda-eager") == (2 if eager_host else 0)
     # each host point is predicted with its own strategy's costs: not the prefetch point's prediction
     assert len({round(p["simulated_step_ms"], 9) for p in by.values()}) == 3
+
+
+def test_every_table_names_a_strategy_check_point_s_strategy_and_hybrid_s_fetched_share(tmp_path, capsys):
+    """A prefetch grid with the strategy check holds three points at HBM 0.5: none of the tables may print two of
+    them alike (the split alone is the prefetch point's words). ``python -m tiersim.simulator.against`` (the GPU
+    script's step 4), ``tiersim simulate --against`` (rich) and the validator's own table name the strategy, and
+    hybrid's fetched share, read from the file the real writer wrote; each point records the share it fetched."""
+    import sys
+
+    from tiersim.validator.compare import COLUMNS, format_text
+    from tiersim.validator.graph_run import run_graph
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from cli_run import invoke
+
+    out = tmp_path / "g.json"
+    run_graph("tiny", [1], [72], [1.0, 0.5], device="cpu", steps=1, warmup=1, out=out, sweep_sizes=[4096, 65536],
+              strategy_check="host-attention,hybrid")
+    doc = json.loads(out.read_text())
+    assert [(p["hbm"], p["strategy"], p["fetch_share"]) for p in doc["points"]] == [
+        (1.0, "prefetch", 1.0), (0.5, "prefetch", 1.0), (0.5, "host-attention", 0.0), (0.5, "hybrid", 0.5)]
+    words = ["1.00", "0.50", "0.50 host-attention", "0.50 hybrid fetch 0.5"]
+    assert [split for split, _ in _against_rows(out, capsys)] == words
+    after = len(COLUMNS) - COLUMNS.index("hbm") - 1  # the validator's table: the cells right of hbm
+    table = [line.split() for line in format_text(doc).splitlines()[2:6]]
+    assert [" ".join(r[3:-after]) for r in table] == ["1", "0.5", "0.5 host-attention", "0.5 hybrid fetch 0.5"]
+    # tiersim simulate --against prices a preset's model: the same file, its shape renamed to one
+    doc["model_shape"]["name"] = "r1-distill-qwen-7b"
+    for p in doc["points"]:
+        p["model_shape"] = "r1-distill-qwen-7b"
+    renamed = tmp_path / "g7.json"
+    renamed.write_text(json.dumps(doc))
+    code, text, err = invoke(["simulate", "--model", "r1-distill-qwen-7b", "--gpu", "h100-sxm", "--against",
+                              str(renamed)])
+    assert code == 0, err
+    cells = [" ".join(line.split()[3:-3]) for line in text.splitlines() if line.strip().startswith("tiered")]
+    assert cells == words
+    code, text, err = invoke(["simulate", "--model", "r1-distill-qwen-7b", "--gpu", "h100-sxm", "--against",
+                              str(renamed), "--format", "json"])
+    rows = json.loads(text)["rows"]
+    assert [(r.get("strategy"), r.get("fetch_share"), r.get("host_share")) for r in rows] == [
+        (None, None, None), (None, None, None), ("host-attention", None, None), ("hybrid", 0.5, 0.5)]
+
+
+def test_a_point_s_fetched_share_flows_into_its_prediction_for_every_strategy():
+    """add_predictions takes each point's ``strategy`` / ``fetch_share`` as the file records them (prefetch 1.0,
+    host attention 0.0: TierConfig refuses a share below 1 from either), and hybrid's share moves its prediction:
+    at 0 it is host attention's, at 1 prefetch's (the simulator's hybrid spans the two)."""
+    from types import SimpleNamespace
+
+    from tiersim.simulator.presets import MODELS
+    from tiersim.validator.predict import add_predictions, tier_options
+
+    assert tier_options({"strategy": "prefetch", "fetch_share": 1.0}) == {"strategy": "prefetch"}
+    assert tier_options({"strategy": "host-attention", "fetch_share": 0.0}) == {"strategy": "host-attention"}
+    assert tier_options({"strategy": "hybrid", "fetch_share": 0.25}) == {"strategy": "hybrid", "fetch_share": 0.25}
+    shares = [("prefetch", 1.0), ("host-attention", 0.0), ("hybrid", 0.0), ("hybrid", 0.5), ("hybrid", 1.0)]
+    got = []
+    points = [SimpleNamespace(measured_step_ms=1.0, batch=64, context=2048, hbm=0.5, compressed=0.0,
+                              predicted=lambda step, stall: got.append(round(step, 9))) for _ in shares]
+    doc = {"gpu_preset": "h100-sxm"}
+    add_predictions(doc, points, MODELS["r1-distill-qwen-7b"], {"sink_tokens": 4, "recent_window": 64},
+                    {"warmup": 2, "steps": 16}, per_point=[{"strategy": s, "fetch_share": f} for s, f in shares])
+    prefetch, host, hybrid0, hybrid, hybrid1 = got
+    assert hybrid0 == host and hybrid1 == prefetch and len({prefetch, host, hybrid}) == 3
 
 
 def test_a_failing_strategy_check_point_is_that_point_s_error_and_the_grid_goes_on(monkeypatch, tmp_path):
@@ -373,7 +447,17 @@ def test_a_failing_strategy_check_point_is_that_point_s_error_and_the_grid_goes_
                               strategy_check="host-attention,hybrid")
     failed = [p for p in doc["points"] if p["error"]]
     assert [p["error"] for p in failed] == ["failed: ValueError: shapes do not match"]
+    assert [(p["strategy"], p["fetch_share"]) for p in failed] == [("host-attention", 0.0)]  # which one failed
     assert sum(p["measured_step_ms"] is not None for p in doc["points"]) == 5 and out.exists()
+    # the validator's text (the GPU script's <gpu>-graph.txt) says how each check point ran, or why it did not
+    from tiersim.validator.compare import format_text
+
+    line = next(x for x in format_text(doc).splitlines() if x.startswith("strategy check: "))
+    host, hybrid = line.removeprefix("strategy check: ").split("; ")
+    assert host == "host-attention at batch 1, context 72, hbm 0.5: failed: ValueError: shapes do not match"
+    ran = next(p for p in doc["points"] if p["strategy"] == "hybrid")
+    assert hybrid == (f"hybrid fetch 0.5 at batch 1, context 72, hbm 0.5: host {ran['host_ms']:.3f} ms, "
+                      f"stall {ran['stall_ms']:.3f} ms, executor graph-eager")
 
     def grid_fails(model, batch, context, hbm, *args, strategy=None, **kwargs):
         raise ValueError("a grid point")

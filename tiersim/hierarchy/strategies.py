@@ -81,3 +81,15 @@ def caveats(names) -> str:
 def help_text(names=None) -> str:
     """The strategies' phrases joined for --help (``names``: a subset, e.g. the cache's)."""
     return ", ".join(REGISTRY[n].help for n in (names or NAMES))
+
+
+def point_words(name: str | None, fetch_share: float | None = None) -> str:
+    """How a measured point names the strategy it ran, beside its split in a table ("" for prefetch, the default:
+    a prefetch grid's rows read as before; "host-attention"; "hybrid fetch 0.5"), so a host strategy's point is
+    never read as the prefetch point of the same HBM share. Only a strategy that takes a share shows it: the
+    others' is implied (prefetch fetches all, host attention none)."""
+    if name in (None, "prefetch"):
+        return ""
+    spec = REGISTRY.get(name)
+    share = f" fetch {fetch_share:g}" if spec is not None and spec.takes_share and fetch_share is not None else ""
+    return f"{name}{share}"

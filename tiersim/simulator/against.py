@@ -62,10 +62,15 @@ class _Fields:
 
 
 def split_label(row: dict) -> str:
-    """A row's split as the tables print it: the HBM share, and the compressed share of a compressed check
-    ('0.50 +c0.25'), so it never reads as the lossless point of the same HBM share."""
+    """A row's split as the tables print it: the HBM share, the compressed share of a compressed check
+    ('0.50 +c0.25') and the strategy of a host-strategy point, with hybrid's fetched share ('0.50 host-attention',
+    '0.50 hybrid fetch 0.5'), so none reads as the lossless prefetch point of the same HBM share (the words are the
+    validator's own table's: ``strategies.point_words``)."""
+    from tiersim.hierarchy.strategies import point_words
+
     comp = row.get("compressed") or 0.0
-    return f"{row['hbm']:.2f}" + (f" +c{comp:.2f}" if comp else "")
+    words = point_words(row.get("strategy"), row.get("fetch_share"))
+    return f"{row['hbm']:.2f}" + (f" +c{comp:.2f}" if comp else "") + (f" {words}" if words else "")
 
 
 def _strategy(name, index: int) -> str | None:
@@ -106,9 +111,12 @@ def _points(doc: dict, check: _Fields) -> list[dict]:
                 strategy = _strategy(p.get("strategy") or settings.get("strategy"), i)
                 if strategy not in (None, "prefetch"):
                     fetched = p.get("fetch_share", settings.get("fetch_share"))
-                    points[-1]["strategy"] = strategy
-                    points[-1]["host_share"] = (1.0 - check.number(f"point {i + 1}'s fetch_share", fetched, 0.0, 1.0)
-                                                if strategy == "hybrid" and fetched is not None else None)
+                    if strategy == "hybrid" and fetched is not None:
+                        fetched = check.number(f"point {i + 1}'s fetch_share", fetched, 0.0, 1.0)
+                    else:  # the others' is implied by the strategy (host attention fetches none)
+                        fetched = None
+                    points[-1].update(strategy=strategy, fetch_share=fetched,
+                                      host_share=None if fetched is None else 1.0 - fetched)
     else:
         warmup = (doc.get("settings") or {}).get("decode_warmup", 3)
         for model, entry in (doc.get("models") or {}).items():
@@ -210,9 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{model} on {gpu}: measured ({args.file}, executor {result['executor']}) vs simulated "
           f"(engine {engine}, compute model {result['compute_model']})")
-    print(f"{'run':>18} {'batch':>5} {'context':>7} {'hbm':>11} {'measured ms':>11} {'simulated ms':>12} {'error':>7}")
-    for r in result["rows"]:
-        print(f"{r['label']:>18} {r['batch']:>5} {r['context']:>7} {split_label(r):>11} {r['measured_ms']:>11.3f} "
+    splits = [split_label(r) for r in result["rows"]]
+    w = max([11, *map(len, splits)])  # a host strategy's point names it: '0.50 host-attention'
+    print(f"{'run':>18} {'batch':>5} {'context':>7} {'hbm':>{w}} {'measured ms':>11} {'simulated ms':>12} {'error':>7}")
+    for r, split in zip(result["rows"], splits):
+        print(f"{r['label']:>18} {r['batch']:>5} {r['context']:>7} {split:>{w}} {r['measured_ms']:>11.3f} "
               f"{r['simulated_ms']:>12.3f} {r['error_pct']:>+6.1f}%")
     if result["note"]:
         print(f"note: {result['note']}")

@@ -43,15 +43,18 @@ def _signed(value, digits: int = 1) -> str:
 
 def rows(doc: dict) -> list[list[str]]:
     """One row of strings per measured point, in ``COLUMNS`` order."""
+    from tiersim.hierarchy.strategies import point_words
+
     out = []
     for p in doc["points"]:
         h2d = p.get("h2d_bytes")
+        words = point_words(p.get("strategy"), p.get("fetch_share"))  # a strategy's point: 'hybrid fetch 0.5'
         out.append([
             str(p.get("model_shape", "")),
             str(p["batch"]),
             str(p["context"]),
             f"{p['hbm']:g}" + (f" +c{p['compressed']:g}" if p.get("compressed") else "")  # the compressed check
-            + (f" {p['strategy']}" if p.get("strategy") not in (None, "prefetch") else ""),  # a strategy's point
+            + (f" {words}" if words else ""),
             _num(p.get("measured_step_ms"), 3),
             _num(p.get("simulated_step_ms"), 3),
             _signed(p.get("sim_error_pct")),
@@ -87,6 +90,10 @@ def summary_lines(doc: dict) -> list[str]:
         lines.append(f"strategy {strategy}" + (f" (fetch share {share:g})" if share is not None else "") + ": "
                      + ("; ".join(f"host {ms:.3f} ms at batch {b}, context {c}, hbm {h:g}" for b, c, h, ms in host)
                         or "no host part measured"))
+    checked = (doc.get("settings") or {}).get("strategy_check") or []
+    if checked:  # the strategy check's points: what to quote of them, and whether their segmented capture ran
+        lines.append("strategy check: " + ("; ".join(_check_words(p) for p in doc["points"]
+                                                     if p.get("strategy") in checked) or "no point measured"))
     if s:
         share = s.get("prefetch_share_of_peak_h2d")
         lines.append(
@@ -97,6 +104,20 @@ def summary_lines(doc: dict) -> list[str]:
                f"prefetch reaches {100 * share:.0f}% of peak H2D (target >= 85%)")
         )
     return lines
+
+
+def _check_words(p: dict) -> str:
+    """One strategy-check point in a sentence: its host time and stall, and how it ran (``cuda-graph``: the
+    segmented capture replayed; ``cuda-eager``: its capture failed, and why; ``failed``: the point's error)."""
+    from tiersim.hierarchy.strategies import point_words
+
+    where = f"{point_words(p.get('strategy'), p.get('fetch_share'))} at batch {p['batch']}, context {p['context']}, " \
+            f"hbm {p['hbm']:g}"
+    if _missing(p.get("measured_step_ms")):
+        return f"{where}: {p.get('error') or 'not measured'}"
+    why = p.get("capture_error")
+    return (f"{where}: host {_num(p.get('host_ms'), 3)} ms, stall {_num(p.get('stall_ms'), 3)} ms, executor "
+            f"{p.get('executor') or '-'}" + (f" (not captured: {why[:120]})" if why else ""))
 
 
 def format_text(doc: dict) -> str:

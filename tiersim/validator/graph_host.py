@@ -94,6 +94,15 @@ def strategy_options(strategy: str, fetch_share: float | None = None) -> dict | 
     return {"strategy": strategy, "fetch_share": share}
 
 
+def point_strategy(options: dict | None) -> dict:
+    """A point's ``strategy`` and ``fetch_share`` (the share of the DDR tier its step fetches) from the TierConfig
+    options it runs with (:func:`strategy_options`; None: prefetch), as the file records them: a measured point by
+    :func:`amend`, and one that failed or was skipped by the grid, so that it still says what it was to run."""
+    opts = options or {}
+    name = opts.get("strategy", "prefetch")
+    return {"strategy": name, "fetch_share": graph_tiers.fetched_share(name, opts.get("fetch_share", 1.0))}
+
+
 def refresh(*steps) -> None:
     """After a re-tiering: the host strategies re-pack what changed (timed with the re-tiering)."""
     for step in steps:
@@ -375,12 +384,13 @@ def amend(point: dict, step: GraphStep, copy_ms: float | None) -> dict:
     """A point's measurement (graph_run.measure_point) corrected for a host strategy's traffic, with its
     host time; unchanged for prefetch."""
     if not isinstance(step, HostStep):
-        return {**point, "strategy": "prefetch", "host_ms": None}
+        return {**point, **point_strategy(None),
+                "host_ms": None}
     traffic = step.traffic()
     buf = step.buffers
     host = sorted(step.host_times[-point["steps"]:]) if step.host_times else []
     fetched = traffic["fetched"]
-    point = {**point, "strategy": buf.config.strategy, "fetch_share": buf.config.fetch_share,
+    point = {**point, **point_strategy({"strategy": buf.config.strategy, "fetch_share": buf.config.fetch_share}),
              "h2d_bytes": traffic["h2d"], "d2h_bytes": point["d2h_bytes"] + traffic["d2h"],
              "prefetch_gbps": fetched / copy_ms / 1e6 if fetched and copy_ms else None,
              "h2d_gbps_in_step": traffic["h2d"] / point["step_ms"] / 1e6 if traffic["h2d"] else None,

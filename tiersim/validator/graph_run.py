@@ -291,7 +291,7 @@ def check_strategies(names, chosen) -> tuple:
 
 def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa, profile, sweep_sizes,
              retier_every, command, log, chosen=None, compressed=0.0, checks=()) -> dict:
-    from tiersim.validator import calibrate, compute, grid, link, predict
+    from tiersim.validator import calibrate, compute, graph_host, grid, link, predict
     from tiersim.validator.shapes import build_model
 
     started = time.monotonic()  # the budget covers the sweep, the build and the pinning too: the file must be written
@@ -320,15 +320,15 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
                              strategy=strategy, compressed=share)
 
     def block(batch, context):
-        return ((0.0, *point) for point in grid.measure_grid([batch], [context], hbms, run, baselines, log, "graph",
-                                                              budget_s, started))
+        return ((0.0, chosen, *point) for point in grid.measure_grid([batch], [context], hbms, run, baselines, log,
+                                                                      "graph", budget_s, started))
 
     blocks = [block(b, c) for b in batches for c in contexts]  # generators: nothing runs until walked
     first: dict = {}
 
     def remembered(points):  # the first block, noting its HBM 1.0 baseline for the strategy check
         for point in points:
-            first["baseline"] = point[5]
+            first["baseline"] = point[6]  # (share, options, batch, context, hbm, m, baseline, why)
             yield point
 
     offloaded = [h for h in hbms if h < 1.0]
@@ -348,7 +348,7 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
                     torch.cuda.synchronize(dev)
                 m, why = None, f"failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
                 log(f"  {why}")
-            yield 0.0, b, c, h, m, first.get("baseline"), why
+            yield 0.0, opts, b, c, h, m, first.get("baseline"), why
 
     if checks and not offloaded:
         log("--strategy-check: no check, --hbm lists no ratio below 1")
@@ -358,14 +358,15 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
     if compressed and offloaded:  # the compressed check: the grid's first batch and context, against its own HBM 1.0
         check = grid.measure_grid(batches[:1], contexts[:1], offloaded, lambda b, c, h: run(b, c, h, compressed), [],
                                   log, f"graph, compressed {compressed:g}", budget_s, started)
-        walk = itertools.chain(walk, ((compressed, *point) for point in check))
-    for share, batch, context, hbm, m, baseline, why in walk:
+        walk = itertools.chain(walk, ((compressed, chosen, *point) for point in check))
+    for share, opts, batch, context, hbm, m, baseline, why in walk:
         points.append(calibrate.ValidationPoint.measured(shape.name, batch, context, hbm, m, baseline, why))
         points[-1].compressed = point_config(hbm, share).compressed  # capped at 1 - hbm, as the point ran
-        extras.append({**{k: m[k] for k in ("step_ms_p10", "gpu_busy_ms", "gpu_busy_ms_p10", "gpu_busy_ms_p90",
-                                            "copy_ms", "h2d_gbps_in_step", "retier_ms", "tiers", "executor",
-                                            "capture_error", "strategy", "host_ms")},
-                       **({"fetch_share": m["fetch_share"]} if m.get("strategy") == "hybrid" else {})} if m else {})
+        # Every point names the strategy it ran (or was to run: a failed or skipped check point too) and its share.
+        extras.append({**graph_host.point_strategy(opts),
+                       **({k: m[k] for k in ("step_ms_p10", "gpu_busy_ms", "gpu_busy_ms_p10", "gpu_busy_ms_p90",
+                                             "copy_ms", "h2d_gbps_in_step", "retier_ms", "tiers", "executor",
+                                             "capture_error", "strategy", "fetch_share", "host_ms")} if m else {})})
         if m and m["capture_error"]:
             log(f"  not captured ({m['capture_error']}): timed eagerly")
         if m:
@@ -385,11 +386,11 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
     fit = grid.layer_fit(model_doc, shape, baselines, settings["warmup"], settings["steps"], copy_rate)
     # The file is a CUDA-graph measurement only if every measured point of the run's strategy was replayed from a
     # graph (a strategy check's point whose capture failed says cuda-eager itself, and does not relabel the grid).
-    executor = next((e["executor"] for e in extras
-                     if e and e["strategy"] == settings_strategy["strategy"] and e["executor"] != executor), executor)
+    executor = next((e["executor"] for e in extras if "executor" in e
+                     and e["strategy"] == settings_strategy["strategy"] and e["executor"] != executor), executor)
     doc = grid.calibration_doc(command, executor, info, dev, shape, params, settings, link_doc, tflops, copy_rate,
                                fit)
-    per_point = [{k: e[k] for k in ("strategy", "fetch_share") if k in e} if e else {} for e in extras]
+    per_point = [{k: e[k] for k in ("strategy", "fetch_share")} for e in extras]
     predict.add_predictions(doc, points, model_doc, {**policy, **(chosen or {})}, settings, profile, per_point)
     doc["points"] = [{**asdict(p), **extra} for p, extra in zip(points, extras)]
     calibrate.finish(doc)

@@ -55,6 +55,15 @@ def capacities(config: TierConfig, first: int, last: int) -> dict[str, int]:
 HOST_STRATEGIES = ("host-attention", "hybrid")  # strategies whose step attends the DDR tier where it lives
 
 
+def fetched_share(strategy: str, fetch_share: float = 1.0) -> float:
+    """The share of the DDR tier a step of ``strategy`` fetches to the device, as a point records it whatever its
+    strategy: all (prefetch, 1.0), none (host attention, 0.0; TierConfig's ``fetch_share`` keeps its unused
+    default 1.0 there), or hybrid's ``fetch_share``."""
+    if strategy == "hybrid":
+        return float(fetch_share)
+    return 0.0 if strategy in HOST_STRATEGIES else 1.0
+
+
 def fetched_capacity(config: TierConfig, cap_ddr: int) -> int:
     """DDR buffer entries one layer's step copies to the device: all (prefetch), none (host attention), or hybrid's
     ``fetch_share`` of the buffer's capacity (static shapes: the capacity, not the tokens held; its unused entries

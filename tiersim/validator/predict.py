@@ -63,6 +63,22 @@ def predict(model, gpu, policy: dict, batch: int, context: float, hbm: float, ta
     return {"step_ms": float(step[0]) * 1e3, "stall_ms": float(stall[0]) * 1e3}
 
 
+def tier_options(options: dict) -> dict:
+    """``options`` (a TierConfig's fields and a point's ``strategy`` / ``fetch_share``) as TierConfig takes them.
+
+    Every graph-executor point records its ``fetch_share``, the share of the DDR tier its step fetched to the
+    device (prefetch 1.0, host attention 0.0, hybrid its own: ``graph_tiers.fetched_share``), and it flows through
+    unchanged up to here. TierConfig takes that knob only from the strategies that take a share
+    (``strategies.SHARE_TAKERS``: it refuses 0.0 from host attention, whose split the strategy implies); for
+    the others it is dropped here, the one place, and the strategy alone prices the point."""
+    from tiersim.hierarchy import strategies
+
+    spec = strategies.REGISTRY.get(options.get("strategy") or "prefetch")  # an unknown one: TierConfig refuses it
+    if "fetch_share" in options and spec is not None and not spec.takes_share:
+        return {k: v for k, v in options.items() if k != "fetch_share"}
+    return options
+
+
 def add_predictions(doc: dict, points: list[ValidationPoint], model, policy: dict, settings: dict,
                     profile=None, per_point: list[dict] | None = None) -> None:
     """Fill each measured point's prediction from the simulator calibrated by ``doc`` (in place). ``per_point``:
@@ -90,8 +106,6 @@ def add_predictions(doc: dict, points: list[ValidationPoint], model, policy: dic
         if point.measured_step_ms is None:
             continue
         ctx = effective_context(point.context, settings["warmup"], settings["steps"])
-        own = {**policy, **(per_point[i] if per_point else {})}
-        if own.get("strategy") == "prefetch":
-            own.pop("fetch_share", None)
+        own = tier_options({**policy, **(per_point[i] if per_point else {})})
         pred = predict(model, gpu, own, point.batch, ctx, point.hbm, table, point.compressed)
         point.predicted(pred["step_ms"], pred["stall_ms"])
