@@ -137,6 +137,41 @@ def test_sliding_window_model_directory_is_refused_before_loading(tmp_path):
     assert "sliding-window" in _one_line(exc_info)
 
 
+def _edit_config(directory, **changes):
+    import json
+
+    path = directory / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _drop_tensor(directory, name):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(directory / "model.safetensors")
+    del tensors[name]
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+# Each broke load_model with a traceback (a ZeroDivisionError, a SafetensorError, a RuntimeError after a
+# multi-line load report) or, for a missing tensor, loaded a model with that tensor at random: exit 0.
+@pytest.mark.parametrize("damage, needle", [
+    (lambda d: _edit_config(d, num_key_value_heads=0), "num_key_value_heads must be an integer from 1"),
+    (lambda d: _edit_config(d, hidden_size=128), "of another shape than its config.json says"),
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]),
+     "Error while deserializing header"),
+    (lambda d: _drop_tensor(d, "model.layers.1.self_attn.q_proj.weight"),
+     "1 weight tensor missing from its weights files (first: model.layers.1.self_attn.q_proj.weight)"),
+], ids=["zero-kv-heads", "config-shape-not-weights", "truncated-safetensors", "missing-tensor"])
+def test_damaged_model_directory_is_one_line(tmp_path, damage, needle, capfd):
+    directory = _save(tiny_model("llama")[0], tmp_path / "model")
+    damage(directory)
+    capfd.readouterr()
+    with pytest.raises(TiersimError) as exc_info:
+        load_model(str(directory))
+    assert needle in _one_line(exc_info)
+    assert "LOAD REPORT" not in capfd.readouterr().err  # transformers' table is not printed before the line
+
+
 # --- tiny models ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

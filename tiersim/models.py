@@ -115,8 +115,11 @@ def load_model(name_or_path: str | None = None, device: str = "cpu", dtype: str 
     The config is checked before the weights are read, so an unsupported model fails in a second.
     """
     import tiersim.hierarchy.scoring  # noqa: F401  (registers the "tiersim" attention)
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    from tiersim.shapes import ModelShape
 
     hf_logging.disable_progress_bar()  # tiersim shows its own progress
 
@@ -127,15 +130,25 @@ def load_model(name_or_path: str | None = None, device: str = "cpu", dtype: str 
     try:
         config = AutoConfig.from_pretrained(directory, local_files_only=True)
         check_supported(config)
-        model = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=torch_dtype, attn_implementation=attn_implementation, local_files_only=True
-        )
+        # Every shape field checked before the model is built: 0 KV heads would be a ZeroDivisionError in
+        # transformers' attention constructor, a negative layer count a model with no layers.
+        ModelShape.from_hf_config(config, where=f"model {model_id}")
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its load report is a multi-line table; check_weights says it in one
+        try:
+            model, loading = AutoModelForCausalLM.from_pretrained(
+                directory, dtype=torch_dtype, attn_implementation=attn_implementation, local_files_only=True,
+                output_loading_info=True, ignore_mismatched_sizes=True,  # reported by check_weights, not raised
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        check_weights(directory, loading)
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except KeyError as exc:
         if exc.args == (attn_implementation,) and config is not None:
             raise attention_refused(config, attn_implementation) from None
         raise TiersimError(f"could not load model from {directory}: {_first_line(exc)}") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # a truncated or foreign weights file
         raise TiersimError(f"could not load model from {directory}: {_first_line(exc)}") from None
     check_supported(model)
     try:
@@ -146,6 +159,22 @@ def load_model(name_or_path: str | None = None, device: str = "cpu", dtype: str 
     model.name_or_path = model_id
     _quiet_generation_config(model)
     return model, tokenizer
+
+
+def check_weights(directory: Path, loading: dict) -> None:
+    """Refuse weights that do not fill the model config.json describes: transformers initialises a missing
+    or mis-shaped tensor at random and only logs it, so a capture would record a model nobody trained.
+    Unexpected tensors (more than the config uses) are ignored, as transformers does."""
+    missing = sorted(loading.get("missing_keys") or ())
+    mismatched = sorted(loading.get("mismatched_keys") or ())
+    if missing:
+        raise TiersimError(f"could not load model from {directory}: {len(missing)} weight tensor"
+                           f"{'s' * (len(missing) != 1)} missing from its weights files (first: {missing[0]})")
+    if mismatched:
+        name, found, expected = mismatched[0][:3]
+        raise TiersimError(f"could not load model from {directory}: {len(mismatched)} weight tensor"
+                           f"{'s' * (len(mismatched) != 1)} of another shape than its config.json says (first: "
+                           f"{name}, {tuple(found)} in the file, {tuple(expected)} expected)")
 
 
 def attention_refused(config, attn_implementation: str) -> TiersimError:
