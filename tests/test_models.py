@@ -298,3 +298,28 @@ def test_smollm2_loads_offline_from_the_cache(smollm2):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "30"
+
+
+def test_prompt_past_the_model_context_is_refused(tmp_path):
+    """A prompt that with --max-new-tokens runs past max_position_embeddings (1024 here) is one line before
+    any generation: a 2M-token prompt ran its prefill for hours, a 3k one captured past the model's positions."""
+    from cli_run import assert_refused
+
+    from tiersim.models import check_context
+    from tiersim.prompts import Prompt
+
+    model, _ = tiny_model("llama")
+    tokenizer = _word_tokenizer(model.config.vocab_size)  # no chat template: one token per word
+    prompt = Prompt("long", " ".join(["w2"] * 1000), None)
+    check_context(model, tokenizer, [prompt], 24)  # 1024: the last position the model has
+    with pytest.raises(TiersimError, match="1,025, past the model's 1,024-token context"):
+        check_context(model, tokenizer, [prompt], 25)
+    directory = _save(model, tmp_path / "model")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "w2 w3"}\n' + '{"prompt": "%s"}\n' % " ".join(["w3"] * 3000))
+    for command in ("capture", "grid"):
+        out = ["--out", str(tmp_path / f"{command}.{'parquet' if command == 'capture' else 'json'}")]
+        _, err = assert_refused([command, "--model", str(directory), "--prompts", str(prompts), "--n", "2",
+                                 "--max-new-tokens", "2", *out], before_work=False)
+        assert "prompt 2 is 3,000 tokens" in err
+        assert not (tmp_path / out[1]).exists()

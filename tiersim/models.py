@@ -315,6 +315,23 @@ def format_prompt(tokenizer, text: str):
     return tokenizer(text, return_tensors="pt").input_ids
 
 
+def check_context(model, tokenizer, prompts, max_new_tokens: int) -> None:
+    """Refuse a prompt (``tiersim.prompts.Prompt``) that with ``max_new_tokens`` runs past the model's
+    ``max_position_embeddings``: past its trained positions a model's attention is not the one a trace
+    or a quality score should record (transformers only logs a reminder), and a prompt of millions of
+    tokens would spend hours in one prefill. A config without the field is not checked."""
+    limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit < 1:
+        return
+    for prompt in prompts:
+        tokens = int(format_prompt(tokenizer, prompt.prompt).shape[1])
+        if tokens + max_new_tokens > limit:
+            raise TiersimError(
+                f"prompt {prompt.id} is {tokens:,} tokens; with --max-new-tokens {max_new_tokens:,} that is "
+                f"{tokens + max_new_tokens:,}, past the model's {limit:,}-token context (max_position_embeddings): "
+                "lower --max-new-tokens or shorten the prompt")
+
+
 def generation_kwargs(tokenizer=None) -> dict:
     """The greedy settings used everywhere (capture, grid, benchmarks)."""
     kwargs = {"do_sample": False}
