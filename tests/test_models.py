@@ -105,6 +105,23 @@ def test_interrupted_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
     assert list((tmp_path / "models").iterdir()) == []  # neither the target nor a temp dir
 
 
+def test_truncated_gguf_is_one_line_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A GGUF cut short (a broken download) was a struct.error traceback from transformers' GGUF reader."""
+    import tiersim.models
+    from tiersim.models import SMOLLM2_GGUF, smollm2_gguf_dir
+
+    source = tmp_path / "pkg"
+    source.mkdir()
+    with open(smollm2_gguf_dir() / SMOLLM2_GGUF, "rb") as fh:  # its header and part of the metadata
+        (source / SMOLLM2_GGUF).write_bytes(fh.read(300_000))
+    monkeypatch.setenv("TIERSIM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tiersim.models, "smollm2_gguf_dir", lambda: source)
+    with pytest.raises(TiersimError) as exc_info:
+        smollm2_dir()
+    assert "truncated or damaged" in _one_line(exc_info) and "--force-reinstall" in _one_line(exc_info)
+    assert list((tmp_path / "cache" / "models").iterdir()) == []
+
+
 # --- support checks ---------------------------------------------------------------------------------
 
 def test_unsupported_architectures_are_refused():

