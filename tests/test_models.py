@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -315,6 +316,20 @@ def test_smollm2_loads_offline_from_the_cache(smollm2):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "30"
+
+
+def test_unreadable_model_file_is_named(tmp_path, monkeypatch):
+    """A weights file the user may not read was "No such file or directory" (transformers' words); os.access
+    is what an unprivileged user meets (the tests may run as root, who reads a chmod-000 file anyway)."""
+    import tiersim.models
+
+    directory = _save(tiny_model("llama")[0], tmp_path / "model")
+    locked = directory / "model.safetensors"
+    real = os.access
+    monkeypatch.setattr(tiersim.models.os, "access", lambda p, mode: Path(p) != locked and real(p, mode))
+    with pytest.raises(TiersimError) as exc_info:
+        load_model(str(directory))
+    assert _one_line(exc_info) == f"cannot read {locked}: permission denied"
 
 
 def test_prompt_past_the_model_context_is_refused(tmp_path):

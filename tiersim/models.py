@@ -106,7 +106,13 @@ def resolve_model_dir(name_or_path: str | None) -> tuple[Path, str]:
     if name_or_path in (None, "", DEFAULT_MODEL):
         return smollm2_dir(), SMOLLM2_ID
     path = Path(name_or_path).expanduser()
+    if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
+        raise TiersimError(f"cannot read the model directory {path}: permission denied")
     if (path / "config.json").exists():
+        # transformers says a weights file it may not open is missing ("No such file"): name it here
+        unreadable = sorted(f.name for f in path.iterdir() if f.is_file() and not os.access(f, os.R_OK))
+        if unreadable:
+            raise TiersimError(f"cannot read {path / unreadable[0]}: permission denied")
         return path, path.name
     raise TiersimError(
         f"model {name_or_path!r} not found: give 'smollm2' or a local transformers model directory (with config.json)"
