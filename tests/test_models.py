@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,6 +106,23 @@ def test_interrupted_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
     assert list((tmp_path / "models").iterdir()) == []  # neither the target nor a temp dir
 
 
+def test_truncated_gguf_is_one_line_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A GGUF cut short (a broken download) was a struct.error traceback from transformers' GGUF reader."""
+    import tiersim.models
+    from tiersim.models import SMOLLM2_GGUF, smollm2_gguf_dir
+
+    source = tmp_path / "pkg"
+    source.mkdir()
+    with open(smollm2_gguf_dir() / SMOLLM2_GGUF, "rb") as fh:  # its header and part of the metadata
+        (source / SMOLLM2_GGUF).write_bytes(fh.read(300_000))
+    monkeypatch.setenv("TIERSIM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tiersim.models, "smollm2_gguf_dir", lambda: source)
+    with pytest.raises(TiersimError) as exc_info:
+        smollm2_dir()
+    assert "truncated or damaged" in _one_line(exc_info) and "--force-reinstall" in _one_line(exc_info)
+    assert list((tmp_path / "cache" / "models").iterdir()) == []
+
+
 # --- support checks ---------------------------------------------------------------------------------
 
 def test_unsupported_architectures_are_refused():
@@ -135,6 +153,41 @@ def test_sliding_window_model_directory_is_refused_before_loading(tmp_path):
     with pytest.raises(TiersimError) as exc_info:
         load_model(str(directory))
     assert "sliding-window" in _one_line(exc_info)
+
+
+def _edit_config(directory, **changes):
+    import json
+
+    path = directory / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _drop_tensor(directory, name):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(directory / "model.safetensors")
+    del tensors[name]
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+# Each broke load_model with a traceback (a ZeroDivisionError, a SafetensorError, a RuntimeError after a
+# multi-line load report) or, for a missing tensor, loaded a model with that tensor at random: exit 0.
+@pytest.mark.parametrize("damage, needle", [
+    (lambda d: _edit_config(d, num_key_value_heads=0), "num_key_value_heads must be an integer from 1"),
+    (lambda d: _edit_config(d, hidden_size=128), "of another shape than its config.json says"),
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]),
+     "Error while deserializing header"),
+    (lambda d: _drop_tensor(d, "model.layers.1.self_attn.q_proj.weight"),
+     "1 weight tensor missing from its weights files (first: model.layers.1.self_attn.q_proj.weight)"),
+], ids=["zero-kv-heads", "config-shape-not-weights", "truncated-safetensors", "missing-tensor"])
+def test_damaged_model_directory_is_one_line(tmp_path, damage, needle, capfd):
+    directory = _save(tiny_model("llama")[0], tmp_path / "model")
+    damage(directory)
+    capfd.readouterr()
+    with pytest.raises(TiersimError) as exc_info:
+        load_model(str(directory))
+    assert needle in _one_line(exc_info)
+    assert "LOAD REPORT" not in capfd.readouterr().err  # transformers' table is not printed before the line
 
 
 # --- tiny models ------------------------------------------------------------------------------------
@@ -263,3 +316,42 @@ def test_smollm2_loads_offline_from_the_cache(smollm2):
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "30"
+
+
+def test_unreadable_model_file_is_named(tmp_path, monkeypatch):
+    """A weights file the user may not read was "No such file or directory" (transformers' words); os.access
+    is what an unprivileged user meets (the tests may run as root, who reads a chmod-000 file anyway)."""
+    import tiersim.models
+
+    directory = _save(tiny_model("llama")[0], tmp_path / "model")
+    locked = directory / "model.safetensors"
+    real = os.access
+    monkeypatch.setattr(tiersim.models.os, "access", lambda p, mode: Path(p) != locked and real(p, mode))
+    with pytest.raises(TiersimError) as exc_info:
+        load_model(str(directory))
+    assert _one_line(exc_info) == f"cannot read {locked}: permission denied"
+
+
+def test_prompt_past_the_model_context_is_refused(tmp_path):
+    """A prompt that with --max-new-tokens runs past max_position_embeddings (1024 here) is one line before
+    any generation: a 2M-token prompt ran its prefill for hours, a 3k one captured past the model's positions."""
+    from cli_run import assert_refused
+
+    from tiersim.models import check_context
+    from tiersim.prompts import Prompt
+
+    model, _ = tiny_model("llama")
+    tokenizer = _word_tokenizer(model.config.vocab_size)  # no chat template: one token per word
+    prompt = Prompt("long", " ".join(["w2"] * 1000), None)
+    check_context(model, tokenizer, [prompt], 24)  # 1024: the last position the model has
+    with pytest.raises(TiersimError, match="1,025, past the model's 1,024-token context"):
+        check_context(model, tokenizer, [prompt], 25)
+    directory = _save(model, tmp_path / "model")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "w2 w3"}\n' + '{"prompt": "%s"}\n' % " ".join(["w3"] * 3000))
+    for command in ("capture", "grid"):
+        out = ["--out", str(tmp_path / f"{command}.{'parquet' if command == 'capture' else 'json'}")]
+        _, err = assert_refused([command, "--model", str(directory), "--prompts", str(prompts), "--n", "2",
+                                 "--max-new-tokens", "2", *out], before_work=False)
+        assert "prompt 2 is 3,000 tokens" in err
+        assert not (tmp_path / out[1]).exists()

