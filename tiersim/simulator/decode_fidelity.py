@@ -226,8 +226,10 @@ def residuals(source: str, doc: dict | None = None) -> list[Residual]:
     bare = points(sub, gpu_transform=lambda g: replace(g, step_overhead=0.0, step_overhead_per_sequence=0.0,
                                                         step_host_floor=0.0))
     line = engines.get(doc["sources"][source]["engine_overhead"])
+    # the points the published errors count: classified as priced with the preset (its line moves the prefill share)
     return [Residual(p.source, p.role, p.gpu, p.model, p.batch, p.length, p.reference_ms - p.simulated_ms,
-                     1e3 * line.host_s(p.batch)) for p in bare if p.regime in DECODE_REGIMES]
+                     1e3 * line.host_s(p.batch)) for p, shipped in zip(bare, points(sub))
+            if shipped.regime in DECODE_REGIMES]
 
 
 def residual_line(rows: list[Residual], max_length: int = SHORT_CONTEXT) -> dict[str, tuple[float, float]]:
