@@ -74,3 +74,32 @@ def test_residuals_read_only_the_named_source():
             p.pop("latency_s", None), p.pop("t2t_ms", None)  # every other source's measurement removed
     assert [r.residual_ms for r in df.residuals("argonne-vllm", doc)] == \
         [r.residual_ms for r in df.residuals("argonne-vllm")]
+
+
+def test_vllm_sync_line_is_drawn_through_vidurs_stored_cpu_profile_only():
+    """vllm-sync (and --host-overhead sync) is the line through the batch-8 and batch-64 sums of vidur's A100 CPU
+    profile, stored with its citation; the profile alone is read (no engine measurement, fit or held out)."""
+    import json
+    from importlib import resources
+
+    from tiersim.simulator import fidelity
+    from tiersim.simulator.presets import HOST_OVERHEADS
+
+    doc = json.loads(resources.files("tiersim").joinpath("data", engines.DATA).read_text())
+    sync = engines.get("vllm-sync")
+    fixed, per_sequence = fidelity.cpu_profile_line("vidur-a100", {"cpu_profiles": doc["cpu_profiles"]})
+    assert fixed == pytest.approx(sync.fixed_s, abs=0.005e-3)
+    assert per_sequence == pytest.approx(sync.per_sequence_s, abs=0.0005e-3)
+    assert HOST_OVERHEADS["sync"] == (sync.fixed_s, sync.per_sequence_s)
+    profile = doc["cpu_profiles"]["vidur-a100"]
+    assert profile["role"] == "fit" and profile["engine"] == "vllm-sync" and "vidur @ " in profile["where"]
+    assert [r["batch"] for r in profile["rows"]] == list(range(8, 65, 8))
+    # least squares over every batch moves the fixed term by ~0.03 ms, the slope by under 0.1 us per sequence
+    ls_fixed, ls_per = fidelity.cpu_profile_line("vidur-a100", doc, method="least_squares")
+    assert 0.0 < ls_fixed - fixed < 0.05e-3 and abs(ls_per - per_sequence) < 0.001e-3
+    # vidur's A40 host (a check nothing reads): the same engine's line within 0.1 ms and 4 us per sequence
+    a40 = fidelity.cpu_profile_line("vidur-a40", doc)
+    assert doc["cpu_profiles"]["vidur-a40"]["role"] == "check"
+    assert abs(a40[0] - fixed) < 0.1e-3 and abs(a40[1] - per_sequence) < 0.004e-3
+    with pytest.raises(ValueError, match="endpoints or least_squares"):
+        fidelity.cpu_profile_line("vidur-a100", doc, method="median")
