@@ -175,7 +175,8 @@ def engine_residuals() -> None:
             rows.append([source, preset, gpu, batch, len(short), f"{statistics.median(short):.2f}" if short else "-",
                          len(long), f"{statistics.median(long):.2f}" if long else "-", f"{sel[0].charged_ms:.2f}"])
         for gpu, (fixed, per_seq) in decode_fidelity.residual_line(res).items():
-            lines.append(f"- {source} on {gpu}: residual {fixed:.2f} ms + {per_seq:.3f} ms/seq (least squares, L <= "
+            lines.append(f"- {source} on {gpu}: residual {fixed:.2f} ms {'-' if per_seq < 0 else '+'} {abs(per_seq):.3f} "
+                         f"ms/seq (least squares, L <= "
                          f"{decode_fidelity.SHORT_CONTEXT}); the {preset} preset charges {e.fixed_s * 1e3:.2f} ms + "
                          f"{e.per_sequence_s * 1e3:.3f} ms/seq")
     body = ("Diagnosis, not a fit: Argonne's held-out runs (decode regimes only) less the simulated device time, per "

@@ -103,3 +103,22 @@ def test_vllm_sync_line_is_drawn_through_vidurs_stored_cpu_profile_only():
     assert abs(a40[0] - fixed) < 0.1e-3 and abs(a40[1] - per_sequence) < 0.004e-3
     with pytest.raises(ValueError, match="endpoints or least_squares"):
         fidelity.cpu_profile_line("vidur-a100", doc, method="median")
+
+
+def test_docs_state_the_residual_lines_as_computed():
+    """docs/simulator.md's "vLLM 0.4-0.5" paragraph quotes these lines; recomputed here so a physics or data change
+    that moves them also moves the text."""
+    import re
+    from pathlib import Path
+
+    from tiersim.simulator import fidelity
+
+    text = re.sub(r"\s+", " ", (Path(__file__).resolve().parent.parent / "docs" / "simulator.md").read_text())
+    vllm, trt = df.residual_line(df.residuals("argonne-vllm")), df.residual_line(df.residuals("argonne-trtllm"))
+    (a_f, a_p), (h_f, h_p) = vllm["a100-40gb"], vllm["h100"]
+    assert f"leave {a_f:.2f} ms + {a_p:.3f} ms/seq (A100-40GB) and {h_f:.2f} + {h_p:.3f} (H100)" in text
+    (ta_f, ta_p), (th_f, th_p) = trt["a100-40gb"], trt["h100"]
+    sign = lambda x: f"{'−' if x < 0 else '+'} {abs(x):.3f}"  # noqa: E731 (the doc's typography)
+    assert (f"leaves {ta_f:.2f} {sign(ta_p)}/seq and {th_f:.2f} {sign(th_p)}/seq".replace("-", "−") in text)
+    fixed, per_sequence = fidelity.cpu_profile_line("vidur-a40", method="least_squares")
+    assert f"{fixed * 1e3:.2f} + {per_sequence * 1e3:.3f}/seq by least squares over batch 8-48" in text
