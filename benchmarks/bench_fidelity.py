@@ -89,6 +89,7 @@ def main() -> None:
     by_source()
     decode_runs()
     gqa_rereads()
+    engine_residuals()
     rejected_prefill_line()
 
 
@@ -209,6 +210,39 @@ def gqa_rereads() -> None:
                               "shipped (per GPU)", f"pooled {one:.2f}", "vLLM with trtllm's shares"], table) + "\n")
     print(body)
     write_section("GQA KV re-reads on the trtllm preset, on and off (issue #22)", "python benchmarks/bench_fidelity.py", body)
+def engine_residuals() -> None:
+    """Issue 22, diagnosis only: what Argonne's held-out runs leave over the simulated device time (the measured time
+    per output token less the same point priced without its preset's per-step line, ``decode_fidelity.residuals``), by
+    engine, GPU, batch and context, beside the line the preset charges. Nothing here is fitted or shipped."""
+    from tiersim.simulator import decode_fidelity, engines
+
+    rows, lines = [], []
+    for source in ("argonne-vllm", "argonne-trtllm"):
+        res = decode_fidelity.residuals(source)
+        preset = decode_fidelity.load()["sources"][source]["engine_overhead"]
+        e = engines.get(preset)
+        for gpu, batch in sorted({(r.gpu, r.batch) for r in res}):
+            sel = [r for r in res if r.gpu == gpu and r.batch == batch]
+            short = [r.residual_ms for r in sel if r.length <= decode_fidelity.SHORT_CONTEXT]
+            long = [r.residual_ms for r in sel if r.length >= 1024]
+            rows.append([source, preset, gpu, batch, len(short), f"{statistics.median(short):.2f}" if short else "-",
+                         len(long), f"{statistics.median(long):.2f}" if long else "-", f"{sel[0].charged_ms:.2f}"])
+        for gpu, (fixed, per_seq) in decode_fidelity.residual_line(res).items():
+            lines.append(f"- {source} on {gpu}: residual {fixed:.2f} ms {'-' if per_seq < 0 else '+'} {abs(per_seq):.3f} "
+                         f"ms/seq (least squares, L <= "
+                         f"{decode_fidelity.SHORT_CONTEXT}); the {preset} preset charges {e.fixed_s * 1e3:.2f} ms + "
+                         f"{e.per_sequence_s * 1e3:.3f} ms/seq")
+    body = ("Diagnosis, not a fit: Argonne's held-out runs (decode regimes only) less the simulated device time, per "
+            "output token (`decode_fidelity.residuals`: each token carries one step's host line, so where the device "
+            "time is right this is the engine's per-step cost), by engine, GPU, batch and context (short: L <= "
+            f"{decode_fidelity.SHORT_CONTEXT}; long: L >= 1024), beside what the source's preset charges per step. "
+            "Both engines ran on the same machines: TensorRT-LLM's residual is the device model's own miss there.\n\n"
+            + "\n".join(lines) + "\n\n"
+            + markdown_table(["source", "engine preset", "GPU", "batch", "points short", "residual short ms",
+                              "points long", "residual long ms", "preset charges ms"], rows) + "\n")
+    print(body)
+    write_section("Engine residuals of the held-out vLLM 0.5 and TensorRT-LLM runs (diagnosis, issue #22)",
+                  "python benchmarks/bench_fidelity.py", body)
 
 
 def rejected_prefill_line() -> None:

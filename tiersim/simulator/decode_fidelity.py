@@ -243,3 +243,56 @@ def summary(pts: list[RunPoint]) -> dict[tuple, dict]:
     return {k: {"points": len(v), "median_pct": statistics.median(abs(p.error_pct) for p in v),
                 "worst_pct": max(abs(p.error_pct) for p in v), "gpus": sorted({p.gpu for p in v}),
                 "models": sorted({p.model for p in v})} for k, v in sorted(groups.items())}
+
+
+# -- diagnosis, never fitted: what a source's runs leave over the device time, by batch and context ----------------
+#: Contexts up to this many tokens are a residual line's points: attention is a small share of their step, so what
+#: is left over the device time is mostly the engine's per-step work, not its attention kernel.
+SHORT_CONTEXT = 256
+
+
+@dataclass
+class Residual:
+    source: str
+    role: str
+    gpu: str
+    model: str
+    batch: int
+    length: int
+    residual_ms: float  # measured less the same point simulated without its engine's per-step line, per output token
+    charged_ms: float  # the per-step line the source's preset charges at this batch
+
+
+def residuals(source: str, doc: dict | None = None) -> list[Residual]:
+    """Per decode-regime point of ``source``: the measured time per output token less the simulated one with the
+    source's engine preset minus its per-step host line (its attention kernel kept), beside the line it charges.
+
+    Each output token of a priced run carries one step's host line exactly (a whole run: the prefill's and the
+    L - 1 decode steps' over L tokens; a token-to-token latency: one decode step's), so where the simulated device
+    time is right the residual *is* the engine's per-step cost at that batch. A diagnosis, read to explain a source's
+    error (is it the per-sequence term or the attention kernel?), never to set a constant: no preset reads it, and a
+    held-out source stays held out."""
+    doc = doc or load()
+    sub = {**doc, "points": [p for p in doc["points"] if p["source"] == source]}
+    bare = points(sub, gpu_transform=lambda g: replace(g, step_overhead=0.0, step_overhead_per_sequence=0.0,
+                                                        step_host_floor=0.0))
+    line = engines.get(doc["sources"][source]["engine_overhead"])
+    # the points the published errors count: classified as priced with the preset (its line moves the prefill share)
+    return [Residual(p.source, p.role, p.gpu, p.model, p.batch, p.length, p.reference_ms - p.simulated_ms,
+                     1e3 * line.host_s(p.batch)) for p, shipped in zip(bare, points(sub))
+            if shipped.regime in DECODE_REGIMES]
+
+
+def residual_line(rows: list[Residual], max_length: int = SHORT_CONTEXT) -> dict[str, tuple[float, float]]:
+    """Per GPU key of ``rows``, ``(fixed_ms, per_sequence_ms)``: least squares of the residual on the batch over the
+    points at contexts up to ``max_length`` (a GPU with one batch size there has no line). The engine's per-step line
+    as the runs show it, to hold against the preset's: diagnosis only (see :func:`residuals`)."""
+    out = {}
+    for gpu in sorted({r.gpu for r in rows}):
+        sel = [r for r in rows if r.gpu == gpu and r.length <= max_length]
+        if len({r.batch for r in sel}) < 2:
+            continue
+        a = np.column_stack([np.ones(len(sel)), [float(r.batch) for r in sel]])
+        fixed, per_sequence = np.linalg.lstsq(a, np.array([r.residual_ms for r in sel]), rcond=None)[0]
+        out[gpu] = (float(fixed), float(per_sequence))
+    return out

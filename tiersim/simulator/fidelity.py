@@ -258,6 +258,30 @@ def fit_engine_fixed(engine: str, doc: dict | None = None) -> float:
     return max(statistics.median(residuals), 0.0) if residuals else 0.0
 
 
+#: The phases of a stored CPU profile that sit on a synchronous engine's step path (the GPU waits for each).
+CPU_PHASES = ("schedule_ms", "sampler_e2e_ms", "prepare_inputs_e2e_ms", "process_model_outputs_ms")
+
+
+def cpu_profile_line(profile: str = "vidur-a100", doc: dict | None = None, method: str = "endpoints"
+                     ) -> tuple[float, float]:
+    """``(fixed_s, per_sequence_s)`` of one stored CPU-overhead profile (``public-engine-overheads.json``
+    ``cpu_profiles``): per batch the sum of the :data:`CPU_PHASES` medians, then the line through the first and
+    last batch (``endpoints``: how the shipped ``vllm-sync`` / ``--host-overhead sync`` line was drawn) or least
+    squares over every batch (``least_squares``: the sums are not quite linear, so the two differ). Reads that
+    profile's rows only: no engine measurement, fit or held out."""
+    doc = doc or json.loads(resources.files("tiersim").joinpath("data", "public-engine-overheads.json").read_text())
+    rows = sorted(doc["cpu_profiles"][profile]["rows"], key=lambda r: r["batch"])
+    batch = np.array([float(r["batch"]) for r in rows])
+    total = np.array([sum(r[k] for k in CPU_PHASES) for r in rows]) * 1e-3
+    if method == "endpoints":
+        per_sequence = (total[-1] - total[0]) / (batch[-1] - batch[0])
+        return float(total[0] - per_sequence * batch[0]), float(per_sequence)
+    if method == "least_squares":
+        per_sequence, fixed = np.polyfit(batch, total, 1)
+        return float(fixed), float(per_sequence)
+    raise ValueError(f"method must be endpoints or least_squares, got {method!r}")
+
+
 def engine_tpot_rows() -> list[dict]:
     """Public TPOT measurements of real engines (``public-engine-overheads.json`` ``measurements``) simulated with
     the engine's own preset (a lockstep batch at the run's mean decode context, all KV in HBM)."""

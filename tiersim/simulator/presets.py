@@ -382,7 +382,8 @@ def model_from_config(path: str | Path) -> Model:
 #: ``sync``: vidur's public CPU-overhead profile of a Python serving engine (github.com/microsoft/vidur @
 #: 0633efa, data/profiling/a100/cpu_overheads.csv, Llama-2-7b-hf, TP 1): the medians of schedule + sampler
 #: (end to end) + prepare inputs (end to end) + process model outputs are 1.97 ms at batch 8 and 7.59 ms at
-#: batch 64, nearly linear in between; least squares over batch 8-64 gives 1.17 ms + 0.100 ms per sequence.
+#: batch 64, nearly linear in between; the line through those two is 1.17 ms + 0.100 ms per sequence (least squares
+#: over batch 8-64: 1.20 ms + 0.100; the rows: public-engine-overheads.json ``cpu_profiles``, fidelity.cpu_profile_line).
 #: ``none``: an engine that overlaps this work with the GPU step (asynchronous scheduling).
 HOST_OVERHEADS = {"none": (0.0, 0.0), "sync": (1.17e-3, 0.100e-3)}
 
