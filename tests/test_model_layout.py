@@ -185,3 +185,28 @@ def test_small_op_bytes_by_layout_refit_on_the_fit_source_do_not_improve_held_ou
              if r.model == "gptj-6b" or (r.model == "falcon-180b" and r.tokens == 2048)]
     assert len(moved) == 4
     assert all(abs(after.error_pct) > abs(b.error_pct) for b, after in moved)
+
+
+def test_serve_tp_prices_falcon_s_parallel_block_with_one_all_reduce(tmp_path):
+    """End to end: ``serve --tp 2 --model-config`` of a Falcon config in the new decoder architecture against the
+    same shape as a sequential Falcon block (``parallel_attn`` false; ``multi_query`` false keeps its 8 KV heads):
+    one request's decode steps differ by exactly one all-reduce of one row per layer."""
+    import json
+
+    from cli_run import invoke
+
+    base = {"model_type": "falcon", "num_hidden_layers": 8, "hidden_size": 4096, "num_attention_heads": 32,
+            "num_kv_heads": 8, "vocab_size": 65024, "torch_dtype": "bfloat16"}
+    tpot = {}
+    for name, layout in (("parallel", {"new_decoder_architecture": True}),
+                         ("sequential", {"parallel_attn": False, "multi_query": False})):
+        path = tmp_path / name / "config.json"
+        path.parent.mkdir()
+        path.write_text(json.dumps({**base, **layout}))
+        code, out, err = invoke(["serve", "--model-config", str(path), "--tp", "2", "--requests", "1", "--lengths",
+                                 "32", "--format", "json"])
+        assert code == 0, err
+        tpot[name] = json.loads(out)["runs"][0]["tpot_ms"]["p50"]
+    gpu = get_gpu("h100-sxm")
+    one = parallel.allreduce_s(gpu, 2, 1 * base["hidden_size"] * 2)
+    assert tpot["sequential"] - tpot["parallel"] == pytest.approx(base["num_hidden_layers"] * one * 1e3, rel=1e-6)
