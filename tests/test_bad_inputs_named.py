@@ -198,6 +198,21 @@ def test_validate_compare_refuses_an_out_it_would_not_write(work):
     assert "--out is for a new run" in err and not (work / "other.json").exists()
 
 
+@pytest.mark.parametrize("args", [["--batch", "4"], ["--device", "cpu"], ["--executor", "graph"], ["--steps", "3"],
+                                  ["--context", "512"], ["--model-shape", "tiny"]])
+def test_validate_compare_refuses_a_run_option_it_would_drop(work, args, capsys):
+    """--compare prints a calibration already measured: a grid or device option beside it changed nothing
+    without a word (both front ends; the same value as the default is not refused)."""
+    from tiersim.validator.__main__ import main
+
+    calibration = str(work / "calibration.json")
+    _, err = assert_refused(["validate", "--compare", calibration, *args])
+    assert f"{args[0]} {args[1]} is for a new run; --compare only prints" in err
+    assert main(["--compare", calibration, *args]) == 2
+    assert f"error: {args[0]} {args[1]} is for a new run" in capsys.readouterr().err
+    assert invoke(["validate", "--compare", calibration, "--batch", "1,8,32", "--device", "cuda"])[0] == 0
+
+
 @pytest.mark.parametrize("text", ["1,,2", ",2"])
 def test_an_empty_item_inside_a_list_option_is_refused(text):
     from tiersim.options import parse_list
