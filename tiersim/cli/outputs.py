@@ -47,6 +47,10 @@ def check_output(path: Path, option: str, suffixes: tuple[str, ...] | None = Non
         raise TiersimError(f"{option} must end in {' or '.join(suffixes)}, got {str(path)!r}")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
+        # a folder on the way that is a regular file (``--out results.json/x.json``) exists: say what it is
+        blocker = next((p for p in (parent, *parent.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise TiersimError(f"{option}: {str(blocker)!r} is a file, not a folder")
         raise TiersimError(f"{option}: the folder {str(parent)!r} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise TiersimError(f"{option}: {str(path)!r} is not writable")
