@@ -69,6 +69,8 @@ def check_input(path: Path, option: str) -> None:
         raise TiersimError(f"{option}: {path} is a directory, not a file")
     if not path.exists():
         raise TiersimError(f"{option}: file not found: {path}")
+    if not path.is_file():  # a FIFO or a device: the reader would block on it forever, or read it twice
+        raise TiersimError(f"{option}: {path} is not a regular file (a pipe or a device); give a file")
     if not os.access(path, os.R_OK):
         raise TiersimError(f"{option}: cannot read {path}: permission denied")
 
