@@ -55,6 +55,13 @@ def test_the_issues_silent_and_unclear_cases(work, args, words):
     assert words in err and "1.1300000000000001" not in err and "TierConfig" not in err
 
 
+@pytest.mark.parametrize("command", [["simulate"], ["capacity"]])
+def test_no_host_floor_without_a_profile_is_refused(command):
+    """--no-host-floor drops the profile's host time; without --profile it was accepted and changed nothing."""
+    _, err = assert_refused([*command, "--batch", "2", "--steps", "2", "--no-host-floor"])
+    assert "applies with --profile only" in err
+
+
 def test_a_report_field_of_the_wrong_type_is_refused(work):
     document = json.loads((work / "capacity.json").read_text())
     document["rows"][0]["step_ms"] = "fast"
