@@ -122,6 +122,18 @@ def test_unsplit_attention_blocks_slow_batch_one_only():
     assert float(physics.layer_s(gj, trt, 1, kv)) > float(physics.layer_s(gj, h100, 1, kv))
 
 
+def _held_out_tripled(doc: dict) -> dict:
+    """A copy of the data file with every held-out and check source's measurement tripled: a fit that reads only
+    its fit sources (by role) returns the same constants on it."""
+    doctored = copy.deepcopy(doc)
+    for p in doctored["points"]:
+        if doctored["sources"][p["source"]]["role"] != "fit":
+            for key in ("latency_s", "t2t_ms"):
+                if key in p:
+                    p[key] *= 3
+    return doctored
+
+
 def test_trtllm_block_rate_is_fitted_on_its_fit_source_only_and_holds_on_the_held_out_one(shipped):
     doc = df.load()
     fitted = df.fit_attention_block_bw("trtllm")
@@ -130,13 +142,7 @@ def test_trtllm_block_rate_is_fitted_on_its_fit_source_only_and_holds_on_the_hel
     for gpu, rate in fitted.items():
         assert shipped_rates[gpu] == pytest.approx(rate, rel=5e-4), gpu  # the preset carries the fit
     # the fit reads fit sources only: tripling every held-out and check figure leaves it unchanged
-    doctored = copy.deepcopy(doc)
-    for p in doctored["points"]:
-        if doctored["sources"][p["source"]]["role"] != "fit":
-            for key in ("latency_s", "t2t_ms"):
-                if key in p:
-                    p[key] *= 3
-    assert df.fit_attention_block_bw("trtllm", doctored) == fitted
+    assert df.fit_attention_block_bw("trtllm", _held_out_tripled(doc)) == fitted
     # held out (another TensorRT-LLM, other machines): the issue's small-batch targets, and better than no limit
     small = shipped[("argonne-trtllm", "decode small batch")]
     assert small["median_pct"] <= 3.0 and small["worst_pct"] <= 10.0
@@ -197,20 +203,15 @@ def test_a_mixed_step_charges_the_same_gqa_rereads_as_a_decode_step():
 
 def test_trtllm_reread_share_is_fitted_on_its_fit_source_only_and_the_preset_carries_it():
     """``fit_kv_reread_share`` reproduces the preset's shares from the data (a change to the fit source's points
-    that moves the fit fails here), never reads a held-out or check source, and with these shares the block-rate
-    fit returns the shipped rates (the two fits are a fixed point of each other, the previous test)."""
+    that moves the fit fails here) and never reads a held-out or check source. The block-rate fit, which prices with
+    these shares, returns the shipped rates (test_trtllm_block_rate_is_fitted_...), so the two fits are a fixed
+    point of each other."""
     doc = df.load()
     fitted = df.fit_kv_reread_share("trtllm")
     assert fitted == dict(engines.get("trtllm").kv_reread_share)
     assert set(fitted) == {"a100-80g", "h100-sxm"} and all(0 < v < 1 for v in fitted.values())
     # held-out and check figures tripled: the same fit
-    doctored = copy.deepcopy(doc)
-    for p in doctored["points"]:
-        if doctored["sources"][p["source"]]["role"] != "fit":
-            for key in ("latency_s", "t2t_ms"):
-                if key in p:
-                    p[key] *= 3
-    assert df.fit_kv_reread_share("trtllm", doctored) == fitted
+    assert df.fit_kv_reread_share("trtllm", _held_out_tripled(doc)) == fitted
     # the fit source's GQA large batches 15% slower on the H100: more of the re-reads reach HBM there, the A100 as it was
     slower = copy.deepcopy(doc)
     for p in slower["points"]:

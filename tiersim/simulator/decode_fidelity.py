@@ -207,9 +207,10 @@ def fit_kv_reread_share(engine: str = "trtllm", doc: dict | None = None, pooled:
     finds the layer's KV in L2 while it fits (a batch-1 layer's few MB against 40-50 MB) and the part outside L2
     in HBM (``physics.reread_bytes``, ``physics.l2_miss_share``). ``share`` is how much of that outside part the
     re-reads are charged for (fitted, not derived: how much of it still hits L2, e.g. because a group's query heads
-    run close together, is not measured by any source here): one figure per GPU, as the L2's policy and the kernel's scheduling differ between A100 and H100 (the fit source's own
-    minima are apart: 0.23 and 0.36). ``pooled``: one share for every GPU, least squares over all their points (the
-    alternative that was measured and not shipped: docs/simulator.md)."""
+    run close together, is not measured by any source here): one figure per GPU, as the L2's policy and the kernel's
+    scheduling differ between A100 and H100 (the fit source's own minima are apart, docs/simulator.md). ``pooled``:
+    one share for every GPU, least squares over all their points (the alternative that was measured and not
+    shipped: docs/simulator.md)."""
     doc = doc or load()
     _, sub = _fit_subset(doc, engine)
     presets = sorted({doc["gpus"][p["gpu"]]["preset"] for p in sub["points"]})
