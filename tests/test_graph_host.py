@@ -524,6 +524,36 @@ def test_a_sigterm_during_a_strategy_check_stops_the_run_and_keeps_its_file(monk
     assert doc["error"].startswith("stopped after 2 points: Terminated: terminated by signal")
 
 
+def test_the_validator_s_command_line_ends_a_sigterm_in_one_line_with_its_file(monkeypatch, tmp_path, capsys):
+    """``python -m tiersim.validator`` under the GPU script's ``timeout``: the SIGTERM ends the run with the file
+    written and one ``error:`` line (no traceback in the step's log), exit 128 + SIGTERM as a killed process."""
+    import os
+    import signal
+
+    from tiersim.validator import graph_run
+    from tiersim.validator.__main__ import main
+
+    real = graph_run.measure_point
+
+    def killed(model, batch, context, hbm, *args, **kwargs):
+        if hbm < 1.0:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, batch, context, hbm, *args, **kwargs)
+
+    monkeypatch.setattr(graph_run, "measure_point", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "g.json"
+    try:
+        code = main(["--executor", "graph", "--device", "cpu", "--batch", "1", "--context", "72", "--hbm", "1.0,0.5",
+                     "--steps", "1", "--warmup", "1", "--out", str(out)])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    err = capsys.readouterr().err
+    assert code == 128 + signal.SIGTERM
+    assert err.strip().splitlines()[-1].startswith("error: terminated by signal") and "Traceback" not in err
+    assert json.loads(out.read_text())["error"].startswith("stopped after 1 points: Terminated")
+
+
 @pytest.mark.parametrize("front", [["-m", "tiersim", "validate"], ["-m", "tiersim.validator"]])
 def test_both_front_ends_run_hybrid_in_the_graph_executor(tmp_path, front):
     import subprocess

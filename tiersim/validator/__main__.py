@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 
 from tiersim.errors import TiersimError
@@ -52,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     except calibrate.NoDeviceError as exc:
         print(str(exc), file=sys.stderr)
         return 1
+    except calibrate.Terminated as exc:  # the step's timeout: the graph grid's file is written; one line, not a trace
+        print(f"error: {exc}", file=sys.stderr)
+        return 128 + signal.SIGTERM  # as a process killed by SIGTERM reports itself
     except TiersimError as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
