@@ -183,6 +183,8 @@ TRTLLM_PERF_LEFT_OUT = {"Mixtral 8x7B"}
 def trtllm_perf_cases(md: Path) -> list[dict]:
     """The batch-1 first-token latencies of TensorRT-LLM 0.9.0's A100 (FP16) low-latency table at TP > 1: one case
     per (model, TP) as the table states them (its rows name the TP per input length), points (input length, ms)."""
+    if not md.is_file():
+        raise SystemExit(f"{md}: not found (docs/source/performance.md of TensorRT-LLM @ 250d9c2)")
     text = md.read_text()
     if TRTLLM_PERF_SECTION not in text:
         raise SystemExit(f"{md}: no {TRTLLM_PERF_SECTION!r} section")
@@ -199,15 +201,20 @@ def trtllm_perf_cases(md: Path) -> list[dict]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else []
         if len(cells) != 5 or not cells[0] or not cells[1].isdigit():
             continue  # header, separator, blank spacer rows, prose
-        name, batch, tp, tokens, ms = cells
-        if name in TRTLLM_PERF_LEFT_OUT or int(tp) == 1:
+        name = cells[0]
+        try:  # a changed page is one line naming the row, not a ValueError traceback
+            batch, tp, tokens, ms = int(cells[1]), int(cells[2]), int(cells[3]), float(cells[4])
+        except ValueError:
+            raise SystemExit(f"{md}: row {line.strip()!r} of {TRTLLM_PERF_TABLE!r}: expected batch, TP and input "
+                             "length as integers and the latency in ms as a number") from None
+        if name in TRTLLM_PERF_LEFT_OUT or tp == 1:
             continue
         if name not in TRTLLM_PERF_MODELS:
             raise SystemExit(f"{md}: model {name!r} of {TRTLLM_PERF_TABLE!r} is neither mapped nor left out")
         model = TRTLLM_PERF_MODELS[name]
-        case = cases.setdefault((model, int(tp)), {"source": TRTLLM_PERF_SOURCE, "gpu": "a100", "model": model,
-                                                   "tp": int(tp), "sequences": int(batch), "points": []})
-        case["points"].append({"prompt": int(tokens), "ttft_ms": float(ms)})
+        case = cases.setdefault((model, tp), {"source": TRTLLM_PERF_SOURCE, "gpu": "a100", "model": model,
+                                              "tp": tp, "sequences": batch, "points": []})
+        case["points"].append({"prompt": tokens, "ttft_ms": ms})
     if not cases:
         raise SystemExit(f"{md}: no rows in {TRTLLM_PERF_TABLE!r}")
     return list(cases.values())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -95,10 +96,19 @@ def test_the_trtllm_page_gives_its_a100_rows_at_tp_above_1_one_case_per_model_an
     (lambda t: t.replace("version 0.9.0\n### H100", "version 0.10.0\n### H100"), "does not say"),
     (lambda t: t.replace("### A100 GPUs (FP16)\n| Model | Batch Size | TP (1) | Input Length | 1st",
                          "### A100 GPUs (FP8)\n| Model | Batch Size | TP (1) | Input Length | 1st"), "no '### A100"),
+    (lambda t: t.replace("| Falcon 180B | 1 | 8 | 2048 | 400.0 |", "| Falcon 180B | 1 | 8 | 2K | 400.0 |"),
+     "row '| Falcon 180B | 1 | 8 | 2K | 400.0 |'"),
+    (lambda t: t.replace("| LLaMA 70B | 1 | 4 | 128 | 30.0 |", "| LLaMA 70B | 1 | 4 | 128 | 30.0 ms |"),
+     "expected batch, TP and input length as integers"),
 ])
 def test_a_changed_trtllm_page_is_one_line_not_silently_fewer_rows(tmp_path, edit, message):
     m = _script()
     page = tmp_path / "performance.md"
     page.write_text(edit(PAGE))
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
         m.trtllm_perf_cases(page)
+
+
+def test_a_missing_trtllm_page_is_one_line(tmp_path):
+    with pytest.raises(SystemExit, match="not found"):
+        _script().trtllm_perf_cases(tmp_path / "performance.md")
