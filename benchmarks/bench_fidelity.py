@@ -145,9 +145,10 @@ def decode_runs() -> None:
             "decode steps); and TensorRT-LLM 0.9.0 token-to-token latencies (the mean decode step after the first "
             "token) on an A100-SXM4-80GB and an H100 80GB HBM3, from an NVIDIA DLI course table, priced as the mean "
             "of those steps (its FP8 rows at 128/128 x batch 1-8 on an H100 and an H200, where the unstated KV dtype "
-            "cannot matter, are a check: the fit did not read them). Engine presets: TensorRT-LLM trtllm (its per-block attention rate fitted on the DLI table, "
-            "role fit; the Argonne TensorRT-LLM runs are its held-out check), vLLM 0.5 vllm-sync (fitted on vidur's "
-            "CPU profile). Points are classified by code "
+            "cannot matter, are a check: the fit did not read them). Engine presets: TensorRT-LLM trtllm (its "
+            "per-block attention rate and GQA KV re-read share fitted on the DLI table, role fit; the Argonne "
+            "TensorRT-LLM runs are its held-out check), vLLM 0.5 vllm-sync (fitted on vidur's CPU profile). Points "
+            "are classified by code "
             "before they are compared: preempted (a whole run's KV outgrows HBM), prefill > 10% of the simulated run, "
             "failed (faster than the weights can be read).\n\n"
             + "\n".join(lines) + "\n\n"
@@ -165,12 +166,14 @@ def gqa_rereads() -> None:
     from tiersim.simulator import decode_fidelity as df
     from tiersim.simulator import engines
 
-    shipped = dict(engines.get("trtllm").kv_reread_share)
+    trt = engines.get("trtllm")
+    shipped = dict(trt.kv_reread_share)
     fitted, pooled = df.fit_kv_reread_share("trtllm"), df.fit_kv_reread_share("trtllm", pooled=True)
     one = next(iter(pooled.values()))
 
-    def share_of(per):
-        return lambda g: replace(g, attn_kv_reread_share=per.get(g.name, per.get(g.physics_of, 0.0)))
+    def share_of(per):  # the preset's own lookup (a GPU's share, else the one it reads the constants of)
+        with_shares = replace(trt, kv_reread_share=tuple(sorted(per.items())))
+        return lambda g: replace(g, attn_kv_reread_share=with_shares.reread_share(g))
 
     off = df.points(gpu_transform=lambda g: replace(g, attn_kv_reread_share=0.0))
     on = df.points()
@@ -210,6 +213,8 @@ def gqa_rereads() -> None:
                               "shipped (per GPU)", f"pooled {one:.2f}", "vLLM with trtllm's shares"], table) + "\n")
     print(body)
     write_section("GQA KV re-reads on the trtllm preset, on and off (issue #22)", "python benchmarks/bench_fidelity.py", body)
+
+
 def engine_residuals() -> None:
     """Issue 22, diagnosis only: what Argonne's held-out runs leave over the simulated device time (the measured time
     per output token less the same point priced without its preset's per-step line, ``decode_fidelity.residuals``), by
