@@ -118,11 +118,16 @@ def test_the_gpu_physics_is_never_much_slower_than_a_real_engine():
     held = [r for r in ROWS if r.regime == "ttft" and r.role == "held_out"]
     worst = max(r.error_pct for r in held)
     assert 10.0 < worst < 15.0
-    # the points priced over 10% slow, which the docs name: the two Falcon-180B 2K-token rows and two of the 40 GB
-    # A100's 16 x 1024-token rows (its bandwidth); none at or above 11% but Falcon's
-    assert {(r.source, r.model, r.tokens) for r in held if r.error_pct > 10.0} == {
-        ("trtllm-v0.5-a100", "falcon-180b", 2048), ("trtllm-v0.9-a100", "falcon-180b", 2048),
-        ("argonne-vllm", "mistral-7b", 1024), ("argonne-trtllm", "llama2-7b", 1024)}
+    # the points priced over 10% slow, as the docs name them: the two Falcon-180B 2K-token rows and "two of
+    # LLM-Inference-Bench's 40 GB A100 rows (+a%, +b%)", their errors read from the text; none >= 11% but Falcon's
+    slow = [r for r in held if r.error_pct > 10.0]
+    assert {(r.source, r.model, r.tokens) for r in slow if r.model == "falcon-180b"} == {
+        ("trtllm-v0.5-a100", "falcon-180b", 2048), ("trtllm-v0.9-a100", "falcon-180b", 2048)}
+    others = sorted((r for r in slow if r.model != "falcon-180b"), key=lambda r: r.error_pct)
+    named = re.search(r"only other points over \+10% are two of LLM-Inference-Bench's 40 GB A100 rows "
+                      r"\(\+([\d.]+)%, \+([\d.]+)%\)", re.sub(r"\s+", " ", PREFILL_DOC))
+    assert named and [round(r.error_pct, 1) for r in others] == [float(named[1]), float(named[2])]
+    assert all(r.source.startswith("argonne-") and r.gpu == "a100-40gb" for r in others)
     assert {r.model for r in held if r.error_pct >= 11.0} == {"falcon-180b"}
     stated = re.search(r"no held-out TTFT point is priced\s+more than \+([\d.]+)% above", PREFILL_DOC)
     assert stated and worst == pytest.approx(float(stated[1]), abs=0.05 + 1e-9)  # and the docs say which
