@@ -59,6 +59,7 @@ def test_vllm_0_5_runs_show_a_flatter_per_sequence_cost_than_vllm_sync():
         assert 0.0 < per_sequence < 0.75 * sync, gpu
         assert per_sequence > trt[gpu][1] and fixed > trt[gpu][0], gpu
         assert fixed < 1e3 * engines.get("vllm-sync").host_s(1), gpu
+
     def growth(rows, gpu):  # batch 16: the residual's median at L >= 1024 less that at short context
         at16 = [r for r in rows if r.gpu == gpu and r.batch == 16]
         return (statistics.median(r.residual_ms for r in at16 if r.length >= 1024)
