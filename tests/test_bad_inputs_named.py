@@ -227,3 +227,46 @@ def test_an_empty_item_inside_a_list_option_is_refused(text):
     with pytest.raises(TiersimError, match="an empty item"):
         parse_list(text, int, "--batch")
     assert parse_list("1,2,", int, "--batch") == [1, 2]
+
+
+# -- found by the review of issue 22/23's changes: a point field the --compare text formats ---------------------
+def _edited(work, edit) -> str:
+    doc = json.loads((work / "calibration.json").read_text())
+    edit(doc)
+    path = work / "edited-calibration.json"
+    path.write_text(json.dumps(doc))
+    return str(path)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda d: d["points"][0].update(fetch_share="half", strategy="hybrid"), "points[0].fetch_share must be a number"),
+    (lambda d: d["points"][1].update(host_ms="fast", strategy="host-attention"), "points[1].host_ms must be a number"),
+    (lambda d: d["points"][0].update(strategy=["hybrid"]), "points[0].strategy must be text"),
+    (lambda d: d.setdefault("settings", {}).update(strategy_check="hybrid"), "settings.strategy_check must be a list of names"),
+    (lambda d: d.update(error={"why": 1}), "error must be text"),
+])
+def test_validate_compare_refuses_a_field_it_would_print_wrong_in_one_line(work, capsys, edit, words):
+    """``--compare`` formats each point's numbers (``{:g}``, ``{:.3f}``) and words: a hand-edited value of another type
+    in a field the graph executor added (a point's strategy and fetched share, the strategy check, a stopped run's
+    error) was a ValueError traceback from ``python -m tiersim.validator`` and 'Unknown format code' from ``tiersim
+    validate``; the file's reader (``fileformat.SHAPES``) names the field, as it does the older ones."""
+    from tiersim.validator.__main__ import main
+
+    path = _edited(work, edit)
+    _, err = assert_refused(["validate", "--compare", path])
+    assert words in err
+    assert main(["--compare", path]) == 2
+    assert words in capsys.readouterr().err
+
+
+def test_every_shipped_calibration_file_still_prints():
+    """The checks refuse no file the validator wrote: each shipped measurement prints."""
+    from pathlib import Path
+
+    from tiersim.validator import compare
+
+    files = [p for p in sorted((Path(__file__).resolve().parent.parent / "docs" / "validation").glob("*.json"))
+             if json.loads(p.read_text()).get("kind") == "calibration"]
+    assert files
+    for path in files:
+        assert compare.format_text(compare.load(path)), path

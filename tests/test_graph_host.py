@@ -489,6 +489,9 @@ def test_a_grid_point_s_error_ends_the_run_with_the_points_before_it_written(mon
     doc = json.loads(out.read_text())
     assert [(p["batch"], p["hbm"]) for p in doc["points"]] == [(1, 1.0), (1, 0.5), (2, 1.0)]
     assert doc["error"] == "stopped after 3 points: ValueError: a grid point"
+    from tiersim.validator.compare import format_text
+
+    assert f"stopped: {doc['error']}" in format_text(doc).splitlines()  # --compare says the file is partial
     assert all(p["simulated_step_ms"] > 0 for p in doc["points"]) and doc["summary"]["median_abs_sim_error_pct"]
     assert len(load_measurements(out)[1]) == 3
 

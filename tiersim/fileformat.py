@@ -54,19 +54,24 @@ KINDS: dict[str, FileKind] = {k.name: k for k in (TRACE, SIMULATION, CAPACITY, Q
 #: What readers of a kind index into, checked by :func:`check` so that a file of the right kind with a field
 #: of the wrong type is one line naming the field, not a TypeError in whichever reader touches it first:
 #: ``objects`` (absent, null or an object), ``numbers`` (``section.field``: absent, null or a finite number),
-#: ``tables`` (a list of row objects) with the row fields that are numbers (``#``: a count, 0..2**53), and
-#: ``required``: the row fields every row has.
+#: ``tables`` (a list of row objects) with the row fields that are numbers (``#``: a count, 0..2**53),
+#: ``required``: the row fields every row has, ``texts`` (top-level or ``section.field``: absent, null or text),
+#: ``row_texts``: a table's row fields that are text, and ``names`` (``section.field``: a list of text).
 SHAPES: dict[str, dict[str, Any]] = {
     # Its link and compute sections, the numbers the simulator applies, are held to their ranges by their
-    # reader (simulator.calibration.load_calibration); here what the side-by-side printout reads.
+    # reader (simulator.calibration.load_calibration); here what the side-by-side printout reads (the graph
+    # executor's strategy words and fetched share, a stopped run's error, the strategy check's line too).
     "calibration": {
-        "objects": ("summary",),
+        "objects": ("summary", "settings"),
         "numbers": ("summary.median_abs_sim_error_pct", "summary.max_abs_sim_error_pct", "summary.max_overhead_pct",
-                    "summary.prefetch_gbps_max", "summary.prefetch_share_of_peak_h2d"),
+                    "summary.prefetch_gbps_max", "summary.prefetch_share_of_peak_h2d", "settings.fetch_share"),
         "tables": {"points": ("#batch", "#context", "hbm", "measured_step_ms", "simulated_step_ms", "sim_error_pct",
                               "baseline_step_ms", "overhead_pct", "stall_ms", "simulated_stall_ms", "#h2d_bytes",
-                              "#d2h_bytes", "prefetch_gbps")},
+                              "#d2h_bytes", "prefetch_gbps", "compressed", "fetch_share", "host_ms")},
         "required": {"points": ("batch", "context", "hbm")},
+        "texts": ("error", "settings.strategy"),
+        "row_texts": {"points": ("strategy", "error", "capture_error", "executor")},
+        "names": ("settings.strategy_check",),
     },
     "operator-profile": {"objects": ("models",)},  # device and settings: simulator.profile's reader
 }
@@ -93,6 +98,21 @@ def _check_shape(document: dict, kind: str, where: str, error: type[TiersimError
     for dotted in shape.get("numbers", ()):
         section, field = dotted.split(".")
         number((document.get(section) or {}).get(field), dotted)
+
+    def text(value: Any, name: str) -> None:
+        if value is not None and not isinstance(value, str):
+            raise error(f"{where}: {name} must be text, got {value!r:.60}")
+
+    def field_of(dotted: str) -> Any:
+        section, _, field = dotted.rpartition(".")
+        return (document.get(section) or {}).get(field) if section else document.get(field)
+
+    for dotted in shape.get("texts", ()):
+        text(field_of(dotted), dotted)
+    for dotted in shape.get("names", ()):
+        names = field_of(dotted)
+        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise error(f"{where}: {dotted} must be a list of names, got {names!r:.60}")
     for table, fields in shape.get("tables", {}).items():
         rows = document.get(table)
         if rows is None:
@@ -106,6 +126,8 @@ def _check_shape(document: dict, kind: str, where: str, error: type[TiersimError
             for field in fields:
                 name = field.lstrip("#")
                 number(row.get(name), f"{table}[{i}].{name}", count=field.startswith("#"))
+            for name in shape.get("row_texts", {}).get(table, ()):
+                text(row.get(name), f"{table}[{i}].{name}")
 
 
 def stamp(kind: FileKind) -> dict[str, Any]:

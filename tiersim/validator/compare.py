@@ -94,6 +94,8 @@ def summary_lines(doc: dict) -> list[str]:
     if checked:  # the strategy check's points: what to quote of them, and whether their segmented capture ran
         lines.append("strategy check: " + ("; ".join(_check_words(p) for p in doc["points"]
                                                      if p.get("strategy") in checked) or "no point measured"))
+    if doc.get("error"):  # a run stopped by an error or its timeout: the points are the ones measured before it
+        lines.append(f"stopped: {doc['error']}")
     if s:
         share = s.get("prefetch_share_of_peak_h2d")
         lines.append(
