@@ -83,13 +83,10 @@ def test_residuals_read_only_the_named_source():
 def test_vllm_sync_line_is_drawn_through_vidurs_stored_cpu_profile_only():
     """vllm-sync (and --host-overhead sync) is the line through the batch-8 and batch-64 sums of vidur's A100 CPU
     profile, stored with its citation; the profile alone is read (no engine measurement, fit or held out)."""
-    import json
-    from importlib import resources
-
     from tiersim.simulator import fidelity
     from tiersim.simulator.presets import HOST_OVERHEADS
 
-    doc = json.loads(resources.files("tiersim").joinpath("data", engines.DATA).read_text())
+    doc = engines.load()
     sync = engines.get("vllm-sync")
     fixed, per_sequence = fidelity.cpu_profile_line("vidur-a100", {"cpu_profiles": doc["cpu_profiles"]})
     assert fixed == pytest.approx(sync.fixed_s, abs=0.005e-3)

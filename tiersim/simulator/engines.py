@@ -93,10 +93,16 @@ class EngineOverhead:
         return f"{self.name} ({line}; {where})"
 
 
+def load() -> dict:
+    """The data file as stored: the presets, the engine TPOT measurements and the CPU profiles (``fidelity`` reads
+    the last two), a fresh copy each call, so a caller may doctor it."""
+    return json.loads(resources.files("tiersim").joinpath("data", DATA).read_text())
+
+
 @cache
 def presets() -> dict[str, EngineOverhead]:
     """Every engine preset of the data file, by name."""
-    doc = json.loads(resources.files("tiersim").joinpath("data", DATA).read_text())
+    doc = load()
     out = {}
     for name, e in doc["engines"].items():
         if e["role"] not in ("fit", "assumption", "definition"):

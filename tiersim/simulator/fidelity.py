@@ -252,7 +252,7 @@ def fit_engine_fixed(engine: str, doc: dict | None = None) -> float:
     from tiersim.simulator.capacity import run
     from tiersim.simulator.scenario import assemble
 
-    doc = doc or json.loads(resources.files("tiersim").joinpath("data", engines.DATA).read_text())["measurements"]
+    doc = doc or engines.load()["measurements"]
     residuals = []
     for p in doc["points"]:
         if p["role"] != "fit" or doc["sources"][p["source"]]["engine"] != engine:
@@ -274,7 +274,9 @@ def cpu_profile_line(profile: str = "vidur-a100", doc: dict | None = None, metho
     last batch (``endpoints``: how the shipped ``vllm-sync`` / ``--host-overhead sync`` line was drawn) or least
     squares over every batch (``least_squares``: the sums are not quite linear, so the two differ). Reads that
     profile's rows only: no engine measurement, fit or held out."""
-    doc = doc or json.loads(resources.files("tiersim").joinpath("data", "public-engine-overheads.json").read_text())
+    from tiersim.simulator import engines
+
+    doc = doc or engines.load()
     rows = sorted(doc["cpu_profiles"][profile]["rows"], key=lambda r: r["batch"])
     batch = np.array([float(r["batch"]) for r in rows])
     total = np.array([sum(r[k] for k in CPU_PHASES) for r in rows]) * 1e-3
@@ -294,7 +296,7 @@ def engine_tpot_rows() -> list[dict]:
     from tiersim.simulator.capacity import run
     from tiersim.simulator.scenario import assemble
 
-    doc = json.loads(resources.files("tiersim").joinpath("data", engines.DATA).read_text())["measurements"]
+    doc = engines.load()["measurements"]
     out = []
     for p in doc["points"]:
         src = doc["sources"][p["source"]]
