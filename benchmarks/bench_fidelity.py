@@ -153,8 +153,8 @@ def decode_runs() -> None:
             "role fit; the Argonne TensorRT-LLM runs are its held-out check), vLLM 0.5 vllm-sync (fitted on vidur's "
             "CPU profile). Points are classified by code "
             "before they are compared: KV over HBM (a whole run's KV outgrows HBM: replayed through the serving "
-            "simulator as its engine served it, `serving.replay`, next section), prefill > 10% of the simulated run, "
-            "failed (faster than the weights can be read).\n\n"
+            "simulator as its engine served it, `serving.replay`: section \"Decode runs over HBM, served\"), "
+            "prefill > 10% of the simulated run, failed (faster than the weights can be read).\n\n"
             + "\n".join(lines) + "\n\n"
             + markdown_table(["source", "role", "engine preset", "GPU", "regime", "points", "models", "batch", "median |err| %",
                               "worst |err| %", "median signed %", "old roofline median %"], table) + "\n")
