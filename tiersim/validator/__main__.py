@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = sys.argv[1:] if argv is None else argv
         extra = executor_options(args.executor, args.strategy, args.fetch_share, args.compressed, args.strategy_check)
         run = calibrate.run_validation
+        calibrate.raise_on_sigterm()  # a timeout's SIGTERM still leaves the graph grid's file, with what it measured
         if args.executor == "graph":
             from tiersim.validator.graph_run import run_validation_graph as run
         doc = run(
