@@ -88,6 +88,7 @@ def main() -> None:
     write_section("Simulator fidelity (issue #16)", "python benchmarks/bench_fidelity.py", body)
     by_source()
     decode_runs()
+    served_runs()
     gqa_rereads()
     engine_residuals()
     rejected_prefill_line()
@@ -95,7 +96,9 @@ def main() -> None:
 
 def by_source() -> None:
     """Issue 22: error per source and regime, every role apart; the held-out medians per regime below it."""
-    rows = fidelity.error_rows()
+    from tiersim.serving import replay
+
+    rows = fidelity.error_rows(replay.error_rows())
     table = [[s["source"], s["role"], s["regime"], s["points"], f"{s['median_pct']:.2f}", f"{s['worst_pct']:.1f}",
               f"{s['median_signed_pct']:+.1f}"] for s in fidelity.source_summary(rows)]
     held = {}
@@ -118,10 +121,11 @@ def by_source() -> None:
 def decode_runs() -> None:
     """Issue 22: real engines' decode steps (whole runs, token-to-token latencies) per source, role, GPU and regime
     (``decode_fidelity``), against the old roofline on the same points."""
+    from tiersim.serving import replay
     from tiersim.simulator import decode_fidelity
 
-    pts = decode_fidelity.points()
-    old = decode_fidelity.points(gpu_transform=old_roofline)
+    pts = replay.points()
+    old = replay.points(gpu_transform=old_roofline)
     groups: dict[tuple, list] = {}
     for p, q in zip(pts, old):
         groups.setdefault((p.source, p.role, p.engine, p.gpu, p.regime), []).append((p, q))
@@ -148,15 +152,61 @@ def decode_runs() -> None:
             "cannot matter, are a check: the fit did not read them). Engine presets: TensorRT-LLM trtllm (its "
             "per-block attention rate and GQA KV re-read share fitted on the DLI table, role fit; the Argonne "
             "TensorRT-LLM runs are its held-out check), vLLM 0.5 vllm-sync (fitted on vidur's CPU profile). Points "
-            "are classified by code "
-            "before they are compared: preempted (a whole run's KV outgrows HBM), prefill > 10% of the simulated run, "
-            "failed (faster than the weights can be read).\n\n"
+            "are classified by code before they are compared: KV over HBM (a whole run's KV outgrows HBM: replayed "
+            "through the serving simulator as its engine served it, `serving.replay`: section \"Decode runs over HBM, "
+            "served\"), prefill > 10% of the simulated run, failed (faster than the weights can be read).\n\n"
             + "\n".join(lines) + "\n\n"
             + markdown_table(["source", "role", "engine preset", "GPU", "regime", "points", "models", "batch", "median |err| %",
                               "worst |err| %", "median signed %", "old roofline median %"], table) + "\n")
     print(body)
     write_section("Decode steps of real engines by source, fit and held out (issue #22)",
                   "python benchmarks/bench_fidelity.py", body)
+
+
+def served_runs() -> None:
+    """Issue 22: the whole runs whose KV outgrows HBM, priced all in HBM (what no engine ran) and replayed through
+    the serving simulator under the source's ``on_full`` policy (``serving.replay``), per source and GPU; nothing
+    is fitted on them (held out)."""
+    from tiersim.serving import replay
+    from tiersim.simulator import decode_fidelity as df
+    from tiersim.simulator import engines
+
+    doc = df.load()
+    plain, served = df.points(), replay.points()
+    groups: dict[tuple, list] = {}
+    for a, b in zip(plain, served):
+        if b.regime == df.SERVED:
+            groups.setdefault((b.source, b.role, doc["sources"][b.source]["on_full"], b.gpu), []).append((a, b))
+
+    def cell(pts):
+        e = [p.error_pct for p in pts]
+        return f"{statistics.median(map(abs, e)):.2f} / {max(map(abs, e)):.1f} / {statistics.median(e):+.1f}"
+
+    table, runs = [], []
+    for (src, role, policy, gpu), pairs in sorted(groups.items()):
+        a, b = (list(x) for x in zip(*pairs))
+        table.append([src, role, policy, gpu, len(a), cell(a), cell(b)])
+        for p, q in pairs:
+            model, g = df.model_for(doc, q.model), df.gpu_for(doc, q.gpu)
+            r = replay.replay(model, engines.apply(g, q.engine, model.num_layers), q.batch, q.length, policy)
+            runs.append([src, q.gpu, q.model, q.batch, q.length, f"{q.reference_ms:.2f}", f"{p.simulated_ms:.2f}",
+                         f"{p.error_pct:+.1f}", f"{q.simulated_ms:.2f}", f"{q.error_pct:+.1f}", r.peak_batch,
+                         r.preemptions, f"{r.kv_gb:.1f}"])
+    body = ("Argonne's whole runs whose KV at 2L tokens exceeds 90% of HBM less the weights and 1 GB "
+            "(`decode_fidelity.regime`), first priced as one batch holding it all (what no engine ran), then replayed "
+            "through the serving simulator (`serving.replay`: B requests at t = 0, input and output L, the same GPU "
+            "and engine preset, the source's `on_full` policy from the data file: TensorRT-LLM 0.11's Executor "
+            "admits a request only when its whole KV can be reserved (GUARANTEED_NO_EVICT): `queue`; vLLM 0.5 "
+            "preempts the latest request and recomputes it: `preempt-recompute`; the serving defaults otherwise: KV "
+            "budget = HBM less weights, step workspace and the 2.5 GB reserve, 2,048 tokens per iteration, 256 "
+            "sequences). Held out: nothing is fitted on them. Each cell: median |error| % / worst |error| % / median "
+            "signed %.\n\n"
+            + markdown_table(["source", "role", "on_full", "GPU", "runs", "all in HBM", "served"], table)
+            + "\n\nPer run (ms per output token; peak: the most requests decoding at once; KV: the replay's budget, GB):"
+            "\n\n" + markdown_table(["source", "GPU", "model", "B", "L", "measured", "all in HBM", "error %", "served",
+                                      "error %", "peak", "preemptions", "KV GB"], runs) + "\n")
+    print(body)
+    write_section("Decode runs over HBM, served (issue #22)", "python benchmarks/bench_fidelity.py", body)
 
 
 def gqa_rereads() -> None:

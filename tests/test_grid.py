@@ -73,6 +73,15 @@ def test_build_cells_rejects_bad_ratios(args, message):
         build_cells(*args)
 
 
+def test_a_fetch_share_no_strategy_takes_is_refused():
+    """grid --fetch-share 0.3 with prefetch alone (the default --strategy) ran every cell at share 1 without a word."""
+    with pytest.raises(ConfigError, match="--fetch-share 0.3 applies to strategies 'hybrid' or 'selective' only"):
+        build_cells([0.5], [0], strategies=["prefetch"], fetch_share=0.3)
+    shares = {c.config.strategy: c.config.fetch_share
+              for c in build_cells([0.5], [0], strategies=["prefetch", "hybrid"], fetch_share=0.3)}
+    assert shares == {"prefetch": 1.0, "hybrid": 0.3}
+
+
 # -- the runner ---------------------------------------------------------------------------------------
 
 

@@ -116,6 +116,12 @@ def build_cells(
             raise ConfigError(f"--baselines: unknown baseline {name!r} (choose from {', '.join(sorted(BASELINES))})")
     for strategy in strategies:
         TierConfig(strategy=strategy)  # refuses an unknown strategy even where no cell would use it
+    share = options.get("fetch_share", 1.0)
+    if share < 1.0 and not any(s in registry.SHARE_TAKERS for s in strategies):
+        # every cell would run at share 1: the option would change nothing without a word
+        takers = " or ".join(repr(n) for n in registry.SHARE_TAKERS)
+        raise ConfigError(f"--fetch-share {share:g} applies to strategies {takers} only; add one to --strategy "
+                          "or drop --fetch-share")
     cells: list[Cell] = []
     for h in hbm:
         for c in compressed:

@@ -11,8 +11,11 @@ further decode steps; and *token-to-token latencies* (the mean decode step after
 requests of I input and O output tokens), priced as the mean of those O - 1 steps. Each decode step holds the
 whole KV in HBM (``prefill.mixed_step_s`` with no prefill rows: what ``analytic.layer_costs`` charges) and pays
 the source's ``--engine-overhead`` preset. A point is classified before it is compared (:func:`regime`): runs
-whose KV outgrows HBM (the engine preempts and recomputes), runs dominated by their prefill, and measurements
-faster than the weights can be read (a failed run) are reported apart, never silently dropped.
+whose KV outgrows HBM (the engine preempts and recomputes, or admits fewer requests at a time), runs dominated by
+their prefill, and measurements faster than the weights can be read (a failed run) are reported apart, never
+silently dropped. A run whose KV outgrows HBM is not priced by one batch holding it all: given ``serve`` (the
+serving layer's replay, ``tiersim.serving.replay``: this layer cannot import it), :func:`points` prices it as the
+engine served it, B requests at t = 0 under the source's ``on_full`` policy, regime :data:`SERVED`.
 """
 
 from __future__ import annotations
@@ -38,6 +41,9 @@ WORKSPACE_BYTES = 1.0 * GB
 PREFILL_HEAVY = 0.10
 #: Batches up to this size are the small-batch regime (the issue's <= 10% worst target).
 SMALL_BATCH = 8
+#: The regime of a whole run over HBM priced by ``serve`` (the engine's own answer: waves or preemptions).
+SERVED = "decode run, KV over HBM (served)"
+PREEMPTED = "preempted (KV over HBM)"
 
 
 @cache
@@ -97,16 +103,17 @@ def regime(model: Model, gpu: GPU, batch: int, tokens: int, per_token_s: float, 
            preempts: bool = True) -> str:
     """Which regime a point measures: ``decode small batch`` / ``decode large batch``, or why it is apart.
 
-    * ``preempted``: the batch's KV at its last step (``batch x tokens``) exceeds what HBM holds after the
-      weights (:data:`HBM_UTILIZATION`, :data:`WORKSPACE_BYTES`): the engine swaps or recomputes sequences.
-      Only where the engine does (``preempts``): a static batch that does not fit fails instead, and its
-      table has no measurement for it.
+    * ``preempted`` (:data:`PREEMPTED`): the batch's KV at its last step (``batch x tokens``) exceeds what HBM
+      holds after the weights (:data:`HBM_UTILIZATION`, :data:`WORKSPACE_BYTES`): the engine recomputes sequences
+      or admits fewer at a time, which :func:`points` prices by its ``serve`` replay where given (:data:`SERVED`).
+      Only for whole runs (``preempts``): a token-to-token table's static batch that does not fit fails instead,
+      and the table has no measurement for it.
     * ``failed run``: faster per output token than reading the weights once at the datasheet bandwidth.
     * ``prefill-heavy``: the simulated prefill is over :data:`PREFILL_HEAVY` of the run.
     """
     kv = batch * tokens * model.kv_bytes_per_token
     if preempts and kv > HBM_UTILIZATION * gpu.hbm_bytes - model.weight_bytes - WORKSPACE_BYTES:
-        return "preempted (KV over HBM)"
+        return PREEMPTED
     if per_token_s < model.weight_bytes / gpu.hbm_bw:
         return "failed run (faster than the weights)"
     if prefill_share > PREFILL_HEAVY:
@@ -114,11 +121,17 @@ def regime(model: Model, gpu: GPU, batch: int, tokens: int, per_token_s: float, 
     return "decode small batch" if batch <= SMALL_BATCH else "decode large batch"
 
 
-def points(doc: dict | None = None, engine_overrides: dict[str, str] | None = None, gpu_transform=None
-           ) -> list[RunPoint]:
+def points(doc: dict | None = None, engine_overrides: dict[str, str] | None = None, gpu_transform=None,
+           serve=None) -> list[RunPoint]:
     """Every point of the data file priced with its source's engine preset (``engine_overrides``: source ->
     another preset, to compare engine lines; ``gpu_transform(gpu) -> gpu``, applied after the preset: other
-    physics constants)."""
+    physics constants).
+
+    ``serve(model, gpu, batch, length, on_full) -> seconds``: how a whole run whose KV outgrows HBM is priced
+    instead (``tiersim.serving.replay.run_s``: B requests of L prompt and L output tokens at t = 0, the source's
+    ``on_full`` policy, the same GPU as priced here); its regime is then :data:`SERVED`. Without it such a run
+    keeps the all-in-HBM price and the regime :data:`PREEMPTED`: a figure the engine could not have run, reported
+    apart."""
     doc = doc or load()
     out = []
     for p in doc["points"]:
@@ -140,8 +153,15 @@ def points(doc: dict | None = None, engine_overrides: dict[str, str] | None = No
             ref, pre = p["latency_s"] / n, prefill_batch_s(model, gpu, b, n)
             run = pre + float(decode_steps_s(model, gpu, b, n, n - 1).sum())
             sim, share, tokens, preempts = run / n, pre / run, 2 * n, True
+        kind = regime(model, gpu, b, tokens, ref, share, preempts)
+        if kind == PREEMPTED and serve is not None:
+            if src.get("on_full") is None:
+                raise ValueError(f"{DATA}: source {p['source']} has whole runs over HBM but no on_full policy "
+                                 f"(what its engine does when the KV does not fit)")
+            # the prefill share stays the all-in-HBM run's: it classifies nothing here
+            sim, kind = serve(model, gpu, b, n, src["on_full"]) / n, SERVED
         out.append(RunPoint(p["source"], src["role"], name, p["gpu"], p["model"], b, n, 1e3 * ref, 1e3 * sim,
-                            share, regime(model, gpu, b, tokens, ref, share, preempts)))
+                            share, kind))
     return out
 
 
@@ -230,10 +250,11 @@ def fit_kv_reread_share(engine: str = "trtllm", doc: dict | None = None, pooled:
 DECODE_REGIMES = ("decode small batch", "decode large batch")
 
 
-def error_rows(doc: dict | None = None) -> list[dict]:
-    """``fidelity.error_rows``' shape: one row per run (source, role, regime, reference/simulated ms, error)."""
+def error_rows(doc: dict | None = None, serve=None) -> list[dict]:
+    """``fidelity.error_rows``' shape: one row per run (source, role, regime, reference/simulated ms, error);
+    ``serve`` as :func:`points` takes it."""
     return [{"source": p.source, "role": p.role, "regime": p.regime, "reference_ms": p.reference_ms,
-             "simulated_ms": p.simulated_ms, "error_pct": p.error_pct} for p in points(doc)]
+             "simulated_ms": p.simulated_ms, "error_pct": p.error_pct} for p in points(doc, serve=serve)]
 
 
 def summary(pts: list[RunPoint]) -> dict[tuple, dict]:
@@ -297,3 +318,41 @@ def residual_line(rows: list[Residual], max_length: int = SHORT_CONTEXT) -> dict
         fixed, per_sequence = np.linalg.lstsq(a, np.array([r.residual_ms for r in sel]), rcond=None)[0]
         out[gpu] = (float(fixed), float(per_sequence))
     return out
+
+
+@dataclass
+class PairedExcess:
+    """One configuration two models of a source were both run at: how much more the first took than the second,
+    measured against simulated."""
+
+    source: str
+    gpu: str
+    batch: int
+    length: int
+    measured_diff_ms: float  # model's time per output token less the other model's, measured
+    simulated_diff_ms: float  # the same difference as the simulator prices it
+
+    @property
+    def excess_ms(self) -> float:
+        """What the first model costs per output token beyond what the simulator says it should over the second."""
+        return self.measured_diff_ms - self.simulated_diff_ms
+
+
+def paired_excess(source: str, model: str, against: str, doc: dict | None = None) -> list[PairedExcess]:
+    """Per (GPU, batch, length) where ``source`` ran both ``model`` and ``against`` and both points are in a decode
+    regime: the measured difference of their time per output token beside the simulated one.
+
+    Why pair: the two runs share the machine, the engine, its version and its harness, so whatever those add
+    cancels and what is left is what the simulator misses about ``model``'s shape relative to ``against``'s. A pair
+    that differs in one thing isolates it (Llama-3-8B and Mistral-7B have the same layers and differ in the
+    vocabulary: the excess bounds a per-sequence cost over the vocabulary, such as sampling). A diagnosis like
+    :func:`residuals`: no constant reads it, and a held-out source stays held out."""
+    doc = doc or load()
+    sub = {**doc, "points": [p for p in doc["points"] if p["source"] == source and p["model"] in (model, against)]}
+    by_key: dict[tuple, dict[str, RunPoint]] = {}
+    for p in points(sub):
+        if p.regime in DECODE_REGIMES:
+            by_key.setdefault((p.gpu, p.batch, p.length), {})[p.model] = p
+    return [PairedExcess(source, gpu, batch, length, pair[model].reference_ms - pair[against].reference_ms,
+                         pair[model].simulated_ms - pair[against].simulated_ms)
+            for (gpu, batch, length), pair in sorted(by_key.items()) if model in pair and against in pair]

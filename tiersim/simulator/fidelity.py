@@ -311,11 +311,13 @@ def engine_tpot_rows() -> list[dict]:
 
 
 # -- every source in one table: error per source, role and regime -------------------------------------------------
-def error_rows() -> list[dict]:
+def error_rows(decode_rows: list[dict] | None = None) -> list[dict]:
     """One row per reference point of every source (decode steps, attention kernels, prefill, engines, the
     validator's offloaded steps, real engines' whole decode runs): ``source, role, regime, reference_ms,
     simulated_ms, error_pct``. Roles come from the data files (``fit``, ``held_out``, ``check``: a fit source's
-    points its fit did not read)."""
+    points its fit did not read). ``decode_rows``: the real engines' rows to use (``serving.replay.error_rows()``,
+    runs over HBM served; this layer cannot import it); by default ``decode_fidelity.error_rows()``, where those
+    runs stay unserved."""
     from tiersim.simulator import decode_fidelity, prefill_fidelity
 
     rows = [{"source": "vidur-decode", "role": "fit" if p.fit else "held_out",
@@ -333,7 +335,7 @@ def error_rows() -> list[dict]:
     rows += [{**{k: r[k] for k in ("source", "role", "reference_ms", "simulated_ms", "error_pct")},
               "regime": "offload (KV over PCIe)" if r["regime"] == "offloaded" else "eager harness, KV in HBM"}
              for r in engine_rows()]
-    rows += decode_fidelity.error_rows()
+    rows += decode_fidelity.error_rows() if decode_rows is None else decode_rows
     return rows
 
 
