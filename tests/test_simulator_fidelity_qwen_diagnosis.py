@@ -87,6 +87,9 @@ def test_paired_excess_reads_only_the_named_source_and_pairs_only_what_ran_toget
     # Qwen2-7B was never run on the DLI table, nor on Argonne's A100
     assert df.paired_excess("nvidia-dli-trtllm", "qwen2-7b", "mistral-7b-v0.1") == []
     assert {r.gpu for r in before} == {"h100"}
-    # the excess is the measured difference less the simulated one, per output token
-    r = before[0]
-    assert r.excess_ms == pytest.approx(r.measured_diff_ms - r.simulated_diff_ms)
+    # each pair is the two models' own points at one configuration: their measured and simulated differences
+    priced = {(p.model, p.gpu, p.batch, p.length): p for p in df.points() if p.source == "argonne-trtllm"}
+    for r in before:
+        qwen, llama = (priced[(m, r.gpu, r.batch, r.length)] for m in ("qwen2-7b", "llama-3-8b"))
+        assert r.measured_diff_ms == pytest.approx(qwen.reference_ms - llama.reference_ms)
+        assert r.simulated_diff_ms == pytest.approx(qwen.simulated_ms - llama.simulated_ms)
