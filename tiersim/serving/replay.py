@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from tiersim.serving.engine import EngineConfig
+from tiersim.serving.engine import TIMELINE_COLUMNS, EngineConfig
 from tiersim.serving.run import ServeSpec, simulate
 from tiersim.serving.workload import Requests
 from tiersim.simulator import decode_fidelity
@@ -44,7 +44,8 @@ def replay(model: Model, gpu: GPU, batch: int, length: int, on_full: str,
     requests = Requests(np.zeros(batch), np.full(batch, length, dtype=np.int64), np.full(batch, length, dtype=np.int64),
                         f"{batch} x {length}/{length} at t = 0")
     result = simulate(ServeSpec(model, gpu, 1, engine=config), requests)
-    peak = max((int(row[3]) for row in result.engine.timeline), default=0)
+    column = TIMELINE_COLUMNS.index("batch")  # the decode rows of each iteration
+    peak = max((int(row[column]) for row in result.engine.timeline), default=0)
     return Replay(float(result.summary["makespan_s"]), int(result.summary["preemptions"]), peak,
                   float(result.summary["kv_budget_gb_per_gpu"]))
 
