@@ -29,12 +29,10 @@ from importlib import resources
 import numpy as np
 
 from tiersim.errors import TiersimError
-from tiersim.simulator.presets import GPU, SEQUENTIAL_ALLREDUCES, Model
+from tiersim.simulator.presets import GPU, Model
 
 TP_SIZES = (1, 2, 4, 8)
 ALLREDUCE_DATA = "public-nvlink-allreduce.json"
-#: A sequential block's all-reduces per layer (its old name; a model's own count is ``Model.allreduces_per_layer``).
-ALLREDUCES_PER_LAYER = SEQUENTIAL_ALLREDUCES
 #: GPU preset -> the measured NVLink/NVSwitch node its all-reduce line comes from. The H200 is an
 #: NVLink4 HGX board like the H100 SXM: ASSUMPTION (no public H200 all-reduce table was found). The 40 GB A100
 #: SXM4 (DGX A100 320 GB) has the 80 GB part's NVLink3 + NVSwitch fabric (vidur's table does not name the part).

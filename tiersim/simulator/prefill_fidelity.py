@@ -49,7 +49,7 @@ import numpy as np
 
 from tiersim.simulator import decode_fidelity, engines, fidelity, parallel, physics, prefill
 from tiersim.shapes import block_layout
-from tiersim.simulator.presets import GPU, Model, get_gpu, get_model
+from tiersim.simulator.presets import GPU, SEQUENTIAL_ALLREDUCES, Model, get_gpu, get_model
 
 REFERENCE = "public-prefill-profiles.json"
 FIT_SOURCES = frozenset({"vidur-ops", "fa3-h100"})
@@ -83,7 +83,7 @@ class Row:
     role: str  # "fit", "held_out", or "check" (points no fit read and no held-out figure counts: vidur's TP > 1
     #            shards, the Splitwise engine-step decomposition)
     sequences: int = 1  # equal prompts prefilled together (a batch's TTFT)
-    allreduces_per_layer: int = parallel.ALLREDUCES_PER_LAYER  # as the source's engine ran the model (TTFT cases)
+    allreduces_per_layer: int = SEQUENTIAL_ALLREDUCES  # as the source's engine ran the model (TTFT cases)
 
     @property
     def fit(self) -> bool:
