@@ -148,7 +148,9 @@ def decode_runs() -> None:
             "cannot matter, are a check: the fit did not read them). Engine presets: TensorRT-LLM trtllm (its per-block attention rate fitted on the DLI table, "
             "role fit; the Argonne TensorRT-LLM runs are its held-out check), vLLM 0.5 vllm-sync (fitted on vidur's "
             "CPU profile). Points are classified by code "
-            "before they are compared: preempted (a whole run's KV outgrows HBM), prefill > 10% of the simulated run, "
+            "before they are compared: another attention kernel (vLLM 0.5's runs of a sliding-window config, Mistral-7B: "
+            "its XFormers backend's PagedAttention decode, which vllm-sync does not price; decode_fidelity.other_kernel), "
+            "preempted (a whole run's KV outgrows HBM), prefill > 10% of the simulated run, "
             "failed (faster than the weights can be read).\n\n"
             + "\n".join(lines) + "\n\n"
             + markdown_table(["source", "role", "engine preset", "GPU", "regime", "points", "models", "batch", "median |err| %",
