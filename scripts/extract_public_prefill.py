@@ -175,10 +175,9 @@ TRTLLM_PERF_VERSION = "All data was generated using version 0.9.0"
 TRTLLM_PERF_MODELS = {"GPT-J 6B": "gptj-6b", "Mistral 7B": "mistral-7b", "LLaMA 7B": "llama2-7b",
                       "LLaMA 70B": "llama2-70b", "Falcon 180B": "falcon-180b"}
 TRTLLM_PERF_LEFT_OUT = {"Mixtral 8x7B"}
-#: All-reduces per layer as that release runs a model, where not the two of a sequential block: Falcon-180B's parallel
-#: attention + MLP block sums the two row-parallel outputs and reduces once (tensorrt_llm/models/falcon/model.py from
-#: late 2023 on, e.g. @ 585c756: "allreduce applies after those layer"; v0.5's reduced twice).
-TRTLLM_PERF_ALLREDUCES = {"falcon-180b": 1}
+#: No all-reduce count is written per case: this release runs each model with the count its shape states
+#: (``Model.allreduces_per_layer``: one for Falcon-180B's parallel block, whose two row-parallel outputs it sums and
+#: reduces once, tensorrt_llm/models/falcon/model.py from late 2023 on, e.g. @ 585c756; two for the Llama rows).
 
 
 def trtllm_perf_cases(md: Path) -> list[dict]:
@@ -208,8 +207,6 @@ def trtllm_perf_cases(md: Path) -> list[dict]:
         model = TRTLLM_PERF_MODELS[name]
         case = cases.setdefault((model, int(tp)), {"source": TRTLLM_PERF_SOURCE, "gpu": "a100", "model": model,
                                                    "tp": int(tp), "sequences": int(batch), "points": []})
-        if int(tp) > 1 and model in TRTLLM_PERF_ALLREDUCES:
-            case["allreduces_per_layer"] = TRTLLM_PERF_ALLREDUCES[model]
         case["points"].append({"prompt": int(tokens), "ttft_ms": float(ms)})
     if not cases:
         raise SystemExit(f"{md}: no rows in {TRTLLM_PERF_TABLE!r}")

@@ -55,6 +55,13 @@ def test_the_issues_silent_and_unclear_cases(work, args, words):
     assert words in err and "1.1300000000000001" not in err and "TierConfig" not in err
 
 
+@pytest.mark.parametrize("command", [["simulate"], ["capacity"]])
+def test_no_host_floor_without_a_profile_is_refused(command):
+    """--no-host-floor drops the profile's host time; without --profile it was accepted and changed nothing."""
+    _, err = assert_refused([*command, "--batch", "2", "--steps", "2", "--no-host-floor"])
+    assert "applies with --profile only" in err
+
+
 def test_a_report_field_of_the_wrong_type_is_refused(work):
     document = json.loads((work / "capacity.json").read_text())
     document["rows"][0]["step_ms"] = "fast"
@@ -196,6 +203,21 @@ def test_validate_compare_refuses_an_out_it_would_not_write(work):
     calibration = work / "calibration.json"
     _, err = assert_refused(["validate", "--compare", str(calibration), "--out", str(work / "other.json")])
     assert "--out is for a new run" in err and not (work / "other.json").exists()
+
+
+@pytest.mark.parametrize("args", [["--batch", "4"], ["--device", "cpu"], ["--executor", "graph"], ["--steps", "3"],
+                                  ["--context", "512"], ["--model-shape", "tiny"]])
+def test_validate_compare_refuses_a_run_option_it_would_drop(work, args, capsys):
+    """--compare prints a calibration already measured: a grid or device option beside it changed nothing
+    without a word (both front ends; the same value as the default is not refused)."""
+    from tiersim.validator.__main__ import main
+
+    calibration = str(work / "calibration.json")
+    _, err = assert_refused(["validate", "--compare", calibration, *args])
+    assert f"{args[0]} {args[1]} is for a new run; --compare only prints" in err
+    assert main(["--compare", calibration, *args]) == 2
+    assert f"error: {args[0]} {args[1]} is for a new run" in capsys.readouterr().err
+    assert invoke(["validate", "--compare", calibration, "--batch", "1,8,32", "--device", "cuda"])[0] == 0
 
 
 @pytest.mark.parametrize("text", ["1,,2", ",2"])

@@ -34,3 +34,42 @@ def test_brackets_in_an_error_message_are_printed_as_written(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "tiersim", "grid", "--prompts", str(missing)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and str(missing) in proc.stderr
+
+
+@pytest.mark.parametrize("args", [["capacity", "--batch", "2", "--steps", "2", "--trace", "{fifo}"],
+                                  ["report", "{fifo}", "--out", "{tmp}/r.html"]])
+def test_a_fifo_input_is_refused_not_waited_on(args, tmp_path):
+    """A named pipe as an input passed every check (it exists, it is readable) and open() then waited for a
+    writer forever; a fresh process with a timeout, since before the fix it never returned."""
+    import os
+
+    fifo = tmp_path / "trace.parquet"
+    os.mkfifo(fifo)
+    args = [a.replace("{fifo}", str(fifo)).replace("{tmp}", str(tmp_path)) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "tiersim", *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert f"{fifo} is not a regular file (a pipe or a device)" in proc.stderr
+
+
+def test_fileformat_read_refuses_a_fifo(tmp_path):
+    import os
+    import threading
+
+    from tiersim import fileformat
+
+    fifo = tmp_path / "doc.json"
+    os.mkfifo(fifo)
+    raised = []
+
+    def read():
+        try:
+            fileformat.read(fifo, [fileformat.KINDS["calibration"]], label="--compare")
+        except Exception as exc:  # noqa: BLE001 - the test looks at what it was
+            raised.append(exc)
+
+    # In a daemon thread: before the fix read() blocked in open() for a writer that never comes.
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(30)
+    assert not reader.is_alive(), "fileformat.read waited on the pipe"
+    assert raised and "is not a regular file (a pipe or a device)" in str(raised[0])

@@ -27,6 +27,16 @@ def test_unwritable_outputs_are_refused_before_any_work(tmp_path, option, name):
     assert "simulating" not in stderr and not stdout  # refused before the simulation ran
 
 
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_an_output_under_a_regular_file_names_the_file(tmp_path, below):
+    """``--out results.json/x.json`` said the folder 'does not exist'; it does, and it is a file."""
+    blocker = tmp_path / "results.json"
+    blocker.write_text("{}")
+    code, stdout, stderr = invoke(["capacity", "--batch", "8", "--out", str(blocker / below / "x.json")])
+    assert code == 2 and f"--out: '{blocker}' is a file, not a folder" in stderr and not stdout
+    assert blocker.read_text() == "{}"
+
+
 def test_a_directory_is_not_an_output_file(tmp_path):
     code, _, stderr = invoke(["synth", "--out", str(tmp_path)])
     assert code == 2 and "is a directory" in stderr

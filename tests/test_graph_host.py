@@ -467,6 +467,63 @@ def test_a_failing_strategy_check_point_is_that_point_s_error_and_the_grid_goes_
         graph_run.run_graph("tiny", [1], [72], [1.0, 0.5], device="cpu", steps=1, warmup=1)
 
 
+def test_a_grid_point_s_error_ends_the_run_with_the_points_before_it_written(monkeypatch, tmp_path):
+    """A grid point's own error still ends the run (loudly: it is raised), but after the file is written with the
+    points measured before it and ``error`` saying why it stopped: on a scarce GPU an error at batch 64 must not
+    cost the batch 1-32 points. ``simulate --against`` reads that file."""
+    from tiersim.simulator.against import load_measurements
+    from tiersim.validator import graph_run
+
+    real = graph_run.measure_point
+
+    def fails_at_batch_2(model, batch, context, hbm, *args, **kwargs):
+        if batch == 2 and hbm < 1.0:
+            raise ValueError("a grid point\nsecond line")
+        return real(model, batch, context, hbm, *args, **kwargs)
+
+    monkeypatch.setattr(graph_run, "measure_point", fails_at_batch_2)
+    out = tmp_path / "g.json"
+    with pytest.raises(ValueError, match="a grid point"):
+        graph_run.run_graph("tiny", [1, 2, 3], [72], [1.0, 0.5], device="cpu", steps=1, warmup=1, out=out,
+                            sweep_sizes=[4096, 65536])
+    doc = json.loads(out.read_text())
+    assert [(p["batch"], p["hbm"]) for p in doc["points"]] == [(1, 1.0), (1, 0.5), (2, 1.0)]
+    assert doc["error"] == "stopped after 3 points: ValueError: a grid point"
+    assert all(p["simulated_step_ms"] > 0 for p in doc["points"]) and doc["summary"]["median_abs_sim_error_pct"]
+    assert len(load_measurements(out)[1]) == 3
+
+
+def test_a_sigterm_during_a_strategy_check_stops_the_run_and_keeps_its_file(monkeypatch, tmp_path):
+    """The GPU script kills a step that overruns with SIGTERM (``timeout``): the validator's command line turns it
+    into ``Terminated``, which the strategy check's guard (one bad point passes) must not swallow, so the run stops
+    at once, and with its file. Sent for real, to this process, from inside the first check point."""
+    import os
+    import signal
+
+    from tiersim.validator import calibrate, graph_run
+
+    real = graph_run.measure_point
+
+    def killed(model, batch, context, hbm, *args, strategy=None, **kwargs):
+        if strategy is not None:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(model, batch, context, hbm, *args, strategy=strategy, **kwargs)
+
+    monkeypatch.setattr(graph_run, "measure_point", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "g.json"
+    try:
+        calibrate.raise_on_sigterm()
+        with pytest.raises(calibrate.Terminated):
+            graph_run.run_graph("tiny", [1, 2], [72], [1.0, 0.5], device="cpu", steps=1, warmup=1, out=out,
+                                sweep_sizes=[4096, 65536], strategy_check="host-attention,hybrid")
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    doc = json.loads(out.read_text())
+    assert [(p["hbm"], p["strategy"]) for p in doc["points"]] == [(1.0, "prefetch"), (0.5, "prefetch")]
+    assert doc["error"].startswith("stopped after 2 points: Terminated: terminated by signal")
+
+
 @pytest.mark.parametrize("front", [["-m", "tiersim", "validate"], ["-m", "tiersim.validator"]])
 def test_both_front_ends_run_hybrid_in_the_graph_executor(tmp_path, front):
     import subprocess

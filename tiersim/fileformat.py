@@ -150,6 +150,8 @@ def read(path: str | Path, accepted: Sequence[FileKind], *, label: str, error: t
     metadata as the document and the table; JSON gives the document and ``None``.
     """
     path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():  # open() on a FIFO blocks for a writer
+        raise error(f"{label}: {path} is not a regular file (a pipe or a device); give a file")
     try:
         with open(path, "rb") as fh:
             magic = fh.read(len(PARQUET_MAGIC))

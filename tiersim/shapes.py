@@ -18,9 +18,45 @@ from tiersim.errors import TiersimError
 
 #: transformers ``model_type``s whose MLP is not gated (one up projection, an activation, one down
 #: projection: PhiMLP fc1/fc2, GPTNeoXMLP and FalconMLP dense_h_to_4h/dense_4h_to_h, Starcoder2MLP
-#: c_fc/c_proj in transformers' modeling files). Every other decoder is read as gated (gate and up
-#: projections), the layout of Llama, Qwen, Mistral, Gemma and Phi-3.
-UNGATED_MLP_MODEL_TYPES = frozenset({"phi", "gpt_neox", "falcon", "starcoder2"})
+#: c_fc/c_proj, GPTJMLP fc_in/fc_out, GPT2MLP and GPTBigCodeMLP c_fc/c_proj, CodeGenMLP fc_in/fc_out,
+#: BloomMLP dense_h_to_4h/dense_4h_to_h, OPTDecoderLayer fc1/fc2 in transformers' modeling files). Every other
+#: decoder is read as gated (gate and up projections), the layout of Llama, Qwen, Mistral, Gemma, Cohere and Phi-3.
+UNGATED_MLP_MODEL_TYPES = frozenset({"phi", "gpt_neox", "falcon", "starcoder2", "gptj", "gpt2", "gpt_bigcode",
+                                     "codegen", "bloom", "opt"})
+
+#: transformers ``model_type`` -> how its decoder layer is laid out: True, a *parallel* block (attention and MLP
+#: read the same normed input, and their outputs are summed with the residual: PhiDecoderLayer, GPTJBlock,
+#: CodeGenBlock, CohereDecoderLayer), or the config key that chooses between that and the sequential block
+#: (attention, residual add, norm, MLP, residual add) and the key's default in transformers' config class:
+#: GPT-NeoX ``use_parallel_residual`` (True), StableLM ``use_parallel_residual`` (False), Falcon ``parallel_attn``
+#: (True; ``new_decoder_architecture`` implies it). Every other ``model_type`` is a sequential block.
+PARALLEL_BLOCK_MODEL_TYPES: dict[str, bool | tuple[str, bool]] = {
+    "phi": True, "gptj": True, "codegen": True, "cohere": True,
+    "gpt_neox": ("use_parallel_residual", True), "stablelm": ("use_parallel_residual", False),
+    "falcon": ("parallel_attn", True),
+}
+
+#: ``model_type``s whose parallel block serving engines all-reduce **once** per layer under tensor parallelism, the
+#: attention's and the MLP's row-parallel outputs summed on each rank first: Falcon, in vLLM
+#: (``vllm/model_executor/models/falcon.py``: ``reduce_row_parallel_results = not (new_decoder_architecture or
+#: parallel_attn)``, one ``tensor_model_parallel_all_reduce`` of the sum) and in TensorRT-LLM from late 2023
+#: (``tensorrt_llm/models/falcon/model.py`` @ 585c756: "allreduce applies after those layer"). The same engines'
+#: GPT-J, GPT-NeoX and Phi layers reduce after the attention and after the MLP (each row-parallel layer with
+#: ``reduce_results``; TensorRT-LLM's GPTJDecoderLayer passes its tp_group to both), so a parallel block alone is not
+#: enough: the count is the family's as those engines build it. An engine that differs (TensorRT-LLM v0.5's Falcon:
+#: two) is stated where its measurements are (``parallel.allreduces_per_layer``'s override).
+FUSED_ALLREDUCE_MODEL_TYPES = frozenset({"falcon"})
+#: All-reduces per layer of a sequential block under tensor parallelism: after the attention and after the MLP.
+SEQUENTIAL_ALLREDUCES = 2
+
+#: Other names configs give the fields of :data:`CONFIG_FIELDS` (the GPT-2 family's ``n_layer``/``n_embd``/
+#: ``n_head``/``n_inner``: GPT-J, CodeGen, GPT-BigCode; BLOOM's ``n_layer``/``n_head``; OPT's ``ffn_dim``; Falcon's
+#: ``num_kv_heads``/``ffn_hidden_size``), read where the transformers name is absent: transformers maps them
+#: (``attribute_map``) on its config objects, but a ``config.json`` and ``to_dict()`` keep the original keys.
+CONFIG_ALIASES = {
+    "num_hidden_layers": ("n_layer",), "hidden_size": ("n_embd",), "num_attention_heads": ("n_head",),
+    "num_key_value_heads": ("num_kv_heads",), "intermediate_size": ("n_inner", "ffn_dim", "ffn_hidden_size"),
+}
 
 #: Field -> (upper bound, what it is). Bounds are far above any real model and keep arithmetic sane.
 CONFIG_FIELDS = {
@@ -63,6 +99,14 @@ class ModelShape:
     #: Gated MLP (gate and up projections, SiLU x up: Llama, Qwen, Mistral) with 3 x hidden x width weights,
     #: or a plain one (up, GELU, down: Phi-2, GPT-NeoX) with 2 x (:data:`UNGATED_MLP_MODEL_TYPES`).
     gated_mlp: bool = True
+    #: Attention and MLP in parallel off one normed input, summed with the residual (Phi-2, GPT-J, Falcon, GPT-NeoX:
+    #: :data:`PARALLEL_BLOCK_MODEL_TYPES`), not one after the other (Llama, Qwen: every shipped shape). It is what
+    #: lets an engine sum both row-parallel outputs before a single all-reduce (:attr:`allreduces_per_layer`).
+    parallel_block: bool = False
+    #: All-reduces per layer under tensor parallelism as serving engines build this family: 2 (after attention and
+    #: after the MLP), 1 for a parallel block engines reduce once (Falcon: :data:`FUSED_ALLREDUCE_MODEL_TYPES`). The
+    #: one count ``parallel.layer_allreduce_s`` reads (``serve --tp``, TP prefill, the TP decode step).
+    allreduces_per_layer: int = SEQUENTIAL_ALLREDUCES
     #: Tokens a sliding-window layer keeps, where the config uses a window on any layer; None: full attention.
     sliding_window: int | None = None
     dtype_bytes: float = 2  # bytes per weight as served (bf16)
@@ -159,10 +203,16 @@ class ModelShape:
             if not isinstance(text, Mapping):
                 raise TiersimError(f"{where}: text_config must be an object, got {json.dumps(text)[:40]}")
             cfg = text
+        model_type = str(cfg.get("model_type") or "")
         layers = _config_int(cfg, "num_hidden_layers", where)
         hidden = _config_int(cfg, "hidden_size", where)
         heads = _config_int(cfg, "num_attention_heads", where)
-        kv_heads = _config_int(cfg, "num_key_value_heads", where, default=heads)
+        # Falcon's attention takes its KV heads from the layout flags (transformers' FalconAttention: num_kv_heads
+        # under new_decoder_architecture or without multi_query, else one shared KV head; multi_query defaults True).
+        if model_type == "falcon" and not cfg.get("new_decoder_architecture") and cfg.get("multi_query", True):
+            kv_heads = 1
+        else:
+            kv_heads = _config_int(cfg, "num_key_value_heads", where, default=heads)
         if heads % kv_heads:
             raise TiersimError(f"{where}: num_attention_heads ({heads}) must be a multiple of "
                                f"num_key_value_heads ({kv_heads})")
@@ -173,18 +223,38 @@ class ModelShape:
         if dtype is not None and (not isinstance(dtype, str) or dtype not in SERVED_DTYPE_BYTES):
             raise TiersimError(f"{where}: torch_dtype must be one of {', '.join(SERVED_DTYPE_BYTES)} (a quantized "
                                f"or unknown dtype cannot be planned), got {json.dumps(dtype)[:40]}")
-        model_type = str(cfg.get("model_type") or "")
         return cls(
             str(name or cfg.get("_name_or_path") or default_name), model_type, layers, hidden, inter, heads, kv_heads,
             head_dim, vocab, tie_word_embeddings=bool(cfg.get("tie_word_embeddings")), rope_theta=_rope_theta(cfg),
-            gated_mlp=model_type not in UNGATED_MLP_MODEL_TYPES, sliding_window=_sliding_window(cfg),
+            **block_layout(model_type, cfg), sliding_window=_sliding_window(cfg),
             dtype_bytes=SERVED_DTYPE_BYTES.get(dtype, 2),
         )
+
+
+def block_layout(model_type: str, cfg: Mapping | None = None) -> dict:
+    """``gated_mlp``, ``parallel_block`` and ``allreduces_per_layer`` of a decoder of ``model_type``, its config's
+    layout keys (``cfg``: ``parallel_attn``, ``new_decoder_architecture``, ``use_parallel_residual``) where the family
+    has them: the one reading of a layout, for HF configs and for the reference files' published shapes alike."""
+    cfg = cfg or {}
+    rule = PARALLEL_BLOCK_MODEL_TYPES.get(model_type, False)
+    if isinstance(rule, tuple):
+        key, default = rule
+        value = cfg.get(key)
+        parallel = default if value is None else bool(value)
+        parallel = parallel or bool(cfg.get("new_decoder_architecture"))  # Falcon's: always a parallel block
+    else:
+        parallel = bool(rule)
+    fused = parallel and model_type in FUSED_ALLREDUCE_MODEL_TYPES
+    return {"gated_mlp": model_type not in UNGATED_MLP_MODEL_TYPES, "parallel_block": parallel,
+            "allreduces_per_layer": 1 if fused else SEQUENTIAL_ALLREDUCES}
 
 
 def _config_int(cfg: Mapping, name: str, where: str, default=None) -> int:
     """One integer field of a config, or one line naming the field, what was found and what is expected."""
     value = cfg.get(name)
+    for alias in CONFIG_ALIASES.get(name, ()):
+        if value is None:
+            value = cfg.get(alias)
     if value is None:
         if default is None:
             raise TiersimError(f"{where}: {name} is missing; expected a positive integer "

@@ -31,8 +31,8 @@ _ENGINE = next(f for f in dataclasses.fields(ComputeModel) if f.name == "engine_
 class Serving:
     """The serving engine and its workload, beside the model and GPU (``serve`` and ``capacity --qps``)."""
 
-    tp: int = option(1, "tensor-parallel GPUs of one node (weights and KV heads split, two all-reduces per layer)",
-                     choices=TP_SIZES)
+    tp: int = option(1, "tensor-parallel GPUs of one node (weights and KV heads split; all-reduces per layer: 2, "
+                        "1 for Falcon's parallel block)", choices=TP_SIZES)
     on_full: str = option("all", "when the next step's KV does not fit: all, or a comma list of all, " + ", ".join(ON_FULL)
                           + f" ({ORACLE}: queue reserving the true output lengths, an oracle, by name only)")
     requests: int = option(1000, "synthetic requests per run", min=1, max=MAX_REQUESTS)

@@ -45,9 +45,13 @@ def validate(opts: ValidateOptions = ValidateOptions()) -> None:
 
     check_compare_runs_nothing(opts.compare, opts.strategy, opts.fetch_share, opts.compressed, opts.strategy_check)
     if opts.compare is not None:
-        from tiersim.validator.options import check_compare
+        import dataclasses
+
+        from tiersim.options import defaults
+        from tiersim.validator.options import check_compare, check_compare_alone
 
         check_compare(opts.compare, opts.out, opts.profile)
+        check_compare_alone(opts.compare, dataclasses.asdict(opts), defaults(ValidateOptions))
         _show(compare_mod.load(opts.compare))
         return
     lists = list_values(opts)  # --batch, --context, --hbm, each a one-line error when it is not a list

@@ -111,3 +111,10 @@ class ComputeModel:
     engine: str = option("auto", "step-time model: auto (the exact per-step recurrence, or SimPy where demotions and "
                                  "prefetches really share the link), fast, or simpy (the event-by-event reference)",
                         choices=ENGINES)
+
+    def __post_init__(self):
+        # The floor is the profile's host time: without --profile there is none to drop, and the flag was
+        # accepted without a word while the run priced the roofline as before.
+        if not self.host_floor and self.profile is None:
+            raise TiersimError("--no-host-floor drops the profiled host time: it applies with --profile only; "
+                               "add --profile or drop --no-host-floor")

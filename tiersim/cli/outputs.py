@@ -47,6 +47,10 @@ def check_output(path: Path, option: str, suffixes: tuple[str, ...] | None = Non
         raise TiersimError(f"{option} must end in {' or '.join(suffixes)}, got {str(path)!r}")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
+        # a folder on the way that is a regular file (``--out results.json/x.json``) exists: say what it is
+        blocker = next((p for p in (parent, *parent.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise TiersimError(f"{option}: {str(blocker)!r} is a file, not a folder")
         raise TiersimError(f"{option}: the folder {str(parent)!r} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise TiersimError(f"{option}: {str(path)!r} is not writable")
@@ -65,6 +69,8 @@ def check_input(path: Path, option: str) -> None:
         raise TiersimError(f"{option}: {path} is a directory, not a file")
     if not path.exists():
         raise TiersimError(f"{option}: file not found: {path}")
+    if not path.is_file():  # a FIFO or a device: the reader would block on it forever, or read it twice
+        raise TiersimError(f"{option}: {path} is not a regular file (a pipe or a device); give a file")
     if not os.access(path, os.R_OK):
         raise TiersimError(f"{option}: cannot read {path}: permission denied")
 

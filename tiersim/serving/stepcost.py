@@ -10,7 +10,8 @@ of it perhaps in DDR) plus prefill chunks (Sarathi-style, mixed into the same fo
 * the prefill chunks by ``prefill.mixed_layer_s`` / ``mixed_step_s`` (GEMMs over decode + prefill rows at
   once, attention per chunk over its own prompt), added to that step's compute: the difference between the
   mixed step and the decode-only step, both as ``prefill`` states them;
-* tensor parallel by ``parallel.layer_allreduce_s`` over every row (two all-reduces per layer);
+* tensor parallel by ``parallel.layer_allreduce_s`` over every row (the model's all-reduces per layer,
+  ``parallel.allreduces_per_layer``: two, one for Falcon's parallel block);
 * one-off KV moves (a swap out or in, a spill brought back) by ``link.copy_s`` on each rank's own link,
   serial with the step (vLLM swaps before the forward).
 

@@ -320,3 +320,41 @@ def residual_line(rows: list[Residual], max_length: int = SHORT_CONTEXT) -> dict
         fixed, per_sequence = np.linalg.lstsq(a, np.array([r.residual_ms for r in sel]), rcond=None)[0]
         out[gpu] = (float(fixed), float(per_sequence))
     return out
+
+
+@dataclass
+class PairedExcess:
+    """One configuration two models of a source were both run at: how much more the first took than the second,
+    measured against simulated."""
+
+    source: str
+    gpu: str
+    batch: int
+    length: int
+    measured_diff_ms: float  # model's time per output token less the other model's, measured
+    simulated_diff_ms: float  # the same difference as the simulator prices it
+
+    @property
+    def excess_ms(self) -> float:
+        """What the first model costs per output token beyond what the simulator says it should over the second."""
+        return self.measured_diff_ms - self.simulated_diff_ms
+
+
+def paired_excess(source: str, model: str, against: str, doc: dict | None = None) -> list[PairedExcess]:
+    """Per (GPU, batch, length) where ``source`` ran both ``model`` and ``against`` and both points are in a decode
+    regime: the measured difference of their time per output token beside the simulated one.
+
+    Why pair: the two runs share the machine, the engine, its version and its harness, so whatever those add
+    cancels and what is left is what the simulator misses about ``model``'s shape relative to ``against``'s. A pair
+    that differs in one thing isolates it (Llama-3-8B and Mistral-7B have the same layers and differ in the
+    vocabulary: the excess bounds a per-sequence cost over the vocabulary, such as sampling). A diagnosis like
+    :func:`residuals`: no constant reads it, and a held-out source stays held out."""
+    doc = doc or load()
+    sub = {**doc, "points": [p for p in doc["points"] if p["source"] == source and p["model"] in (model, against)]}
+    by_key: dict[tuple, dict[str, RunPoint]] = {}
+    for p in points(sub):
+        if p.regime in DECODE_REGIMES:
+            by_key.setdefault((p.gpu, p.batch, p.length), {})[p.model] = p
+    return [PairedExcess(source, gpu, batch, length, pair[model].reference_ms - pair[against].reference_ms,
+                         pair[model].simulated_ms - pair[against].simulated_ms)
+            for (gpu, batch, length), pair in sorted(by_key.items()) if model in pair and against in pair]

@@ -21,6 +21,7 @@ from importlib import resources
 
 import numpy as np
 
+from tiersim.shapes import block_layout
 from tiersim.simulator import physics
 from tiersim.simulator.presets import GPU, Model, get_gpu
 
@@ -35,15 +36,19 @@ def load_reference() -> dict:
 
 
 def model_for(case: dict) -> Model:
-    """A model preset with the case's exact layer shape (weights from the shape, untied embeddings)."""
+    """A model preset with the case's exact layer shape (weights from the shape, untied embeddings) and block layout
+    (its ``architecture``, read by ``shapes.block_layout``: vidur profiles phi-2 as the parallel block it is, its
+    GPTBlock without a post-attention norm, vidur/profiling/mlp/mlp_impl.py)."""
     h, heads, kv = case["hidden_size"], case["num_attention_heads"], case["num_kv_heads"]
     hd, ff = h // heads, case["intermediate_size"]
     attn = h * hd * (heads + 2 * kv) + heads * hd * h
     gated = bool(case["gated_mlp"])
     mlp = (3 if gated else 2) * h * ff
     params = case["num_layers"] * (attn + mlp) + 2 * case["vocab_size"] * h + h  # + the final norm
+    layout = block_layout(case.get("architecture", ""), case)
     return Model(case["model"], case["num_layers"], kv, hd, h, heads, float(params),
-                 vocab_size=case["vocab_size"], intermediate_size=ff, gated_mlp=gated)
+                 vocab_size=case["vocab_size"], intermediate_size=ff, gated_mlp=gated,
+                 parallel_block=layout["parallel_block"], allreduces_per_layer=layout["allreduces_per_layer"])
 
 
 @dataclass

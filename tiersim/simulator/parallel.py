@@ -4,8 +4,10 @@ Megatron-style TP splits each layer's attention by heads (query and KV heads ali
 intermediate width, and the vocabulary tables by rows, so every GPU holds ``1 / tp`` of the weights and
 of each token's KV; the hidden width (norms, residuals, the all-reduced activations) stays whole. Each
 layer then ends its attention and its MLP with one all-reduce of the ``tokens x hidden`` activations:
-two per layer. Everything else a step does runs on each GPU over its shard, so a TP step is the
-single-GPU physics on :func:`shard`'s model plus :func:`layer_allreduce_s` per layer.
+two per layer, or one where the block is parallel and the engine sums both outputs first (Falcon:
+:func:`allreduces_per_layer`, the one place the count is decided). Everything else a step does runs on each
+GPU over its shard, so a TP step is the single-GPU physics on :func:`shard`'s model plus
+:func:`layer_allreduce_s` per layer.
 
 The all-reduce is ``max(floor, latency + bytes x 2 (n - 1) / n / bus_bw)`` (NCCL's bus-bandwidth
 convention; the profile is flat at 30-55 us below ~4 MiB, where launch and protocol cost dominate,
@@ -27,11 +29,12 @@ from importlib import resources
 import numpy as np
 
 from tiersim.errors import TiersimError
-from tiersim.simulator.presets import GPU, Model
+from tiersim.simulator.presets import GPU, SEQUENTIAL_ALLREDUCES, Model
 
 TP_SIZES = (1, 2, 4, 8)
 ALLREDUCE_DATA = "public-nvlink-allreduce.json"
-ALLREDUCES_PER_LAYER = 2
+#: A sequential block's all-reduces per layer (its old name; a model's own count is ``Model.allreduces_per_layer``).
+ALLREDUCES_PER_LAYER = SEQUENTIAL_ALLREDUCES
 #: GPU preset -> the measured NVLink/NVSwitch node its all-reduce line comes from. The H200 is an
 #: NVLink4 HGX board like the H100 SXM: ASSUMPTION (no public H200 all-reduce table was found). The 40 GB A100
 #: SXM4 (DGX A100 320 GB) has the 80 GB part's NVLink3 + NVSwitch fabric (vidur's table does not name the part).
@@ -105,16 +108,26 @@ def allreduce_s(gpu: GPU, tp: int, nbytes, floor_s: float | None = None):
     return t if t.ndim else float(t)
 
 
-def layer_allreduce_s(model: Model, gpu: GPU, tp: int, tokens, floor_s: float | None = None,
-                      allreduces: int = ALLREDUCES_PER_LAYER):
-    """The all-reduces of one layer for ``tokens`` rows: two (after attention and after the MLP) unless the engine
-    runs the layer otherwise (``allreduces``: a parallel attention + MLP block whose two row-parallel outputs are
-    summed before one reduce, as TensorRT-LLM's Falcon does from late 2023; docs/simulator.md, "Prefill").
+def allreduces_per_layer(model: Model, engine: int | None = None) -> int:
+    """All-reduces one layer of ``model`` runs under TP: the model's own count (``Model.allreduces_per_layer``, from
+    its layout: two after a sequential block's attention and MLP, one for a parallel block engines sum before
+    reducing, Falcon's), unless ``engine`` states how a particular engine build runs it (TensorRT-LLM v0.5's Falcon
+    reduced twice; docs/simulator.md, "Prefill"). The one place every TP price reads the count."""
+    count = model.allreduces_per_layer if engine is None else engine
+    if isinstance(count, bool) or int(count) != count or int(count) not in (1, 2):
+        raise ValueError(f"all-reduces per layer must be 1 or 2, got {count!r}")
+    return int(count)
 
-    ``model`` may be the whole model or its shard: the hidden width is the same.
+
+def layer_allreduce_s(model: Model, gpu: GPU, tp: int, tokens, floor_s: float | None = None,
+                      allreduces: int | None = None):
+    """The all-reduces of one layer for ``tokens`` rows: :func:`allreduces_per_layer` of them (``allreduces``: an
+    engine's own count, where it differs from the model's).
+
+    ``model`` may be the whole model or its shard: the hidden width and the layout are the same.
     """
     nbytes = np.asarray(tokens, dtype=float) * model.hidden_size * model.param_bytes
-    return int(allreduces) * allreduce_s(gpu, tp, nbytes, floor_s)
+    return allreduces_per_layer(model, allreduces) * allreduce_s(gpu, tp, nbytes, floor_s)
 
 
 def host_bw_per_rank(gpu: GPU) -> float:
@@ -123,10 +136,10 @@ def host_bw_per_rank(gpu: GPU) -> float:
 
 
 def tp_prefill_s(model: Model, gpu: GPU, tp: int, tokens, context=0, sequences: int = 1,
-                 allreduces: int = ALLREDUCES_PER_LAYER) -> float:
-    """One request's prefill chunk on ``tp`` GPUs: one rank's prefill of the shard plus two all-reduces per layer
-    (``allreduces``: :func:`layer_allreduce_s`) of every row (``sequences x tokens`` when ``sequences`` equal prompts
-    are prefilled in one forward).
+                 allreduces: int | None = None) -> float:
+    """One request's prefill chunk on ``tp`` GPUs: one rank's prefill of the shard plus the layer's all-reduces
+    (:func:`allreduces_per_layer`; ``allreduces``: an engine's own count) of every row (``sequences x tokens`` when
+    ``sequences`` equal prompts are prefilled in one forward).
 
     At TP 1 this is ``prefill.prefill_s(model, gpu, tokens, context, sequences)``. A TP mixed step composes the same
     way: ``prefill.mixed_layer_s(shard(model, tp), ...) + layer_allreduce_s(model, gpu, tp, decode + prefill rows)``.

@@ -88,7 +88,11 @@ def prefill_attention_s(model: Model, gpu: GPU, tokens, context=0, sequences: in
 
 def small_ops_bytes_per_token(model: Model) -> float:
     """Activation bytes per token of one layer's small ops: 2 norms and 2 residual adds over the hidden
-    width (read + write, adds read two), RoPE over q and k (read + write), SiLU x mul over the MLP."""
+    width (read + write, adds read two), RoPE over q and k (read + write), SiLU x mul over the MLP.
+
+    The sequential gated block's count for every layout: counted by ``Model.parallel_block`` / ``gated_mlp`` (one
+    shared norm, GELU over one intermediate tensor) and refitted on the fit source, the held-out TTFT gets worse
+    (docs/simulator.md, "Prefill", small-op bytes by layout; tests/test_model_layout.py)."""
     h, w = model.hidden_size, model.mlp_width
     rope = 2 * (model.num_attention_heads + model.num_kv_heads) * model.head_dim
     elements = 2 * 2 * h + 2 * 3 * h + rope + 3 * w

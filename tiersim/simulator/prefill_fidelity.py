@@ -12,7 +12,7 @@ docs/simulator.md, "Prefill"):
   models at 128 and 2048 tokens, TP 1/4/8;
 * ``trtllm-v0.9-a100`` (held out): the same page for TensorRT-LLM 0.9.0, its rows at TP > 1 (Llama-2-70B at TP 4 and 8,
   Falcon-180B at TP 8; its TP 1 rows are the DLI check's own rows): Falcon priced with the one all-reduce per layer
-  that release runs its parallel block with (the case's ``allreduces_per_layer``);
+  its shape's parallel block is run with (``Model.allreduces_per_layer``; v0.5's case states its own two);
 * ``argonne-vllm``, ``argonne-trtllm``, ``argonne-dsmii`` (held out): LLM-Inference-Bench's TTFT of 16 prompts x
   1024 tokens on one A100, H100 or GH200 (fp16), three 7-8B models, per engine;
 * ``distserve-swift``, ``distserve-vllm`` (held out): DistServe's fitted prefill lines (its C++ engine, and vLLM as its
@@ -48,6 +48,7 @@ from importlib import resources
 import numpy as np
 
 from tiersim.simulator import decode_fidelity, engines, fidelity, parallel, physics, prefill
+from tiersim.shapes import block_layout
 from tiersim.simulator.presets import GPU, Model, get_gpu, get_model
 
 REFERENCE = "public-prefill-profiles.json"
@@ -82,7 +83,7 @@ class Row:
     role: str  # "fit", "held_out", or "check" (points no fit read and no held-out figure counts: vidur's TP > 1
     #            shards, the Splitwise engine-step decomposition)
     sequences: int = 1  # equal prompts prefilled together (a batch's TTFT)
-    allreduces_per_layer: int = parallel.ALLREDUCES_PER_LAYER  # as the source's engine runs the model (TTFT cases)
+    allreduces_per_layer: int = parallel.ALLREDUCES_PER_LAYER  # as the source's engine ran the model (TTFT cases)
 
     @property
     def fit(self) -> bool:
@@ -97,15 +98,19 @@ class Row:
 
 
 def model_from_shape(name: str, shape: dict) -> Model:
-    """A model preset with a published shape (weights counted from it; embeddings tied where the model ties them)."""
+    """A model preset with a published shape (weights counted from it; embeddings tied where the model ties them),
+    its block layout read from the shape's ``architecture`` (the config's model_type) and layout keys by
+    ``shapes.block_layout``, the reader of HF configs' layouts."""
     h, heads, kv = shape["hidden_size"], shape["num_attention_heads"], shape["num_kv_heads"]
     hd, ff = h // heads, shape["intermediate_size"]
     gated = bool(shape["gated_mlp"])
     tied = bool(shape.get("tie_word_embeddings", False))
     attn = h * hd * (heads + 2 * kv) + heads * hd * h
     params = shape["num_layers"] * (attn + (3 if gated else 2) * h * ff) + (1 if tied else 2) * shape["vocab_size"] * h + h
+    layout = block_layout(shape.get("architecture", ""), shape)
     return Model(name, shape["num_layers"], kv, hd, h, heads, float(params), vocab_size=shape["vocab_size"],
-                 intermediate_size=ff, gated_mlp=gated, tie_word_embeddings=tied)
+                 intermediate_size=ff, gated_mlp=gated, tie_word_embeddings=tied,
+                 parallel_block=layout["parallel_block"], allreduces_per_layer=layout["allreduces_per_layer"])
 
 
 def _gpus(gpus: dict[str, GPU] | None) -> dict[str, GPU]:
@@ -160,9 +165,9 @@ def rows(gpus: dict[str, GPU] | None = None, reference: dict | None = None) -> l
         model = model_from_shape(case["model"], shapes[case["model"]])
         # The engine-step check: that engine's decode step minus the simulated one, charged once per forward.
         excess = case["decode_ms"] - decode_step_s(model, gpu, tp) * 1e3 if "decode_ms" in case else None
-        # How many all-reduces that engine runs per layer: two (after attention, after the MLP) unless its case says
-        # otherwise (a parallel attention + MLP block reduced once: TensorRT-LLM 0.9's Falcon).
-        ar = int(case.get("allreduces_per_layer", parallel.ALLREDUCES_PER_LAYER))
+        # How many all-reduces per layer: the model's (its layout's) unless the case states its engine's own count
+        # (TensorRT-LLM v0.5 reduced Falcon's parallel block twice).
+        ar = parallel.allreduces_per_layer(model, case.get("allreduces_per_layer"))
         for p in case["points"]:
             sim = parallel.tp_prefill_s(model, gpu, tp, p["prompt"], sequences=n, allreduces=ar) * 1e3
             out.append(Row(source, "ttft", case["gpu"], case["model"], tp, p["prompt"], p["ttft_ms"], sim,

@@ -12,7 +12,13 @@ from functools import cached_property
 from pathlib import Path
 
 from tiersim.errors import TiersimError
-from tiersim.shapes import CONFIG_FIELDS, MODEL_SHAPES, UNGATED_MLP_MODEL_TYPES, ModelShape  # noqa: F401 (re-exported)
+from tiersim.shapes import (  # noqa: F401 (re-exported)
+    CONFIG_FIELDS,
+    MODEL_SHAPES,
+    SEQUENTIAL_ALLREDUCES,
+    UNGATED_MLP_MODEL_TYPES,
+    ModelShape,
+)
 
 GB = 1e9
 
@@ -159,6 +165,11 @@ class Model:
     #: or a plain one (up, GELU, down: Phi-2, GPT-NeoX) with 2 x. Every preset here is gated (its config.json's
     #: model_type is llama, qwen2 or qwen3); ``model_from_config`` reads it from the model_type.
     gated_mlp: bool = True
+    #: The block's layout, as :class:`ModelShape` states it (``shapes.block_layout``): attention and MLP in parallel
+    #: (Phi-2, GPT-J, Falcon) or in sequence (every preset here), and the all-reduces per layer that layout is run
+    #: with under tensor parallelism (2; 1 for Falcon's parallel block), the count ``parallel`` prices.
+    parallel_block: bool = False
+    allreduces_per_layer: int = SEQUENTIAL_ALLREDUCES
 
     @classmethod
     def from_shape(cls, shape: ModelShape) -> Model:
@@ -167,7 +178,8 @@ class Model:
                     shape.num_attention_heads, shape.total_params, param_bytes=float(shape.dtype_bytes),
                     kv_dtype_bytes=shape.kv_dtype_bytes, vocab_size=shape.vocab_size,
                     tie_word_embeddings=shape.tie_word_embeddings, intermediate_size=shape.intermediate_size,
-                    gated_mlp=shape.gated_mlp)
+                    gated_mlp=shape.gated_mlp, parallel_block=shape.parallel_block,
+                    allreduces_per_layer=shape.allreduces_per_layer)
         model.__dict__["shape"] = shape  # the view keeps its shape whole (architecture, RoPE, window)
         return model
 
@@ -177,6 +189,7 @@ class Model:
         return ModelShape(self.name, "", self.num_layers, self.hidden_size, self.intermediate_size,
                           self.num_attention_heads, self.num_kv_heads, self.head_dim, self.vocab_size,
                           tie_word_embeddings=self.tie_word_embeddings, gated_mlp=self.gated_mlp,
+                          parallel_block=self.parallel_block, allreduces_per_layer=self.allreduces_per_layer,
                           dtype_bytes=self.param_bytes, kv_dtype_bytes=self.kv_dtype_bytes, params=self.params)
 
     @property

@@ -13,7 +13,8 @@ import sys
 
 from tiersim.errors import TiersimError
 from tiersim.options import add_arguments
-from tiersim.validator.options import ValidateOptions, check_compare, check_compare_runs_nothing, executor_options
+from tiersim.validator.options import (ValidateOptions, check_compare, check_compare_alone, check_compare_runs_nothing,
+                                      executor_options)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -30,11 +31,13 @@ def main(argv: list[str] | None = None) -> int:
         check_compare_runs_nothing(args.compare, args.strategy, args.fetch_share, args.compressed, args.strategy_check)
         if args.compare:
             check_compare(args.compare, args.out, args.profile)
+            check_compare_alone(args.compare, vars(args), vars(parser().parse_args([])))
             print(compare.format_text(compare.load(args.compare)))
             return 0
         argv = sys.argv[1:] if argv is None else argv
         extra = executor_options(args.executor, args.strategy, args.fetch_share, args.compressed, args.strategy_check)
         run = calibrate.run_validation
+        calibrate.raise_on_sigterm()  # a timeout's SIGTERM still leaves the graph grid's file, with what it measured
         if args.executor == "graph":
             from tiersim.validator.graph_run import run_validation_graph as run
         doc = run(

@@ -32,6 +32,34 @@ class NoDeviceError(TiersimError):
     """CUDA was asked for (the default) and torch sees no CUDA device."""
 
 
+class Terminated(BaseException):
+    """SIGTERM (the GPU script's per-step ``timeout``) as an exception, so a run stops with its file written.
+
+    A BaseException, as KeyboardInterrupt is: an ``except Exception`` that lets one bad point pass (the graph
+    executor's strategy check) must not swallow it and run on past the step's time."""
+
+
+class Unfinished(Exception):
+    """A run stopped by an error (or :class:`Terminated`) after some points: ``doc`` is its file with the points
+    measured before it (``doc["error"]`` says why it stopped). :func:`checked_run` writes it, then raises
+    ``error`` again, so the run still fails loudly. Why: a GPU run is scarce, and an error at its grid's tenth
+    point must not cost it the nine before."""
+
+    def __init__(self, doc: dict, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.doc, self.error = doc, error
+
+
+def raise_on_sigterm() -> None:
+    """Turn SIGTERM into :class:`Terminated` in this (main) thread, for the command-line runs."""
+    import signal
+
+    def stop(signum, _frame):
+        raise Terminated(f"terminated by signal {signum} (a timeout?)")
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def resolve_device(device: str | None):
     """``cuda`` (the default) or ``cpu`` (smoke mode); a clear error when CUDA is missing."""
     import torch
@@ -185,7 +213,14 @@ def checked_run(measure, shape_name, batches, contexts, hbms, device, steps, war
 
         load_profile(profile)  # a missing or foreign file is refused before any GPU time is spent
     with single_threaded_cpu(dev):
-        doc = measure(shape, batches, contexts, hbms, dev)
+        try:
+            doc = measure(shape, batches, contexts, hbms, dev)
+        except Unfinished as stop:
+            if out is not None:
+                fileformat.write_document(out, stop.doc)
+                log(f"wrote {out} with the {sum(p['measured_step_ms'] is not None for p in stop.doc['points'])} "
+                    f"points measured before the run stopped ({stop.doc['error']})")
+            raise stop.error from None
     if out is not None:
         fileformat.write_document(out, doc)
         log(f"wrote {out}")

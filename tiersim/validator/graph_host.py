@@ -384,8 +384,7 @@ def amend(point: dict, step: GraphStep, copy_ms: float | None) -> dict:
     """A point's measurement (graph_run.measure_point) corrected for a host strategy's traffic, with its
     host time; unchanged for prefetch."""
     if not isinstance(step, HostStep):
-        return {**point, **point_strategy(None),
-                "host_ms": None}
+        return {**point, **point_strategy(None), "host_ms": None}
     traffic = step.traffic()
     buf = step.buffers
     host = sorted(step.host_times[-point["steps"]:]) if step.host_times else []

@@ -359,21 +359,27 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
         check = grid.measure_grid(batches[:1], contexts[:1], offloaded, lambda b, c, h: run(b, c, h, compressed), [],
                                   log, f"graph, compressed {compressed:g}", budget_s, started)
         walk = itertools.chain(walk, ((compressed, chosen, *point) for point in check))
-    for share, opts, batch, context, hbm, m, baseline, why in walk:
-        points.append(calibrate.ValidationPoint.measured(shape.name, batch, context, hbm, m, baseline, why))
-        points[-1].compressed = point_config(hbm, share).compressed  # capped at 1 - hbm, as the point ran
-        # Every point names the strategy it ran (or was to run: a failed or skipped check point too) and its share.
-        extras.append({**graph_host.point_strategy(opts),
-                       **({k: m[k] for k in ("step_ms_p10", "gpu_busy_ms", "gpu_busy_ms_p10", "gpu_busy_ms_p90",
-                                             "copy_ms", "h2d_gbps_in_step", "retier_ms", "tiers", "executor",
-                                             "capture_error", "strategy", "fetch_share", "host_ms")} if m else {})})
-        if m and m["capture_error"]:
-            log(f"  not captured ({m['capture_error']}): timed eagerly")
-        if m:
-            log(f"  step {m['step_ms']:.3f} ms (busy {m['gpu_busy_ms']:.3f}, stall {m['stall_ms']:.3f}), "
-                f"H2D {m['h2d_bytes'] / 1e6:.1f} MB/step"
-                + (f" at {m['prefetch_gbps']:.1f} GB/s alone" if m["prefetch_gbps"] else "")
-                + (f", host {m['host_ms']:.3f} ms" if m.get("host_ms") is not None else ""))
+    stopped = None  # a grid point's own error ends the run, once the file keeps the points measured before it
+    try:
+        for share, opts, batch, context, hbm, m, baseline, why in walk:
+            points.append(calibrate.ValidationPoint.measured(shape.name, batch, context, hbm, m, baseline, why))
+            points[-1].compressed = point_config(hbm, share).compressed  # capped at 1 - hbm, as the point ran
+            # Every point names the strategy it ran (or was to run: a failed or skipped check point too) and its share.
+            extras.append({**graph_host.point_strategy(opts),
+                           **({k: m[k] for k in ("step_ms_p10", "gpu_busy_ms", "gpu_busy_ms_p10", "gpu_busy_ms_p90",
+                                                 "copy_ms", "h2d_gbps_in_step", "retier_ms", "tiers", "executor",
+                                                 "capture_error", "strategy", "fetch_share", "host_ms")} if m else {})})
+            if m and m["capture_error"]:
+                log(f"  not captured ({m['capture_error']}): timed eagerly")
+            if m:
+                log(f"  step {m['step_ms']:.3f} ms (busy {m['gpu_busy_ms']:.3f}, stall {m['stall_ms']:.3f}), "
+                    f"H2D {m['h2d_bytes'] / 1e6:.1f} MB/step"
+                    + (f" at {m['prefetch_gbps']:.1f} GB/s alone" if m["prefetch_gbps"] else "")
+                    + (f", host {m['host_ms']:.3f} ms" if m.get("host_ms") is not None else ""))
+    except (Exception, calibrate.Terminated) as exc:
+        stopped = exc
+        log(f"  stopped: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}; the file keeps the "
+            f"{sum(p.measured_step_ms is not None for p in points)} points measured before it")
     model_doc = predict.sim_model(shape, params)
     split = point_config(0.5, compressed, retier_every, shape.head_dim)
     policy = {"sink_tokens": split.sink_tokens, "recent_window": split.recent_window, "retier_every": retier_every,
@@ -395,8 +401,16 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
     doc["points"] = [{**asdict(p), **extra} for p, extra in zip(points, extras)]
     calibrate.finish(doc)
     del model
-    free(dev)
-    return doc
+    if stopped is None:
+        free(dev)
+        return doc
+    doc["error"] = f"stopped after {len(points)} points: {type(stopped).__name__}: " \
+                   f"{(str(stopped).splitlines() or [''])[0][:200]}"
+    try:
+        free(dev)
+    except Exception:  # noqa: BLE001 - a sticky CUDA error fails this too; the file is still written
+        pass
+    raise calibrate.Unfinished(doc, stopped)
 
 
 def run_validation_graph(shape_name=None, batches=DEFAULT_BATCHES, contexts=DEFAULT_CONTEXTS, hbms=DEFAULT_HBM,

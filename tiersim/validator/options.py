@@ -103,3 +103,21 @@ def check_compare_runs_nothing(compare, strategy: str, fetch_share, compressed: 
                         (f"--strategy-check {strategy_check}", bool(strategy_check))):
         if given:
             raise TiersimError(f"{flag} is for a new run; --compare only prints {compare}: drop {flag} or --compare")
+
+
+def check_compare_alone(compare, values, defaults) -> None:
+    """``--compare`` with any other run option given (``--batch``, ``--device``, ``--steps``, ...): refused in
+    one line, since the printed file was measured with its own grid and the option would change nothing.
+    ``values`` and ``defaults``: each :class:`ValidateOptions` field as the front end holds it (typer: the
+    text; argparse: the parsed lists), so a default typed out again is not refused."""
+    from tiersim.errors import TiersimError
+    from tiersim.options import flag
+
+    if compare is None:
+        return
+    for field in dataclasses.fields(ValidateOptions):
+        if field.name != "compare" and values[field.name] != defaults[field.name]:
+            value = values[field.name]
+            given = f"{flag(field)} {_csv(value) if isinstance(value, (list, tuple)) else value}"
+            raise TiersimError(f"{given} is for a new run; --compare only prints {compare}: drop {flag(field)} "
+                               "or --compare")
