@@ -152,9 +152,11 @@ def decode_runs() -> None:
             "cannot matter, are a check: the fit did not read them). Engine presets: TensorRT-LLM trtllm (its "
             "per-block attention rate and GQA KV re-read share fitted on the DLI table, role fit; the Argonne "
             "TensorRT-LLM runs are its held-out check), vLLM 0.5 vllm-sync (fitted on vidur's CPU profile). Points "
-            "are classified by code before they are compared: KV over HBM (a whole run's KV outgrows HBM: replayed "
-            "through the serving simulator as its engine served it, `serving.replay`: section \"Decode runs over HBM, "
-            "served\"), prefill > 10% of the simulated run, failed (faster than the weights can be read).\n\n"
+            "are classified by code before they are compared: another attention kernel (vLLM 0.5's runs of a "
+            "sliding-window config, Mistral-7B: its XFormers backend's PagedAttention decode, which vllm-sync does not "
+            "price; decode_fidelity.other_kernel), KV over HBM (a whole run's KV outgrows HBM: replayed through the "
+            "serving simulator as its engine served it, `serving.replay`: section \"Decode runs over HBM, served\"), "
+            "prefill > 10% of the simulated run, failed (faster than the weights can be read).\n\n"
             + "\n".join(lines) + "\n\n"
             + markdown_table(["source", "role", "engine preset", "GPU", "regime", "points", "models", "batch", "median |err| %",
                               "worst |err| %", "median signed %", "old roofline median %"], table) + "\n")

@@ -115,6 +115,19 @@ def _stop():
     raise TiersimError("boom")
 
 
+@pytest.mark.parametrize("resume", [True, False])
+def test_a_file_where_the_capture_keeps_its_parts_is_refused(tmp_path, resume):
+    """OUT.parts as a regular file: rmtree could not clear it and the first finished sequence failed after
+    its generation ('File exists'); now one line before any sequence runs, and the file is left alone."""
+    from tiersim.traces.resume import CaptureParts, parts_path
+
+    out = tmp_path / "trace.parquet"
+    parts_path(out).write_text("mine")
+    with pytest.raises(TiersimError, match="which is a file, not a folder"):
+        CaptureParts(out, {"model": "x"}, resume=resume)
+    assert parts_path(out).read_text() == "mine"
+
+
 def test_an_interrupted_capture_keeps_its_sequences_and_resumes(work, monkeypatch):
     import tiersim.models
     import tiersim.traces.capture

@@ -92,6 +92,22 @@ def test_a_torn_last_line_is_ignored(tmp_path):
     assert not path.exists()
 
 
+@pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_a_full_disk_under_the_journal_is_one_line_naming_it(tmp_path):
+    """/dev/full fails every write with ENOSPC: the error was a bare 'No space left on device' (no file), and
+    the grid's close() in its error path flushed the same buffer again, raising over its 'runs are kept' line."""
+    from pathlib import Path
+
+    from tiersim.atomic import WriteError
+
+    journal = RunJournal(tmp_path / "runs.jsonl", {})
+    journal.path = Path("/dev/full")  # set after loading: reading /dev/full never ends
+    with pytest.raises(WriteError, match=r"cannot write /dev/full: No space left on device \(ENOSPC\)"):
+        journal.add("k", [1, 2, 3], 0.1, {})
+    journal.close()  # nothing left to flush
+    assert len(journal) == 0  # the run was not recorded as kept
+
+
 def test_cli_keeps_finished_runs_and_resumes(tmp_path, smollm2, monkeypatch):
     from tiersim.cli.main import app
 

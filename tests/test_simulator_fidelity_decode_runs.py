@@ -161,6 +161,46 @@ def test_vllm_sync_line_explains_vllm_0_5_and_meets_the_small_batch_worst_target
     assert shipped[("argonne-vllm", "decode small batch")]["worst_pct"] <= 10.0
 
 
+def test_sliding_window_runs_under_vllm_0_5_are_apart_by_the_config_not_by_their_error():
+    """vLLM 0.5 runs a sliding-window config on its XFormers backend (vLLM's PagedAttention decode kernel), which
+    vllm-sync does not price: every such run is reported apart, whatever it measured, on every GPU and batch; the
+    same model under TensorRT-LLM (no such fallback) and vLLM's full-attention models stay priced. The rule only
+    labels: the simulated times are those of the same runs without it."""
+    doc = df.load()
+    rule = doc["sources"]["argonne-vllm"]["sliding_window_kernel"]
+    assert "selector.py" in rule and "@ " in rule and "pull/3648" in rule  # the engine's code, cited
+    measured = {(p["source"], p["model"]) for p in doc["points"]}
+    apart = {(s, m) for s, m in measured if df.other_kernel(doc, s, m)}
+    assert apart == {("argonne-vllm", "mistral-7b-v0.1")}
+    assert doc["models"]["mistral-7b-v0.1"]["sliding_window"] == 4096 and "sliding_window" not in doc["models"]["qwen2-7b"]
+    pts = df.points()
+    for p in pts:
+        assert (p.regime == df.OTHER_KERNEL) == ((p.source, p.model) in apart), (p.source, p.model, p.batch, p.length)
+    assert {(p.gpu, p.batch) for p in pts if p.regime == df.OTHER_KERNEL} >= {(g, b) for g in ("a100-40gb", "h100")
+                                                                                 for b in (1, 16, 32, 64)}
+    # TensorRT-LLM's Mistral-7B on the same H100 is priced, and within what that source's large batches miss elsewhere
+    trt = [p for p in pts if p.source == "argonne-trtllm" and p.model == "mistral-7b-v0.1" and p.gpu == "h100"
+           and p.regime in DECODE]
+    assert len(trt) >= 15 and max(abs(p.error_pct) for p in trt) <= 15.0
+    # whatever the runs measured (here: exactly what the simulator says), they stay apart
+    doctored = copy.deepcopy(doc)
+    for row, p in zip(doctored["points"], pts):
+        if (p.source, p.model) in apart:
+            row["latency_s"] = p.simulated_ms * 1e-3 * row["length"]
+    assert all(q.regime == df.OTHER_KERNEL for q in df.points(doctored) if (q.source, q.model) in apart)
+    # without the model's window the same runs are priced identically and fall into the ordinary regimes
+    windowless = copy.deepcopy(doc)
+    del windowless["models"]["mistral-7b-v0.1"]["sliding_window"]
+    back = df.points(windowless)
+    assert [p.simulated_ms for p in back] == [p.simulated_ms for p in pts]
+    assert not any(p.regime == df.OTHER_KERNEL for p in back)
+    # first among the rules: a point apart for its kernel is not also counted as preempted or failed
+    model, gpu = df.model_for(doc, "mistral-7b-v0.1"), df.gpu_for(doc, "a100-40gb")
+    assert df.regime(model, gpu, 64, 4096, 1.0, 0.0).startswith("preempted")
+    assert df.regime(model, gpu, 64, 4096, 1.0, 0.0, kernel_apart=True) == df.OTHER_KERNEL
+    assert df.regime(model, gpu, 1, 256, 1e-9, 0.0, kernel_apart=True) == df.OTHER_KERNEL
+
+
 def _no_rereads(gpu):
     return replace(gpu, attn_kv_reread_share=0.0)
 

@@ -18,6 +18,9 @@ import json
 import os
 from pathlib import Path
 
+from tiersim.atomic import WriteError
+from tiersim.errors import os_reason
+
 JOURNAL_SCHEMA = 1
 
 
@@ -73,15 +76,27 @@ class RunJournal:
     def add(self, key: str, token_ids: list[int], seconds: float, tier_counts: dict) -> None:
         record = {"schema": JOURNAL_SCHEMA, "key": key, "token_ids": list(token_ids), "seconds": seconds,
                   "tier_counts": tier_counts}
-        if self._file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            torn = self._ends_torn()
-            self._file = open(self.path, "a", encoding="utf-8")
-            if torn:  # end the torn line, so this record does not join it and get lost with it
-                self._file.write("\n")
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                torn = self._ends_torn()
+                self._file = open(self.path, "a", encoding="utf-8")
+                if torn:  # end the torn line, so this record does not join it and get lost with it
+                    self._file.write("\n")
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as exc:
+            # A full disk: the runs already written stay (a torn last line is skipped on resume). Close the
+            # file here, since a later close() would flush the same unwritable buffer again and raise over
+            # the grid's "runs are kept" line; and name the file, which a bare write() error does not.
+            file, self._file = self._file, None
+            if file is not None:
+                try:
+                    file.close()
+                except OSError:
+                    pass
+            raise WriteError(f"cannot write {self.path}: {os_reason(exc)}") from None
         self._runs[key] = record
 
     def _ends_torn(self) -> bool:

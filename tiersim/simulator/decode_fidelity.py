@@ -12,10 +12,11 @@ requests of I input and O output tokens), priced as the mean of those O - 1 step
 whole KV in HBM (``prefill.mixed_step_s`` with no prefill rows: what ``analytic.layer_costs`` charges) and pays
 the source's ``--engine-overhead`` preset. A point is classified before it is compared (:func:`regime`): runs
 whose KV outgrows HBM (the engine preempts and recomputes, or admits fewer requests at a time), runs dominated by
-their prefill, and measurements faster than the weights can be read (a failed run) are reported apart, never
-silently dropped. A run whose KV outgrows HBM is not priced by one batch holding it all: given ``serve`` (the
-serving layer's replay, ``tiersim.serving.replay``: this layer cannot import it), :func:`points` prices it as the
-engine served it, B requests at t = 0 under the source's ``on_full`` policy, regime :data:`SERVED`.
+their prefill, measurements faster than the weights can be read (a failed run), and runs an engine ran on another
+attention kernel than its preset prices (a sliding-window model under vLLM 0.5) are reported apart, never silently
+dropped. A run whose KV outgrows HBM is not priced by one batch holding it all: given ``serve`` (the serving layer's
+replay, ``tiersim.serving.replay``: this layer cannot import it), :func:`points` prices it as the engine served it,
+B requests at t = 0 under the source's ``on_full`` policy, regime :data:`SERVED`.
 """
 
 from __future__ import annotations
@@ -99,10 +100,30 @@ class RunPoint:
         return 100.0 * (self.simulated_ms / self.reference_ms - 1.0)
 
 
+#: The regime of a point its engine ran on another decode-attention kernel than its preset prices (:func:`other_kernel`).
+OTHER_KERNEL = "other attention kernel (sliding window)"
+
+
+def other_kernel(doc: dict, source: str, model: str) -> bool:
+    """Whether ``source``'s engine ran ``model`` on another attention kernel than the one its preset prices: the source
+    names the kernel its engine falls back to for a sliding-window config (``sliding_window_kernel``) and the model's
+    config has a window (``sliding_window``, as that engine reads it), whether or not the window binds.
+
+    Why a rule on the config and not on the error: vLLM 0.5 (and the releases around it) picks its FlashAttention backend unless the model
+    has a sliding window, and then its XFormers backend, whose decode attention is vLLM's own PagedAttention kernel
+    (one thread block per query head, not GQA-aware; unsplit above 512 sequence x head blocks): the data file cites
+    the selector. ``vllm-sync`` prices FlashAttention's decode (the fit sources' GQA-aware split-KV kernels) and no
+    fit source measures the PagedAttention kernel, so such a run is reported apart, at every batch and on every GPU,
+    not priced with a kernel it did not run."""
+    return bool(doc["sources"][source].get("sliding_window_kernel") and doc["models"][model].get("sliding_window"))
+
+
 def regime(model: Model, gpu: GPU, batch: int, tokens: int, per_token_s: float, prefill_share: float,
-           preempts: bool = True) -> str:
+           preempts: bool = True, kernel_apart: bool = False) -> str:
     """Which regime a point measures: ``decode small batch`` / ``decode large batch``, or why it is apart.
 
+    * :data:`OTHER_KERNEL` (``kernel_apart``, :func:`other_kernel`): the engine ran another decode-attention kernel
+      than the preset prices; first, as nothing below is priced right for it.
     * ``preempted`` (:data:`PREEMPTED`): the batch's KV at its last step (``batch x tokens``) exceeds what HBM
       holds after the weights (:data:`HBM_UTILIZATION`, :data:`WORKSPACE_BYTES`): the engine recomputes sequences
       or admits fewer at a time, which :func:`points` prices by its ``serve`` replay where given (:data:`SERVED`).
@@ -111,6 +132,8 @@ def regime(model: Model, gpu: GPU, batch: int, tokens: int, per_token_s: float, 
     * ``failed run``: faster per output token than reading the weights once at the datasheet bandwidth.
     * ``prefill-heavy``: the simulated prefill is over :data:`PREFILL_HEAVY` of the run.
     """
+    if kernel_apart:
+        return OTHER_KERNEL
     kv = batch * tokens * model.kv_bytes_per_token
     if preempts and kv > HBM_UTILIZATION * gpu.hbm_bytes - model.weight_bytes - WORKSPACE_BYTES:
         return PREEMPTED
@@ -153,7 +176,7 @@ def points(doc: dict | None = None, engine_overrides: dict[str, str] | None = No
             ref, pre = p["latency_s"] / n, prefill_batch_s(model, gpu, b, n)
             run = pre + float(decode_steps_s(model, gpu, b, n, n - 1).sum())
             sim, share, tokens, preempts = run / n, pre / run, 2 * n, True
-        kind = regime(model, gpu, b, tokens, ref, share, preempts)
+        kind = regime(model, gpu, b, tokens, ref, share, preempts, other_kernel(doc, p["source"], p["model"]))
         if kind == PREEMPTED and serve is not None:
             if src.get("on_full") is None:
                 raise ValueError(f"{DATA}: source {p['source']} has whole runs over HBM but no on_full policy "

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from tiersim.atomic import write_json
+from tiersim.errors import TiersimError
 from tiersim.traces.format import Trace, read, write
 
 
@@ -37,6 +38,9 @@ class CaptureParts:
 
     def __init__(self, out: Path, context: dict, resume: bool = True):
         self.path = parts_path(out)
+        if self.path.exists() and not self.path.is_dir():  # rmtree below cannot clear it, add() cannot write in it
+            raise TiersimError(f"capture keeps its finished sequences in {self.path}, which is a file, not a folder "
+                               "(not tiersim's): move it away or give another --out")
         self.context = json.loads(json.dumps(context, default=str))
         stored = self.path / "context.json"
         same = False
