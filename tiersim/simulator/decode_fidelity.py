@@ -100,21 +100,22 @@ class RunPoint:
         return 100.0 * (self.simulated_ms / self.reference_ms - 1.0)
 
 
-#: The regime of a point its engine ran on another decode-attention kernel than its preset prices (:func:`other_kernel`).
+#: The regime of a point its engine ran on another decode-attention kernel than its preset prices
+#: (:func:`other_kernel`).
 OTHER_KERNEL = "other attention kernel (sliding window)"
 
 
 def other_kernel(doc: dict, source: str, model: str) -> bool:
-    """Whether ``source``'s engine ran ``model`` on another attention kernel than the one its preset prices: the source
-    names the kernel its engine falls back to for a sliding-window config (``sliding_window_kernel``) and the model's
-    config has a window (``sliding_window``, as that engine reads it), whether or not the window binds.
+    """Whether ``source``'s engine ran ``model`` on another attention kernel than the one its preset prices: the
+    source names the kernel its engine falls back to for a sliding-window config (``sliding_window_kernel``) and the
+    model's config has a window (``sliding_window``, as that engine reads it), whether or not the window binds.
 
-    Why a rule on the config and not on the error: vLLM 0.5 (and the releases around it) picks its FlashAttention backend unless the model
-    has a sliding window, and then its XFormers backend, whose decode attention is vLLM's own PagedAttention kernel
-    (one thread block per query head, not GQA-aware; unsplit above 512 sequence x head blocks): the data file cites
-    the selector. ``vllm-sync`` prices FlashAttention's decode (the fit sources' GQA-aware split-KV kernels) and no
-    fit source measures the PagedAttention kernel, so such a run is reported apart, at every batch and on every GPU,
-    not priced with a kernel it did not run."""
+    Why a rule on the config and not on the error: vLLM 0.5 (and the releases around it) picks its FlashAttention
+    backend unless the model has a sliding window, and then its XFormers backend, whose decode attention is vLLM's
+    own PagedAttention kernel (one thread block per query head, not GQA-aware; unsplit above 512 sequence x head
+    blocks): the data file cites the selector. ``vllm-sync`` prices FlashAttention's decode (the fit sources'
+    GQA-aware split-KV kernels) and no fit source measures the PagedAttention kernel, so such a run is reported
+    apart, at every batch and on every GPU, not priced with a kernel it did not run."""
     return bool(doc["sources"][source].get("sliding_window_kernel") and doc["models"][model].get("sliding_window"))
 
 
