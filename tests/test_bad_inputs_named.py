@@ -179,6 +179,19 @@ def test_validate_without_cuda_is_an_error_line(work):
     assert "no CUDA device" in err
 
 
+@pytest.mark.parametrize("device", ["", "   "])
+def test_an_empty_device_is_refused_not_taken_as_cuda(work, capsys, device):
+    """`--device ""` (an unset `$DEV`) was read as the default, cuda: on a GPU machine it measured, and here it
+    said 'no CUDA device'; either front end now names the accepted values before any work."""
+    from tiersim.validator.__main__ import main
+
+    _, err = assert_refused(["validate", "--device", device])
+    assert "--device must be 'cuda', 'cuda:N' or 'cpu'" in err and "CUDA device" not in err
+    assert main(["--device", device]) == 2
+    err = capsys.readouterr().err
+    assert "error: --device must be 'cuda', 'cuda:N' or 'cpu'" in err and "Traceback" not in err
+
+
 def test_the_cli_bounds_are_the_simulators():
     from tiersim.cli import groups
     from tiersim.simulator import capacity

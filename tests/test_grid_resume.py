@@ -3,6 +3,7 @@
 import pytest
 from typer.testing import CliRunner
 
+from tiersim.errors import TiersimError
 from tiersim.quality import grid as grid_module
 from tiersim.quality.grid import Sample, build_cells, run_grid
 from tiersim.quality.journal import RunJournal, journal_path
@@ -136,3 +137,20 @@ def test_cli_keeps_finished_runs_and_resumes(tmp_path, smollm2, monkeypatch):
     assert "resuming from" in result.stderr and len(calls) == 1  # 2 prompts x (full + 1 cell) = 4 runs
     assert read_grid(out)["rows"][0]["exact_match"] == 1.0
     assert not journal_path(out).exists()  # --out holds everything now
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_a_directory_where_the_journal_goes_is_one_line_naming_it(tmp_path, monkeypatch, resume):
+    """The journal's path being a folder gave a bare '[Errno 21] Is a directory' (reading it with --resume,
+    deleting it without): the line now names the journal and says a file belongs there, before any model work."""
+    from tiersim.cli.main import app
+
+    (tmp_path / "out.json.runs.jsonl").mkdir()
+    monkeypatch.chdir(tmp_path)
+    args = ["grid", "--model", "no-such-model", "--out", "out.json"] + (["--resume"] if resume else [])
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code != 0
+    assert isinstance(result.exception, TiersimError), result.exception
+    message = str(result.exception)
+    assert "out.json.runs.jsonl is a directory" in message and "in a file" in message and "Errno" not in message
+    assert (tmp_path / "out.json.runs.jsonl").is_dir()  # nothing of the user's is removed

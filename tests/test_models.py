@@ -355,3 +355,26 @@ def test_prompt_past_the_model_context_is_refused(tmp_path):
                                  "--max-new-tokens", "2", *out], before_work=False)
         assert "prompt 2 is 3,000 tokens" in err
         assert not (tmp_path / out[1]).exists()
+
+
+def test_prompt_past_the_model_context_is_refused_on_the_ray_driver(tmp_path):
+    """grid --ray holds only the tokenizer, so it skipped check_context: the driver now reads the limit from
+    config.json (no weights) and refuses the prompt before Ray starts."""
+    from cli_run import assert_refused
+
+    from tiersim.models import check_context_without_weights, load_tokenizer
+    from tiersim.prompts import Prompt
+
+    model, _ = tiny_model("llama")
+    directory = _save(model, tmp_path / "model")
+    tokenizer, _ = load_tokenizer(str(directory))
+    prompt = Prompt("long", " ".join(["w2"] * 1000), None)
+    check_context_without_weights(str(directory), tokenizer, [prompt], 24)  # 1024: the last position
+    with pytest.raises(TiersimError, match="1,025, past the model's 1,024-token context"):
+        check_context_without_weights(str(directory), tokenizer, [prompt], 25)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "w2 w3"}\n' + '{"prompt": "%s"}\n' % " ".join(["w3"] * 3000))
+    out = tmp_path / "grid.json"
+    _, err = assert_refused(["grid", "--ray", "--model", str(directory), "--prompts", str(prompts), "--n", "2",
+                             "--max-new-tokens", "2", "--out", str(out)], before_work=False)
+    assert "prompt 2 is 3,000 tokens" in err and not out.exists()

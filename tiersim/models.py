@@ -331,7 +331,25 @@ def check_context(model, tokenizer, prompts, max_new_tokens: int) -> None:
     ``max_position_embeddings``: past its trained positions a model's attention is not the one a trace
     or a quality score should record (transformers only logs a reminder), and a prompt of millions of
     tokens would spend hours in one prefill. A config without the field is not checked."""
-    limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    _check_positions(model.config, tokenizer, prompts, max_new_tokens)
+
+
+def check_context_without_weights(name_or_path: str | None, tokenizer, prompts, max_new_tokens: int) -> None:
+    """``check_context`` for a driver that holds only the tokenizer (``grid --ray``: the weights are in the
+    workers). The limit is in config.json, read here without the weights, so a prompt past it is one line
+    before a cluster starts, not an error from every worker (or a run past the positions) later."""
+    from transformers import AutoConfig
+
+    directory, _ = resolve_model_dir(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise TiersimError(f"could not read the model config in {directory}: {_first_line(exc)}") from None
+    _check_positions(config, tokenizer, prompts, max_new_tokens)
+
+
+def _check_positions(config, tokenizer, prompts, max_new_tokens: int) -> None:
+    limit = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
     if not isinstance(limit, int) or limit < 1:
         return
     for prompt in prompts:

@@ -211,11 +211,12 @@ def _run_on_ray(model_name, device, dtype, items, cells, max_new_tokens, journal
     from functools import partial
 
     from tiersim.cluster import connect
-    from tiersim.models import generation_kwargs, load_model, load_tokenizer
+    from tiersim.models import check_context_without_weights, generation_kwargs, load_model, load_tokenizer
     from tiersim.quality.distributed import RayRunner, default_workers
     from tiersim.quality.grid import prepare_samples, run_grid
 
     tokenizer, model_id = load_tokenizer(model_name)
+    check_context_without_weights(model_name, tokenizer, items, max_new_tokens)  # before a cluster starts
     samples = prepare_samples(tokenizer, items)
     if Path(model_name).is_dir():  # workers start elsewhere: give them the absolute path
         model_name = str(Path(model_name).resolve())

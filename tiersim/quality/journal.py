@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 from tiersim.atomic import WriteError
-from tiersim.errors import os_reason
+from tiersim.errors import TiersimError, os_reason
 
 JOURNAL_SCHEMA = 1
 
@@ -42,6 +42,12 @@ class RunJournal:
         self.context = context
         self._runs: dict[str, dict] = {}
         self._file = None
+        if self.path.exists() and not self.path.is_file():
+            # A folder (or a fifo) where the journal goes: reading, appending and deleting it each fail with a
+            # bare errno ('[Errno 21] Is a directory'), which names neither the journal nor what belongs there.
+            kind = "a directory" if self.path.is_dir() else "not a regular file"
+            raise TiersimError(f"{self.path} is {kind}: the grid keeps its finished runs there, in a file "
+                               "(OUT.runs.jsonl beside --out); move it away or choose another --out")
         if self.path.exists():
             self._load()
 

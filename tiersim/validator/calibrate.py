@@ -64,7 +64,11 @@ def resolve_device(device: str | None):
     """``cuda`` (the default) or ``cpu`` (smoke mode); a clear error when CUDA is missing."""
     import torch
 
-    name = (device or "cuda").strip().lower()
+    # Only None is the default: an empty --device (an unset shell variable, `--device "$DEV"`) is a mistake,
+    # and taking it as cuda would run, or refuse for want of a GPU, a measurement nobody asked for.
+    name = "cuda" if device is None else device.strip().lower()
+    if not name:
+        raise TiersimError(f"--device must be 'cuda', 'cuda:N' or 'cpu', got {device!r}")
     if name.startswith("cuda:") and not name[5:].isdigit():  # a typo, whatever the machine has
         raise TiersimError(f"--device must be 'cuda', 'cuda:N' or 'cpu', got {device!r}")
     if name == "cuda" or name.startswith("cuda:"):
