@@ -210,3 +210,11 @@ def test_serve_tp_prices_falcon_s_parallel_block_with_one_all_reduce(tmp_path):
     gpu = get_gpu("h100-sxm")
     one = parallel.allreduce_s(gpu, 2, 1 * base["hidden_size"] * 2)
     assert tpot["sequential"] - tpot["parallel"] == pytest.approx(base["num_hidden_layers"] * one * 1e3, rel=1e-6)
+
+
+@pytest.mark.parametrize("key", ["parallel_attn", "new_decoder_architecture"])
+def test_a_layout_flag_that_is_not_a_boolean_is_one_line(key):
+    """bool("false") is True: a hand-edited "false" must be refused, not read as a parallel block."""
+    with pytest.raises(TiersimError, match=f"{key} must be true or false"):
+        block_layout("falcon", {key: "false"})
+    assert block_layout("falcon", {"parallel_attn": False})["parallel_block"] is False

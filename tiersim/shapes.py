@@ -239,14 +239,24 @@ def block_layout(model_type: str, cfg: Mapping | None = None) -> dict:
     rule = PARALLEL_BLOCK_MODEL_TYPES.get(model_type, False)
     if isinstance(rule, tuple):
         key, default = rule
-        value = cfg.get(key)
-        parallel = default if value is None else bool(value)
-        parallel = parallel or bool(cfg.get("new_decoder_architecture"))  # Falcon's: always a parallel block
+        value = _config_flag(cfg, key)
+        parallel = default if value is None else value
+        new_arch = bool(_config_flag(cfg, "new_decoder_architecture"))  # Falcon's: always a parallel block
+        parallel = parallel or new_arch
     else:
         parallel = bool(rule)
     fused = parallel and model_type in FUSED_ALLREDUCE_MODEL_TYPES
     return {"gated_mlp": model_type not in UNGATED_MLP_MODEL_TYPES, "parallel_block": parallel,
             "allreduces_per_layer": 1 if fused else SEQUENTIAL_ALLREDUCES}
+
+
+def _config_flag(cfg: Mapping, key: str) -> bool | None:
+    """A layout flag of a config, ``None`` when absent. Only a JSON boolean counts: ``bool("false")`` is true, so a
+    hand-edited ``"false"`` would silently turn a sequential block parallel (and halve its TP all-reduces)."""
+    value = cfg.get(key)
+    if value is None or isinstance(value, bool):
+        return value
+    raise TiersimError(f"config: {key} must be true or false, got {value!r}")
 
 
 def _config_int(cfg: Mapping, name: str, where: str, default=None) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import typer
 from tiersim.cli import options
 from tiersim.cli.app import add_columns, app, compact_table, console
 
