@@ -112,6 +112,10 @@ class ModelShape:
     dtype_bytes: float = 2  # bytes per weight as served (bf16)
     kv_dtype_bytes: int = 2  # bytes per K or V element (bf16)
     params: float | None = field(default=None, compare=False)
+    #: The longest sequence (prompt + output tokens) the model is trained for: its config's
+    #: ``max_position_embeddings``. None: unknown, and no command checks it. A limit, not a cost: it takes no part in
+    #: equality (a shape built field by field without it prices the same).
+    max_context: int | None = field(default=None, compare=False)
 
     # -- parameters ---------------------------------------------------------------------------------
     def parameter_count(self, vectors: bool = True) -> int:
@@ -227,7 +231,7 @@ class ModelShape:
             str(name or cfg.get("_name_or_path") or default_name), model_type, layers, hidden, inter, heads, kv_heads,
             head_dim, vocab, tie_word_embeddings=bool(cfg.get("tie_word_embeddings")), rope_theta=_rope_theta(cfg),
             **block_layout(model_type, cfg), sliding_window=_sliding_window(cfg),
-            dtype_bytes=SERVED_DTYPE_BYTES.get(dtype, 2),
+            dtype_bytes=SERVED_DTYPE_BYTES.get(dtype, 2), max_context=_max_context(cfg, where),
         )
 
 
@@ -279,6 +283,29 @@ def _config_int(cfg: Mapping, name: str, where: str, default=None) -> int:
     return value
 
 
+def _max_context(cfg: Mapping, where: str) -> int | None:
+    """``max_position_embeddings`` (GPT-2's and BLOOM's ``n_positions``; absent: None, not checked). A value
+    that is there but not a positive integer is one line: read as unknown, it would turn the check off unseen."""
+    value = cfg.get("max_position_embeddings", cfg.get("n_positions"))
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TiersimError(f"{where}: max_position_embeddings must be a positive integer (the model's context), "
+                           f"got {json.dumps(value)[:40]}")
+    return value
+
+
+def check_context(shape: ModelShape, tokens: float, what: str) -> None:
+    """One line when ``what`` (the option and the tokens it asks one sequence to hold) is past the model's
+    ``max_context``: the model cannot run it, so a plan or a serving run of it prices a run nobody can do.
+    For the user-facing commands only; reference data is priced as it was measured."""
+    if shape.max_context is not None and tokens > shape.max_context:
+        raise TiersimError(f"{what} is {tokens:,.0f} tokens, past {shape.name}'s {shape.max_context:,}-token context "
+                           "(max_position_embeddings)")
+
+
 def _rope_theta(cfg: Mapping) -> float:
     """RoPE base: ``rope_theta`` (transformers 4 and config.json files) or ``rope_parameters`` (transformers 5)."""
     value = cfg.get("rope_theta")
@@ -301,18 +328,32 @@ def _sliding_window(cfg: Mapping) -> int | None:
 
 # Published configs (each model's Hugging Face config.json; vocab_size, intermediate_size as there) and
 # published parameter counts (each model card). The KV column agrees with ../shared/design.md's table
-# (tested).
+# (tested). ``max_context`` is each config.json's ``max_position_embeddings`` (huggingface.co/<repo>/blob/main/
+# config.json for deepseek-ai/DeepSeek-R1-Distill-Qwen-{1.5B,7B,14B,32B}, Qwen/QwQ-32B, Qwen/Qwen3-8B,
+# meta-llama/Llama-3.1-{8B,70B}): 131,072 but QwQ-32B's and Qwen3-8B's 40,960 (their cards' 131,072 is with YaRN
+# rope scaling, which the config does not enable).
+R1_CONTEXT = LLAMA31_CONTEXT = 131_072
+QWEN3_CONTEXT = QWQ_CONTEXT = 40_960
+
 MODEL_SHAPES: dict[str, ModelShape] = {
     s.name: s
     for s in [
-        ModelShape("r1-distill-qwen-1.5b", "qwen2", 28, 1536, 8960, 12, 2, 128, 151936, params=1.78e9),
-        ModelShape("r1-distill-qwen-7b", "qwen2", 28, 3584, 18944, 28, 4, 128, 152064, params=7.62e9),
-        ModelShape("r1-distill-qwen-14b", "qwen2", 48, 5120, 13824, 40, 8, 128, 152064, params=14.8e9),
-        ModelShape("r1-distill-qwen-32b", "qwen2", 64, 5120, 27648, 40, 8, 128, 152064, params=32.8e9),
-        ModelShape("qwq-32b", "qwen2", 64, 5120, 27648, 40, 8, 128, 152064, rope_theta=1e6, params=32.8e9),
-        ModelShape("qwen3-8b", "qwen3", 36, 4096, 12288, 32, 8, 128, 151936, rope_theta=1e6, params=8.19e9),
-        ModelShape("llama-3.1-8b", "llama", 32, 4096, 14336, 32, 8, 128, 128256, rope_theta=5e5, params=8.03e9),
-        ModelShape("llama-3.1-70b", "llama", 80, 8192, 28672, 64, 8, 128, 128256, rope_theta=5e5, params=70.6e9),
+        ModelShape("r1-distill-qwen-1.5b", "qwen2", 28, 1536, 8960, 12, 2, 128, 151936, params=1.78e9,
+                   max_context=R1_CONTEXT),
+        ModelShape("r1-distill-qwen-7b", "qwen2", 28, 3584, 18944, 28, 4, 128, 152064, params=7.62e9,
+                   max_context=R1_CONTEXT),
+        ModelShape("r1-distill-qwen-14b", "qwen2", 48, 5120, 13824, 40, 8, 128, 152064, params=14.8e9,
+                   max_context=R1_CONTEXT),
+        ModelShape("r1-distill-qwen-32b", "qwen2", 64, 5120, 27648, 40, 8, 128, 152064, params=32.8e9,
+                   max_context=R1_CONTEXT),
+        ModelShape("qwq-32b", "qwen2", 64, 5120, 27648, 40, 8, 128, 152064, rope_theta=1e6, params=32.8e9,
+                   max_context=QWQ_CONTEXT),
+        ModelShape("qwen3-8b", "qwen3", 36, 4096, 12288, 32, 8, 128, 151936, rope_theta=1e6, params=8.19e9,
+                   max_context=QWEN3_CONTEXT),
+        ModelShape("llama-3.1-8b", "llama", 32, 4096, 14336, 32, 8, 128, 128256, rope_theta=5e5, params=8.03e9,
+                   max_context=LLAMA31_CONTEXT),
+        ModelShape("llama-3.1-70b", "llama", 80, 8192, 28672, 64, 8, 128, 128256, rope_theta=5e5, params=70.6e9,
+                   max_context=LLAMA31_CONTEXT),
     ]
 }
 

@@ -19,7 +19,7 @@ def presets(fmt: str = options.opt("table", "--format", help="table or json", ch
 
     if fmt == "json":
         print(json.dumps({"gpus": {k: g.to_dict() for k, g in GPUS.items()},
-                          "models": {k: m.to_dict() for k, m in MODELS.items()},
+                          "models": {k: {**m.to_dict(), "max_context": m.max_context} for k, m in MODELS.items()},
                           "engines": {k: dataclasses.asdict(e) for k, e in engines.presets().items()}}, indent=2))
         return
     if fmt != "table":
@@ -35,10 +35,11 @@ def presets(fmt: str = options.opt("table", "--format", help="table or json", ch
                      f"{g.peak_flops / 1e12:.0f}", f"{g.host_bytes / GB:.0f}", g.note)
     models = compact_table("Model presets")
     add_columns(models, ("name", "layers", "KV heads", "head dim", "hidden", "params (B)", "vocab",
-                         "KV bytes/token (bf16)"))
+                         "KV bytes/token (bf16)", "context"))
     for m in MODELS.values():
         models.add_row(m.name, str(m.num_layers), str(m.num_kv_heads), str(m.head_dim), str(m.hidden_size),
-                       f"{m.params / 1e9:.2f}", f"{m.vocab_size:,}", f"{m.kv_bytes_per_token:,.0f}")
+                       f"{m.params / 1e9:.2f}", f"{m.vocab_size:,}", f"{m.kv_bytes_per_token:,.0f}",
+                       "-" if m.max_context is None else f"{m.max_context:,}")
     engine_table = compact_table("Engine presets (--engine-overhead: the serving engine's own per-step work)")
     add_columns(engine_table, ("name", "per step ms", "per sequence ms", "floor ms/layer", "role", "measured on",
                                "source"), optional=("source", "measured on"))

@@ -147,6 +147,8 @@ def build(target: Target, serving: Serving, strategy: str, lengths: str | None, 
             raise TiersimError(str(exc).replace("--lengths", "--prompt-lengths")) from None
         requests = workload.synthetic(serving.requests, 1.0 if qps is None else qps, prompt, output, serving.sigma,
                                       serving.burstiness, seed)
+    _check_context(model, requests, serving.max_tokens,
+                   None if serving.requests_file is not None else (prompt, output))  # before the cut's note
     if serving.max_tokens is not None:
         requests, cut = workload.cut_outputs(requests, serving.max_tokens)
         if cut:
@@ -161,6 +163,28 @@ def build(target: Target, serving: Serving, strategy: str, lengths: str | None, 
     if note := assumed_link_note(gpu, target.gpu):  # simulate / capacity's note (issue 22), once the options pass
         err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     return ServeSpec(model, gpu, serving.tp, strategy, engine, slo), requests, names
+
+
+def _check_context(model, requests, max_tokens: int | None, asked: tuple | None) -> None:
+    """One line when a request is longer (prompt + output, cut to --max-tokens) than the model's context: a
+    replayed file's longest request, or the synthetic workload's asked means (``asked``: --prompt-lengths and
+    --lengths). A synthetic draw's far tail is left alone: with the default spread a mean well inside the context
+    still draws a few requests past it, and a command that served before keeps serving."""
+    import numpy as np
+
+    from tiersim.shapes import check_context
+
+    cap = np.inf if max_tokens is None else max_tokens
+    if asked is None:
+        output = np.minimum(requests.output, cap)
+        total = requests.prompt + output
+        row = int(total.argmax())
+        check_context(model.shape, float(total[row]), f"request {row} of --requests-file (prompt "
+                      f"{requests.prompt[row]:,} + output {int(output[row]):,})")
+        return
+    prompt, output = asked
+    output = min(output, cap)
+    check_context(model.shape, prompt + output, f"--prompt-lengths {prompt:,.0f} + --lengths {output:,.0f}")
 
 
 @app.command()

@@ -29,12 +29,29 @@ def _scenario(target: Target, workload: Workload, compute: ComputeModel, batch: 
     """The options' scenario (tiersim.simulator.scenario.assemble does the domain work and its checks)."""
     from tiersim.simulator.scenario import assemble
 
-    return assemble(batch, model=target.model, model_config=target.model_config, gpu=target.gpu,
+    scenario = assemble(batch, model=target.model, model_config=target.model_config, gpu=target.gpu,
                     trace=workload.trace, lengths=workload.lengths, context=workload.context,
                     prefetch=workload.prefetch, steps=workload.steps, seed=workload.seed,
                     calibration=compute.calibration, profile=compute.profile, host_floor=compute.host_floor,
                     host_overhead=compute.host_overhead, engine_overhead=compute.engine_overhead, engine=compute.engine,
                     warn=lambda text: err_console.print(f"[yellow]note:[/] {text}", highlight=False))
+    _check_context(scenario)
+    return scenario
+
+
+def _check_context(scenario) -> None:
+    """One line when a sequence the options ask for is longer than the model's context: a lockstep batch ends at
+    --context + --steps tokens, a staggered one's mean sequence is the prompt and a mean-length output. Here, not
+    in ``assemble``: the fidelity sources are priced at the contexts they were measured at."""
+    from tiersim.shapes import check_context
+
+    shape = scenario.model.shape
+    if scenario.context is not None:
+        check_context(shape, scenario.context + scenario.steps,
+                      f"--context {scenario.context:,} + --steps {scenario.steps:,}")
+    else:
+        check_context(shape, scenario.prompt_len + scenario.mean_length,
+                      f"a {scenario.prompt_len:,}-token prompt + --lengths mean {scenario.mean_length:,.0f}")
 
 
 def _split(scenario, hbm, ddr, compressed, evict):

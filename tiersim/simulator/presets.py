@@ -193,6 +193,11 @@ class Model:
                           dtype_bytes=self.param_bytes, kv_dtype_bytes=self.kv_dtype_bytes, params=self.params)
 
     @property
+    def max_context(self) -> int | None:
+        """The model's context (``ModelShape.max_context``; None: unknown, e.g. a view built field by field)."""
+        return self.shape.max_context
+
+    @property
     def mlp_width(self) -> int:
         """The MLP's intermediate size: the stated one, or what an MLP of this layer size has."""
         return self.shape.mlp_width
