@@ -192,6 +192,15 @@ def test_an_empty_device_is_refused_not_taken_as_cuda(work, capsys, device):
     assert "error: --device must be 'cuda', 'cuda:N' or 'cpu'" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", ["grid", "capture"])
+@pytest.mark.parametrize("device", ["", "   "])
+def test_an_empty_device_is_refused_by_the_real_model_commands_too(work, command, device):
+    """grid and capture run on cpu or cuda only: an empty --device (an unset `$DEV`) is their choices' line
+    before any model loads, never the default cpu run nor a CUDA probe."""
+    _, err = assert_refused([command, "--device", device])
+    assert f"--device must be one of cpu, cuda, got {device!r}" in err and "CUDA device" not in err
+
+
 def test_the_cli_bounds_are_the_simulators():
     from tiersim.cli import groups
     from tiersim.simulator import capacity
