@@ -95,9 +95,6 @@ def _check_shape(document: dict, kind: str, where: str, error: type[TiersimError
     for name in shape.get("objects", ()):
         if document.get(name) is not None and not isinstance(document[name], Mapping):
             raise error(f"{where}: {name} must be an object, got {document[name]!r}")
-    for dotted in shape.get("numbers", ()):
-        section, field = dotted.split(".")
-        number((document.get(section) or {}).get(field), dotted)
 
     def text(value: Any, name: str) -> None:
         if value is not None and not isinstance(value, str):
@@ -107,6 +104,8 @@ def _check_shape(document: dict, kind: str, where: str, error: type[TiersimError
         section, _, field = dotted.rpartition(".")
         return (document.get(section) or {}).get(field) if section else document.get(field)
 
+    for dotted in shape.get("numbers", ()):
+        number(field_of(dotted), dotted)
     for dotted in shape.get("texts", ()):
         text(field_of(dotted), dotted)
     for dotted in shape.get("names", ()):
