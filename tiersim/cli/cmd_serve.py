@@ -124,6 +124,7 @@ def build(target: Target, serving: Serving, strategy: str, lengths: str | None, 
     from tiersim.serving import memory, metrics, workload
     from tiersim.serving.engine import EngineConfig
     from tiersim.serving.run import ServeSpec
+    from tiersim.shapes import check_context
     from tiersim.simulator import engines, parallel, presets
     from tiersim.simulator.scenario import assumed_link_note
     from tiersim.traces.lengths import parse_lengths
@@ -137,18 +138,22 @@ def build(target: Target, serving: Serving, strategy: str, lengths: str | None, 
         parallel.link_line(gpu, serving.tp)
     names = policies(serving.on_full)
     ignored(serving, strategy, lengths, qps, names)
+    # The context checks come before the cut's note, so a refusal stays one line.
     if serving.requests_file is not None:
         requests = workload.read_requests(serving.requests_file)
+        _check_rows_context(model, requests, serving.max_tokens)
     else:
         output = parse_lengths(lengths or "math500")
         try:
             prompt = parse_lengths(serving.prompt_lengths)
         except TiersimError as exc:
             raise TiersimError(str(exc).replace("--lengths", "--prompt-lengths")) from None
+        # The asked means, before the draw: with the default spread a mean well inside the context still draws
+        # a few requests past it, and a command that served before keeps serving.
+        served = output if serving.max_tokens is None else min(output, serving.max_tokens)
+        check_context(model.shape, prompt + served, f"--prompt-lengths {prompt:,.0f} + --lengths {served:,.0f}")
         requests = workload.synthetic(serving.requests, 1.0 if qps is None else qps, prompt, output, serving.sigma,
                                       serving.burstiness, seed)
-    _check_context(model, requests, serving.max_tokens,
-                   None if serving.requests_file is not None else (prompt, output))  # before the cut's note
     if serving.max_tokens is not None:
         requests, cut = workload.cut_outputs(requests, serving.max_tokens)
         if cut:
@@ -165,26 +170,18 @@ def build(target: Target, serving: Serving, strategy: str, lengths: str | None, 
     return ServeSpec(model, gpu, serving.tp, strategy, engine, slo), requests, names
 
 
-def _check_context(model, requests, max_tokens: int | None, asked: tuple | None) -> None:
-    """One line when a request is longer (prompt + output, cut to --max-tokens) than the model's context: a
-    replayed file's longest request, or the synthetic workload's asked means (``asked``: --prompt-lengths and
-    --lengths). A synthetic draw's far tail is left alone: with the default spread a mean well inside the context
-    still draws a few requests past it, and a command that served before keeps serving."""
+def _check_rows_context(model, requests, max_tokens: int | None) -> None:
+    """One line when a replayed file's longest request (prompt + output, cut to --max-tokens) is longer than
+    the model's context, naming its row."""
     import numpy as np
 
     from tiersim.shapes import check_context
 
-    cap = np.inf if max_tokens is None else max_tokens
-    if asked is None:
-        output = np.minimum(requests.output, cap)
-        total = requests.prompt + output
-        row = int(total.argmax())
-        check_context(model.shape, float(total[row]), f"request {row} of --requests-file (prompt "
-                      f"{requests.prompt[row]:,} + output {int(output[row]):,})")
-        return
-    prompt, output = asked
-    output = min(output, cap)
-    check_context(model.shape, prompt + output, f"--prompt-lengths {prompt:,.0f} + --lengths {output:,.0f}")
+    output = np.minimum(requests.output, np.inf if max_tokens is None else max_tokens)
+    total = requests.prompt + output
+    row = int(total.argmax())
+    check_context(model.shape, float(total[row]), f"request {row} of --requests-file (prompt "
+                  f"{requests.prompt[row]:,} + output {int(output[row]):,})")
 
 
 @app.command()
