@@ -296,6 +296,8 @@ def test_refusals_are_one_line():
     (["--strategy-check", "hybrid"], "--strategy-check hybrid: the hf executor times prefetch only"),
     (["--executor", "graph", "--strategy-check", "host-attention,selective"],
      "--strategy-check selective: one of host-attention, hybrid"),
+    (["--executor", "graph", "--strategy-check", "hybrid,,host-attention"],
+     "--strategy-check: expected comma-separated str values, got 'hybrid,,host-attention' (an empty item)"),
     (["--executor", "graph", "--strategy", "hybrid", "--strategy-check", "host-attention"],
      "--strategy-check host-attention: beside --strategy prefetch only"),
     (["--executor", "graph", "--strategy-check", "hybrid", "--compare", "docs/validation/h100-80gb-hbm3.json"],

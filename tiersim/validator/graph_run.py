@@ -274,10 +274,11 @@ def run_graph(shape_name: str | None = None, batches=DEFAULT_BATCHES, contexts=D
 def check_strategies(names, chosen) -> tuple:
     """``--strategy-check``'s strategies as TierConfig options, refused in one line when not a host strategy or
     beside a run that is not prefetch's (the check's points are measured against a prefetch grid)."""
+    from tiersim.options import parse_list
     from tiersim.validator import graph_host
 
-    if isinstance(names, str):
-        names = [n.strip() for n in names.split(",") if n.strip()]
+    if isinstance(names, str):  # the options' own list parser: '' is no check, ',,' a one-line slip
+        names = parse_list(names, str, "--strategy-check") if names.strip() else []
     names = list(dict.fromkeys(names or ()))
     for name in names:
         if name not in graph_host.HOST_STRATEGIES:
