@@ -13,7 +13,8 @@
 #   3. the operator profile of the same shape, writes <gpu>-operators.json                    <= 70 s
 #   4. measured vs simulated on the grid's file (python -m tiersim.simulator.against, the
 #      recurrence without simpy); the median |error| is the script's last line               <= 20 s
-#   Device time: at most 340 s of steps plus one ~3 s check of torch and the GPU, within 6 minutes.
+#   Device time: at most 340 s of steps plus one short check of torch and the GPU, within 6 minutes
+#   (the per-step times below are estimates: this script has not yet run on a GPU).
 #
 #   bash scripts/gpu_validate.sh               # writes docs/validation/<gpu>-{graph,operators}.{json,txt}, -tests.txt
 #   DRY_RUN=1 bash scripts/gpu_validate.sh     # the whole script on the CPU at tiny sizes (< 30 s), into a temp dir
@@ -42,7 +43,7 @@ else
   OPS_BUDGET_S=${OPS_BUDGET_S:-45} DEST=${DEST:-docs/validation}
   ops_args=()
   cuda_tests=(tests/test_cuda_cache.py tests/test_validator.py tests/test_graph_executor.py tests/test_graph_host.py)
-  # One process checks torch, transformers and the GPU and names it (CUDA starts once: ~3 s, not twice).
+  # One process checks torch, transformers and the GPU and names it (CUDA starts once, not twice: an estimated ~3 s saved).
   slug=$("$PY" - <<'PYEOF'
 import re, sys
 try:
@@ -73,14 +74,15 @@ echo "== $(date -u +%FT%TZ) $slug: $("$PY" -c 'from importlib.metadata import ve
 
 # 1. The CUDA code paths (skipped on a CPU): pinned DDR, side-stream prefetch, graph replay == eager step.
 # (hypothesis's and anyio's pytest plugins are not loaded: no CUDA test uses them, and they cost a second.)
-# 25 tests: ~5 s to collect (transformers' import), ~3 s of CUDA start, then ~1 s a test at the tiny shape
-# (a few eager decode steps, or a capture and 6 replays): ~35 s expected, 70 s allowed.
+# 25 tests: ~5 s to collect (transformers' import; timed on a CPU), then, estimated (not yet run on a GPU),
+# ~3 s of CUDA start and ~1 s a test at the tiny shape (a few eager decode steps, or a capture and 6 replays):
+# ~35 s, 70 s allowed.
 run_step "cuda tests" 70 bash -c "set -o pipefail; '$PY' -m pytest -q -p no:cacheprovider -p no:hypothesispytest \
   -p no:anyio ${cuda_tests[*]} -k test_cuda -rs 2>&1 | tee '$DEST/$slug-tests.txt'"
 
 # 2. The graph-executor grid: link sweep, captured decode steps per point, compute fit, calibration file.
-# The budget counts from the grid's start; the 40 s beyond it: the process's start (~8 s), the point in
-# flight when it is spent (the largest, batch 64 x 8K at HBM 0.25, ~15 s) and the file.
+# The budget counts from the grid's start; the 40 s beyond it (estimates, not yet timed on a GPU): the process's
+# start (~8 s), the point in flight when it is spent (the largest, batch 64 x 8K at HBM 0.25, ~15 s) and the file.
 run_step "graph grid: $SHAPE, batch $BATCH, context $CONTEXT, hbm $HBM, strategy check $STRATEGY_CHECK, compressed check $COMPRESSED" $((GRID_BUDGET_S + 40)) bash -c \
   "set -o pipefail; '$PY' -m tiersim.validator --executor graph --device $DEVICE --model-shape '$SHAPE' \
   --batch '$BATCH' --context '$CONTEXT' --hbm '$HBM' --steps $STEPS --warmup $WARMUP --budget-s $GRID_BUDGET_S \

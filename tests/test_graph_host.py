@@ -296,6 +296,8 @@ def test_refusals_are_one_line():
     (["--strategy-check", "hybrid"], "--strategy-check hybrid: the hf executor times prefetch only"),
     (["--executor", "graph", "--strategy-check", "host-attention,selective"],
      "--strategy-check selective: one of host-attention, hybrid"),
+    (["--executor", "graph", "--strategy-check", "hybrid,,host-attention"],
+     "--strategy-check: expected comma-separated str values, got 'hybrid,,host-attention' (an empty item)"),
     (["--executor", "graph", "--strategy", "hybrid", "--strategy-check", "host-attention"],
      "--strategy-check host-attention: beside --strategy prefetch only"),
     (["--executor", "graph", "--strategy-check", "hybrid", "--compare", "docs/validation/h100-80gb-hbm3.json"],
@@ -332,6 +334,30 @@ def test_host_strategies_allocate_no_device_buffer_their_step_does_not_read(mode
     assert sizes["prefetch"] == (True, [(b, h, cap, d)] * 4, cap)
     assert sizes["host-attention"] == (False, [], cap)
     assert sizes["hybrid"] == (False, [(b, h, round(0.5 * cap), d)] * 4, cap)
+
+
+def test_a_host_strategy_s_re_tiering_zeroes_one_transient_buffer_not_one_per_layer(model, monkeypatch):
+    """The transient token-ordered buffer (~2 GB at batch 64 x 8K, zeroed) is made once per re-tiering and shared
+    by its layers, as prefetch shares its own, not once per layer."""
+    from tiersim.validator import graph_tiers
+    from tiersim.validator.graph_host import make_step
+
+    made = []
+    real = graph_tiers.TierBuffers._token_ordered
+    monkeypatch.setattr(graph_tiers.TierBuffers, "_token_ordered", lambda self: made.append(1) or real(self))
+    buffers = _buffers(model, 0.5, 2, 8, "host-attention", retier_every=4, recent_window=16)
+    assert len(buffers.layers) > 1  # a buffer per layer would show
+    step = make_step(model, buffers)
+    retiers = 0
+    with torch.inference_mode():
+        for i in range(8):
+            step.run()
+            if buffers.due(i + 1):
+                before = len(made)
+                if sum(buffers.retier(i + 1).values()):
+                    retiers += 1
+                assert len(made) - before <= 1
+    assert retiers >= 1 and len(made) == retiers
 
 
 def test_a_strategy_check_point_whose_capture_failed_does_not_relabel_the_prefetch_grid(monkeypatch):

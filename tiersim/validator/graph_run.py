@@ -274,10 +274,11 @@ def run_graph(shape_name: str | None = None, batches=DEFAULT_BATCHES, contexts=D
 def check_strategies(names, chosen) -> tuple:
     """``--strategy-check``'s strategies as TierConfig options, refused in one line when not a host strategy or
     beside a run that is not prefetch's (the check's points are measured against a prefetch grid)."""
+    from tiersim.options import parse_list
     from tiersim.validator import graph_host
 
-    if isinstance(names, str):
-        names = [n.strip() for n in names.split(",") if n.strip()]
+    if isinstance(names, str):  # the options' own list parser: '' is no check, ',,' a one-line slip
+        names = parse_list(names, str, "--strategy-check") if names.strip() else []
     names = list(dict.fromkeys(names or ()))
     for name in names:
         if name not in graph_host.HOST_STRATEGIES:
@@ -324,17 +325,13 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
                                                                       "graph", budget_s, started))
 
     blocks = [block(b, c) for b in batches for c in contexts]  # generators: nothing runs until walked
-    first: dict = {}
-
-    def remembered(points):  # the first block, noting its HBM 1.0 baseline for the strategy check
-        for point in points:
-            first["baseline"] = point[6]  # (share, options, batch, context, hbm, m, baseline, why)
-            yield point
 
     offloaded = [h for h in hbms if h < 1.0]
 
     def strategy_check():
         b, c, h = batches[0], contexts[0], offloaded[0]
+        # Walked right after the first block, when ``baselines`` holds its HBM 1.0 point at most (none if skipped).
+        baseline = baselines[0] if baselines else None
         for opts in checks:
             name = opts["strategy"]
             try:
@@ -348,11 +345,11 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
                     torch.cuda.synchronize(dev)
                 m, why = None, f"failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
                 log(f"  {why}")
-            yield 0.0, opts, b, c, h, m, first.get("baseline"), why
+            yield 0.0, opts, b, c, h, m, baseline, why
 
     if checks and not offloaded:
         log("--strategy-check: no check, --hbm lists no ratio below 1")
-    walk = itertools.chain(remembered(blocks[0]), strategy_check() if checks and offloaded else (), *blocks[1:])
+    walk = itertools.chain(blocks[0], strategy_check() if checks and offloaded else (), *blocks[1:])
     if compressed and not offloaded:  # said, not silently dropped (a script's HBM=1.0 override still runs the grid)
         log(f"--compressed {compressed:g}: no compressed check, --hbm lists no ratio below 1")
     if compressed and offloaded:  # the compressed check: the grid's first batch and context, against its own HBM 1.0

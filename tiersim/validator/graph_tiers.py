@@ -249,12 +249,15 @@ class TierBuffers:
         """Re-place every layer by the policy (between replays); returns the tokens moved: ``demoted`` (into
         DDR, D2H), ``promoted`` (out of DDR, H2D), ``compressed`` (into the compressed tier), ``evicted``."""
         moved = {"demoted": 0, "promoted": 0, "compressed": 0, "evicted": 0}
+        ordered = self.assembled  # host strategies have none: one transient for every layer (prefetch reuses its own)
         for lt in self.layers:
             new = self._assign(lt, step)
             old = lt.tiers[:, : self.n_seen]
             if torch.equal(new, old):
                 continue
-            keys, values = self._assemble(lt, old, new)
+            if ordered is None:
+                ordered = self._token_ordered()
+            keys, values = self._assemble(lt, old, new, ordered)
             self._place(lt, old.clone(), new, keys, values, moved)
         if any(moved.values()):
             self.retiers += 1
@@ -264,11 +267,12 @@ class TierBuffers:
         self.hbm_len_t.fill_(self.layers[0].n_hbm)
         return moved
 
-    def _assemble(self, lt: LayerTiers, old: torch.Tensor, new: torch.Tensor):
+    def _assemble(self, lt: LayerTiers, old: torch.Tensor, new: torch.Tensor, ordered):
         """The layer in token order as the last step's attention saw it (HBM, the compressed tier dequantized, its
-        residual), with the DDR tokens that leave DDR for the device copied H2D: the cache re-tiers from that
-        (into the step's token-ordered buffer, or a transient one when the step has none)."""
-        keys, values = self.assembled if self.assembled is not None else self._token_ordered()
+        residual), with the DDR tokens that leave DDR for the device copied H2D, written into ``ordered`` (the
+        step's token-ordered buffer, or the re-tiering's transient one when the step has none): the cache re-tiers
+        from that."""
+        keys, values = ordered
         n_h = lt.n_hbm
         scatter_tokens(keys, values, lt.hbm_slots[:, :n_h], lt.hbm_k[:, :, :n_h], lt.hbm_v[:, :, :n_h], self.rows)
         if lt.comp is not None:
