@@ -14,6 +14,7 @@ the replay's makespan. Nothing is fitted on these runs: they stay held out.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cache
 
 import numpy as np
 
@@ -34,6 +35,7 @@ class Replay:
     kv_gb: float
 
 
+@cache  # deterministic on frozen inputs; points() and the bench's per-run table ask for the same runs
 def replay(model: Model, gpu: GPU, batch: int, length: int, on_full: str,
            config: EngineConfig | None = None) -> Replay:
     """``batch`` requests of ``length`` prompt and ``length`` output tokens, all at t = 0, served on one ``gpu``

@@ -131,8 +131,7 @@ def attention_s(gpu: GPU, kv_bytes, blocks=None, group: int = 1):
     bw = gpu.hbm_bw * gpu.attn_efficiency
     if gpu.attn_block_bw > 0 and blocks is not None:
         bw = np.minimum(bw, np.maximum(np.asarray(blocks, dtype=float), 1.0) * gpu.attn_block_bw)
-    read = kv_bytes + reread_bytes(gpu, kv_bytes, group) if gpu.attn_kv_reread_share > 0 else kv_bytes
-    return np.where(kv_bytes > 0, gpu.attn_kernel_s + read / bw, 0.0)
+    return np.where(kv_bytes > 0, gpu.attn_kernel_s + (kv_bytes + reread_bytes(gpu, kv_bytes, group)) / bw, 0.0)
 
 
 def small_ops_s(gpu: GPU, model: Model) -> float:
