@@ -307,15 +307,40 @@ GPUS: dict[str, GPU] = {
 GPUS["a100-80g"] = replace(GPUS["a100-80g"], prefill_gemm_efficiency=0.725, prefill_small_ops_efficiency=0.669,
                            prefill_attn_efficiency=0.52, prefill_attn_half_keys=234.0)
 
+#: Achieved HBM bandwidth (GB/s) of one streaming kernel measured on both A100 SXM4 parts by the same benchmark:
+#: gpu-stream's SCALE kernel (A[i] = B[i] x c: one load and one store stream), the plateau at full occupancy,
+#: github.com/te42kyfo/gpu-benches @ 1c36d509ee717dca9215c27135fa1e611bb03ed1, gpu-stream/a100_40.txt (1381) and
+#: gpu-stream/a100_80.txt (1732). SCALE is the kernel that repository compares across GPUs; its READ column is not
+#: used: one 8-byte load per thread is still rising at 100% occupancy on both parts (latency-bound, no plateau).
+A100_STREAM_SCALE_GBPS = {"a100-40g": 1381.0, "a100-80g": 1732.0}
+
+
+def stream_share(part: str, hbm_bw: float) -> float:
+    """The share of its datasheet bandwidth ``hbm_bw`` (bytes/s) that ``part`` streams the measured kernel at
+    (:data:`A100_STREAM_SCALE_GBPS`). Why: the A100 fit's shares were fitted on the 80 GB part's HBM2e; the 40 GB
+    part's slower HBM2 (1,555 vs 2,039 GB/s, the same SMs and memory controllers) streams the same kernel at 0.888 of
+    its datasheet figure against 0.849, so the 80 GB fit's shares carry over scaled by that measured ratio (1.046)."""
+    return A100_STREAM_SCALE_GBPS[part] * GB / hbm_bw
+
+
 # A100 SXM4 40GB: the launch part, same GA100 chip (108 SMs, 312 TFLOP/s dense fp16/bf16) with 40 GB of HBM2 at
 # 1,555 GB/s (NVIDIA A100 datasheet; glennklockwood.com/garden/processors/A100, techpowerup.com a100-sxm4-40-gb).
-# Its physics constants are the a100-80g fit's (shares of the datasheet bandwidth and FLOP/s: no public per-operator
-# profile of the 40 GB part was found; the Argonne Polaris A100-40GB decode runs in public-decode-steps.json test
-# that reading). Link: nvbandwidth host_to_device_memcpy_sm 25.13 GB/s at 512 MiB-1 GiB on an NVIDIA A100-SXM4-40GB
-# (github.com/NVIDIA/nvbandwidth issue 42), as on the 80 GB hosts; D2H, both ways and the copy latency are the
-# A100-SXM4-80GB hosts' (the same PCIe Gen4 x16 link). Host: the DGX A100 figures of a100-80g.
+# No public per-operator profile of the 40 GB part was found, so its physics constants are the a100-80g fit's, with
+# the fitted shares of datasheet HBM bandwidth (weight streaming, decode attention, prefill small ops) scaled by the
+# measured stream ratio (A100_40G_SHARE_RATIO = 1.046; nothing is fitted on the Argonne Polaris A100-40GB runs in
+# public-decode-steps.json, which stay held out and test it). Per-kernel floors, the GEMM batch slowdown, FLOP/s
+# shares and the trtllm per-block attention rate stay the 80 GB fit's. Link: nvbandwidth host_to_device_memcpy_sm
+# 25.13 GB/s at 512 MiB-1 GiB on an NVIDIA A100-SXM4-40GB (github.com/NVIDIA/nvbandwidth issue 42), as on the 80 GB
+# hosts; D2H, both ways and the copy latency are the A100-SXM4-80GB hosts' (the same PCIe Gen4 x16 link). Host: the
+# DGX A100 figures of a100-80g.
+_A100_40G_HBM_BW = 1.555e12
+#: Transfer ratio of the 80 GB fit's HBM shares to the 40 GB part (measured, not fitted: see stream_share).
+A100_40G_SHARE_RATIO = stream_share("a100-40g", _A100_40G_HBM_BW) / stream_share("a100-80g", GPUS["a100-80g"].hbm_bw)
 _A100_40G = replace(
-    GPUS["a100-80g"], name="a100-40g", hbm_bytes=40 * GB, hbm_bw=1.555e12,
+    GPUS["a100-80g"], name="a100-40g", hbm_bytes=40 * GB, hbm_bw=_A100_40G_HBM_BW,
+    weight_efficiency=GPUS["a100-80g"].weight_efficiency * A100_40G_SHARE_RATIO,
+    attn_efficiency=GPUS["a100-80g"].attn_efficiency * A100_40G_SHARE_RATIO,
+    prefill_small_ops_efficiency=GPUS["a100-80g"].prefill_small_ops_efficiency * A100_40G_SHARE_RATIO,
     note="40 GB HBM2, 1.555 TB/s; PCIe Gen4 x16: ~25 GB/s H2D measured; D2H and both ways the 80 GB hosts'",
     link_source="measured: nvbandwidth host_to_device_memcpy_sm 25.13 GB/s on an A100-SXM4-40GB (github.com/NVIDIA/"
                 "nvbandwidth issue 42); D2H, both ways, copy latency: the A100-SXM4-80GB hosts' (issues 53, 11), same link",
