@@ -265,11 +265,21 @@ GPUS: dict[str, GPU] = {
             link_source="assumed: no H2D/D2H measurement of an H100 PCIe host was found; the H100 SXM run's (same "
                         "PCIe Gen5 x16 link) stand in", link_assumed=True,
             device_names=("NVIDIA H100 PCIe",)),  # torch's sm_90 warning quoted in github.com/pytorch/pytorch issue 90761
+        # Host link: nvbandwidth host_to_device_memcpy_sm / device_to_host_memcpy_sm (default 512 MiB buffers) on Azure
+        # ND H200 v5 (8 x H200 141GB, 2 x Xeon Platinum 8480C, PCIe Gen5): 52 / 52 GB/s under CUDA 12.6
+        # (github.com/Azure/AI-benchmarking-guide @ 8fd0c6e, Azure_Results/ND_H200_v5_results.md; the harness,
+        # Benchmarks/NVBandwidth.py, names the test cases) and 55 / 55 under CUDA 12.8 (a later run of the same guide,
+        # github.com/samuel-bohman/AI-benchmarking-guide @ b408bf8, same path); the same benchmark on ND H100 v5 gave 51 / 52
+        # (Azure_Results/ND_H100_v5_results.md @ 8fd0c6e). So the H200 host's link is the H100 host's: the H100 run's 54
+        # per direction lies within the H200's measured 52-55 and stands; both ways and the copy latency (not measured on
+        # an H200 host) are the H100 run's, the same PCIe Gen5 x16 link.
         GPU("h200", 141 * GB, 4.8e12, 54 * GB, 54 * GB, 95 * GB, 17e-6, 989e12,
-            note="PCIe Gen5; link ASSUMED: the H100 run's figures (none published for H200)",
-            link_source="assumed: no nvbandwidth or H2D/D2H measurement of an H200 host was found (nvbandwidth's "
-                        "issues have H100, A100, GH200 and H20 runs); the H100 run's PCIe Gen5 figures stand in",
-            link_assumed=True,
+            note="PCIe Gen5 x16: 52-55 GB/s measured per direction on an H200 host (the H100 run's 54 stands); "
+                 "both ways and copy latency the H100 run's",
+            link_source="measured: nvbandwidth host_to_device/device_to_host_memcpy_sm 52/52 GB/s (CUDA 12.6) and 55/55 "
+                        "(CUDA 12.8) on Azure ND H200 v5 (github.com/Azure/AI-benchmarking-guide @ 8fd0c6e, "
+                        "samuel-bohman/AI-benchmarking-guide @ b408bf8; ND H100 v5 51/52 by the same harness): the H100 "
+                        "run's 54 per direction stands; both ways and copy latency: the H100 run's, same PCIe Gen5 x16 link",
             # nvidia-smi product name: github.com/NVIDIA/mig-parted issue 120 (H200); pull 146 adds the H200 NVL.
             device_names=("NVIDIA H200", "NVIDIA H200 NVL")),
         # DGX A100: 2 x EPYC 7742, 8 channels DDR4-3200 each = 204.8 GB/s per socket; ASSUMPTION:
