@@ -202,29 +202,37 @@ def test_the_40gb_a100_is_its_own_preset_with_the_80gb_fit():
     assert list(presets.GPUS).index("a100-40g") == list(presets.GPUS).index("a100-80g") + 1
 
 
-#: The a100-80g fit's shares of datasheet HBM bandwidth: the 40 GB part reads each through the measured stream ratio.
-HBM_SHARES = ("weight_efficiency", "attn_efficiency", "prefill_small_ops_efficiency")
+HBM_SHARES = presets.HBM_SHARE_FIELDS
 
 
-def test_the_40gb_a100s_hbm_shares_follow_the_measured_stream_ratio():
-    """The 40 GB A100's fitted HBM shares are the 80 GB fit's times one measured ratio (presets.stream_share: the
-    same gpu-stream SCALE kernel on both parts, cited there), not copied and not fitted on the held-out Argonne runs.
-    So the two presets' achieved streaming bandwidths stand in the measured ratio, 1381 / 1732, not in the datasheet
-    one (1555 / 2040): the 40 GB part's HBM2 reaches a larger share of its datasheet figure."""
-    small, big = presets.get_gpu("a100-40g"), presets.get_gpu("a100-80g")
-    ratio = presets.stream_share("a100-40g", small.hbm_bw) / presets.stream_share("a100-80g", big.hbm_bw)
-    assert presets.A100_40G_SHARE_RATIO == pytest.approx(ratio, rel=1e-12)
-    assert 1.0 < ratio < 1.1  # the measured direction, and a few per cent, not a refit
-    measured = presets.A100_STREAM_SCALE_GBPS
+@pytest.mark.parametrize("part, fitted", [("a100-40g", "a100-80g"), ("h200", "h100-sxm")])
+def test_a_parts_hbm_shares_follow_the_measured_stream_ratio(part, fitted):
+    """A part that reads another's fit (the 40 GB A100 the 80 GB's, the H200 the H100's) has that fit's HBM shares
+    times one measured ratio (presets.STREAM_SCALE_GBPS: the same scale-type kernel by one harness on both parts,
+    cited there), not copied and not fitted on the sources that test it (held-out Argonne A100 runs, the DLI FP8 H200
+    check). So the two presets' achieved streaming bandwidths stand in the measured ratio, not in the datasheet one."""
+    small, big = presets.get_gpu(part), presets.get_gpu(fitted)
+    owner, measured, measured_fitted = presets.STREAM_SCALE_GBPS[part]
+    assert owner == fitted
+    ratio = (measured / small.hbm_bw) / (measured_fitted / big.hbm_bw)
+    assert presets.stream_share_ratio(part, small.hbm_bw, big.hbm_bw) == pytest.approx(ratio, rel=1e-12)
+    assert 0.9 < ratio < 1.1 and ratio != 1.0  # a few per cent, not a refit
     for name in HBM_SHARES:
         assert getattr(small, name) == pytest.approx(getattr(big, name) * ratio, rel=1e-12), name
         achieved = small.hbm_bw * getattr(small, name) / (big.hbm_bw * getattr(big, name))
-        assert achieved == pytest.approx(measured["a100-40g"] / measured["a100-80g"], rel=1e-12), name
-        assert achieved > small.hbm_bw / big.hbm_bw
-    # what is not a share of HBM bandwidth stays the 80 GB fit's: kernel floors, the batch slowdown, FLOP/s shares
+        assert achieved == pytest.approx(measured / measured_fitted, rel=1e-12), name
+    # what is not a share of HBM bandwidth stays the fitted part's: kernel floors, the batch slowdown, FLOP/s shares
     for name in ("gemm_kernel_s", "gemm_batch_slowdown", "attn_kernel_s", "layer_overhead", "prefill_gemm_efficiency",
                  "prefill_attn_efficiency", "hbm_efficiency", "flops_efficiency"):
         assert getattr(small, name) == getattr(big, name), name
+
+
+def test_the_measured_ratios_go_the_way_the_memory_does():
+    """Slower HBM2 on the same A100 chip reaches a larger share of its datasheet figure than the 80 GB part's HBM2e;
+    the H200's faster HBM3e a smaller one than the H100's HBM3 (the cited measurements, read as shares)."""
+    a40, a80, h200, h100 = (presets.get_gpu(n) for n in ("a100-40g", "a100-80g", "h200", "h100-sxm"))
+    assert presets.stream_share_ratio("a100-40g", a40.hbm_bw, a80.hbm_bw) > 1.0 and a40.hbm_bw < a80.hbm_bw
+    assert presets.stream_share_ratio("h200", h200.hbm_bw, h100.hbm_bw) < 1.0 and h200.hbm_bw > h100.hbm_bw
 
 
 def test_the_planner_gives_a_40gb_a100_half_the_kv_room(trace):

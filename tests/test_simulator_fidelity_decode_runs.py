@@ -48,7 +48,8 @@ def test_every_source_is_cited_with_a_role_and_priced_with_a_named_engine_preset
     # (its HBM shares through the measured stream ratio, never a figure fitted on these held-out runs)
     a100 = df.gpu_for(doc, "a100-40gb")
     assert a100 == get_gpu("a100-40g") and a100.hbm_bytes == 40e9 and a100.hbm_bw < get_gpu("a100-80g").hbm_bw
-    assert a100.weight_efficiency == get_gpu("a100-80g").weight_efficiency * presets.A100_40G_SHARE_RATIO
+    assert a100.weight_efficiency == get_gpu("a100-80g").weight_efficiency * presets.stream_share_ratio(
+        "a100-40g", a100.hbm_bw, get_gpu("a100-80g").hbm_bw)
     assert a100.gemm_kernel_s == get_gpu("a100-80g").gemm_kernel_s
 
 
