@@ -95,16 +95,16 @@ def test_a_calibrated_link_is_measured_not_assumed(tmp_path):
     from tests.cli_run import invoke
 
     doc = copy.deepcopy(GOOD)
-    doc["gpu_preset"], doc["device"]["name"] = "h200", "NVIDIA H200"
+    doc["gpu_preset"], doc["device"]["name"] = "h100-pcie", "NVIDIA H100 PCIe"
     path = _write(tmp_path, doc)
-    assert get_gpu("h200").link_assumed
-    gpu = apply_calibration(get_gpu("h200"), load_calibration(path))
-    assert not gpu.link_assumed and "NVIDIA H200" in gpu.link_source and gpu.h2d_bw == 52e9
-    code, out, err = invoke(["simulate", "--gpu", "h200", "--calibration", str(path), "--steps", "2", "--batch", "2",
-                             "--format", "json"])
+    assert get_gpu("h100-pcie").link_assumed
+    gpu = apply_calibration(get_gpu("h100-pcie"), load_calibration(path))
+    assert not gpu.link_assumed and "NVIDIA H100 PCIe" in gpu.link_source and gpu.h2d_bw == 52e9
+    code, out, err = invoke(["simulate", "--gpu", "h100-pcie", "--calibration", str(path), "--steps", "2", "--batch",
+                             "2", "--format", "json"])
     assert code == 0 and "assumption" not in err, err
     assert json.loads(out)["gpu"]["link_assumed"] is False
-    code, _, err = invoke(["simulate", "--gpu", "h200", "--steps", "2", "--batch", "2", "--format", "json"])
+    code, _, err = invoke(["simulate", "--gpu", "h100-pcie", "--steps", "2", "--batch", "2", "--format", "json"])
     assert code == 0 and "assumption" in err  # without a calibration the note stays
 
 
@@ -114,7 +114,7 @@ def test_the_capacity_file_marks_an_assumed_link(batch):
     grid or batch range, said nothing of it)."""
     from tests.cli_run import invoke
 
-    for gpu, assumed in (("h200", True), ("h100-sxm", False)):
+    for gpu, assumed in (("h100-pcie", True), ("h100-sxm", False), ("h200", False)):
         code, out, err = invoke(["capacity", "--gpu", gpu, "--batch", batch, "--steps", "2", "--format", "json"])
         assert code == 0, err
         link = json.loads(out)["gpu_link"]

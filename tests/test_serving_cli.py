@@ -214,9 +214,9 @@ def test_an_assumed_host_link_is_noted_and_marked_like_simulate(command):
     """A preset whose host link is an assumption says so on stderr and in the document, as simulate does."""
     from tiersim.simulator import presets
 
-    gpu = presets.get_gpu("h200")
+    gpu = presets.get_gpu("h100-pcie")
     assert gpu.link_assumed  # the case under test
-    code, out, err = invoke([*command, "--gpu", "h200", "--requests", "5", "--lengths", "20", "--format", "json"])
+    code, out, err = invoke([*command, "--gpu", "h100-pcie", "--requests", "5", "--lengths", "20", "--format", "json"])
     assert code == 0, err
     assert "assumption, not a measurement" in " ".join(err.split())
     assert json.loads(out)["gpu_link"] == {"assumed": True, "source": gpu.link_source}

@@ -119,15 +119,16 @@ def test_the_gpu_physics_is_never_much_slower_than_a_real_engine():
     held = [r for r in ROWS if r.regime == "ttft" and r.role == "held_out"]
     worst = max(r.error_pct for r in held)
     assert 10.0 < worst < 15.0
-    # the points priced over 10% slow, as the docs name them: the two Falcon-180B 2K-token rows and "two of
-    # LLM-Inference-Bench's 40 GB A100 rows (+a%, +b%)", their errors read from the text; none >= 11% but Falcon's
+    # the points priced over 10% slow, as the docs name them: the two Falcon-180B 2K-token rows and "one of
+    # LLM-Inference-Bench's 40 GB A100 rows (+a%)" (or "two of ... (+a%, +b%)"), their errors read from the text;
+    # none >= 11% but Falcon's
     slow = [r for r in held if r.error_pct > 10.0]
     assert {(r.source, r.model, r.tokens) for r in slow if r.model == "falcon-180b"} == {
         ("trtllm-v0.5-a100", "falcon-180b", 2048), ("trtllm-v0.9-a100", "falcon-180b", 2048)}
     others = sorted((r for r in slow if r.model != "falcon-180b"), key=lambda r: r.error_pct)
-    named = re.search(r"only other points over \+10% are two of LLM-Inference-Bench's 40 GB A100 rows "
-                      r"\(\+([\d.]+)%, \+([\d.]+)%\)", re.sub(r"\s+", " ", PREFILL_DOC))
-    assert named and [round(r.error_pct, 1) for r in others] == [float(named[1]), float(named[2])]
+    named = re.search(r"only other points? over \+10% (?:is one|are two) of LLM-Inference-Bench's 40 GB A100 rows "
+                      r"\(([^)]*)\)", re.sub(r"\s+", " ", PREFILL_DOC))
+    assert named and [round(r.error_pct, 1) for r in others] == [float(x) for x in re.findall(r"\+([\d.]+)%", named[1])]
     assert all(r.source.startswith("argonne-") and r.gpu == "a100-40gb" for r in others)
     assert {r.model for r in held if r.error_pct >= 11.0} == {"falcon-180b"}
     stated = re.search(r"no held-out TTFT point is priced\s+more than \+([\d.]+)% above", PREFILL_DOC)

@@ -265,11 +265,21 @@ GPUS: dict[str, GPU] = {
             link_source="assumed: no H2D/D2H measurement of an H100 PCIe host was found; the H100 SXM run's (same "
                         "PCIe Gen5 x16 link) stand in", link_assumed=True,
             device_names=("NVIDIA H100 PCIe",)),  # torch's sm_90 warning quoted in github.com/pytorch/pytorch issue 90761
+        # Host link: nvbandwidth host_to_device_memcpy_sm / device_to_host_memcpy_sm (default 512 MiB buffers) on Azure
+        # ND H200 v5 (8 x H200 141GB, 2 x Xeon Platinum 8480C, PCIe Gen5): 52 / 52 GB/s under CUDA 12.6
+        # (github.com/Azure/AI-benchmarking-guide @ 8fd0c6e, Azure_Results/ND_H200_v5_results.md; the harness,
+        # Benchmarks/NVBandwidth.py, names the test cases) and 55 / 55 under CUDA 12.8 (a later run of the same guide,
+        # github.com/samuel-bohman/AI-benchmarking-guide @ b408bf8, same path); the same benchmark on ND H100 v5 gave 51 / 52
+        # (Azure_Results/ND_H100_v5_results.md @ 8fd0c6e). So the H200 host's link is the H100 host's: the H100 run's 54
+        # per direction lies within the H200's measured 52-55 and stands; both ways and the copy latency (not measured on
+        # an H200 host) are the H100 run's, the same PCIe Gen5 x16 link.
         GPU("h200", 141 * GB, 4.8e12, 54 * GB, 54 * GB, 95 * GB, 17e-6, 989e12,
-            note="PCIe Gen5; link ASSUMED: the H100 run's figures (none published for H200)",
-            link_source="assumed: no nvbandwidth or H2D/D2H measurement of an H200 host was found (nvbandwidth's "
-                        "issues have H100, A100, GH200 and H20 runs); the H100 run's PCIe Gen5 figures stand in",
-            link_assumed=True,
+            note="PCIe Gen5 x16: 52-55 GB/s measured per direction on an H200 host (the H100 run's 54 stands); "
+                 "both ways and copy latency the H100 run's",
+            link_source="measured: nvbandwidth host_to_device/device_to_host_memcpy_sm 52/52 GB/s (CUDA 12.6) and 55/55 "
+                        "(CUDA 12.8) on Azure ND H200 v5 (github.com/Azure/AI-benchmarking-guide @ 8fd0c6e, "
+                        "samuel-bohman/AI-benchmarking-guide @ b408bf8; ND H100 v5 51/52 by the same harness): the H100 "
+                        "run's 54 per direction stands; both ways and copy latency: the H100 run's, same PCIe Gen5 x16 link",
             # nvidia-smi product name: github.com/NVIDIA/mig-parted issue 120 (H200); pull 146 adds the H200 NVL.
             device_names=("NVIDIA H200", "NVIDIA H200 NVL")),
         # DGX A100: 2 x EPYC 7742, 8 channels DDR4-3200 each = 204.8 GB/s per socket; ASSUMPTION:
@@ -307,20 +317,64 @@ GPUS: dict[str, GPU] = {
 GPUS["a100-80g"] = replace(GPUS["a100-80g"], prefill_gemm_efficiency=0.725, prefill_small_ops_efficiency=0.669,
                            prefill_attn_efficiency=0.52, prefill_attn_half_keys=234.0)
 
+#: Achieved HBM bandwidth (GB/s) of a scale-type streaming kernel (one load and one store stream: a[i] = s x b[i]),
+#: measured by one harness on a part that reads another preset's fit and on that fitted part: part -> (fitted part,
+#: GB/s on the part, GB/s on the fitted part). The fitted shares of datasheet HBM bandwidth carry over to the part
+#: scaled by the ratio of the two measured shares (:func:`stream_share_ratio`), not copied.
+#: a100-40g: gpu-stream's SCALE at full occupancy, github.com/te42kyfo/gpu-benches @ 1c36d509ee717dca9215c27135fa1e611bb03ed1,
+#: gpu-stream/a100_40.txt (1381) and gpu-stream/a100_80.txt (1732). SCALE is the kernel that repository compares
+#: across GPUs; its READ column is not used: one 8-byte load per thread still rises at 100% occupancy on both parts.
+#: h200: BabelStream's Mul (the same one-load, one-store kernel) in Azure's AI-benchmarking-guide harness, ND H200 v5
+#: (4.00 TB/s) and ND H100 v5 (2.90 TB/s, an H100 80GB HBM3), github.com/Azure/AI-benchmarking-guide @ 8fd0c6e,
+#: Azure_Results/ND_H200_v5_results.md and ND_H100_v5_results.md. gpu-benches' H200 SCALE (3165 GB/s, 0.66 of
+#: datasheet) is still rising at full occupancy, and it has no H100 SXM row: not used.
+STREAM_SCALE_GBPS: dict[str, tuple[str, float, float]] = {
+    "a100-40g": ("a100-80g", 1381.0, 1732.0),
+    "h200": ("h100-sxm", 4000.0, 2900.0),
+}
+#: The fitted constants that are shares of datasheet HBM bandwidth (weight streaming, decode attention, prefill small
+#: ops): the ones a measured stream ratio carries from a fitted part to another. Kernel floors, the GEMM batch
+#: slowdown, FLOP/s shares and per-block rates are not shares of the datasheet figure and carry over unchanged.
+HBM_SHARE_FIELDS = ("weight_efficiency", "attn_efficiency", "prefill_small_ops_efficiency")
+
+
+def stream_share_ratio(part: str, hbm_bw: float, fitted_hbm_bw: float) -> float:
+    """How much larger a share of its datasheet bandwidth ``hbm_bw`` (bytes/s) ``part`` streams the measured kernel
+    at than the part whose fit it reads (``fitted_hbm_bw``), from :data:`STREAM_SCALE_GBPS`. Why: a fit's shares were
+    fitted on one memory system; the same chip with slower HBM2 (the A100 40 GB: 0.888 of 1,555 GB/s against the 80 GB
+    part's 0.849 of 2,040) reaches a larger share, with faster HBM3e (the H200: 0.833 of 4.8 TB/s against the H100's
+    0.866 of 3.35) a smaller one, so the fitted shares scale by that measured ratio (1.046, 0.963)."""
+    _, measured, fitted_measured = STREAM_SCALE_GBPS[part]
+    return (measured * GB / hbm_bw) / (fitted_measured * GB / fitted_hbm_bw)
+
+
+def _with_fitted_shares(gpu: GPU, fitted: GPU) -> GPU:
+    """``gpu`` with ``fitted``'s HBM shares (:data:`HBM_SHARE_FIELDS`) times the measured stream ratio."""
+    ratio = stream_share_ratio(gpu.name, gpu.hbm_bw, fitted.hbm_bw)
+    return replace(gpu, **{f: getattr(fitted, f) * ratio for f in HBM_SHARE_FIELDS})
+
+
+# H200: the H100 fit's constants (the defaults), its HBM shares through the measured stream ratio (0.963; the DLI FP8
+# rows on an H200 in public-decode-steps.json are a check nobody fitted on).
+GPUS["h200"] = _with_fitted_shares(GPUS["h200"], GPUS["h100-sxm"])
+
 # A100 SXM4 40GB: the launch part, same GA100 chip (108 SMs, 312 TFLOP/s dense fp16/bf16) with 40 GB of HBM2 at
 # 1,555 GB/s (NVIDIA A100 datasheet; glennklockwood.com/garden/processors/A100, techpowerup.com a100-sxm4-40-gb).
-# Its physics constants are the a100-80g fit's (shares of the datasheet bandwidth and FLOP/s: no public per-operator
-# profile of the 40 GB part was found; the Argonne Polaris A100-40GB decode runs in public-decode-steps.json test
-# that reading). Link: nvbandwidth host_to_device_memcpy_sm 25.13 GB/s at 512 MiB-1 GiB on an NVIDIA A100-SXM4-40GB
-# (github.com/NVIDIA/nvbandwidth issue 42), as on the 80 GB hosts; D2H, both ways and the copy latency are the
-# A100-SXM4-80GB hosts' (the same PCIe Gen4 x16 link). Host: the DGX A100 figures of a100-80g.
-_A100_40G = replace(
+# No public per-operator profile of the 40 GB part was found, so its physics constants are the a100-80g fit's, with
+# the fitted shares of datasheet HBM bandwidth (weight streaming, decode attention, prefill small ops) scaled by the
+# measured stream ratio (stream_share_ratio: 1.046; nothing is fitted on the Argonne Polaris A100-40GB runs in
+# public-decode-steps.json, which stay held out and test it). Per-kernel floors, the GEMM batch slowdown, FLOP/s
+# shares and the trtllm per-block attention rate stay the 80 GB fit's. Link: nvbandwidth host_to_device_memcpy_sm
+# 25.13 GB/s at 512 MiB-1 GiB on an NVIDIA A100-SXM4-40GB (github.com/NVIDIA/nvbandwidth issue 42), as on the 80 GB
+# hosts; D2H, both ways and the copy latency are the A100-SXM4-80GB hosts' (the same PCIe Gen4 x16 link). Host: the
+# DGX A100 figures of a100-80g.
+_A100_40G = _with_fitted_shares(replace(
     GPUS["a100-80g"], name="a100-40g", hbm_bytes=40 * GB, hbm_bw=1.555e12,
     note="40 GB HBM2, 1.555 TB/s; PCIe Gen4 x16: ~25 GB/s H2D measured; D2H and both ways the 80 GB hosts'",
     link_source="measured: nvbandwidth host_to_device_memcpy_sm 25.13 GB/s on an A100-SXM4-40GB (github.com/NVIDIA/"
                 "nvbandwidth issue 42); D2H, both ways, copy latency: the A100-SXM4-80GB hosts' (issues 53, 11), same link",
     # nvidia-smi: github.com/NVIDIA/nvbandwidth issue 42, bottlerocket-os/bottlerocket-core-kit pull 834.
-    device_names=("NVIDIA A100-SXM4-40GB",), physics_of="a100-80g")
+    device_names=("NVIDIA A100-SXM4-40GB",), physics_of="a100-80g"), GPUS["a100-80g"])
 _ORDER = list(GPUS)
 _ORDER.insert(_ORDER.index("a100-80g") + 1, "a100-40g")  # listed next to its 80 GB sibling
 GPUS = {key: _A100_40G if key == "a100-40g" else GPUS[key] for key in _ORDER}
