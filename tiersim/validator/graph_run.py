@@ -30,6 +30,7 @@ from dataclasses import asdict
 
 import torch
 
+from tiersim import fileformat
 from tiersim.errors import TiersimError
 from tiersim.hierarchy.config import TierConfig
 from tiersim.hierarchy.quant_layout import bytes_per_token_layer
@@ -262,10 +263,14 @@ def run_graph(shape_name: str | None = None, batches=DEFAULT_BATCHES, contexts=D
     if not 0.0 <= compressed <= 1.0:
         raise TiersimError(f"--compressed must be in [0, 1], got {compressed!r}")
 
+    def checkpoint(doc: dict) -> None:  # the file so far, atomically over ``out`` (the run's end writes over it)
+        fileformat.write_document(out, doc)
+
     def measure(shape, batches, contexts, hbms, dev):
         with frozen_heap():  # what is loaded by now: each point's collection then scans only what the run made
             return _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa, profile, sweep_sizes,
-                            retier_every, command, log, chosen, compressed, checks)
+                            retier_every, command, log, chosen, compressed, checks,
+                            checkpoint if out is not None else None)
 
     return calibrate.checked_run(measure, shape_name, batches, contexts, hbms, device, steps, warmup, "synthetic",
                                  budget_s, sdpa, out, profile, log)
@@ -291,7 +296,8 @@ def check_strategies(names, chosen) -> tuple:
 
 
 def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa, profile, sweep_sizes,
-             retier_every, command, log, chosen=None, compressed=0.0, checks=()) -> dict:
+             retier_every, command, log, chosen=None, compressed=0.0, checks=(), checkpoint=None) -> dict:
+    """The grid's walk and its file (``checkpoint(doc)``, when given, after each point: the file so far)."""
     from tiersim.validator import calibrate, compute, graph_host, grid, link, predict
     from tiersim.validator.shapes import build_model
 
@@ -356,6 +362,48 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
         check = grid.measure_grid(batches[:1], contexts[:1], offloaded, lambda b, c, h: run(b, c, h, compressed), [],
                                   log, f"graph, compressed {compressed:g}", budget_s, started)
         walk = itertools.chain(walk, ((compressed, chosen, *point) for point in check))
+
+    def document() -> dict:
+        """The calibration file of the points so far (the run's end, and each checkpoint)."""
+        model_doc = predict.sim_model(shape, params)
+        split = point_config(0.5, compressed, retier_every, shape.head_dim)
+        policy = {"sink_tokens": split.sink_tokens, "recent_window": split.recent_window,
+                  "retier_every": retier_every, "compressed_bits": split.compressed_bits,
+                  "quant_group": split.quant_group}
+        settings_strategy = chosen or {"strategy": "prefetch"}
+        # Full and copy-free replays alternate, so the timed full steps span 2 * steps tokens after 2 * warmup.
+        settings = {"steps": 2 * steps, "warmup": 2 * max(warmup, 1), "timed_steps": steps, "prefill": "synthetic",
+                    "budget_s": budget_s, "sdpa": sdpa, "interleaved": True, "compressed": compressed, **policy,
+                    **settings_strategy, "strategy_check": [o["strategy"] for o in checks]}
+        fit = grid.layer_fit(model_doc, shape, baselines, settings["warmup"], settings["steps"], copy_rate)
+        # The file is a CUDA-graph measurement only if every measured point of the run's strategy was replayed
+        # from a graph (a strategy check's point whose capture failed says cuda-eager itself, and does not
+        # relabel the grid).
+        run_executor = next((e["executor"] for e in extras if "executor" in e
+                             and e["strategy"] == settings_strategy["strategy"] and e["executor"] != executor),
+                            executor)
+        doc = grid.calibration_doc(command, run_executor, info, dev, shape, params, settings, link_doc, tflops,
+                                   copy_rate, fit)
+        per_point = [{k: e[k] for k in ("strategy", "fetch_share")} for e in extras]
+        predict.add_predictions(doc, points, model_doc, {**policy, **(chosen or {})}, settings, profile, per_point)
+        doc["points"] = [{**asdict(p), **extra} for p, extra in zip(points, extras)]
+        calibrate.finish(doc)
+        return doc
+
+    def save_checkpoint() -> None:
+        """The file so far, written over ``out`` after each point: if the process dies where no exception reaches
+        Python (a hung CUDA call killed by the script's ``timeout -k``), the points measured before it are kept.
+        The run's own end writes over it. A checkpoint that fails is said and skipped: it must not cost the run."""
+        if checkpoint is None:
+            return
+        try:
+            partial = document()
+            partial["error"] = (f"unfinished: a checkpoint after {len(points)} points (the process ended before "
+                                "the run did)")
+            checkpoint(partial)
+        except Exception as exc:  # noqa: BLE001 - the measurements matter more than their checkpoint
+            log(f"  checkpoint not written: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}")
+
     stopped = None  # a grid point's own error ends the run, once the file keeps the points measured before it
     try:
         for share, opts, batch, context, hbm, m, baseline, why in walk:
@@ -373,30 +421,12 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
                     f"H2D {m['h2d_bytes'] / 1e6:.1f} MB/step"
                     + (f" at {m['prefetch_gbps']:.1f} GB/s alone" if m["prefetch_gbps"] else "")
                     + (f", host {m['host_ms']:.3f} ms" if m.get("host_ms") is not None else ""))
+            save_checkpoint()
     except (Exception, calibrate.Terminated) as exc:
         stopped = exc
         log(f"  stopped: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}; the file keeps the "
             f"{sum(p.measured_step_ms is not None for p in points)} points measured before it")
-    model_doc = predict.sim_model(shape, params)
-    split = point_config(0.5, compressed, retier_every, shape.head_dim)
-    policy = {"sink_tokens": split.sink_tokens, "recent_window": split.recent_window, "retier_every": retier_every,
-              "compressed_bits": split.compressed_bits, "quant_group": split.quant_group}
-    settings_strategy = chosen or {"strategy": "prefetch"}
-    # Full and copy-free replays alternate, so the timed full steps span 2 * steps tokens after 2 * warmup.
-    settings = {"steps": 2 * steps, "warmup": 2 * max(warmup, 1), "timed_steps": steps, "prefill": "synthetic",
-                "budget_s": budget_s, "sdpa": sdpa, "interleaved": True, "compressed": compressed, **policy,
-                **settings_strategy, "strategy_check": [o["strategy"] for o in checks]}
-    fit = grid.layer_fit(model_doc, shape, baselines, settings["warmup"], settings["steps"], copy_rate)
-    # The file is a CUDA-graph measurement only if every measured point of the run's strategy was replayed from a
-    # graph (a strategy check's point whose capture failed says cuda-eager itself, and does not relabel the grid).
-    executor = next((e["executor"] for e in extras if "executor" in e
-                     and e["strategy"] == settings_strategy["strategy"] and e["executor"] != executor), executor)
-    doc = grid.calibration_doc(command, executor, info, dev, shape, params, settings, link_doc, tflops, copy_rate,
-                               fit)
-    per_point = [{k: e[k] for k in ("strategy", "fetch_share")} for e in extras]
-    predict.add_predictions(doc, points, model_doc, {**policy, **(chosen or {})}, settings, profile, per_point)
-    doc["points"] = [{**asdict(p), **extra} for p, extra in zip(points, extras)]
-    calibrate.finish(doc)
+    doc = document()
     del model
     if stopped is None:
         free(dev)
