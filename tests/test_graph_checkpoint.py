@@ -69,3 +69,47 @@ def test_a_checkpoint_that_fails_is_said_and_the_run_goes_on(monkeypatch, tmp_pa
     assert len(doc["points"]) == 2 and json.loads(out.read_text())["points"]
     assert [line.strip() for line in logged if line.strip().startswith("checkpoint")] == ["checkpoint not written: OSError: disk full"] * 2
     assert calls[-1] is None  # the run's own file, after the two failed checkpoints
+
+
+def _cut_short_capture():
+    """What ``torch.cuda.graph``'s exit raises when SIGTERM (``Terminated``) cut a capture short: a RuntimeError
+    raised while handling the signal (its ``__context__``)."""
+    from tiersim.validator.calibrate import Terminated
+
+    try:
+        try:
+            raise Terminated("terminated by signal 15 (a timeout?)")
+        except Terminated:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+    except RuntimeError as exc:
+        return exc
+
+
+def test_a_sigterm_hidden_by_a_failed_capture_is_still_a_sigterm():
+    from tiersim.validator.calibrate import Terminated
+    from tiersim.validator.graph_run import interrupted_by
+
+    assert isinstance(interrupted_by(_cut_short_capture()), Terminated)
+    assert interrupted_by(RuntimeError("capture failed")) is None
+
+
+def test_a_strategy_check_whose_capture_a_sigterm_cut_short_stops_the_run_with_its_file(monkeypatch, tmp_path):
+    """A failing check point passes (its error is recorded, the grid goes on), but not when the failure is a capture
+    the script's SIGTERM cut short: the run stops at once, as the signal asks, with the points before it written."""
+    from tiersim.validator import calibrate, graph_run
+
+    real = graph_run.measure_point
+
+    def cut_short(model, batch, context, hbm, *args, strategy=None, **kwargs):
+        if strategy is not None:
+            raise _cut_short_capture()
+        return real(model, batch, context, hbm, *args, strategy=strategy, **kwargs)
+
+    monkeypatch.setattr(graph_run, "measure_point", cut_short)
+    out = tmp_path / "g.json"
+    with pytest.raises(calibrate.Terminated):
+        graph_run.run_graph("tiny", [1, 2], [72], [1.0, 0.5], device="cpu", steps=1, warmup=1, out=out,
+                            sweep_sizes=[4096, 65536], strategy_check="host-attention")
+    doc = json.loads(out.read_text())
+    assert [(p["hbm"], p["strategy"]) for p in doc["points"]] == [(1.0, "prefetch"), (0.5, "prefetch")]
+    assert doc["error"].startswith("stopped after 2 points: Terminated")

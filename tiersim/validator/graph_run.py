@@ -91,6 +91,21 @@ class HostArena:
         return self.storage[start:start + size].view(dtype).view(shape)  # not zeroed: TierBuffers.load does
 
 
+def interrupted_by(exc: BaseException):
+    """The SIGTERM (``calibrate.Terminated``) ``exc`` was raised while handling, if any. A signal that lands inside
+    a capture ends the capture half-recorded (a side stream not joined back), so ``torch.cuda.graph``'s exit fails
+    with a RuntimeError that hides the signal: that must stop the run as the signal would, not send the point to
+    the eager fallback (or pass as a failed check point) until the script's SIGKILL."""
+    from tiersim.validator.calibrate import Terminated
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, Terminated):
+            return seen
+        seen = seen.__context__
+    return None
+
+
 def run_steps(steps: int, warmup: int) -> int:
     """Decode steps a point's buffers must hold: the full and the copy-free step's warm-up and timed replays
     (they alternate), and one more."""
@@ -174,6 +189,8 @@ def measure_point(model, batch: int, context: int, hbm: float, steps: int, warmu
                 except Exception as exc:  # noqa: BLE001 - a step that cannot be captured is timed eagerly, and says so
                     if is_oom(exc):
                         raise
+                    if (stop := interrupted_by(exc)) is not None:
+                        raise stop from exc
                     capture_error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
                     torch.cuda.synchronize(dev)
                     runs = {"full": full.run, "busy": busy.run}
@@ -316,8 +333,10 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
         need = max(ddr_host_bytes(shape, b, c, h, run_steps(steps, warmup), retier_every, model.dtype)
                    for b in batches for c in contexts for h in hbms)
         log(f"pinning {need / 1e9:.1f} GB of host memory for the DDR tier")
+        pin_start = time.monotonic()
         try:
             arena = HostArena(need)
+            log(f"  pinned in {time.monotonic() - pin_start:.1f} s")
         except RuntimeError as exc:  # the host cannot pin it at once: each point pins its own tensors
             log(f"  could not pin one arena ({(str(exc).splitlines() or [''])[0][:120]}); pinning per point")
     points, extras, baselines = [], [], []
@@ -344,6 +363,8 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
                 m, why = grid.measure_one(b, c, h, lambda b, c, h, o=opts: run(b, c, h, strategy=o), log,
                                           f"graph, {name}", budget_s, started)
             except Exception as exc:  # noqa: BLE001 - an extra point must not cost the grid its file
+                if (stop := interrupted_by(exc)) is not None:
+                    raise stop from exc
                 # The host strategies' CUDA paths are the least run code here, and the check comes early: its
                 # failure is the point's error, and the grid goes on (a sticky CUDA error fails the next point
                 # anyway, loudly).
