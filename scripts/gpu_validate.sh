@@ -33,6 +33,14 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
+# pytest for step 1 where the device has none: `pip install --no-deps --target build/gpu_deps pytest pluggy
+# iniconfig pygments` here (pure Python), then the device tool's carry ["build/gpu_deps"] (build/ is git-ignored).
+# Used only when the device's Python cannot import pytest, and after everything else on the path.
+GPU_DEPS=${GPU_DEPS:-$PWD/build/gpu_deps}
+if [ -d "$GPU_DEPS" ] && ! "$PY" -c 'import pytest' 2>/dev/null; then
+  export PYTHONPATH="$PYTHONPATH:$GPU_DEPS"
+  echo "== pytest from $GPU_DEPS (the device's Python has none)"
+fi
 # Step timeouts (s). The grid's and the profile's are their budgets plus the process's start (~8 s, an estimate),
 # the point or section in flight when the budget is spent (the largest grid point, batch 64 x 8K at HBM 0.25: ~15 s)
 # and the file.

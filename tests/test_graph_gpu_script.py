@@ -83,8 +83,9 @@ def test_the_gpu_runs_step_timeouts_sum_within_its_six_minutes():
     import re
 
     script = (REPO / "scripts" / "gpu_validate.sh").read_text()
-    cuda = script[script.index("\nelse\n"):script.index("\nfi\n")]
-    top = script[:script.index("\nif [")]
+    branch = script.index("\nelse\n")
+    cuda = script[branch:script.index("\nfi\n", branch)]
+    top = script[:script.index('\nif [ "${DRY_RUN')]
     value = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", top)}
     value.update({k: int(v) for k, v in re.findall(r"(\w+)=\$\{\1:-(\d+)\}", top + cuda)})
     grid, ops = value["GRID_BUDGET_S"] + value["GRID_EXTRA_S"], value["OPS_BUDGET_S"] + value["OPS_EXTRA_S"]
@@ -122,3 +123,52 @@ def test_a_failed_step_does_not_stop_the_next_and_against_needs_only_the_grid(tm
     assert last.startswith("median |error| ") and last.endswith("2 points)"), last
     quote = (dest / "cpu-dry-run-quote.txt").read_text().splitlines()
     assert quote[-1] == last and any(line.startswith("overhead at batch 1 x 80 at HBM 0.5: ") for line in quote)
+
+
+_HIDE_PYTEST = '''
+import importlib.abc, importlib.machinery, sys
+HIDDEN = ("pytest", "_pytest", "pluggy", "iniconfig")
+
+
+class Hide(importlib.abc.MetaPathFinder):
+    """A device without pytest: pytest and its own dependencies import only from a folder named deps."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] not in HIDDEN:
+            return None
+        if path is None:
+            path = [p for p in sys.path if p.rstrip("/").endswith("deps")]
+            if not path:
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return spec
+
+
+sys.meta_path.insert(0, Hide())
+'''
+
+
+def test_a_device_without_pytest_runs_the_tests_step_from_a_carried_folder(tmp_path):
+    """Step 1 needs pytest; a device image without it (pip cannot reach a registry there) runs it from a folder
+    carried with the tree (GPU_DEPS, by default build/gpu_deps), which the script puts on the path only then
+    (without it the step fails and the rest runs: test_a_failed_step_does_not_stop_the_next...)."""
+    import importlib.util
+    import shutil
+
+    deps = tmp_path / "deps"
+    for name in ("pytest", "_pytest", "pluggy", "iniconfig"):
+        origin = Path(importlib.util.find_spec(name).origin)
+        source = origin.parent if origin.name == "__init__.py" else origin
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, deps / source.name)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_HIDE_PYTEST)
+    env = {**os.environ, "DRY_RUN": "1", "DEST": str(tmp_path / "out"), "PYTHONPATH": str(site), "OUT": "",
+           "HBM": "1.0", "COMPRESSED": "0", "STRATEGY_CHECK": ""}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_validate.sh")], capture_output=True, text=True,
+                          env={**env, "GPU_DEPS": str(deps)}, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert f"== pytest from {deps} (the device's Python has none)" in proc.stdout
+    assert "3 skipped" in (tmp_path / "out" / "cpu-dry-run-tests.txt").read_text()
