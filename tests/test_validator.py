@@ -48,11 +48,13 @@ def smoke(tmp_path_factory):
     """
     out = tmp_path_factory.mktemp("validate") / "cpu.json"
     code = (
-        "import runpy, sys, json\n"
+        # what torch and transformers import themselves is not the validator's doing (transformers 5.17 pulls
+        # huggingface_hub -> httpx, whose optional CLI imports click and rich where they are installed)
+        "import runpy, sys, json\nimport torch, transformers\n_base = set(sys.modules)\n"
         f"sys.argv = ['tiersim.validator', *{SMOKE!r}, '--out', {str(out)!r}]\n"
         "try:\n    runpy.run_module('tiersim.validator', run_name='__main__')\n"
         "except SystemExit as exc:\n    assert not exc.code, exc.code\n"
-        f"print('FOREIGN=' + json.dumps(sorted(m for m in {FOREIGN!r} if m in sys.modules)))\n"
+        f"print('FOREIGN=' + json.dumps(sorted(m for m in {FOREIGN!r} if m in sys.modules and m not in _base)))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -16,11 +16,13 @@ FOREIGN = ("simpy", "plotly", "rich", "typer", "click", "pandas", "pyarrow")
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
     code = (
-        "import runpy, sys, json\n"
+        # what torch and transformers import themselves is not the validator's doing (transformers 5.17 pulls
+        # huggingface_hub -> httpx, whose optional CLI imports click and rich where they are installed)
+        "import runpy, sys, json\nimport torch, transformers\n_base = set(sys.modules)\n"
         f"sys.argv = ['tiersim.validator.operators', *{args!r}]\n"
         "try:\n    runpy.run_module('tiersim.validator.operators', run_name='__main__')\n"
         "except SystemExit as exc:\n    code = exc.code\nelse:\n    code = 0\n"
-        f"print('FOREIGN=' + json.dumps(sorted(m for m in {FOREIGN!r} if m in sys.modules)))\n"
+        f"print('FOREIGN=' + json.dumps(sorted(m for m in {FOREIGN!r} if m in sys.modules and m not in _base)))\n"
         "sys.exit(code)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}

@@ -8,4 +8,4 @@ Submodules are imported on use so that ``import tiersim.validator`` stays cheap.
 
 __all__ = ["calibrate", "compare", "compute", "decode", "fit", "graph", "graph_compressed", "graph_host", "graph_run",
            "graph_segments", "graph_tiers", "grid", "link", "operators", "operators_decode", "operators_tables",
-           "operators_timing", "options", "predict", "sdpa", "shapes", "timing"]
+           "operators_timing", "options", "predict", "quote", "sdpa", "shapes", "timing"]

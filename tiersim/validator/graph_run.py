@@ -30,6 +30,7 @@ from dataclasses import asdict
 
 import torch
 
+from tiersim import fileformat
 from tiersim.errors import TiersimError
 from tiersim.hierarchy.config import TierConfig
 from tiersim.hierarchy.quant_layout import bytes_per_token_layer
@@ -88,6 +89,21 @@ class HostArena:
             raise TiersimError("host arena too small for this point (a sizing bug)")  # pragma: no cover
         self.offset = start + size
         return self.storage[start:start + size].view(dtype).view(shape)  # not zeroed: TierBuffers.load does
+
+
+def interrupted_by(exc: BaseException):
+    """The SIGTERM (``calibrate.Terminated``) ``exc`` was raised while handling, if any. A signal that lands inside
+    a capture ends the capture half-recorded (a side stream not joined back), so ``torch.cuda.graph``'s exit fails
+    with a RuntimeError that hides the signal: that must stop the run as the signal would, not send the point to
+    the eager fallback (or pass as a failed check point) until the script's SIGKILL."""
+    from tiersim.validator.calibrate import Terminated
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, Terminated):
+            return seen
+        seen = seen.__context__
+    return None
 
 
 def run_steps(steps: int, warmup: int) -> int:
@@ -173,6 +189,8 @@ def measure_point(model, batch: int, context: int, hbm: float, steps: int, warmu
                 except Exception as exc:  # noqa: BLE001 - a step that cannot be captured is timed eagerly, and says so
                     if is_oom(exc):
                         raise
+                    if (stop := interrupted_by(exc)) is not None:
+                        raise stop from exc
                     capture_error = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
                     torch.cuda.synchronize(dev)
                     runs = {"full": full.run, "busy": busy.run}
@@ -262,10 +280,14 @@ def run_graph(shape_name: str | None = None, batches=DEFAULT_BATCHES, contexts=D
     if not 0.0 <= compressed <= 1.0:
         raise TiersimError(f"--compressed must be in [0, 1], got {compressed!r}")
 
+    def checkpoint(doc: dict) -> None:  # the file so far, atomically over ``out`` (the run's end writes over it)
+        fileformat.write_document(out, doc)
+
     def measure(shape, batches, contexts, hbms, dev):
         with frozen_heap():  # what is loaded by now: each point's collection then scans only what the run made
             return _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa, profile, sweep_sizes,
-                            retier_every, command, log, chosen, compressed, checks)
+                            retier_every, command, log, chosen, compressed, checks,
+                            checkpoint if out is not None else None)
 
     return calibrate.checked_run(measure, shape_name, batches, contexts, hbms, device, steps, warmup, "synthetic",
                                  budget_s, sdpa, out, profile, log)
@@ -291,7 +313,8 @@ def check_strategies(names, chosen) -> tuple:
 
 
 def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa, profile, sweep_sizes,
-             retier_every, command, log, chosen=None, compressed=0.0, checks=()) -> dict:
+             retier_every, command, log, chosen=None, compressed=0.0, checks=(), checkpoint=None) -> dict:
+    """The grid's walk and its file (``checkpoint(doc)``, when given, after each point: the file so far)."""
     from tiersim.validator import calibrate, compute, graph_host, grid, link, predict
     from tiersim.validator.shapes import build_model
 
@@ -310,8 +333,10 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
         need = max(ddr_host_bytes(shape, b, c, h, run_steps(steps, warmup), retier_every, model.dtype)
                    for b in batches for c in contexts for h in hbms)
         log(f"pinning {need / 1e9:.1f} GB of host memory for the DDR tier")
+        pin_start = time.monotonic()
         try:
             arena = HostArena(need)
+            log(f"  pinned in {time.monotonic() - pin_start:.1f} s")
         except RuntimeError as exc:  # the host cannot pin it at once: each point pins its own tensors
             log(f"  could not pin one arena ({(str(exc).splitlines() or [''])[0][:120]}); pinning per point")
     points, extras, baselines = [], [], []
@@ -338,6 +363,8 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
                 m, why = grid.measure_one(b, c, h, lambda b, c, h, o=opts: run(b, c, h, strategy=o), log,
                                           f"graph, {name}", budget_s, started)
             except Exception as exc:  # noqa: BLE001 - an extra point must not cost the grid its file
+                if (stop := interrupted_by(exc)) is not None:
+                    raise stop from exc
                 # The host strategies' CUDA paths are the least run code here, and the check comes early: its
                 # failure is the point's error, and the grid goes on (a sticky CUDA error fails the next point
                 # anyway, loudly).
@@ -356,6 +383,48 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
         check = grid.measure_grid(batches[:1], contexts[:1], offloaded, lambda b, c, h: run(b, c, h, compressed), [],
                                   log, f"graph, compressed {compressed:g}", budget_s, started)
         walk = itertools.chain(walk, ((compressed, chosen, *point) for point in check))
+
+    def document() -> dict:
+        """The calibration file of the points so far (the run's end, and each checkpoint)."""
+        model_doc = predict.sim_model(shape, params)
+        split = point_config(0.5, compressed, retier_every, shape.head_dim)
+        policy = {"sink_tokens": split.sink_tokens, "recent_window": split.recent_window,
+                  "retier_every": retier_every, "compressed_bits": split.compressed_bits,
+                  "quant_group": split.quant_group}
+        settings_strategy = chosen or {"strategy": "prefetch"}
+        # Full and copy-free replays alternate, so the timed full steps span 2 * steps tokens after 2 * warmup.
+        settings = {"steps": 2 * steps, "warmup": 2 * max(warmup, 1), "timed_steps": steps, "prefill": "synthetic",
+                    "budget_s": budget_s, "sdpa": sdpa, "interleaved": True, "compressed": compressed, **policy,
+                    **settings_strategy, "strategy_check": [o["strategy"] for o in checks]}
+        fit = grid.layer_fit(model_doc, shape, baselines, settings["warmup"], settings["steps"], copy_rate)
+        # The file is a CUDA-graph measurement only if every measured point of the run's strategy was replayed
+        # from a graph (a strategy check's point whose capture failed says cuda-eager itself, and does not
+        # relabel the grid).
+        run_executor = next((e["executor"] for e in extras if "executor" in e
+                             and e["strategy"] == settings_strategy["strategy"] and e["executor"] != executor),
+                            executor)
+        doc = grid.calibration_doc(command, run_executor, info, dev, shape, params, settings, link_doc, tflops,
+                                   copy_rate, fit)
+        per_point = [{k: e[k] for k in ("strategy", "fetch_share")} for e in extras]
+        predict.add_predictions(doc, points, model_doc, {**policy, **(chosen or {})}, settings, profile, per_point)
+        doc["points"] = [{**asdict(p), **extra} for p, extra in zip(points, extras)]
+        calibrate.finish(doc)
+        return doc
+
+    def save_checkpoint() -> None:
+        """The file so far, written over ``out`` after each point: if the process dies where no exception reaches
+        Python (a hung CUDA call killed by the script's ``timeout -k``), the points measured before it are kept.
+        The run's own end writes over it. A checkpoint that fails is said and skipped: it must not cost the run."""
+        if checkpoint is None:
+            return
+        try:
+            partial = document()
+            partial["error"] = (f"unfinished: a checkpoint after {len(points)} points (the process ended before "
+                                "the run did)")
+            checkpoint(partial)
+        except Exception as exc:  # noqa: BLE001 - the measurements matter more than their checkpoint
+            log(f"  checkpoint not written: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}")
+
     stopped = None  # a grid point's own error ends the run, once the file keeps the points measured before it
     try:
         for share, opts, batch, context, hbm, m, baseline, why in walk:
@@ -373,30 +442,12 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
                     f"H2D {m['h2d_bytes'] / 1e6:.1f} MB/step"
                     + (f" at {m['prefetch_gbps']:.1f} GB/s alone" if m["prefetch_gbps"] else "")
                     + (f", host {m['host_ms']:.3f} ms" if m.get("host_ms") is not None else ""))
+            save_checkpoint()
     except (Exception, calibrate.Terminated) as exc:
         stopped = exc
         log(f"  stopped: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}; the file keeps the "
             f"{sum(p.measured_step_ms is not None for p in points)} points measured before it")
-    model_doc = predict.sim_model(shape, params)
-    split = point_config(0.5, compressed, retier_every, shape.head_dim)
-    policy = {"sink_tokens": split.sink_tokens, "recent_window": split.recent_window, "retier_every": retier_every,
-              "compressed_bits": split.compressed_bits, "quant_group": split.quant_group}
-    settings_strategy = chosen or {"strategy": "prefetch"}
-    # Full and copy-free replays alternate, so the timed full steps span 2 * steps tokens after 2 * warmup.
-    settings = {"steps": 2 * steps, "warmup": 2 * max(warmup, 1), "timed_steps": steps, "prefill": "synthetic",
-                "budget_s": budget_s, "sdpa": sdpa, "interleaved": True, "compressed": compressed, **policy,
-                **settings_strategy, "strategy_check": [o["strategy"] for o in checks]}
-    fit = grid.layer_fit(model_doc, shape, baselines, settings["warmup"], settings["steps"], copy_rate)
-    # The file is a CUDA-graph measurement only if every measured point of the run's strategy was replayed from a
-    # graph (a strategy check's point whose capture failed says cuda-eager itself, and does not relabel the grid).
-    executor = next((e["executor"] for e in extras if "executor" in e
-                     and e["strategy"] == settings_strategy["strategy"] and e["executor"] != executor), executor)
-    doc = grid.calibration_doc(command, executor, info, dev, shape, params, settings, link_doc, tflops, copy_rate,
-                               fit)
-    per_point = [{k: e[k] for k in ("strategy", "fetch_share")} for e in extras]
-    predict.add_predictions(doc, points, model_doc, {**policy, **(chosen or {})}, settings, profile, per_point)
-    doc["points"] = [{**asdict(p), **extra} for p, extra in zip(points, extras)]
-    calibrate.finish(doc)
+    doc = document()
     del model
     if stopped is None:
         free(dev)
