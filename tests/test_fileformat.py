@@ -55,6 +55,8 @@ def test_every_refusal_is_one_line_naming_the_role_and_the_file(tmp_path):
         ({"kind": "quality-grid", "schema_version": 2}, [grid], "quality-grid schema_version 2 is newer than this"),
         ({"kind": "quality-grid"}, [grid], "schema_version must be an integer, got None"),
         ({"kind": "quality-grid", "schema_version": True}, [grid], "schema_version must be an integer"),
+        ({"kind": "quality-grid", "schema_version": 0}, [grid], "schema_version 0 is not one tiersim ever wrote"),
+        ({"kind": "quality-grid", "schema_version": -3}, [grid], "schema_version -3 is not one tiersim ever wrote"),
         ([1, 2], [grid], "expected a JSON object with a 'kind', got list"),
         ("{not json", [grid], "neither Parquet nor valid JSON"),
         (b"PAR1 cut short", [grid], "not a readable Parquet file"),
