@@ -160,3 +160,21 @@ def test_imports_only_run_down_the_layers():
                 if there is not None and there > here:
                     upward.add(f"{name} imports {target}")
     assert not upward, sorted(upward)
+
+
+def test_an_output_that_is_a_symlink_is_written_where_it_points_with_its_mode(tmp_path):
+    """Renaming over a link replaced the link with a file beside it: the file it named kept the last run's
+    results (silently stale), and a chmod 600 result came back 644."""
+    import os
+    import stat
+
+    real = tmp_path / "results" / "capacity.json"
+    real.parent.mkdir()
+    fileformat.write_document(real, {**fileformat.header(fileformat.CAPACITY), "run": 1})
+    real.chmod(0o600)
+    link = tmp_path / "capacity.json"
+    link.symlink_to(real)
+    fileformat.write_document(link, {**fileformat.header(fileformat.CAPACITY), "run": 2})
+    assert link.is_symlink() and json.loads(real.read_text())["run"] == 2
+    assert stat.S_IMODE(real.stat().st_mode) == 0o600
+    assert sorted(os.listdir(tmp_path)) == ["capacity.json", "results"] and os.listdir(real.parent) == ["capacity.json"]
