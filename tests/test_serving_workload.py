@@ -90,6 +90,7 @@ def test_a_bad_request_value_is_shown_as_the_number(arrival, prompt, output, sho
     ("mixed.jsonl", '{"arrival_s": 0, "prompt_tokens": 8, "output_tokens": 8}\n'
                     '{"arrival_s": 1, "prompt_tokens": true, "output_tokens": 8}\n', "row 2 is True"),
     ("far.csv", "arrival_s,prompt_tokens,output_tokens\n0,8,8\n1e30,8,8\n", "arrival_s must be at most"),
+    ("twice.csv", "arrival_s,prompt_tokens,output_tokens,prompt_tokens\n0,8,8,100\n", "prompt_tokens appears more"),
 ])
 def test_request_files_that_would_be_misread_are_refused(tmp_path, name, text, words):
     path = tmp_path / name

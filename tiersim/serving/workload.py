@@ -201,6 +201,9 @@ def read_requests(path: str | Path, label: str = "--requests-file") -> Requests:
         raise TiersimError(f"{label}: {path}: missing column(s) {', '.join(missing)} (a request file has "
                            f"{', '.join(COLUMNS)})")
     names = COLUMNS + ((MAX_TOKENS_COLUMN,) if MAX_TOKENS_COLUMN in frame.columns else ())
+    twice = [c for c in names if f"{c}.1" in set(map(str, frame.columns))]
+    if fmt == "csv" and twice:  # pandas renames the second 'x' to 'x.1' and the first one is read, in silence
+        raise TiersimError(f"{label}: {path}: column {twice[0]} appears more than once; keep one")
     values = [_numbers(frame[c], c, f"{label}: {path}") for c in names]
     return check(*values[:3], where=f"{label}: {path}", max_tokens=values[3] if len(values) > 3 else None)
 
