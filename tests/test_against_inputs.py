@@ -39,6 +39,7 @@ def test_a_good_point_reads(tmp_path):
 @pytest.mark.parametrize("where,key,value", [
     ("point", "measured_step_ms", float("nan")), ("point", "measured_step_ms", float("inf")),
     ("point", "measured_step_ms", -5.0), ("point", "measured_step_ms", "abc"),
+    ("point", "measured_step_ms", 1e-30),  # an error of +6e32% was printed as a result
     ("point", "batch", 0), ("point", "batch", -1), ("point", "batch", 1.5), ("point", "batch", 10**9),
     ("point", "context", -3), ("point", "context", 10**12), ("point", "context", 2.5),
     ("point", "hbm", 2.0), ("point", "hbm", float("nan")), ("point", "hbm", -0.1), ("point", "hbm", "x"),

@@ -4,12 +4,13 @@ every command are in test_bad_inputs_generated.py, whose fixtures and helpers th
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
 
 from cli_run import assert_refused, invoke
-from test_bad_inputs_generated import GOOD_CONFIG, work  # noqa: F401  (work: the fixture)
+from test_bad_inputs_generated import ALL, GOOD_CONFIG, check_bad_value, work  # noqa: F401  (work: the fixture)
 
 from tiersim.errors import TiersimError
 from tiersim.traces import default_trace_path
@@ -262,6 +263,23 @@ def test_an_empty_item_inside_a_list_option_is_refused(text):
     with pytest.raises(TiersimError, match="an empty item"):
         parse_list(text, int, "--batch")
     assert parse_list("1,2,", int, "--batch") == [1, 2]
+
+
+# -- hostile probes: an empty text where leaving the option out means the default ----------------------------------
+UNSET_TEXTS = [(name, s) for name, specs in ALL.specs.items() for s in specs
+               if s.kind is str and not s.argument and s.bounds.choices is None
+               and getattr(inspect.signature(ALL.commands[name]).parameters[s.name].default, "default", ...) is None]
+
+
+@pytest.mark.parametrize("command, spec", UNSET_TEXTS, ids=[f"{c}{s.flag}" for c, s in UNSET_TEXTS])
+def test_an_empty_text_is_refused_not_read_as_unset(work, command, spec):
+    """``--lengths ""`` ran math500 in silence (serve, simulate, capacity), ``--title ""`` drew the default title."""
+    check_bad_value(command, spec, "")
+
+
+def test_the_empty_text_cases_include_the_ones_found():
+    assert {("serve", "--lengths"), ("simulate", "--lengths"), ("capacity", "--lengths"),
+            ("report", "--title")} <= {(c, s.flag) for c, s in UNSET_TEXTS}
 
 
 # -- found by the review of issue 22/23's changes: a point field the --compare text formats ---------------------

@@ -55,6 +55,8 @@ def test_every_refusal_is_one_line_naming_the_role_and_the_file(tmp_path):
         ({"kind": "quality-grid", "schema_version": 2}, [grid], "quality-grid schema_version 2 is newer than this"),
         ({"kind": "quality-grid"}, [grid], "schema_version must be an integer, got None"),
         ({"kind": "quality-grid", "schema_version": True}, [grid], "schema_version must be an integer"),
+        ({"kind": "quality-grid", "schema_version": 0}, [grid], "schema_version 0 is not one tiersim ever wrote"),
+        ({"kind": "quality-grid", "schema_version": -3}, [grid], "schema_version -3 is not one tiersim ever wrote"),
         ([1, 2], [grid], "expected a JSON object with a 'kind', got list"),
         ("{not json", [grid], "neither Parquet nor valid JSON"),
         (b"PAR1 cut short", [grid], "not a readable Parquet file"),
@@ -158,3 +160,21 @@ def test_imports_only_run_down_the_layers():
                 if there is not None and there > here:
                     upward.add(f"{name} imports {target}")
     assert not upward, sorted(upward)
+
+
+def test_an_output_that_is_a_symlink_is_written_where_it_points_with_its_mode(tmp_path):
+    """Renaming over a link replaced the link with a file beside it: the file it named kept the last run's
+    results (silently stale), and a chmod 600 result came back 644."""
+    import os
+    import stat
+
+    real = tmp_path / "results" / "capacity.json"
+    real.parent.mkdir()
+    fileformat.write_document(real, {**fileformat.header(fileformat.CAPACITY), "run": 1})
+    real.chmod(0o600)
+    link = tmp_path / "capacity.json"
+    link.symlink_to(real)
+    fileformat.write_document(link, {**fileformat.header(fileformat.CAPACITY), "run": 2})
+    assert link.is_symlink() and json.loads(real.read_text())["run"] == 2
+    assert stat.S_IMODE(real.stat().st_mode) == 0o600
+    assert sorted(os.listdir(tmp_path)) == ["capacity.json", "results"] and os.listdir(real.parent) == ["capacity.json"]

@@ -93,6 +93,32 @@ def test_a_torn_last_line_is_ignored(tmp_path):
     assert not path.exists()
 
 
+@pytest.mark.parametrize("damaged", [
+    b"\xff\xfe garbage\n",  # bytes that are not UTF-8: the whole resume was one line naming neither the journal
+    # right key, wrong types (a hand edit, a damaged disk): the tokenizer raised a TypeError traceback
+    b'{"schema": 1, "key": "c", "token_ids": "x", "seconds": 0.1, "tier_counts": {}}\n',
+    b'{"schema": 1, "key": "c", "token_ids": [1, true], "seconds": 0.1, "tier_counts": {}}\n',
+    b'{"schema": 1, "key": "c", "token_ids": [1], "seconds": "slow", "tier_counts": {}}\n',
+    b'{"schema": 1, "key": "c", "token_ids": [1], "seconds": NaN, "tier_counts": {}}\n',
+    b'{"schema": 1, "key": "c", "token_ids": [1], "seconds": 0.1, "tier_counts": [1]}\n',
+    b'{"schema": 1, "key": "c", "token_ids": [1], "seconds": 0.1}\n',
+    b'{"schema": 1, "key": 7, "token_ids": [1], "seconds": 0.1, "tier_counts": {}}\n',
+])
+def test_a_damaged_line_is_skipped_like_a_torn_one(tmp_path, damaged):
+    path = tmp_path / "j.jsonl"
+    journal = RunJournal(path, CONTEXT)
+    journal.add("a", [1, 2], 0.5, {"hbm": 2})
+    journal.close()
+    with open(path, "ab") as f:
+        f.write(damaged)
+    journal = RunJournal(path, CONTEXT)
+    journal.add("b", [3], 0.25, {})
+    journal.close()
+    back = RunJournal(path, CONTEXT)
+    assert len(back) == 2 and back.get("c") is None and back.get("7") is None
+    assert back.get("a")["token_ids"] == [1, 2] and back.get("b")["token_ids"] == [3]
+
+
 @pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="needs /dev/full (Linux)")
 def test_a_full_disk_under_the_journal_is_one_line_naming_it(tmp_path):
     """/dev/full fails every write with ENOSPC: the error was a bare 'No space left on device' (no file), and

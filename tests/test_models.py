@@ -378,3 +378,22 @@ def test_prompt_past_the_model_context_is_refused_on_the_ray_driver(tmp_path):
     _, err = assert_refused(["grid", "--ray", "--model", str(directory), "--prompts", str(prompts), "--n", "2",
                              "--max-new-tokens", "2", "--out", str(out)], before_work=False)
     assert "prompt 2 is 3,000 tokens" in err and not out.exists()
+
+
+def test_no_home_folder_is_one_line_and_tiersim_cache_needs_none(tmp_path, monkeypatch):
+    """HOME unset and no passwd entry (a container run as -u 1234): Path.home() raised RuntimeError, a traceback
+    from capture and grid, even with $TIERSIM_CACHE set."""
+    import pwd
+
+    from tiersim.models import cache_dir
+
+    def no_entry(uid):
+        raise KeyError(uid)
+
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    monkeypatch.setenv("TIERSIM_CACHE", str(tmp_path))
+    assert cache_dir() == tmp_path
+    monkeypatch.delenv("TIERSIM_CACHE")
+    with pytest.raises(TiersimError, match="set TIERSIM_CACHE"):
+        cache_dir()

@@ -78,3 +78,59 @@ def test_a_bad_request_value_is_shown_as_the_number(arrival, prompt, output, sho
     with pytest.raises(TiersimError) as info:
         workload.check(arrival, prompt, output, "f.csv")
     assert shown in str(info.value) and "np." not in str(info.value)
+
+
+# -- files that parse but would be misread (hostile probes) --------------------------------------------------
+@pytest.mark.parametrize("name, text, words", [
+    # one field more than the header: pandas took the first as the index and shifted the rest left
+    # (arrival 8 s, output 9, read as valid)
+    ("extra.csv", "arrival_s,prompt_tokens,output_tokens\n0,8,8,9\n", "not a readable csv"),
+    ("bool.jsonl", '{"arrival_s": 0, "prompt_tokens": true, "output_tokens": 8}\n', "prompt_tokens must be numbers"),
+    # a true among counts: pandas' inference made it 1
+    ("mixed.jsonl", '{"arrival_s": 0, "prompt_tokens": 8, "output_tokens": 8}\n'
+                    '{"arrival_s": 1, "prompt_tokens": true, "output_tokens": 8}\n', "row 2 is True"),
+    ("far.csv", "arrival_s,prompt_tokens,output_tokens\n0,8,8\n1e30,8,8\n", "arrival_s must be at most"),
+    ("twice.csv", "arrival_s,prompt_tokens,output_tokens,prompt_tokens\n0,8,8,100\n", "prompt_tokens appears more"),
+])
+def test_request_files_that_would_be_misread_are_refused(tmp_path, name, text, words):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(TiersimError) as info:
+        workload.read_requests(path)
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_trailing_comma_still_reads():
+    """index_col=False keeps what pandas' default accepted rightly: a trailing delimiter on every row."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "t.csv"
+        path.write_text("arrival_s,prompt_tokens,output_tokens\n0,8,9,\n0.5,7,6,\n")
+        r = workload.read_requests(path)
+    assert r.arrival.tolist() == [0, 0.5] and r.prompt.tolist() == [8, 7] and r.output.tolist() == [9, 6]
+
+
+@pytest.mark.parametrize("column", [
+    pytest.param(lambda pa: pa.array([True, True]), id="bool"),
+    # a timestamp read as nanoseconds since 1970 made 1 s arrive at 1e9 "s"
+    pytest.param(lambda pa: pa.array([0, 1], pa.timestamp("s")), id="timestamp"),
+])
+def test_foreign_parquet_columns_that_are_not_numbers_are_refused(tmp_path, column):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    name = "prompt_tokens" if column(pa).type == pa.bool_() else "arrival_s"
+    table = {"arrival_s": pa.array([0.0, 1.0]), "prompt_tokens": pa.array([8, 8]), "output_tokens": pa.array([8, 8])}
+    table[name] = column(pa)
+    pq.write_table(pa.table(table), tmp_path / "r.parquet")
+    with pytest.raises(TiersimError, match=f"{name} must be numbers"):
+        workload.read_requests(tmp_path / "r.parquet")
+
+
+def test_arrivals_past_the_clock_s_range_are_refused():
+    """At 1e30 s every latency came out 0 (a millisecond step vanishes in float64 seconds there)."""
+    with pytest.raises(TiersimError, match="past the 1e\\+09 s"):
+        workload.synthetic(3, 1e-9, 8, 8)
+    assert workload.synthetic(3, 1e-6, 8, 8).arrival[-1] < workload.MAX_ARRIVAL_S

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,22 +30,30 @@ def _write_error(target: Path, exc: OSError) -> WriteError:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it into place only if the block succeeds."""
-    target = Path(path)
+    """Yield a temporary path next to ``path``; rename it into place only if the block succeeds.
+
+    A ``path`` that is a symbolic link is written where the link points, as a plain ``open()`` would: renaming
+    over the link itself replaced it with a file beside it, and the file it named kept the previous run's
+    results. A file that exists keeps its permission bits (a ``chmod 600`` result stays private)."""
+    shown = Path(path)
+    target = Path(os.path.realpath(shown)) if shown.is_symlink() else shown
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     except WriteError:
         raise
     except OSError as exc:
-        raise _write_error(target, exc) from None
+        raise _write_error(shown, exc) from None
     os.close(fd)
     tmp_path = Path(tmp)
-    # mkstemp creates 0600; give the result the permissions a plain open() would (umask applies).
-    umask = os.umask(0)
-    os.umask(umask)
     try:
-        os.chmod(tmp_path, 0o666 & ~umask)
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:  # a new file: mkstemp creates 0600; give it what a plain open() would (umask applies)
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    try:
+        os.chmod(tmp_path, mode)
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
@@ -52,7 +61,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except WriteError:
         raise
     except OSError as exc:  # pyarrow's IO errors are OSErrors too, often without an errno
-        raise _write_error(target, exc) from None
+        raise _write_error(shown, exc) from None
     finally:
         try:
             tmp_path.unlink(missing_ok=True)

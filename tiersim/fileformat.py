@@ -156,6 +156,9 @@ def check(document: Any, accepted: Sequence[FileKind], *, label: str, source: st
     version = document.get("schema_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise error(f"{label}: {source}: {kind} schema_version must be an integer, got {version!r}")
+    if version < 1:  # every kind's first schema is 1: a 0 or a negative was never written by a tiersim
+        raise error(f"{label}: {source}: {kind} schema_version {version} is not one tiersim ever wrote (1.."
+                    f"{names[kind].schema_version}); the file is damaged or foreign")
     if version > names[kind].schema_version:
         raise error(f"{label}: {source}: {kind} schema_version {version} is newer than this tiersim reads "
                     f"({names[kind].schema_version}); upgrade tiersim")

@@ -27,8 +27,17 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 
 def cache_dir() -> Path:
-    """Where converted models live: $TIERSIM_CACHE, else ~/.cache/tiersim."""
-    return Path(os.environ.get("TIERSIM_CACHE", Path.home() / ".cache" / "tiersim"))
+    """Where converted models live: $TIERSIM_CACHE, else ~/.cache/tiersim. The home folder is looked up only
+    without $TIERSIM_CACHE: with HOME unset and no passwd entry (a container run as ``-u 1234``) ``Path.home()``
+    raises, which was a traceback even where $TIERSIM_CACHE said where to go."""
+    if os.environ.get("TIERSIM_CACHE"):
+        return Path(os.environ["TIERSIM_CACHE"])
+    try:
+        home = Path.home()
+    except RuntimeError:
+        raise TiersimError("no home folder for the model cache (HOME is unset and this user has no passwd entry): "
+                           "set TIERSIM_CACHE to a writable folder") from None
+    return home / ".cache" / "tiersim"
 
 
 def _torch_dtype(dtype):

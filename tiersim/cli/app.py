@@ -8,11 +8,14 @@ never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -203,15 +206,84 @@ def os_error_words(exc: OSError) -> str:
     return (f"{exc.filename}: " if exc.filename else "") + os_reason(exc)
 
 
+class ReaderGone:
+    """``sys.stdout`` for one run: a reader that closes the pipe early (``tiersim serve --out x.parquet | head``)
+    costs what it would have read, never the files the command still writes. click and rich end the process at
+    the first EPIPE (exit 1, silently), which lost every ``--out``; here the first EPIPE points the descriptor at
+    /dev/null (so the interpreter's last flush is quiet too) and the command runs on."""
+
+    def __init__(self, stream):
+        self._stream, self.gone = stream, False
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._discard()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._discard()
+
+    def _discard(self) -> None:
+        self.gone = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):  # not a real descriptor (a test's StringIO cannot break)
+            pass
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+#: The signal that ended the run, when one did (SIGTERM, SIGHUP): its exit status is 128 + it.
+_SIGNALLED: list[int] = []
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _stop(signum, frame) -> None:
+    """SIGTERM / SIGHUP as Ctrl-C: each command's KeyboardInterrupt path keeps what it keeps (the grid's journal,
+    capture's parts) and the atomic writes remove their temporary files; the default action killed the process
+    mid-write and left ``.NAME.*.tmp`` beside the output."""
+    _SIGNALLED.append(signum)
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _signals_interrupt():
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+    saved = {sig: signal.signal(sig, _stop) for sig in _STOP_SIGNALS if signal.getsignal(sig) is signal.SIG_DFL}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 def run() -> None:
     """Entry point: run the app, mapping expected errors to one line and a non-zero exit.
 
     Numeric RuntimeWarnings (numpy on a degenerate input) are not shown: a bad value is refused by
     its option's range before any arithmetic, and a warning line is neither an error nor a result.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        _run()
+    stdout = sys.stdout
+    sys.stdout = ReaderGone(stdout)
+    _SIGNALLED.clear()
+    try:
+        with warnings.catch_warnings(), _signals_interrupt():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            _run()
+    finally:
+        sys.stdout = stdout
 
 
 def _run() -> None:
@@ -239,8 +311,9 @@ def _run() -> None:
         sys.exit(2)
     except (KeyboardInterrupt, Interrupted) as exc:  # a command may say what it kept (cli.options.command)
         kept = str(exc.args[0]) if exc.args else "no partial output was written"
-        err_console.print(f"[bold red]interrupted:[/] {escape(kept)}", highlight=False, soft_wrap=True)
-        sys.exit(130)
+        by = f" ({signal.Signals(_SIGNALLED[0]).name})" if _SIGNALLED else ""
+        err_console.print(f"[bold red]interrupted{by}:[/] {escape(kept)}", highlight=False, soft_wrap=True)
+        sys.exit(128 + _SIGNALLED[0] if _SIGNALLED else 130)
     except EXPECTED_ERRORS as exc:
         message = str(exc) or exc.__class__.__name__
         _error_line(message.splitlines()[0])

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import typer
 
-from tiersim.errors import Interrupted
+from tiersim.errors import Interrupted, TiersimError
 from tiersim.options import Bounds, check_value, field_bounds, field_types, flag
 
 #: Path parameters that are outputs when a command does not say (``--out``, ``--report``).
@@ -133,6 +133,13 @@ def _is_group(annotation: Any) -> bool:
     return isinstance(annotation, type) and dataclasses.is_dataclass(annotation)
 
 
+def blank_is_unset(option_flag: str, value: Any) -> None:
+    """Refuse an empty text for an option whose default is None: ``--lengths ""`` read as "not given" and ran
+    math500 in silence, ``--title ""`` and ``--ray-address ""`` likewise; an option left out says that already."""
+    if isinstance(value, str) and not value.strip():
+        raise TiersimError(f"{option_flag} is empty ({value!r}); give a value or leave the option out")
+
+
 def command(help: dict[str, str] | None = None, outputs: dict[str, tuple[str, ...]] | None = None,
             example: list[str] | None = None, loads_model: bool = False) -> Callable:
     """Expand the command's option-group parameters into typer options (put it under ``@app.command()``).
@@ -173,12 +180,14 @@ def command(help: dict[str, str] | None = None, outputs: dict[str, tuple[str, ..
         unknown = set(declared_outputs) - set(seen)
         if unknown:
             raise TypeError(f"{func.__name__}: outputs given for options it does not have: {', '.join(unknown)}")
-        checks, output_params, input_params, specs = [], {}, [], []
+        checks, output_params, input_params, specs, unset = [], {}, [], [], []
         for p in params:
             info = p.default
             name = p.name
             bounds = getattr(info, "tiersim_bounds", None) or Bounds()
             checks.append((name, _flag_of(name, info), bounds))
+            if getattr(info, "default", ...) is None and OptionSpec(name, "", p.annotation, bounds, None, False).kind is str:
+                unset.append((name, _flag_of(name, info)))
             suffixes = declared_outputs.get(name, getattr(info, "tiersim_output", None))
             if suffixes is None and name in OUTPUT_NAMES and _is_path(p.annotation):
                 suffixes = ()  # an output by its name (a command that declared none): checked, any suffix
@@ -207,6 +216,8 @@ def command(help: dict[str, str] | None = None, outputs: dict[str, tuple[str, ..
                 if app_module.WIDE:  # rich crops every line at the console's width: lift it for this command
                     app_module.console.width = WIDE_COLUMNS
             try:
+                for name, option_flag in unset:
+                    blank_is_unset(option_flag, kwargs.get(name))
                 for name, option_flag, bounds in checks:  # before any group is built: the flag, not the field
                     check_value(option_flag, kwargs.get(name), bounds)
                 check_outputs({f: kwargs.get(n) for n, (f, _) in output_params.items()},

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -32,6 +33,21 @@ def journal_path(out: Path) -> Path:
 
 def _digest(payload) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def usable(record) -> bool:
+    """A line the grid can reuse as it stands: this schema, a key, token ids, seconds and tier counts of the types
+    :meth:`RunJournal.add` writes. Any other line (damaged on disk, edited by hand) is skipped like a torn one, so
+    that run is done again: a string of token ids reached the tokenizer as a TypeError traceback."""
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
+
+    if not (isinstance(record, dict) and record.get("schema") == JOURNAL_SCHEMA and isinstance(record.get("key"), str)):
+        return False
+    ids, seconds, counts = record.get("token_ids"), record.get("seconds"), record.get("tier_counts")
+    return (isinstance(ids, list) and all(count(t) and t < 2**31 for t in ids)
+            and isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds)
+            and seconds >= 0 and isinstance(counts, dict) and all(isinstance(k, str) and count(v) for k, v in counts.items()))
 
 
 class RunJournal:
@@ -52,14 +68,18 @@ class RunJournal:
             self._load()
 
     def _load(self) -> None:
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a torn write: that run is simply done again
-                if isinstance(record, dict) and record.get("schema") == JOURNAL_SCHEMA and "key" in record:
-                    self._runs[record["key"]] = record
+        try:
+            with open(self.path, "rb") as f:  # bytes: one damaged line must not make the file unreadable
+                lines = f.read().splitlines()
+        except OSError as exc:
+            raise TiersimError(f"cannot read the grid's journal {self.path}: {os_reason(exc)}") from None
+        for line in lines:
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+                continue  # a torn or damaged write: that run is simply done again
+            if usable(record):
+                self._runs[record["key"]] = record
 
     def __len__(self) -> int:
         return len(self._runs)

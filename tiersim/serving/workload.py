@@ -28,6 +28,10 @@ SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "par
 #: Longest prompt or output a request may ask for (the simulator's token bound).
 MAX_TOKENS = 10_000_000
 MAX_REQUESTS = 10_000_000
+#: Latest arrival a run takes (s, about 32 years). The engine's clock is float64 seconds: at 1e9 s its spacing is
+#: 1.2e-7 s, so a millisecond step still lands within 1e-5 of itself; at 1e12 a TTFT came out 0.8% off and at 1e30
+#: every latency was 0 (the step vanished in the clock's rounding). Past this bound a workload is refused.
+MAX_ARRIVAL_S = 1e9
 DEFAULT_SIGMA = 0.35  # the batch planner's spread of generated lengths (scenario.Scenario.sigma)
 
 
@@ -78,6 +82,9 @@ def synthetic(n: int, qps: float, prompt_mean: float, output_mean: float, sigma:
     shape = 1.0 / burstiness ** 2
     gaps = arrivals_rng.gamma(shape, 1.0 / (qps * shape), n)
     arrival = np.cumsum(gaps) - gaps[0]  # the first request at t = 0
+    if arrival[-1] > MAX_ARRIVAL_S:
+        raise TiersimError(f"--qps {qps:g} with --requests {n:,} spans {arrival[-1]:.3g} s of arrivals, past the "
+                           f"{MAX_ARRIVAL_S:g} s the serving clock times a step in: raise --qps or lower --requests")
     prompt = lognormal_lengths(lengths_rng, n, prompt_mean, sigma)
     output = lognormal_lengths(lengths_rng, n, output_mean, sigma)
     return Requests(arrival, prompt, output, f"{'Poisson' if burstiness == 1 else f'gamma CV {burstiness:g}'} "
@@ -111,6 +118,10 @@ def check(arrival, prompt, output, where: str, max_tokens=None) -> Requests:
     if (arrival < 0).any():
         row = int(np.flatnonzero(arrival < 0)[0])
         raise TiersimError(f"{where}: arrival_s must be >= 0; row {row + 1} is {arrival[row]:g}")
+    if (arrival > MAX_ARRIVAL_S).any():
+        row = int(np.flatnonzero(arrival > MAX_ARRIVAL_S)[0])
+        raise TiersimError(f"{where}: arrival_s must be at most {MAX_ARRIVAL_S:g} s (the serving clock's range); "
+                           f"row {row + 1} is {arrival[row]:g}")
     if (np.diff(arrival) < 0).any():
         row = int(np.flatnonzero(np.diff(arrival) < 0)[0]) + 1
         raise TiersimError(f"{where}: arrival_s must be sorted (non-decreasing); row {row + 1} ({arrival[row]:g}) "
@@ -168,9 +179,16 @@ def read_requests(path: str | Path, label: str = "--requests-file") -> Requests:
             else:  # a foreign Parquet file with the three columns is welcome
                 frame = pd.read_parquet(path)
         elif fmt == "csv":
-            frame = pd.read_csv(path, comment="#")
+            import warnings
+
+            # index_col=False: a row with more fields than the header is refused (pandas' default takes the extra
+            # leading field as the index and shifts every value one column left, silently)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", pd.errors.ParserWarning)
+                frame = pd.read_csv(path, comment="#", index_col=False)
         else:
-            frame = pd.read_json(path, lines=True, precise_float=True)
+            # dtype=False: each value as written (pandas' inference turns a true among counts into 1)
+            frame = pd.read_json(path, lines=True, precise_float=True, dtype=False)
     except TiersimError:
         raise
     except PermissionError:
@@ -183,11 +201,32 @@ def read_requests(path: str | Path, label: str = "--requests-file") -> Requests:
         raise TiersimError(f"{label}: {path}: missing column(s) {', '.join(missing)} (a request file has "
                            f"{', '.join(COLUMNS)})")
     names = COLUMNS + ((MAX_TOKENS_COLUMN,) if MAX_TOKENS_COLUMN in frame.columns else ())
-    try:
-        values = [pd.to_numeric(frame[c], errors="raise") for c in names]
-    except (ValueError, TypeError) as exc:
-        raise TiersimError(f"{label}: {path}: every value must be a number ({str(exc)[:120]})") from None
+    twice = [c for c in names if f"{c}.1" in set(map(str, frame.columns))]
+    if fmt == "csv" and twice:  # pandas renames the second 'x' to 'x.1' and the first one is read, in silence
+        raise TiersimError(f"{label}: {path}: column {twice[0]} appears more than once; keep one")
+    values = [_numbers(frame[c], c, f"{label}: {path}") for c in names]
     return check(*values[:3], where=f"{label}: {path}", max_tokens=values[3] if len(values) > 3 else None)
+
+
+def _numbers(column, name: str, where: str):
+    """``column`` as numbers, or one line: text that reads as a number is one (CSV is all text), but true/false and
+    times are not counts or seconds (pandas would read true as 1 and a timestamp as nanoseconds since 1970)."""
+    import pandas as pd
+
+    kinds = pd.api.types
+    if kinds.is_bool_dtype(column) or kinds.is_datetime64_any_dtype(column) or kinds.is_timedelta64_dtype(column):
+        raise TiersimError(f"{where}: {name} must be numbers, got a {column.dtype} column")
+    if column.dtype == object:
+        import datetime
+
+        odd = column.map(lambda v: isinstance(v, (bool, np.bool_, datetime.date, datetime.timedelta)))
+        if odd.any():
+            row = int(odd.to_numpy().argmax())
+            raise TiersimError(f"{where}: {name} must be numbers; row {row + 1} is {column.iloc[row]!r:.40}")
+    try:
+        return pd.to_numeric(column, errors="raise")
+    except (ValueError, TypeError) as exc:
+        raise TiersimError(f"{where}: every value must be a number ({str(exc)[:120]})") from None
 
 
 def write_requests(path: str | Path, requests: Requests) -> Path:
