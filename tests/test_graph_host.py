@@ -292,7 +292,7 @@ def test_refusals_are_one_line():
     (["--executor", "graph", "--strategy", "selective"], "--strategy selective: the graph executor runs"),
     (["--executor", "graph", "--strategy", "prefetch", "--fetch-share", "0.5"], "only hybrid takes"),
     (["--executor", "graph", "--strategy", "hybrid", "--compare", "docs/validation/h100-80gb-hbm3.json"],
-     "--strategy hybrid is for a new run; --compare only prints"),
+     "--executor graph and --strategy hybrid are for a new run; --compare only prints"),
     (["--strategy-check", "hybrid"], "--strategy-check hybrid: the hf executor times prefetch only"),
     (["--executor", "graph", "--strategy-check", "host-attention,selective"],
      "--strategy-check selective: one of host-attention, hybrid"),
@@ -301,7 +301,7 @@ def test_refusals_are_one_line():
     (["--executor", "graph", "--strategy", "hybrid", "--strategy-check", "host-attention"],
      "--strategy-check host-attention: beside --strategy prefetch only"),
     (["--executor", "graph", "--strategy-check", "hybrid", "--compare", "docs/validation/h100-80gb-hbm3.json"],
-     "--strategy-check hybrid is for a new run; --compare only prints"),
+     "--executor graph and --strategy-check hybrid are for a new run; --compare only prints"),
 ])
 def test_validate_refuses_what_is_not_built_in_one_line(args, words):
     from cli_run import assert_refused
