@@ -427,7 +427,7 @@ def test_every_table_names_a_strategy_check_point_s_strategy_and_hybrid_s_fetche
     code, text, err = invoke(["simulate", "--model", "r1-distill-qwen-7b", "--gpu", "h100-sxm", "--against",
                               str(renamed), "--format", "json"])
     rows = json.loads(text)["rows"]
-    assert [(r.get("strategy"), r.get("fetch_share"), r.get("host_share")) for r in rows] == [
+    assert [(r.get("strategy"), r.get("fetch_share"), r.get("share")) for r in rows] == [
         (None, None, None), (None, None, None), ("host-attention", None, None), ("hybrid", 0.5, 0.5)]
 
 
