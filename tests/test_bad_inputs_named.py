@@ -99,7 +99,7 @@ def test_capture_bounds_follow_the_memory_available(work, monkeypatch, args, ref
     ran = []
     monkeypatch.setattr(tiersim.options, "available_memory", lambda: 8 * 10**9)
     monkeypatch.setattr(tiersim.models, "load_model", lambda *a, **k: (None, None))
-    monkeypatch.setattr(tiersim.models, "check_context", lambda *a, **k: None)  # it reads the (absent) model
+    monkeypatch.setattr(tiersim.models, "check_context_without_weights", lambda *a, **k: None)  # reads the model
     monkeypatch.setattr(tiersim.models, "describe_model", lambda model: shape)
     monkeypatch.setattr(tiersim.traces.capture, "capture", lambda *a, **k: ran.append(1) or _stop())
     command = ["capture", *args, "--out", str(work / "bounded.parquet"), "--no-resume"]
@@ -148,7 +148,7 @@ def test_an_interrupted_capture_keeps_its_sequences_and_resumes(work, monkeypatc
         return Trace(meta={**source.meta, "sequences": [sequence]}, steps=steps)
 
     monkeypatch.setattr(tiersim.models, "load_model", lambda *a, **k: (None, None))
-    monkeypatch.setattr(tiersim.models, "check_context", lambda *a, **k: None)  # it reads the (absent) model
+    monkeypatch.setattr(tiersim.models, "check_context_without_weights", lambda *a, **k: None)  # reads the model
     monkeypatch.setattr(tiersim.models, "describe_model", lambda model: {})
     monkeypatch.setattr(tiersim.traces.capture, "capture", one_sequence)
     out = work / "cut.parquet"

@@ -332,11 +332,14 @@ def test_unreadable_model_file_is_named(tmp_path, monkeypatch):
     assert _one_line(exc_info) == f"cannot read {locked}: permission denied"
 
 
-def test_prompt_past_the_model_context_is_refused(tmp_path):
+def test_prompt_past_the_model_context_is_refused(tmp_path, monkeypatch):
     """A prompt that with --max-new-tokens runs past max_position_embeddings (1024 here) is one line before
-    any generation: a 2M-token prompt ran its prefill for hours, a 3k one captured past the model's positions."""
+    any generation: a 2M-token prompt ran its prefill for hours, a 3k one captured past the model's positions.
+    capture and grid check it from config.json and the tokenizer before the weights load (the cheap check
+    first: they loaded the model, seconds to minutes for a large one, then refused)."""
     from cli_run import assert_refused
 
+    import tiersim.models
     from tiersim.models import check_context
     from tiersim.prompts import Prompt
 
@@ -349,11 +352,13 @@ def test_prompt_past_the_model_context_is_refused(tmp_path):
     directory = _save(model, tmp_path / "model")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "w2 w3"}\n' + '{"prompt": "%s"}\n' % " ".join(["w3"] * 3000))
+    loads = []
+    monkeypatch.setattr(tiersim.models, "load_model", lambda *a, **k: loads.append(a) or (model, tokenizer))
     for command in ("capture", "grid"):
         out = ["--out", str(tmp_path / f"{command}.{'parquet' if command == 'capture' else 'json'}")]
         _, err = assert_refused([command, "--model", str(directory), "--prompts", str(prompts), "--n", "2",
-                                 "--max-new-tokens", "2", *out], before_work=False)
-        assert "prompt 2 is 3,000 tokens" in err
+                                 "--max-new-tokens", "2", *out])
+        assert "prompt 2 is 3,000 tokens" in err and not loads
         assert not (tmp_path / out[1]).exists()
 
 

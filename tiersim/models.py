@@ -330,14 +330,17 @@ def check_context(model, tokenizer, prompts, max_new_tokens: int) -> None:
     """Refuse a prompt (``tiersim.prompts.Prompt``) that with ``max_new_tokens`` runs past the model's
     ``max_position_embeddings``: past its trained positions a model's attention is not the one a trace
     or a quality score should record (transformers only logs a reminder), and a prompt of millions of
-    tokens would spend hours in one prefill. A config without the field is not checked."""
-    _check_positions(model.config, tokenizer, prompts, max_new_tokens)
+    tokens would spend hours in one prefill. A config without the field is not checked. For a model already
+    loaded; the commands check before loading, with :func:`check_context_without_weights`."""
+    _check_positions(_position_limit(model.config), tokenizer, prompts, max_new_tokens)
 
 
 def check_context_without_weights(name_or_path: str | None, tokenizer, prompts, max_new_tokens: int) -> None:
-    """``check_context`` for a driver that holds only the tokenizer (``grid --ray``: the weights are in the
-    workers). The limit is in config.json, read here without the weights, so a prompt past it is one line
-    before a cluster starts, not an error from every worker (or a run past the positions) later."""
+    """``check_context`` from config.json and the tokenizer alone, before any weights are read: ``capture`` and
+    ``grid`` call it before loading the model (a prompt past the context was refused only after the weights had
+    loaded, seconds to minutes for nothing) and ``grid --ray``'s driver, which never loads them, before a cluster
+    starts. ``tokenizer``: the one the caller holds, or None to load it here, only when the config has a limit."""
+    import torch  # noqa: F401  (format_prompt's tensors: without torch, the one install line before transformers warns)
     from transformers import AutoConfig
 
     directory, _ = resolve_model_dir(name_or_path)
@@ -345,12 +348,20 @@ def check_context_without_weights(name_or_path: str | None, tokenizer, prompts, 
         config = AutoConfig.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise TiersimError(f"could not read the model config in {directory}: {_first_line(exc)}") from None
-    _check_positions(config, tokenizer, prompts, max_new_tokens)
+    limit = _position_limit(config)
+    if limit is not None:
+        _check_positions(limit, tokenizer if tokenizer is not None else load_tokenizer(name_or_path)[0], prompts,
+                         max_new_tokens)
 
 
-def _check_positions(config, tokenizer, prompts, max_new_tokens: int) -> None:
+def _position_limit(config) -> int | None:
+    """The model's ``max_position_embeddings`` (None: absent or not a positive integer, so not checked)."""
     limit = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
-    if not isinstance(limit, int) or limit < 1:
+    return limit if isinstance(limit, int) and limit >= 1 else None
+
+
+def _check_positions(limit: int | None, tokenizer, prompts, max_new_tokens: int) -> None:
+    if limit is None:
         return
     for prompt in prompts:
         tokens = int(format_prompt(tokenizer, prompt.prompt).shape[1])
