@@ -110,13 +110,43 @@ def resolve_model_dir(name_or_path: str | None) -> tuple[Path, str]:
         raise TiersimError(f"cannot read the model directory {path}: permission denied")
     if (path / "config.json").exists():
         # transformers says a weights file it may not open is missing ("No such file"): name it here
-        unreadable = sorted(f.name for f in path.iterdir() if f.is_file() and not os.access(f, os.R_OK))
+        unreadable = [f for f in _files_read(path) if not os.access(f, os.R_OK)]
         if unreadable:
-            raise TiersimError(f"cannot read {path / unreadable[0]}: permission denied")
+            raise TiersimError(f"cannot read {unreadable[0]}: permission denied")
         return path, path.name
     raise TiersimError(
         f"model {name_or_path!r} not found: give 'smollm2' or a local transformers model directory (with config.json)"
     )
+
+
+#: What a load reads from a model directory besides the weights, where present: the config, the generation
+#: defaults (its eos ids end a generation) and the tokenizer's files (transformers' names for them).
+READ_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+              "tokenizer.model", "chat_template.jinja", "chat_template.json")
+#: The weights transformers looks for, in its order (the first present is the one it loads; an index names shards).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _files_read(path: Path) -> list[Path]:
+    """The files of model directory ``path`` that loading it reads: :data:`READ_FILES` that are there, and the
+    weights transformers picks (the first of :data:`WEIGHT_FILES` present; an index with the shards it names).
+    Only these are checked for permission: a README, a licence or a training log the user may not read is no
+    reason to refuse a model whose files are all readable."""
+    files = [path / name for name in READ_FILES if (path / name).is_file()]
+    weights = next((path / name for name in WEIGHT_FILES if (path / name).is_file()), None)
+    if weights is None:
+        return files  # no weights: transformers' own one line says so
+    files.append(weights)
+    if weights.name.endswith(".index.json") and os.access(weights, os.R_OK):
+        import json
+
+        try:
+            shards = sorted(set(json.loads(weights.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            shards = []  # a damaged index: the load's own error names it
+        files += [path / shard for shard in shards if isinstance(shard, str) and (path / shard).is_file()]
+    return files
 
 
 def load_model(name_or_path: str | None = None, device: str = "cpu", dtype: str | torch.dtype = "float32",
