@@ -104,3 +104,27 @@ def test_validator_compare_refuses_an_out_it_would_not_write(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and extra[0] in err[0]
     assert not (tmp_path / "other.json").exists()
+
+
+@pytest.mark.parametrize("strategy", ["prefetch", "host-attention", "hybrid", "selective", "recompute"])
+def test_against_and_the_validator_read_a_point_s_fetch_share_by_one_rule(tmp_path, strategy):
+    """A measured point's recorded ``fetch_share`` is that strategy's own knob only where the strategy takes one
+    (hybrid, selective); ``simulate --against`` and the validator's predictions read it by the one rule
+    (``strategies.own_share``), so they price the same point the same way. They disagreed: --against kept
+    hybrid's alone and priced a selective point at 0.25 as if it fetched everything, while the validator kept
+    selective's. The share priced is the simulator's: hybrid's the part on the host, selective's the part fetched."""
+    from tiersim.simulator.against import compare
+    from tiersim.simulator.scenario import assemble
+    from tiersim.validator.predict import tier_options
+
+    doc = _with("point", "strategy", strategy)
+    doc["points"][0]["fetch_share"] = 0.25
+    _, [point] = load_measurements(_write(tmp_path, doc))
+    kept = "fetch_share" in tier_options({"strategy": strategy, "fetch_share": 0.25})
+    assert (point.get("fetch_share") == 0.25) == kept == (strategy in ("hybrid", "selective"))
+    assert point.get("share") == {"hybrid": 0.75, "selective": 0.25}.get(strategy)
+    if strategy == "selective":  # the share moves the price: a quarter fetched is not the whole DDR tier
+        scenario = assemble(1, model="r1-distill-qwen-7b", gpu="h100-sxm", engine="fast")
+        whole = {**point, "fetch_share": 1.0, "share": 1.0}
+        quarter, full = (r["simulated_ms"] for r in compare(scenario, [point, whole])["rows"])
+        assert quarter < full

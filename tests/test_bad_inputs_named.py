@@ -100,7 +100,7 @@ def test_capture_bounds_follow_the_memory_available(work, monkeypatch, args, ref
     ran = []
     monkeypatch.setattr(tiersim.options, "available_memory", lambda: 8 * 10**9)
     monkeypatch.setattr(tiersim.models, "load_model", lambda *a, **k: (None, None))
-    monkeypatch.setattr(tiersim.models, "check_context", lambda *a, **k: None)  # it reads the (absent) model
+    monkeypatch.setattr(tiersim.models, "check_context_without_weights", lambda *a, **k: None)  # reads the model
     monkeypatch.setattr(tiersim.models, "describe_model", lambda model: shape)
     monkeypatch.setattr(tiersim.traces.capture, "capture", lambda *a, **k: ran.append(1) or _stop())
     command = ["capture", *args, "--out", str(work / "bounded.parquet"), "--no-resume"]
@@ -149,7 +149,7 @@ def test_an_interrupted_capture_keeps_its_sequences_and_resumes(work, monkeypatc
         return Trace(meta={**source.meta, "sequences": [sequence]}, steps=steps)
 
     monkeypatch.setattr(tiersim.models, "load_model", lambda *a, **k: (None, None))
-    monkeypatch.setattr(tiersim.models, "check_context", lambda *a, **k: None)  # it reads the (absent) model
+    monkeypatch.setattr(tiersim.models, "check_context_without_weights", lambda *a, **k: None)  # reads the model
     monkeypatch.setattr(tiersim.models, "describe_model", lambda model: {})
     monkeypatch.setattr(tiersim.traces.capture, "capture", one_sequence)
     out = work / "cut.parquet"
@@ -238,7 +238,22 @@ def test_both_front_ends_refuse_a_value_out_of_its_declared_range_in_the_same_wo
 def test_validate_compare_refuses_an_out_it_would_not_write(work):
     calibration = work / "calibration.json"
     _, err = assert_refused(["validate", "--compare", str(calibration), "--out", str(work / "other.json")])
-    assert "--out is for a new run" in err and not (work / "other.json").exists()
+    assert f"--out {work / 'other.json'} is for a new run" in err and not (work / "other.json").exists()
+
+
+def test_validate_compare_names_every_option_it_would_drop_at_once(work, capsys):
+    """One check covers every option beside --compare, a strategy option and a grid option alike, and names them
+    all in its one line, so the user fixes the command once (the strategy check ran first and alone, naming
+    only --strategy, then the grid's check would refuse --batch on the next try)."""
+    from tiersim.validator.__main__ import main
+
+    calibration = str(work / "calibration.json")
+    args = ["--compare", calibration, "--batch", "4", "--strategy", "hybrid", "--fetch-share", "0.25"]
+    words = "--batch 4, --strategy hybrid and --fetch-share 0.25 are for a new run; --compare only prints"
+    _, err = assert_refused(["validate", *args])
+    assert words in err and "drop them or --compare" in err
+    assert main(args) == 2
+    assert f"error: {words}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args", [["--batch", "4"], ["--device", "cpu"], ["--executor", "graph"], ["--steps", "3"],

@@ -292,7 +292,7 @@ def test_refusals_are_one_line():
     (["--executor", "graph", "--strategy", "selective"], "--strategy selective: the graph executor runs"),
     (["--executor", "graph", "--strategy", "prefetch", "--fetch-share", "0.5"], "only hybrid takes"),
     (["--executor", "graph", "--strategy", "hybrid", "--compare", "docs/validation/h100-80gb-hbm3.json"],
-     "--strategy hybrid is for a new run; --compare only prints"),
+     "--executor graph and --strategy hybrid are for a new run; --compare only prints"),
     (["--strategy-check", "hybrid"], "--strategy-check hybrid: the hf executor times prefetch only"),
     (["--executor", "graph", "--strategy-check", "host-attention,selective"],
      "--strategy-check selective: one of host-attention, hybrid"),
@@ -301,7 +301,7 @@ def test_refusals_are_one_line():
     (["--executor", "graph", "--strategy", "hybrid", "--strategy-check", "host-attention"],
      "--strategy-check host-attention: beside --strategy prefetch only"),
     (["--executor", "graph", "--strategy-check", "hybrid", "--compare", "docs/validation/h100-80gb-hbm3.json"],
-     "--strategy-check hybrid is for a new run; --compare only prints"),
+     "--executor graph and --strategy-check hybrid are for a new run; --compare only prints"),
 ])
 def test_validate_refuses_what_is_not_built_in_one_line(args, words):
     from cli_run import assert_refused
@@ -427,7 +427,7 @@ def test_every_table_names_a_strategy_check_point_s_strategy_and_hybrid_s_fetche
     code, text, err = invoke(["simulate", "--model", "r1-distill-qwen-7b", "--gpu", "h100-sxm", "--against",
                               str(renamed), "--format", "json"])
     rows = json.loads(text)["rows"]
-    assert [(r.get("strategy"), r.get("fetch_share"), r.get("host_share")) for r in rows] == [
+    assert [(r.get("strategy"), r.get("fetch_share"), r.get("share")) for r in rows] == [
         (None, None, None), (None, None, None), ("host-attention", None, None), ("hybrid", 0.5, 0.5)]
 
 

@@ -218,3 +218,20 @@ def test_a_layout_flag_that_is_not_a_boolean_is_one_line(key):
     with pytest.raises(TiersimError, match=f"{key} must be true or false"):
         block_layout("falcon", {key: "false"})
     assert block_layout("falcon", {"parallel_attn": False})["parallel_block"] is False
+
+
+def test_the_decode_runs_models_have_their_family_s_layout():
+    """decode_fidelity.model_for built every published shape as a sequential block, GPT-J included (a parallel
+    attention/MLP block, GPTJBlock); it reads the layout from shapes.block_layout now, as the other fidelity
+    builders do, so the priced model is GPT-J's: parallel, a plain GELU MLP, two all-reduces per layer under TP (the
+    engines reduce after attention and after the MLP)."""
+    from tiersim.shapes import block_layout
+    from tiersim.simulator import decode_fidelity as df
+
+    doc = df.load()
+    gptj = df.model_for(doc, "gpt-j-6b")
+    assert (gptj.parallel_block, gptj.gated_mlp, gptj.allreduces_per_layer) == (True, False, 2)
+    for key, spec in doc["models"].items():
+        model, layout = df.model_for(doc, key), block_layout(spec["architecture"], spec)
+        assert (model.parallel_block, model.allreduces_per_layer) == (layout["parallel_block"],
+                                                                      layout["allreduces_per_layer"]), key

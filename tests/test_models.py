@@ -332,11 +332,48 @@ def test_unreadable_model_file_is_named(tmp_path, monkeypatch):
     assert _one_line(exc_info) == f"cannot read {locked}: permission denied"
 
 
-def test_prompt_past_the_model_context_is_refused(tmp_path):
+def test_only_a_file_the_load_reads_is_refused_when_unreadable(tmp_path, monkeypatch):
+    """Any unreadable file refused the model dir: a README or a training log the user may not read stopped a
+    model whose config, tokenizer and weights are all readable. Now only those are checked, each named: the
+    tokenizer's file, and with sharded weights the index and each shard it names (not a stray weights file
+    transformers would not load)."""
+    import json
+
+    import tiersim.models
+    from tiersim.models import resolve_model_dir
+
+    directory = _save(tiny_model("llama")[0], tmp_path / "model")
+    (directory / "README.md").write_text("notes")
+    (directory / "pytorch_model.bin").write_bytes(b"not loaded: model.safetensors comes first")
+    locked = set()
+    real = os.access
+    monkeypatch.setattr(tiersim.models.os, "access", lambda p, mode: Path(p) not in locked and real(p, mode))
+    locked.update({directory / "README.md", directory / "pytorch_model.bin"})
+    assert resolve_model_dir(str(directory)) == (directory, "model")
+    model, _ = load_model(str(directory))  # and it loads
+    for needed in ("config.json", "tokenizer.json", "model.safetensors"):
+        locked.add(directory / needed)
+        with pytest.raises(TiersimError) as exc_info:
+            resolve_model_dir(str(directory))
+        assert _one_line(exc_info) == f"cannot read {directory / needed}: permission denied"
+        locked.discard(directory / needed)
+    (directory / "model.safetensors").rename(directory / "model-00001-of-00001.safetensors")
+    (directory / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"lm_head.weight": "model-00001-of-00001.safetensors"}}))
+    locked.add(directory / "model-00001-of-00001.safetensors")
+    with pytest.raises(TiersimError) as exc_info:
+        resolve_model_dir(str(directory))
+    assert _one_line(exc_info) == f"cannot read {directory / 'model-00001-of-00001.safetensors'}: permission denied"
+
+
+def test_prompt_past_the_model_context_is_refused(tmp_path, monkeypatch):
     """A prompt that with --max-new-tokens runs past max_position_embeddings (1024 here) is one line before
-    any generation: a 2M-token prompt ran its prefill for hours, a 3k one captured past the model's positions."""
+    any generation: a 2M-token prompt ran its prefill for hours, a 3k one captured past the model's positions.
+    capture and grid check it from config.json and the tokenizer before the weights load (the cheap check
+    first: they loaded the model, seconds to minutes for a large one, then refused)."""
     from cli_run import assert_refused
 
+    import tiersim.models
     from tiersim.models import check_context
     from tiersim.prompts import Prompt
 
@@ -349,11 +386,13 @@ def test_prompt_past_the_model_context_is_refused(tmp_path):
     directory = _save(model, tmp_path / "model")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "w2 w3"}\n' + '{"prompt": "%s"}\n' % " ".join(["w3"] * 3000))
+    loads = []
+    monkeypatch.setattr(tiersim.models, "load_model", lambda *a, **k: loads.append(a) or (model, tokenizer))
     for command in ("capture", "grid"):
         out = ["--out", str(tmp_path / f"{command}.{'parquet' if command == 'capture' else 'json'}")]
         _, err = assert_refused([command, "--model", str(directory), "--prompts", str(prompts), "--n", "2",
-                                 "--max-new-tokens", "2", *out], before_work=False)
-        assert "prompt 2 is 3,000 tokens" in err
+                                 "--max-new-tokens", "2", *out])
+        assert "prompt 2 is 3,000 tokens" in err and not loads
         assert not (tmp_path / out[1]).exists()
 
 

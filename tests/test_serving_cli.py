@@ -282,3 +282,40 @@ def test_the_oracle_runs_only_by_name_and_says_so():
     run = json.loads(out)["runs"][0]
     assert code == 0 and run["max_tokens"] == 150 and "--max-tokens 150 cuts" in err
     assert run["output_tokens"] <= 150 * 40
+
+
+def test_drawn_requests_past_the_context_are_cut_there_and_the_run_says_how_many(tmp_path):
+    """The means are checked against the context, but a log-normal tail draws requests past it (qwq-32b's 40,960
+    tokens, aime outputs at --sigma 1: one in twenty): no engine runs one whole, so each is cut at the context as
+    an engine stops a request there, with a note naming how many and the longest drawn, and the workload line (in
+    the document too) says so. The default max_tokens stays within the context (40,788 rounded up to 65,536
+    made queue reserve room no request can use). A request file is the user's own: refused, as before."""
+    import numpy as np
+
+    from tiersim.serving import workload
+    from tiersim.shapes import MODEL_SHAPES
+
+    window = MODEL_SHAPES["qwq-32b"].max_context
+    args = ["serve", "--model", "qwq-32b", "--tp", "2", "--lengths", "aime", "--sigma", "1", "--requests", "40",
+            "--on-full", "queue", "--seed", "3"]
+    drawn = workload.synthetic(40, 1.0, 256, 13800, 1.0, seed=3)  # the same draw: --qps 1, the default prompts
+    total = drawn.prompt + drawn.output
+    over = int((total > window).sum())
+    assert over >= 1  # the point of the test: the tail does cross the context
+    saved = tmp_path / "requests.csv"
+    code, out, err = invoke([*args, "--format", "json", "--save-requests", str(saved)])
+    assert code == 0, err
+    assert (f"note: {over} of 40 drawn requests (prompt + output) run past qwq-32b's 40,960-token context, the "
+            f"longest {int(total.max()):,} tokens: each is cut at the context") in " ".join(err.split())
+    run = json.loads(out)["runs"][0]
+    assert f"{over} cut at the 40,960-token context" in run["workload"] and run["max_tokens"] <= window
+    cut = workload.read_requests(saved)
+    assert (cut.prompt == drawn.prompt).all() and (cut.prompt + cut.output == np.minimum(total, window)).all()
+    _, err = assert_refused(["serve", "--model", "qwq-32b", "--tp", "2", "--requests-file", str(_long_file(tmp_path))])
+    assert "request 0 of --requests-file" in err and "past qwq-32b's 40,960-token context" in err
+
+
+def _long_file(tmp_path):
+    path = tmp_path / "long.csv"
+    path.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,50000\n")
+    return path

@@ -134,3 +134,18 @@ def test_arrivals_past_the_clock_s_range_are_refused():
     with pytest.raises(TiersimError, match="past the 1e\\+09 s"):
         workload.synthetic(3, 1e-9, 8, 8)
     assert workload.synthetic(3, 1e-6, 8, 8).arrival[-1] < workload.MAX_ARRIVAL_S
+
+
+def test_a_drawn_prompt_that_fills_the_context_keeps_one_output_token():
+    """clip_to_context: an output is cut to what the context leaves after its prompt; a prompt that alone fills the
+    context keeps context - 1 tokens and one output token (a request of no output is no request); one within it
+    is untouched; an unknown context cuts nothing."""
+    import numpy as np
+
+    from tiersim.serving.workload import Requests, clip_to_context
+
+    requests = Requests(np.zeros(3), np.array([100, 5000, 50]), np.array([9950, 10, 20]))
+    cut, n, longest = clip_to_context(requests, 4096)
+    assert (n, longest) == (2, 10050) and cut.prompt.tolist() == [100, 4095, 50]
+    assert cut.output.tolist() == [3996, 1, 20] and "2 cut at the 4,096-token context" in cut.describe()
+    assert clip_to_context(requests, None) == (requests, 0, 10050)

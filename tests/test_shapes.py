@@ -92,6 +92,20 @@ def test_the_parameter_count_is_the_built_models():
 
 
 @pytest.mark.parametrize("name", list(MODEL_SHAPES))
+def test_the_validator_builds_each_shape_with_its_own_context(name):
+    """hf_config hard-coded max_position_embeddings = 131072: QwQ-32B and Qwen3-8B (40,960) were built with a
+    context they do not have. It is the shape's max_context now, and the config reads back as the table row
+    (the same shape, its context included); the smoke shape, of no known context, keeps 131072."""
+    pytest.importorskip("transformers")
+    shape = vshapes.get_shape(name)
+    config = vshapes.hf_config(shape)
+    assert config.max_position_embeddings == MODEL_SHAPES[name].max_context
+    back = ModelShape.from_hf_config(config, name=name)
+    assert back == MODEL_SHAPES[name] and back.max_context == MODEL_SHAPES[name].max_context
+    assert vshapes.hf_config(vshapes.get_shape("tiny")).max_position_embeddings == vshapes.UNKNOWN_CONTEXT
+
+
+@pytest.mark.parametrize("name", list(MODEL_SHAPES))
 def test_from_hf_config_reads_each_shipped_config_as_its_table_row(name, tmp_path):
     """From a transformers config object (built here, no hub) and from the config.json file alike."""
     transformers = pytest.importorskip("transformers")

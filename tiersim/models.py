@@ -119,13 +119,43 @@ def resolve_model_dir(name_or_path: str | None) -> tuple[Path, str]:
         raise TiersimError(f"cannot read the model directory {path}: permission denied")
     if (path / "config.json").exists():
         # transformers says a weights file it may not open is missing ("No such file"): name it here
-        unreadable = sorted(f.name for f in path.iterdir() if f.is_file() and not os.access(f, os.R_OK))
+        unreadable = [f for f in _files_read(path) if not os.access(f, os.R_OK)]
         if unreadable:
-            raise TiersimError(f"cannot read {path / unreadable[0]}: permission denied")
+            raise TiersimError(f"cannot read {unreadable[0]}: permission denied")
         return path, path.name
     raise TiersimError(
         f"model {name_or_path!r} not found: give 'smollm2' or a local transformers model directory (with config.json)"
     )
+
+
+#: What a load reads from a model directory besides the weights, where present: the config, the generation
+#: defaults (its eos ids end a generation) and the tokenizer's files (transformers' names for them).
+READ_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+              "tokenizer.model", "chat_template.jinja", "chat_template.json")
+#: The weights transformers looks for, in its order (the first present is the one it loads; an index names shards).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _files_read(path: Path) -> list[Path]:
+    """The files of model directory ``path`` that loading it reads: :data:`READ_FILES` that are there, and the
+    weights transformers picks (the first of :data:`WEIGHT_FILES` present; an index with the shards it names).
+    Only these are checked for permission: a README, a licence or a training log the user may not read is no
+    reason to refuse a model whose files are all readable."""
+    files = [path / name for name in READ_FILES if (path / name).is_file()]
+    weights = next((path / name for name in WEIGHT_FILES if (path / name).is_file()), None)
+    if weights is None:
+        return files  # no weights: transformers' own one line says so
+    files.append(weights)
+    if weights.name.endswith(".index.json") and os.access(weights, os.R_OK):
+        import json
+
+        try:
+            shards = sorted(set(json.loads(weights.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            shards = []  # a damaged index: the load's own error names it
+        files += [path / shard for shard in shards if isinstance(shard, str) and (path / shard).is_file()]
+    return files
 
 
 def load_model(name_or_path: str | None = None, device: str = "cpu", dtype: str | torch.dtype = "float32",
@@ -339,14 +369,17 @@ def check_context(model, tokenizer, prompts, max_new_tokens: int) -> None:
     """Refuse a prompt (``tiersim.prompts.Prompt``) that with ``max_new_tokens`` runs past the model's
     ``max_position_embeddings``: past its trained positions a model's attention is not the one a trace
     or a quality score should record (transformers only logs a reminder), and a prompt of millions of
-    tokens would spend hours in one prefill. A config without the field is not checked."""
-    _check_positions(model.config, tokenizer, prompts, max_new_tokens)
+    tokens would spend hours in one prefill. A config without the field is not checked. For a model already
+    loaded; the commands check before loading, with :func:`check_context_without_weights`."""
+    _check_positions(_position_limit(model.config), tokenizer, prompts, max_new_tokens)
 
 
 def check_context_without_weights(name_or_path: str | None, tokenizer, prompts, max_new_tokens: int) -> None:
-    """``check_context`` for a driver that holds only the tokenizer (``grid --ray``: the weights are in the
-    workers). The limit is in config.json, read here without the weights, so a prompt past it is one line
-    before a cluster starts, not an error from every worker (or a run past the positions) later."""
+    """``check_context`` from config.json and the tokenizer alone, before any weights are read: ``capture`` and
+    ``grid`` call it before loading the model (a prompt past the context was refused only after the weights had
+    loaded, seconds to minutes for nothing) and ``grid --ray``'s driver, which never loads them, before a cluster
+    starts. ``tokenizer``: the one the caller holds, or None to load it here, only when the config has a limit."""
+    import torch  # noqa: F401  (format_prompt's tensors: without torch, the one install line before transformers warns)
     from transformers import AutoConfig
 
     directory, _ = resolve_model_dir(name_or_path)
@@ -354,12 +387,20 @@ def check_context_without_weights(name_or_path: str | None, tokenizer, prompts, 
         config = AutoConfig.from_pretrained(directory, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise TiersimError(f"could not read the model config in {directory}: {_first_line(exc)}") from None
-    _check_positions(config, tokenizer, prompts, max_new_tokens)
+    limit = _position_limit(config)
+    if limit is not None:
+        _check_positions(limit, tokenizer if tokenizer is not None else load_tokenizer(name_or_path)[0], prompts,
+                         max_new_tokens)
 
 
-def _check_positions(config, tokenizer, prompts, max_new_tokens: int) -> None:
+def _position_limit(config) -> int | None:
+    """The model's ``max_position_embeddings`` (None: absent or not a positive integer, so not checked)."""
     limit = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
-    if not isinstance(limit, int) or limit < 1:
+    return limit if isinstance(limit, int) and limit >= 1 else None
+
+
+def _check_positions(limit: int | None, tokenizer, prompts, max_new_tokens: int) -> None:
+    if limit is None:
         return
     for prompt in prompts:
         tokens = int(format_prompt(tokenizer, prompt.prompt).shape[1])

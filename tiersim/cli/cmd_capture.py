@@ -52,14 +52,14 @@ def capture(
 
         if not torch.cuda.is_available():
             raise TiersimError("--device cuda: no CUDA device is available here")
-    from tiersim.models import check_context, describe_model, load_model
+    from tiersim.models import check_context_without_weights, describe_model, load_model
     from tiersim.traces import write
     from tiersim.traces.capture import capture as run_capture, check_fits
 
+    check_context_without_weights(model, None, items, max_new_tokens)  # the config and tokenizer: before the weights
     used = apply_threads(threads)
     with console.status(f"loading {model} ({used} CPU thread{'s' * (used > 1)}) ..."):
         mdl, tokenizer = load_model(model, device=device, dtype=dtype)
-    check_context(mdl, tokenizer, items, max_new_tokens)
     prompt_tokens = max(len(p.prompt) for p in items) + 64  # a token per character at most, and the template's
     check_fits(len(items), prompt_tokens, max_new_tokens, describe_model(mdl), full, 4 if dtype == "float32" else 2)
     parts = _parts(out, model, device, dtype, config, max_new_tokens, full, prompts, resume)

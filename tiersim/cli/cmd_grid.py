@@ -173,12 +173,12 @@ def _journal(out, model_name, device, dtype, resume):
 
 def _run(model_name, device, dtype, items, cells, max_new_tokens, journal=None, kl=False):
     """Load the model and run the grid under a progress bar (on stderr, so JSON stdout stays clean)."""
-    from tiersim.models import check_context, generation_kwargs, load_model
+    from tiersim.models import check_context_without_weights, generation_kwargs, load_model
     from tiersim.quality.grid import prepare_samples, run_grid
 
+    check_context_without_weights(model_name, None, items, max_new_tokens)  # config and tokenizer: before the weights
     with err_console.status(f"loading {model_name} ..."):
         mdl, tokenizer = load_model(model_name, device=device, dtype=dtype)
-    check_context(mdl, tokenizer, items, max_new_tokens)
     samples = prepare_samples(tokenizer, items, device=device)
     passes = len(samples) * (len(cells) + 1)
     with meter("grid", passes * (2 if kl else 1)) as progress:

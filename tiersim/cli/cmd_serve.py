@@ -148,8 +148,7 @@ def build(target: Target, serving: Serving, strategy: str, lengths: str | None, 
             prompt = parse_lengths(serving.prompt_lengths)
         except TiersimError as exc:
             raise TiersimError(str(exc).replace("--lengths", "--prompt-lengths")) from None
-        # The asked means, before the draw: with the default spread a mean well inside the context still draws
-        # a few requests past it, and a command that served before keeps serving.
+        # The asked means, before the draw: a mean past the context asks for a workload the model cannot run.
         served = output if serving.max_tokens is None else min(output, serving.max_tokens)
         check_context(model.shape, prompt + served, f"--prompt-lengths {prompt:,.0f} + --lengths {served:,.0f}")
         requests = workload.synthetic(serving.requests, 1.0 if qps is None else qps, prompt, output, serving.sigma,
@@ -159,8 +158,16 @@ def build(target: Target, serving: Serving, strategy: str, lengths: str | None, 
         if cut:
             err_console.print(f"[yellow]note:[/] --max-tokens {serving.max_tokens:,} cuts {cut:,} of {len(requests):,} "
                               "outputs (every policy serves them cut)", highlight=False, soft_wrap=True)
+    if serving.requests_file is None:  # the draw's tail past the context: cut there, as an engine stops a request
+        requests, cut, longest = workload.clip_to_context(requests, model.max_context)
+        if cut:
+            err_console.print(f"[yellow]note:[/] {cut:,} of {len(requests):,} drawn requests (prompt + output) run past "
+                              f"{model.name}'s {model.max_context:,}-token context, the longest {longest:,} "
+                              "tokens: each is cut at the context, as an engine stops a request there (every policy "
+                              "serves them cut)", highlight=False, soft_wrap=True)
     # One max_tokens for all: --max-tokens, else the power of two covering the outputs; a file's own column wins.
-    max_tokens = None if requests.max_tokens is not None else serving.max_tokens or memory.default_max_tokens(requests.output)
+    max_tokens = (None if requests.max_tokens is not None else
+                  serving.max_tokens or memory.default_max_tokens(requests.output, model.max_context))
     tiers = TierConfig(hbm=1.0 - serving.spill_ddr, ddr=serving.spill_ddr)
     engine = EngineConfig(serving.max_batch, serving.token_budget, names[0], tiers, serving.spill_cap, max_tokens)
     tpot = DEFAULT_TPOT_SLO if tpot_slo is None else tpot_slo

@@ -41,16 +41,13 @@ def validate(opts: ValidateOptions = ValidateOptions()) -> None:
     (--executor graph: the step captured as a CUDA graph, the GPU-bound measurement)."""
     from tiersim.validator import calibrate
     from tiersim.validator import compare as compare_mod
-    from tiersim.validator.options import check_compare_runs_nothing
 
-    check_compare_runs_nothing(opts.compare, opts.strategy, opts.fetch_share, opts.compressed, opts.strategy_check)
     if opts.compare is not None:
         import dataclasses
 
         from tiersim.options import defaults
-        from tiersim.validator.options import check_compare, check_compare_alone
+        from tiersim.validator.options import check_compare_alone
 
-        check_compare(opts.compare, opts.out, opts.profile)
         check_compare_alone(opts.compare, dataclasses.asdict(opts), defaults(ValidateOptions))
         _show(compare_mod.load(opts.compare))
         return

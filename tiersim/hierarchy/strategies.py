@@ -90,6 +90,17 @@ def point_words(name: str | None, fetch_share: float | None = None) -> str:
     others' is implied (prefetch fetches all, host attention none)."""
     if name in (None, "prefetch"):
         return ""
-    spec = REGISTRY.get(name)
-    share = f" fetch {fetch_share:g}" if spec is not None and spec.takes_share and fetch_share is not None else ""
-    return f"{name}{share}"
+    share = own_share(name, fetch_share)
+    return f"{name}{'' if share is None else f' fetch {share:g}'}"
+
+
+def own_share(name: str | None, fetch_share: float | None) -> float | None:
+    """The fetch share a point run with strategy ``name`` chose, or None where the strategy implies its split.
+
+    Every graph-executor point records the share its step fetched (prefetch 1.0, host attention 0.0), but only a
+    strategy that takes ``TierConfig.fetch_share`` (hybrid, selective) chose it: for the others it is a
+    consequence, and reading it as a knob would price or label the point as something it did not run. The one
+    reading of that rule, for the validator's predictions, ``simulate --against`` and the tables' words; an
+    unregistered name takes none (its own check refuses it)."""
+    spec = REGISTRY.get(name or "prefetch")
+    return fetch_share if spec is not None and spec.takes_share else None

@@ -53,11 +53,14 @@ RESTORE_HEADROOM = 0.05
 SPILL_CAP = 0.05
 
 
-def default_max_tokens(outputs) -> int:
+def default_max_tokens(outputs, context: int | None = None) -> int:
     """``max_tokens`` when none is given: the smallest power of two that cuts no output of the workload (a
-    service's cap set to cover its longest answers, the least a ``max_tokens`` reservation can hold)."""
+    service's cap set to cover its longest answers, the least a ``max_tokens`` reservation can hold), never past
+    the model's ``context`` (when known): a cap beyond it reserves room no request can fill (outputs near a
+    40,960-token context rounded up to 65,536 and a reserving queue refused a workload the model runs)."""
     longest = int(max(outputs, default=1))
-    return 1 << max(longest - 1, 0).bit_length()
+    cap = 1 << max(longest - 1, 0).bit_length()
+    return cap if context is None else min(cap, context)
 
 
 def blocks(tokens) -> int:

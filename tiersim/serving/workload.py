@@ -45,6 +45,9 @@ class Requests:
     output: np.ndarray
     source: str = "synthetic"
     max_tokens: np.ndarray | None = None
+    #: Drawn requests cut at the model's context (``context``, tokens) by :func:`clip_to_context`; 0: none.
+    context_cut: int = 0
+    context: int | None = None
 
     def __len__(self) -> int:
         return len(self.arrival)
@@ -55,7 +58,8 @@ class Requests:
 
     def describe(self) -> str:
         own = "" if self.max_tokens is None else f", max_tokens per request (mean {self.max_tokens.mean():,.0f})"
-        return (f"{len(self):,} requests ({self.source}), prompts mean {self.prompt.mean():,.0f} tokens, "
+        cut = f", {self.context_cut:,} cut at the {self.context:,}-token context" if self.context_cut else ""
+        return (f"{len(self):,} requests ({self.source}{cut}), prompts mean {self.prompt.mean():,.0f} tokens, "
                 f"outputs mean {self.output.mean():,.0f} (p99 {np.percentile(self.output, 99):,.0f}){own}")
 
 
@@ -103,6 +107,24 @@ def cut_outputs(requests: Requests, max_tokens: int) -> tuple[Requests, int]:
     cut = int((requests.output > max_tokens).sum())
     own = None if requests.max_tokens is None else np.minimum(requests.max_tokens, max_tokens)
     return replace(requests, output=np.minimum(requests.output, max_tokens), max_tokens=own), cut
+
+
+def clip_to_context(requests: Requests, context: int | None) -> tuple[Requests, int, int]:
+    """The drawn requests with each one longer than the model's ``context`` (prompt + output) cut to fit, as an
+    engine stops a request at its context (vLLM's ``max_model_len``: the output ends there); a prompt that alone
+    fills it keeps ``context - 1`` tokens and one output token. Returns (requests, how many were cut, the longest
+    drawn, in tokens). For synthetic workloads only: their means are checked against the context, but a
+    log-normal tail (``--sigma 1``) draws requests past it that no engine would run whole; a request file is the
+    user's own, refused instead. None: the context is unknown, nothing is cut."""
+    total = requests.prompt + requests.output
+    longest = int(total.max())
+    if context is None or longest <= context:
+        return requests, 0, longest
+    over = total > context
+    prompt = np.minimum(requests.prompt, context - 1)
+    output = np.minimum(requests.output, context - prompt)
+    cut = replace(requests, prompt=prompt, output=output, context_cut=int(over.sum()), context=int(context))
+    return cut, int(over.sum()), longest
 
 
 def check(arrival, prompt, output, where: str, max_tokens=None) -> Requests:

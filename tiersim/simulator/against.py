@@ -87,7 +87,9 @@ def _strategy(name, index: int) -> str | None:
 
 def _points(doc: dict, check: _Fields) -> list[dict]:
     """The measured decode steps of a calibration or operator-profile document, each field checked."""
+    from tiersim.hierarchy.strategies import own_share
     from tiersim.simulator.scenario import MAX_BATCH, MAX_TOKENS
+    from tiersim.simulator.strategies import measured_share
 
     def point(model, batch, context, warmup, hbm, measured, steps, label, where, compressed=0.0) -> dict:
         """``where``: (a point's field prefix, the warmup's name, the measured time's key, the steps' name)."""
@@ -112,14 +114,11 @@ def _points(doc: dict, check: _Fields) -> list[dict]:
                                     p.get("compressed", 0.0)))
                 # The graph executor's host strategies: simulated as measured, not as prefetch.
                 strategy = _strategy(p.get("strategy") or settings.get("strategy"), i)
-                if strategy not in (None, "prefetch"):
-                    fetched = p.get("fetch_share", settings.get("fetch_share"))
-                    if strategy == "hybrid" and fetched is not None:
+                if strategy not in (None, "prefetch"):  # the others' share is implied (host attention fetches none)
+                    fetched = own_share(strategy, p.get("fetch_share", settings.get("fetch_share")))
+                    if fetched is not None:
                         fetched = check.number(f"point {i + 1}'s fetch_share", fetched, 0.0, 1.0)
-                    else:  # the others' is implied by the strategy (host attention fetches none)
-                        fetched = None
-                    points[-1].update(strategy=strategy, fetch_share=fetched,
-                                      host_share=None if fetched is None else 1.0 - fetched)
+                    points[-1].update(strategy=strategy, fetch_share=fetched, share=measured_share(strategy, fetched))
     else:
         warmup = (doc.get("settings") or {}).get("decode_warmup", 3)
         for model, entry in (doc.get("models") or {}).items():
@@ -152,7 +151,7 @@ def compare(scenario, points: list[dict], doc: dict | None = None) -> dict:
         sc = replace(scenario, batch=p["batch"], context=p["context"], steps=max(p["steps"], 1))
         comp = p["compressed"]
         row, _ = run(sc, sc.policy(p["hbm"], round(1.0 - p["hbm"] - comp, 6), comp, 0.0), largest=False,
-                     strategy=p.get("strategy"), share=p.get("host_share"))
+                     strategy=p.get("strategy"), share=p.get("share"))
         error = 100.0 * (row["step_ms"] / p["measured_ms"] - 1.0)
         rows.append({**p, "simulated_ms": row["step_ms"], "error_pct": error, "compute_model": row["compute_model"]})
     if not rows:

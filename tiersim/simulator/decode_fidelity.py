@@ -29,7 +29,7 @@ from importlib import resources
 
 import numpy as np
 
-from tiersim.shapes import ModelShape
+from tiersim.shapes import ModelShape, block_layout
 from tiersim.simulator import engines, prefill
 from tiersim.simulator.presets import GB, GPU, Model, get_gpu
 
@@ -58,11 +58,18 @@ def gpu_for(doc: dict, key: str) -> GPU:
 
 
 def model_for(doc: dict, key: str) -> Model:
+    """The data file's published shape ``key`` as a model preset, its block layout (gated MLP, parallel block, TP
+    all-reduces) read from its ``architecture`` by ``shapes.block_layout``, the one reading of a layout (GPT-J was
+    built as a sequential block here while the prefill and operator fidelity builders read it as the parallel
+    block it is); an explicit ``gated_mlp`` in the file is the published config's word and stands."""
     s = doc["models"][key]
+    layout = block_layout(s["architecture"], s)
+    if "gated_mlp" in s:
+        layout["gated_mlp"] = bool(s["gated_mlp"])
     return Model.from_shape(ModelShape(key, s["architecture"], s["num_layers"], s["hidden_size"],
                                        s["intermediate_size"], s["num_attention_heads"], s["num_kv_heads"],
-                                       s["head_dim"], s["vocab_size"], gated_mlp=s.get("gated_mlp", True),
-                                       dtype_bytes=s.get("dtype_bytes", 2), kv_dtype_bytes=s.get("kv_dtype_bytes", 2)))
+                                       s["head_dim"], s["vocab_size"], dtype_bytes=s.get("dtype_bytes", 2),
+                                       kv_dtype_bytes=s.get("kv_dtype_bytes", 2), **layout))
 
 
 def prefill_batch_s(model: Model, gpu: GPU, batch: int, length: int) -> float:

@@ -168,6 +168,18 @@ def compressed_transfer(model, gpu, offload, work, cover=1.0, table=None, share=
 COSTS = {name: globals()[name.replace("-", "_")] for name in registry.NAMES}
 
 
+def measured_share(strategy: str | None, fetch_share: float | None) -> float | None:
+    """The ``share`` to price a point the cache ran with ``strategy`` at ``fetch_share`` (the TierConfig knob, the
+    share of the DDR tier fetched to the device): hybrid's ``share`` is the part on the host, ``1 - fetch_share``;
+    selective's is the part fetched. None where the strategy takes no share (its split is implied) or none was
+    recorded: the strategy prices its own split. The validator's predictions and ``simulate --against`` both
+    price measured points through this one translation."""
+    fetched = registry.own_share(strategy, fetch_share)
+    if fetched is None:
+        return None
+    return 1.0 - fetched if strategy == "hybrid" else fetched
+
+
 def step_costs(strategy: str, model: Model, gpu: GPU, offload: Offload, work: Workload, cover: float = 1.0,
                table=None, share: float | None = None, note: str = "roofline") -> StepCosts:
     """The :class:`StepCosts` of ``strategy`` on ``work`` (``cover``: the share ``selective`` fetches;

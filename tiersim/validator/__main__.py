@@ -14,8 +14,7 @@ import sys
 
 from tiersim.errors import TiersimError
 from tiersim.options import add_arguments
-from tiersim.validator.options import (ValidateOptions, check_compare, check_compare_alone, check_compare_runs_nothing,
-                                      executor_options)
+from tiersim.validator.options import ValidateOptions, check_compare_alone, executor_options
 
 
 def parser() -> argparse.ArgumentParser:
@@ -29,9 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     from tiersim.validator import calibrate, compare
 
     try:
-        check_compare_runs_nothing(args.compare, args.strategy, args.fetch_share, args.compressed, args.strategy_check)
         if args.compare:
-            check_compare(args.compare, args.out, args.profile)
             check_compare_alone(args.compare, vars(args), vars(parser().parse_args([])))
             print(compare.format_text(compare.load(args.compare)))
             return 0

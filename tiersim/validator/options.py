@@ -59,16 +59,6 @@ class ValidateOptions:
     compare: Path | None = option(None, "print measured vs simulated from this calibration JSON")
 
 
-def check_compare(compare, out, profile) -> None:
-    """``--compare`` prints a calibration already written: an ``--out`` or ``--profile`` beside it belongs to a new
-    run that does not happen, so it is refused rather than silently dropped (no file would be written)."""
-    from tiersim.errors import TiersimError
-
-    for flag, value in (("--out", out), ("--profile", profile)):
-        if compare is not None and value is not None:
-            raise TiersimError(f"{flag} is for a new run; --compare only prints {compare}: drop {flag} or --compare")
-
-
 def executor_options(executor: str, strategy: str, fetch_share, compressed: float, strategy_check: str = "") -> dict:
     """The options only the graph executor takes, as ``run``'s keyword arguments. The HF harness times prefetch over
     lossless splits only: another ``--strategy``, a ``--fetch-share`` or a ``--compressed`` share for it is refused
@@ -90,34 +80,24 @@ def executor_options(executor: str, strategy: str, fetch_share, compressed: floa
     return {}
 
 
-def check_compare_runs_nothing(compare, strategy: str, fetch_share, compressed: float, strategy_check: str = "") -> None:
-    """``--compare`` prints a file and runs nothing: a ``--strategy``, ``--fetch-share`` or ``--compressed``
-    beside it would be silently dropped, so it is refused in one line (as :func:`check_compare` refuses --out)."""
-    from tiersim.errors import TiersimError
-
-    if compare is None:
-        return
-    for flag, given in ((f"--strategy {strategy}", strategy != "prefetch"),
-                        (f"--fetch-share {fetch_share}", fetch_share is not None),
-                        (f"--compressed {compressed}", bool(compressed)),
-                        (f"--strategy-check {strategy_check}", bool(strategy_check))):
-        if given:
-            raise TiersimError(f"{flag} is for a new run; --compare only prints {compare}: drop {flag} or --compare")
-
-
 def check_compare_alone(compare, values, defaults) -> None:
-    """``--compare`` with any other run option given (``--batch``, ``--device``, ``--steps``, ...): refused in
-    one line, since the printed file was measured with its own grid and the option would change nothing.
-    ``values`` and ``defaults``: each :class:`ValidateOptions` field as the front end holds it (typer: the
-    text; argparse: the parsed lists), so a default typed out again is not refused."""
+    """``--compare`` prints a calibration already measured and runs nothing, so every other option given beside
+    it (``--batch``, ``--strategy``, ``--out``, ...) would be silently dropped: refused in one line that names
+    them all, so the user fixes the command once. ``values`` and ``defaults``: each :class:`ValidateOptions`
+    field as the front end holds it (typer: the text; argparse: the parsed lists), so a default typed out
+    again is not refused. The one check of what --compare drops: an option added to the group is covered."""
     from tiersim.errors import TiersimError
     from tiersim.options import flag
 
     if compare is None:
         return
+    given = []
     for field in dataclasses.fields(ValidateOptions):
         if field.name != "compare" and values[field.name] != defaults[field.name]:
             value = values[field.name]
-            given = f"{flag(field)} {_csv(value) if isinstance(value, (list, tuple)) else value}"
-            raise TiersimError(f"{given} is for a new run; --compare only prints {compare}: drop {flag(field)} "
-                               "or --compare")
+            given.append((flag(field), f"{flag(field)} {_csv(value) if isinstance(value, (list, tuple)) else value}"))
+    if given:
+        words = given[0][1] if len(given) == 1 else ", ".join(g for _, g in given[:-1]) + f" and {given[-1][1]}"
+        verb, drop = ("is", given[0][0]) if len(given) == 1 else ("are", "them")
+        raise TiersimError(f"{words} {verb} for a new run; --compare only prints {compare}: drop {drop} "
+                           "or --compare")

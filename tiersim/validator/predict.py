@@ -55,10 +55,10 @@ def predict(model, gpu, policy: dict, batch: int, context: float, hbm: float, ta
     if strategy == "prefetch":
         costs = layer_costs(model, gpu, pol, work, table)
     else:  # the graph executor's host-attention / hybrid points: the strategy's own costs (hybrid at its share)
-        from tiersim.simulator.strategies import step_costs
+        from tiersim.simulator.strategies import measured_share, step_costs
 
-        share = 1.0 - pol.tiers.fetch_share if strategy == "hybrid" else None
-        costs = step_costs(strategy, model, gpu, pol, work, table=table, share=share)
+        costs = step_costs(strategy, model, gpu, pol, work, table=table,
+                           share=measured_share(strategy, pol.tiers.fetch_share))
     step, stall = closed_form(costs, model.num_layers)
     return {"step_ms": float(step[0]) * 1e3, "stall_ms": float(stall[0]) * 1e3}
 
@@ -68,13 +68,12 @@ def tier_options(options: dict) -> dict:
 
     Every graph-executor point records its ``fetch_share``, the share of the DDR tier its step fetched to the
     device (prefetch 1.0, host attention 0.0, hybrid its own: ``graph_tiers.fetched_share``), and it flows through
-    unchanged up to here. TierConfig takes that knob only from the strategies that take a share
-    (``strategies.SHARE_TAKERS``: it refuses 0.0 from host attention, whose split the strategy implies); for
-    the others it is dropped here, the one place, and the strategy alone prices the point."""
-    from tiersim.hierarchy import strategies
+    unchanged up to here. TierConfig takes that knob only from the strategies that take a share (it refuses 0.0
+    from host attention, whose split the strategy implies): ``strategies.own_share``, the rule ``simulate
+    --against`` reads too, drops it for the others, and the strategy alone prices the point."""
+    from tiersim.hierarchy.strategies import own_share
 
-    spec = strategies.REGISTRY.get(options.get("strategy") or "prefetch")  # an unknown one: TierConfig refuses it
-    if "fetch_share" in options and spec is not None and not spec.takes_share:
+    if "fetch_share" in options and own_share(options.get("strategy"), options["fetch_share"]) is None:
         return {k: v for k, v in options.items() if k != "fetch_share"}
     return options
 

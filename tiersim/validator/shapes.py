@@ -49,8 +49,14 @@ def get_shape(name: str) -> Shape:
     return SHAPES[name]
 
 
+#: ``max_position_embeddings`` of a built shape whose context is unknown (the smoke shape): the shipped R1 models'.
+UNKNOWN_CONTEXT = 131072
+
+
 def hf_config(shape: Shape):
-    """The transformers config of ``shape`` (full attention on every layer, no sliding window)."""
+    """The transformers config of ``shape`` (full attention on every layer, no sliding window), its
+    ``max_position_embeddings`` the shape's own context (``ModelShape.max_context``: QwQ-32B's and Qwen3-8B's
+    40,960, not a fixed 131,072), so the built model is the published one and reads back as its table row."""
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config
 
     classes = {"qwen2": Qwen2Config, "qwen3": Qwen3Config, "llama": LlamaConfig}
@@ -65,7 +71,7 @@ def hf_config(shape: Shape):
         num_attention_heads=shape.num_attention_heads,
         num_key_value_heads=shape.num_kv_heads,
         head_dim=shape.head_dim,
-        max_position_embeddings=131072,
+        max_position_embeddings=UNKNOWN_CONTEXT if shape.max_context is None else shape.max_context,
         rope_theta=shape.rope_theta,
         tie_word_embeddings=shape.tie_word_embeddings,
         use_cache=True,
