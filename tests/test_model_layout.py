@@ -218,3 +218,29 @@ def test_a_layout_flag_that_is_not_a_boolean_is_one_line(key):
     with pytest.raises(TiersimError, match=f"{key} must be true or false"):
         block_layout("falcon", {key: "false"})
     assert block_layout("falcon", {"parallel_attn": False})["parallel_block"] is False
+
+
+# family -> a config.json as that family's published files write it: the family's own key names, and only the keys
+# they state (a file saved by transformers leaves out what equals a default). Each must read as transformers itself
+# parses it (``CONFIG_MAPPING[type](**file)``): a key the reader does not know would plan another model than the one
+# served, or refuse a real file.
+HUB_FILES = {
+    "llama": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "num_hidden_layers": 2},
+    "gptj": {"n_embd": 64, "n_head": 4, "n_layer": 2, "rotary_dim": 8},
+    "codegen": {"n_embd": 64, "n_head": 4, "n_layer": 2, "rotary_dim": 8},
+    "gpt_neox": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "num_hidden_layers": 2},
+    "phi": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "num_hidden_layers": 2},
+    # bigscience/bloom-560m's config.json states its width as n_embed (BloomConfig pops it into hidden_size)
+    "bloom": {"n_embed": 64, "n_layer": 2, "num_attention_heads": 4, "tie_word_embeddings": True},
+}
+PLANNED = ("num_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_kv_heads", "head_dim",
+           "vocab_size", "tie_word_embeddings", "gated_mlp", "parallel_block", "allreduces_per_layer")
+
+
+@pytest.mark.parametrize("family", HUB_FILES)
+def test_a_published_config_json_reads_as_transformers_parses_it(family):
+    file = {**HUB_FILES[family], **TINY}
+    raw = ModelShape.from_hf_config({**file, "model_type": family}, where="test")
+    parsed = _shape(transformers.CONFIG_MAPPING[family](**file))
+    assert {k: getattr(raw, k) for k in PLANNED} == {k: getattr(parsed, k) for k in PLANNED}

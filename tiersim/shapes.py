@@ -50,11 +50,12 @@ FUSED_ALLREDUCE_MODEL_TYPES = frozenset({"falcon"})
 SEQUENTIAL_ALLREDUCES = 2
 
 #: Other names configs give the fields of :data:`CONFIG_FIELDS` (the GPT-2 family's ``n_layer``/``n_embd``/
-#: ``n_head``/``n_inner``: GPT-J, CodeGen, GPT-BigCode; BLOOM's ``n_layer``/``n_head``; OPT's ``ffn_dim``; Falcon's
-#: ``num_kv_heads``/``ffn_hidden_size``), read where the transformers name is absent: transformers maps them
-#: (``attribute_map``) on its config objects, but a ``config.json`` and ``to_dict()`` keep the original keys.
+#: ``n_head``/``n_inner``: GPT-J, CodeGen, GPT-BigCode; BLOOM's ``n_layer``/``n_head`` and ``n_embed``, the width its
+#: published files state (bigscience/bloom-560m's config.json), which BloomConfig pops into ``hidden_size``; OPT's
+#: ``ffn_dim``; Falcon's ``num_kv_heads``/``ffn_hidden_size``), read where the transformers name is absent:
+#: transformers maps them (``attribute_map``) on its config objects, but a ``config.json`` keeps the original keys.
 CONFIG_ALIASES = {
-    "num_hidden_layers": ("n_layer",), "hidden_size": ("n_embd",), "num_attention_heads": ("n_head",),
+    "num_hidden_layers": ("n_layer",), "hidden_size": ("n_embd", "n_embed"), "num_attention_heads": ("n_head",),
     "num_key_value_heads": ("num_kv_heads",), "intermediate_size": ("n_inner", "ffn_dim", "ffn_hidden_size"),
 }
 
