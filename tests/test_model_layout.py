@@ -233,6 +233,11 @@ HUB_FILES = {
     "phi": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "num_hidden_layers": 2},
     # bigscience/bloom-560m's config.json states its width as n_embed (BloomConfig pops it into hidden_size)
     "bloom": {"n_embed": 64, "n_layer": 2, "num_attention_heads": 4, "tie_word_embeddings": True},
+    # bigcode/starcoder's config.json: "multi_query": true and no KV head count (GPTBigCodeAttention: one KV head)
+    "gpt_bigcode": {"n_embd": 64, "n_head": 4, "n_layer": 2, "n_inner": 256, "multi_query": True,
+                    "tie_word_embeddings": True},
+    "gpt_bigcode multi-head": {"n_embd": 64, "n_head": 4, "n_layer": 2, "multi_query": False,
+                               "tie_word_embeddings": True},
 }
 PLANNED = ("num_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_kv_heads", "head_dim",
            "vocab_size", "tie_word_embeddings", "gated_mlp", "parallel_block", "allreduces_per_layer")
@@ -240,7 +245,13 @@ PLANNED = ("num_layers", "hidden_size", "intermediate_size", "num_attention_head
 
 @pytest.mark.parametrize("family", HUB_FILES)
 def test_a_published_config_json_reads_as_transformers_parses_it(family):
-    file = {**HUB_FILES[family], **TINY}
-    raw = ModelShape.from_hf_config({**file, "model_type": family}, where="test")
-    parsed = _shape(transformers.CONFIG_MAPPING[family](**file))
+    file, model_type = {**HUB_FILES[family], **TINY}, family.split()[0]
+    raw = ModelShape.from_hf_config({**file, "model_type": model_type}, where="test")
+    parsed = _shape(transformers.CONFIG_MAPPING[model_type](**file))
     assert {k: getattr(raw, k) for k in PLANNED} == {k: getattr(parsed, k) for k in PLANNED}
+
+
+def test_a_multi_query_flag_that_is_not_a_boolean_is_one_line():
+    cfg = {"model_type": "gpt_bigcode", "n_embd": 64, "n_head": 4, "n_layer": 2, "multi_query": "false"}
+    with pytest.raises(TiersimError, match=r"^test: multi_query must be true or false"):
+        ModelShape.from_hf_config(cfg, where="test")

@@ -49,6 +49,12 @@ FUSED_ALLREDUCE_MODEL_TYPES = frozenset({"falcon"})
 #: All-reduces per layer of a sequential block under tensor parallelism: after the attention and after the MLP.
 SEQUENTIAL_ALLREDUCES = 2
 
+#: ``model_type``s whose config states a ``multi_query`` flag (default True in both config classes) instead of a KV head
+#: count: one KV head shared by every query head, as GPTBigCodeAttention (``kv_heads = 1 if multi_query else
+#: num_heads``: StarCoder's published config.json says only ``"multi_query": true``) and FalconAttention (unless
+#: ``new_decoder_architecture``, which reads ``num_kv_heads``) build it. Read as heads, StarCoder's KV is 48 x too large.
+MULTI_QUERY_MODEL_TYPES = frozenset({"falcon", "gpt_bigcode"})
+
 #: Other names configs give the fields of :data:`CONFIG_FIELDS` (the GPT-2 family's ``n_layer``/``n_embd``/
 #: ``n_head``/``n_inner``: GPT-J, CodeGen, GPT-BigCode; BLOOM's ``n_layer``/``n_head`` and ``n_embed``, the width its
 #: published files state (bigscience/bloom-560m's config.json), which BloomConfig pops into ``hidden_size``; OPT's
@@ -212,9 +218,7 @@ class ModelShape:
         layers = _config_int(cfg, "num_hidden_layers", where)
         hidden = _config_int(cfg, "hidden_size", where)
         heads = _config_int(cfg, "num_attention_heads", where)
-        # Falcon's attention takes its KV heads from the layout flags (transformers' FalconAttention: num_kv_heads
-        # under new_decoder_architecture or without multi_query, else one shared KV head; multi_query defaults True).
-        if model_type == "falcon" and not cfg.get("new_decoder_architecture") and cfg.get("multi_query", True):
+        if _multi_query(model_type, cfg, where):
             kv_heads = 1
         else:
             kv_heads = _config_int(cfg, "num_key_value_heads", where, default=heads)
@@ -255,13 +259,23 @@ def block_layout(model_type: str, cfg: Mapping | None = None) -> dict:
             "allreduces_per_layer": 1 if fused else SEQUENTIAL_ALLREDUCES}
 
 
-def _config_flag(cfg: Mapping, key: str) -> bool | None:
+def _config_flag(cfg: Mapping, key: str, where: str = "config") -> bool | None:
     """A layout flag of a config, ``None`` when absent. Only a JSON boolean counts: ``bool("false")`` is true, so a
     hand-edited ``"false"`` would silently turn a sequential block parallel (and halve its TP all-reduces)."""
     value = cfg.get(key)
     if value is None or isinstance(value, bool):
         return value
-    raise TiersimError(f"config: {key} must be true or false, got {value!r}")
+    raise TiersimError(f"{where}: {key} must be true or false, got {value!r}")
+
+
+def _multi_query(model_type: str, cfg: Mapping, where: str) -> bool:
+    """Whether a config's attention shares one KV head (:data:`MULTI_QUERY_MODEL_TYPES`; Falcon's new decoder
+    architecture reads its ``num_kv_heads`` instead)."""
+    if model_type not in MULTI_QUERY_MODEL_TYPES:
+        return False
+    if model_type == "falcon" and _config_flag(cfg, "new_decoder_architecture", where):
+        return False
+    return _config_flag(cfg, "multi_query", where) is not False
 
 
 def _config_int(cfg: Mapping, name: str, where: str, default=None) -> int:
