@@ -49,6 +49,17 @@ FUSED_ALLREDUCE_MODEL_TYPES = frozenset({"falcon"})
 #: All-reduces per layer of a sequential block under tensor parallelism: after the attention and after the MLP.
 SEQUENTIAL_ALLREDUCES = 2
 
+#: ``model_type``s whose config class ties the LM head to the input embedding unless the file says otherwise
+#: (``tie_word_embeddings`` defaults to True in GemmaConfig, GPT2Config, OPTConfig, FalconConfig, BloomConfig, ...; the
+#: test holds this list to transformers' classes). transformers 4 wrote a ``config.json`` without the values equal to
+#: its base config's defaults, tying included, so published tied files (google/gemma-7b, openai-community/gpt2) have no
+#: key: read as untied they would plan a second vocabulary table the model does not hold (1.6 GB for Gemma-7B).
+#: Every other ``model_type`` (Llama, Qwen, Mistral, Phi, GPT-J, GPT-NeoX: their classes default to False) is untied
+#: unless its file says so.
+TIED_BY_DEFAULT_MODEL_TYPES = frozenset({"biogpt", "bloom", "cohere", "cohere2", "ernie4_5", "falcon", "gemma", "gemma2",
+                                         "gemma3_text", "gpt2", "gpt_bigcode", "gpt_neo", "jetmoe", "minicpm3", "opt",
+                                         "smollm3", "starcoder2", "vaultgemma", "xglm"})
+
 #: ``model_type``s whose config states a ``multi_query`` flag (default True in both config classes) instead of a KV head
 #: count: one KV head shared by every query head, as GPTBigCodeAttention (``kv_heads = 1 if multi_query else
 #: num_heads``: StarCoder's published config.json says only ``"multi_query": true``) and FalconAttention (unless
@@ -234,7 +245,7 @@ class ModelShape:
                                f"or unknown dtype cannot be planned), got {json.dumps(dtype)[:40]}")
         return cls(
             str(name or cfg.get("_name_or_path") or default_name), model_type, layers, hidden, inter, heads, kv_heads,
-            head_dim, vocab, tie_word_embeddings=bool(cfg.get("tie_word_embeddings")), rope_theta=_rope_theta(cfg),
+            head_dim, vocab, tie_word_embeddings=_tied(model_type, cfg, where), rope_theta=_rope_theta(cfg),
             **block_layout(model_type, cfg), sliding_window=_sliding_window(cfg),
             dtype_bytes=SERVED_DTYPE_BYTES.get(dtype, 2), max_context=_max_context(cfg, where),
         )
@@ -266,6 +277,12 @@ def _config_flag(cfg: Mapping, key: str, where: str = "config") -> bool | None:
     if value is None or isinstance(value, bool):
         return value
     raise TiersimError(f"{where}: {key} must be true or false, got {value!r}")
+
+
+def _tied(model_type: str, cfg: Mapping, where: str) -> bool:
+    """``tie_word_embeddings`` as stated, else the family's default (:data:`TIED_BY_DEFAULT_MODEL_TYPES`)."""
+    stated = _config_flag(cfg, "tie_word_embeddings", where)
+    return model_type in TIED_BY_DEFAULT_MODEL_TYPES if stated is None else stated
 
 
 def _multi_query(model_type: str, cfg: Mapping, where: str) -> bool:
