@@ -103,3 +103,37 @@ def test_validator_compare_refuses_an_out_it_would_not_write(tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and extra[0] in err[0]
     assert not (tmp_path / "other.json").exists()
+
+
+SMOKE = {**GOOD, "device": {"name": "cpu"}, "model_shape": {
+    "name": "tiny", "architecture": "qwen2", "num_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+    "num_attention_heads": 4, "num_kv_heads": 2, "head_dim": 16, "vocab_size": 256, "tie_word_embeddings": False,
+    "rope_theta": 10000.0, "kv_bytes_per_token": 512}}
+
+
+def test_the_file_s_own_shape_is_the_one_the_validator_wrote(tmp_path, capsys):
+    """The record the validator writes (``Shape.to_dict``) reads back as that shape and is priced."""
+    from tiersim.shapes import TINY, ModelShape
+    from tiersim.simulator.against import main
+    from tiersim.validator.shapes import SHAPES
+
+    assert ModelShape.from_record(SHAPES["tiny"].to_dict(), where="test") == TINY
+    assert main([str(_write(tmp_path, SMOKE))]) == 0
+    assert "median |error|" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change", [{"hidden_size": None}, {"num_layers": 0}, {"num_kv_heads": 3},
+                                    {"head_dim": "16"}, {"name": 7}, {"params": -1}])
+def test_a_bad_stored_shape_is_one_line_not_a_traceback(tmp_path, capsys, change):
+    """Found in review: the shape was built unchecked, ``ModelShape(**record)``: a missing field was a TypeError
+    traceback and zero layers a ZeroDivisionError."""
+    from tiersim.simulator.against import main
+
+    doc = copy.deepcopy(SMOKE)
+    doc["model_shape"].update(change)
+    if doc["model_shape"]["hidden_size"] is None:
+        del doc["model_shape"]["hidden_size"]
+    assert main([str(_write(tmp_path, doc))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --against: ") and "model" in err[0]
+

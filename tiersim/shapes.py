@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from tiersim.errors import TiersimError
 
@@ -249,6 +249,33 @@ class ModelShape:
             **block_layout(model_type, cfg), sliding_window=_sliding_window(cfg),
             dtype_bytes=SERVED_DTYPE_BYTES.get(dtype, 2), max_context=_max_context(cfg, where),
         )
+
+    @classmethod
+    def from_record(cls, record, where: str) -> ModelShape:
+        """A shape stored by its field names (a calibration file's ``model_shape``, ``validator.shapes.FILE_FIELDS``),
+        every field checked by :meth:`from_hf_config`'s rules: a measurement file is input too, and a shape built
+        from it unchecked was a TypeError for a missing field and a ZeroDivisionError for zero layers."""
+        if not isinstance(record, Mapping):
+            raise TiersimError(f"{where}: expected an object, got {json.dumps(record)[:40]}")
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [k for k in required if record.get(k) is None]
+        if missing:
+            raise TiersimError(f"{where}: {missing[0]} is missing (a stored shape names every one of "
+                               f"{', '.join(required)})")
+        for key in ("name", "architecture"):
+            if not isinstance(record[key], str):
+                raise TiersimError(f"{where}: {key} must be text, got {json.dumps(record[key])[:40]}")
+        stored_as_config = {"num_layers": "num_hidden_layers", "num_kv_heads": "num_key_value_heads",
+                            "architecture": "model_type", "max_context": "max_position_embeddings"}
+        config = {stored_as_config.get(k, k): v for k, v in record.items() if k not in ("name", "params")}
+        config.setdefault("tie_word_embeddings", False)  # a record states its tying (the dataclass default)
+        shape = cls.from_hf_config(config, name=record["name"], where=where)
+        params = record.get("params")
+        if params is None:
+            return shape
+        if isinstance(params, bool) or not isinstance(params, (int, float)) or not 0 < params < 1e15:
+            raise TiersimError(f"{where}: params must be a positive parameter count, got {json.dumps(params)[:40]}")
+        return replace(shape, params=float(params))
 
 
 def block_layout(model_type: str, cfg: Mapping | None = None) -> dict:

@@ -200,13 +200,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.model is None and model not in MODELS and doc.get("model_shape"):
             # A shape with no preset (the CPU smoke run's ``tiny``): the file's own shape, priced as measured.
-            from dataclasses import fields
-
             from tiersim.shapes import ModelShape
             from tiersim.simulator.presets import Model
 
-            names = {f.name for f in fields(ModelShape)}
-            shape = ModelShape(**{k: v for k, v in doc["model_shape"].items() if k in names})
+            shape = ModelShape.from_record(doc["model_shape"], where=f"--against: {args.file}: model_shape")
             scenario = assemble(1, gpu=gpu, calibration=calibration, engine=engine)
             scenario = replace(scenario, model=Model.from_shape(shape))
         else:
