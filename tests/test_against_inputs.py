@@ -137,3 +137,15 @@ def test_a_bad_stored_shape_is_one_line_not_a_traceback(tmp_path, capsys, change
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --against: ") and "model" in err[0]
 
+
+def test_a_point_s_model_that_is_not_a_name_is_one_line(tmp_path, capsys):
+    """Found in review: a point's ``model_shape`` object reached ``model in MODELS``: TypeError, unhashable dict."""
+    from tiersim.simulator.against import main
+
+    doc = copy.deepcopy(GOOD)
+    del doc["model_shape"]
+    doc["points"][0]["model_shape"] = {"name": "tiny"}
+    with pytest.raises(TiersimError, match="point 1's model must be a model's name"):
+        load_measurements(_write(tmp_path, doc))
+    assert main([str(_write(tmp_path, doc))]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

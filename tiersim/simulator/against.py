@@ -54,6 +54,12 @@ class _Fields:
             self._bad(name, value, f"a whole number in {lo:,}..{hi:,}")
         return int(value)
 
+    def name(self, name: str, value) -> str | None:
+        """A model's name: text, or absent (a point of no stated model, left out as of another model)."""
+        if value is not None and not isinstance(value, str):
+            self._bad(name, value, "a model's name")
+        return value
+
     def number(self, name: str, value, lo: float, hi: float, above: bool = False) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                 or not (lo < value if above else lo <= value) or not value <= hi:
@@ -90,7 +96,7 @@ def _points(doc: dict, check: _Fields) -> list[dict]:
         """``where``: (a point's field prefix, the warmup's name, the measured time's key, the steps' name)."""
         warmup = check.whole(where[1], warmup, 0, MAX_STEPS)
         hbm = check.number(f"{where[0]}hbm", hbm, 0.0, 1.0)
-        return {"model": model, "batch": check.whole(f"{where[0]}batch", batch, 1, MAX_BATCH),
+        return {"model": check.name(f"{where[0]}model", model), "batch": check.whole(f"{where[0]}batch", batch, 1, MAX_BATCH),
                 "context": check.whole(f"{where[0]}context", context, 0, MAX_TOKENS) + warmup,
                 "hbm": hbm, "compressed": check.number(f"{where[0]}compressed", compressed, 0.0, 1.0 - hbm),
                 "measured_ms": check.number(f"{where[0]}{where[2]}", measured, 0.0, MAX_MS, above=True),
