@@ -195,6 +195,28 @@ def test_the_engine_step_check_charges_that_engines_own_decode_excess():
     assert statistics.median(short) < 6.0 and max(long_tp) < -13.0
 
 
+
+def test_the_engine_step_check_prices_the_decode_step_with_the_prefill_s_all_reduce_count():
+    """The check subtracts the simulated decode step of the same engine build its prefill is priced as: a case that
+    states its engine's all-reduce count (Falcon at two) charges that count in the decode step too, and its rows carry
+    it (found in review: the decode step took the model's one, the check rows the default)."""
+    falcon = copy.deepcopy(REF["models"]["falcon-180b"])
+    case = {"source": "splitwise", "gpu": "a100", "model": "falcon-180b", "tp": 8, "sequences": 1, "decode_ms": 60.0,
+            "points": [{"prompt": 1024, "ttft_ms": 300.0}]}
+    ref = {"gemm_cases": [], "attention_kernels": [], "operator_gemm_cases": [], "models": {"falcon-180b": falcon},
+           "sources": {"splitwise": {"role": "held_out"}}}
+    check = {}
+    for count in (None, 2):
+        stated = {**case, **({} if count is None else {"allreduces_per_layer": count})}
+        rows = pf.rows(reference={**ref, "ttft_cases": [stated]})
+        plain = next(r for r in rows if r.source == "splitwise")
+        check[count] = next(r for r in rows if r.source == "splitwise+engine-step")
+        assert check[count].allreduces_per_layer == plain.allreduces_per_layer == (count or 1)
+        check[count] = check[count].simulated_ms - plain.simulated_ms  # the excess charged
+    model, gpu = pf.model_from_shape("falcon-180b", falcon), get_gpu(pf.PRESET["a100"])
+    one_reduce = model.num_layers * parallel.allreduce_s(gpu, 8, model.hidden_size * model.param_bytes) * 1e3
+    assert check[None] - check[2] == pytest.approx(one_reduce, rel=1e-9)
+
 def test_error_rows_are_plain_rows_per_source_and_regime():
     rows = pf.error_rows()
     assert {r["regime"] for r in rows} == {"gemm", "attention", "ttft"}

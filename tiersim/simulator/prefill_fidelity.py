@@ -117,11 +117,14 @@ def _gpus(gpus: dict[str, GPU] | None) -> dict[str, GPU]:
     return gpus or {k: get_gpu(v) for k, v in TTFT_PRESET.items()}
 
 
-def decode_step_s(model: Model, gpu: GPU, tp: int, context: int = ENGINE_STEP_CONTEXT) -> float:
-    """The simulated batch-1 decode step held in HBM on ``tp`` GPUs (no engine cost): layers, all-reduces, LM head."""
+def decode_step_s(model: Model, gpu: GPU, tp: int, context: int = ENGINE_STEP_CONTEXT,
+                  allreduces: int | None = None) -> float:
+    """The simulated batch-1 decode step held in HBM on ``tp`` GPUs (no engine cost): layers, all-reduces (the
+    model's count, or ``allreduces``: the engine's own, as its prefill is priced), LM head."""
     rank = parallel.shard(model, tp)
     kv = context * rank.kv_bytes_per_token_layer
-    layer = float(physics.layer_s(rank, gpu, 1, kv)) + float(parallel.layer_allreduce_s(model, gpu, tp, 1))
+    layer = (float(physics.layer_s(rank, gpu, 1, kv))
+             + float(parallel.layer_allreduce_s(model, gpu, tp, 1, allreduces=allreduces)))
     return model.num_layers * layer + physics.lm_head_s(rank, gpu, 1)
 
 
@@ -163,18 +166,19 @@ def rows(gpus: dict[str, GPU] | None = None, reference: dict | None = None) -> l
         gpu, tp, n = gpus[case["gpu"]], case["tp"], case.get("sequences", 1)
         source = case.get("source", "splitwise")
         model = model_from_shape(case["model"], shapes[case["model"]])
-        # The engine-step check: that engine's decode step minus the simulated one, charged once per forward.
-        excess = case["decode_ms"] - decode_step_s(model, gpu, tp) * 1e3 if "decode_ms" in case else None
         # How many all-reduces per layer: the model's (its layout's) unless the case states its engine's own count
         # (TensorRT-LLM v0.5 reduced Falcon's parallel block twice).
         ar = parallel.allreduces_per_layer(model, case.get("allreduces_per_layer"))
+        # The engine-step check: that engine's decode step minus the simulated one (the same all-reduce count as its
+        # prefill), charged once per forward.
+        excess = case["decode_ms"] - decode_step_s(model, gpu, tp, allreduces=ar) * 1e3 if "decode_ms" in case else None
         for p in case["points"]:
             sim = parallel.tp_prefill_s(model, gpu, tp, p["prompt"], sequences=n, allreduces=ar) * 1e3
             out.append(Row(source, "ttft", case["gpu"], case["model"], tp, p["prompt"], p["ttft_ms"], sim,
                            roles[source], n, ar))
             if excess is not None:
                 out.append(Row(f"{source}+engine-step", "ttft", case["gpu"], case["model"], tp, p["prompt"],
-                               p["ttft_ms"], sim + excess, "check", n))
+                               p["ttft_ms"], sim + excess, "check", n, ar))
     out += dli_ttft_rows(gpus)
     # The engine-line checks: each served trace re-priced with its engine's line fitted on that engine's profile only.
     for check, profile in ENGINE_LINES.items():
