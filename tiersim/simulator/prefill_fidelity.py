@@ -48,7 +48,6 @@ from importlib import resources
 import numpy as np
 
 from tiersim.simulator import decode_fidelity, engines, fidelity, parallel, physics, prefill
-from tiersim.shapes import block_layout
 from tiersim.simulator.presets import GPU, SEQUENTIAL_ALLREDUCES, Model, get_gpu, get_model
 
 REFERENCE = "public-prefill-profiles.json"
@@ -98,19 +97,9 @@ class Row:
 
 
 def model_from_shape(name: str, shape: dict) -> Model:
-    """A model preset with a published shape (weights counted from it; embeddings tied where the model ties them),
-    its block layout read from the shape's ``architecture`` (the config's model_type) and layout keys by
-    ``shapes.block_layout``, the reader of HF configs' layouts."""
-    h, heads, kv = shape["hidden_size"], shape["num_attention_heads"], shape["num_kv_heads"]
-    hd, ff = h // heads, shape["intermediate_size"]
-    gated = bool(shape["gated_mlp"])
-    tied = bool(shape.get("tie_word_embeddings", False))
-    attn = h * hd * (heads + 2 * kv) + heads * hd * h
-    params = shape["num_layers"] * (attn + (3 if gated else 2) * h * ff) + (1 if tied else 2) * shape["vocab_size"] * h + h
-    layout = block_layout(shape.get("architecture", ""), shape)
-    return Model(name, shape["num_layers"], kv, hd, h, heads, float(params), vocab_size=shape["vocab_size"],
-                 intermediate_size=ff, gated_mlp=gated, tie_word_embeddings=tied,
-                 parallel_block=layout["parallel_block"], allreduces_per_layer=layout["allreduces_per_layer"])
+    """A model preset with a published shape of this reference's ``models`` (``fidelity.model_for``: weights counted
+    from it, embeddings tied where the model ties them, the block layout read from its ``architecture``)."""
+    return fidelity.model_for({**shape, "model": name})
 
 
 def _gpus(gpus: dict[str, GPU] | None) -> dict[str, GPU]:
