@@ -287,3 +287,22 @@ def test_a_tied_file_without_the_key_plans_one_vocabulary_table():
     assert untied.weight_bytes - tied.weight_bytes == tied.embedding_bytes
     with pytest.raises(TiersimError, match=r"^test: tie_word_embeddings must be true or false"):
         ModelShape.from_hf_config({**gemma, "tie_word_embeddings": "false"}, where="test")
+
+
+def test_every_reference_shape_is_read_with_its_family_s_layout():
+    """The decode-steps file's models are built through ``block_layout`` like every other reference shape (found in
+    review: they took only ``gated_mlp`` from the file, so GPT-J's parallel block read as a sequential one)."""
+    from tiersim.simulator import decode_fidelity, fidelity, prefill_fidelity
+
+    doc = decode_fidelity.load()
+    for key, s in doc["models"].items():
+        model = decode_fidelity.model_for(doc, key)
+        assert (model.gated_mlp, model.parallel_block, model.allreduces_per_layer) == tuple(
+            block_layout(s["architecture"]).values()), key
+    assert decode_fidelity.model_for(doc, "gpt-j-6b").parallel_block
+    ref = prefill_fidelity.load_reference()
+    for key, s in ref["models"].items():
+        model = prefill_fidelity.model_from_shape(key, s)
+        assert (model.gated_mlp, model.parallel_block) == (s["gated_mlp"], block_layout(s["architecture"], s)[
+            "parallel_block"]), key
+    assert all(fidelity.model_for(c).parallel_block == (c["architecture"] == "phi") for c in ref["gemm_cases"])

@@ -29,7 +29,7 @@ from importlib import resources
 
 import numpy as np
 
-from tiersim.shapes import ModelShape
+from tiersim.shapes import ModelShape, block_layout
 from tiersim.simulator import engines, prefill
 from tiersim.simulator.presets import GB, GPU, Model, get_gpu
 
@@ -58,10 +58,15 @@ def gpu_for(doc: dict, key: str) -> GPU:
 
 
 def model_for(doc: dict, key: str) -> Model:
+    """The model of one of the file's published shapes, its block layout read from its ``architecture`` by
+    ``shapes.block_layout`` (the one reading: GPT-J's parallel block, its plain MLP)."""
     s = doc["models"][key]
+    layout = block_layout(s["architecture"], s)
+    if "gated_mlp" in s and bool(s["gated_mlp"]) != layout["gated_mlp"]:
+        raise ValueError(f"{key}: gated_mlp {s['gated_mlp']} is not a {s['architecture']} block's")
     return Model.from_shape(ModelShape(key, s["architecture"], s["num_layers"], s["hidden_size"],
                                        s["intermediate_size"], s["num_attention_heads"], s["num_kv_heads"],
-                                       s["head_dim"], s["vocab_size"], gated_mlp=s.get("gated_mlp", True),
+                                       s["head_dim"], s["vocab_size"], **layout,
                                        dtype_bytes=s.get("dtype_bytes", 2), kv_dtype_bytes=s.get("kv_dtype_bytes", 2)))
 
 
