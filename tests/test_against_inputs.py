@@ -149,3 +149,14 @@ def test_a_point_s_model_that_is_not_a_name_is_one_line(tmp_path, capsys):
         load_measurements(_write(tmp_path, doc))
     assert main([str(_write(tmp_path, doc))]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_a_file_without_a_preset_is_priced_on_its_measured_device(tmp_path, capsys):
+    """Found in review: with no ``gpu_preset`` the module priced every file on an H100, an A100's measurement too."""
+    from tiersim.simulator.against import main
+
+    doc = {"kind": "operator-profile", "schema_version": 1, "device": {"name": "NVIDIA A100-SXM4-80GB"},
+           "settings": {"decode_warmup": 3}, "models": {"r1-distill-qwen-7b": {"decode": [
+               {"cache": "dynamic", "batch": 1, "context": 2048, "hbm": 1.0, "step_ms": 30.0, "steps": 10}]}}}
+    assert main([str(_write(tmp_path, doc))]) == 0
+    assert capsys.readouterr().out.startswith("r1-distill-qwen-7b on a100-80g:")

@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     import importlib.util
     import sys
 
+    from tiersim.simulator.presets import device_preset
     from tiersim.simulator.scenario import assemble
 
     p = argparse.ArgumentParser(prog="python -m tiersim.simulator.against", description=main.__doc__.splitlines()[0])
@@ -196,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         doc, points = load_measurements(args.file)
         model = args.model or (doc.get("model_shape") or {}).get("name") or points[0]["model"]
-        gpu = args.gpu or doc.get("gpu_preset") or "h100-sxm"
+        # The file's preset, else the measured device's (presets.device_preset): a file without one was priced on
+        # an H100 whatever it measured.
+        gpu = args.gpu or doc.get("gpu_preset") or device_preset((doc.get("device") or {}).get("name"))
         calibration = args.calibration or (args.file if doc.get("kind") == "calibration" else None)
         smoke = str((doc.get("device") or {}).get("name") or "").startswith("cpu")
         if smoke and calibration == args.file:
