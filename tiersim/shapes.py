@@ -135,6 +135,13 @@ class ModelShape:
     #: equality (a shape built field by field without it prices the same).
     max_context: int | None = field(default=None, compare=False)
 
+    def __post_init__(self):
+        # The MLP width is derived from the parameter count and the count from the width: without either, every
+        # derived figure recursed until Python's stack ran out.
+        if not self.intermediate_size and self.params is None:
+            raise TiersimError(f"model shape {self.name}: intermediate_size 0 needs the published parameter count "
+                               "(params) to derive the MLP width from")
+
     # -- parameters ---------------------------------------------------------------------------------
     def parameter_count(self, vectors: bool = True) -> int:
         """Parameters of the model as transformers builds it, counted from the shape.
