@@ -268,6 +268,25 @@ def test_the_dli_first_token_latencies_are_a_check_priced_as_one_batched_prefill
     assert statistics.median(gptj) < -25.0 and SUMMARY[pf.DLI_TTFT]["worst_pct"] == -min(x.error_pct for x in dli)
 
 
+
+def test_a_line_that_changes_nothing_reprices_nothing(monkeypatch):
+    """``line_rows`` re-prices a row as :func:`rows` prices it but for the line: with the shipped GEMM efficiency and
+    no cost per layer every row is unchanged, the DLI rows' engine preset included (found in review: those rows
+    were re-priced without it; today's trtllm preset changes no prefill term, so the preset here gains a host cost)."""
+    from tiersim.simulator import engines
+
+    real = engines.apply
+    monkeypatch.setattr(engines, "apply", lambda gpu, name, layers: replace(real(gpu, name, layers),
+                                                                             step_overhead=1e-3))
+    gpus = pf._gpus(None)
+    null = {k: (gpus[k].prefill_gemm_efficiency, 0.0) for k in ("a100", "h100")}
+    before = {(r.source, r.gpu, r.model, r.tp, r.tokens, r.sequences): r.simulated_ms for r in pf.rows(gpus)}
+    after = pf.line_rows(null, gpus)
+    assert any(r.source == pf.DLI_TTFT for r in after)
+    for r in after:
+        assert r.simulated_ms == pytest.approx(before[(r.source, r.gpu, r.model, r.tp, r.tokens, r.sequences)],
+                                               rel=1e-12), r
+
 def test_a_trtllm_prefill_line_fitted_on_the_dli_check_is_not_what_the_held_out_sources_say():
     """The exploratory line (GEMM efficiency + a cost per layer per forward, fitted on the DLI first-token rows only)
     fits its own rows but not the held-out TensorRT-LLM TTFTs: the H100 rows flip from too fast to too slow and

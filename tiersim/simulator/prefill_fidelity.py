@@ -248,6 +248,8 @@ def line_rows(line: dict[str, tuple[float, float]], gpus: dict[str, GPU] | None 
             model = (decode_fidelity.model_for(doc, r.model) if r.source == DLI_TTFT
                      else model_from_shape(r.model, shapes[r.model]))
             g = replace(gpu, prefill_gemm_efficiency=fitted[0])
+            if r.source == DLI_TTFT:  # its rows are priced with their engine preset, as dli_ttft_rows and the fit do
+                g = engines.apply(g, doc["sources"][DLI_SOURCE]["engine_overhead"], model.num_layers)
             sim = (parallel.tp_prefill_s(model, g, r.tp, r.tokens, sequences=r.sequences,
                                          allreduces=r.allreduces_per_layer) + fitted[1] * model.num_layers)
             r = replace(r, simulated_ms=sim * 1e3)
