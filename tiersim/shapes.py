@@ -146,7 +146,7 @@ class ModelShape:
     def parameter_count(self, vectors: bool = True) -> int:
         """Parameters of the model as transformers builds it, counted from the shape: exact for the families the
         validator builds (Llama, Qwen2's q/k/v biases, Qwen3's q/k norms), since its memory check runs before it
-        allocates; another family's biases, LayerNorm shifts and learned position table (GPT-2, OPT: under 1%) are
+        allocates; another family's biases, LayerNorm shifts and learned position table (GPT-2, OPT) are
         not counted.
 
         ``vectors=False`` counts the weight matrices and embedding tables only, leaving out the norm and
