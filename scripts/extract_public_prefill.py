@@ -35,6 +35,11 @@ TOKENS = [128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096]
 TP_MODELS = {"Llama-2-70b-hf", "CodeLlama-34b-Instruct-hf"}
 VIDUR_LAYERS = {"Llama-2-7b-hf": 32, "Meta-Llama-3-8B": 32, "CodeLlama-34b-Instruct-hf": 48, "Llama-2-70b-hf": 80,
                 "Meta-Llama-3-70B": 80, "internlm-20b": 60, "Qwen-72B": 80, "phi-2": 32}
+#: Each profiled model's ``model_type`` (its config.json on huggingface.co), which vidur's CSV does not state: the
+#: block layout is read from it (``shapes.block_layout``: phi-2 is the parallel block vidur profiles).
+VIDUR_ARCHITECTURES = {"Llama-2-7b-hf": "llama", "Meta-Llama-3-8B": "llama", "CodeLlama-34b-Instruct-hf": "llama",
+                       "Llama-2-70b-hf": "llama", "Meta-Llama-3-70B": "llama", "internlm-20b": "internlm",
+                       "Qwen-72B": "qwen", "phi-2": "phi"}
 
 
 def vidur_cases(root: Path) -> list[dict]:
@@ -61,7 +66,8 @@ def _vidur_case(gpu: str, path: Path, df: pd.DataFrame, tp: int) -> dict:
         ops.append({"tokens": n, "gemm_ms": round(float(sum(row[f"time_stats.{o}.median"] for o in GEMMS)), 4),
                     "small_ms": round(float(sum(row.get(f"time_stats.{o}.median", 0.0) for o in SMALL)), 4)})
     model = path.parent.name
-    return {"gpu": gpu, "model": model, "hf_id": f"{path.parent.parent.name}/{model}", "tp": tp,
+    return {"gpu": gpu, "model": model, "hf_id": f"{path.parent.parent.name}/{model}",
+            "architecture": VIDUR_ARCHITECTURES[model], "tp": tp,
             "num_layers": VIDUR_LAYERS[model], "hidden_size": int(r0.n_embd),
             "num_attention_heads": int(r0.n_head), "num_kv_heads": int(r0.n_kv_head),
             "intermediate_size": int(r0.n_expanded_embd), "gated_mlp": bool(r0.use_gated_mlp),
@@ -237,6 +243,9 @@ def main(argv: list[str]) -> None:
         out = Path(argv[3]) if len(argv) > 3 else Path("tiersim/data/public-prefill-profiles.json")
         _write(out, json.loads(out.read_text()), cases(Path(argv[2])))
         return
+    if len(argv) < 5:
+        raise SystemExit("usage: extract_public_prefill.py VIDUR_DIR SPLITWISE_CSV ARGONNE_TTFT_CSV "
+                         "DISTSERVE_PROFILE_DIR [OUT] (or --distserve-trace, --trtllm-perf: see the module's help)")
     vidur, split, argonne, distserve = Path(argv[1]), Path(argv[2]), Path(argv[3]), Path(argv[4])
     out = Path(argv[5]) if len(argv) > 5 else Path("tiersim/data/public-prefill-profiles.json")
     data = json.loads(out.read_text()) if out.exists() else {}

@@ -128,3 +128,60 @@ def test_against_and_the_validator_read_a_point_s_fetch_share_by_one_rule(tmp_pa
         whole = {**point, "fetch_share": 1.0, "share": 1.0}
         quarter, full = (r["simulated_ms"] for r in compare(scenario, [point, whole])["rows"])
         assert quarter < full
+
+
+SMOKE = {**GOOD, "device": {"name": "cpu"}, "model_shape": {
+    "name": "tiny", "architecture": "qwen2", "num_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+    "num_attention_heads": 4, "num_kv_heads": 2, "head_dim": 16, "vocab_size": 256, "tie_word_embeddings": False,
+    "rope_theta": 10000.0, "kv_bytes_per_token": 512}}
+
+
+def test_the_file_s_own_shape_is_the_one_the_validator_wrote(tmp_path, capsys):
+    """The record the validator writes (``Shape.to_dict``) reads back as that shape and is priced."""
+    from tiersim.shapes import TINY, ModelShape
+    from tiersim.simulator.against import main
+    from tiersim.validator.shapes import SHAPES
+
+    assert ModelShape.from_record(SHAPES["tiny"].to_dict(), where="test") == TINY
+    assert main([str(_write(tmp_path, SMOKE))]) == 0
+    assert "median |error|" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change", [{"hidden_size": None}, {"num_layers": 0}, {"num_kv_heads": 3},
+                                    {"head_dim": "16"}, {"name": 7}, {"params": -1}])
+def test_a_bad_stored_shape_is_one_line_not_a_traceback(tmp_path, capsys, change):
+    """Found in review: the shape was built unchecked, ``ModelShape(**record)``: a missing field was a TypeError
+    traceback and zero layers a ZeroDivisionError."""
+    from tiersim.simulator.against import main
+
+    doc = copy.deepcopy(SMOKE)
+    doc["model_shape"].update(change)
+    if doc["model_shape"]["hidden_size"] is None:
+        del doc["model_shape"]["hidden_size"]
+    assert main([str(_write(tmp_path, doc))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --against: ") and "model" in err[0]
+
+
+def test_a_point_s_model_that_is_not_a_name_is_one_line(tmp_path, capsys):
+    """Found in review: a point's ``model_shape`` object reached ``model in MODELS``: TypeError, unhashable dict."""
+    from tiersim.simulator.against import main
+
+    doc = copy.deepcopy(GOOD)
+    del doc["model_shape"]
+    doc["points"][0]["model_shape"] = {"name": "tiny"}
+    with pytest.raises(TiersimError, match="point 1's model must be a model's name"):
+        load_measurements(_write(tmp_path, doc))
+    assert main([str(_write(tmp_path, doc))]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_a_file_without_a_preset_is_priced_on_its_measured_device(tmp_path, capsys):
+    """Found in review: with no ``gpu_preset`` the module priced every file on an H100, an A100's measurement too."""
+    from tiersim.simulator.against import main
+
+    doc = {"kind": "operator-profile", "schema_version": 1, "device": {"name": "NVIDIA A100-SXM4-80GB"},
+           "settings": {"decode_warmup": 3}, "models": {"r1-distill-qwen-7b": {"decode": [
+               {"cache": "dynamic", "batch": 1, "context": 2048, "hbm": 1.0, "step_ms": 30.0, "steps": 10}]}}}
+    assert main([str(_write(tmp_path, doc))]) == 0
+    assert capsys.readouterr().out.startswith("r1-distill-qwen-7b on a100-80g:")

@@ -112,3 +112,25 @@ def test_a_changed_trtllm_page_is_one_line_not_silently_fewer_rows(tmp_path, edi
 def test_a_missing_trtllm_page_is_one_line(tmp_path):
     with pytest.raises(SystemExit, match="not found"):
         _script().trtllm_perf_cases(tmp_path / "performance.md")
+
+
+def test_a_rebuilt_vidur_case_has_the_shipped_case_s_fields(tmp_path):
+    """The shipped gemm cases name each model's architecture (phi-2's parallel block is read from it); a rebuild must
+    write it too (found in review: it was added to the data file by hand, so a rebuild dropped it)."""
+    m = _script()
+    shipped = json.loads((REPO / "tiersim" / "data" / "public-prefill-profiles.json").read_text())["gemm_cases"]
+    phi = next(c for c in shipped if c["model"] == "phi-2" and c["gpu"] == "a100")
+    mlp = tmp_path / "data" / "profiling" / "compute" / "a100" / "microsoft" / "phi-2" / "mlp.csv"
+    mlp.parent.mkdir(parents=True)
+    columns = {"num_tensor_parallel_workers": 1, "num_tokens": 128, "n_embd": 2560, "n_head": 32, "n_kv_head": 32,
+               "n_expanded_embd": 10240, "use_gated_mlp": False, "vocab_size": 51200,
+               **{f"time_stats.{o}.median": 0.01 for o in m.GEMMS + m.SMALL}}
+    mlp.write_text(",".join(columns) + "\n" + ",".join(str(v) for v in columns.values()) + "\n")
+    (case,) = m.vidur_cases(tmp_path)
+    assert list(case) == list(phi)
+    assert {k: case[k] for k in phi if k != "ops"} == {k: phi[k] for k in phi if k != "ops"}
+
+
+def test_too_few_arguments_are_the_usage_line(capsys):
+    with pytest.raises(SystemExit, match="^usage: extract_public_prefill.py VIDUR_DIR"):
+        _script().main(["extract_public_prefill.py", "vidur"])

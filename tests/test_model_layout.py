@@ -15,7 +15,7 @@ import pytest
 
 from tiersim.errors import TiersimError
 from tiersim.serving.stepcost import StepPricer
-from tiersim.shapes import MODEL_SHAPES, ModelShape, block_layout
+from tiersim.shapes import MODEL_SHAPES, TIED_BY_DEFAULT_MODEL_TYPES, ModelShape, block_layout
 from tiersim.simulator import parallel
 from tiersim.simulator.presets import Model, get_gpu, get_model
 
@@ -235,3 +235,91 @@ def test_the_decode_runs_models_have_their_family_s_layout():
         model, layout = df.model_for(doc, key), block_layout(spec["architecture"], spec)
         assert (model.parallel_block, model.allreduces_per_layer) == (layout["parallel_block"],
                                                                       layout["allreduces_per_layer"]), key
+
+
+# family -> a config.json as that family's published files write it: the family's own key names, and only the keys
+# they state (a file saved by transformers leaves out what equals a default). Each must read as transformers itself
+# parses it (``CONFIG_MAPPING[type](**file)``): a key the reader does not know would plan another model than the one
+# served, or refuse a real file.
+HUB_FILES = {
+    "llama": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "num_hidden_layers": 2},
+    "gptj": {"n_embd": 64, "n_head": 4, "n_layer": 2, "rotary_dim": 8},
+    "codegen": {"n_embd": 64, "n_head": 4, "n_layer": 2, "rotary_dim": 8},
+    "gpt_neox": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "num_hidden_layers": 2},
+    "phi": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "num_hidden_layers": 2},
+    # bigscience/bloom-560m's config.json states its width as n_embed (BloomConfig pops it into hidden_size)
+    "bloom": {"n_embed": 64, "n_layer": 2, "num_attention_heads": 4},
+    # bigcode/starcoder's config.json: "multi_query": true and no KV head count (GPTBigCodeAttention: one KV head)
+    "gpt_bigcode": {"n_embd": 64, "n_head": 4, "n_layer": 2, "n_inner": 256, "multi_query": True},
+    "gpt_bigcode multi-head": {"n_embd": 64, "n_head": 4, "n_layer": 2, "multi_query": False},
+    # tied families whose published files state no tie_word_embeddings (google/gemma-7b, openai-community/gpt2)
+    "gemma": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 1,
+              "num_hidden_layers": 2, "head_dim": 16},
+    "gpt2": {"n_embd": 64, "n_head": 4, "n_layer": 2, "n_positions": 1024},
+    "opt": {"hidden_size": 64, "ffn_dim": 256, "num_attention_heads": 4, "num_hidden_layers": 2,
+            "word_embed_proj_dim": 64},
+    "falcon": {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2, "parallel_attn": True},
+    "cohere": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 4,
+               "num_hidden_layers": 2},
+    "starcoder2": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
+                   "num_hidden_layers": 2},
+    "bloom untied": {"n_embed": 64, "n_layer": 2, "num_attention_heads": 4, "tie_word_embeddings": False},
+}
+PLANNED = ("num_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_kv_heads", "head_dim",
+           "vocab_size", "tie_word_embeddings", "gated_mlp", "parallel_block", "allreduces_per_layer")
+
+
+@pytest.mark.parametrize("family", HUB_FILES)
+def test_a_published_config_json_reads_as_transformers_parses_it(family):
+    file, model_type = {**HUB_FILES[family], **TINY}, family.split()[0]
+    raw = ModelShape.from_hf_config({**file, "model_type": model_type}, where="test")
+    parsed = _shape(transformers.CONFIG_MAPPING[model_type](**file))
+    assert {k: getattr(raw, k) for k in PLANNED} == {k: getattr(parsed, k) for k in PLANNED}
+
+
+def test_a_multi_query_flag_that_is_not_a_boolean_is_one_line():
+    cfg = {"model_type": "gpt_bigcode", "n_embd": 64, "n_head": 4, "n_layer": 2, "multi_query": "false"}
+    with pytest.raises(TiersimError, match=r"^test: multi_query must be true or false"):
+        ModelShape.from_hf_config(cfg, where="test")
+
+
+UNTIED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gptj", "gpt_neox", "codegen", "stablelm")
+
+
+@pytest.mark.parametrize("family", sorted(TIED_BY_DEFAULT_MODEL_TYPES) + list(UNTIED_FAMILIES))
+def test_the_tied_by_default_families_are_those_transformers_ties_by_default(family):
+    """The list is transformers' own defaults (a family added there or here without the other fails)."""
+    if family not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"transformers {transformers.__version__} has no {family}")
+    config = transformers.CONFIG_MAPPING[family]()
+    assert bool(config.tie_word_embeddings) == (family in TIED_BY_DEFAULT_MODEL_TYPES)
+
+
+def test_a_tied_file_without_the_key_plans_one_vocabulary_table():
+    """A Gemma file as published (no tie_word_embeddings) weighs one table less than the same file stated untied."""
+    gemma = {"model_type": "gemma", **HUB_FILES["gemma"], "vocab_size": 256_000}
+    tied = ModelShape.from_hf_config(gemma, where="test")
+    untied = ModelShape.from_hf_config({**gemma, "tie_word_embeddings": False}, where="test")
+    assert untied.weight_bytes - tied.weight_bytes == tied.embedding_bytes
+    with pytest.raises(TiersimError, match=r"^test: tie_word_embeddings must be true or false"):
+        ModelShape.from_hf_config({**gemma, "tie_word_embeddings": "false"}, where="test")
+
+
+def test_every_reference_shape_is_read_with_its_family_s_layout():
+    """The decode-steps file's models are built through ``block_layout`` like every other reference shape (found in
+    review: they took only ``gated_mlp`` from the file, so GPT-J's parallel block read as a sequential one)."""
+    from tiersim.simulator import decode_fidelity, fidelity, prefill_fidelity
+
+    doc = decode_fidelity.load()
+    for key, s in doc["models"].items():
+        model = decode_fidelity.model_for(doc, key)
+        assert (model.gated_mlp, model.parallel_block, model.allreduces_per_layer) == tuple(
+            block_layout(s["architecture"]).values()), key
+    assert decode_fidelity.model_for(doc, "gpt-j-6b").parallel_block
+    ref = prefill_fidelity.load_reference()
+    for key, s in ref["models"].items():
+        model = prefill_fidelity.model_from_shape(key, s)
+        assert (model.gated_mlp, model.parallel_block) == (s["gated_mlp"], block_layout(s["architecture"], s)[
+            "parallel_block"]), key
+    assert all(fidelity.model_for(c).parallel_block == (c["architecture"] == "phi") for c in ref["gemm_cases"])

@@ -261,3 +261,10 @@ def test_the_planner_gives_a_40gb_a100_half_the_kv_room(trace):
         assert row["fits"] and row["hbm_capacity_gb"] == pytest.approx(presets.get_gpu(name).hbm_bytes / presets.GB)
     # 40 GB less HBM, the same weights and reserve: well under half the batch (the weights take ~15 GB of both)
     assert 0 < largest["a100-40g"] < 0.5 * largest["a100-80g"]
+
+
+def test_a_shape_with_neither_mlp_width_nor_count_is_refused_when_built():
+    """Its width comes from its count and its count from its width: it used to recurse until a RecursionError."""
+    with pytest.raises(TiersimError, match="intermediate_size 0 needs the published parameter count"):
+        ModelShape("x", "qwen2", 2, 64, 0, 4, 2, 16, 256)
+    assert ModelShape("x", "qwen2", 2, 64, 0, 4, 2, 16, 256, params=1e6).mlp_width > 0

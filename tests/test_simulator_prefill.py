@@ -99,6 +99,20 @@ def test_an_unsplit_attention_kernel_slows_the_decode_rows_of_a_mixed_step_as_of
         assert mixed == pytest.approx(slower, rel=1e-9)
 
 
+
+def test_the_decode_rows_attention_flops_bound_a_mixed_step_as_a_decode_step():
+    """Where the decode rows' attention FLOPs (``attended`` tokens) outlast their KV read, a mixed step's decode rows
+    are bound by them exactly as a decode step's are: the chunk does not change what they compute (found in review:
+    ``attended`` was dropped as soon as a prefill chunk joined, as the block rate once was)."""
+    slow = replace(H100, peak_flops=H100.peak_flops / 1000)  # attention FLOPs now bind over the read
+    d, kv = 8, 8 * 4096 * QWEN7.kv_bytes_per_token_layer
+    attended = d * 4096
+    bound = float(physics.layer_s(QWEN7, slow, d, kv, attended=attended)) - float(physics.layer_s(QWEN7, slow, d, kv))
+    assert bound > 0
+    mixed = float(prefill.mixed_layer_s(QWEN7, slow, d, kv, 256, 0, attended=attended)) - float(
+        prefill.mixed_layer_s(QWEN7, slow, d, kv, 256, 0))
+    assert mixed == pytest.approx(bound, rel=1e-9)
+
 def test_whole_prefill_and_step_add_the_layers_the_head_and_the_host():
     layer = float(prefill.prefill_layer_s(QWEN7, H100, 2048))
     whole = float(prefill.prefill_s(QWEN7, H100, 2048))

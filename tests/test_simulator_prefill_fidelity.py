@@ -196,6 +196,28 @@ def test_the_engine_step_check_charges_that_engines_own_decode_excess():
     assert statistics.median(short) < 6.0 and max(long_tp) < -13.0
 
 
+
+def test_the_engine_step_check_prices_the_decode_step_with_the_prefill_s_all_reduce_count():
+    """The check subtracts the simulated decode step of the same engine build its prefill is priced as: a case that
+    states its engine's all-reduce count (Falcon at two) charges that count in the decode step too, and its rows carry
+    it (found in review: the decode step took the model's one, the check rows the default)."""
+    falcon = copy.deepcopy(REF["models"]["falcon-180b"])
+    case = {"source": "splitwise", "gpu": "a100", "model": "falcon-180b", "tp": 8, "sequences": 1, "decode_ms": 60.0,
+            "points": [{"prompt": 1024, "ttft_ms": 300.0}]}
+    ref = {"gemm_cases": [], "attention_kernels": [], "operator_gemm_cases": [], "models": {"falcon-180b": falcon},
+           "sources": {"splitwise": {"role": "held_out"}}}
+    check = {}
+    for count in (None, 2):
+        stated = {**case, **({} if count is None else {"allreduces_per_layer": count})}
+        rows = pf.rows(reference={**ref, "ttft_cases": [stated]})
+        plain = next(r for r in rows if r.source == "splitwise")
+        check[count] = next(r for r in rows if r.source == "splitwise+engine-step")
+        assert check[count].allreduces_per_layer == plain.allreduces_per_layer == (count or 1)
+        check[count] = check[count].simulated_ms - plain.simulated_ms  # the excess charged
+    model, gpu = pf.model_from_shape("falcon-180b", falcon), get_gpu(pf.PRESET["a100"])
+    one_reduce = model.num_layers * parallel.allreduce_s(gpu, 8, model.hidden_size * model.param_bytes) * 1e3
+    assert check[None] - check[2] == pytest.approx(one_reduce, rel=1e-9)
+
 def test_error_rows_are_plain_rows_per_source_and_regime():
     rows = pf.error_rows()
     assert {r["regime"] for r in rows} == {"gemm", "attention", "ttft"}
@@ -246,6 +268,25 @@ def test_the_dli_first_token_latencies_are_a_check_priced_as_one_batched_prefill
     gptj = [x.error_pct for x in dli if x.gpu == "h100" and x.model == "gpt-j-6b"]
     assert statistics.median(gptj) < -25.0 and SUMMARY[pf.DLI_TTFT]["worst_pct"] == -min(x.error_pct for x in dli)
 
+
+
+def test_a_line_that_changes_nothing_reprices_nothing(monkeypatch):
+    """``line_rows`` re-prices a row as :func:`rows` prices it but for the line: with the shipped GEMM efficiency and
+    no cost per layer every row is unchanged, the DLI rows' engine preset included (found in review: those rows
+    were re-priced without it; today's trtllm preset changes no prefill term, so the preset here gains a host cost)."""
+    from tiersim.simulator import engines
+
+    real = engines.apply
+    monkeypatch.setattr(engines, "apply", lambda gpu, name, layers: replace(real(gpu, name, layers),
+                                                                             step_overhead=1e-3))
+    gpus = pf._gpus(None)
+    null = {k: (gpus[k].prefill_gemm_efficiency, 0.0) for k in ("a100", "h100")}
+    before = {(r.source, r.gpu, r.model, r.tp, r.tokens, r.sequences): r.simulated_ms for r in pf.rows(gpus)}
+    after = pf.line_rows(null, gpus)
+    assert any(r.source == pf.DLI_TTFT for r in after)
+    for r in after:
+        assert r.simulated_ms == pytest.approx(before[(r.source, r.gpu, r.model, r.tp, r.tokens, r.sequences)],
+                                               rel=1e-12), r
 
 def test_a_trtllm_prefill_line_fitted_on_the_dli_check_is_not_what_the_held_out_sources_say():
     """The exploratory line (GEMM efficiency + a cost per layer per forward, fitted on the DLI first-token rows only)

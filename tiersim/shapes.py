@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from tiersim.errors import TiersimError
 
@@ -49,12 +49,30 @@ FUSED_ALLREDUCE_MODEL_TYPES = frozenset({"falcon"})
 #: All-reduces per layer of a sequential block under tensor parallelism: after the attention and after the MLP.
 SEQUENTIAL_ALLREDUCES = 2
 
+#: ``model_type``s whose config class ties the LM head to the input embedding unless the file says otherwise
+#: (``tie_word_embeddings`` defaults to True in GemmaConfig, GPT2Config, OPTConfig, FalconConfig, BloomConfig, ...; the
+#: test holds this list to transformers' classes). transformers 4 wrote a ``config.json`` without the values equal to
+#: its base config's defaults, tying included, so published tied files (google/gemma-7b, openai-community/gpt2) have no
+#: key: read as untied they would plan a second vocabulary table the model does not hold (1.6 GB for Gemma-7B).
+#: Every other ``model_type`` (Llama, Qwen, Mistral, Phi, GPT-J, GPT-NeoX: their classes default to False) is untied
+#: unless its file says so.
+TIED_BY_DEFAULT_MODEL_TYPES = frozenset({"biogpt", "bloom", "cohere", "cohere2", "ernie4_5", "falcon", "gemma", "gemma2",
+                                         "gemma3_text", "gpt2", "gpt_bigcode", "gpt_neo", "jetmoe", "minicpm3", "opt",
+                                         "smollm3", "starcoder2", "vaultgemma", "xglm"})
+
+#: ``model_type``s whose config states a ``multi_query`` flag (default True in both config classes) instead of a KV head
+#: count: one KV head shared by every query head, as GPTBigCodeAttention (``kv_heads = 1 if multi_query else
+#: num_heads``: StarCoder's published config.json says only ``"multi_query": true``) and FalconAttention (unless
+#: ``new_decoder_architecture``, which reads ``num_kv_heads``) build it. Read as heads, StarCoder's KV is 48 x too large.
+MULTI_QUERY_MODEL_TYPES = frozenset({"falcon", "gpt_bigcode"})
+
 #: Other names configs give the fields of :data:`CONFIG_FIELDS` (the GPT-2 family's ``n_layer``/``n_embd``/
-#: ``n_head``/``n_inner``: GPT-J, CodeGen, GPT-BigCode; BLOOM's ``n_layer``/``n_head``; OPT's ``ffn_dim``; Falcon's
-#: ``num_kv_heads``/``ffn_hidden_size``), read where the transformers name is absent: transformers maps them
-#: (``attribute_map``) on its config objects, but a ``config.json`` and ``to_dict()`` keep the original keys.
+#: ``n_head``/``n_inner``: GPT-J, CodeGen, GPT-BigCode; BLOOM's ``n_layer``/``n_head`` and ``n_embed``, the width its
+#: published files state (bigscience/bloom-560m's config.json), which BloomConfig pops into ``hidden_size``; OPT's
+#: ``ffn_dim``; Falcon's ``num_kv_heads``/``ffn_hidden_size``), read where the transformers name is absent:
+#: transformers maps them (``attribute_map``) on its config objects, but a ``config.json`` keeps the original keys.
 CONFIG_ALIASES = {
-    "num_hidden_layers": ("n_layer",), "hidden_size": ("n_embd",), "num_attention_heads": ("n_head",),
+    "num_hidden_layers": ("n_layer",), "hidden_size": ("n_embd", "n_embed"), "num_attention_heads": ("n_head",),
     "num_key_value_heads": ("num_kv_heads",), "intermediate_size": ("n_inner", "ffn_dim", "ffn_hidden_size"),
 }
 
@@ -117,9 +135,19 @@ class ModelShape:
     #: equality (a shape built field by field without it prices the same).
     max_context: int | None = field(default=None, compare=False)
 
+    def __post_init__(self):
+        # The MLP width is derived from the parameter count and the count from the width: without either, every
+        # derived figure recursed until Python's stack ran out.
+        if not self.intermediate_size and self.params is None:
+            raise TiersimError(f"model shape {self.name}: intermediate_size 0 needs the published parameter count "
+                               "(params) to derive the MLP width from")
+
     # -- parameters ---------------------------------------------------------------------------------
     def parameter_count(self, vectors: bool = True) -> int:
-        """Parameters of the model as transformers builds it, counted from the shape.
+        """Parameters of the model as transformers builds it, counted from the shape: exact for the families the
+        validator builds (Llama, Qwen2's q/k/v biases, Qwen3's q/k norms), since its memory check runs before it
+        allocates; another family's biases, LayerNorm shifts and learned position table (GPT-2, OPT) are
+        not counted.
 
         ``vectors=False`` counts the weight matrices and embedding tables only, leaving out the norm and
         bias vectors (under 0.01% of a real model): the estimate the simulator has always used for a
@@ -211,9 +239,7 @@ class ModelShape:
         layers = _config_int(cfg, "num_hidden_layers", where)
         hidden = _config_int(cfg, "hidden_size", where)
         heads = _config_int(cfg, "num_attention_heads", where)
-        # Falcon's attention takes its KV heads from the layout flags (transformers' FalconAttention: num_kv_heads
-        # under new_decoder_architecture or without multi_query, else one shared KV head; multi_query defaults True).
-        if model_type == "falcon" and not cfg.get("new_decoder_architecture") and cfg.get("multi_query", True):
+        if _multi_query(model_type, cfg, where):
             kv_heads = 1
         else:
             kv_heads = _config_int(cfg, "num_key_value_heads", where, default=heads)
@@ -229,10 +255,37 @@ class ModelShape:
                                f"or unknown dtype cannot be planned), got {json.dumps(dtype)[:40]}")
         return cls(
             str(name or cfg.get("_name_or_path") or default_name), model_type, layers, hidden, inter, heads, kv_heads,
-            head_dim, vocab, tie_word_embeddings=bool(cfg.get("tie_word_embeddings")), rope_theta=_rope_theta(cfg),
+            head_dim, vocab, tie_word_embeddings=_tied(model_type, cfg, where), rope_theta=_rope_theta(cfg),
             **block_layout(model_type, cfg), sliding_window=_sliding_window(cfg),
             dtype_bytes=SERVED_DTYPE_BYTES.get(dtype, 2), max_context=_max_context(cfg, where),
         )
+
+    @classmethod
+    def from_record(cls, record, where: str) -> ModelShape:
+        """A shape stored by its field names (a calibration file's ``model_shape``, ``validator.shapes.FILE_FIELDS``),
+        every field checked by :meth:`from_hf_config`'s rules: a measurement file is input too, and a shape built
+        from it unchecked was a TypeError for a missing field and a ZeroDivisionError for zero layers."""
+        if not isinstance(record, Mapping):
+            raise TiersimError(f"{where}: expected an object, got {json.dumps(record)[:40]}")
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [k for k in required if record.get(k) is None]
+        if missing:
+            raise TiersimError(f"{where}: {missing[0]} is missing (a stored shape names every one of "
+                               f"{', '.join(required)})")
+        for key in ("name", "architecture"):
+            if not isinstance(record[key], str):
+                raise TiersimError(f"{where}: {key} must be text, got {json.dumps(record[key])[:40]}")
+        stored_as_config = {"num_layers": "num_hidden_layers", "num_kv_heads": "num_key_value_heads",
+                            "architecture": "model_type", "max_context": "max_position_embeddings"}
+        config = {stored_as_config.get(k, k): v for k, v in record.items() if k not in ("name", "params")}
+        config.setdefault("tie_word_embeddings", False)  # a record states its tying (the dataclass default)
+        shape = cls.from_hf_config(config, name=record["name"], where=where)
+        params = record.get("params")
+        if params is None:
+            return shape
+        if isinstance(params, bool) or not isinstance(params, (int, float)) or not 0 < params < 1e15:
+            raise TiersimError(f"{where}: params must be a positive parameter count, got {json.dumps(params)[:40]}")
+        return replace(shape, params=float(params))
 
 
 def block_layout(model_type: str, cfg: Mapping | None = None) -> dict:
@@ -254,13 +307,29 @@ def block_layout(model_type: str, cfg: Mapping | None = None) -> dict:
             "allreduces_per_layer": 1 if fused else SEQUENTIAL_ALLREDUCES}
 
 
-def _config_flag(cfg: Mapping, key: str) -> bool | None:
+def _config_flag(cfg: Mapping, key: str, where: str = "config") -> bool | None:
     """A layout flag of a config, ``None`` when absent. Only a JSON boolean counts: ``bool("false")`` is true, so a
     hand-edited ``"false"`` would silently turn a sequential block parallel (and halve its TP all-reduces)."""
     value = cfg.get(key)
     if value is None or isinstance(value, bool):
         return value
-    raise TiersimError(f"config: {key} must be true or false, got {value!r}")
+    raise TiersimError(f"{where}: {key} must be true or false, got {value!r}")
+
+
+def _tied(model_type: str, cfg: Mapping, where: str) -> bool:
+    """``tie_word_embeddings`` as stated, else the family's default (:data:`TIED_BY_DEFAULT_MODEL_TYPES`)."""
+    stated = _config_flag(cfg, "tie_word_embeddings", where)
+    return model_type in TIED_BY_DEFAULT_MODEL_TYPES if stated is None else stated
+
+
+def _multi_query(model_type: str, cfg: Mapping, where: str) -> bool:
+    """Whether a config's attention shares one KV head (:data:`MULTI_QUERY_MODEL_TYPES`; Falcon's new decoder
+    architecture reads its ``num_kv_heads`` instead)."""
+    if model_type not in MULTI_QUERY_MODEL_TYPES:
+        return False
+    if model_type == "falcon" and _config_flag(cfg, "new_decoder_architecture", where):
+        return False
+    return _config_flag(cfg, "multi_query", where) is not False
 
 
 def _config_int(cfg: Mapping, name: str, where: str, default=None) -> int:

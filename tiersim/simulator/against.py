@@ -57,6 +57,12 @@ class _Fields:
             self._bad(name, value, f"a whole number in {lo:,}..{hi:,}")
         return int(value)
 
+    def name(self, name: str, value) -> str | None:
+        """A model's name: text, or absent (a point of no stated model, left out as of another model)."""
+        if value is not None and not isinstance(value, str):
+            self._bad(name, value, "a model's name")
+        return value
+
     def number(self, name: str, value, lo: float, hi: float, above: bool = False) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                 or not (lo < value if above else lo <= value) or not value <= hi:
@@ -95,7 +101,7 @@ def _points(doc: dict, check: _Fields) -> list[dict]:
         """``where``: (a point's field prefix, the warmup's name, the measured time's key, the steps' name)."""
         warmup = check.whole(where[1], warmup, 0, MAX_STEPS)
         hbm = check.number(f"{where[0]}hbm", hbm, 0.0, 1.0)
-        return {"model": model, "batch": check.whole(f"{where[0]}batch", batch, 1, MAX_BATCH),
+        return {"model": check.name(f"{where[0]}model", model), "batch": check.whole(f"{where[0]}batch", batch, 1, MAX_BATCH),
                 "context": check.whole(f"{where[0]}context", context, 0, MAX_TOKENS) + warmup,
                 "hbm": hbm, "compressed": check.number(f"{where[0]}compressed", compressed, 0.0, 1.0 - hbm),
                 "measured_ms": check.number(f"{where[0]}{where[2]}", measured, MIN_MS, MAX_MS),
@@ -180,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     import importlib.util
     import sys
 
+    from tiersim.simulator.presets import device_preset
     from tiersim.simulator.scenario import assemble
 
     p = argparse.ArgumentParser(prog="python -m tiersim.simulator.against", description=main.__doc__.splitlines()[0])
@@ -192,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         doc, points = load_measurements(args.file)
         model = args.model or (doc.get("model_shape") or {}).get("name") or points[0]["model"]
-        gpu = args.gpu or doc.get("gpu_preset") or "h100-sxm"
+        # The file's preset, else the measured device's (presets.device_preset): a file without one was priced on
+        # an H100 whatever it measured.
+        gpu = args.gpu or doc.get("gpu_preset") or device_preset((doc.get("device") or {}).get("name"))
         calibration = args.calibration or (args.file if doc.get("kind") == "calibration" else None)
         smoke = str((doc.get("device") or {}).get("name") or "").startswith("cpu")
         if smoke and calibration == args.file:
@@ -202,13 +211,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.model is None and model not in MODELS and doc.get("model_shape"):
             # A shape with no preset (the CPU smoke run's ``tiny``): the file's own shape, priced as measured.
-            from dataclasses import fields
-
             from tiersim.shapes import ModelShape
             from tiersim.simulator.presets import Model
 
-            names = {f.name for f in fields(ModelShape)}
-            shape = ModelShape(**{k: v for k, v in doc["model_shape"].items() if k in names})
+            shape = ModelShape.from_record(doc["model_shape"], where=f"--against: {args.file}: model_shape")
             scenario = assemble(1, gpu=gpu, calibration=calibration, engine=engine)
             scenario = replace(scenario, model=Model.from_shape(shape))
         else:

@@ -58,18 +58,16 @@ def gpu_for(doc: dict, key: str) -> GPU:
 
 
 def model_for(doc: dict, key: str) -> Model:
-    """The data file's published shape ``key`` as a model preset, its block layout (gated MLP, parallel block, TP
-    all-reduces) read from its ``architecture`` by ``shapes.block_layout``, the one reading of a layout (GPT-J was
-    built as a sequential block here while the prefill and operator fidelity builders read it as the parallel
-    block it is); an explicit ``gated_mlp`` in the file is the published config's word and stands."""
+    """The model of one of the file's published shapes, its block layout read from its ``architecture`` by
+    ``shapes.block_layout`` (the one reading: GPT-J's parallel block, its plain MLP)."""
     s = doc["models"][key]
     layout = block_layout(s["architecture"], s)
-    if "gated_mlp" in s:
-        layout["gated_mlp"] = bool(s["gated_mlp"])
+    if "gated_mlp" in s and bool(s["gated_mlp"]) != layout["gated_mlp"]:
+        raise ValueError(f"{key}: gated_mlp {s['gated_mlp']} is not a {s['architecture']} block's")
     return Model.from_shape(ModelShape(key, s["architecture"], s["num_layers"], s["hidden_size"],
                                        s["intermediate_size"], s["num_attention_heads"], s["num_kv_heads"],
-                                       s["head_dim"], s["vocab_size"], dtype_bytes=s.get("dtype_bytes", 2),
-                                       kv_dtype_bytes=s.get("kv_dtype_bytes", 2), **layout))
+                                       s["head_dim"], s["vocab_size"], **layout,
+                                       dtype_bytes=s.get("dtype_bytes", 2), kv_dtype_bytes=s.get("kv_dtype_bytes", 2)))
 
 
 def prefill_batch_s(model: Model, gpu: GPU, batch: int, length: int) -> float:

@@ -36,18 +36,20 @@ def load_reference() -> dict:
 
 
 def model_for(case: dict) -> Model:
-    """A model preset with the case's exact layer shape (weights from the shape, untied embeddings) and block layout
-    (its ``architecture``, read by ``shapes.block_layout``: vidur profiles phi-2 as the parallel block it is, its
-    GPTBlock without a post-attention norm, vidur/profiling/mlp/mlp_impl.py)."""
+    """A model preset with the case's exact layer shape (weights from the shape; embeddings untied unless the case
+    says ``tie_word_embeddings``, as the prefill reference's tied models do) and block layout (its ``architecture``,
+    read by ``shapes.block_layout``: vidur profiles phi-2 as the parallel block it is, its GPTBlock without a
+    post-attention norm, vidur/profiling/mlp/mlp_impl.py). The one builder of both reference files' published shapes."""
     h, heads, kv = case["hidden_size"], case["num_attention_heads"], case["num_kv_heads"]
     hd, ff = h // heads, case["intermediate_size"]
     attn = h * hd * (heads + 2 * kv) + heads * hd * h
     gated = bool(case["gated_mlp"])
+    tied = bool(case.get("tie_word_embeddings", False))
     mlp = (3 if gated else 2) * h * ff
-    params = case["num_layers"] * (attn + mlp) + 2 * case["vocab_size"] * h + h  # + the final norm
+    params = case["num_layers"] * (attn + mlp) + (1 if tied else 2) * case["vocab_size"] * h + h  # + the final norm
     layout = block_layout(case.get("architecture", ""), case)
     return Model(case["model"], case["num_layers"], kv, hd, h, heads, float(params),
-                 vocab_size=case["vocab_size"], intermediate_size=ff, gated_mlp=gated,
+                 vocab_size=case["vocab_size"], intermediate_size=ff, gated_mlp=gated, tie_word_embeddings=tied,
                  parallel_block=layout["parallel_block"], allreduces_per_layer=layout["allreduces_per_layer"])
 
 

@@ -139,20 +139,28 @@ def small_ops_s(gpu: GPU, model: Model) -> float:
     return gpu.layer_overhead + gpu.layer_overhead_per_width * (model.hidden_size + model.mlp_width)
 
 
-def layer_s(model: Model, gpu: GPU, batch: int, kv_read, extra_bytes=0.0, attended=None):
-    """One decoder layer's compute time for ``batch`` tokens reading ``kv_read`` bytes of KV.
-
-    ``GEMMs + max(attention + extra passes, attention FLOPs / peak) + small ops``: separate kernels back to
-    back. The GEMMs are :func:`gemm_s` (weight streaming at decode sizes, rolling off into compute past ~64
-    rows: the same curve a prefill chunk of that many rows is priced on); ``extra_bytes`` (the cache's own
-    passes) stream at the plain HBM efficiency.
-    """
-    t_attn = (attention_s(gpu, kv_read, blocks=batch * model.num_kv_heads, group=gqa_group(model))
+def decode_attention_s(model: Model, gpu: GPU, batch, kv_read, extra_bytes=0.0, attended=None):
+    """The decode rows' attention in one layer: ``max(attention + extra passes, attention FLOPs / peak)`` for
+    ``batch`` rows reading ``kv_read`` bytes of KV over ``attended`` tokens (batch total). ``extra_bytes`` (the
+    cache's own passes) stream at the plain HBM efficiency. The one term a decode layer and a mixed step's decode
+    rows both charge (``prefill.mixed_layer_s``)."""
+    t_attn = (attention_s(gpu, kv_read, blocks=np.asarray(batch, dtype=float) * model.num_kv_heads,
+                          group=gqa_group(model))
               + np.asarray(extra_bytes, dtype=float) / (gpu.hbm_bw * gpu.hbm_efficiency))
     attended = 0.0 if attended is None else attended
     flops = 4 * np.asarray(attended, dtype=float) * model.num_attention_heads * model.head_dim
-    t_attn = np.maximum(t_attn, flops / (gpu.peak_flops * gpu.flops_efficiency))
-    return gemm_s(model, gpu, batch) + t_attn + small_ops_s(gpu, model)
+    return np.maximum(t_attn, flops / (gpu.peak_flops * gpu.flops_efficiency))
+
+
+def layer_s(model: Model, gpu: GPU, batch: int, kv_read, extra_bytes=0.0, attended=None):
+    """One decoder layer's compute time for ``batch`` tokens reading ``kv_read`` bytes of KV.
+
+    ``GEMMs + decode attention + small ops``: separate kernels back to back. The GEMMs are :func:`gemm_s`
+    (weight streaming at decode sizes, rolling off into compute past ~64 rows: the same curve a prefill chunk of
+    that many rows is priced on); the attention is :func:`decode_attention_s`.
+    """
+    return (gemm_s(model, gpu, batch) + decode_attention_s(model, gpu, batch, kv_read, extra_bytes, attended)
+            + small_ops_s(gpu, model))
 
 
 def gather_s(model: Model, gpu: GPU, rows):

@@ -154,17 +154,16 @@ def mixed_layer_s(model: Model, gpu: GPU, decode_tokens, kv_read_bytes, prefill_
 
     With ``prefill_tokens == 0`` this is ``physics.layer_s(model, gpu, decode_tokens, kv_read_bytes,
     extra_bytes, attended)`` exactly (elementwise for arrays). Otherwise the GEMMs run over decode +
-    prefill rows (``gemm_s``), decode attention reads the batch's KV, prefill attention adds the chunk's
-    pairs, the cache's extra passes stream at the plain HBM efficiency and the small ops cover every row.
+    prefill rows (``gemm_s``), the decode rows' attention is the decode layer's own
+    (``physics.decode_attention_s``: the chunk does not change what they read), prefill attention adds the
+    chunk's pairs and the small ops cover every row.
     """
     p = _arr(prefill_tokens)
     decode = physics.layer_s(model, gpu, decode_tokens, kv_read_bytes, extra_bytes, attended)
     rows = _arr(decode_tokens) + p
-    blocks = _arr(decode_tokens) * model.num_kv_heads  # as layer_s: an unsplit kernel's per-block rate, GQA re-reads
-    mixed = (gemm_s(model, gpu, rows) + physics.attention_s(gpu, kv_read_bytes, blocks=blocks,
-                                                             group=physics.gqa_group(model))
-             + prefill_attention_s(model, gpu, p, prefill_context)
-             + _arr(extra_bytes) / (gpu.hbm_bw * gpu.hbm_efficiency) + small_ops_s(model, gpu, rows))
+    mixed = (gemm_s(model, gpu, rows)
+             + physics.decode_attention_s(model, gpu, decode_tokens, kv_read_bytes, extra_bytes, attended)
+             + prefill_attention_s(model, gpu, p, prefill_context) + small_ops_s(model, gpu, rows))
     return _scalar_or_array(np.where(p > 0, mixed, decode))
 
 

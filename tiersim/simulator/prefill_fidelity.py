@@ -48,7 +48,6 @@ from importlib import resources
 import numpy as np
 
 from tiersim.simulator import decode_fidelity, engines, fidelity, parallel, physics, prefill
-from tiersim.shapes import block_layout
 from tiersim.simulator.presets import GPU, SEQUENTIAL_ALLREDUCES, Model, get_gpu, get_model
 
 REFERENCE = "public-prefill-profiles.json"
@@ -98,30 +97,23 @@ class Row:
 
 
 def model_from_shape(name: str, shape: dict) -> Model:
-    """A model preset with a published shape (weights counted from it; embeddings tied where the model ties them),
-    its block layout read from the shape's ``architecture`` (the config's model_type) and layout keys by
-    ``shapes.block_layout``, the reader of HF configs' layouts."""
-    h, heads, kv = shape["hidden_size"], shape["num_attention_heads"], shape["num_kv_heads"]
-    hd, ff = h // heads, shape["intermediate_size"]
-    gated = bool(shape["gated_mlp"])
-    tied = bool(shape.get("tie_word_embeddings", False))
-    attn = h * hd * (heads + 2 * kv) + heads * hd * h
-    params = shape["num_layers"] * (attn + (3 if gated else 2) * h * ff) + (1 if tied else 2) * shape["vocab_size"] * h + h
-    layout = block_layout(shape.get("architecture", ""), shape)
-    return Model(name, shape["num_layers"], kv, hd, h, heads, float(params), vocab_size=shape["vocab_size"],
-                 intermediate_size=ff, gated_mlp=gated, tie_word_embeddings=tied,
-                 parallel_block=layout["parallel_block"], allreduces_per_layer=layout["allreduces_per_layer"])
+    """A model preset with a published shape of this reference's ``models`` (``fidelity.model_for``: weights counted
+    from it, embeddings tied where the model ties them, the block layout read from its ``architecture``)."""
+    return fidelity.model_for({**shape, "model": name})
 
 
 def _gpus(gpus: dict[str, GPU] | None) -> dict[str, GPU]:
     return gpus or {k: get_gpu(v) for k, v in TTFT_PRESET.items()}
 
 
-def decode_step_s(model: Model, gpu: GPU, tp: int, context: int = ENGINE_STEP_CONTEXT) -> float:
-    """The simulated batch-1 decode step held in HBM on ``tp`` GPUs (no engine cost): layers, all-reduces, LM head."""
+def decode_step_s(model: Model, gpu: GPU, tp: int, context: int = ENGINE_STEP_CONTEXT,
+                  allreduces: int | None = None) -> float:
+    """The simulated batch-1 decode step held in HBM on ``tp`` GPUs (no engine cost): layers, all-reduces (the
+    model's count, or ``allreduces``: the engine's own, as its prefill is priced), LM head."""
     rank = parallel.shard(model, tp)
     kv = context * rank.kv_bytes_per_token_layer
-    layer = float(physics.layer_s(rank, gpu, 1, kv)) + float(parallel.layer_allreduce_s(model, gpu, tp, 1))
+    layer = (float(physics.layer_s(rank, gpu, 1, kv))
+             + float(parallel.layer_allreduce_s(model, gpu, tp, 1, allreduces=allreduces)))
     return model.num_layers * layer + physics.lm_head_s(rank, gpu, 1)
 
 
@@ -163,18 +155,19 @@ def rows(gpus: dict[str, GPU] | None = None, reference: dict | None = None) -> l
         gpu, tp, n = gpus[case["gpu"]], case["tp"], case.get("sequences", 1)
         source = case.get("source", "splitwise")
         model = model_from_shape(case["model"], shapes[case["model"]])
-        # The engine-step check: that engine's decode step minus the simulated one, charged once per forward.
-        excess = case["decode_ms"] - decode_step_s(model, gpu, tp) * 1e3 if "decode_ms" in case else None
         # How many all-reduces per layer: the model's (its layout's) unless the case states its engine's own count
         # (TensorRT-LLM v0.5 reduced Falcon's parallel block twice).
         ar = parallel.allreduces_per_layer(model, case.get("allreduces_per_layer"))
+        # The engine-step check: that engine's decode step minus the simulated one (the same all-reduce count as its
+        # prefill), charged once per forward.
+        excess = case["decode_ms"] - decode_step_s(model, gpu, tp, allreduces=ar) * 1e3 if "decode_ms" in case else None
         for p in case["points"]:
             sim = parallel.tp_prefill_s(model, gpu, tp, p["prompt"], sequences=n, allreduces=ar) * 1e3
             out.append(Row(source, "ttft", case["gpu"], case["model"], tp, p["prompt"], p["ttft_ms"], sim,
                            roles[source], n, ar))
             if excess is not None:
                 out.append(Row(f"{source}+engine-step", "ttft", case["gpu"], case["model"], tp, p["prompt"],
-                               p["ttft_ms"], sim + excess, "check", n))
+                               p["ttft_ms"], sim + excess, "check", n, ar))
     out += dli_ttft_rows(gpus)
     # The engine-line checks: each served trace re-priced with its engine's line fitted on that engine's profile only.
     for check, profile in ENGINE_LINES.items():
@@ -255,6 +248,8 @@ def line_rows(line: dict[str, tuple[float, float]], gpus: dict[str, GPU] | None 
             model = (decode_fidelity.model_for(doc, r.model) if r.source == DLI_TTFT
                      else model_from_shape(r.model, shapes[r.model]))
             g = replace(gpu, prefill_gemm_efficiency=fitted[0])
+            if r.source == DLI_TTFT:  # its rows are priced with their engine preset, as dli_ttft_rows and the fit do
+                g = engines.apply(g, doc["sources"][DLI_SOURCE]["engine_overhead"], model.num_layers)
             sim = (parallel.tp_prefill_s(model, g, r.tp, r.tokens, sequences=r.sequences,
                                          allreduces=r.allreduces_per_layer) + fitted[1] * model.num_layers)
             r = replace(r, simulated_ms=sim * 1e3)
