@@ -324,6 +324,7 @@ GPUS["a100-80g"] = replace(GPUS["a100-80g"], prefill_gemm_efficiency=0.725, pref
 #: a100-40g: gpu-stream's SCALE at full occupancy, github.com/te42kyfo/gpu-benches @ 1c36d509ee717dca9215c27135fa1e611bb03ed1,
 #: gpu-stream/a100_40.txt (1381) and gpu-stream/a100_80.txt (1732). SCALE is the kernel that repository compares
 #: across GPUs; its READ column is not used: one 8-byte load per thread still rises at 100% occupancy on both parts.
+#: (The 80 GB part's SCALE still rises 1.8% over the last eighth of occupancy: the ratio may be ~1.03, not 1.046.)
 #: h200: BabelStream's Mul (the same one-load, one-store kernel) in Azure's AI-benchmarking-guide harness, ND H200 v5
 #: (4.00 TB/s) and ND H100 v5 (2.90 TB/s, an H100 80GB HBM3), github.com/Azure/AI-benchmarking-guide @ 8fd0c6e,
 #: Azure_Results/ND_H200_v5_results.md and ND_H100_v5_results.md. gpu-benches' H200 SCALE (3165 GB/s, 0.66 of
