@@ -819,7 +819,7 @@ def test_a_point_s_buffers_are_released_when_it_frees_them(monkeypatch, strategy
 
 def test_a_failed_segment_s_capture_is_ended_and_its_pool_recovered(model, monkeypatch):
     """A segment that fails mid-capture: the stream is left capturing nothing, the shared pool's allocation the
-    failed segment left underway is ended (graph.recover_failed_capture: else the next empty_cache fails an
+    failed segment left underway is ended (operators_timing.recover_failed_capture: else the next empty_cache fails an
     internal assert and the grid ends), the step is no longer recording, and the error is raised (the point is then
     timed eagerly)."""
     from tiersim.validator import graph_segments

@@ -38,6 +38,7 @@ from tiersim.hierarchy import scoring
 from tiersim.hierarchy.index import gather_tokens, masked_index, scatter_tokens
 from tiersim.hierarchy.policy import EVICTED, HBM
 from tiersim.validator.graph_tiers import TierBuffers
+from tiersim.validator.operators_timing import recover_failed_capture
 
 STRATEGIES = ("prefetch",)
 
@@ -221,37 +222,6 @@ class GraphStep:
             cumulative.scatter_add_(1, self._kept, last)
         else:
             cumulative[:, : last.shape[-1]].add_(last)
-
-
-def recover_failed_capture(device, pool, stream=None) -> None:
-    """Undo what a capture that failed leaves in torch, so the point runs eagerly and the grid goes on.
-
-    ``CUDAGraph.capture_end`` stops the caching allocator's allocating to the graph's ``pool`` only after
-    ``cudaStreamEndCapture`` succeeds, and a graph whose capture failed never releases its pool: the allocator then
-    still counts a capture as underway, and the next ``torch.cuda.empty_cache()`` (each point's ``free``, each
-    ``torch.cuda.graph``'s entry) fails an internal assert (``captures_underway.empty()``), so one failed capture
-    would end the whole grid. This ends the allocation to ``pool`` and, only if that was still underway (the failed
-    capture's own ``capture_begin`` then counted a use of the pool), releases that use once; a torch that already
-    ended it is left alone. ``stream``: the stream to make current again (``torch.cuda.graph``'s exit skips
-    restoring it when ``capture_end`` raises). CUDA only."""
-    index = torch.device(device).index
-    index = torch.cuda.current_device() if index is None else index
-    end = getattr(torch._C, "_cuda_endAllocateToPool", None)
-    release = getattr(torch._C, "_cuda_releasePool", None)
-    pool = tuple(pool) if pool is not None else None
-    if pool is not None and end is not None:
-        try:
-            end(index, pool)
-        except RuntimeError:  # "not currently recording to mempool_id": nothing was left underway
-            pass
-        else:
-            if release is not None:
-                try:
-                    release(index, pool)
-                except RuntimeError:  # pragma: no cover - a pool torch already dropped
-                    pass
-    if stream is not None:
-        torch.cuda.set_stream(stream)
 
 
 class CapturedStep:

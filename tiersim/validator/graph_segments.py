@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tiersim.errors import TiersimError
-from tiersim.validator.graph import recover_failed_capture
+from tiersim.validator.operators_timing import recover_failed_capture
 
 if TYPE_CHECKING:  # pragma: no cover
     from tiersim.validator.graph_host import HostStep
@@ -51,7 +51,8 @@ class SegmentedCapture:
                         self.graphs[-1].capture_end()
                     except RuntimeError:  # an invalidated capture still ends; its error is the first one
                         pass
-            # the failed segment's allocation to the shared pool, which torch leaves underway (graph.py says why)
+            # the failed segment's allocation to the shared pool, which torch leaves underway
+            # (operators_timing.recover_failed_capture says why)
             recover_failed_capture(device, self.pool)
             raise
         finally:
