@@ -22,7 +22,7 @@
 #   Device time: at most 305 s of steps and nvidia-smi (340 s if every step had to be killed), within 6 minutes; the
 #   per-step times are estimates (the graph executor has not yet run on a GPU; the H100 ran 13 cache tests in 38 s).
 #
-#   bash scripts/gpu_validate.sh 2>&1 | tee $OUT/gpu_validate.log   # writes into $OUT (the device tool's folder), else docs/validation
+#   bash scripts/gpu_validate.sh 2>&1 | tee $OUT/gpu_validate.log   # into $OUT (the device tool's folder), else docs/validation
 #   DRY_RUN=1 bash scripts/gpu_validate.sh     # the whole script on the CPU at tiny sizes (< 30 s), into a temp dir
 #
 # Every step writes its output into $DEST as it runs (<gpu>-{tests,graph,operators,against,quote}.txt, on the

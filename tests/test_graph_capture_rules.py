@@ -225,7 +225,9 @@ class _FakeCuda:
 
     def install(self, monkeypatch) -> None:
         for name, value in {"Stream": self.Stream, "Event": self.Event, "CUDAGraph": self.CUDAGraph,
-                            "stream": self.stream, "graph": self.graph,
+                            "stream": self.stream, "graph": self.graph, "graph_pool_handle": lambda: (7, 1),
+                            "current_device": lambda: 0,
+                            "set_stream": lambda s: self.log.append(("set_stream", s.name)),
                             "current_stream": lambda device=None: self.current,
                             "synchronize": lambda device=None: self.log.append(("synchronize",))}.items():
             monkeypatch.setattr(torch.cuda, name, value)
@@ -297,3 +299,53 @@ def test_the_join_check_catches_an_unjoined_or_unforked_side_stream():
                        (good[:4] + [("synchronize",)] + good[4:], "host sync")):
         with pytest.raises(AssertionError, match=words):
             check_joined(bad)
+
+
+class _FailingCapture(_FakeCuda):
+    """A capture whose end fails, as ``capture_end`` does after an invalidated capture (a sync inside it), and an
+    allocator whose bookkeeping the recovery calls are logged; ``underway``: whether torch left the pool underway."""
+
+    def __init__(self, underway: bool) -> None:
+        super().__init__()
+        self.underway = underway
+
+    @contextlib.contextmanager
+    def graph(self, g, pool=None, stream=None, capture_error_mode="global"):
+        self.log.append(("begin", "capture", pool))
+        self.current = self.capture_stream  # torch.cuda.graph's exit skips restoring it when capture_end raises
+        yield
+        raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    def install(self, monkeypatch) -> None:
+        super().install(monkeypatch)
+
+        def end(index, pool):
+            self.log.append(("end_allocate", index, pool))
+            if not self.underway:
+                raise RuntimeError("endAllocatePool: not currently recording to mempool_id")
+
+        monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", end, raising=False)
+        monkeypatch.setattr(torch._C, "_cuda_releasePool", lambda i, p: self.log.append(("release", i, p)),
+                            raising=False)
+
+
+@pytest.mark.parametrize("underway", [True, False])
+def test_a_failed_capture_leaves_no_allocation_underway_and_the_stream_restored(model, monkeypatch, underway):
+    """torch's ``capture_end`` leaves the allocator allocating to a failed graph's pool (it stops that only after a
+    successful ``cudaStreamEndCapture``), and the next ``torch.cuda.empty_cache()`` (each point's ``free``) then
+    fails an internal assert: one failed capture would end the grid. ``CapturedStep`` names its pool, and on a
+    failure ends that allocation and releases the pool once (only if torch had left it underway), makes the stream
+    current again that ``torch.cuda.graph`` left switched, and raises (the point is then timed eagerly)."""
+    from tiersim.validator.graph import CapturedStep, GraphStep
+
+    fake = _FailingCapture(underway)
+    step = GraphStep(model, _buffers(model, 0.5))
+    fake.install(monkeypatch)
+    step.cuda, step.side = True, fake.Stream(name="side")
+    step.events = [fake.Event() for _ in range(model.config.num_hidden_layers)]
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="during capture"):
+        CapturedStep(step, warmup=1)
+    after = fake.log[fake.log.index(("begin", "capture", (7, 1))) + 1:]
+    tail = [e for e in after if e[0] in ("end_allocate", "release", "set_stream")]
+    assert tail == [("end_allocate", 0, (7, 1))] + ([("release", 0, (7, 1))] if underway else []) + \
+        [("set_stream", "default")]

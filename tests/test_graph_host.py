@@ -815,3 +815,34 @@ def test_a_point_s_buffers_are_released_when_it_frees_them(monkeypatch, strategy
     graph_run.measure_point(build_model(get_shape("tiny"), "cpu"), 1, 72, 0.5, 2, 1, retier_every=2,
                             strategy=strategy)
     assert alive == [[False]]
+
+
+def test_a_failed_segment_s_capture_is_ended_and_its_pool_recovered(model, monkeypatch):
+    """A segment that fails mid-capture: the stream is left capturing nothing, the shared pool's allocation the
+    failed segment left underway is ended (operators_timing.recover_failed_capture: else the next empty_cache fails an
+    internal assert and the grid ends), the step is no longer recording, and the error is raised (the point is then
+    timed eagerly)."""
+    from tiersim.validator import graph_segments
+    from tiersim.validator.graph_host import HostStep, make_step
+
+    log: list = []
+    fake = _FakeCuda(log)
+    step = make_step(model, _buffers(model, 0.5, 1, 8, "hybrid", fetch_share=0.5))
+    fake.install(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (5, 2))
+    layers = model.config.num_hidden_layers
+    step.cuda, step.side, step.events, step._ready = True, fake.Stream(), [fake.Event() for _ in range(layers)], \
+        fake.Event()
+    calls = []
+    monkeypatch.setattr(graph_segments, "recover_failed_capture", lambda dev, pool, stream=None: calls.append(pool))
+    real = HostStep._attend_static
+
+    def fails_in_layer_1(self, layer_idx, *args):
+        if self.capture is not None and layer_idx == 1:
+            raise RuntimeError("capture failed in layer 1")
+        return real(self, layer_idx, *args)
+
+    monkeypatch.setattr(HostStep, "_attend_static", fails_in_layer_1)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="layer 1"):
+        graph_segments.SegmentedCapture(step, warmup=1)
+    assert calls == [(5, 2)] and step.capture is None

@@ -38,6 +38,7 @@ from tiersim.hierarchy import scoring
 from tiersim.hierarchy.index import gather_tokens, masked_index, scatter_tokens
 from tiersim.hierarchy.policy import EVICTED, HBM
 from tiersim.validator.graph_tiers import TierBuffers
+from tiersim.validator.operators_timing import recover_failed_capture
 
 STRATEGIES = ("prefetch",)
 
@@ -240,8 +241,14 @@ class CapturedStep:
         torch.cuda.current_stream(device).wait_stream(stream)
         torch.cuda.synchronize(device)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = step.forward()  # recorded, not run: the counters did not move
+        self.pool = torch.cuda.graph_pool_handle()  # its own pool, as by default, but named: a failure releases it
+        before = torch.cuda.current_stream(device)
+        try:
+            with torch.cuda.graph(self.graph, pool=self.pool):
+                self.logits = step.forward()  # recorded, not run: the counters did not move
+        except BaseException:
+            recover_failed_capture(device, self.pool, before)
+            raise
         self.warmup = max(warmup, 1)
 
     def replay(self) -> torch.Tensor:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tiersim.errors import TiersimError
+from tiersim.validator.operators_timing import recover_failed_capture
 
 if TYPE_CHECKING:  # pragma: no cover
     from tiersim.validator.graph_host import HostStep
@@ -43,13 +44,16 @@ class SegmentedCapture:
                 self._begin()
                 self.logits = step.forward()  # recorded, not run: the counters did not move
                 self.graphs[-1].capture_end()
-        except Exception:
+        except BaseException:
             with torch.cuda.stream(stream):  # leave no stream capturing: the point runs eagerly next
                 if torch.cuda.is_current_stream_capturing():
                     try:
                         self.graphs[-1].capture_end()
                     except RuntimeError:  # an invalidated capture still ends; its error is the first one
                         pass
+            # the failed segment's allocation to the shared pool, which torch leaves underway
+            # (operators_timing.recover_failed_capture says why)
+            recover_failed_capture(device, self.pool)
             raise
         finally:
             step.capture = None

@@ -61,9 +61,15 @@ class OpTimer:
                 fn(i)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for i in range(calls):
-                fn(i)
+        pool = torch.cuda.graph_pool_handle()  # named: a failed capture's pool is recovered, so the profile goes on
+        before = torch.cuda.current_stream(self.device)
+        try:
+            with torch.cuda.graph(graph, pool=pool):
+                for i in range(calls):
+                    fn(i)
+        except BaseException:
+            recover_failed_capture(self.device, pool, before)
+            raise
         graph.replay()
         times = []
         for _ in range(self.reps):
@@ -118,6 +124,37 @@ class Budget:
 
     def spent(self) -> bool:
         return self.left() <= 0
+
+
+def recover_failed_capture(device, pool, stream=None) -> None:
+    """Undo what a capture that failed leaves in torch, so the point runs eagerly and the grid goes on.
+
+    ``CUDAGraph.capture_end`` stops the caching allocator's allocating to the graph's ``pool`` only after
+    ``cudaStreamEndCapture`` succeeds, and a graph whose capture failed never releases its pool: the allocator then
+    still counts a capture as underway, and the next ``torch.cuda.empty_cache()`` (each grid point's ``free``, each
+    ``torch.cuda.graph``'s entry) fails an internal assert (``captures_underway.empty()``), so one failed capture
+    would end the whole grid. This ends the allocation to ``pool`` and, only if that was still underway (the failed
+    capture's own ``capture_begin`` then counted a use of the pool), releases that use once; a torch that already
+    ended it is left alone. ``stream``: the stream to make current again (``torch.cuda.graph``'s exit skips
+    restoring it when ``capture_end`` raises). CUDA only."""
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    end = getattr(torch._C, "_cuda_endAllocateToPool", None)
+    release = getattr(torch._C, "_cuda_releasePool", None)
+    pool = tuple(pool) if pool is not None else None
+    if pool is not None and end is not None:
+        try:
+            end(index, pool)
+        except RuntimeError:  # "not currently recording to mempool_id": nothing was left underway
+            pass
+        else:
+            if release is not None:
+                try:
+                    release(index, pool)
+                except RuntimeError:  # pragma: no cover - a pool torch already dropped
+                    pass
+    if stream is not None:
+        torch.cuda.set_stream(stream)
 
 
 def free(device) -> None:
