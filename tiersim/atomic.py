@@ -37,6 +37,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     results. A file that exists keeps its permission bits (a ``chmod 600`` result stays private)."""
     shown = Path(path)
     target = Path(os.path.realpath(shown)) if shown.is_symlink() else shown
+    if target.exists() and not target.is_file() and not target.is_dir():
+        # a device or a pipe (``out.parquet -> /dev/null``): the rename would replace the node itself, as root
+        # /dev/null included; a folder is refused by the rename's own EISDIR
+        raise WriteError(f"cannot write {shown}: {target} is not a regular file (a device or a pipe)")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)

@@ -43,6 +43,8 @@ def check_output(path: Path, option: str, suffixes: tuple[str, ...] | None = Non
     path = Path(path)
     if path.is_dir():
         raise TiersimError(f"{option} {str(path)!r} is a directory; give a file name")
+    if path.exists() and not path.is_file():  # (through a link) a device or a pipe: never replaced by a result
+        raise TiersimError(f"{option} {str(path)!r} is not a regular file (a device or a pipe); give a file name")
     if suffixes and path.suffix.lower() not in suffixes:
         raise TiersimError(f"{option} must end in {' or '.join(suffixes)}, got {str(path)!r}")
     parent = path.parent if str(path.parent) else Path(".")
