@@ -97,7 +97,8 @@ def test_an_output_that_is_a_pipe_is_refused_before_work(tmp_path, through_a_lin
 def test_an_output_name_longer_than_the_file_system_takes_is_refused_before_work(tmp_path):
     """is_dir() raised ENAMETOOLONG: one line, but without the option's name."""
     proc = subprocess.run([sys.executable, "-m", "tiersim", "serve", "--requests", "3", "--lengths", "8",
-                           "--prompt-lengths", "8", "--on-full", "queue", "--out", str(tmp_path / ("a" * 300 + ".parquet"))],
+                           "--prompt-lengths", "8", "--on-full", "queue",
+                           "--out", str(tmp_path / ("a" * 300 + ".parquet"))],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and not proc.stdout
     assert "--out: the file name is 308 bytes long, more than the 255" in proc.stderr

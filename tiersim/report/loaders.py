@@ -206,7 +206,8 @@ def _check_numbers(frame: pd.DataFrame, where: str, required: tuple[str, ...] = 
         hinted = name in required or any(name == h or name.endswith(h) for h in _NUMERIC_HINT)
         if not hinted and sum(_number(v) for v in known) * 2 <= len(known):
             continue  # a column of labels (most of its values are not numbers)
-        bad = [v for v in values if not _numbers(v, name) or (name.endswith(MEASURES) and isinstance(v, (bool, np.bool_)))]
+        measure = name.endswith(MEASURES)
+        bad = [v for v in values if not _numbers(v, name) or (measure and isinstance(v, (bool, np.bool_)))]
         if bad:
             raise TiersimError(f"{where}: column {name!r} must hold numbers, got {bad[0]!r}")
 
