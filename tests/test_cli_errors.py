@@ -73,3 +73,32 @@ def test_fileformat_read_refuses_a_fifo(tmp_path):
     reader.join(30)
     assert not reader.is_alive(), "fileformat.read waited on the pipe"
     assert raised and "is not a regular file (a pipe or a device)" in str(raised[0])
+
+
+@pytest.mark.parametrize("through_a_link", [False, True])
+def test_an_output_that_is_a_pipe_is_refused_before_work(tmp_path, through_a_link):
+    """A FIFO (or a device, e.g. `out.parquet -> /dev/null`) as --out passed the checks, and the result's rename
+    replaced the node itself."""
+    import os
+
+    fifo = tmp_path / "fifo.parquet"
+    os.mkfifo(fifo)
+    out = fifo
+    if through_a_link:
+        out = tmp_path / "out.parquet"
+        out.symlink_to(fifo)
+    proc = subprocess.run([sys.executable, "-m", "tiersim", "serve", "--requests", "3", "--lengths", "8",
+                           "--prompt-lengths", "8", "--on-full", "queue", "--out", str(out)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "is not a regular file (a device or a pipe)" in proc.stderr and fifo.is_fifo()
+
+
+def test_an_output_name_longer_than_the_file_system_takes_is_refused_before_work(tmp_path):
+    """is_dir() raised ENAMETOOLONG: one line, but without the option's name."""
+    proc = subprocess.run([sys.executable, "-m", "tiersim", "serve", "--requests", "3", "--lengths", "8",
+                           "--prompt-lengths", "8", "--on-full", "queue",
+                           "--out", str(tmp_path / ("a" * 300 + ".parquet"))],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and not proc.stdout
+    assert "--out: the file name is 308 bytes long, more than the 255" in proc.stderr

@@ -44,6 +44,26 @@ def test_a_closed_stdout_still_writes_the_files(tmp_path, args, out):
         assert json.loads((tmp_path / out).read_text())["kind"] == "capacity"
 
 
+@pytest.mark.parametrize("fmt", ["table", "json"])
+def test_a_full_stdout_still_writes_the_files_then_says_so(tmp_path, fmt):
+    """`> /dev/full`: the ENOSPC of the table's first line was the error, and --out was never written."""
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "tiersim", *SERVE, "--format", fmt, "--out", "s.parquet"],
+                              stdout=full, stderr=subprocess.PIPE, text=True, timeout=120, cwd=tmp_path, env=ENV)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: stdout: No space left on device (ENOSPC)")
+    assert (tmp_path / "s.parquet").stat().st_size > 0
+
+
+def test_a_closed_stdout_is_a_reader_gone(tmp_path):
+    """`>&-` (sys.stdout is None): the run and its files as with any stdout."""
+    proc = subprocess.run([sys.executable, "-m", "tiersim", *SERVE, "--out", "s.parquet"], stdout=None,
+                          stderr=subprocess.PIPE, text=True, timeout=120, cwd=tmp_path, env=ENV,
+                          preexec_fn=lambda: os.close(1))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert (tmp_path / "s.parquet").stat().st_size > 0
+
+
 # SIGTERM (or SIGHUP) sent by the process to itself just after the Parquet writer filled the temporary file, before
 # the rename: the moment a timeout or a closed terminal leaves a `.serving.parquet.*.tmp` behind.
 KILLED_MID_WRITE = """

@@ -178,3 +178,31 @@ def test_an_output_that_is_a_symlink_is_written_where_it_points_with_its_mode(tm
     assert link.is_symlink() and json.loads(real.read_text())["run"] == 2
     assert stat.S_IMODE(real.stat().st_mode) == 0o600
     assert sorted(os.listdir(tmp_path)) == ["capacity.json", "results"] and os.listdir(real.parent) == ["capacity.json"]
+
+
+def test_an_output_that_is_a_pipe_or_a_device_is_never_replaced(tmp_path):
+    """The rename replaced the node itself: `out.parquet -> /dev/null` run as root would have replaced /dev/null
+    with a result file (a FIFO stands in for the device here)."""
+    import os
+
+    from tiersim.atomic import WriteError
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    link = tmp_path / "capacity.json"
+    link.symlink_to(fifo)
+    for target in (fifo, link):
+        with pytest.raises(WriteError, match="is not a regular file"):
+            fileformat.write_document(target, fileformat.header(fileformat.CAPACITY))
+    assert fifo.is_fifo() and sorted(os.listdir(tmp_path)) == ["capacity.json", "pipe"]
+
+
+def test_a_name_as_long_as_the_file_system_takes_is_written(tmp_path):
+    """The temporary file is `.NAME.XXXXXXXX.tmp`: for a name within 14 bytes of NAME_MAX it failed with
+    ENAMETOOLONG after the work, though the result's own name was valid."""
+    from tiersim.atomic import name_max
+
+    target = tmp_path / ("é" * ((name_max(tmp_path) - 5) // 2) + ".json")  # two bytes a character: cut by bytes
+    assert len(str(target.name).encode()) <= name_max(tmp_path)
+    fileformat.write_document(target, fileformat.header(fileformat.CAPACITY))
+    assert json.loads(target.read_text())["kind"] == "capacity" and len(list(tmp_path.iterdir())) == 1

@@ -95,3 +95,16 @@ def test_a_serving_capacity_point_out_of_range_is_one_line(capacity_file, tmp_pa
     with pytest.raises(TiersimError) as info:
         build_report([bad])
     assert name in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("column", ["ttft_s", "e2e_s"])
+def test_a_boolean_latency_column_is_refused(serving_file, tmp_path, column):
+    """true/false is no latency: a foreign file's boolean ttft_s was drawn as 0 and 1 s (meets_slo, a boolean
+    column of the same table, still draws)."""
+    import pyarrow as pa
+
+    table = pq.read_table(serving_file)
+    table = table.set_column(table.schema.get_field_index(column), column, pa.array([True] * len(table)))
+    pq.write_table(table, tmp_path / "bool.parquet")
+    with pytest.raises(TiersimError, match=f"column '{column}' must hold numbers, got True"):
+        build_report([tmp_path / "bool.parquet"])

@@ -37,9 +37,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     results. A file that exists keeps its permission bits (a ``chmod 600`` result stays private)."""
     shown = Path(path)
     target = Path(os.path.realpath(shown)) if shown.is_symlink() else shown
+    if target.exists() and not target.is_file() and not target.is_dir():
+        # a device or a pipe (``out.parquet -> /dev/null``): the rename would replace the node itself, as root
+        # /dev/null included; a folder is refused by the rename's own EISDIR
+        raise WriteError(f"cannot write {shown}: {target} is not a regular file (a device or a pipe)")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{_short_name(target)}.", suffix=".tmp", dir=target.parent)
     except WriteError:
         raise
     except OSError as exc:
@@ -67,6 +71,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink(missing_ok=True)
         except OSError:
             pass
+
+
+def name_max(folder: Path) -> int:
+    """The longest file name (bytes) ``folder``'s file system takes: 255 on every common one."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def _short_name(target: Path) -> str:
+    """``target``'s name cut so that ``.NAME.XXXXXXXX.tmp`` still fits the file system: a name the result itself may
+    have (up to NAME_MAX bytes) failed at the temporary file, after the work, with ENAMETOOLONG."""
+    room = name_max(target.parent) - len(".." + "x" * 8 + ".tmp")
+    name = target.name
+    while len(os.fsencode(name)) > room:
+        name = name[:-1]
+    return name
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -207,31 +207,36 @@ def os_error_words(exc: OSError) -> str:
 
 
 class ReaderGone:
-    """``sys.stdout`` for one run: a reader that closes the pipe early (``tiersim serve --out x.parquet | head``)
-    costs what it would have read, never the files the command still writes. click and rich end the process at
-    the first EPIPE (exit 1, silently), which lost every ``--out``; here the first EPIPE points the descriptor at
-    /dev/null (so the interpreter's last flush is quiet too) and the command runs on."""
+    """``sys.stdout`` for one run: stdout that cannot be written costs what it would have shown, never the files the
+    command still writes. click and rich end the process at the first EPIPE (a reader that closed the pipe early,
+    ``tiersim serve --out x.parquet | head``: exit 1, silently) and a full stdout (``> /dev/full``) was the error
+    line before any ``--out`` was written. Here the first failed write points the descriptor at /dev/null (so the
+    interpreter's last flush is quiet too) and the command runs on; ``failed`` keeps an error other than EPIPE,
+    which :func:`run` reports once the files are written. A closed stdout (``>&-``: None) is a reader gone too."""
 
     def __init__(self, stream):
-        self._stream, self.gone = stream, False
+        self.gone, self.failed = stream is None, None
+        self._stream = open(os.devnull, "w") if stream is None else stream
 
     def write(self, text: str) -> int:
         if not self.gone:
             try:
                 return self._stream.write(text)
-            except BrokenPipeError:
-                self._discard()
+            except OSError as exc:
+                self._discard(exc)
         return len(text)
 
     def flush(self) -> None:
         if not self.gone:
             try:
                 self._stream.flush()
-            except BrokenPipeError:
-                self._discard()
+            except OSError as exc:
+                self._discard(exc)
 
-    def _discard(self) -> None:
+    def _discard(self, exc: OSError) -> None:
         self.gone = True
+        if not isinstance(exc, BrokenPipeError):
+            self.failed = exc
         try:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, self._stream.fileno())
@@ -276,12 +281,15 @@ def run() -> None:
     its option's range before any arithmetic, and a warning line is neither an error nor a result.
     """
     stdout = sys.stdout
-    sys.stdout = ReaderGone(stdout)
+    sys.stdout = guard = ReaderGone(stdout)
     _SIGNALLED.clear()
     try:
         with warnings.catch_warnings(), _signals_interrupt():
             warnings.simplefilter("ignore", RuntimeWarning)
             _run()
+        if guard.failed is not None:  # the files are written; what stdout should have shown is not
+            _error_line(f"stdout: {os_reason(guard.failed)}; the output printed there is incomplete")
+            sys.exit(2)
     finally:
         sys.stdout = stdout
 

@@ -186,7 +186,8 @@ def command(help: dict[str, str] | None = None, outputs: dict[str, tuple[str, ..
             name = p.name
             bounds = getattr(info, "tiersim_bounds", None) or Bounds()
             checks.append((name, _flag_of(name, info), bounds))
-            if getattr(info, "default", ...) is None and OptionSpec(name, "", p.annotation, bounds, None, False).kind is str:
+            text = OptionSpec(name, "", p.annotation, bounds, None, False).kind is str
+            if text and getattr(info, "default", ...) is None:
                 unset.append((name, _flag_of(name, info)))
             suffixes = declared_outputs.get(name, getattr(info, "tiersim_output", None))
             if suffixes is None and name in OUTPUT_NAMES and _is_path(p.annotation):

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from tiersim.atomic import name_max
 from tiersim.errors import TiersimError
 
 #: Bytes an output needs at least, by suffix, where that is known before the work (the report's HTML
@@ -41,8 +42,14 @@ def _mb(n: float) -> str:
 def check_output(path: Path, option: str, suffixes: tuple[str, ...] | None = None) -> None:
     """Refuse an output path that cannot be written (one line naming ``option``)."""
     path = Path(path)
+    longest = name_max(path.parent if str(path.parent) else Path("."))
+    if len(os.fsencode(path.name)) > longest:  # checked first: is_dir() itself raises ENAMETOOLONG
+        raise TiersimError(f"{option}: the file name is {len(os.fsencode(path.name))} bytes long, more than the "
+                           f"{longest} this file system takes")
     if path.is_dir():
         raise TiersimError(f"{option} {str(path)!r} is a directory; give a file name")
+    if path.exists() and not path.is_file():  # (through a link) a device or a pipe: never replaced by a result
+        raise TiersimError(f"{option} {str(path)!r} is not a regular file (a device or a pipe); give a file name")
     if suffixes and path.suffix.lower() not in suffixes:
         raise TiersimError(f"{option} must end in {' or '.join(suffixes)}, got {str(path)!r}")
     parent = path.parent if str(path.parent) else Path(".")

@@ -47,7 +47,8 @@ def usable(record) -> bool:
     ids, seconds, counts = record.get("token_ids"), record.get("seconds"), record.get("tier_counts")
     return (isinstance(ids, list) and all(count(t) and t < 2**31 for t in ids)
             and isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds)
-            and seconds >= 0 and isinstance(counts, dict) and all(isinstance(k, str) and count(v) for k, v in counts.items()))
+            and seconds >= 0 and isinstance(counts, dict)
+            and all(isinstance(k, str) and count(v) for k, v in counts.items()))
 
 
 class RunJournal:

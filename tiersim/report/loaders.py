@@ -182,6 +182,10 @@ STRUCTURED_COLUMNS = {"tier_bytes"}
 _NUMERIC_HINT = ("_ms", "_gb", "_pct", "_gbps", "_s", "_bytes", "tokens_per_s", "batch", "context", "hbm", "ddr",
                  "compressed", "evict", "fits", "step", "share", "accuracy", "exact_match")
 
+#: Suffixes of measured quantities (a time, a size, a rate, a share in percent): true/false is never one of them (a
+#: foreign file's boolean ``ttft_s`` was drawn as latencies of 0 and 1 s), where ``fits`` or ``exact_match`` may be.
+MEASURES = ("_ms", "_s", "_gb", "_pct", "_gbps", "_bytes", "tokens_per_s")
+
 
 def _check_numbers(frame: pd.DataFrame, where: str, required: tuple[str, ...] = ()) -> None:
     """The fields the figures plot are numbers: a capacity file whose ``step_ms`` is text is refused
@@ -196,13 +200,14 @@ def _check_numbers(frame: pd.DataFrame, where: str, required: tuple[str, ...] = 
             if bad:
                 raise TiersimError(f"{where}: column {name!r} must hold text, got {bad[0]!r}")
             continue
-        if values.dtype.kind in "biuf":
+        if values.dtype.kind in "iuf" or (values.dtype.kind == "b" and not name.endswith(MEASURES)):
             continue
         known = [v for v in values if not (v is None or (isinstance(v, float) and v != v))]
         hinted = name in required or any(name == h or name.endswith(h) for h in _NUMERIC_HINT)
         if not hinted and sum(_number(v) for v in known) * 2 <= len(known):
             continue  # a column of labels (most of its values are not numbers)
-        bad = [v for v in values if not _numbers(v, name)]
+        measure = name.endswith(MEASURES)
+        bad = [v for v in values if not _numbers(v, name) or (measure and isinstance(v, (bool, np.bool_)))]
         if bad:
             raise TiersimError(f"{where}: column {name!r} must hold numbers, got {bad[0]!r}")
 

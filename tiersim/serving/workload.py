@@ -87,8 +87,9 @@ def synthetic(n: int, qps: float, prompt_mean: float, output_mean: float, sigma:
     gaps = arrivals_rng.gamma(shape, 1.0 / (qps * shape), n)
     arrival = np.cumsum(gaps) - gaps[0]  # the first request at t = 0
     if arrival[-1] > MAX_ARRIVAL_S:
-        raise TiersimError(f"--qps {qps:g} with --requests {n:,} spans {arrival[-1]:.3g} s of arrivals, past the "
-                           f"{MAX_ARRIVAL_S:g} s the serving clock times a step in: raise --qps or lower --requests")
+        raise TiersimError(f"--qps {qps:g} with {n:,} requests spans {arrival[-1]:.3g} s of arrivals, past the "
+                           f"{MAX_ARRIVAL_S:g} s the serving clock times a step in: raise --qps or serve fewer "
+                           "requests")
     prompt = lognormal_lengths(lengths_rng, n, prompt_mean, sigma)
     output = lognormal_lengths(lengths_rng, n, output_mean, sigma)
     return Requests(arrival, prompt, output, f"{'Poisson' if burstiness == 1 else f'gamma CV {burstiness:g}'} "
