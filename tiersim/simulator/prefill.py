@@ -171,8 +171,8 @@ def mixed_step_s(model: Model, gpu: GPU, decode_tokens, kv_read_bytes, prefill_t
                  prefill_done=False):
     """A whole mixed step without offload: every layer, the LM head over the rows that sample (each decode
     token, plus one if the chunk ends its prompt; at least one, as a lone chunk that ends nothing still runs the head
-    on its last row: vLLM V1 samples a partial prefill and discards its token, vllm/v1/worker/gpu_model_runner.py, and :func:`prefill_s` charges
-    every chunk so), the embedding gather and the per-step host work.
+    on its last row: vLLM V1 samples a partial prefill and discards its token, vllm/v1/worker/gpu_model_runner.py,
+    and :func:`prefill_s` charges every chunk so), the embedding gather and the per-step host work.
 
     With no prefill tokens this is what ``analytic.layer_costs`` charges a decode step held in HBM:
     ``layers x layer_s + lm_head_s(batch) + host overhead``.
