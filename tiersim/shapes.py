@@ -56,14 +56,15 @@ SEQUENTIAL_ALLREDUCES = 2
 #: key: read as untied they would plan a second vocabulary table the model does not hold (1.6 GB for Gemma-7B).
 #: Every other ``model_type`` (Llama, Qwen, Mistral, Phi, GPT-J, GPT-NeoX: their classes default to False) is untied
 #: unless its file says so.
-TIED_BY_DEFAULT_MODEL_TYPES = frozenset({"biogpt", "bloom", "cohere", "cohere2", "ernie4_5", "falcon", "gemma", "gemma2",
-                                         "gemma3_text", "gpt2", "gpt_bigcode", "gpt_neo", "jetmoe", "minicpm3", "opt",
-                                         "smollm3", "starcoder2", "vaultgemma", "xglm"})
+TIED_BY_DEFAULT_MODEL_TYPES = frozenset({"biogpt", "bloom", "cohere", "cohere2", "ernie4_5", "falcon", "gemma",
+                                         "gemma2", "gemma3_text", "gpt2", "gpt_bigcode", "gpt_neo", "jetmoe",
+                                         "minicpm3", "opt", "smollm3", "starcoder2", "vaultgemma", "xglm"})
 
 #: ``model_type``s whose config states a ``multi_query`` flag (default True in both config classes) instead of a KV head
 #: count: one KV head shared by every query head, as GPTBigCodeAttention (``kv_heads = 1 if multi_query else
 #: num_heads``: StarCoder's published config.json says only ``"multi_query": true``) and FalconAttention (unless
-#: ``new_decoder_architecture``, which reads ``num_kv_heads``) build it. Read as heads, StarCoder's KV is 48 x too large.
+#: ``new_decoder_architecture``, which reads ``num_kv_heads``) build it. Read as heads, StarCoder's KV is 48 x too
+#: large.
 MULTI_QUERY_MODEL_TYPES = frozenset({"falcon", "gpt_bigcode"})
 
 #: Other names configs give the fields of :data:`CONFIG_FIELDS` (the GPT-2 family's ``n_layer``/``n_embd``/
