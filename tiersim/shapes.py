@@ -248,8 +248,12 @@ class ModelShape:
             raise TiersimError(f"{where}: num_attention_heads ({heads}) must be a multiple of "
                                f"num_key_value_heads ({kv_heads})")
         head_dim = _config_int(cfg, "head_dim", where, default=max(1, hidden // heads))
-        inter = _config_int(cfg, "intermediate_size", where, default=4 * hidden)
-        vocab = _config_int(cfg, "vocab_size", where, default=32000)
+        # A plain MLP's width defaults to 4 x hidden, as those families' configs mean by a null or absent width (GPT-2's
+        # and GPT-J's n_inner, Falcon's ffn_hidden_size, BLOOM's none); a gated MLP and the vocabulary have no such
+        # convention, and a file without them would be priced with a made-up number.
+        ungated = model_type in UNGATED_MLP_MODEL_TYPES
+        inter = _config_int(cfg, "intermediate_size", where, default=4 * hidden if ungated else None)
+        vocab = _config_int(cfg, "vocab_size", where)
         dtype = cfg.get("torch_dtype") or cfg.get("dtype") or config.get("torch_dtype") or config.get("dtype")
         if dtype is not None and (not isinstance(dtype, str) or dtype not in SERVED_DTYPE_BYTES):
             raise TiersimError(f"{where}: torch_dtype must be one of {', '.join(SERVED_DTYPE_BYTES)} (a quantized "
