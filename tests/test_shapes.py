@@ -125,6 +125,14 @@ def test_a_config_without_its_vocabulary_or_gated_mlp_width_is_one_line(key):
     gpt2 = {"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2, "vocab_size": 128}
     assert ModelShape.from_hf_config(gpt2).intermediate_size == 256
 
+
+def test_a_window_flag_that_is_not_a_boolean_is_one_line():
+    """``bool("false")`` is true: a hand-edited flag read so turned a window that is off into one in use."""
+    qwen = {**HF_CONFIGS["r1-distill-qwen-7b"], "use_sliding_window": "false"}
+    with pytest.raises(TiersimError, match='^x: use_sliding_window must be true or false'):
+        ModelShape.from_hf_config(qwen, where="x")
+
+
 def test_served_dtype_and_transformers_5_spelling():
     raw = HF_CONFIGS["llama-3.1-8b"]
     for key in ("torch_dtype", "dtype"):

@@ -113,6 +113,7 @@ def test_the_decode_rows_attention_flops_bound_a_mixed_step_as_a_decode_step():
         prefill.mixed_layer_s(QWEN7, slow, d, kv, 256, 0))
     assert mixed == pytest.approx(bound, rel=1e-9)
 
+
 def test_whole_prefill_and_step_add_the_layers_the_head_and_the_host():
     layer = float(prefill.prefill_layer_s(QWEN7, H100, 2048))
     whole = float(prefill.prefill_s(QWEN7, H100, 2048))

@@ -261,7 +261,7 @@ class ModelShape:
         return cls(
             str(name or cfg.get("_name_or_path") or default_name), model_type, layers, hidden, inter, heads, kv_heads,
             head_dim, vocab, tie_word_embeddings=_tied(model_type, cfg, where), rope_theta=_rope_theta(cfg),
-            **block_layout(model_type, cfg), sliding_window=_sliding_window(cfg),
+            **block_layout(model_type, cfg), sliding_window=_sliding_window(cfg, where),
             dtype_bytes=SERVED_DTYPE_BYTES.get(dtype, 2), max_context=_max_context(cfg, where),
         )
 
@@ -388,12 +388,12 @@ def _rope_theta(cfg: Mapping) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else 10000.0
 
 
-def _sliding_window(cfg: Mapping) -> int | None:
+def _sliding_window(cfg: Mapping, where: str = "config") -> int | None:
     """The window where any layer uses one (the reading of ``hierarchy.cache.check_model_supported``), else None."""
     window = cfg.get("sliding_window")
     layer_types = cfg.get("layer_types") or []
-    used = cfg.get("use_sliding_window")
-    used = (window is not None) if used is None else bool(used)
+    used = _config_flag(cfg, "use_sliding_window", where)  # a hand-edited "false" is not a window in use
+    used = (window is not None) if used is None else used
     used = used or (isinstance(layer_types, list) and "sliding_attention" in layer_types)
     if used and isinstance(window, int) and not isinstance(window, bool) and window > 0:
         return window
