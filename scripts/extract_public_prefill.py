@@ -188,7 +188,8 @@ TRTLLM_PERF_LEFT_OUT = {"Mixtral 8x7B"}
 
 def trtllm_perf_cases(md: Path) -> list[dict]:
     """The batch-1 first-token latencies of TensorRT-LLM 0.9.0's A100 (FP16) low-latency table at TP > 1: one case
-    per (model, TP) as the table states them (its rows name the TP per input length), points (input length, ms)."""
+    per (model, TP, batch) as the table states them (its rows name the TP per input length), points (input length,
+    ms). The batch is part of the key: a row of another batch merged into a case would be priced at that case's."""
     if not md.is_file():
         raise SystemExit(f"{md}: not found (docs/source/performance.md of TensorRT-LLM @ 250d9c2)")
     text = md.read_text()
@@ -200,7 +201,7 @@ def trtllm_perf_cases(md: Path) -> list[dict]:
     if TRTLLM_PERF_TABLE not in section:
         raise SystemExit(f"{md}: no {TRTLLM_PERF_TABLE!r} table in {TRTLLM_PERF_SECTION!r}")
     table = section[section.index(TRTLLM_PERF_TABLE) + len(TRTLLM_PERF_TABLE):]
-    cases: dict[tuple[str, int], dict] = {}
+    cases: dict[tuple[str, int, int], dict] = {}
     for line in table.splitlines():
         if line.startswith("#"):
             break
@@ -218,7 +219,7 @@ def trtllm_perf_cases(md: Path) -> list[dict]:
         if name not in TRTLLM_PERF_MODELS:
             raise SystemExit(f"{md}: model {name!r} of {TRTLLM_PERF_TABLE!r} is neither mapped nor left out")
         model = TRTLLM_PERF_MODELS[name]
-        case = cases.setdefault((model, tp), {"source": TRTLLM_PERF_SOURCE, "gpu": "a100", "model": model,
+        case = cases.setdefault((model, tp, batch), {"source": TRTLLM_PERF_SOURCE, "gpu": "a100", "model": model,
                                               "tp": tp, "sequences": batch, "points": []})
         case["points"].append({"prompt": tokens, "ttft_ms": ms})
     if not cases:

@@ -134,3 +134,15 @@ def test_a_rebuilt_vidur_case_has_the_shipped_case_s_fields(tmp_path):
 def test_too_few_arguments_are_the_usage_line(capsys):
     with pytest.raises(SystemExit, match="^usage: extract_public_prefill.py VIDUR_DIR"):
         _script().main(["extract_public_prefill.py", "vidur"])
+
+
+def test_a_trtllm_row_of_another_batch_is_a_case_of_its_own(tmp_path):
+    """Found in review: cases were keyed by (model, TP), so a batch-2 row joined the batch-1 case and was priced
+    as one prompt."""
+    m = _script()
+    page = tmp_path / "performance.md"
+    page.write_text(PAGE.replace("| LLaMA 70B | 1 | 4 | 128 | 30.0 |",
+                                 "| LLaMA 70B | 1 | 4 | 128 | 30.0 |\n| LLaMA 70B | 2 | 4 | 128 | 35.0 |"))
+    got = {(c["model"], c["tp"], c["sequences"]): [p["ttft_ms"] for p in c["points"]]
+           for c in m.trtllm_perf_cases(page)}
+    assert got[("llama2-70b", 4, 1)] == [30.0] and got[("llama2-70b", 4, 2)] == [35.0]

@@ -128,6 +128,25 @@ def test_a_config_it_cannot_plan_is_refused_in_one_line(dtype):
     assert str(exc.value).startswith("--model-config x.json: ") and "\n" not in str(exc.value)
 
 
+
+@pytest.mark.parametrize("key", ["vocab_size", "intermediate_size"])
+def test_a_config_without_its_vocabulary_or_gated_mlp_width_is_one_line(key):
+    """No silent default (found in review: a missing vocabulary was planned as 32,000 tokens, a Qwen LM head at a
+    fifth of its size, and a Llama MLP as 4 x hidden); only a plain MLP's null width means 4 x hidden."""
+    raw = {k: v for k, v in HF_CONFIGS["r1-distill-qwen-7b"].items() if k != key}
+    with pytest.raises(TiersimError, match=f"^--model-config x.json: {key} is missing"):
+        ModelShape.from_hf_config(raw, where="--model-config x.json")
+    gpt2 = {"model_type": "gpt2", "n_embd": 64, "n_head": 4, "n_layer": 2, "vocab_size": 128}
+    assert ModelShape.from_hf_config(gpt2).intermediate_size == 256
+
+
+def test_a_window_flag_that_is_not_a_boolean_is_one_line():
+    """``bool("false")`` is true: a hand-edited flag read so turned a window that is off into one in use."""
+    qwen = {**HF_CONFIGS["r1-distill-qwen-7b"], "use_sliding_window": "false"}
+    with pytest.raises(TiersimError, match='^x: use_sliding_window must be true or false'):
+        ModelShape.from_hf_config(qwen, where="x")
+
+
 def test_served_dtype_and_transformers_5_spelling():
     raw = HF_CONFIGS["llama-3.1-8b"]
     for key in ("torch_dtype", "dtype"):

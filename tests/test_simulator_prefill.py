@@ -23,7 +23,7 @@ def test_gemms_are_compute_bound_and_linear_at_many_tokens(gpu, model):
     """Doubling a long prompt's tokens doubles its GEMM time (full tiles, FLOPs / peak), unlike decode."""
     t2k, t4k, t8k = (float(prefill.gemm_s(model, gpu, n)) for n in (2048, 4096, 8192))
     assert t4k / t2k == pytest.approx(2.0, rel=0.02) and t8k / t4k == pytest.approx(2.0, rel=0.01)
-    flops = prefill.layer_flops_per_token(model) * 8192
+    flops = physics.layer_flops_per_token(model) * 8192
     assert t8k == pytest.approx(flops / (gpu.peak_flops * gpu.prefill_gemm_efficiency), rel=0.01)
     # The decode formula would have charged one weight read: many times less.
     assert t8k > 10 * float(physics.weight_stream_s(gpu, model.layer_weight_bytes, 8192))
@@ -33,7 +33,7 @@ def test_tile_quantization_from_one_tile_and_the_weight_floor():
     """From one tile up a GEMM computes whole tiles (129 rows cost two 128-row tiles); below one tile the rows
     count as they are. A short chunk costs at least one weight read, and up to 16 tokens no more."""
     gpu = replace(H100, prefill_gemm_efficiency=0.02)  # make compute bind at every size, to see the tiles
-    t = {n: float(prefill.gemm_compute_s(QWEN7, gpu, n)) for n in (1, 64, 128, 129, 256, 257)}
+    t = {n: float(physics.gemm_compute_s(QWEN7, gpu, n)) for n in (1, 64, 128, 129, 256, 257)}
     fixed = physics.GEMMS_PER_LAYER * gpu.gemm_kernel_s
     assert (t[64] - fixed) == pytest.approx(64 * (t[1] - fixed))
     assert t[129] == t[256] and (t[129] - fixed) == pytest.approx(2 * (t[128] - fixed)) and t[257] > t[256]
@@ -112,6 +112,7 @@ def test_the_decode_rows_attention_flops_bound_a_mixed_step_as_a_decode_step():
     mixed = float(prefill.mixed_layer_s(QWEN7, slow, d, kv, 256, 0, attended=attended)) - float(
         prefill.mixed_layer_s(QWEN7, slow, d, kv, 256, 0))
     assert mixed == pytest.approx(bound, rel=1e-9)
+
 
 def test_whole_prefill_and_step_add_the_layers_the_head_and_the_host():
     layer = float(prefill.prefill_layer_s(QWEN7, H100, 2048))

@@ -218,6 +218,7 @@ def test_the_engine_step_check_prices_the_decode_step_with_the_prefill_s_all_red
     one_reduce = model.num_layers * parallel.allreduce_s(gpu, 8, model.hidden_size * model.param_bytes) * 1e3
     assert check[None] - check[2] == pytest.approx(one_reduce, rel=1e-9)
 
+
 def test_error_rows_are_plain_rows_per_source_and_regime():
     rows = pf.error_rows()
     assert {r["regime"] for r in rows} == {"gemm", "attention", "ttft"}
@@ -287,6 +288,7 @@ def test_a_line_that_changes_nothing_reprices_nothing(monkeypatch):
     for r in after:
         assert r.simulated_ms == pytest.approx(before[(r.source, r.gpu, r.model, r.tp, r.tokens, r.sequences)],
                                                rel=1e-12), r
+
 
 def test_a_trtllm_prefill_line_fitted_on_the_dli_check_is_not_what_the_held_out_sources_say():
     """The exploratory line (GEMM efficiency + a cost per layer per forward, fitted on the DLI first-token rows only)

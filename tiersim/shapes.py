@@ -56,14 +56,15 @@ SEQUENTIAL_ALLREDUCES = 2
 #: key: read as untied they would plan a second vocabulary table the model does not hold (1.6 GB for Gemma-7B).
 #: Every other ``model_type`` (Llama, Qwen, Mistral, Phi, GPT-J, GPT-NeoX: their classes default to False) is untied
 #: unless its file says so.
-TIED_BY_DEFAULT_MODEL_TYPES = frozenset({"biogpt", "bloom", "cohere", "cohere2", "ernie4_5", "falcon", "gemma", "gemma2",
-                                         "gemma3_text", "gpt2", "gpt_bigcode", "gpt_neo", "jetmoe", "minicpm3", "opt",
-                                         "smollm3", "starcoder2", "vaultgemma", "xglm"})
+TIED_BY_DEFAULT_MODEL_TYPES = frozenset({"biogpt", "bloom", "cohere", "cohere2", "ernie4_5", "falcon", "gemma",
+                                         "gemma2", "gemma3_text", "gpt2", "gpt_bigcode", "gpt_neo", "jetmoe",
+                                         "minicpm3", "opt", "smollm3", "starcoder2", "vaultgemma", "xglm"})
 
 #: ``model_type``s whose config states a ``multi_query`` flag (default True in both config classes) instead of a KV head
 #: count: one KV head shared by every query head, as GPTBigCodeAttention (``kv_heads = 1 if multi_query else
 #: num_heads``: StarCoder's published config.json says only ``"multi_query": true``) and FalconAttention (unless
-#: ``new_decoder_architecture``, which reads ``num_kv_heads``) build it. Read as heads, StarCoder's KV is 48 x too large.
+#: ``new_decoder_architecture``, which reads ``num_kv_heads``) build it. Read as heads, StarCoder's KV is 48 x too
+#: large.
 MULTI_QUERY_MODEL_TYPES = frozenset({"falcon", "gpt_bigcode"})
 
 #: Other names configs give the fields of :data:`CONFIG_FIELDS` (the GPT-2 family's ``n_layer``/``n_embd``/
@@ -247,8 +248,12 @@ class ModelShape:
             raise TiersimError(f"{where}: num_attention_heads ({heads}) must be a multiple of "
                                f"num_key_value_heads ({kv_heads})")
         head_dim = _config_int(cfg, "head_dim", where, default=max(1, hidden // heads))
-        inter = _config_int(cfg, "intermediate_size", where, default=4 * hidden)
-        vocab = _config_int(cfg, "vocab_size", where, default=32000)
+        # A plain MLP's width defaults to 4 x hidden, as those families' configs mean by a null or absent width (GPT-2's
+        # and GPT-J's n_inner, Falcon's ffn_hidden_size, BLOOM's none); a gated MLP and the vocabulary have no such
+        # convention, and a file without them would be priced with a made-up number.
+        ungated = model_type in UNGATED_MLP_MODEL_TYPES
+        inter = _config_int(cfg, "intermediate_size", where, default=4 * hidden if ungated else None)
+        vocab = _config_int(cfg, "vocab_size", where)
         dtype = cfg.get("torch_dtype") or cfg.get("dtype") or config.get("torch_dtype") or config.get("dtype")
         if dtype is not None and (not isinstance(dtype, str) or dtype not in SERVED_DTYPE_BYTES):
             raise TiersimError(f"{where}: torch_dtype must be one of {', '.join(SERVED_DTYPE_BYTES)} (a quantized "
@@ -256,7 +261,7 @@ class ModelShape:
         return cls(
             str(name or cfg.get("_name_or_path") or default_name), model_type, layers, hidden, inter, heads, kv_heads,
             head_dim, vocab, tie_word_embeddings=_tied(model_type, cfg, where), rope_theta=_rope_theta(cfg),
-            **block_layout(model_type, cfg), sliding_window=_sliding_window(cfg),
+            **block_layout(model_type, cfg), sliding_window=_sliding_window(cfg, where),
             dtype_bytes=SERVED_DTYPE_BYTES.get(dtype, 2), max_context=_max_context(cfg, where),
         )
 
@@ -383,12 +388,12 @@ def _rope_theta(cfg: Mapping) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else 10000.0
 
 
-def _sliding_window(cfg: Mapping) -> int | None:
+def _sliding_window(cfg: Mapping, where: str = "config") -> int | None:
     """The window where any layer uses one (the reading of ``hierarchy.cache.check_model_supported``), else None."""
     window = cfg.get("sliding_window")
     layer_types = cfg.get("layer_types") or []
-    used = cfg.get("use_sliding_window")
-    used = (window is not None) if used is None else bool(used)
+    used = _config_flag(cfg, "use_sliding_window", where)  # a hand-edited "false" is not a window in use
+    used = (window is not None) if used is None else used
     used = used or (isinstance(layer_types, list) and "sliding_attention" in layer_types)
     if used and isinstance(window, int) and not isinstance(window, bool) and window > 0:
         return window

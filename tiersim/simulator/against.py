@@ -101,7 +101,8 @@ def _points(doc: dict, check: _Fields) -> list[dict]:
         """``where``: (a point's field prefix, the warmup's name, the measured time's key, the steps' name)."""
         warmup = check.whole(where[1], warmup, 0, MAX_STEPS)
         hbm = check.number(f"{where[0]}hbm", hbm, 0.0, 1.0)
-        return {"model": check.name(f"{where[0]}model", model), "batch": check.whole(f"{where[0]}batch", batch, 1, MAX_BATCH),
+        return {"model": check.name(f"{where[0]}model", model),
+                "batch": check.whole(f"{where[0]}batch", batch, 1, MAX_BATCH),
                 "context": check.whole(f"{where[0]}context", context, 0, MAX_TOKENS) + warmup,
                 "hbm": hbm, "compressed": check.number(f"{where[0]}compressed", compressed, 0.0, 1.0 - hbm),
                 "measured_ms": check.number(f"{where[0]}{where[2]}", measured, MIN_MS, MAX_MS),

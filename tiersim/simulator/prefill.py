@@ -13,7 +13,7 @@ The terms, per decoder layer (constants on ``presets.GPU``, fitted and checked b
   the weights must still be read once, so a short prompt is no faster than a decode step) and compute
   (``kernels x gemm_kernel_s + FLOPs / (peak x prefill_gemm_efficiency)``, the FLOPs counted over
   ``ceil(rows / tile)`` full row tiles from one tile up: tile quantization), joined by a p-norm
-  (:data:`GEMM_ROLLOFF`) since between ~128 and ~1K tokens neither bound alone holds.
+  (``physics.GEMM_ROLLOFF``) since between ~128 and ~1K tokens neither bound alone holds.
 * **Prefill attention**: ``q`` new queries over ``context`` earlier keys plus their own causal
   triangle: ``q x context + q (q + 1) / 2`` query-key pairs, ``4 x pairs x heads x head_dim`` FLOPs at a
   FlashAttention-class share of peak that grows with the keys (:func:`attention_efficiency`), at least
@@ -35,6 +35,9 @@ from __future__ import annotations
 import numpy as np
 
 from tiersim.simulator import physics
+# The GEMM time at any row count (weight streaming and tiled compute joined by a p-norm) is the decode step's
+# too: it lives in physics, the one place both regimes read it (decode batches of 128-512 rows price as a chunk).
+from tiersim.simulator.physics import gemm_s
 from tiersim.simulator.presets import GPU, Model
 
 
@@ -45,16 +48,6 @@ def _arr(x) -> np.ndarray:
 def _scalar_or_array(x):
     x = np.asarray(x, dtype=float)
     return float(x) if x.ndim == 0 else x
-
-
-# The GEMM time at any row count (weight streaming and tiled compute joined by a p-norm) is the decode step's
-# too: it lives in physics, the one place both regimes read it (decode batches of 128-512 rows price as a chunk).
-from tiersim.simulator.physics import (  # noqa: E402,F401 (re-exported: prefill's callers and tests use them here)
-    GEMM_ROLLOFF,
-    gemm_compute_s,
-    gemm_s,
-    layer_flops_per_token,
-)
 
 
 def attention_pairs(tokens, context=0):
@@ -170,7 +163,9 @@ def mixed_layer_s(model: Model, gpu: GPU, decode_tokens, kv_read_bytes, prefill_
 def mixed_step_s(model: Model, gpu: GPU, decode_tokens, kv_read_bytes, prefill_tokens, prefill_context=0,
                  prefill_done=False):
     """A whole mixed step without offload: every layer, the LM head over the rows that sample (each decode
-    token, plus one if the chunk ends its prompt), the embedding gather and the per-step host work.
+    token, plus one if the chunk ends its prompt; at least one, as a lone chunk that ends nothing still runs the head
+    on its last row: vLLM V1 samples a partial prefill and discards its token, vllm/v1/worker/gpu_model_runner.py,
+    and :func:`prefill_s` charges every chunk so), the embedding gather and the per-step host work.
 
     With no prefill tokens this is what ``analytic.layer_costs`` charges a decode step held in HBM:
     ``layers x layer_s + lm_head_s(batch) + host overhead``.

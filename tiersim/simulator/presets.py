@@ -12,13 +12,7 @@ from functools import cached_property
 from pathlib import Path
 
 from tiersim.errors import TiersimError
-from tiersim.shapes import (  # noqa: F401 (re-exported)
-    CONFIG_FIELDS,
-    MODEL_SHAPES,
-    SEQUENTIAL_ALLREDUCES,
-    UNGATED_MLP_MODEL_TYPES,
-    ModelShape,
-)
+from tiersim.shapes import MODEL_SHAPES, SEQUENTIAL_ALLREDUCES, ModelShape
 
 GB = 1e9
 
