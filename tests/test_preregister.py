@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -238,3 +240,30 @@ def test_preregistered_takes_no_simulation_options(tmp_path, capsys):
 
     assert main([str(tmp_path / "r.json"), "--preregistered", str(tmp_path / "p.json"), "--gpu", "h200"]) == 2
     assert "drop --model, --gpu" in capsys.readouterr().err
+
+
+def test_tiersim_simulate_takes_preregistered_beside_against(tmp_path):
+    """`tiersim simulate --against R --preregistered P`: the same comparison; without --against, or beside an option
+    that would be dropped, one line."""
+    from typer.testing import CliRunner
+
+    from tiersim.cli.main import app
+
+    stamp = {"commit": "aaaa", "created": "2026-12-01T00:00:00+00:00"}
+    prereg_path = tmp_path / "p.json"
+    preregister.write(prereg_path, preregister.document(_grid(), "h200", stamp, "cmd"))
+    res = tmp_path / "r.json"
+    res.write_text(json.dumps(_results(preregister.load(prereg_path), 0.5, "2026-12-05T00:00:00+00:00")))
+    runner = CliRunner()
+    ok = runner.invoke(app, ["simulate", "--against", str(res), "--preregistered", str(prereg_path)])
+    assert ok.exit_code == 0, ok.output
+    assert "median |error| (pre-registered, uncalibrated) 100.0%" in ok.output
+    gate = runner.invoke(app, ["simulate", "--against", str(res), "--preregistered", str(prereg_path),
+                               "--max-error", "50"])
+    assert gate.exit_code == 1
+    for args, words in ((["--preregistered", str(prereg_path)], "needs --against"),
+                        (["--against", str(res), "--preregistered", str(prereg_path), "--gpu", "h200"],
+                         "drop the model and GPU")):
+        bad = subprocess.run([sys.executable, "-m", "tiersim", "simulate", *args], capture_output=True, text=True,
+                             timeout=120, cwd=REPO)
+        assert bad.returncode == 2 and words in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
