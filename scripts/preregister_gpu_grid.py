@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replace", action="store_true", help="overwrite predictions that changed (keeps the first "
                    "registration's commit; the new ones are not pre-registered for a run made before them)")
     args = p.parse_args(argv)
+    from tiersim.atomic import write_text
     from tiersim.errors import TiersimError
     from tiersim.simulator import preregister
 
@@ -102,10 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             doc = preregister.document(grid, gpu, stamp, command)
             path = args.out_dir / f"predicted-{gpu}.json"
             status = preregister.write(path, doc, replace=args.replace)
-            if status != "unchanged":
-                from tiersim.atomic import write_text
-
-                write_text(path.with_suffix(".md"), preregister.markdown(preregister.load(path)))
+            # The table from the file as it now stands (an unchanged file's own stamps): the same bytes when unchanged.
+            write_text(path.with_suffix(".md"), preregister.markdown(preregister.load(path)))
             head = doc["figures"]["overhead_head"]
             print(f"{path}: {status}; overhead at the head point {head['overhead_pct']:+.2f}%, prefetch share "
                   f"{doc['figures']['prefetch_share_of_peak_h2d']['share']:.2f}")

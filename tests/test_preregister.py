@@ -267,3 +267,17 @@ def test_tiersim_simulate_takes_preregistered_beside_against(tmp_path):
         bad = subprocess.run([sys.executable, "-m", "tiersim", "simulate", *args], capture_output=True, text=True,
                              timeout=120, cwd=REPO)
         assert bad.returncode == 2 and words in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_the_command_writes_both_presets_and_a_rerun_changes_no_byte(tmp_path, capsys):
+    script = _script()
+    assert script.main(["--out-dir", str(tmp_path)]) == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [f"predicted-{g}.{ext}" for g in sorted(PRESETS) for ext in ("json", "md")]
+    before = {n: (tmp_path / n).read_bytes() for n in names}
+    assert script.main(["--out-dir", str(tmp_path)]) == 0
+    assert {n: (tmp_path / n).read_bytes() for n in names} == before
+    assert capsys.readouterr().out.count(": unchanged;") == 2
+    doc = preregister.load(tmp_path / "predicted-h200.json")
+    assert doc["command"] == f"python scripts/preregister_gpu_grid.py --out-dir {tmp_path}"
+    assert doc["registered"] == doc["generated"] and doc["registered"]["commit"]
