@@ -46,9 +46,11 @@ TRACE_PROJECTION = FileKind("trace-projection", 1, ("json",))  # the bundled tra
 REQUESTS = FileKind("requests", 1, ("parquet",))  # a serving workload (CSV and JSON lines are read too)
 SERVING = FileKind("serving", 2, ("parquet",))  # serving runs: per-request rows (2: of every policy), summary, timeline
 SERVING_CAPACITY = FileKind("serving-capacity", 1, ("json",))  # highest QPS within SLOs, per on-full policy
+#: The simulator's predictions for a GPU validation grid, written before the run (tiersim.simulator.preregister).
+PREREGISTRATION = FileKind("gpu-preregistration", 1, ("json",))
 KINDS: dict[str, FileKind] = {k.name: k for k in (TRACE, SIMULATION, CAPACITY, QUALITY_GRID, CALIBRATION,
                                                   OPERATOR_PROFILE, REPORT, TRACE_PROJECTION, REQUESTS, SERVING,
-                                                  SERVING_CAPACITY)}
+                                                  SERVING_CAPACITY, PREREGISTRATION)}
 
 
 #: What readers of a kind index into, checked by :func:`check` so that a file of the right kind with a field

@@ -91,6 +91,25 @@ def _against(scenario, path: Path, max_error: float | None, fmt: str) -> None:
         raise SystemExit(1)
 
 
+def _preregistered(against: Path | None, path: Path, max_error: float | None, fmt: str) -> None:
+    """``--against R --preregistered P``: R's points beside the predictions P froze before the run (nothing is
+    simulated: the scenario's options do not apply); exit 1 past ``max_error``."""
+    from tiersim.simulator import preregister
+
+    if against is None:
+        raise TiersimError(f"--preregistered {path} needs --against RESULTS (the GPU run's graph-grid file)")
+    result = preregister.compare(preregister.load(path), against)
+    if fmt == "json":
+        print(json.dumps(result, default=float))
+    else:
+        for line in preregister.compare_lines(result, against, path):
+            console.print(line, highlight=False, markup=False)
+    if max_error is not None and result["median_abs_error_pct"] > max_error:
+        err_console.print(f"gate failed: median |error| {result['median_abs_error_pct']:.1f}% > --max-error {max_error:g}%",
+                          highlight=False, markup=False)
+        raise SystemExit(1)
+
+
 def _check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         raise TiersimError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -113,6 +132,9 @@ def simulate(
     compute: ComputeModel = ComputeModel(),
     against: Path = typer.Option(None, "--against", help="measured decode steps (a calibration or operator-profile "
                                  "JSON): simulate each point, print measured vs simulated with median and worst error"),
+    preregistered: Path = typer.Option(None, "--preregistered", help="with --against: set its points beside these "
+                                       "predictions, written before the run (docs/validation/predicted-<gpu>.json), "
+                                       "instead of simulating them"),
     max_error: float = options.opt(None, "--max-error", help="with --against: exit 1 when the median |error| "
                                    "exceeds this many percent (the gate)", min=0),
     fmt: str = options.opt("table", "--format", help="table or json", choices=FORMATS),
@@ -129,6 +151,17 @@ def simulate(
     _check_format(fmt)
     if max_error is not None and (against is None or not max_error >= 0):
         raise TiersimError(f"--max-error needs --against and a value >= 0, got {max_error}")
+    if preregistered is not None:
+        given = [name for name, value, default in (
+            ("the model and GPU", target, Target()), ("the workload", workload, Workload()),
+            ("the compute model", compute, ComputeModel()), ("--batch", batch, DEFAULT_BATCH), ("--hbm", hbm, 0.5),
+            ("--ddr", ddr, 0.5), ("--compressed", compressed, 0.0), ("--evict", evict, 0.0), ("--out", out, None),
+            ("--report", report, None)) if value != default]
+        if given:
+            raise TiersimError(f"--preregistered compares with the file's own predictions and simulates nothing: drop "
+                               f"{', '.join(given)}")
+        _preregistered(against, preregistered, max_error, fmt)
+        return
     scenario = _scenario(target, workload, compute, batch)
     if against is not None:
         _against(scenario, against, max_error, fmt)

@@ -140,6 +140,19 @@ def _points(doc: dict, check: _Fields) -> list[dict]:
     return points
 
 
+def simulate_point(scenario, p: dict) -> dict:
+    """The simulator's row (``capacity.run``'s) for one measured point of :func:`load_measurements`: a lockstep batch
+    at the point's context over as many steps as were timed, its split and strategy as measured. One function, so
+    the pre-registered predictions (``tiersim.simulator.preregister``) are what ``--against`` simulates."""
+    from tiersim.simulator.capacity import run
+
+    sc = replace(scenario, batch=p["batch"], context=p["context"], steps=max(p["steps"], 1))
+    comp = p["compressed"]
+    row, _ = run(sc, sc.policy(p["hbm"], round(1.0 - p["hbm"] - comp, 6), comp, 0.0), largest=False,
+                 strategy=p.get("strategy"), share=p.get("share"))
+    return row
+
+
 def compare(scenario, points: list[dict], doc: dict | None = None) -> dict:
     """Simulate every point of ``scenario.model``; rows with the error, and its median and worst.
 
@@ -148,17 +161,12 @@ def compare(scenario, points: list[dict], doc: dict | None = None) -> dict:
     """
     from tiersim.simulator.calibration import executor_of, host_bound_note
 
-    from tiersim.simulator.capacity import run
-
     rows, skipped = [], 0
     for p in points:
         if p["model"] != scenario.model.name:
             skipped += 1
             continue
-        sc = replace(scenario, batch=p["batch"], context=p["context"], steps=max(p["steps"], 1))
-        comp = p["compressed"]
-        row, _ = run(sc, sc.policy(p["hbm"], round(1.0 - p["hbm"] - comp, 6), comp, 0.0), largest=False,
-                     strategy=p.get("strategy"), share=p.get("share"))
+        row = simulate_point(scenario, p)
         error = 100.0 * (row["step_ms"] / p["measured_ms"] - 1.0)
         rows.append({**p, "simulated_ms": row["step_ms"], "error_pct": error, "compute_model": row["compute_model"]})
     if not rows:
@@ -196,7 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu", default=None, help="GPU preset (default: the file's)")
     p.add_argument("--calibration", default=None, help="calibration JSON (default: FILE when it is one)")
     p.add_argument("--profile", default=None, help="operator profile JSON for the compute model")
+    p.add_argument("--preregistered", default=None, help="predictions written before the run "
+                   "(docs/validation/predicted-<gpu>.json): FILE's points beside them instead of a new simulation")
     args = p.parse_args(argv)
+    if args.preregistered is not None:
+        return _preregistered(args)
     try:
         doc, points = load_measurements(args.file)
         model = args.model or (doc.get("model_shape") or {}).get("name") or points[0]["model"]
@@ -237,6 +249,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {result['note']}")
     print(f"median |error| {result['median_abs_error_pct']:.1f}% (worst {result['worst_error_pct']:+.1f}%, "
           f"{len(result['rows'])} points)")
+    return 0
+
+
+def _preregistered(args) -> int:
+    """``--preregistered P``: the measured points beside the predictions registered before the run
+    (:mod:`tiersim.simulator.preregister`); nothing is simulated, so today's physics cannot move them."""
+    import sys
+
+    from tiersim.simulator import preregister
+
+    if args.model or args.gpu or args.calibration or args.profile:
+        print("error: --preregistered compares with the file's own predictions: drop --model, --gpu, --calibration "
+              "and --profile", file=sys.stderr)
+        return 2
+    try:
+        result = preregister.compare(preregister.load(args.preregistered), args.file)
+    except TiersimError as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print("\n".join(preregister.compare_lines(result, args.file, args.preregistered)))
     return 0
 
 
