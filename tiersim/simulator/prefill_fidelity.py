@@ -302,8 +302,8 @@ def summary(points: list[Row]) -> dict[str, dict]:
 
 
 def error_rows(gpus: dict[str, GPU] | None = None) -> list[dict]:
-    """Per-point prefill error rows (source, regime, gpu, model, tp, tokens, reference_ms, simulated_ms,
-    error_pct, fit): what ``benchmarks/bench_fidelity.py`` reports per source and regime."""
+    """Every :func:`rows` point as a plain dict (a :class:`Row`'s fields, ``fit`` and ``error_pct``), so
+    ``benchmarks/bench_fidelity.py`` reports per source and regime without importing the dataclass."""
     return [r.to_dict() for r in rows(gpus)]
 
 
