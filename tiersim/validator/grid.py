@@ -45,7 +45,9 @@ def measure_one(batch, context, hbm, measure, log, label: str, budget_s=None, st
     if budget_s is not None and time.monotonic() - started > budget_s:
         why = f"skipped: time budget of {budget_s:g} s spent"
     else:
-        log(f"{label}: batch {batch}, context {context}, hbm {hbm}")
+        # the seconds since the run began: a first GPU run's log then sizes the next one's budget point by point
+        at = f" (at {time.monotonic() - started:.0f} s)" if started is not None else ""
+        log(f"{label}: batch {batch}, context {context}, hbm {hbm}{at}")
         try:
             m = measure(batch, context, hbm)
         except RuntimeError as exc:  # torch.cuda.OutOfMemoryError; cudaHostAlloc: a RuntimeError
