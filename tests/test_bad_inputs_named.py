@@ -116,6 +116,20 @@ def _stop():
     raise TiersimError("boom")
 
 
+def test_an_out_name_that_leaves_no_room_for_its_sidecar_is_refused_before_any_run(tmp_path):
+    """--out of 250 bytes passes its own check, but OUT.runs.jsonl / OUT.parts do not fit NAME_MAX: the first
+    finished run or sequence failed with ENAMETOOLONG."""
+    from tiersim.quality.journal import RunJournal, journal_path
+    from tiersim.traces.resume import CaptureParts
+
+    out = tmp_path / ("x" * 242 + ".parquet")
+    with pytest.raises(TiersimError, match="give --out a shorter name"):
+        RunJournal(journal_path(out), {})
+    with pytest.raises(TiersimError, match="give --out a shorter name"):
+        CaptureParts(out, {"model": "x"})
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("resume", [True, False])
 def test_a_file_where_the_capture_keeps_its_parts_is_refused(tmp_path, resume):
     """OUT.parts as a regular file: rmtree could not clear it and the first finished sequence failed after

@@ -102,3 +102,18 @@ def test_an_output_name_longer_than_the_file_system_takes_is_refused_before_work
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and not proc.stdout
     assert "--out: the file name is 308 bytes long, more than the 255" in proc.stderr
+
+
+@pytest.mark.parametrize("loop", [False, True])
+def test_an_input_that_is_a_link_to_nowhere_says_so(tmp_path, loop):
+    """A dangling link or a loop of links read 'file not found' for a name ls lists."""
+    link = tmp_path / "requests.csv"
+    if loop:
+        (tmp_path / "other.csv").symlink_to(link)
+        link.symlink_to(tmp_path / "other.csv")
+    else:
+        link.symlink_to(tmp_path / "gone.csv")
+    proc = subprocess.run([sys.executable, "-m", "tiersim", "serve", "--requests-file", str(link), "--on-full", "queue"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert f"--requests-file: {link} is a symbolic link to nowhere" in proc.stderr

@@ -81,6 +81,17 @@ def name_max(folder: Path) -> int:
         return 255
 
 
+def check_name(path: Path, what: str) -> None:
+    """Refuse, before the work, a file or folder a command keeps beside ``--out`` whose name the file system does not
+    take (``OUT.runs.jsonl``, ``OUT.parts``: an ``--out`` name within a few bytes of NAME_MAX passed its own check and
+    failed with ENAMETOOLONG once the first run or sequence was done)."""
+    path = Path(path)
+    size, longest = len(os.fsencode(path.name)), name_max(path.parent if str(path.parent) else Path("."))
+    if size > longest:
+        raise TiersimError(f"{what} would be {path.name[:40]}... ({size} bytes), longer than the {longest} bytes "
+                           "this file system takes: give --out a shorter name")
+
+
 def _short_name(target: Path) -> str:
     """``target``'s name cut so that ``.NAME.XXXXXXXX.tmp`` still fits the file system: a name the result itself may
     have (up to NAME_MAX bytes) failed at the temporary file, after the work, with ENAMETOOLONG."""

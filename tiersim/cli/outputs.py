@@ -75,6 +75,8 @@ def check_input(path: Path, option: str) -> None:
     if path.is_dir():
         raise TiersimError(f"{option}: {path} is a directory, not a file")
     if not path.exists():
+        if path.is_symlink():  # "file not found" for a file the user can see in ls
+            raise TiersimError(f"{option}: {path} is a symbolic link to nowhere (dangling, or a loop of links)")
         raise TiersimError(f"{option}: file not found: {path}")
     if not path.is_file():  # a FIFO or a device: the reader would block on it forever, or read it twice
         raise TiersimError(f"{option}: {path} is not a regular file (a pipe or a device); give a file")

@@ -19,7 +19,7 @@ import math
 import os
 from pathlib import Path
 
-from tiersim.atomic import WriteError
+from tiersim.atomic import WriteError, check_name
 from tiersim.errors import TiersimError, os_reason
 
 JOURNAL_SCHEMA = 1
@@ -56,6 +56,7 @@ class RunJournal:
 
     def __init__(self, path: Path, context: dict):
         self.path = Path(path)
+        check_name(self.path, "the grid's journal of finished runs")
         self.context = context
         self._runs: dict[str, dict] = {}
         self._file = None

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tiersim.atomic import write_json
+from tiersim.atomic import check_name, write_json
 from tiersim.errors import TiersimError
 from tiersim.traces.format import Trace, read, write
 
@@ -38,6 +38,7 @@ class CaptureParts:
 
     def __init__(self, out: Path, context: dict, resume: bool = True):
         self.path = parts_path(out)
+        check_name(self.path, "the folder of finished sequences")
         if self.path.exists() and not self.path.is_dir():  # rmtree below cannot clear it, add() cannot write in it
             raise TiersimError(f"capture keeps its finished sequences in {self.path}, which is a file, not a folder "
                                "(not tiersim's): move it away or give another --out")
