@@ -219,6 +219,11 @@ def test_the_results_are_set_beside_the_frozen_predictions(tmp_path, capsys):
     (lambda r, p: p.update(points=[]), "holds no predicted points"),
     (lambda r, p: p["points"][0].update(step_ms="fast"), "point 1 needs numbers"),
     (lambda r, p: p.update(registered=None), "registered must be an object"),
+    (lambda r, p: p.pop("figures"), "figures must be an object"),
+    (lambda r, p: p.update(gpu_preset=7), "gpu_preset must be a preset's name"),
+    (lambda r, p: p["points"][0].update(strategy=["hybrid"]), "a strategy's name"),
+    (lambda r, p: p["points"][0].update(stall_ms="0"), "point 1's stall_ms must be a number"),
+    (lambda r, p: p["figures"].update(overhead_head={"overhead_pct": [1]}), "figures.overhead_head.overhead_pct"),
 ])
 def test_a_bad_comparison_is_one_line(tmp_path, capsys, change, words):
     from tiersim.simulator.against import main

@@ -195,18 +195,37 @@ def write(path: Path, doc: dict, replace: bool = False) -> str:
 def load(path: str | Path) -> dict:
     """A ``gpu-preregistration`` file, checked: every failure one line naming the file."""
     doc, _ = fileformat.read(path, [fileformat.PREREGISTRATION], label="--preregistered")
-    for key in ("registered", "generated", "grid", "settings"):
+    for key in ("registered", "generated", "grid", "settings", "figures"):
         if not isinstance(doc.get(key), dict):
             raise TiersimError(f"--preregistered: {path}: {key} must be an object")
+    if not isinstance(doc.get("gpu_preset"), str):
+        raise TiersimError(f"--preregistered: {path}: gpu_preset must be a preset's name")
     if not isinstance(doc.get("points"), list) or not doc["points"]:
         raise TiersimError(f"--preregistered: {path} holds no predicted points")
     for i, p in enumerate(doc["points"]):
-        if not isinstance(p, dict) or not all(
-                isinstance(p.get(k), (int, float)) and not isinstance(p.get(k), bool) and math.isfinite(p[k])
-                for k in ("batch", "context", "hbm", "compressed", "step_ms")):
+        if not isinstance(p, dict) or not all(_number(p.get(k)) for k in ("batch", "context", "hbm", "compressed",
+                                                                            "step_ms")) \
+                or not isinstance(p.get("strategy", "prefetch"), str):
             raise TiersimError(f"--preregistered: {path}: point {i + 1} needs numbers batch, context, hbm, "
-                               "compressed and step_ms")
+                               "compressed and step_ms, and a strategy's name")
+        for k in ("stall_ms", "overhead_pct", "prefetch_gbps"):
+            if p.get(k) is not None and not _number(p[k]):
+                raise TiersimError(f"--preregistered: {path}: point {i + 1}'s {k} must be a number, got {p[k]!r}")
+    for name, key in (("overhead_head", "overhead_pct"), ("prefetch_share_of_peak_h2d", "share")):
+        value = _figure(doc, name, key)
+        if value is not None and not _number(value):
+            raise TiersimError(f"--preregistered: {path}: figures.{name}.{key} must be a number, got {value!r}")
     return doc
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _figure(doc: dict, name: str, key: str):
+    """``doc.figures[name][key]``, None where any level is absent or not an object."""
+    entry = doc["figures"].get(name)
+    return entry.get(key) if isinstance(entry, dict) else None
 
 
 def _key(batch, context, hbm, compressed, strategy) -> tuple:
@@ -258,10 +277,9 @@ def compare(prereg: dict, results_path: str | Path) -> dict:
         "registered": prereg["registered"], "generated": prereg["generated"],
         "figures": {
             "overhead_head": {"measured": None if measured_head is None else measured_head["measured_overhead_pct"],
-                              "predicted": (prereg["figures"].get("overhead_head") or {}).get("overhead_pct")},
+                              "predicted": _figure(prereg, "overhead_head", "overhead_pct")},
             "prefetch_share_of_peak_h2d": {"measured": summary.get("prefetch_share_of_peak_h2d"),
-                                           "predicted": (prereg["figures"].get("prefetch_share_of_peak_h2d")
-                                                         or {}).get("share")},
+                                           "predicted": _figure(prereg, "prefetch_share_of_peak_h2d", "share")},
             "link_bound": [{"batch": r["batch"], "measured_stall_ms": r["measured_stall_ms"],
                             "predicted_stall_ms": r["predicted_stall_ms"]}
                            for r in _link_bound([{**r, "measured_step_ms": r["measured_ms"]} for r in rows])],
