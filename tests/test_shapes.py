@@ -254,10 +254,12 @@ def test_a_parts_hbm_shares_follow_the_measured_stream_ratio(part, fitted):
         assert getattr(small, name) == pytest.approx(getattr(big, name) * ratio, rel=1e-12), name
         achieved = small.hbm_bw * getattr(small, name) / (big.hbm_bw * getattr(big, name))
         assert achieved == pytest.approx(measured / measured_fitted, rel=1e-12), name
-    # what is not a share of HBM bandwidth stays the fitted part's: kernel floors, the batch slowdown, FLOP/s shares
+    # what is not a fitted share of HBM bandwidth stays the fitted part's: kernel floors, the batch slowdown, FLOP/s
+    # shares, and hbm_efficiency (a share, but the same assumed 0.80 on every part)
     for name in ("gemm_kernel_s", "gemm_batch_slowdown", "attn_kernel_s", "layer_overhead", "prefill_gemm_efficiency",
                  "prefill_attn_efficiency", "hbm_efficiency", "flops_efficiency"):
         assert getattr(small, name) == getattr(big, name), name
+    assert len({g.hbm_efficiency for g in presets.GPUS.values()}) == 1  # assumed alike, not fitted per part
 
 
 def test_the_measured_ratios_go_the_way_the_memory_does():
