@@ -220,23 +220,6 @@ def test_a_layout_flag_that_is_not_a_boolean_is_one_line(key):
     assert block_layout("falcon", {"parallel_attn": False})["parallel_block"] is False
 
 
-def test_the_decode_runs_models_have_their_family_s_layout():
-    """decode_fidelity.model_for built every published shape as a sequential block, GPT-J included (a parallel
-    attention/MLP block, GPTJBlock); it reads the layout from shapes.block_layout now, as the other fidelity
-    builders do, so the priced model is GPT-J's: parallel, a plain GELU MLP, two all-reduces per layer under TP (the
-    engines reduce after attention and after the MLP)."""
-    from tiersim.shapes import block_layout
-    from tiersim.simulator import decode_fidelity as df
-
-    doc = df.load()
-    gptj = df.model_for(doc, "gpt-j-6b")
-    assert (gptj.parallel_block, gptj.gated_mlp, gptj.allreduces_per_layer) == (True, False, 2)
-    for key, spec in doc["models"].items():
-        model, layout = df.model_for(doc, key), block_layout(spec["architecture"], spec)
-        assert (model.parallel_block, model.allreduces_per_layer) == (layout["parallel_block"],
-                                                                      layout["allreduces_per_layer"]), key
-
-
 # family -> a config.json as that family's published files write it: the family's own key names, and only the keys
 # they state (a file saved by transformers leaves out what equals a default). Each must read as transformers itself
 # parses it (``CONFIG_MAPPING[type](**file)``): a key the reader does not know would plan another model than the one
@@ -315,8 +298,14 @@ def test_every_reference_shape_is_read_with_its_family_s_layout():
     for key, s in doc["models"].items():
         model = decode_fidelity.model_for(doc, key)
         assert (model.gated_mlp, model.parallel_block, model.allreduces_per_layer) == tuple(
-            block_layout(s["architecture"]).values()), key
-    assert decode_fidelity.model_for(doc, "gpt-j-6b").parallel_block
+            block_layout(s["architecture"], s).values()), key
+    # GPT-J as its engines build it: a parallel block, a plain GELU MLP, two all-reduces per layer under TP
+    gptj = decode_fidelity.model_for(doc, "gpt-j-6b")
+    assert (gptj.parallel_block, gptj.gated_mlp, gptj.allreduces_per_layer) == (True, False, 2)
+    # the file's own gated_mlp must be its family's, not read beside the layout
+    wrong = {**doc, "models": {**doc["models"], "gpt-j-6b": {**doc["models"]["gpt-j-6b"], "gated_mlp": True}}}
+    with pytest.raises(ValueError, match="gpt-j-6b: gated_mlp True is not a gptj block's"):
+        decode_fidelity.model_for(wrong, "gpt-j-6b")
     ref = prefill_fidelity.load_reference()
     for key, s in ref["models"].items():
         model = prefill_fidelity.model_from_shape(key, s)

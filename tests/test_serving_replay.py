@@ -146,9 +146,12 @@ def test_the_docs_served_table_is_what_the_code_gives(both):
 
 def test_what_the_served_runs_leave_on_the_a100_is_the_sources_own_bias(both):
     """On the A100 the served MHA Llama-2-7B runs' median signed error is within 3 points of the same source's
-    Llama-2-7B runs that fit there at batch 16-64 and are decode runs as the served ones are (regime "decode large
-    batch": a run whose prefill is > 10% of it moves less with any HBM figure, so it is not the like-for-like set):
-    the replay adds no bias of its own; what is left is the step model's and the engine line's (docs/simulator.md)."""
+    Llama-2-7B runs that fit there at batch 16-64 and are decode runs (regime "decode large batch": a run whose
+    prefill is > 10% of it moves less with any HBM figure): the replay adds no bias of its own; what is left is the
+    step model's and the engine line's (docs/simulator.md). The set was narrowed so when the 40 GB part's HBM shares
+    moved and the pooled set (prefill-heavy runs too) missed by 3.02 points on vLLM; the runs it drops are also the
+    shortest (L 128-256, the largest errors) and the served runs' own prefill shares are 3-11%, so the set is not
+    cleanly like for like: the next test makes the claim batch by batch, choosing no set by regime."""
     _, served = both
     for source in ("argonne-trtllm", "argonne-vllm"):
         mine = [p for p in served if p.source == source and p.gpu == "a100-40gb" and p.model == "llama-2-7b"]
@@ -156,6 +159,26 @@ def test_what_the_served_runs_leave_on_the_a100_is_the_sources_own_bias(both):
         fits = [p.error_pct for p in mine if p.batch >= 16 and p.regime == "decode large batch"]
         assert len(over) >= 5 and len(fits) >= 5
         assert abs(statistics.median(over) - statistics.median(fits)) < 3.0, source
+
+
+def test_where_a_batch_outgrows_hbm_the_served_error_continues_the_batch_s_trend(both):
+    """The same claim without choosing a comparison set by regime: the error moves with the run's length (shorter
+    runs miss more), and the served runs are the longest, so at each batch the shortest served run is compared with
+    the longest run of that batch that fits (any regime), within the 3 points of the test above. A replay bias of
+    its own would show as a step where the batch crosses into serving."""
+    _, served = both
+    steps = 0
+    for source in ("argonne-trtllm", "argonne-vllm"):
+        mine = [p for p in served if p.source == source and p.gpu == "a100-40gb" and p.model == "llama-2-7b"]
+        for batch in sorted({p.batch for p in mine if p.regime == df.SERVED}):
+            over = min((p for p in mine if p.batch == batch and p.regime == df.SERVED), key=lambda p: p.length)
+            fits = [p for p in mine if p.batch == batch and p.regime != df.SERVED and p.length < over.length]
+            if not fits:
+                continue
+            fit = max(fits, key=lambda p: p.length)
+            assert abs(over.error_pct - fit.error_pct) < 3.0, (source, batch, fit.length, over.length)
+            steps += 1
+    assert steps >= 4
 
 
 def test_on_the_h100_each_sources_runs_single_out_its_documented_policy():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 
 import pytest
 
@@ -254,10 +254,12 @@ def test_a_parts_hbm_shares_follow_the_measured_stream_ratio(part, fitted):
         assert getattr(small, name) == pytest.approx(getattr(big, name) * ratio, rel=1e-12), name
         achieved = small.hbm_bw * getattr(small, name) / (big.hbm_bw * getattr(big, name))
         assert achieved == pytest.approx(measured / measured_fitted, rel=1e-12), name
-    # what is not a share of HBM bandwidth stays the fitted part's: kernel floors, the batch slowdown, FLOP/s shares
+    # what is not a fitted share of HBM bandwidth stays the fitted part's: kernel floors, the batch slowdown, FLOP/s
+    # shares, and hbm_efficiency (a share, but the same assumed 0.80 on every part)
     for name in ("gemm_kernel_s", "gemm_batch_slowdown", "attn_kernel_s", "layer_overhead", "prefill_gemm_efficiency",
                  "prefill_attn_efficiency", "hbm_efficiency", "flops_efficiency"):
         assert getattr(small, name) == getattr(big, name), name
+    assert len({g.hbm_efficiency for g in presets.GPUS.values()}) == 1  # assumed alike, not fitted per part
 
 
 def test_the_measured_ratios_go_the_way_the_memory_does():
@@ -287,3 +289,23 @@ def test_a_shape_with_neither_mlp_width_nor_count_is_refused_when_built():
     with pytest.raises(TiersimError, match="intermediate_size 0 needs the published parameter count"):
         ModelShape("x", "qwen2", 2, 64, 0, 4, 2, 16, 256)
     assert ModelShape("x", "qwen2", 2, 64, 0, 4, 2, 16, 256, params=1e6).mlp_width > 0
+
+
+@pytest.mark.parametrize("name", list(MODEL_SHAPES))
+def test_a_stored_shape_reads_back_as_itself(name):
+    """Every field of a shipped shape, stored by name (``asdict``), reads back as that shape by ``from_record``."""
+    shape = MODEL_SHAPES[name]
+    back = ModelShape.from_record(asdict(shape), where="test")
+    assert back == shape and back.max_context == shape.max_context and back.params == shape.params
+
+
+@pytest.mark.parametrize("change", [{"dtype_bytes": 4}, {"kv_dtype_bytes": 1}, {"gated_mlp": False},
+                                    {"parallel_block": True}, {"allreduces_per_layer": 1}, {"rope_theta": "abc"}])
+def test_a_stored_field_the_reading_derives_must_agree_with_it(change):
+    """``from_record`` reads a record through ``from_hf_config``, which derives the layout and the served dtype
+    instead of reading them: a record stating another value was priced as the derived one in silence (found in
+    review: ``dtype_bytes: 4`` read as 2). It is one line naming the field."""
+    record = {**asdict(MODEL_SHAPES["r1-distill-qwen-7b"]), **change}
+    key = next(iter(change))
+    with pytest.raises(TiersimError, match=f"^test: {key} .* is not what a qwen2 shape of these fields reads"):
+        ModelShape.from_record(record, where="test")

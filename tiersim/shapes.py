@@ -269,7 +269,9 @@ class ModelShape:
     def from_record(cls, record, where: str) -> ModelShape:
         """A shape stored by its field names (a calibration file's ``model_shape``, ``validator.shapes.FILE_FIELDS``),
         every field checked by :meth:`from_hf_config`'s rules: a measurement file is input too, and a shape built
-        from it unchecked was a TypeError for a missing field and a ZeroDivisionError for zero layers."""
+        from it unchecked was a TypeError for a missing field and a ZeroDivisionError for zero layers. A field the
+        config reading derives instead of reading it (``dtype_bytes``, ``gated_mlp``, the block layout) must agree
+        with what it derives: a record's ``dtype_bytes: 4`` was read as 2 in silence."""
         if not isinstance(record, Mapping):
             raise TiersimError(f"{where}: expected an object, got {json.dumps(record)[:40]}")
         required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
@@ -285,6 +287,11 @@ class ModelShape:
         config = {stored_as_config.get(k, k): v for k, v in record.items() if k not in ("name", "params")}
         config.setdefault("tie_word_embeddings", False)  # a record states its tying (the dataclass default)
         shape = cls.from_hf_config(config, name=record["name"], where=where)
+        for key in sorted({f.name for f in fields(cls)} - {"name", "params"}):
+            stated = record.get(key)
+            if stated is not None and stated != getattr(shape, key):
+                raise TiersimError(f"{where}: {key} {json.dumps(stated)[:40]} is not what a {record['architecture']} "
+                                   f"shape of these fields reads ({getattr(shape, key)!r})")
         params = record.get("params")
         if params is None:
             return shape

@@ -329,7 +329,8 @@ STREAM_SCALE_GBPS: dict[str, tuple[str, float, float]] = {
 }
 #: The fitted constants that are shares of datasheet HBM bandwidth (weight streaming, decode attention, prefill small
 #: ops): the ones a measured stream ratio carries from a fitted part to another. Kernel floors, the GEMM batch
-#: slowdown, FLOP/s shares and per-block rates are not shares of the datasheet figure and carry over unchanged.
+#: slowdown, FLOP/s shares and per-block rates are not shares of the datasheet figure and carry over unchanged;
+#: ``hbm_efficiency`` (the cache's extra passes) is one, but an assumed 0.80 on every part, not a fit to carry.
 HBM_SHARE_FIELDS = ("weight_efficiency", "attn_efficiency", "prefill_small_ops_efficiency")
 
 
