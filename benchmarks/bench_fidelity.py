@@ -144,14 +144,17 @@ def decode_runs() -> None:
              for (src, reg), v in summary.items() if reg.startswith("decode ")]
     body = ("Decode steps of real engines measured by others (tiersim/data/public-decode-steps.json; each source's "
             "role: held out, fit, or check): whole runs (B prompts of L tokens, L output tokens; the batch's "
-            "latency / L) of TensorRT-LLM and vLLM 0.5 on an A100 40GB (ALCF Polaris) and an H100, from "
+            "latency / L) of TensorRT-LLM and vLLM (a 0.6 tree on the A100, unpinned on the H100) on an A100 40GB "
+            "(ALCF Polaris) and an H100, from "
             "github.com/argonne-lcf/LLM-Inference-Bench, priced as run (one batched prefill, then the L - 1 further "
             "decode steps); and TensorRT-LLM 0.9.0 token-to-token latencies (the mean decode step after the first "
             "token) on an A100-SXM4-80GB and an H100 80GB HBM3, from an NVIDIA DLI course table, priced as the mean "
             "of those steps (its FP8 rows at 128/128 x batch 1-8 on an H100 and an H200, where the unstated KV dtype "
             "cannot matter, are a check: the fit did not read them). Engine presets: TensorRT-LLM trtllm (its "
             "per-block attention rate and GQA KV re-read share fitted on the DLI table, role fit; the Argonne "
-            "TensorRT-LLM runs are its held-out check), vLLM 0.5 vllm-sync (fitted on vidur's CPU profile). Points "
+            "TensorRT-LLM runs are its held-out check), vLLM vllm-0.6 on the A100 (vidur's CPU profile less the output "
+            "processing v0.6 overlaps) and vllm-sync on the H100 (vidur's whole profile; `decode_fidelity.engine_for`). "
+            "Points "
             "are classified by code before they are compared: another attention kernel (vLLM 0.5's runs of a "
             "sliding-window config, Mistral-7B: its XFormers backend's PagedAttention decode, which vllm-sync does not "
             "price; decode_fidelity.other_kernel), KV over HBM (a whole run's KV outgrows HBM: replayed through the "
@@ -276,15 +279,17 @@ def engine_residuals() -> None:
     rows, lines = [], []
     for source in ("argonne-vllm", "argonne-trtllm"):
         res = decode_fidelity.residuals(source)
-        preset = decode_fidelity.load()["sources"][source]["engine_overhead"]
-        e = engines.get(preset)
+        doc = decode_fidelity.load()
         for gpu, batch in sorted({(r.gpu, r.batch) for r in res}):
+            preset = decode_fidelity.engine_for(doc, source, gpu)
             sel = [r for r in res if r.gpu == gpu and r.batch == batch]
             short = [r.residual_ms for r in sel if r.length <= decode_fidelity.SHORT_CONTEXT]
             long = [r.residual_ms for r in sel if r.length >= 1024]
             rows.append([source, preset, gpu, batch, len(short), f"{statistics.median(short):.2f}" if short else "-",
                          len(long), f"{statistics.median(long):.2f}" if long else "-", f"{sel[0].charged_ms:.2f}"])
         for gpu, (fixed, per_seq) in decode_fidelity.residual_line(res).items():
+            preset = decode_fidelity.engine_for(doc, source, gpu)
+            e = engines.get(preset)
             lines.append(f"- {source} on {gpu}: residual {fixed:.2f} ms {'-' if per_seq < 0 else '+'} {abs(per_seq):.3f} "
                          f"ms/seq (least squares, L <= "
                          f"{decode_fidelity.SHORT_CONTEXT}); the {preset} preset charges {e.fixed_s * 1e3:.2f} ms + "
@@ -292,7 +297,7 @@ def engine_residuals() -> None:
     body = ("Diagnosis, not a fit: Argonne's held-out runs (decode regimes only) less the simulated device time, per "
             "output token (`decode_fidelity.residuals`: each token carries one step's host line, so where the device "
             "time is right this is the engine's per-step cost), by engine, GPU, batch and context (short: L <= "
-            f"{decode_fidelity.SHORT_CONTEXT}; long: L >= 1024), beside what the source's preset charges per step. "
+            f"{decode_fidelity.SHORT_CONTEXT}; long: L >= 1024), beside what the preset its runs on that GPU are priced with charges per step. "
             "Both engines ran on the same machines: TensorRT-LLM's residual is the device model's own miss there.\n\n"
             + "\n".join(lines) + "\n\n"
             + markdown_table(["source", "engine preset", "GPU", "batch", "points short", "residual short ms",

@@ -20,7 +20,7 @@ QWEN7 = get_model("r1-distill-qwen-7b")
 
 def test_every_engine_preset_parses_with_its_source_and_machine():
     doc = json.loads(resources.files("tiersim").joinpath("data", engines.DATA).read_text())
-    assert set(doc["engines"]) == {"none", "vllm", "vllm-sync", "trtllm", "sglang", "hf-eager"}  # the file the presets are read from
+    assert set(doc["engines"]) == {"none", "vllm", "vllm-sync", "vllm-0.6", "trtllm", "sglang", "hf-eager"}  # the file the presets are read from
     for e in engines.presets().values():
         assert e.source and e.measured_on and e.role in ("fit", "assumption", "definition")
         assert e.fixed_s >= 0 and e.per_sequence_s >= 0 and e.floor_per_layer_s >= 0

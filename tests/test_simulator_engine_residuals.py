@@ -17,6 +17,7 @@ def runs_priced_with(source: str, preset: str) -> dict:
     line: references built from the simulation itself, so a residual line must give back the preset's line."""
     doc = copy.deepcopy(df.load())
     doc["sources"][source]["engine_overhead"] = preset
+    doc["sources"][source].pop("engine_overhead_by_gpu", None)  # one preset on every GPU
     doc["points"] = [p for p in doc["points"] if p["source"] == source]
     for p, priced in zip(doc["points"], df.points(doc)):
         if "t2t_ms" in p:
@@ -126,3 +127,50 @@ def test_docs_state_the_residual_lines_as_computed():
     assert (f"leaves {ta_f:.2f} {sign(ta_p)}/seq and {th_f:.2f} {sign(th_p)}/seq".replace("-", "−") in text)
     fixed, per_sequence = fidelity.cpu_profile_line("vidur-a40", method="least_squares")
     assert f"{fixed * 1e3:.2f} + {per_sequence * 1e3:.3f}/seq by least squares over batch 8-48" in text
+
+
+def test_every_preset_drawn_from_a_cpu_profile_equals_its_redraw():
+    """A preset that names a ``cpu_profile`` (vllm-sync: all four phases; vllm-0.6: all but process-model-outputs,
+    which vLLM 0.6 overlaps with the next GPU step) stores the line ``cpu_profile_line`` draws from those phases, to
+    the file's precision (a changed row or phase list that leaves the stored line behind fails here)."""
+    from tiersim.simulator import fidelity
+
+    doc = engines.load()
+    drawn = {name: e["cpu_profile"] for name, e in doc["engines"].items() if "cpu_profile" in e}
+    assert set(drawn) == {"vllm-sync", "vllm-0.6"}
+    assert "process_model_outputs_ms" not in drawn["vllm-0.6"]["phases"]
+    assert set(drawn["vllm-sync"]["phases"]) == set(fidelity.CPU_PHASES)
+    for name, spec in drawn.items():
+        fixed, per_sequence = fidelity.cpu_profile_line(spec["profile"], doc, phases=tuple(spec["phases"]))
+        preset = engines.get(name)
+        assert fixed == pytest.approx(preset.fixed_s, abs=0.005e-3), name
+        assert per_sequence == pytest.approx(preset.per_sequence_s, abs=0.0005e-3), name
+    # dropping the overlapped phase lowers both terms: output processing grows with the batch
+    assert engines.get("vllm-0.6").fixed_s < engines.get("vllm-sync").fixed_s
+    assert engines.get("vllm-0.6").per_sequence_s < 0.5 * engines.get("vllm-sync").per_sequence_s
+    with pytest.raises(ValueError, match="phases must be some of"):
+        fidelity.cpu_profile_line("vidur-a100", doc, phases=("detokenize_ms",))
+    with pytest.raises(ValueError, match="phases must be some of"):
+        fidelity.cpu_profile_line("vidur-a100", doc, phases=())
+
+
+def test_engine_for_reads_the_per_gpu_engine_then_the_sources():
+    """Argonne's A100 vLLM runs are a vLLM 0.6 tree (priced with vllm-0.6), its H100 runs unpinned (vllm-sync): one
+    reading, ``engine_for``, which every consumer (points, residuals, the fits' subsets) goes through."""
+    doc = df.load()
+    assert df.engine_for(doc, "argonne-vllm", "a100-40gb") == "vllm-0.6"
+    assert df.engine_for(doc, "argonne-vllm", "h100") == "vllm-sync"
+    assert df.engine_for(doc, "argonne-trtllm", "a100-40gb") == "trtllm"
+    priced = {(p.gpu, p.engine) for p in df.points(doc) if p.source == "argonne-vllm"}
+    assert priced == {("a100-40gb", "vllm-0.6"), ("h100", "vllm-sync")}
+    # the residuals' charged line is the per-GPU preset's
+    for r in df.residuals("argonne-vllm", doc):
+        line = engines.get("vllm-0.6" if r.gpu == "a100-40gb" else "vllm-sync")
+        assert r.charged_ms == pytest.approx(1e3 * line.host_s(r.batch))
+    bad = copy.deepcopy(doc)
+    bad["sources"]["argonne-vllm"]["engine_overhead_by_gpu"] = {"a100-40gb": "vllm-0.7"}
+    with pytest.raises(ValueError, match="engine 'vllm-0.7', not a preset"):
+        df.engine_for(bad, "argonne-vllm", "a100-40gb")
+    bad["sources"]["argonne-vllm"]["engine_overhead_by_gpu"] = {"b200": "vllm-0.6"}
+    with pytest.raises(ValueError, match="GPU b200, which the file's gpus do not define"):
+        df.engine_for(bad, "argonne-vllm", "h100")

@@ -10,13 +10,14 @@ end-to-end latency), priced as the engine ran them: one batched prefill (``prefi
 further decode steps; and *token-to-token latencies* (the mean decode step after the first token of a batch of B
 requests of I input and O output tokens), priced as the mean of those O - 1 steps. Each decode step holds the
 whole KV in HBM (``prefill.mixed_step_s`` with no prefill rows: what ``analytic.layer_costs`` charges) and pays
-the source's ``--engine-overhead`` preset. A point is classified before it is compared (:func:`regime`): runs
-whose KV outgrows HBM (the engine preempts and recomputes, or admits fewer requests at a time), runs dominated by
-their prefill, measurements faster than the weights can be read (a failed run), and runs an engine ran on another
-attention kernel than its preset prices (a sliding-window model under vLLM 0.5) are reported apart, never silently
-dropped. A run whose KV outgrows HBM is not priced by one batch holding it all: given ``serve`` (the serving layer's
-replay, ``tiersim.serving.replay``: this layer cannot import it), :func:`points` prices it as the engine served it,
-B requests at t = 0 under the source's ``on_full`` policy, regime :data:`SERVED`.
+the ``--engine-overhead`` preset its source names for that GPU (:func:`engine_for`). A point is classified before it
+is compared (:func:`regime`): runs whose KV outgrows HBM (the engine preempts and recomputes, or admits fewer
+requests at a time), runs dominated by their prefill, measurements faster than the weights can be read (a failed
+run), and runs an engine ran on another attention kernel than its preset prices (a sliding-window model under vLLM
+0.5-0.6) are reported apart, never silently dropped. A run whose KV outgrows HBM is not priced by one batch
+holding it all: given ``serve`` (the serving layer's replay, ``tiersim.serving.replay``: this layer cannot import
+it), :func:`points` prices it as the engine served it, B requests at t = 0 under the source's ``on_full`` policy,
+regime :data:`SERVED`.
 """
 
 from __future__ import annotations
@@ -55,6 +56,28 @@ def load() -> dict:
 def gpu_for(doc: dict, key: str) -> GPU:
     """The preset a source's GPU is read as (the data file names it and says why)."""
     return get_gpu(doc["gpus"][key]["preset"])
+
+
+def engine_for(doc: dict, source: str, gpu: str) -> str:
+    """The engine preset ``source``'s runs on GPU key ``gpu`` are priced with: the source's
+    ``engine_overhead_by_gpu[gpu]`` where it names one, else its ``engine_overhead``. The one reading: points,
+    residuals, the fits' subsets and the benchmark tables all ask here.
+
+    Why per GPU: one source's runs on two machines need not come from one engine release (Argonne's A100 vLLM runs
+    are from a vLLM 0.6 tree, its H100 runs from an unpinned install: the data file cites both), and a release's
+    host line is the engine's, not the source's. A name no preset has, or a GPU key the file does not define, is an
+    error in the data file, said as such (not --engine-overhead's message)."""
+    src = doc["sources"][source]
+    by_gpu = src.get("engine_overhead_by_gpu", {})
+    stray = sorted(set(by_gpu) - set(doc["gpus"]))
+    if stray:
+        raise ValueError(f"{DATA}: source {source} names an engine for GPU {', '.join(stray)}, which the file's "
+                         f"gpus do not define")
+    name = by_gpu.get(gpu, src["engine_overhead"])
+    if name not in engines.names():
+        raise ValueError(f"{DATA}: source {source} prices GPU {gpu} with engine {name!r}, not a preset of "
+                         f"{engines.DATA} ({', '.join(engines.names())})")
+    return name
 
 
 def model_for(doc: dict, key: str) -> Model:
@@ -152,9 +175,9 @@ def regime(model: Model, gpu: GPU, batch: int, tokens: int, per_token_s: float, 
 
 def points(doc: dict | None = None, engine_overrides: dict[str, str] | None = None, gpu_transform=None,
            serve=None) -> list[RunPoint]:
-    """Every point of the data file priced with its source's engine preset (``engine_overrides``: source ->
-    another preset, to compare engine lines; ``gpu_transform(gpu) -> gpu``, applied after the preset: other
-    physics constants).
+    """Every point of the data file priced with its source's engine preset on its GPU (:func:`engine_for`;
+    ``engine_overrides``: source -> another preset, to compare engine lines; ``gpu_transform(gpu) -> gpu``, applied
+    after the preset: other physics constants).
 
     ``serve(model, gpu, batch, length, on_full) -> seconds``: how a whole run whose KV outgrows HBM is priced
     instead (``tiersim.serving.replay.run_s``: B requests of L prompt and L output tokens at t = 0, the source's
@@ -167,7 +190,7 @@ def points(doc: dict | None = None, engine_overrides: dict[str, str] | None = No
         src = doc["sources"][p["source"]]
         if src["role"] not in ("fit", "held_out", "check"):
             raise ValueError(f"{DATA}: source {p['source']} has role {src['role']!r}, not fit/held_out/check")
-        name = (engine_overrides or {}).get(p["source"], src["engine_overhead"])
+        name = (engine_overrides or {}).get(p["source"]) or engine_for(doc, p["source"], p["gpu"])
         model = model_for(doc, p["model"])
         gpu = engines.apply(gpu_for(doc, p["gpu"]), name, model.num_layers)
         gpu = gpu_transform(gpu) if gpu_transform else gpu
@@ -201,10 +224,12 @@ SHARE_GRID = tuple(i / 100 for i in range(101))
 
 
 def _fit_subset(doc: dict, engine: str) -> tuple[set[str], dict]:
-    """The **fit** sources priced with ``engine`` (by source role) and the data file cut down to their points:
-    held-out and check sources are never handed to a fit."""
-    fit = {k for k, s in doc["sources"].items() if s["role"] == "fit" and s["engine_overhead"] == engine}
-    return fit, {**doc, "points": [p for p in doc["points"] if p["source"] in fit]}
+    """The **fit** sources priced with ``engine`` (by source role) and the data file cut down to their points that
+    are (:func:`engine_for`, per GPU): held-out and check sources are never handed to a fit, nor a fit source's runs
+    on a GPU it prices with another engine."""
+    mine = [p for p in doc["points"]
+            if doc["sources"][p["source"]]["role"] == "fit" and engine_for(doc, p["source"], p["gpu"]) == engine]
+    return {p["source"] for p in mine}, {**doc, "points": mine}
 
 
 def _on_presets(doc: dict, sub: dict, presets) -> dict:
@@ -327,10 +352,10 @@ def residuals(source: str, doc: dict | None = None) -> list[Residual]:
     sub = {**doc, "points": [p for p in doc["points"] if p["source"] == source]}
     bare = points(sub, gpu_transform=lambda g: replace(g, step_overhead=0.0, step_overhead_per_sequence=0.0,
                                                         step_host_floor=0.0))
-    line = engines.get(doc["sources"][source]["engine_overhead"])
-    # the points the published errors count: classified as priced with the preset (its line moves the prefill share)
+    # the points the published errors count: classified as priced with the preset (its line moves the prefill share);
+    # each beside the line of the preset its GPU's runs are priced with (engine_for)
     return [Residual(p.source, p.role, p.gpu, p.model, p.batch, p.length, p.reference_ms - p.simulated_ms,
-                     1e3 * line.host_s(p.batch)) for p, shipped in zip(bare, points(sub))
+                     1e3 * engines.get(shipped.engine).host_s(p.batch)) for p, shipped in zip(bare, points(sub))
             if shipped.regime in DECODE_REGIMES]
 
 

@@ -269,19 +269,24 @@ def fit_engine_fixed(engine: str, doc: dict | None = None) -> float:
 CPU_PHASES = ("schedule_ms", "sampler_e2e_ms", "prepare_inputs_e2e_ms", "process_model_outputs_ms")
 
 
-def cpu_profile_line(profile: str = "vidur-a100", doc: dict | None = None, method: str = "endpoints"
-                     ) -> tuple[float, float]:
+def cpu_profile_line(profile: str = "vidur-a100", doc: dict | None = None, method: str = "endpoints",
+                     phases: tuple[str, ...] = CPU_PHASES) -> tuple[float, float]:
     """``(fixed_s, per_sequence_s)`` of one stored CPU-overhead profile (``public-engine-overheads.json``
-    ``cpu_profiles``): per batch the sum of the :data:`CPU_PHASES` medians, then the line through the first and
-    last batch (``endpoints``: how the shipped ``vllm-sync`` / ``--host-overhead sync`` line was drawn) or least
-    squares over every batch (``least_squares``: the sums are not quite linear, so the two differ). Reads that
+    ``cpu_profiles``): per batch the sum of the ``phases`` medians (:data:`CPU_PHASES`, all four, a synchronous
+    engine's; an engine preset names the ones it waits for under its ``cpu_profile``: vLLM 0.6 overlaps the
+    process-model-outputs phase with the next GPU step), then the line through the first and last batch
+    (``endpoints``: how the shipped ``vllm-sync`` / ``--host-overhead sync`` and ``vllm-0.6`` lines were drawn) or
+    least squares over every batch (``least_squares``: the sums are not quite linear, so the two differ). Reads that
     profile's rows only: no engine measurement, fit or held out."""
     from tiersim.simulator import engines
 
     doc = doc or engines.load()
+    unknown = sorted(set(phases) - set(CPU_PHASES))
+    if unknown or not phases:
+        raise ValueError(f"CPU profile phases must be some of {', '.join(CPU_PHASES)}, got {list(phases)}")
     rows = sorted(doc["cpu_profiles"][profile]["rows"], key=lambda r: r["batch"])
     batch = np.array([float(r["batch"]) for r in rows])
-    total = np.array([sum(r[k] for k in CPU_PHASES) for r in rows]) * 1e-3
+    total = np.array([sum(r[k] for k in phases) for r in rows]) * 1e-3
     if method == "endpoints":
         per_sequence = (total[-1] - total[0]) / (batch[-1] - batch[0])
         return float(total[0] - per_sequence * batch[0]), float(per_sequence)

@@ -189,7 +189,7 @@ def dli_ttft_rows(gpus: dict[str, GPU] | None = None) -> list[Row]:
             continue
         key = DLI_GPUS[p["gpu"]]
         model = decode_fidelity.model_for(doc, p["model"])
-        gpu = engines.apply(gpus[key], src["engine_overhead"], model.num_layers)
+        gpu = engines.apply(gpus[key], decode_fidelity.engine_for(doc, DLI_SOURCE, p["gpu"]), model.num_layers)
         sim = float(prefill.prefill_s(model, gpu, p["input"], sequences=p["batch"])) * 1e3
         out.append(Row(DLI_TTFT, "ttft", key, p["model"], 1, p["input"], p["first_token_ms"], sim, src["ttft_role"],
                        p["batch"]))
