@@ -286,3 +286,18 @@ def test_a_mixed_step_pays_one_prefill_attention_kernel_per_layer_however_many_c
         rise = StepPricer(MODEL, slower).step_s(batch, 2000.0 * batch, 0, chunks) - \
             StepPricer(MODEL, GPU).step_s(batch, 2000.0 * batch, 0, chunks)
         assert rise / extra / MODEL.num_layers == pytest.approx(1 + (batch > 0), rel=1e-9)
+
+
+def test_a_one_token_request_has_no_tpot_and_is_judged_on_its_ttft_alone():
+    """One output token has no inter-token gap: its TPOT is NaN (not 0 s, which pulled the percentiles down), it
+    meets the SLO on TTFT alone, and a run of only such requests is within the SLO on TTFT alone."""
+    reqs = workload.check([0.0, 0.0, 0.0, 0.0], [64] * 4, [1, 1, 1, 40], "x")
+    result = simulate(spec(), reqs)
+    rows, s = result.rows, result.summary
+    assert np.isnan(rows["tpot_s"][:3]).all() and rows["tpot_s"][3] > 0
+    assert s["tpot_ms"]["p50"] == pytest.approx(rows["tpot_s"][3] * 1e3, rel=1e-12)  # the one real gap, not 0
+    assert rows["meets_slo"].all() and s["within_slo"]
+    strict = simulate(replace(spec(), slo=metrics.SLO(ttft_s=2.0, tpot_s=rows["tpot_s"][3] / 2)), reqs)
+    assert strict.rows["meets_slo"].tolist() == [True, True, True, False] and not strict.summary["within_slo"]
+    only_one = simulate(spec(), workload.check([0.0, 0.0], [64, 64], [1, 1], "x"))
+    assert np.isnan(only_one.summary["tpot_ms"]["p99"]) and only_one.summary["within_slo"]

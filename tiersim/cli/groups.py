@@ -24,7 +24,7 @@ MAX_STEPS = 1_000_000
 HOST_OVERHEADS = ("none", "sync")
 ENGINES = ("auto", "fast", "simpy")
 #: The engine presets of tiersim/data/public-engine-overheads.json (simulator.engines.names(); tested equal).
-ENGINE_OVERHEADS = ("none", "vllm", "vllm-sync", "trtllm", "sglang", "hf-eager")
+ENGINE_OVERHEADS = ("none", "vllm", "vllm-0.6", "vllm-sync", "trtllm", "sglang", "hf-eager")
 
 STRATEGY_HELP = strategies.help_text(strategies.CACHE_STRATEGIES)  # the cache runs these (the registry says)
 
@@ -103,6 +103,7 @@ class ComputeModel:
                                         "sequence, vidur's public CPU profile)", choices=HOST_OVERHEADS)
     engine_overhead: str = option("none", "per-step host/engine cost of the serving engine (a cited line per engine, "
                                   "docs/simulator.md): none (device time only), vllm (0.08 ms/step: vLLM v0.11 on an H100), "
+                                  "vllm-0.6 (1.04 ms + 0.038 ms/seq: vLLM 0.6 with its output processing overlapped), "
                                   "vllm-sync (1.17 ms + 0.1 ms/seq: a synchronous engine, vLLM before v0.6), trtllm (TensorRT-LLM: no host "
                                   "cost, its unsplit decode attention's per-block rate), sglang (none left: "
                                   "its overlap scheduler, measured on an H100), hf-eager (this "
