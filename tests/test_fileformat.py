@@ -206,3 +206,35 @@ def test_a_name_as_long_as_the_file_system_takes_is_written(tmp_path):
     assert len(str(target.name).encode()) <= name_max(tmp_path)
     fileformat.write_document(target, fileformat.header(fileformat.CAPACITY))
     assert json.loads(target.read_text())["kind"] == "capacity" and len(list(tmp_path.iterdir())) == 1
+
+
+def _strict(text: str):
+    """Parse as any non-Python JSON reader would: the bare words NaN / Infinity are refused."""
+    def refuse(word):
+        raise ValueError(f"not JSON: {word}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_undefined_figures_are_written_as_strict_json_null_on_stdout_in_files_and_in_parquet_metadata(tmp_path):
+    """Two one-token requests have no TPOT at all: its percentiles are undefined. Every writer (stdout, the
+    Parquet header, JSON files) writes them null, and the report reads the file back and says n/a."""
+    from cli_run import invoke
+
+    requests = tmp_path / "one-token.jsonl"
+    requests.write_text("".join(json.dumps({"arrival_s": t, "prompt_tokens": 64, "output_tokens": 1}) + "\n"
+                                for t in (0.0, 0.1)))
+    out = tmp_path / "serve.parquet"
+    code, stdout, err = invoke(["serve", "--requests-file", str(requests), "--on-full", "queue", "--format", "json",
+                                "--out", str(out)])
+    assert code == 0, err
+    run = _strict(stdout)["runs"][0]
+    assert run["tpot_ms"] == {"p50": None, "p90": None, "p99": None, "mean": None} and run["within_slo"]
+    import pyarrow.parquet as pq
+    meta = _strict(pq.read_schema(out).metadata[fileformat.META_KEY].decode())
+    assert meta["tpot_ms"]["p99"] is None and meta["ttft_ms"]["p99"] > 0
+    from tiersim.atomic import write_json
+    write_json(tmp_path / "x.json", {"a": float("nan"), "b": [float("inf"), 1.5], "c": {"d": float("-inf")}})
+    assert _strict((tmp_path / "x.json").read_text()) == {"a": None, "b": [None, 1.5], "c": {"d": None}}
+    code, _, err = invoke(["report", str(out), "--out", str(tmp_path / "r.html")])
+    assert code == 0, err
+    assert "TPOT p50 n/a / p99 n/a ms" in (tmp_path / "r.html").read_text()

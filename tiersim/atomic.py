@@ -108,7 +108,26 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
+    write_text(path, dumps(obj, indent=2) + "\n")
+
+
+def dumps(obj: Any, **kwargs: Any) -> str:
+    """Strict JSON: a NaN or infinity (a percentile over no values, a stopped run's unknowns) is written ``null``.
+    Python's ``json`` writes them as the bare words ``NaN``/``Infinity``, which jq, JavaScript and most other
+    readers refuse, so one undefined figure made the whole file unreadable outside Python."""
+    return json.dumps(_finite(obj), allow_nan=False, default=json_default, **kwargs)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if hasattr(value, "tolist") or (hasattr(value, "item") and not isinstance(value, (str, bytes))):
+        return _finite(json_default(value))
+    return value
 
 
 def json_default(value: Any) -> Any:

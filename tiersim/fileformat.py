@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tiersim.atomic import atomic_path, json_default, write_json
+from tiersim.atomic import atomic_path, dumps, write_json
 from tiersim.errors import TiersimError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -247,7 +247,7 @@ def write_table(path: str | Path, table: Any, meta: Mapping[str, Any], *, compre
 
     if not isinstance(table, pa.Table):
         table = pa.Table.from_pandas(table, preserve_index=False)
-    encoded = json.dumps(meta, default=json_default).encode()
+    encoded = dumps(meta).encode()
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: encoded})
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 import re
 import signal
@@ -31,6 +30,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from tiersim.atomic import dumps
 from tiersim.errors import Interrupted, TiersimError, os_reason
 from tiersim.options import parse_list
 
@@ -156,7 +156,7 @@ def deliver(document: Any = None, writes: list[tuple[Path | None, Callable[[], A
     even when one before it failed, so a full disk costs the file, never the computed result. The
     first failure is raised afterwards (one line: path and errno, exit 2)."""
     if document is not None:
-        print(json.dumps(document, default=float), flush=True)
+        print(dumps(document), flush=True)
     failed: BaseException | None = None
     for path, writer in writes:
         if path is None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 
+from tiersim.atomic import dumps
 from tiersim.cli import options
 from tiersim.cli.app import add_columns, app, compact_table, console
 
@@ -18,7 +18,7 @@ def presets(fmt: str = options.opt("table", "--format", help="table or json", ch
     from tiersim.simulator.presets import GB, GPUS, MODELS
 
     if fmt == "json":
-        print(json.dumps({"gpus": {k: g.to_dict() for k, g in GPUS.items()},
+        print(dumps({"gpus": {k: g.to_dict() for k, g in GPUS.items()},
                           "models": {k: {**m.to_dict(), "max_context": m.max_context} for k, m in MODELS.items()},
                           "engines": {k: dataclasses.asdict(e) for k, e in engines.presets().items()}}, indent=2))
         return

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 from pathlib import Path
 
 import typer
 
+from tiersim.atomic import dumps
 from tiersim.cli import capacity_view as view
 from tiersim.cli import options
 from tiersim.cli.app import (
@@ -73,7 +73,7 @@ def _against(scenario, path: Path, max_error: float | None, fmt: str) -> None:
     if result["note"]:
         err_console.print(f"[yellow]note:[/] {result['note']}", highlight=False)
     if fmt == "json":
-        print(json.dumps(result, default=float))
+        print(dumps(result))
     else:
         table = compact_table(f"{scenario.model.name} on {scenario.gpu.name}: measured ({path.name}) vs simulated")
         add_columns(table, ("run", "batch", "context", "hbm", "measured ms", "simulated ms", "error"),
@@ -100,7 +100,7 @@ def _preregistered(against: Path | None, path: Path, max_error: float | None, fm
         raise TiersimError(f"--preregistered {path} needs --against RESULTS (the GPU run's graph-grid file)")
     result = preregister.compare(preregister.load(path), against)
     if fmt == "json":
-        print(json.dumps(result, default=float))
+        print(dumps(result))
     else:
         for line in preregister.compare_lines(result, against, path):
             console.print(line, highlight=False, markup=False)

@@ -8,12 +8,13 @@ from the section and figure names, so the same inputs give the same bytes.
 from __future__ import annotations
 
 import html
-import json
 from dataclasses import dataclass, field
 
 import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.offline import get_plotlyjs
+
+from tiersim.atomic import dumps
 
 # No "Share chart..." button: it uploads the figure to Plotly Cloud, which an offline report must not offer.
 PLOT_CONFIG = {"displaylogo": False, "responsive": True, "showSendToCloud": False,
@@ -82,7 +83,7 @@ def render_page(title: str, facts: dict[str, list[str]], inputs: list[dict[str, 
         body.append("</section>")
     body.append(f"</main><footer>{esc(meta.get('generator', 'tiersim'))} · {esc(meta.get('created', ''))} · "
                 "interactive: hover for numbers, drag to zoom, double-click to reset</footer>")
-    meta_json = json.dumps(meta, sort_keys=True).replace("</", "<\\/")
+    meta_json = dumps(meta, sort_keys=True).replace("</", "<\\/")
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
         f"<title>{esc(title)}</title>"

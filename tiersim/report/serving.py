@@ -88,14 +88,21 @@ def serving_capacity_section(inp: ReportInput, key: str) -> Section:
     return section
 
 
+def _ms(percentiles: dict, key: str, spec: str) -> str:
+    """One percentile, or "n/a" where it is undefined (null in the file: a percentile over no values, e.g. TPOT when
+    every request wrote one token)."""
+    value = percentiles.get(key)
+    return "n/a" if value is None or value != value else format(value, spec)
+
+
 def serving_section(inp: ReportInput, key: str) -> Section:
     meta = inp.meta
     section = Section(key, f"Serving run: {_where(meta)}, --on-full {meta.get('on_full')}", inp.source)
     ttft, tpot = meta.get("ttft_ms") or {}, meta.get("tpot_ms") or {}
     if ttft and tpot:
         section.summary.append(
-            f"{meta.get('requests', '?')} requests: TTFT p50 {ttft.get('p50', 0):,.0f} / p99 {ttft.get('p99', 0):,.0f} ms, "
-            f"TPOT p50 {tpot.get('p50', 0):.1f} / p99 {tpot.get('p99', 0):.1f} ms, goodput "
+            f"{meta.get('requests', '?')} requests: TTFT p50 {_ms(ttft, 'p50', ',.0f')} / p99 {_ms(ttft, 'p99', ',.0f')} ms, "
+            f"TPOT p50 {_ms(tpot, 'p50', '.1f')} / p99 {_ms(tpot, 'p99', '.1f')} ms, goodput "
             f"{meta.get('goodput_qps', 0):.3g} requests/s, {meta.get('preemptions', 0)} preemptions, "
             f"{meta.get('spilled_gb', 0):.1f} GB spilled.")
     section.figures.append(("serving_timeline", serving_timeline(
