@@ -16,17 +16,19 @@
 #      point (so a killed grid keeps what it measured)                                      <= 150 s
 #   3. the operator profile of the same shape, writes <gpu>-operators.json                   <= 50 s
 #   4. measured vs simulated on the grid's file (python -m tiersim.simulator.against, the
-#      recurrence without simpy): needs only <gpu>-graph.json                               <= 15 s
+#      recurrence without simpy): needs only <gpu>-graph.json                               <= 10 s
+#   4b. the grid's points beside the predictions committed before the run
+#      (docs/validation/predicted-<preset>.json; none for this GPU's preset is no failure)  <= 5 s
 #   5. the figures issue 23 asks to quote (python -m tiersim.validator.quote, standard library
 #      only), the median |error| of step 4 last                                               <= 5 s
-#   Device time: at most 305 s of steps and nvidia-smi (340 s if every step had to be killed), within 6 minutes; the
+#   Device time: at most 305 s of steps and nvidia-smi (345 s if every step had to be killed), within 6 minutes; the
 #   per-step times are estimates (the graph executor has not yet run on a GPU; the H100 ran 13 cache tests in 38 s).
 #
 #   bash scripts/gpu_validate.sh 2>&1 | tee $OUT/gpu_validate.log   # into $OUT (the device tool's folder), else docs/validation
 #   DRY_RUN=1 bash scripts/gpu_validate.sh     # the whole script on the CPU at tiny sizes (< 30 s), into a temp dir
 #
 # Every step writes its output into $DEST as it runs (<gpu>-{tests,graph,operators,against,quote}.txt, on the
-# console too), and the Python steps their JSON atomically; DEST defaults to $OUT, so what a killed run leaves
+# console too; <gpu>-preregistered.txt for 4b), and the Python steps their JSON atomically; DEST defaults to $OUT, so what a killed run leaves
 # still comes back. With DEST elsewhere and $OUT set, each step's files are copied to $OUT when it ends.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,20 +46,21 @@ fi
 # Step timeouts (s). The grid's and the profile's are their budgets plus the process's start (~8 s, an estimate),
 # the point or section in flight when the budget is spent (the largest grid point, batch 64 x 8K at HBM 0.25: ~15 s)
 # and the file.
-PRE_S=25 SMI_S=5 TESTS_S=${TESTS_S:-55} AGAINST_S=15 QUOTE_S=5 KILL_S=5 GRID_EXTRA_S=30 OPS_EXTRA_S=15
+PRE_S=25 SMI_S=5 TESTS_S=${TESTS_S:-55} AGAINST_S=10 PREREG_S=5 QUOTE_S=5 KILL_S=5 GRID_EXTRA_S=30 OPS_EXTRA_S=15
 if [ "${DRY_RUN:-0}" = "1" ]; then
   export OMP_NUM_THREADS=1
   DEVICE=cpu SHAPE=${SHAPE:-tiny} BATCH=${BATCH:-1} CONTEXT=${CONTEXT:-80} HBM=${HBM:-1.0,0.5}
   STEPS=${STEPS:-1} WARMUP=${WARMUP:-1} GRID_BUDGET_S=${GRID_BUDGET_S:-20} OPS_BUDGET_S=${OPS_BUDGET_S:-2}
   COMPRESSED=${COMPRESSED:-0.25} STRATEGY_CHECK=${STRATEGY_CHECK-host-attention,hybrid}
   DEST=${DEST:-$(mktemp -d)} slug=cpu-dry-run
+  PREREG_DIR=${PREREG_DIR:-$DEST}  # no predictions are registered for the tiny grid: step 4b says so
   ops_args=(--steps 1 --warmup 1)
   read -ra cuda_tests <<< "${CUDA_TESTS:-tests/test_graph_executor.py}"  # every CUDA test skips on a CPU
 else
   DEVICE=cuda SHAPE=${SHAPE:-r1-distill-qwen-7b} BATCH=${BATCH:-1,8,32,64} CONTEXT=${CONTEXT:-2048,8192}
   HBM=${HBM:-1.0,0.5,0.25} STEPS=${STEPS:-16} WARMUP=${WARMUP:-2} GRID_BUDGET_S=${GRID_BUDGET_S:-120}
   COMPRESSED=${COMPRESSED:-0.25} STRATEGY_CHECK=${STRATEGY_CHECK-host-attention,hybrid}
-  OPS_BUDGET_S=${OPS_BUDGET_S:-35} DEST=${DEST:-${OUT:-docs/validation}}
+  OPS_BUDGET_S=${OPS_BUDGET_S:-35} DEST=${DEST:-${OUT:-docs/validation}} PREREG_DIR=${PREREG_DIR:-docs/validation}
   ops_args=()
   # The graph executor's tests first: a timeout cuts the cache's, which have run on a GPU before.
   read -ra cuda_tests <<< "${CUDA_TESTS:-tests/test_graph_executor.py tests/test_graph_host.py tests/test_validator.py tests/test_cuda_cache.py}"
@@ -115,7 +118,7 @@ run_step() {  # run_step NAME SECONDS LOG CMD...: CMD's output into LOG as it ru
 }
 
 echo "== $(date -u +%FT%TZ) $slug: $("$PY" -c 'from importlib.metadata import version as v; print("torch", v("torch"), "transformers", v("transformers"))' 2>&1)"
-echo "== plan: steps of at most $PRE_S (GPU check) + $TESTS_S + $GRID_S + $OPS_S + $AGAINST_S + $QUOTE_S s, into $DEST"
+echo "== plan: steps of at most $PRE_S (GPU check) + $TESTS_S + $GRID_S + $OPS_S + $AGAINST_S + $PREREG_S + $QUOTE_S s, into $DEST"
 [ "$DEVICE" = cuda ] && { timeout "$SMI_S" nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.current,pcie.link.width.current --format=csv || true; }
 
 # 1. The CUDA code paths (skipped on a CPU): graph replay == eager step, segmented capture, pinned DDR, prefetch.
@@ -140,6 +143,13 @@ if [ -f "$DEST/$slug-graph.json" ]; then
   run_step "simulate --against" "$AGAINST_S" "$against_log" "$PY" -m tiersim.simulator.against "$DEST/$slug-graph.json"
 else
   failed+=("simulate --against (no $slug-graph.json)")
+fi
+
+# 4b. The same points beside the uncalibrated predictions committed before this run (a held-out test: nothing the
+# run measured tuned them), read from PREREG_DIR by the grid file's GPU preset; nothing is simulated.
+if [ -f "$DEST/$slug-graph.json" ]; then
+  run_step "pre-registered predictions" "$PREREG_S" "$DEST/$slug-preregistered.txt" "$PY" -m tiersim.simulator.against \
+    "$DEST/$slug-graph.json" --preregistered "$PREREG_DIR"
 fi
 
 echo "== wrote $(ls "$DEST/$slug"* 2>/dev/null | tr '\n' ' ')"

@@ -27,7 +27,9 @@ def test_dry_run_runs_every_step_in_order_and_prints_the_median_error_last(tmp_p
     steps = [line.split(" ", 2)[2] for line in out.splitlines() if line.startswith("== ") and line[3:4].isdigit()
              and ":" in line[3:12]]
     names = [re.sub(r" \(.*", "", s.split(":")[0]) for s in steps]  # "cuda tests (timeout 55 s)": its name
-    assert names == ["cuda tests", "graph grid", "operator profile", "simulate --against", "figures to quote"], steps
+    assert names == ["cuda tests", "graph grid", "operator profile", "simulate --against", "pre-registered predictions",
+                     "figures to quote"], steps
+    assert "no pre-registered predictions for preset" in (dest / "cpu-dry-run-preregistered.txt").read_text()
     assert "FAILED" not in out
     last = out.strip().splitlines()[-1]
     assert last.startswith("median |error| ") and last.endswith("points)")
@@ -90,12 +92,13 @@ def test_the_gpu_runs_step_timeouts_sum_within_its_six_minutes():
     value.update({k: int(v) for k, v in re.findall(r"(\w+)=\$\{\1:-(\d+)\}", top + cuda)})
     grid, ops = value["GRID_BUDGET_S"] + value["GRID_EXTRA_S"], value["OPS_BUDGET_S"] + value["OPS_EXTRA_S"]
     steps = re.findall(r'run_step "[^"]*"\s*\\?\s*"\$(\w+)"', script)
-    assert steps == ["TESTS_S", "GRID_S", "OPS_S", "AGAINST_S"], steps  # tests, grid, profile, against
+    assert steps == ["TESTS_S", "GRID_S", "OPS_S", "AGAINST_S", "PREREG_S"], steps  # ..., against, predictions
     assert '"$QUOTE_S" "$PY" -m tiersim.validator.quote' in script
-    planned = value["PRE_S"] + value["SMI_S"] + value["TESTS_S"] + grid + ops + value["AGAINST_S"] + value["QUOTE_S"]
-    # SIGKILL after SIGTERM for the GPU check, the four steps and the quote; a GPU check that timed out names the
+    planned = (value["PRE_S"] + value["SMI_S"] + value["TESTS_S"] + grid + ops + value["AGAINST_S"] + value["PREREG_S"]
+               + value["QUOTE_S"])
+    # SIGKILL after SIGTERM for the GPU check, the five steps and the quote; a GPU check that timed out names the
     # GPU with one more nvidia-smi
-    killed = planned + 6 * value["KILL_S"] + value["SMI_S"]
+    killed = planned + 7 * value["KILL_S"] + value["SMI_S"]
     assert planned <= 310 and killed <= 345, (planned, killed)
     header = re.search(r"at most (\d+) s of steps and nvidia-smi \((\d+) s if every step had to be killed\)", script)
     assert header and (int(header.group(1)), int(header.group(2))) == (planned, killed), (planned, killed)

@@ -212,6 +212,34 @@ def test_the_results_are_set_beside_the_frozen_predictions(tmp_path, capsys):
     assert "NOT pre-registered" in out and "settings differ" in out
 
 
+def test_the_gpu_script_s_folder_form_picks_the_measured_preset_s_committed_predictions(tmp_path, capsys):
+    """Step 4b of scripts/gpu_validate.sh passes docs/validation itself: the file for the preset the grid was
+    measured on is compared (the committed H200 one here, every point measured 1.1x its prediction); a folder
+    without that preset's predictions is said in one line and is no failure (the CPU dry run's case)."""
+    from tiersim.simulator.against import main
+
+    committed = REPO / "docs" / "validation"
+    res = tmp_path / "h200-graph.json"
+    res.write_text(json.dumps(_results(preregister.load(committed / "predicted-h200.json"), 1.1,
+                                       "2099-01-01T00:00:00+00:00")))
+    assert main([str(res), "--preregistered", str(committed)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert str(committed / "predicted-h200.json") in out[0] and out[1].startswith("pre-registered: ")
+    assert out[-1].startswith("median |error| (pre-registered, uncalibrated) 9.1%")
+    assert main([str(res), "--preregistered", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.startswith("no pre-registered predictions for preset h200 in ")
+    from typer.testing import CliRunner  # the command asked for a comparison: there a missing file is an error
+
+    from tiersim.cli.main import app
+
+    ok = CliRunner().invoke(app, ["simulate", "--against", str(res), "--preregistered", str(committed)])
+    assert ok.exit_code == 0 and "median |error| (pre-registered, uncalibrated) 9.1%" in ok.output, ok.output
+    bad = subprocess.run([sys.executable, "-m", "tiersim", "simulate", "--against", str(res), "--preregistered",
+                          str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert bad.returncode == 2 and f"no predicted-h200.json in {tmp_path}" in bad.stderr, bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("change, words", [
     (lambda r, p: r.update(gpu_preset="h100-sxm"), "measured on preset 'h100-sxm', the predictions are for 'h200'"),
     (lambda r, p: r.update(points=[{**r["points"][0], "batch": 3}]), "no measured point of"),

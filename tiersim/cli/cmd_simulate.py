@@ -98,6 +98,11 @@ def _preregistered(against: Path | None, path: Path, max_error: float | None, fm
 
     if against is None:
         raise TiersimError(f"--preregistered {path} needs --against RESULTS (the GPU run's graph-grid file)")
+    if path.is_dir():
+        path = preregister.in_folder(path, against)
+        if not path.is_file():
+            raise TiersimError(f"--preregistered: no {path.name} in {path.parent} (predictions for the preset "
+                               f"{against} was measured on)")
     result = preregister.compare(preregister.load(path), against)
     if fmt == "json":
         print(dumps(result))
@@ -132,9 +137,10 @@ def simulate(
     compute: ComputeModel = ComputeModel(),
     against: Path = typer.Option(None, "--against", help="measured decode steps (a calibration or operator-profile "
                                  "JSON): simulate each point, print measured vs simulated with median and worst error"),
-    preregistered: Path = typer.Option(None, "--preregistered", help="with --against: set its points beside these "
-                                       "predictions, written before the run (docs/validation/predicted-<gpu>.json), "
-                                       "instead of simulating them"),
+    preregistered: Path = options.opt(None, "--preregistered", help="with --against: set its points beside these "
+                                      "predictions, written before the run (docs/validation/predicted-<gpu>.json, "
+                                      "or the folder holding the one for the results' GPU preset), instead of "
+                                      "simulating them", input="folder"),
     max_error: float = options.opt(None, "--max-error", help="with --against: exit 1 when the median |error| "
                                    "exceeds this many percent (the gate)", min=0),
     fmt: str = options.opt("table", "--format", help="table or json", choices=FORMATS),

@@ -205,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration", default=None, help="calibration JSON (default: FILE when it is one)")
     p.add_argument("--profile", default=None, help="operator profile JSON for the compute model")
     p.add_argument("--preregistered", default=None, help="predictions written before the run "
-                   "(docs/validation/predicted-<gpu>.json): FILE's points beside them instead of a new simulation")
+                   "(docs/validation/predicted-<gpu>.json, or a folder: the file there for FILE's GPU preset, "
+                   "none being no error): FILE's points beside them instead of a new simulation")
     args = p.parse_args(argv)
     if args.preregistered is not None:
         return _preregistered(args)
@@ -264,11 +265,18 @@ def _preregistered(args) -> int:
               "and --profile", file=sys.stderr)
         return 2
     try:
-        result = preregister.compare(preregister.load(args.preregistered), args.file)
+        prereg_path = Path(args.preregistered)
+        if prereg_path.is_dir():  # the GPU script's form: the predictions for the preset FILE was measured on
+            prereg_path = preregister.in_folder(prereg_path, args.file)
+            if not prereg_path.is_file():  # none registered for this GPU: no test to run, and no failure
+                print(f"no pre-registered predictions for preset {prereg_path.stem.removeprefix('predicted-')} in "
+                      f"{args.preregistered} ({prereg_path.name}): nothing to compare")
+                return 0
+        result = preregister.compare(preregister.load(prereg_path), args.file)
     except TiersimError as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
-    print("\n".join(preregister.compare_lines(result, args.file, args.preregistered)))
+    print("\n".join(preregister.compare_lines(result, args.file, prereg_path)))
     return 0
 
 

@@ -218,6 +218,15 @@ def load(path: str | Path) -> dict:
     return doc
 
 
+def in_folder(folder: str | Path, results_path: str | Path) -> Path:
+    """The predictions in ``folder`` for the GPU preset the results were measured on (``predicted-<preset>.json``,
+    as ``scripts/preregister_gpu_grid.py`` names them), whether or not that file exists: the GPU script passes
+    ``docs/validation`` and lets the file the run's GPU needs be found."""
+    from tiersim.simulator.against import load_measurements
+
+    return Path(folder) / f"predicted-{load_measurements(results_path)[0].get('gpu_preset')}.json"
+
+
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
