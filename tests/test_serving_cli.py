@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -146,6 +147,18 @@ def test_json_output_is_strict_json_for_a_single_request():
 
     doc = json.loads(out, parse_constant=refuse)
     assert doc["runs"][0]["offered_qps"] is None and doc["runs"][0]["requests"] == 1
+
+
+def test_the_tables_say_n_a_where_no_tpot_is_defined(tmp_path):
+    """Requests of one output token have no inter-token gap: the TPOT percentiles are undefined, and the table
+    says n/a where it printed nan."""
+    requests = tmp_path / "one-token.jsonl"
+    requests.write_text("".join(json.dumps({"arrival_s": t, "prompt_tokens": 64, "output_tokens": 1}) + "\n"
+                                for t in (0.0, 0.1)))
+    code, out, err = invoke(["serve", "--requests-file", str(requests), "--on-full", "queue", "--wide"])
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if line.split()[:1] == ["queue"] and "meets" not in line)
+    assert not re.search(r"\bnan\b", out, re.IGNORECASE) and row.count("n/a") == 2, out
 
 
 def test_serve_and_capacity_qps_take_and_name_the_engine_overhead():

@@ -285,6 +285,11 @@ def _first_line(spec, results) -> str:
             f"goodput ({len(ok)} of {len(results)} policies meet it).")
 
 
+def _defined(value, spec: str) -> str:
+    """A percentile, or n/a where none is defined (TPOT when every request wrote one token: NaN, null in JSON)."""
+    return "n/a" if value is None or value != value else format(value, spec)
+
+
 def _runs_table(results):
     table = compact_table("Per --on-full policy, the same requests (latencies in ms; goodput: requests/s within both SLOs)")
     add_columns(table, ("on-full", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "E2E p99 s", "queue p99",
@@ -293,7 +298,8 @@ def _runs_table(results):
     for r in results:
         s = r.summary
         table.add_row(r.spec.engine.on_full, f"{s['ttft_ms']['p50']:,.0f}", f"{s['ttft_ms']['p99']:,.0f}",
-                      f"{s['tpot_ms']['p50']:.1f}", f"{s['tpot_ms']['p99']:.1f}", f"{s['e2e_ms']['p99'] / 1e3:,.1f}",
+                      _defined(s['tpot_ms']['p50'], ".1f"), _defined(s['tpot_ms']['p99'], ".1f"),
+                      f"{s['e2e_ms']['p99'] / 1e3:,.1f}",
                       f"{s['queue_ms']['p99']:,.0f}", f"{s['goodput_qps']:.3g}", f"{s['tokens_per_s_per_gpu']:,.0f}",
                       f"{s['mean_batch']:.0f}", f"{s['preemptions']:,}", f"{s['spilled_gb']:.1f}",
                       "[green]yes[/]" if s["within_slo"] else "[red]no[/]")
@@ -360,7 +366,7 @@ def capacity_qps(qps: str, target: Target, serving: Serving, strategy: str, leng
     add_columns(table, ("on-full", "max QPS", "TTFT p99 ms", "TPOT p99 ms", "goodput", "tok/s/GPU", "runs"))
     for name, a in answers.items():
         best = max((p for p in a["points"] if p["within_slo"]), key=lambda p: p["qps"], default=None)
-        cells = ("-",) * 4 if best is None else (f"{best['ttft_p99_ms']:,.0f}", f"{best['tpot_p99_ms']:.1f}",
+        cells = ("-",) * 4 if best is None else (f"{best['ttft_p99_ms']:,.0f}", _defined(best['tpot_p99_ms'], ".1f"),
                                                  f"{best['goodput_qps']:.3g}", f"{best['tokens_per_s_per_gpu']:,.0f}")
         table.add_row(name, "cannot" if "unservable" in a else search.rate_words(a), *cells, str(len(a["points"])))
     console.print(table)
