@@ -113,3 +113,35 @@ def test_a_strategy_check_whose_capture_a_sigterm_cut_short_stops_the_run_with_i
     doc = json.loads(out.read_text())
     assert [(p["hbm"], p["strategy"]) for p in doc["points"]] == [(1.0, "prefetch"), (0.5, "prefetch")]
     assert doc["error"].startswith("stopped after 2 points: Terminated")
+
+
+@pytest.mark.parametrize("executor", ["graph", "hf"])
+def test_tiersim_validate_stopped_by_ctrl_c_or_sigterm_writes_the_points_before_it_and_says_so(
+        monkeypatch, tmp_path, executor):
+    """``tiersim validate`` turns SIGTERM into Ctrl-C (KeyboardInterrupt), which the runs' stop handlers did not
+    take: the graph grid kept only its last checkpoint, the eager harness nothing at all. Stopped at its second
+    point, either executor writes its file with the first point measured and predicted, ``error`` saying why,
+    and the command says what it kept (exit 130, one line, no traceback)."""
+    from cli_run import invoke
+
+    from tiersim.validator import decode, graph_run
+
+    module, name = (graph_run, "measure_point") if executor == "graph" else (decode, "run_point")
+    real, calls = getattr(module, name), []
+
+    def second_interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, second_interrupted)
+    out = tmp_path / "v.json"
+    code, _, err = invoke(["validate", "--executor", executor, "--device", "cpu", "--batch", "1", "--context", "72",
+                           "--hbm", "1.0,0.5", "--steps", "1", "--warmup", "1", "--out", str(out)])
+    assert code == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == f"interrupted: wrote {out} with the 1 points measured before the run stopped"
+    doc = json.loads(out.read_text())
+    assert doc["error"].startswith("stopped after 1 points: KeyboardInterrupt")
+    assert [p["hbm"] for p in doc["points"]] == [1.0] and doc["points"][0]["measured_step_ms"] > 0
+    assert doc["points"][0]["simulated_step_ms"] > 0  # predicted: simulate --against can read it

@@ -220,10 +220,14 @@ def checked_run(measure, shape_name, batches, contexts, hbms, device, steps, war
         try:
             doc = measure(shape, batches, contexts, hbms, dev)
         except Unfinished as stop:
+            kept = "no file was asked for (--out): nothing measured was kept"
             if out is not None:
                 fileformat.write_document(out, stop.doc)
-                log(f"wrote {out} with the {sum(p['measured_step_ms'] is not None for p in stop.doc['points'])} "
-                    f"points measured before the run stopped ({stop.doc['error']})")
+                kept = (f"wrote {out} with the {sum(p['measured_step_ms'] is not None for p in stop.doc['points'])} "
+                        f"points measured before the run stopped")
+                log(f"{kept} ({stop.doc['error']})")
+            if isinstance(stop.error, KeyboardInterrupt):  # `tiersim validate`'s Ctrl-C / SIGTERM says what it kept
+                raise KeyboardInterrupt(kept) from None
             raise stop.error from None
     if out is not None:
         fileformat.write_document(out, doc)
@@ -280,27 +284,44 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, prefill, sweep_
     def run(batch, context, hbm):
         return decode.run_point(model, batch, context, hbm, steps=steps, warmup=warmup, prefill=prefill, sdpa=sdpa)
 
-    for batch, context, hbm, m, baseline, why in grid.measure_grid(batches, contexts, hbms, run, baselines, log,
-                                                                   "decode", budget_s, time.monotonic()):
-        points.append(ValidationPoint.measured(shape.name, batch, context, hbm, m, baseline, why))
-        if m:
-            stall = "not timed" if m["stall_ms"] is None else f"{m['stall_ms']:.3f} ms"  # CPU: no events
-            log(f"  step {m['step_ms']:.3f} ms (baseline "
-                f"{'not run' if not baseline else format(baseline['step_ms'], '.3f')}), stall {stall},"
-                f" H2D {m['h2d_bytes'] / 1e6:.1f} MB/step")
+    stopped: BaseException | None = None
+    try:
+        for batch, context, hbm, m, baseline, why in grid.measure_grid(batches, contexts, hbms, run, baselines, log,
+                                                                       "decode", budget_s, time.monotonic()):
+            points.append(ValidationPoint.measured(shape.name, batch, context, hbm, m, baseline, why))
+            if m:
+                stall = "not timed" if m["stall_ms"] is None else f"{m['stall_ms']:.3f} ms"  # CPU: no events
+                log(f"  step {m['step_ms']:.3f} ms (baseline "
+                    f"{'not run' if not baseline else format(baseline['step_ms'], '.3f')}), stall {stall},"
+                    f" H2D {m['h2d_bytes'] / 1e6:.1f} MB/step")
+    except (Exception, Terminated, KeyboardInterrupt) as exc:  # the points before it are kept (Unfinished)
+        if not any(p.measured_step_ms is not None for p in points):
+            raise
+        stopped = exc
+        log(f"  stopped: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}; the file keeps the "
+            f"{sum(p.measured_step_ms is not None for p in points)} points measured before it")
 
     model_doc = sim_model(shape, params)
     probe = min(8, steps) if dev.type == "cuda" else 0
     settings = {"steps": steps, "warmup": warmup, "probe_steps": probe, "prefill": prefill, "budget_s": budget_s,
                 "sdpa": sdpa,
                 **policy}
-    doc = grid.calibration_doc(command, "hf-eager", info, dev, shape, params, settings, link_doc, tflops, copy_rate,
-                               grid.layer_fit(model_doc, shape, baselines, warmup, steps, copy_rate))
-    add_predictions(doc, points, model_doc, policy, settings, profile)
-    doc["points"] = [asdict(p) for p in points]
-    if table_note := doc.get("compute_model"):
-        log(f"simulator: {table_note}")
-    finish(doc)
+    try:
+        doc = grid.calibration_doc(command, "hf-eager", info, dev, shape, params, settings, link_doc, tflops,
+                                   copy_rate, grid.layer_fit(model_doc, shape, baselines, warmup, steps, copy_rate))
+        add_predictions(doc, points, model_doc, policy, settings, profile)
+        doc["points"] = [asdict(p) for p in points]
+        if table_note := doc.get("compute_model"):
+            log(f"simulator: {table_note}")
+        finish(doc)
+    except Exception:
+        if stopped is not None:  # too few points for a file: the stop is the error to report
+            raise stopped from None
+        raise
+    if stopped is not None:
+        doc["error"] = f"stopped after {len(points)} points: {type(stopped).__name__}: " \
+                       f"{(str(stopped).splitlines() or [''])[0][:200]}"
+        raise Unfinished(doc, stopped)
     return doc
 
 

@@ -92,7 +92,8 @@ class HostArena:
 
 
 def interrupted_by(exc: BaseException):
-    """The SIGTERM (``calibrate.Terminated``) ``exc`` was raised while handling, if any. A signal that lands inside
+    """The SIGTERM (``calibrate.Terminated``) or Ctrl-C (``KeyboardInterrupt``: what ``tiersim validate`` turns
+    SIGTERM into) ``exc`` was raised while handling, if any. A signal that lands inside
     a capture ends the capture half-recorded (a side stream not joined back), so ``torch.cuda.graph``'s exit fails
     with a RuntimeError that hides the signal: that must stop the run as the signal would, not send the point to
     the eager fallback (or pass as a failed check point) until the script's SIGKILL."""
@@ -100,7 +101,7 @@ def interrupted_by(exc: BaseException):
 
     seen = exc
     while seen is not None:
-        if isinstance(seen, Terminated):
+        if isinstance(seen, (Terminated, KeyboardInterrupt)):
             return seen
         seen = seen.__context__
     return None
@@ -443,7 +444,7 @@ def _measure(shape, batches, contexts, hbms, dev, steps, warmup, budget_s, sdpa,
                     + (f" at {m['prefetch_gbps']:.1f} GB/s alone" if m["prefetch_gbps"] else "")
                     + (f", host {m['host_ms']:.3f} ms" if m.get("host_ms") is not None else ""))
             save_checkpoint()
-    except (Exception, calibrate.Terminated) as exc:
+    except (Exception, calibrate.Terminated, KeyboardInterrupt) as exc:
         stopped = exc
         log(f"  stopped: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}; the file keeps the "
             f"{sum(p.measured_step_ms is not None for p in points)} points measured before it")
