@@ -36,11 +36,22 @@ def test_latency_vs_load_has_one_curve_per_policy_and_the_slos(tmp_path):
 
 
 def test_serve_report_draws_the_timeline(tmp_path):
-    page = tmp_path / "serve.html"
-    code, _, err = invoke(["serve", *QUICK, "--qps", "5", "--on-full", "spill", "--report", str(page)])
+    """``serve --report`` draws, without a temporary file, what the report draws from ``--out``'s file."""
+    import re
+
+    page, run = tmp_path / "serve.html", tmp_path / "run.parquet"
+    code, _, err = invoke(["serve", *QUICK, "--qps", "5", "--on-full", "spill", "--report", str(page),
+                           "--out", str(run)])
     assert code == 0, err
     text = page.read_text(encoding="utf-8")
     assert "serving-timeline" in text and "this run: tiersim serve" in text
+    from_file = build_report([run])
+
+    def plots(html: str) -> list[str]:
+        return re.findall(r"Plotly\.newPlot\((.*?)\)\s*};?", html, re.S)
+
+    assert plots(text) and plots(text) == plots(from_file)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.parquet", "serve.html"]
 
 
 def test_the_oracle_curve_says_it_is_one():

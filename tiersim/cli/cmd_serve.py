@@ -235,13 +235,9 @@ def serve(
     documents += [{"on_full": name, "unservable": why} for name, why in refused.items()]
 
     def html():
-        import tempfile
-
         from tiersim.cli.reports import write_report
 
-        with tempfile.TemporaryDirectory() as tmp:  # the report reads the file --out writes
-            path = serving_run.write(Path(tmp) / "serving.parquet", results)
-            write_report([path], report, "serve")
+        write_report([serving_run.as_read(results)], report, "serve")  # what the report reads from --out's file
 
     writes = [(out, lambda: (serving_run.write(out, results), wrote(out))), (report, html),
               (save_requests, lambda: (workload.write_requests(save_requests, requests), wrote(save_requests)))]

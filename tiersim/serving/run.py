@@ -67,6 +67,23 @@ def document(result: Result) -> dict:
 def write(path, results: Result | list[Result]):
     """Every run's per-request rows as Parquet (kind ``serving``, an ``on_full`` column first: schema 2), the
     first run's description, summary and thinned timeline in the header, and ``runs``: every run's document."""
+    from tiersim import fileformat
+
+    return fileformat.write_table(path, *frame_and_meta(results))
+
+
+def as_read(results: Result | list[Result]) -> dict:
+    """What reading :func:`write`'s file gives (its header as strict JSON decodes it, the rows under ``rows``),
+    without the file: ``serve --report`` hands it to the report, with no temporary file to find room for."""
+    import json
+
+    from tiersim.atomic import dumps
+
+    frame, meta = frame_and_meta(results)
+    return {**json.loads(dumps(meta)), "rows": frame}
+
+
+def frame_and_meta(results: Result | list[Result]):
     import pandas as pd
 
     from tiersim import fileformat
@@ -78,4 +95,4 @@ def write(path, results: Result | list[Result]):
     meta = {**fileformat.header(fileformat.SERVING), **document(first),
             "timeline": metrics.thin(metrics.timeline(first.engine)),
             "kv_block_tokens": memory.BLOCK_TOKENS, "hbm_blocks": first.engine.budget.blocks, "runs": [document(r) for r in results]}
-    return fileformat.write_table(path, frame, meta)
+    return frame, meta
