@@ -91,6 +91,27 @@ def test_a_report_written_by_capacity_names_the_run_not_memory(tmp_path):
     assert "this run: tiersim capacity --batch 2 --steps 2 --report" in html
 
 
+def test_simulate_report_alone_draws_what_the_out_file_draws_and_writes_nothing_else(tmp_path):
+    """Without ``--out`` the report is drawn from the table ``--out`` would write, not from a temporary file
+    (a full or read-only system temp folder cost the report): the same plots, and no other file anywhere."""
+    import re
+
+    from tiersim.report import build_report
+
+    alone, out = tmp_path / "alone" / "r.html", tmp_path / "t.parquet"
+    alone.parent.mkdir()
+    for args in (["--report", str(alone)], ["--out", str(out)]):
+        code, _, stderr = invoke(["simulate", "--batch", "4", "--steps", "8", *args])
+        assert code == 0, stderr
+
+    def plots(html: str) -> list[str]:
+        return re.findall(r"Plotly\.newPlot\((.*?)\)\s*};?", html, re.S)
+
+    text = alone.read_text()
+    assert plots(text) and plots(text) == plots(build_report([out]))
+    assert "this run: tiersim simulate" in text and list(alone.parent.iterdir()) == [alone]
+
+
 @pytest.fixture(scope="module")
 def cpu_calibration(tmp_path_factory):
     """``validate --device cpu`` (the smoke mode) on the tiny shape: its printout and its file."""

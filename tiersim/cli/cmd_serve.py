@@ -237,7 +237,7 @@ def serve(
     def html():
         from tiersim.cli.reports import write_report
 
-        write_report([serving_run.as_read(results)], report, "serve")  # what the report reads from --out's file
+        write_report([serving_run.frame_and_meta(results)], report, "serve")  # --out's table, not written
 
     writes = [(out, lambda: (serving_run.write(out, results), wrote(out))), (report, html),
               (save_requests, lambda: (workload.write_requests(save_requests, requests), wrote(save_requests)))]

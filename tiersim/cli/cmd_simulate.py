@@ -152,7 +152,7 @@ def simulate(
 
     started = time.perf_counter()
     from tiersim.simulator.capacity import baseline_policy, run, with_overhead
-    from tiersim.simulator.results import simulation_meta, write_timeline
+    from tiersim.simulator.results import simulation_meta, timeline_frame, write_timeline
 
     _check_format(fmt)
     if max_error is not None and (against is None or not max_error >= 0):
@@ -185,13 +185,8 @@ def simulate(
     def write_report():
         if out and out.exists():
             reports.write_report([out], report)
-        else:  # the report reads the same file `--out` would write
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as tmp:
-                timeline_path = Path(tmp) / "simulation.parquet"
-                write_timeline(timeline_path, timeline, meta)
-                reports.write_report([timeline_path], report, "simulate")
+        else:  # the table `--out` would write, not written
+            reports.write_report([(timeline_frame(timeline), meta)], report, "simulate")
 
     if fmt == "json":  # the document first: a file that cannot be written never costs the result
         deliver({**meta, "baseline": baseline, "rows": [row]}, [(out, write_out), (report, write_report)])

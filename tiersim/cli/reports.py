@@ -20,8 +20,9 @@ def this_run(command: str) -> str:
 
 
 def write_report(inputs: list, path: Path, command: str | None = None) -> None:
-    """Write the report of ``inputs`` (files or documents) to ``path``; ``command``: the command that computed them
-    (their name in the report is then :func:`this_run`'s), None for inputs read from files the user named."""
+    """Write the report of ``inputs`` (files, documents, or ``(frame, meta)`` tables not written to a file) to
+    ``path``; ``command``: the command that computed them (their name in the report is then :func:`this_run`'s),
+    None for inputs read from files the user named."""
     try:
         from tiersim.report import write_report as write
         from tiersim.report.loaders import load_input

@@ -106,8 +106,19 @@ def _prompts_label(meta: dict) -> str | None:
     return f"{source} prompts: {n} × {t} tokens" if n is not None else None
 
 
-def load_input(item: str | os.PathLike | Mapping) -> ReportInput:
-    """A file path or a producer's dict -> a checked :class:`ReportInput`."""
+def load_input(item: str | os.PathLike | Mapping | tuple) -> ReportInput:
+    """A file path, a producer's dict, or a ``(frame, meta)`` pair (a table as ``fileformat.write_table`` would
+    write it, read as its file would be: the header through strict JSON) -> a checked :class:`ReportInput`. The
+    pair spares a command's ``--report`` a temporary Parquet file, and with it room in the system's temp folder."""
+    if isinstance(item, tuple):
+        import json
+
+        from tiersim.atomic import dumps
+
+        frame, meta = item
+        document = json.loads(dumps(meta))
+        document["timeline" if document.get("kind") == "simulation" else "rows"] = frame
+        return _from_document(document, "<in memory>")
     if isinstance(item, Mapping):
         from tiersim import __version__
 

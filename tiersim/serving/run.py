@@ -72,18 +72,8 @@ def write(path, results: Result | list[Result]):
     return fileformat.write_table(path, *frame_and_meta(results))
 
 
-def as_read(results: Result | list[Result]) -> dict:
-    """What reading :func:`write`'s file gives (its header as strict JSON decodes it, the rows under ``rows``),
-    without the file: ``serve --report`` hands it to the report, with no temporary file to find room for."""
-    import json
-
-    from tiersim.atomic import dumps
-
-    frame, meta = frame_and_meta(results)
-    return {**json.loads(dumps(meta)), "rows": frame}
-
-
 def frame_and_meta(results: Result | list[Result]):
+    """:func:`write`'s table and header (``serve --report`` draws them without writing a file)."""
     import pandas as pd
 
     from tiersim import fileformat

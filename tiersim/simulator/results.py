@@ -34,9 +34,14 @@ def simulation_meta(scenario, config: dict, summary: dict) -> dict:
 
 def write_timeline(path: str | Path, timeline: dict, meta: dict) -> Path:
     """Write the timeline atomically as Parquet with ``meta`` under the ``tiersim`` key."""
+    return fileformat.write_table(path, timeline_frame(timeline), meta)
+
+
+def timeline_frame(timeline: dict):
+    """The timeline's columns as the file holds them."""
     import pandas as pd
 
-    return fileformat.write_table(path, pd.DataFrame({c: timeline[c] for c in TIMELINE_COLUMNS}), meta)
+    return pd.DataFrame({c: timeline[c] for c in TIMELINE_COLUMNS})
 
 
 def read_timeline(path: str | Path):
