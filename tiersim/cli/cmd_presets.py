@@ -19,8 +19,8 @@ def presets(fmt: str = options.opt("table", "--format", help="table or json", ch
 
     if fmt == "json":
         print(dumps({"gpus": {k: g.to_dict() for k, g in GPUS.items()},
-                          "models": {k: {**m.to_dict(), "max_context": m.max_context} for k, m in MODELS.items()},
-                          "engines": {k: dataclasses.asdict(e) for k, e in engines.presets().items()}}, indent=2))
+                     "models": {k: {**m.to_dict(), "max_context": m.max_context} for k, m in MODELS.items()},
+                     "engines": {k: dataclasses.asdict(e) for k, e in engines.presets().items()}}, indent=2))
         return
     if fmt != "table":
         raise TiersimError(f"--format must be table or json, got {fmt!r}")

@@ -101,8 +101,8 @@ def _preregistered(against: Path | None, path: Path, max_error: float | None, fm
     if path.is_dir():
         path = preregister.in_folder(path, against)
         if not path.is_file():
-            raise TiersimError(f"--preregistered: no {path.name} in {path.parent} (predictions for the preset "
-                               f"{against} was measured on)")
+            raise TiersimError(f"--preregistered: no {path.name} in {path.parent}: no predictions are registered "
+                               f"for the GPU preset {against} was measured on")
     result = preregister.compare(preregister.load(path), against)
     if fmt == "json":
         print(dumps(result))
